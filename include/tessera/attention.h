@@ -1,0 +1,74 @@
+// tessera: exact attention forward.
+//
+//   O = softmax(scale * Q K^T + modifiers, masked) V,  computed tile by tile in O(tile) memory.
+//
+// Shapes (default layout [batch, seq, heads, head_dim]; any strides, in elements):
+//   q    [B, Sq, Hq, D]        f32, bf16 or f16
+//   k, v [B, Sk, Hkv, D]       same dtype as q; Hq % Hkv == 0 (GQA/MQA, K/V never copied per head)
+//   out  [B, Sq, Hq, D]        same dtype as q, written
+//   lse  [B, Hq, Sq]           optional (data == nullptr: not written), f32, natural log
+// Varlen (cu_seqlens_q and cu_seqlens_k both set, num_seqs sequences): sequences are packed
+// along the token axis; q/out are [1, total_q, Hq, D] or [total_q, Hq, D], k/v [1, total_k, Hkv,
+// D] or [total_k, Hkv, D], lse [Hq, total_q] or [1, Hq, total_q]. Sequence s owns query rows
+// [cu_seqlens_q[s], cu_seqlens_q[s+1]) and key rows [cu_seqlens_k[s], cu_seqlens_k[s+1]).
+//
+// Conventions (FlashAttention's): causal and windows are aligned to the bottom-right when
+// Sq != Sk, i.e. query i sits at position i + Sk - Sq (top-left alignment on request). A row
+// with no visible key (Sk = 0, or everything masked) gets output 0 and LSE = -inf, never NaN.
+// Modifiers apply in this order to the scaled logit s = scale * q.k: softcap, ALiBi, mask.
+//
+// Determinism: bitwise-identical results across runs and thread counts (each output row is
+// reduced over key tiles of a fixed size, in ascending order, by one worker).
+#pragma once
+
+#include <cstdint>
+#include <optional>
+
+#include "tessera/context.h"
+#include "tessera/status.h"
+#include "tessera/types.h"
+
+namespace tessera {
+
+enum class MaskAlign : int32_t {
+  kBottomRight = 0,  // query i at position i + Sk - Sq (FlashAttention >= 2.1, FlashInfer)
+  kTopLeft = 1,      // query i at position i (PyTorch is_causal)
+};
+
+struct AttentionParams {
+  TensorView q;    // [B, Sq, Hq, D]
+  TensorView k;    // [B, Sk, Hkv, D]
+  TensorView v;    // [B, Sk, Hkv, D]
+  TensorView out;  // [B, Sq, Hq, D], written
+  TensorView lse;  // [B, Hq, Sq] f32, optional, written
+
+  // Softmax scale; default 1/sqrt(D). Must be finite.
+  std::optional<float> scale;
+
+  // Causal mask: key j visible to query i iff j <= pos(i). Equivalent to window (-1, 0).
+  bool causal = false;
+  // Sliding window: key j visible iff pos(i) - window_left <= j <= pos(i) + window_right;
+  // -1 means unbounded on that side. Combined with causal, the right bound is min(wr, 0).
+  int64_t window_left = -1;
+  int64_t window_right = -1;
+  MaskAlign align = MaskAlign::kBottomRight;
+
+  // Tanh softcap: s <- softcap * tanh(s / softcap) on the scaled logit; 0 disables.
+  float softcap = 0.0f;
+
+  // ALiBi: bias -slope[h] * |pos(i) - j| added to the (capped) logit. f32 [Hq] or [B, Hq];
+  // data == nullptr disables.
+  TensorView alibi_slopes;
+
+  // Varlen packing: both null (dense batch) or both set with num_seqs + 1 entries, starting at
+  // 0, non-decreasing, last entry <= the token extent of q (resp. k).
+  const int32_t* cu_seqlens_q = nullptr;
+  const int32_t* cu_seqlens_k = nullptr;
+  int32_t num_seqs = 0;
+};
+
+// Computes the attention forward. Validates every argument before any work; on error nothing is
+// written. Thread-safe for distinct outputs.
+Status AttentionForward(const AttentionParams& params, const Context& ctx);
+
+}  // namespace tessera

@@ -1,0 +1,34 @@
+// tessera: per-call execution context (threads, forced paths, determinism).
+#pragma once
+
+#include <cstdint>
+
+namespace tessera {
+
+// Which implementation a call uses. kAuto picks the fastest path for the shape; the others force
+// a path, for tests (every path is compared against the others) and benchmarks.
+enum class Path : int32_t {
+  kAuto = 0,
+  kReference,  // scalar fp64 reference (src/ref): slow, materializes scores, obviously right
+  kGeneric,    // the SIMD tiled kernel with a run-time head dim
+  kFast,       // the SIMD tiled kernel with a compile-time head dim (64, 128, 256); error if the
+               // head dim has no fast instantiation
+};
+
+const char* PathName(Path path);
+
+struct Context {
+  // Worker threads; 0 = all hardware threads (or OMP_NUM_THREADS when set).
+  int32_t num_threads = 0;
+  // Forced implementation path (tests and benchmarks).
+  Path path = Path::kAuto;
+  // Results are bitwise identical across runs and thread counts. The exact forward is always
+  // deterministic (every output row is reduced in a data-defined order); the flag is kept for
+  // ops where determinism costs speed.
+  bool deterministic = true;
+};
+
+// Number of threads a call with this context will use (>= 1).
+int32_t ResolveThreads(const Context& ctx);
+
+}  // namespace tessera

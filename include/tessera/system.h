@@ -1,0 +1,18 @@
+// tessera: what the machine offers, as seen and measured by tessera itself.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+namespace tessera {
+
+// Name of the SIMD target that dynamic dispatch picks on this CPU ("AVX3", "AVX2", ...).
+std::string SimdTargetName();
+// Number of hardware threads the library would use by default.
+int32_t HardwareThreads();
+// Measures the fp32 FMA peak in GFLOP/s with `threads` threads (one independent FMA stream
+// per thread, enough accumulators to hide the FMA latency, widest vectors of the chosen
+// target). Runs for about `seconds` seconds in total; returns the best of several repeats.
+double MeasureFmaPeakGflops(int32_t threads, double seconds = 0.3);
+
+}  // namespace tessera

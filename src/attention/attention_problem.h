@@ -1,0 +1,83 @@
+// Internal: an AttentionParams after validation, normalized to rank-4 strided views and
+// resolved options, shared by every forward path.
+#pragma once
+
+#include <cstdint>
+
+#include "tessera/attention.h"
+
+namespace tessera {
+
+struct AttentionProblem {
+  int64_t batch = 0;    // number of sequences (B, or num_seqs for varlen)
+  int64_t seq_q = 0;    // dense Sq (varlen: total query tokens)
+  int64_t seq_k = 0;    // dense Sk (varlen: total key tokens)
+  int64_t heads_q = 0;  // Hq
+  int64_t heads_kv = 0; // Hkv
+  int64_t group = 1;    // Hq / Hkv
+  int64_t dim = 0;      // D
+  DType dtype = DType::kF32;
+
+  // Element strides of the rank-4 views [b, s, h, d] (varlen: b stride unused, b = 0).
+  const void* q = nullptr;
+  const void* k = nullptr;
+  const void* v = nullptr;
+  void* out = nullptr;
+  int64_t q_stride[4] = {0, 0, 0, 0};
+  int64_t k_stride[4] = {0, 0, 0, 0};
+  int64_t v_stride[4] = {0, 0, 0, 0};
+  int64_t out_stride[4] = {0, 0, 0, 0};
+  // LSE [b, h, s] strides; lse == nullptr when not requested.
+  float* lse = nullptr;
+  int64_t lse_stride[3] = {0, 0, 0};
+
+  float scale = 1.0f;
+  float softcap = 0.0f;
+  // Visible keys for query position p: max(0, p - window_left) <= j <= p + window_right,
+  // with window_left/right = INT64_MAX/2 when unbounded (never overflows when added).
+  int64_t window_left = 0;
+  int64_t window_right = 0;
+  bool top_left = false;  // alignment: pos(i) = i (top-left) or i + Sk - Sq (bottom-right)
+  // ALiBi slopes [b, h] with strides (b stride 0 for a [Hq] tensor); nullptr when disabled.
+  const float* alibi = nullptr;
+  int64_t alibi_stride[2] = {0, 0};
+
+  const int32_t* cu_seqlens_q = nullptr;  // varlen when non-null
+  const int32_t* cu_seqlens_k = nullptr;
+
+  bool varlen() const { return cu_seqlens_q != nullptr; }
+  // Query / key token range of sequence b along the token axis.
+  int64_t q_begin(int64_t b) const { return varlen() ? cu_seqlens_q[b] : 0; }
+  int64_t q_len(int64_t b) const {
+    return varlen() ? cu_seqlens_q[b + 1] - cu_seqlens_q[b] : seq_q;
+  }
+  int64_t k_begin(int64_t b) const { return varlen() ? cu_seqlens_k[b] : 0; }
+  int64_t k_len(int64_t b) const {
+    return varlen() ? cu_seqlens_k[b + 1] - cu_seqlens_k[b] : seq_k;
+  }
+  // Element offset of token t (absolute along the token axis) of sequence b, head h.
+  int64_t q_offset(int64_t b, int64_t t, int64_t h) const {
+    return (varlen() ? 0 : b * q_stride[0]) + t * q_stride[1] + h * q_stride[2];
+  }
+  int64_t k_offset(int64_t b, int64_t t, int64_t h) const {
+    return (varlen() ? 0 : b * k_stride[0]) + t * k_stride[1] + h * k_stride[2];
+  }
+  int64_t v_offset(int64_t b, int64_t t, int64_t h) const {
+    return (varlen() ? 0 : b * v_stride[0]) + t * v_stride[1] + h * v_stride[2];
+  }
+  int64_t out_offset(int64_t b, int64_t t, int64_t h) const {
+    return (varlen() ? 0 : b * out_stride[0]) + t * out_stride[1] + h * out_stride[2];
+  }
+  int64_t lse_offset(int64_t b, int64_t h, int64_t t) const {
+    return (varlen() ? 0 : b * lse_stride[0]) + h * lse_stride[1] + t * lse_stride[2];
+  }
+  float alibi_slope(int64_t b, int64_t h) const {
+    return alibi[b * alibi_stride[0] + h * alibi_stride[1]];
+  }
+};
+
+// Validates `params` and fills `problem`. Returns kInvalidArgument naming the argument, what was
+// expected and what was given. Writes nothing else.
+Status ValidateAttention(const AttentionParams& params, AttentionProblem* problem);
+
+}  // namespace tessera

@@ -1,0 +1,28 @@
+#include "tessera/context.h"
+
+#include <cstdlib>
+#include <thread>
+
+namespace tessera {
+
+const char* PathName(Path path) {
+  switch (path) {
+    case Path::kAuto: return "auto";
+    case Path::kReference: return "reference";
+    case Path::kGeneric: return "generic";
+    case Path::kFast: return "fast";
+  }
+  return "unknown";
+}
+
+int32_t ResolveThreads(const Context& ctx) {
+  if (ctx.num_threads > 0) return ctx.num_threads;
+  if (const char* env = std::getenv("OMP_NUM_THREADS")) {
+    const int n = std::atoi(env);
+    if (n > 0) return n;
+  }
+  const unsigned hw = std::thread::hardware_concurrency();
+  return hw > 0 ? static_cast<int32_t>(hw) : 1;
+}
+
+}  // namespace tessera

@@ -1,0 +1,2 @@
+// placeholder until the CLI helper writes it
+#include "tessera/system.h"

@@ -1,0 +1,42 @@
+#include "core/parallel.h"
+
+#include <algorithm>
+#include <atomic>
+#include <thread>
+#include <vector>
+
+#if defined(TESSERA_USE_OPENMP)
+#include <omp.h>
+#endif
+
+namespace tessera {
+
+void ParallelFor(int32_t threads, int64_t num_tasks,
+                 const std::function<void(int64_t, int32_t)>& fn) {
+  if (num_tasks <= 0) return;
+  const int32_t workers =
+      static_cast<int32_t>(std::max<int64_t>(1, std::min<int64_t>(threads, num_tasks)));
+  if (workers == 1) {
+    for (int64_t t = 0; t < num_tasks; ++t) fn(t, 0);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  auto worker_loop = [&](int32_t worker) {
+    for (int64_t t = next.fetch_add(1, std::memory_order_relaxed); t < num_tasks;
+         t = next.fetch_add(1, std::memory_order_relaxed)) {
+      fn(t, worker);
+    }
+  };
+#if defined(TESSERA_USE_OPENMP)
+#pragma omp parallel num_threads(workers)
+  { worker_loop(static_cast<int32_t>(omp_get_thread_num())); }
+#else
+  std::vector<std::thread> pool;
+  pool.reserve(static_cast<size_t>(workers - 1));
+  for (int32_t w = 1; w < workers; ++w) pool.emplace_back(worker_loop, w);
+  worker_loop(0);
+  for (auto& t : pool) t.join();
+#endif
+}
+
+}  // namespace tessera

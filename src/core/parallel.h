@@ -1,0 +1,17 @@
+// Internal threading: every kernel parallelizes through ParallelFor, never through omp_* calls.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+
+namespace tessera {
+
+// Runs fn(task, worker) for every task in [0, num_tasks) on up to `threads` workers
+// (worker in [0, threads)). Tasks are claimed dynamically in ascending order; a kernel that
+// promises determinism must make each task's result independent of which worker runs it
+// (per-worker scratch only, no cross-task floating-point reductions). Returns when all tasks
+// are done. With threads <= 1 or a single task, runs inline on the caller.
+void ParallelFor(int32_t threads, int64_t num_tasks,
+                 const std::function<void(int64_t task, int32_t worker)>& fn);
+
+}  // namespace tessera
