@@ -1,19 +1,96 @@
-// TEMPORARY shell: validation + reference path; the SIMD kernel lands next.
-#include <vector>
+// Exact attention forward: validation, path choice and per-target dispatch. The kernel itself
+// and its design notes are in flash_fwd-inl.h.
+#undef HWY_TARGET_INCLUDE
+#define HWY_TARGET_INCLUDE "attention/flash_fwd.cc"
+#include <hwy/foreach_target.h>  // IWYU pragma: keep
+
+#include <hwy/highway.h>
+
+#include "attention/flash_fwd-inl.h"
+
+#if HWY_ONCE
 #include <cmath>
 #include <limits>
+#include <new>
+#include <vector>
 
 #include "attention/attention_problem.h"
 #include "ref/attention_ref.h"
+#include "tessera/attention.h"
 
 namespace tessera {
 
+HWY_EXPORT(FlashForward);
+
+namespace {
+
+// Path::kReference: the fp64 reference, rounded into the caller's outputs. Only rows that belong
+// to a sequence are written.
+Status RunReference(const AttentionParams& params, const AttentionProblem& p) {
+  const int64_t rows = p.varlen() ? p.seq_q : p.batch * p.seq_q;
+  std::vector<double> out, lse;
+  try {
+    out.resize(static_cast<size_t>(rows * p.heads_q * p.dim));
+    lse.resize(static_cast<size_t>(rows * p.heads_q));
+  } catch (const std::bad_alloc&) {
+    return Status::Internal("reference path: could not allocate the fp64 result buffers");
+  }
+  ref::AttentionForwardF64(params, out.data(), lse.data());
+  for (int64_t b = 0; b < p.batch; ++b) {
+    for (int64_t t = p.q_begin(b); t < p.q_begin(b) + p.q_len(b); ++t) {
+      const int64_t row = p.varlen() ? t : b * p.seq_q + t;
+      for (int64_t h = 0; h < p.heads_q; ++h) {
+        const double* src = out.data() + (row * p.heads_q + h) * p.dim;
+        const int64_t off = p.out_offset(b, t, h);
+        for (int64_t d = 0; d < p.dim; ++d) {
+          const float x = static_cast<float>(src[d]);
+          void* o = p.out;
+          const int64_t i = off + d * p.out_stride[3];
+          switch (p.dtype) {
+            case DType::kF32: static_cast<float*>(o)[i] = x; break;
+            case DType::kBF16: static_cast<uint16_t*>(o)[i] = FloatToBF16(x); break;
+            case DType::kF16: static_cast<uint16_t*>(o)[i] = FloatToF16(x); break;
+          }
+        }
+        if (p.lse != nullptr) {
+          const int64_t li = p.varlen() ? h * p.seq_q + t : (b * p.heads_q + h) * p.seq_q + t;
+          p.lse[p.lse_offset(b, h, t)] = static_cast<float>(lse[static_cast<size_t>(li)]);
+        }
+      }
+    }
+  }
+  return Status::Ok();
+}
+
+}  // namespace
+
 Status AttentionForward(const AttentionParams& params, const Context& ctx) {
-  AttentionProblem prob;
-  Status s = ValidateAttention(params, &prob);
-  if (!s.ok()) return s;
-  (void)ctx;
-  return Status::Unimplemented("kernel not yet written");
+  AttentionProblem problem;
+  Status status = ValidateAttention(params, &problem);
+  if (!status.ok()) return status;
+  switch (ctx.path) {
+    case Path::kReference:
+      return RunReference(params, problem);
+    case Path::kFast:
+      if (!flash::HasFastHeadDim(problem.dim)) {
+        return Status::InvalidArgument(
+            "ctx.path: expected a head dim with a fast instantiation (64, 128 or 256) for "
+            "Path::kFast, got " + std::to_string(problem.dim));
+      }
+      break;
+    case Path::kAuto:
+    case Path::kGeneric:
+      break;
+    default:
+      return Status::InvalidArgument("ctx.path: expected a valid Path, got " +
+                                     std::to_string(static_cast<int>(ctx.path)));
+  }
+  const bool fast = ctx.path != Path::kGeneric && flash::HasFastHeadDim(problem.dim);
+  if (!HWY_DYNAMIC_DISPATCH(FlashForward)(problem, ResolveThreads(ctx), fast)) {
+    return Status::Internal("AttentionForward: could not allocate per-worker scratch");
+  }
+  return Status::Ok();
 }
 
 }  // namespace tessera
+#endif  // HWY_ONCE

@@ -1,0 +1,451 @@
+// Exact attention forward: FlashAttention-2 on a CPU, SIMD body (one copy per Highway target).
+//
+// What it computes: O = softmax(scale*QK^T + softcap/ALiBi, masked) V per query row, plus the
+// natural-log LSE, in O(threads x tile) memory (no Sq x Sk buffer).
+//
+// Partition: one task = (sequence, KV head, block of query positions). The G query heads of a
+// GQA group share the task, as G*block rows, so every K/V tile is loaded (and converted from
+// bf16/f16) once per group. Tasks are independent; workers claim them dynamically, and since a
+// row's reduction order depends only on the fixed key tiling, results are bitwise identical
+// across runs, thread counts and batch compositions.
+//
+// Layout: the task packs its rows transposed, Qt[D][Mp] (Mp = rows rounded up to the vector
+// width, pre-multiplied by the scale), so a SIMD vector spans Lanes query rows. Both GEMMs then
+// broadcast one K or V element against query vectors and need no transposition of K or V:
+//   scores  St[j][i] = sum_d K[j][d] * Qt[d][i]        (register tile: 8 keys x 3 vectors)
+//   output  Ot[d][i] = a[i]*Ot[d][i] + sum_j V[j][d] * Pt[j][i]   (8 dims x 3 vectors)
+// and the online softmax (running max m, sum l, rescale a) is purely vertical: no horizontal
+// reductions. The normalization by l is deferred to the end of the task.
+//
+// Bytes moved: each K/V tile (kKeyTile rows) is read from memory once per task, so K and V are
+// streamed ceil(Sq/block) times per group: (Sq/block) * Sk * D * 2 * sizeof(dtype) bytes per
+// KV head, against 4 * Sq * Sk * D * G FLOPs; with 96 rows per task that is ~100 FLOP per byte
+// for fp32, far above the ~7 FLOP/byte ridge of this machine, so the kernel is compute-bound.
+//
+// Tile sizes: for D = 128 the working set of a task is Qt and Ot (48 KiB each for 96 rows),
+// the score tile St (128 x 96 x 4 = 48 KiB) and the K/V tiles (64 KiB each), ~270 KiB, which
+// sits in the 1 MiB L2 of Zen 4 with room for the prefetched next tile; the inner GEMM loops
+// work on a 3-vector column strip of Qt or Pt (24 KiB at D = 128, L1-resident) against K/V
+// rows streamed from L2.
+//
+// Masks: the mask is a window [pos - wl, pos + wr] per row (causal is (inf, 0)); each key tile
+// is classified against the task's rows as empty (never visited), full (no mask evaluated) or
+// partial (per-element vector predicate).
+
+#if defined(TESSERA_ATTENTION_FLASH_FWD_INL_H_) == defined(HWY_TARGET_TOGGLE)
+#ifdef TESSERA_ATTENTION_FLASH_FWD_INL_H_
+#undef TESSERA_ATTENTION_FLASH_FWD_INL_H_
+#else
+#define TESSERA_ATTENTION_FLASH_FWD_INL_H_
+#endif
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include <hwy/aligned_allocator.h>
+#include <hwy/contrib/math/math-inl.h>
+#include <hwy/highway.h>
+
+#include "attention/attention_problem.h"
+#include "attention/flash_fwd.h"
+#include "core/parallel.h"
+#include "simd/convert-inl.h"
+#include "simd/fast_exp-inl.h"
+
+HWY_BEFORE_NAMESPACE();
+namespace tessera {
+namespace HWY_NAMESPACE {
+namespace flash_impl {
+
+namespace hn = hwy::HWY_NAMESPACE;
+using DF = hn::ScalableTag<float>;
+using VF = hn::Vec<DF>;
+constexpr size_t kLanes = hn::MaxLanes(DF());
+
+// Register tile: kTileRows broadcast rows (keys in QK, dims in PV) x kTileVecs query vectors.
+// 8 x 3 = 24 accumulators on 32-register targets, 4 x 3 on 16-register ones.
+#if HWY_TARGET <= HWY_AVX3
+constexpr int kTileRows = 8;
+#else
+constexpr int kTileRows = 4;
+#endif
+constexpr int kTileVecs = 3;
+
+// St[r][c] = sum_d kt[r][d] * qt[d][c] for r < R keys, c < C query vectors.
+template <int R, int C, int kD>
+HWY_INLINE void ScoreBlock(const float* HWY_RESTRICT kt, size_t dim,
+                           const float* HWY_RESTRICT qt, size_t mp, float* HWY_RESTRICT st) {
+  const DF df;
+  VF acc[R][C];
+  for (int r = 0; r < R; ++r) {
+    for (int c = 0; c < C; ++c) acc[r][c] = hn::Zero(df);
+  }
+  const size_t n = kD != 0 ? static_cast<size_t>(kD) : dim;
+  for (size_t d = 0; d < n; ++d) {
+    VF q[C];
+    for (int c = 0; c < C; ++c) q[c] = hn::Load(df, qt + d * mp + c * kLanes);
+    for (int r = 0; r < R; ++r) {
+      const VF k = hn::Set(df, kt[r * n + d]);
+      for (int c = 0; c < C; ++c) acc[r][c] = hn::MulAdd(k, q[c], acc[r][c]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    for (int c = 0; c < C; ++c) hn::Store(acc[r][c], df, st + r * mp + c * kLanes);
+  }
+}
+
+// Ot[r][c] = alpha[c] * Ot[r][c] + sum_j vt[j][r] * pt[j][c] for r < R dims, j < nkeys.
+template <int R, int C>
+HWY_INLINE void OutputBlock(const float* HWY_RESTRICT vt, size_t ldv,
+                            const float* HWY_RESTRICT pt, size_t mp,
+                            const float* HWY_RESTRICT alpha, size_t nkeys,
+                            float* HWY_RESTRICT ot) {
+  const DF df;
+  VF acc[R][C];
+  for (int c = 0; c < C; ++c) {
+    const VF a = hn::Load(df, alpha + c * kLanes);
+    for (int r = 0; r < R; ++r) acc[r][c] = hn::Mul(a, hn::Load(df, ot + r * mp + c * kLanes));
+  }
+  for (size_t j = 0; j < nkeys; ++j) {
+    VF p[C];
+    for (int c = 0; c < C; ++c) p[c] = hn::Load(df, pt + j * mp + c * kLanes);
+    for (int r = 0; r < R; ++r) {
+      const VF v = hn::Set(df, vt[j * ldv + r]);
+      for (int c = 0; c < C; ++c) acc[r][c] = hn::MulAdd(v, p[c], acc[r][c]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    for (int c = 0; c < C; ++c) hn::Store(acc[r][c], df, ot + r * mp + c * kLanes);
+  }
+}
+
+template <int R, int kD>
+HWY_INLINE void ScoreBlockC(size_t c, const float* kt, size_t dim, const float* qt, size_t mp,
+                            float* st) {
+  if (c == 3) return ScoreBlock<R, 3, kD>(kt, dim, qt, mp, st);
+  if (c == 2) return ScoreBlock<R, 2, kD>(kt, dim, qt, mp, st);
+  return ScoreBlock<R, 1, kD>(kt, dim, qt, mp, st);
+}
+
+template <int R>
+HWY_INLINE void OutputBlockC(size_t c, const float* vt, size_t ldv, const float* pt, size_t mp,
+                             const float* alpha, size_t nkeys, float* ot) {
+  if (c == 3) return OutputBlock<R, 3>(vt, ldv, pt, mp, alpha, nkeys, ot);
+  if (c == 2) return OutputBlock<R, 2>(vt, ldv, pt, mp, alpha, nkeys, ot);
+  return OutputBlock<R, 1>(vt, ldv, pt, mp, alpha, nkeys, ot);
+}
+
+// Tails of the broadcast dimension (fewer than kTileRows keys or dims left).
+template <int kD>
+void ScoreTail(size_t rows, size_t c, const float* kt, size_t dim, const float* qt, size_t mp,
+               float* st) {
+  switch (rows) {
+    case 1: return ScoreBlockC<1, kD>(c, kt, dim, qt, mp, st);
+    case 2: return ScoreBlockC<2, kD>(c, kt, dim, qt, mp, st);
+    case 3: return ScoreBlockC<3, kD>(c, kt, dim, qt, mp, st);
+#if HWY_TARGET <= HWY_AVX3
+    case 4: return ScoreBlockC<4, kD>(c, kt, dim, qt, mp, st);
+    case 5: return ScoreBlockC<5, kD>(c, kt, dim, qt, mp, st);
+    case 6: return ScoreBlockC<6, kD>(c, kt, dim, qt, mp, st);
+    case 7: return ScoreBlockC<7, kD>(c, kt, dim, qt, mp, st);
+#endif
+    default: return;
+  }
+}
+
+void OutputTail(size_t rows, size_t c, const float* vt, size_t ldv, const float* pt, size_t mp,
+                const float* alpha, size_t nkeys, float* ot) {
+  switch (rows) {
+    case 1: return OutputBlockC<1>(c, vt, ldv, pt, mp, alpha, nkeys, ot);
+    case 2: return OutputBlockC<2>(c, vt, ldv, pt, mp, alpha, nkeys, ot);
+    case 3: return OutputBlockC<3>(c, vt, ldv, pt, mp, alpha, nkeys, ot);
+#if HWY_TARGET <= HWY_AVX3
+    case 4: return OutputBlockC<4>(c, vt, ldv, pt, mp, alpha, nkeys, ot);
+    case 5: return OutputBlockC<5>(c, vt, ldv, pt, mp, alpha, nkeys, ot);
+    case 6: return OutputBlockC<6>(c, vt, ldv, pt, mp, alpha, nkeys, ot);
+    case 7: return OutputBlockC<7>(c, vt, ldv, pt, mp, alpha, nkeys, ot);
+#endif
+    default: return;
+  }
+}
+
+// St[0..nkeys)[0..mp) = kt * qt.
+template <int kD>
+void Scores(const float* kt, size_t nkeys, size_t dim, const float* qt, size_t mp, float* st) {
+  const size_t nvec = mp / kLanes;
+  for (size_t v0 = 0; v0 < nvec; v0 += kTileVecs) {
+    const size_t c = std::min<size_t>(kTileVecs, nvec - v0);
+    const float* q = qt + v0 * kLanes;
+    size_t j = 0;
+    for (; j + kTileRows <= nkeys; j += kTileRows) {
+      ScoreBlockC<kTileRows, kD>(c, kt + j * dim, dim, q, mp, st + j * mp + v0 * kLanes);
+    }
+    if (j < nkeys) ScoreTail<kD>(nkeys - j, c, kt + j * dim, dim, q, mp, st + j * mp + v0 * kLanes);
+  }
+}
+
+// Ot = alpha * Ot + vt^T * Pt.
+template <int kD>
+void Outputs(const float* vt, size_t nkeys, size_t dim, const float* pt, size_t mp,
+             const float* alpha, float* ot) {
+  const size_t n = kD != 0 ? static_cast<size_t>(kD) : dim;
+  const size_t nvec = mp / kLanes;
+  for (size_t v0 = 0; v0 < nvec; v0 += kTileVecs) {
+    const size_t c = std::min<size_t>(kTileVecs, nvec - v0);
+    const size_t i0 = v0 * kLanes;
+    size_t d = 0;
+    for (; d + kTileRows <= n; d += kTileRows) {
+      OutputBlockC<kTileRows>(c, vt + d, n, pt + i0, mp, alpha + i0, nkeys, ot + d * mp + i0);
+    }
+    if (d < n) OutputTail(n - d, c, vt + d, n, pt + i0, mp, alpha + i0, nkeys, ot + d * mp + i0);
+  }
+}
+
+// Per-worker scratch, carved from one aligned allocation per call.
+struct Scratch {
+  float* qt;       // [D][Mp] scaled, transposed query rows
+  float* ot;       // [D][Mp] unnormalized output accumulator
+  float* st;       // [kKeyTile][Mp] scores, then probabilities
+  float* kt;       // [kKeyTile][D] K tile, f32
+  float* vt;       // [kKeyTile][D] V tile, f32
+  float* m;        // [Mp] running max (natural units)
+  float* l;        // [Mp] running sum
+  float* alpha;    // [Mp] rescale factor of the current tile
+  float* pos;      // [Mp] query position (ALiBi)
+  float* slope;    // [Mp] ALiBi slope of the row's head
+  int32_t* lo;     // [Mp] first visible key of the row
+  int32_t* hi;     // [Mp] last visible key of the row (lo > hi: none)
+
+  static size_t Floats(size_t dim, size_t mp) {
+    return 2 * dim * mp + static_cast<size_t>(flash::kKeyTile) * (mp + 2 * dim) + 7 * mp;
+  }
+  void Carve(float* base, size_t dim, size_t mp) {
+    qt = base;
+    ot = qt + dim * mp;
+    st = ot + dim * mp;
+    kt = st + flash::kKeyTile * mp;
+    vt = kt + flash::kKeyTile * dim;
+    m = vt + flash::kKeyTile * dim;
+    l = m + mp;
+    alpha = l + mp;
+    pos = alpha + mp;
+    slope = pos + mp;
+    lo = reinterpret_cast<int32_t*>(slope + mp);
+    hi = lo + mp;
+  }
+};
+
+struct Task {
+  int64_t seq;
+  int64_t kv_head;
+  int64_t q0;  // first query position of the block, relative to the sequence
+  int64_t nq;  // query positions in the block
+};
+
+// Applies softcap, ALiBi and (on partial tiles) the mask to St, then the online-softmax update:
+// new running max, alpha = exp(m_old - m_new), St <- exp(St - m_new), l <- alpha*l + rowsum.
+void SoftmaxTile(const AttentionProblem& p, Scratch& s, size_t nkeys, size_t mp, int64_t key0,
+                 bool partial) {
+  const DF df;
+  const hn::RebindToSigned<DF> di;
+  const VF neg_inf = hn::Set(df, -std::numeric_limits<float>::infinity());
+  const VF log2e = hn::Set(df, 1.4426950408889634f);
+  const bool softcap = p.softcap > 0.0f;
+  const bool alibi = p.alibi != nullptr;
+  const VF cap = hn::Set(df, p.softcap);
+  const VF inv_cap = hn::Set(df, softcap ? 1.0f / p.softcap : 0.0f);
+  for (size_t i = 0; i < mp; i += kLanes) {
+    float* col = s.st + i;
+    const VF m_old = hn::Load(df, s.m + i);
+    VF mx = m_old;
+    if (softcap || alibi || partial) {
+      const VF pos = hn::Load(df, s.pos + i);
+      const VF slope = hn::Load(df, s.slope + i);
+      const auto lo = hn::Load(di, s.lo + i);
+      const auto hi = hn::Load(di, s.hi + i);
+      for (size_t j = 0; j < nkeys; ++j) {
+        VF x = hn::Load(df, col + j * mp);
+        const int64_t key = key0 + static_cast<int64_t>(j);
+        if (softcap) x = hn::Mul(cap, hn::Tanh(df, hn::Mul(x, inv_cap)));
+        if (alibi) {
+          const VF dist = hn::Abs(hn::Sub(pos, hn::Set(df, static_cast<float>(key))));
+          x = hn::NegMulAdd(slope, dist, x);
+        }
+        if (partial) {
+          const auto k = hn::Set(di, static_cast<int32_t>(key));
+          const auto hidden = hn::Or(hn::Lt(k, lo), hn::Gt(k, hi));
+          x = hn::IfThenElse(hn::RebindMask(df, hidden), neg_inf, x);
+        }
+        hn::Store(x, df, col + j * mp);
+        mx = hn::Max(mx, x);
+      }
+    } else {
+      for (size_t j = 0; j < nkeys; ++j) mx = hn::Max(mx, hn::Load(df, col + j * mp));
+    }
+    // A row that has seen no visible key keeps m = -inf; subtracting 0 instead keeps its
+    // probabilities exp(-inf) = 0 and avoids (-inf) - (-inf).
+    const VF m_safe = hn::IfThenZeroElse(hn::Eq(mx, neg_inf), mx);
+    const VF alpha = FastExp2(df, hn::Mul(hn::Sub(m_old, m_safe), log2e));
+    VF sum0 = hn::Zero(df), sum1 = hn::Zero(df);
+    size_t j = 0;
+    for (; j + 2 <= nkeys; j += 2) {
+      const VF p0 = FastExp2(df, hn::Mul(hn::Sub(hn::Load(df, col + j * mp), m_safe), log2e));
+      const VF p1 =
+          FastExp2(df, hn::Mul(hn::Sub(hn::Load(df, col + (j + 1) * mp), m_safe), log2e));
+      hn::Store(p0, df, col + j * mp);
+      hn::Store(p1, df, col + (j + 1) * mp);
+      sum0 = hn::Add(sum0, p0);
+      sum1 = hn::Add(sum1, p1);
+    }
+    if (j < nkeys) {
+      const VF p0 = FastExp2(df, hn::Mul(hn::Sub(hn::Load(df, col + j * mp), m_safe), log2e));
+      hn::Store(p0, df, col + j * mp);
+      sum0 = hn::Add(sum0, p0);
+    }
+    const VF l_new = hn::MulAdd(alpha, hn::Load(df, s.l + i), hn::Add(sum0, sum1));
+    hn::Store(mx, df, s.m + i);
+    hn::Store(l_new, df, s.l + i);
+    hn::Store(alpha, df, s.alpha + i);
+  }
+}
+
+template <int kD>
+void RunTask(const AttentionProblem& p, const Task& t, Scratch& s) {
+  const size_t dim = kD != 0 ? static_cast<size_t>(kD) : static_cast<size_t>(p.dim);
+  const int64_t group = p.group;
+  const int64_t rows = group * t.nq;
+  const size_t mp = hwy::DivCeil(static_cast<size_t>(rows), kLanes) * kLanes;
+  const int64_t q_len = p.q_len(t.seq), k_len = p.k_len(t.seq);
+  const int64_t q_begin = p.q_begin(t.seq), k_begin = p.k_begin(t.seq);
+  const int64_t delta = p.top_left ? 0 : k_len - q_len;
+
+  // Pack the rows (head-major: row r is head kv_head*G + r / nq, position q0 + r % nq) and
+  // their visible key ranges. Padding rows are zero and see nothing.
+  int64_t union_lo = k_len, union_hi = -1, max_lo = 0, min_hi = k_len;
+  std::memset(s.qt, 0, dim * mp * sizeof(float));
+  for (size_t r = 0; r < mp; ++r) {
+    s.m[r] = -std::numeric_limits<float>::infinity();
+    s.l[r] = 0.0f;
+    s.pos[r] = 0.0f;
+    s.slope[r] = 0.0f;
+    s.lo[r] = 1;
+    s.hi[r] = 0;
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t head = t.kv_head * group + r / t.nq;
+    const int64_t qi = t.q0 + r % t.nq;
+    const int64_t pos = qi + delta;
+    const int64_t lo = std::max<int64_t>(pos - p.window_left, 0);
+    const int64_t hi = std::min<int64_t>(pos + p.window_right, k_len - 1);
+    s.lo[r] = static_cast<int32_t>(std::min<int64_t>(lo, k_len));
+    s.hi[r] = static_cast<int32_t>(std::max<int64_t>(hi, -1));
+    max_lo = std::max(max_lo, lo);
+    min_hi = std::min(min_hi, hi);
+    if (lo <= hi) {
+      union_lo = std::min(union_lo, lo);
+      union_hi = std::max(union_hi, hi);
+    }
+    s.pos[r] = static_cast<float>(pos);
+    if (p.alibi != nullptr) s.slope[r] = p.alibi_slope(t.seq, head);
+    const int64_t off = p.q_offset(t.seq, q_begin + qi, head);
+    LoadStridedScaled(p.dtype, p.q, off, p.q_stride[3], dim, p.scale, s.qt + r, mp);
+  }
+  std::memset(s.ot, 0, dim * mp * sizeof(float));
+
+  if (union_lo <= union_hi) {
+    const int64_t first_tile = union_lo / flash::kKeyTile * flash::kKeyTile;
+    for (int64_t c0 = first_tile; c0 <= union_hi; c0 += flash::kKeyTile) {
+      const int64_t c1 = std::min<int64_t>(c0 + flash::kKeyTile, k_len);
+      const size_t nkeys = static_cast<size_t>(c1 - c0);
+      const bool full = max_lo <= c0 && min_hi >= c1 - 1;
+      for (size_t j = 0; j < nkeys; ++j) {
+        const int64_t key = k_begin + c0 + static_cast<int64_t>(j);
+        LoadRow(p.dtype, p.k, p.k_offset(t.seq, key, t.kv_head), p.k_stride[3], dim,
+                s.kt + j * dim);
+        LoadRow(p.dtype, p.v, p.v_offset(t.seq, key, t.kv_head), p.v_stride[3], dim,
+                s.vt + j * dim);
+      }
+      Scores<kD>(s.kt, nkeys, dim, s.qt, mp, s.st);
+      SoftmaxTile(p, s, nkeys, mp, c0, !full);
+      Outputs<kD>(s.vt, nkeys, dim, s.st, mp, s.alpha, s.ot);
+    }
+  }
+
+  // Deferred normalization; rows with no visible key get O = 0 and LSE = -inf.
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t head = t.kv_head * group + r / t.nq;
+    const int64_t token = q_begin + t.q0 + r % t.nq;
+    const float l = s.l[r];
+    const float inv = l > 0.0f ? 1.0f / l : 0.0f;
+    StoreStridedScaled(p.dtype, s.ot + r, mp, dim, inv, p.out, p.out_offset(t.seq, token, head),
+                       p.out_stride[3]);
+    if (p.lse != nullptr) {
+      p.lse[p.lse_offset(t.seq, head, token)] =
+          l > 0.0f ? s.m[r] + std::log(l) : -std::numeric_limits<float>::infinity();
+    }
+  }
+}
+
+}  // namespace flash_impl
+
+// Runs the forward over all tasks. `fast` selects the compile-time head-dim instantiation.
+// Returns false when scratch could not be allocated.
+bool FlashForward(const AttentionProblem& p, int32_t threads, bool fast) {
+  using namespace flash_impl;  // NOLINT
+  const int64_t block = flash::QueryBlock(p.group);
+  std::vector<Task> tasks;
+  int64_t max_nq = 0;
+  for (int64_t b = 0; b < p.batch; ++b) {
+    const int64_t q_len = p.q_len(b);
+    const int64_t nq = std::min(block, q_len);
+    if (nq == 0) continue;
+    max_nq = std::max(max_nq, nq);
+    const int64_t nblocks = hwy::DivCeil(q_len, block);
+    // Last query blocks first: under a causal mask they are the longest, and running them
+    // first balances the dynamic schedule.
+    for (int64_t kvh = 0; kvh < p.heads_kv; ++kvh) {
+      for (int64_t blk = nblocks - 1; blk >= 0; --blk) {
+        const int64_t q0 = blk * block;
+        tasks.push_back(Task{b, kvh, q0, std::min(block, q_len - q0)});
+      }
+    }
+  }
+  if (tasks.empty()) return true;
+
+  const int32_t workers =
+      static_cast<int32_t>(std::min<int64_t>(threads, static_cast<int64_t>(tasks.size())));
+  const size_t dim = static_cast<size_t>(p.dim);
+  const size_t mp = hwy::DivCeil(static_cast<size_t>(p.group * max_nq), kLanes) * kLanes;
+  // Round each worker's share to a cache line so workers never share one.
+  const size_t per_worker = hwy::DivCeil(Scratch::Floats(dim, mp), size_t{16}) * 16;
+  auto storage = hwy::AllocateAligned<float>(per_worker * static_cast<size_t>(workers));
+  if (!storage) return false;
+
+  auto run = [&](auto dim_tag) {
+    constexpr int kD = decltype(dim_tag)::value;
+    ParallelFor(workers, static_cast<int64_t>(tasks.size()), [&](int64_t task, int32_t worker) {
+      Scratch s;
+      s.Carve(storage.get() + per_worker * static_cast<size_t>(worker), dim, mp);
+      RunTask<kD>(p, tasks[static_cast<size_t>(task)], s);
+    });
+  };
+  if (fast && p.dim == 64) {
+    run(std::integral_constant<int, 64>());
+  } else if (fast && p.dim == 128) {
+    run(std::integral_constant<int, 128>());
+  } else if (fast && p.dim == 256) {
+    run(std::integral_constant<int, 256>());
+  } else {
+    run(std::integral_constant<int, 0>());
+  }
+  return true;
+}
+
+}  // namespace HWY_NAMESPACE
+}  // namespace tessera
+HWY_AFTER_NAMESPACE();
+
+#endif  // TESSERA_ATTENTION_FLASH_FWD_INL_H_

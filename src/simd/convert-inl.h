@@ -1,0 +1,97 @@
+// Loading and storing rows of f32 / bf16 / f16 tensors as f32, with any element stride.
+// Contiguous rows take a SIMD path; strided rows a scalar one.
+
+#if defined(TESSERA_SIMD_CONVERT_INL_H_) == defined(HWY_TARGET_TOGGLE)
+#ifdef TESSERA_SIMD_CONVERT_INL_H_
+#undef TESSERA_SIMD_CONVERT_INL_H_
+#else
+#define TESSERA_SIMD_CONVERT_INL_H_
+#endif
+
+#include <cstdint>
+#include <cstring>
+
+#include <hwy/highway.h>
+
+#include "tessera/types.h"
+
+HWY_BEFORE_NAMESPACE();
+namespace tessera {
+namespace HWY_NAMESPACE {
+namespace hn = hwy::HWY_NAMESPACE;
+
+// Element i of a tensor of `dtype` at `base`, as f32.
+HWY_INLINE float LoadScalar(DType dtype, const void* base, int64_t i) {
+  switch (dtype) {
+    case DType::kF32: return static_cast<const float*>(base)[i];
+    case DType::kBF16: return BF16ToFloat(static_cast<const uint16_t*>(base)[i]);
+    case DType::kF16: return F16ToFloat(static_cast<const uint16_t*>(base)[i]);
+  }
+  return 0.0f;
+}
+
+HWY_INLINE void StoreScalar(DType dtype, void* base, int64_t i, float x) {
+  switch (dtype) {
+    case DType::kF32: static_cast<float*>(base)[i] = x; return;
+    case DType::kBF16: static_cast<uint16_t*>(base)[i] = FloatToBF16(x); return;
+    case DType::kF16: static_cast<uint16_t*>(base)[i] = FloatToF16(x); return;
+  }
+}
+
+// dst[0..n) = row elements base[off + d*stride] as f32 (dst contiguous).
+HWY_INLINE void LoadRow(DType dtype, const void* base, int64_t off, int64_t stride, size_t n,
+                        float* HWY_RESTRICT dst) {
+  if (stride == 1) {
+    if (dtype == DType::kF32) {
+      std::memcpy(dst, static_cast<const float*>(base) + off, n * sizeof(float));
+      return;
+    }
+    const hn::ScalableTag<float> df;
+    const size_t lanes = hn::Lanes(df);
+    const size_t vector_end = n - n % lanes;
+    if (dtype == DType::kF16) {
+      const hn::Rebind<hwy::float16_t, decltype(df)> dh;
+      const auto* src = static_cast<const hwy::float16_t*>(base) + off;
+      for (size_t d = 0; d < vector_end; d += lanes) {
+        hn::StoreU(hn::PromoteTo(df, hn::LoadU(dh, src + d)), df, dst + d);
+      }
+    } else {
+      const hn::Rebind<hwy::bfloat16_t, decltype(df)> db;
+      const auto* src = static_cast<const hwy::bfloat16_t*>(base) + off;
+      for (size_t d = 0; d < vector_end; d += lanes) {
+        hn::StoreU(hn::PromoteTo(df, hn::LoadU(db, src + d)), df, dst + d);
+      }
+    }
+    for (size_t d = vector_end; d < n; ++d) {
+      dst[d] = LoadScalar(dtype, base, off + static_cast<int64_t>(d));
+    }
+    return;
+  }
+  for (size_t d = 0; d < n; ++d) {
+    dst[d] = LoadScalar(dtype, base, off + static_cast<int64_t>(d) * stride);
+  }
+}
+
+// dst[d * dst_stride] = scale * base[off + d*stride] for d < n.
+HWY_INLINE void LoadStridedScaled(DType dtype, const void* base, int64_t off, int64_t stride,
+                                  size_t n, float scale, float* HWY_RESTRICT dst,
+                                  size_t dst_stride) {
+  for (size_t d = 0; d < n; ++d) {
+    dst[d * dst_stride] = scale * LoadScalar(dtype, base, off + static_cast<int64_t>(d) * stride);
+  }
+}
+
+// base[off + d*stride] = scale * src[d * src_stride] for d < n, rounded to `dtype`.
+HWY_INLINE void StoreStridedScaled(DType dtype, const float* HWY_RESTRICT src, size_t src_stride,
+                                   size_t n, float scale, void* base, int64_t off,
+                                   int64_t stride) {
+  for (size_t d = 0; d < n; ++d) {
+    StoreScalar(dtype, base, off + static_cast<int64_t>(d) * stride, scale * src[d * src_stride]);
+  }
+}
+
+}  // namespace HWY_NAMESPACE
+}  // namespace tessera
+HWY_AFTER_NAMESPACE();
+
+#endif  // TESSERA_SIMD_CONVERT_INL_H_
