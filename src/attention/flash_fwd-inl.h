@@ -76,7 +76,7 @@ constexpr int kTileVecs = 3;
 
 // St[r][c] = sum_d kt[r][d] * qt[d][c] for r < R keys, c < C query vectors.
 template <int R, int C, int kD>
-HWY_INLINE void ScoreBlock(const float* HWY_RESTRICT kt, size_t dim,
+HWY_INLINE void ScoreBlock(const float* HWY_RESTRICT kt, size_t ldk, size_t dim,
                            const float* HWY_RESTRICT qt, size_t mp, float* HWY_RESTRICT st) {
   const DF df;
   VF acc[R][C];
@@ -88,7 +88,7 @@ HWY_INLINE void ScoreBlock(const float* HWY_RESTRICT kt, size_t dim,
     VF q[C];
     for (int c = 0; c < C; ++c) q[c] = hn::Load(df, qt + d * mp + c * kLanes);
     for (int r = 0; r < R; ++r) {
-      const VF k = hn::Set(df, kt[r * n + d]);
+      const VF k = hn::Set(df, kt[r * ldk + d]);
       for (int c = 0; c < C; ++c) acc[r][c] = hn::MulAdd(k, q[c], acc[r][c]);
     }
   }
@@ -123,11 +123,11 @@ HWY_INLINE void OutputBlock(const float* HWY_RESTRICT vt, size_t ldv,
 }
 
 template <int R, int kD>
-HWY_INLINE void ScoreBlockC(size_t c, const float* kt, size_t dim, const float* qt, size_t mp,
-                            float* st) {
-  if (c == 3) return ScoreBlock<R, 3, kD>(kt, dim, qt, mp, st);
-  if (c == 2) return ScoreBlock<R, 2, kD>(kt, dim, qt, mp, st);
-  return ScoreBlock<R, 1, kD>(kt, dim, qt, mp, st);
+HWY_INLINE void ScoreBlockC(size_t c, const float* kt, size_t ldk, size_t dim, const float* qt,
+                            size_t mp, float* st) {
+  if (c == 3) return ScoreBlock<R, 3, kD>(kt, ldk, dim, qt, mp, st);
+  if (c == 2) return ScoreBlock<R, 2, kD>(kt, ldk, dim, qt, mp, st);
+  return ScoreBlock<R, 1, kD>(kt, ldk, dim, qt, mp, st);
 }
 
 template <int R>
@@ -140,17 +140,17 @@ HWY_INLINE void OutputBlockC(size_t c, const float* vt, size_t ldv, const float*
 
 // Tails of the broadcast dimension (fewer than kTileRows keys or dims left).
 template <int kD>
-void ScoreTail(size_t rows, size_t c, const float* kt, size_t dim, const float* qt, size_t mp,
-               float* st) {
+void ScoreTail(size_t rows, size_t c, const float* kt, size_t ldk, size_t dim, const float* qt,
+               size_t mp, float* st) {
   switch (rows) {
-    case 1: return ScoreBlockC<1, kD>(c, kt, dim, qt, mp, st);
-    case 2: return ScoreBlockC<2, kD>(c, kt, dim, qt, mp, st);
-    case 3: return ScoreBlockC<3, kD>(c, kt, dim, qt, mp, st);
+    case 1: return ScoreBlockC<1, kD>(c, kt, ldk, dim, qt, mp, st);
+    case 2: return ScoreBlockC<2, kD>(c, kt, ldk, dim, qt, mp, st);
+    case 3: return ScoreBlockC<3, kD>(c, kt, ldk, dim, qt, mp, st);
 #if HWY_TARGET <= HWY_AVX3
-    case 4: return ScoreBlockC<4, kD>(c, kt, dim, qt, mp, st);
-    case 5: return ScoreBlockC<5, kD>(c, kt, dim, qt, mp, st);
-    case 6: return ScoreBlockC<6, kD>(c, kt, dim, qt, mp, st);
-    case 7: return ScoreBlockC<7, kD>(c, kt, dim, qt, mp, st);
+    case 4: return ScoreBlockC<4, kD>(c, kt, ldk, dim, qt, mp, st);
+    case 5: return ScoreBlockC<5, kD>(c, kt, ldk, dim, qt, mp, st);
+    case 6: return ScoreBlockC<6, kD>(c, kt, ldk, dim, qt, mp, st);
+    case 7: return ScoreBlockC<7, kD>(c, kt, ldk, dim, qt, mp, st);
 #endif
     default: return;
   }
@@ -174,22 +174,25 @@ void OutputTail(size_t rows, size_t c, const float* vt, size_t ldv, const float*
 
 // St[0..nkeys)[0..mp) = kt * qt.
 template <int kD>
-void Scores(const float* kt, size_t nkeys, size_t dim, const float* qt, size_t mp, float* st) {
+void Scores(const float* kt, size_t ldk, size_t nkeys, size_t dim, const float* qt, size_t mp,
+            float* st) {
   const size_t nvec = mp / kLanes;
   for (size_t v0 = 0; v0 < nvec; v0 += kTileVecs) {
     const size_t c = std::min<size_t>(kTileVecs, nvec - v0);
     const float* q = qt + v0 * kLanes;
     size_t j = 0;
     for (; j + kTileRows <= nkeys; j += kTileRows) {
-      ScoreBlockC<kTileRows, kD>(c, kt + j * dim, dim, q, mp, st + j * mp + v0 * kLanes);
+      ScoreBlockC<kTileRows, kD>(c, kt + j * ldk, ldk, dim, q, mp, st + j * mp + v0 * kLanes);
     }
-    if (j < nkeys) ScoreTail<kD>(nkeys - j, c, kt + j * dim, dim, q, mp, st + j * mp + v0 * kLanes);
+    if (j < nkeys) {
+      ScoreTail<kD>(nkeys - j, c, kt + j * ldk, ldk, dim, q, mp, st + j * mp + v0 * kLanes);
+    }
   }
 }
 
 // Ot = alpha * Ot + vt^T * Pt.
 template <int kD>
-void Outputs(const float* vt, size_t nkeys, size_t dim, const float* pt, size_t mp,
+void Outputs(const float* vt, size_t ldv, size_t nkeys, size_t dim, const float* pt, size_t mp,
              const float* alpha, float* ot) {
   const size_t n = kD != 0 ? static_cast<size_t>(kD) : dim;
   const size_t nvec = mp / kLanes;
@@ -198,9 +201,9 @@ void Outputs(const float* vt, size_t nkeys, size_t dim, const float* pt, size_t 
     const size_t i0 = v0 * kLanes;
     size_t d = 0;
     for (; d + kTileRows <= n; d += kTileRows) {
-      OutputBlockC<kTileRows>(c, vt + d, n, pt + i0, mp, alpha + i0, nkeys, ot + d * mp + i0);
+      OutputBlockC<kTileRows>(c, vt + d, ldv, pt + i0, mp, alpha + i0, nkeys, ot + d * mp + i0);
     }
-    if (d < n) OutputTail(n - d, c, vt + d, n, pt + i0, mp, alpha + i0, nkeys, ot + d * mp + i0);
+    if (d < n) OutputTail(n - d, c, vt + d, ldv, pt + i0, mp, alpha + i0, nkeys, ot + d * mp + i0);
   }
 }
 
@@ -312,6 +315,22 @@ void SoftmaxTile(const AttentionProblem& p, Scratch& s, size_t nkeys, size_t mp,
   }
 }
 
+// Asks for the K/V rows of the next tile to be brought into L2 while this tile computes: rows
+// of one head are Hkv*D elements apart, too far apart for the hardware prefetcher to follow.
+void PrefetchTile(const AttentionProblem& p, const Task& t, int64_t key0, int64_t nkeys,
+                  size_t dim) {
+  const int64_t elem = static_cast<int64_t>(DTypeSize(p.dtype));
+  const int64_t k_row_bytes = (static_cast<int64_t>(dim) - 1) * p.k_stride[3] * elem + elem;
+  const int64_t v_row_bytes = (static_cast<int64_t>(dim) - 1) * p.v_stride[3] * elem + elem;
+  const char* krow = static_cast<const char*>(p.k) + p.k_offset(t.seq, key0, t.kv_head) * elem;
+  const char* vrow = static_cast<const char*>(p.v) + p.v_offset(t.seq, key0, t.kv_head) * elem;
+  const int64_t k_step = p.k_stride[1] * elem, v_step = p.v_stride[1] * elem;
+  for (int64_t j = 0; j < nkeys; ++j, krow += k_step, vrow += v_step) {
+    for (int64_t b = 0; b < k_row_bytes; b += 64) __builtin_prefetch(krow + b, 0, 2);
+    for (int64_t b = 0; b < v_row_bytes; b += 64) __builtin_prefetch(vrow + b, 0, 2);
+  }
+}
+
 template <int kD>
 void RunTask(const AttentionProblem& p, const Task& t, Scratch& s) {
   const size_t dim = kD != 0 ? static_cast<size_t>(kD) : static_cast<size_t>(p.dim);
@@ -355,22 +374,45 @@ void RunTask(const AttentionProblem& p, const Task& t, Scratch& s) {
   }
   std::memset(s.ot, 0, dim * mp * sizeof(float));
 
+  const bool direct_k = p.dtype == DType::kF32 && p.k_stride[3] == 1;
+  const bool direct_v = p.dtype == DType::kF32 && p.v_stride[3] == 1;
   if (union_lo <= union_hi) {
     const int64_t first_tile = union_lo / flash::kKeyTile * flash::kKeyTile;
     for (int64_t c0 = first_tile; c0 <= union_hi; c0 += flash::kKeyTile) {
       const int64_t c1 = std::min<int64_t>(c0 + flash::kKeyTile, k_len);
       const size_t nkeys = static_cast<size_t>(c1 - c0);
       const bool full = max_lo <= c0 && min_hi >= c1 - 1;
-      for (size_t j = 0; j < nkeys; ++j) {
-        const int64_t key = k_begin + c0 + static_cast<int64_t>(j);
-        LoadRow(p.dtype, p.k, p.k_offset(t.seq, key, t.kv_head), p.k_stride[3], dim,
-                s.kt + j * dim);
-        LoadRow(p.dtype, p.v, p.v_offset(t.seq, key, t.kv_head), p.v_stride[3], dim,
-                s.vt + j * dim);
+      // f32 rows with unit element stride are read in place; other layouts and dtypes are
+      // converted into the tile buffers.
+      const float* kt = s.kt;
+      const float* vt = s.vt;
+      size_t ldk = dim, ldv = dim;
+      const int64_t key0 = k_begin + c0;
+      if (direct_k) {
+        kt = static_cast<const float*>(p.k) + p.k_offset(t.seq, key0, t.kv_head);
+        ldk = static_cast<size_t>(p.k_stride[1]);
+      } else {
+        for (size_t j = 0; j < nkeys; ++j) {
+          LoadRow(p.dtype, p.k, p.k_offset(t.seq, key0 + static_cast<int64_t>(j), t.kv_head),
+                  p.k_stride[3], dim, s.kt + j * dim);
+        }
       }
-      Scores<kD>(s.kt, nkeys, dim, s.qt, mp, s.st);
+      if (direct_v) {
+        vt = static_cast<const float*>(p.v) + p.v_offset(t.seq, key0, t.kv_head);
+        ldv = static_cast<size_t>(p.v_stride[1]);
+      } else {
+        for (size_t j = 0; j < nkeys; ++j) {
+          LoadRow(p.dtype, p.v, p.v_offset(t.seq, key0 + static_cast<int64_t>(j), t.kv_head),
+                  p.v_stride[3], dim, s.vt + j * dim);
+        }
+      }
+      if (c0 + flash::kKeyTile <= union_hi) {
+        PrefetchTile(p, t, k_begin + c0 + flash::kKeyTile,
+                     std::min<int64_t>(flash::kKeyTile, k_len - c0 - flash::kKeyTile), dim);
+      }
+      Scores<kD>(kt, ldk, nkeys, dim, s.qt, mp, s.st);
       SoftmaxTile(p, s, nkeys, mp, c0, !full);
-      Outputs<kD>(s.vt, nkeys, dim, s.st, mp, s.alpha, s.ot);
+      Outputs<kD>(vt, ldv, nkeys, dim, s.st, mp, s.alpha, s.ot);
     }
   }
 
