@@ -172,16 +172,33 @@ void OutputTail(size_t rows, size_t c, const float* vt, size_t ldv, const float*
   }
 }
 
+// Brings the rows of the next K or V tile into L2 a few rows at a time, interleaved with the
+// GEMM of the current tile: rows of one head are Hkv*D elements apart, too far apart for the
+// hardware prefetcher, and a burst of a thousand prefetches would overflow the miss queues.
+struct RowPrefetcher {
+  const char* row = nullptr;
+  int64_t step = 0;       // bytes between rows
+  int64_t row_bytes = 0;  // bytes spanned by one row
+  int64_t rows_left = 0;
+
+  HWY_INLINE void Next(int64_t n) {
+    for (; n > 0 && rows_left > 0; --n, --rows_left, row += step) {
+      for (int64_t b = 0; b < row_bytes; b += 64) __builtin_prefetch(row + b, 0, 3);
+    }
+  }
+};
+
 // St[0..nkeys)[0..mp) = kt * qt.
 template <int kD>
 void Scores(const float* kt, size_t ldk, size_t nkeys, size_t dim, const float* qt, size_t mp,
-            float* st) {
+            float* st, RowPrefetcher& next_k) {
   const size_t nvec = mp / kLanes;
   for (size_t v0 = 0; v0 < nvec; v0 += kTileVecs) {
     const size_t c = std::min<size_t>(kTileVecs, nvec - v0);
     const float* q = qt + v0 * kLanes;
     size_t j = 0;
     for (; j + kTileRows <= nkeys; j += kTileRows) {
+      next_k.Next(kTileRows);
       ScoreBlockC<kTileRows, kD>(c, kt + j * ldk, ldk, dim, q, mp, st + j * mp + v0 * kLanes);
     }
     if (j < nkeys) {
@@ -193,14 +210,16 @@ void Scores(const float* kt, size_t ldk, size_t nkeys, size_t dim, const float* 
 // Ot = alpha * Ot + vt^T * Pt.
 template <int kD>
 void Outputs(const float* vt, size_t ldv, size_t nkeys, size_t dim, const float* pt, size_t mp,
-             const float* alpha, float* ot) {
+             const float* alpha, float* ot, RowPrefetcher& next_v) {
   const size_t n = kD != 0 ? static_cast<size_t>(kD) : dim;
+  const int64_t prefetch_rows = static_cast<int64_t>(kTileRows * nkeys / n) + 1;
   const size_t nvec = mp / kLanes;
   for (size_t v0 = 0; v0 < nvec; v0 += kTileVecs) {
     const size_t c = std::min<size_t>(kTileVecs, nvec - v0);
     const size_t i0 = v0 * kLanes;
     size_t d = 0;
     for (; d + kTileRows <= n; d += kTileRows) {
+      next_v.Next(prefetch_rows);
       OutputBlockC<kTileRows>(c, vt + d, ldv, pt + i0, mp, alpha + i0, nkeys, ot + d * mp + i0);
     }
     if (d < n) OutputTail(n - d, c, vt + d, ldv, pt + i0, mp, alpha + i0, nkeys, ot + d * mp + i0);
@@ -315,20 +334,8 @@ void SoftmaxTile(const AttentionProblem& p, Scratch& s, size_t nkeys, size_t mp,
   }
 }
 
-// Asks for the K/V rows of the next tile to be brought into L2 while this tile computes: rows
-// of one head are Hkv*D elements apart, too far apart for the hardware prefetcher to follow.
-void PrefetchTile(const AttentionProblem& p, const Task& t, int64_t key0, int64_t nkeys,
-                  size_t dim) {
-  const int64_t elem = static_cast<int64_t>(DTypeSize(p.dtype));
-  const int64_t k_row_bytes = (static_cast<int64_t>(dim) - 1) * p.k_stride[3] * elem + elem;
-  const int64_t v_row_bytes = (static_cast<int64_t>(dim) - 1) * p.v_stride[3] * elem + elem;
-  const char* krow = static_cast<const char*>(p.k) + p.k_offset(t.seq, key0, t.kv_head) * elem;
-  const char* vrow = static_cast<const char*>(p.v) + p.v_offset(t.seq, key0, t.kv_head) * elem;
-  const int64_t k_step = p.k_stride[1] * elem, v_step = p.v_stride[1] * elem;
-  for (int64_t j = 0; j < nkeys; ++j, krow += k_step, vrow += v_step) {
-    for (int64_t b = 0; b < k_row_bytes; b += 64) __builtin_prefetch(krow + b, 0, 2);
-    for (int64_t b = 0; b < v_row_bytes; b += 64) __builtin_prefetch(vrow + b, 0, 2);
-  }
+HWY_INLINE const char* BytePtr(const void* base, int64_t offset, int64_t elem) {
+  return static_cast<const char*>(base) + offset * elem;
 }
 
 template <int kD>
@@ -374,6 +381,9 @@ void RunTask(const AttentionProblem& p, const Task& t, Scratch& s) {
   }
   std::memset(s.ot, 0, dim * mp * sizeof(float));
 
+  const int64_t elem = static_cast<int64_t>(DTypeSize(p.dtype));
+  const int64_t k_row_bytes = (static_cast<int64_t>(dim) - 1) * p.k_stride[3] * elem + elem;
+  const int64_t v_row_bytes = (static_cast<int64_t>(dim) - 1) * p.v_stride[3] * elem + elem;
   const bool direct_k = p.dtype == DType::kF32 && p.k_stride[3] == 1;
   const bool direct_v = p.dtype == DType::kF32 && p.v_stride[3] == 1;
   if (union_lo <= union_hi) {
@@ -406,13 +416,18 @@ void RunTask(const AttentionProblem& p, const Task& t, Scratch& s) {
                   p.v_stride[3], dim, s.vt + j * dim);
         }
       }
+      RowPrefetcher next_k, next_v;
       if (c0 + flash::kKeyTile <= union_hi) {
-        PrefetchTile(p, t, k_begin + c0 + flash::kKeyTile,
-                     std::min<int64_t>(flash::kKeyTile, k_len - c0 - flash::kKeyTile), dim);
+        const int64_t next0 = key0 + flash::kKeyTile;
+        const int64_t next_rows = std::min<int64_t>(flash::kKeyTile, k_len - c0 - flash::kKeyTile);
+        next_k = RowPrefetcher{BytePtr(p.k, p.k_offset(t.seq, next0, t.kv_head), elem),
+                               p.k_stride[1] * elem, k_row_bytes, next_rows};
+        next_v = RowPrefetcher{BytePtr(p.v, p.v_offset(t.seq, next0, t.kv_head), elem),
+                               p.v_stride[1] * elem, v_row_bytes, next_rows};
       }
-      Scores<kD>(kt, ldk, nkeys, dim, s.qt, mp, s.st);
+      Scores<kD>(kt, ldk, nkeys, dim, s.qt, mp, s.st, next_k);
       SoftmaxTile(p, s, nkeys, mp, c0, !full);
-      Outputs<kD>(vt, ldv, nkeys, dim, s.st, mp, s.alpha, s.ot);
+      Outputs<kD>(vt, ldv, nkeys, dim, s.st, mp, s.alpha, s.ot, next_v);
     }
   }
 
