@@ -389,15 +389,18 @@ void RunTask(const AttentionProblem& p, const Task& t, Scratch& s) {
   if (union_lo <= union_hi) {
     const int64_t first_tile = union_lo / flash::kKeyTile * flash::kKeyTile;
     for (int64_t c0 = first_tile; c0 <= union_hi; c0 += flash::kKeyTile) {
-      const int64_t c1 = std::min<int64_t>(c0 + flash::kKeyTile, k_len);
-      const size_t nkeys = static_cast<size_t>(c1 - c0);
-      const bool full = max_lo <= c0 && min_hi >= c1 - 1;
+      // Keys of the tile that no row of the task can see are never read (skipping them leaves
+      // every row's result bitwise unchanged: they would add exact zeros).
+      const int64_t a = std::max(c0, union_lo);
+      const int64_t e = std::min({c0 + flash::kKeyTile, k_len, union_hi + 1});
+      const size_t nkeys = static_cast<size_t>(e - a);
+      const bool full = max_lo <= a && min_hi >= e - 1;
       // f32 rows with unit element stride are read in place; other layouts and dtypes are
       // converted into the tile buffers.
       const float* kt = s.kt;
       const float* vt = s.vt;
       size_t ldk = dim, ldv = dim;
-      const int64_t key0 = k_begin + c0;
+      const int64_t key0 = k_begin + a;
       if (direct_k) {
         kt = static_cast<const float*>(p.k) + p.k_offset(t.seq, key0, t.kv_head);
         ldk = static_cast<size_t>(p.k_stride[1]);
@@ -418,15 +421,15 @@ void RunTask(const AttentionProblem& p, const Task& t, Scratch& s) {
       }
       RowPrefetcher next_k, next_v;
       if (c0 + flash::kKeyTile <= union_hi) {
-        const int64_t next0 = key0 + flash::kKeyTile;
-        const int64_t next_rows = std::min<int64_t>(flash::kKeyTile, k_len - c0 - flash::kKeyTile);
+        const int64_t next0 = k_begin + c0 + flash::kKeyTile;
+        const int64_t next_rows = std::min(flash::kKeyTile, union_hi + 1 - c0 - flash::kKeyTile);
         next_k = RowPrefetcher{BytePtr(p.k, p.k_offset(t.seq, next0, t.kv_head), elem),
                                p.k_stride[1] * elem, k_row_bytes, next_rows};
         next_v = RowPrefetcher{BytePtr(p.v, p.v_offset(t.seq, next0, t.kv_head), elem),
                                p.v_stride[1] * elem, v_row_bytes, next_rows};
       }
       Scores<kD>(kt, ldk, nkeys, dim, s.qt, mp, s.st, next_k);
-      SoftmaxTile(p, s, nkeys, mp, c0, !full);
+      SoftmaxTile(p, s, nkeys, mp, a, !full);
       Outputs<kD>(vt, ldv, nkeys, dim, s.st, mp, s.alpha, s.ot, next_v);
     }
   }
@@ -435,13 +438,15 @@ void RunTask(const AttentionProblem& p, const Task& t, Scratch& s) {
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t head = t.kv_head * group + r / t.nq;
     const int64_t token = q_begin + t.q0 + r % t.nq;
+    // l is 0 only for a row with no visible key; a NaN l (NaN inputs) must stay NaN.
     const float l = s.l[r];
-    const float inv = l > 0.0f ? 1.0f / l : 0.0f;
+    const bool none_visible = l <= 0.0f;
+    const float inv = none_visible ? 0.0f : 1.0f / l;
     StoreStridedScaled(p.dtype, s.ot + r, mp, dim, inv, p.out, p.out_offset(t.seq, token, head),
                        p.out_stride[3]);
     if (p.lse != nullptr) {
       p.lse[p.lse_offset(t.seq, head, token)] =
-          l > 0.0f ? s.m[r] + std::log(l) : -std::numeric_limits<float>::infinity();
+          none_visible ? -std::numeric_limits<float>::infinity() : s.m[r] + std::log(l);
     }
   }
 }
@@ -453,6 +458,7 @@ void RunTask(const AttentionProblem& p, const Task& t, Scratch& s) {
 bool FlashForward(const AttentionProblem& p, int32_t threads, bool fast) {
   using namespace flash_impl;  // NOLINT
   const int64_t block = flash::QueryBlock(p.group);
+  if (p.heads_q == 0) return true;
   std::vector<Task> tasks;
   int64_t max_nq = 0;
   for (int64_t b = 0; b < p.batch; ++b) {

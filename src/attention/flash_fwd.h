@@ -16,7 +16,7 @@ constexpr int64_t kKeyTile = 128;
 
 // Query positions per task for a GQA group of `group` heads.
 inline int64_t QueryBlock(int64_t group) {
-  return group >= kRowsTarget ? 1 : kRowsTarget / group;
+  return group >= kRowsTarget ? 1 : kRowsTarget / (group > 0 ? group : 1);
 }
 
 // Head dims with a compile-time instantiation (Path::kFast).

@@ -38,7 +38,7 @@ Status CheckRankAndStrides(const char* name, const TensorView& t, bool writable)
                                      std::to_string(t.strides[i]) + " in dim " +
                                      std::to_string(i));
     }
-    if (writable && t.shape[i] > 1 && t.strides[i] == 0) {
+    if (writable && t.shape[i] > 1 && t.strides[i] == 0 && t.numel() > 0) {
       return Status::InvalidArgument(std::string(name) +
                                      ": expected a non-zero stride for an output dim of extent > "
                                      "1 (outputs may not alias), got stride 0 in dim " +

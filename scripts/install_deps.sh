@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Installs the Debian packages tessera needs to build, test and run its demo; a no-op when they
+# are all present. Runs as root (CI and the dev machines) or through sudo.
+set -euo pipefail
+
+packages=(build-essential cmake libhwy-dev libopenblas-dev libcli11-dev nlohmann-json3-dev
+          libgtest-dev libbenchmark-dev python3)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
+done
+[ ${#missing[@]} -eq 0 ] && exit 0
+
+echo "installing: ${missing[*]}"
+sudo_cmd=""
+[ "$(id -u)" -ne 0 ] && sudo_cmd="sudo"
+export DEBIAN_FRONTEND=noninteractive
+$sudo_cmd apt-get update -qq
+$sudo_cmd apt-get install -y -qq --no-install-recommends "${missing[@]}"
