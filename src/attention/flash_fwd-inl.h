@@ -19,14 +19,18 @@
 //
 // Bytes moved: each K/V tile (kKeyTile rows) is read from memory once per task, so K and V are
 // streamed ceil(Sq/block) times per group: (Sq/block) * Sk * D * 2 * sizeof(dtype) bytes per
-// KV head, against 4 * Sq * Sk * D * G FLOPs; with 96 rows per task that is ~100 FLOP per byte
-// for fp32, far above the ~7 FLOP/byte ridge of this machine, so the kernel is compute-bound.
+// KV head, against 4 * Sq * Sk * D * G FLOPs; with 192 rows per task that is ~200 FLOP per
+// byte for fp32, far above the ~7 FLOP/byte DRAM ridge of this machine, so the kernel stays
+// compute-bound even when a head's K/V (16 MiB at 16K tokens, D = 128) no longer fits in L3.
+// Rows of one head are Hkv*D elements apart, beyond the hardware prefetcher's reach, so the next
+// tile's rows are prefetched into L2 in small batches interleaved with the GEMM loops.
 //
-// Tile sizes: for D = 128 the working set of a task is Qt and Ot (48 KiB each for 96 rows),
-// the score tile St (128 x 96 x 4 = 48 KiB) and the K/V tiles (64 KiB each), ~270 KiB, which
-// sits in the 1 MiB L2 of Zen 4 with room for the prefetched next tile; the inner GEMM loops
-// work on a 3-vector column strip of Qt or Pt (24 KiB at D = 128, L1-resident) against K/V
-// rows streamed from L2.
+// Tile sizes: for D = 128 the working set of a task is Qt and Ot (96 KiB each for 192 rows),
+// the score tile St (128 x 192 x 4 = 96 KiB) and the K/V tiles (64 KiB each, read in place for
+// f32), ~420 KiB, which sits in the 1 MiB L2 of Zen 4 with the prefetched next tile; the inner
+// GEMM loops work on a 3-vector column strip of Qt or Pt (24 KiB at D = 128, L1-resident)
+// against K/V rows streamed from L2. 96 rows measured ~15% slower at 16K tokens (twice the K/V
+// traffic per FLOP); 288 rows lose at 4K (L2 pressure, coarser load balance).
 //
 // Masks: the mask is a window [pos - wl, pos + wr] per row (causal is (inf, 0)); each key tile
 // is classified against the task's rows as empty (never visited), full (no mask evaluated) or
@@ -73,6 +77,8 @@ constexpr int kTileRows = 8;
 constexpr int kTileRows = 4;
 #endif
 constexpr int kTileVecs = 3;
+// How many tiles ahead the K/V rows are prefetched (2 measured no better than 1).
+constexpr int64_t kPrefetchTiles = 1;
 
 // St[r][c] = sum_d kt[r][d] * qt[d][c] for r < R keys, c < C query vectors.
 template <int R, int C, int kD>
@@ -172,9 +178,8 @@ void OutputTail(size_t rows, size_t c, const float* vt, size_t ldv, const float*
   }
 }
 
-// Brings the rows of the next K or V tile into L2 a few rows at a time, interleaved with the
-// GEMM of the current tile: rows of one head are Hkv*D elements apart, too far apart for the
-// hardware prefetcher, and a burst of a thousand prefetches would overflow the miss queues.
+// Brings the rows of a later K or V tile into L2 a few rows at a time, interleaved with the
+// GEMM of the current tile (a burst of a thousand prefetches would overflow the miss queues).
 struct RowPrefetcher {
   const char* row = nullptr;
   int64_t step = 0;       // bytes between rows
@@ -183,7 +188,7 @@ struct RowPrefetcher {
 
   HWY_INLINE void Next(int64_t n) {
     for (; n > 0 && rows_left > 0; --n, --rows_left, row += step) {
-      for (int64_t b = 0; b < row_bytes; b += 64) __builtin_prefetch(row + b, 0, 3);
+      for (int64_t b = 0; b < row_bytes; b += 64) __builtin_prefetch(row + b, 0, 2);
     }
   }
 };
@@ -420,9 +425,10 @@ void RunTask(const AttentionProblem& p, const Task& t, Scratch& s) {
         }
       }
       RowPrefetcher next_k, next_v;
-      if (c0 + flash::kKeyTile <= union_hi) {
-        const int64_t next0 = k_begin + c0 + flash::kKeyTile;
-        const int64_t next_rows = std::min(flash::kKeyTile, union_hi + 1 - c0 - flash::kKeyTile);
+      const int64_t ahead = c0 + kPrefetchTiles * flash::kKeyTile;
+      if (ahead <= union_hi) {
+        const int64_t next0 = k_begin + ahead;
+        const int64_t next_rows = std::min(flash::kKeyTile, union_hi + 1 - ahead);
         next_k = RowPrefetcher{BytePtr(p.k, p.k_offset(t.seq, next0, t.kv_head), elem),
                                p.k_stride[1] * elem, k_row_bytes, next_rows};
         next_v = RowPrefetcher{BytePtr(p.v, p.v_offset(t.seq, next0, t.kv_head), elem),

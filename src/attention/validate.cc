@@ -1,5 +1,6 @@
 // Argument validation for AttentionForward: every check runs before any work, and every message
 // names the argument, what was expected and what was given.
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <sstream>

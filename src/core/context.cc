@@ -1,7 +1,8 @@
 #include "tessera/context.h"
 
 #include <cstdlib>
-#include <thread>
+
+#include "tessera/system.h"
 
 namespace tessera {
 
@@ -21,8 +22,7 @@ int32_t ResolveThreads(const Context& ctx) {
     const int n = std::atoi(env);
     if (n > 0) return n;
   }
-  const unsigned hw = std::thread::hardware_concurrency();
-  return hw > 0 ? static_cast<int32_t>(hw) : 1;
+  return HardwareThreads();
 }
 
 }  // namespace tessera

@@ -1,0 +1,165 @@
+// `tessera run`: exact attention forward on .npy inputs.
+//
+// Inputs are read straight into buffers of their own dtype and handed to AttentionForward as
+// views, so peak memory is inputs + output + the kernel's scratch; nothing is written unless
+// the whole call succeeds.
+#include <unistd.h>
+
+#include <cerrno>
+#include <chrono>
+#include <cstdio>
+#include <cstring>
+#include <iomanip>
+#include <iostream>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include <CLI/CLI.hpp>
+
+#include "cli_common.h"
+#include "npy.h"
+#include "tessera/attention.h"
+
+namespace tessera {
+namespace cli {
+namespace {
+
+struct RunOptions {
+  std::string q, k, v, out, lse, alibi;
+  bool causal = false;
+  std::string window;
+  float softcap = 0.0f;
+  double scale = 0.0;  // only used when --scale is given
+  int32_t threads = 0;
+  std::string path = "auto";
+  bool verbose = false;
+  CLI::Option* scale_option = nullptr;
+};
+
+int RunMain(const RunOptions& o) {
+  const char* cmd = "run";
+  std::string error;
+  AttentionParams params;
+  Context ctx;
+  ctx.num_threads = o.threads;
+  if (o.threads < 0)
+    return Fail(cmd, "--threads: expected >= 0 (0 = all), got " + std::to_string(o.threads));
+  if (!ParsePath(o.path, &ctx.path, &error)) return Fail(cmd, error);
+  if (!o.window.empty() &&
+      !ParseWindow(o.window, &params.window_left, &params.window_right, &error)) {
+    return Fail(cmd, error);
+  }
+  params.causal = o.causal;
+  params.softcap = o.softcap;
+  if (o.scale_option != nullptr && o.scale_option->count() > 0) {
+    params.scale = static_cast<float>(o.scale);
+  }
+
+  NpyArray q, k, v, alibi;
+  const struct {
+    const char* flag;
+    const std::string& file;
+    NpyArray* array;
+  } inputs[] = {{"--q", o.q, &q}, {"--k", o.k, &k}, {"--v", o.v, &v}};
+  for (const auto& in : inputs) {
+    if (!LoadNpy(in.file, in.array, &error)) return Fail(cmd, error);
+    if (in.array->shape.size() != 4) {
+      return Fail(cmd, std::string(in.flag) + " " + in.file +
+                           ": expected a rank-4 array [B, S, H, D], got shape " +
+                           ShapeToString(in.array->shape));
+    }
+  }
+  if (!o.alibi.empty()) {
+    if (!LoadNpy(o.alibi, &alibi, &error)) return Fail(cmd, error);
+    params.alibi_slopes = alibi.View();
+  }
+
+  // The output takes q's shape and dtype; LSE is [B, Hq, Sq] f32.
+  const std::vector<int64_t> out_shape = q.shape;
+  const std::vector<int64_t> lse_shape = {q.shape[0], q.shape[2], q.shape[1]};
+  NpyArray out, lse;
+  out.dtype = q.dtype;
+  out.shape = out_shape;
+  out.data = AllocateAligned(out.nbytes());
+  if (!out.data)
+    return Fail(cmd, "cannot allocate the output (" + std::to_string(out.nbytes()) + " bytes)");
+  params.q = q.View();
+  params.k = k.View();
+  params.v = v.View();
+  params.out = out.View();
+  if (!o.lse.empty()) {
+    lse.dtype = DType::kF32;
+    lse.shape = lse_shape;
+    lse.data = AllocateAligned(lse.nbytes());
+    if (!lse.data) return Fail(cmd, "cannot allocate the LSE output");
+    params.lse = lse.View();
+  }
+
+  const auto start = std::chrono::steady_clock::now();
+  const Status status = AttentionForward(params, ctx);
+  const double ms =
+      std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
+  if (!status.ok()) return Fail(cmd, status.ToString());
+
+  // Write to temporary names and rename only when every file is complete, so a failure (say,
+  // an unwritable --lse path) leaves no partial or mismatched outputs behind.
+  const std::string suffix = ".tmp." + std::to_string(static_cast<long>(getpid()));
+  struct Pending {
+    const std::string& path;
+    const NpyArray& array;
+  };
+  std::vector<Pending> pending = {{o.out, out}};
+  if (!o.lse.empty()) pending.push_back({o.lse, lse});
+  for (size_t i = 0; i < pending.size(); ++i) {
+    const Pending& p = pending[i];
+    if (!SaveNpy(p.path + suffix, p.array.dtype, p.array.shape, p.array.data.get(), &error)) {
+      for (size_t j = 0; j <= i; ++j) std::remove((pending[j].path + suffix).c_str());
+      // Name the user's path, not the temporary one.
+      const std::string tmp = p.path + suffix;
+      if (error.compare(0, tmp.size(), tmp) == 0) error.replace(0, tmp.size(), p.path);
+      return Fail(cmd, error);
+    }
+  }
+  for (const Pending& p : pending) {
+    if (std::rename((p.path + suffix).c_str(), p.path.c_str()) != 0) {
+      const std::string why = std::strerror(errno);
+      for (const Pending& r : pending) std::remove((r.path + suffix).c_str());
+      return Fail(cmd, p.path + ": cannot write: " + why);
+    }
+  }
+  if (o.verbose) {
+    std::cerr << "tessera run: q " << ShapeToString(q.shape) << " k " << ShapeToString(k.shape)
+              << " " << DTypeName(q.dtype) << ", path " << PathName(ctx.path) << ", threads "
+              << ResolveThreads(ctx) << ": " << std::fixed << std::setprecision(3) << ms
+              << " ms, peak RSS " << std::setprecision(1) << PeakRssMiB() << " MiB\n";
+  }
+  return kExitOk;
+}
+
+}  // namespace
+
+CommandMain AddRunCommand(CLI::App& app) {
+  auto o = std::make_shared<RunOptions>();
+  CLI::App* sub = app.add_subcommand(
+      "run", "Exact attention forward on .npy inputs (float32 or float16, C order)");
+  sub->add_option("--q", o->q, "queries [B, Sq, Hq, D]")->required();
+  sub->add_option("--k", o->k, "keys [B, Sk, Hkv, D], Hq % Hkv == 0")->required();
+  sub->add_option("--v", o->v, "values [B, Sk, Hkv, D]")->required();
+  sub->add_option("--out", o->out, "output [B, Sq, Hq, D], written in the input dtype")->required();
+  sub->add_option("--lse", o->lse, "also write the log-sum-exp, float32 [B, Hq, Sq]");
+  sub->add_flag("--causal", o->causal, "causal mask (bottom-right aligned when Sq != Sk)");
+  sub->add_option("--window", o->window,
+                  "sliding window LEFT,RIGHT (-1 = unbounded); -1,0 equals --causal");
+  sub->add_option("--softcap", o->softcap, "tanh logit softcap (0 = off)");
+  o->scale_option = sub->add_option("--scale", o->scale, "softmax scale (default 1/sqrt(D))");
+  sub->add_option("--alibi", o->alibi, "ALiBi slopes, float32 [Hq]");
+  sub->add_option("--threads", o->threads, "worker threads (0 = all)");
+  sub->add_option("--path", o->path, "force a kernel path: auto|reference|generic|fast")
+      ->group("");  // hidden: for tests and benchmarks
+  sub->add_flag("--verbose,-v", o->verbose, "print timing and peak memory to stderr");
+  return [o] { return RunMain(*o); };
+}
+
+}  // namespace cli
+}  // namespace tessera

@@ -1,0 +1,148 @@
+// Naive materialized attention on OpenBLAS (see naive_attention.h). The row softmax is a small
+// Highway kernel so the baseline is not handicapped by a scalar expf: the baseline's time is
+// dominated by the two sgemms, as it would be in any reasonable textbook implementation.
+
+#undef HWY_TARGET_INCLUDE
+#define HWY_TARGET_INCLUDE "naive_attention.cc"
+#include <hwy/foreach_target.h>  // IWYU pragma: keep
+
+#include <hwy/highway.h>
+
+#include <hwy/contrib/math/math-inl.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+
+HWY_BEFORE_NAMESPACE();
+namespace tessera {
+namespace cli {
+namespace HWY_NAMESPACE {
+namespace hn = hwy::HWY_NAMESPACE;
+
+// Softmax of the first `visible` entries of `row` (length n) in place; entries from `visible`
+// on are masked out and set to 0. A row with nothing visible becomes all zeros.
+void SoftmaxRow(float* HWY_RESTRICT row, int64_t visible, int64_t n) {
+  const hn::ScalableTag<float> d;
+  const int64_t lanes = static_cast<int64_t>(hn::Lanes(d));
+  const int64_t full = visible - visible % lanes;
+  if (visible > 0) {
+    auto vmax = hn::Set(d, -std::numeric_limits<float>::infinity());
+    for (int64_t j = 0; j < full; j += lanes) vmax = hn::Max(vmax, hn::LoadU(d, row + j));
+    float max = hn::GetLane(hn::MaxOfLanes(d, vmax));
+    for (int64_t j = full; j < visible; ++j) max = std::max(max, row[j]);
+
+    const auto vm = hn::Set(d, max);
+    auto vsum = hn::Zero(d);
+    for (int64_t j = 0; j < full; j += lanes) {
+      const auto e = hn::Exp(d, hn::Sub(hn::LoadU(d, row + j), vm));
+      hn::StoreU(e, d, row + j);
+      vsum = hn::Add(vsum, e);
+    }
+    float sum = hn::GetLane(hn::SumOfLanes(d, vsum));
+    for (int64_t j = full; j < visible; ++j) {
+      row[j] = std::exp(row[j] - max);
+      sum += row[j];
+    }
+
+    const float inv = 1.0f / sum;
+    const auto vinv = hn::Set(d, inv);
+    for (int64_t j = 0; j < full; j += lanes) {
+      hn::StoreU(hn::Mul(hn::LoadU(d, row + j), vinv), d, row + j);
+    }
+    for (int64_t j = full; j < visible; ++j) row[j] *= inv;
+  }
+  for (int64_t j = std::max<int64_t>(visible, 0); j < n; ++j) row[j] = 0.0f;
+}
+
+// Softmax of rows [row_begin, row_end) of a stack of [seq_q, seq_k] score matrices.
+void SoftmaxRows(float* HWY_RESTRICT scores, int64_t row_begin, int64_t row_end, int64_t seq_q,
+                 int64_t seq_k, bool causal) {
+  for (int64_t r = row_begin; r < row_end; ++r) {
+    const int64_t i = r % seq_q;
+    const int64_t visible =
+        causal ? std::min(seq_k, std::max<int64_t>(0, i + seq_k - seq_q + 1)) : seq_k;
+    SoftmaxRow(scores + r * seq_k, visible, seq_k);
+  }
+}
+
+}  // namespace HWY_NAMESPACE
+}  // namespace cli
+}  // namespace tessera
+HWY_AFTER_NAMESPACE();
+
+#if HWY_ONCE
+
+#include <cblas.h>
+
+#include "core/parallel.h"
+#include "naive_attention.h"
+
+namespace tessera {
+namespace cli {
+namespace {
+
+HWY_EXPORT(SoftmaxRows);
+
+constexpr int64_t kRowsPerTask = 16;
+
+}  // namespace
+
+NaiveAttention::NaiveAttention(const NaiveProblem& problem, int32_t threads)
+    : p_(problem), threads_(std::max<int32_t>(1, threads)) {
+  const int64_t pairs = p_.batch * p_.heads_q;
+  const size_t per_head = static_cast<size_t>(p_.seq_q) * static_cast<size_t>(p_.seq_k);
+  if (pairs == 0 || per_head == 0) return;
+  const size_t fit = kMaxScoreBytes / sizeof(float) / per_head;
+  heads_per_chunk_ = std::max<int64_t>(1, std::min<int64_t>(pairs, static_cast<int64_t>(fit)));
+  score_elems_ = per_head * static_cast<size_t>(heads_per_chunk_);
+  scores_buffer_ = AllocateAligned(score_elems_ * sizeof(float));
+  scores_ = reinterpret_cast<float*>(scores_buffer_.get());
+}
+
+void NaiveAttention::Run() {
+  const int64_t B = p_.batch, Sq = p_.seq_q, Sk = p_.seq_k, Hq = p_.heads_q, Hkv = p_.heads_kv;
+  const int64_t D = p_.dim, group = Hq / Hkv;
+  if (B * Sq * Hq * D == 0) return;
+  if (Sk == 0) {  // nothing to attend to: the convention is output 0
+    std::fill(p_.out, p_.out + B * Sq * Hq * D, 0.0f);
+    return;
+  }
+  openblas_set_num_threads(threads_);
+  const int64_t pairs = B * Hq;
+  const int64_t per_head = Sq * Sk;
+  const auto ldq = static_cast<blasint>(Hq * D), ldk = static_cast<blasint>(Hkv * D);
+  for (int64_t c0 = 0; c0 < pairs; c0 += heads_per_chunk_) {
+    const int64_t c1 = std::min(pairs, c0 + heads_per_chunk_);
+    for (int64_t bh = c0; bh < c1; ++bh) {
+      const int64_t b = bh / Hq, h = bh % Hq;
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<blasint>(Sq),
+                  static_cast<blasint>(Sk), static_cast<blasint>(D), p_.scale,
+                  p_.q + (b * Sq * Hq + h) * D, ldq, p_.k + (b * Sk * Hkv + h / group) * D, ldk,
+                  0.0f, scores_ + (bh - c0) * per_head, static_cast<blasint>(Sk));
+    }
+    const int64_t rows = (c1 - c0) * Sq;
+    const int64_t tasks = (rows + kRowsPerTask - 1) / kRowsPerTask;
+    float* scores = scores_;
+    const bool causal = p_.causal;
+    ParallelFor(threads_, tasks, [&](int64_t task, int32_t) {
+      const int64_t r0 = task * kRowsPerTask;
+      HWY_DYNAMIC_DISPATCH(SoftmaxRows)
+      (scores, r0, std::min(rows, r0 + kRowsPerTask), Sq, Sk, causal);
+    });
+    for (int64_t bh = c0; bh < c1; ++bh) {
+      const int64_t b = bh / Hq, h = bh % Hq;
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, static_cast<blasint>(Sq),
+                  static_cast<blasint>(D), static_cast<blasint>(Sk), 1.0f,
+                  scores_ + (bh - c0) * per_head, static_cast<blasint>(Sk),
+                  p_.v + (b * Sk * Hkv + h / group) * D, ldk, 0.0f, p_.out + (b * Sq * Hq + h) * D,
+                  ldq);
+    }
+  }
+}
+
+}  // namespace cli
+}  // namespace tessera
+
+#endif  // HWY_ONCE

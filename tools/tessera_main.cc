@@ -1,0 +1,42 @@
+// The `tessera` command-line tool: run attention on .npy files, benchmark it against a naive
+// baseline, and report what the machine offers.
+//
+//   tessera run   --q Q.npy --k K.npy --v V.npy --out O.npy [options]
+//   tessera bench --op forward --seq N [options] [--vs naive] [--json]
+//   tessera info  [--json]
+//
+// Exit codes: 0 success, 2 any error (message on stderr). stdout carries only results.
+#include <iostream>
+
+#include <CLI/CLI.hpp>
+
+#include "cli_common.h"
+#include "tessera/version.h"
+
+int main(int argc, char** argv) {
+  using tessera::cli::CommandMain;
+  CLI::App app("tessera " + std::string(tessera::Version()) + ": fast exact attention on CPUs",
+               "tessera");
+  app.set_version_flag("--version", std::string(tessera::Version()));
+  app.require_subcommand(1);
+
+  const struct {
+    const char* name;
+    CommandMain main;
+  } commands[] = {
+      {"run", tessera::cli::AddRunCommand(app)},
+      {"bench", tessera::cli::AddBenchCommand(app)},
+      {"info", tessera::cli::AddInfoCommand(app)},
+  };
+
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    const int code = app.exit(e, std::cout, std::cerr);
+    return code == 0 ? tessera::cli::kExitOk : tessera::cli::kExitError;
+  }
+  for (const auto& command : commands) {
+    if (app.got_subcommand(command.name)) return command.main();
+  }
+  return tessera::cli::kExitError;  // unreachable: require_subcommand(1)
+}
