@@ -147,6 +147,13 @@ Status ValidateAttention(const AttentionParams& p, AttentionProblem* prob) {
     return Status::InvalidArgument(
         Expected("k", "batch " + std::to_string(B) + " (the batch of q)", ShapeString(p.k)));
   }
+  // Key positions are 32-bit inside the kernel (the same range as cu_seqlens).
+  constexpr int64_t kMaxTokens = std::numeric_limits<int32_t>::max();
+  if (Sq > kMaxTokens || Sk > kMaxTokens) {
+    return Status::InvalidArgument(Expected(Sq > kMaxTokens ? "q" : "k",
+                                            "at most 2^31 - 1 tokens per sequence axis",
+                                            std::to_string(std::max(Sq, Sk))));
+  }
   if (D < 1 || D > kMaxHeadDim) {
     return Status::InvalidArgument(Expected(
         "q", "head dim D in [1, " + std::to_string(kMaxHeadDim) + "]", std::to_string(D)));

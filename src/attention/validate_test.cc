@@ -197,6 +197,18 @@ TEST_F(ValidateTest, ZeroKvHeads) {
   Rejected(p, "k");
 }
 
+TEST_F(ValidateTest, TooManyKeyTokens) {
+  // A key axis of 2^31 tokens (a stride-0 view over one row, never read) exceeds the kernel's
+  // 32-bit key positions.
+  AttentionParams p = Valid();
+  const int64_t tokens = int64_t{1} << 31;
+  for (TensorView* view : {&p.k, &p.v}) {
+    view->shape[1] = tokens;
+    view->strides[1] = 0;
+  }
+  Rejected(p, "k");
+}
+
 TEST_F(ValidateTest, HeadDimOutOfRange) {
   for (int64_t d : {int64_t{0}, int64_t{513}}) {
     SCOPED_TRACE("D = " + std::to_string(d));
