@@ -73,17 +73,20 @@ constexpr size_t kLanes = hn::MaxLanes(DF());
 // 8 x 3 = 24 accumulators on 32-register targets, 4 x 3 on 16-register ones.
 #if HWY_TARGET <= HWY_AVX3
 constexpr int kTileRows = 8;
+constexpr int kTileVecs = 3;
 #else
 constexpr int kTileRows = 4;
-#endif
 constexpr int kTileVecs = 3;
+#endif
 // How many tiles ahead the K/V rows are prefetched (2 measured no better than 1).
 constexpr int64_t kPrefetchTiles = 1;
 
-// St[r][c] = sum_d kt[r][d] * qt[d][c] for r < R keys, c < C query vectors.
+// St[r][c] = sum_d kt[r][d] * qt[d][c] for r < R keys, c < C query vectors; colmax[c] takes the
+// max over these keys too, so an unmasked tile needs no separate max pass over St.
 template <int R, int C, int kD>
 HWY_INLINE void ScoreBlock(const float* HWY_RESTRICT kt, size_t ldk, size_t dim,
-                           const float* HWY_RESTRICT qt, size_t mp, float* HWY_RESTRICT st) {
+                           const float* HWY_RESTRICT qt, size_t mp, float* HWY_RESTRICT st,
+                           float* HWY_RESTRICT colmax) {
   const DF df;
   VF acc[R][C];
   for (int r = 0; r < R; ++r) {
@@ -100,6 +103,11 @@ HWY_INLINE void ScoreBlock(const float* HWY_RESTRICT kt, size_t ldk, size_t dim,
   }
   for (int r = 0; r < R; ++r) {
     for (int c = 0; c < C; ++c) hn::Store(acc[r][c], df, st + r * mp + c * kLanes);
+  }
+  for (int c = 0; c < C; ++c) {
+    VF m = acc[0][c];
+    for (int r = 1; r < R; ++r) m = hn::Max(m, acc[r][c]);  // NaN in acc propagates (2nd operand)
+    hn::Store(hn::Max(hn::Load(df, colmax + c * kLanes), m), df, colmax + c * kLanes);
   }
 }
 
@@ -128,54 +136,42 @@ HWY_INLINE void OutputBlock(const float* HWY_RESTRICT vt, size_t ldv,
   }
 }
 
-template <int R, int kD>
+// Run-time query-vector count c in [1, C] to the compile-time register tile.
+template <int R, int kD, int C = kTileVecs>
 HWY_INLINE void ScoreBlockC(size_t c, const float* kt, size_t ldk, size_t dim, const float* qt,
-                            size_t mp, float* st) {
-  if (c == 3) return ScoreBlock<R, 3, kD>(kt, ldk, dim, qt, mp, st);
-  if (c == 2) return ScoreBlock<R, 2, kD>(kt, ldk, dim, qt, mp, st);
-  return ScoreBlock<R, 1, kD>(kt, ldk, dim, qt, mp, st);
+                            size_t mp, float* st, float* colmax) {
+  if constexpr (C > 1) {
+    if (c < C) return ScoreBlockC<R, kD, C - 1>(c, kt, ldk, dim, qt, mp, st, colmax);
+  }
+  ScoreBlock<R, C, kD>(kt, ldk, dim, qt, mp, st, colmax);
 }
 
-template <int R>
+template <int R, int C = kTileVecs>
 HWY_INLINE void OutputBlockC(size_t c, const float* vt, size_t ldv, const float* pt, size_t mp,
                              const float* alpha, size_t nkeys, float* ot) {
-  if (c == 3) return OutputBlock<R, 3>(vt, ldv, pt, mp, alpha, nkeys, ot);
-  if (c == 2) return OutputBlock<R, 2>(vt, ldv, pt, mp, alpha, nkeys, ot);
-  return OutputBlock<R, 1>(vt, ldv, pt, mp, alpha, nkeys, ot);
-}
-
-// Tails of the broadcast dimension (fewer than kTileRows keys or dims left).
-template <int kD>
-void ScoreTail(size_t rows, size_t c, const float* kt, size_t ldk, size_t dim, const float* qt,
-               size_t mp, float* st) {
-  switch (rows) {
-    case 1: return ScoreBlockC<1, kD>(c, kt, ldk, dim, qt, mp, st);
-    case 2: return ScoreBlockC<2, kD>(c, kt, ldk, dim, qt, mp, st);
-    case 3: return ScoreBlockC<3, kD>(c, kt, ldk, dim, qt, mp, st);
-#if HWY_TARGET <= HWY_AVX3
-    case 4: return ScoreBlockC<4, kD>(c, kt, ldk, dim, qt, mp, st);
-    case 5: return ScoreBlockC<5, kD>(c, kt, ldk, dim, qt, mp, st);
-    case 6: return ScoreBlockC<6, kD>(c, kt, ldk, dim, qt, mp, st);
-    case 7: return ScoreBlockC<7, kD>(c, kt, ldk, dim, qt, mp, st);
-#endif
-    default: return;
+  if constexpr (C > 1) {
+    if (c < C) return OutputBlockC<R, C - 1>(c, vt, ldv, pt, mp, alpha, nkeys, ot);
   }
+  OutputBlock<R, C>(vt, ldv, pt, mp, alpha, nkeys, ot);
 }
 
+// Tails of the broadcast dimension: rows in [1, R] keys (or dims) left.
+template <int kD, int R = kTileRows - 1>
+void ScoreTail(size_t rows, size_t c, const float* kt, size_t ldk, size_t dim, const float* qt,
+               size_t mp, float* st, float* colmax) {
+  if constexpr (R > 1) {
+    if (rows < R) return ScoreTail<kD, R - 1>(rows, c, kt, ldk, dim, qt, mp, st, colmax);
+  }
+  ScoreBlockC<R, kD>(c, kt, ldk, dim, qt, mp, st, colmax);
+}
+
+template <int R = kTileRows - 1>
 void OutputTail(size_t rows, size_t c, const float* vt, size_t ldv, const float* pt, size_t mp,
                 const float* alpha, size_t nkeys, float* ot) {
-  switch (rows) {
-    case 1: return OutputBlockC<1>(c, vt, ldv, pt, mp, alpha, nkeys, ot);
-    case 2: return OutputBlockC<2>(c, vt, ldv, pt, mp, alpha, nkeys, ot);
-    case 3: return OutputBlockC<3>(c, vt, ldv, pt, mp, alpha, nkeys, ot);
-#if HWY_TARGET <= HWY_AVX3
-    case 4: return OutputBlockC<4>(c, vt, ldv, pt, mp, alpha, nkeys, ot);
-    case 5: return OutputBlockC<5>(c, vt, ldv, pt, mp, alpha, nkeys, ot);
-    case 6: return OutputBlockC<6>(c, vt, ldv, pt, mp, alpha, nkeys, ot);
-    case 7: return OutputBlockC<7>(c, vt, ldv, pt, mp, alpha, nkeys, ot);
-#endif
-    default: return;
+  if constexpr (R > 1) {
+    if (rows < R) return OutputTail<R - 1>(rows, c, vt, ldv, pt, mp, alpha, nkeys, ot);
   }
+  OutputBlockC<R>(c, vt, ldv, pt, mp, alpha, nkeys, ot);
 }
 
 // Brings the rows of a later K or V tile into L2 a few rows at a time, interleaved with the
@@ -193,21 +189,26 @@ struct RowPrefetcher {
   }
 };
 
-// St[0..nkeys)[0..mp) = kt * qt.
+// St[0..nkeys)[0..mp) = kt * qt, and colmax[0..mp) = the max of St over the keys.
 template <int kD>
 void Scores(const float* kt, size_t ldk, size_t nkeys, size_t dim, const float* qt, size_t mp,
-            float* st, RowPrefetcher& next_k) {
+            float* st, float* colmax, RowPrefetcher& next_k) {
   const size_t nvec = mp / kLanes;
+  for (size_t i = 0; i < mp; i += kLanes) {
+    hn::Store(hn::Set(DF(), -std::numeric_limits<float>::infinity()), DF(), colmax + i);
+  }
   for (size_t v0 = 0; v0 < nvec; v0 += kTileVecs) {
     const size_t c = std::min<size_t>(kTileVecs, nvec - v0);
-    const float* q = qt + v0 * kLanes;
+    const size_t i0 = v0 * kLanes;
     size_t j = 0;
     for (; j + kTileRows <= nkeys; j += kTileRows) {
       next_k.Next(kTileRows);
-      ScoreBlockC<kTileRows, kD>(c, kt + j * ldk, ldk, dim, q, mp, st + j * mp + v0 * kLanes);
+      ScoreBlockC<kTileRows, kD>(c, kt + j * ldk, ldk, dim, qt + i0, mp, st + j * mp + i0,
+                                 colmax + i0);
     }
     if (j < nkeys) {
-      ScoreTail<kD>(nkeys - j, c, kt + j * ldk, ldk, dim, q, mp, st + j * mp + v0 * kLanes);
+      ScoreTail<kD>(nkeys - j, c, kt + j * ldk, ldk, dim, qt + i0, mp, st + j * mp + i0,
+                    colmax + i0);
     }
   }
 }
@@ -241,13 +242,14 @@ struct Scratch {
   float* m;        // [Mp] running max (natural units)
   float* l;        // [Mp] running sum
   float* alpha;    // [Mp] rescale factor of the current tile
+  float* tile_max; // [Mp] max score of the current tile (before modifiers)
   float* pos;      // [Mp] query position (ALiBi)
   float* slope;    // [Mp] ALiBi slope of the row's head
   int32_t* lo;     // [Mp] first visible key of the row
   int32_t* hi;     // [Mp] last visible key of the row (lo > hi: none)
 
   static size_t Floats(size_t dim, size_t mp) {
-    return 2 * dim * mp + static_cast<size_t>(flash::kKeyTile) * (mp + 2 * dim) + 7 * mp;
+    return 2 * dim * mp + static_cast<size_t>(flash::kKeyTile) * (mp + 2 * dim) + 8 * mp;
   }
   void Carve(float* base, size_t dim, size_t mp) {
     qt = base;
@@ -258,7 +260,8 @@ struct Scratch {
     m = vt + flash::kKeyTile * dim;
     l = m + mp;
     alpha = l + mp;
-    pos = alpha + mp;
+    tile_max = alpha + mp;
+    pos = tile_max + mp;
     slope = pos + mp;
     lo = reinterpret_cast<int32_t*>(slope + mp);
     hi = lo + mp;
@@ -310,7 +313,7 @@ void SoftmaxTile(const AttentionProblem& p, Scratch& s, size_t nkeys, size_t mp,
         mx = hn::Max(mx, x);
       }
     } else {
-      for (size_t j = 0; j < nkeys; ++j) mx = hn::Max(mx, hn::Load(df, col + j * mp));
+      mx = hn::Max(mx, hn::Load(df, s.tile_max + i));
     }
     // A row that has seen no visible key keeps m = -inf; subtracting 0 instead keeps its
     // probabilities exp(-inf) = 0 and avoids (-inf) - (-inf).
@@ -434,7 +437,7 @@ void RunTask(const AttentionProblem& p, const Task& t, Scratch& s) {
         next_v = RowPrefetcher{BytePtr(p.v, p.v_offset(t.seq, next0, t.kv_head), elem),
                                p.v_stride[1] * elem, v_row_bytes, next_rows};
       }
-      Scores<kD>(kt, ldk, nkeys, dim, s.qt, mp, s.st, next_k);
+      Scores<kD>(kt, ldk, nkeys, dim, s.qt, mp, s.st, s.tile_max, next_k);
       SoftmaxTile(p, s, nkeys, mp, a, !full);
       Outputs<kD>(vt, ldv, nkeys, dim, s.st, mp, s.alpha, s.ot, next_v);
     }
