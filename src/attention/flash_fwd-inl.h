@@ -70,14 +70,10 @@ using VF = hn::Vec<DF>;
 constexpr size_t kLanes = hn::MaxLanes(DF());
 
 // Register tile: kTileRows broadcast rows (keys in QK, dims in PV) x kTileVecs query vectors.
-// 8 x 3 = 24 accumulators on 32-register targets, 4 x 3 on 16-register ones.
-#if HWY_TARGET <= HWY_AVX3
-constexpr int kTileRows = 8;
+// 8 x 3 = 24 accumulators on 32-register targets (12 x 2, 8 x 2 and 6 x 4 measured 2-7% slower
+// on Zen 4), 4 x 3 on 16-register ones.
+constexpr int kTileRows = HWY_TARGET <= HWY_AVX3 ? 8 : 4;
 constexpr int kTileVecs = 3;
-#else
-constexpr int kTileRows = 4;
-constexpr int kTileVecs = 3;
-#endif
 // How many tiles ahead the K/V rows are prefetched (2 measured no better than 1).
 constexpr int64_t kPrefetchTiles = 1;
 
