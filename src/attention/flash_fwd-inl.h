@@ -342,6 +342,25 @@ HWY_INLINE const char* BytePtr(const void* base, int64_t offset, int64_t elem) {
   return static_cast<const char*>(base) + offset * elem;
 }
 
+// dst[j][0..dim) = row j of a tensor (rows `row_stride` elements apart from `offset`), as f32.
+// The rows were prefetched into L2 during the previous tile; each is pulled into L1 a few rows
+// ahead of its conversion so the loads do not wait on L2 one row at a time.
+void ConvertRows(DType dtype, const void* base, int64_t offset, int64_t row_stride,
+                 int64_t elem_stride, size_t rows, size_t dim, int64_t row_bytes,
+                 float* HWY_RESTRICT dst) {
+  constexpr size_t kAhead = 4;
+  const int64_t elem = static_cast<int64_t>(DTypeSize(dtype));
+  for (size_t j = 0; j < rows; ++j) {
+    if (j + kAhead < rows) {
+      const char* ahead =
+          BytePtr(base, offset + static_cast<int64_t>(j + kAhead) * row_stride, elem);
+      for (int64_t b = 0; b < row_bytes; b += 64) __builtin_prefetch(ahead + b, 0, 3);
+    }
+    LoadRow(dtype, base, offset + static_cast<int64_t>(j) * row_stride, elem_stride, dim,
+            dst + j * dim);
+  }
+}
+
 template <int kD>
 void RunTask(const AttentionProblem& p, const Task& t, Scratch& s) {
   const size_t dim = kD != 0 ? static_cast<size_t>(kD) : static_cast<size_t>(p.dim);
@@ -380,8 +399,10 @@ void RunTask(const AttentionProblem& p, const Task& t, Scratch& s) {
     }
     s.pos[r] = static_cast<float>(pos);
     if (p.alibi != nullptr) s.slope[r] = p.alibi_slope(t.seq, head);
-    const int64_t off = p.q_offset(t.seq, q_begin + qi, head);
-    LoadStridedScaled(p.dtype, p.q, off, p.q_stride[3], dim, p.scale, s.qt + r, mp);
+    // Convert the row contiguously (SIMD), then scatter it scaled into column r of Qt; s.kt
+    // is free until the tile loop.
+    LoadRow(p.dtype, p.q, p.q_offset(t.seq, q_begin + qi, head), p.q_stride[3], dim, s.kt);
+    for (size_t d = 0; d < dim; ++d) s.qt[d * mp + static_cast<size_t>(r)] = p.scale * s.kt[d];
   }
   std::memset(s.ot, 0, dim * mp * sizeof(float));
 
@@ -409,19 +430,15 @@ void RunTask(const AttentionProblem& p, const Task& t, Scratch& s) {
         kt = static_cast<const float*>(p.k) + p.k_offset(t.seq, key0, t.kv_head);
         ldk = static_cast<size_t>(p.k_stride[1]);
       } else {
-        for (size_t j = 0; j < nkeys; ++j) {
-          LoadRow(p.dtype, p.k, p.k_offset(t.seq, key0 + static_cast<int64_t>(j), t.kv_head),
-                  p.k_stride[3], dim, s.kt + j * dim);
-        }
+        ConvertRows(p.dtype, p.k, p.k_offset(t.seq, key0, t.kv_head), p.k_stride[1],
+                    p.k_stride[3], nkeys, dim, k_row_bytes, s.kt);
       }
       if (direct_v) {
         vt = static_cast<const float*>(p.v) + p.v_offset(t.seq, key0, t.kv_head);
         ldv = static_cast<size_t>(p.v_stride[1]);
       } else {
-        for (size_t j = 0; j < nkeys; ++j) {
-          LoadRow(p.dtype, p.v, p.v_offset(t.seq, key0 + static_cast<int64_t>(j), t.kv_head),
-                  p.v_stride[3], dim, s.vt + j * dim);
-        }
+        ConvertRows(p.dtype, p.v, p.v_offset(t.seq, key0, t.kv_head), p.v_stride[1],
+                    p.v_stride[3], nkeys, dim, v_row_bytes, s.vt);
       }
       RowPrefetcher next_k, next_v;
       const int64_t ahead = c0 + kPrefetchTiles * flash::kKeyTile;

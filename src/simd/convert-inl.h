@@ -72,15 +72,6 @@ HWY_INLINE void LoadRow(DType dtype, const void* base, int64_t off, int64_t stri
   }
 }
 
-// dst[d * dst_stride] = scale * base[off + d*stride] for d < n.
-HWY_INLINE void LoadStridedScaled(DType dtype, const void* base, int64_t off, int64_t stride,
-                                  size_t n, float scale, float* HWY_RESTRICT dst,
-                                  size_t dst_stride) {
-  for (size_t d = 0; d < n; ++d) {
-    dst[d * dst_stride] = scale * LoadScalar(dtype, base, off + static_cast<int64_t>(d) * stride);
-  }
-}
-
 // base[off + d*stride] = scale * src[d * src_stride] for d < n, rounded to `dtype`.
 HWY_INLINE void StoreStridedScaled(DType dtype, const float* HWY_RESTRICT src, size_t src_stride,
                                    size_t n, float scale, void* base, int64_t off,
