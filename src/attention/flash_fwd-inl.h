@@ -43,15 +43,15 @@
 #define TESSERA_ATTENTION_FLASH_FWD_INL_H_
 #endif
 
+#include <hwy/aligned_allocator.h>
+#include <hwy/contrib/math/math-inl.h>
+#include <hwy/highway.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <limits>
 #include <vector>
-
-#include <hwy/aligned_allocator.h>
-#include <hwy/contrib/math/math-inl.h>
-#include <hwy/highway.h>
 
 #include "attention/attention_problem.h"
 #include "attention/flash_fwd.h"
@@ -74,8 +74,6 @@ constexpr size_t kLanes = hn::MaxLanes(DF());
 // on Zen 4), 4 x 3 on 16-register ones.
 constexpr int kTileRows = HWY_TARGET <= HWY_AVX3 ? 8 : 4;
 constexpr int kTileVecs = 3;
-// How many tiles ahead the K/V rows are prefetched (2 measured no better than 1).
-constexpr int64_t kPrefetchTiles = 1;
 
 // St[r][c] = sum_d kt[r][d] * qt[d][c] for r < R keys, c < C query vectors; colmax[c] takes the
 // max over these keys too, so an unmasked tile needs no separate max pass over St.
@@ -109,9 +107,8 @@ HWY_INLINE void ScoreBlock(const float* HWY_RESTRICT kt, size_t ldk, size_t dim,
 
 // Ot[r][c] = alpha[c] * Ot[r][c] + sum_j vt[j][r] * pt[j][c] for r < R dims, j < nkeys.
 template <int R, int C>
-HWY_INLINE void OutputBlock(const float* HWY_RESTRICT vt, size_t ldv,
-                            const float* HWY_RESTRICT pt, size_t mp,
-                            const float* HWY_RESTRICT alpha, size_t nkeys,
+HWY_INLINE void OutputBlock(const float* HWY_RESTRICT vt, size_t ldv, const float* HWY_RESTRICT pt,
+                            size_t mp, const float* HWY_RESTRICT alpha, size_t nkeys,
                             float* HWY_RESTRICT ot) {
   const DF df;
   VF acc[R][C];
@@ -185,10 +182,43 @@ struct RowPrefetcher {
   }
 };
 
+// Converts the rows of the next K or V tile to f32 a few rows at a time, interleaved with the
+// GEMM of the current tile, so the loads and conversions overlap the FMAs instead of stalling
+// between tiles. The rows were prefetched into L2 one tile earlier.
+struct RowConverter {
+  DType dtype = DType::kF32;
+  const void* base = nullptr;
+  int64_t offset = 0;       // element offset of the first row
+  int64_t row_stride = 0;   // elements between rows
+  int64_t elem_stride = 1;  // elements between the entries of a row
+  size_t dim = 0;
+  float* dst = nullptr;  // [rows][dim]
+  size_t rows = 0;
+  size_t done = 0;
+
+  HWY_INLINE void Next(int64_t n) {
+    for (; n > 0 && done < rows; --n, ++done) {
+      LoadRow(dtype, base, offset + static_cast<int64_t>(done) * row_stride, elem_stride, dim,
+              dst + done * dim);
+    }
+  }
+  void Finish() { Next(static_cast<int64_t>(rows)); }
+};
+
+// The work on later tiles that the GEMM loops of the current tile carry along.
+struct TileFeed {
+  RowPrefetcher prefetch;
+  RowConverter convert;
+  HWY_INLINE void Next(int64_t n) {
+    prefetch.Next(n);
+    convert.Next(n);
+  }
+};
+
 // St[0..nkeys)[0..mp) = kt * qt, and colmax[0..mp) = the max of St over the keys.
 template <int kD>
-void Scores(const float* kt, size_t ldk, size_t nkeys, size_t dim, const float* qt, size_t mp,
-            float* st, float* colmax, RowPrefetcher& next_k) {
+HWY_NOINLINE void Scores(const float* kt, size_t ldk, size_t nkeys, size_t dim, const float* qt,
+                         size_t mp, float* st, float* colmax, TileFeed& next_k) {
   const size_t nvec = mp / kLanes;
   for (size_t i = 0; i < mp; i += kLanes) {
     hn::Store(hn::Set(DF(), -std::numeric_limits<float>::infinity()), DF(), colmax + i);
@@ -211,8 +241,8 @@ void Scores(const float* kt, size_t ldk, size_t nkeys, size_t dim, const float* 
 
 // Ot = alpha * Ot + vt^T * Pt.
 template <int kD>
-void Outputs(const float* vt, size_t ldv, size_t nkeys, size_t dim, const float* pt, size_t mp,
-             const float* alpha, float* ot, RowPrefetcher& next_v) {
+HWY_NOINLINE void Outputs(const float* vt, size_t ldv, size_t nkeys, size_t dim, const float* pt,
+                          size_t mp, const float* alpha, float* ot, TileFeed& next_v) {
   const size_t n = kD != 0 ? static_cast<size_t>(kD) : dim;
   const int64_t prefetch_rows = static_cast<int64_t>(kTileRows * nkeys / n) + 1;
   const size_t nvec = mp / kLanes;
@@ -230,30 +260,32 @@ void Outputs(const float* vt, size_t ldv, size_t nkeys, size_t dim, const float*
 
 // Per-worker scratch, carved from one aligned allocation per call.
 struct Scratch {
-  float* qt;       // [D][Mp] scaled, transposed query rows
-  float* ot;       // [D][Mp] unnormalized output accumulator
-  float* st;       // [kKeyTile][Mp] scores, then probabilities
-  float* kt;       // [kKeyTile][D] K tile, f32
-  float* vt;       // [kKeyTile][D] V tile, f32
-  float* m;        // [Mp] running max (natural units)
-  float* l;        // [Mp] running sum
-  float* alpha;    // [Mp] rescale factor of the current tile
-  float* tile_max; // [Mp] max score of the current tile (before modifiers)
-  float* pos;      // [Mp] query position (ALiBi)
-  float* slope;    // [Mp] ALiBi slope of the row's head
-  int32_t* lo;     // [Mp] first visible key of the row
-  int32_t* hi;     // [Mp] last visible key of the row (lo > hi: none)
+  float* qt;        // [D][Mp] scaled, transposed query rows
+  float* ot;        // [D][Mp] unnormalized output accumulator
+  float* st;        // [kKeyTile][Mp] scores, then probabilities
+  float* kt[2];     // [kKeyTile][D] K tiles, f32 (current and next)
+  float* vt[2];     // [kKeyTile][D] V tiles, f32
+  float* m;         // [Mp] running max (natural units)
+  float* l;         // [Mp] running sum
+  float* alpha;     // [Mp] rescale factor of the current tile
+  float* tile_max;  // [Mp] max score of the current tile (before modifiers)
+  float* pos;       // [Mp] query position (ALiBi)
+  float* slope;     // [Mp] ALiBi slope of the row's head
+  int32_t* lo;      // [Mp] first visible key of the row
+  int32_t* hi;      // [Mp] last visible key of the row (lo > hi: none)
 
   static size_t Floats(size_t dim, size_t mp) {
-    return 2 * dim * mp + static_cast<size_t>(flash::kKeyTile) * (mp + 2 * dim) + 8 * mp;
+    return 2 * dim * mp + static_cast<size_t>(flash::kKeyTile) * (mp + 4 * dim) + 8 * mp;
   }
   void Carve(float* base, size_t dim, size_t mp) {
     qt = base;
     ot = qt + dim * mp;
     st = ot + dim * mp;
-    kt = st + flash::kKeyTile * mp;
-    vt = kt + flash::kKeyTile * dim;
-    m = vt + flash::kKeyTile * dim;
+    kt[0] = st + flash::kKeyTile * mp;
+    kt[1] = kt[0] + flash::kKeyTile * dim;
+    vt[0] = kt[1] + flash::kKeyTile * dim;
+    vt[1] = vt[0] + flash::kKeyTile * dim;
+    m = vt[1] + flash::kKeyTile * dim;
     l = m + mp;
     alpha = l + mp;
     tile_max = alpha + mp;
@@ -319,8 +351,7 @@ void SoftmaxTile(const AttentionProblem& p, Scratch& s, size_t nkeys, size_t mp,
     size_t j = 0;
     for (; j + 2 <= nkeys; j += 2) {
       const VF p0 = FastExp2(df, hn::Mul(hn::Sub(hn::Load(df, col + j * mp), m_safe), log2e));
-      const VF p1 =
-          FastExp2(df, hn::Mul(hn::Sub(hn::Load(df, col + (j + 1) * mp), m_safe), log2e));
+      const VF p1 = FastExp2(df, hn::Mul(hn::Sub(hn::Load(df, col + (j + 1) * mp), m_safe), log2e));
       hn::Store(p0, df, col + j * mp);
       hn::Store(p1, df, col + (j + 1) * mp);
       sum0 = hn::Add(sum0, p0);
@@ -399,10 +430,11 @@ void RunTask(const AttentionProblem& p, const Task& t, Scratch& s) {
     }
     s.pos[r] = static_cast<float>(pos);
     if (p.alibi != nullptr) s.slope[r] = p.alibi_slope(t.seq, head);
-    // Convert the row contiguously (SIMD), then scatter it scaled into column r of Qt; s.kt
-    // is free until the tile loop.
-    LoadRow(p.dtype, p.q, p.q_offset(t.seq, q_begin + qi, head), p.q_stride[3], dim, s.kt);
-    for (size_t d = 0; d < dim; ++d) s.qt[d * mp + static_cast<size_t>(r)] = p.scale * s.kt[d];
+    // Convert the row contiguously (SIMD), then scatter it scaled into column r of Qt; the K
+    // tile buffer is free until the tile loop.
+    float* row = s.kt[0];
+    LoadRow(p.dtype, p.q, p.q_offset(t.seq, q_begin + qi, head), p.q_stride[3], dim, row);
+    for (size_t d = 0; d < dim; ++d) s.qt[d * mp + static_cast<size_t>(r)] = p.scale * row[d];
   }
   std::memset(s.ot, 0, dim * mp * sizeof(float));
 
@@ -412,47 +444,93 @@ void RunTask(const AttentionProblem& p, const Task& t, Scratch& s) {
   const bool direct_k = p.dtype == DType::kF32 && p.k_stride[3] == 1;
   const bool direct_v = p.dtype == DType::kF32 && p.v_stride[3] == 1;
   if (union_lo <= union_hi) {
+    // Key range [a, e) of the tile starting at c0 that some row of the task can see. Keys no row
+    // can see are never read (skipping them leaves every row's result bitwise unchanged: they
+    // would add exact zeros).
+    auto tile_begin = [&](int64_t c0) { return std::max(c0, union_lo); };
+    auto tile_end = [&](int64_t c0) {
+      return std::min({c0 + flash::kKeyTile, k_len, union_hi + 1});
+    };
+    // Prefetcher for the visible rows of the tile at c0 (none past the last visible key);
+    // `offset` is the element offset of its first row, rows are `row_stride` elements apart.
+    auto prefetcher = [&](const void* base, int64_t offset, int64_t row_stride, int64_t row_bytes,
+                          int64_t c0) {
+      if (c0 > union_hi) return RowPrefetcher();
+      return RowPrefetcher{BytePtr(base, offset, elem), row_stride * elem, row_bytes,
+                           tile_end(c0) - c0};
+    };
     const int64_t first_tile = union_lo / flash::kKeyTile * flash::kKeyTile;
-    for (int64_t c0 = first_tile; c0 <= union_hi; c0 += flash::kKeyTile) {
-      // Keys of the tile that no row of the task can see are never read (skipping them leaves
-      // every row's result bitwise unchanged: they would add exact zeros).
-      const int64_t a = std::max(c0, union_lo);
-      const int64_t e = std::min({c0 + flash::kKeyTile, k_len, union_hi + 1});
+    // f32 rows with unit element stride are read in place (K/V prefetched one tile ahead);
+    // other dtypes and layouts are converted into double-buffered f32 tiles, the next tile
+    // during the current one's GEMMs (prefetched two tiles ahead).
+    if (!direct_k) {
+      ConvertRows(p.dtype, p.k, p.k_offset(t.seq, k_begin + union_lo, t.kv_head), p.k_stride[1],
+                  p.k_stride[3], static_cast<size_t>(tile_end(first_tile) - union_lo), dim,
+                  k_row_bytes, s.kt[0]);
+    }
+    if (!direct_v) {
+      ConvertRows(p.dtype, p.v, p.v_offset(t.seq, k_begin + union_lo, t.kv_head), p.v_stride[1],
+                  p.v_stride[3], static_cast<size_t>(tile_end(first_tile) - union_lo), dim,
+                  v_row_bytes, s.vt[0]);
+    }
+    int buf = 0;
+    for (int64_t c0 = first_tile; c0 <= union_hi; c0 += flash::kKeyTile, buf ^= 1) {
+      const int64_t a = tile_begin(c0), e = tile_end(c0);
       const size_t nkeys = static_cast<size_t>(e - a);
       const bool full = max_lo <= a && min_hi >= e - 1;
-      // f32 rows with unit element stride are read in place; other layouts and dtypes are
-      // converted into the tile buffers.
-      const float* kt = s.kt;
-      const float* vt = s.vt;
-      size_t ldk = dim, ldv = dim;
       const int64_t key0 = k_begin + a;
+      const int64_t next = c0 + flash::kKeyTile;
+      TileFeed feed_k, feed_v;
+      const float* kt = s.kt[buf];
+      const float* vt = s.vt[buf];
+      size_t ldk = dim, ldv = dim;
       if (direct_k) {
         kt = static_cast<const float*>(p.k) + p.k_offset(t.seq, key0, t.kv_head);
         ldk = static_cast<size_t>(p.k_stride[1]);
+        feed_k.prefetch = prefetcher(p.k, p.k_offset(t.seq, k_begin + next, t.kv_head),
+                                     p.k_stride[1], k_row_bytes, next);
       } else {
-        ConvertRows(p.dtype, p.k, p.k_offset(t.seq, key0, t.kv_head), p.k_stride[1],
-                    p.k_stride[3], nkeys, dim, k_row_bytes, s.kt);
+        const int64_t later = next + flash::kKeyTile;
+        feed_k.prefetch = prefetcher(p.k, p.k_offset(t.seq, k_begin + later, t.kv_head),
+                                     p.k_stride[1], k_row_bytes, later);
+        if (next <= union_hi) {
+          feed_k.convert = RowConverter{p.dtype,
+                                        p.k,
+                                        p.k_offset(t.seq, k_begin + next, t.kv_head),
+                                        p.k_stride[1],
+                                        p.k_stride[3],
+                                        dim,
+                                        s.kt[buf ^ 1],
+                                        static_cast<size_t>(tile_end(next) - next),
+                                        0};
+        }
       }
       if (direct_v) {
         vt = static_cast<const float*>(p.v) + p.v_offset(t.seq, key0, t.kv_head);
         ldv = static_cast<size_t>(p.v_stride[1]);
+        feed_v.prefetch = prefetcher(p.v, p.v_offset(t.seq, k_begin + next, t.kv_head),
+                                     p.v_stride[1], v_row_bytes, next);
       } else {
-        ConvertRows(p.dtype, p.v, p.v_offset(t.seq, key0, t.kv_head), p.v_stride[1],
-                    p.v_stride[3], nkeys, dim, v_row_bytes, s.vt);
+        const int64_t later = next + flash::kKeyTile;
+        feed_v.prefetch = prefetcher(p.v, p.v_offset(t.seq, k_begin + later, t.kv_head),
+                                     p.v_stride[1], v_row_bytes, later);
+        if (next <= union_hi) {
+          feed_v.convert = RowConverter{p.dtype,
+                                        p.v,
+                                        p.v_offset(t.seq, k_begin + next, t.kv_head),
+                                        p.v_stride[1],
+                                        p.v_stride[3],
+                                        dim,
+                                        s.vt[buf ^ 1],
+                                        static_cast<size_t>(tile_end(next) - next),
+                                        0};
+        }
       }
-      RowPrefetcher next_k, next_v;
-      const int64_t ahead = c0 + kPrefetchTiles * flash::kKeyTile;
-      if (ahead <= union_hi) {
-        const int64_t next0 = k_begin + ahead;
-        const int64_t next_rows = std::min(flash::kKeyTile, union_hi + 1 - ahead);
-        next_k = RowPrefetcher{BytePtr(p.k, p.k_offset(t.seq, next0, t.kv_head), elem),
-                               p.k_stride[1] * elem, k_row_bytes, next_rows};
-        next_v = RowPrefetcher{BytePtr(p.v, p.v_offset(t.seq, next0, t.kv_head), elem),
-                               p.v_stride[1] * elem, v_row_bytes, next_rows};
-      }
-      Scores<kD>(kt, ldk, nkeys, dim, s.qt, mp, s.st, s.tile_max, next_k);
+      Scores<kD>(kt, ldk, nkeys, dim, s.qt, mp, s.st, s.tile_max, feed_k);
       SoftmaxTile(p, s, nkeys, mp, a, !full);
-      Outputs<kD>(vt, ldv, nkeys, dim, s.st, mp, s.alpha, s.ot, next_v);
+      Outputs<kD>(vt, ldv, nkeys, dim, s.st, mp, s.alpha, s.ot, feed_v);
+      feed_k.convert.Finish();
+      feed_v.convert.Finish();
     }
   }
 

@@ -3,7 +3,6 @@
 #undef HWY_TARGET_INCLUDE
 #define HWY_TARGET_INCLUDE "attention/flash_fwd.cc"
 #include <hwy/foreach_target.h>  // IWYU pragma: keep
-
 #include <hwy/highway.h>
 
 #include "attention/flash_fwd-inl.h"
@@ -47,9 +46,15 @@ Status RunReference(const AttentionParams& params, const AttentionProblem& p) {
           void* o = p.out;
           const int64_t i = off + d * p.out_stride[3];
           switch (p.dtype) {
-            case DType::kF32: static_cast<float*>(o)[i] = x; break;
-            case DType::kBF16: static_cast<uint16_t*>(o)[i] = FloatToBF16(x); break;
-            case DType::kF16: static_cast<uint16_t*>(o)[i] = FloatToF16(x); break;
+            case DType::kF32:
+              static_cast<float*>(o)[i] = x;
+              break;
+            case DType::kBF16:
+              static_cast<uint16_t*>(o)[i] = FloatToBF16(x);
+              break;
+            case DType::kF16:
+              static_cast<uint16_t*>(o)[i] = FloatToF16(x);
+              break;
           }
         }
         if (p.lse != nullptr) {
@@ -75,7 +80,8 @@ Status AttentionForward(const AttentionParams& params, const Context& ctx) {
       if (!flash::HasFastHeadDim(problem.dim)) {
         return Status::InvalidArgument(
             "ctx.path: expected a head dim with a fast instantiation (64, 128 or 256) for "
-            "Path::kFast, got " + std::to_string(problem.dim));
+            "Path::kFast, got " +
+            std::to_string(problem.dim));
       }
       break;
     case Path::kAuto:

@@ -8,10 +8,10 @@
 #define TESSERA_SIMD_CONVERT_INL_H_
 #endif
 
+#include <hwy/highway.h>
+
 #include <cstdint>
 #include <cstring>
-
-#include <hwy/highway.h>
 
 #include "tessera/types.h"
 
@@ -23,18 +23,27 @@ namespace hn = hwy::HWY_NAMESPACE;
 // Element i of a tensor of `dtype` at `base`, as f32.
 HWY_INLINE float LoadScalar(DType dtype, const void* base, int64_t i) {
   switch (dtype) {
-    case DType::kF32: return static_cast<const float*>(base)[i];
-    case DType::kBF16: return BF16ToFloat(static_cast<const uint16_t*>(base)[i]);
-    case DType::kF16: return F16ToFloat(static_cast<const uint16_t*>(base)[i]);
+    case DType::kF32:
+      return static_cast<const float*>(base)[i];
+    case DType::kBF16:
+      return BF16ToFloat(static_cast<const uint16_t*>(base)[i]);
+    case DType::kF16:
+      return F16ToFloat(static_cast<const uint16_t*>(base)[i]);
   }
   return 0.0f;
 }
 
 HWY_INLINE void StoreScalar(DType dtype, void* base, int64_t i, float x) {
   switch (dtype) {
-    case DType::kF32: static_cast<float*>(base)[i] = x; return;
-    case DType::kBF16: static_cast<uint16_t*>(base)[i] = FloatToBF16(x); return;
-    case DType::kF16: static_cast<uint16_t*>(base)[i] = FloatToF16(x); return;
+    case DType::kF32:
+      static_cast<float*>(base)[i] = x;
+      return;
+    case DType::kBF16:
+      static_cast<uint16_t*>(base)[i] = FloatToBF16(x);
+      return;
+    case DType::kF16:
+      static_cast<uint16_t*>(base)[i] = FloatToF16(x);
+      return;
   }
 }
 
@@ -74,8 +83,7 @@ HWY_INLINE void LoadRow(DType dtype, const void* base, int64_t off, int64_t stri
 
 // base[off + d*stride] = scale * src[d * src_stride] for d < n, rounded to `dtype`.
 HWY_INLINE void StoreStridedScaled(DType dtype, const float* HWY_RESTRICT src, size_t src_stride,
-                                   size_t n, float scale, void* base, int64_t off,
-                                   int64_t stride) {
+                                   size_t n, float scale, void* base, int64_t off, int64_t stride) {
   for (size_t d = 0; d < n; ++d) {
     StoreScalar(dtype, base, off + static_cast<int64_t>(d) * stride, scale * src[d * src_stride]);
   }
