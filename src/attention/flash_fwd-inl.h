@@ -58,6 +58,7 @@
 #include "core/parallel.h"
 #include "simd/convert-inl.h"
 #include "simd/fast_exp-inl.h"
+#include "simd/tile_gemm-inl.h"
 
 HWY_BEFORE_NAMESPACE();
 namespace tessera {
@@ -65,198 +66,6 @@ namespace HWY_NAMESPACE {
 namespace flash_impl {
 
 namespace hn = hwy::HWY_NAMESPACE;
-using DF = hn::ScalableTag<float>;
-using VF = hn::Vec<DF>;
-constexpr size_t kLanes = hn::MaxLanes(DF());
-
-// Register tile: kTileRows broadcast rows (keys in QK, dims in PV) x kTileVecs query vectors.
-// 8 x 3 = 24 accumulators on 32-register targets (12 x 2, 8 x 2 and 6 x 4 measured 2-7% slower
-// on Zen 4), 4 x 3 on 16-register ones.
-constexpr int kTileRows = HWY_TARGET <= HWY_AVX3 ? 8 : 4;
-constexpr int kTileVecs = 3;
-
-// St[r][c] = sum_d kt[r][d] * qt[d][c] for r < R keys, c < C query vectors; colmax[c] takes the
-// max over these keys too, so an unmasked tile needs no separate max pass over St.
-template <int R, int C, int kD>
-HWY_INLINE void ScoreBlock(const float* HWY_RESTRICT kt, size_t ldk, size_t dim,
-                           const float* HWY_RESTRICT qt, size_t mp, float* HWY_RESTRICT st,
-                           float* HWY_RESTRICT colmax) {
-  const DF df;
-  VF acc[R][C];
-  for (int r = 0; r < R; ++r) {
-    for (int c = 0; c < C; ++c) acc[r][c] = hn::Zero(df);
-  }
-  const size_t n = kD != 0 ? static_cast<size_t>(kD) : dim;
-  for (size_t d = 0; d < n; ++d) {
-    VF q[C];
-    for (int c = 0; c < C; ++c) q[c] = hn::Load(df, qt + d * mp + c * kLanes);
-    for (int r = 0; r < R; ++r) {
-      const VF k = hn::Set(df, kt[r * ldk + d]);
-      for (int c = 0; c < C; ++c) acc[r][c] = hn::MulAdd(k, q[c], acc[r][c]);
-    }
-  }
-  for (int r = 0; r < R; ++r) {
-    for (int c = 0; c < C; ++c) hn::Store(acc[r][c], df, st + r * mp + c * kLanes);
-  }
-  for (int c = 0; c < C; ++c) {
-    VF m = acc[0][c];
-    for (int r = 1; r < R; ++r) m = hn::Max(m, acc[r][c]);  // NaN in acc propagates (2nd operand)
-    hn::Store(hn::Max(hn::Load(df, colmax + c * kLanes), m), df, colmax + c * kLanes);
-  }
-}
-
-// Ot[r][c] = alpha[c] * Ot[r][c] + sum_j vt[j][r] * pt[j][c] for r < R dims, j < nkeys.
-template <int R, int C>
-HWY_INLINE void OutputBlock(const float* HWY_RESTRICT vt, size_t ldv, const float* HWY_RESTRICT pt,
-                            size_t mp, const float* HWY_RESTRICT alpha, size_t nkeys,
-                            float* HWY_RESTRICT ot) {
-  const DF df;
-  VF acc[R][C];
-  for (int c = 0; c < C; ++c) {
-    const VF a = hn::Load(df, alpha + c * kLanes);
-    for (int r = 0; r < R; ++r) acc[r][c] = hn::Mul(a, hn::Load(df, ot + r * mp + c * kLanes));
-  }
-  for (size_t j = 0; j < nkeys; ++j) {
-    VF p[C];
-    for (int c = 0; c < C; ++c) p[c] = hn::Load(df, pt + j * mp + c * kLanes);
-    for (int r = 0; r < R; ++r) {
-      const VF v = hn::Set(df, vt[j * ldv + r]);
-      for (int c = 0; c < C; ++c) acc[r][c] = hn::MulAdd(v, p[c], acc[r][c]);
-    }
-  }
-  for (int r = 0; r < R; ++r) {
-    for (int c = 0; c < C; ++c) hn::Store(acc[r][c], df, ot + r * mp + c * kLanes);
-  }
-}
-
-// Run-time query-vector count c in [1, C] to the compile-time register tile.
-template <int R, int kD, int C = kTileVecs>
-HWY_INLINE void ScoreBlockC(size_t c, const float* kt, size_t ldk, size_t dim, const float* qt,
-                            size_t mp, float* st, float* colmax) {
-  if constexpr (C > 1) {
-    if (c < C) return ScoreBlockC<R, kD, C - 1>(c, kt, ldk, dim, qt, mp, st, colmax);
-  }
-  ScoreBlock<R, C, kD>(kt, ldk, dim, qt, mp, st, colmax);
-}
-
-template <int R, int C = kTileVecs>
-HWY_INLINE void OutputBlockC(size_t c, const float* vt, size_t ldv, const float* pt, size_t mp,
-                             const float* alpha, size_t nkeys, float* ot) {
-  if constexpr (C > 1) {
-    if (c < C) return OutputBlockC<R, C - 1>(c, vt, ldv, pt, mp, alpha, nkeys, ot);
-  }
-  OutputBlock<R, C>(vt, ldv, pt, mp, alpha, nkeys, ot);
-}
-
-// Tails of the broadcast dimension: rows in [1, R] keys (or dims) left.
-template <int kD, int R = kTileRows - 1>
-void ScoreTail(size_t rows, size_t c, const float* kt, size_t ldk, size_t dim, const float* qt,
-               size_t mp, float* st, float* colmax) {
-  if constexpr (R > 1) {
-    if (rows < R) return ScoreTail<kD, R - 1>(rows, c, kt, ldk, dim, qt, mp, st, colmax);
-  }
-  ScoreBlockC<R, kD>(c, kt, ldk, dim, qt, mp, st, colmax);
-}
-
-template <int R = kTileRows - 1>
-void OutputTail(size_t rows, size_t c, const float* vt, size_t ldv, const float* pt, size_t mp,
-                const float* alpha, size_t nkeys, float* ot) {
-  if constexpr (R > 1) {
-    if (rows < R) return OutputTail<R - 1>(rows, c, vt, ldv, pt, mp, alpha, nkeys, ot);
-  }
-  OutputBlockC<R>(c, vt, ldv, pt, mp, alpha, nkeys, ot);
-}
-
-// Brings the rows of a later K or V tile into L2 a few rows at a time, interleaved with the
-// GEMM of the current tile (a burst of a thousand prefetches would overflow the miss queues).
-struct RowPrefetcher {
-  const char* row = nullptr;
-  int64_t step = 0;       // bytes between rows
-  int64_t row_bytes = 0;  // bytes spanned by one row
-  int64_t rows_left = 0;
-
-  HWY_INLINE void Next(int64_t n) {
-    for (; n > 0 && rows_left > 0; --n, --rows_left, row += step) {
-      for (int64_t b = 0; b < row_bytes; b += 64) __builtin_prefetch(row + b, 0, 2);
-    }
-  }
-};
-
-// Converts the rows of the next K or V tile to f32 a few rows at a time, interleaved with the
-// GEMM of the current tile, so the loads and conversions overlap the FMAs instead of stalling
-// between tiles. The rows were prefetched into L2 one tile earlier.
-struct RowConverter {
-  DType dtype = DType::kF32;
-  const void* base = nullptr;
-  int64_t offset = 0;       // element offset of the first row
-  int64_t row_stride = 0;   // elements between rows
-  int64_t elem_stride = 1;  // elements between the entries of a row
-  size_t dim = 0;
-  float* dst = nullptr;  // [rows][dim]
-  size_t rows = 0;
-  size_t done = 0;
-
-  HWY_INLINE void Next(int64_t n) {
-    for (; n > 0 && done < rows; --n, ++done) {
-      LoadRow(dtype, base, offset + static_cast<int64_t>(done) * row_stride, elem_stride, dim,
-              dst + done * dim);
-    }
-  }
-  void Finish() { Next(static_cast<int64_t>(rows)); }
-};
-
-// The work on later tiles that the GEMM loops of the current tile carry along.
-struct TileFeed {
-  RowPrefetcher prefetch;
-  RowConverter convert;
-  HWY_INLINE void Next(int64_t n) {
-    prefetch.Next(n);
-    convert.Next(n);
-  }
-};
-
-// St[0..nkeys)[0..mp) = kt * qt, and colmax[0..mp) = the max of St over the keys.
-template <int kD>
-HWY_NOINLINE void Scores(const float* kt, size_t ldk, size_t nkeys, size_t dim, const float* qt,
-                         size_t mp, float* st, float* colmax, TileFeed& next_k) {
-  const size_t nvec = mp / kLanes;
-  for (size_t i = 0; i < mp; i += kLanes) {
-    hn::Store(hn::Set(DF(), -std::numeric_limits<float>::infinity()), DF(), colmax + i);
-  }
-  for (size_t v0 = 0; v0 < nvec; v0 += kTileVecs) {
-    const size_t c = std::min<size_t>(kTileVecs, nvec - v0);
-    const size_t i0 = v0 * kLanes;
-    size_t j = 0;
-    for (; j + kTileRows <= nkeys; j += kTileRows) {
-      next_k.Next(kTileRows);
-      ScoreBlockC<kTileRows, kD>(c, kt + j * ldk, ldk, dim, qt + i0, mp, st + j * mp + i0,
-                                 colmax + i0);
-    }
-    if (j < nkeys) {
-      ScoreTail<kD>(nkeys - j, c, kt + j * ldk, ldk, dim, qt + i0, mp, st + j * mp + i0,
-                    colmax + i0);
-    }
-  }
-}
-
-// Ot = alpha * Ot + vt^T * Pt.
-template <int kD>
-HWY_NOINLINE void Outputs(const float* vt, size_t ldv, size_t nkeys, size_t dim, const float* pt,
-                          size_t mp, const float* alpha, float* ot, TileFeed& next_v) {
-  const size_t n = kD != 0 ? static_cast<size_t>(kD) : dim;
-  const int64_t prefetch_rows = static_cast<int64_t>(kTileRows * nkeys / n) + 1;
-  const size_t nvec = mp / kLanes;
-  for (size_t v0 = 0; v0 < nvec; v0 += kTileVecs) {
-    const size_t c = std::min<size_t>(kTileVecs, nvec - v0);
-    const size_t i0 = v0 * kLanes;
-    size_t d = 0;
-    for (; d + kTileRows <= n; d += kTileRows) {
-      next_v.Next(prefetch_rows);
-      OutputBlockC<kTileRows>(c, vt + d, ldv, pt + i0, mp, alpha + i0, nkeys, ot + d * mp + i0);
-    }
-    if (d < n) OutputTail(n - d, c, vt + d, ldv, pt + i0, mp, alpha + i0, nkeys, ot + d * mp + i0);
-  }
-}
 
 // Per-worker scratch, carved from one aligned allocation per call.
 struct Scratch {
@@ -366,29 +175,6 @@ void SoftmaxTile(const AttentionProblem& p, Scratch& s, size_t nkeys, size_t mp,
     hn::Store(mx, df, s.m + i);
     hn::Store(l_new, df, s.l + i);
     hn::Store(alpha, df, s.alpha + i);
-  }
-}
-
-HWY_INLINE const char* BytePtr(const void* base, int64_t offset, int64_t elem) {
-  return static_cast<const char*>(base) + offset * elem;
-}
-
-// dst[j][0..dim) = row j of a tensor (rows `row_stride` elements apart from `offset`), as f32.
-// The rows were prefetched into L2 during the previous tile; each is pulled into L1 a few rows
-// ahead of its conversion so the loads do not wait on L2 one row at a time.
-void ConvertRows(DType dtype, const void* base, int64_t offset, int64_t row_stride,
-                 int64_t elem_stride, size_t rows, size_t dim, int64_t row_bytes,
-                 float* HWY_RESTRICT dst) {
-  constexpr size_t kAhead = 4;
-  const int64_t elem = static_cast<int64_t>(DTypeSize(dtype));
-  for (size_t j = 0; j < rows; ++j) {
-    if (j + kAhead < rows) {
-      const char* ahead =
-          BytePtr(base, offset + static_cast<int64_t>(j + kAhead) * row_stride, elem);
-      for (int64_t b = 0; b < row_bytes; b += 64) __builtin_prefetch(ahead + b, 0, 3);
-    }
-    LoadRow(dtype, base, offset + static_cast<int64_t>(j) * row_stride, elem_stride, dim,
-            dst + j * dim);
   }
 }
 
@@ -526,9 +312,9 @@ void RunTask(const AttentionProblem& p, const Task& t, Scratch& s) {
                                         0};
         }
       }
-      Scores<kD>(kt, ldk, nkeys, dim, s.qt, mp, s.st, s.tile_max, feed_k);
+      RowPanelProduct<kD>(kt, ldk, nkeys, dim, s.qt, mp, s.st, s.tile_max, feed_k);
       SoftmaxTile(p, s, nkeys, mp, a, !full);
-      Outputs<kD>(vt, ldv, nkeys, dim, s.st, mp, s.alpha, s.ot, feed_v);
+      TransposedPanelAccumulate<kD>(vt, ldv, nkeys, dim, s.st, mp, s.alpha, s.ot, feed_v);
       feed_k.convert.Finish();
       feed_v.convert.Finish();
     }
