@@ -76,4 +76,21 @@ struct AttentionParams {
 // written. Thread-safe for distinct outputs.
 Status AttentionForward(const AttentionParams& params, const Context& ctx);
 
+// Gradients of the attention forward, recomputing the scores tile by tile from the forward's
+// log-sum-exp (never the Sq x Sk matrix).
+struct AttentionBackwardParams {
+  // The forward call: q, k, v, every option (scale, masks, softcap, ALiBi, varlen), its output
+  // `out` and its `lse` (required here), all read only.
+  AttentionParams forward;
+  TensorView dout;  // [B, Sq, Hq, D], gradient of the loss w.r.t. out; dtype of q
+  TensorView dq;    // [B, Sq, Hq, D], written; dtype of q
+  TensorView dk;    // [B, Sk, Hkv, D], written; summed over the query heads of each GQA group
+  TensorView dv;    // [B, Sk, Hkv, D], written; summed over the query heads of each GQA group
+};
+
+// Computes dq, dk, dv (fp32 accumulation, written in the input dtype). Rows with no visible key
+// get dq = 0; keys no query sees get dk = dv = 0. Deterministic: bitwise-identical across runs
+// and thread counts (dK/dV are owned by key tiles, dQ by query tiles: two passes, no atomics).
+Status AttentionBackward(const AttentionBackwardParams& params, const Context& ctx);
+
 }  // namespace tessera

@@ -76,8 +76,38 @@ struct AttentionProblem {
   }
 };
 
+// An AttentionBackwardParams after validation: the forward problem plus the gradient views, with
+// the same [b, s, h, d] normalization (varlen: b stride unused).
+struct AttentionBackwardProblem {
+  AttentionProblem fwd;
+  const void* dout = nullptr;
+  void* dq = nullptr;
+  void* dk = nullptr;
+  void* dv = nullptr;
+  int64_t dout_stride[4] = {0, 0, 0, 0};
+  int64_t dq_stride[4] = {0, 0, 0, 0};
+  int64_t dk_stride[4] = {0, 0, 0, 0};
+  int64_t dv_stride[4] = {0, 0, 0, 0};
+
+  static int64_t Offset(const AttentionProblem& p, const int64_t* stride, int64_t b, int64_t t,
+                        int64_t h) {
+    return (p.varlen() ? 0 : b * stride[0]) + t * stride[1] + h * stride[2];
+  }
+  int64_t dout_offset(int64_t b, int64_t t, int64_t h) const {
+    return Offset(fwd, dout_stride, b, t, h);
+  }
+  int64_t dq_offset(int64_t b, int64_t t, int64_t h) const { return Offset(fwd, dq_stride, b, t, h); }
+  int64_t dk_offset(int64_t b, int64_t t, int64_t h) const { return Offset(fwd, dk_stride, b, t, h); }
+  int64_t dv_offset(int64_t b, int64_t t, int64_t h) const { return Offset(fwd, dv_stride, b, t, h); }
+};
+
 // Validates `params` and fills `problem`. Returns kInvalidArgument naming the argument, what was
 // expected and what was given. Writes nothing else.
 Status ValidateAttention(const AttentionParams& params, AttentionProblem* problem);
+
+// Validates a backward call: params.forward as for the forward (lse required), dout like out, dq
+// like q, dk / dv like k / v (same dtype, no zero strides on written dims). Writes nothing else.
+Status ValidateAttentionBackward(const AttentionBackwardParams& params,
+                                 AttentionBackwardProblem* problem);
 
 }  // namespace tessera

@@ -21,6 +21,9 @@ inline int64_t QueryBlock(int64_t group) {
   return group >= kRowsTarget ? 1 : kRowsTarget / (group > 0 ? group : 1);
 }
 
+// Largest supported head dim.
+constexpr int64_t kMaxHeadDim = 512;
+
 // Head dims with a compile-time instantiation (Path::kFast).
 inline bool HasFastHeadDim(int64_t dim) { return dim == 64 || dim == 128 || dim == 256; }
 

@@ -7,11 +7,11 @@
 #include <string>
 
 #include "attention/attention_problem.h"
+#include "attention/flash_fwd.h"
 
 namespace tessera {
 namespace {
 
-constexpr int64_t kMaxHeadDim = 512;
 constexpr int64_t kUnbounded = std::numeric_limits<int64_t>::max() / 4;
 
 std::string ShapeString(const TensorView& t) {
@@ -154,9 +154,9 @@ Status ValidateAttention(const AttentionParams& p, AttentionProblem* prob) {
                                             "at most 2^31 - 1 tokens per sequence axis",
                                             std::to_string(std::max(Sq, Sk))));
   }
-  if (D < 1 || D > kMaxHeadDim) {
+  if (D < 1 || D > flash::kMaxHeadDim) {
     return Status::InvalidArgument(Expected(
-        "q", "head dim D in [1, " + std::to_string(kMaxHeadDim) + "]", std::to_string(D)));
+        "q", "head dim D in [1, " + std::to_string(flash::kMaxHeadDim) + "]", std::to_string(D)));
   }
   if (k.shape[3] != D) {
     return Status::InvalidArgument(Expected(
@@ -299,6 +299,67 @@ Status ValidateAttention(const AttentionParams& p, AttentionProblem* prob) {
   if (varlen) {
     r.cu_seqlens_q = p.cu_seqlens_q;
     r.cu_seqlens_k = p.cu_seqlens_k;
+  }
+  return Status::Ok();
+}
+
+}  // namespace tessera
+
+namespace tessera {
+
+Status ValidateAttentionBackward(const AttentionBackwardParams& p,
+                                 AttentionBackwardProblem* prob) {
+  if (p.forward.lse.data == nullptr) {
+    return Status::InvalidArgument(
+        "forward.lse: expected the forward's log-sum-exp (the backward recomputes the scores "
+        "from it), got nullptr");
+  }
+  AttentionProblem fwd;
+  Status status = ValidateAttention(p.forward, &fwd);
+  if (!status.ok()) return status;
+
+  const struct {
+    const char* name;
+    const TensorView* view;
+    const TensorView* like;  // the forward tensor whose shape it must have
+    const char* like_name;
+    bool writable;
+  } grads[] = {{"dout", &p.dout, &p.forward.out, "out", false},
+               {"dq", &p.dq, &p.forward.q, "q", true},
+               {"dk", &p.dk, &p.forward.k, "k", true},
+               {"dv", &p.dv, &p.forward.v, "v", true}};
+  for (const auto& g : grads) {
+    const TensorView& v = *g.view;
+    bool same_shape = v.rank == g.like->rank;
+    for (int i = 0; same_shape && i < v.rank; ++i) same_shape = v.shape[i] == g.like->shape[i];
+    if (!same_shape) {
+      return Status::InvalidArgument(Expected(
+          g.name, "shape " + ShapeString(*g.like) + " (the shape of " + g.like_name + ")",
+          ShapeString(v)));
+    }
+    status = CheckRankAndStrides(g.name, v, g.writable);
+    if (!status.ok()) return status;
+    if (v.dtype != p.forward.q.dtype) {
+      return Status::InvalidArgument(
+          Expected(g.name, std::string("dtype ") + DTypeName(p.forward.q.dtype) + " (the dtype of q)",
+                   IsSupportedDType(v.dtype) ? DTypeName(v.dtype) : "an unknown dtype"));
+    }
+  }
+
+  AttentionBackwardProblem& r = *prob;
+  r = AttentionBackwardProblem();
+  r.fwd = fwd;
+  const TensorView dout = AsRank4(p.dout), dq = AsRank4(p.dq), dk = AsRank4(p.dk),
+                   dv = AsRank4(p.dv);
+  r.dout = dout.data;
+  r.dq = dq.data;
+  r.dk = dk.data;
+  r.dv = dv.data;
+  for (int i = 0; i < 4; ++i) {
+    r.dout_stride[i] = dout.strides[i];
+    r.dq_stride[i] = dq.strides[i];
+    r.dk_stride[i] = dk.strides[i];
+    r.dv_stride[i] = dv.strides[i];
   }
   return Status::Ok();
 }

@@ -1,0 +1,115 @@
+// Exact attention backward: validation, path choice and per-target dispatch. The kernel itself
+// and its design notes are in flash_bwd-inl.h.
+#undef HWY_TARGET_INCLUDE
+#define HWY_TARGET_INCLUDE "attention/flash_bwd.cc"
+#include <hwy/foreach_target.h>  // IWYU pragma: keep
+#include <hwy/highway.h>
+
+#include "attention/flash_bwd-inl.h"
+
+#if HWY_ONCE
+#include <cstdint>
+#include <new>
+#include <vector>
+
+#include "attention/attention_problem.h"
+#include "attention/flash_fwd.h"
+#include "ref/attention_ref.h"
+#include "tessera/attention.h"
+
+namespace tessera {
+
+HWY_EXPORT(FlashBackward);
+
+namespace {
+
+void StoreRounded(DType dtype, void* base, int64_t i, double x) {
+  const float f = static_cast<float>(x);
+  switch (dtype) {
+    case DType::kF32:
+      static_cast<float*>(base)[i] = f;
+      return;
+    case DType::kBF16:
+      static_cast<uint16_t*>(base)[i] = FloatToBF16(f);
+      return;
+    case DType::kF16:
+      static_cast<uint16_t*>(base)[i] = FloatToF16(f);
+      return;
+  }
+}
+
+// Path::kReference: the fp64 reference gradients, rounded into the caller's outputs. Only rows
+// that belong to a sequence are written.
+Status RunReferenceBackward(const AttentionBackwardParams& params,
+                            const AttentionBackwardProblem& bp) {
+  const AttentionProblem& p = bp.fwd;
+  const int64_t q_rows = p.varlen() ? p.seq_q : p.batch * p.seq_q;
+  const int64_t k_rows = p.varlen() ? p.seq_k : p.batch * p.seq_k;
+  std::vector<double> dq, dk, dv;
+  try {
+    dq.resize(static_cast<size_t>(q_rows * p.heads_q * p.dim));
+    dk.resize(static_cast<size_t>(k_rows * p.heads_kv * p.dim));
+    dv.resize(dk.size());
+  } catch (const std::bad_alloc&) {
+    return Status::Internal("reference path: could not allocate the fp64 gradient buffers");
+  }
+  ref::AttentionBackwardF64(params, dq.data(), dk.data(), dv.data());
+  for (int64_t b = 0; b < p.batch; ++b) {
+    for (int64_t t = p.q_begin(b); t < p.q_begin(b) + p.q_len(b); ++t) {
+      const int64_t row = p.varlen() ? t : b * p.seq_q + t;
+      for (int64_t h = 0; h < p.heads_q; ++h) {
+        const double* src = dq.data() + (row * p.heads_q + h) * p.dim;
+        for (int64_t d = 0; d < p.dim; ++d) {
+          StoreRounded(p.dtype, bp.dq, bp.dq_offset(b, t, h) + d * bp.dq_stride[3], src[d]);
+        }
+      }
+    }
+    for (int64_t t = p.k_begin(b); t < p.k_begin(b) + p.k_len(b); ++t) {
+      const int64_t row = p.varlen() ? t : b * p.seq_k + t;
+      for (int64_t h = 0; h < p.heads_kv; ++h) {
+        const size_t at = static_cast<size_t>((row * p.heads_kv + h) * p.dim);
+        for (int64_t d = 0; d < p.dim; ++d) {
+          StoreRounded(p.dtype, bp.dk, bp.dk_offset(b, t, h) + d * bp.dk_stride[3],
+                       dk[at + static_cast<size_t>(d)]);
+          StoreRounded(p.dtype, bp.dv, bp.dv_offset(b, t, h) + d * bp.dv_stride[3],
+                       dv[at + static_cast<size_t>(d)]);
+        }
+      }
+    }
+  }
+  return Status::Ok();
+}
+
+}  // namespace
+
+Status AttentionBackward(const AttentionBackwardParams& params, const Context& ctx) {
+  AttentionBackwardProblem problem;
+  Status status = ValidateAttentionBackward(params, &problem);
+  if (!status.ok()) return status;
+  switch (ctx.path) {
+    case Path::kReference:
+      return RunReferenceBackward(params, problem);
+    case Path::kFast:
+      if (!flash::HasFastHeadDim(problem.fwd.dim)) {
+        return Status::InvalidArgument(
+            "ctx.path: expected a head dim with a fast instantiation (64, 128 or 256) for "
+            "Path::kFast, got " +
+            std::to_string(problem.fwd.dim));
+      }
+      break;
+    case Path::kAuto:
+    case Path::kGeneric:
+      break;
+    default:
+      return Status::InvalidArgument("ctx.path: expected a valid Path, got " +
+                                     std::to_string(static_cast<int>(ctx.path)));
+  }
+  const bool fast = ctx.path != Path::kGeneric && flash::HasFastHeadDim(problem.fwd.dim);
+  if (!HWY_DYNAMIC_DISPATCH(FlashBackward)(problem, ResolveThreads(ctx), fast)) {
+    return Status::Internal("AttentionBackward: could not allocate the Delta buffer or scratch");
+  }
+  return Status::Ok();
+}
+
+}  // namespace tessera
+#endif  // HWY_ONCE
