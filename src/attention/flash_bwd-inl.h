@@ -73,6 +73,18 @@ inline int64_t RowBytes(DType dtype, size_t dim, int64_t stride) {
   return (static_cast<int64_t>(dim) - 1) * stride * elem + elem;
 }
 
+// Prefetches `rows` rows (`row_stride` elements apart from element `offset`) into L2 along with
+// the GEMM loops that receive the feed.
+inline TileFeed PrefetchFeed(DType dtype, const void* base, int64_t offset, int64_t row_stride,
+                             int64_t elem_stride, size_t dim, int64_t rows) {
+  TileFeed feed;
+  if (rows <= 0) return feed;  // no next tile: `offset` may point past the tensor
+  const int64_t elem = static_cast<int64_t>(DTypeSize(dtype));
+  feed.prefetch = RowPrefetcher{static_cast<const char*>(base) + offset * elem, row_stride * elem,
+                                RowBytes(dtype, dim, elem_stride), rows};
+  return feed;
+}
+
 // Visible key range [lo, hi] of query position `pos` (lo > hi: none), as in the forward.
 struct KeyRange {
   int64_t lo, hi;
@@ -254,8 +266,16 @@ void RunTaskQ(const AttentionBackwardProblem& bp, const float* delta_rows, const
         ConvertRows(p.dtype, p.v, p.v_offset(t.seq, key0, t.kv_head), p.v_stride[1], p.v_stride[3],
                     nkeys, dim, RowBytes(p.dtype, dim, p.v_stride[3]), s.vt);
       }
-      RowPanelProduct<kD>(kt, ldk, nkeys, dim, s.qt, mp, s.st, nullptr, none);
-      RowPanelProduct<kD>(vt, ldv, nkeys, dim, s.dot, mp, s.dpt, nullptr, none);
+      // The next tile's K rows stream in during this tile's first product, its V rows during
+      // the second.
+      const int64_t next = c0 + flash::kKeyTile;
+      const int64_t next_rows = std::min({next + flash::kKeyTile, k_len, union_hi + 1}) - next;
+      TileFeed next_k = PrefetchFeed(p.dtype, p.k, p.k_offset(t.seq, k_begin + next, t.kv_head),
+                                     p.k_stride[1], p.k_stride[3], dim, next_rows);
+      TileFeed next_v = PrefetchFeed(p.dtype, p.v, p.v_offset(t.seq, k_begin + next, t.kv_head),
+                                     p.v_stride[1], p.v_stride[3], dim, next_rows);
+      RowPanelProduct<kD>(kt, ldk, nkeys, dim, s.qt, mp, s.st, nullptr, next_k);
+      RowPanelProduct<kD>(vt, ldv, nkeys, dim, s.dot, mp, s.dpt, nullptr, next_v);
       GradTileQueryLanes(p, g, s, nkeys, mp, a, !full);
       TransposedPanelAccumulate<kD>(kt, ldk, nkeys, dim, s.dpt, mp, s.ones, s.dqt, none);
     }
@@ -420,8 +440,16 @@ void RunTaskKV(const AttentionBackwardProblem& bp, const float* delta_rows, cons
                     bp.dout_stride[3], nrows, dim, RowBytes(p.dtype, dim, bp.dout_stride[3]),
                     s.dorows);
       }
-      RowPanelProduct<kD>(qr, ldq, nrows, dim, s.kt, np, s.st, nullptr, none);
-      RowPanelProduct<kD>(dor, ldo, nrows, dim, s.vt, np, s.dpt, nullptr, none);
+      // The next query tile's Q rows stream in during this tile's first product, its dO rows
+      // during the second.
+      const int64_t next = q0 + kQueryTile;
+      const int64_t next_rows = std::min(next + kQueryTile, i_hi + 1) - next;
+      TileFeed next_q = PrefetchFeed(p.dtype, p.q, p.q_offset(t.seq, q_begin + next, head),
+                                     p.q_stride[1], p.q_stride[3], dim, next_rows);
+      TileFeed next_do = PrefetchFeed(p.dtype, bp.dout, bp.dout_offset(t.seq, q_begin + next, head),
+                                      bp.dout_stride[1], bp.dout_stride[3], dim, next_rows);
+      RowPanelProduct<kD>(qr, ldq, nrows, dim, s.kt, np, s.st, nullptr, next_q);
+      RowPanelProduct<kD>(dor, ldo, nrows, dim, s.vt, np, s.dpt, nullptr, next_do);
       GradTileKeyLanes(p, g, s, nrows, np, lse, dlt, pos, range, slope, !full);
       TransposedPanelAccumulate<kD>(dor, ldo, nrows, dim, s.st, np, s.ones, s.dvt, none);
       TransposedPanelAccumulate<kD>(qr, ldq, nrows, dim, s.dpt, np, s.ones, s.dkt, none);
