@@ -194,6 +194,29 @@ enum class Rule {
                                       const std::vector<double>& ref, Ceiling ceiling,
                                       const char* what);
 
+// The gradient ceiling of a dtype (tolerances.h); `gqa` selects the looser bf16 GQA ceiling.
+Ceiling GradCeiling(DType dtype, bool gqa);
+
+// How CheckGradient judges one gradient.
+struct GradRule {
+  Rule rule = Rule::kStandard;
+  bool softcap = false;  // the ratio rule's floor gains kGradSoftcapExtra
+  bool gqa = false;      // bf16 GQA ceiling
+};
+
+// Checks a gradient (dq, dk or dv; values converted to double from `dtype`) against the fp64
+// reference (RELIABILITY.md §2, gradient rows):
+//   bf16/f16 and kRatioOnly: err <= kGradRatio * err(naive) + floor (+ kGradSoftcapExtra);
+//   kStandard: the gradient ceiling of the dtype, and for f32 NMSE <= kF32MaxNmse and a relative
+//   error <= kF32MaxRelErr against `magnitude` (AttentionBackwardMagnitude) where it exceeds
+//   kF32RelErrMinMagnitude.
+// `naive` (AttentionBackwardNaive) is required for bf16/f16 and for kRatioOnly.
+::testing::AssertionResult CheckGradient(DType dtype, const std::vector<double>& got,
+                                         const std::vector<double>& ref,
+                                         const std::vector<double>* naive,
+                                         const std::vector<double>* magnitude, GradRule rule,
+                                         const char* what);
+
 // ---------------------------------------------------------------------------------------------
 // Naive same-precision reference.
 
@@ -203,6 +226,24 @@ enum class Rule {
 // reorder_ops reference). Accumulation is f32. Same conventions, inputs and output layouts as
 // ref::AttentionForwardF64; lse is the f32 value computed from the rounded scores.
 void AttentionForwardNaive(const AttentionParams& params, double* out, double* lse);
+
+// The naive same-precision backward: the autograd of the materialized forward above, evaluated
+// in the input precision with f32 accumulation, every intermediate (S, P, O, dP, dS, per-head
+// dK/dV) rounded to the dtype, and another operation order than the kernels: K is scaled instead
+// of Q, D_i = sum_j P_ij dP_ij from the rounded P and dP (the kernels use rowsum(dO * O)), and the
+// softcap derivative is 1 - t^2 with the rounded t = tanh(u / c). Reads params.forward's inputs
+// and options and params.dout (out and lse are ignored); writes dq, dk, dv rounded to the dtype,
+// in the layouts and with the conventions of ref::AttentionBackwardF64.
+void AttentionBackwardNaive(const AttentionBackwardParams& params, double* dq, double* dk,
+                            double* dv);
+
+// The magnitude of the terms behind each gradient element, in fp64 (the scale of the f32
+// relative-error rule, as `magnitude` is for outputs): with a_ij = sum_d |dO_id| |v_jd|,
+// A_i = sum_j P_ij a_ij and m_ij = P_ij (a_ij + A_i) |ds/du|_ij (a bound on |dS_ij|),
+//   dq_id = |scale| sum_j m_ij |k_jd|,  dk_jd = |scale| sum_i m_ij |q_id|,  dv_jd = sum_i P_ij |dO_id|
+// (dk, dv summed over the GQA group). Same layouts and conventions as ref::AttentionBackwardF64.
+void AttentionBackwardMagnitude(const AttentionBackwardParams& params, double* dq, double* dk,
+                                double* dv);
 
 }  // namespace test
 }  // namespace tessera

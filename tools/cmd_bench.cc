@@ -4,11 +4,13 @@
 // Method: fixed-seed inputs uniform in [-1, 1), `--warmup` untimed runs, then the median of
 // `--reps` timed runs (by default as many as fit in about 1.5 s, at least 3). FLOPs count
 // useful work: 4 * B * Hq * Sq * Sk * D for the exact forward, halved for causal when Sq == Sk
-// and otherwise counted from the visible (query, key) pairs. Peak RSS comes from getrusage;
-// with --vs the tessera figure is read before the baseline allocates anything, and
-// --baseline-only measures the baseline alone in a process of its own.
+// and otherwise counted from the visible (query, key) pairs; the backward counts 2.5 times the
+// forward (dout is random too; the forward runs once first for out and the LSE, outside the
+// timing). Peak RSS comes from getrusage; with --vs the tessera figure is read before the
+// baseline allocates anything, and --baseline-only measures the baseline alone in a process of
+// its own.
 //
-// Ops are a table (kOps): later ops (backward, decode, linear) add an entry and a function.
+// Ops are a table (kOps): later ops (decode, linear) add an entry and a function.
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -200,167 +202,146 @@ std::string Fixed(double x, int precision) {
   return buf;
 }
 
-int BenchForward(const BenchOptions& o) {
+// Largest |got[i] - want[i]| over n elements; NaN when any difference is NaN.
+double MaxAbsDiff(const void* got, DType dtype, const float* want, int64_t n) {
+  double max_diff = 0.0;
+  for (int64_t i = 0; i < n; ++i) {
+    const double d = std::fabs(static_cast<double>(ToFloat(got, dtype, i)) - want[i]);
+    if (!(d <= max_diff)) max_diff = d;  // also propagates NaN
+  }
+  return max_diff;
+}
+
+double MaxOrNaN(double a, double b) { return std::isnan(a) || a > b ? a : b; }
+
+double MillisecondsSince(std::chrono::steady_clock::time_point start) {
+  return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start)
+      .count();
+}
+
+// What every op's benchmark shares: the checked options, the thread count, the measured peak
+// and the result object, filled in key order as the phases run.
+struct BenchSetup {
+  DType dtype = DType::kF32;
+  Context ctx;
+  int64_t kv_heads = 0;
+  int64_t seq_k = 0;
+  int32_t threads = 1;
+  bool run_tessera = true;
+  bool run_naive = false;
+  double peak = 0.0;
+  double flops = 0.0;
+  int64_t q_elems = 0;   // B * Sq * Hq * D
+  int64_t kv_elems = 0;  // B * Sk * Hkv * D
+  double tessera_ms = 0.0;
+  Json result;
+};
+
+// Checks the options, measures the peak and starts the result; the op counts flop_factor times
+// the forward's useful FLOPs.
+int SetUpBench(const BenchOptions& o, double flop_factor, BenchSetup* s) {
   const char* cmd = "bench";
   std::string error;
-  DType dtype;
-  Context ctx;
-  if (!ParseDType(o.dtype, &dtype, &error)) return Fail(cmd, error);
-  if (!ParsePath(o.path, &ctx.path, &error)) return Fail(cmd, error);
+  if (!ParseDType(o.dtype, &s->dtype, &error)) return Fail(cmd, error);
+  if (!ParsePath(o.path, &s->ctx.path, &error)) return Fail(cmd, error);
   if (!o.vs.empty() && o.vs != "naive") {
     return Fail(cmd, "--vs: expected 'naive', got '" + o.vs + "'");
   }
-  const int64_t kv_heads = o.kv_heads == 0 ? o.heads : o.kv_heads;
-  const int64_t seq_k = o.seq_k < 0 ? o.seq : o.seq_k;
-  if (o.batch < 1 || o.heads < 1 || kv_heads < 1 || o.dim < 1 || o.seq < 0 || o.kv_heads < 0 ||
-      o.seq_k < -1) {
+  s->kv_heads = o.kv_heads == 0 ? o.heads : o.kv_heads;
+  s->seq_k = o.seq_k < 0 ? o.seq : o.seq_k;
+  if (o.batch < 1 || o.heads < 1 || s->kv_heads < 1 || o.dim < 1 || o.seq < 0 ||
+      o.kv_heads < 0 || o.seq_k < -1) {
     return Fail(cmd, "expected --batch, --heads, --kv-heads, --dim >= 1 and --seq, --seq-k >= 0");
   }
-  if (o.heads % kv_heads != 0) {
+  if (o.heads % s->kv_heads != 0) {
     return Fail(cmd, "--kv-heads: expected a divisor of --heads " + std::to_string(o.heads) +
-                         ", got " + std::to_string(kv_heads));
+                         ", got " + std::to_string(s->kv_heads));
   }
   if (o.threads < 0 || o.warmup < 0 || o.reps < 0) {
     return Fail(cmd, "expected --threads, --warmup and --reps >= 0");
   }
-  const bool run_tessera = !o.baseline_only;
-  const bool run_naive = o.baseline_only || o.vs == "naive";
-  ctx.num_threads = o.threads;
-  const int32_t threads = ResolveThreads(ctx);
+  s->run_tessera = !o.baseline_only;
+  s->run_naive = o.baseline_only || o.vs == "naive";
+  s->ctx.num_threads = o.threads;
+  s->threads = ResolveThreads(s->ctx);
 
   // Probe the peak first, while no other work competes for the cores.
-  const double peak = MeasureFmaPeakGflops(threads, kPeakProbeSeconds);
-  const double flops = ForwardFlops(o, seq_k);
-  const int64_t q_elems = o.batch * o.seq * o.heads * o.dim;
-  const int64_t kv_elems = o.batch * seq_k * kv_heads * o.dim;
+  s->peak = MeasureFmaPeakGflops(s->threads, kPeakProbeSeconds);
+  s->flops = flop_factor * ForwardFlops(o, s->seq_k);
+  s->q_elems = o.batch * o.seq * o.heads * o.dim;
+  s->kv_elems = o.batch * s->seq_k * s->kv_heads * o.dim;
 
-  Json result;
+  Json& result = s->result;
   result["op"] = o.op;
-  result["dtype"] = DTypeName(dtype);
+  result["dtype"] = DTypeName(s->dtype);
   result["batch"] = o.batch;
   result["heads"] = o.heads;
-  result["kv_heads"] = kv_heads;
+  result["kv_heads"] = s->kv_heads;
   result["seq_q"] = o.seq;
-  result["seq_k"] = seq_k;
+  result["seq_k"] = s->seq_k;
   result["dim"] = o.dim;
   result["causal"] = o.causal;
-  result["threads"] = threads;
-  result["path"] = PathName(ctx.path);
+  result["threads"] = s->threads;
+  result["path"] = PathName(s->ctx.path);
   result["simd_target"] = SimdTargetName();
   result["version"] = Version();
-  result["flops"] = flops;
-  result["peak_gflops"] = peak;
+  result["flops"] = s->flops;
+  result["peak_gflops"] = s->peak;
+  return kExitOk;
+}
 
-  AlignedBytes q, k, v, out;
-  Timing tessera_time;
-  if (run_tessera) {
-    q = RandomBuffer(dtype, q_elems, o.seed, false);
-    k = RandomBuffer(dtype, kv_elems, o.seed + 1, false);
-    v = RandomBuffer(dtype, kv_elems, o.seed + 2, false);
-    out = AllocateAligned(static_cast<size_t>(q_elems) * DTypeSize(dtype));
-    if (!q || !k || !v || !out) return Fail(cmd, "cannot allocate the inputs and output");
-    AttentionParams params;
-    params.q = MakeView4(q.get(), dtype, o.batch, o.seq, o.heads, o.dim);
-    params.k = MakeView4(k.get(), dtype, o.batch, seq_k, kv_heads, o.dim);
-    params.v = MakeView4(v.get(), dtype, o.batch, seq_k, kv_heads, o.dim);
-    params.out = MakeView4(out.get(), dtype, o.batch, o.seq, o.heads, o.dim);
-    params.causal = o.causal;
-    Status s =
-        TimeRuns([&] { return AttentionForward(params, ctx); }, o.warmup, o.reps, &tessera_time);
-    if (!s.ok()) return Fail(cmd, s.ToString());
-    const double gflops = flops / (tessera_time.median_ms * 1e-3) * 1e-9;
-    result["ms"] = tessera_time.median_ms;
-    result["ms_min"] = tessera_time.min_ms;
-    result["reps"] = tessera_time.reps;
+// Records tessera's timing and its peak RSS (call before the baseline allocates anything).
+void RecordTessera(const BenchOptions& o, const Timing& t, BenchSetup* s) {
+  const double gflops = s->flops / (t.median_ms * 1e-3) * 1e-9;
+  Json& result = s->result;
+  s->tessera_ms = t.median_ms;
+  result["ms"] = t.median_ms;
+  result["ms_min"] = t.min_ms;
+  result["reps"] = t.reps;
+  result["warmup"] = o.warmup;
+  result["gflops"] = gflops;
+  result["frac_peak"] = s->peak > 0.0 ? gflops / s->peak : 0.0;
+  result["peak_rss_mb"] = PeakRssMiB();
+}
+
+// Records the baseline's timing and, next to tessera, the speedup and max_abs_diff.
+void RecordBaseline(const BenchOptions& o, const Timing& t, size_t score_bytes,
+                    int64_t heads_per_chunk, double max_abs_diff, BenchSetup* s) {
+  const double gflops = s->flops / (t.median_ms * 1e-3) * 1e-9;
+  Json& result = s->result;
+  result["baseline"] = "naive-openblas";
+  result["baseline_ms"] = t.median_ms;
+  result["baseline_ms_min"] = t.min_ms;
+  result["baseline_reps"] = t.reps;
+  result["baseline_gflops"] = gflops;
+  result["baseline_frac_peak"] = s->peak > 0.0 ? gflops / s->peak : 0.0;
+  result["baseline_score_mb"] = static_cast<double>(score_bytes) / (1024.0 * 1024.0);
+  result["baseline_heads_per_chunk"] = heads_per_chunk;
+  if (s->run_tessera) {
+    result["speedup"] = t.median_ms / s->tessera_ms;
+    result["max_abs_diff"] = max_abs_diff;
+    // Both phases together; tessera's buffers are still resident during the baseline.
+    result["process_peak_rss_mb"] = PeakRssMiB();
+  } else {
+    result["baseline_only"] = true;
     result["warmup"] = o.warmup;
-    result["gflops"] = gflops;
-    result["frac_peak"] = peak > 0.0 ? gflops / peak : 0.0;
-    // Read before the baseline allocates: this is tessera's own footprint.
-    result["peak_rss_mb"] = PeakRssMiB();
+    result["baseline_peak_rss_mb"] = PeakRssMiB();
   }
+}
 
-  if (run_naive) {
-    // The baseline computes in f32; 16-bit inputs are converted here, outside the timing.
-    AlignedBytes qf, kf, vf;
-    const float *nq, *nk, *nv;
-    if (run_tessera && dtype == DType::kF32) {
-      nq = reinterpret_cast<const float*>(q.get());
-      nk = reinterpret_cast<const float*>(k.get());
-      nv = reinterpret_cast<const float*>(v.get());
-    } else {
-      qf = RandomBuffer(dtype, q_elems, o.seed, true);
-      kf = RandomBuffer(dtype, kv_elems, o.seed + 1, true);
-      vf = RandomBuffer(dtype, kv_elems, o.seed + 2, true);
-      if (!qf || !kf || !vf) return Fail(cmd, "cannot allocate the baseline's f32 inputs");
-      nq = reinterpret_cast<const float*>(qf.get());
-      nk = reinterpret_cast<const float*>(kf.get());
-      nv = reinterpret_cast<const float*>(vf.get());
-    }
-    AlignedBytes naive_out = AllocateAligned(static_cast<size_t>(q_elems) * sizeof(float));
-    if (!naive_out) return Fail(cmd, "cannot allocate the baseline's output");
-    NaiveProblem np;
-    np.batch = o.batch;
-    np.seq_q = o.seq;
-    np.seq_k = seq_k;
-    np.heads_q = o.heads;
-    np.heads_kv = kv_heads;
-    np.dim = o.dim;
-    np.causal = o.causal;
-    np.scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(o.dim)));
-    np.q = nq;
-    np.k = nk;
-    np.v = nv;
-    np.out = reinterpret_cast<float*>(naive_out.get());
-    NaiveAttention naive(np, threads);
-    if (!naive.ok()) {
-      return Fail(cmd, "cannot allocate the baseline's score buffer (" +
-                           std::to_string(naive.score_bytes()) + " bytes)");
-    }
-    Timing naive_time;
-    Status s = TimeRuns(
-        [&] {
-          naive.Run();
-          return Status::Ok();
-        },
-        o.warmup, o.reps, &naive_time);
-    if (!s.ok()) return Fail(cmd, s.ToString());
-    const double gflops = flops / (naive_time.median_ms * 1e-3) * 1e-9;
-    result["baseline"] = "naive-openblas";
-    result["baseline_ms"] = naive_time.median_ms;
-    result["baseline_ms_min"] = naive_time.min_ms;
-    result["baseline_reps"] = naive_time.reps;
-    result["baseline_gflops"] = gflops;
-    result["baseline_frac_peak"] = peak > 0.0 ? gflops / peak : 0.0;
-    result["baseline_score_mb"] = static_cast<double>(naive.score_bytes()) / (1024.0 * 1024.0);
-    result["baseline_heads_per_chunk"] = naive.heads_per_chunk();
-    if (run_tessera) {
-      result["speedup"] = naive_time.median_ms / tessera_time.median_ms;
-      double max_diff = 0.0;
-      const float* ref = np.out;
-      for (int64_t i = 0; i < q_elems; ++i) {
-        const double d = std::fabs(static_cast<double>(ToFloat(out.get(), dtype, i)) - ref[i]);
-        if (!(d <= max_diff)) max_diff = d;  // also propagates NaN
-      }
-      result["max_abs_diff"] = max_diff;
-      // Both phases together; tessera's inputs are still resident during the baseline.
-      result["process_peak_rss_mb"] = PeakRssMiB();
-    } else {
-      result["baseline_only"] = true;
-      result["warmup"] = o.warmup;
-      result["baseline_peak_rss_mb"] = PeakRssMiB();
-    }
-  }
-
+// Prints the result: one JSON object with --json, a table otherwise.
+int Report(const BenchOptions& o, const BenchSetup& s) {
+  const Json& result = s.result;
   if (o.json) {
     std::cout << result.dump() << std::endl;
     return kExitOk;
   }
-  std::cout << "tessera bench: op=" << o.op << " dtype=" << DTypeName(dtype) << " B=" << o.batch
-            << " H=" << o.heads << " Hkv=" << kv_heads << " Sq=" << o.seq << " Sk=" << seq_k
-            << " D=" << o.dim << " causal=" << (o.causal ? "yes" : "no") << " threads=" << threads
-            << "\n"
-            << "simd target " << SimdTargetName() << ", fp32 FMA peak " << Fixed(peak, 1)
-            << " GFLOP/s on " << threads << " thread(s)\n\n";
+  std::cout << "tessera bench: op=" << o.op << " dtype=" << DTypeName(s.dtype) << " B=" << o.batch
+            << " H=" << o.heads << " Hkv=" << s.kv_heads << " Sq=" << o.seq << " Sk=" << s.seq_k
+            << " D=" << o.dim << " causal=" << (o.causal ? "yes" : "no")
+            << " threads=" << s.threads << "\n"
+            << "simd target " << SimdTargetName() << ", fp32 FMA peak " << Fixed(s.peak, 1)
+            << " GFLOP/s on " << s.threads << " thread(s)\n\n";
   std::printf("%-16s %10s %10s %5s %9s %7s %13s\n", "impl", "median ms", "min ms", "reps",
               "GFLOP/s", "% peak", "peak RSS MiB");
   auto row = [&](const char* name, const char* prefix, const char* rss_key) {
@@ -370,16 +351,206 @@ int BenchForward(const BenchOptions& o) {
                 result[p + "gflops"].get<double>(), 100.0 * result[p + "frac_peak"].get<double>(),
                 rss_key ? Fixed(result[rss_key].get<double>(), 1).c_str() : "(shared)");
   };
-  if (run_tessera) row("tessera", "", "peak_rss_mb");
-  if (run_naive) {
+  if (s.run_tessera) row("tessera", "", "peak_rss_mb");
+  if (s.run_naive) {
     row("naive-openblas", "baseline_", o.baseline_only ? "baseline_peak_rss_mb" : nullptr);
   }
-  if (run_tessera && run_naive) {
+  if (s.run_tessera && s.run_naive) {
     std::printf("\nspeedup %.2fx, max |tessera - naive| = %.3g\n", result["speedup"].get<double>(),
                 result["max_abs_diff"].get<double>());
   }
   std::fflush(stdout);
   return kExitOk;
+}
+
+// The baseline's f32 copy of a random input: tessera's own buffer when that is already f32,
+// otherwise the same values regenerated as f32 (outside any timing). Null on allocation failure.
+const float* BaselineInput(const BenchSetup& s, const AlignedBytes& tessera_buffer, int64_t n,
+                           uint64_t seed, AlignedBytes* own) {
+  if (tessera_buffer && s.dtype == DType::kF32) {
+    return reinterpret_cast<const float*>(tessera_buffer.get());
+  }
+  *own = RandomBuffer(s.dtype, n, seed, true);
+  return reinterpret_cast<const float*>(own->get());
+}
+
+float* AllocateF32(int64_t n, AlignedBytes* buffer) {
+  *buffer = AllocateAligned(static_cast<size_t>(n) * sizeof(float));
+  return reinterpret_cast<float*>(buffer->get());
+}
+
+// The baseline's problem description for the forward (out and lse left null).
+NaiveProblem BaselineProblem(const BenchOptions& o, const BenchSetup& s, const float* q,
+                             const float* k, const float* v) {
+  NaiveProblem np;
+  np.batch = o.batch;
+  np.seq_q = o.seq;
+  np.seq_k = s.seq_k;
+  np.heads_q = o.heads;
+  np.heads_kv = s.kv_heads;
+  np.dim = o.dim;
+  np.causal = o.causal;
+  np.scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(o.dim)));
+  np.q = q;
+  np.k = k;
+  np.v = v;
+  return np;
+}
+
+int BenchForward(const BenchOptions& o) {
+  const char* cmd = "bench";
+  BenchSetup s;
+  if (const int rc = SetUpBench(o, 1.0, &s); rc != kExitOk) return rc;
+  const DType dtype = s.dtype;
+
+  AlignedBytes q, k, v, out;
+  if (s.run_tessera) {
+    q = RandomBuffer(dtype, s.q_elems, o.seed, false);
+    k = RandomBuffer(dtype, s.kv_elems, o.seed + 1, false);
+    v = RandomBuffer(dtype, s.kv_elems, o.seed + 2, false);
+    out = AllocateAligned(static_cast<size_t>(s.q_elems) * DTypeSize(dtype));
+    if (!q || !k || !v || !out) return Fail(cmd, "cannot allocate the inputs and output");
+    AttentionParams params;
+    params.q = MakeView4(q.get(), dtype, o.batch, o.seq, o.heads, o.dim);
+    params.k = MakeView4(k.get(), dtype, o.batch, s.seq_k, s.kv_heads, o.dim);
+    params.v = MakeView4(v.get(), dtype, o.batch, s.seq_k, s.kv_heads, o.dim);
+    params.out = MakeView4(out.get(), dtype, o.batch, o.seq, o.heads, o.dim);
+    params.causal = o.causal;
+    Timing timing;
+    const Status st =
+        TimeRuns([&] { return AttentionForward(params, s.ctx); }, o.warmup, o.reps, &timing);
+    if (!st.ok()) return Fail(cmd, st.ToString());
+    RecordTessera(o, timing, &s);
+  }
+
+  if (s.run_naive) {
+    // The baseline computes in f32; 16-bit inputs are converted here, outside the timing.
+    AlignedBytes qf, kf, vf, naive_out;
+    const float* nq = BaselineInput(s, q, s.q_elems, o.seed, &qf);
+    const float* nk = BaselineInput(s, k, s.kv_elems, o.seed + 1, &kf);
+    const float* nv = BaselineInput(s, v, s.kv_elems, o.seed + 2, &vf);
+    if (!nq || !nk || !nv) return Fail(cmd, "cannot allocate the baseline's f32 inputs");
+    NaiveProblem np = BaselineProblem(o, s, nq, nk, nv);
+    np.out = AllocateF32(s.q_elems, &naive_out);
+    if (!np.out) return Fail(cmd, "cannot allocate the baseline's output");
+    NaiveAttention naive(np, s.threads);
+    if (!naive.ok()) {
+      return Fail(cmd, "cannot allocate the baseline's score buffer (" +
+                           std::to_string(naive.score_bytes()) + " bytes)");
+    }
+    Timing timing;
+    const Status st = TimeRuns(
+        [&] {
+          naive.Run();
+          return Status::Ok();
+        },
+        o.warmup, o.reps, &timing);
+    if (!st.ok()) return Fail(cmd, st.ToString());
+    const double diff = s.run_tessera ? MaxAbsDiff(out.get(), dtype, np.out, s.q_elems) : 0.0;
+    RecordBaseline(o, timing, naive.score_bytes(), naive.heads_per_chunk(), diff, &s);
+  }
+  return Report(o, s);
+}
+
+// Backward: the forward runs once, untimed in the median, for out and the LSE; then repeated
+// AttentionBackward calls are timed. FLOPs are 2.5x the forward's (five Sq x Sk x D matrix
+// products against the forward's two).
+int BenchBackward(const BenchOptions& o) {
+  const char* cmd = "bench";
+  BenchSetup s;
+  if (const int rc = SetUpBench(o, 2.5, &s); rc != kExitOk) return rc;
+  const DType dtype = s.dtype;
+  const size_t elem = DTypeSize(dtype);
+  const int64_t lse_elems = o.batch * o.heads * o.seq;
+  const uint64_t dout_seed = o.seed + 3;
+
+  AlignedBytes q, k, v, dout, out, lse, dq, dk, dv;
+  if (s.run_tessera) {
+    q = RandomBuffer(dtype, s.q_elems, o.seed, false);
+    k = RandomBuffer(dtype, s.kv_elems, o.seed + 1, false);
+    v = RandomBuffer(dtype, s.kv_elems, o.seed + 2, false);
+    dout = RandomBuffer(dtype, s.q_elems, dout_seed, false);
+    out = AllocateAligned(static_cast<size_t>(s.q_elems) * elem);
+    lse = AllocateAligned(static_cast<size_t>(lse_elems) * sizeof(float));
+    dq = AllocateAligned(static_cast<size_t>(s.q_elems) * elem);
+    dk = AllocateAligned(static_cast<size_t>(s.kv_elems) * elem);
+    dv = AllocateAligned(static_cast<size_t>(s.kv_elems) * elem);
+    if (!q || !k || !v || !dout || !out || !lse || !dq || !dk || !dv) {
+      return Fail(cmd, "cannot allocate the inputs, outputs and gradients");
+    }
+    AttentionBackwardParams params;
+    AttentionParams& fwd = params.forward;
+    fwd.q = MakeView4(q.get(), dtype, o.batch, o.seq, o.heads, o.dim);
+    fwd.k = MakeView4(k.get(), dtype, o.batch, s.seq_k, s.kv_heads, o.dim);
+    fwd.v = MakeView4(v.get(), dtype, o.batch, s.seq_k, s.kv_heads, o.dim);
+    fwd.out = MakeView4(out.get(), dtype, o.batch, o.seq, o.heads, o.dim);
+    fwd.lse = MakeView3(lse.get(), DType::kF32, o.batch, o.heads, o.seq);
+    fwd.causal = o.causal;
+    params.dout = MakeView4(dout.get(), dtype, o.batch, o.seq, o.heads, o.dim);
+    params.dq = MakeView4(dq.get(), dtype, o.batch, o.seq, o.heads, o.dim);
+    params.dk = MakeView4(dk.get(), dtype, o.batch, s.seq_k, s.kv_heads, o.dim);
+    params.dv = MakeView4(dv.get(), dtype, o.batch, s.seq_k, s.kv_heads, o.dim);
+
+    const auto start = std::chrono::steady_clock::now();
+    Status st = AttentionForward(fwd, s.ctx);
+    if (!st.ok()) return Fail(cmd, st.ToString());
+    s.result["forward_ms"] = MillisecondsSince(start);  // one cold run, for context
+    Timing timing;
+    st = TimeRuns([&] { return AttentionBackward(params, s.ctx); }, o.warmup, o.reps, &timing);
+    if (!st.ok()) return Fail(cmd, st.ToString());
+    RecordTessera(o, timing, &s);
+  }
+
+  if (s.run_naive) {
+    AlignedBytes qf, kf, vf, doutf, naive_out, naive_lse, naive_dq, naive_dk, naive_dv;
+    const float* nq = BaselineInput(s, q, s.q_elems, o.seed, &qf);
+    const float* nk = BaselineInput(s, k, s.kv_elems, o.seed + 1, &kf);
+    const float* nv = BaselineInput(s, v, s.kv_elems, o.seed + 2, &vf);
+    const float* ndout = BaselineInput(s, dout, s.q_elems, dout_seed, &doutf);
+    if (!nq || !nk || !nv || !ndout) return Fail(cmd, "cannot allocate the baseline's f32 inputs");
+    NaiveBackwardProblem nb;
+    nb.forward = BaselineProblem(o, s, nq, nk, nv);
+    nb.forward.out = AllocateF32(s.q_elems, &naive_out);
+    nb.forward.lse = AllocateF32(lse_elems, &naive_lse);
+    nb.dout = ndout;
+    nb.dq = AllocateF32(s.q_elems, &naive_dq);
+    nb.dk = AllocateF32(s.kv_elems, &naive_dk);
+    nb.dv = AllocateF32(s.kv_elems, &naive_dv);
+    if (!nb.forward.out || !nb.forward.lse || !nb.dq || !nb.dk || !nb.dv) {
+      return Fail(cmd, "cannot allocate the baseline's outputs and gradients");
+    }
+    {  // The baseline's own forward, for its out and LSE; its score buffer is freed after.
+      NaiveAttention forward(nb.forward, s.threads);
+      if (!forward.ok()) {
+        return Fail(cmd, "cannot allocate the baseline's score buffer (" +
+                             std::to_string(forward.score_bytes()) + " bytes)");
+      }
+      const auto start = std::chrono::steady_clock::now();
+      forward.Run();
+      s.result["baseline_forward_ms"] = MillisecondsSince(start);
+    }
+    NaiveAttentionBackward naive(nb, s.threads);
+    if (!naive.ok()) {
+      return Fail(cmd, "cannot allocate the baseline's score buffers (" +
+                           std::to_string(naive.score_bytes()) + " bytes)");
+    }
+    Timing timing;
+    const Status st = TimeRuns(
+        [&] {
+          naive.Run();
+          return Status::Ok();
+        },
+        o.warmup, o.reps, &timing);
+    if (!st.ok()) return Fail(cmd, st.ToString());
+    double diff = 0.0;
+    if (s.run_tessera) {
+      diff = MaxOrNaN(MaxAbsDiff(dq.get(), dtype, nb.dq, s.q_elems),
+                      MaxOrNaN(MaxAbsDiff(dk.get(), dtype, nb.dk, s.kv_elems),
+                               MaxAbsDiff(dv.get(), dtype, nb.dv, s.kv_elems)));
+    }
+    RecordBaseline(o, timing, naive.score_bytes(), naive.heads_per_chunk(), diff, &s);
+  }
+  return Report(o, s);
 }
 
 // The ops `bench` knows; an entry without a function is announced but not implemented yet.
@@ -389,7 +560,7 @@ struct BenchOp {
 };
 const BenchOp kOps[] = {
     {"forward", BenchForward},
-    {"backward", nullptr},
+    {"backward", BenchBackward},
     {"decode", nullptr},
     {"linear", nullptr},
 };
@@ -418,7 +589,7 @@ CommandMain AddBenchCommand(CLI::App& app) {
   auto o = std::make_shared<BenchOptions>();
   CLI::App* sub = app.add_subcommand(
       "bench", "Benchmark an op on random inputs against the measured peak and a baseline");
-  sub->add_option("--op", o->op, "operation: forward (backward, decode, linear: later)")
+  sub->add_option("--op", o->op, "operation: forward or backward (decode, linear: later)")
       ->capture_default_str();
   sub->add_option("--batch", o->batch, "batch size B")->capture_default_str();
   sub->add_option("--heads", o->heads, "query heads Hq")->capture_default_str();

@@ -1,8 +1,8 @@
-// `tessera run`: exact attention forward on .npy inputs.
+// `tessera run`: exact attention forward on .npy inputs and, with --dout, its backward.
 //
-// Inputs are read straight into buffers of their own dtype and handed to AttentionForward as
-// views, so peak memory is inputs + output + the kernel's scratch; nothing is written unless
-// the whole call succeeds.
+// Inputs are read straight into buffers of their own dtype and handed to AttentionForward (and
+// AttentionBackward) as views, so peak memory is inputs + outputs + the kernels' scratch;
+// nothing is written unless the whole call succeeds.
 #include <unistd.h>
 
 #include <cerrno>
@@ -11,6 +11,7 @@
 #include <cstring>
 #include <iomanip>
 #include <iostream>
+#include <iterator>
 #include <memory>
 #include <string>
 #include <vector>
@@ -27,6 +28,7 @@ namespace {
 
 struct RunOptions {
   std::string q, k, v, out, lse, alibi;
+  std::string dout, dq, dk, dv;  // backward: all four or none
   bool causal = false;
   std::string window;
   float softcap = 0.0f;
@@ -56,13 +58,46 @@ int RunMain(const RunOptions& o) {
     params.scale = static_cast<float>(o.scale);
   }
 
-  NpyArray q, k, v, alibi;
+  // The backward flags go together: one without the others is almost certainly a mistake.
+  const struct {
+    const char* flag;
+    const std::string& file;
+  } grad_flags[] = {{"--dout", o.dout}, {"--dq", o.dq}, {"--dk", o.dk}, {"--dv", o.dv}};
+  std::string given, missing;
+  for (const auto& g : grad_flags) {
+    std::string& list = g.file.empty() ? missing : given;
+    list += (list.empty() ? "" : ", ") + std::string(g.flag);
+  }
+  const bool backward = missing.empty();
+  if (!backward && !given.empty()) {
+    return Fail(cmd, "the backward needs --dout, --dq, --dk and --dv together; got " + given +
+                         " without " + missing);
+  }
+
+  // Each output goes to a temporary name first; two outputs on one path would clobber each other.
+  const struct {
+    const char* flag;
+    const std::string& file;
+  } output_flags[] = {{"--out", o.out}, {"--lse", o.lse}, {"--dq", o.dq}, {"--dk", o.dk},
+                      {"--dv", o.dv}};
+  for (size_t i = 0; i < std::size(output_flags); ++i) {
+    for (size_t j = 0; j < i; ++j) {
+      if (!output_flags[i].file.empty() && output_flags[i].file == output_flags[j].file) {
+        return Fail(cmd, std::string(output_flags[j].flag) + " and " + output_flags[i].flag +
+                             ": expected different files, got '" + output_flags[i].file +
+                             "' for both");
+      }
+    }
+  }
+
+  NpyArray q, k, v, dout, alibi;
   const struct {
     const char* flag;
     const std::string& file;
     NpyArray* array;
-  } inputs[] = {{"--q", o.q, &q}, {"--k", o.k, &k}, {"--v", o.v, &v}};
+  } inputs[] = {{"--q", o.q, &q}, {"--k", o.k, &k}, {"--v", o.v, &v}, {"--dout", o.dout, &dout}};
   for (const auto& in : inputs) {
+    if (in.file.empty()) continue;  // --dout without the backward
     if (!LoadNpy(in.file, in.array, &error)) return Fail(cmd, error);
     if (in.array->shape.size() != 4) {
       return Fail(cmd, std::string(in.flag) + " " + in.file +
@@ -75,32 +110,58 @@ int RunMain(const RunOptions& o) {
     params.alibi_slopes = alibi.View();
   }
 
-  // The output takes q's shape and dtype; LSE is [B, Hq, Sq] f32.
-  const std::vector<int64_t> out_shape = q.shape;
-  const std::vector<int64_t> lse_shape = {q.shape[0], q.shape[2], q.shape[1]};
-  NpyArray out, lse;
-  out.dtype = q.dtype;
-  out.shape = out_shape;
-  out.data = AllocateAligned(out.nbytes());
-  if (!out.data)
-    return Fail(cmd, "cannot allocate the output (" + std::to_string(out.nbytes()) + " bytes)");
+  // The output and dq take q's shape and dtype, dk and dv those of k and v; LSE is [B, Hq, Sq]
+  // f32, allocated even without --lse when the backward needs it.
+  NpyArray out, lse, dq, dk, dv;
+  const struct {
+    const char* what;
+    const NpyArray& like;
+    NpyArray* array;
+    bool wanted;
+  } outputs[] = {{"output", q, &out, true},
+                 {"dq", q, &dq, backward},
+                 {"dk", k, &dk, backward},
+                 {"dv", v, &dv, backward}};
+  for (const auto& r : outputs) {
+    if (!r.wanted) continue;
+    r.array->dtype = r.like.dtype;
+    r.array->shape = r.like.shape;
+    r.array->data = AllocateAligned(r.array->nbytes());
+    if (!r.array->data) {
+      return Fail(cmd, std::string("cannot allocate the ") + r.what + " (" +
+                           std::to_string(r.array->nbytes()) + " bytes)");
+    }
+  }
   params.q = q.View();
   params.k = k.View();
   params.v = v.View();
   params.out = out.View();
-  if (!o.lse.empty()) {
+  if (!o.lse.empty() || backward) {
     lse.dtype = DType::kF32;
-    lse.shape = lse_shape;
+    lse.shape = {q.shape[0], q.shape[2], q.shape[1]};
     lse.data = AllocateAligned(lse.nbytes());
     if (!lse.data) return Fail(cmd, "cannot allocate the LSE output");
     params.lse = lse.View();
   }
 
-  const auto start = std::chrono::steady_clock::now();
-  const Status status = AttentionForward(params, ctx);
-  const double ms =
-      std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
+  using Clock = std::chrono::steady_clock;
+  auto start = Clock::now();
+  Status status = AttentionForward(params, ctx);
+  const double ms = std::chrono::duration<double, std::milli>(Clock::now() - start).count();
   if (!status.ok()) return Fail(cmd, status.ToString());
+  double backward_ms = 0.0;
+  if (backward) {
+    AttentionBackwardParams bparams;
+    bparams.forward = params;
+    bparams.dout = dout.View();
+    bparams.dq = dq.View();
+    bparams.dk = dk.View();
+    bparams.dv = dv.View();
+    start = Clock::now();
+    status = AttentionBackward(bparams, ctx);
+    backward_ms = std::chrono::duration<double, std::milli>(Clock::now() - start).count();
+    if (!status.ok()) return Fail(cmd, status.ToString());
+  }
 
   // Write to temporary names and rename only when every file is complete, so a failure (say,
   // an unwritable --lse path) leaves no partial or mismatched outputs behind.
@@ -111,6 +172,11 @@ int RunMain(const RunOptions& o) {
   };
   std::vector<Pending> pending = {{o.out, out}};
   if (!o.lse.empty()) pending.push_back({o.lse, lse});
+  if (backward) {
+    pending.push_back({o.dq, dq});
+    pending.push_back({o.dk, dk});
+    pending.push_back({o.dv, dv});
+  }
   for (size_t i = 0; i < pending.size(); ++i) {
     const Pending& p = pending[i];
     if (!SaveNpy(p.path + suffix, p.array.dtype, p.array.shape, p.array.data.get(), &error)) {
@@ -132,7 +198,9 @@ int RunMain(const RunOptions& o) {
     std::cerr << "tessera run: q " << ShapeToString(q.shape) << " k " << ShapeToString(k.shape)
               << " " << DTypeName(q.dtype) << ", path " << PathName(ctx.path) << ", threads "
               << ResolveThreads(ctx) << ": " << std::fixed << std::setprecision(3) << ms
-              << " ms, peak RSS " << std::setprecision(1) << PeakRssMiB() << " MiB\n";
+              << " ms";
+    if (backward) std::cerr << " forward + " << backward_ms << " ms backward";
+    std::cerr << ", peak RSS " << std::setprecision(1) << PeakRssMiB() << " MiB\n";
   }
   return kExitOk;
 }
@@ -142,12 +210,19 @@ int RunMain(const RunOptions& o) {
 CommandMain AddRunCommand(CLI::App& app) {
   auto o = std::make_shared<RunOptions>();
   CLI::App* sub = app.add_subcommand(
-      "run", "Exact attention forward on .npy inputs (float32 or float16, C order)");
+      "run",
+      "Exact attention forward (and backward) on .npy inputs (float32 or float16, C order)");
   sub->add_option("--q", o->q, "queries [B, Sq, Hq, D]")->required();
   sub->add_option("--k", o->k, "keys [B, Sk, Hkv, D], Hq % Hkv == 0")->required();
   sub->add_option("--v", o->v, "values [B, Sk, Hkv, D]")->required();
   sub->add_option("--out", o->out, "output [B, Sq, Hq, D], written in the input dtype")->required();
   sub->add_option("--lse", o->lse, "also write the log-sum-exp, float32 [B, Hq, Sq]");
+  sub->add_option("--dout", o->dout,
+                  "backward: gradient w.r.t. the output [B, Sq, Hq, D], dtype of Q; needs --dq, "
+                  "--dk, --dv");
+  sub->add_option("--dq", o->dq, "backward: write dL/dQ, shape and dtype of Q");
+  sub->add_option("--dk", o->dk, "backward: write dL/dK, shape and dtype of K");
+  sub->add_option("--dv", o->dv, "backward: write dL/dV, shape and dtype of V");
   sub->add_flag("--causal", o->causal, "causal mask (bottom-right aligned when Sq != Sk)");
   sub->add_option("--window", o->window,
                   "sliding window LEFT,RIGHT (-1 = unbounded); -1,0 equals --causal");

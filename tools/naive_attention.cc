@@ -22,11 +22,13 @@ namespace HWY_NAMESPACE {
 namespace hn = hwy::HWY_NAMESPACE;
 
 // Softmax of the first `visible` entries of `row` (length n) in place; entries from `visible`
-// on are masked out and set to 0. A row with nothing visible becomes all zeros.
-void SoftmaxRow(float* HWY_RESTRICT row, int64_t visible, int64_t n) {
+// on are masked out and set to 0. A row with nothing visible becomes all zeros. Returns the
+// row's log-sum-exp (-inf when nothing is visible).
+float SoftmaxRow(float* HWY_RESTRICT row, int64_t visible, int64_t n) {
   const hn::ScalableTag<float> d;
   const int64_t lanes = static_cast<int64_t>(hn::Lanes(d));
   const int64_t full = visible - visible % lanes;
+  float lse = -std::numeric_limits<float>::infinity();
   if (visible > 0) {
     auto vmax = hn::Set(d, -std::numeric_limits<float>::infinity());
     for (int64_t j = 0; j < full; j += lanes) vmax = hn::Max(vmax, hn::LoadU(d, row + j));
@@ -52,18 +54,22 @@ void SoftmaxRow(float* HWY_RESTRICT row, int64_t visible, int64_t n) {
       hn::StoreU(hn::Mul(hn::LoadU(d, row + j), vinv), d, row + j);
     }
     for (int64_t j = full; j < visible; ++j) row[j] *= inv;
+    lse = max + std::log(sum);
   }
   for (int64_t j = std::max<int64_t>(visible, 0); j < n; ++j) row[j] = 0.0f;
+  return lse;
 }
 
-// Softmax of rows [row_begin, row_end) of a stack of [seq_q, seq_k] score matrices.
-void SoftmaxRows(float* HWY_RESTRICT scores, int64_t row_begin, int64_t row_end, int64_t seq_q,
-                 int64_t seq_k, bool causal) {
+// Softmax of rows [row_begin, row_end) of a stack of [seq_q, seq_k] score matrices; row r's
+// log-sum-exp goes to lse[r] when lse is not null.
+void SoftmaxRows(float* HWY_RESTRICT scores, float* HWY_RESTRICT lse, int64_t row_begin,
+                 int64_t row_end, int64_t seq_q, int64_t seq_k, bool causal) {
   for (int64_t r = row_begin; r < row_end; ++r) {
     const int64_t i = r % seq_q;
     const int64_t visible =
         causal ? std::min(seq_k, std::max<int64_t>(0, i + seq_k - seq_q + 1)) : seq_k;
-    SoftmaxRow(scores + r * seq_k, visible, seq_k);
+    const float row_lse = SoftmaxRow(scores + r * seq_k, visible, seq_k);
+    if (lse != nullptr) lse[r] = row_lse;
   }
 }
 
@@ -105,8 +111,11 @@ void NaiveAttention::Run() {
   const int64_t B = p_.batch, Sq = p_.seq_q, Sk = p_.seq_k, Hq = p_.heads_q, Hkv = p_.heads_kv;
   const int64_t D = p_.dim, group = Hq / Hkv;
   if (B * Sq * Hq * D == 0) return;
-  if (Sk == 0) {  // nothing to attend to: the convention is output 0
+  if (Sk == 0) {  // nothing to attend to: the convention is output 0, LSE -inf
     std::fill(p_.out, p_.out + B * Sq * Hq * D, 0.0f);
+    if (p_.lse != nullptr) {
+      std::fill(p_.lse, p_.lse + B * Hq * Sq, -std::numeric_limits<float>::infinity());
+    }
     return;
   }
   openblas_set_num_threads(threads_);
@@ -125,11 +134,12 @@ void NaiveAttention::Run() {
     const int64_t rows = (c1 - c0) * Sq;
     const int64_t tasks = (rows + kRowsPerTask - 1) / kRowsPerTask;
     float* scores = scores_;
+    float* lse = p_.lse != nullptr ? p_.lse + c0 * Sq : nullptr;  // [B, Hq, Sq]: row-aligned
     const bool causal = p_.causal;
     ParallelFor(threads_, tasks, [&](int64_t task, int32_t) {
       const int64_t r0 = task * kRowsPerTask;
       HWY_DYNAMIC_DISPATCH(SoftmaxRows)
-      (scores, r0, std::min(rows, r0 + kRowsPerTask), Sq, Sk, causal);
+      (scores, lse, r0, std::min(rows, r0 + kRowsPerTask), Sq, Sk, causal);
     });
     for (int64_t bh = c0; bh < c1; ++bh) {
       const int64_t b = bh / Hq, h = bh % Hq;

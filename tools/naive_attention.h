@@ -1,7 +1,13 @@
-// The textbook attention baseline `tessera bench --vs naive` measures against: materialize the
-// scores S = scale * Q K^T with OpenBLAS sgemm, softmax each row (vectorized, parallel), then
-// O = P V with sgemm. It moves O(Sq * Sk) bytes per head, which is exactly what tessera avoids;
-// it is what users fall back to when a fused kernel is slow, so it is the honest bar to beat.
+// The textbook attention baselines `tessera bench --vs naive` measures against.
+//
+// Forward: materialize the scores S = scale * Q K^T with OpenBLAS sgemm, softmax each row
+// (vectorized, parallel), then O = P V with sgemm.
+// Backward: recompute S = scale * Q K^T (sgemm) and P = exp(S - LSE) from the forward's
+// log-sum-exp, then dV = P^T dO and dP = dO V^T (sgemm), dS = P * (dP - rowsum(dO * O))
+// (vectorized, parallel), dQ = scale * dS K and dK = scale * dS^T Q (sgemm).
+//
+// Both move O(Sq * Sk) bytes per head, which is exactly what tessera avoids; they are what users
+// fall back to when a fused kernel is slow, so they are the honest bar to beat.
 #pragma once
 
 #include <cstddef>
@@ -25,7 +31,8 @@ struct NaiveProblem {
   const float* q = nullptr;  // [B, Sq, Hq, D], contiguous
   const float* k = nullptr;  // [B, Sk, Hkv, D], contiguous
   const float* v = nullptr;  // [B, Sk, Hkv, D], contiguous
-  float* out = nullptr;      // [B, Sq, Hq, D], contiguous, written
+  float* out = nullptr;      // [B, Sq, Hq, D], contiguous, written by the forward
+  float* lse = nullptr;      // [B, Hq, Sq], written by the forward when not null (-inf: no key)
 };
 
 class NaiveAttention {
@@ -53,6 +60,42 @@ class NaiveAttention {
   size_t score_elems_ = 0;
   AlignedBytes scores_buffer_;
   float* scores_ = nullptr;
+};
+
+// The backward's inputs are the forward problem's q, k, v, out and lse (all read only; lse
+// required), plus dout; it writes dq, dk, dv (GQA: dk, dv summed over each group's query heads).
+struct NaiveBackwardProblem {
+  NaiveProblem forward;
+  const float* dout = nullptr;  // [B, Sq, Hq, D], contiguous
+  float* dq = nullptr;          // [B, Sq, Hq, D], contiguous, written
+  float* dk = nullptr;          // [B, Sk, Hkv, D], contiguous, written
+  float* dv = nullptr;          // [B, Sk, Hkv, D], contiguous, written
+};
+
+class NaiveAttentionBackward {
+ public:
+  // The two score-sized buffers (P and dP, which becomes dS in place) take up to this many bytes
+  // together for every (batch, head) at once; larger problems go in chunks of heads.
+  static constexpr size_t kMaxScoreBytes = size_t{1} << 30;
+
+  // Allocates both buffers (outside any timed region); `threads` drives OpenBLAS and the
+  // element-wise pass. ok() is false when they cannot be allocated.
+  NaiveAttentionBackward(const NaiveBackwardProblem& problem, int32_t threads);
+
+  bool ok() const { return buffer_ != nullptr || score_elems_ == 0; }
+  // Computes problem.dq, dk, dv.
+  void Run();
+
+  int64_t heads_per_chunk() const { return heads_per_chunk_; }
+  // Bytes of both buffers together.
+  size_t score_bytes() const { return 2 * score_elems_ * sizeof(float); }
+
+ private:
+  NaiveBackwardProblem p_;
+  int32_t threads_;
+  int64_t heads_per_chunk_ = 1;
+  size_t score_elems_ = 0;  // per buffer
+  AlignedBytes buffer_;
 };
 
 }  // namespace cli

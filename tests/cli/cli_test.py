@@ -4,7 +4,8 @@
 Usage: cli_test.py PATH/TO/tessera
 
 Writes .npy inputs with struct, runs the binary, reads the outputs back and compares them with
-a small fp64 reference attention written here (independent of the C++ reference).
+a small fp64 reference attention (forward and gradients) written here, independent of the C++
+reference.
 """
 import json
 import math
@@ -122,6 +123,64 @@ def reference(q, k, v, B, Sq, Sk, Hq, Hkv, D, causal=False, window=(-1, -1), sof
     return out, lse
 
 
+def reference_backward(q, k, v, dout, B, Sq, Sk, Hq, Hkv, D, causal=False, window=(-1, -1),
+                       softcap=0.0, scale=None, alibi=None):
+    """fp64 gradients (dq, dk, dv) of sum(out * dout); dk, dv summed over each GQA group.
+
+    With P = softmax(s), dP_j = dout_i . v_j and Delta_i = dout_i . out_i: ds_j = P_j (dP_j -
+    Delta_i); through the softcap s = c tanh(x / c) of x = scale q_i . k_j, dx_j = ds_j (1 -
+    (s_j / c)^2); then dq_i = scale sum_j dx_j k_j, dk_j += scale dx_j q_i, dv_j += P_j dout_i.
+    ALiBi adds a constant, so it changes P but not the chain rule. Rows with no visible key
+    contribute nothing (dq = 0).
+    """
+    if scale is None:
+        scale = 1.0 / math.sqrt(D)
+    wl, wr = window
+    if causal:
+        wr = 0 if wr < 0 else min(wr, 0)
+    group = Hq // Hkv
+    out = [0.0] * (B * Sq * Hq * D)
+    dq = [0.0] * (B * Sq * Hq * D)
+    dk = [0.0] * (B * Sk * Hkv * D)
+    dv = [0.0] * (B * Sk * Hkv * D)
+    for b in range(B):
+        for h in range(Hq):
+            hk = h // group
+            for i in range(Sq):
+                pos = i + Sk - Sq
+                qo = ((b * Sq + i) * Hq + h) * D
+                qi, doi = q[qo:qo + D], dout[qo:qo + D]
+                rows = []  # (key offset, logit after softcap and ALiBi, d logit / d x)
+                for j in range(Sk):
+                    if (wl >= 0 and j < pos - wl) or (wr >= 0 and j > pos + wr):
+                        continue
+                    ko = ((b * Sk + j) * Hkv + hk) * D
+                    s = scale * sum(qi[d] * k[ko + d] for d in range(D))
+                    dsdx = 1.0
+                    if softcap > 0:
+                        s = softcap * math.tanh(s / softcap)
+                        dsdx = 1.0 - (s / softcap) ** 2
+                    if alibi is not None:
+                        s -= alibi[h] * abs(pos - j)
+                    rows.append((ko, s, dsdx))
+                if not rows:
+                    continue
+                m = max(s for _, s, _ in rows)
+                total = sum(math.exp(s - m) for _, s, _ in rows)
+                probs = [math.exp(s - m) / total for _, s, _ in rows]
+                oi = [sum(p * v[ko + d] for p, (ko, _, _) in zip(probs, rows)) for d in range(D)]
+                out[qo:qo + D] = oi
+                delta = sum(doi[d] * oi[d] for d in range(D))
+                for p, (ko, _, dsdx) in zip(probs, rows):
+                    dp = sum(doi[d] * v[ko + d] for d in range(D))
+                    dx = p * (dp - delta) * dsdx
+                    for d in range(D):
+                        dq[qo + d] += scale * dx * k[ko + d]
+                        dk[ko + d] += scale * dx * qi[d]
+                        dv[ko + d] += p * doi[d]
+    return out, dq, dk, dv
+
+
 # ---------------------------------------------------------------------------------------------
 
 def run_cli(*args, timeout=60):
@@ -163,6 +222,11 @@ class CliTestBase(unittest.TestCase):
         self.assertTrue(err.strip(), "an error must print a message on stderr")
         for needle in needles:
             self.assertIn(needle, err)
+
+    def assert_close_rel(self, got, want, rtol, what):
+        """Max abs error <= rtol * max |want| (the tensor's scale; gradients have no fixed one)."""
+        scale = max([abs(w) for w in want] + [1e-30])
+        self.assert_close(got, want, rtol * scale, what)
 
     def assert_close(self, got, want, tol, what):
         self.assertEqual(len(got), len(want), what)
@@ -246,6 +310,104 @@ class RunTest(CliTestBase):
         self.assert_ok(*run_cli("run", *self.io_args()))
         want, _ = reference(q, k, v, B, Sq, Sk, Hq, Hkv, D)
         self.assert_close(read_npy(self.path("o.npy"))[3], want, 1e-5, "out")
+
+
+# Paths the backward tests run: the fp64 reference forced through --path (the CLI's plumbing
+# checked independently of the kernel), the default path, and the generic kernel.
+BACKWARD_PATHS = ("reference", None, "generic")
+
+
+class RunBackwardTest(CliTestBase):
+    def make_dout(self, B, Sq, Hq, D, descr="<f4", seed=11):
+        dout = random_values(B * Sq * Hq * D, seed, descr)
+        write_npy(self.path("do.npy"), (B, Sq, Hq, D), dout, descr)
+        return dout
+
+    def grad_args(self, tag=""):
+        return ["--dout", self.path("do.npy"), "--dq", self.path("dq%s.npy" % tag),
+                "--dk", self.path("dk%s.npy" % tag), "--dv", self.path("dv%s.npy" % tag)]
+
+    def run_backward(self, path, *args, tag=""):
+        """Runs forward + backward; returns {name: read_npy(...)} for o, dq, dk, dv."""
+        extra = ["--path", path] if path else []
+        self.assert_ok(*run_cli("run", *self.io_args("o%s.npy" % tag), *self.grad_args(tag),
+                                *extra, *args))
+        return {name: read_npy(self.path("%s%s.npy" % (name, tag)))
+                for name in ("o", "dq", "dk", "dv")}
+
+    def check_backward(self, shape, descr="<f4", rtol=1e-5, paths=BACKWARD_PATHS, args=(),
+                       **options):
+        B, Sq, Sk, Hq, Hkv, D = shape
+        q, k, v = self.make_inputs(B, Sq, Sk, Hq, Hkv, D, descr=descr)
+        dout = self.make_dout(B, Sq, Hq, D, descr=descr)
+        out, dq, dk, dv = reference_backward(q, k, v, dout, B, Sq, Sk, Hq, Hkv, D, **options)
+        want = {"o": (out, (B, Sq, Hq, D)), "dq": (dq, (B, Sq, Hq, D)),
+                "dk": (dk, (B, Sk, Hkv, D)), "dv": (dv, (B, Sk, Hkv, D))}
+        results = {}
+        for path in paths:
+            tag = "_" + (path or "default")
+            got = self.run_backward(path, *args, tag=tag)
+            for name, (values, want_shape) in want.items():
+                descr_got, fortran, shape_got, values_got, _ = got[name]
+                what = "%s (path %s)" % (name, path or "default")
+                self.assertEqual((descr_got, fortran, shape_got), (descr, False, want_shape),
+                                 what)
+                self.assert_close_rel(values_got, values, rtol, what)
+            results[path] = got
+        return results
+
+    def test_f32_gqa(self):
+        # No --lse: the CLI allocates the forward's LSE for the backward by itself.
+        self.check_backward((2, 5, 7, 4, 2, 8), args=("--threads", 2))
+        self.assertFalse([f for f in os.listdir(self.dir) if "lse" in f or ".tmp" in f])
+
+    def test_causal_mqa_with_masked_rows(self):
+        # Sq > Sk, bottom-right causal: the first Sq - Sk query rows see no key, so dq = 0 there.
+        B, Sq, Sk, Hq, Hkv, D = 1, 7, 4, 2, 1, 8
+        got = self.check_backward((B, Sq, Sk, Hq, Hkv, D), args=("--causal",), causal=True)
+        for path, result in got.items():
+            self.assertEqual(result["dq"][3][:3 * Hq * D], [0.0] * (3 * Hq * D), path)
+
+    def test_causal_square_gqa(self):
+        self.check_backward((2, 9, 9, 4, 2, 16), args=("--causal",), causal=True)
+
+    def test_window_softcap_scale_alibi(self):
+        B, Sq, Sk, Hq, Hkv, D = 1, 8, 8, 4, 2, 8
+        slopes = round_to([0.5, 0.25, 0.125, 0.0625], "<f4")
+        write_npy(self.path("alibi.npy"), (Hq,), slopes)
+        self.check_backward((B, Sq, Sk, Hq, Hkv, D),
+                            args=("--window", "3,1", "--softcap", "2.5", "--scale", "0.7",
+                                  "--alibi", self.path("alibi.npy")),
+                            window=(3, 1), softcap=2.5, scale=0.7, alibi=slopes)
+
+    def test_fast_head_dim(self):
+        # D = 64 has a compile-time instantiation: the default path takes it.
+        self.check_backward((1, 6, 10, 2, 1, 64), paths=(None, "fast"), causal=True,
+                            args=("--causal",))
+
+    def test_f16(self):
+        # Gradients are written in f16 (relative 2^-11) from fp32 accumulation.
+        self.check_backward((1, 6, 6, 2, 1, 16), descr="<f2", rtol=2e-3, paths=(None,))
+
+    def test_lse_and_determinism_across_threads(self):
+        B, Sq, Sk, Hq, Hkv, D = 1, 33, 40, 4, 2, 8
+        self.make_inputs(B, Sq, Sk, Hq, Hkv, D)
+        self.make_dout(B, Sq, Hq, D)
+        one = self.run_backward(None, "--threads", 1, "--lse", self.path("l1.npy"), tag="1")
+        two = self.run_backward(None, "--threads", 2, "--lse", self.path("l2.npy"), tag="2")
+        for name in one:
+            self.assertEqual(one[name][4], two[name][4], name + ": threads 1 vs 2, bitwise")
+        # --lse next to the backward is the forward's own LSE.
+        self.assert_ok(*run_cli("run", *self.io_args("o3.npy"), "--lse", self.path("l3.npy")))
+        self.assertEqual(read_npy(self.path("l1.npy"))[4], read_npy(self.path("l3.npy"))[4])
+        self.assertEqual(read_npy(self.path("l2.npy"))[4], read_npy(self.path("l3.npy"))[4])
+
+    def test_verbose_reports_backward(self):
+        self.make_inputs(1, 4, 4, 1, 1, 8)
+        self.make_dout(1, 4, 1, 8)
+        rc, out, err = run_cli("run", *self.io_args(), *self.grad_args(), "--verbose")
+        self.assert_ok(rc, out, err)
+        self.assertIn("backward", err)
 
 
 class RunErrorTest(CliTestBase):
@@ -345,6 +507,59 @@ class RunErrorTest(CliTestBase):
         self.assert_no_output()
         self.assertEqual(sorted(os.listdir(self.dir)), ["k.npy", "q.npy", "v.npy"])
 
+    def grad_args(self):
+        return ["--dout", self.path("do.npy"), "--dq", self.path("dq.npy"),
+                "--dk", self.path("dk.npy"), "--dv", self.path("dv.npy")]
+
+    def assert_only_inputs(self, *extra):
+        self.assertEqual(sorted(os.listdir(self.dir)), sorted(["k.npy", "q.npy", "v.npy"] +
+                                                               list(extra)))
+
+    def test_partial_backward_flags(self):
+        write_npy(self.path("do.npy"), (1, 4, 2, 8), [0.5] * 64)
+        flags = self.grad_args()
+        for drop in ((0,), (1,), (3,), (1, 2, 3), (0, 2)):
+            args = [a for i, a in enumerate(flags) if i // 2 not in drop]
+            rc, _, err = run_cli("run", *self.io_args(), *args)
+            self.assert_error(rc, err, "--dout, --dq, --dk and --dv together")
+            for i in drop:
+                self.assertIn(flags[2 * i], err.split("without")[-1], (drop, err))
+            self.assert_only_inputs("do.npy")
+
+    def test_bad_dout(self):
+        for shape, descr, needle in (((1, 4, 2, 6), "<f4", "dout"),
+                                     ((1, 4, 2, 8), "<f2", "dtype"),
+                                     ((4, 2, 8), "<f4", "rank-4")):
+            n = 1
+            for d in shape:
+                n *= d
+            write_npy(self.path("do.npy"), shape, [0.5] * n, descr)
+            rc, _, err = run_cli("run", *self.io_args(), *self.grad_args())
+            self.assert_error(rc, err, needle)
+            self.assert_only_inputs("do.npy")
+        os.remove(self.path("do.npy"))
+        rc, _, err = run_cli("run", *self.io_args(), *self.grad_args())
+        self.assert_error(rc, err, "do.npy")
+        self.assert_only_inputs()
+
+    def test_unwritable_gradient_writes_nothing(self):
+        write_npy(self.path("do.npy"), (1, 4, 2, 8), [0.5] * 64)
+        args = self.grad_args()
+        args[-1] = os.path.join(self.dir, "no_such_dir", "dv.npy")
+        rc, _, err = run_cli("run", *self.io_args(), "--lse", self.path("l.npy"), *args)
+        self.assert_error(rc, err, "no_such_dir")
+        self.assert_only_inputs("do.npy")
+
+    def test_same_output_twice(self):
+        write_npy(self.path("do.npy"), (1, 4, 2, 8), [0.5] * 64)
+        args = self.grad_args()
+        args[5] = args[3]  # --dk on --dq's file
+        rc, _, err = run_cli("run", *self.io_args(), *args)
+        self.assert_error(rc, err, "--dq and --dk")
+        rc, _, err = run_cli("run", *self.io_args(), "--lse", self.path("o.npy"))
+        self.assert_error(rc, err, "--out and --lse")
+        self.assert_only_inputs("do.npy")
+
     def test_bad_path_and_threads(self):
         rc, _, err = run_cli("run", *self.io_args(), "--path", "bogus")
         self.assert_error(rc, err, "--path")
@@ -358,9 +573,9 @@ VS_KEYS = ["baseline", "baseline_ms", "baseline_gflops", "speedup", "max_abs_dif
 
 
 class BenchInfoTest(unittest.TestCase):
-    def bench_json(self, *args):
-        rc, out, err = run_cli("bench", "--op", "forward", "--batch", 1, "--heads", 2,
-                               "--kv-heads", 1, "--seq", 48, "--dim", 32, "--reps", 3,
+    def bench_json(self, *args, op="forward", heads=2, kv_heads=1):
+        rc, out, err = run_cli("bench", "--op", op, "--batch", 1, "--heads", heads,
+                               "--kv-heads", kv_heads, "--seq", 48, "--dim", 32, "--reps", 3,
                                "--threads", 1, "--json", *args)
         self.assertEqual(rc, 0, err)
         return json.loads(out)  # exactly one JSON object: json.loads rejects trailing text
@@ -401,6 +616,38 @@ class BenchInfoTest(unittest.TestCase):
         self.assertGreater(r["baseline_ms"], 0)
         self.assertGreater(r["baseline_peak_rss_mb"], 1)
 
+    def test_bench_backward_json_vs_naive(self):
+        r = self.bench_json("--vs", "naive", "--seq-k", 40, op="backward")
+        for key in BENCH_KEYS + VS_KEYS + ["forward_ms", "baseline_forward_ms"]:
+            self.assertIn(key, r)
+        self.assertEqual((r["op"], r["dtype"], r["heads"], r["kv_heads"], r["seq_q"], r["seq_k"]),
+                         ("backward", "f32", 2, 1, 48, 40))
+        # 2.5x the forward's 4 * H * Sq * Sk * D.
+        self.assertAlmostEqual(r["flops"], 2.5 * 4 * 2 * 48 * 40 * 32, places=3)
+        self.assertGreater(r["ms"], 0)
+        self.assertGreater(r["baseline_ms"], 0)
+        self.assertAlmostEqual(r["gflops"], r["flops"] / (r["ms"] * 1e-3) * 1e-9,
+                               delta=1e-6 * r["gflops"])
+        self.assertAlmostEqual(r["frac_peak"], r["gflops"] / r["peak_gflops"], places=9)
+        self.assertGreater(r["peak_rss_mb"], 1)
+        self.assertLess(r["peak_rss_mb"], 1024)
+        self.assertLess(r["max_abs_diff"], 1e-5)  # over dq, dk and dv
+        self.assertAlmostEqual(r["speedup"], r["baseline_ms"] / r["ms"], places=9)
+
+    def test_bench_backward_causal_gqa_f16_reference_path(self):
+        r = self.bench_json("--causal", "--dtype", "f16", "--vs", "naive", "--path", "reference",
+                            op="backward", heads=4, kv_heads=2)
+        self.assertEqual((r["dtype"], r["causal"], r["path"]), ("f16", True, "reference"))
+        self.assertAlmostEqual(r["flops"], 2.5 * 2 * 4 * 48 * 48 * 32, places=3)
+        self.assertLess(r["max_abs_diff"], 5e-3)  # the gradients are rounded to f16
+
+    def test_bench_backward_baseline_only(self):
+        r = self.bench_json("--baseline-only", "--causal", op="backward")
+        self.assertTrue(r["baseline_only"])
+        self.assertNotIn("ms", r)
+        self.assertGreater(r["baseline_ms"], 0)
+        self.assertGreater(r["baseline_peak_rss_mb"], 1)
+
     def test_bench_human_output(self):
         rc, out, err = run_cli("bench", "--seq", 32, "--heads", 1, "--dim", 16, "--reps", 3,
                                "--threads", 1, "--vs", "naive")
@@ -410,8 +657,8 @@ class BenchInfoTest(unittest.TestCase):
         self.assertIn("speedup", out)
 
     def test_bench_errors(self):
-        for args, needle in ((["--op", "backward"], "unsupported op"),
-                             (["--op", "decode"], "unsupported op"),
+        for args, needle in ((["--op", "decode"], "unsupported op"),
+                             (["--op", "linear"], "unsupported op"),
                              (["--op", "nonsense"], "unknown op"),
                              (["--heads", 3, "--kv-heads", 2], "--kv-heads"),
                              (["--dtype", "f64"], "--dtype"),
