@@ -249,8 +249,8 @@ int SetUpBench(const BenchOptions& o, double flop_factor, BenchSetup* s) {
   }
   s->kv_heads = o.kv_heads == 0 ? o.heads : o.kv_heads;
   s->seq_k = o.seq_k < 0 ? o.seq : o.seq_k;
-  if (o.batch < 1 || o.heads < 1 || s->kv_heads < 1 || o.dim < 1 || o.seq < 0 ||
-      o.kv_heads < 0 || o.seq_k < -1) {
+  if (o.batch < 1 || o.heads < 1 || s->kv_heads < 1 || o.dim < 1 || o.seq < 0 || o.kv_heads < 0 ||
+      o.seq_k < -1) {
     return Fail(cmd, "expected --batch, --heads, --kv-heads, --dim >= 1 and --seq, --seq-k >= 0");
   }
   if (o.heads % s->kv_heads != 0) {
@@ -338,8 +338,8 @@ int Report(const BenchOptions& o, const BenchSetup& s) {
   }
   std::cout << "tessera bench: op=" << o.op << " dtype=" << DTypeName(s.dtype) << " B=" << o.batch
             << " H=" << o.heads << " Hkv=" << s.kv_heads << " Sq=" << o.seq << " Sk=" << s.seq_k
-            << " D=" << o.dim << " causal=" << (o.causal ? "yes" : "no")
-            << " threads=" << s.threads << "\n"
+            << " D=" << o.dim << " causal=" << (o.causal ? "yes" : "no") << " threads=" << s.threads
+            << "\n"
             << "simd target " << SimdTargetName() << ", fp32 FMA peak " << Fixed(s.peak, 1)
             << " GFLOP/s on " << s.threads << " thread(s)\n\n";
   std::printf("%-16s %10s %10s %5s %9s %7s %13s\n", "impl", "median ms", "min ms", "reps",

@@ -78,8 +78,8 @@ int RunMain(const RunOptions& o) {
   const struct {
     const char* flag;
     const std::string& file;
-  } output_flags[] = {{"--out", o.out}, {"--lse", o.lse}, {"--dq", o.dq}, {"--dk", o.dk},
-                      {"--dv", o.dv}};
+  } output_flags[] = {
+      {"--out", o.out}, {"--lse", o.lse}, {"--dq", o.dq}, {"--dk", o.dk}, {"--dv", o.dv}};
   for (size_t i = 0; i < std::size(output_flags); ++i) {
     for (size_t j = 0; j < i; ++j) {
       if (!output_flags[i].file.empty() && output_flags[i].file == output_flags[j].file) {
@@ -197,8 +197,7 @@ int RunMain(const RunOptions& o) {
   if (o.verbose) {
     std::cerr << "tessera run: q " << ShapeToString(q.shape) << " k " << ShapeToString(k.shape)
               << " " << DTypeName(q.dtype) << ", path " << PathName(ctx.path) << ", threads "
-              << ResolveThreads(ctx) << ": " << std::fixed << std::setprecision(3) << ms
-              << " ms";
+              << ResolveThreads(ctx) << ": " << std::fixed << std::setprecision(3) << ms << " ms";
     if (backward) std::cerr << " forward + " << backward_ms << " ms backward";
     std::cerr << ", peak RSS " << std::setprecision(1) << PeakRssMiB() << " MiB\n";
   }
@@ -210,8 +209,7 @@ int RunMain(const RunOptions& o) {
 CommandMain AddRunCommand(CLI::App& app) {
   auto o = std::make_shared<RunOptions>();
   CLI::App* sub = app.add_subcommand(
-      "run",
-      "Exact attention forward (and backward) on .npy inputs (float32 or float16, C order)");
+      "run", "Exact attention forward (and backward) on .npy inputs (float32 or float16, C order)");
   sub->add_option("--q", o->q, "queries [B, Sq, Hq, D]")->required();
   sub->add_option("--k", o->k, "keys [B, Sk, Hkv, D], Hq % Hkv == 0")->required();
   sub->add_option("--v", o->v, "values [B, Sk, Hkv, D]")->required();
