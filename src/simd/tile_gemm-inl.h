@@ -3,7 +3,7 @@
 // Both products keep the output's contiguous dimension in SIMD lanes ("panel" columns, mp of
 // them, a multiple of the vector width) and broadcast single elements of the other operand, so
 // neither operand needs a transposed copy:
-//   RowPanelProduct:            C[n][mp]   = A[n][dim] * B[dim][mp]        (+ column max of C)
+//   RowPanelProduct:            C[n][mp]   = A[n][dim] * B[dim][mp]  (or +=; + column max of C)
 //   TransposedPanelAccumulate:  C[dim][mp] = alpha[mp] o C + A[n][dim]^T * B[n][mp]
 // A is read row by row with any row stride (in place from the caller's tensor for f32), B and C
 // are packed panels. Register tile: kTileRows broadcast rows x kTileVecs vectors of lanes.
@@ -43,16 +43,19 @@ constexpr size_t kLanes = hn::MaxLanes(DF());
 constexpr int kTileRows = HWY_TARGET <= HWY_AVX3 ? 8 : 4;
 constexpr int kTileVecs = 3;
 
-// C[r][c] = sum_d A[r][d] * B[d][c] for r < R rows, c < C vectors (kt = A, qt = B, st = C);
-// colmax[c], when given, also takes the max over these rows (the forward's tile max for free).
-template <int R, int C, int kD>
+// C[r][c] = sum_d A[r][d] * B[d][c] (kAcc: C[r][c] += ...) for r < R rows, c < C vectors (kt =
+// A, qt = B, st = C); colmax[c], when given, also takes the max over these rows (the forward's
+// tile max for free).
+template <int R, int C, int kD, bool kAcc>
 HWY_INLINE void ProductBlock(const float* HWY_RESTRICT kt, size_t ldk, size_t dim,
                              const float* HWY_RESTRICT qt, size_t mp, float* HWY_RESTRICT st,
                              float* HWY_RESTRICT colmax) {
   const DF df;
   VF acc[R][C];
   for (int r = 0; r < R; ++r) {
-    for (int c = 0; c < C; ++c) acc[r][c] = hn::Zero(df);
+    for (int c = 0; c < C; ++c) {
+      acc[r][c] = kAcc ? hn::Load(df, st + r * mp + c * kLanes) : hn::Zero(df);
+    }
   }
   const size_t n = kD != 0 ? static_cast<size_t>(kD) : dim;
   for (size_t d = 0; d < n; ++d) {
@@ -101,13 +104,13 @@ HWY_INLINE void AccumulateBlock(const float* HWY_RESTRICT vt, size_t ldv,
 }
 
 // Run-time vector count c in [1, C] to the compile-time register tile.
-template <int R, int kD, int C = kTileVecs>
+template <int R, int kD, bool kAcc, int C = kTileVecs>
 HWY_INLINE void ProductBlockC(size_t c, const float* kt, size_t ldk, size_t dim, const float* qt,
                               size_t mp, float* st, float* colmax) {
   if constexpr (C > 1) {
-    if (c < C) return ProductBlockC<R, kD, C - 1>(c, kt, ldk, dim, qt, mp, st, colmax);
+    if (c < C) return ProductBlockC<R, kD, kAcc, C - 1>(c, kt, ldk, dim, qt, mp, st, colmax);
   }
-  ProductBlock<R, C, kD>(kt, ldk, dim, qt, mp, st, colmax);
+  ProductBlock<R, C, kD, kAcc>(kt, ldk, dim, qt, mp, st, colmax);
 }
 
 template <int R, int C = kTileVecs>
@@ -120,13 +123,13 @@ HWY_INLINE void AccumulateBlockC(size_t c, const float* vt, size_t ldv, const fl
 }
 
 // Tails of the broadcast dimension: rows in [1, R] left.
-template <int kD, int R = kTileRows - 1>
+template <int kD, bool kAcc, int R = kTileRows - 1>
 void ProductTail(size_t rows, size_t c, const float* kt, size_t ldk, size_t dim, const float* qt,
                  size_t mp, float* st, float* colmax) {
   if constexpr (R > 1) {
-    if (rows < R) return ProductTail<kD, R - 1>(rows, c, kt, ldk, dim, qt, mp, st, colmax);
+    if (rows < R) return ProductTail<kD, kAcc, R - 1>(rows, c, kt, ldk, dim, qt, mp, st, colmax);
   }
-  ProductBlockC<R, kD>(c, kt, ldk, dim, qt, mp, st, colmax);
+  ProductBlockC<R, kD, kAcc>(c, kt, ldk, dim, qt, mp, st, colmax);
 }
 
 template <int R = kTileRows - 1>
@@ -188,7 +191,7 @@ struct TileFeed {
 
 // C[0..nkeys)[0..mp) = A[nkeys][dim] * B[dim][mp] (kt = A with row stride ldk, qt = B, st = C),
 // and colmax[0..mp) = the max of C over its rows when colmax is not null.
-template <int kD>
+template <int kD, bool kAcc = false>
 HWY_NOINLINE void RowPanelProduct(const float* kt, size_t ldk, size_t nkeys, size_t dim,
                                   const float* qt, size_t mp, float* st, float* colmax,
                                   TileFeed& next_k) {
@@ -202,12 +205,12 @@ HWY_NOINLINE void RowPanelProduct(const float* kt, size_t ldk, size_t nkeys, siz
     size_t j = 0;
     for (; j + kTileRows <= nkeys; j += kTileRows) {
       next_k.Next(kTileRows);
-      ProductBlockC<kTileRows, kD>(c, kt + j * ldk, ldk, dim, qt + i0, mp, st + j * mp + i0,
-                                   colmax ? colmax + i0 : nullptr);
+      ProductBlockC<kTileRows, kD, kAcc>(c, kt + j * ldk, ldk, dim, qt + i0, mp, st + j * mp + i0,
+                                         colmax ? colmax + i0 : nullptr);
     }
     if (j < nkeys) {
-      ProductTail<kD>(nkeys - j, c, kt + j * ldk, ldk, dim, qt + i0, mp, st + j * mp + i0,
-                      colmax ? colmax + i0 : nullptr);
+      ProductTail<kD, kAcc>(nkeys - j, c, kt + j * ldk, ldk, dim, qt + i0, mp, st + j * mp + i0,
+                            colmax ? colmax + i0 : nullptr);
     }
   }
 }
