@@ -6,19 +6,22 @@
 //   P = exp(S - LSE),  dP = dO V^T,  Delta_i = sum_d dO_id O_id,  dS = P o (dP - Delta)
 //   (softcap: dS o= 1 - (s/c)^2),  dV = P^T dO,  dK = scale dS^T Q,  dQ = scale dS K.
 //
-// Partition (deterministic, no atomics): a pre-pass computes Delta per query row; then
-//   pass Q: one task = (sequence, KV head, block of query positions), exactly the forward's
-//     partition, owns dQ of its rows: per key tile it recomputes S^T and dP^T with the query rows
-//     in SIMD lanes and accumulates dQ^T[d][i] += sum_j K[j][d] dS^T[j][i];
-//   pass KV: one task = (sequence, KV head, block of kKeyBlock keys) owns dK and dV of its keys,
-//     summed over the G query heads of the group: per tile of query rows it recomputes S and dP
-//     with the keys in SIMD lanes and accumulates dV^T += dO^T P and dK^T += Q^T dS.
-// Both passes reduce in a fixed order (ascending tiles with fixed boundaries), so gradients are
-// bitwise identical across runs and thread counts. The two passes recompute S and dP twice
-// (7 tile GEMMs against the 5 of a single pass with dQ atomics), the price of determinism.
+// Partition (deterministic, no atomics): a pre-pass computes Delta per query row; then one task =
+// (sequence, KV head, group of consecutive key blocks of kKeyBlock keys). For each of its key
+// blocks a task packs K and V transposed (keys in SIMD lanes) and loops over the query heads of
+// the GQA group and fixed tiles of kQueryTile query rows that see the block:
+//   S = Q K^T, dP = dO V^T          (query rows broadcast, keys in lanes)
+//   P, dS                           (element-wise, per row LSE and Delta)
+//   dV^T += dO^T P, dK^T += Q^T dS   (accumulated in registers tile by tile, owned by the task)
+//   dQ_r += dS K                     (head dim in lanes, into the task group's dQ partial r)
+// so each tile costs the 5 GEMMs of the FLOP count, with no recomputation. dK and dV of a key
+// have one owner. dQ has one partial per key-block group; the number of groups R depends only on
+// the shape (about kTargetTasks tasks in all), and the partials are summed in group order at the
+// end, so every gradient is bitwise identical across runs and thread counts.
 //
-// Bytes moved: like the forward, each task streams the other side's rows (K/V for pass Q,
-// Q/dO for pass KV) once per task. Extra memory: Delta (Sq * Hq floats) plus per-worker tiles.
+// Bytes moved: each task streams the Q and dO rows of the group once per key block (prefetched
+// a tile ahead) and reads/writes its dQ partial rows once per key block. Extra memory: Delta
+// (Sq * Hq floats) and R dQ partials (R * Sq * Hq * D floats), plus per-worker tiles.
 //
 // Masks, softcap and ALiBi are applied exactly as in the forward (same window per query
 // position, same order: softcap, ALiBi, mask); tiles no row can see are skipped.
