@@ -64,6 +64,8 @@ constexpr int64_t kQueryTile = 128;
 // Tasks the key-block pass aims for: (sequence, KV head) pairs are split into groups of key
 // blocks until there are about this many, whatever the thread count (see FlashBackward).
 constexpr int64_t kTargetTasks = 16;
+// Memory the dQ partials may take before fewer groups (less parallelism) are used.
+constexpr int64_t kMaxPartialBytes = int64_t{512} << 20;
 constexpr float kLog2e = 1.4426950408889634f;
 
 struct Task {
@@ -375,8 +377,10 @@ bool FlashBackward(const AttentionBackwardProblem& bp, int32_t threads, bool fas
     max_blocks = std::max(max_blocks, hwy::DivCeil(p.k_len(b), kKeyBlock));
   }
   const int64_t units = p.batch * p.heads_kv;
+  const int64_t partial_bytes = q_rows * p.heads_q * static_cast<int64_t>(dp * sizeof(float));
   const int64_t groups =
-      std::max<int64_t>(1, std::min(max_blocks, hwy::DivCeil(kTargetTasks, units)));
+      std::max<int64_t>(1, std::min({max_blocks, hwy::DivCeil(kTargetTasks, units),
+                                     kMaxPartialBytes / std::max<int64_t>(partial_bytes, 1)}));
   std::vector<Task> tasks;
   for (int64_t b = 0; b < p.batch; ++b) {
     const int64_t nb = hwy::DivCeil(p.k_len(b), kKeyBlock);
