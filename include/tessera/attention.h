@@ -90,7 +90,9 @@ struct AttentionBackwardParams {
 
 // Computes dq, dk, dv (fp32 accumulation, written in the input dtype). Rows with no visible key
 // get dq = 0; keys no query sees get dk = dv = 0. Deterministic: bitwise-identical across runs
-// and thread counts (dK/dV are owned by key tiles, dQ by query tiles: two passes, no atomics).
+// and thread counts. dK/dV of a block of keys are owned by one task; dQ is accumulated into a
+// number of partials fixed by the shape (never by the thread count) and summed in a fixed order;
+// no atomics. Extra memory: Sq * Hq floats plus those dQ partials (at most 512 MiB).
 Status AttentionBackward(const AttentionBackwardParams& params, const Context& ctx);
 
 }  // namespace tessera
