@@ -240,7 +240,8 @@ void AttentionBackwardNaive(const AttentionBackwardParams& params, double* dq, d
 // The magnitude of the terms behind each gradient element, in fp64 (the scale of the f32
 // relative-error rule, as `magnitude` is for outputs): with a_ij = sum_d |dO_id| |v_jd|,
 // A_i = sum_j P_ij a_ij and m_ij = P_ij (a_ij + A_i) |ds/du|_ij (a bound on |dS_ij|),
-//   dq_id = |scale| sum_j m_ij |k_jd|,  dk_jd = |scale| sum_i m_ij |q_id|,  dv_jd = sum_i P_ij |dO_id|
+//   dq_id = |scale| sum_j m_ij |k_jd|,  dk_jd = |scale| sum_i m_ij |q_id|,
+//   dv_jd = sum_i P_ij |dO_id|
 // (dk, dv summed over the GQA group). Same layouts and conventions as ref::AttentionBackwardF64.
 void AttentionBackwardMagnitude(const AttentionBackwardParams& params, double* dq, double* dk,
                                 double* dv);

@@ -57,6 +57,15 @@ inline constexpr Ceiling kGradCeilingBF16 = {5e-2, 5e-2};
 inline constexpr Ceiling kGradCeilingBF16Gqa = {1e-1, 1e-1};
 inline constexpr Ceiling kGradCeilingF16 = {1e-1, 1e-1};
 
+// The fp64 backward reference against fp64 central finite differences of the fp64 forward
+// reference (Richardson-extrapolated steps 2^-8 and 2^-9 on exactly representable inputs, tiny
+// shapes): truncation and rounding leave ~1e-10, so this ceiling only admits the method's error.
+inline constexpr Ceiling kFiniteDifferenceCeiling = {1e-8, 1e-7};
+
+// End-to-end training (tests/training_test.cc): the per-step loss of a tiny model trained with
+// the kernels against the same model trained with the fp64 reference path, relative difference.
+inline constexpr double kTrainingLossRelTol = 1e-6;
+
 // fp32 inputs with fp32 accumulation: additionally NMSE <= kF32MaxNmse against fp64, and an
 // element-wise relative error <= kF32MaxRelErr wherever the magnitude > kF32RelErrMinMagnitude.
 //

@@ -205,8 +205,7 @@ void AttentionForwardF64(const AttentionParams& p, double* out, double* lse) {
 //   softcap: dS_j *= 1 - tanh^2(u_j / c)  (u_j the pre-cap logit),
 //   dq = scale * sum_j dS_j k_j,  dK_j += scale * dS_j q.
 // Masked keys are never read and contribute nothing; dK / dV of a KV head sum its query heads.
-void AttentionBackwardF64(const AttentionBackwardParams& bp, double* dq, double* dk,
-                          double* dv) {
+void AttentionBackwardF64(const AttentionBackwardParams& bp, double* dq, double* dk, double* dv) {
   const AttentionParams& p = bp.forward;
   const TokenView q = MakeTokenView(p.q);
   const TokenView k = MakeTokenView(p.k);
@@ -274,8 +273,7 @@ void AttentionBackwardF64(const AttentionBackwardParams& bp, double* dq, double*
             row_q[static_cast<size_t>(d)] = Load(p.q, q.Offset(read_b, q_begin + i, h, d));
           }
           for (int64_t d = 0; d < dim_v; ++d) {
-            row_do[static_cast<size_t>(d)] =
-                Load(bp.dout, dout.Offset(read_b, q_begin + i, h, d));
+            row_do[static_cast<size_t>(d)] = Load(bp.dout, dout.Offset(read_b, q_begin + i, h, d));
           }
           double* dq_row = varlen ? dq + ((q_begin + i) * heads_q + h) * dim
                                   : dq + ((b * total_q + i) * heads_q + h) * dim;

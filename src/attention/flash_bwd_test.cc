@@ -1,0 +1,1767 @@
+// The exact backward (AttentionBackward), every path forced in turn (Context.path) against the
+// fp64 reference gradients with the gradient rules of docs/RELIABILITY.md §2; the reference itself
+// against fp64 central finite differences of the fp64 forward; the bug-class regressions of
+// RELIABILITY.md §3 that concern gradients; the bitwise guarantees of §5; and the validation of
+// §4.1 for the backward's own arguments.
+//
+// Each backward call is preceded by the forward on the same path (its out and lse feed the
+// backward, as in training). Gradients are written into NaN-prefilled tensors surrounded by
+// 1 KiB guards; padding inside strided inputs is NaN too, so a kernel that reads or writes outside
+// a view fails loudly.
+//
+// TESSERA_SMALL_TESTS=1 (sanitizer builds) shrinks the heavy shapes but keeps tile tails;
+// TESSERA_SEED=<n> changes every random input.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cctype>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <functional>
+#include <limits>
+#include <optional>
+#include <ostream>
+#include <set>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "attention/attention_problem.h"
+#include "ref/attention_ref.h"
+#include "tessera/attention.h"
+#include "tessera/context.h"
+#include "test_util.h"
+#include "tolerances.h"
+
+namespace tessera {
+namespace {
+
+using test::Index;
+using test::Rng;
+using test::Rule;
+using test::Tensor;
+
+constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
+
+bool Small() { return test::SmallTests(); }
+
+// The head dims documented to have a fast instantiation (context.h).
+bool HasFastPath(int64_t dim) { return dim == 64 || dim == 128 || dim == 256; }
+
+// Every path a head dim can be forced through (kFast only where it has an instantiation).
+std::vector<Path> PathsFor(int64_t dim) {
+  std::vector<Path> paths = {Path::kReference, Path::kGeneric};
+  if (HasFastPath(dim)) paths.push_back(Path::kFast);
+  paths.push_back(Path::kAuto);
+  return paths;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Test problems.
+
+enum class AlibiKind { kNone, kPerHead, kPerBatch };
+
+// Storage of a [.., S, H, D] tensor relative to its logical view. Gaps hold NaN.
+enum class Layout {
+  kContiguous,
+  kPaddedDim,       // 3 spare elements after every head-dim row
+  kHeadSliced,      // heads [1, H + 1) of a tensor with H + 2 heads
+  kHeadsMajor,      // storage [B, H, S, D] behind a [B, S, H, D] view (transposed strides)
+  kSeqSliced,       // tokens [1, S + 1) of a tensor with S + 2 tokens (a strided slice)
+  kBatchBroadcast,  // stride-0 batch: every batch entry reads batch 0 (inputs only)
+};
+
+const char* LayoutName(Layout l) {
+  switch (l) {
+    case Layout::kContiguous:
+      return "contig";
+    case Layout::kPaddedDim:
+      return "padded";
+    case Layout::kHeadSliced:
+      return "headslice";
+    case Layout::kHeadsMajor:
+      return "headsmajor";
+    case Layout::kSeqSliced:
+      return "seqslice";
+    case Layout::kBatchBroadcast:
+      return "bcast";
+  }
+  return "?";
+}
+
+struct Spec {
+  int64_t batch = 1;
+  int64_t seq_q = 1;
+  int64_t seq_k = 1;
+  int64_t heads_q = 1;
+  int64_t heads_kv = 1;
+  int64_t dim = 64;
+  DType dtype = DType::kF32;
+  bool causal = false;
+  int64_t window_left = -1;
+  int64_t window_right = -1;
+  MaskAlign align = MaskAlign::kBottomRight;
+  float softcap = 0.0f;
+  std::optional<float> scale;
+  AlibiKind alibi = AlibiKind::kNone;
+  // Varlen when non-empty (then batch, seq_q and seq_k are unused): per-sequence lengths.
+  std::vector<int32_t> seqlens_q;
+  std::vector<int32_t> seqlens_k;
+  int64_t extra_q_tokens = 0;  // varlen: query tokens after the last sequence (left untouched)
+  int64_t extra_k_tokens = 0;  // varlen: key tokens after the last sequence (left untouched)
+  bool varlen_rank4 = false;   // [1, T, H, D] views instead of [T, H, D]
+  double q_mult = 1.0;         // q ~ N(0, 1) * q_mult
+  Layout in_layout = Layout::kContiguous;    // q, k, v
+  Layout out_layout = Layout::kContiguous;   // the forward's out (read by the backward)
+  Layout dout_layout = Layout::kContiguous;  // the upstream gradient
+  Layout grad_layout = Layout::kContiguous;  // dq, dk, dv
+  int64_t misalign = 0;  // element offset of every base pointer from 64-byte alignment
+  Rule rule = Rule::kStandard;
+
+  bool varlen() const { return !seqlens_q.empty(); }
+  int64_t num_seqs() const { return varlen() ? static_cast<int64_t>(seqlens_q.size()) : batch; }
+
+  // A unique, gtest-safe name; also the seed of the case's random inputs.
+  std::string Name() const {
+    auto num = [](double x) {
+      std::string s = std::to_string(static_cast<long long>(std::llround(x)));
+      if (s[0] == '-') s = "m" + s.substr(1);
+      return s;
+    };
+    auto inum = [&](int64_t x) { return num(static_cast<double>(x)); };
+    std::string n;
+    if (varlen()) {
+      n += "varlen_q";
+      for (size_t i = 0; i < seqlens_q.size(); ++i) n += (i ? "x" : "") + inum(seqlens_q[i]);
+      n += "_k";
+      for (size_t i = 0; i < seqlens_k.size(); ++i) n += (i ? "x" : "") + inum(seqlens_k[i]);
+      if (extra_q_tokens || extra_k_tokens) {
+        n += "_extra" + inum(extra_q_tokens) + "x" + inum(extra_k_tokens);
+      }
+      if (varlen_rank4) n += "_rank4";
+    } else {
+      n += "b" + inum(batch) + "_sq" + inum(seq_q) + "_sk" + inum(seq_k);
+    }
+    n += "_h" + inum(heads_q) + "x" + inum(heads_kv) + "_d" + inum(dim);
+    n += std::string("_") + DTypeName(dtype);
+    if (causal) n += "_causal";
+    if (window_left != -1 || window_right != -1) {
+      n += "_win" + inum(window_left) + "x" + inum(window_right);
+    }
+    if (align == MaskAlign::kTopLeft) n += "_topleft";
+    if (softcap != 0.0f) n += "_cap" + num(softcap);
+    if (scale.has_value()) n += "_scale" + num(*scale * 1000.0) + "milli";
+    if (alibi == AlibiKind::kPerHead) n += "_alibiH";
+    if (alibi == AlibiKind::kPerBatch) n += "_alibiBH";
+    if (q_mult != 1.0) n += "_qmult" + num(q_mult);
+    if (in_layout != Layout::kContiguous) n += std::string("_in") + LayoutName(in_layout);
+    if (out_layout != Layout::kContiguous) n += std::string("_out") + LayoutName(out_layout);
+    if (dout_layout != Layout::kContiguous) n += std::string("_dout") + LayoutName(dout_layout);
+    if (grad_layout != Layout::kContiguous) n += std::string("_grad") + LayoutName(grad_layout);
+    if (misalign) n += "_misalign" + inum(misalign);
+    if (rule == Rule::kRatioOnly) n += "_ratio";
+    return n;
+  }
+};
+
+void PrintTo(const Spec& s, std::ostream* os) { *os << s.Name(); }
+
+Spec Dense(int64_t sq, int64_t sk, int64_t hq, int64_t hkv, int64_t d, DType dt = DType::kF32) {
+  Spec s;
+  s.seq_q = sq;
+  s.seq_k = sk;
+  s.heads_q = hq;
+  s.heads_kv = hkv;
+  s.dim = d;
+  s.dtype = dt;
+  return s;
+}
+
+// A tensor of logical shape [B, S, H, D] or [T, H, D] stored with `layout`.
+Tensor MakeTensor(DType dtype, const std::vector<int64_t>& shape, Layout layout, int64_t offset) {
+  const int r = static_cast<int>(shape.size());
+  const size_t s = static_cast<size_t>(r - 3), h = static_cast<size_t>(r - 2);  // token, head
+  switch (layout) {
+    case Layout::kContiguous:
+      return Tensor(dtype, shape, {}, offset);
+    case Layout::kPaddedDim:
+      return Tensor(dtype, shape, Tensor::PaddedStrides(shape, 3), offset);
+    case Layout::kHeadSliced: {
+      std::vector<int64_t> storage = shape;
+      storage[h] += 2;
+      const std::vector<int64_t> strides = Tensor::ContiguousStrides(storage);
+      return Tensor(dtype, shape, strides, offset + strides[h]);
+    }
+    case Layout::kHeadsMajor: {
+      std::vector<int64_t> strides(shape.size());
+      const int64_t tokens = shape[s], heads = shape[h], d = shape.back();
+      strides[static_cast<size_t>(r - 1)] = 1;
+      strides[s] = d;
+      strides[h] = tokens * d;
+      if (r == 4) strides[0] = heads * tokens * d;
+      return Tensor(dtype, shape, strides, offset);
+    }
+    case Layout::kSeqSliced: {
+      std::vector<int64_t> storage = shape;
+      storage[s] += 2;
+      const std::vector<int64_t> strides = Tensor::ContiguousStrides(storage);
+      return Tensor(dtype, shape, strides, offset + strides[s]);
+    }
+    case Layout::kBatchBroadcast: {
+      std::vector<int64_t> strides = Tensor::ContiguousStrides(shape);
+      if (r == 4) strides[0] = 0;
+      return Tensor(dtype, shape, strides, offset);
+    }
+  }
+  return Tensor(dtype, shape, {}, offset);
+}
+
+std::vector<int64_t> TokenShape(const Spec& s, int64_t tokens, int64_t heads) {
+  if (!s.varlen()) return {s.batch, tokens, heads, s.dim};
+  if (s.varlen_rank4) return {1, tokens, heads, s.dim};
+  return {tokens, heads, s.dim};
+}
+
+std::vector<int64_t> LseShape(const Spec& s, int64_t tokens_q) {
+  if (!s.varlen()) return {s.batch, s.heads_q, tokens_q};
+  if (s.varlen_rank4) return {1, s.heads_q, tokens_q};
+  return {s.heads_q, tokens_q};
+}
+
+std::vector<int32_t> Offsets(const std::vector<int32_t>& lens) {
+  std::vector<int32_t> cu = {0};
+  for (int32_t l : lens) cu.push_back(cu.back() + l);
+  return cu;
+}
+
+struct Inputs {
+  Tensor q, k, v, dout, slopes;
+  std::vector<int32_t> cu_q, cu_k;
+  int64_t tokens_q = 0;  // Sq (dense) or total query tokens (varlen)
+  int64_t tokens_k = 0;
+};
+
+// Sets every element of a batch-broadcast tensor through batch 0 (the only storage it has).
+void FillNormalMaybeBroadcast(Tensor* t, Layout layout, Rng& rng, double mult) {
+  if (layout == Layout::kBatchBroadcast) {
+    t->ForEach([&](const Index& idx) {
+      if (idx[0] == 0) t->Set(idx, static_cast<double>(rng.Normal()) * mult);
+    });
+  } else {
+    t->FillNormal(rng, mult);
+  }
+}
+
+// Random inputs: q ~ N(0, 1) * q_mult; k, v, dout ~ N(0, 1), rounded to the dtype. The values
+// depend only on the spec's name.
+Inputs MakeInputs(const Spec& s) {
+  Inputs in;
+  Rng rng(test::SeedFor(s.Name()));
+  if (s.varlen()) {
+    in.cu_q = Offsets(s.seqlens_q);
+    in.cu_k = Offsets(s.seqlens_k);
+    in.tokens_q = in.cu_q.back() + s.extra_q_tokens;
+    in.tokens_k = in.cu_k.back() + s.extra_k_tokens;
+  } else {
+    in.tokens_q = s.seq_q;
+    in.tokens_k = s.seq_k;
+  }
+  in.q = MakeTensor(s.dtype, TokenShape(s, in.tokens_q, s.heads_q), s.in_layout, s.misalign);
+  in.k = MakeTensor(s.dtype, TokenShape(s, in.tokens_k, s.heads_kv), s.in_layout, s.misalign);
+  in.v = MakeTensor(s.dtype, TokenShape(s, in.tokens_k, s.heads_kv), s.in_layout, s.misalign);
+  in.dout = MakeTensor(s.dtype, TokenShape(s, in.tokens_q, s.heads_q), s.dout_layout, s.misalign);
+  FillNormalMaybeBroadcast(&in.q, s.in_layout, rng, s.q_mult);
+  FillNormalMaybeBroadcast(&in.k, s.in_layout, rng, 1.0);
+  FillNormalMaybeBroadcast(&in.v, s.in_layout, rng, 1.0);
+  FillNormalMaybeBroadcast(&in.dout, s.dout_layout, rng, 1.0);
+  if (s.alibi == AlibiKind::kPerHead) {
+    in.slopes = Tensor(DType::kF32, {s.heads_q});
+    for (int64_t h = 0; h < s.heads_q; ++h) {
+      in.slopes.Set({h},
+                    std::exp2(-8.0 * static_cast<double>(h + 1) / static_cast<double>(s.heads_q)));
+    }
+  } else if (s.alibi == AlibiKind::kPerBatch) {
+    in.slopes = Tensor(DType::kF32, {s.num_seqs(), s.heads_q});
+    in.slopes.ForEach([&](const Index& idx) { in.slopes.Set(idx, rng.Uniform(0.01, 1.0)); });
+  }
+  return in;
+}
+
+// The same problem with every tensor copied into contiguous storage (same values).
+Inputs ContiguousInputs(const Spec& s, const Inputs& in) {
+  Spec dense = s;
+  dense.in_layout = dense.dout_layout = Layout::kContiguous;
+  dense.misalign = 0;
+  Inputs copy = MakeInputs(dense);
+  copy.q = in.q.ContiguousCopy();
+  copy.k = in.k.ContiguousCopy();
+  copy.v = in.v.ContiguousCopy();
+  copy.dout = in.dout.ContiguousCopy();
+  if (s.alibi != AlibiKind::kNone) copy.slopes = in.slopes.ContiguousCopy();
+  return copy;
+}
+
+AttentionParams MakeForwardParams(const Spec& s, const Inputs& in, Tensor* out, Tensor* lse) {
+  AttentionParams p;
+  p.q = in.q.view();
+  p.k = in.k.view();
+  p.v = in.v.view();
+  if (out != nullptr) p.out = out->view();
+  if (lse != nullptr) p.lse = lse->view();
+  p.scale = s.scale;
+  p.causal = s.causal;
+  p.window_left = s.window_left;
+  p.window_right = s.window_right;
+  p.align = s.align;
+  p.softcap = s.softcap;
+  if (s.alibi != AlibiKind::kNone) p.alibi_slopes = in.slopes.view();
+  if (s.varlen()) {
+    p.cu_seqlens_q = in.cu_q.data();
+    p.cu_seqlens_k = in.cu_k.data();
+    p.num_seqs = static_cast<int32_t>(s.seqlens_q.size());
+  }
+  return p;
+}
+
+// The forward's results, as the backward reads them.
+struct ForwardResult {
+  Tensor out, lse;
+};
+
+struct Grads {
+  Tensor dq, dk, dv;
+};
+
+Grads MakeGrads(const Spec& s, const Inputs& in) {
+  Grads g;
+  g.dq = MakeTensor(s.dtype, TokenShape(s, in.tokens_q, s.heads_q), s.grad_layout, s.misalign);
+  g.dk = MakeTensor(s.dtype, TokenShape(s, in.tokens_k, s.heads_kv), s.grad_layout, s.misalign);
+  g.dv = MakeTensor(s.dtype, TokenShape(s, in.tokens_k, s.heads_kv), s.grad_layout, s.misalign);
+  return g;
+}
+
+AttentionBackwardParams MakeBackwardParams(const Spec& s, const Inputs& in, ForwardResult* fwd,
+                                           Grads* g) {
+  AttentionBackwardParams bp;
+  bp.forward = MakeForwardParams(s, in, fwd ? &fwd->out : nullptr, fwd ? &fwd->lse : nullptr);
+  bp.dout = in.dout.view();
+  if (g != nullptr) {
+    bp.dq = g->dq.view();
+    bp.dk = g->dk.view();
+    bp.dv = g->dv.view();
+  }
+  return bp;
+}
+
+// The forward path that feeds a backward forced onto `path`: the same path, except that a head
+// dim without a fast instantiation runs the forward on kGeneric (so a kFast backward is tested,
+// not the forward's rejection).
+Path ForwardPathFor(Path path, int64_t dim) {
+  return path == Path::kFast && !HasFastPath(dim) ? Path::kGeneric : path;
+}
+
+// Runs the forward on `path`, with out and lse as the backward will read them.
+Status RunForward(const Spec& s, const Inputs& in, Path path, ForwardResult* fwd) {
+  fwd->out = MakeTensor(s.dtype, TokenShape(s, in.tokens_q, s.heads_q), s.out_layout, s.misalign);
+  const std::vector<int64_t> lse_shape = LseShape(s, in.tokens_q);
+  fwd->lse = Tensor(DType::kF32, lse_shape,
+                    s.out_layout == Layout::kContiguous ? std::vector<int64_t>{}
+                                                        : Tensor::PaddedStrides(lse_shape, 3),
+                    s.misalign);
+  Context ctx;
+  ctx.path = ForwardPathFor(path, s.dim);
+  return AttentionForward(MakeForwardParams(s, in, &fwd->out, &fwd->lse), ctx);
+}
+
+// Runs the backward on `path` with fresh NaN-prefilled, guarded gradients. Guards and gaps are
+// checked here, on every call.
+Status RunBackwardOnly(const Spec& s, const Inputs& in, ForwardResult* fwd, Path path,
+                       int32_t threads, Grads* g) {
+  *g = MakeGrads(s, in);
+  Context ctx;
+  ctx.path = path;
+  ctx.num_threads = threads;
+  const Status status = AttentionBackward(MakeBackwardParams(s, in, fwd, g), ctx);
+  EXPECT_TRUE(g->dq.OutsideViewUntouched()) << "dq";
+  EXPECT_TRUE(g->dk.OutsideViewUntouched()) << "dk";
+  EXPECT_TRUE(g->dv.OutsideViewUntouched()) << "dv";
+  return status;
+}
+
+// Forward then backward, both on `path`.
+Status RunBackward(const Spec& s, const Inputs& in, Path path, int32_t threads, Grads* g) {
+  ForwardResult fwd;
+  const Status st = RunForward(s, in, path, &fwd);
+  if (!st.ok())
+    return Status::Internal("the forward feeding the backward failed: " + st.ToString());
+  return RunBackwardOnly(s, in, &fwd, path, threads, g);
+}
+
+// fp64 reference gradients, and the naive same-precision ones / the magnitudes where a rule needs
+// them, in the layouts of ref::AttentionBackwardF64. Rows outside every varlen sequence stay NaN.
+struct Reference {
+  std::vector<double> dq, dk, dv;
+  std::vector<double> naive_dq, naive_dk, naive_dv;
+  std::vector<double> mag_dq, mag_dk, mag_dv;
+};
+
+bool NeedsNaive(const Spec& s) { return s.dtype != DType::kF32 || s.rule == Rule::kRatioOnly; }
+
+Reference ComputeReference(const Spec& s, const Inputs& in) {
+  Reference r;
+  const AttentionBackwardParams bp = MakeBackwardParams(s, in, nullptr, nullptr);
+  const size_t nq = static_cast<size_t>(in.q.numel()), nk = static_cast<size_t>(in.k.numel());
+  auto alloc = [&](std::vector<double>* a, std::vector<double>* b, std::vector<double>* c) {
+    a->assign(nq, kNaN);
+    b->assign(nk, kNaN);
+    c->assign(nk, kNaN);
+  };
+  alloc(&r.dq, &r.dk, &r.dv);
+  ref::AttentionBackwardF64(bp, r.dq.data(), r.dk.data(), r.dv.data());
+  if (NeedsNaive(s)) {
+    alloc(&r.naive_dq, &r.naive_dk, &r.naive_dv);
+    test::AttentionBackwardNaive(bp, r.naive_dq.data(), r.naive_dk.data(), r.naive_dv.data());
+  }
+  if (s.dtype == DType::kF32 && s.rule == Rule::kStandard) {
+    alloc(&r.mag_dq, &r.mag_dk, &r.mag_dv);
+    test::AttentionBackwardMagnitude(bp, r.mag_dq.data(), r.mag_dk.data(), r.mag_dv.data());
+  }
+  return r;
+}
+
+// The first `covered` tokens of a [.., T, H, D] vector (returned; a row-major prefix), the rest
+// appended to `outside`.
+std::vector<double> Prefix(const std::vector<double>& x, int64_t covered, int64_t tokens,
+                           std::vector<double>* outside) {
+  if (covered == tokens) return x;
+  const size_t n =
+      tokens == 0 ? 0 : x.size() / static_cast<size_t>(tokens) * static_cast<size_t>(covered);
+  if (outside != nullptr) {
+    outside->insert(outside->end(), x.begin() + static_cast<std::ptrdiff_t>(n), x.end());
+  }
+  return std::vector<double>(x.begin(), x.begin() + static_cast<std::ptrdiff_t>(n));
+}
+
+// Checks one run's gradients against the references under the spec's rule.
+void ExpectMatchesReference(const Spec& s, const Inputs& in, const Reference& ref, const Grads& g) {
+  const int64_t covered_q = s.varlen() ? in.cu_q.back() : in.tokens_q;
+  const int64_t covered_k = s.varlen() ? in.cu_k.back() : in.tokens_k;
+  test::GradRule rule;
+  rule.rule = s.rule;
+  rule.softcap = s.softcap > 0.0f;
+  rule.gqa = s.heads_q != s.heads_kv;
+  std::vector<double> outside;
+  const struct {
+    const char* name;
+    const Tensor* got;
+    const std::vector<double>* want;
+    const std::vector<double>* naive;
+    const std::vector<double>* mag;
+    int64_t covered, tokens;
+  } grads[] = {
+      {"dq", &g.dq, &ref.dq, &ref.naive_dq, &ref.mag_dq, covered_q, in.tokens_q},
+      {"dk", &g.dk, &ref.dk, &ref.naive_dk, &ref.mag_dk, covered_k, in.tokens_k},
+      {"dv", &g.dv, &ref.dv, &ref.naive_dv, &ref.mag_dv, covered_k, in.tokens_k},
+  };
+  for (const auto& x : grads) {
+    const std::vector<double> got = Prefix(x.got->ToVector(), x.covered, x.tokens, &outside);
+    const std::vector<double> want = Prefix(*x.want, x.covered, x.tokens, nullptr);
+    const std::vector<double> naive =
+        x.naive->empty() ? std::vector<double>{} : Prefix(*x.naive, x.covered, x.tokens, nullptr);
+    const std::vector<double> mag =
+        x.mag->empty() ? std::vector<double>{} : Prefix(*x.mag, x.covered, x.tokens, nullptr);
+    EXPECT_TRUE(test::CheckGradient(s.dtype, got, want, naive.empty() ? nullptr : &naive,
+                                    mag.empty() ? nullptr : &mag, rule, x.name));
+  }
+  // Rows of tokens outside every sequence keep their NaN prefill.
+  size_t written = 0;
+  for (double x : outside) written += !std::isnan(x);
+  EXPECT_EQ(written, 0u) << "gradient elements of tokens outside every sequence were written";
+}
+
+// The main check: every path against the fp64 reference.
+void CheckAllPaths(const Spec& s, const Inputs& in) {
+  const Reference ref = ComputeReference(s, in);
+  for (Path path : PathsFor(s.dim)) {
+    SCOPED_TRACE(std::string("path ") + PathName(path));
+    Grads g;
+    const Status status = RunBackward(s, in, path, 0, &g);
+    ASSERT_TRUE(status.ok()) << status.ToString();
+    ExpectMatchesReference(s, in, ref, g);
+  }
+}
+
+void CheckAllPaths(const Spec& s) {
+  SCOPED_TRACE(test::Repro(s.Name()));
+  const Inputs in = MakeInputs(s);
+  CheckAllPaths(s, in);
+}
+
+::testing::AssertionResult SameBits(const Grads& a, const Grads& b) {
+  ::testing::AssertionResult r = a.dq.BitwiseEqual(b.dq);
+  if (!r) return r << " (dq)";
+  r = a.dk.BitwiseEqual(b.dk);
+  if (!r) return r << " (dk)";
+  r = a.dv.BitwiseEqual(b.dv);
+  if (!r) return r << " (dv)";
+  return ::testing::AssertionSuccess();
+}
+
+// ---------------------------------------------------------------------------------------------
+// The reference against fp64 central finite differences of the fp64 forward reference.
+//
+// Loss L = sum over covered out elements of out * dout. Every input value is a multiple of 2^-6
+// of modest size and the steps are 2^-8 and 2^-9, so q +- h is exact in f32 and the forward
+// reference sees exactly the perturbed value. Richardson extrapolation of the two central
+// differences leaves an O(h^4) truncation error.
+
+double Loss(const Spec& s, const Inputs& in) {
+  const AttentionParams p = MakeForwardParams(s, in, nullptr, nullptr);
+  std::vector<double> out(static_cast<size_t>(in.q.numel()), 0.0);
+  ref::AttentionForwardF64(p, out.data(), nullptr);
+  const std::vector<double> dout = in.dout.ToVector();
+  double loss = 0.0;
+  for (size_t i = 0; i < out.size(); ++i) loss += out[i] * dout[i];
+  return loss;
+}
+
+// Rounds every element to a multiple of 2^-6 in [-4, 4].
+void Quantize(Tensor* t) {
+  t->ForEach([&](const Index& i) {
+    t->Set(i, std::clamp(std::round(t->Get(i) * 64.0) / 64.0, -4.0, 4.0));
+  });
+}
+
+std::vector<double> FiniteDifferences(const Spec& s, Inputs* in, Tensor* x) {
+  std::vector<double> grad;
+  const double h = 1.0 / 256.0;
+  x->ForEach([&](const Index& i) {
+    const double x0 = x->Get(i);
+    auto at = [&](double step) {
+      x->Set(i, x0 + step);
+      const double l = Loss(s, *in);
+      x->Set(i, x0);
+      return l;
+    };
+    const double d1 = (at(h) - at(-h)) / (2.0 * h);
+    const double d2 = (at(h / 2) - at(-h / 2)) / h;
+    grad.push_back((4.0 * d2 - d1) / 3.0);
+  });
+  return grad;
+}
+
+std::vector<Spec> FiniteDifferenceSpecs() {
+  std::vector<Spec> specs;
+  specs.push_back(Dense(5, 7, 2, 2, 8));
+  Spec s = Dense(5, 8, 2, 1, 8);  // causal, Lq < Lk
+  s.causal = true;
+  specs.push_back(s);
+  s = Dense(8, 5, 2, 2, 4);  // causal, Lq > Lk: fully masked rows
+  s.causal = true;
+  specs.push_back(s);
+  s.align = MaskAlign::kTopLeft;  // top-left: every row sees a key
+  specs.push_back(s);
+  s = Dense(6, 8, 4, 2, 8);  // window
+  s.window_left = 2;
+  s.window_right = 1;
+  specs.push_back(s);
+  s = Dense(6, 7, 2, 1, 8);  // softcap reached: logits of a few units against a cap of 1
+  s.softcap = 1.0f;
+  s.q_mult = 3.0;
+  specs.push_back(s);
+  s = Dense(6, 7, 4, 1, 8);  // ALiBi per head, GQA 4:1
+  s.alibi = AlibiKind::kPerHead;
+  specs.push_back(s);
+  s = Dense(7, 5, 4, 2, 4);  // ALiBi per batch with causal
+  s.batch = 2;
+  s.alibi = AlibiKind::kPerBatch;
+  s.causal = true;
+  specs.push_back(s);
+  s = Dense(4, 6, 2, 1, 3);  // custom negative scale
+  s.scale = -0.7f;
+  specs.push_back(s);
+  s = Spec();  // varlen with a zero-length query sequence and a sequence without keys
+  s.seqlens_q = {3, 0, 5, 2};
+  s.seqlens_k = {4, 3, 0, 6};
+  s.heads_q = 2;
+  s.heads_kv = 1;
+  s.dim = 4;
+  s.causal = true;
+  specs.push_back(s);
+  s = Spec();  // everything at once
+  s.seqlens_q = {4, 6};
+  s.seqlens_k = {6, 3};
+  s.heads_q = 4;
+  s.heads_kv = 2;
+  s.dim = 5;
+  s.softcap = 1.5f;
+  s.q_mult = 2.0;
+  s.alibi = AlibiKind::kPerBatch;
+  s.window_left = 3;
+  s.window_right = 0;
+  s.align = MaskAlign::kTopLeft;
+  specs.push_back(s);
+  return specs;
+}
+
+TEST(BackwardReference, MatchesFiniteDifferences) {
+  for (const Spec& s : FiniteDifferenceSpecs()) {
+    SCOPED_TRACE(test::Repro(s.Name()));
+    Inputs in = MakeInputs(s);
+    for (Tensor* t : {&in.q, &in.k, &in.v, &in.dout}) Quantize(t);
+    const Reference ref = ComputeReference(s, in);
+    EXPECT_TRUE(test::CheckClose(ref.dq, FiniteDifferences(s, &in, &in.q),
+                                 test::kFiniteDifferenceCeiling, "dq vs finite differences"));
+    EXPECT_TRUE(test::CheckClose(ref.dk, FiniteDifferences(s, &in, &in.k),
+                                 test::kFiniteDifferenceCeiling, "dk vs finite differences"));
+    EXPECT_TRUE(test::CheckClose(ref.dv, FiniteDifferences(s, &in, &in.v),
+                                 test::kFiniteDifferenceCeiling, "dv vs finite differences"));
+    // The gradients are not all ~0 (a case that tests nothing).
+    double largest = 0.0;
+    for (double x : ref.dq) largest = std::max(largest, std::fabs(x));
+    EXPECT_GT(largest, 1e-2);
+  }
+}
+
+// The naive same-precision backward is an honest f32 implementation: it meets the f32 gradient
+// rules (that is what makes those rules achievable for a kernel).
+TEST(BackwardReference, NaiveF32MeetsTheF32Rules) {
+  for (bool causal : {false, true}) {
+    Spec s = Dense(113, 203, 4, 2, 64);
+    s.causal = causal;
+    SCOPED_TRACE(test::Repro(s.Name()));
+    const Inputs in = MakeInputs(s);
+    const Reference ref = ComputeReference(s, in);
+    std::vector<double> dq(ref.dq.size()), dk(ref.dk.size()), dv(ref.dv.size());
+    test::AttentionBackwardNaive(MakeBackwardParams(s, in, nullptr, nullptr), dq.data(), dk.data(),
+                                 dv.data());
+    test::GradRule rule;
+    rule.gqa = true;
+    EXPECT_TRUE(test::CheckGradient(DType::kF32, dq, ref.dq, nullptr, &ref.mag_dq, rule, "dq"));
+    EXPECT_TRUE(test::CheckGradient(DType::kF32, dk, ref.dk, nullptr, &ref.mag_dk, rule, "dk"));
+    EXPECT_TRUE(test::CheckGradient(DType::kF32, dv, ref.dv, nullptr, &ref.mag_dv, rule, "dv"));
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The parameterized sweep: one test per spec, every path against fp64.
+
+class Backward : public ::testing::TestWithParam<Spec> {};
+
+TEST_P(Backward, MatchesReferenceOnEveryPath) { CheckAllPaths(GetParam()); }
+
+std::string SpecName(const ::testing::TestParamInfo<Spec>& info) { return info.param.Name(); }
+
+// Removes specs with duplicate names (gtest rejects them), keeping the first.
+std::vector<Spec> Unique(std::vector<Spec> specs) {
+  std::set<std::string> seen;
+  std::vector<Spec> r;
+  for (Spec& s : specs) {
+    if (seen.insert(s.Name()).second) r.push_back(std::move(s));
+  }
+  return r;
+}
+
+// Sequence lengths 1, 17, 113, 203 for queries and keys independently (q > k and q < k), with
+// and without a causal mask.
+std::vector<Spec> ShapeSpecs() {
+  std::vector<int64_t> lens = {1, 17, 113, 203};
+  if (Small()) lens = {1, 17, 65};
+  std::vector<Spec> specs;
+  for (int64_t sq : lens) {
+    for (int64_t sk : lens) {
+      for (bool causal : {false, true}) {
+        Spec s = Dense(sq, sk, 2, 1, 64);
+        s.causal = causal;
+        specs.push_back(s);
+      }
+    }
+  }
+  return Unique(specs);
+}
+INSTANTIATE_TEST_SUITE_P(Shapes, Backward, ::testing::ValuesIn(ShapeSpecs()), SpecName);
+
+// Head dims 1, 40, 64, 72, 128, 256 on tile-tail lengths.
+std::vector<Spec> HeadDimSpecs() {
+  std::vector<Spec> specs;
+  std::vector<std::pair<int64_t, int64_t>> shapes = {{17, 113}, {113, 17}};
+  if (Small()) shapes = {{17, 65}};
+  for (int64_t d : {1, 40, 64, 72, 128, 256}) {
+    for (auto [sq, sk] : shapes) {
+      for (bool causal : {false, true}) {
+        Spec s = Dense(sq, sk, 2, 1, d);
+        s.causal = causal;
+        specs.push_back(s);
+      }
+    }
+  }
+  return Unique(specs);
+}
+INSTANTIATE_TEST_SUITE_P(HeadDims, Backward, ::testing::ValuesIn(HeadDimSpecs()), SpecName);
+
+// Every dtype: f32 with the ceilings, NMSE and relative rules; bf16/f16 with the ratio rule
+// against the naive same-precision backward and the ceilings.
+std::vector<Spec> DTypeSpecs() {
+  std::vector<Spec> specs;
+  for (DType dt : {DType::kF32, DType::kBF16, DType::kF16}) {
+    for (int64_t d : {40, 64, 128, 256}) {
+      for (bool causal : {false, true}) {
+        // q < k with causal (bottom-right: every key seen), q > k without.
+        Spec s = causal ? Dense(65, 129, 4, 2, d, dt) : Dense(129, 65, 4, 2, d, dt);
+        if (Small()) s = Dense(17, 33, 4, 2, d, dt);
+        s.causal = causal;
+        specs.push_back(s);
+      }
+    }
+  }
+  return Unique(specs);
+}
+INSTANTIATE_TEST_SUITE_P(DTypes, Backward, ::testing::ValuesIn(DTypeSpecs()), SpecName);
+
+// GQA head mapping (class 16): 8:1, 6:2 and the class-16 list, Lq in {1, 17}, dK/dV summed over
+// the group's query heads.
+std::vector<Spec> GqaSpecs() {
+  std::vector<std::pair<int64_t, int64_t>> heads = {{8, 8},  {8, 1},  {8, 2},  {6, 2},  {6, 3},
+                                                    {12, 4}, {48, 2}, {40, 2}, {65, 5}, {27, 1}};
+  std::vector<Spec> specs;
+  for (auto [hq, hkv] : heads) {
+    for (int64_t sq : {1, 17}) {
+      Spec s = Dense(sq, 37, hq, hkv, 64);
+      s.causal = true;
+      specs.push_back(s);
+    }
+  }
+  for (DType dt : {DType::kBF16, DType::kF16}) {
+    Spec s = Dense(33, 65, 8, 1, 64, dt);
+    s.causal = true;
+    specs.push_back(s);
+  }
+  return Unique(specs);
+}
+INSTANTIATE_TEST_SUITE_P(Gqa, Backward, ::testing::ValuesIn(GqaSpecs()), SpecName);
+
+// Masks: none, causal in both alignments, windows (0,0), (1,0), (0,1), (w,w), (Lk,0), causal +
+// left window, one-sided windows, on q < k, q > k and q = k.
+std::vector<Spec> MaskSpecs() {
+  std::vector<Spec> specs;
+  std::vector<std::pair<int64_t, int64_t>> shapes = {{17, 113}, {113, 17}, {65, 65}};
+  if (Small()) shapes = {{17, 40}, {40, 17}};
+  for (auto [sq, sk] : shapes) {
+    struct Mask {
+      bool causal;
+      int64_t wl, wr;
+    };
+    const std::vector<Mask> masks = {
+        {false, -1, -1}, {true, -1, -1}, {false, 0, 0},  {false, 1, 0},  {false, 0, 1},
+        {false, 7, 7},   {false, sk, 0}, {true, 16, -1}, {false, -1, 3}, {false, 5, -1}};
+    for (const Mask& m : masks) {
+      for (MaskAlign align : {MaskAlign::kBottomRight, MaskAlign::kTopLeft}) {
+        Spec s = Dense(sq, sk, 2, 1, 64);
+        s.causal = m.causal;
+        s.window_left = m.wl;
+        s.window_right = m.wr;
+        s.align = align;
+        specs.push_back(s);
+      }
+    }
+  }
+  // Low precision under masks that leave rows with few visible keys.
+  for (DType dt : {DType::kBF16, DType::kF16}) {
+    for (MaskAlign align : {MaskAlign::kBottomRight, MaskAlign::kTopLeft}) {
+      Spec s = Dense(40, 17, 2, 1, 72, dt);
+      s.causal = true;
+      s.align = align;
+      specs.push_back(s);
+      s.causal = false;
+      s.window_left = s.window_right = 5;
+      specs.push_back(s);
+    }
+  }
+  return Unique(specs);
+}
+INSTANTIATE_TEST_SUITE_P(Masks, Backward, ::testing::ValuesIn(MaskSpecs()), SpecName);
+
+// Softcap 50 with q scaled by 50 so that the logits reach the cap (FlashAttention's test): the
+// ratio rule with kGradSoftcapExtra, for every dtype (logits of ~50 make f32 itself
+// ill-conditioned at the ceilings' level). A cap that is rarely reached keeps the f32 rules.
+std::vector<Spec> SoftcapSpecs() {
+  std::vector<Spec> specs;
+  for (DType dt : {DType::kF32, DType::kBF16, DType::kF16}) {
+    for (bool causal : {false, true}) {
+      Spec s = Dense(Small() ? 17 : 65, Small() ? 33 : 129, 2, 1, 64, dt);
+      s.causal = causal;
+      s.softcap = 50.0f;
+      s.q_mult = 50.0;
+      if (dt == DType::kF32) s.rule = Rule::kRatioOnly;
+      specs.push_back(s);
+    }
+  }
+  Spec s = Dense(65, 129, 2, 1, 64);
+  s.softcap = 30.0f;
+  s.causal = true;
+  specs.push_back(s);
+  s = Dense(65, 129, 4, 2, 72);  // a cap that bends most logits, no q scaling: f32 rules
+  s.softcap = 1.0f;
+  specs.push_back(s);
+  return Unique(specs);
+}
+INSTANTIATE_TEST_SUITE_P(Softcap, Backward, ::testing::ValuesIn(SoftcapSpecs()), SpecName);
+
+// ALiBi slopes [Hq] and [B, Hq], with and without causal, both alignments; and ALiBi together
+// with softcap and a window.
+std::vector<Spec> AlibiSpecs() {
+  std::vector<Spec> specs;
+  for (AlibiKind kind : {AlibiKind::kPerHead, AlibiKind::kPerBatch}) {
+    for (auto [sq, sk] : {std::pair<int64_t, int64_t>{17, 65}, {65, 17}}) {
+      for (int mask = 0; mask < 3; ++mask) {
+        for (DType dt : {DType::kF32, DType::kBF16}) {
+          Spec s = Dense(sq, sk, 4, 2, 64, dt);
+          s.batch = 2;
+          s.alibi = kind;
+          s.causal = mask > 0;
+          s.align = mask == 2 ? MaskAlign::kTopLeft : MaskAlign::kBottomRight;
+          specs.push_back(s);
+        }
+      }
+    }
+  }
+  Spec s = Dense(65, 129, 4, 2, 64);
+  s.alibi = AlibiKind::kPerHead;
+  s.softcap = 5.0f;
+  s.window_left = 20;
+  s.window_right = 4;
+  specs.push_back(s);
+  return Unique(specs);
+}
+INSTANTIATE_TEST_SUITE_P(Alibi, Backward, ::testing::ValuesIn(AlibiSpecs()), SpecName);
+
+// Custom scales, including 0 (every visible key weighs the same) and a negative one.
+std::vector<Spec> ScaleSpecs() {
+  std::vector<Spec> specs;
+  for (float scale : {0.0f, 0.05f, 0.3f, -0.5f}) {
+    for (DType dt : {DType::kF32, DType::kBF16}) {
+      Spec s = Dense(33, 65, 2, 1, 64, dt);
+      s.scale = scale;
+      s.causal = true;
+      specs.push_back(s);
+    }
+  }
+  // Logits ~16x larger than usual: ill-conditioned in f32, ratio rule.
+  Spec s = Dense(33, 65, 2, 1, 64);
+  s.scale = 2.0f;
+  s.rule = Rule::kRatioOnly;
+  specs.push_back(s);
+  return Unique(specs);
+}
+INSTANTIATE_TEST_SUITE_P(Scale, Backward, ::testing::ValuesIn(ScaleSpecs()), SpecName);
+
+// Varlen: zero-length sequences, Lq >> Lk, fewer tokens than sequences (class 6), tokens past
+// the last sequence that must stay untouched (dq and dk/dv), both layouts.
+std::vector<Spec> VarlenSpecs() {
+  const int32_t big = Small() ? 65 : 203;
+  struct Lens {
+    std::vector<int32_t> q, k;
+  };
+  const std::vector<Lens> lens = {
+      {{0, 0, 0}, {0, 0, 0}},        {{1, big, 1, 1}, {1, big, 1, 1}},
+      {{76, 34, 146}, {1, 1, 1}},    {{3, 0, 17, 0, 5}, {0, 4, 20, 0, 9}},
+      {{17, 113, 1}, {113, 17, 40}},
+  };
+  std::vector<Spec> specs;
+  for (const Lens& l : lens) {
+    for (int mask = 0; mask < 3; ++mask) {
+      Spec s;
+      s.seqlens_q = l.q;
+      s.seqlens_k = l.k;
+      s.heads_q = 4;
+      s.heads_kv = 2;
+      s.dim = 64;
+      s.causal = mask > 0;
+      s.align = mask == 2 ? MaskAlign::kTopLeft : MaskAlign::kBottomRight;
+      s.extra_q_tokens = 3;
+      s.extra_k_tokens = 2;
+      specs.push_back(s);
+    }
+  }
+  // Rank-4 views, ALiBi per sequence, a window, softcap, bf16, a generic head dim.
+  Spec s;
+  s.seqlens_q = {3, 0, 17, 40};
+  s.seqlens_k = {5, 9, 17, 1};
+  s.heads_q = 4;
+  s.heads_kv = 1;
+  s.dim = 72;
+  s.varlen_rank4 = true;
+  s.alibi = AlibiKind::kPerBatch;
+  s.window_left = 6;
+  s.window_right = 2;
+  specs.push_back(s);
+  s.softcap = 3.0f;
+  s.extra_k_tokens = 4;
+  specs.push_back(s);
+  s.dtype = DType::kBF16;
+  s.varlen_rank4 = false;
+  s.extra_q_tokens = 5;
+  specs.push_back(s);
+  return Unique(specs);
+}
+INSTANTIATE_TEST_SUITE_P(Varlen, Backward, ::testing::ValuesIn(VarlenSpecs()), SpecName);
+
+// Tile tails (class 5): lengths around the usual tile sizes 32, 64 and 128 on either side,
+// with NaN padding inside the inputs so a read past a row's head dim shows up.
+std::vector<Spec> TailSpecs() {
+  // Around the kernel's tiles: 96-key blocks (flash_bwd-inl.h kKeyBlock), 128-row query tiles
+  // and 128-key forward tiles, and the SIMD widths below them.
+  std::vector<int64_t> lens = {31, 32,  33,  63,  64,  65,  95,  96,
+                               97, 127, 128, 129, 191, 193, 255, 257};
+  if (Small()) lens = {31, 33, 63, 65, 97, 129};
+  std::vector<Spec> specs;
+  for (int64_t l : lens) {
+    for (bool q_side : {true, false}) {
+      Spec s = Dense(q_side ? l : 33, q_side ? 33 : l, 2, 1, 40);
+      s.causal = true;
+      s.in_layout = Layout::kPaddedDim;
+      specs.push_back(s);
+    }
+  }
+  return Unique(specs);
+}
+INSTANTIATE_TEST_SUITE_P(Tails, Backward, ::testing::ValuesIn(TailSpecs()), SpecName);
+
+// ---------------------------------------------------------------------------------------------
+// Identities.
+
+// GQA = MHA with K/V repeated G times: dK/dV of a KV head are the sums of the repeated heads'.
+TEST(BackwardIdentity, GqaEqualsRepeatedKv) {
+  for (auto [hq, hkv] : {std::pair<int64_t, int64_t>{8, 2}, {6, 2}, {8, 1}}) {
+    Spec s = Dense(17, 37, hq, hkv, 64);
+    s.causal = true;
+    SCOPED_TRACE(test::Repro(s.Name()));
+    const Inputs in = MakeInputs(s);
+    Spec mha = s;
+    mha.heads_kv = hq;
+    Inputs rep = MakeInputs(mha);
+    const int64_t group = hq / hkv;
+    rep.q.FromVector(in.q.ToVector());
+    rep.dout.FromVector(in.dout.ToVector());
+    rep.k.ForEach([&](const Index& i) {
+      rep.k.Set(i, in.k.Get({i[0], i[1], i[2] / group, i[3]}));
+    });
+    rep.v.ForEach([&](const Index& i) {
+      rep.v.Set(i, in.v.Get({i[0], i[1], i[2] / group, i[3]}));
+    });
+    for (Path path : PathsFor(s.dim)) {
+      SCOPED_TRACE(std::string("path ") + PathName(path));
+      Grads a, b;
+      ASSERT_TRUE(RunBackward(s, in, path, 0, &a).ok());
+      ASSERT_TRUE(RunBackward(mha, rep, path, 0, &b).ok());
+      EXPECT_TRUE(test::CheckClose(a.dq.ToVector(), b.dq.ToVector(),
+                                   test::GradCeiling(s.dtype, false), "dq GQA vs repeated"));
+      for (const auto& pair :
+           {std::pair<const Tensor*, const Tensor*>{&a.dk, &b.dk}, {&a.dv, &b.dv}}) {
+        std::vector<double> summed(static_cast<size_t>(pair.first->numel()), 0.0);
+        size_t n = 0;
+        pair.first->ForEach([&](const Index& i) {
+          for (int64_t h = i[2] * group; h < (i[2] + 1) * group; ++h) {
+            summed[n] += pair.second->Get({i[0], i[1], h, i[3]});
+          }
+          ++n;
+        });
+        EXPECT_TRUE(test::CheckClose(pair.first->ToVector(), summed,
+                                     test::GradCeiling(s.dtype, false),
+                                     "dk/dv GQA vs summed repeated heads"));
+      }
+    }
+  }
+}
+
+// Varlen = a loop over single dense sequences (an identity, not promised bitwise: the gradient
+// ceiling of the dtype against the dense runs).
+TEST(BackwardIdentity, VarlenEqualsLoopOfSequences) {
+  Spec s;
+  s.seqlens_q = {17, 0, 40, 5};
+  s.seqlens_k = {33, 7, 40, 0};
+  s.heads_q = 4;
+  s.heads_kv = 2;
+  s.dim = 64;
+  s.causal = true;
+  SCOPED_TRACE(test::Repro(s.Name()));
+  const Inputs in = MakeInputs(s);
+  for (Path path : PathsFor(s.dim)) {
+    SCOPED_TRACE(std::string("path ") + PathName(path));
+    Grads all;
+    ASSERT_TRUE(RunBackward(s, in, path, 0, &all).ok());
+    for (size_t b = 0; b < s.seqlens_q.size(); ++b) {
+      SCOPED_TRACE("sequence " + std::to_string(b));
+      Spec one = Dense(s.seqlens_q[b], s.seqlens_k[b], s.heads_q, s.heads_kv, s.dim);
+      one.causal = true;
+      Inputs single = MakeInputs(one);
+      const int64_t q0 = in.cu_q[b], k0 = in.cu_k[b];
+      auto copy_rows = [](Tensor* dst, const Tensor& src, int64_t t0) {
+        dst->ForEach([&](const Index& i) { dst->Set(i, src.Get({t0 + i[1], i[2], i[3]})); });
+      };
+      copy_rows(&single.q, in.q, q0);
+      copy_rows(&single.dout, in.dout, q0);
+      copy_rows(&single.k, in.k, k0);
+      copy_rows(&single.v, in.v, k0);
+      Grads alone;
+      ASSERT_TRUE(RunBackward(one, single, path, 0, &alone).ok());
+      const struct {
+        const char* name;
+        const Tensor* part;
+        const Tensor* whole;
+        int64_t t0;
+      } grads[] = {{"dq", &alone.dq, &all.dq, q0},
+                   {"dk", &alone.dk, &all.dk, k0},
+                   {"dv", &alone.dv, &all.dv, k0}};
+      for (const auto& x : grads) {
+        std::vector<double> whole;
+        x.part->ForEach([&](const Index& i) {
+          whole.push_back(x.whole->Get({x.t0 + i[1], i[2], i[3]}));
+        });
+        EXPECT_TRUE(
+            test::CheckClose(whole, x.part->ToVector(), test::GradCeiling(s.dtype, false), x.name));
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Bug-class regressions.
+
+// Visible-key count of query row i under a dense spec's mask, from the definition.
+int64_t VisibleKeys(const Spec& s, int64_t i) {
+  const int64_t pos = i + (s.align == MaskAlign::kTopLeft ? 0 : s.seq_k - s.seq_q);
+  int64_t lo = 0, hi = s.seq_k - 1;
+  if (s.window_left >= 0) lo = std::max(lo, pos - s.window_left);
+  const int64_t wr = s.causal ? 0 : s.window_right;
+  if (wr >= 0) hi = std::min(hi, pos + wr);
+  return std::max<int64_t>(0, hi - lo + 1);
+}
+
+// True when some query row of a dense spec sees key j.
+bool KeySeen(const Spec& s, int64_t j) {
+  for (int64_t i = 0; i < s.seq_q; ++i) {
+    const int64_t pos = i + (s.align == MaskAlign::kTopLeft ? 0 : s.seq_k - s.seq_q);
+    const int64_t wr = s.causal ? 0 : s.window_right;
+    if ((s.window_left < 0 || j >= pos - s.window_left) && (wr < 0 || j <= pos + wr)) return true;
+  }
+  return false;
+}
+
+// Fully masked rows (class 1): dq rows exactly 0, no NaN anywhere; keys no row sees get
+// dk = dv = 0 exactly.
+TEST(BackwardRegression, FullyMaskedRows) {
+  const int64_t n = Small() ? 100 : 300, half = n / 2;
+  std::vector<Spec> specs;
+  // PyTorch #127055's banded mask triu(-inf, 1) + tril(-inf, -10): window (9, 0), top-left.
+  Spec band = Dense(n, n, 1, 1, 64);
+  band.window_left = 9;
+  band.window_right = 0;
+  band.align = MaskAlign::kTopLeft;
+  specs.push_back(band);
+  Spec tall = band;  // Lq > Lk: rows past Lk + 9 see nothing
+  tall.seq_k = half;
+  specs.push_back(tall);
+  Spec causal = Dense(203, 17, 2, 1, 64);  // bottom-right causal, Lq > Lk: 186 empty rows
+  causal.causal = true;
+  specs.push_back(causal);
+  Spec wide = Dense(17, 113, 2, 1, 64);  // top-left causal, Lq < Lk: keys >= 17 seen by nobody
+  wide.causal = true;
+  wide.align = MaskAlign::kTopLeft;
+  specs.push_back(wide);
+  Spec right_only = Dense(64, 40, 2, 2, 40);  // window (0, -1), top-left: rows 40.. see nothing
+  right_only.window_left = 0;
+  right_only.window_right = -1;
+  right_only.align = MaskAlign::kTopLeft;
+  specs.push_back(right_only);
+  for (DType dt : {DType::kBF16, DType::kF16}) {
+    Spec low = causal;
+    low.dtype = dt;
+    specs.push_back(low);
+  }
+
+  for (const Spec& s : specs) {
+    SCOPED_TRACE(test::Repro(s.Name()));
+    const Inputs in = MakeInputs(s);
+    int64_t empty_rows = 0, unseen_keys = 0;
+    for (int64_t i = 0; i < s.seq_q; ++i) empty_rows += VisibleKeys(s, i) == 0;
+    for (int64_t j = 0; j < s.seq_k; ++j) unseen_keys += !KeySeen(s, j);
+    if (s.seq_q != s.seq_k) {  // the square band is PyTorch's regression: every row sees keys
+      EXPECT_GT(empty_rows + unseen_keys, 0) << "the case lost its point";
+    }
+    CheckAllPaths(s, in);
+    for (Path path : PathsFor(s.dim)) {
+      SCOPED_TRACE(std::string("path ") + PathName(path));
+      Grads g;
+      ASSERT_TRUE(RunBackward(s, in, path, 0, &g).ok());
+      EXPECT_TRUE(g.dq.AllFinite());
+      EXPECT_TRUE(g.dk.AllFinite());
+      EXPECT_TRUE(g.dv.AllFinite());
+      for (int64_t i = 0; i < s.seq_q; ++i) {
+        if (VisibleKeys(s, i) != 0) continue;
+        for (int64_t h = 0; h < s.heads_q; ++h) {
+          for (int64_t d = 0; d < s.dim; ++d) {
+            ASSERT_EQ(g.dq.Get({0, i, h, d}), 0.0) << "dq row " << i << " head " << h;
+          }
+        }
+      }
+      for (int64_t j = 0; j < s.seq_k; ++j) {
+        if (KeySeen(s, j)) continue;
+        for (int64_t h = 0; h < s.heads_kv; ++h) {
+          for (int64_t d = 0; d < s.dim; ++d) {
+            ASSERT_EQ(g.dk.Get({0, j, h, d}), 0.0) << "dk key " << j << " head " << h;
+            ASSERT_EQ(g.dv.Get({0, j, h, d}), 0.0) << "dv key " << j << " head " << h;
+          }
+        }
+      }
+    }
+  }
+}
+
+// Varlen with every 4th sequence having no keys: those rows get dq = 0, neighbours unaffected.
+TEST(BackwardRegression, FullyMaskedVarlenSequences) {
+  Spec s;
+  for (int i = 0; i < 12; ++i) {
+    s.seqlens_q.push_back(5 + i);
+    s.seqlens_k.push_back(i % 4 == 0 ? 0 : 9 + 3 * i);
+  }
+  s.heads_q = 2;
+  s.heads_kv = 1;
+  s.dim = 64;
+  s.causal = true;
+  SCOPED_TRACE(test::Repro(s.Name()));
+  const Inputs in = MakeInputs(s);
+  CheckAllPaths(s, in);
+  for (Path path : PathsFor(s.dim)) {
+    SCOPED_TRACE(std::string("path ") + PathName(path));
+    Grads g;
+    ASSERT_TRUE(RunBackward(s, in, path, 0, &g).ok());
+    EXPECT_TRUE(g.dq.AllFinite());
+    EXPECT_TRUE(g.dk.AllFinite());
+    EXPECT_TRUE(g.dv.AllFinite());
+    for (size_t b = 0; b < s.seqlens_q.size(); b += 4) {
+      for (int64_t t = in.cu_q[b]; t < in.cu_q[b + 1]; ++t) {
+        for (int64_t h = 0; h < s.heads_q; ++h) {
+          for (int64_t d = 0; d < s.dim; ++d) ASSERT_EQ(g.dq.Get({t, h, d}), 0.0);
+        }
+      }
+    }
+  }
+}
+
+// Sk = 0: every row has no key, dq = 0 (§4.2); dk and dv are empty.
+TEST(BackwardRegression, NoKeys) {
+  for (DType dt : {DType::kF32, DType::kBF16}) {
+    Spec s = Dense(17, 0, 4, 2, 64, dt);
+    s.batch = 2;
+    SCOPED_TRACE(s.Name());
+    const Inputs in = MakeInputs(s);
+    for (Path path : PathsFor(s.dim)) {
+      SCOPED_TRACE(std::string("path ") + PathName(path));
+      Grads g;
+      ASSERT_TRUE(RunBackward(s, in, path, 0, &g).ok());
+      for (double x : g.dq.ToVector()) ASSERT_EQ(x, 0.0);
+    }
+  }
+}
+
+// Row-major strides computed as if every zero extent were 1: an empty tensor whose strides are
+// all non-zero (the natural row-major strides of an empty shape contain zeros).
+std::vector<int64_t> StridesIgnoringEmptyDims(std::vector<int64_t> shape) {
+  for (int64_t& x : shape) x = std::max<int64_t>(x, 1);
+  return Tensor::ContiguousStrides(shape);
+}
+
+// Runs an empty backward on every path and exits 0 when each call succeeds and leaves the
+// gradients bitwise untouched, 1 otherwise. Runs inside EXPECT_EXIT: a crash (SIGFPE from a
+// division by an empty extent, class 7) fails the one test instead of the whole binary.
+void RunEmptyBackwardAndExit(const AttentionBackwardParams& p,
+                             const std::vector<const Tensor*>& grads, int64_t dim) {
+  for (Path path : PathsFor(dim)) {
+    Context ctx;
+    ctx.path = path;
+    const Status st = AttentionBackward(p, ctx);
+    if (!st.ok()) {
+      std::fprintf(stderr, "path %s: %s\n", PathName(path), st.ToString().c_str());
+      std::_Exit(1);
+    }
+    for (const Tensor* t : grads) {
+      const ::testing::AssertionResult same = t->Unchanged();
+      if (!same) {
+        std::fprintf(stderr, "path %s: gradient written: %s\n", PathName(path), same.message());
+        std::_Exit(1);
+      }
+    }
+  }
+  std::_Exit(0);
+}
+
+// B = 0 and Sq = Sk = 0 succeed without touching anything (RELIABILITY.md §4.2), with the
+// natural row-major strides of the empty tensors (which contain zeros) and with all-non-zero
+// strides; so does a varlen call with zero sequences.
+TEST(BackwardRegression, EmptyProblemsAreNoOps) {
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  std::vector<Spec> specs;
+  Spec s = Dense(17, 33, 2, 1, 64);
+  s.batch = 0;
+  specs.push_back(s);
+  s = Dense(0, 0, 2, 1, 40);
+  s.causal = true;
+  specs.push_back(s);
+  for (const Spec& e : specs) {
+    for (bool natural_strides : {true, false}) {
+      SCOPED_TRACE(e.Name() + (natural_strides ? " natural strides" : " non-zero strides"));
+      const Inputs in = MakeInputs(e);
+      ForwardResult fwd;
+      ASSERT_TRUE(RunForward(e, in, Path::kReference, &fwd).ok());
+      Grads g = MakeGrads(e, in);
+      if (!natural_strides) {
+        for (Tensor* t : {&g.dq, &g.dk, &g.dv}) {
+          *t = Tensor(e.dtype, t->shape(), StridesIgnoringEmptyDims(t->shape()));
+        }
+      }
+      const AttentionBackwardParams p = MakeBackwardParams(e, in, &fwd, &g);
+      EXPECT_EXIT(RunEmptyBackwardAndExit(p, {&g.dq, &g.dk, &g.dv}, e.dim),
+                  ::testing::ExitedWithCode(0), "");
+    }
+  }
+  // Varlen with zero sequences over a non-empty token axis: nothing belongs to a sequence.
+  Tensor q(DType::kF32, {5, 2, 64}), k(DType::kF32, {4, 1, 64}), val(DType::kF32, {4, 1, 64});
+  Tensor out(DType::kF32, {5, 2, 64}), lse(DType::kF32, {2, 5}), dout(DType::kF32, {5, 2, 64});
+  Tensor dq(DType::kF32, {5, 2, 64}), dk(DType::kF32, {4, 1, 64}), dv(DType::kF32, {4, 1, 64});
+  Rng rng(1);
+  for (Tensor* t : {&q, &k, &val, &out, &lse, &dout}) t->FillNormal(rng);
+  const std::vector<int32_t> cu = {0};
+  AttentionBackwardParams p;
+  p.forward.q = q.view();
+  p.forward.k = k.view();
+  p.forward.v = val.view();
+  p.forward.out = out.view();
+  p.forward.lse = lse.view();
+  p.forward.cu_seqlens_q = cu.data();
+  p.forward.cu_seqlens_k = cu.data();
+  p.forward.num_seqs = 0;
+  p.dout = dout.view();
+  p.dq = dq.view();
+  p.dk = dk.view();
+  p.dv = dv.view();
+  EXPECT_EXIT(RunEmptyBackwardAndExit(p, {&dq, &dk, &dv}, 64), ::testing::ExitedWithCode(0), "");
+}
+
+// Sq = 0 or Hq = 0 with keys present: no query sees any key, so dk = dv = 0 (attention.h), and
+// dq (empty) is untouched.
+TEST(BackwardRegression, NoQueriesGiveZeroKeyGradients) {
+  std::vector<Spec> specs = {Dense(0, 33, 2, 1, 64), Dense(17, 33, 0, 1, 64)};
+  specs[1].batch = 2;
+  for (const Spec& s : specs) {
+    SCOPED_TRACE(s.Name());
+    const Inputs in = MakeInputs(s);
+    for (Path path : PathsFor(s.dim)) {
+      SCOPED_TRACE(std::string("path ") + PathName(path));
+      Grads g;
+      ASSERT_TRUE(RunBackward(s, in, path, 0, &g).ok());
+      EXPECT_EQ(g.dq.numel(), 0);
+      for (double x : g.dk.ToVector()) ASSERT_EQ(x, 0.0);
+      for (double x : g.dv.ToVector()) ASSERT_EQ(x, 0.0);
+    }
+  }
+}
+
+// Path::kFast exists only for D in {64, 128, 256}; elsewhere the backward is an error and the
+// gradients are untouched.
+TEST(BackwardRegression, FastPathRejectsOtherHeadDims) {
+  for (int64_t d : {1, 40, 63, 72, 96, 512}) {
+    Spec s = Dense(17, 17, 2, 1, d);
+    SCOPED_TRACE(s.Name());
+    const Inputs in = MakeInputs(s);
+    ForwardResult fwd;
+    ASSERT_TRUE(RunForward(s, in, Path::kFast, &fwd).ok());  // runs on kGeneric
+    Grads g = MakeGrads(s, in);
+    Context ctx;
+    ctx.path = Path::kFast;
+    const Status st = AttentionBackward(MakeBackwardParams(s, in, &fwd, &g), ctx);
+    EXPECT_FALSE(st.ok());
+    EXPECT_TRUE(st.code() == StatusCode::kUnimplemented ||
+                st.code() == StatusCode::kInvalidArgument)
+        << st.ToString();
+    EXPECT_FALSE(st.message().empty());
+    EXPECT_TRUE(g.dq.Unchanged());
+    EXPECT_TRUE(g.dk.Unchanged());
+    EXPECT_TRUE(g.dv.Unchanged());
+  }
+}
+
+// Gradients with gaps (padded rows, head and token slices), pre-filled with NaN inside 1 KiB
+// guards (class 18): every element written and finite, gaps and guards untouched (RunBackward
+// checks gaps and guards on every call), and the values bitwise those of contiguous gradients.
+TEST(BackwardRegression, OutputPoisonAndGuards) {
+  for (Layout layout :
+       {Layout::kPaddedDim, Layout::kHeadSliced, Layout::kSeqSliced, Layout::kHeadsMajor}) {
+    Spec s = Dense(65, 129, 4, 2, 72);
+    s.batch = 2;
+    s.causal = true;
+    s.grad_layout = layout;
+    SCOPED_TRACE(test::Repro(s.Name()));
+    const Inputs in = MakeInputs(s);
+    Spec contiguous = s;
+    contiguous.grad_layout = Layout::kContiguous;
+    for (Path path : PathsFor(s.dim)) {
+      SCOPED_TRACE(std::string("path ") + PathName(path));
+      Grads g, c;
+      ASSERT_TRUE(RunBackward(s, in, path, 0, &g).ok());
+      EXPECT_TRUE(g.dq.AllFinite());
+      EXPECT_TRUE(g.dk.AllFinite());
+      EXPECT_TRUE(g.dv.AllFinite());
+      ASSERT_TRUE(RunBackward(contiguous, in, path, 0, &c).ok());
+      EXPECT_TRUE(SameBits(g, c));
+    }
+  }
+  // Varlen: gradients of tokens outside every sequence keep their NaN (checked against the
+  // reference by ExpectMatchesReference), padded layout.
+  Spec v;
+  v.seqlens_q = {9, 0, 30};
+  v.seqlens_k = {12, 5, 30};
+  v.extra_q_tokens = 4;
+  v.extra_k_tokens = 3;
+  v.heads_q = 2;
+  v.heads_kv = 1;
+  v.dim = 64;
+  v.grad_layout = Layout::kPaddedDim;
+  CheckAllPaths(v);
+}
+
+// Strided views of q, k, v, out and the gradients (class 10): bitwise equal to the contiguous
+// run on the same path.
+TEST(BackwardRegression, StrideMatrix) {
+  struct Variant {
+    Layout in, out, grad;
+  };
+  const std::vector<Variant> variants = {
+      {Layout::kPaddedDim, Layout::kPaddedDim, Layout::kPaddedDim},
+      {Layout::kHeadsMajor, Layout::kHeadSliced, Layout::kSeqSliced},
+      {Layout::kSeqSliced, Layout::kHeadsMajor, Layout::kHeadSliced},
+      {Layout::kBatchBroadcast, Layout::kContiguous, Layout::kHeadsMajor},
+  };
+  for (DType dt : {DType::kF32, DType::kBF16}) {
+    for (const Variant& var : variants) {
+      Spec s = Dense(Small() ? 17 : 65, Small() ? 33 : 129, 4, 2, 64, dt);
+      s.batch = 2;
+      s.causal = true;
+      s.in_layout = var.in;
+      s.out_layout = var.out;
+      s.grad_layout = var.grad;
+      SCOPED_TRACE(test::Repro(s.Name()));
+      const Inputs in = MakeInputs(s);
+      Spec dense = s;
+      dense.in_layout = dense.out_layout = dense.grad_layout = Layout::kContiguous;
+      const Inputs copy = ContiguousInputs(s, in);
+      for (Path path : PathsFor(s.dim)) {
+        SCOPED_TRACE(std::string("path ") + PathName(path));
+        Grads strided, contiguous;
+        ASSERT_TRUE(RunBackward(s, in, path, 0, &strided).ok());
+        ASSERT_TRUE(RunBackward(dense, copy, path, 0, &contiguous).ok());
+        EXPECT_TRUE(SameBits(strided, contiguous));
+      }
+    }
+  }
+}
+
+// The upstream gradient with strides unlike out's (class 20): contiguous, transposed-like
+// (heads-major storage), strided slices of a bigger tensor (token slice, head slice, padded
+// rows) and a stride-0 batch, each bitwise equal to the run with a contiguous copy of dout.
+TEST(BackwardRegression, UpstreamGradientStrides) {
+  for (DType dt : {DType::kF32, DType::kBF16}) {
+    for (Layout layout : {Layout::kContiguous, Layout::kHeadsMajor, Layout::kSeqSliced,
+                          Layout::kHeadSliced, Layout::kPaddedDim, Layout::kBatchBroadcast}) {
+      Spec s = Dense(Small() ? 17 : 65, Small() ? 33 : 129, 4, 2, 64, dt);
+      s.batch = 2;
+      s.causal = true;
+      s.dout_layout = layout;
+      SCOPED_TRACE(test::Repro(s.Name()));
+      const Inputs in = MakeInputs(s);
+      Spec dense = s;
+      dense.dout_layout = Layout::kContiguous;
+      const Inputs copy = ContiguousInputs(s, in);
+      for (Path path : PathsFor(s.dim)) {
+        SCOPED_TRACE(std::string("path ") + PathName(path));
+        Grads strided, contiguous;
+        ASSERT_TRUE(RunBackward(s, in, path, 0, &strided).ok());
+        ASSERT_TRUE(RunBackward(dense, copy, path, 0, &contiguous).ok());
+        EXPECT_TRUE(SameBits(strided, contiguous));
+      }
+      if (layout == Layout::kHeadsMajor) CheckAllPaths(s, in);
+    }
+  }
+}
+
+// Base pointers 1, 2 and 3 elements past 64-byte alignment (class 11): correct, and bitwise
+// equal to the aligned run on the same path.
+TEST(BackwardRegression, MisalignedPointers) {
+  for (DType dt : {DType::kF32, DType::kBF16}) {
+    for (int64_t offset : {1, 3}) {
+      Spec s = Dense(33, 65, 2, 1, 64, dt);
+      s.causal = true;
+      s.misalign = offset;
+      SCOPED_TRACE(test::Repro(s.Name()));
+      const Inputs in = MakeInputs(s);
+      Spec aligned = s;
+      aligned.misalign = 0;
+      const Inputs copy = ContiguousInputs(s, in);
+      for (Path path : PathsFor(s.dim)) {
+        SCOPED_TRACE(std::string("path ") + PathName(path));
+        Grads a, b;
+        ASSERT_TRUE(RunBackward(s, in, path, 0, &a).ok());
+        ASSERT_TRUE(RunBackward(aligned, copy, path, 0, &b).ok());
+        EXPECT_TRUE(SameBits(a, b));
+      }
+    }
+  }
+}
+
+// A NaN in an unmasked q element is not hidden (class 17): the gradients of that row's query and
+// of the keys it sees are NaN.
+TEST(BackwardRegression, NanInQueryIsNotHidden) {
+  Spec s = Dense(40, 40, 4, 2, 64);
+  s.causal = true;
+  SCOPED_TRACE(test::Repro(s.Name()));
+  Inputs in = MakeInputs(s);
+  const int64_t row = 21, head = 3;  // KV head 1; sees keys 0..21
+  in.q.Set({0, row, head, 7}, kNaN);
+  for (Path path : PathsFor(s.dim)) {
+    SCOPED_TRACE(std::string("path ") + PathName(path));
+    Grads g;
+    ASSERT_TRUE(RunBackward(s, in, path, 0, &g).ok());
+    EXPECT_TRUE(std::isnan(g.dq.Get({0, row, head, 0})));
+    EXPECT_TRUE(std::isnan(g.dk.Get({0, 0, 1, 0})));
+    EXPECT_TRUE(std::isnan(g.dv.Get({0, row, 1, 0})));
+    // Query rows of the other KV head are not touched by it.
+    EXPECT_TRUE(std::isfinite(g.dq.Get({0, row, 0, 0})));
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Determinism (RELIABILITY.md §5).
+
+// 50 repeated backward runs are bitwise identical (class 12).
+TEST(BackwardDeterminism, RepeatedRunsAreBitwiseIdentical) {
+  Spec s = Dense(Small() ? 33 : 113, Small() ? 33 : 113, 4, 4, 64);
+  s.batch = 2;
+  s.causal = true;
+  SCOPED_TRACE(test::Repro(s.Name()));
+  const Inputs in = MakeInputs(s);
+  for (Path path : PathsFor(s.dim)) {
+    SCOPED_TRACE(std::string("path ") + PathName(path));
+    const int repeats = path == Path::kReference || Small() ? 3 : 50;
+    ForwardResult fwd;
+    ASSERT_TRUE(RunForward(s, in, path, &fwd).ok());
+    Grads first;
+    ASSERT_TRUE(RunBackwardOnly(s, in, &fwd, path, 0, &first).ok());
+    for (int r = 1; r < repeats; ++r) {
+      Grads again;
+      ASSERT_TRUE(RunBackwardOnly(s, in, &fwd, path, 0, &again).ok());
+      ASSERT_TRUE(SameBits(first, again)) << "repeat " << r;
+    }
+  }
+}
+
+// Thread-count invariance (class 13): 1, 2 and 3 threads give the same bits.
+TEST(BackwardDeterminism, ThreadCountInvariance) {
+  std::vector<Spec> specs;
+  for (int64_t d : {40, 64}) {
+    Spec s = Dense(Small() ? 65 : 129, Small() ? 65 : 203, 8, 2, d);
+    s.batch = 2;
+    s.causal = true;
+    specs.push_back(s);
+  }
+  // Varlen with very uneven sequences, where the split of work across threads matters most.
+  Spec v;
+  v.seqlens_q = {1, 150, 3, 64, 0, 129};
+  v.seqlens_k = {200, 150, 3, 1, 7, 129};
+  v.heads_q = 4;
+  v.heads_kv = 1;
+  v.dim = 64;
+  v.causal = true;
+  specs.push_back(v);
+  for (const Spec& s : specs) {
+    SCOPED_TRACE(test::Repro(s.Name()));
+    const Inputs in = MakeInputs(s);
+    for (Path path : PathsFor(s.dim)) {
+      SCOPED_TRACE(std::string("path ") + PathName(path));
+      ForwardResult fwd;
+      ASSERT_TRUE(RunForward(s, in, path, &fwd).ok());
+      Grads one;
+      ASSERT_TRUE(RunBackwardOnly(s, in, &fwd, path, 1, &one).ok());
+      for (int32_t threads : {2, 3}) {
+        Grads many;
+        ASSERT_TRUE(RunBackwardOnly(s, in, &fwd, path, threads, &many).ok());
+        EXPECT_TRUE(SameBits(one, many)) << threads << " threads";
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Validation (RELIABILITY.md §4.1): every bad backward argument gives kInvalidArgument with a
+// message naming it, on every path and from ValidateAttentionBackward directly, and no gradient
+// is written.
+
+constexpr int64_t kB = 2, kSq = 5, kSk = 7, kHq = 4, kHkv = 2, kD = 8;
+constexpr double kSentinel = -7.25;
+
+const Path kAllPaths[] = {Path::kAuto, Path::kReference, Path::kGeneric, Path::kFast};
+
+// True when `name` occurs in `message` as a whole identifier (not inside a longer one).
+bool NamesArgument(const std::string& message, const std::string& name) {
+  auto ident = [](char c) { return std::isalnum(static_cast<unsigned char>(c)) || c == '_'; };
+  for (size_t at = message.find(name); at != std::string::npos; at = message.find(name, at + 1)) {
+    const bool left_ok = at == 0 || !ident(message[at - 1]);
+    const size_t end = at + name.size();
+    const bool right_ok = end == message.size() || !ident(message[end]);
+    if (left_ok && right_ok) return true;
+  }
+  return false;
+}
+
+class BackwardValidation : public ::testing::Test {
+ protected:
+  BackwardValidation() {
+    Rng rng(20250101);
+    auto input = [&](DType dt, std::vector<int64_t> shape) {
+      Tensor t(dt, std::move(shape));
+      t.FillNormal(rng);
+      return t;
+    };
+    q_ = input(DType::kF32, {kB, kSq, kHq, kD});
+    k_ = input(DType::kF32, {kB, kSk, kHkv, kD});
+    v_ = input(DType::kF32, {kB, kSk, kHkv, kD});
+    dout_ = input(DType::kF32, {kB, kSq, kHq, kD});
+    out_ = Tensor(DType::kF32, {kB, kSq, kHq, kD});
+    lse_ = Tensor(DType::kF32, {kB, kHq, kSq});
+    dq_ = Gradient(DType::kF32, {kB, kSq, kHq, kD});
+    dk_ = Gradient(DType::kF32, {kB, kSk, kHkv, kD});
+    dv_ = Gradient(DType::kF32, {kB, kSk, kHkv, kD});
+    AttentionParams& f = params_.forward;
+    f.q = q_.view();
+    f.k = k_.view();
+    f.v = v_.view();
+    f.out = out_.view();
+    f.lse = lse_.view();
+    f.causal = true;
+    Context ctx;
+    ctx.path = Path::kReference;
+    EXPECT_TRUE(AttentionForward(f, ctx).ok());
+    params_.dout = dout_.view();
+    params_.dq = dq_.view();
+    params_.dk = dk_.view();
+    params_.dv = dv_.view();
+  }
+
+  static Tensor Gradient(DType dtype, std::vector<int64_t> shape) {
+    Tensor t(dtype, std::move(shape));
+    t.FillSlots(kSentinel);
+    t.Snapshot();
+    return t;
+  }
+
+  // `p` must be rejected with `code` and a message naming `arg`; no gradient may change (those
+  // of the fixture and any in `extra`).
+  void ExpectRejected(const AttentionBackwardParams& p, const std::string& arg,
+                      const std::vector<const Tensor*>& extra = {},
+                      StatusCode code = StatusCode::kInvalidArgument) {
+    AttentionBackwardProblem problem;
+    const Status direct = ValidateAttentionBackward(p, &problem);
+    EXPECT_EQ(direct.code(), code) << "ValidateAttentionBackward: " << direct.ToString();
+    for (Path path : kAllPaths) {
+      SCOPED_TRACE(std::string("path ") + PathName(path));
+      Context ctx;
+      ctx.path = path;
+      const Status s = AttentionBackward(p, ctx);
+      EXPECT_EQ(s.code(), code) << s.ToString();
+      EXPECT_TRUE(NamesArgument(s.message(), arg))
+          << "the message does not name `" << arg << "`: " << s.message();
+      for (const Tensor* t : {&dq_, &dk_, &dv_}) EXPECT_TRUE(t->Unchanged());
+      for (const Tensor* t : extra) EXPECT_TRUE(t->Unchanged());
+    }
+  }
+
+  Tensor q_, k_, v_, dout_, out_, lse_, dq_, dk_, dv_;
+  AttentionBackwardParams params_;
+};
+
+TEST_F(BackwardValidation, TheValidCallSucceeds) {
+  AttentionBackwardProblem problem;
+  EXPECT_TRUE(ValidateAttentionBackward(params_, &problem).ok());
+  Context ctx;
+  ctx.path = Path::kReference;
+  const Status st = AttentionBackward(params_, ctx);
+  ASSERT_TRUE(st.ok()) << st.ToString();
+  EXPECT_TRUE(dq_.AllFinite());
+  EXPECT_TRUE(dk_.AllFinite());
+  EXPECT_TRUE(dv_.AllFinite());
+}
+
+TEST_F(BackwardValidation, MissingLse) {
+  AttentionBackwardParams p = params_;
+  p.forward.lse = TensorView();
+  ExpectRejected(p, "lse");
+}
+
+TEST_F(BackwardValidation, ForwardArgumentErrorsPropagate) {
+  AttentionBackwardParams p = params_;
+  Tensor k3(DType::kF32, {kB, kSk, 3, kD});  // 3 KV heads do not divide 4 query heads
+  p.forward.k = k3.view();
+  ExpectRejected(p, "k");
+  p = params_;
+  p.forward.scale = std::numeric_limits<float>::infinity();
+  ExpectRejected(p, "scale");
+  p = params_;
+  Tensor lse_bad(DType::kF32, {kB, kHq, kSq + 1});
+  p.forward.lse = lse_bad.view();
+  ExpectRejected(p, "lse");
+}
+
+struct GradArg {
+  const char* name;
+  TensorView AttentionBackwardParams::*member;
+  std::vector<int64_t> shape;  // its valid shape
+};
+
+std::vector<GradArg> GradArgs() {
+  return {{"dout", &AttentionBackwardParams::dout, {kB, kSq, kHq, kD}},
+          {"dq", &AttentionBackwardParams::dq, {kB, kSq, kHq, kD}},
+          {"dk", &AttentionBackwardParams::dk, {kB, kSk, kHkv, kD}},
+          {"dv", &AttentionBackwardParams::dv, {kB, kSk, kHkv, kD}}};
+}
+
+TEST_F(BackwardValidation, WrongShape) {
+  for (const GradArg& a : GradArgs()) {
+    SCOPED_TRACE(a.name);
+    for (int dim = 0; dim < 4; ++dim) {
+      std::vector<int64_t> shape = a.shape;
+      shape[static_cast<size_t>(dim)] += 1;
+      Tensor t = Gradient(DType::kF32, shape);
+      AttentionBackwardParams p = params_;
+      p.*a.member = t.view();
+      ExpectRejected(p, a.name, {&t});
+    }
+    // Rank 3 where rank 4 is expected.
+    Tensor t = Gradient(DType::kF32, {a.shape[1], a.shape[2], a.shape[3]});
+    AttentionBackwardParams p = params_;
+    p.*a.member = t.view();
+    ExpectRejected(p, a.name, {&t});
+  }
+}
+
+TEST_F(BackwardValidation, WrongDType) {
+  for (const GradArg& a : GradArgs()) {
+    for (DType dt : {DType::kBF16, DType::kF16}) {
+      SCOPED_TRACE(std::string(a.name) + " " + DTypeName(dt));
+      Tensor t = Gradient(dt, a.shape);
+      AttentionBackwardParams p = params_;
+      p.*a.member = t.view();
+      ExpectRejected(p, a.name, {&t});
+    }
+    SCOPED_TRACE(std::string(a.name) + " unknown dtype");
+    AttentionBackwardParams p = params_;
+    (p.*a.member).dtype = static_cast<DType>(7);
+    ExpectRejected(p, a.name);
+  }
+}
+
+TEST_F(BackwardValidation, NullData) {
+  for (const GradArg& a : GradArgs()) {
+    SCOPED_TRACE(a.name);
+    AttentionBackwardParams p = params_;
+    (p.*a.member).data = nullptr;
+    ExpectRejected(p, a.name);
+  }
+}
+
+TEST_F(BackwardValidation, ZeroStrideOnWrittenGradients) {
+  for (const GradArg& a : GradArgs()) {
+    if (std::string(a.name) == "dout") continue;  // an input: stride 0 broadcasts (see below)
+    for (int dim = 0; dim < 4; ++dim) {
+      SCOPED_TRACE(std::string(a.name) + " dim " + std::to_string(dim));
+      AttentionBackwardParams p = params_;
+      (p.*a.member).strides[dim] = 0;
+      ExpectRejected(p, a.name);
+    }
+  }
+  for (const GradArg& a : GradArgs()) {
+    SCOPED_TRACE(a.name);
+    AttentionBackwardParams p = params_;
+    (p.*a.member).strides[3] = -1;
+    ExpectRejected(p, a.name);
+  }
+}
+
+// A stride-0 dout (an upstream gradient broadcast along a dim) is valid and reads as the
+// materialized broadcast.
+TEST_F(BackwardValidation, BroadcastUpstreamGradientIsValid) {
+  AttentionBackwardParams p = params_;
+  p.dout.strides[1] = 0;  // every query row reads dout row 0
+  Tensor materialized(DType::kF32, {kB, kSq, kHq, kD});
+  materialized.ForEach([&](const Index& i) {
+    materialized.Set(i, dout_.Get({i[0], 0, i[2], i[3]}));
+  });
+  Context ctx;
+  ctx.path = Path::kReference;
+  ASSERT_TRUE(AttentionBackward(p, ctx).ok());
+  Tensor dq = Gradient(DType::kF32, {kB, kSq, kHq, kD});
+  Tensor dk = Gradient(DType::kF32, {kB, kSk, kHkv, kD});
+  Tensor dv = Gradient(DType::kF32, {kB, kSk, kHkv, kD});
+  AttentionBackwardParams m = params_;
+  m.dout = materialized.view();
+  m.dq = dq.view();
+  m.dk = dk.view();
+  m.dv = dv.view();
+  ASSERT_TRUE(AttentionBackward(m, ctx).ok());
+  EXPECT_TRUE(dq_.BitwiseEqual(dq));
+  EXPECT_TRUE(dk_.BitwiseEqual(dk));
+  EXPECT_TRUE(dv_.BitwiseEqual(dv));
+}
+
+// Varlen: gradients must have the layout of their forward tensor (rank included).
+TEST_F(BackwardValidation, VarlenGradientLayout) {
+  const int64_t tq = 9, tk = 11;
+  Rng rng(7);
+  Tensor q(DType::kF32, {tq, kHq, kD}), k(DType::kF32, {tk, kHkv, kD}),
+      v(DType::kF32, {tk, kHkv, kD}), dout(DType::kF32, {tq, kHq, kD});
+  for (Tensor* t : {&q, &k, &v, &dout}) t->FillNormal(rng);
+  Tensor out(DType::kF32, {tq, kHq, kD}), lse(DType::kF32, {kHq, tq});
+  Tensor dq = Gradient(DType::kF32, {tq, kHq, kD});
+  Tensor dk = Gradient(DType::kF32, {tk, kHkv, kD});
+  Tensor dv = Gradient(DType::kF32, {tk, kHkv, kD});
+  const std::vector<int32_t> cu_q = {0, 4, 9}, cu_k = {0, 6, 11};
+  AttentionBackwardParams p;
+  p.forward.q = q.view();
+  p.forward.k = k.view();
+  p.forward.v = v.view();
+  p.forward.out = out.view();
+  p.forward.lse = lse.view();
+  p.forward.cu_seqlens_q = cu_q.data();
+  p.forward.cu_seqlens_k = cu_k.data();
+  p.forward.num_seqs = 2;
+  Context ctx;
+  ctx.path = Path::kReference;
+  ASSERT_TRUE(AttentionForward(p.forward, ctx).ok());
+  p.dout = dout.view();
+  p.dq = dq.view();
+  p.dk = dk.view();
+  p.dv = dv.view();
+  AttentionBackwardProblem problem;
+  ASSERT_TRUE(ValidateAttentionBackward(p, &problem).ok());
+  Tensor dq4 = Gradient(DType::kF32, {1, tq, kHq, kD});  // rank 4 while q is rank 3
+  AttentionBackwardParams bad = p;
+  bad.dq = dq4.view();
+  ExpectRejected(bad, "dq", {&dq, &dk, &dv, &dq4});
+  Tensor dk_short = Gradient(DType::kF32, {tk - 1, kHkv, kD});
+  bad = p;
+  bad.dk = dk_short.view();
+  ExpectRejected(bad, "dk", {&dq, &dk, &dv, &dk_short});
+}
+
+}  // namespace
+}  // namespace tessera
