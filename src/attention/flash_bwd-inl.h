@@ -413,15 +413,7 @@ bool FlashBackward(const AttentionBackwardProblem& bp, int32_t threads, bool fas
                   t, s);
     });
   };
-  if (fast && p.dim == 64) {
-    run(std::integral_constant<int, 64>());
-  } else if (fast && p.dim == 128) {
-    run(std::integral_constant<int, 128>());
-  } else if (fast && p.dim == 256) {
-    run(std::integral_constant<int, 256>());
-  } else {
-    run(std::integral_constant<int, 0>());
-  }
+  flash::DispatchHeadDim(fast, p.dim, run);
 
   // dQ = scale * (partial_0 + partial_1 + ...), summed in group order, for the rows of every
   // sequence (rows with no visible key are 0).

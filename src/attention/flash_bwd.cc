@@ -86,25 +86,10 @@ Status AttentionBackward(const AttentionBackwardParams& params, const Context& c
   AttentionBackwardProblem problem;
   Status status = ValidateAttentionBackward(params, &problem);
   if (!status.ok()) return status;
-  switch (ctx.path) {
-    case Path::kReference:
-      return RunReferenceBackward(params, problem);
-    case Path::kFast:
-      if (!flash::HasFastHeadDim(problem.fwd.dim)) {
-        return Status::InvalidArgument(
-            "ctx.path: expected a head dim with a fast instantiation (64, 128 or 256) for "
-            "Path::kFast, got " +
-            std::to_string(problem.fwd.dim));
-      }
-      break;
-    case Path::kAuto:
-    case Path::kGeneric:
-      break;
-    default:
-      return Status::InvalidArgument("ctx.path: expected a valid Path, got " +
-                                     std::to_string(static_cast<int>(ctx.path)));
-  }
-  const bool fast = ctx.path != Path::kGeneric && flash::HasFastHeadDim(problem.fwd.dim);
+  if (ctx.path == Path::kReference) return RunReferenceBackward(params, problem);
+  bool fast = false;
+  status = flash::ChooseKernel(ctx, problem.fwd.dim, &fast);
+  if (!status.ok()) return status;
   if (!HWY_DYNAMIC_DISPATCH(FlashBackward)(problem, ResolveThreads(ctx), fast)) {
     return Status::Internal("AttentionBackward: could not allocate the Delta buffer or scratch");
   }

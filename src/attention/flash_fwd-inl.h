@@ -381,15 +381,7 @@ bool FlashForward(const AttentionProblem& p, int32_t threads, bool fast) {
       RunTask<kD>(p, tasks[static_cast<size_t>(task)], s);
     });
   };
-  if (fast && p.dim == 64) {
-    run(std::integral_constant<int, 64>());
-  } else if (fast && p.dim == 128) {
-    run(std::integral_constant<int, 128>());
-  } else if (fast && p.dim == 256) {
-    run(std::integral_constant<int, 256>());
-  } else {
-    run(std::integral_constant<int, 0>());
-  }
+  flash::DispatchHeadDim(fast, p.dim, run);
   return true;
 }
 

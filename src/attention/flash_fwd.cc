@@ -73,25 +73,10 @@ Status AttentionForward(const AttentionParams& params, const Context& ctx) {
   AttentionProblem problem;
   Status status = ValidateAttention(params, &problem);
   if (!status.ok()) return status;
-  switch (ctx.path) {
-    case Path::kReference:
-      return RunReference(params, problem);
-    case Path::kFast:
-      if (!flash::HasFastHeadDim(problem.dim)) {
-        return Status::InvalidArgument(
-            "ctx.path: expected a head dim with a fast instantiation (64, 128 or 256) for "
-            "Path::kFast, got " +
-            std::to_string(problem.dim));
-      }
-      break;
-    case Path::kAuto:
-    case Path::kGeneric:
-      break;
-    default:
-      return Status::InvalidArgument("ctx.path: expected a valid Path, got " +
-                                     std::to_string(static_cast<int>(ctx.path)));
-  }
-  const bool fast = ctx.path != Path::kGeneric && flash::HasFastHeadDim(problem.dim);
+  if (ctx.path == Path::kReference) return RunReference(params, problem);
+  bool fast = false;
+  status = flash::ChooseKernel(ctx, problem.dim, &fast);
+  if (!status.ok()) return status;
   if (!HWY_DYNAMIC_DISPATCH(FlashForward)(problem, ResolveThreads(ctx), fast)) {
     return Status::Internal("AttentionForward: could not allocate per-worker scratch");
   }
