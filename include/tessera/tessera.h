@@ -3,6 +3,7 @@
 
 #include "tessera/attention.h"
 #include "tessera/context.h"
+#include "tessera/merge.h"
 #include "tessera/status.h"
 #include "tessera/types.h"
 #include "tessera/version.h"

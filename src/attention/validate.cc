@@ -8,53 +8,12 @@
 
 #include "attention/attention_problem.h"
 #include "attention/flash_fwd.h"
+#include "core/check.h"
 
 namespace tessera {
 namespace {
 
 constexpr int64_t kUnbounded = std::numeric_limits<int64_t>::max() / 4;
-
-std::string ShapeString(const TensorView& t) {
-  std::ostringstream os;
-  os << "[";
-  for (int i = 0; i < t.rank; ++i) os << (i ? ", " : "") << t.shape[i];
-  os << "]";
-  return os.str();
-}
-
-std::string Expected(const char* name, const std::string& what, const std::string& got) {
-  return std::string(name) + ": expected " + what + ", got " + got;
-}
-
-Status CheckRankAndStrides(const char* name, const TensorView& t, bool writable) {
-  if (t.rank < 1 || t.rank > 4) {
-    return Status::InvalidArgument(Expected(name, "rank 1..4", std::to_string(t.rank)));
-  }
-  for (int i = 0; i < t.rank; ++i) {
-    if (t.shape[i] < 0) {
-      return Status::InvalidArgument(Expected(name, "non-negative shape", ShapeString(t)));
-    }
-    if (t.strides[i] < 0) {
-      return Status::InvalidArgument(std::string(name) + ": expected non-negative strides, got " +
-                                     std::to_string(t.strides[i]) + " in dim " +
-                                     std::to_string(i));
-    }
-    if (writable && t.shape[i] > 1 && t.strides[i] == 0 && t.numel() > 0) {
-      return Status::InvalidArgument(std::string(name) +
-                                     ": expected a non-zero stride for an output dim of extent > "
-                                     "1 (outputs may not alias), got stride 0 in dim " +
-                                     std::to_string(i));
-    }
-  }
-  if (t.data == nullptr && t.numel() > 0) {
-    return Status::InvalidArgument(Expected(name, "a non-null data pointer", "nullptr"));
-  }
-  return Status::Ok();
-}
-
-bool IsSupportedDType(DType d) {
-  return d == DType::kF32 || d == DType::kBF16 || d == DType::kF16;
-}
 
 // Brings a varlen [T, H, D] view to [1, T, H, D]; a rank-4 view is kept.
 TensorView AsRank4(const TensorView& t) {
@@ -76,15 +35,14 @@ Status CheckCuSeqlens(const char* name, const int32_t* cu, int32_t num_seqs, int
   }
   for (int32_t s = 0; s < num_seqs; ++s) {
     if (cu[s + 1] < cu[s]) {
-      return Status::InvalidArgument(std::string(name) +
-                                     ": expected non-decreasing offsets, got " +
-                                     std::to_string(cu[s + 1]) + " after " +
-                                     std::to_string(cu[s]) + " at index " + std::to_string(s + 1));
+      return Status::InvalidArgument(std::string(name) + ": expected non-decreasing offsets, got " +
+                                     std::to_string(cu[s + 1]) + " after " + std::to_string(cu[s]) +
+                                     " at index " + std::to_string(s + 1));
     }
   }
   if (cu[num_seqs] > extent) {
-    return Status::InvalidArgument(std::string(name) + ": expected the last offset <= " +
-                                   std::to_string(extent) +
+    return Status::InvalidArgument(std::string(name) +
+                                   ": expected the last offset <= " + std::to_string(extent) +
                                    " (tokens in the tensor), got " + std::to_string(cu[num_seqs]));
   }
   return Status::Ok();
@@ -109,34 +67,31 @@ Status ValidateAttention(const AttentionParams& p, AttentionProblem* prob) {
     const char* name;
     const TensorView* view;
     bool writable;
-  } tensors[] = {{"q", &p.q, false}, {"k", &p.k, false}, {"v", &p.v, false},
-                 {"out", &p.out, true}};
+  } tensors[] = {{"q", &p.q, false}, {"k", &p.k, false}, {"v", &p.v, false}, {"out", &p.out, true}};
   for (const auto& t : tensors) {
     const TensorView& v = *t.view;
     if (varlen) {
       if (v.rank != 3 && !(v.rank == 4 && v.shape[0] == 1)) {
-        return Status::InvalidArgument(Expected(
-            t.name, "varlen layout [T, H, D] or [1, T, H, D]",
-            "rank " + std::to_string(v.rank) + " " + ShapeString(v)));
+        return Status::InvalidArgument(
+            Expected(t.name, "varlen layout [T, H, D] or [1, T, H, D]",
+                     "rank " + std::to_string(v.rank) + " " + ShapeString(v)));
       }
     } else if (v.rank != 4) {
-      return Status::InvalidArgument(Expected(t.name, "rank 4 [B, S, H, D]",
-                                              "rank " + std::to_string(v.rank)));
+      return Status::InvalidArgument(
+          Expected(t.name, "rank 4 [B, S, H, D]", "rank " + std::to_string(v.rank)));
     }
     Status s = CheckRankAndStrides(t.name, v, t.writable);
     if (!s.ok()) return s;
   }
   if (!IsSupportedDType(p.q.dtype)) {
-    return Status::InvalidArgument(Expected("q", "dtype f32, bf16 or f16",
-                                            std::to_string(static_cast<int>(p.q.dtype))));
+    return Status::InvalidArgument(
+        Expected("q", "dtype f32, bf16 or f16", std::to_string(static_cast<int>(p.q.dtype))));
   }
   for (const auto& t : tensors) {
     if (t.view->dtype != p.q.dtype) {
-      return Status::InvalidArgument(Expected(t.name, std::string("dtype ") + DTypeName(p.q.dtype) +
-                                                          " (the dtype of q)",
-                                              IsSupportedDType(t.view->dtype)
-                                                  ? DTypeName(t.view->dtype)
-                                                  : "an unknown dtype"));
+      return Status::InvalidArgument(Expected(
+          t.name, std::string("dtype ") + DTypeName(p.q.dtype) + " (the dtype of q)",
+          IsSupportedDType(t.view->dtype) ? DTypeName(t.view->dtype) : "an unknown dtype"));
     }
   }
 
@@ -159,8 +114,8 @@ Status ValidateAttention(const AttentionParams& p, AttentionProblem* prob) {
         "q", "head dim D in [1, " + std::to_string(flash::kMaxHeadDim) + "]", std::to_string(D)));
   }
   if (k.shape[3] != D) {
-    return Status::InvalidArgument(Expected(
-        "k", "head dim " + std::to_string(D) + " (the head dim of q)", ShapeString(p.k)));
+    return Status::InvalidArgument(
+        Expected("k", "head dim " + std::to_string(D) + " (the head dim of q)", ShapeString(p.k)));
   }
   if (Hkv < 1) {
     return Status::InvalidArgument(Expected("k", "at least one KV head", ShapeString(p.k)));
@@ -173,9 +128,11 @@ Status ValidateAttention(const AttentionParams& p, AttentionProblem* prob) {
   for (int i = 0; i < 4; ++i) {
     if (v.shape[i] != k.shape[i]) {
       if (i == 3) {
-        return Status::Unimplemented(Expected(
-            "v", "head dim " + std::to_string(D) + " (value head dim != key head dim is not "
-                 "supported yet)", ShapeString(p.v)));
+        return Status::Unimplemented(Expected("v",
+                                              "head dim " + std::to_string(D) +
+                                                  " (value head dim != key head dim is not "
+                                                  "supported yet)",
+                                              ShapeString(p.v)));
       }
       return Status::InvalidArgument(
           Expected("v", "shape " + ShapeString(p.k) + " (the shape of k)", ShapeString(p.v)));
@@ -202,17 +159,17 @@ Status ValidateAttention(const AttentionParams& p, AttentionProblem* prob) {
     }
     bool shape_ok;
     if (varlen) {
-      shape_ok = (p.lse.rank == 2 && p.lse.shape[0] == Hq && p.lse.shape[1] == Sq) ||
-                 (p.lse.rank == 3 && p.lse.shape[0] == 1 && p.lse.shape[1] == Hq &&
-                  p.lse.shape[2] == Sq);
+      shape_ok =
+          (p.lse.rank == 2 && p.lse.shape[0] == Hq && p.lse.shape[1] == Sq) ||
+          (p.lse.rank == 3 && p.lse.shape[0] == 1 && p.lse.shape[1] == Hq && p.lse.shape[2] == Sq);
     } else {
-      shape_ok = p.lse.rank == 3 && p.lse.shape[0] == B && p.lse.shape[1] == Hq &&
-                 p.lse.shape[2] == Sq;
+      shape_ok =
+          p.lse.rank == 3 && p.lse.shape[0] == B && p.lse.shape[1] == Hq && p.lse.shape[2] == Sq;
     }
     if (!shape_ok) {
       const std::string want = varlen ? "[" + std::to_string(Hq) + ", " + std::to_string(Sq) + "]"
-                                      : "[" + std::to_string(B) + ", " + std::to_string(Hq) +
-                                            ", " + std::to_string(Sq) + "]";
+                                      : "[" + std::to_string(B) + ", " + std::to_string(Hq) + ", " +
+                                            std::to_string(Sq) + "]";
       return Status::InvalidArgument(Expected("lse", "shape " + want, ShapeString(p.lse)));
     }
   }
@@ -246,11 +203,11 @@ Status ValidateAttention(const AttentionParams& p, AttentionProblem* prob) {
     const bool shape_ok = (a.rank == 1 && a.shape[0] == Hq) ||
                           (a.rank == 2 && a.shape[0] == num_seqs && a.shape[1] == Hq);
     if (!shape_ok) {
-      return Status::InvalidArgument(Expected(
-          "alibi_slopes",
-          "shape [" + std::to_string(Hq) + "] or [" + std::to_string(num_seqs) + ", " +
-              std::to_string(Hq) + "]",
-          ShapeString(a)));
+      return Status::InvalidArgument(Expected("alibi_slopes",
+                                              "shape [" + std::to_string(Hq) + "] or [" +
+                                                  std::to_string(num_seqs) + ", " +
+                                                  std::to_string(Hq) + "]",
+                                              ShapeString(a)));
     }
   }
 
@@ -307,8 +264,7 @@ Status ValidateAttention(const AttentionParams& p, AttentionProblem* prob) {
 
 namespace tessera {
 
-Status ValidateAttentionBackward(const AttentionBackwardParams& p,
-                                 AttentionBackwardProblem* prob) {
+Status ValidateAttentionBackward(const AttentionBackwardParams& p, AttentionBackwardProblem* prob) {
   if (p.forward.lse.data == nullptr) {
     return Status::InvalidArgument(
         "forward.lse: expected the forward's log-sum-exp (the backward recomputes the scores "
@@ -333,16 +289,16 @@ Status ValidateAttentionBackward(const AttentionBackwardParams& p,
     bool same_shape = v.rank == g.like->rank;
     for (int i = 0; same_shape && i < v.rank; ++i) same_shape = v.shape[i] == g.like->shape[i];
     if (!same_shape) {
-      return Status::InvalidArgument(Expected(
-          g.name, "shape " + ShapeString(*g.like) + " (the shape of " + g.like_name + ")",
-          ShapeString(v)));
+      return Status::InvalidArgument(
+          Expected(g.name, "shape " + ShapeString(*g.like) + " (the shape of " + g.like_name + ")",
+                   ShapeString(v)));
     }
     status = CheckRankAndStrides(g.name, v, g.writable);
     if (!status.ok()) return status;
     if (v.dtype != p.forward.q.dtype) {
-      return Status::InvalidArgument(
-          Expected(g.name, std::string("dtype ") + DTypeName(p.forward.q.dtype) + " (the dtype of q)",
-                   IsSupportedDType(v.dtype) ? DTypeName(v.dtype) : "an unknown dtype"));
+      return Status::InvalidArgument(Expected(
+          g.name, std::string("dtype ") + DTypeName(p.forward.q.dtype) + " (the dtype of q)",
+          IsSupportedDType(v.dtype) ? DTypeName(v.dtype) : "an unknown dtype"));
     }
   }
 

@@ -1,0 +1,161 @@
+// MergeStates: combines attention states (O_r, LSE_r) over disjoint key sets (merge.h).
+//
+// Per (token, head) row: the max M of the part LSEs, then lse = M + ln sum_r exp(LSE_r - M) and
+// O = sum_r exp(LSE_r - lse) O_r, parts in ascending r. Empty parts (LSE = -inf) are skipped, so
+// their O is never read; a row whose parts are all empty gets (0, -inf). The op reads R*D and
+// writes D elements per row: it is memory-bound, so a plain loop over D does, and rows are spread
+// over the threads (each row is merged by one worker, so results do not depend on threads).
+#include "tessera/merge.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+#include "core/check.h"
+#include "core/parallel.h"
+
+namespace tessera {
+namespace {
+
+float LoadAsFloat(DType dtype, const void* base, int64_t i) {
+  switch (dtype) {
+    case DType::kF32:
+      return static_cast<const float*>(base)[i];
+    case DType::kBF16:
+      return BF16ToFloat(static_cast<const uint16_t*>(base)[i]);
+    case DType::kF16:
+      return F16ToFloat(static_cast<const uint16_t*>(base)[i]);
+  }
+  return 0.0f;
+}
+
+void StoreFromFloat(DType dtype, void* base, int64_t i, float x) {
+  switch (dtype) {
+    case DType::kF32:
+      static_cast<float*>(base)[i] = x;
+      return;
+    case DType::kBF16:
+      static_cast<uint16_t*>(base)[i] = FloatToBF16(x);
+      return;
+    case DType::kF16:
+      static_cast<uint16_t*>(base)[i] = FloatToF16(x);
+      return;
+  }
+}
+
+Status Validate(const MergeStatesParams& p) {
+  const TensorView& parts = p.out_parts;
+  if (parts.rank != 4) {
+    return Status::InvalidArgument(
+        Expected("out_parts", "rank 4 [R, T, H, D]", "rank " + std::to_string(parts.rank)));
+  }
+  Status s = CheckRankAndStrides("out_parts", parts, false);
+  if (!s.ok()) return s;
+  if (!IsSupportedDType(parts.dtype)) {
+    return Status::InvalidArgument(Expected("out_parts", "dtype f32, bf16 or f16",
+                                            std::to_string(static_cast<int>(parts.dtype))));
+  }
+  const int64_t R = parts.shape[0], T = parts.shape[1], H = parts.shape[2], D = parts.shape[3];
+  const int64_t lse_parts_shape[3] = {R, T, H};
+  s = CheckShape("lse_parts", p.lse_parts, 3, lse_parts_shape,
+                 "shape " +
+                     ShapeString(MakeContiguousView(nullptr, DType::kF32, 3, lse_parts_shape)) +
+                     " ([R, T, H] of out_parts)",
+                 false);
+  if (!s.ok()) return s;
+  if (p.lse_parts.dtype != DType::kF32) {
+    return Status::InvalidArgument(
+        Expected("lse_parts", "dtype f32", DTypeName(p.lse_parts.dtype)));
+  }
+  const int64_t out_shape[3] = {T, H, D};
+  s = CheckShape("out", p.out, 3, out_shape,
+                 "shape " + ShapeString(MakeContiguousView(nullptr, DType::kF32, 3, out_shape)) +
+                     " ([T, H, D] of out_parts)",
+                 true);
+  if (!s.ok()) return s;
+  if (p.out.dtype != parts.dtype) {
+    return Status::InvalidArgument(Expected(
+        "out", std::string("dtype ") + DTypeName(parts.dtype) + " (the dtype of out_parts)",
+        IsSupportedDType(p.out.dtype) ? DTypeName(p.out.dtype) : "an unknown dtype"));
+  }
+  if (p.lse.data != nullptr) {
+    const int64_t lse_shape[2] = {T, H};
+    s = CheckShape("lse", p.lse, 2, lse_shape,
+                   "shape " + ShapeString(MakeContiguousView(nullptr, DType::kF32, 2, lse_shape)) +
+                       " ([T, H] of out_parts)",
+                   true);
+    if (!s.ok()) return s;
+    if (p.lse.dtype != DType::kF32) {
+      return Status::InvalidArgument(Expected("lse", "dtype f32", DTypeName(p.lse.dtype)));
+    }
+  }
+  return Status::Ok();
+}
+
+}  // namespace
+
+Status MergeStates(const MergeStatesParams& p, const Context& ctx) {
+  Status status = Validate(p);
+  if (!status.ok()) return status;
+  const TensorView& parts = p.out_parts;
+  const int64_t R = parts.shape[0], T = parts.shape[1], H = parts.shape[2], D = parts.shape[3];
+  const float* lse_parts = static_cast<const float*>(p.lse_parts.data);
+  const int64_t* ls = p.lse_parts.strides;
+  const int64_t* ps = parts.strides;
+  const int64_t* os = p.out.strides;
+  // Everything stays in the LSE's own base, so merging with an empty part returns the other
+  // part's LSE exactly.
+  const bool base2 = p.base2;
+  auto exp_fn = [base2](double x) { return base2 ? std::exp2(x) : std::exp(x); };
+  auto log_fn = [base2](double x) { return base2 ? std::log2(x) : std::log(x); };
+  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+  const int64_t rows = T * H;
+  const int64_t chunk = 64;
+  ParallelFor(ResolveThreads(ctx), (rows + chunk - 1) / chunk, [&](int64_t task, int32_t) {
+    std::vector<float> acc(static_cast<size_t>(D));
+    std::vector<float> part_lse(static_cast<size_t>(R));
+    for (int64_t row = task * chunk; row < std::min(rows, (task + 1) * chunk); ++row) {
+      const int64_t t = row / H, h = row % H;
+      float max_lse = kNegInf;
+      for (int64_t r = 0; r < R; ++r) {
+        const float l = lse_parts[r * ls[0] + t * ls[1] + h * ls[2]];
+        part_lse[static_cast<size_t>(r)] = l;
+        // NaN-sticky: a NaN part poisons the row rather than being skipped.
+        if (!std::isnan(max_lse) && (std::isnan(l) || l > max_lse)) max_lse = l;
+      }
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      float lse = kNegInf;
+      if (max_lse != kNegInf) {
+        double sum = 0.0;
+        for (int64_t r = 0; r < R; ++r) sum += exp_fn(double(part_lse[size_t(r)]) - max_lse);
+        lse = static_cast<float>(max_lse + log_fn(sum));
+        bool first = true;
+        for (int64_t r = 0; r < R; ++r) {
+          const float l = part_lse[static_cast<size_t>(r)];
+          if (l == kNegInf) continue;  // empty part: its O is never read
+          const float w = static_cast<float>(exp_fn(double(l) - double(lse)));
+          const int64_t base = r * ps[0] + t * ps[1] + h * ps[2];
+          // The first part is assigned, not added to 0, so a lone part (with weight 1) comes
+          // back bitwise, signed zeros included.
+          for (int64_t d = 0; d < D; ++d) {
+            const float x = w * LoadAsFloat(parts.dtype, parts.data, base + d * ps[3]);
+            acc[size_t(d)] = first ? x : acc[size_t(d)] + x;
+          }
+          first = false;
+        }
+      }
+      const int64_t out_base = t * os[0] + h * os[1];
+      for (int64_t d = 0; d < D; ++d) {
+        StoreFromFloat(p.out.dtype, p.out.data, out_base + d * os[2], acc[size_t(d)]);
+      }
+      if (p.lse.data != nullptr) {
+        static_cast<float*>(p.lse.data)[t * p.lse.strides[0] + h * p.lse.strides[1]] = lse;
+      }
+    }
+  });
+  return Status::Ok();
+}
+
+}  // namespace tessera
