@@ -15,18 +15,14 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstdio>
-#include <cstdlib>
 #include <cstring>
-#include <functional>
 #include <limits>
-#include <optional>
-#include <ostream>
 #include <set>
 #include <string>
 #include <utility>
 #include <vector>
 
+#include "attention_cases.h"
 #include "ref/attention_ref.h"
 #include "tessera/attention.h"
 #include "tessera/context.h"
@@ -36,10 +32,25 @@
 namespace tessera {
 namespace {
 
+using test::AlibiKind;
+using test::Dense;
 using test::Index;
+using test::Inputs;
+using test::Layout;
+using test::MakeInputs;
+using test::MakeOutputs;
+using test::MakeParams;
+using test::NeedsNaive;
+using test::Outputs;
+using test::PathsFor;
 using test::Rng;
 using test::Rule;
+using test::RunForward;
+using test::Spec;
+using test::SpecName;
 using test::Tensor;
+using test::Unique;
+using test::Varlen;
 
 constexpr double kInf = std::numeric_limits<double>::infinity();
 constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
@@ -47,276 +58,9 @@ constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
 bool Small() { return test::SmallTests(); }
 bool Long() { return test::LongTests(); }
 
-// The head dims documented to have a fast instantiation (context.h), independent of the kernel's
-// own flash::HasFastHeadDim so a change there shows up here.
-bool HasFastPath(int64_t dim) { return dim == 64 || dim == 128 || dim == 256; }
-
-// Every path a head dim can be forced through (kFast only where it has an instantiation).
-std::vector<Path> PathsFor(int64_t dim) {
-  std::vector<Path> paths = {Path::kReference, Path::kGeneric};
-  if (HasFastPath(dim)) paths.push_back(Path::kFast);
-  paths.push_back(Path::kAuto);
-  return paths;
-}
-
 // ---------------------------------------------------------------------------------------------
-// Test problems.
-
-enum class AlibiKind { kNone, kPerHead, kPerBatch };
-
-// Storage of a [.., S, H, D] tensor relative to its logical view. Gaps hold NaN.
-enum class Layout {
-  kContiguous,
-  kPaddedDim,       // 3 spare elements after every head-dim row
-  kHeadSliced,      // heads [1, H + 1) of a tensor with H + 2 heads
-  kHeadsMajor,      // storage [B, H, S, D] behind a [B, S, H, D] view (transposed strides)
-  kSeqSliced,       // tokens [1, S + 1) of a tensor with S + 2 tokens (a view into a bigger cache)
-  kBatchBroadcast,  // stride-0 batch: every batch entry reads batch 0 (inputs only)
-};
-
-const char* LayoutName(Layout l) {
-  switch (l) {
-    case Layout::kContiguous:
-      return "contig";
-    case Layout::kPaddedDim:
-      return "padded";
-    case Layout::kHeadSliced:
-      return "headslice";
-    case Layout::kHeadsMajor:
-      return "headsmajor";
-    case Layout::kSeqSliced:
-      return "seqslice";
-    case Layout::kBatchBroadcast:
-      return "bcast";
-  }
-  return "?";
-}
-
-struct Spec {
-  int64_t batch = 1;
-  int64_t seq_q = 1;
-  int64_t seq_k = 1;
-  int64_t heads_q = 1;
-  int64_t heads_kv = 1;
-  int64_t dim = 64;
-  DType dtype = DType::kF32;
-  bool causal = false;
-  int64_t window_left = -1;
-  int64_t window_right = -1;
-  MaskAlign align = MaskAlign::kBottomRight;
-  float softcap = 0.0f;
-  std::optional<float> scale;
-  AlibiKind alibi = AlibiKind::kNone;
-  // Varlen when non-empty (then batch, seq_q and seq_k are unused): per-sequence lengths.
-  std::vector<int32_t> seqlens_q;
-  std::vector<int32_t> seqlens_k;
-  int64_t extra_q_tokens = 0;  // varlen: query tokens after the last sequence (left untouched)
-  int64_t extra_k_tokens = 0;  // varlen: key tokens after the last sequence (never read)
-  bool varlen_rank4 = false;   // [1, T, H, D] views instead of [T, H, D]
-  bool with_lse = true;
-  double q_mult = 1.0;  // q ~ N(0, 1) * q_mult
-  Layout q_layout = Layout::kContiguous;
-  Layout kv_layout = Layout::kContiguous;
-  Layout out_layout = Layout::kContiguous;
-  int64_t misalign = 0;  // element offset of every base pointer from 64-byte alignment
-  Rule rule = Rule::kStandard;
-
-  bool varlen() const { return !seqlens_q.empty(); }
-  int64_t num_seqs() const { return varlen() ? static_cast<int64_t>(seqlens_q.size()) : batch; }
-
-  // A unique, gtest-safe name; also the seed of the case's random inputs.
-  std::string Name() const {
-    auto num = [](double x) {
-      std::string s = std::to_string(static_cast<long long>(std::llround(x)));
-      if (s[0] == '-') s = "m" + s.substr(1);
-      return s;
-    };
-    std::string n;
-    if (varlen()) {
-      n += "varlen_q";
-      for (size_t i = 0; i < seqlens_q.size(); ++i) n += (i ? "x" : "") + num(seqlens_q[i]);
-      n += "_k";
-      for (size_t i = 0; i < seqlens_k.size(); ++i) n += (i ? "x" : "") + num(seqlens_k[i]);
-      if (extra_q_tokens || extra_k_tokens) {
-        n += "_extra" + num(double(extra_q_tokens)) + "x" + num(double(extra_k_tokens));
-      }
-      if (varlen_rank4) n += "_rank4";
-    } else {
-      n += "b" + num(double(batch)) + "_sq" + num(double(seq_q)) + "_sk" + num(double(seq_k));
-    }
-    n += "_h" + num(double(heads_q)) + "x" + num(double(heads_kv)) + "_d" + num(double(dim));
-    n += std::string("_") + DTypeName(dtype);
-    if (causal) n += "_causal";
-    if (window_left != -1 || window_right != -1) {
-      n += "_win" + num(double(window_left)) + "x" + num(double(window_right));
-    }
-    if (align == MaskAlign::kTopLeft) n += "_topleft";
-    if (softcap != 0.0f) n += "_cap" + num(softcap);
-    if (scale.has_value()) n += "_scale" + num(*scale * 1000.0) + "milli";
-    if (alibi == AlibiKind::kPerHead) n += "_alibiH";
-    if (alibi == AlibiKind::kPerBatch) n += "_alibiBH";
-    if (!with_lse) n += "_nolse";
-    if (q_mult != 1.0) n += "_qmult" + num(q_mult);
-    if (q_layout != Layout::kContiguous) n += std::string("_q") + LayoutName(q_layout);
-    if (kv_layout != Layout::kContiguous) n += std::string("_kv") + LayoutName(kv_layout);
-    if (out_layout != Layout::kContiguous) n += std::string("_out") + LayoutName(out_layout);
-    if (misalign) n += "_misalign" + num(double(misalign));
-    if (rule == Rule::kRatioOnly) n += "_ratio";
-    return n;
-  }
-};
-
-void PrintTo(const Spec& s, std::ostream* os) { *os << s.Name(); }
-
-// A tensor of logical shape [B, S, H, D] or [T, H, D] stored with `layout`.
-Tensor MakeTensor(DType dtype, const std::vector<int64_t>& shape, Layout layout, int64_t offset) {
-  const int r = static_cast<int>(shape.size());
-  const int s = r - 3, h = r - 2;  // token and head dims
-  switch (layout) {
-    case Layout::kContiguous:
-      return Tensor(dtype, shape, {}, offset);
-    case Layout::kPaddedDim:
-      return Tensor(dtype, shape, Tensor::PaddedStrides(shape, 3), offset);
-    case Layout::kHeadSliced: {
-      std::vector<int64_t> storage = shape;
-      storage[static_cast<size_t>(h)] += 2;
-      const std::vector<int64_t> strides = Tensor::ContiguousStrides(storage);
-      return Tensor(dtype, shape, strides, offset + strides[static_cast<size_t>(h)]);
-    }
-    case Layout::kHeadsMajor: {
-      // Storage [.., H, S, D]: head stride S*D, token stride D.
-      std::vector<int64_t> strides(shape.size());
-      const int64_t tokens = shape[static_cast<size_t>(s)], heads = shape[static_cast<size_t>(h)];
-      const int64_t d = shape.back();
-      strides[static_cast<size_t>(r - 1)] = 1;
-      strides[static_cast<size_t>(s)] = d;
-      strides[static_cast<size_t>(h)] = tokens * d;
-      if (r == 4) strides[0] = heads * tokens * d;
-      return Tensor(dtype, shape, strides, offset);
-    }
-    case Layout::kSeqSliced: {
-      std::vector<int64_t> storage = shape;
-      storage[static_cast<size_t>(s)] += 2;
-      const std::vector<int64_t> strides = Tensor::ContiguousStrides(storage);
-      return Tensor(dtype, shape, strides, offset + strides[static_cast<size_t>(s)]);
-    }
-    case Layout::kBatchBroadcast: {
-      std::vector<int64_t> strides = Tensor::ContiguousStrides(shape);
-      if (r == 4) strides[0] = 0;
-      return Tensor(dtype, shape, strides, offset);
-    }
-  }
-  return Tensor(dtype, shape, {}, offset);
-}
-
-struct Inputs {
-  Tensor q, k, v, slopes;
-  std::vector<int32_t> cu_q, cu_k;
-  int64_t tokens_q = 0;  // Sq (dense) or total query tokens (varlen)
-  int64_t tokens_k = 0;
-};
-
-std::vector<int64_t> QShape(const Spec& s, int64_t tokens_q, int64_t heads) {
-  if (!s.varlen()) return {s.batch, tokens_q, heads, s.dim};
-  if (s.varlen_rank4) return {1, tokens_q, heads, s.dim};
-  return {tokens_q, heads, s.dim};
-}
-
-std::vector<int32_t> Offsets(const std::vector<int32_t>& lens) {
-  std::vector<int32_t> cu = {0};
-  for (int32_t l : lens) cu.push_back(cu.back() + l);
-  return cu;
-}
-
-// Random inputs for a spec: q ~ N(0, 1) * q_mult, k, v ~ N(0, 1), rounded to the dtype. The
-// values depend only on the spec's name, never on its layout fields' storage.
-Inputs MakeInputs(const Spec& s) {
-  Inputs in;
-  Rng rng(test::SeedFor(s.Name()));
-  if (s.varlen()) {
-    in.cu_q = Offsets(s.seqlens_q);
-    in.cu_k = Offsets(s.seqlens_k);
-    in.tokens_q = in.cu_q.back() + s.extra_q_tokens;
-    in.tokens_k = in.cu_k.back() + s.extra_k_tokens;
-  } else {
-    in.tokens_q = s.seq_q;
-    in.tokens_k = s.seq_k;
-  }
-  in.q = MakeTensor(s.dtype, QShape(s, in.tokens_q, s.heads_q), s.q_layout, s.misalign);
-  in.k = MakeTensor(s.dtype, QShape(s, in.tokens_k, s.heads_kv), s.kv_layout, s.misalign);
-  in.v = MakeTensor(s.dtype, QShape(s, in.tokens_k, s.heads_kv), s.kv_layout, s.misalign);
-  in.q.FillNormal(rng, s.q_mult);
-  if (s.kv_layout == Layout::kBatchBroadcast) {
-    // Stride-0 batch: every element of a batch-0 slot is shared, so set batch 0 only.
-    for (Tensor* t : {&in.k, &in.v}) {
-      t->ForEach([&](const Index& idx) {
-        if (idx[0] == 0) t->Set(idx, rng.Normal());
-      });
-    }
-  } else {
-    in.k.FillNormal(rng);
-    in.v.FillNormal(rng);
-  }
-  if (s.alibi == AlibiKind::kPerHead) {
-    in.slopes = Tensor(DType::kF32, {s.heads_q});
-    for (int64_t h = 0; h < s.heads_q; ++h) {
-      in.slopes.Set({h},
-                    std::exp2(-8.0 * static_cast<double>(h + 1) / static_cast<double>(s.heads_q)));
-    }
-  } else if (s.alibi == AlibiKind::kPerBatch) {
-    in.slopes = Tensor(DType::kF32, {s.num_seqs(), s.heads_q});
-    in.slopes.ForEach([&](const Index& idx) { in.slopes.Set(idx, rng.Uniform(0.01, 1.0)); });
-  }
-  return in;
-}
-
-struct Outputs {
-  Tensor out;
-  Tensor lse;
-};
-
-Outputs MakeOutputs(const Spec& s, const Inputs& in) {
-  Outputs o;
-  o.out = MakeTensor(s.dtype, QShape(s, in.tokens_q, s.heads_q), s.out_layout, s.misalign);
-  if (s.with_lse) {
-    std::vector<int64_t> shape;
-    if (!s.varlen()) {
-      shape = {s.batch, s.heads_q, in.tokens_q};
-    } else if (s.varlen_rank4) {
-      shape = {1, s.heads_q, in.tokens_q};
-    } else {
-      shape = {s.heads_q, in.tokens_q};
-    }
-    const bool padded = s.out_layout != Layout::kContiguous;
-    o.lse = Tensor(DType::kF32, shape,
-                   padded ? Tensor::PaddedStrides(shape, 3) : std::vector<int64_t>{}, s.misalign);
-  }
-  return o;
-}
-
-AttentionParams MakeParams(const Spec& s, const Inputs& in, Outputs* o) {
-  AttentionParams p;
-  p.q = in.q.view();
-  p.k = in.k.view();
-  p.v = in.v.view();
-  if (o != nullptr) {
-    p.out = o->out.view();
-    if (s.with_lse) p.lse = o->lse.view();
-  }
-  p.scale = s.scale;
-  p.causal = s.causal;
-  p.window_left = s.window_left;
-  p.window_right = s.window_right;
-  p.align = s.align;
-  p.softcap = s.softcap;
-  if (s.alibi != AlibiKind::kNone) p.alibi_slopes = in.slopes.view();
-  if (s.varlen()) {
-    p.cu_seqlens_q = in.cu_q.data();
-    p.cu_seqlens_k = in.cu_k.data();
-    p.num_seqs = static_cast<int32_t>(s.seqlens_q.size());
-  }
-  return p;
-}
+// Checks against the reference (the test problems, their inputs and RunForward() are in
+// tests/attention_cases.h).
 
 // fp64 reference (and the naive same-precision one where a rule needs it), in the layouts of
 // ref::AttentionForwardF64. Rows outside every varlen sequence stay NaN.
@@ -324,8 +68,6 @@ struct Reference {
   std::vector<double> out, lse, naive_out, naive_lse;
   std::vector<double> magnitude;  // sum_j p_ij |v_jd| (f32 standard rule only)
 };
-
-bool NeedsNaive(const Spec& s) { return s.dtype != DType::kF32 || s.rule == Rule::kRatioOnly; }
 
 Reference ComputeReference(const Spec& s, const Inputs& in) {
   Reference r;
@@ -351,39 +93,14 @@ Reference ComputeReference(const Spec& s, const Inputs& in) {
   return r;
 }
 
-// Runs the forward on fresh NaN-prefilled, guarded outputs. Guards and gaps are checked here.
-Status RunForward(const Spec& s, const Inputs& in, Path path, int32_t threads, Outputs* o) {
-  *o = MakeOutputs(s, in);
-  Context ctx;
-  ctx.path = path;
-  ctx.num_threads = threads;
-  const Status status = AttentionForward(MakeParams(s, in, o), ctx);
-  EXPECT_TRUE(o->out.OutsideViewUntouched()) << "out";
-  if (s.with_lse) {
-    EXPECT_TRUE(o->lse.OutsideViewUntouched()) << "lse";
-  }
-  return status;
-}
-
-// Number of query tokens that belong to some sequence: a prefix of the token axis.
-int64_t CoveredTokens(const Spec& s, const Inputs& in) {
-  return s.varlen() ? in.cu_q.back() : in.tokens_q;
-}
-
 // Splits an [.., T, Hq, D] output vector (or an [.., Hq, T] LSE vector) into the elements of
 // covered tokens (returned) and those of uncovered ones (appended to `outside`).
 std::vector<double> Covered(const Spec& s, const Inputs& in, const std::vector<double>& x,
                             bool is_lse, std::vector<double>* outside) {
-  const int64_t covered = CoveredTokens(s, in);
+  const int64_t covered = in.covered_q();
+  if (!is_lse) return test::Prefix(x, covered, in.tokens_q, outside);
   if (covered == in.tokens_q) return x;
   std::vector<double> r;
-  if (!is_lse) {
-    const size_t n = static_cast<size_t>(covered * s.heads_q * s.dim);
-    r.assign(x.begin(), x.begin() + static_cast<std::ptrdiff_t>(n));
-    if (outside)
-      outside->insert(outside->end(), x.begin() + static_cast<std::ptrdiff_t>(n), x.end());
-    return r;
-  }
   for (int64_t h = 0; h < s.heads_q; ++h) {
     for (int64_t t = 0; t < in.tokens_q; ++t) {
       const double value = x[static_cast<size_t>(h * in.tokens_q + t)];
@@ -456,29 +173,6 @@ void CheckAllPaths(const Spec& s) {
 class Forward : public ::testing::TestWithParam<Spec> {};
 
 TEST_P(Forward, MatchesReferenceOnEveryPath) { CheckAllPaths(GetParam()); }
-
-std::string SpecName(const ::testing::TestParamInfo<Spec>& info) { return info.param.Name(); }
-
-// Removes specs with duplicate names (gtest rejects them), keeping the first.
-std::vector<Spec> Unique(std::vector<Spec> specs) {
-  std::set<std::string> seen;
-  std::vector<Spec> r;
-  for (Spec& s : specs) {
-    if (seen.insert(s.Name()).second) r.push_back(std::move(s));
-  }
-  return r;
-}
-
-Spec Dense(int64_t sq, int64_t sk, int64_t hq, int64_t hkv, int64_t d, DType dt = DType::kF32) {
-  Spec s;
-  s.seq_q = sq;
-  s.seq_k = sk;
-  s.heads_q = hq;
-  s.heads_kv = hkv;
-  s.dim = d;
-  s.dtype = dt;
-  return s;
-}
 
 // Sequence lengths 0, 1, 17, 113, 203, 1024 for queries and keys independently (q > k and
 // q < k), with and without a causal mask.
@@ -567,32 +261,9 @@ INSTANTIATE_TEST_SUITE_P(DTypes, Forward, ::testing::ValuesIn(DTypeSpecs()), Spe
 // Masks: none, causal in both alignments, sliding windows (0,0), (1,0), (0,1), (w,w), (Lk,0),
 // causal + left window, and fixed pseudo-random windows, on q < k, q > k and q = k.
 std::vector<Spec> MaskSpecs() {
-  std::vector<Spec> specs;
-  std::vector<std::pair<int64_t, int64_t>> shapes = {{17, 113}, {113, 17}, {129, 129}, {64, 203}};
+  test::Shapes shapes = {{17, 113}, {113, 17}, {129, 129}, {64, 203}};
   if (Small()) shapes = {{17, 113}, {113, 17}, {65, 65}};
-  Rng rng(20240917);  // fixed: the windows are part of the test's identity
-  for (auto [sq, sk] : shapes) {
-    struct Mask {
-      bool causal;
-      int64_t wl, wr;
-    };
-    std::vector<Mask> masks = {{false, -1, -1}, {true, -1, -1}, {false, 0, 0},  {false, 1, 0},
-                               {false, 0, 1},   {false, 7, 7},  {false, sk, 0}, {true, 16, -1},
-                               {false, -1, 3},  {false, 5, -1}};
-    for (int r = 0; r < 3; ++r) {
-      masks.push_back({false, rng.UniformInt(-1, 40), rng.UniformInt(-1, 40)});
-    }
-    for (const Mask& m : masks) {
-      for (MaskAlign align : {MaskAlign::kBottomRight, MaskAlign::kTopLeft}) {
-        Spec s = Dense(sq, sk, 2, 1, 64);
-        s.causal = m.causal;
-        s.window_left = m.wl;
-        s.window_right = m.wr;
-        s.align = align;
-        specs.push_back(s);
-      }
-    }
-  }
+  std::vector<Spec> specs = test::MaskSweep(shapes, /*random_windows=*/3);
   // Low precision under masks that leave rows with few visible keys.
   for (DType dt : {DType::kBF16, DType::kF16}) {
     for (auto [sq, sk] : {std::pair<int64_t, int64_t>{17, 113}, {113, 17}}) {
@@ -637,97 +308,31 @@ std::vector<Spec> SoftcapSpecs() {
 }
 INSTANTIATE_TEST_SUITE_P(Softcap, Forward, ::testing::ValuesIn(SoftcapSpecs()), SpecName);
 
-// ALiBi slopes [Hq] and [B, Hq], with and without causal, in both alignments.
-std::vector<Spec> AlibiSpecs() {
-  std::vector<Spec> specs;
-  for (AlibiKind kind : {AlibiKind::kPerHead, AlibiKind::kPerBatch}) {
-    for (auto [sq, sk] : {std::pair<int64_t, int64_t>{17, 113}, {113, 113}, {113, 17}}) {
-      for (int mask = 0; mask < 3; ++mask) {
-        for (DType dt : {DType::kF32, DType::kBF16}) {
-          Spec s = Dense(sq, sk, 4, 2, 64, dt);
-          s.batch = 2;
-          s.alibi = kind;
-          s.causal = mask > 0;
-          s.align = mask == 2 ? MaskAlign::kTopLeft : MaskAlign::kBottomRight;
-          specs.push_back(s);
-        }
-      }
-    }
-  }
-  // ALiBi together with softcap and a window: the modifier order matters.
-  Spec s = Dense(65, 129, 4, 2, 64);
-  s.alibi = AlibiKind::kPerHead;
-  s.softcap = 5.0f;
-  s.window_left = 20;
-  s.window_right = 4;
-  specs.push_back(s);
-  return Unique(specs);
-}
-INSTANTIATE_TEST_SUITE_P(Alibi, Forward, ::testing::ValuesIn(AlibiSpecs()), SpecName);
+// ALiBi slopes [Hq] and [B, Hq], with and without causal, in both alignments; and ALiBi together
+// with softcap and a window.
+INSTANTIATE_TEST_SUITE_P(
+    Alibi, Forward,
+    ::testing::ValuesIn(Unique(test::AlibiSweep({{17, 113}, {113, 113}, {113, 17}}))), SpecName);
 
 // Custom scales, including 0 (every visible key weighs the same) and a negative one.
-std::vector<Spec> ScaleSpecs() {
-  std::vector<Spec> specs;
-  for (float scale : {0.0f, 0.05f, 0.3f, -0.5f}) {
-    for (DType dt : {DType::kF32, DType::kBF16}) {
-      Spec s = Dense(65, 129, 2, 1, 64, dt);
-      s.scale = scale;
-      s.causal = true;
-      specs.push_back(s);
-    }
-  }
-  // Logits ~16x larger than usual: ill-conditioned in fp32, ratio rule.
-  Spec s = Dense(65, 129, 2, 1, 64);
-  s.scale = 2.0f;
-  s.rule = Rule::kRatioOnly;
-  specs.push_back(s);
-  return Unique(specs);
-}
-INSTANTIATE_TEST_SUITE_P(Scale, Forward, ::testing::ValuesIn(ScaleSpecs()), SpecName);
+INSTANTIATE_TEST_SUITE_P(Scale, Forward, ::testing::ValuesIn(Unique(test::ScaleSweep(65, 129))),
+                         SpecName);
 
 // Varlen: zero-length sequences, Lq >> Lk, fewer tokens than sequences (RELIABILITY class 6),
 // tokens past the last sequence that must stay untouched, both layouts.
 std::vector<Spec> VarlenSpecs() {
   const int32_t big = Small() ? 129 : 1024;
   const int32_t mid = Small() ? 65 : 512;
-  struct Lens {
-    std::vector<int32_t> q, k;
-  };
-  const std::vector<Lens> lens = {
+  std::vector<Spec> specs = test::VarlenSweep({
       {{0, 0, 0}, {0, 0, 0}},
       {{1, mid, 1, 1}, {1, mid, 1, 1}},
       {{1, 1, 1, big, 1, 1, 1, 1}, {1, 1, 1, big, 1, 1, 1, 1}},
       {{76, 34, 146}, {1, 1, 1}},
       {{3, 0, 17, 0, 5}, {0, 4, 20, 0, 9}},
       {{17, 113, 1}, {113, 17, 203}},
-  };
-  std::vector<Spec> specs;
-  for (const Lens& l : lens) {
-    for (int mask = 0; mask < 3; ++mask) {
-      Spec s;
-      s.seqlens_q = l.q;
-      s.seqlens_k = l.k;
-      s.heads_q = 4;
-      s.heads_kv = 2;
-      s.dim = 64;
-      s.causal = mask > 0;
-      s.align = mask == 2 ? MaskAlign::kTopLeft : MaskAlign::kBottomRight;
-      s.extra_q_tokens = 3;
-      s.extra_k_tokens = 2;
-      specs.push_back(s);
-    }
-  }
+  });
   // Rank-4 views, ALiBi per sequence, a window, bf16, generic head dim.
-  Spec s;
-  s.seqlens_q = {3, 0, 17, 40};
-  s.seqlens_k = {5, 9, 17, 1};
-  s.heads_q = 4;
-  s.heads_kv = 1;
-  s.dim = 72;
-  s.varlen_rank4 = true;
-  s.alibi = AlibiKind::kPerBatch;
-  s.window_left = 6;
-  s.window_right = 2;
+  Spec s = test::VarlenMix();
   specs.push_back(s);
   s.dtype = DType::kBF16;
   s.varlen_rank4 = false;
@@ -808,13 +413,8 @@ TEST_P(Gqa, MatchesReferenceAndRepeatedKv) {
   CheckAllPaths(s, in);
 
   // The same problem with K/V repeated G times per head.
-  Spec mha = s;
-  mha.heads_kv = s.heads_q;
-  Inputs rep = MakeInputs(mha);
-  const int64_t g = s.heads_q / s.heads_kv;
-  rep.q.FromVector(in.q.ToVector());
-  rep.k.ForEach([&](const Index& i) { rep.k.Set(i, in.k.Get({i[0], i[1], i[2] / g, i[3]})); });
-  rep.v.ForEach([&](const Index& i) { rep.v.Set(i, in.v.Get({i[0], i[1], i[2] / g, i[3]})); });
+  Spec mha;
+  const Inputs rep = test::WithRepeatedKv(s, in, &mha);
   for (Path path : PathsFor(s.dim)) {
     SCOPED_TRACE(std::string("path ") + PathName(path));
     Outputs a, b;
@@ -845,25 +445,8 @@ INSTANTIATE_TEST_SUITE_P(Heads, Gqa, ::testing::ValuesIn(GqaCases()),
 // ---------------------------------------------------------------------------------------------
 // Identities.
 
-// Copies tokens [t0, t0 + n) of a varlen input into a dense [1, n, H, D] tensor.
-Tensor SliceTokens(const Tensor& packed, int64_t t0, int64_t n) {
-  const int first = packed.rank() == 4 ? 1 : 0;
-  const int64_t heads = packed.shape(first + 1), dim = packed.shape(first + 2);
-  Tensor t(packed.dtype(), {1, n, heads, dim});
-  t.ForEach([&](const Index& i) {
-    const Index src = first ? Index{0, t0 + i[1], i[2], i[3]} : Index{t0 + i[1], i[2], i[3], 0};
-    t.Set(i, packed.Get(src));
-  });
-  return t;
-}
-
 TEST(ForwardIdentity, VarlenEqualsLoopOverSequences) {
-  Spec s;
-  s.seqlens_q = {17, 0, 113, 5, 64};
-  s.seqlens_k = {113, 9, 17, 0, 64};
-  s.heads_q = 4;
-  s.heads_kv = 2;
-  s.dim = 64;
+  Spec s = Varlen({17, 0, 113, 5, 64}, {113, 9, 17, 0, 64}, 4, 2, 64);
   s.causal = true;
   s.alibi = AlibiKind::kPerBatch;
   SCOPED_TRACE(test::Repro(s.Name()));
@@ -880,9 +463,9 @@ TEST(ForwardIdentity, VarlenEqualsLoopOverSequences) {
       one.causal = s.causal;
       one.alibi = AlibiKind::kPerHead;
       Inputs single = MakeInputs(one);
-      single.q = SliceTokens(in.q, q0, lq);
-      single.k = SliceTokens(in.k, k0, lk);
-      single.v = SliceTokens(in.v, k0, lk);
+      single.q = test::SliceTokens(in.q, q0, lq);
+      single.k = test::SliceTokens(in.k, k0, lk);
+      single.v = test::SliceTokens(in.v, k0, lk);
       for (int64_t h = 0; h < s.heads_q; ++h) {
         single.slopes.Set({h}, in.slopes.Get({static_cast<int64_t>(b), h}));
       }
@@ -1053,33 +636,11 @@ TEST(ForwardIdentity, SplitKeysAndMergeEqualsOnePass) {
 // ---------------------------------------------------------------------------------------------
 // Bug-class regressions.
 
-// Visible-key count of query row i under a spec's mask (dense), computed from the definition.
-int64_t VisibleKeys(const Spec& s, int64_t sq, int64_t sk, int64_t i) {
-  const int64_t pos = i + (s.align == MaskAlign::kTopLeft ? 0 : sk - sq);
-  int64_t lo = 0, hi = sk - 1;
-  if (s.window_left >= 0) lo = std::max(lo, pos - s.window_left);
-  const int64_t wr = s.causal ? 0 : s.window_right;
-  if (wr >= 0) hi = std::min(hi, pos + wr);
-  return std::max<int64_t>(0, hi - lo + 1);
-}
-
 // Fully masked rows give output exactly 0 and LSE exactly -inf, never NaN (class 1).
 TEST(ForwardRegression, FullyMaskedRows) {
-  const int64_t n = Small() ? 150 : 600, half = n / 2;
-  std::vector<Spec> specs;
-  // PyTorch #127055's banded mask triu(-inf, 1) + tril(-inf, -10): window (9, 0), top-left.
-  Spec band = Dense(n, n, 1, 1, 64);
-  band.window_left = 9;
-  band.window_right = 0;
-  band.align = MaskAlign::kTopLeft;
-  specs.push_back(band);
-  Spec tall = band;  // Lq > Lk: rows past Lk + 9 see nothing
-  tall.seq_k = half;
-  specs.push_back(tall);
-  Spec causal = Dense(203, 17, 2, 1, 64);  // bottom-right causal, Lq > Lk: 186 empty rows
-  causal.causal = true;
-  specs.push_back(causal);
-  Spec br_window = Dense(n, half, 2, 2, 40);  // bottom-right window: first half of rows empty
+  const int64_t n = Small() ? 150 : 600;
+  std::vector<Spec> specs = test::FullyMaskedSpecs(n);
+  Spec br_window = Dense(n, n / 2, 2, 2, 40);  // bottom-right window: first half of rows empty
   br_window.window_left = 9;
   br_window.window_right = 0;
   specs.push_back(br_window);
@@ -1088,17 +649,12 @@ TEST(ForwardRegression, FullyMaskedRows) {
   right_only.window_right = -1;
   right_only.align = MaskAlign::kTopLeft;
   specs.push_back(right_only);
-  for (DType dt : {DType::kBF16, DType::kF16}) {
-    Spec low = causal;
-    low.dtype = dt;
-    specs.push_back(low);
-  }
 
   for (const Spec& s : specs) {
     SCOPED_TRACE(test::Repro(s.Name()));
     const Inputs in = MakeInputs(s);
     int64_t empty_rows = 0;
-    for (int64_t i = 0; i < s.seq_q; ++i) empty_rows += VisibleKeys(s, s.seq_q, s.seq_k, i) == 0;
+    for (int64_t i = 0; i < s.seq_q; ++i) empty_rows += test::VisibleKeys(s, i) == 0;
     if (s.seq_q > s.seq_k + 9 || s.causal) {
       EXPECT_GT(empty_rows, 0) << "the case lost its point";
     }
@@ -1109,7 +665,7 @@ TEST(ForwardRegression, FullyMaskedRows) {
       ASSERT_TRUE(RunForward(s, in, path, 0, &o).ok());
       EXPECT_TRUE(o.out.AllFinite());
       for (int64_t i = 0; i < s.seq_q; ++i) {
-        if (VisibleKeys(s, s.seq_q, s.seq_k, i) != 0) continue;
+        if (test::VisibleKeys(s, i) != 0) continue;
         for (int64_t h = 0; h < s.heads_q; ++h) {
           for (int64_t d = 0; d < s.dim; ++d) {
             ASSERT_EQ(o.out.Get({0, i, h, d}), 0.0) << "row " << i << " head " << h;
@@ -1123,15 +679,7 @@ TEST(ForwardRegression, FullyMaskedRows) {
 
 // Varlen with every 4th sequence having no keys: those rows are 0 / -inf, neighbours unaffected.
 TEST(ForwardRegression, FullyMaskedVarlenSequences) {
-  Spec s;
-  for (int i = 0; i < 12; ++i) {
-    s.seqlens_q.push_back(5 + i);
-    s.seqlens_k.push_back(i % 4 == 0 ? 0 : 9 + 3 * i);
-  }
-  s.heads_q = 2;
-  s.heads_kv = 1;
-  s.dim = 64;
-  s.causal = true;
+  Spec s = test::EveryFourthSequenceWithoutKeys();
   SCOPED_TRACE(test::Repro(s.Name()));
   const Inputs in = MakeInputs(s);
   CheckAllPaths(s, in);
@@ -1168,35 +716,12 @@ TEST(ForwardRegression, NoKeys) {
   }
 }
 
-// Row-major strides computed as if every zero extent were 1: an empty tensor whose strides are
-// all non-zero (the natural row-major strides of an empty shape contain zeros).
-std::vector<int64_t> StridesIgnoringEmptyDims(std::vector<int64_t> shape) {
-  for (int64_t& x : shape) x = std::max<int64_t>(x, 1);
-  return Tensor::ContiguousStrides(shape);
-}
-
-// Runs an empty problem on every path and exits 0 when each call succeeds and leaves its
-// outputs bitwise untouched, 1 otherwise. Runs inside EXPECT_EXIT: a crash (SIGFPE from a
-// division by an empty extent, bug class 7) fails the one test instead of the whole binary.
-void RunEmptyProblemAndExit(const AttentionParams& p, const std::vector<const Tensor*>& outputs,
+// Runs an empty forward on every path: exits 0 when each call succeeds and leaves its outputs
+// bitwise untouched, 1 otherwise (inside EXPECT_EXIT, see test::RunOnEveryPathAndExit).
+void RunEmptyForwardAndExit(const AttentionParams& p, const std::vector<const Tensor*>& outputs,
                             int64_t dim) {
-  for (Path path : PathsFor(dim)) {
-    Context ctx;
-    ctx.path = path;
-    const Status st = AttentionForward(p, ctx);
-    if (!st.ok()) {
-      std::fprintf(stderr, "path %s: %s\n", PathName(path), st.ToString().c_str());
-      std::_Exit(1);
-    }
-    for (const Tensor* t : outputs) {
-      const ::testing::AssertionResult same = t->Unchanged();
-      if (!same) {
-        std::fprintf(stderr, "path %s: output written: %s\n", PathName(path), same.message());
-        std::_Exit(1);
-      }
-    }
-  }
-  std::_Exit(0);
+  test::RunOnEveryPathAndExit([&](const Context& ctx) { return AttentionForward(p, ctx); }, outputs,
+                              dim);
 }
 
 // B = 0, Sq = 0, Hq = 0 and num_seqs = 0 succeed without touching the outputs (RELIABILITY.md
@@ -1219,11 +744,11 @@ TEST(ForwardRegression, EmptyProblemsAreNoOps) {
       const Inputs in = MakeInputs(e);
       Outputs o = MakeOutputs(e, in);
       if (!natural_strides) {
-        o.out = Tensor(e.dtype, o.out.shape(), StridesIgnoringEmptyDims(o.out.shape()));
-        o.lse = Tensor(DType::kF32, o.lse.shape(), StridesIgnoringEmptyDims(o.lse.shape()));
+        o.out = Tensor(e.dtype, o.out.shape(), test::StridesIgnoringEmptyDims(o.out.shape()));
+        o.lse = Tensor(DType::kF32, o.lse.shape(), test::StridesIgnoringEmptyDims(o.lse.shape()));
       }
       const AttentionParams p = MakeParams(e, in, &o);
-      EXPECT_EXIT(RunEmptyProblemAndExit(p, {&o.out, &o.lse}, e.dim), ::testing::ExitedWithCode(0),
+      EXPECT_EXIT(RunEmptyForwardAndExit(p, {&o.out, &o.lse}, e.dim), ::testing::ExitedWithCode(0),
                   "");
     }
   }
@@ -1244,7 +769,7 @@ TEST(ForwardRegression, EmptyProblemsAreNoOps) {
   p.cu_seqlens_q = cu.data();
   p.cu_seqlens_k = cu.data();
   p.num_seqs = 0;
-  EXPECT_EXIT(RunEmptyProblemAndExit(p, {&out, &lse}, 64), ::testing::ExitedWithCode(0), "");
+  EXPECT_EXIT(RunEmptyForwardAndExit(p, {&out, &lse}, 64), ::testing::ExitedWithCode(0), "");
 }
 
 // Path::kFast exists only for D in {64, 128, 256}; elsewhere it is an error, outputs untouched.
@@ -1317,6 +842,20 @@ TEST(ForwardRegression, VeryNegativeLogits) {
   }
 }
 
+// Runs `s` and the same problem in contiguous, aligned storage (a contiguous copy of `in`) on
+// every path: the outputs must be bitwise equal.
+void ExpectSameBitsAsContiguous(const Spec& s, const Inputs& in) {
+  const Spec dense = test::ContiguousSpec(s);
+  const Inputs copy = test::ContiguousInputs(s, in);
+  for (Path path : PathsFor(s.dim)) {
+    SCOPED_TRACE(std::string("path ") + PathName(path));
+    Outputs strided, contiguous;
+    ASSERT_TRUE(RunForward(s, in, path, 0, &strided).ok());
+    ASSERT_TRUE(RunForward(dense, copy, path, 0, &contiguous).ok());
+    EXPECT_TRUE(SameBits(strided, contiguous, true));
+  }
+}
+
 // Strided views (class 10): each layout variant is bitwise equal to the contiguous copy on the
 // same path.
 TEST(ForwardRegression, StrideMatrix) {
@@ -1342,30 +881,12 @@ TEST(ForwardRegression, StrideMatrix) {
         s.kv_layout = var.kv;
         s.out_layout = var.out;
         SCOPED_TRACE(test::Repro(s.Name()));
-        const Inputs in = MakeInputs(s);
-        Spec dense = s;
-        dense.q_layout = dense.kv_layout = dense.out_layout = Layout::kContiguous;
-        Inputs copy = MakeInputs(dense);
-        copy.q = in.q.ContiguousCopy();
-        copy.k = in.k.ContiguousCopy();
-        copy.v = in.v.ContiguousCopy();
-        for (Path path : PathsFor(d)) {
-          SCOPED_TRACE(std::string("path ") + PathName(path));
-          Outputs strided, contiguous;
-          ASSERT_TRUE(RunForward(s, in, path, 0, &strided).ok());
-          ASSERT_TRUE(RunForward(dense, copy, path, 0, &contiguous).ok());
-          EXPECT_TRUE(SameBits(strided, contiguous, true));
-        }
+        ExpectSameBitsAsContiguous(s, MakeInputs(s));
       }
     }
   }
   // Varlen through strided views.
-  Spec s;
-  s.seqlens_q = {17, 0, 40};
-  s.seqlens_k = {33, 5, 40};
-  s.heads_q = 4;
-  s.heads_kv = 2;
-  s.dim = 64;
+  Spec s = Varlen({17, 0, 40}, {33, 5, 40}, 4, 2, 64);
   s.causal = true;
   s.q_layout = Layout::kHeadsMajor;
   s.kv_layout = Layout::kPaddedDim;
@@ -1373,18 +894,7 @@ TEST(ForwardRegression, StrideMatrix) {
   SCOPED_TRACE(test::Repro(s.Name()));
   const Inputs in = MakeInputs(s);
   CheckAllPaths(s, in);
-  Spec dense = s;
-  dense.q_layout = dense.kv_layout = dense.out_layout = Layout::kContiguous;
-  Inputs copy = MakeInputs(dense);
-  copy.q = in.q.ContiguousCopy();
-  copy.k = in.k.ContiguousCopy();
-  copy.v = in.v.ContiguousCopy();
-  for (Path path : PathsFor(s.dim)) {
-    Outputs a, b;
-    ASSERT_TRUE(RunForward(s, in, path, 0, &a).ok());
-    ASSERT_TRUE(RunForward(dense, copy, path, 0, &b).ok());
-    EXPECT_TRUE(SameBits(a, b, true)) << PathName(path);
-  }
+  ExpectSameBitsAsContiguous(s, in);
 }
 
 // Base pointers 1, 2 and 3 elements past 64-byte alignment (class 11): correct, and bitwise
@@ -1398,18 +908,7 @@ TEST(ForwardRegression, MisalignedPointers) {
       SCOPED_TRACE(test::Repro(s.Name()));
       const Inputs in = MakeInputs(s);
       CheckAllPaths(s, in);
-      Spec aligned = s;
-      aligned.misalign = 0;
-      Inputs copy = MakeInputs(aligned);
-      copy.q.FromVector(in.q.ToVector());
-      copy.k.FromVector(in.k.ToVector());
-      copy.v.FromVector(in.v.ToVector());
-      for (Path path : PathsFor(s.dim)) {
-        Outputs a, b;
-        ASSERT_TRUE(RunForward(s, in, path, 0, &a).ok());
-        ASSERT_TRUE(RunForward(aligned, copy, path, 0, &b).ok());
-        EXPECT_TRUE(SameBits(a, b, true)) << PathName(path);
-      }
+      ExpectSameBitsAsContiguous(s, in);
     }
   }
 }
@@ -1477,12 +976,7 @@ TEST(ForwardDeterminism, ThreadCountInvariance) {
     }
   }
   // Varlen with very uneven sequences, where the split of work across threads matters most.
-  Spec v;
-  v.seqlens_q = {1, 200, 3, 64, 0, 129};
-  v.seqlens_k = {300, 200, 3, 1, 7, 129};
-  v.heads_q = 4;
-  v.heads_kv = 1;
-  v.dim = 64;
+  Spec v = Varlen({1, 200, 3, 64, 0, 129}, {300, 200, 3, 1, 7, 129}, 4, 1, 64);
   v.causal = true;
   SCOPED_TRACE(test::Repro(v.Name()));
   const Inputs in = MakeInputs(v);

@@ -2,13 +2,13 @@
 // naming the argument, and outputs left bitwise untouched, on every forced path.
 #include <gtest/gtest.h>
 
-#include <cctype>
 #include <cstdint>
 #include <limits>
 #include <string>
 #include <vector>
 
 #include "attention/attention_problem.h"
+#include "attention_cases.h"
 #include "tessera/attention.h"
 #include "test_util.h"
 
@@ -22,20 +22,6 @@ constexpr int64_t kB = 2, kSq = 5, kSk = 7, kHq = 4, kHkv = 2, kD = 8;
 constexpr double kSentinel = -7.25;  // outputs are pre-filled with it and must keep it
 constexpr float kNaNf = std::numeric_limits<float>::quiet_NaN();
 constexpr float kInff = std::numeric_limits<float>::infinity();
-
-const Path kPaths[] = {Path::kAuto, Path::kReference, Path::kGeneric, Path::kFast};
-
-// True when `name` occurs in `message` as a whole identifier (not inside a longer one).
-bool NamesArgument(const std::string& message, const std::string& name) {
-  auto ident = [](char c) { return std::isalnum(static_cast<unsigned char>(c)) || c == '_'; };
-  for (size_t at = message.find(name); at != std::string::npos; at = message.find(name, at + 1)) {
-    const bool left_ok = at == 0 || !ident(message[at - 1]);
-    const size_t end = at + name.size();
-    const bool right_ok = end == message.size() || !ident(message[end]);
-    if (left_ok && right_ok) return true;
-  }
-  return false;
-}
 
 Tensor Output(DType dtype, std::vector<int64_t> shape) {
   Tensor t(dtype, std::move(shape));
@@ -58,16 +44,8 @@ void ExpectRejected(const AttentionParams& p, StatusCode code, const std::string
   AttentionProblem problem;
   const Status direct = ValidateAttention(p, &problem);
   EXPECT_EQ(direct.code(), code) << "ValidateAttention: " << direct.ToString();
-  for (Path path : kPaths) {
-    SCOPED_TRACE(std::string("path ") + PathName(path));
-    Context ctx;
-    ctx.path = path;
-    const Status s = AttentionForward(p, ctx);
-    EXPECT_EQ(s.code(), code) << s.ToString();
-    EXPECT_TRUE(NamesArgument(s.message(), arg))
-        << "the message does not name `" << arg << "`: " << s.message();
-    for (const Tensor* t : outputs) EXPECT_TRUE(t->Unchanged());
-  }
+  test::ExpectRejectedOnEveryPath([&](const Context& ctx) { return AttentionForward(p, ctx); },
+                                  code, arg, outputs);
 }
 
 class ValidateTest : public ::testing::Test {
