@@ -966,6 +966,29 @@ TEST(BackwardDeterminism, RepeatedRunsAreBitwiseIdentical) {
   }
 }
 
+// Races need many concurrent tasks to show: forward + backward repeated 50 times at batch 60
+// (RELIABILITY.md §5), each repeat on 2 threads, bitwise identical.
+TEST(BackwardDeterminism, RepeatedForwardBackwardAtBatch60) {
+  Spec s = Dense(17, 23, 4, 2, 16);
+  s.batch = 60;
+  s.causal = true;
+  SCOPED_TRACE(test::Repro(s.Name()));
+  const Inputs in = MakeBackwardInputs(s);
+  Outputs fwd_first;
+  ASSERT_TRUE(RunForwardFor(s, in, Path::kAuto, &fwd_first).ok());
+  Grads first;
+  ASSERT_TRUE(RunBackwardOnly(s, in, &fwd_first, Path::kAuto, 2, &first).ok());
+  const int repeats = Small() ? 5 : 50;
+  for (int r = 1; r < repeats; ++r) {
+    Outputs fwd;
+    ASSERT_TRUE(RunForwardFor(s, in, Path::kAuto, &fwd).ok());
+    ASSERT_EQ(fwd.out.ToVector(), fwd_first.out.ToVector()) << "forward, repeat " << r;
+    Grads again;
+    ASSERT_TRUE(RunBackwardOnly(s, in, &fwd, Path::kAuto, 2, &again).ok());
+    ASSERT_TRUE(SameBits(first, again)) << "repeat " << r;
+  }
+}
+
 // Thread-count invariance (class 13): 1, 2 and 3 threads give the same bits.
 TEST(BackwardDeterminism, ThreadCountInvariance) {
   std::vector<Spec> specs;
