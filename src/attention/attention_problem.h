@@ -9,13 +9,13 @@
 namespace tessera {
 
 struct AttentionProblem {
-  int64_t batch = 0;    // number of sequences (B, or num_seqs for varlen)
-  int64_t seq_q = 0;    // dense Sq (varlen: total query tokens)
-  int64_t seq_k = 0;    // dense Sk (varlen: total key tokens)
-  int64_t heads_q = 0;  // Hq
-  int64_t heads_kv = 0; // Hkv
-  int64_t group = 1;    // Hq / Hkv
-  int64_t dim = 0;      // D
+  int64_t batch = 0;     // number of sequences (B, or num_seqs for varlen)
+  int64_t seq_q = 0;     // dense Sq (varlen: total query tokens)
+  int64_t seq_k = 0;     // dense Sk (varlen: total key tokens)
+  int64_t heads_q = 0;   // Hq
+  int64_t heads_kv = 0;  // Hkv
+  int64_t group = 1;     // Hq / Hkv
+  int64_t dim = 0;       // D
   DType dtype = DType::kF32;
 
   // Element strides of the rank-4 views [b, s, h, d] (varlen: b stride unused, b = 0).
@@ -71,6 +71,14 @@ struct AttentionProblem {
   int64_t lse_offset(int64_t b, int64_t h, int64_t t) const {
     return (varlen() ? 0 : b * lse_stride[0]) + h * lse_stride[1] + t * lse_stride[2];
   }
+  // Keys [lo, hi] visible to query position `pos` of a sequence with k_len keys (lo > hi: none).
+  struct KeyRange {
+    int64_t lo, hi;
+  };
+  KeyRange visible_keys(int64_t pos, int64_t k_len) const {
+    return KeyRange{pos - window_left > 0 ? pos - window_left : 0,
+                    pos + window_right < k_len - 1 ? pos + window_right : k_len - 1};
+  }
   float alibi_slope(int64_t b, int64_t h) const {
     return alibi[b * alibi_stride[0] + h * alibi_stride[1]];
   }
@@ -96,9 +104,15 @@ struct AttentionBackwardProblem {
   int64_t dout_offset(int64_t b, int64_t t, int64_t h) const {
     return Offset(fwd, dout_stride, b, t, h);
   }
-  int64_t dq_offset(int64_t b, int64_t t, int64_t h) const { return Offset(fwd, dq_stride, b, t, h); }
-  int64_t dk_offset(int64_t b, int64_t t, int64_t h) const { return Offset(fwd, dk_stride, b, t, h); }
-  int64_t dv_offset(int64_t b, int64_t t, int64_t h) const { return Offset(fwd, dv_stride, b, t, h); }
+  int64_t dq_offset(int64_t b, int64_t t, int64_t h) const {
+    return Offset(fwd, dq_stride, b, t, h);
+  }
+  int64_t dk_offset(int64_t b, int64_t t, int64_t h) const {
+    return Offset(fwd, dk_stride, b, t, h);
+  }
+  int64_t dv_offset(int64_t b, int64_t t, int64_t h) const {
+    return Offset(fwd, dv_stride, b, t, h);
+  }
 };
 
 // Validates `params` and fills `problem`. Returns kInvalidArgument naming the argument, what was

@@ -57,7 +57,7 @@ namespace flash_bwd_impl {
 
 namespace hn = hwy::HWY_NAMESPACE;
 
-// Keys per pass-KV task (SIMD lanes of its tiles) and query rows per inner tile of that task.
+// Keys per block (the SIMD lanes of a task's tiles) and query rows per inner tile of a task.
 // Tile boundaries are fixed multiples of these from 0, which fixes every reduction order.
 constexpr int64_t kKeyBlock = 96;
 constexpr int64_t kQueryTile = 128;
@@ -93,16 +93,9 @@ inline TileFeed PrefetchFeed(DType dtype, const void* base, int64_t offset, int6
   return feed;
 }
 
-// Visible key range [lo, hi] of query position `pos` (lo > hi: none), as in the forward.
-struct KeyRange {
-  int64_t lo, hi;
-};
-inline KeyRange VisibleKeys(const AttentionProblem& p, int64_t pos, int64_t k_len) {
-  return KeyRange{std::max<int64_t>(pos - p.window_left, 0),
-                  std::min<int64_t>(pos + p.window_right, k_len - 1)};
-}
+using KeyRange = AttentionProblem::KeyRange;
 
-// dS from recomputed scores. x: raw scaled logit; returns dS and writes P. `hidden` masks.
+// Constants of the element-wise step (softcap, exp2, mask value).
 struct GradMath {
   hn::Vec<DF> cap, inv_cap, log2e, neg_inf;
   bool softcap;
@@ -264,7 +257,7 @@ void RunTask(const AttentionBackwardProblem& bp, const float* delta_rows, const 
         for (size_t r = 0; r < nrows; ++r) {
           const int64_t qi = a + static_cast<int64_t>(r);
           const int64_t token = q_begin + qi;
-          range[r] = VisibleKeys(p, qi + delta, k_len);
+          range[r] = p.visible_keys(qi + delta, k_len);
           full = full && range[r].lo <= j0 && range[r].hi >= j1 - 1;
           const float l = p.lse[p.lse_offset(t.seq, head, token)];
           lse[r] = std::isinf(l) && l < 0.0f ? 0.0f : l;

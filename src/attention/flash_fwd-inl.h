@@ -204,8 +204,7 @@ void RunTask(const AttentionProblem& p, const Task& t, Scratch& s) {
     const int64_t head = t.kv_head * group + r / t.nq;
     const int64_t qi = t.q0 + r % t.nq;
     const int64_t pos = qi + delta;
-    const int64_t lo = std::max<int64_t>(pos - p.window_left, 0);
-    const int64_t hi = std::min<int64_t>(pos + p.window_right, k_len - 1);
+    const auto [lo, hi] = p.visible_keys(pos, k_len);
     s.lo[r] = static_cast<int32_t>(std::min<int64_t>(lo, k_len));
     s.hi[r] = static_cast<int32_t>(std::max<int64_t>(hi, -1));
     max_lo = std::max(max_lo, lo);
