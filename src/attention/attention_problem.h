@@ -55,19 +55,15 @@ struct AttentionProblem {
   int64_t k_len(int64_t b) const {
     return varlen() ? cu_seqlens_k[b + 1] - cu_seqlens_k[b] : seq_k;
   }
-  // Element offset of token t (absolute along the token axis) of sequence b, head h.
-  int64_t q_offset(int64_t b, int64_t t, int64_t h) const {
-    return (varlen() ? 0 : b * q_stride[0]) + t * q_stride[1] + h * q_stride[2];
+  // Element offset of token t (absolute along the token axis) of sequence b, head h, in a
+  // [b, s, h, d] tensor with these strides.
+  int64_t offset(const int64_t* stride, int64_t b, int64_t t, int64_t h) const {
+    return (varlen() ? 0 : b * stride[0]) + t * stride[1] + h * stride[2];
   }
-  int64_t k_offset(int64_t b, int64_t t, int64_t h) const {
-    return (varlen() ? 0 : b * k_stride[0]) + t * k_stride[1] + h * k_stride[2];
-  }
-  int64_t v_offset(int64_t b, int64_t t, int64_t h) const {
-    return (varlen() ? 0 : b * v_stride[0]) + t * v_stride[1] + h * v_stride[2];
-  }
-  int64_t out_offset(int64_t b, int64_t t, int64_t h) const {
-    return (varlen() ? 0 : b * out_stride[0]) + t * out_stride[1] + h * out_stride[2];
-  }
+  int64_t q_offset(int64_t b, int64_t t, int64_t h) const { return offset(q_stride, b, t, h); }
+  int64_t k_offset(int64_t b, int64_t t, int64_t h) const { return offset(k_stride, b, t, h); }
+  int64_t v_offset(int64_t b, int64_t t, int64_t h) const { return offset(v_stride, b, t, h); }
+  int64_t out_offset(int64_t b, int64_t t, int64_t h) const { return offset(out_stride, b, t, h); }
   int64_t lse_offset(int64_t b, int64_t h, int64_t t) const {
     return (varlen() ? 0 : b * lse_stride[0]) + h * lse_stride[1] + t * lse_stride[2];
   }
@@ -97,21 +93,17 @@ struct AttentionBackwardProblem {
   int64_t dk_stride[4] = {0, 0, 0, 0};
   int64_t dv_stride[4] = {0, 0, 0, 0};
 
-  static int64_t Offset(const AttentionProblem& p, const int64_t* stride, int64_t b, int64_t t,
-                        int64_t h) {
-    return (p.varlen() ? 0 : b * stride[0]) + t * stride[1] + h * stride[2];
-  }
   int64_t dout_offset(int64_t b, int64_t t, int64_t h) const {
-    return Offset(fwd, dout_stride, b, t, h);
+    return fwd.offset(dout_stride, b, t, h);
   }
   int64_t dq_offset(int64_t b, int64_t t, int64_t h) const {
-    return Offset(fwd, dq_stride, b, t, h);
+    return fwd.offset(dq_stride, b, t, h);
   }
   int64_t dk_offset(int64_t b, int64_t t, int64_t h) const {
-    return Offset(fwd, dk_stride, b, t, h);
+    return fwd.offset(dk_stride, b, t, h);
   }
   int64_t dv_offset(int64_t b, int64_t t, int64_t h) const {
-    return Offset(fwd, dv_stride, b, t, h);
+    return fwd.offset(dv_stride, b, t, h);
   }
 };
 

@@ -332,8 +332,8 @@ bool FlashBackward(const AttentionBackwardProblem& bp, int32_t threads, bool fas
         for (int64_t h = 0; h < p.heads_kv; ++h) {
           for (size_t d = 0; d < dim; ++d) {
             const int64_t dd = static_cast<int64_t>(d);
-            StoreScalar(p.dtype, bp.dk, bp.dk_offset(b, t, h) + dd * bp.dk_stride[3], 0.0f);
-            StoreScalar(p.dtype, bp.dv, bp.dv_offset(b, t, h) + dd * bp.dv_stride[3], 0.0f);
+            StoreElement(p.dtype, bp.dk, bp.dk_offset(b, t, h) + dd * bp.dk_stride[3], 0.0f);
+            StoreElement(p.dtype, bp.dv, bp.dv_offset(b, t, h) + dd * bp.dv_stride[3], 0.0f);
           }
         }
       }

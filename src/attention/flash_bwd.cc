@@ -14,6 +14,7 @@
 
 #include "attention/attention_problem.h"
 #include "attention/flash_fwd.h"
+#include "core/element.h"
 #include "ref/attention_ref.h"
 #include "tessera/attention.h"
 
@@ -23,19 +24,9 @@ HWY_EXPORT(FlashBackward);
 
 namespace {
 
+// An fp64 reference value rounded into an output of `dtype`.
 void StoreRounded(DType dtype, void* base, int64_t i, double x) {
-  const float f = static_cast<float>(x);
-  switch (dtype) {
-    case DType::kF32:
-      static_cast<float*>(base)[i] = f;
-      return;
-    case DType::kBF16:
-      static_cast<uint16_t*>(base)[i] = FloatToBF16(f);
-      return;
-    case DType::kF16:
-      static_cast<uint16_t*>(base)[i] = FloatToF16(f);
-      return;
-  }
+  StoreElement(dtype, base, i, static_cast<float>(x));
 }
 
 // Path::kReference: the fp64 reference gradients, rounded into the caller's outputs. Only rows

@@ -263,54 +263,37 @@ void RunTask(const AttentionProblem& p, const Task& t, Scratch& s) {
       const int64_t a = tile_begin(c0), e = tile_end(c0);
       const size_t nkeys = static_cast<size_t>(e - a);
       const bool full = max_lo <= a && min_hi >= e - 1;
-      const int64_t key0 = k_begin + a;
       const int64_t next = c0 + flash::kKeyTile;
+      // Where this tile's K (or V) rows are read from, and the feed that streams the next tile
+      // during this one's GEMMs: a prefetch for rows read in place, or for converted dtypes a
+      // prefetch two tiles ahead plus the conversion of the next tile into the other buffer.
+      auto stream = [&](const void* base, const int64_t* stride, int64_t row_bytes, bool direct,
+                        float* const* bufs, const float** read_from, size_t* ld, TileFeed* feed) {
+        auto row_offset = [&](int64_t key) {
+          return p.offset(stride, t.seq, k_begin + key, t.kv_head);
+        };
+        if (direct) {
+          *read_from = static_cast<const float*>(base) + row_offset(a);
+          *ld = static_cast<size_t>(stride[1]);
+          feed->prefetch = prefetcher(base, row_offset(next), stride[1], row_bytes, next);
+          return;
+        }
+        *read_from = bufs[buf];
+        *ld = dim;
+        const int64_t later = next + flash::kKeyTile;
+        feed->prefetch = prefetcher(base, row_offset(later), stride[1], row_bytes, later);
+        if (next <= union_hi) {
+          feed->convert = RowConverter{
+              p.dtype,   base, row_offset(next), stride[1],
+              stride[3], dim,  bufs[buf ^ 1],    static_cast<size_t>(tile_end(next) - next),
+              0};
+        }
+      };
       TileFeed feed_k, feed_v;
-      const float* kt = s.kt[buf];
-      const float* vt = s.vt[buf];
-      size_t ldk = dim, ldv = dim;
-      if (direct_k) {
-        kt = static_cast<const float*>(p.k) + p.k_offset(t.seq, key0, t.kv_head);
-        ldk = static_cast<size_t>(p.k_stride[1]);
-        feed_k.prefetch = prefetcher(p.k, p.k_offset(t.seq, k_begin + next, t.kv_head),
-                                     p.k_stride[1], k_row_bytes, next);
-      } else {
-        const int64_t later = next + flash::kKeyTile;
-        feed_k.prefetch = prefetcher(p.k, p.k_offset(t.seq, k_begin + later, t.kv_head),
-                                     p.k_stride[1], k_row_bytes, later);
-        if (next <= union_hi) {
-          feed_k.convert = RowConverter{p.dtype,
-                                        p.k,
-                                        p.k_offset(t.seq, k_begin + next, t.kv_head),
-                                        p.k_stride[1],
-                                        p.k_stride[3],
-                                        dim,
-                                        s.kt[buf ^ 1],
-                                        static_cast<size_t>(tile_end(next) - next),
-                                        0};
-        }
-      }
-      if (direct_v) {
-        vt = static_cast<const float*>(p.v) + p.v_offset(t.seq, key0, t.kv_head);
-        ldv = static_cast<size_t>(p.v_stride[1]);
-        feed_v.prefetch = prefetcher(p.v, p.v_offset(t.seq, k_begin + next, t.kv_head),
-                                     p.v_stride[1], v_row_bytes, next);
-      } else {
-        const int64_t later = next + flash::kKeyTile;
-        feed_v.prefetch = prefetcher(p.v, p.v_offset(t.seq, k_begin + later, t.kv_head),
-                                     p.v_stride[1], v_row_bytes, later);
-        if (next <= union_hi) {
-          feed_v.convert = RowConverter{p.dtype,
-                                        p.v,
-                                        p.v_offset(t.seq, k_begin + next, t.kv_head),
-                                        p.v_stride[1],
-                                        p.v_stride[3],
-                                        dim,
-                                        s.vt[buf ^ 1],
-                                        static_cast<size_t>(tile_end(next) - next),
-                                        0};
-        }
-      }
+      const float *kt, *vt;
+      size_t ldk, ldv;
+      stream(p.k, p.k_stride, k_row_bytes, direct_k, s.kt, &kt, &ldk, &feed_k);
+      stream(p.v, p.v_stride, v_row_bytes, direct_v, s.vt, &vt, &ldv, &feed_v);
       RowPanelProduct<kD>(kt, ldk, nkeys, dim, s.qt, mp, s.st, s.tile_max, feed_k);
       SoftmaxTile(p, s, nkeys, mp, a, !full);
       TransposedPanelAccumulate<kD>(vt, ldv, nkeys, dim, s.st, mp, s.alpha, s.ot, feed_v);

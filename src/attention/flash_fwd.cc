@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "attention/attention_problem.h"
+#include "core/element.h"
 #include "ref/attention_ref.h"
 #include "tessera/attention.h"
 
@@ -42,20 +43,7 @@ Status RunReference(const AttentionParams& params, const AttentionProblem& p) {
         const double* src = out.data() + (row * p.heads_q + h) * p.dim;
         const int64_t off = p.out_offset(b, t, h);
         for (int64_t d = 0; d < p.dim; ++d) {
-          const float x = static_cast<float>(src[d]);
-          void* o = p.out;
-          const int64_t i = off + d * p.out_stride[3];
-          switch (p.dtype) {
-            case DType::kF32:
-              static_cast<float*>(o)[i] = x;
-              break;
-            case DType::kBF16:
-              static_cast<uint16_t*>(o)[i] = FloatToBF16(x);
-              break;
-            case DType::kF16:
-              static_cast<uint16_t*>(o)[i] = FloatToF16(x);
-              break;
-          }
+          StoreElement(p.dtype, p.out, off + d * p.out_stride[3], static_cast<float>(src[d]));
         }
         if (p.lse != nullptr) {
           const int64_t li = p.varlen() ? h * p.seq_q + t : (b * p.heads_q + h) * p.seq_q + t;

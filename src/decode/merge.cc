@@ -14,36 +14,11 @@
 #include <vector>
 
 #include "core/check.h"
+#include "core/element.h"
 #include "core/parallel.h"
 
 namespace tessera {
 namespace {
-
-float LoadAsFloat(DType dtype, const void* base, int64_t i) {
-  switch (dtype) {
-    case DType::kF32:
-      return static_cast<const float*>(base)[i];
-    case DType::kBF16:
-      return BF16ToFloat(static_cast<const uint16_t*>(base)[i]);
-    case DType::kF16:
-      return F16ToFloat(static_cast<const uint16_t*>(base)[i]);
-  }
-  return 0.0f;
-}
-
-void StoreFromFloat(DType dtype, void* base, int64_t i, float x) {
-  switch (dtype) {
-    case DType::kF32:
-      static_cast<float*>(base)[i] = x;
-      return;
-    case DType::kBF16:
-      static_cast<uint16_t*>(base)[i] = FloatToBF16(x);
-      return;
-    case DType::kF16:
-      static_cast<uint16_t*>(base)[i] = FloatToF16(x);
-      return;
-  }
-}
 
 Status Validate(const MergeStatesParams& p) {
   const TensorView& parts = p.out_parts;
@@ -140,7 +115,7 @@ Status MergeStates(const MergeStatesParams& p, const Context& ctx) {
           // The first part is assigned, not added to 0, so a lone part (with weight 1) comes
           // back bitwise, signed zeros included.
           for (int64_t d = 0; d < D; ++d) {
-            const float x = w * LoadAsFloat(parts.dtype, parts.data, base + d * ps[3]);
+            const float x = w * LoadElement(parts.dtype, parts.data, base + d * ps[3]);
             acc[size_t(d)] = first ? x : acc[size_t(d)] + x;
           }
           first = false;
@@ -148,7 +123,7 @@ Status MergeStates(const MergeStatesParams& p, const Context& ctx) {
       }
       const int64_t out_base = t * os[0] + h * os[1];
       for (int64_t d = 0; d < D; ++d) {
-        StoreFromFloat(p.out.dtype, p.out.data, out_base + d * os[2], acc[size_t(d)]);
+        StoreElement(p.out.dtype, p.out.data, out_base + d * os[2], acc[size_t(d)]);
       }
       if (p.lse.data != nullptr) {
         static_cast<float*>(p.lse.data)[t * p.lse.strides[0] + h * p.lse.strides[1]] = lse;

@@ -13,39 +13,13 @@
 #include <cstdint>
 #include <cstring>
 
+#include "core/element.h"
 #include "tessera/types.h"
 
 HWY_BEFORE_NAMESPACE();
 namespace tessera {
 namespace HWY_NAMESPACE {
 namespace hn = hwy::HWY_NAMESPACE;
-
-// Element i of a tensor of `dtype` at `base`, as f32.
-HWY_INLINE float LoadScalar(DType dtype, const void* base, int64_t i) {
-  switch (dtype) {
-    case DType::kF32:
-      return static_cast<const float*>(base)[i];
-    case DType::kBF16:
-      return BF16ToFloat(static_cast<const uint16_t*>(base)[i]);
-    case DType::kF16:
-      return F16ToFloat(static_cast<const uint16_t*>(base)[i]);
-  }
-  return 0.0f;
-}
-
-HWY_INLINE void StoreScalar(DType dtype, void* base, int64_t i, float x) {
-  switch (dtype) {
-    case DType::kF32:
-      static_cast<float*>(base)[i] = x;
-      return;
-    case DType::kBF16:
-      static_cast<uint16_t*>(base)[i] = FloatToBF16(x);
-      return;
-    case DType::kF16:
-      static_cast<uint16_t*>(base)[i] = FloatToF16(x);
-      return;
-  }
-}
 
 // dst[0..n) = row elements base[off + d*stride] as f32 (dst contiguous).
 HWY_INLINE void LoadRow(DType dtype, const void* base, int64_t off, int64_t stride, size_t n,
@@ -72,12 +46,12 @@ HWY_INLINE void LoadRow(DType dtype, const void* base, int64_t off, int64_t stri
       }
     }
     for (size_t d = vector_end; d < n; ++d) {
-      dst[d] = LoadScalar(dtype, base, off + static_cast<int64_t>(d));
+      dst[d] = LoadElement(dtype, base, off + static_cast<int64_t>(d));
     }
     return;
   }
   for (size_t d = 0; d < n; ++d) {
-    dst[d] = LoadScalar(dtype, base, off + static_cast<int64_t>(d) * stride);
+    dst[d] = LoadElement(dtype, base, off + static_cast<int64_t>(d) * stride);
   }
 }
 
@@ -85,7 +59,7 @@ HWY_INLINE void LoadRow(DType dtype, const void* base, int64_t off, int64_t stri
 HWY_INLINE void StoreStridedScaled(DType dtype, const float* HWY_RESTRICT src, size_t src_stride,
                                    size_t n, float scale, void* base, int64_t off, int64_t stride) {
   for (size_t d = 0; d < n; ++d) {
-    StoreScalar(dtype, base, off + static_cast<int64_t>(d) * stride, scale * src[d * src_stride]);
+    StoreElement(dtype, base, off + static_cast<int64_t>(d) * stride, scale * src[d * src_stride]);
   }
 }
 
