@@ -77,6 +77,114 @@ double MaxNaN(double a, double b) {
   return std::max(a, b);
 }
 
+// The options of a call, resolved once: what the forward and backward references both read.
+struct Options {
+  double scale = 1.0;
+  double softcap = 0.0;
+  int64_t window_left = -1;  // -1: unbounded
+  int64_t window_right = -1;
+  bool top_left = false;
+  bool alibi = false;
+};
+
+Options ResolveOptions(const AttentionParams& p, int64_t dim) {
+  Options o;
+  // The scale parameter is a float, so the default is the float nearest 1/sqrt(D): the kernels
+  // can use no other, and the oracle should measure their error, not this rounding.
+  o.scale = p.scale.has_value()
+                ? static_cast<double>(*p.scale)
+                : static_cast<double>(static_cast<float>(1.0 / std::sqrt(double(dim))));
+  o.softcap = p.softcap;
+  o.window_left = p.window_left;
+  o.window_right = p.causal ? 0 : p.window_right;  // causal caps the right side at 0
+  o.top_left = p.align == MaskAlign::kTopLeft;
+  o.alibi = p.alibi_slopes.data != nullptr;
+  return o;
+}
+
+// Sequence b: its token ranges along the token axes, the batch index to read it with, and the
+// shift that puts query i at position i + shift.
+struct Sequence {
+  int64_t q_begin, q_len, k_begin, k_len, read_b, shift;
+};
+
+Sequence SequenceOf(const AttentionParams& p, const TokenView& q, const TokenView& k,
+                    const Options& o, int64_t b) {
+  const bool varlen = p.cu_seqlens_q != nullptr;
+  Sequence s;
+  s.q_begin = varlen ? p.cu_seqlens_q[b] : 0;
+  s.q_len = varlen ? p.cu_seqlens_q[b + 1] - p.cu_seqlens_q[b] : q.tokens;
+  s.k_begin = varlen ? p.cu_seqlens_k[b] : 0;
+  s.k_len = varlen ? p.cu_seqlens_k[b + 1] - p.cu_seqlens_k[b] : k.tokens;
+  s.read_b = varlen ? 0 : b;
+  // Bottom-right alignment puts query i at position i + Sk - Sq, per sequence.
+  s.shift = o.top_left ? 0 : s.k_len - s.q_len;
+  return s;
+}
+
+// ALiBi slope of (sequence b, query head h); 0 when ALiBi is off.
+double AlibiSlope(const AttentionParams& p, int64_t b, int64_t h) {
+  const TensorView& a = p.alibi_slopes;
+  if (a.data == nullptr) return 0.0;
+  return a.rank == 1 ? Load(a, h * a.strides[0]) : Load(a, b * a.strides[0] + h * a.strides[1]);
+}
+
+// K and V rows of (sequence, KV head), upcast: keys [k_len][dim], values [k_len][dim_v].
+void LoadKeysValues(const AttentionParams& p, const TokenView& k, const TokenView& v,
+                    const Sequence& s, int64_t kv_head, std::vector<double>* keys,
+                    std::vector<double>* values) {
+  keys->assign(static_cast<size_t>(s.k_len * k.dim), 0.0);
+  values->assign(static_cast<size_t>(s.k_len * v.dim), 0.0);
+  for (int64_t j = 0; j < s.k_len; ++j) {
+    for (int64_t d = 0; d < k.dim; ++d) {
+      (*keys)[static_cast<size_t>(j * k.dim + d)] =
+          Load(p.k, k.Offset(s.read_b, s.k_begin + j, kv_head, d));
+    }
+    for (int64_t d = 0; d < v.dim; ++d) {
+      (*values)[static_cast<size_t>(j * v.dim + d)] =
+          Load(p.v, v.Offset(s.read_b, s.k_begin + j, kv_head, d));
+    }
+  }
+}
+
+// One query row's scores at position `pos`, the definition both references share: s_j = scale *
+// q.k_j, then softcap, then ALiBi, and a true -inf for masked keys (probability exactly 0).
+// Fills scores[j], visible[j] and, when dcap is not null, dcap[j] = d(capped logit) / d(scaled
+// logit). Returns the NaN-sticky max over visible keys and whether any key is visible.
+struct RowMax {
+  double max;
+  bool any_visible;
+};
+
+RowMax RowScores(const Options& o, const double* row_q, const std::vector<double>& keys,
+                 int64_t dim, int64_t k_len, int64_t pos, double slope, double* scores,
+                 char* visible, double* dcap) {
+  RowMax r{-kInf, false};
+  for (int64_t j = 0; j < k_len; ++j) {
+    const bool keep = (o.window_left < 0 || j >= pos - o.window_left) &&
+                      (o.window_right < 0 || j <= pos + o.window_right);
+    visible[j] = keep;
+    if (dcap != nullptr) dcap[j] = 1.0;
+    if (!keep) {
+      scores[j] = -kInf;
+      continue;
+    }
+    r.any_visible = true;
+    double dot = 0.0;
+    for (int64_t d = 0; d < dim; ++d) dot += row_q[d] * keys[static_cast<size_t>(j * dim + d)];
+    double s = o.scale * dot;
+    if (o.softcap > 0.0) {
+      const double t = std::tanh(s / o.softcap);
+      s = o.softcap * t;
+      if (dcap != nullptr) dcap[j] = 1.0 - t * t;
+    }
+    if (o.alibi) s -= slope * static_cast<double>(std::llabs(pos - j));
+    scores[j] = s;
+    r.max = MaxNaN(r.max, s);
+  }
+  return r;
+}
+
 }  // namespace
 
 void AttentionForwardF64(const AttentionParams& p, double* out, double* lse) {
@@ -90,109 +198,53 @@ void AttentionForwardF64(const AttentionParams& p, double* out, double* lse) {
   const int64_t dim_v = v.dim;
   const int64_t group = heads_q / k.heads;  // valid params: k.heads >= 1 divides heads_q
   const int64_t total_q = q.tokens;         // rows per batch entry of the dense output
-
-  // The scale parameter is a float, so the default is the float nearest 1/sqrt(D): the kernels
-  // can use no other, and the oracle should measure their error, not this rounding.
-  const double scale = p.scale.has_value()
-                           ? static_cast<double>(*p.scale)
-                           : static_cast<double>(static_cast<float>(1.0 / std::sqrt(double(dim))));
-  const double softcap = p.softcap;
-  const int64_t window_left = p.window_left;                   // -1: unbounded
-  const int64_t window_right = p.causal ? 0 : p.window_right;  // causal caps the right side at 0
-  const bool top_left = p.align == MaskAlign::kTopLeft;
-  const bool alibi = p.alibi_slopes.data != nullptr;
+  const Options o = ResolveOptions(p, dim);
 
   // Scratch for one (sequence, KV head): K and V rows upcast, then one query row at a time.
-  std::vector<double> keys_buf, values_buf, row_q_buf, scores_buf;
-  std::vector<char> visible_buf;
-  std::vector<double> acc_buf(static_cast<size_t>(dim_v));
-  double* acc = acc_buf.data();
+  std::vector<double> keys, values, row_q(static_cast<size_t>(dim)), scores;
+  std::vector<char> visible;
+  std::vector<double> acc(static_cast<size_t>(dim_v));
 
   for (int64_t b = 0; b < num_seqs; ++b) {
-    // Token ranges of this sequence along the token axis, and the batch index used to read it.
-    const int64_t q_begin = varlen ? p.cu_seqlens_q[b] : 0;
-    const int64_t q_len = varlen ? p.cu_seqlens_q[b + 1] - p.cu_seqlens_q[b] : q.tokens;
-    const int64_t k_begin = varlen ? p.cu_seqlens_k[b] : 0;
-    const int64_t k_len = varlen ? p.cu_seqlens_k[b + 1] - p.cu_seqlens_k[b] : k.tokens;
-    const int64_t read_b = varlen ? 0 : b;
-    // Bottom-right alignment puts query i at position i + Sk - Sq, per sequence.
-    const int64_t shift = top_left ? 0 : k_len - q_len;
-
-    keys_buf.assign(static_cast<size_t>(k_len * dim), 0.0);
-    values_buf.assign(static_cast<size_t>(k_len * dim_v), 0.0);
-    scores_buf.assign(static_cast<size_t>(k_len), 0.0);
-    visible_buf.assign(static_cast<size_t>(k_len), 0);
-    row_q_buf.assign(static_cast<size_t>(dim), 0.0);
-    double* keys = keys_buf.data();
-    double* values = values_buf.data();
-    double* scores = scores_buf.data();
-    char* visible = visible_buf.data();
-    double* row_q = row_q_buf.data();
-
+    const Sequence sq = SequenceOf(p, q, k, o, b);
+    scores.assign(static_cast<size_t>(sq.k_len), 0.0);
+    visible.assign(static_cast<size_t>(sq.k_len), 0);
     for (int64_t kv_head = 0; kv_head < k.heads; ++kv_head) {
-      for (int64_t j = 0; j < k_len; ++j) {
-        for (int64_t d = 0; d < dim; ++d) {
-          keys[j * dim + d] = Load(p.k, k.Offset(read_b, k_begin + j, kv_head, d));
-        }
-        for (int64_t d = 0; d < dim_v; ++d) {
-          values[j * dim_v + d] = Load(p.v, v.Offset(read_b, k_begin + j, kv_head, d));
-        }
-      }
+      LoadKeysValues(p, k, v, sq, kv_head, &keys, &values);
       // GQA: query head h reads KV head h / group, i.e. heads [kv_head*group, (kv_head+1)*group).
       for (int64_t h = kv_head * group; h < (kv_head + 1) * group; ++h) {
-        double slope = 0.0;
-        if (alibi) {
-          const TensorView& a = p.alibi_slopes;
-          slope = a.rank == 1 ? Load(a, h * a.strides[0])
-                              : Load(a, b * a.strides[0] + h * a.strides[1]);
-        }
-        for (int64_t i = 0; i < q_len; ++i) {
+        const double slope = AlibiSlope(p, b, h);
+        for (int64_t i = 0; i < sq.q_len; ++i) {
           for (int64_t d = 0; d < dim; ++d) {
-            row_q[d] = Load(p.q, q.Offset(read_b, q_begin + i, h, d));
+            row_q[static_cast<size_t>(d)] = Load(p.q, q.Offset(sq.read_b, sq.q_begin + i, h, d));
           }
-          const int64_t pos = i + shift;
-          double row_max = -kInf;
-          bool any_visible = false;
-          for (int64_t j = 0; j < k_len; ++j) {
-            const bool keep = (window_left < 0 || j >= pos - window_left) &&
-                              (window_right < 0 || j <= pos + window_right);
-            visible[j] = keep;
-            if (!keep) {
-              scores[j] = -kInf;  // a true -inf: a masked key gets probability exactly 0
-              continue;
-            }
-            any_visible = true;
-            double dot = 0.0;
-            for (int64_t d = 0; d < dim; ++d) dot += row_q[d] * keys[j * dim + d];
-            double s = scale * dot;
-            if (softcap > 0.0) s = softcap * std::tanh(s / softcap);
-            if (alibi) s -= slope * static_cast<double>(std::llabs(pos - j));
-            scores[j] = s;
-            row_max = MaxNaN(row_max, s);
-          }
+          const RowMax row = RowScores(o, row_q.data(), keys, dim, sq.k_len, i + sq.shift, slope,
+                                       scores.data(), visible.data(), nullptr);
 
-          double* out_row = varlen ? out + ((q_begin + i) * heads_q + h) * dim_v
+          double* out_row = varlen ? out + ((sq.q_begin + i) * heads_q + h) * dim_v
                                    : out + ((b * total_q + i) * heads_q + h) * dim_v;
           double* lse_elem = nullptr;
           if (lse != nullptr) {
             lse_elem =
-                varlen ? lse + h * total_q + q_begin + i : lse + (b * heads_q + h) * total_q + i;
+                varlen ? lse + h * total_q + sq.q_begin + i : lse + (b * heads_q + h) * total_q + i;
           }
-          if (!any_visible) {
+          if (!row.any_visible) {
             std::fill(out_row, out_row + dim_v, 0.0);
             if (lse_elem != nullptr) *lse_elem = -kInf;
             continue;
           }
           double sum = 0.0;
-          std::fill(acc, acc + dim_v, 0.0);
-          for (int64_t j = 0; j < k_len; ++j) {
-            if (!visible[j]) continue;
-            const double w = std::exp(scores[j] - row_max);
+          std::fill(acc.begin(), acc.end(), 0.0);
+          for (int64_t j = 0; j < sq.k_len; ++j) {
+            if (!visible[static_cast<size_t>(j)]) continue;
+            const double w = std::exp(scores[static_cast<size_t>(j)] - row.max);
             sum += w;
-            for (int64_t d = 0; d < dim_v; ++d) acc[d] += w * values[j * dim_v + d];
+            for (int64_t d = 0; d < dim_v; ++d) {
+              acc[static_cast<size_t>(d)] += w * values[static_cast<size_t>(j * dim_v + d)];
+            }
           }
-          for (int64_t d = 0; d < dim_v; ++d) out_row[d] = acc[d] / sum;
-          if (lse_elem != nullptr) *lse_elem = row_max + std::log(sum);
+          for (int64_t d = 0; d < dim_v; ++d) out_row[d] = acc[static_cast<size_t>(d)] / sum;
+          if (lse_elem != nullptr) *lse_elem = row.max + std::log(sum);
         }
       }
     }
@@ -220,99 +272,51 @@ void AttentionBackwardF64(const AttentionBackwardParams& bp, double* dq, double*
   const int64_t group = heads_q / heads_kv;
   const int64_t total_q = q.tokens;
   const int64_t total_k = k.tokens;
+  const Options o = ResolveOptions(p, dim);
+  const double scale = o.scale;
 
-  const double scale = p.scale.has_value()
-                           ? static_cast<double>(*p.scale)
-                           : static_cast<double>(static_cast<float>(1.0 / std::sqrt(double(dim))));
-  const double softcap = p.softcap;
-  const int64_t window_left = p.window_left;
-  const int64_t window_right = p.causal ? 0 : p.window_right;
-  const bool top_left = p.align == MaskAlign::kTopLeft;
-  const bool alibi = p.alibi_slopes.data != nullptr;
-
-  std::vector<double> keys, values, row_q, row_do, probs, dcap, dscore;
+  std::vector<double> keys, values, row_q(static_cast<size_t>(dim)),
+      row_do(static_cast<size_t>(dim_v)), probs, dcap, dscore;
   std::vector<char> visible;
   std::vector<double> grad_k, grad_v;  // [k_len, dim] / [k_len, dim_v] of one (sequence, KV head)
 
   for (int64_t b = 0; b < num_seqs; ++b) {
-    const int64_t q_begin = varlen ? p.cu_seqlens_q[b] : 0;
-    const int64_t q_len = varlen ? p.cu_seqlens_q[b + 1] - p.cu_seqlens_q[b] : q.tokens;
-    const int64_t k_begin = varlen ? p.cu_seqlens_k[b] : 0;
-    const int64_t k_len = varlen ? p.cu_seqlens_k[b + 1] - p.cu_seqlens_k[b] : k.tokens;
-    const int64_t read_b = varlen ? 0 : b;
-    const int64_t shift = top_left ? 0 : k_len - q_len;
+    const Sequence sq = SequenceOf(p, q, k, o, b);
+    const int64_t k_len = sq.k_len, k_begin = sq.k_begin;
     const size_t nk = static_cast<size_t>(k_len);
+    probs.assign(nk, 0.0);
+    dcap.assign(nk, 1.0);
+    visible.assign(nk, 0);
 
     for (int64_t kv_head = 0; kv_head < heads_kv; ++kv_head) {
-      keys.assign(nk * static_cast<size_t>(dim), 0.0);
-      values.assign(nk * static_cast<size_t>(dim_v), 0.0);
+      LoadKeysValues(p, k, v, sq, kv_head, &keys, &values);
       grad_k.assign(keys.size(), 0.0);
       grad_v.assign(values.size(), 0.0);
-      for (int64_t j = 0; j < k_len; ++j) {
-        for (int64_t d = 0; d < dim; ++d) {
-          keys[static_cast<size_t>(j * dim + d)] =
-              Load(p.k, k.Offset(read_b, k_begin + j, kv_head, d));
-        }
-        for (int64_t d = 0; d < dim_v; ++d) {
-          values[static_cast<size_t>(j * dim_v + d)] =
-              Load(p.v, v.Offset(read_b, k_begin + j, kv_head, d));
-        }
-      }
 
       for (int64_t h = kv_head * group; h < (kv_head + 1) * group; ++h) {
-        double slope = 0.0;
-        if (alibi) {
-          const TensorView& a = p.alibi_slopes;
-          slope = a.rank == 1 ? Load(a, h * a.strides[0])
-                              : Load(a, b * a.strides[0] + h * a.strides[1]);
-        }
-        for (int64_t i = 0; i < q_len; ++i) {
-          row_q.assign(static_cast<size_t>(dim), 0.0);
-          row_do.assign(static_cast<size_t>(dim_v), 0.0);
+        const double slope = AlibiSlope(p, b, h);
+        for (int64_t i = 0; i < sq.q_len; ++i) {
           for (int64_t d = 0; d < dim; ++d) {
-            row_q[static_cast<size_t>(d)] = Load(p.q, q.Offset(read_b, q_begin + i, h, d));
+            row_q[static_cast<size_t>(d)] = Load(p.q, q.Offset(sq.read_b, sq.q_begin + i, h, d));
           }
           for (int64_t d = 0; d < dim_v; ++d) {
-            row_do[static_cast<size_t>(d)] = Load(bp.dout, dout.Offset(read_b, q_begin + i, h, d));
+            row_do[static_cast<size_t>(d)] =
+                Load(bp.dout, dout.Offset(sq.read_b, sq.q_begin + i, h, d));
           }
-          double* dq_row = varlen ? dq + ((q_begin + i) * heads_q + h) * dim
+          double* dq_row = varlen ? dq + ((sq.q_begin + i) * heads_q + h) * dim
                                   : dq + ((b * total_q + i) * heads_q + h) * dim;
           std::fill(dq_row, dq_row + dim, 0.0);
 
-          // Scores, exactly as the forward: softcap, ALiBi, mask (a true -inf).
-          const int64_t pos = i + shift;
-          probs.assign(nk, 0.0);
-          dcap.assign(nk, 1.0);  // d(capped logit) / d(scaled logit)
-          visible.assign(nk, 0);
-          double row_max = -kInf;
-          bool any_visible = false;
-          for (int64_t j = 0; j < k_len; ++j) {
-            const bool keep = (window_left < 0 || j >= pos - window_left) &&
-                              (window_right < 0 || j <= pos + window_right);
-            if (!keep) continue;
-            visible[static_cast<size_t>(j)] = 1;
-            any_visible = true;
-            double dot = 0.0;
-            for (int64_t d = 0; d < dim; ++d) {
-              dot += row_q[static_cast<size_t>(d)] * keys[static_cast<size_t>(j * dim + d)];
-            }
-            double s = scale * dot;
-            if (softcap > 0.0) {
-              const double t = std::tanh(s / softcap);
-              s = softcap * t;
-              dcap[static_cast<size_t>(j)] = 1.0 - t * t;
-            }
-            if (alibi) s -= slope * static_cast<double>(std::llabs(pos - j));
-            probs[static_cast<size_t>(j)] = s;
-            row_max = MaxNaN(row_max, s);
-          }
-          if (!any_visible) continue;  // dq row stays 0, nothing reaches dK / dV
+          // Scores exactly as the forward (softcap, ALiBi, mask), with the softcap derivative.
+          const RowMax row = RowScores(o, row_q.data(), keys, dim, k_len, i + sq.shift, slope,
+                                       probs.data(), visible.data(), dcap.data());
+          if (!row.any_visible) continue;  // dq row stays 0, nothing reaches dK / dV
 
           // P = softmax over the visible keys.
           double sum = 0.0;
           for (int64_t j = 0; j < k_len; ++j) {
             if (!visible[static_cast<size_t>(j)]) continue;
-            const double w = std::exp(probs[static_cast<size_t>(j)] - row_max);
+            const double w = std::exp(probs[static_cast<size_t>(j)] - row.max);
             probs[static_cast<size_t>(j)] = w;
             sum += w;
           }
