@@ -5,6 +5,7 @@
 #include <cerrno>
 #include <cstdlib>
 #include <iostream>
+#include <limits>
 
 namespace tessera {
 namespace cli {
@@ -65,6 +66,35 @@ bool ParseDType(const std::string& text, DType* dtype, std::string* error) {
   }
   *error = "--dtype: expected f32, bf16 or f16, got '" + text + "'";
   return false;
+}
+
+bool ParseKVDType(const std::string& text, KVDType* dtype, std::string* error) {
+  for (KVDType d : {KVDType::kF32, KVDType::kBF16, KVDType::kF16, KVDType::kInt8, KVDType::kInt4}) {
+    if (text == KVDTypeName(d)) {
+      *dtype = d;
+      return true;
+    }
+  }
+  *error = "--kv-dtype: expected f32, bf16, f16, int8 or int4, got '" + text + "'";
+  return false;
+}
+
+bool ParseLens(const std::string& text, std::vector<int32_t>* lens, std::string* error) {
+  lens->clear();
+  size_t start = 0;
+  while (true) {
+    const size_t comma = text.find(',', start);
+    const std::string item =
+        text.substr(start, comma == std::string::npos ? std::string::npos : comma - start);
+    int64_t len = 0;
+    if (!ParseInt64(item, &len) || len < 1 || len > std::numeric_limits<int32_t>::max()) {
+      *error = "--lens: expected comma-separated lengths >= 1 ('L1,L2,...'), got '" + text + "'";
+      return false;
+    }
+    lens->push_back(static_cast<int32_t>(len));
+    if (comma == std::string::npos) return true;
+    start = comma + 1;
+  }
 }
 
 double PeakRssMiB() {

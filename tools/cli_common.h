@@ -7,8 +7,10 @@
 #include <cstdint>
 #include <functional>
 #include <string>
+#include <vector>
 
 #include "tessera/context.h"
+#include "tessera/kv_cache.h"
 #include "tessera/types.h"
 
 namespace CLI {
@@ -40,6 +42,12 @@ bool ParsePath(const std::string& text, Path* path, std::string* error);
 
 // Parses "f32", "bf16" or "f16".
 bool ParseDType(const std::string& text, DType* dtype, std::string* error);
+
+// Parses "f32", "bf16", "f16", "int8" or "int4" (the --kv-dtype option).
+bool ParseKVDType(const std::string& text, KVDType* dtype, std::string* error);
+
+// Parses "L1,L2,..." (each an integer in 1..2^31-1) into *lens (the --lens option).
+bool ParseLens(const std::string& text, std::vector<int32_t>* lens, std::string* error);
 
 // Peak resident set size of this process so far, in MiB.
 double PeakRssMiB();

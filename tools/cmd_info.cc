@@ -1,10 +1,10 @@
 // `tessera info`: version, the SIMD target dynamic dispatch picks, threads, and the measured
-// fp32 FMA peak on one thread and on all hardware threads.
+// fp32 FMA peak and memory read bandwidth on one thread and on all hardware threads (and on the
+// threads a call would use, `peak_gbps`, the ceiling `tessera bench --op decode` reports against).
+#include <CLI/CLI.hpp>
 #include <cstdio>
 #include <iostream>
 #include <memory>
-
-#include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
 
 #include "cli_common.h"
@@ -30,6 +30,11 @@ int InfoMain(const InfoOptions& o) {
   const int32_t used = ResolveThreads(ctx);
   const double peak1 = MeasureFmaPeakGflops(1);
   const double peak_all = hw > 1 ? MeasureFmaPeakGflops(hw) : peak1;
+  const double gbps1 = MeasureReadBandwidthGBps(1);
+  const double gbps_all = hw > 1 ? MeasureReadBandwidthGBps(hw) : gbps1;
+  const double gbps_used = used == 1    ? gbps1
+                           : used == hw ? gbps_all
+                                        : MeasureReadBandwidthGBps(used);
   if (o.json) {
     nlohmann::ordered_json j;
     j["version"] = Version();
@@ -38,6 +43,9 @@ int InfoMain(const InfoOptions& o) {
     j["threads"] = used;
     j["peak_gflops_1t"] = peak1;
     j["peak_gflops_all"] = peak_all;
+    j["peak_gbps_1t"] = gbps1;
+    j["peak_gbps_all"] = gbps_all;
+    j["peak_gbps"] = gbps_used;
     std::cout << j.dump() << std::endl;
     return kExitOk;
   }
@@ -47,6 +55,10 @@ int InfoMain(const InfoOptions& o) {
   std::printf("threads used       %d\n", used);
   std::printf("fp32 FMA peak      %.1f GFLOP/s (1 thread), %.1f GFLOP/s (%d threads)\n", peak1,
               peak_all, hw);
+  std::printf("read bandwidth     %.1f GB/s (1 thread), %.1f GB/s (%d threads)", gbps1, gbps_all,
+              hw);
+  if (used != 1 && used != hw) std::printf(", %.1f GB/s (%d threads)", gbps_used, used);
+  std::printf("\n");
   return kExitOk;
 }
 
@@ -54,7 +66,8 @@ int InfoMain(const InfoOptions& o) {
 
 CommandMain AddInfoCommand(CLI::App& app) {
   auto o = std::make_shared<InfoOptions>();
-  CLI::App* sub = app.add_subcommand("info", "Version, SIMD target, threads and measured peak");
+  CLI::App* sub = app.add_subcommand(
+      "info", "Version, SIMD target, threads, measured FMA peak and read bandwidth");
   sub->add_option("--threads", o->threads, "threads a call would use (0 = all)");
   sub->add_flag("--json", o->json, "print one JSON object on stdout");
   return [o] { return InfoMain(*o); };

@@ -14,5 +14,11 @@ int32_t HardwareThreads();
 // per thread, enough accumulators to hide the FMA latency, widest vectors of the chosen
 // target). Runs for about `seconds` seconds in total; returns the best of several repeats.
 double MeasureFmaPeakGflops(int32_t threads, double seconds = 0.3);
+// Measures the memory read bandwidth in GB/s (1e9 bytes per second) with `threads` threads, each
+// summing its own slice of a 512 MiB buffer (far larger than any last-level cache; allocated and
+// touched once per call, freed before returning) with the widest vectors of the chosen target.
+// Runs for about `seconds` seconds plus the time to touch the buffer; returns the best of
+// several repeats. This is the ceiling memory-bound ops (decode) report their fraction of.
+double MeasureReadBandwidthGBps(int32_t threads, double seconds = 0.3);
 
 }  // namespace tessera

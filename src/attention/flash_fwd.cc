@@ -8,6 +8,7 @@
 #include "attention/flash_fwd-inl.h"
 
 #if HWY_ONCE
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <new>
@@ -15,6 +16,7 @@
 
 #include "attention/attention_problem.h"
 #include "core/element.h"
+#include "decode/decode.h"
 #include "ref/attention_ref.h"
 #include "tessera/attention.h"
 
@@ -55,6 +57,48 @@ Status RunReference(const AttentionParams& params, const AttentionProblem& p) {
   return Status::Ok();
 }
 
+// A few queries per sequence: the decode kernel (channels in lanes, split keys) beats the
+// rows-in-lanes forward, whose vectors would be mostly padding.
+bool RoutesToDecode(const AttentionProblem& p) {
+  int64_t max_q = 0;
+  for (int64_t b = 0; b < p.batch; ++b) max_q = std::max(max_q, p.q_len(b));
+  return max_q > 0 && max_q <= kMaxDecodeQueries;
+}
+
+Status RunAsDecode(const AttentionProblem& p, const Context& ctx, bool fast) {
+  decode::KvSource kv;
+  kv.dtype = p.dtype == DType::kF32    ? KVDType::kF32
+             : p.dtype == DType::kBF16 ? KVDType::kBF16
+                                       : KVDType::kF16;
+  kv.batch = p.batch;
+  kv.heads_kv = p.heads_kv;
+  kv.dim = p.dim;
+  kv.k = static_cast<const uint8_t*>(p.k);
+  kv.v = static_cast<const uint8_t*>(p.v);
+  const int64_t elem = static_cast<int64_t>(DTypeSize(p.dtype));
+  kv.k_page_stride = p.varlen() ? 0 : p.k_stride[0] * elem;
+  kv.k_token_stride = p.k_stride[1] * elem;
+  kv.k_head_stride = p.k_stride[2] * elem;
+  kv.k_dim_stride = p.k_stride[3];
+  kv.v_page_stride = p.varlen() ? 0 : p.v_stride[0] * elem;
+  kv.v_token_stride = p.v_stride[1] * elem;
+  kv.v_head_stride = p.v_stride[2] * elem;
+  kv.v_dim_stride = p.v_stride[3];
+  kv.seq_k = p.seq_k;
+  kv.cu_seqlens_k = p.cu_seqlens_k;
+  std::vector<int64_t> lens(static_cast<size_t>(p.batch));
+  for (int64_t b = 0; b < p.batch; ++b) lens[static_cast<size_t>(b)] = kv.len(b);
+  internal::DecodeSchedule schedule;
+  int64_t max_q = 0;
+  for (int64_t b = 0; b < p.batch; ++b) max_q = std::max(max_q, p.q_len(b));
+  decode::BuildSchedule(lens, p.heads_q, p.heads_kv, p.dim, max_q, kDefaultDecodeSplitTokens,
+                        ResolveThreads(ctx), &schedule);
+  if (!decode::RunDecodeKernel(p, kv, schedule, fast)) {
+    return Status::Internal("AttentionForward: could not allocate decode scratch");
+  }
+  return Status::Ok();
+}
+
 }  // namespace
 
 Status AttentionForward(const AttentionParams& params, const Context& ctx) {
@@ -65,6 +109,7 @@ Status AttentionForward(const AttentionParams& params, const Context& ctx) {
   bool fast = false;
   status = flash::ChooseKernel(ctx, problem.dim, &fast);
   if (!status.ok()) return status;
+  if (RoutesToDecode(problem)) return RunAsDecode(problem, ctx, fast);
   if (!HWY_DYNAMIC_DISPATCH(FlashForward)(problem, ResolveThreads(ctx), fast)) {
     return Status::Internal("AttentionForward: could not allocate per-worker scratch");
   }

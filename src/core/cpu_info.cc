@@ -5,6 +5,15 @@
 // the threading backend). Each runs a chain of 16 independent vector FMA accumulators, enough
 // to cover the FMA latency x throughput product of current x86 and Arm cores (Zen 4: 4 cycles x
 // 2 ymm pipes = 8; Skylake-X: 4 x 2 zmm = 8), with the widest vectors of the chosen target.
+//
+// The bandwidth probe is its memory-side twin: `threads` std::threads each sum their own slice
+// of a 512 MiB f32 buffer (16x a 32 MiB L3, so every repeat streams from DRAM), four vector loads
+// per iteration into four accumulators so the loop is bound by the loads alone. Each thread
+// touches its own slice first, so its pages exist and sit near the core that reads them (first
+// touch on NUMA machines). The buffer has ordinary 4 KiB pages on purpose: that is how a KV cache
+// in a std::vector or malloc'd pool is backed, and transparent huge pages read measurably faster
+// (Zen 4 under KVM, one thread: 26 GB/s with 4 KiB pages, 31.5 GB/s with 2 MiB pages), so a
+// huge-page probe would be a ceiling the kernels cannot reach on their usual inputs.
 
 #undef HWY_TARGET_INCLUDE
 #define HWY_TARGET_INCLUDE "core/cpu_info.cc"
@@ -61,6 +70,21 @@ HWY_NOINLINE void FmaChain(int64_t iters, float* HWY_RESTRICT sink) {
   *sink = hn::GetLane(hn::SumOfLanes(d, s));
 }
 
+// Sums n floats at p (n a multiple of 4 vectors, p vector-aligned) and stores the sum to `sink`
+// so the compiler cannot drop the loads.
+HWY_NOINLINE void SumFloats(const float* HWY_RESTRICT p, int64_t n, float* HWY_RESTRICT sink) {
+  const hn::ScalableTag<float> d;
+  const int64_t lanes = static_cast<int64_t>(hn::Lanes(d));
+  auto s0 = hn::Zero(d), s1 = hn::Zero(d), s2 = hn::Zero(d), s3 = hn::Zero(d);
+  for (int64_t i = 0; i + 4 * lanes <= n; i += 4 * lanes) {
+    s0 = hn::Add(s0, hn::Load(d, p + i));
+    s1 = hn::Add(s1, hn::Load(d, p + i + lanes));
+    s2 = hn::Add(s2, hn::Load(d, p + i + 2 * lanes));
+    s3 = hn::Add(s3, hn::Load(d, p + i + 3 * lanes));
+  }
+  *sink = hn::GetLane(hn::SumOfLanes(d, hn::Add(hn::Add(s0, s1), hn::Add(s2, s3))));
+}
+
 }  // namespace HWY_NAMESPACE
 }  // namespace tessera
 HWY_AFTER_NAMESPACE();
@@ -72,6 +96,9 @@ HWY_AFTER_NAMESPACE();
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <cmath>
+#include <cstdlib>
+#include <memory>
 #include <thread>
 #include <vector>
 
@@ -83,15 +110,26 @@ namespace {
 HWY_EXPORT(CompiledTarget);
 HWY_EXPORT(FloatLanes);
 HWY_EXPORT(FmaChain);
+HWY_EXPORT(SumFloats);
 
 constexpr int64_t kFmasPerIter = 16;
 constexpr int kRepeats = 5;
 
+// The bandwidth probe's buffer, its alignment (one 4 KiB page) and the granule its per-thread
+// slices are cut in (a multiple of 4 vectors of every target, up to 2048-bit SVE).
+constexpr size_t kBandwidthBytes = size_t{512} << 20;
+constexpr size_t kBufferAlignment = 4096;
+constexpr int64_t kSliceGranule = 1024;  // floats
+constexpr int kMinBandwidthRepeats = 3;
+constexpr int kMaxBandwidthRepeats = 100;
+
 using Clock = std::chrono::steady_clock;
 
-// Runs FmaChain(iters) on `threads` threads released together; returns the wall time in seconds
-// from the release to the last thread's finish.
-double TimeChains(int32_t threads, int64_t iters) {
+// Runs fn(t, sink) on `threads` threads t released together (sink: a float of its own, one cache
+// line from the others); returns the wall time in seconds from the release to the last thread's
+// finish.
+template <typename Fn>
+double TimeTogether(int32_t threads, const Fn& fn) {
   std::atomic<int32_t> ready{0};
   std::atomic<bool> go{false};
   std::vector<float> sinks(static_cast<size_t>(threads) * 16);  // one cache line apart
@@ -101,7 +139,7 @@ double TimeChains(int32_t threads, int64_t iters) {
     pool.emplace_back([&, t] {
       ready.fetch_add(1, std::memory_order_acq_rel);
       while (!go.load(std::memory_order_acquire)) std::this_thread::yield();
-      HWY_DYNAMIC_DISPATCH(FmaChain)(iters, &sinks[static_cast<size_t>(t) * 16]);
+      fn(t, &sinks[static_cast<size_t>(t) * 16]);
     });
   }
   while (ready.load(std::memory_order_acquire) < threads) std::this_thread::yield();
@@ -115,6 +153,17 @@ double TimeChains(int32_t threads, int64_t iters) {
   (void)total;
   return elapsed;
 }
+
+// Runs FmaChain(iters) on `threads` threads released together; returns the wall time in seconds.
+double TimeChains(int32_t threads, int64_t iters) {
+  return TimeTogether(threads, [iters](int32_t, float* sink) {
+    HWY_DYNAMIC_DISPATCH(FmaChain)(iters, sink);
+  });
+}
+
+struct FreeDeleter {
+  void operator()(float* p) const { std::free(p); }
+};
 
 }  // namespace
 
@@ -154,6 +203,47 @@ double MeasureFmaPeakGflops(int32_t threads, double seconds) {
     const double elapsed = TimeChains(threads, iters);
     const double gflops = flops_per_iter * static_cast<double>(iters) * threads / elapsed * 1e-9;
     best = std::max(best, gflops);
+  }
+  return best;
+}
+
+double MeasureReadBandwidthGBps(int32_t threads, double seconds) {
+  threads = std::max<int32_t>(threads, 1);
+  seconds = std::max(seconds, 0.01);
+  std::unique_ptr<float, FreeDeleter> buffer(
+      static_cast<float*>(std::aligned_alloc(kBufferAlignment, kBandwidthBytes)));
+  if (!buffer) return 0.0;
+
+  // Thread t owns granules [t * granules / threads, (t + 1) * granules / threads).
+  const int64_t granules = static_cast<int64_t>(kBandwidthBytes / sizeof(float)) / kSliceGranule;
+  auto slice = [&](int32_t t, float** begin, int64_t* n) {
+    const int64_t g0 = granules * t / threads;
+    const int64_t g1 = granules * (t + 1) / threads;
+    *begin = buffer.get() + g0 * kSliceGranule;
+    *n = (g1 - g0) * kSliceGranule;
+  };
+  TimeTogether(threads, [&](int32_t t, float*) {
+    float* begin = nullptr;
+    int64_t n = 0;
+    slice(t, &begin, &n);
+    std::fill(begin, begin + n, 1.0f);
+  });
+  auto read_all = [&] {
+    return TimeTogether(threads, [&](int32_t t, float* sink) {
+      float* begin = nullptr;
+      int64_t n = 0;
+      slice(t, &begin, &n);
+      HWY_DYNAMIC_DISPATCH(SumFloats)(begin, n, sink);
+    });
+  };
+
+  // The first pass evicts the touch's dirty lines from the caches and sizes the repeats.
+  const double first = read_all();
+  const int repeats = static_cast<int>(std::clamp<double>(
+      std::round(seconds / std::max(first, 1e-6)), kMinBandwidthRepeats, kMaxBandwidthRepeats));
+  double best = 0.0;
+  for (int r = 0; r < repeats; ++r) {
+    best = std::max(best, static_cast<double>(kBandwidthBytes) / read_all() * 1e-9);
   }
   return best;
 }

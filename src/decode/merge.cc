@@ -16,6 +16,7 @@
 #include "core/check.h"
 #include "core/element.h"
 #include "core/parallel.h"
+#include "decode/merge_row.h"
 
 namespace tessera {
 namespace {
@@ -82,10 +83,6 @@ Status MergeStates(const MergeStatesParams& p, const Context& ctx) {
   const int64_t* os = p.out.strides;
   // Everything stays in the LSE's own base, so merging with an empty part returns the other
   // part's LSE exactly.
-  const bool base2 = p.base2;
-  auto exp_fn = [base2](double x) { return base2 ? std::exp2(x) : std::exp(x); };
-  auto log_fn = [base2](double x) { return base2 ? std::log2(x) : std::log(x); };
-  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
   const int64_t rows = T * H;
   const int64_t chunk = 64;
   ParallelFor(ResolveThreads(ctx), (rows + chunk - 1) / chunk, [&](int64_t task, int32_t) {
@@ -93,34 +90,16 @@ Status MergeStates(const MergeStatesParams& p, const Context& ctx) {
     std::vector<float> part_lse(static_cast<size_t>(R));
     for (int64_t row = task * chunk; row < std::min(rows, (task + 1) * chunk); ++row) {
       const int64_t t = row / H, h = row % H;
-      float max_lse = kNegInf;
       for (int64_t r = 0; r < R; ++r) {
-        const float l = lse_parts[r * ls[0] + t * ls[1] + h * ls[2]];
-        part_lse[static_cast<size_t>(r)] = l;
-        // NaN-sticky: a NaN part poisons the row rather than being skipped.
-        if (!std::isnan(max_lse) && (std::isnan(l) || l > max_lse)) max_lse = l;
+        part_lse[static_cast<size_t>(r)] = lse_parts[r * ls[0] + t * ls[1] + h * ls[2]];
       }
-      std::fill(acc.begin(), acc.end(), 0.0f);
-      float lse = kNegInf;
-      if (max_lse != kNegInf) {
-        double sum = 0.0;
-        for (int64_t r = 0; r < R; ++r) sum += exp_fn(double(part_lse[size_t(r)]) - max_lse);
-        lse = static_cast<float>(max_lse + log_fn(sum));
-        bool first = true;
-        for (int64_t r = 0; r < R; ++r) {
-          const float l = part_lse[static_cast<size_t>(r)];
-          if (l == kNegInf) continue;  // empty part: its O is never read
-          const float w = static_cast<float>(exp_fn(double(l) - double(lse)));
-          const int64_t base = r * ps[0] + t * ps[1] + h * ps[2];
-          // The first part is assigned, not added to 0, so a lone part (with weight 1) comes
-          // back bitwise, signed zeros included.
-          for (int64_t d = 0; d < D; ++d) {
-            const float x = w * LoadElement(parts.dtype, parts.data, base + d * ps[3]);
-            acc[size_t(d)] = first ? x : acc[size_t(d)] + x;
-          }
-          first = false;
-        }
-      }
+      const float lse = MergeStateRow(
+          R, part_lse.data(), static_cast<size_t>(D),
+          [&](int64_t r, size_t d) {
+            return LoadElement(parts.dtype, parts.data,
+                               r * ps[0] + t * ps[1] + h * ps[2] + static_cast<int64_t>(d) * ps[3]);
+          },
+          acc.data(), p.base2);
       const int64_t out_base = t * os[0] + h * os[1];
       for (int64_t d = 0; d < D; ++d) {
         StoreElement(p.out.dtype, p.out.data, out_base + d * os[2], acc[size_t(d)]);

@@ -303,6 +303,19 @@ class RunTest(CliTestBase):
         self.assert_close(read_npy(self.path("o.npy"))[3], want, 1e-5, "out")
         self.assert_close(read_npy(self.path("l.npy"))[3], want_lse, 1e-5, "lse")
 
+    def test_decode_shapes(self):
+        # Sq <= 16 goes through the decode path inside AttentionForward.
+        for Sq, causal, descr in ((1, False, "<f4"), (4, True, "<f4"), (1, True, "<f2")):
+            with self.subTest(Sq=Sq, causal=causal, descr=descr):
+                B, Sk, Hq, Hkv, D = 2, 37, 4, 2, 16
+                q, k, v = self.make_inputs(B, Sq, Sk, Hq, Hkv, D, descr=descr)
+                self.assert_ok(*run_cli("run", *self.io_args(), "--lse", self.path("l.npy"),
+                                        *(["--causal"] if causal else [])))
+                want, want_lse = reference(q, k, v, B, Sq, Sk, Hq, Hkv, D, causal=causal)
+                tol = 1e-5 if descr == "<f4" else 1e-3  # f16 output rounding
+                self.assert_close(read_npy(self.path("o.npy"))[3], want, tol, "out")
+                self.assert_close(read_npy(self.path("l.npy"))[3], want_lse, 1e-5, "lse")
+
     def test_npy_version_2_input(self):
         B, Sq, Sk, Hq, Hkv, D = 1, 3, 3, 1, 1, 4
         q, k, v = self.make_inputs(B, Sq, Sk, Hq, Hkv, D)
@@ -657,8 +670,7 @@ class BenchInfoTest(unittest.TestCase):
         self.assertIn("speedup", out)
 
     def test_bench_errors(self):
-        for args, needle in ((["--op", "decode"], "unsupported op"),
-                             (["--op", "linear"], "unsupported op"),
+        for args, needle in ((["--op", "linear"], "unsupported op"),
                              (["--op", "nonsense"], "unknown op"),
                              (["--heads", 3, "--kv-heads", 2], "--kv-heads"),
                              (["--dtype", "f64"], "--dtype"),
@@ -672,16 +684,23 @@ class BenchInfoTest(unittest.TestCase):
         rc, out, err = run_cli("info")
         self.assertEqual(rc, 0, err)
         self.assertIn("simd target", out)
+        self.assertIn("read bandwidth", out)
+        self.assertIn("GB/s", out)
         rc, out, err = run_cli("info", "--json", "--threads", 1)
         self.assertEqual(rc, 0, err)
         r = json.loads(out)
         for key in ("version", "simd_target", "hardware_threads", "threads", "peak_gflops_1t",
-                    "peak_gflops_all"):
+                    "peak_gflops_all", "peak_gbps_1t", "peak_gbps_all", "peak_gbps"):
             self.assertIn(key, r)
         self.assertEqual(r["threads"], 1)
         self.assertGreaterEqual(r["hardware_threads"], 1)
         self.assertGreater(r["peak_gflops_1t"], 1)
         self.assertGreater(r["peak_gflops_all"], 0.5 * r["peak_gflops_1t"])
+        # Read bandwidth: GB/s of DRAM, single digits on the slowest machines we run on.
+        self.assertGreater(r["peak_gbps_1t"], 1)
+        self.assertLess(r["peak_gbps_1t"], 2000)
+        self.assertGreater(r["peak_gbps_all"], 0.5 * r["peak_gbps_1t"])
+        self.assertEqual(r["peak_gbps"], r["peak_gbps_1t"])  # --threads 1
 
     def test_no_subcommand_and_help(self):
         rc, _, err = run_cli()
@@ -690,6 +709,101 @@ class BenchInfoTest(unittest.TestCase):
         rc, out, _ = run_cli("run", "--help")
         self.assertEqual(rc, 0)
         self.assertIn("--window", out)
+
+
+KV_ROW_BYTES = {"f32": lambda d: 4 * d, "bf16": lambda d: 2 * d, "f16": lambda d: 2 * d,
+                "int8": lambda d: d, "int4": lambda d: (d + 1) // 2}
+DECODE_KEYS = ["op", "kv_dtype", "batch", "heads", "kv_heads", "queries", "seq_k", "dim",
+               "paged", "page_size", "threads", "bytes", "flops", "ms", "gbps", "peak_gbps",
+               "frac_bw", "gflops", "peak_rss_mb", "simd_target"]
+
+
+class BenchDecodeTest(unittest.TestCase):
+    B, H, HKV, N, D = 2, 4, 2, 300, 64
+
+    def bench_decode(self, *args, kv_dtype="f16", vs=True):
+        rc, out, err = run_cli("bench", "--op", "decode", "--batch", self.B, "--heads", self.H,
+                               "--kv-heads", self.HKV, "--seq-k", self.N, "--dim", self.D,
+                               "--kv-dtype", kv_dtype, "--reps", 5, "--threads", 2, "--json",
+                               *(["--vs", "naive"] if vs else []), *args)
+        self.assertEqual(rc, 0, err)
+        r = json.loads(out)  # exactly one JSON object
+        for key in DECODE_KEYS + (["naive_ms", "baseline_ms", "speedup", "max_abs_diff"]
+                                  if vs else []):
+            self.assertIn(key, r)
+        for key in ("ms", "gbps", "peak_gbps", "frac_bw", "gflops"):
+            self.assertGreater(r[key], 0, key)
+        self.assertEqual((r["op"], r["kv_dtype"], r["batch"], r["heads"], r["kv_heads"], r["dim"]),
+                         ("decode", kv_dtype, self.B, self.H, self.HKV, self.D))
+        lens = r.get("lens", [self.N] * self.B)
+        quantized = kv_dtype in ("int8", "int4")
+        want_bytes = sum(lens) * self.HKV * 2 * (KV_ROW_BYTES[kv_dtype](self.D) +
+                                                (8 if quantized else 0))
+        self.assertEqual(r["bytes"], want_bytes)
+        self.assertAlmostEqual(r["flops"], 4 * r["queries"] * self.H * self.D * sum(lens),
+                               places=3)
+        self.assertAlmostEqual(r["gbps"], r["bytes"] / (r["ms"] * 1e-3) * 1e-9,
+                               delta=1e-6 * r["gbps"])
+        self.assertAlmostEqual(r["frac_bw"], r["gbps"] / r["peak_gbps"], places=9)
+        self.assertLess(r["peak_rss_mb"], 512)  # the bandwidth probe's buffer is not counted
+        if vs:
+            self.assertGreater(r["naive_ms"], 0)
+            self.assertAlmostEqual(r["speedup"], r["naive_ms"] / r["ms"], places=9)
+            # Both read the same stored values and compute in f32, except that tessera quantizes
+            # q to int8 per row against an int8 / int4 cache (error ~ 1/254 of a logit).
+            self.assertLess(r["max_abs_diff"], 5e-3 if quantized else 1e-4)
+        return r
+
+    def test_every_kv_dtype(self):
+        for kv_dtype in ("f32", "bf16", "f16", "int8", "int4"):
+            with self.subTest(kv_dtype=kv_dtype):
+                r = self.bench_decode(kv_dtype=kv_dtype)
+                self.assertEqual((r["queries"], r["seq_k"], r["paged"]), (1, self.N, False))
+
+    def test_paged(self):
+        r = self.bench_decode("--page-size", 16, kv_dtype="int8")
+        self.assertEqual((r["paged"], r["page_size"]), (True, 16))
+
+    def test_lens(self):
+        r = self.bench_decode("--lens", "100,300", "--page-size", 32)
+        self.assertEqual((r["lens"], r["seq_k"]), ([100, 300], 300))
+
+    def test_queries_causal(self):
+        r = self.bench_decode("--queries", 4, "--causal", kv_dtype="bf16")
+        self.assertEqual((r["queries"], r["causal"]), (4, True))
+
+    def test_baseline_only_and_human_output(self):
+        rc, out, err = run_cli("bench", "--op", "decode", "--batch", 1, "--heads", 2, "--seq-k",
+                               64, "--dim", 32, "--reps", 5, "--threads", 1, "--baseline-only",
+                               "--json")
+        self.assertEqual(rc, 0, err)
+        r = json.loads(out)
+        self.assertTrue(r["baseline_only"])
+        self.assertNotIn("ms", r)
+        self.assertGreater(r["baseline_ms"], 0)
+        rc, out, err = run_cli("bench", "--op", "decode", "--batch", 1, "--heads", 2, "--seq-k",
+                               64, "--dim", 32, "--reps", 5, "--threads", 1, "--vs", "naive")
+        self.assertEqual(rc, 0, err)
+        self.assertEqual(len(out.strip().splitlines()), 1, out)
+        for needle in ("decode", "GB/s", "naive", "speedup"):
+            self.assertIn(needle, out)
+
+    def test_errors(self):
+        base = ["bench", "--op", "decode", "--batch", 2, "--heads", 4, "--seq-k", 64]
+        for args, needle in ((["--kv-dtype", "int3"], "--kv-dtype"),
+                             (["--lens", "10,20,30"], "--lens"),
+                             (["--lens", "10,0"], "--lens"),
+                             (["--lens", "10,x"], "--lens"),
+                             (["--queries", 0], "--queries"),
+                             (["--queries", 17], "--queries"),
+                             (["--page-size", -1], "--page-size"),
+                             (["--seq-k", 0], "--seq-k"),
+                             (["--kv-heads", 3], "--kv-heads"),
+                             (["--dim", 0], "--dim")):
+            rc, out, err = run_cli(*base, *args)
+            self.assertEqual(rc, 2, "%s: %s" % (args, err))
+            self.assertIn(needle, err)
+            self.assertEqual(out, "")
 
 
 def main():

@@ -1,0 +1,98 @@
+// The online-softmax step on a score tile laid out key-major with query rows in lanes,
+// St[key][Mp], shared by the exact forward and decode. `State` provides the per-row arrays
+// (st, m, l, alpha, tile_max, pos, slope, lo, hi; see flash_fwd-inl.h's Scratch).
+
+#if defined(TESSERA_ATTENTION_SOFTMAX_TILE_INL_H_) == defined(HWY_TARGET_TOGGLE)
+#ifdef TESSERA_ATTENTION_SOFTMAX_TILE_INL_H_
+#undef TESSERA_ATTENTION_SOFTMAX_TILE_INL_H_
+#else
+#define TESSERA_ATTENTION_SOFTMAX_TILE_INL_H_
+#endif
+
+#include <hwy/contrib/math/math-inl.h>
+#include <hwy/highway.h>
+
+#include <cstdint>
+#include <limits>
+
+#include "attention/attention_problem.h"
+#include "simd/fast_exp-inl.h"
+#include "simd/tile_gemm-inl.h"
+
+HWY_BEFORE_NAMESPACE();
+namespace tessera {
+namespace HWY_NAMESPACE {
+namespace hn = hwy::HWY_NAMESPACE;
+
+// Applies softcap, ALiBi and (on partial tiles) the mask to St, then the online-softmax update:
+// new running max, alpha = exp(m_old - m_new), St <- exp(St - m_new), l <- alpha*l + rowsum.
+template <class State>
+void SoftmaxTile(const AttentionProblem& p, State& s, size_t nkeys, size_t mp, int64_t key0,
+                 bool partial) {
+  const DF df;
+  const hn::RebindToSigned<DF> di;
+  const VF neg_inf = hn::Set(df, -std::numeric_limits<float>::infinity());
+  const VF log2e = hn::Set(df, 1.4426950408889634f);
+  const bool softcap = p.softcap > 0.0f;
+  const bool alibi = p.alibi != nullptr;
+  const VF cap = hn::Set(df, p.softcap);
+  const VF inv_cap = hn::Set(df, softcap ? 1.0f / p.softcap : 0.0f);
+  for (size_t i = 0; i < mp; i += kLanes) {
+    float* col = s.st + i;
+    const VF m_old = hn::Load(df, s.m + i);
+    VF mx = m_old;
+    if (softcap || alibi || partial) {
+      const VF pos = hn::Load(df, s.pos + i);
+      const VF slope = hn::Load(df, s.slope + i);
+      const auto lo = hn::Load(di, s.lo + i);
+      const auto hi = hn::Load(di, s.hi + i);
+      for (size_t j = 0; j < nkeys; ++j) {
+        VF x = hn::Load(df, col + j * mp);
+        const int64_t key = key0 + static_cast<int64_t>(j);
+        if (softcap) x = hn::Mul(cap, hn::Tanh(df, hn::Mul(x, inv_cap)));
+        if (alibi) {
+          const VF dist = hn::Abs(hn::Sub(pos, hn::Set(df, static_cast<float>(key))));
+          x = hn::NegMulAdd(slope, dist, x);
+        }
+        if (partial) {
+          const auto k = hn::Set(di, static_cast<int32_t>(key));
+          const auto hidden = hn::Or(hn::Lt(k, lo), hn::Gt(k, hi));
+          x = hn::IfThenElse(hn::RebindMask(df, hidden), neg_inf, x);
+        }
+        hn::Store(x, df, col + j * mp);
+        mx = hn::Max(mx, x);
+      }
+    } else {
+      mx = hn::Max(mx, hn::Load(df, s.tile_max + i));
+    }
+    // A row that has seen no visible key keeps m = -inf; subtracting 0 instead keeps its
+    // probabilities exp(-inf) = 0 and avoids (-inf) - (-inf).
+    const VF m_safe = hn::IfThenZeroElse(hn::Eq(mx, neg_inf), mx);
+    const VF alpha = FastExp2(df, hn::Mul(hn::Sub(m_old, m_safe), log2e));
+    VF sum0 = hn::Zero(df), sum1 = hn::Zero(df);
+    size_t j = 0;
+    for (; j + 2 <= nkeys; j += 2) {
+      const VF p0 = FastExp2(df, hn::Mul(hn::Sub(hn::Load(df, col + j * mp), m_safe), log2e));
+      const VF p1 = FastExp2(df, hn::Mul(hn::Sub(hn::Load(df, col + (j + 1) * mp), m_safe), log2e));
+      hn::Store(p0, df, col + j * mp);
+      hn::Store(p1, df, col + (j + 1) * mp);
+      sum0 = hn::Add(sum0, p0);
+      sum1 = hn::Add(sum1, p1);
+    }
+    if (j < nkeys) {
+      const VF p0 = FastExp2(df, hn::Mul(hn::Sub(hn::Load(df, col + j * mp), m_safe), log2e));
+      hn::Store(p0, df, col + j * mp);
+      sum0 = hn::Add(sum0, p0);
+    }
+    const VF l_new = hn::MulAdd(alpha, hn::Load(df, s.l + i), hn::Add(sum0, sum1));
+    hn::Store(mx, df, s.m + i);
+    hn::Store(l_new, df, s.l + i);
+    hn::Store(alpha, df, s.alpha + i);
+  }
+}
+
+}  // namespace HWY_NAMESPACE
+}  // namespace tessera
+HWY_AFTER_NAMESPACE();
+
+#endif  // TESSERA_ATTENTION_SOFTMAX_TILE_INL_H_

@@ -1,0 +1,777 @@
+// Decode: a few query rows per sequence over a long KV cache, SIMD body (one copy per target).
+//
+// What it computes: for every (sequence, query head, query row) the exact attention over the
+// sequence's cached keys (masks, softcap and ALiBi as in the forward), plus the natural-log LSE.
+//
+// Bytes moved: decode reads every K/V byte once and does ~2 FLOPs per byte per query row, so it
+// is bound by memory bandwidth when done right. Two things make that possible on a CPU:
+//  - The G*Q query rows of a GQA group (G heads x Q queries) share each K/V row: a tile of
+//    kKeyTile keys is read and converted once for all of them.
+//  - The arithmetic per K/V element is small: with only a handful of rows the forward's
+//    rows-in-lanes layout would waste most of each vector, so decode keeps channels in lanes.
+//    Scores are dot products over D, computed for 4 rows x 4 keys at once (16 vector
+//    accumulators) and reduced across lanes with a transposing shuffle tree; P.V broadcasts one
+//    probability per (row, key) against V rows (4 rows x 4 vectors of channels in registers).
+//    The online softmax then runs on the small score tile St[key][rows] with rows in lanes,
+//    shared with the forward (softmax_tile-inl.h).
+//
+// Work units are (sequence, split of split_tokens keys, block of KV heads), see decode.cc. A
+// unit walks its split tile by tile (kKeyTile keys); each of its heads keeps its own running
+// state (m, l, output accumulator) across the tiles. Memory order: in a token-major cache a
+// tile of all the unit's heads is one contiguous block, and both the score pass and the P.V
+// pass walk it in (small group of keys, head) order, i.e. nearly sequentially, with the rows
+// read in place. The hardware prefetcher keeps up with that stream at full bandwidth; walking
+// one head at a time (rows Hkv apart), copying rows into a staging tile, or software prefetching
+// (capped by the L1 miss buffers) each reached only about half of it on Zen 4.
+//
+// K/V dtypes: f32 / bf16 / f16 rows are read in place and widened in registers; int8 / int4
+// rows hold codes of the channel-separable token-wise format (kv_cache.h). Rows that cannot be
+// read in place (int4, a head-dim stride, a head dim that is not a multiple of the vector
+// width, or of 64 for the int8 VNNI path) are first copied into a staged tile. For those, with n
+// the channel normalizers and (step_j, min_j) the row's scales,
+//   q.k^_j = min_j * sum_c q'_c + step_j * sum_c q'_c code_jc,   q' = q * n,
+// and q' is quantized to int8 per row (sigma = max|q'| / 127, q8 = round(q' / sigma)), so the
+// code dot product is an exact integer: VNNI (vpdpbusd) on targets that have it, exact f32
+// arithmetic elsewhere (|partial sums| < 2^24), hence bitwise equal results on every target.
+// V is dequantized inside P.V: out_c = n_c * (sum_j p_j step_j code_jc + sum_j p_j min_j).
+
+#if defined(TESSERA_DECODE_DECODE_INL_H_) == defined(HWY_TARGET_TOGGLE)
+#ifdef TESSERA_DECODE_DECODE_INL_H_
+#undef TESSERA_DECODE_DECODE_INL_H_
+#else
+#define TESSERA_DECODE_DECODE_INL_H_
+#endif
+
+#include <hwy/aligned_allocator.h>
+#include <hwy/highway.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#include "attention/attention_problem.h"
+#include "attention/softmax_tile-inl.h"
+#include "core/element.h"
+#include "core/parallel.h"
+#include "decode/decode.h"
+#include "decode/merge_row.h"
+#include "simd/convert-inl.h"
+#include "simd/tile_gemm-inl.h"
+
+#if HWY_TARGET == HWY_AVX3_DL
+#include <immintrin.h>
+#endif
+
+HWY_BEFORE_NAMESPACE();
+namespace tessera {
+namespace HWY_NAMESPACE {
+namespace decode_impl {
+
+namespace hn = hwy::HWY_NAMESPACE;
+
+constexpr size_t kTile = static_cast<size_t>(decode::kKeyTile);
+// Keys per P.V step: the accumulators of a head's rows are reloaded once per step.
+constexpr size_t kPvKeys = 8;
+#if HWY_TARGET == HWY_AVX3_DL
+constexpr bool kVnni = true;
+#else
+constexpr bool kVnni = false;
+#endif
+// Code bytes per VNNI step.
+constexpr size_t kCodeBlock = 64;
+
+// Per-worker scratch, carved from one aligned allocation per call. Per-head arrays are
+// [heads][...]; `heads` is the largest head block of the schedule.
+struct Scratch {
+  float* qf;             // [heads][Rp][Dp] query rows (scaled f32, or int8 codes as f32)
+  int8_t* q8;            // [heads][Rp][Dc] int8 query codes (VNNI)
+  uint8_t* kt;           // [kTile][row bytes] staged K rows (when not read in place)
+  uint8_t* vt;           // [kTile][row bytes] staged V rows
+  uint8_t* zero;         // [row bytes] zeros: the padding keys of a partial tile
+  const uint8_t** krow;  // [kTile] the tile's K rows (in place or staged)
+  const uint8_t** vrow;  // [kTile]
+  float* kstep;          // [kTile] quantized rows' (step, min)
+  float* kmin;
+  float* vstep;
+  float* vmin;
+  float* row;       // [Dp] one query or output row
+  float* acc;       // [heads][Rp][Dp] output accumulators
+  float* st;        // [kTile][Mp] scores, then probabilities
+  float* m;         // [heads][Mp] running max
+  float* l;         // [heads][Mp] running sum
+  float* alpha;     // [Mp] rescale factor of the current tile
+  float* tile_max;  // [Mp]
+  float* pos;       // [heads][Mp] query position (ALiBi)
+  float* slope;     // [heads][Mp] ALiBi slope
+  int32_t* lo;      // [heads][Mp] visible keys [lo, hi]
+  int32_t* hi;      // [heads][Mp]
+  float* qa;        // [heads][Mp] quantized: scale * sigma
+  float* qb;        // [heads][Mp] quantized: scale * sigma * sum q8
+  float* red;       // [kLanes] reduction bounce buffer
+
+  static size_t Floats(size_t heads, size_t rp, size_t dp, size_t dc, size_t mp, size_t row_bytes) {
+    const size_t ptr = sizeof(void*) / sizeof(float);
+    return heads * rp * dp + (heads * rp * dc) / 4 + (2 * kTile + 1) * row_bytes / 4 +
+           2 * kTile * ptr + 4 * kTile + dp + heads * rp * dp + kTile * mp + heads * mp * 10 +
+           2 * mp + kLanes + 32 * kLanes;
+  }
+  void Carve(float* base, size_t heads, size_t rp, size_t dp, size_t dc, size_t mp,
+             size_t row_bytes) {
+    auto take = [&base](size_t floats) {
+      float* p = base;
+      base += hwy::DivCeil(floats, kLanes) * kLanes;  // keep every array vector-aligned
+      return p;
+    };
+    auto bytes = [&take](size_t n) {
+      return reinterpret_cast<uint8_t*>(take(hwy::DivCeil(n, sizeof(float))));
+    };
+    auto pointers = [&take](size_t n) {
+      return reinterpret_cast<const uint8_t**>(take(n * sizeof(void*) / sizeof(float)));
+    };
+    qf = take(heads * rp * dp);
+    q8 = reinterpret_cast<int8_t*>(bytes(heads * rp * dc));
+    kt = bytes(kTile * row_bytes);
+    vt = bytes(kTile * row_bytes);
+    zero = bytes(row_bytes);
+    std::memset(zero, 0, row_bytes);
+    krow = pointers(kTile);
+    vrow = pointers(kTile);
+    kstep = take(kTile);
+    kmin = take(kTile);
+    vstep = take(kTile);
+    vmin = take(kTile);
+    row = take(dp);
+    acc = take(heads * rp * dp);
+    st = take(kTile * mp);
+    m = take(heads * mp);
+    l = take(heads * mp);
+    alpha = take(mp);
+    tile_max = take(mp);
+    pos = take(heads * mp);
+    slope = take(heads * mp);
+    lo = reinterpret_cast<int32_t*>(take(heads * mp));
+    hi = reinterpret_cast<int32_t*>(take(heads * mp));
+    qa = take(heads * mp);
+    qb = take(heads * mp);
+    red = take(kLanes);
+  }
+};
+
+// The state SoftmaxTile works on: one head's slice of the scratch.
+struct HeadState {
+  float* st;
+  float* m;
+  float* l;
+  float* alpha;
+  float* tile_max;
+  float* pos;
+  float* slope;
+  int32_t* lo;
+  int32_t* hi;
+};
+
+// ---- Staging rows that cannot be read in place -----------------------------------------------
+
+// Copies `dim` elements of `elem_bytes` bytes (element stride `stride`) to dst and zero-fills
+// dst up to `row_bytes`: the staged row keeps the cache's element type.
+HWY_INLINE void StageRow(const uint8_t* HWY_RESTRICT row, int64_t stride, size_t dim,
+                         size_t elem_bytes, size_t row_bytes, uint8_t* HWY_RESTRICT dst) {
+  if (stride == 1) {
+    std::memcpy(dst, row, dim * elem_bytes);
+  } else {
+    for (size_t c = 0; c < dim; ++c) {
+      std::memcpy(dst + c * elem_bytes,
+                  row + static_cast<int64_t>(c) * stride * static_cast<int64_t>(elem_bytes),
+                  elem_bytes);
+    }
+  }
+  std::memset(dst + dim * elem_bytes, 0, row_bytes - dim * elem_bytes);
+}
+
+// Unpacks int4 codes of `dim` channels (channel 2i in the low nibble of byte i) to one byte each.
+HWY_INLINE void UnpackInt4(const uint8_t* HWY_RESTRICT row, size_t dim, uint8_t* HWY_RESTRICT dst) {
+  const size_t bytes = (dim + 1) / 2;
+  size_t i = 0;
+#if HWY_TARGET != HWY_SCALAR
+  const hn::ScalableTag<uint16_t> d16;
+  const hn::Rebind<uint8_t, decltype(d16)> d8h;      // one byte per u16 lane
+  const hn::Repartition<uint8_t, decltype(d16)> d8;  // two bytes per u16 lane
+  const size_t n16 = hn::Lanes(d16);
+  for (; i + n16 <= bytes; i += n16) {
+    const auto x = hn::PromoteTo(d16, hn::LoadU(d8h, row + i));
+    // (hi << 8) | lo: little-endian bytes lo, hi = channels 2i, 2i + 1.
+    const auto y = hn::Or(hn::And(x, hn::Set(d16, 0x0F)), hn::ShiftLeft<8>(hn::ShiftRight<4>(x)));
+    hn::StoreU(hn::BitCast(d8, y), d8, dst + 2 * i);
+  }
+#endif
+  for (; i < bytes; ++i) {
+    dst[2 * i] = row[i] & 0x0F;
+    if (2 * i + 1 < dim) dst[2 * i + 1] = static_cast<uint8_t>(row[i] >> 4);
+  }
+}
+
+// The codes of a quantized row, one byte each, zero-filled up to `row_bytes`.
+HWY_INLINE void StageCodeRow(KVDType dtype, const uint8_t* HWY_RESTRICT row, size_t dim,
+                             size_t row_bytes, uint8_t* HWY_RESTRICT dst) {
+  if (dtype == KVDType::kInt4) {
+    UnpackInt4(row, dim, dst);
+  } else {
+    std::memcpy(dst, row, dim);
+  }
+  std::memset(dst + dim, 0, row_bytes - dim);
+}
+
+// A vector of staged elements as f32: f32 as is, bf16 / f16 widened, u8 codes converted.
+HWY_INLINE VF LoadAsF32(const float* p) { return hn::LoadU(DF(), p); }
+HWY_INLINE VF LoadAsF32(const hwy::float16_t* p) {
+  return hn::PromoteTo(DF(), hn::LoadU(hn::Rebind<hwy::float16_t, DF>(), p));
+}
+HWY_INLINE VF LoadAsF32(const hwy::bfloat16_t* p) {
+  return hn::PromoteTo(DF(), hn::LoadU(hn::Rebind<hwy::bfloat16_t, DF>(), p));
+}
+HWY_INLINE VF LoadAsF32(const uint8_t* p) {
+  const DF df;
+  const hn::RebindToSigned<DF> di;
+  return hn::ConvertTo(df, hn::BitCast(di, hn::PromoteTo(hn::RebindToUnsigned<DF>(),
+                                                         hn::LoadU(hn::Rebind<uint8_t, DF>(), p))));
+}
+
+// ---- Q.K: 4 rows x 4 keys of dot products, reduced across lanes ------------------------------
+
+#if HWY_TARGET == HWY_SCALAR
+// One lane: the accumulators are the sums.
+HWY_INLINE void StoreRowSums4(VF a0, VF a1, VF a2, VF a3, float* HWY_RESTRICT,
+                              float* HWY_RESTRICT out) {
+  out[0] = hn::GetLane(a0);
+  out[1] = hn::GetLane(a1);
+  out[2] = hn::GetLane(a2);
+  out[3] = hn::GetLane(a3);
+}
+#else
+// Sums of the 4 vectors a0..a3 per 128-bit block: lane 4 * block + i = block sum of a_i.
+HWY_INLINE VF BlockSums4(VF a0, VF a1, VF a2, VF a3) {
+  const DF df;
+  const hn::Repartition<uint64_t, DF> du64;
+  const VF t01 = hn::Add(hn::InterleaveLower(df, a0, a1), hn::InterleaveUpper(df, a0, a1));
+  const VF t23 = hn::Add(hn::InterleaveLower(df, a2, a3), hn::InterleaveUpper(df, a2, a3));
+  const auto w01 = hn::BitCast(du64, t01), w23 = hn::BitCast(du64, t23);
+  return hn::Add(hn::BitCast(df, hn::InterleaveLower(du64, w01, w23)),
+                 hn::BitCast(df, hn::InterleaveUpper(du64, w01, w23)));
+}
+
+// out[i] = sum of the lanes of a_i for i < 4, through a transposing shuffle tree and a bounce
+// buffer of kLanes floats for the final sum across 128-bit blocks.
+HWY_INLINE void StoreRowSums4(VF a0, VF a1, VF a2, VF a3, float* HWY_RESTRICT bounce,
+                              float* HWY_RESTRICT out) {
+  const hn::CappedTag<float, 4> d4;
+  hn::Store(BlockSums4(a0, a1, a2, a3), DF(), bounce);
+  auto s = hn::Load(d4, bounce);
+  for (size_t b = 4; b < kLanes; b += 4) s = hn::Add(s, hn::Load(d4, bounce + b));
+  hn::StoreU(s, d4, out);
+}
+#endif
+
+// St[j][r0 + i] = q_i . k_j for i < 4 rows (q rows at q + i * dp) and j < 4 keys (rows
+// k[0..3]); dp channels (a multiple of kLanes; kDp > 0 fixes it at compile time).
+template <size_t kDp, class T>
+HWY_INLINE void DotBlock4x4(const float* HWY_RESTRICT q, size_t dp, const uint8_t* const* k,
+                            float* HWY_RESTRICT st, size_t mp, float* HWY_RESTRICT bounce) {
+  const DF df;
+  if (kDp != 0) dp = kDp;
+  VF a[4][4];
+  for (int j = 0; j < 4; ++j) {
+    for (int i = 0; i < 4; ++i) a[j][i] = hn::Zero(df);
+  }
+  for (size_t c = 0; c < dp; c += kLanes) {
+    VF qv[4], kv[4];
+    for (int i = 0; i < 4; ++i) qv[i] = hn::Load(df, q + i * dp + c);
+    for (int j = 0; j < 4; ++j) kv[j] = LoadAsF32(reinterpret_cast<const T*>(k[j]) + c);
+    for (int j = 0; j < 4; ++j) {
+      for (int i = 0; i < 4; ++i) a[j][i] = hn::MulAdd(qv[i], kv[j], a[j][i]);
+    }
+  }
+  for (int j = 0; j < 4; ++j) {
+    StoreRowSums4(a[j][0], a[j][1], a[j][2], a[j][3], bounce, st + j * mp);
+  }
+}
+
+#if HWY_TARGET == HWY_AVX3_DL
+// The same over int8 query codes and u8 key codes with vpdpbusd: exact integer dot products,
+// converted to f32 (exact, |sum| < 2^24) and reduced like DotBlock4x4, so both give equal bits.
+// Highway 1.0.3's AVX3_DL target string names only the VEX form (avxvnni), but its CPU check
+// requires AVX512-VNNI, so this one function adds the feature (it is called, not inlined).
+HWY_NOINLINE __attribute__((target(HWY_TARGET_STR ",avx512vnni"))) void CodeDotBlock4x4(
+    const int8_t* HWY_RESTRICT q, size_t dc, const uint8_t* const* k, float* HWY_RESTRICT st,
+    size_t mp, float* HWY_RESTRICT bounce) {
+  const DF df;
+  __m512i a[4][4];
+  for (int j = 0; j < 4; ++j) {
+    for (int i = 0; i < 4; ++i) a[j][i] = _mm512_setzero_si512();
+  }
+  for (size_t c = 0; c < dc; c += kCodeBlock) {
+    __m512i qv[4], kv[4];
+    for (int i = 0; i < 4; ++i) qv[i] = _mm512_loadu_si512(q + i * dc + c);
+    for (int j = 0; j < 4; ++j) kv[j] = _mm512_loadu_si512(k[j] + c);
+    for (int j = 0; j < 4; ++j) {
+      for (int i = 0; i < 4; ++i) a[j][i] = _mm512_dpbusd_epi32(a[j][i], kv[j], qv[i]);
+    }
+  }
+  for (int j = 0; j < 4; ++j) {
+    VF f[4];
+    for (int i = 0; i < 4; ++i) f[i] = VF{_mm512_cvtepi32_ps(a[j][i])};
+    StoreRowSums4(f[0], f[1], f[2], f[3], bounce, st + j * mp);
+  }
+  (void)df;
+}
+#endif
+
+// ---- P.V: acc[i] (+)= sum_j p[j][i] * v_j for up to 4 rows ------------------------------------
+
+// Rows i < kRows of one head, channels [c0, c0 + kVecs * kLanes), keys j < nkeys (rows v[j]);
+// with kRescale the accumulators are first multiplied by alpha[i] (the tile's first step).
+// Quantized rows (T = uint8_t codes) are dequantized up to the channel normalizer, min_j +
+// step_j * code (as ReadKV rounds it), which the caller applies to the finished row.
+template <int kRows, int kVecs, bool kRescale, class T>
+HWY_INLINE void AccumulateBlock(const uint8_t* const* v, const float* vstep, const float* vmin,
+                                size_t nkeys, size_t c0, const float* HWY_RESTRICT pt, size_t mp,
+                                const float* alpha, float* HWY_RESTRICT acc, size_t dp) {
+  const DF df;
+  VF o[kRows][kVecs];
+  for (int i = 0; i < kRows; ++i) {
+    for (int c = 0; c < kVecs; ++c) {
+      o[i][c] = hn::Load(df, acc + i * dp + c0 + c * kLanes);
+      if (kRescale) o[i][c] = hn::Mul(hn::Set(df, alpha[i]), o[i][c]);
+    }
+  }
+  for (size_t j = 0; j < nkeys; ++j) {
+    const T* row = reinterpret_cast<const T*>(v[j]) + c0;
+    VF x[kVecs];
+    for (int c = 0; c < kVecs; ++c) x[c] = LoadAsF32(row + c * kLanes);
+    if (std::is_same<T, uint8_t>::value) {
+      // min + step * code rounded twice (no fma), exactly as ReadKV dequantizes.
+      const VF step = hn::Set(df, vstep[j]), lo = hn::Set(df, vmin[j]);
+      for (int c = 0; c < kVecs; ++c) x[c] = hn::Add(lo, hn::Mul(x[c], step));
+    }
+    for (int i = 0; i < kRows; ++i) {
+      const VF p = hn::Set(df, pt[j * mp + static_cast<size_t>(i)]);
+      for (int c = 0; c < kVecs; ++c) o[i][c] = hn::MulAdd(p, x[c], o[i][c]);
+    }
+  }
+  for (int i = 0; i < kRows; ++i) {
+    for (int c = 0; c < kVecs; ++c) hn::Store(o[i][c], df, acc + i * dp + c0 + c * kLanes);
+  }
+}
+
+template <int kRows, size_t kDp, bool kRescale, class T>
+HWY_INLINE void AccumulateRows(const uint8_t* const* v, const float* vstep, const float* vmin,
+                               size_t nkeys, const float* pt, size_t mp, const float* alpha,
+                               float* acc, size_t dp) {
+  if (kDp != 0) dp = kDp;
+  size_t c = 0;
+  for (; c + 4 * kLanes <= dp; c += 4 * kLanes) {
+    AccumulateBlock<kRows, 4, kRescale, T>(v, vstep, vmin, nkeys, c, pt, mp, alpha, acc, dp);
+  }
+  for (; c < dp; c += kLanes) {
+    AccumulateBlock<kRows, 1, kRescale, T>(v, vstep, vmin, nkeys, c, pt, mp, alpha, acc, dp);
+  }
+}
+
+template <size_t kDp, bool kRescale, class T>
+HWY_INLINE void AccumulateHead(int64_t rows, const uint8_t* const* v, const float* vstep,
+                               const float* vmin, size_t nkeys, const float* pt, size_t mp,
+                               const float* alpha, float* acc, size_t dp) {
+  for (int64_t r0 = 0; r0 < rows; r0 += 4) {
+    const float* p = pt + r0;
+    const float* a = alpha + r0;
+    float* o = acc + static_cast<size_t>(r0) * (kDp != 0 ? kDp : dp);
+    switch (std::min<int64_t>(4, rows - r0)) {
+      case 1:
+        AccumulateRows<1, kDp, kRescale, T>(v, vstep, vmin, nkeys, p, mp, a, o, dp);
+        break;
+      case 2:
+        AccumulateRows<2, kDp, kRescale, T>(v, vstep, vmin, nkeys, p, mp, a, o, dp);
+        break;
+      case 3:
+        AccumulateRows<3, kDp, kRescale, T>(v, vstep, vmin, nkeys, p, mp, a, o, dp);
+        break;
+      default:
+        AccumulateRows<4, kDp, kRescale, T>(v, vstep, vmin, nkeys, p, mp, a, o, dp);
+        break;
+    }
+  }
+}
+
+// ---- One unit ----------------------------------------------------------------------------------
+
+struct UnitShape {
+  size_t dim, dp, dc, mp, rp;
+  size_t row_bytes;  // bytes per staged row: Dp elements, or Dc codes
+  bool in_place;     // rows are read where they are (else staged)
+};
+
+// Points krow / vrow [kTile] at head h's rows of keys [a, a + nkeys) (zero rows up to the next
+// multiple of 4), staging them first where they cannot be read in place, and gathers the
+// quantized rows' scales.
+HWY_INLINE void GatherTile(const decode::KvSource& kv, const UnitShape& sh, int64_t b, int64_t a,
+                           size_t nkeys, int64_t h, Scratch& s) {
+  const bool quant = KVDTypeIsQuantized(kv.dtype);
+  const size_t elem = kv.dtype == KVDType::kF32 ? 4 : 2;
+  const size_t nk4 = hwy::DivCeil(nkeys, size_t{4}) * 4;
+  for (size_t j = 0; j < nk4; ++j) {
+    if (j >= nkeys) {
+      s.krow[j] = s.vrow[j] = s.zero;
+      continue;
+    }
+    const decode::KvSource::Row row = kv.locate(b, a + static_cast<int64_t>(j));
+    const uint8_t* krow = kv.k + kv.k_offset(row, h);
+    const uint8_t* vrow = kv.v + kv.v_offset(row, h);
+    if (quant) {
+      const int64_t si = 2 * kv.scale_index(row, h);
+      s.kstep[j] = kv.k_scales[si];
+      s.kmin[j] = kv.k_scales[si + 1];
+      s.vstep[j] = kv.v_scales[si];
+      s.vmin[j] = kv.v_scales[si + 1];
+    }
+    if (sh.in_place) {
+      s.krow[j] = krow;
+      s.vrow[j] = vrow;
+      continue;
+    }
+    uint8_t* kdst = s.kt + j * sh.row_bytes;
+    uint8_t* vdst = s.vt + j * sh.row_bytes;
+    if (quant) {
+      StageCodeRow(kv.dtype, krow, sh.dim, sh.row_bytes, kdst);
+      StageCodeRow(kv.dtype, vrow, sh.dim, sh.row_bytes, vdst);
+    } else {
+      StageRow(krow, kv.k_dim_stride, sh.dim, elem, sh.row_bytes, kdst);
+      StageRow(vrow, kv.v_dim_stride, sh.dim, elem, sh.row_bytes, vdst);
+    }
+    s.krow[j] = kdst;
+    s.vrow[j] = vdst;
+  }
+}
+
+// T: the element type of the rows (float, hwy::float16_t, hwy::bfloat16_t, or uint8_t codes).
+template <size_t kDp, class T>
+void RunUnit(const AttentionProblem& p, const decode::KvSource& kv, const decode::DecodeUnit& u,
+             const UnitShape& sh, Scratch& s, float* partial_out, double* partial_lse) {
+  const DF df;
+  const size_t dim = sh.dim, dp = kDp != 0 ? kDp : sh.dp, dc = sh.dc, mp = sh.mp, rp = sh.rp;
+  const int64_t b = u.seq;
+  const int64_t group = p.group;
+  const int64_t q_len = p.q_len(b), k_len = kv.len(b), q_begin = p.q_begin(b);
+  const int64_t rows = group * q_len;
+  const int64_t delta = p.top_left ? 0 : k_len - q_len;
+  const int64_t heads = u.head_end - u.head_begin;
+  const bool quant = KVDTypeIsQuantized(kv.dtype);
+  const bool vnni = quant && kVnni;
+  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+  // Pack every head's rows: row r of head hh is query head (h * G + r / q_len), query r % q_len.
+  int64_t union_lo = u.key_end, union_hi = u.key_begin - 1, max_lo = u.key_begin,
+          min_hi = u.key_end - 1;
+  float* qrow = s.row;
+  for (int64_t hh = 0; hh < heads; ++hh) {
+    const int64_t h = u.head_begin + hh;
+    const size_t so = static_cast<size_t>(hh) * mp;
+    for (size_t r = 0; r < mp; ++r) {
+      s.m[so + r] = kNegInf;
+      s.l[so + r] = 0.0f;
+      s.pos[so + r] = 0.0f;
+      s.slope[so + r] = 0.0f;
+      s.lo[so + r] = 1;
+      s.hi[so + r] = 0;
+      s.qa[so + r] = 0.0f;
+      s.qb[so + r] = 0.0f;
+    }
+    float* qf = s.qf + static_cast<size_t>(hh) * rp * dp;
+    std::memset(qf, 0, rp * dp * sizeof(float));
+    std::memset(s.acc + static_cast<size_t>(hh) * rp * dp, 0, rp * dp * sizeof(float));
+    int8_t* q8 = s.q8 + static_cast<size_t>(hh) * rp * dc;
+    if (vnni) std::memset(q8, 0, rp * dc);
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t head = h * group + r / q_len;
+      const int64_t qi = r % q_len;
+      const int64_t position = qi + delta;
+      auto [lo, hi] = p.visible_keys(position, k_len);
+      lo = std::max(lo, u.key_begin);
+      hi = std::min(hi, u.key_end - 1);
+      s.lo[so + r] = static_cast<int32_t>(std::min(lo, u.key_end));
+      s.hi[so + r] = static_cast<int32_t>(std::max(hi, u.key_begin - 1));
+      max_lo = std::max(max_lo, lo);
+      min_hi = std::min(min_hi, hi);
+      if (lo <= hi) {
+        union_lo = std::min(union_lo, lo);
+        union_hi = std::max(union_hi, hi);
+      }
+      s.pos[so + r] = static_cast<float>(position);
+      if (p.alibi != nullptr) s.slope[so + r] = p.alibi_slope(b, head);
+      LoadRow(p.dtype, p.q, p.q_offset(b, q_begin + qi, head), p.q_stride[3], dim, qrow);
+      float* dst = qf + static_cast<size_t>(r) * dp;
+      if (!quant) {
+        for (size_t c = 0; c < dim; ++c) dst[c] = p.scale * qrow[c];
+        continue;
+      }
+      // q' = q * n, quantized to int8 per row; the scale is applied after the integer dot.
+      const float* norm = kv.k_norm + h * kv.dim;
+      float amax = 0.0f;
+      for (size_t c = 0; c < dim; ++c) {
+        qrow[c] *= norm[c];
+        amax = std::max(amax, std::fabs(qrow[c]));
+      }
+      // A NaN or inf query poisons the row, as it would the float path.
+      const bool finite = std::isfinite(amax);
+      const float sigma = amax / 127.0f;
+      float code_sum = 0.0f;
+      for (size_t c = 0; c < dim; ++c) {
+        const float code = sigma > 0.0f && finite ? std::nearbyint(qrow[c] / sigma) : 0.0f;
+        dst[c] = code;
+        if (vnni) q8[static_cast<size_t>(r) * dc + c] = static_cast<int8_t>(code);
+        code_sum += code;
+      }
+      const float poison = finite ? 1.0f : std::numeric_limits<float>::quiet_NaN();
+      s.qa[so + r] = p.scale * sigma * poison;
+      s.qb[so + r] = p.scale * sigma * code_sum * poison;
+    }
+  }
+
+  if (union_lo <= union_hi) {
+    const size_t row_groups = hwy::DivCeil(static_cast<size_t>(rows), size_t{4});
+    const int64_t first_tile =
+        u.key_begin + (union_lo - u.key_begin) / decode::kKeyTile * decode::kKeyTile;
+    // Head by head: a head's keys are consecutive rows of each (head-major) page, so the tiles
+    // of one head are read as a sequential stream.
+    for (int64_t hh = 0; hh < heads; ++hh) {
+      const int64_t h = u.head_begin + hh;
+      const size_t so = static_cast<size_t>(hh) * mp;
+      const float* qf = s.qf + static_cast<size_t>(hh) * rp * dp;
+#if HWY_TARGET == HWY_AVX3_DL
+      const int8_t* q8 = s.q8 + static_cast<size_t>(hh) * rp * dc;
+#endif
+      float* acc = s.acc + static_cast<size_t>(hh) * rp * dp;
+      for (int64_t c0 = first_tile; c0 <= union_hi; c0 += decode::kKeyTile) {
+        const int64_t a = std::max(c0, union_lo);
+        const int64_t e = std::min({c0 + decode::kKeyTile, u.key_end, union_hi + 1});
+        const size_t nkeys = static_cast<size_t>(e - a);
+        const size_t nk4 = hwy::DivCeil(nkeys, size_t{4}) * 4;
+        const bool full = max_lo <= a && min_hi >= e - 1;
+        GatherTile(kv, sh, b, a, nkeys, h, s);
+
+        // Scores St[j][r], 4 keys x 4 rows at a time.
+        for (size_t g = 0; g < row_groups; ++g) {
+          for (size_t j0 = 0; j0 < nk4; j0 += 4) {
+#if HWY_TARGET == HWY_AVX3_DL
+            if (vnni) {
+              CodeDotBlock4x4(q8 + 4 * g * dc, dc, s.krow + j0, s.st + j0 * mp + 4 * g, mp, s.red);
+              continue;
+            }
+#endif
+            DotBlock4x4<kDp, T>(qf + 4 * g * dp, dp, s.krow + j0, s.st + j0 * mp + 4 * g, mp,
+                                s.red);
+          }
+        }
+        if (quant) {
+          // Logit = scale * (sigma * step_j * dot + sigma * sum(q8) * min_j).
+          for (size_t i = 0; i < mp; i += kLanes) {
+            const VF qa = hn::Load(df, s.qa + so + i), qb = hn::Load(df, s.qb + so + i);
+            for (size_t j = 0; j < nkeys; ++j) {
+              const VF x = hn::Load(df, s.st + j * mp + i);
+              hn::Store(hn::MulAdd(hn::Mul(qa, hn::Set(df, s.kstep[j])), x,
+                                   hn::Mul(qb, hn::Set(df, s.kmin[j]))),
+                        df, s.st + j * mp + i);
+            }
+          }
+        }
+        // Without modifiers or a mask SoftmaxTile takes the tile max from tile_max.
+        if (full && p.softcap <= 0.0f && p.alibi == nullptr) {
+          for (size_t i = 0; i < mp; i += kLanes) {
+            VF mx = hn::Set(df, kNegInf);
+            for (size_t j = 0; j < nkeys; ++j) mx = hn::Max(mx, hn::Load(df, s.st + j * mp + i));
+            hn::Store(mx, df, s.tile_max + i);
+          }
+        }
+        HeadState hs{s.st,       s.m + so,     s.l + so,  s.alpha,  s.tile_max,
+                     s.pos + so, s.slope + so, s.lo + so, s.hi + so};
+        SoftmaxTile(p, hs, nkeys, mp, a, !full);
+        AccumulateHead<kDp, true, T>(rows, s.vrow, s.vstep, s.vmin, nkeys, s.st, mp, s.alpha, acc,
+                                     dp);
+      }
+    }
+  }
+
+  // Normalize; rows with no visible key get O = 0 and LSE = -inf.
+  for (int64_t hh = 0; hh < heads; ++hh) {
+    const int64_t h = u.head_begin + hh;
+    const size_t so = static_cast<size_t>(hh) * mp;
+    const float* acc = s.acc + static_cast<size_t>(hh) * rp * dp;
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t head = h * group + r / q_len;
+      const int64_t qi = r % q_len;
+      const float l = s.l[so + r];
+      // l is 0 only for a row with no visible key; a NaN l (NaN inputs) must stay NaN.
+      const bool none_visible = l <= 0.0f;
+      const float inv = none_visible ? 0.0f : 1.0f / l;
+      const float lse = none_visible ? kNegInf : s.m[so + r] + std::log(l);
+      const float* src = acc + static_cast<size_t>(r) * dp;
+      float* row = s.row;
+      if (quant) {
+        const float* norm = kv.v_norm + h * kv.dim;
+        for (size_t c = 0; c < dim; ++c) row[c] = src[c] * inv * norm[c];
+      } else {
+        for (size_t c = 0; c < dim; ++c) row[c] = src[c] * inv;
+      }
+      if (partial_out != nullptr) {
+        // Partial slot layout [Hq][Q][D] and [Hq][Q].
+        const int64_t idx = head * q_len + qi;
+        std::memcpy(partial_out + idx * static_cast<int64_t>(dim), row, dim * sizeof(float));
+        // In double: the merge weights are differences of LSEs, which f32 would round by
+        // ~1e-3 near |LSE| = 2e4.
+        partial_lse[idx] = none_visible ? -std::numeric_limits<double>::infinity()
+                                        : double(s.m[so + r]) + std::log(double(l));
+        continue;
+      }
+      const int64_t token = q_begin + qi;
+      StoreStridedScaled(p.dtype, row, 1, dim, 1.0f, p.out, p.out_offset(b, token, head),
+                         p.out_stride[3]);
+      if (p.lse != nullptr) p.lse[p.lse_offset(b, head, token)] = lse;
+    }
+  }
+}
+
+}  // namespace decode_impl
+
+// Runs every unit of the schedule, then merges the partial states of multi-split sequences in
+// split order. Returns false when scratch could not be allocated.
+bool DecodeKernel(const AttentionProblem& p, const decode::KvSource& kv,
+                  const internal::DecodeSchedule& sched, bool fast) {
+  using namespace decode_impl;  // NOLINT
+  if (sched.units.empty()) return true;
+  const size_t dim = static_cast<size_t>(p.dim);
+  const size_t dp = hwy::DivCeil(dim, kLanes) * kLanes;
+  const size_t dc = hwy::DivCeil(dim, kCodeBlock) * kCodeBlock;
+  int64_t max_q = 0, max_heads = 0;
+  for (int64_t b = 0; b < p.batch; ++b) max_q = std::max(max_q, p.q_len(b));
+  for (const auto& u : sched.units) max_heads = std::max(max_heads, u.head_end - u.head_begin);
+  if (max_q == 0) return true;
+  const size_t rows = static_cast<size_t>(p.group * max_q);
+  const size_t rp = hwy::DivCeil(rows, size_t{4}) * 4;
+  const size_t mp = hwy::DivCeil(rp, kLanes) * kLanes;
+  const size_t heads = static_cast<size_t>(max_heads);
+  const bool quant = KVDTypeIsQuantized(kv.dtype);
+  const size_t elem = kv.dtype == KVDType::kF32 ? 4 : 2;
+  // In place: unit channel stride and whole vectors (whole 64-byte code blocks for VNNI).
+  const bool in_place = quant ? (kv.dtype == KVDType::kInt8 && dim == dc && dim == dp)
+                              : (kv.k_dim_stride == 1 && kv.v_dim_stride == 1 && dim == dp);
+  const UnitShape shape{dim, dp, dc, mp, rp, quant ? dc : dp * elem, in_place};
+  const int32_t workers = sched.threads;
+  const size_t per_worker =
+      hwy::DivCeil(Scratch::Floats(heads, rp, dp, dc, mp, shape.row_bytes), size_t{16}) * 16;
+  auto storage = hwy::AllocateAligned<float>(per_worker * static_cast<size_t>(workers));
+  // Partial states: [slot][Hq][Q][D] and [slot][Hq][Q].
+  const size_t slot_rows = static_cast<size_t>(p.heads_q * max_q);
+  std::vector<float> partial_out;
+  std::vector<double> partial_lse;
+  try {
+    partial_out.resize(static_cast<size_t>(sched.num_slots) * slot_rows * dim);
+    partial_lse.resize(static_cast<size_t>(sched.num_slots) * slot_rows);
+  } catch (const std::bad_alloc&) {
+    return false;
+  }
+  if (!storage) return false;
+
+  auto run = [&](auto dp_tag, auto elem_tag) {
+    constexpr size_t kDp = decltype(dp_tag)::value;
+    using T = decltype(elem_tag);
+    ParallelFor(workers, workers, [&](int64_t worker, int32_t) {
+      Scratch s;
+      s.Carve(storage.get() + per_worker * static_cast<size_t>(worker), heads, rp, dp, dc, mp,
+              shape.row_bytes);
+      for (int64_t i = sched.worker_begin[static_cast<size_t>(worker)];
+           i < sched.worker_begin[static_cast<size_t>(worker) + 1]; ++i) {
+        const decode::DecodeUnit& u = sched.units[static_cast<size_t>(i)];
+        float* po = nullptr;
+        double* pl = nullptr;
+        // A plan stays valid while each sequence keeps its number of splits: the last split
+        // ends at the sequence's current length.
+        decode::DecodeUnit cur = u;
+        cur.key_end =
+            std::max(u.key_begin, std::min(kv.len(u.seq), u.key_begin + sched.split_tokens));
+        if (u.slot >= 0) {
+          po = partial_out.data() + static_cast<size_t>(u.slot) * slot_rows * dim;
+          pl = partial_lse.data() + static_cast<size_t>(u.slot) * slot_rows;
+        }
+        RunUnit<kDp, T>(p, kv, cur, shape, s, po, pl);
+      }
+    });
+  };
+  // Compile-time head dims x row element types.
+  auto run_dim = [&](auto elem_tag) {
+    if (fast && dp == 64) {
+      run(std::integral_constant<size_t, 64>(), elem_tag);
+    } else if (fast && dp == 128) {
+      run(std::integral_constant<size_t, 128>(), elem_tag);
+    } else if (fast && dp == 256) {
+      run(std::integral_constant<size_t, 256>(), elem_tag);
+    } else {
+      run(std::integral_constant<size_t, 0>(), elem_tag);
+    }
+  };
+  switch (kv.dtype) {
+    case KVDType::kF32:
+      run_dim(float());
+      break;
+    case KVDType::kBF16:
+      run_dim(hwy::bfloat16_t());
+      break;
+    case KVDType::kF16:
+      run_dim(hwy::float16_t());
+      break;
+    default:
+      run_dim(uint8_t());
+      break;
+  }
+  if (sched.num_slots == 0) return true;
+
+  // Merge: one task per multi-split sequence, splits in ascending order (as MergeStates).
+  std::vector<int64_t> multi;
+  for (int64_t b = 0; b < p.batch; ++b) {
+    if (sched.first_slot[static_cast<size_t>(b)] >= 0) multi.push_back(b);
+  }
+  ParallelFor(workers, static_cast<int64_t>(multi.size()), [&](int64_t task, int32_t) {
+    const int64_t b = multi[static_cast<size_t>(task)];
+    const int64_t nsplit = sched.splits[static_cast<size_t>(b)];
+    const size_t first = static_cast<size_t>(sched.first_slot[static_cast<size_t>(b)]);
+    const int64_t q_len = p.q_len(b);
+    std::vector<float> acc(dim);
+    std::vector<double> lse_r(static_cast<size_t>(nsplit));
+    for (int64_t head = 0; head < p.heads_q; ++head) {
+      for (int64_t qi = 0; qi < q_len; ++qi) {
+        const size_t idx = static_cast<size_t>(head * q_len + qi);
+        for (int64_t r = 0; r < nsplit; ++r) {
+          lse_r[static_cast<size_t>(r)] =
+              partial_lse[(first + static_cast<size_t>(r)) * slot_rows + idx];
+        }
+        const float lse = MergeStateRow(
+            nsplit, lse_r.data(), dim,
+            [&](int64_t r, size_t c) {
+              return partial_out[((first + static_cast<size_t>(r)) * slot_rows + idx) * dim + c];
+            },
+            acc.data());
+        const int64_t token = p.q_begin(b) + qi;
+        StoreStridedScaled(p.dtype, acc.data(), 1, dim, 1.0f, p.out, p.out_offset(b, token, head),
+                           p.out_stride[3]);
+        if (p.lse != nullptr) p.lse[p.lse_offset(b, head, token)] = lse;
+      }
+    }
+  });
+  return true;
+}
+
+}  // namespace HWY_NAMESPACE
+}  // namespace tessera
+HWY_AFTER_NAMESPACE();
+
+#endif  // TESSERA_DECODE_DECODE_INL_H_
