@@ -61,7 +61,7 @@
 #include "simd/convert-inl.h"
 #include "simd/tile_gemm-inl.h"
 
-#if HWY_TARGET == HWY_AVX3_DL
+#if HWY_ARCH_X86 && HWY_TARGET <= HWY_AVX3
 #include <immintrin.h>
 #endif
 
@@ -110,6 +110,7 @@ struct Scratch {
   int32_t* hi;      // [heads][Mp]
   float* qa;        // [heads][Mp] quantized: scale * sigma
   float* qb;        // [heads][Mp] quantized: scale * sigma * sum q8
+  float* vbias;     // [heads][Mp] quantized V: running sum_j p_j min_j (rescaled like acc)
   float* red;       // [kLanes] reduction bounce buffer
 
   static size_t Floats(size_t heads, size_t rp, size_t dp, size_t dc, size_t mp, size_t row_bytes) {
@@ -156,6 +157,7 @@ struct Scratch {
     hi = reinterpret_cast<int32_t*>(take(heads * mp));
     qa = take(heads * mp);
     qb = take(heads * mp);
+    vbias = take(heads * mp);
     red = take(kLanes);
   }
 };
@@ -274,6 +276,36 @@ HWY_INLINE void StoreRowSums4(VF a0, VF a1, VF a2, VF a3, float* HWY_RESTRICT bo
 }
 #endif
 
+// St[j][i] (j < 4 keys at st + j * mp, i < 4 rows) = the lane sums of a[j][i].
+HWY_INLINE void StoreSums4x4(const VF (&a)[4][4], float* HWY_RESTRICT st, size_t mp,
+                             float* HWY_RESTRICT bounce) {
+#if HWY_ARCH_X86 && HWY_TARGET <= HWY_AVX3
+  // AVX-512: per-block row sums of each key (BlockSums4), then one 4 x 4 block transpose-add
+  // leaves key j's 4 row sums in block j: 9 shuffles and adds for the 4 keys, one store when the
+  // 4 keys' scores are contiguous (mp == 4).
+  __m512 u[4];
+  for (int j = 0; j < 4; ++j) u[j] = BlockSums4(a[j][0], a[j][1], a[j][2], a[j][3]).raw;
+  const __m512 s01 = _mm512_add_ps(_mm512_shuffle_f32x4(u[0], u[1], _MM_SHUFFLE(1, 0, 1, 0)),
+                                   _mm512_shuffle_f32x4(u[0], u[1], _MM_SHUFFLE(3, 2, 3, 2)));
+  const __m512 s23 = _mm512_add_ps(_mm512_shuffle_f32x4(u[2], u[3], _MM_SHUFFLE(1, 0, 1, 0)),
+                                   _mm512_shuffle_f32x4(u[2], u[3], _MM_SHUFFLE(3, 2, 3, 2)));
+  const __m512 r = _mm512_add_ps(_mm512_shuffle_f32x4(s01, s23, _MM_SHUFFLE(2, 0, 2, 0)),
+                                 _mm512_shuffle_f32x4(s01, s23, _MM_SHUFFLE(3, 1, 3, 1)));
+  if (mp == 4) {
+    _mm512_storeu_ps(st, r);
+  } else {
+    _mm_storeu_ps(st, _mm512_castps512_ps128(r));
+    _mm_storeu_ps(st + mp, _mm512_extractf32x4_ps(r, 1));
+    _mm_storeu_ps(st + 2 * mp, _mm512_extractf32x4_ps(r, 2));
+    _mm_storeu_ps(st + 3 * mp, _mm512_extractf32x4_ps(r, 3));
+  }
+  (void)bounce;
+#else
+  for (int j = 0; j < 4; ++j)
+    StoreRowSums4(a[j][0], a[j][1], a[j][2], a[j][3], bounce, st + j * mp);
+#endif
+}
+
 // St[j][r0 + i] = q_i . k_j for i < 4 rows (q rows at q + i * dp) and j < 4 keys (rows
 // k[0..3]); dp channels (a multiple of kLanes; kDp > 0 fixes it at compile time).
 template <size_t kDp, class T>
@@ -293,9 +325,7 @@ HWY_INLINE void DotBlock4x4(const float* HWY_RESTRICT q, size_t dp, const uint8_
       for (int i = 0; i < 4; ++i) a[j][i] = hn::MulAdd(qv[i], kv[j], a[j][i]);
     }
   }
-  for (int j = 0; j < 4; ++j) {
-    StoreRowSums4(a[j][0], a[j][1], a[j][2], a[j][3], bounce, st + j * mp);
-  }
+  StoreSums4x4(a, st, mp, bounce);
 }
 
 #if HWY_TARGET == HWY_AVX3_DL
@@ -319,11 +349,11 @@ HWY_NOINLINE __attribute__((target(HWY_TARGET_STR ",avx512vnni"))) void CodeDotB
       for (int i = 0; i < 4; ++i) a[j][i] = _mm512_dpbusd_epi32(a[j][i], kv[j], qv[i]);
     }
   }
+  VF f[4][4];
   for (int j = 0; j < 4; ++j) {
-    VF f[4];
-    for (int i = 0; i < 4; ++i) f[i] = VF{_mm512_cvtepi32_ps(a[j][i])};
-    StoreRowSums4(f[0], f[1], f[2], f[3], bounce, st + j * mp);
+    for (int i = 0; i < 4; ++i) f[j][i] = VF{_mm512_cvtepi32_ps(a[j][i])};
   }
+  StoreSums4x4(f, st, mp, bounce);
   (void)df;
 }
 #endif
@@ -332,12 +362,12 @@ HWY_NOINLINE __attribute__((target(HWY_TARGET_STR ",avx512vnni"))) void CodeDotB
 
 // Rows i < kRows of one head, channels [c0, c0 + kVecs * kLanes), keys j < nkeys (rows v[j]);
 // with kRescale the accumulators are first multiplied by alpha[i] (the tile's first step).
-// Quantized rows (T = uint8_t codes) are dequantized up to the channel normalizer, min_j +
-// step_j * code (as ReadKV rounds it), which the caller applies to the finished row.
+// Quantized rows (T = uint8_t codes) accumulate the codes: the softmax step has already folded
+// the rows' steps into the probabilities (and their minimums into the row offset vbias).
 template <int kRows, int kVecs, bool kRescale, class T>
-HWY_INLINE void AccumulateBlock(const uint8_t* const* v, const float* vstep, const float* vmin,
-                                size_t nkeys, size_t c0, const float* HWY_RESTRICT pt, size_t mp,
-                                const float* alpha, float* HWY_RESTRICT acc, size_t dp) {
+HWY_INLINE void AccumulateBlock(const uint8_t* const* v, size_t nkeys, size_t c0,
+                                const float* HWY_RESTRICT pt, size_t mp, const float* alpha,
+                                float* HWY_RESTRICT acc, size_t dp) {
   const DF df;
   VF o[kRows][kVecs];
   for (int i = 0; i < kRows; ++i) {
@@ -350,11 +380,6 @@ HWY_INLINE void AccumulateBlock(const uint8_t* const* v, const float* vstep, con
     const T* row = reinterpret_cast<const T*>(v[j]) + c0;
     VF x[kVecs];
     for (int c = 0; c < kVecs; ++c) x[c] = LoadAsF32(row + c * kLanes);
-    if (std::is_same<T, uint8_t>::value) {
-      // min + step * code rounded twice (no fma), exactly as ReadKV dequantizes.
-      const VF step = hn::Set(df, vstep[j]), lo = hn::Set(df, vmin[j]);
-      for (int c = 0; c < kVecs; ++c) x[c] = hn::Add(lo, hn::Mul(x[c], step));
-    }
     for (int i = 0; i < kRows; ++i) {
       const VF p = hn::Set(df, pt[j * mp + static_cast<size_t>(i)]);
       for (int c = 0; c < kVecs; ++c) o[i][c] = hn::MulAdd(p, x[c], o[i][c]);
@@ -366,43 +391,139 @@ HWY_INLINE void AccumulateBlock(const uint8_t* const* v, const float* vstep, con
 }
 
 template <int kRows, size_t kDp, bool kRescale, class T>
-HWY_INLINE void AccumulateRows(const uint8_t* const* v, const float* vstep, const float* vmin,
-                               size_t nkeys, const float* pt, size_t mp, const float* alpha,
-                               float* acc, size_t dp) {
+HWY_INLINE void AccumulateRows(const uint8_t* const* v, size_t nkeys, const float* pt, size_t mp,
+                               const float* alpha, float* acc, size_t dp) {
   if (kDp != 0) dp = kDp;
   size_t c = 0;
   for (; c + 4 * kLanes <= dp; c += 4 * kLanes) {
-    AccumulateBlock<kRows, 4, kRescale, T>(v, vstep, vmin, nkeys, c, pt, mp, alpha, acc, dp);
+    AccumulateBlock<kRows, 4, kRescale, T>(v, nkeys, c, pt, mp, alpha, acc, dp);
   }
   for (; c < dp; c += kLanes) {
-    AccumulateBlock<kRows, 1, kRescale, T>(v, vstep, vmin, nkeys, c, pt, mp, alpha, acc, dp);
+    AccumulateBlock<kRows, 1, kRescale, T>(v, nkeys, c, pt, mp, alpha, acc, dp);
   }
 }
 
 template <size_t kDp, bool kRescale, class T>
-HWY_INLINE void AccumulateHead(int64_t rows, const uint8_t* const* v, const float* vstep,
-                               const float* vmin, size_t nkeys, const float* pt, size_t mp,
-                               const float* alpha, float* acc, size_t dp) {
+HWY_INLINE void AccumulateHead(int64_t rows, const uint8_t* const* v, size_t nkeys, const float* pt,
+                               size_t mp, const float* alpha, float* acc, size_t dp) {
   for (int64_t r0 = 0; r0 < rows; r0 += 4) {
     const float* p = pt + r0;
     const float* a = alpha + r0;
     float* o = acc + static_cast<size_t>(r0) * (kDp != 0 ? kDp : dp);
     switch (std::min<int64_t>(4, rows - r0)) {
       case 1:
-        AccumulateRows<1, kDp, kRescale, T>(v, vstep, vmin, nkeys, p, mp, a, o, dp);
+        AccumulateRows<1, kDp, kRescale, T>(v, nkeys, p, mp, a, o, dp);
         break;
       case 2:
-        AccumulateRows<2, kDp, kRescale, T>(v, vstep, vmin, nkeys, p, mp, a, o, dp);
+        AccumulateRows<2, kDp, kRescale, T>(v, nkeys, p, mp, a, o, dp);
         break;
       case 3:
-        AccumulateRows<3, kDp, kRescale, T>(v, vstep, vmin, nkeys, p, mp, a, o, dp);
+        AccumulateRows<3, kDp, kRescale, T>(v, nkeys, p, mp, a, o, dp);
         break;
       default:
-        AccumulateRows<4, kDp, kRescale, T>(v, vstep, vmin, nkeys, p, mp, a, o, dp);
+        AccumulateRows<4, kDp, kRescale, T>(v, nkeys, p, mp, a, o, dp);
         break;
     }
   }
 }
+
+// ---- Online softmax for at most 4 rows --------------------------------------------------------
+
+#if HWY_TARGET != HWY_SCALAR
+// With at most 4 rows per head (GQA group x queries), St is [key][4] and one vector holds
+// kLanes / 4 keys x 4 rows: the online-softmax step of SoftmaxTile on that packed layout, so no
+// lane is padding. Lane l is row l % 4 of key l / 4. `kstep` / `kmin` (quantized K: the logit is
+// qa * step_j * dot + qb * min_j first) may be null. Keys nkeys .. (next multiple of 4) are
+// padding and get probability 0.
+void SoftmaxNarrow(const AttentionProblem& p, const HeadState& hs, const float* qa, const float* qb,
+                   const float* kstep, const float* kmin, const float* vstep, const float* vmin,
+                   float* vbias, size_t nkeys, int64_t key0, bool partial,
+                   float* HWY_RESTRICT bounce) {
+  const DF df;
+  const hn::RebindToSigned<DF> di;
+  const hn::CappedTag<float, 4> d4;
+  constexpr size_t kKeysPerVec = kLanes / 4;
+  const size_t nk4 = hwy::DivCeil(nkeys, size_t{4}) * 4;
+  const VF neg_inf = hn::Set(df, -std::numeric_limits<float>::infinity());
+  const VF log2e = hn::Set(df, 1.4426950408889634f);
+  const bool softcap = p.softcap > 0.0f;
+  const bool alibi = p.alibi != nullptr;
+  const bool quant = kstep != nullptr;
+  const VF cap = hn::Set(df, p.softcap);
+  const VF inv_cap = hn::Set(df, softcap ? 1.0f / p.softcap : 0.0f);
+  // Per-lane row values: the 4 rows repeated in every 128-bit block.
+  const VF pos = hn::LoadDup128(df, hs.pos);
+  const VF slope = hn::LoadDup128(df, hs.slope);
+  const auto lo = hn::LoadDup128(di, hs.lo);
+  const auto hi = hn::LoadDup128(di, hs.hi);
+  const VF a4 = quant ? hn::LoadDup128(df, qa) : hn::Zero(df);
+  const VF b4 = quant ? hn::LoadDup128(df, qb) : hn::Zero(df);
+  // Key offset of each lane within its vector: l / 4; per-key values are spread to their 4
+  // lanes with one table lookup.
+  const auto lane_key = hn::ShiftRight<2>(hn::Iota(di, 0));
+  const auto spread = hn::IndicesFromVec(df, lane_key);
+  auto per_key = [&](const float* values, size_t j) {
+    return hn::TableLookupLanes(hn::LoadDup128(df, values + j), spread);
+  };
+  const bool tail = nk4 > nkeys;
+  VF mx = neg_inf;
+  for (size_t j = 0; j < nk4; j += kKeysPerVec) {
+    float* col = hs.st + 4 * j;
+    VF x = hn::Load(df, col);
+    const auto key = hn::Add(lane_key, hn::Set(di, static_cast<int32_t>(key0 + int64_t(j))));
+    if (quant) x = hn::MulAdd(hn::Mul(a4, per_key(kstep, j)), x, hn::Mul(b4, per_key(kmin, j)));
+    if (softcap) x = hn::Mul(cap, hn::Tanh(df, hn::Mul(x, inv_cap)));
+    if (alibi) x = hn::NegMulAdd(slope, hn::Abs(hn::Sub(pos, hn::ConvertTo(df, key))), x);
+    if (partial || tail) {
+      auto hidden = hn::Or(hn::Lt(key, lo), hn::Gt(key, hi));
+      const auto end = hn::Set(di, static_cast<int32_t>(key0 + static_cast<int64_t>(nkeys)));
+      hidden = hn::Or(hidden, hn::Not(hn::Lt(key, end)));
+      x = hn::IfThenElse(hn::RebindMask(df, hidden), neg_inf, x);
+    }
+    hn::Store(x, df, col);
+    mx = hn::Max(mx, x);
+  }
+  // Fold the keys of a vector: the max per row over the 128-bit blocks.
+  hn::Store(mx, df, bounce);
+  auto m4 = hn::Load(d4, hs.m);
+  const auto m_old = m4;
+  for (size_t b = 0; b < kLanes; b += 4) m4 = hn::Max(m4, hn::Load(d4, bounce + b));
+  // A row that has seen no visible key keeps m = -inf; subtracting 0 instead keeps its
+  // probabilities exp(-inf) = 0 and avoids (-inf) - (-inf).
+  const auto m_safe =
+      hn::IfThenZeroElse(hn::Eq(m4, hn::Set(d4, -std::numeric_limits<float>::infinity())), m4);
+  const auto alpha =
+      FastExp2(d4, hn::Mul(hn::Sub(m_old, m_safe), hn::Set(d4, 1.4426950408889634f)));
+  hn::Store(m_safe, d4, bounce);
+  const VF m = hn::LoadDup128(df, bounce);
+  VF sum = hn::Zero(df), bias = hn::Zero(df);
+  for (size_t j = 0; j < nk4; j += kKeysPerVec) {
+    float* col = hs.st + 4 * j;
+    const VF e = FastExp2(df, hn::Mul(hn::Sub(hn::Load(df, col), m), log2e));
+    sum = hn::Add(sum, e);
+    if (vstep != nullptr) {
+      // Quantized V: P.V sums the codes weighted by p_j * step_j; sum_j p_j * min_j is the row
+      // offset.
+      bias = hn::MulAdd(e, per_key(vmin, j), bias);
+      hn::Store(hn::Mul(e, per_key(vstep, j)), df, col);
+    } else {
+      hn::Store(e, df, col);
+    }
+  }
+  hn::Store(sum, df, bounce);
+  auto s4 = hn::Load(d4, bounce);
+  for (size_t b = 4; b < kLanes; b += 4) s4 = hn::Add(s4, hn::Load(d4, bounce + b));
+  if (vstep != nullptr) {
+    hn::Store(bias, df, bounce);
+    auto b4_sum = hn::Load(d4, bounce);
+    for (size_t b = 4; b < kLanes; b += 4) b4_sum = hn::Add(b4_sum, hn::Load(d4, bounce + b));
+    hn::Store(hn::MulAdd(alpha, hn::Load(d4, vbias), b4_sum), d4, vbias);
+  }
+  hn::Store(m4, d4, hs.m);
+  hn::Store(hn::MulAdd(alpha, hn::Load(d4, hs.l), s4), d4, hs.l);
+  hn::Store(alpha, d4, hs.alpha);
+}
+#endif
 
 // ---- One unit ----------------------------------------------------------------------------------
 
@@ -410,6 +531,7 @@ struct UnitShape {
   size_t dim, dp, dc, mp, rp;
   size_t row_bytes;  // bytes per staged row: Dp elements, or Dc codes
   bool in_place;     // rows are read where they are (else staged)
+  bool narrow;       // at most 4 rows: St is [key][4] (mp = 4), SoftmaxNarrow
 };
 
 // Points krow / vrow [kTile] at head h's rows of keys [a, a + nkeys) (zero rows up to the next
@@ -423,6 +545,7 @@ HWY_INLINE void GatherTile(const decode::KvSource& kv, const UnitShape& sh, int6
   for (size_t j = 0; j < nk4; ++j) {
     if (j >= nkeys) {
       s.krow[j] = s.vrow[j] = s.zero;
+      s.kstep[j] = s.kmin[j] = s.vstep[j] = s.vmin[j] = 0.0f;
       continue;
     }
     const decode::KvSource::Row row = kv.locate(b, a + static_cast<int64_t>(j));
@@ -486,6 +609,7 @@ void RunUnit(const AttentionProblem& p, const decode::KvSource& kv, const decode
       s.hi[so + r] = 0;
       s.qa[so + r] = 0.0f;
       s.qb[so + r] = 0.0f;
+      s.vbias[so + r] = 0.0f;
     }
     float* qf = s.qf + static_cast<size_t>(hh) * rp * dp;
     std::memset(qf, 0, rp * dp * sizeof(float));
@@ -573,6 +697,17 @@ void RunUnit(const AttentionProblem& p, const decode::KvSource& kv, const decode
                                 s.red);
           }
         }
+        HeadState hs{s.st,       s.m + so,     s.l + so,  s.alpha,  s.tile_max,
+                     s.pos + so, s.slope + so, s.lo + so, s.hi + so};
+#if HWY_TARGET != HWY_SCALAR
+        if (sh.narrow) {
+          SoftmaxNarrow(p, hs, s.qa + so, s.qb + so, quant ? s.kstep : nullptr,
+                        quant ? s.kmin : nullptr, quant ? s.vstep : nullptr,
+                        quant ? s.vmin : nullptr, s.vbias + so, nkeys, a, !full, s.red);
+          AccumulateHead<kDp, true, T>(rows, s.vrow, nkeys, s.st, mp, s.alpha, acc, dp);
+          continue;
+        }
+#endif
         if (quant) {
           // Logit = scale * (sigma * step_j * dot + sigma * sum(q8) * min_j).
           for (size_t i = 0; i < mp; i += kLanes) {
@@ -593,11 +728,21 @@ void RunUnit(const AttentionProblem& p, const decode::KvSource& kv, const decode
             hn::Store(mx, df, s.tile_max + i);
           }
         }
-        HeadState hs{s.st,       s.m + so,     s.l + so,  s.alpha,  s.tile_max,
-                     s.pos + so, s.slope + so, s.lo + so, s.hi + so};
         SoftmaxTile(p, hs, nkeys, mp, a, !full);
-        AccumulateHead<kDp, true, T>(rows, s.vrow, s.vstep, s.vmin, nkeys, s.st, mp, s.alpha, acc,
-                                     dp);
+        if (quant) {
+          // Quantized V: P.V sums the codes weighted by p_j * step_j; sum_j p_j * min_j is the
+          // row offset (rescaled like the accumulator).
+          for (size_t i = 0; i < mp; i += kLanes) {
+            VF bias = hn::Mul(hn::Load(df, s.alpha + i), hn::Load(df, s.vbias + so + i));
+            for (size_t j = 0; j < nkeys; ++j) {
+              const VF pj = hn::Load(df, s.st + j * mp + i);
+              bias = hn::MulAdd(pj, hn::Set(df, s.vmin[j]), bias);
+              hn::Store(hn::Mul(pj, hn::Set(df, s.vstep[j])), df, s.st + j * mp + i);
+            }
+            hn::Store(bias, df, s.vbias + so + i);
+          }
+        }
+        AccumulateHead<kDp, true, T>(rows, s.vrow, nkeys, s.st, mp, s.alpha, acc, dp);
       }
     }
   }
@@ -619,7 +764,8 @@ void RunUnit(const AttentionProblem& p, const decode::KvSource& kv, const decode
       float* row = s.row;
       if (quant) {
         const float* norm = kv.v_norm + h * kv.dim;
-        for (size_t c = 0; c < dim; ++c) row[c] = src[c] * inv * norm[c];
+        const float bias = s.vbias[so + r];
+        for (size_t c = 0; c < dim; ++c) row[c] = (src[c] + bias) * inv * norm[c];
       } else {
         for (size_t c = 0; c < dim; ++c) row[c] = src[c] * inv;
       }
@@ -658,14 +804,16 @@ bool DecodeKernel(const AttentionProblem& p, const decode::KvSource& kv,
   if (max_q == 0) return true;
   const size_t rows = static_cast<size_t>(p.group * max_q);
   const size_t rp = hwy::DivCeil(rows, size_t{4}) * 4;
-  const size_t mp = hwy::DivCeil(rp, kLanes) * kLanes;
+  // At most 4 rows per head (e.g. GQA 4, one query): scores packed [key][4] (SoftmaxNarrow).
+  const bool narrow = rp == 4 && kLanes >= 4 && kLanes % 4 == 0;
+  const size_t mp = narrow ? 4 : hwy::DivCeil(rp, kLanes) * kLanes;
   const size_t heads = static_cast<size_t>(max_heads);
   const bool quant = KVDTypeIsQuantized(kv.dtype);
   const size_t elem = kv.dtype == KVDType::kF32 ? 4 : 2;
   // In place: unit channel stride and whole vectors (whole 64-byte code blocks for VNNI).
   const bool in_place = quant ? (kv.dtype == KVDType::kInt8 && dim == dc && dim == dp)
                               : (kv.k_dim_stride == 1 && kv.v_dim_stride == 1 && dim == dp);
-  const UnitShape shape{dim, dp, dc, mp, rp, quant ? dc : dp * elem, in_place};
+  const UnitShape shape{dim, dp, dc, mp, rp, quant ? dc : dp * elem, in_place, narrow};
   const int32_t workers = sched.threads;
   const size_t per_worker =
       hwy::DivCeil(Scratch::Floats(heads, rp, dp, dc, mp, shape.row_bytes), size_t{16}) * 16;
