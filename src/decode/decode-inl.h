@@ -666,6 +666,11 @@ void RunUnit(const AttentionProblem& p, const decode::KvSource& kv, const decode
     const size_t row_groups = hwy::DivCeil(static_cast<size_t>(rows), size_t{4});
     const int64_t first_tile =
         u.key_begin + (union_lo - u.key_begin) / decode::kKeyTile * decode::kKeyTile;
+    // Pages of at most 16 KiB per head (f16, D = 128: 64 tokens) are too short a stream for the
+    // hardware prefetcher; measured at 32K tokens, prefetching one tile ahead takes page size 1
+    // from 14.4 to 12.0 ms and 16 from 12.2 to 9.5-10.2 ms, and costs 10% at 256 (2 threads).
+    const bool page_prefetch =
+        kv.cache && kv.block_table != nullptr && kv.page_size * kv.k_token_stride <= 16384;
     // Head by head: a head's keys are consecutive rows of each (head-major) page, so the tiles
     // of one head are read as a sequential stream.
     for (int64_t hh = 0; hh < heads; ++hh) {
@@ -687,6 +692,21 @@ void RunUnit(const AttentionProblem& p, const decode::KvSource& kv, const decode
         // Scores St[j][r], 4 keys x 4 rows at a time.
         for (size_t g = 0; g < row_groups; ++g) {
           for (size_t j0 = 0; j0 < nk4; j0 += 4) {
+            if (g == 0 && page_prefetch) {
+              // Small pages: each page is a short stream the hardware prefetcher has to start
+              // again, so the rows one tile ahead are prefetched, a few keys per score block.
+              for (size_t jj = j0; jj < j0 + 4; ++jj) {
+                const int64_t key = a + static_cast<int64_t>(jj) + decode::kKeyTile;
+                if (key > union_hi) break;
+                const decode::KvSource::Row row = kv.locate(b, key);
+                const char* kr = reinterpret_cast<const char*>(kv.k + kv.k_offset(row, h));
+                const char* vr = reinterpret_cast<const char*>(kv.v + kv.v_offset(row, h));
+                for (size_t off = 0; off < sh.row_bytes; off += 64) {
+                  __builtin_prefetch(kr + off, 0, 3);
+                  __builtin_prefetch(vr + off, 0, 3);
+                }
+              }
+            }
 #if HWY_TARGET == HWY_AVX3_DL
             if (vnni) {
               CodeDotBlock4x4(q8 + 4 * g * dc, dc, s.krow + j0, s.st + j0 * mp + 4 * g, mp, s.red);
