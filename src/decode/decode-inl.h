@@ -12,28 +12,29 @@
 //    Scores are dot products over D, computed for 4 rows x 4 keys at once (16 vector
 //    accumulators) and reduced across lanes with a transposing shuffle tree; P.V broadcasts one
 //    probability per (row, key) against V rows (4 rows x 4 vectors of channels in registers).
-//    The online softmax then runs on the small score tile St[key][rows] with rows in lanes,
-//    shared with the forward (softmax_tile-inl.h).
+//    The online softmax then runs on the small score tile St[key][rows] with rows in lanes
+//    (SoftmaxTile, shared with the forward), or, with at most 4 rows, on a packed [key][4]
+//    tile where one vector holds 4 keys x 4 rows (SoftmaxNarrow).
 //
 // Work units are (sequence, split of split_tokens keys, block of KV heads), see decode.cc. A
-// unit walks its split tile by tile (kKeyTile keys); each of its heads keeps its own running
-// state (m, l, output accumulator) across the tiles. Memory order: in a token-major cache a
-// tile of all the unit's heads is one contiguous block, and both the score pass and the P.V
-// pass walk it in (small group of keys, head) order, i.e. nearly sequentially, with the rows
-// read in place. The hardware prefetcher keeps up with that stream at full bandwidth; walking
-// one head at a time (rows Hkv apart), copying rows into a staging tile, or software prefetching
-// (capped by the L1 miss buffers) each reached only about half of it on Zen 4.
+// unit walks its heads one after the other and each head's split tile by tile (kKeyTile keys),
+// keeping the head's running state (m, l, output accumulator) across the tiles. The cache is
+// head-major, so a head's keys are consecutive rows of each page and a split is read as one
+// sequential stream per tensor, which is what the hardware prefetcher follows (token-major
+// walks, staging copies and software prefetching all measured slower; docs/decode.md). Pages of
+// at most 16 KiB per head are short streams, so for those the next tile is prefetched.
 //
-// K/V dtypes: f32 / bf16 / f16 rows are read in place and widened in registers; int8 / int4
-// rows hold codes of the channel-separable token-wise format (kv_cache.h). Rows that cannot be
-// read in place (int4, a head-dim stride, a head dim that is not a multiple of the vector
-// width, or of 64 for the int8 VNNI path) are first copied into a staged tile. For those, with n
-// the channel normalizers and (step_j, min_j) the row's scales,
+// K/V dtypes: f32 / bf16 / f16 / int8 rows are read in place and widened in registers. Rows that
+// cannot be (int4, a head-dim stride, a head dim that is not a multiple of the vector width, or
+// of 64 for the int8 VNNI path) are first copied into a staged tile. int8 / int4 rows hold codes
+// of the channel-separable token-wise format (kv_cache.h): with n the channel normalizers and
+// (step_j, min_j) the row's scales,
 //   q.k^_j = min_j * sum_c q'_c + step_j * sum_c q'_c code_jc,   q' = q * n,
 // and q' is quantized to int8 per row (sigma = max|q'| / 127, q8 = round(q' / sigma)), so the
 // code dot product is an exact integer: VNNI (vpdpbusd) on targets that have it, exact f32
 // arithmetic elsewhere (|partial sums| < 2^24), hence bitwise equal results on every target.
-// V is dequantized inside P.V: out_c = n_c * (sum_j p_j step_j code_jc + sum_j p_j min_j).
+// V is dequantized through P: out_c = n_c * (sum_j (p_j step_j) code_jc + sum_j p_j min_j) / l,
+// the weights p_j step_j formed in the softmax step and the second sum kept per row (vbias).
 
 #if defined(TESSERA_DECODE_DECODE_INL_H_) == defined(HWY_TARGET_TOGGLE)
 #ifdef TESSERA_DECODE_DECODE_INL_H_
@@ -73,8 +74,6 @@ namespace decode_impl {
 namespace hn = hwy::HWY_NAMESPACE;
 
 constexpr size_t kTile = static_cast<size_t>(decode::kKeyTile);
-// Keys per P.V step: the accumulators of a head's rows are reloaded once per step.
-constexpr size_t kPvKeys = 8;
 #if HWY_TARGET == HWY_AVX3_DL
 constexpr bool kVnni = true;
 #else
@@ -349,11 +348,32 @@ HWY_NOINLINE __attribute__((target(HWY_TARGET_STR ",avx512vnni"))) void CodeDotB
       for (int i = 0; i < 4; ++i) a[j][i] = _mm512_dpbusd_epi32(a[j][i], kv[j], qv[i]);
     }
   }
-  VF f[4][4];
+  // The same transpose-add tree as StoreSums4x4, in exact int32 arithmetic, then one conversion
+  // for the 16 sums (the f32 tree on exact integers below 2^24 gives the same values).
+  __m512i u[4];
   for (int j = 0; j < 4; ++j) {
-    for (int i = 0; i < 4; ++i) f[j][i] = VF{_mm512_cvtepi32_ps(a[j][i])};
+    const __m512i t01 = _mm512_add_epi32(_mm512_unpacklo_epi32(a[j][0], a[j][1]),
+                                         _mm512_unpackhi_epi32(a[j][0], a[j][1]));
+    const __m512i t23 = _mm512_add_epi32(_mm512_unpacklo_epi32(a[j][2], a[j][3]),
+                                         _mm512_unpackhi_epi32(a[j][2], a[j][3]));
+    u[j] = _mm512_add_epi32(_mm512_unpacklo_epi64(t01, t23), _mm512_unpackhi_epi64(t01, t23));
   }
-  StoreSums4x4(f, st, mp, bounce);
+  const __m512i s01 = _mm512_add_epi32(_mm512_shuffle_i32x4(u[0], u[1], _MM_SHUFFLE(1, 0, 1, 0)),
+                                       _mm512_shuffle_i32x4(u[0], u[1], _MM_SHUFFLE(3, 2, 3, 2)));
+  const __m512i s23 = _mm512_add_epi32(_mm512_shuffle_i32x4(u[2], u[3], _MM_SHUFFLE(1, 0, 1, 0)),
+                                       _mm512_shuffle_i32x4(u[2], u[3], _MM_SHUFFLE(3, 2, 3, 2)));
+  const __m512 r =
+      _mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_shuffle_i32x4(s01, s23, _MM_SHUFFLE(2, 0, 2, 0)),
+                                          _mm512_shuffle_i32x4(s01, s23, _MM_SHUFFLE(3, 1, 3, 1))));
+  if (mp == 4) {
+    _mm512_storeu_ps(st, r);
+  } else {
+    _mm_storeu_ps(st, _mm512_castps512_ps128(r));
+    _mm_storeu_ps(st + mp, _mm512_extractf32x4_ps(r, 1));
+    _mm_storeu_ps(st + 2 * mp, _mm512_extractf32x4_ps(r, 2));
+    _mm_storeu_ps(st + 3 * mp, _mm512_extractf32x4_ps(r, 3));
+  }
+  (void)bounce;
   (void)df;
 }
 #endif

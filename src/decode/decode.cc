@@ -11,6 +11,11 @@
 // partial state per split, merged afterwards in split order. The key split is fixed by
 // split_tokens alone and heads are independent, so the results do not depend on the thread
 // count or on the other sequences of the batch.
+// Decode instantiates head dims x element types per target; SSSE3 / SSE4 machines (pre-AVX2)
+// run the portable fallback instead, which keeps this file's build time in check.
+#ifndef HWY_DISABLED_TARGETS
+#define HWY_DISABLED_TARGETS (HWY_SSSE3 | HWY_SSE4)
+#endif
 #undef HWY_TARGET_INCLUDE
 #define HWY_TARGET_INCLUDE "decode/decode.cc"
 #include <hwy/foreach_target.h>  // IWYU pragma: keep
