@@ -275,6 +275,21 @@ HWY_INLINE void StoreRowSums4(VF a0, VF a1, VF a2, VF a3, float* HWY_RESTRICT bo
 }
 #endif
 
+#if HWY_ARCH_X86 && HWY_TARGET <= HWY_AVX3
+// Block j of r (the 4 row scores of key j) to st + j * mp: one store when the keys' scores are
+// contiguous (mp == 4).
+HWY_INLINE void StoreKeyBlocks(__m512 r, float* HWY_RESTRICT st, size_t mp) {
+  if (mp == 4) {
+    _mm512_storeu_ps(st, r);
+    return;
+  }
+  _mm_storeu_ps(st, _mm512_castps512_ps128(r));
+  _mm_storeu_ps(st + mp, _mm512_extractf32x4_ps(r, 1));
+  _mm_storeu_ps(st + 2 * mp, _mm512_extractf32x4_ps(r, 2));
+  _mm_storeu_ps(st + 3 * mp, _mm512_extractf32x4_ps(r, 3));
+}
+#endif
+
 // St[j][i] (j < 4 keys at st + j * mp, i < 4 rows) = the lane sums of a[j][i].
 HWY_INLINE void StoreSums4x4(const VF (&a)[4][4], float* HWY_RESTRICT st, size_t mp,
                              float* HWY_RESTRICT bounce) {
@@ -290,14 +305,7 @@ HWY_INLINE void StoreSums4x4(const VF (&a)[4][4], float* HWY_RESTRICT st, size_t
                                    _mm512_shuffle_f32x4(u[2], u[3], _MM_SHUFFLE(3, 2, 3, 2)));
   const __m512 r = _mm512_add_ps(_mm512_shuffle_f32x4(s01, s23, _MM_SHUFFLE(2, 0, 2, 0)),
                                  _mm512_shuffle_f32x4(s01, s23, _MM_SHUFFLE(3, 1, 3, 1)));
-  if (mp == 4) {
-    _mm512_storeu_ps(st, r);
-  } else {
-    _mm_storeu_ps(st, _mm512_castps512_ps128(r));
-    _mm_storeu_ps(st + mp, _mm512_extractf32x4_ps(r, 1));
-    _mm_storeu_ps(st + 2 * mp, _mm512_extractf32x4_ps(r, 2));
-    _mm_storeu_ps(st + 3 * mp, _mm512_extractf32x4_ps(r, 3));
-  }
+  StoreKeyBlocks(r, st, mp);
   (void)bounce;
 #else
   for (int j = 0; j < 4; ++j)
@@ -365,14 +373,7 @@ HWY_NOINLINE __attribute__((target(HWY_TARGET_STR ",avx512vnni"))) void CodeDotB
   const __m512 r =
       _mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_shuffle_i32x4(s01, s23, _MM_SHUFFLE(2, 0, 2, 0)),
                                           _mm512_shuffle_i32x4(s01, s23, _MM_SHUFFLE(3, 1, 3, 1))));
-  if (mp == 4) {
-    _mm512_storeu_ps(st, r);
-  } else {
-    _mm_storeu_ps(st, _mm512_castps512_ps128(r));
-    _mm_storeu_ps(st + mp, _mm512_extractf32x4_ps(r, 1));
-    _mm_storeu_ps(st + 2 * mp, _mm512_extractf32x4_ps(r, 2));
-    _mm_storeu_ps(st + 3 * mp, _mm512_extractf32x4_ps(r, 3));
-  }
+  StoreKeyBlocks(r, st, mp);
   (void)bounce;
   (void)df;
 }
