@@ -3,6 +3,8 @@
 
 #include "tessera/attention.h"
 #include "tessera/context.h"
+#include "tessera/decode.h"
+#include "tessera/kv_cache.h"
 #include "tessera/merge.h"
 #include "tessera/status.h"
 #include "tessera/types.h"
