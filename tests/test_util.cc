@@ -102,6 +102,9 @@ void StoreAs(DType dtype, float x, void* dst) {
       std::memcpy(dst, &h, 2);
       return;
     }
+    default:  // the test tensors are attention inputs: f32, bf16 or f16
+      ADD_FAILURE() << "StoreAs: unsupported dtype " << DTypeName(dtype);
+      return;
   }
 }
 
@@ -122,6 +125,8 @@ float LoadAs(DType dtype, const void* src) {
       std::memcpy(&h, src, 2);
       return F16ToFloat(h);
     }
+    default:  // the test tensors are attention inputs: f32, bf16 or f16
+      break;
   }
   return std::numeric_limits<float>::quiet_NaN();
 }
@@ -134,6 +139,8 @@ float RoundTo(DType dtype, float x) {
       return BF16ToFloat(FloatToBF16(x));
     case DType::kF16:
       return F16ToFloat(FloatToF16(x));
+    default:  // mask dtypes are not rounded
+      break;
   }
   return x;
 }
@@ -558,6 +565,8 @@ Ceiling GradCeiling(DType dtype, bool gqa) {
       return gqa ? kGradCeilingBF16Gqa : kGradCeilingBF16;
     case DType::kF16:
       return kGradCeilingF16;
+    default:  // mask dtypes carry no gradient
+      break;
   }
   return kGradCeilingF32;
 }

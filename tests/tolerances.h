@@ -47,6 +47,8 @@ inline Ceiling OutputCeiling(DType dtype) {
       return kOutputCeilingBF16;
     case DType::kF16:
       return kOutputCeilingF16;
+    default:  // mask dtypes carry no attention output
+      break;
   }
   return kOutputCeilingF32;
 }

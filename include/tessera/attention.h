@@ -30,15 +30,11 @@
 #include <optional>
 
 #include "tessera/context.h"
+#include "tessera/mask.h"
 #include "tessera/status.h"
 #include "tessera/types.h"
 
 namespace tessera {
-
-enum class MaskAlign : int32_t {
-  kBottomRight = 0,  // query i at position i + Sk - Sq (FlashAttention >= 2.1, FlashInfer)
-  kTopLeft = 1,      // query i at position i (PyTorch is_causal)
-};
 
 struct AttentionParams {
   TensorView q;    // [B, Sq, Hq, D]
@@ -70,6 +66,9 @@ struct AttentionParams {
   const int32_t* cu_seqlens_q = nullptr;
   const int32_t* cu_seqlens_k = nullptr;
   int32_t num_seqs = 0;
+
+  // Structured and sparse masks, dense mask fallback and the score function (tessera/mask.h).
+  MaskParams mask;
 };
 
 // Computes the attention forward. Validates every argument before any work; on error nothing is

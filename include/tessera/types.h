@@ -6,11 +6,13 @@
 
 namespace tessera {
 
-enum class DType : int32_t { kF32 = 0, kBF16 = 1, kF16 = 2 };
+// Attention inputs are f32, bf16 or f16; masks also take u8 / bool (nonzero = true) and i32
+// (document ids).
+enum class DType : int32_t { kF32 = 0, kBF16 = 1, kF16 = 2, kU8 = 3, kBool = 4, kI32 = 5 };
 
 // Size of one element in bytes.
 size_t DTypeSize(DType dtype);
-// "f32", "bf16", "f16".
+// "f32", "bf16", "f16", "u8", "bool", "i32".
 const char* DTypeName(DType dtype);
 
 // A non-owning view of a tensor of rank <= 4. Strides are in elements (not bytes) and may be

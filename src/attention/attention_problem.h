@@ -5,6 +5,7 @@
 #include <cstdint>
 
 #include "tessera/attention.h"
+#include "tessera/types.h"
 
 namespace tessera {
 
@@ -44,6 +45,32 @@ struct AttentionProblem {
 
   const int32_t* cu_seqlens_q = nullptr;  // varlen when non-null
   const int32_t* cu_seqlens_k = nullptr;
+
+  // The masks of tessera/mask.h beyond the window, validated; strides in elements, 0 along a
+  // broadcast dimension. The kernels read them through mask_policy.h.
+  struct Masks {
+    bool any = false;                 // some field below is set (the window alone leaves it false)
+    const uint8_t* blocks = nullptr;  // [b, h, query block, key block], nonzero = computed
+    int64_t block_stride[4] = {0, 0, 0, 0};
+    int64_t block_q = 0, block_k = 0;
+    int32_t grid_rank = 0;  // neighborhood axes (0: off)
+    int64_t grid[3] = {1, 1, 1}, window[3] = {1, 1, 1}, dilation[3] = {1, 1, 1},
+            stride[3] = {1, 1, 1};
+    bool axis_causal[3] = {false, false, false};
+    int64_t sink_tokens = 0;
+    int64_t prefix_len = 0;
+    const int32_t* doc = nullptr;  // [b, key]
+    int64_t doc_stride[2] = {0, 0};
+    int64_t group_size = 0;
+    bool shift_half_heads = false;
+    const int32_t* tree_parents = nullptr;
+    int64_t tree_size = 0;
+    const void* dense = nullptr;     // [b, h, query, key]
+    DType dense_dtype = DType::kU8;  // kU8 (bool stored as bytes too) or kF32 (additive)
+    int64_t dense_stride[4] = {0, 0, 0, 0};
+    bool sigmoid = false;
+    float sigmoid_bias = 0.0f;
+  } mask;
 
   bool varlen() const { return cu_seqlens_q != nullptr; }
   // Query / key token range of sequence b along the token axis.

@@ -55,9 +55,10 @@
 
 #include "attention/attention_problem.h"
 #include "attention/flash_fwd.h"
+#include "attention/mask_policy.h"
+#include "attention/softmax_tile-inl.h"
 #include "core/parallel.h"
 #include "simd/convert-inl.h"
-#include "attention/softmax_tile-inl.h"
 #include "simd/fast_exp-inl.h"
 #include "simd/tile_gemm-inl.h"
 
@@ -106,15 +107,228 @@ struct Scratch {
   }
 };
 
+// Query rows of a task: positions [q0, q0 + nq) of the sequence, or (neighborhood masks on 2-D
+// and 3-D grids) the box of the grid at `origin` with extents `ext`, rows in row-major order.
 struct Task {
   int64_t seq;
   int64_t kv_head;
-  int64_t q0;  // first query position of the block, relative to the sequence
-  int64_t nq;  // query positions in the block
+  int64_t q0;  // first query index (box tasks: the index of the origin)
+  int64_t nq;  // query positions in the task
+  int32_t box_rank = 0;
+  int64_t origin[3] = {0, 0, 0};
+  int64_t ext[3] = {1, 1, 1};
+
+  // Query index of the task's r-th position.
+  int64_t query(const AttentionProblem& p, int64_t r) const {
+    if (box_rank == 0) return q0 + r;
+    int64_t index = 0;
+    int64_t rest = r;
+    int64_t c[3];
+    for (int a = box_rank - 1; a >= 0; --a) {
+      c[a] = origin[a] + rest % ext[a];
+      rest /= ext[a];
+    }
+    for (int a = 0; a < box_rank; ++a) index = index * p.mask.grid[a] + c[a];
+    return index;
+  }
 };
 
+// A tile of keys: pieces [first, first + count) of the task's piece list, nkeys keys in all.
+struct TilePlan {
+  size_t first, count;
+  int64_t nkeys;
+  bool contiguous;  // the pieces follow each other (the rows can be read in place)
+};
+
+// Per-worker state of the mask policy (mask_policy.h), allocated once per call and reused by the
+// worker's tasks.
+struct MaskScratch {
+  hwy::AlignedFreeUniquePtr<int32_t[]> ints;  // the per-row and per-key vectors below
+  int32_t *lo2, *hi2;                         // [Mp] second visible interval of each row
+  int32_t *glo[3], *ghi[3], *gres[3];         // [Mp] neighborhood box per axis
+  int32_t *keys, *kc[3], *kres[3];            // [kKeyTile] key index, grid coordinate, residue
+  hwy::AlignedFreeUniquePtr<float[]> bias;    // [kKeyTile][Mp] 0 / -inf / additive mask
+  std::vector<const uint8_t*> block_row;      // [rows] row of the block mask
+  std::vector<int64_t> dense_row;             // [rows] element offset of the dense mask row
+  std::vector<uint64_t> ancestors;            // [rows][words] tree nodes visible to the row
+  std::vector<uint8_t> seen;                  // [Sk] dense scan: some row sees the key
+  std::vector<mask::Run> intervals, runs, other, tmp, pieces;
+  std::vector<TilePlan> tiles;
+
+  bool Allocate(size_t mp, int64_t rows, int64_t seq_k) {
+    const size_t tile = static_cast<size_t>(flash::kKeyTile);
+    ints = hwy::AllocateAligned<int32_t>(11 * mp + 7 * tile);
+    bias = hwy::AllocateAligned<float>(tile * mp);
+    if (!ints || !bias) return false;
+    int32_t* q = ints.get();
+    auto take = [&](size_t n) {
+      int32_t* r = q;
+      q += n;
+      return r;
+    };
+    lo2 = take(mp);
+    hi2 = take(mp);
+    for (int a = 0; a < 3; ++a) {
+      glo[a] = take(mp);
+      ghi[a] = take(mp);
+      gres[a] = take(mp);
+    }
+    keys = take(tile);
+    for (int a = 0; a < 3; ++a) {
+      kc[a] = take(tile);
+      kres[a] = take(tile);
+    }
+    block_row.resize(static_cast<size_t>(rows));
+    dense_row.resize(static_cast<size_t>(rows));
+    seen.resize(static_cast<size_t>(seq_k));
+    return true;
+  }
+};
+
+// The predicate of partial tiles under the general mask: the row's two key intervals, then the
+// neighborhood box per grid axis, then the per-tile bias (block rows that differ within the task,
+// dense and tree masks).
+struct PolicyPredicate {
+  const int32_t *lo, *hi, *lo2, *hi2;
+  int32_t rank;
+  const int32_t *glo[3], *ghi[3], *gres[3], *kc[3], *kres[3];
+  bool dilated[3];
+  const float* bias;  // nullptr: none
+  size_t mp;
+
+  HWY_INLINE VF Apply(VF x, size_t i, size_t j, int64_t key) const {
+    const DF df;
+    const hn::RebindToSigned<DF> di;
+    const auto k = hn::Set(di, static_cast<int32_t>(key));
+    auto hidden =
+        hn::And(hn::Or(hn::Lt(k, hn::Load(di, lo + i)), hn::Gt(k, hn::Load(di, hi + i))),
+                hn::Or(hn::Lt(k, hn::Load(di, lo2 + i)), hn::Gt(k, hn::Load(di, hi2 + i))));
+    for (int32_t a = 0; a < rank; ++a) {
+      const auto c = hn::Set(di, kc[a][j]);
+      hidden = hn::Or(
+          hidden, hn::Or(hn::Lt(c, hn::Load(di, glo[a] + i)), hn::Gt(c, hn::Load(di, ghi[a] + i))));
+      if (dilated[a])
+        hidden = hn::Or(hidden, hn::Ne(hn::Set(di, kres[a][j]), hn::Load(di, gres[a] + i)));
+    }
+    x = hn::IfThenElse(hn::RebindMask(df, hidden),
+                       hn::Set(df, -std::numeric_limits<float>::infinity()), x);
+    if (bias != nullptr) x = hn::Add(x, hn::Load(df, bias + j * mp + i));
+    return x;
+  }
+};
+
+// Dense mask value of (row offset `off`, key j): 0 or -inf for a visibility mask, the additive
+// value otherwise.
+inline float DenseValue(const AttentionProblem::Masks& m, int64_t off, int64_t j) {
+  const int64_t at = off + j * m.dense_stride[3];
+  if (m.dense_dtype == DType::kF32) return static_cast<const float*>(m.dense)[at];
+  return static_cast<const uint8_t*>(m.dense)[at] != 0 ? 0.0f
+                                                       : -std::numeric_limits<float>::infinity();
+}
+
+// The keys some row of the task can see, as runs, in ms.runs: the union of the rows' intervals,
+// intersected with the neighborhood box, the kept blocks and the dense mask's visible columns.
+inline void TaskKeyRuns(const AttentionProblem& p, const Task& t, int64_t rows, int64_t k_len,
+                        const int64_t* box_lo, const int64_t* box_hi, MaskScratch& ms) {
+  const AttentionProblem::Masks& m = p.mask;
+  mask::UnionRuns(&ms.intervals, &ms.runs);
+  if (m.grid_rank != 0) {
+    ms.other.clear();
+    int64_t line = m.grid[m.grid_rank - 1];
+    if (m.grid_rank == 1) {
+      ms.other.push_back({box_lo[0], box_hi[0] + 1});
+    } else if (m.grid_rank == 2) {
+      for (int64_t y = box_lo[0]; y <= box_hi[0]; ++y) {
+        ms.other.push_back({y * line + box_lo[1], y * line + box_hi[1] + 1});
+      }
+    } else {
+      for (int64_t z = box_lo[0]; z <= box_hi[0]; ++z) {
+        for (int64_t y = box_lo[1]; y <= box_hi[1]; ++y) {
+          const int64_t row = (z * m.grid[1] + y) * line;
+          ms.other.push_back({row + box_lo[2], row + box_hi[2] + 1});
+        }
+      }
+    }
+    mask::IntersectRuns(&ms.runs, ms.other, &ms.tmp);
+  }
+  if (m.blocks != nullptr) {
+    ms.other.clear();
+    const int64_t nkb = (k_len + m.block_k - 1) / m.block_k;
+    for (int64_t kb = 0; kb < nkb; ++kb) {
+      bool kept = false;
+      const uint8_t* last = nullptr;
+      for (int64_t r = 0; r < rows && !kept; ++r) {
+        const uint8_t* row = ms.block_row[static_cast<size_t>(r)];
+        if (row == last) continue;  // rows of one head and block share the mask row
+        last = row;
+        kept = row[kb * m.block_stride[3]] != 0;
+      }
+      if (!kept) continue;
+      const int64_t b = kb * m.block_k, e = std::min(b + m.block_k, k_len);
+      if (!ms.other.empty() && ms.other.back().end == b) {
+        ms.other.back().end = e;
+      } else {
+        ms.other.push_back({b, e});
+      }
+    }
+    mask::IntersectRuns(&ms.runs, ms.other, &ms.tmp);
+  }
+  if (m.dense != nullptr) {
+    ms.other.clear();
+    for (const mask::Run& run : ms.runs) {
+      for (int64_t j = run.begin; j < run.end; ++j) ms.seen[static_cast<size_t>(j)] = 0;
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      for (const mask::Run& run : ms.runs) {
+        for (int64_t j = run.begin; j < run.end; ++j) {
+          const float v = DenseValue(m, ms.dense_row[static_cast<size_t>(r)], j);
+          ms.seen[static_cast<size_t>(j)] |= v != -std::numeric_limits<float>::infinity();
+        }
+      }
+    }
+    for (const mask::Run& run : ms.runs) {
+      for (int64_t j = run.begin; j < run.end; ++j) {
+        if (!ms.seen[static_cast<size_t>(j)]) continue;
+        if (!ms.other.empty() && ms.other.back().end == j) {
+          ++ms.other.back().end;
+        } else {
+          ms.other.push_back({j, j + 1});
+        }
+      }
+    }
+    std::swap(ms.runs, ms.other);
+  }
+  (void)t;
+}
+
+// Cuts the runs at multiples of kKeyTile (so a single run is tiled exactly as the unmasked
+// kernel tiles it) and packs the pieces, in order, into tiles of at most kKeyTile keys.
+inline void PlanTiles(MaskScratch& ms) {
+  ms.pieces.clear();
+  ms.tiles.clear();
+  for (const mask::Run& run : ms.runs) {
+    for (int64_t a = run.begin; a < run.end;) {
+      const int64_t e = std::min(run.end, (a / flash::kKeyTile + 1) * flash::kKeyTile);
+      ms.pieces.push_back({a, e});
+      a = e;
+    }
+  }
+  for (size_t i = 0; i < ms.pieces.size(); ++i) {
+    const int64_t n = ms.pieces[i].end - ms.pieces[i].begin;
+    if (!ms.tiles.empty() && ms.tiles.back().nkeys + n <= flash::kKeyTile) {
+      TilePlan& tile = ms.tiles.back();
+      tile.contiguous = tile.contiguous && ms.pieces[i - 1].end == ms.pieces[i].begin;
+      ++tile.count;
+      tile.nkeys += n;
+    } else {
+      ms.tiles.push_back(TilePlan{i, 1, n, true});
+    }
+  }
+}
+
 template <int kD>
-void RunTask(const AttentionProblem& p, const Task& t, Scratch& s) {
+void RunTask(const AttentionProblem& p, const Task& t, Scratch& s, MaskScratch& ms) {
+  const AttentionProblem::Masks& m = p.mask;
   const size_t dim = kD != 0 ? static_cast<size_t>(kD) : static_cast<size_t>(p.dim);
   const int64_t group = p.group;
   const int64_t rows = group * t.nq;
@@ -122,31 +336,60 @@ void RunTask(const AttentionProblem& p, const Task& t, Scratch& s) {
   const int64_t q_len = p.q_len(t.seq), k_len = p.k_len(t.seq);
   const int64_t q_begin = p.q_begin(t.seq), k_begin = p.k_begin(t.seq);
   const int64_t delta = p.top_left ? 0 : k_len - q_len;
+  const int64_t tree_base = k_len - m.tree_size;
+  const size_t tree_words = static_cast<size_t>((m.tree_size + 63) / 64);
 
-  // Pack the rows (head-major: row r is head kv_head*G + r / nq, position q0 + r % nq) and
-  // their visible key ranges. Padding rows are zero and see nothing.
-  int64_t union_lo = k_len, union_hi = -1, max_lo = 0, min_hi = k_len;
+  // Pack the rows (head-major: row r is head kv_head*G + r / nq, the task's position r % nq) and
+  // their mask data. Padding rows are zero and see nothing.
   std::memset(s.qt, 0, dim * mp * sizeof(float));
   for (size_t r = 0; r < mp; ++r) {
     s.m[r] = -std::numeric_limits<float>::infinity();
     s.l[r] = 0.0f;
     s.pos[r] = 0.0f;
     s.slope[r] = 0.0f;
-    s.lo[r] = 1;
-    s.hi[r] = 0;
+    s.lo[r] = ms.lo2[r] = 1;
+    s.hi[r] = ms.hi2[r] = 0;
+    for (int a = 0; a < m.grid_rank; ++a) ms.glo[a][r] = 1, ms.ghi[a][r] = 0, ms.gres[a][r] = 0;
   }
+  ms.intervals.clear();
+  if (m.tree_parents != nullptr) ms.ancestors.assign(static_cast<size_t>(rows) * tree_words, 0);
+  int64_t box_lo[3] = {0, 0, 0}, box_hi[3] = {-1, -1, -1};
+  for (int a = 0; a < m.grid_rank; ++a) box_lo[a] = m.grid[a], box_hi[a] = -1;
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t head = t.kv_head * group + r / t.nq;
-    const int64_t qi = t.q0 + r % t.nq;
+    const int64_t qi = t.query(p, r % t.nq);
     const int64_t pos = qi + delta;
-    const auto [lo, hi] = p.visible_keys(pos, k_len);
-    s.lo[r] = static_cast<int32_t>(std::min<int64_t>(lo, k_len));
-    s.hi[r] = static_cast<int32_t>(std::max<int64_t>(hi, -1));
-    max_lo = std::max(max_lo, lo);
-    min_hi = std::min(min_hi, hi);
-    if (lo <= hi) {
-      union_lo = std::min(union_lo, lo);
-      union_hi = std::max(union_hi, hi);
+    const mask::ClippedIntervals iv =
+        mask::Clip(mask::Intervals(p, t.seq, head, qi, pos, k_len), k_len);
+    s.lo[r] = iv.lo1;
+    s.hi[r] = iv.hi1;
+    ms.lo2[r] = iv.lo2;
+    ms.hi2[r] = iv.hi2;
+    ms.intervals.push_back({iv.lo1, iv.hi1 + int64_t{1}});
+    ms.intervals.push_back({iv.lo2, iv.hi2 + int64_t{1}});
+    if (m.grid_rank != 0) {
+      mask::AxisRange box[3];
+      mask::NeighborhoodBox(m, pos, box);
+      for (int a = 0; a < m.grid_rank; ++a) {
+        ms.glo[a][r] = static_cast<int32_t>(box[a].lo);
+        ms.ghi[a][r] = static_cast<int32_t>(box[a].hi);
+        ms.gres[a][r] = static_cast<int32_t>(box[a].residue);
+        box_lo[a] = std::min(box_lo[a], box[a].lo);
+        box_hi[a] = std::max(box_hi[a], box[a].hi);
+      }
+    }
+    if (m.blocks != nullptr) {
+      ms.block_row[static_cast<size_t>(r)] = m.blocks + t.seq * m.block_stride[0] +
+                                             head * m.block_stride[1] +
+                                             qi / m.block_q * m.block_stride[2];
+    }
+    if (m.dense != nullptr) {
+      ms.dense_row[static_cast<size_t>(r)] =
+          t.seq * m.dense_stride[0] + head * m.dense_stride[1] + qi * m.dense_stride[2];
+    }
+    if (m.tree_parents != nullptr) {
+      uint64_t* bits = ms.ancestors.data() + static_cast<size_t>(r) * tree_words;
+      for (int64_t u = qi; u >= 0; u = m.tree_parents[u]) bits[u / 64] |= uint64_t{1} << (u % 64);
     }
     s.pos[r] = static_cast<float>(pos);
     if (p.alibi != nullptr) s.slope[r] = p.alibi_slope(t.seq, head);
@@ -157,99 +400,250 @@ void RunTask(const AttentionProblem& p, const Task& t, Scratch& s) {
     for (size_t d = 0; d < dim; ++d) s.qt[d * mp + static_cast<size_t>(r)] = p.scale * row[d];
   }
   std::memset(s.ot, 0, dim * mp * sizeof(float));
+  TaskKeyRuns(p, t, rows, k_len, box_lo, box_hi, ms);
+  PlanTiles(ms);
 
   const int64_t elem = static_cast<int64_t>(DTypeSize(p.dtype));
   const int64_t k_row_bytes = (static_cast<int64_t>(dim) - 1) * p.k_stride[3] * elem + elem;
   const int64_t v_row_bytes = (static_cast<int64_t>(dim) - 1) * p.v_stride[3] * elem + elem;
   const bool direct_k = p.dtype == DType::kF32 && p.k_stride[3] == 1;
   const bool direct_v = p.dtype == DType::kF32 && p.v_stride[3] == 1;
-  if (union_lo <= union_hi) {
-    // Key range [a, e) of the tile starting at c0 that some row of the task can see. Keys no row
-    // can see are never read (skipping them leaves every row's result bitwise unchanged: they
-    // would add exact zeros).
-    auto tile_begin = [&](int64_t c0) { return std::max(c0, union_lo); };
-    auto tile_end = [&](int64_t c0) {
-      return std::min({c0 + flash::kKeyTile, k_len, union_hi + 1});
-    };
-    // Prefetcher for the visible rows of the tile at c0 (none past the last visible key);
-    // `offset` is the element offset of its first row, rows are `row_stride` elements apart.
-    auto prefetcher = [&](const void* base, int64_t offset, int64_t row_stride, int64_t row_bytes,
-                          int64_t c0) {
-      if (c0 > union_hi) return RowPrefetcher();
-      return RowPrefetcher{BytePtr(base, offset, elem), row_stride * elem, row_bytes,
-                           tile_end(c0) - c0};
-    };
-    const int64_t first_tile = union_lo / flash::kKeyTile * flash::kKeyTile;
-    // f32 rows with unit element stride are read in place (K/V prefetched one tile ahead);
-    // other dtypes and layouts are converted into double-buffered f32 tiles, the next tile
-    // during the current one's GEMMs (prefetched two tiles ahead).
-    if (!direct_k) {
-      ConvertRows(p.dtype, p.k, p.k_offset(t.seq, k_begin + union_lo, t.kv_head), p.k_stride[1],
-                  p.k_stride[3], static_cast<size_t>(tile_end(first_tile) - union_lo), dim,
-                  k_row_bytes, s.kt[0]);
+  const bool bias_tiles = m.blocks != nullptr || m.dense != nullptr || m.tree_parents != nullptr;
+  PolicyPredicate pred{s.lo, s.hi, ms.lo2, ms.hi2, m.grid_rank, {}, {},
+                       {},   {},   {},     {},     nullptr,     mp};
+  for (int a = 0; a < m.grid_rank; ++a) {
+    pred.glo[a] = ms.glo[a];
+    pred.ghi[a] = ms.ghi[a];
+    pred.gres[a] = ms.gres[a];
+    pred.kc[a] = ms.kc[a];
+    pred.kres[a] = ms.kres[a];
+    pred.dilated[a] = m.dilation[a] > 1;
+  }
+  const auto row_offset = [&](const int64_t* stride, int64_t key) {
+    return p.offset(stride, t.seq, k_begin + key, t.kv_head);
+  };
+  // Prefetcher for the rows of contiguous tile `ti` (none for gathered tiles or past the end).
+  const auto prefetcher = [&](const void* base, const int64_t* stride, int64_t row_bytes,
+                              size_t ti) {
+    if (ti >= ms.tiles.size() || !ms.tiles[ti].contiguous) return RowPrefetcher();
+    const int64_t a = ms.pieces[ms.tiles[ti].first].begin;
+    return RowPrefetcher{BytePtr(base, row_offset(stride, a), elem), stride[1] * elem, row_bytes,
+                         ms.tiles[ti].nkeys};
+  };
+  // Rows of tile `ti` converted (or copied) into `dst`, piece by piece.
+  const auto load_tile = [&](const void* base, const int64_t* stride, int64_t row_bytes, size_t ti,
+                             float* dst) {
+    const TilePlan& tile = ms.tiles[ti];
+    for (size_t i = tile.first; i < tile.first + tile.count; ++i) {
+      const mask::Run& piece = ms.pieces[i];
+      ConvertRows(p.dtype, base, row_offset(stride, piece.begin), stride[1], stride[3],
+                  static_cast<size_t>(piece.end - piece.begin), dim, row_bytes, dst);
+      dst += static_cast<size_t>(piece.end - piece.begin) * dim;
     }
-    if (!direct_v) {
-      ConvertRows(p.dtype, p.v, p.v_offset(t.seq, k_begin + union_lo, t.kv_head), p.v_stride[1],
-                  p.v_stride[3], static_cast<size_t>(tile_end(first_tile) - union_lo), dim,
-                  v_row_bytes, s.vt[0]);
-    }
-    int buf = 0;
-    for (int64_t c0 = first_tile; c0 <= union_hi; c0 += flash::kKeyTile, buf ^= 1) {
-      const int64_t a = tile_begin(c0), e = tile_end(c0);
-      const size_t nkeys = static_cast<size_t>(e - a);
-      const bool full = max_lo <= a && min_hi >= e - 1;
-      const int64_t next = c0 + flash::kKeyTile;
-      // Where this tile's K (or V) rows are read from, and the feed that streams the next tile
-      // during this one's GEMMs: a prefetch for rows read in place, or for converted dtypes a
-      // prefetch two tiles ahead plus the conversion of the next tile into the other buffer.
-      auto stream = [&](const void* base, const int64_t* stride, int64_t row_bytes, bool direct,
-                        float* const* bufs, const float** read_from, size_t* ld, TileFeed* feed) {
-        auto row_offset = [&](int64_t key) {
-          return p.offset(stride, t.seq, k_begin + key, t.kv_head);
-        };
-        if (direct) {
-          *read_from = static_cast<const float*>(base) + row_offset(a);
-          *ld = static_cast<size_t>(stride[1]);
-          feed->prefetch = prefetcher(base, row_offset(next), stride[1], row_bytes, next);
-          return;
+  };
+  // Whether the K/V rows of tile `ti` were converted ahead, during the previous tile's GEMMs.
+  bool k_ready = false, v_ready = false;
+  int buf = 0;
+  for (size_t ti = 0; ti < ms.tiles.size(); ++ti, buf ^= 1) {
+    const TilePlan& tile = ms.tiles[ti];
+    const int64_t a = ms.pieces[tile.first].begin;
+    const size_t nkeys = static_cast<size_t>(tile.nkeys);
+    const bool gathered = !tile.contiguous;
+    if (gathered || bias_tiles || m.grid_rank != 0) {
+      size_t j = 0;
+      for (size_t i = tile.first; i < tile.first + tile.count; ++i) {
+        for (int64_t key = ms.pieces[i].begin; key < ms.pieces[i].end; ++key, ++j) {
+          ms.keys[j] = static_cast<int32_t>(key);
         }
-        *read_from = bufs[buf];
-        *ld = dim;
-        const int64_t later = next + flash::kKeyTile;
-        feed->prefetch = prefetcher(base, row_offset(later), stride[1], row_bytes, later);
-        if (next <= union_hi) {
-          feed->convert = RowConverter{
-              p.dtype,   base, row_offset(next), stride[1],
-              stride[3], dim,  bufs[buf ^ 1],    static_cast<size_t>(tile_end(next) - next),
-              0};
-        }
-      };
-      TileFeed feed_k, feed_v;
-      const float *kt, *vt;
-      size_t ldk, ldv;
-      stream(p.k, p.k_stride, k_row_bytes, direct_k, s.kt, &kt, &ldk, &feed_k);
-      stream(p.v, p.v_stride, v_row_bytes, direct_v, s.vt, &vt, &ldv, &feed_v);
-      RowPanelProduct<kD>(kt, ldk, nkeys, dim, s.qt, mp, s.st, s.tile_max, feed_k);
-      SoftmaxTile(p, s, nkeys, mp, a, !full);
-      TransposedPanelAccumulate<kD>(vt, ldv, nkeys, dim, s.st, mp, s.alpha, s.ot, feed_v);
-      feed_k.convert.Finish();
-      feed_v.convert.Finish();
+      }
     }
+    // Full: every row sees every key of the tile under the intervals (and the other masks).
+    bool full = m.grid_rank == 0;
+    for (int64_t r = 0; r < rows && full; ++r) {
+      for (size_t i = tile.first; i < tile.first + tile.count && full; ++i) {
+        const int64_t b = ms.pieces[i].begin, e = ms.pieces[i].end - 1;
+        full = (s.lo[r] <= b && s.hi[r] >= e) || (ms.lo2[r] <= b && ms.hi2[r] >= e);
+      }
+    }
+    if (m.grid_rank != 0) {
+      for (size_t j = 0; j < nkeys; ++j) {
+        int64_t c[3];
+        mask::GridCoords(m, ms.keys[j], c);
+        for (int a2 = 0; a2 < m.grid_rank; ++a2) {
+          ms.kc[a2][j] = static_cast<int32_t>(c[a2]);
+          ms.kres[a2][j] = static_cast<int32_t>(c[a2] % m.dilation[a2]);
+        }
+      }
+    }
+    pred.bias = nullptr;
+    if (bias_tiles) {
+      // The block / dense / tree part of each (key, row); the tile stays full when it is all 0.
+      bool all_zero = true;
+      for (size_t j = 0; j < nkeys; ++j) {
+        const int64_t key = ms.keys[j];
+        float* bias_row = ms.bias.get() + j * mp;
+        for (int64_t r = 0; r < rows; ++r) {
+          float v = 0.0f;
+          if (m.blocks != nullptr &&
+              ms.block_row[static_cast<size_t>(r)][key / m.block_k * m.block_stride[3]] == 0) {
+            v = -std::numeric_limits<float>::infinity();
+          }
+          if (m.dense != nullptr) v += DenseValue(m, ms.dense_row[static_cast<size_t>(r)], key);
+          if (m.tree_parents != nullptr && key >= tree_base) {
+            const uint64_t* bits = ms.ancestors.data() + static_cast<size_t>(r) * tree_words;
+            const int64_t u = key - tree_base;
+            if (((bits[u / 64] >> (u % 64)) & 1) == 0) v = -std::numeric_limits<float>::infinity();
+          }
+          bias_row[r] = v;
+          all_zero = all_zero && v == 0.0f;
+        }
+        for (size_t r = static_cast<size_t>(rows); r < mp; ++r) bias_row[r] = 0.0f;
+      }
+      if (!all_zero) {
+        full = false;
+        pred.bias = ms.bias.get();
+      }
+    }
+    // Where this tile's K (or V) rows are read from, and the feed that streams the next tile
+    // during this one's GEMMs: a prefetch for rows read in place, or for converted dtypes a
+    // prefetch two tiles ahead plus the conversion of the next (contiguous) tile into the other
+    // buffer. Gathered tiles are converted here, at their turn.
+    auto stream = [&](const void* base, const int64_t* stride, int64_t row_bytes, bool direct,
+                      float* const* bufs, bool* ready, const float** read_from, size_t* ld,
+                      TileFeed* feed) {
+      if (direct && !gathered) {
+        *read_from = static_cast<const float*>(base) + row_offset(stride, a);
+        *ld = static_cast<size_t>(stride[1]);
+        feed->prefetch = prefetcher(base, stride, row_bytes, ti + 1);
+        *ready = false;
+        return;
+      }
+      if (!*ready) load_tile(base, stride, row_bytes, ti, bufs[buf]);
+      *read_from = bufs[buf];
+      *ld = dim;
+      *ready = false;
+      if (direct) return;
+      feed->prefetch = prefetcher(base, stride, row_bytes, ti + 2);
+      if (ti + 1 < ms.tiles.size() && ms.tiles[ti + 1].contiguous) {
+        const TilePlan& next = ms.tiles[ti + 1];
+        feed->convert = RowConverter{p.dtype,
+                                     base,
+                                     row_offset(stride, ms.pieces[next.first].begin),
+                                     stride[1],
+                                     stride[3],
+                                     dim,
+                                     bufs[buf ^ 1],
+                                     static_cast<size_t>(next.nkeys),
+                                     0};
+        *ready = true;
+      }
+    };
+    TileFeed feed_k, feed_v;
+    const float *kt, *vt;
+    size_t ldk, ldv;
+    stream(p.k, p.k_stride, k_row_bytes, direct_k, s.kt, &k_ready, &kt, &ldk, &feed_k);
+    stream(p.v, p.v_stride, v_row_bytes, direct_v, s.vt, &v_ready, &vt, &ldv, &feed_v);
+    const int32_t* keys = gathered ? ms.keys : nullptr;
+    const bool need_max = !m.sigmoid && full && p.softcap == 0.0f && p.alibi == nullptr;
+    RowPanelProduct<kD>(kt, ldk, nkeys, dim, s.qt, mp, s.st, need_max ? s.tile_max : nullptr,
+                        feed_k);
+    if (m.sigmoid) {
+      SigmoidTile(p, s, nkeys, mp, a, keys, !full, pred);
+    } else if (m.any) {
+      SoftmaxTile(p, s, nkeys, mp, a, keys, !full, pred);
+    } else {
+      SoftmaxTile(p, s, nkeys, mp, a, keys, !full, WindowPredicate{s.lo, s.hi});
+    }
+    TransposedPanelAccumulate<kD>(vt, ldv, nkeys, dim, s.st, mp, s.alpha, s.ot, feed_v);
+    feed_k.convert.Finish();
+    feed_v.convert.Finish();
   }
 
-  // Deferred normalization; rows with no visible key get O = 0 and LSE = -inf.
+  // Deferred normalization (softmax); rows with no visible key get O = 0 and LSE = -inf.
+  // Sigmoid weights are not normalized.
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t head = t.kv_head * group + r / t.nq;
-    const int64_t token = q_begin + t.q0 + r % t.nq;
+    const int64_t token = q_begin + t.query(p, r % t.nq);
     // l is 0 only for a row with no visible key; a NaN l (NaN inputs) must stay NaN.
     const float l = s.l[r];
     const bool none_visible = l <= 0.0f;
-    const float inv = none_visible ? 0.0f : 1.0f / l;
+    const float inv = m.sigmoid ? 1.0f : none_visible ? 0.0f : 1.0f / l;
     StoreStridedScaled(p.dtype, s.ot + r, mp, dim, inv, p.out, p.out_offset(t.seq, token, head),
                        p.out_stride[3]);
     if (p.lse != nullptr) {
       p.lse[p.lse_offset(t.seq, head, token)] =
           none_visible ? -std::numeric_limits<float>::infinity() : s.m[r] + std::log(l);
+    }
+  }
+}
+
+// The tasks of the forward: (sequence, KV head, query positions). Positions are blocks of
+// QueryBlock(G) consecutive queries, aligned to the query blocks of a block mask, or boxes of the
+// grid for neighborhood masks on 2-D / 3-D grids. Last blocks first: under a causal mask they
+// are the longest, and running them first balances the dynamic schedule.
+inline void MakeTasks(const AttentionProblem& p, std::vector<Task>* tasks, int64_t* max_nq) {
+  const AttentionProblem::Masks& m = p.mask;
+  const int64_t block = flash::QueryBlock(p.group);
+  *max_nq = 0;
+  for (int64_t b = 0; b < p.batch; ++b) {
+    const int64_t q_len = p.q_len(b);
+    if (q_len == 0) continue;
+    if (m.grid_rank >= 2) {
+      // Boxes of about `block` positions, 16 wide on the last axis, so that the keys of the
+      // union of their windows (a box) are few per query.
+      const int r = m.grid_rank;
+      int64_t ext[3] = {1, 1, 1};
+      ext[r - 1] = std::min<int64_t>(m.grid[r - 1], 16);
+      int64_t budget = std::max<int64_t>(1, block / ext[r - 1]);
+      if (r == 3) {
+        ext[1] = std::min<int64_t>(
+            m.grid[1], std::max<int64_t>(1, static_cast<int64_t>(std::sqrt(double(budget)))));
+        budget = std::max<int64_t>(1, budget / ext[1]);
+      }
+      ext[0] = std::min<int64_t>(m.grid[0], budget);
+      int64_t count[3] = {1, 1, 1};
+      for (int a = 0; a < r; ++a) count[a] = hwy::DivCeil(m.grid[a], ext[a]);
+      for (int64_t kvh = 0; kvh < p.heads_kv; ++kvh) {
+        for (int64_t i0 = count[0] - 1; i0 >= 0; --i0) {
+          for (int64_t i1 = count[1] - 1; i1 >= 0; --i1) {
+            for (int64_t i2 = count[2] - 1; i2 >= 0; --i2) {
+              Task t{b, kvh, 0, 1};
+              t.box_rank = r;
+              const int64_t idx[3] = {i0, i1, i2};
+              for (int a = 0; a < r; ++a) {
+                t.origin[a] = idx[a] * ext[a];
+                t.ext[a] = std::min(ext[a], m.grid[a] - t.origin[a]);
+                t.nq *= t.ext[a];
+              }
+              t.q0 = t.query(p, 0);
+              *max_nq = std::max(*max_nq, t.nq);
+              tasks->push_back(t);
+            }
+          }
+        }
+      }
+      continue;
+    }
+    // Query blocks: the block mask's (split to keep a task's rows near kRowsTarget), else
+    // QueryBlock(G) positions.
+    int64_t span = block, sub = block;
+    if (m.blocks != nullptr) {
+      span = m.block_q;
+      const int64_t parts = hwy::DivCeil(m.block_q * p.group, 2 * flash::kRowsTarget);
+      sub = hwy::DivCeil(m.block_q, parts);
+    }
+    const int64_t nspans = hwy::DivCeil(q_len, span);
+    for (int64_t kvh = 0; kvh < p.heads_kv; ++kvh) {
+      for (int64_t sp = nspans - 1; sp >= 0; --sp) {
+        const int64_t end = std::min(q_len, (sp + 1) * span);
+        const int64_t nsub = hwy::DivCeil(end - sp * span, sub);
+        for (int64_t k = nsub - 1; k >= 0; --k) {
+          const int64_t q0 = sp * span + k * sub;
+          const int64_t nq = std::min(sub, end - q0);
+          *max_nq = std::max(*max_nq, nq);
+          tasks->push_back(Task{b, kvh, q0, nq});
+        }
+      }
     }
   }
 }
@@ -260,42 +654,33 @@ void RunTask(const AttentionProblem& p, const Task& t, Scratch& s) {
 // Returns false when scratch could not be allocated.
 bool FlashForward(const AttentionProblem& p, int32_t threads, bool fast) {
   using namespace flash_impl;  // NOLINT
-  const int64_t block = flash::QueryBlock(p.group);
   if (p.heads_q == 0) return true;
   std::vector<Task> tasks;
   int64_t max_nq = 0;
-  for (int64_t b = 0; b < p.batch; ++b) {
-    const int64_t q_len = p.q_len(b);
-    const int64_t nq = std::min(block, q_len);
-    if (nq == 0) continue;
-    max_nq = std::max(max_nq, nq);
-    const int64_t nblocks = hwy::DivCeil(q_len, block);
-    // Last query blocks first: under a causal mask they are the longest, and running them
-    // first balances the dynamic schedule.
-    for (int64_t kvh = 0; kvh < p.heads_kv; ++kvh) {
-      for (int64_t blk = nblocks - 1; blk >= 0; --blk) {
-        const int64_t q0 = blk * block;
-        tasks.push_back(Task{b, kvh, q0, std::min(block, q_len - q0)});
-      }
-    }
-  }
+  MakeTasks(p, &tasks, &max_nq);
   if (tasks.empty()) return true;
 
   const int32_t workers =
       static_cast<int32_t>(std::min<int64_t>(threads, static_cast<int64_t>(tasks.size())));
   const size_t dim = static_cast<size_t>(p.dim);
-  const size_t mp = hwy::DivCeil(static_cast<size_t>(p.group * max_nq), kLanes) * kLanes;
+  const int64_t max_rows = p.group * max_nq;
+  const size_t mp = hwy::DivCeil(static_cast<size_t>(max_rows), kLanes) * kLanes;
   // Round each worker's share to a cache line so workers never share one.
   const size_t per_worker = hwy::DivCeil(Scratch::Floats(dim, mp), size_t{16}) * 16;
   auto storage = hwy::AllocateAligned<float>(per_worker * static_cast<size_t>(workers));
   if (!storage) return false;
+  std::vector<MaskScratch> mask_scratch(static_cast<size_t>(workers));
+  for (MaskScratch& ms : mask_scratch) {
+    if (!ms.Allocate(mp, max_rows, p.mask.dense != nullptr ? p.seq_k : 0)) return false;
+  }
 
   auto run = [&](auto dim_tag) {
     constexpr int kD = decltype(dim_tag)::value;
     ParallelFor(workers, static_cast<int64_t>(tasks.size()), [&](int64_t task, int32_t worker) {
       Scratch s;
       s.Carve(storage.get() + per_worker * static_cast<size_t>(worker), dim, mp);
-      RunTask<kD>(p, tasks[static_cast<size_t>(task)], s);
+      RunTask<kD>(p, tasks[static_cast<size_t>(task)], s,
+                  mask_scratch[static_cast<size_t>(worker)]);
     });
   };
   flash::DispatchHeadDim(fast, p.dim, run);

@@ -60,6 +60,8 @@ Status RunReference(const AttentionParams& params, const AttentionProblem& p) {
 // A few queries per sequence: the decode kernel (channels in lanes, split keys) beats the
 // rows-in-lanes forward, whose vectors would be mostly padding.
 bool RoutesToDecode(const AttentionProblem& p) {
+  // Decode implements the window masks only.
+  if (p.mask.any || p.mask.sigmoid) return false;
   int64_t max_q = 0;
   for (int64_t b = 0; b < p.batch; ++b) max_q = std::max(max_q, p.q_len(b));
   return max_q > 0 && max_q <= kMaxDecodeQueries;

@@ -24,47 +24,71 @@ namespace tessera {
 namespace HWY_NAMESPACE {
 namespace hn = hwy::HWY_NAMESPACE;
 
+// The mask of partial tiles when each row sees one key interval [lo, hi] (the window and causal
+// masks): hidden lanes of rows [i, i + kLanes) for key `key`.
+struct WindowPredicate {
+  const int32_t* lo;
+  const int32_t* hi;
+  HWY_INLINE VF Apply(VF x, size_t i, size_t /*j*/, int64_t key) const {
+    const DF df;
+    const hn::RebindToSigned<DF> di;
+    const auto k = hn::Set(di, static_cast<int32_t>(key));
+    const auto hidden = hn::Or(hn::Lt(k, hn::Load(di, lo + i)), hn::Gt(k, hn::Load(di, hi + i)));
+    return hn::IfThenElse(hn::RebindMask(df, hidden),
+                          hn::Set(df, -std::numeric_limits<float>::infinity()), x);
+  }
+};
+
+// Softcap and ALiBi (when enabled) and then `mask` (when `partial`), applied in place to the score
+// tile St; returns the running max of rows [i, i + kLanes) updated with the tile's maximum. Key j
+// of the tile is key index keys[j] (keys == nullptr: key0 + j).
+template <class State, class Mask>
+HWY_INLINE VF ModifyScores(const AttentionProblem& p, State& s, size_t nkeys, size_t mp,
+                           int64_t key0, const int32_t* keys, bool partial, const Mask& mask,
+                           size_t i, VF mx) {
+  const DF df;
+  const bool softcap = p.softcap > 0.0f;
+  const bool alibi = p.alibi != nullptr;
+  const VF cap = hn::Set(df, p.softcap);
+  const VF inv_cap = hn::Set(df, softcap ? 1.0f / p.softcap : 0.0f);
+  float* col = s.st + i;
+  const VF pos = hn::Load(df, s.pos + i);
+  const VF slope = hn::Load(df, s.slope + i);
+  for (size_t j = 0; j < nkeys; ++j) {
+    VF x = hn::Load(df, col + j * mp);
+    const int64_t key = keys != nullptr ? keys[j] : key0 + static_cast<int64_t>(j);
+    if (softcap) x = hn::Mul(cap, hn::Tanh(df, hn::Mul(x, inv_cap)));
+    if (alibi) {
+      const VF dist = hn::Abs(hn::Sub(pos, hn::Set(df, static_cast<float>(key))));
+      x = hn::NegMulAdd(slope, dist, x);
+    }
+    if (partial) x = mask.Apply(x, i, j, key);
+    hn::Store(x, df, col + j * mp);
+    mx = hn::Max(mx, x);
+  }
+  return mx;
+}
+
 // Applies softcap, ALiBi and (on partial tiles) the mask to St, then the online-softmax update:
 // new running max, alpha = exp(m_old - m_new), St <- exp(St - m_new), l <- alpha*l + rowsum.
 template <class State>
 void SoftmaxTile(const AttentionProblem& p, State& s, size_t nkeys, size_t mp, int64_t key0,
                  bool partial) {
+  SoftmaxTile(p, s, nkeys, mp, key0, nullptr, partial, WindowPredicate{s.lo, s.hi});
+}
+
+template <class State, class Mask>
+void SoftmaxTile(const AttentionProblem& p, State& s, size_t nkeys, size_t mp, int64_t key0,
+                 const int32_t* keys, bool partial, const Mask& mask) {
   const DF df;
-  const hn::RebindToSigned<DF> di;
   const VF neg_inf = hn::Set(df, -std::numeric_limits<float>::infinity());
   const VF log2e = hn::Set(df, 1.4426950408889634f);
-  const bool softcap = p.softcap > 0.0f;
-  const bool alibi = p.alibi != nullptr;
-  const VF cap = hn::Set(df, p.softcap);
-  const VF inv_cap = hn::Set(df, softcap ? 1.0f / p.softcap : 0.0f);
+  const bool modify = p.softcap > 0.0f || p.alibi != nullptr || partial;
   for (size_t i = 0; i < mp; i += kLanes) {
     float* col = s.st + i;
     const VF m_old = hn::Load(df, s.m + i);
-    VF mx = m_old;
-    if (softcap || alibi || partial) {
-      const VF pos = hn::Load(df, s.pos + i);
-      const VF slope = hn::Load(df, s.slope + i);
-      const auto lo = hn::Load(di, s.lo + i);
-      const auto hi = hn::Load(di, s.hi + i);
-      for (size_t j = 0; j < nkeys; ++j) {
-        VF x = hn::Load(df, col + j * mp);
-        const int64_t key = key0 + static_cast<int64_t>(j);
-        if (softcap) x = hn::Mul(cap, hn::Tanh(df, hn::Mul(x, inv_cap)));
-        if (alibi) {
-          const VF dist = hn::Abs(hn::Sub(pos, hn::Set(df, static_cast<float>(key))));
-          x = hn::NegMulAdd(slope, dist, x);
-        }
-        if (partial) {
-          const auto k = hn::Set(di, static_cast<int32_t>(key));
-          const auto hidden = hn::Or(hn::Lt(k, lo), hn::Gt(k, hi));
-          x = hn::IfThenElse(hn::RebindMask(df, hidden), neg_inf, x);
-        }
-        hn::Store(x, df, col + j * mp);
-        mx = hn::Max(mx, x);
-      }
-    } else {
-      mx = hn::Max(mx, hn::Load(df, s.tile_max + i));
-    }
+    const VF mx = modify ? ModifyScores(p, s, nkeys, mp, key0, keys, partial, mask, i, m_old)
+                         : hn::Max(m_old, hn::Load(df, s.tile_max + i));
     // A row that has seen no visible key keeps m = -inf; subtracting 0 instead keeps its
     // probabilities exp(-inf) = 0 and avoids (-inf) - (-inf).
     const VF m_safe = hn::IfThenZeroElse(hn::Eq(mx, neg_inf), mx);
@@ -88,6 +112,28 @@ void SoftmaxTile(const AttentionProblem& p, State& s, size_t nkeys, size_t mp, i
     hn::Store(mx, df, s.m + i);
     hn::Store(l_new, df, s.l + i);
     hn::Store(alpha, df, s.alpha + i);
+  }
+}
+
+// FlashSigmoid's step: St <- sigmoid(St' + bias) where St' is St after softcap, ALiBi and the
+// mask (hidden keys get exactly 0); no running max and no normalization, so alpha = 1.
+template <class State, class Mask>
+void SigmoidTile(const AttentionProblem& p, State& s, size_t nkeys, size_t mp, int64_t key0,
+                 const int32_t* keys, bool partial, const Mask& mask) {
+  const DF df;
+  const VF bias = hn::Set(df, p.mask.sigmoid_bias);
+  const VF one = hn::Set(df, 1.0f);
+  const VF neg_inf = hn::Set(df, -std::numeric_limits<float>::infinity());
+  for (size_t i = 0; i < mp; i += kLanes) {
+    float* col = s.st + i;
+    ModifyScores(p, s, nkeys, mp, key0, keys, partial, mask, i, neg_inf);
+    for (size_t j = 0; j < nkeys; ++j) {
+      const VF x = hn::Add(hn::Load(df, col + j * mp), bias);
+      // x = -inf (a hidden key) gives 1 / (1 + inf) = 0 exactly.
+      const VF e = hn::Exp(df, hn::Neg(x));
+      hn::Store(hn::Div(one, hn::Add(one, e)), df, col + j * mp);
+    }
+    hn::Store(one, df, s.alpha + i);
   }
 }
 

@@ -5,6 +5,7 @@
 #include <limits>
 #include <sstream>
 #include <string>
+#include <utility>
 
 #include "attention/attention_problem.h"
 #include "attention/flash_fwd.h"
@@ -44,6 +45,228 @@ Status CheckCuSeqlens(const char* name, const int32_t* cu, int32_t num_seqs, int
     return Status::InvalidArgument(std::string(name) +
                                    ": expected the last offset <= " + std::to_string(extent) +
                                    " (tokens in the tensor), got " + std::to_string(cu[num_seqs]));
+  }
+  return Status::Ok();
+}
+
+// Strides of a mask view broadcast to `rank` dims: a dim of extent 1 reads with stride 0.
+void BroadcastStrides(const TensorView& t, int64_t* strides) {
+  for (int i = 0; i < t.rank; ++i) strides[i] = t.shape[i] == 1 ? 0 : t.strides[i];
+}
+
+// Validates params.mask against the problem's sizes and fills r->mask.
+Status ValidateMasks(const AttentionParams& p, bool varlen, int64_t B, int64_t Sq, int64_t Sk,
+                     int64_t Hq, AttentionProblem::Masks* r) {
+  const MaskParams& m = p.mask;
+  if (m.score != ScoreFunction::kSoftmax && m.score != ScoreFunction::kSigmoid) {
+    return Status::InvalidArgument(
+        Expected("mask.score", "kSoftmax or kSigmoid", std::to_string(static_cast<int>(m.score))));
+  }
+  if (m.score == ScoreFunction::kSigmoid) {
+    if (!std::isfinite(m.sigmoid_bias)) {
+      return Status::InvalidArgument(
+          Expected("mask.sigmoid_bias", "a finite value", std::to_string(m.sigmoid_bias)));
+    }
+    if (p.lse.data != nullptr) {
+      return Status::InvalidArgument(
+          "lse: expected nullptr with mask.score = kSigmoid (sigmoid attention has no "
+          "log-sum-exp), got a tensor");
+    }
+    r->sigmoid = true;
+    r->sigmoid_bias = m.sigmoid_bias;
+  }
+  if (!m.any()) return Status::Ok();
+  if (varlen) {
+    return Status::InvalidArgument(
+        "mask: expected a dense batch (no cu_seqlens) with block, neighborhood, sink, prefix, "
+        "document, group, tree or dense masks, got cu_seqlens");
+  }
+  r->any = true;
+  auto batch_heads_ok = [&](int64_t b, int64_t h) {
+    return (b == 1 || b == B) && (h == 1 || h == Hq);
+  };
+
+  if (m.blocks.data != nullptr) {
+    const TensorView& t = m.blocks;
+    for (const auto& [name, bs] : {std::pair<const char*, int64_t>{"mask.block_q", m.block_q},
+                                   {"mask.block_k", m.block_k}}) {
+      if (bs < 16 || bs % 16 != 0) {
+        return Status::InvalidArgument(
+            Expected(name, "a positive multiple of 16", std::to_string(bs)));
+      }
+    }
+    Status s = CheckRankAndStrides("mask.blocks", t, false);
+    if (!s.ok()) return s;
+    if (t.dtype != DType::kU8 && t.dtype != DType::kBool) {
+      return Status::InvalidArgument(
+          Expected("mask.blocks", "dtype u8 or bool", DTypeName(t.dtype)));
+    }
+    const int64_t nqb = (Sq + m.block_q - 1) / m.block_q, nkb = (Sk + m.block_k - 1) / m.block_k;
+    const std::string want = "shape [1 or " + std::to_string(B) + ", 1 or " + std::to_string(Hq) +
+                             ", " + std::to_string(nqb) + ", " + std::to_string(nkb) +
+                             "] (ceil(Sq/block_q), ceil(Sk/block_k))";
+    if (t.rank != 4 || !batch_heads_ok(t.shape[0], t.shape[1]) || t.shape[2] != nqb ||
+        t.shape[3] != nkb) {
+      return Status::InvalidArgument(Expected("mask.blocks", want, ShapeString(t)));
+    }
+    r->blocks = static_cast<const uint8_t*>(t.data);
+    BroadcastStrides(t, r->block_stride);
+    r->block_q = m.block_q;
+    r->block_k = m.block_k;
+  }
+
+  const NeighborhoodMask& n = m.neighborhood;
+  if (n.rank != 0) {
+    if (n.rank < 1 || n.rank > 3) {
+      return Status::InvalidArgument(
+          Expected("mask.neighborhood.rank", "0 (off), 1, 2 or 3", std::to_string(n.rank)));
+    }
+    int64_t tokens = 1;
+    for (int a = 0; a < n.rank; ++a) {
+      const std::string axis = "[" + std::to_string(a) + "]";
+      if (n.grid[a] < 1) {
+        return Status::InvalidArgument(
+            Expected(("mask.neighborhood.grid" + axis).c_str(), ">= 1", std::to_string(n.grid[a])));
+      }
+      if (n.dilation[a] < 1) {
+        return Status::InvalidArgument(Expected(("mask.neighborhood.dilation" + axis).c_str(),
+                                                ">= 1", std::to_string(n.dilation[a])));
+      }
+      if (n.window[a] < 1 || n.window[a] * n.dilation[a] > n.grid[a]) {
+        return Status::InvalidArgument(Expected(
+            ("mask.neighborhood.window" + axis).c_str(),
+            "1 <= window and window * dilation <= grid (" + std::to_string(n.grid[a]) + ")",
+            std::to_string(n.window[a]) + " with dilation " + std::to_string(n.dilation[a])));
+      }
+      if (n.stride[a] < 1 || n.stride[a] > n.window[a]) {
+        return Status::InvalidArgument(
+            Expected(("mask.neighborhood.stride" + axis).c_str(),
+                     "1 <= stride <= window (" + std::to_string(n.window[a]) + ")",
+                     std::to_string(n.stride[a])));
+      }
+      tokens *= n.grid[a];
+      r->grid[a] = n.grid[a];
+      r->window[a] = n.window[a];
+      r->dilation[a] = n.dilation[a];
+      r->stride[a] = n.stride[a];
+      r->axis_causal[a] = n.causal[a];
+    }
+    if (Sq != Sk || tokens != Sk) {
+      return Status::InvalidArgument(
+          Expected("mask.neighborhood.grid", "a product equal to Sq == Sk",
+                   "product " + std::to_string(tokens) + " with Sq " + std::to_string(Sq) +
+                       ", Sk " + std::to_string(Sk)));
+    }
+    r->grid_rank = n.rank;
+  }
+
+  if (m.sink_tokens < 0) {
+    return Status::InvalidArgument(
+        Expected("mask.sink_tokens", ">= 0", std::to_string(m.sink_tokens)));
+  }
+  if (m.prefix_len < 0) {
+    return Status::InvalidArgument(
+        Expected("mask.prefix_len", ">= 0", std::to_string(m.prefix_len)));
+  }
+  r->sink_tokens = m.sink_tokens;
+  r->prefix_len = m.prefix_len;
+
+  if (m.document_ids.data != nullptr) {
+    const TensorView& t = m.document_ids;
+    Status s = CheckRankAndStrides("mask.document_ids", t, false);
+    if (!s.ok()) return s;
+    if (t.dtype != DType::kI32) {
+      return Status::InvalidArgument(
+          Expected("mask.document_ids", "dtype i32", DTypeName(t.dtype)));
+    }
+    if (t.rank != 2 || (t.shape[0] != 1 && t.shape[0] != B) || t.shape[1] != Sk) {
+      return Status::InvalidArgument(Expected(
+          "mask.document_ids", "shape [1 or " + std::to_string(B) + ", " + std::to_string(Sk) + "]",
+          ShapeString(t)));
+    }
+    const int32_t* ids = static_cast<const int32_t*>(t.data);
+    for (int64_t b = 0; b < t.shape[0]; ++b) {
+      for (int64_t j = 1; j < Sk; ++j) {
+        const int32_t prev = ids[b * t.strides[0] + (j - 1) * t.strides[1]];
+        const int32_t cur = ids[b * t.strides[0] + j * t.strides[1]];
+        if (cur < prev) {
+          return Status::InvalidArgument(
+              "mask.document_ids: expected ids non-decreasing along the keys (documents packed "
+              "contiguously), got " +
+              std::to_string(cur) + " after " + std::to_string(prev) + " at [" + std::to_string(b) +
+              ", " + std::to_string(j) + "]");
+        }
+      }
+    }
+    r->doc = ids;
+    BroadcastStrides(t, r->doc_stride);
+  }
+
+  if (m.group_size != 0) {
+    if (m.group_size < 0 || (m.shift_half_heads && m.group_size % 2 != 0) ||
+        Sk % m.group_size != 0 || Sq != Sk) {
+      return Status::InvalidArgument(
+          Expected("mask.group_size",
+                   std::string("a positive") + (m.shift_half_heads ? " even" : "") +
+                       " divisor of Sk with Sq == Sk",
+                   std::to_string(m.group_size) + " with Sq " + std::to_string(Sq) + ", Sk " +
+                       std::to_string(Sk)));
+    }
+    r->group_size = m.group_size;
+    r->shift_half_heads = m.shift_half_heads;
+  }
+
+  if (m.tree_parents != nullptr || m.tree_size != 0) {
+    if (m.tree_parents == nullptr || m.tree_size != Sq || Sq > Sk) {
+      return Status::InvalidArgument(Expected(
+          "mask.tree_parents / mask.tree_size", "a parent array of tree_size == Sq <= Sk nodes",
+          std::string(m.tree_parents ? "a parent array" : "nullptr") + " with tree_size " +
+              std::to_string(m.tree_size) + ", Sq " + std::to_string(Sq) + ", Sk " +
+              std::to_string(Sk)));
+    }
+    for (int64_t t = 0; t < m.tree_size; ++t) {
+      if (m.tree_parents[t] < -1 || m.tree_parents[t] >= t) {
+        return Status::InvalidArgument(
+            "mask.tree_parents: expected parents[t] in [-1, t) (parents before children), got " +
+            std::to_string(m.tree_parents[t]) + " at t = " + std::to_string(t));
+      }
+    }
+    r->tree_parents = m.tree_parents;
+    r->tree_size = m.tree_size;
+  }
+
+  if (m.dense.data != nullptr) {
+    const TensorView& t = m.dense;
+    Status s = CheckRankAndStrides("mask.dense", t, false);
+    if (!s.ok()) return s;
+    if (t.dtype != DType::kU8 && t.dtype != DType::kBool && t.dtype != DType::kF32) {
+      return Status::InvalidArgument(Expected(
+          "mask.dense", "dtype bool or u8 (visibility) or f32 (additive)", DTypeName(t.dtype)));
+    }
+    const bool ok2 = t.rank == 2 && t.shape[0] == Sq && t.shape[1] == Sk;
+    const bool ok4 = t.rank == 4 && batch_heads_ok(t.shape[0], t.shape[1]) && t.shape[2] == Sq &&
+                     t.shape[3] == Sk;
+    if (!ok2 && !ok4) {
+      return Status::InvalidArgument(
+          Expected("mask.dense",
+                   "shape [" + std::to_string(Sq) + ", " + std::to_string(Sk) + "] or [1 or " +
+                       std::to_string(B) + ", 1 or " + std::to_string(Hq) + ", " +
+                       std::to_string(Sq) + ", " + std::to_string(Sk) + "]",
+                   ShapeString(t)));
+    }
+    if (r->tree_parents != nullptr) {
+      return Status::Unimplemented(
+          "mask.dense: expected no dense mask together with a tree mask (combine them into one "
+          "dense mask), got both");
+    }
+    r->dense = t.data;
+    r->dense_dtype = t.dtype == DType::kF32 ? DType::kF32 : DType::kU8;
+    if (ok2) {
+      r->dense_stride[2] = t.shape[0] == 1 ? 0 : t.strides[0];
+      r->dense_stride[3] = t.shape[1] == 1 ? 0 : t.strides[1];
+    } else {
+      BroadcastStrides(t, r->dense_stride);
+    }
   }
   return Status::Ok();
 }
@@ -211,8 +434,13 @@ Status ValidateAttention(const AttentionParams& p, AttentionProblem* prob) {
     }
   }
 
+  AttentionProblem::Masks masks;
+  Status mask_status = ValidateMasks(p, varlen, B, Sq, Sk, Hq, &masks);
+  if (!mask_status.ok()) return mask_status;
+
   AttentionProblem& r = *prob;
   r = AttentionProblem();
+  r.mask = masks;
   r.batch = num_seqs;
   r.seq_q = Sq;
   r.seq_k = Sk;
@@ -265,7 +493,7 @@ Status ValidateAttention(const AttentionParams& p, AttentionProblem* prob) {
 namespace tessera {
 
 Status ValidateAttentionBackward(const AttentionBackwardParams& p, AttentionBackwardProblem* prob) {
-  if (p.forward.lse.data == nullptr) {
+  if (p.forward.lse.data == nullptr && p.forward.mask.score != ScoreFunction::kSigmoid) {
     return Status::InvalidArgument(
         "forward.lse: expected the forward's log-sum-exp (the backward recomputes the scores "
         "from it), got nullptr");

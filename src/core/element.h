@@ -1,5 +1,6 @@
 // Internal: one tensor element read as f32 / written from f32 (rounded to nearest even for the
-// 16-bit types), whatever the dtype. The scalar path of every kernel and reference output.
+// 16-bit types), whatever the dtype (u8 / bool / i32 mask elements convert as integers). The scalar
+// path of every kernel and reference output.
 #pragma once
 
 #include <cstdint>
@@ -16,6 +17,11 @@ inline float LoadElement(DType dtype, const void* base, int64_t i) {
       return BF16ToFloat(static_cast<const uint16_t*>(base)[i]);
     case DType::kF16:
       return F16ToFloat(static_cast<const uint16_t*>(base)[i]);
+    case DType::kU8:
+    case DType::kBool:
+      return static_cast<const uint8_t*>(base)[i];
+    case DType::kI32:
+      return static_cast<float>(static_cast<const int32_t*>(base)[i]);
   }
   return 0.0f;
 }
@@ -30,6 +36,13 @@ inline void StoreElement(DType dtype, void* base, int64_t i, float x) {
       return;
     case DType::kF16:
       static_cast<uint16_t*>(base)[i] = FloatToF16(x);
+      return;
+    case DType::kU8:
+    case DType::kBool:
+      static_cast<uint8_t*>(base)[i] = static_cast<uint8_t>(x);
+      return;
+    case DType::kI32:
+      static_cast<int32_t*>(base)[i] = static_cast<int32_t>(x);
       return;
   }
 }

@@ -2,6 +2,11 @@
 // of the row materialized, softmax with max subtraction, then P.V. It reads AttentionParams
 // directly rather than the validated AttentionProblem, so the oracle shares no normalization
 // code (strides, defaults, window resolution) with the kernels it checks.
+//
+// Masks (tessera/mask.h) are evaluated one (query, key) pair at a time, straight from the
+// formulas of the header and ALGORITHMS.md §4: no tile classification, no precomputed ranges,
+// nothing shared with the kernels' mask policies. MaskBias is the single definition: the
+// forward, the backward and MaterializeMask all call it.
 #include "ref/attention_ref.h"
 
 #include <algorithm>
@@ -36,6 +41,17 @@ double Load(const TensorView& t, int64_t offset) {
       uint16_t x;
       std::memcpy(&x, base + offset * 2, sizeof(x));
       return F16ToFloat(x);
+    }
+    case DType::kU8:
+    case DType::kBool: {
+      uint8_t x;
+      std::memcpy(&x, base + offset, sizeof(x));
+      return x;
+    }
+    case DType::kI32: {
+      int32_t x;
+      std::memcpy(&x, base + offset * 4, sizeof(x));
+      return x;
     }
   }
   return kNaN;
@@ -85,6 +101,10 @@ struct Options {
   int64_t window_right = -1;
   bool top_left = false;
   bool alibi = false;
+  bool sigmoid = false;
+  double sigmoid_bias = 0.0;
+  // A dense f32 mask: its value is added to every visible logit.
+  bool additive = false;
 };
 
 Options ResolveOptions(const AttentionParams& p, int64_t dim) {
@@ -99,7 +119,126 @@ Options ResolveOptions(const AttentionParams& p, int64_t dim) {
   o.window_right = p.causal ? 0 : p.window_right;  // causal caps the right side at 0
   o.top_left = p.align == MaskAlign::kTopLeft;
   o.alibi = p.alibi_slopes.data != nullptr;
+  o.sigmoid = p.mask.score == ScoreFunction::kSigmoid;
+  o.sigmoid_bias = p.mask.sigmoid_bias;
+  o.additive = p.mask.dense.data != nullptr && p.mask.dense.dtype == DType::kF32;
   return o;
+}
+
+// x mod m in [0, m) for any sign of x (m > 0).
+int64_t Mod(int64_t x, int64_t m) { return ((x % m) + m) % m; }
+
+// The causal / sliding-window test of query position x against key position y.
+bool InWindow(const Options& o, int64_t x, int64_t y) {
+  return (o.window_left < 0 || y >= x - o.window_left) &&
+         (o.window_right < 0 || y <= x + o.window_right);
+}
+
+// Element [i0, i1, ...] of a mask view of rank `rank`, with every dim of extent 1 broadcast.
+double LoadBroadcast(const TensorView& t, const int64_t* index) {
+  int64_t offset = 0;
+  for (int d = 0; d < t.rank; ++d) offset += (t.shape[d] == 1 ? 0 : index[d]) * t.strides[d];
+  return Load(t, offset);
+}
+
+// base(i, j) of mask.h: the window (inside the token groups, rolled for shifted heads), or a
+// sink key the window's right bound allows, or a prefix key.
+bool BaseVisible(const AttentionParams& p, const Options& o, int64_t heads_q, int64_t k_len,
+                 int64_t h, int64_t pos, int64_t j) {
+  const MaskParams& m = p.mask;
+  bool window;
+  if (m.group_size > 0) {
+    // LongLoRA rolls Q, K and V by -G/2 for the shifted heads: the token at original index x
+    // sits at rolled index x - G/2 (mod Sk). Groups, causality and the window are all judged
+    // between rolled indices; the output stays at the query's own original index.
+    const int64_t g = m.group_size;
+    const bool shifted = m.shift_half_heads && h >= heads_q / 2;
+    const int64_t x = shifted ? Mod(pos - g / 2, k_len) : pos;
+    const int64_t y = shifted ? Mod(j - g / 2, k_len) : j;
+    window = x / g == y / g && InWindow(o, x, y);
+  } else {
+    window = InWindow(o, pos, j);
+  }
+  const bool sink = j < m.sink_tokens && (o.window_right < 0 || j <= pos + o.window_right);
+  const bool prefix = j < m.prefix_len;
+  return window || sink || prefix;
+}
+
+// One axis of neighborhood attention (ALGORITHMS.md §4.2): query coordinate x, key coordinate y
+// on an axis of length L with window K, dilation d, stride s.
+bool NeighborhoodAxis(int64_t L, int64_t K, int64_t d, int64_t s, bool causal, int64_t x,
+                      int64_t y) {
+  if (x % d != y % d) return false;  // different dilation groups never interact
+  const int64_t group = x % d;
+  const int64_t xg = x / d, yg = y / d;  // coordinates inside the dilation group
+  const int64_t group_len = L / d + (group < L % d ? 1 : 0);
+  if (causal) {
+    const int64_t leader = std::min(xg / s * s + s - 1, group_len - 1);
+    return yg <= xg && leader - yg < K;
+  }
+  const int64_t wl = K / 2, wr = K / 2 + K % 2 - 1;
+  const int64_t leader = std::min(xg / s * s + s / 2, group_len - 1);
+  // The window shifts (never shrinks) at the borders.
+  const int64_t centre = std::max(wl, std::min(leader, group_len - 1 - wr));
+  return centre - wl <= yg && yg <= centre + wr;
+}
+
+// Query i against key j on the neighborhood grid (Sq == Sk, so indices are positions): AND over
+// the axes of their row-major coordinates, the last axis fastest.
+bool NeighborhoodVisible(const NeighborhoodMask& n, int64_t i, int64_t j) {
+  for (int a = n.rank - 1; a >= 0; --a) {
+    const int64_t L = n.grid[a];
+    if (!NeighborhoodAxis(L, n.window[a], n.dilation[a], n.stride[a], n.causal[a], i % L, j % L)) {
+      return false;
+    }
+    i /= L;
+    j /= L;
+  }
+  return true;
+}
+
+// Node t of the draft tree sees key j: every prefix key, then the nodes on its path to the root.
+bool TreeVisible(const MaskParams& m, int64_t k_len, int64_t t, int64_t j) {
+  const int64_t prefix = k_len - m.tree_size;
+  if (j < prefix) return true;
+  const int64_t node = j - prefix;
+  for (int64_t a = t; a >= 0; a = m.tree_parents[a]) {
+    if (a == node) return true;
+  }
+  return false;
+}
+
+// The mask of key j for query row i (sequence b, query head h, position i + shift), as the bias
+// its logit receives: 0 (visible), -inf (hidden) or the dense f32 mask's value. Every field of
+// MaskParams combines by AND, exactly as written in tessera/mask.h.
+double MaskBias(const AttentionParams& p, const Options& o, int64_t heads_q, int64_t k_len,
+                int64_t b, int64_t h, int64_t i, int64_t j, int64_t shift) {
+  const MaskParams& m = p.mask;
+  const int64_t pos = i + shift;
+  if (!BaseVisible(p, o, heads_q, k_len, h, pos, j)) return -kInf;
+  if (m.blocks.data != nullptr) {
+    const int64_t index[4] = {b, h, i / m.block_q, j / m.block_k};
+    if (LoadBroadcast(m.blocks, index) == 0.0) return -kInf;
+  }
+  if (m.neighborhood.rank != 0 && !NeighborhoodVisible(m.neighborhood, i, j)) return -kInf;
+  if (m.document_ids.data != nullptr) {
+    // A query outside [0, Sk) has no document, hence no key.
+    if (pos < 0 || pos >= k_len) return -kInf;
+    const TensorView& d = m.document_ids;
+    const int64_t at_key[2] = {b, j}, at_query[2] = {b, pos};
+    const double doc_key = d.rank == 1 ? Load(d, j * d.strides[0]) : LoadBroadcast(d, at_key);
+    const double doc_query = d.rank == 1 ? Load(d, pos * d.strides[0]) : LoadBroadcast(d, at_query);
+    if (doc_key != doc_query) return -kInf;
+  }
+  if (m.tree_parents != nullptr && !TreeVisible(m, k_len, i, j)) return -kInf;
+  if (m.dense.data != nullptr) {
+    const TensorView& t = m.dense;
+    const int64_t index4[4] = {b, h, i, j}, index2[2] = {i, j};
+    const double x = LoadBroadcast(t, t.rank == 4 ? index4 : index2);
+    if (t.dtype != DType::kF32) return x != 0.0 ? 0.0 : -kInf;
+    return x;  // additive; -inf hides the key
+  }
+  return 0.0;
 }
 
 // Sequence b: its token ranges along the token axes, the batch index to read it with, and the
@@ -147,22 +286,26 @@ void LoadKeysValues(const AttentionParams& p, const TokenView& k, const TokenVie
   }
 }
 
-// One query row's scores at position `pos`, the definition both references share: s_j = scale *
-// q.k_j, then softcap, then ALiBi, and a true -inf for masked keys (probability exactly 0).
-// Fills scores[j], visible[j] and, when dcap is not null, dcap[j] = d(capped logit) / d(scaled
-// logit). Returns the NaN-sticky max over visible keys and whether any key is visible.
+// One query row's scores, the definition both references share: s_j = scale * q.k_j, then
+// softcap, then ALiBi, then the dense additive mask, and a true -inf for masked keys (probability
+// exactly 0). Fills scores[j], visible[j] and, when dcap is not null, dcap[j] = d(capped logit) /
+// d(scaled logit). Returns the NaN-sticky max over visible keys and whether any key is visible.
 struct RowMax {
   double max;
   bool any_visible;
 };
 
-RowMax RowScores(const Options& o, const double* row_q, const std::vector<double>& keys,
-                 int64_t dim, int64_t k_len, int64_t pos, double slope, double* scores,
-                 char* visible, double* dcap) {
+struct Row {
+  int64_t b, h, i, pos;
+};
+
+RowMax RowScores(const AttentionParams& p, const Options& o, int64_t heads_q, const Sequence& sq,
+                 const Row& row, const double* row_q, const std::vector<double>& keys, int64_t dim,
+                 double slope, double* scores, char* visible, double* dcap) {
   RowMax r{-kInf, false};
-  for (int64_t j = 0; j < k_len; ++j) {
-    const bool keep = (o.window_left < 0 || j >= pos - o.window_left) &&
-                      (o.window_right < 0 || j <= pos + o.window_right);
+  for (int64_t j = 0; j < sq.k_len; ++j) {
+    const double bias = MaskBias(p, o, heads_q, sq.k_len, row.b, row.h, row.i, j, sq.shift);
+    const bool keep = bias != -kInf;
     visible[j] = keep;
     if (dcap != nullptr) dcap[j] = 1.0;
     if (!keep) {
@@ -178,14 +321,37 @@ RowMax RowScores(const Options& o, const double* row_q, const std::vector<double
       s = o.softcap * t;
       if (dcap != nullptr) dcap[j] = 1.0 - t * t;
     }
-    if (o.alibi) s -= slope * static_cast<double>(std::llabs(pos - j));
+    if (o.alibi) s -= slope * static_cast<double>(std::llabs(row.pos - j));
+    if (o.additive) s += bias;
     scores[j] = s;
     r.max = MaxNaN(r.max, s);
   }
   return r;
 }
 
+// FlashSigmoid's weight of a visible logit s (ALGORITHMS.md §2.7).
+double Sigmoid(const Options& o, double s) { return 1.0 / (1.0 + std::exp(-(s + o.sigmoid_bias))); }
+
 }  // namespace
+
+void MaterializeMask(const AttentionParams& p, std::vector<double>* bias) {
+  const TokenView q = MakeTokenView(p.q);
+  const TokenView k = MakeTokenView(p.k);
+  const int64_t batch = p.q.shape[0], heads_q = q.heads, q_len = q.tokens, k_len = k.tokens;
+  const Options o = ResolveOptions(p, q.dim);
+  const int64_t shift = o.top_left ? 0 : k_len - q_len;
+  bias->assign(static_cast<size_t>(batch * heads_q * q_len * k_len), 0.0);
+  size_t at = 0;
+  for (int64_t b = 0; b < batch; ++b) {
+    for (int64_t h = 0; h < heads_q; ++h) {
+      for (int64_t i = 0; i < q_len; ++i) {
+        for (int64_t j = 0; j < k_len; ++j) {
+          (*bias)[at++] = MaskBias(p, o, heads_q, k_len, b, h, i, j, shift);
+        }
+      }
+    }
+  }
+}
 
 void AttentionForwardF64(const AttentionParams& p, double* out, double* lse) {
   const TokenView q = MakeTokenView(p.q);
@@ -218,8 +384,8 @@ void AttentionForwardF64(const AttentionParams& p, double* out, double* lse) {
           for (int64_t d = 0; d < dim; ++d) {
             row_q[static_cast<size_t>(d)] = Load(p.q, q.Offset(sq.read_b, sq.q_begin + i, h, d));
           }
-          const RowMax row = RowScores(o, row_q.data(), keys, dim, sq.k_len, i + sq.shift, slope,
-                                       scores.data(), visible.data(), nullptr);
+          const RowMax row = RowScores(p, o, heads_q, sq, Row{b, h, i, i + sq.shift}, row_q.data(),
+                                       keys, dim, slope, scores.data(), visible.data(), nullptr);
 
           double* out_row = varlen ? out + ((sq.q_begin + i) * heads_q + h) * dim_v
                                    : out + ((b * total_q + i) * heads_q + h) * dim_v;
@@ -227,6 +393,21 @@ void AttentionForwardF64(const AttentionParams& p, double* out, double* lse) {
           if (lse != nullptr) {
             lse_elem =
                 varlen ? lse + h * total_q + sq.q_begin + i : lse + (b * heads_q + h) * total_q + i;
+          }
+          if (o.sigmoid) {
+            // No normalization and no LSE: out = sum_j sigmoid(s_j + b) v_j over visible keys.
+            // The kernels reject an LSE output with sigmoid; the reference writes 0 there.
+            std::fill(acc.begin(), acc.end(), 0.0);
+            for (int64_t j = 0; j < sq.k_len; ++j) {
+              if (!visible[static_cast<size_t>(j)]) continue;
+              const double w = Sigmoid(o, scores[static_cast<size_t>(j)]);
+              for (int64_t d = 0; d < dim_v; ++d) {
+                acc[static_cast<size_t>(d)] += w * values[static_cast<size_t>(j * dim_v + d)];
+              }
+            }
+            for (int64_t d = 0; d < dim_v; ++d) out_row[d] = acc[static_cast<size_t>(d)];
+            if (lse_elem != nullptr) *lse_elem = 0.0;
+            continue;
           }
           if (!row.any_visible) {
             std::fill(out_row, out_row + dim_v, 0.0);
@@ -252,11 +433,16 @@ void AttentionForwardF64(const AttentionParams& p, double* out, double* lse) {
 }
 
 // The gradients of the materialized forward above, one query row at a time: recompute the row's
-// scores exactly as the forward does, P = softmax, then
+// scores exactly as the forward does, then with P = softmax(S):
 //   dV_j += P_j dO,  dP_j = dO . v_j,  D = sum_j P_j dP_j,  dS_j = P_j (dP_j - D),
+// or with P = sigmoid(S + b) (FlashSigmoid, no normalization hence no D):
+//   dV_j += P_j dO,  dP_j = dO . v_j,  dS_j = dP_j P_j (1 - P_j),
+// then for both
 //   softcap: dS_j *= 1 - tanh^2(u_j / c)  (u_j the pre-cap logit),
 //   dq = scale * sum_j dS_j k_j,  dK_j += scale * dS_j q.
-// Masked keys are never read and contribute nothing; dK / dV of a KV head sum its query heads.
+// ALiBi, the sigmoid bias and a dense additive mask are constants added to the logit: they change
+// P but have no derivative of their own. Masked keys are never read and contribute nothing; dK /
+// dV of a KV head sum its query heads.
 void AttentionBackwardF64(const AttentionBackwardParams& bp, double* dq, double* dk, double* dv) {
   const AttentionParams& p = bp.forward;
   const TokenView q = MakeTokenView(p.q);
@@ -307,24 +493,31 @@ void AttentionBackwardF64(const AttentionBackwardParams& bp, double* dq, double*
                                   : dq + ((b * total_q + i) * heads_q + h) * dim;
           std::fill(dq_row, dq_row + dim, 0.0);
 
-          // Scores exactly as the forward (softcap, ALiBi, mask), with the softcap derivative.
-          const RowMax row = RowScores(o, row_q.data(), keys, dim, k_len, i + sq.shift, slope,
-                                       probs.data(), visible.data(), dcap.data());
+          // Scores exactly as the forward (softcap, ALiBi, masks), with the softcap derivative.
+          const RowMax row = RowScores(p, o, heads_q, sq, Row{b, h, i, i + sq.shift}, row_q.data(),
+                                       keys, dim, slope, probs.data(), visible.data(), dcap.data());
           if (!row.any_visible) continue;  // dq row stays 0, nothing reaches dK / dV
 
-          // P = softmax over the visible keys.
-          double sum = 0.0;
-          for (int64_t j = 0; j < k_len; ++j) {
-            if (!visible[static_cast<size_t>(j)]) continue;
-            const double w = std::exp(probs[static_cast<size_t>(j)] - row.max);
-            probs[static_cast<size_t>(j)] = w;
-            sum += w;
-          }
-          for (int64_t j = 0; j < k_len; ++j) {
-            if (visible[static_cast<size_t>(j)]) probs[static_cast<size_t>(j)] /= sum;
+          if (o.sigmoid) {
+            for (int64_t j = 0; j < k_len; ++j) {
+              const size_t js = static_cast<size_t>(j);
+              if (visible[js]) probs[js] = Sigmoid(o, probs[js]);
+            }
+          } else {
+            // P = softmax over the visible keys.
+            double sum = 0.0;
+            for (int64_t j = 0; j < k_len; ++j) {
+              if (!visible[static_cast<size_t>(j)]) continue;
+              const double w = std::exp(probs[static_cast<size_t>(j)] - row.max);
+              probs[static_cast<size_t>(j)] = w;
+              sum += w;
+            }
+            for (int64_t j = 0; j < k_len; ++j) {
+              if (visible[static_cast<size_t>(j)]) probs[static_cast<size_t>(j)] /= sum;
+            }
           }
 
-          // dP_j = dO . v_j and D = sum_j P_j dP_j (= dO . O).
+          // dP_j = dO . v_j and, for softmax, D = sum_j P_j dP_j (= dO . O).
           dscore.assign(nk, 0.0);
           double delta = 0.0;
           for (int64_t j = 0; j < k_len; ++j) {
@@ -342,7 +535,8 @@ void AttentionBackwardF64(const AttentionBackwardParams& bp, double* dq, double*
             if (!visible[js]) continue;
             const double pj = probs[js];
             // dS with respect to the scaled logit u = scale * q.k (softcap chain rule).
-            const double ds = pj * (dscore[js] - delta) * dcap[js];
+            const double ds = o.sigmoid ? dscore[js] * pj * (1.0 - pj) * dcap[js]
+                                        : pj * (dscore[js] - delta) * dcap[js];
             for (int64_t d = 0; d < dim_v; ++d) {
               grad_v[static_cast<size_t>(j * dim_v + d)] += pj * row_do[static_cast<size_t>(d)];
             }
