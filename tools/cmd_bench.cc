@@ -10,6 +10,13 @@
 // baseline allocates anything, and --baseline-only measures the baseline alone in a process of
 // its own.
 //
+// Masks (--mask, mask_spec.h): the FLOPs count only the visible (query, key) pairs,
+// 4 * D * pairs for the forward (2.5x for the backward), the pairs counted by visible_pairs.h
+// (reported as density = pairs / (B * Hq * Sq * Sk)). `--vs dense` times the unmasked kernel on
+// the same inputs (causal when the masked call is), with as many runs as the masked one got, so
+// the speedup is what the mask buys. select: forms run SelectBlocks on the benchmark's q and k in
+// every timed forward run (ms includes it; select_ms is its median alone).
+//
 // Decode (--op decode) is memory-bound, so it reports GB/s instead: the bytes of the KV cache it
 // must read (K and V rows of every token, plus the per-row step/min pairs of the quantized
 // dtypes) over the median time, next to the read bandwidth MeasureReadBandwidthGBps measures in
@@ -33,6 +40,7 @@
 #include <vector>
 
 #include "cli_common.h"
+#include "mask_spec.h"
 #include "naive_attention.h"
 #include "naive_decode.h"
 #include "npy.h"
@@ -41,6 +49,7 @@
 #include "tessera/kv_cache.h"
 #include "tessera/system.h"
 #include "tessera/version.h"
+#include "visible_pairs.h"
 
 namespace tessera {
 namespace cli {
@@ -76,6 +85,8 @@ struct BenchOptions {
   int reps = 0;  // 0: automatic
   std::string path = "auto";
   uint64_t seed = 42;
+  std::string mask;       // forward / backward only
+  bool has_mask = false;  // --mask given (even empty, which is an error)
   // decode only
   int64_t queries = 1;
   std::string kv_dtype = "f16";
@@ -176,6 +187,8 @@ void FillRandom(void* dst, DType dtype, int64_t n, uint64_t seed) {
       for (int64_t i = 0; i < n; ++i) p[i] = FloatToF16(rng.Next());
       break;
     }
+    default:  // ParseDType admits only the float types
+      break;
   }
 }
 
@@ -198,6 +211,8 @@ float ToFloat(const void* data, DType dtype, int64_t i) {
       return BF16ToFloat(static_cast<const uint16_t*>(data)[i]);
     case DType::kF16:
       return F16ToFloat(static_cast<const uint16_t*>(data)[i]);
+    default:  // ParseDType admits only the float types
+      break;
   }
   return 0.0f;
 }
@@ -215,10 +230,10 @@ AlignedBytes RandomBuffer(DType dtype, int64_t n, uint64_t seed, bool as_f32) {
   return buf;
 }
 
-// Useful FLOPs of the exact forward.
-double ForwardFlops(const BenchOptions& o, int64_t seq_k) {
+// Useful FLOPs of the exact forward without a mask (causal: half the pairs when Sq == Sk).
+double ForwardFlops(const BenchOptions& o, int64_t seq_k, bool causal) {
   const double per_pair = 4.0 * static_cast<double>(o.batch * o.heads * o.dim);
-  if (!o.causal) return per_pair * static_cast<double>(o.seq) * static_cast<double>(seq_k);
+  if (!causal) return per_pair * static_cast<double>(o.seq) * static_cast<double>(seq_k);
   if (o.seq == seq_k)
     return 0.5 * per_pair * static_cast<double>(o.seq) * static_cast<double>(o.seq);
   double pairs = 0.0;  // bottom-right aligned: query i sees keys j <= i + Sk - Sq
@@ -261,6 +276,7 @@ struct BenchSetup {
   int32_t threads = 1;
   bool run_tessera = true;
   bool run_naive = false;
+  bool run_dense = false;  // --vs dense
   double peak = 0.0;
   double flops = 0.0;
   int64_t q_elems = 0;   // B * Sq * Hq * D
@@ -276,8 +292,18 @@ int SetUpBench(const BenchOptions& o, double flop_factor, BenchSetup* s) {
   std::string error;
   if (!ParseDType(o.dtype, &s->dtype, &error)) return Fail(cmd, error);
   if (!ParsePath(o.path, &s->ctx.path, &error)) return Fail(cmd, error);
-  if (!o.vs.empty() && o.vs != "naive") {
-    return Fail(cmd, "--vs: expected 'naive', got '" + o.vs + "'");
+  if (!o.vs.empty() && o.vs != "naive" && o.vs != "dense") {
+    return Fail(cmd, "--vs: expected 'naive' or 'dense', got '" + o.vs + "'");
+  }
+  if (o.has_mask && o.vs == "naive") {
+    return Fail(cmd,
+                "--vs naive: the naive baseline computes unmasked attention; expected "
+                "--vs dense with --mask");
+  }
+  if (o.baseline_only && (o.vs == "dense" || o.has_mask)) {
+    return Fail(cmd,
+                "--baseline-only times the naive baseline alone; expected neither --mask "
+                "nor --vs dense with it");
   }
   s->kv_heads = o.kv_heads == 0 ? o.heads : o.kv_heads;
   s->seq_k = o.seq_k < 0 ? o.seq : o.seq_k;
@@ -294,12 +320,13 @@ int SetUpBench(const BenchOptions& o, double flop_factor, BenchSetup* s) {
   }
   s->run_tessera = !o.baseline_only;
   s->run_naive = o.baseline_only || o.vs == "naive";
+  s->run_dense = o.vs == "dense";
   s->ctx.num_threads = o.threads;
   s->threads = ResolveThreads(s->ctx);
 
   // Probe the peak first, while no other work competes for the cores.
   s->peak = MeasureFmaPeakGflops(s->threads, kPeakProbeSeconds);
-  s->flops = flop_factor * ForwardFlops(o, s->seq_k);
+  s->flops = flop_factor * ForwardFlops(o, s->seq_k, o.causal);
   s->q_elems = o.batch * o.seq * o.heads * o.dim;
   s->kv_elems = o.batch * s->seq_k * s->kv_heads * o.dim;
 
@@ -361,6 +388,62 @@ void RecordBaseline(const BenchOptions& o, const Timing& t, size_t score_bytes,
   }
 }
 
+// Records the dense baseline (--vs dense): the unmasked kernel's timing and the speedup the
+// mask buys. Its GFLOP/s counts the dense pairs (halved when causal with Sq == Sk).
+void RecordDense(const Timing& t, double dense_flops, bool causal, BenchSetup* s) {
+  const double gflops = dense_flops / (t.median_ms * 1e-3) * 1e-9;
+  Json& result = s->result;
+  result["baseline"] = "dense";
+  result["baseline_causal"] = causal;
+  result["baseline_ms"] = t.median_ms;
+  result["baseline_ms_min"] = t.min_ms;
+  result["baseline_reps"] = t.reps;
+  result["baseline_flops"] = dense_flops;
+  result["baseline_gflops"] = gflops;
+  result["baseline_frac_peak"] = s->peak > 0.0 ? gflops / s->peak : 0.0;
+  result["speedup"] = t.median_ms / s->tessera_ms;
+}
+
+// Parses --mask for the benchmark's shape and applies it to params (the causal flag and views
+// already set); a select: spec selects once here so the density counts the chosen blocks.
+// Records the mask, the effective causal flag and the density, and for a mask counts the FLOPs
+// of the visible pairs only (flop_factor * 4 * D * pairs).
+int SetUpMask(const BenchOptions& o, double flop_factor, MaskSpec* mask, AttentionParams* params,
+              BenchSetup* s) {
+  const char* cmd = "bench";
+  std::string error;
+  if (o.has_mask) {
+    MaskProblem problem;
+    problem.batch = o.batch;
+    problem.seq_q = o.seq;
+    problem.seq_k = s->seq_k;
+    problem.heads_q = o.heads;
+    problem.causal = o.causal;
+    problem.seed = o.seed;
+    problem.allow_random = true;
+    if (!mask->Parse(o.mask, problem, &error) || !mask->Apply(params, &error)) {
+      return Fail(cmd, error);
+    }
+    s->result["mask"] = o.mask;
+    if (mask->needs_selection()) {
+      const auto start = std::chrono::steady_clock::now();
+      const Status st = mask->Select(*params, s->ctx);
+      if (!st.ok()) return Fail(cmd, "--mask '" + o.mask + "': " + st.ToString());
+      s->result["select_ms"] = MillisecondsSince(start);  // the forward times it again
+    }
+  }
+  const VisiblePairs pairs = CountVisiblePairs(*params);
+  Json& result = s->result;
+  result["causal"] = params->causal;
+  if (o.has_mask) {
+    s->flops = flop_factor * 4.0 * static_cast<double>(o.dim) * pairs.visible;
+    result["flops"] = s->flops;
+  }
+  result["density"] = pairs.density();
+  result["density_exact"] = pairs.exact;
+  return kExitOk;
+}
+
 // Prints the result: one JSON object with --json, a table otherwise.
 int Report(const BenchOptions& o, const BenchSetup& s) {
   const Json& result = s.result;
@@ -370,8 +453,8 @@ int Report(const BenchOptions& o, const BenchSetup& s) {
   }
   std::cout << "tessera bench: op=" << o.op << " dtype=" << DTypeName(s.dtype) << " B=" << o.batch
             << " H=" << o.heads << " Hkv=" << s.kv_heads << " Sq=" << o.seq << " Sk=" << s.seq_k
-            << " D=" << o.dim << " causal=" << (o.causal ? "yes" : "no") << " threads=" << s.threads
-            << "\n"
+            << " D=" << o.dim << " causal=" << (result.value("causal", o.causal) ? "yes" : "no")
+            << " threads=" << s.threads << "\n"
             << "simd target " << SimdTargetName() << ", fp32 FMA peak " << Fixed(s.peak, 1)
             << " GFLOP/s on " << s.threads << " thread(s)\n\n";
   std::printf("%-16s %10s %10s %5s %9s %7s %13s\n", "impl", "median ms", "min ms", "reps",
@@ -383,13 +466,26 @@ int Report(const BenchOptions& o, const BenchSetup& s) {
                 result[p + "gflops"].get<double>(), 100.0 * result[p + "frac_peak"].get<double>(),
                 rss_key ? Fixed(result[rss_key].get<double>(), 1).c_str() : "(shared)");
   };
-  if (s.run_tessera) row("tessera", "", "peak_rss_mb");
+  if (s.run_tessera) row(o.has_mask ? "tessera masked" : "tessera", "", "peak_rss_mb");
   if (s.run_naive) {
     row("naive-openblas", "baseline_", o.baseline_only ? "baseline_peak_rss_mb" : nullptr);
+  }
+  if (s.run_dense) row("tessera dense", "baseline_", nullptr);
+  if (s.run_tessera && o.has_mask) {
+    std::printf("\nmask '%s': density %.4f%s", o.mask.c_str(), result["density"].get<double>(),
+                result["density_exact"].get<bool>() ? "" : " (sampled rows)");
+    if (result.contains("select_ms")) {
+      std::printf(", block selection %.2f ms per run (in the median)",
+                  result["select_ms"].get<double>());
+    }
+    std::printf("\n");
   }
   if (s.run_tessera && s.run_naive) {
     std::printf("\nspeedup %.2fx, max |tessera - naive| = %.3g\n", result["speedup"].get<double>(),
                 result["max_abs_diff"].get<double>());
+  }
+  if (s.run_dense) {
+    std::printf("\nspeedup %.2fx over the dense kernel\n", result["speedup"].get<double>());
   }
   std::fflush(stdout);
   return kExitOk;
@@ -448,11 +544,39 @@ int BenchForward(const BenchOptions& o) {
     params.v = MakeView4(v.get(), dtype, o.batch, s.seq_k, s.kv_heads, o.dim);
     params.out = MakeView4(out.get(), dtype, o.batch, o.seq, o.heads, o.dim);
     params.causal = o.causal;
+    MaskSpec mask;
+    if (const int rc = SetUpMask(o, 1.0, &mask, &params, &s); rc != kExitOk) return rc;
+    // select: chooses the blocks from q and k on every run, as a model would.
+    std::vector<double> select_ms;
+    auto forward = [&] {
+      if (mask.needs_selection()) {
+        const auto start = std::chrono::steady_clock::now();
+        const Status st = mask.Select(params, s.ctx);
+        select_ms.push_back(MillisecondsSince(start));
+        if (!st.ok()) return st;
+      }
+      return AttentionForward(params, s.ctx);
+    };
     Timing timing;
-    const Status st =
-        TimeRuns([&] { return AttentionForward(params, s.ctx); }, o.warmup, o.reps, &timing);
+    Status st = TimeRuns(forward, o.warmup, o.reps, &timing);
     if (!st.ok()) return Fail(cmd, st.ToString());
     RecordTessera(o, timing, &s);
+    if (mask.needs_selection()) {
+      s.result["select_ms"] = Median(
+          std::vector<double>(select_ms.end() - timing.reps, select_ms.end()));  // timed runs
+    }
+
+    if (s.run_dense) {
+      // The unmasked kernel on the same inputs: no mask, no window (sink: sets one).
+      AttentionParams dense = params;
+      dense.mask = MaskParams();
+      dense.window_left = dense.window_right = -1;
+      Timing dense_timing;
+      st = TimeRuns([&] { return AttentionForward(dense, s.ctx); }, o.warmup, timing.reps,
+                    &dense_timing);
+      if (!st.ok()) return Fail(cmd, "--vs dense: " + st.ToString());
+      RecordDense(dense_timing, ForwardFlops(o, s.seq_k, dense.causal), dense.causal, &s);
+    }
   }
 
   if (s.run_naive) {
@@ -522,8 +646,12 @@ int BenchBackward(const BenchOptions& o) {
     params.dq = MakeView4(dq.get(), dtype, o.batch, o.seq, o.heads, o.dim);
     params.dk = MakeView4(dk.get(), dtype, o.batch, s.seq_k, s.kv_heads, o.dim);
     params.dv = MakeView4(dv.get(), dtype, o.batch, s.seq_k, s.kv_heads, o.dim);
+    // A select: mask is chosen once, before the forward (select_ms), and not timed again.
+    MaskSpec mask;
+    if (const int rc = SetUpMask(o, 2.5, &mask, &fwd, &s); rc != kExitOk) return rc;
+    if (mask.sigmoid()) fwd.lse = TensorView();  // sigmoid attention has no log-sum-exp
 
-    const auto start = std::chrono::steady_clock::now();
+    auto start = std::chrono::steady_clock::now();
     Status st = AttentionForward(fwd, s.ctx);
     if (!st.ok()) return Fail(cmd, st.ToString());
     s.result["forward_ms"] = MillisecondsSince(start);  // one cold run, for context
@@ -531,6 +659,28 @@ int BenchBackward(const BenchOptions& o) {
     st = TimeRuns([&] { return AttentionBackward(params, s.ctx); }, o.warmup, o.reps, &timing);
     if (!st.ok()) return Fail(cmd, st.ToString());
     RecordTessera(o, timing, &s);
+
+    if (s.run_dense) {
+      // The unmasked forward once for its own out and LSE, then its backward timed as often.
+      AlignedBytes dense_out = AllocateAligned(static_cast<size_t>(s.q_elems) * elem);
+      AlignedBytes dense_lse = AllocateAligned(static_cast<size_t>(lse_elems) * sizeof(float));
+      if (!dense_out || !dense_lse) return Fail(cmd, "--vs dense: cannot allocate O and the LSE");
+      AttentionBackwardParams dense = params;
+      dense.forward.mask = MaskParams();
+      dense.forward.window_left = dense.forward.window_right = -1;
+      dense.forward.out = MakeView4(dense_out.get(), dtype, o.batch, o.seq, o.heads, o.dim);
+      dense.forward.lse = MakeView3(dense_lse.get(), DType::kF32, o.batch, o.heads, o.seq);
+      start = std::chrono::steady_clock::now();
+      st = AttentionForward(dense.forward, s.ctx);
+      if (!st.ok()) return Fail(cmd, "--vs dense: " + st.ToString());
+      s.result["baseline_forward_ms"] = MillisecondsSince(start);
+      Timing dense_timing;
+      st = TimeRuns([&] { return AttentionBackward(dense, s.ctx); }, o.warmup, timing.reps,
+                    &dense_timing);
+      if (!st.ok()) return Fail(cmd, "--vs dense: " + st.ToString());
+      RecordDense(dense_timing, 2.5 * ForwardFlops(o, s.seq_k, dense.forward.causal),
+                  dense.forward.causal, &s);
+    }
   }
 
   if (s.run_naive) {
@@ -703,7 +853,12 @@ int BenchDecode(const BenchOptions& o) {
   if (!ParseKVDType(o.kv_dtype, &kv_dtype, &error)) return Fail(cmd, error);
   if (!ParsePath(o.path, &ctx.path, &error)) return Fail(cmd, error);
   if (!o.vs.empty() && o.vs != "naive") {
-    return Fail(cmd, "--vs: expected 'naive', got '" + o.vs + "'");
+    return Fail(cmd, "--vs: expected 'naive' with --op decode, got '" + o.vs + "'");
+  }
+  if (o.has_mask) {
+    return Fail(cmd,
+                "--mask: expected --op forward or backward (decode takes no mask), got "
+                "--op decode");
   }
   const int64_t kv_heads = o.kv_heads == 0 ? o.heads : o.kv_heads;
   if (o.batch < 1 || o.heads < 1 || o.kv_heads < 0 || o.dim < 1) {
@@ -966,7 +1121,13 @@ CommandMain AddBenchCommand(CLI::App& app) {
                   "decode: per-sequence cache lengths 'L1,L2,...', one per --batch (default: all "
                   "--seq-k)");
   sub->add_option("--threads", o->threads, "threads (0 = all)");
-  sub->add_option("--vs", o->vs, "also time a baseline in the same process: naive");
+  sub->add_option("--vs", o->vs,
+                  "also time a baseline in the same process: naive (OpenBLAS, unmasked) or dense "
+                  "(tessera without the mask, same causal flag and number of runs)");
+  CLI::Option* mask_option =
+      sub->add_option("--mask", o->mask,
+                      "forward/backward: a programmable mask (grammar below); GFLOP/s then counts "
+                      "only the visible (query, key) pairs");
   sub->add_flag("--baseline-only", o->baseline_only,
                 "time only the naive baseline (its memory measured alone)");
   sub->add_flag("--json", o->json, "print one JSON object on stdout");
@@ -976,7 +1137,18 @@ CommandMain AddBenchCommand(CLI::App& app) {
   sub->add_option("--seed", o->seed, "random seed")->capture_default_str();
   sub->add_option("--path", o->path, "force a kernel path: auto|reference|generic|fast")
       ->group("");  // hidden: for kernel developers
-  return [o] { return BenchMain(*o); };
+  sub->footer(
+      std::string(R"(FLOPs: forward 4*B*Hq*Sq*Sk*D (causal with Sq == Sk: half of it); with --mask,
+4*D*P where P = density*B*Hq*Sq*Sk is the number of visible (query, key) pairs (density in
+--json; counted from the mask's structure, or on a sample of rows for large element-wise
+masks: density_exact false); backward 2.5x the forward. GFLOP/s = FLOPs / median time; for
+select: masks the median includes SelectBlocks (select_ms alone).
+
+)") + MaskSpecHelp());
+  return [o, mask_option] {
+    o->has_mask = mask_option->count() > 0;
+    return BenchMain(*o);
+  };
 }
 
 }  // namespace cli

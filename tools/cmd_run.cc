@@ -2,7 +2,8 @@
 //
 // Inputs are read straight into buffers of their own dtype and handed to AttentionForward (and
 // AttentionBackward) as views, so peak memory is inputs + outputs + the kernels' scratch;
-// nothing is written unless the whole call succeeds.
+// nothing is written unless the whole call succeeds. --mask (mask_spec.h) is parsed against the
+// inputs' shapes; its select: forms run SelectBlocks on these q and k before the forward.
 #include <unistd.h>
 
 #include <cerrno>
@@ -19,8 +20,10 @@
 #include <CLI/CLI.hpp>
 
 #include "cli_common.h"
+#include "mask_spec.h"
 #include "npy.h"
 #include "tessera/attention.h"
+#include "visible_pairs.h"
 
 namespace tessera {
 namespace cli {
@@ -31,12 +34,14 @@ struct RunOptions {
   std::string dout, dq, dk, dv;  // backward: all four or none
   bool causal = false;
   std::string window;
+  std::string mask;
   float softcap = 0.0f;
   double scale = 0.0;  // only used when --scale is given
   int32_t threads = 0;
   std::string path = "auto";
   bool verbose = false;
   CLI::Option* scale_option = nullptr;
+  CLI::Option* mask_option = nullptr;  // --mask '' is an error, not "no mask"
 };
 
 int RunMain(const RunOptions& o) {
@@ -110,6 +115,23 @@ int RunMain(const RunOptions& o) {
     params.alibi_slopes = alibi.View();
   }
 
+  MaskSpec mask;
+  if (o.mask_option != nullptr && o.mask_option->count() > 0) {
+    MaskProblem problem;
+    problem.batch = q.shape[0];
+    problem.seq_q = q.shape[1];
+    problem.heads_q = q.shape[2];
+    problem.seq_k = k.shape[1];
+    problem.causal = params.causal;
+    if (!mask.Parse(o.mask, problem, &error) || !mask.Apply(&params, &error)) {
+      return Fail(cmd, error);
+    }
+    if (mask.sigmoid() && !o.lse.empty()) {
+      return Fail(cmd, "--lse: sigmoid attention (--mask '" + o.mask +
+                           "') has no log-sum-exp; expected no --lse with it");
+    }
+  }
+
   // The output and dq take q's shape and dtype, dk and dv those of k and v; LSE is [B, Hq, Sq]
   // f32, allocated even without --lse when the backward needs it.
   NpyArray out, lse, dq, dk, dv;
@@ -136,7 +158,9 @@ int RunMain(const RunOptions& o) {
   params.k = k.View();
   params.v = v.View();
   params.out = out.View();
-  if (!o.lse.empty() || backward) {
+  // Sigmoid attention has no log-sum-exp: none is computed for the forward nor handed to the
+  // backward.
+  if (!o.lse.empty() || (backward && !mask.sigmoid())) {
     lse.dtype = DType::kF32;
     lse.shape = {q.shape[0], q.shape[2], q.shape[1]};
     lse.data = AllocateAligned(lse.nbytes());
@@ -146,7 +170,15 @@ int RunMain(const RunOptions& o) {
 
   using Clock = std::chrono::steady_clock;
   auto start = Clock::now();
-  Status status = AttentionForward(params, ctx);
+  Status status;
+  double select_ms = 0.0;
+  if (mask.needs_selection()) {
+    status = mask.Select(params, ctx);
+    select_ms = std::chrono::duration<double, std::milli>(Clock::now() - start).count();
+    if (!status.ok()) return Fail(cmd, "--mask '" + o.mask + "': " + status.ToString());
+    start = Clock::now();
+  }
+  status = AttentionForward(params, ctx);
   const double ms = std::chrono::duration<double, std::milli>(Clock::now() - start).count();
   if (!status.ok()) return Fail(cmd, status.ToString());
   double backward_ms = 0.0;
@@ -200,6 +232,15 @@ int RunMain(const RunOptions& o) {
               << ResolveThreads(ctx) << ": " << std::fixed << std::setprecision(3) << ms << " ms";
     if (backward) std::cerr << " forward + " << backward_ms << " ms backward";
     std::cerr << ", peak RSS " << std::setprecision(1) << PeakRssMiB() << " MiB\n";
+    if (!mask.empty()) {
+      const VisiblePairs pairs = CountVisiblePairs(params);
+      std::cerr << "tessera run: mask '" << mask.text() << "': density " << std::setprecision(4)
+                << pairs.density() << (pairs.exact ? "" : " (sampled rows)");
+      if (mask.needs_selection()) {
+        std::cerr << ", selection " << std::setprecision(3) << select_ms << " ms";
+      }
+      std::cerr << "\n";
+    }
   }
   return kExitOk;
 }
@@ -224,13 +265,19 @@ CommandMain AddRunCommand(CLI::App& app) {
   sub->add_flag("--causal", o->causal, "causal mask (bottom-right aligned when Sq != Sk)");
   sub->add_option("--window", o->window,
                   "sliding window LEFT,RIGHT (-1 = unbounded); -1,0 equals --causal");
+  o->mask_option =
+      sub->add_option("--mask", o->mask,
+                      "programmable mask, e.g. nbhd2d:16x16:5x5, sink:4:256, block:M.npy:64x64, "
+                      "sigmoid+doc:100,156 (grammar below)");
   sub->add_option("--softcap", o->softcap, "tanh logit softcap (0 = off)");
   o->scale_option = sub->add_option("--scale", o->scale, "softmax scale (default 1/sqrt(D))");
   sub->add_option("--alibi", o->alibi, "ALiBi slopes, float32 [Hq]");
   sub->add_option("--threads", o->threads, "worker threads (0 = all)");
   sub->add_option("--path", o->path, "force a kernel path: auto|reference|generic|fast")
       ->group("");  // hidden: for tests and benchmarks
-  sub->add_flag("--verbose,-v", o->verbose, "print timing and peak memory to stderr");
+  sub->add_flag("--verbose,-v", o->verbose,
+                "print timing and peak memory (and the mask's density) to stderr");
+  sub->footer(MaskSpecHelp());
   return [o] { return RunMain(*o); };
 }
 

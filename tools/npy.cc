@@ -144,35 +144,52 @@ class HeaderParser {
   size_t pos_ = 0;
 };
 
-bool DTypeFromDescr(const std::string& descr, DType* dtype, std::string* err) {
-  if (descr == "<f4") {
-    *dtype = DType::kF32;
-    return true;
-  }
-  if (descr == "<f2") {
-    *dtype = DType::kF16;
-    return true;
+// The .npy descr of each dtype the CLI reads or writes. Single-byte types carry NumPy's '|'
+// (no byte order); '<' is accepted for them too.
+struct DescrName {
+  DType dtype;
+  const char* descr;
+  const char* numpy;  // NumPy's name, for messages
+};
+constexpr DescrName kDescrs[] = {
+    {DType::kF32, "<f4", "float32"}, {DType::kF16, "<f2", "float16"}, {DType::kU8, "|u1", "uint8"},
+    {DType::kBool, "|b1", "bool"},   {DType::kI32, "<i4", "int32"},
+};
+
+bool DTypeFromDescr(const std::string& descr, const std::vector<DType>& accepted, DType* dtype,
+                    std::string* err) {
+  std::string expected;
+  for (size_t i = 0; i < accepted.size(); ++i) {
+    for (const DescrName& d : kDescrs) {
+      if (d.dtype != accepted[i]) continue;
+      if (i > 0) expected += i + 1 == accepted.size() ? " or " : ", ";
+      expected += "'" + std::string(d.descr) + "' (" + d.numpy + ")";
+      const bool one_byte = d.descr[0] == '|';
+      if (descr == d.descr || (one_byte && descr == "<" + std::string(d.descr + 1))) {
+        *dtype = d.dtype;
+        return true;
+      }
+    }
   }
   std::string hint;
-  if (descr == ">f4" || descr == ">f2") {
+  if (descr == ">f4" || descr == ">f2" || descr == ">i4") {
     hint = " (big-endian; convert with a.astype('<" + descr.substr(1) + "'))";
   } else if (descr == "<f8") {
     hint = " (float64; convert with a.astype(np.float32))";
   } else if (descr == "<u2" || descr == "<i2") {
     hint = " (16-bit integers; bf16 stored as uint16 is not supported, use float16 or float32)";
+  } else if (descr == "<i8") {
+    hint = " (int64; convert with a.astype(np.int32))";
   }
-  *err =
-      "unsupported dtype '" + descr + "'" + hint + "; expected '<f4' (float32) or '<f2' (float16)";
+  *err = "unsupported dtype '" + descr + "'" + hint + "; expected " + expected;
   return false;
 }
 
 const char* DescrFromDType(DType dtype) {
-  switch (dtype) {
-    case DType::kF32: return "<f4";
-    case DType::kF16: return "<f2";
-    case DType::kBF16: return nullptr;
+  for (const DescrName& d : kDescrs) {
+    if (d.dtype == dtype) return d.descr;
   }
-  return nullptr;
+  return nullptr;  // bf16: no NumPy dtype
 }
 
 }  // namespace
@@ -216,6 +233,11 @@ std::string ShapeToString(const std::vector<int64_t>& shape) {
 }
 
 bool LoadNpy(const std::string& path, NpyArray* array, std::string* error) {
+  return LoadNpy(path, {DType::kF32, DType::kF16}, array, error);
+}
+
+bool LoadNpy(const std::string& path, const std::vector<DType>& accepted, NpyArray* array,
+             std::string* error) {
   auto fail = [&](const std::string& what) {
     *error = path + ": " + what;
     return false;
@@ -253,7 +275,7 @@ bool LoadNpy(const std::string& path, NpyArray* array, std::string* error) {
   std::vector<int64_t> shape;
   if (!HeaderParser(header).Parse(&descr, &fortran, &shape, &err)) return fail(err);
   DType dtype;
-  if (!DTypeFromDescr(descr, &dtype, &err)) return fail(err);
+  if (!DTypeFromDescr(descr, accepted, &dtype, &err)) return fail(err);
   if (fortran && shape.size() > 1) {
     return fail("Fortran-order arrays are not supported; save with np.ascontiguousarray(a)");
   }

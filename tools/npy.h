@@ -1,5 +1,6 @@
 // Reading and writing NumPy .npy files (format versions 1.0, 2.0 and 3.0), restricted to what
-// the CLI needs: C order, little-endian float32 ('<f4') and float16 ('<f2').
+// the CLI needs: C order, little-endian float32 ('<f4') and float16 ('<f2') tensors, and for
+// masks and index arrays uint8 ('|u1'), bool ('|b1') and int32 ('<i4').
 //
 // Loading reads the payload straight into one 64-byte-aligned buffer of the file's dtype, so a
 // large input costs exactly its own size in memory (no staging copy, no conversion).
@@ -24,7 +25,7 @@ using AlignedBytes = std::unique_ptr<uint8_t, AlignedFree>;
 // Allocates `bytes` (0 allowed) or returns nullptr on failure.
 AlignedBytes AllocateAligned(size_t bytes);
 
-// An owned, C-order array of float32 or float16 elements.
+// An owned, C-order array of one of the dtypes above.
 struct NpyArray {
   DType dtype = DType::kF32;
   std::vector<int64_t> shape;
@@ -37,9 +38,13 @@ struct NpyArray {
   TensorView View();
 };
 
-// Loads `path`. On error returns false and sets *error to a message naming the file and the
-// problem (missing file, bad magic or header, unsupported dtype, Fortran order, truncation).
+// Loads `path`, a float32 or float16 array. On error returns false and sets *error to a message
+// naming the file and the problem (missing file, bad magic or header, unsupported dtype, Fortran
+// order, truncation).
 bool LoadNpy(const std::string& path, NpyArray* array, std::string* error);
+// The same for an array of one of the `accepted` dtypes (the error lists them in that order).
+bool LoadNpy(const std::string& path, const std::vector<DType>& accepted, NpyArray* array,
+             std::string* error);
 
 // Writes `numel(shape)` elements of `dtype` from `data` as a C-order .npy file (version 1.0, or
 // 2.0 when the header needs it). bf16 has no NumPy dtype and is rejected.
