@@ -408,7 +408,14 @@ void RunTask(const AttentionProblem& p, const Task& t, Scratch& s, MaskScratch& 
   const int64_t v_row_bytes = (static_cast<int64_t>(dim) - 1) * p.v_stride[3] * elem + elem;
   const bool direct_k = p.dtype == DType::kF32 && p.k_stride[3] == 1;
   const bool direct_v = p.dtype == DType::kF32 && p.v_stride[3] == 1;
-  const bool bias_tiles = m.blocks != nullptr || m.dense != nullptr || m.tree_parents != nullptr;
+  // When every row reads the same block-mask row (one head and query block, or a mask
+  // broadcast over the heads), the runs hold only kept blocks and the block mask needs no bias.
+  bool shared_block_row = true;
+  for (int64_t r = 1; r < rows && m.blocks != nullptr; ++r) {
+    shared_block_row = shared_block_row && ms.block_row[static_cast<size_t>(r)] == ms.block_row[0];
+  }
+  const bool bias_tiles =
+      (m.blocks != nullptr && !shared_block_row) || m.dense != nullptr || m.tree_parents != nullptr;
   PolicyPredicate pred{s.lo, s.hi, ms.lo2, ms.hi2, m.grid_rank, {}, {},
                        {},   {},   {},     {},     nullptr,     mp};
   for (int a = 0; a < m.grid_rank; ++a) {
