@@ -89,6 +89,12 @@ inline constexpr double kQuantKvMaxNmse = 5e-4;
 // quantity that bounds the fp32 error of the dot products feeding it.
 inline constexpr Ceiling kLseCeiling = {1e-5, 1e-5};
 
+// Linear attention, f32 kernels against the fp64 parallel form: |x - ref| <= atol * max|ref| +
+// rtol * |ref|. The absolute part is relative to the largest output because an unnormalized
+// output is a sum of S terms whose cancellation leaves small entries with the rounding of the
+// large ones (chunked and recurrent forms sum in different orders).
+inline constexpr Ceiling kLinearCeilingF32 = {2e-5, 1e-4};
+
 // Identities between two runs of the library that are not promised bitwise (GQA vs repeated
 // K/V, window >= S vs causal, split + merge vs one pass): the output ceiling of the dtype,
 // measured against the other run instead of fp64.

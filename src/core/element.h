@@ -26,6 +26,12 @@ inline float LoadElement(DType dtype, const void* base, int64_t i) {
   return 0.0f;
 }
 
+// The element as double, exact for every dtype (i32 included): the references' loads.
+inline double LoadElementF64(DType dtype, const void* base, int64_t i) {
+  if (dtype == DType::kI32) return static_cast<const int32_t*>(base)[i];
+  return LoadElement(dtype, base, i);
+}
+
 inline void StoreElement(DType dtype, void* base, int64_t i, float x) {
   switch (dtype) {
     case DType::kF32:

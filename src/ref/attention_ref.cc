@@ -16,6 +16,8 @@
 #include <limits>
 #include <vector>
 
+#include "core/element.h"
+
 namespace tessera {
 namespace ref {
 namespace {
@@ -25,36 +27,7 @@ constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
 
 // Element `offset` (in elements) of a view, upcast exactly to double.
 double Load(const TensorView& t, int64_t offset) {
-  const char* base = static_cast<const char*>(t.data);
-  switch (t.dtype) {
-    case DType::kF32: {
-      float x;
-      std::memcpy(&x, base + offset * 4, sizeof(x));
-      return x;
-    }
-    case DType::kBF16: {
-      uint16_t x;
-      std::memcpy(&x, base + offset * 2, sizeof(x));
-      return BF16ToFloat(x);
-    }
-    case DType::kF16: {
-      uint16_t x;
-      std::memcpy(&x, base + offset * 2, sizeof(x));
-      return F16ToFloat(x);
-    }
-    case DType::kU8:
-    case DType::kBool: {
-      uint8_t x;
-      std::memcpy(&x, base + offset, sizeof(x));
-      return x;
-    }
-    case DType::kI32: {
-      int32_t x;
-      std::memcpy(&x, base + offset * 4, sizeof(x));
-      return x;
-    }
-  }
-  return kNaN;
+  return LoadElementF64(t.dtype, t.data, offset);
 }
 
 // A [B, S, H, D] (rank 4) or [T, H, D] (rank 3, varlen) view seen as tokens of heads of vectors.

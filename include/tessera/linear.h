@@ -1,0 +1,110 @@
+// tessera: linear-time attention, one chunked engine (Lightning Attention-2's tiling) for plain,
+// decayed (RetNet, TransNormerLLM / Lightning Attention) and gated (GLA) linear attention and
+// BASED, with a recurrent form for decode.
+//
+// The unnormalized causal form, for query t of head h (GQA: K/V head h / (Hq / Hkv)):
+//   o_t = sum_{s <= t} decay(t, s) * scale * phi(q_t) . phi(k_s) * v_s
+// with decay(t, s) = 1 (plain), lambda_h^(t - s) (decay) or, per feature channel c,
+// exp(sum_{r = s+1..t} g_{r,c}) (GLA, gates g <= 0 in log space). With `normalize`, o_t is divided
+// by the same sum without v (plus eps): sum_{s <= t} decay(t, s) * scale * phi(q_t) . phi(k_s).
+// Non-causal: every s in [0, S). Prefix (JRT): keys s < prefix_len are visible to every query,
+// keys s >= prefix_len causally (plain form only: no decay, no gates).
+//
+// Three forms compute it and agree (tests): the parallel form (materialized, fp64, the oracle in
+// src/ref), the chunked form (LinearAttentionForward: inside a chunk of C tokens a masked C x C
+// product, across chunks a F x Dv state carried forward) and the recurrent form
+// (LinearAttentionRecurrent: one token at a time with an O(1) state, for decode).
+//
+// Shapes (default layout [batch, seq, heads, dim]; any strides, in elements):
+//   q     [B, S, Hq, Dk]     f32, bf16 or f16
+//   k     [B, S, Hkv, Dk]    dtype of q; Hq % Hkv == 0
+//   v     [B, S, Hkv, Dv]    dtype of q
+//   out   [B, S, Hq, Dv]     dtype of q, written
+// F = LinearFeatureDim(feature_map, Dk) is the feature dim of phi (Dk, or 1 + Dk + Dk^2 for the
+// Taylor map). States are f32: state [B, Hq, F, Dv] = sum_s decay * phi(k_s) v_s^T and, with
+// normalize, normalizer [B, Hq, F] = sum_s decay * phi(k_s), both as seen after the last token.
+#pragma once
+
+#include <cstdint>
+#include <optional>
+
+#include "tessera/context.h"
+#include "tessera/status.h"
+#include "tessera/types.h"
+
+namespace tessera {
+
+enum class LinearFeatureMap : int32_t {
+  kIdentity = 0,  // phi(x) = x
+  kElu1 = 1,      // phi(x) = elu(x) + 1 (Katharopoulos et al.)
+  kRelu = 2,      // phi(x) = max(x, 0)
+  kTaylor2 = 3,   // BASED: [1, x / Dk^(1/4), vec(x x^T) / (sqrt(2) sqrt(Dk))], so that
+                  // phi(q) . phi(k) = 1 + s + s^2 / 2 with s = q . k / sqrt(Dk)
+};
+
+// Feature dim F of phi for head dim dk.
+int64_t LinearFeatureDim(LinearFeatureMap map, int64_t dk);
+
+struct LinearAttentionParams {
+  TensorView q;    // [B, S, Hq, Dk]
+  TensorView k;    // [B, S, Hkv, Dk]
+  TensorView v;    // [B, S, Hkv, Dv]
+  TensorView out;  // [B, S, Hq, Dv], written
+
+  LinearFeatureMap feature_map = LinearFeatureMap::kIdentity;
+  // Multiplies phi(q) . phi(k); default 1/sqrt(Dk), or 1 for the Taylor map (which carries its
+  // own 1/sqrt(Dk)). Must be finite.
+  std::optional<float> scale;
+  bool causal = true;
+  int64_t prefix_len = 0;  // JRT prefix form: 0 <= prefix_len <= S; plain form only
+  bool normalize = false;
+  float eps = 1e-6f;  // added to the normalizer (normalize only), > 0
+
+  // Constant decay per query head (RetNet, TransNormerLLM, Lightning Attention): f32 [Hq] with
+  // lambda in (0, 1]. data == nullptr: off. Causal only.
+  TensorView decay;
+  // Data-dependent gates (GLA): f32 [B, S, Hq, Dk] log-space gates g <= 0 (finite) per query head
+  // and key channel; identity feature map only (F = Dk). data == nullptr: off. Causal only.
+  TensorView gates;
+
+  // BASED's exact part: with window > 0, out += the exact causal softmax attention of q, k, v over
+  // the last `window` keys (self included), added to the linear part (Dk == Dv required).
+  int64_t window = 0;
+
+  // Recurrent state handed over between calls (prefill -> decode, chunked prefill): read before
+  // the first token when set, written after the last one when set. f32, contiguous or strided:
+  //   initial_state, final_state            [B, Hq, F, Dv]
+  //   initial_normalizer, final_normalizer  [B, Hq, F] (normalize only)
+  // Causal (or prefix) only. data == nullptr: zero initial state / not written.
+  TensorView initial_state;
+  TensorView initial_normalizer;
+  TensorView final_state;
+  TensorView final_normalizer;
+
+  // Tokens per chunk of the chunked form: 16..256, a multiple of 16. Results agree across chunk
+  // sizes to rounding.
+  int64_t chunk_size = 64;
+};
+
+// The chunked form (prefill, training). Validates every argument before any work; on error
+// nothing is written.
+Status LinearAttentionForward(const LinearAttentionParams& params, const Context& ctx);
+
+// The recurrent form: token by token with an O(F x Dv) state per head (decode steps are calls with
+// S = 1 and the state handed over). Same parameters and results as LinearAttentionForward.
+Status LinearAttentionRecurrent(const LinearAttentionParams& params, const Context& ctx);
+
+// Gradients of LinearAttentionForward (chunked): dq, dk, dv in the layouts of q, k, v, and for
+// GLA dgates [B, S, Hq, Dk] f32 (optional). forward.out is not read. The window part (BASED) and
+// the state inputs / outputs are not supported here (kUnimplemented).
+struct LinearAttentionBackwardParams {
+  LinearAttentionParams forward;
+  TensorView dout;    // [B, S, Hq, Dv]
+  TensorView dq;      // [B, S, Hq, Dk], written
+  TensorView dk;      // [B, S, Hkv, Dk], written (summed over the query heads of a group)
+  TensorView dv;      // [B, S, Hkv, Dv], written (summed over the query heads of a group)
+  TensorView dgates;  // [B, S, Hq, Dk] f32, written when set (GLA)
+};
+Status LinearAttentionBackward(const LinearAttentionBackwardParams& params, const Context& ctx);
+
+}  // namespace tessera

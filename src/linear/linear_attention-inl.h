@@ -1,0 +1,590 @@
+// Linear attention: one chunked skeleton for plain, decayed and gated linear attention and BASED,
+// plus the recurrent form; SIMD body (one copy per Highway target).
+//
+// What it computes (tessera/linear.h): o_t = sum_{s <= t} decay(t, s) scale phi(q_t).phi(k_s) v_s,
+// optionally divided by the same sum without v (plus eps), plus BASED's sliding-window softmax
+// part. One task = (sequence, query head); its state S (F x Dv) and normalizer z (F) live in the
+// worker's scratch, so memory is O(threads x F x Dv) beyond the inputs and outputs.
+//
+// Chunked form (Lightning Attention-2's tiling, ALGORITHMS.md 6.0/6.1/6.4): per chunk of C tokens,
+// with B_i the cumulative log decay inside the chunk (B_i = (i + 1) ln lambda, or per channel the
+// running sum of the GLA gates),
+//   inter  O  = (phi(Q) o e^B) S                     GEMM C x F x Dv
+//   intra  A  = mask(phi(Q) phi(K)^T o e^(B_i - B_j)) GEMM C x F x C (GLA: element-wise, no GEMM)
+//          O += A V                                  GEMM C x C x Dv
+//   state  S  = e^(B_last) o S + (phi(K) o e^(B_last - B_j))^T V   GEMM F x C x Dv
+// Every exponent is <= 0 (decays are <= 1 and gates <= 0), so nothing overflows however long the
+// sequence: the state only ever shrinks by the decay. The GLA intra-chunk term is computed per
+// (i, j) pair as a vector sum over channels of e^(B_i - B_j) (the "secondary chunking" of fla is
+// then unnecessary: no reference point is needed when the exponent is formed before exp).
+// Prefix (JRT) and non-causal: the state of the prefix keys is accumulated first, the prefix
+// queries read it, and the causal chunks continue from it.
+//
+// Bytes and FLOPs: per token and head 2 F Dv (inter) + C F + C Dv (intra, half masked) + 2 F Dv
+// (state) multiply-adds; inputs are read once, so the cost per token does not depend on the
+// sequence length.
+
+#if defined(TESSERA_LINEAR_ATTENTION_INL_H_) == defined(HWY_TARGET_TOGGLE)
+#ifdef TESSERA_LINEAR_ATTENTION_INL_H_
+#undef TESSERA_LINEAR_ATTENTION_INL_H_
+#else
+#define TESSERA_LINEAR_ATTENTION_INL_H_
+#endif
+
+#include <hwy/aligned_allocator.h>
+#include <hwy/contrib/math/math-inl.h>
+#include <hwy/highway.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "core/parallel.h"
+#include "linear/linear_problem.h"
+#include "simd/convert-inl.h"
+
+HWY_BEFORE_NAMESPACE();
+namespace tessera {
+namespace HWY_NAMESPACE {
+namespace linear_impl {
+
+namespace hn = hwy::HWY_NAMESPACE;
+using DF = hn::ScalableTag<float>;
+using VF = hn::Vec<DF>;
+
+inline size_t Lanes() { return hn::Lanes(DF()); }
+inline size_t RoundUp(size_t n) { return (n + Lanes() - 1) / Lanes() * Lanes(); }
+
+// C[R rows][V vectors] (+)= sum_p A(r, p) B[p][...]: the register block of Gemm.
+template <int R, int V, bool kAcc>
+HWY_INLINE void GemmBlock(size_t k, const float* HWY_RESTRICT a, size_t a_rs, size_t a_cs,
+                          const float* HWY_RESTRICT b, size_t ldb, float* HWY_RESTRICT c,
+                          size_t ldc) {
+  const DF df;
+  const size_t L = hn::Lanes(df);
+  VF acc[R][V];
+  for (int r = 0; r < R; ++r) {
+    for (int v = 0; v < V; ++v) {
+      acc[r][v] = kAcc ? hn::LoadU(df, c + r * ldc + v * L) : hn::Zero(df);
+    }
+  }
+  for (size_t p = 0; p < k; ++p) {
+    VF bv[V];
+    for (int v = 0; v < V; ++v) bv[v] = hn::LoadU(df, b + p * ldb + v * L);
+    for (int r = 0; r < R; ++r) {
+      const VF ar = hn::Set(df, a[r * a_rs + p * a_cs]);
+      for (int v = 0; v < V; ++v) acc[r][v] = hn::MulAdd(ar, bv[v], acc[r][v]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    for (int v = 0; v < V; ++v) hn::StoreU(acc[r][v], df, c + r * ldc + v * L);
+  }
+}
+
+template <int R, bool kAcc>
+HWY_INLINE void GemmRows(size_t n, size_t k, const float* a, size_t a_rs, size_t a_cs,
+                         const float* b, size_t ldb, float* c, size_t ldc) {
+  const size_t L = Lanes();
+  size_t j = 0;
+  for (; j + 4 * L <= n; j += 4 * L)
+    GemmBlock<R, 4, kAcc>(k, a, a_rs, a_cs, b + j, ldb, c + j, ldc);
+  switch ((n - j) / L) {
+    case 3:
+      GemmBlock<R, 3, kAcc>(k, a, a_rs, a_cs, b + j, ldb, c + j, ldc);
+      break;
+    case 2:
+      GemmBlock<R, 2, kAcc>(k, a, a_rs, a_cs, b + j, ldb, c + j, ldc);
+      break;
+    case 1:
+      GemmBlock<R, 1, kAcc>(k, a, a_rs, a_cs, b + j, ldb, c + j, ldc);
+      break;
+    default:
+      break;
+  }
+}
+
+// C[m x n] (+)= A[m x k] B[k x n], with A(i, p) = a[i * a_rs + p * a_cs] (any layout, so A^T
+// needs no copy), B rows `ldb` floats apart, C rows `ldc` apart; n is a multiple of the vector
+// width (the buffers are padded with zeros).
+template <bool kAcc>
+void Gemm(size_t m, size_t n, size_t k, const float* a, size_t a_rs, size_t a_cs, const float* b,
+          size_t ldb, float* c, size_t ldc) {
+  size_t i = 0;
+  for (; i + 4 <= m; i += 4) {
+    GemmRows<4, kAcc>(n, k, a + i * a_rs, a_rs, a_cs, b, ldb, c + i * ldc, ldc);
+  }
+  for (; i < m; ++i) GemmRows<1, kAcc>(n, k, a + i * a_rs, a_rs, a_cs, b, ldb, c + i * ldc, ldc);
+}
+
+// The features the kernels use: phi, with the Taylor map's pair terms folded to unordered pairs.
+inline size_t KernelFeatureDim(LinearFeatureMap map, size_t dk) {
+  return map == LinearFeatureMap::kTaylor2 ? 1 + dk + dk * (dk + 1) / 2 : dk;
+}
+
+// dst[0..fp) = phi(x[0..dk)) * mul in the kernels' feature basis (zero padded to fp).
+inline void Features(LinearFeatureMap map, const float* x, size_t dk, float mul, float* dst,
+                     size_t fp) {
+  size_t f = 0;
+  switch (map) {
+    case LinearFeatureMap::kIdentity:
+      for (; f < dk; ++f) dst[f] = x[f] * mul;
+      break;
+    case LinearFeatureMap::kElu1:
+      for (; f < dk; ++f) dst[f] = (x[f] > 0.0f ? x[f] + 1.0f : std::exp(x[f])) * mul;
+      break;
+    case LinearFeatureMap::kRelu:
+      for (; f < dk; ++f) dst[f] = std::max(x[f], 0.0f) * mul;
+      break;
+    case LinearFeatureMap::kTaylor2: {
+      // [1, x / dk^(1/4), x_i x_j / (sqrt(2) sqrt(dk))] gives phi(q).phi(k) = 1 + s + s^2/2 with
+      // s = q.k / sqrt(dk). The pair terms are symmetric, so the kernels keep one per unordered
+      // pair: x_i^2 / (sqrt(2) sqrt(dk)) and x_i x_j / sqrt(dk) for i < j, the same dot product
+      // with 1 + dk + dk (dk + 1) / 2 features instead of 1 + dk + dk^2 (TaylorFeatures).
+      const float r4 = 1.0f / std::sqrt(std::sqrt(static_cast<float>(dk)));
+      const float diag = mul / (std::sqrt(2.0f) * std::sqrt(static_cast<float>(dk)));
+      const float off = mul / std::sqrt(static_cast<float>(dk));
+      dst[f++] = mul;
+      for (size_t i = 0; i < dk; ++i) dst[f++] = x[i] * r4 * mul;
+      for (size_t i = 0; i < dk; ++i) {
+        dst[f++] = x[i] * x[i] * diag;
+        for (size_t j = i + 1; j < dk; ++j) dst[f++] = x[i] * x[j] * off;
+      }
+      break;
+    }
+  }
+  for (; f < fp; ++f) dst[f] = 0.0f;
+}
+
+// Per-worker buffers, carved from one aligned allocation per call.
+struct Work {
+  size_t c, fi, fp, dvp, dkp, wide;  // fi: kernel features (KernelFeatureDim), fp: fi padded
+  float* qf;    // [C][Fp] scaled phi(q) (GLA: times e^B after the inter product)
+  float* kf;    // [C][Fp] phi(k)
+  float* kt;    // [Fp][C] phi(k) transposed
+  float* vv;    // [C][Dvp] values
+  float* a;     // [C][C] intra-chunk weights
+  float* o;     // [C][Dvp] outputs
+  float* s;     // [Fp][Dvp] state
+  float* z;     // [Fp] normalizer
+  float* den;   // [C]
+  float* cum;   // [C][Dkp] cumulative gates (GLA)
+  float* aux;   // [C][Fp] phi(q) o e^B, phi(k) o e^(B_last - B)
+  float* row;   // [wide] one converted input row
+  float* row2;  // [wide]
+  float* att;   // [window + 1] window scores
+  float* pow;   // [C + 1] powers of the head's decay
+
+  static size_t Floats(size_t c, size_t fp, size_t dvp, size_t dkp, size_t wide, size_t window) {
+    return 3 * c * fp + fp * c + 2 * c * dvp + c * c + fp * dvp + fp + c + c * dkp + c * fp +
+           2 * wide + RoundUp(window + 1) + RoundUp(c + 1) + 20 * 16;  // + rounding of each
+  }
+  void Carve(float* base, size_t c_, size_t fi_, size_t dvp_, size_t dkp_, size_t wide_,
+             size_t window) {
+    c = c_, fi = fi_, fp = RoundUp(fi_), dvp = dvp_, dkp = dkp_, wide = wide_;
+    float* p = base;
+    auto take = [&](size_t n) {
+      float* r = p;
+      p += RoundUp(n);
+      return r;
+    };
+    qf = take(c * fp);
+    kf = take(c * fp);
+    kt = take(fp * c);
+    vv = take(c * dvp);
+    a = take(c * c);
+    o = take(c * dvp);
+    s = take(fp * dvp);
+    z = take(fp);
+    den = take(c);
+    cum = take(c * dkp);
+    aux = take(c * fp);
+    row = take(wide);
+    row2 = take(wide);
+    att = take(window + 1);
+    pow = take(c + 1);
+  }
+};
+
+// The task's view of the problem: sequence b, query head h.
+struct Head {
+  const LinearProblem& p;
+  int64_t b, h, kvh;
+  float ln_lambda;          // log of the head's decay (0: none)
+  const float* pow_lambda;  // [C + 1] lambda^k
+
+  void LoadQ(Work& w, int64_t t, float* dst) const {
+    LoadRow(p.dtype, p.q, p.offset(p.q_stride, b, t, h), p.q_stride[3], static_cast<size_t>(p.dk),
+            w.row);
+    Features(p.map, w.row, static_cast<size_t>(p.dk), p.scale, dst, w.fp);
+  }
+  void LoadK(Work& w, int64_t t, float* dst) const {
+    LoadRow(p.dtype, p.k, p.offset(p.k_stride, b, t, kvh), p.k_stride[3], static_cast<size_t>(p.dk),
+            w.row);
+    Features(p.map, w.row, static_cast<size_t>(p.dk), 1.0f, dst, w.fp);
+  }
+  void LoadV(Work& w, int64_t t, float* dst) const {
+    LoadRow(p.dtype, p.v, p.offset(p.v_stride, b, t, kvh), p.v_stride[3], static_cast<size_t>(p.dv),
+            dst);
+    for (size_t d = static_cast<size_t>(p.dv); d < w.dvp; ++d) dst[d] = 0.0f;
+  }
+  float Gate(int64_t t, size_t c) const {
+    return p.gates[p.offset(p.gates_stride, b, t, h) + static_cast<int64_t>(c) * p.gates_stride[3]];
+  }
+
+  // BASED's exact part: o += softmax(q_t . k_j / sqrt(Dk)) v_j over keys [t - window + 1, t].
+  void AddWindow(Work& w, int64_t t, float* o) const {
+    const size_t dk = static_cast<size_t>(p.dk), dv = static_cast<size_t>(p.dv);
+    const int64_t j0 = std::max<int64_t>(0, t - p.window + 1);
+    LoadRow(p.dtype, p.q, p.offset(p.q_stride, b, t, h), p.q_stride[3], dk, w.row);
+    const float inv = 1.0f / std::sqrt(static_cast<float>(dk));
+    float mx = -std::numeric_limits<float>::infinity();
+    for (int64_t j = j0; j <= t; ++j) {
+      LoadRow(p.dtype, p.k, p.offset(p.k_stride, b, j, kvh), p.k_stride[3], dk, w.row2);
+      float dot = 0.0f;
+      for (size_t d = 0; d < dk; ++d) dot += w.row[d] * w.row2[d];
+      w.att[j - j0] = dot * inv;
+      mx = std::max(mx, w.att[j - j0]);
+    }
+    float sum = 0.0f;
+    for (int64_t j = j0; j <= t; ++j) sum += (w.att[j - j0] = std::exp(w.att[j - j0] - mx));
+    const float norm = 1.0f / sum;
+    for (int64_t j = j0; j <= t; ++j) {
+      LoadRow(p.dtype, p.v, p.offset(p.v_stride, b, j, kvh), p.v_stride[3], dv, w.row2);
+      const float pj = w.att[j - j0] * norm;
+      for (size_t d = 0; d < dv; ++d) o[d] += pj * w.row2[d];
+    }
+  }
+
+  // Normalization, the window part and the store of output row t from o (den[i] its denominator).
+  void Finish(Work& w, int64_t t, float* o, float den) const {
+    if (p.normalize) {
+      const float inv = 1.0f / (den + p.eps);
+      for (size_t d = 0; d < static_cast<size_t>(p.dv); ++d) o[d] *= inv;
+    }
+    if (p.window > 0) AddWindow(w, t, o);
+    StoreStridedScaled(p.dtype, o, 1, static_cast<size_t>(p.dv), 1.0f, p.out,
+                       p.offset(p.out_stride, b, t, h), p.out_stride[3]);
+  }
+
+  // Row of the API's state (feature f of F) that kernel feature fk holds, and its weight: the
+  // Taylor map's pair (i, j), i < j, is one kernel feature carrying both ordered pairs.
+  void ApiRows(size_t fk, int64_t* f1, int64_t* f2, float* weight) const {
+    const int64_t dk = p.dk;
+    *f2 = -1;
+    *weight = 1.0f;
+    if (p.map != LinearFeatureMap::kTaylor2 || fk < static_cast<size_t>(1 + dk)) {
+      *f1 = static_cast<int64_t>(fk);
+      return;
+    }
+    int64_t rest = static_cast<int64_t>(fk) - 1 - dk, i = 0;
+    while (rest >= dk - i) rest -= dk - i, ++i;
+    const int64_t j = i + rest;
+    *f1 = 1 + dk + i * dk + j;
+    if (j != i) {
+      *f2 = 1 + dk + j * dk + i;
+      *weight = 1.0f / std::sqrt(2.0f);
+    }
+  }
+
+  // S and z from the initial state (or zero). A Taylor pair feature holds
+  // (S[i, j] + S[j, i]) / sqrt(2): the part of S the symmetric features can see.
+  void InitState(Work& w) const {
+    std::memset(w.s, 0, w.fp * w.dvp * sizeof(float));
+    std::memset(w.z, 0, w.fp * sizeof(float));
+    for (size_t fk = 0; fk < w.fi; ++fk) {
+      int64_t f1, f2;
+      float weight;
+      ApiRows(fk, &f1, &f2, &weight);
+      for (int64_t f : {f1, f2}) {
+        if (f < 0) continue;
+        if (p.state_in != nullptr) {
+          const float* src = p.state_in + b * p.state_in_stride[0] + h * p.state_in_stride[1] +
+                             f * p.state_in_stride[2];
+          for (int64_t d = 0; d < p.dv; ++d) {
+            w.s[fk * w.dvp + static_cast<size_t>(d)] += weight * src[d * p.state_in_stride[3]];
+          }
+        }
+        if (p.norm_in != nullptr) {
+          w.z[fk] += weight * p.norm_in[b * p.norm_in_stride[0] + h * p.norm_in_stride[1] +
+                                        f * p.norm_in_stride[2]];
+        }
+      }
+    }
+  }
+  // The final state in the API's basis: a Taylor pair feature splits evenly over (i, j), (j, i).
+  void StoreState(const Work& w) const {
+    for (size_t fk = 0; fk < w.fi; ++fk) {
+      int64_t f1, f2;
+      float weight;
+      ApiRows(fk, &f1, &f2, &weight);
+      for (int64_t f : {f1, f2}) {
+        if (f < 0) continue;
+        if (p.state_out != nullptr) {
+          float* dst = p.state_out + b * p.state_out_stride[0] + h * p.state_out_stride[1] +
+                       f * p.state_out_stride[2];
+          for (int64_t d = 0; d < p.dv; ++d) {
+            dst[d * p.state_out_stride[3]] = weight * w.s[fk * w.dvp + static_cast<size_t>(d)];
+          }
+        }
+        if (p.norm_out != nullptr) {
+          p.norm_out[b * p.norm_out_stride[0] + h * p.norm_out_stride[1] +
+                     f * p.norm_out_stride[2]] = weight * w.z[fk];
+        }
+      }
+    }
+  }
+};
+
+// z += sum_j rows[j] (n rows of fp floats).
+inline void AddRows(const float* rows, size_t n, size_t fp, float* z) {
+  for (size_t j = 0; j < n; ++j) {
+    for (size_t f = 0; f < fp; ++f) z[f] += rows[j * fp + f];
+  }
+}
+
+// The prefix part (JRT, non-causal): S += phi(K)^T V over keys [0, prefix), then every query
+// t < prefix reads that state.
+inline void PrefixChunks(const Head& hd, Work& w) {
+  const LinearProblem& p = hd.p;
+  const size_t F = w.fi;
+  for (int64_t t0 = 0; t0 < p.prefix; t0 += static_cast<int64_t>(w.c)) {
+    const size_t n =
+        static_cast<size_t>(std::min<int64_t>(static_cast<int64_t>(w.c), p.prefix - t0));
+    for (size_t j = 0; j < n; ++j) {
+      hd.LoadK(w, t0 + static_cast<int64_t>(j), w.kf + j * w.fp);
+      hd.LoadV(w, t0 + static_cast<int64_t>(j), w.vv + j * w.dvp);
+    }
+    Gemm<true>(F, w.dvp, n, w.kf, 1, w.fp, w.vv, w.dvp, w.s, w.dvp);
+    AddRows(w.kf, n, w.fp, w.z);
+  }
+  for (int64_t t0 = 0; t0 < p.prefix; t0 += static_cast<int64_t>(w.c)) {
+    const size_t n =
+        static_cast<size_t>(std::min<int64_t>(static_cast<int64_t>(w.c), p.prefix - t0));
+    for (size_t i = 0; i < n; ++i) hd.LoadQ(w, t0 + static_cast<int64_t>(i), w.qf + i * w.fp);
+    Gemm<false>(n, w.dvp, F, w.qf, w.fp, 1, w.s, w.dvp, w.o, w.dvp);
+    for (size_t i = 0; i < n; ++i) {
+      float den = 0.0f;
+      for (size_t f = 0; f < F; ++f) den += w.qf[i * w.fp + f] * w.z[f];
+      hd.Finish(w, t0 + static_cast<int64_t>(i), w.o + i * w.dvp, den);
+    }
+  }
+}
+
+// One causal chunk [t0, t0 + n) of the chunked form.
+inline void CausalChunk(const Head& hd, Work& w, int64_t t0, size_t n) {
+  const LinearProblem& p = hd.p;
+  const size_t F = w.fi, C = w.c, fp = w.fp, dvp = w.dvp;
+  const bool gla = p.gates != nullptr, decay = hd.ln_lambda != 0.0f;
+  for (size_t i = 0; i < n; ++i) {
+    const int64_t t = t0 + static_cast<int64_t>(i);
+    hd.LoadQ(w, t, w.qf + i * fp);
+    hd.LoadK(w, t, w.kf + i * fp);
+    hd.LoadV(w, t, w.vv + i * dvp);
+  }
+  const DF df;
+  const size_t L = hn::Lanes(df);
+  if (gla) {
+    // cum[i][c] = sum of the gates of tokens t0..t0+i (channel c).
+    for (size_t i = 0; i < n; ++i) {
+      for (size_t c = 0; c < w.dkp; ++c) {
+        const float g =
+            c < static_cast<size_t>(p.dk) ? hd.Gate(t0 + static_cast<int64_t>(i), c) : 0.0f;
+        w.cum[i * w.dkp + c] = (i > 0 ? w.cum[(i - 1) * w.dkp + c] : 0.0f) + g;
+      }
+    }
+  }
+  // Inter-chunk: O = (phi(Q) o e^B) S, den = (phi(Q) o e^B) . z.
+  const float* qin = w.qf;
+  if (gla || decay) {
+    for (size_t i = 0; i < n; ++i) {
+      const VF scalar = hn::Set(df, hd.pow_lambda[i + 1]);
+      for (size_t f = 0; f < fp; f += L) {
+        const VF e = gla ? hn::Exp(df, hn::LoadU(df, w.cum + i * w.dkp + f)) : scalar;
+        hn::StoreU(hn::Mul(hn::LoadU(df, w.qf + i * fp + f), e), df, w.aux + i * fp + f);
+      }
+    }
+    qin = w.aux;
+  }
+  Gemm<false>(n, dvp, F, qin, fp, 1, w.s, dvp, w.o, dvp);
+  for (size_t i = 0; i < n; ++i) {
+    float den = 0.0f;
+    for (size_t f = 0; f < F; ++f) den += qin[i * fp + f] * w.z[f];
+    w.den[i] = den;
+  }
+  // Intra-chunk weights A (lower triangle, diagonal included): one GEMM of phi(Q) against
+  // phi(K)^T, with the decay applied as lambda^(i - j) after it; for GLA, while the chunk's gates
+  // sum to more than -kMaxGateSpan per channel, the GEMM of (phi(Q) o e^B) against
+  // (phi(K) o e^-B)^T (every factor within e^kMaxGateSpan, far from overflow), else a vector sum
+  // over channels of e^(B_i - B_j) per pair (exponents <= 0 whatever the gates).
+  constexpr float kMaxGateSpan = 60.0f;
+  bool factored = !gla;
+  if (gla) {
+    float span = 0.0f;
+    for (size_t c = 0; c < F; ++c) span = std::max(span, -w.cum[(n - 1) * w.dkp + c]);
+    factored = span < kMaxGateSpan;
+  }
+  if (factored) {
+    for (size_t j = 0; j < C; ++j) {
+      const float* kj = w.kf + j * fp;
+      if (j < n && gla) {
+        for (size_t f = 0; f < fp; f += L) {
+          hn::StoreU(hn::Mul(hn::LoadU(df, kj + f),
+                             hn::Exp(df, hn::Neg(hn::LoadU(df, w.cum + j * w.dkp + f)))),
+                     df, w.row2 + f);
+        }
+        kj = w.row2;
+      }
+      for (size_t f = 0; f < F; ++f) w.kt[f * C + j] = j < n ? kj[f] : 0.0f;
+    }
+    Gemm<false>(n, C, F, gla ? qin : w.qf, fp, 1, w.kt, C, w.a, C);
+    for (size_t i = 0; i < n; ++i) {
+      for (size_t j = 0; j <= i && decay; ++j) w.a[i * C + j] *= hd.pow_lambda[i - j];
+      for (size_t j = i + 1; j < C; ++j) w.a[i * C + j] = 0.0f;
+    }
+  } else {
+    for (size_t i = 0; i < n; ++i) {
+      for (size_t j = 0; j <= i; ++j) {
+        VF acc = hn::Zero(df);
+        for (size_t c = 0; c < w.dkp; c += L) {
+          const VF e = hn::Exp(df, hn::Sub(hn::LoadU(df, w.cum + i * w.dkp + c),
+                                           hn::LoadU(df, w.cum + j * w.dkp + c)));
+          acc = hn::MulAdd(
+              hn::Mul(hn::LoadU(df, w.qf + i * fp + c), hn::LoadU(df, w.kf + j * fp + c)), e, acc);
+        }
+        w.a[i * C + j] = hn::GetLane(hn::SumOfLanes(df, acc));
+      }
+      for (size_t j = i + 1; j < C; ++j) w.a[i * C + j] = 0.0f;
+    }
+  }
+  // The upper triangle is zero: row i of A V needs keys 0..i only, so rows are done in blocks of
+  // 16 against the keys up to the block's end.
+  for (size_t i0 = 0; i0 < n; i0 += 16) {
+    const size_t rows = std::min<size_t>(16, n - i0);
+    Gemm<true>(rows, dvp, i0 + rows, w.a + i0 * C, C, 1, w.vv, dvp, w.o + i0 * dvp, dvp);
+  }
+  for (size_t i = 0; i < n; ++i) {
+    float sum = 0.0f;
+    for (size_t j = 0; j <= i; ++j) sum += w.a[i * C + j];
+    w.den[i] += sum;
+  }
+  // State: S = e^(B_last) o S + (phi(K) o e^(B_last - B_j))^T V, likewise z.
+  const float* kout = w.kf;
+  if (gla || decay) {
+    for (size_t j = 0; j < n; ++j) {
+      const VF scalar = hn::Set(df, hd.pow_lambda[n - 1 - j]);
+      for (size_t f = 0; f < fp; f += L) {
+        const VF e = gla ? hn::Exp(df, hn::Sub(hn::LoadU(df, w.cum + (n - 1) * w.dkp + f),
+                                               hn::LoadU(df, w.cum + j * w.dkp + f)))
+                         : scalar;
+        hn::StoreU(hn::Mul(hn::LoadU(df, w.kf + j * fp + f), e), df, w.aux + j * fp + f);
+      }
+    }
+    kout = w.aux;
+    for (size_t f = 0; f < F; ++f) {
+      const float e = gla ? std::exp(w.cum[(n - 1) * w.dkp + f]) : hd.pow_lambda[n];
+      const VF ev = hn::Set(df, e);
+      for (size_t d = 0; d < dvp; d += L) {
+        hn::StoreU(hn::Mul(ev, hn::LoadU(df, w.s + f * dvp + d)), df, w.s + f * dvp + d);
+      }
+      w.z[f] *= e;
+    }
+  }
+  Gemm<true>(F, dvp, n, kout, 1, fp, w.vv, dvp, w.s, dvp);
+  AddRows(kout, n, fp, w.z);
+  for (size_t i = 0; i < n; ++i)
+    hd.Finish(w, t0 + static_cast<int64_t>(i), w.o + i * dvp, w.den[i]);
+}
+
+// One token of the recurrent form: S = a o S + phi(k) v^T, z = a o z + phi(k), o = phi(q)^T S.
+inline void RecurrentToken(const Head& hd, Work& w, int64_t t) {
+  const LinearProblem& p = hd.p;
+  const size_t F = w.fi, dvp = w.dvp;
+  const DF df;
+  const size_t L = hn::Lanes(df);
+  hd.LoadK(w, t, w.kf);
+  hd.LoadV(w, t, w.vv);
+  hd.LoadQ(w, t, w.qf);
+  for (size_t f = 0; f < F; ++f) {
+    const float a = p.gates != nullptr ? std::exp(hd.Gate(t, f)) : std::exp(hd.ln_lambda);
+    const VF av = hn::Set(df, a), kv = hn::Set(df, w.kf[f]);
+    for (size_t d = 0; d < dvp; d += L) {
+      float* s = w.s + f * dvp + d;
+      hn::StoreU(hn::MulAdd(kv, hn::LoadU(df, w.vv + d), hn::Mul(av, hn::LoadU(df, s))), df, s);
+    }
+    w.z[f] = a * w.z[f] + w.kf[f];
+  }
+  float den = 0.0f;
+  for (size_t d = 0; d < dvp; d += L) hn::StoreU(hn::Zero(df), df, w.o + d);
+  for (size_t f = 0; f < F; ++f) {
+    const VF qv = hn::Set(df, w.qf[f]);
+    for (size_t d = 0; d < dvp; d += L) {
+      hn::StoreU(hn::MulAdd(qv, hn::LoadU(df, w.s + f * dvp + d), hn::LoadU(df, w.o + d)), df,
+                 w.o + d);
+    }
+    den += w.qf[f] * w.z[f];
+  }
+  hd.Finish(w, t, w.o, den);
+}
+
+}  // namespace linear_impl
+
+// Runs the chunked (recurrent = false) or recurrent form over every (sequence, query head).
+// Returns false when scratch could not be allocated.
+bool LinearForward(const LinearProblem& p, int32_t threads, bool recurrent) {
+  using namespace linear_impl;  // NOLINT
+  // With no tokens each task still hands its initial state over to the final one.
+  const int64_t tasks = p.batch * p.heads_q;
+  if (tasks == 0) return true;
+  const size_t c = static_cast<size_t>(p.chunk),
+               fi = KernelFeatureDim(p.map, static_cast<size_t>(p.dk)), fp = RoundUp(fi),
+               dvp = RoundUp(static_cast<size_t>(p.dv)), dkp = RoundUp(static_cast<size_t>(p.dk));
+  const size_t wide = std::max({fp, dvp, dkp});
+  const size_t per_worker =
+      RoundUp(Work::Floats(c, fp, dvp, dkp, wide, static_cast<size_t>(p.window)) + 64);
+  const int32_t workers =
+      static_cast<int32_t>(std::max<int64_t>(1, std::min<int64_t>(threads, tasks)));
+  auto storage = hwy::AllocateAligned<float>(per_worker * static_cast<size_t>(workers));
+  if (!storage) return false;
+  ParallelFor(workers, tasks, [&](int64_t task, int32_t worker) {
+    Work w;
+    w.Carve(storage.get() + per_worker * static_cast<size_t>(worker), c, fi, dvp, dkp, wide,
+            static_cast<size_t>(p.window));
+    const int64_t b = task / p.heads_q, h = task % p.heads_q;
+    const float lambda = p.decay != nullptr ? p.decay[h * p.decay_stride] : 1.0f;
+    for (size_t i = 0; i <= c; ++i) w.pow[i] = std::exp(static_cast<float>(i) * std::log(lambda));
+    const Head hd{p, b, h, h / p.group, std::log(lambda), w.pow};
+    hd.InitState(w);
+    if (recurrent) {
+      // The prefix state first (its keys are visible to every query), then token by token.
+      for (int64_t t = 0; t < p.prefix; ++t) {
+        hd.LoadK(w, t, w.kf);
+        hd.LoadV(w, t, w.vv);
+        Gemm<true>(fi, dvp, 1, w.kf, 1, fp, w.vv, dvp, w.s, dvp);
+        AddRows(w.kf, 1, fp, w.z);
+      }
+      for (int64_t t = 0; t < p.prefix; ++t) {
+        hd.LoadQ(w, t, w.qf);
+        Gemm<false>(1, dvp, fi, w.qf, fp, 1, w.s, dvp, w.o, dvp);
+        float den = 0.0f;
+        for (size_t f = 0; f < fi; ++f) den += w.qf[f] * w.z[f];
+        hd.Finish(w, t, w.o, den);
+      }
+      for (int64_t t = p.prefix; t < p.seq; ++t) RecurrentToken(hd, w, t);
+    } else {
+      PrefixChunks(hd, w);
+      for (int64_t t0 = p.prefix; t0 < p.seq; t0 += p.chunk) {
+        CausalChunk(hd, w, t0, static_cast<size_t>(std::min(p.chunk, p.seq - t0)));
+      }
+    }
+    hd.StoreState(w);
+  });
+  return true;
+}
+
+}  // namespace HWY_NAMESPACE
+}  // namespace tessera
+HWY_AFTER_NAMESPACE();
+
+#endif  // TESSERA_LINEAR_ATTENTION_INL_H_

@@ -1,0 +1,299 @@
+// Linear attention: the chunked and the recurrent forms against the fp64 parallel form for every
+// variant on awkward lengths and chunk sizes, the state hand-over (prefill then continue equals
+// one call), stability over a million tokens, and every bad input.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <functional>
+#include <limits>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "ref/linear_ref.h"
+#include "tessera/linear.h"
+#include "tolerances.h"
+
+namespace tessera {
+namespace {
+
+struct Shape {
+  int64_t batch = 1, seq = 17, heads_q = 2, heads_kv = 1, dk = 8, dv = 12;
+};
+
+class LinearCase {
+ public:
+  explicit LinearCase(const Shape& s, uint64_t seed = 5) : s_(s) {
+    std::mt19937_64 rng(seed);
+    std::normal_distribution<float> normal(0.0f, 1.0f);
+    auto fill = [&](std::vector<float>* x, int64_t n, float mul) {
+      x->resize(static_cast<size_t>(n));
+      for (float& v : *x) v = normal(rng) * mul;
+    };
+    fill(&q_, s.batch * s.seq * s.heads_q * s.dk, 0.5f);
+    fill(&k_, s.batch * s.seq * s.heads_kv * s.dk, 0.5f);
+    fill(&v_, s.batch * s.seq * s.heads_kv * s.dv, 1.0f);
+    // GLA gates: log-sigmoid / 16 (near 0) for most channels, a few strongly negative ones.
+    gates_.resize(static_cast<size_t>(s.batch * s.seq * s.heads_q * s.dk));
+    for (size_t i = 0; i < gates_.size(); ++i) {
+      const float x = normal(rng);
+      gates_[i] = i % 7 == 3 ? -20.0f * std::fabs(x) : -std::log1p(std::exp(-x)) / 16.0f;
+    }
+    // Mild gates only (GLA's usual range): the chunks take the factored path.
+    mild_gates_.resize(gates_.size());
+    for (float& g : mild_gates_) g = -std::log1p(std::exp(-normal(rng))) / 16.0f;
+    for (int64_t h = 0; h < s.heads_q; ++h) decay_.push_back(1.0f - std::exp2(-2.0f - h));
+  }
+
+  LinearAttentionParams Params(std::vector<float>* out) {
+    out->assign(static_cast<size_t>(s_.batch * s_.seq * s_.heads_q * s_.dv),
+                std::numeric_limits<float>::quiet_NaN());
+    LinearAttentionParams p;
+    p.q = MakeView4(q_.data(), DType::kF32, s_.batch, s_.seq, s_.heads_q, s_.dk);
+    p.k = MakeView4(k_.data(), DType::kF32, s_.batch, s_.seq, s_.heads_kv, s_.dk);
+    p.v = MakeView4(v_.data(), DType::kF32, s_.batch, s_.seq, s_.heads_kv, s_.dv);
+    p.out = MakeView4(out->data(), DType::kF32, s_.batch, s_.seq, s_.heads_q, s_.dv);
+    return p;
+  }
+  TensorView Gates() {
+    return MakeView4(gates_.data(), DType::kF32, s_.batch, s_.seq, s_.heads_q, s_.dk);
+  }
+  TensorView MildGates() {
+    return MakeView4(mild_gates_.data(), DType::kF32, s_.batch, s_.seq, s_.heads_q, s_.dk);
+  }
+  TensorView Decay() { return MakeView1(decay_.data(), DType::kF32, s_.heads_q); }
+
+  std::vector<float> Run(const std::function<void(LinearAttentionParams&)>& set, bool recurrent) {
+    std::vector<float> out;
+    LinearAttentionParams p = Params(&out);
+    set(p);
+    Context ctx;
+    ctx.num_threads = 2;
+    const Status st = recurrent ? LinearAttentionRecurrent(p, ctx) : LinearAttentionForward(p, ctx);
+    EXPECT_TRUE(st.ok()) << st.message();
+    return out;
+  }
+  std::vector<double> Reference(const std::function<void(LinearAttentionParams&)>& set) {
+    std::vector<float> out;
+    LinearAttentionParams p = Params(&out);
+    set(p);
+    std::vector<double> ref(out.size());
+    ref::LinearForwardF64(p, ref.data(), nullptr, nullptr);
+    return ref;
+  }
+  const Shape& shape() const { return s_; }
+
+ private:
+  Shape s_;
+  std::vector<float> q_, k_, v_, gates_, mild_gates_, decay_;
+};
+
+void ExpectClose(const std::vector<float>& got, const std::vector<double>& want,
+                 const std::string& what) {
+  ASSERT_EQ(got.size(), want.size());
+  double scale = 0.0;
+  for (double x : want) scale = std::max(scale, std::fabs(x));
+  for (size_t i = 0; i < got.size(); ++i) {
+    const double tol =
+        test::kLinearCeilingF32.atol * scale + test::kLinearCeilingF32.rtol * std::fabs(want[i]);
+    ASSERT_LE(std::fabs(static_cast<double>(got[i]) - want[i]), tol)
+        << what << " at " << i << ": got " << got[i] << ", want " << want[i];
+  }
+}
+
+struct Variant {
+  std::string name;
+  std::function<void(LinearCase&, LinearAttentionParams&)> set;
+  int64_t dk = 8;
+};
+
+std::vector<Variant> Variants() {
+  return {
+      {"plain", [](LinearCase&, LinearAttentionParams&) {}},
+      {"plain normalized elu1",
+       [](LinearCase&, LinearAttentionParams& p) {
+         p.feature_map = LinearFeatureMap::kElu1;
+         p.normalize = true;
+       }},
+      {"relu non-causal",
+       [](LinearCase&, LinearAttentionParams& p) {
+         p.feature_map = LinearFeatureMap::kRelu;
+         p.causal = false;
+       }},
+      {"elu1 prefix 9 normalized",
+       [](LinearCase&, LinearAttentionParams& p) {
+         p.feature_map = LinearFeatureMap::kElu1;
+         p.prefix_len = std::min<int64_t>(9, p.q.shape[1]);
+         p.normalize = true;
+       }},
+      {"decay", [](LinearCase& c, LinearAttentionParams& p) { p.decay = c.Decay(); }},
+      {"decay normalized elu1",
+       [](LinearCase& c, LinearAttentionParams& p) {
+         p.decay = c.Decay();
+         p.feature_map = LinearFeatureMap::kElu1;
+         p.normalize = true;
+       }},
+      {"gla", [](LinearCase& c, LinearAttentionParams& p) { p.gates = c.Gates(); }},
+      {"gla mild gates", [](LinearCase& c, LinearAttentionParams& p) { p.gates = c.MildGates(); }},
+      {"gla scale 0.7",
+       [](LinearCase& c, LinearAttentionParams& p) {
+         p.gates = c.Gates();
+         p.scale = 0.7f;
+       }},
+      {"based (taylor, normalized, window 5)",
+       [](LinearCase&, LinearAttentionParams& p) {
+         p.feature_map = LinearFeatureMap::kTaylor2;
+         p.normalize = true;
+         p.window = 5;
+       },
+       4},
+  };
+}
+
+TEST(LinearAttention, ChunkedAndRecurrentMatchReference) {
+  for (const Variant& var : Variants()) {
+    for (const int64_t seq : {1, 17, 63, 64, 65, 113}) {
+      Shape s;
+      s.seq = seq;
+      s.dk = var.dk;
+      s.heads_q = 4;
+      s.heads_kv = 2;
+      LinearCase c(s);
+      const std::vector<double> ref = c.Reference([&](LinearAttentionParams& p) { var.set(c, p); });
+      for (const int64_t chunk : {16, 64}) {
+        const auto set = [&](LinearAttentionParams& p) {
+          var.set(c, p);
+          p.chunk_size = chunk;
+        };
+        ExpectClose(c.Run(set, false), ref,
+                    var.name + " chunked S=" + std::to_string(seq) + " C=" + std::to_string(chunk));
+      }
+      ExpectClose(c.Run([&](LinearAttentionParams& p) { var.set(c, p); }, true), ref,
+                  var.name + " recurrent S=" + std::to_string(seq));
+    }
+  }
+}
+
+// Prefill with final_state, then the rest with that initial_state, equals one call.
+TEST(LinearAttention, StateHandOffContinuesExactly) {
+  for (const Variant& var : Variants()) {
+    if (var.name.find("non-causal") != std::string::npos) continue;
+    Shape s;
+    s.seq = 90;
+    s.dk = var.dk;
+    LinearCase c(s);
+    const auto base = [&](LinearAttentionParams& p) { var.set(c, p); };
+    const std::vector<float> whole = c.Run(base, false);
+    const int64_t F = LinearFeatureDim(
+        var.dk == 4 ? LinearFeatureMap::kTaylor2 : LinearFeatureMap::kIdentity, var.dk);
+    std::vector<float> state(static_cast<size_t>(s.batch * s.heads_q * F * s.dv));
+    std::vector<float> norm(static_cast<size_t>(s.batch * s.heads_q * F));
+    for (const int64_t split : {1, 37, 64}) {
+      std::vector<float> first;
+      LinearAttentionParams p1 = c.Params(&first);
+      base(p1);
+      if (p1.prefix_len > split || p1.window > 0) continue;  // the split must not cut those
+      // The first part: tokens [0, split).
+      auto slice = [&](TensorView t, int64_t t0, int64_t n) {
+        t.data = static_cast<char*>(t.data) + t0 * t.strides[1] * 4;
+        t.shape[1] = n;
+        return t;
+      };
+      const int64_t n2 = s.seq - split;
+      LinearAttentionParams a = p1, b2 = p1;
+      a.q = slice(p1.q, 0, split), a.k = slice(p1.k, 0, split), a.v = slice(p1.v, 0, split);
+      a.out = slice(p1.out, 0, split);
+      if (a.gates.data != nullptr) a.gates = slice(p1.gates, 0, split);
+      a.final_state = MakeView4(state.data(), DType::kF32, s.batch, s.heads_q, F, s.dv);
+      if (a.normalize)
+        a.final_normalizer = MakeView3(norm.data(), DType::kF32, s.batch, s.heads_q, F);
+      ASSERT_TRUE(LinearAttentionForward(a, Context()).ok());
+      b2.q = slice(p1.q, split, n2), b2.k = slice(p1.k, split, n2), b2.v = slice(p1.v, split, n2);
+      b2.out = slice(p1.out, split, n2);
+      if (b2.gates.data != nullptr) b2.gates = slice(p1.gates, split, n2);
+      b2.prefix_len = 0;
+      b2.initial_state = a.final_state;
+      b2.initial_normalizer = a.final_normalizer;
+      // The second part continues token by token (decode) from the prefill's state.
+      ASSERT_TRUE(LinearAttentionRecurrent(b2, Context()).ok());
+      ExpectClose(first, std::vector<double>(whole.begin(), whole.end()),
+                  var.name + " hand-off at " + std::to_string(split));
+    }
+  }
+}
+
+// A million tokens with a constant decay: the chunked form stays finite and equal to the
+// recurrent one (every exponent it forms is <= 0).
+TEST(LinearAttention, DecayIsStableOverAMillionTokens) {
+  Shape s;
+  s.seq = int64_t{1} << 20;
+  s.heads_q = s.heads_kv = 1;
+  s.dk = 4;
+  s.dv = 4;
+  LinearCase c(s);
+  std::vector<float> lambda = {0.9999f};
+  const auto set = [&](LinearAttentionParams& p) {
+    p.decay = MakeView1(lambda.data(), DType::kF32, 1);
+    p.normalize = true;
+    p.feature_map = LinearFeatureMap::kElu1;
+  };
+  const std::vector<float> chunked = c.Run(set, false);
+  const std::vector<float> recurrent = c.Run(set, true);
+  for (size_t i = 0; i < chunked.size(); ++i) {
+    ASSERT_TRUE(std::isfinite(chunked[i])) << i;
+    ASSERT_NEAR(chunked[i], recurrent[i], 1e-3 * (1.0 + std::fabs(recurrent[i]))) << i;
+  }
+}
+
+TEST(LinearAttention, BadInputsAreRejected) {
+  Shape s;
+  LinearCase c(s);
+  std::vector<float> bad_decay = {1.5f, 0.5f};
+  std::vector<float> pos_gates(static_cast<size_t>(s.batch * s.seq * s.heads_q * s.dk), 0.1f);
+  const std::vector<std::pair<std::string, std::function<void(LinearAttentionParams&)>>> cases = {
+      {"decay",
+       [&](LinearAttentionParams& p) { p.decay = MakeView1(bad_decay.data(), DType::kF32, 2); }},
+      {"gates",
+       [&](LinearAttentionParams& p) {
+         p.gates = MakeView4(pos_gates.data(), DType::kF32, s.batch, s.seq, s.heads_q, s.dk);
+       }},
+      {"gates",
+       [&](LinearAttentionParams& p) {
+         p.gates = c.Gates();
+         p.feature_map = LinearFeatureMap::kElu1;
+       }},
+      {"decay",
+       [&](LinearAttentionParams& p) {
+         p.decay = c.Decay();
+         p.causal = false;
+       }},
+      {"chunk_size", [](LinearAttentionParams& p) { p.chunk_size = 24; }},
+      {"prefix_len", [](LinearAttentionParams& p) { p.prefix_len = 18; }},
+      {"eps", [](LinearAttentionParams& p) { p.eps = 0.0f; }},
+      {"window",
+       [](LinearAttentionParams& p) {
+         p.window = 4;
+         p.causal = false;
+       }},
+      {"final_normalizer",
+       [&](LinearAttentionParams& p) {
+         p.final_normalizer = MakeView3(pos_gates.data(), DType::kF32, 1, 2, 8);
+       }},
+      {"v", [](LinearAttentionParams& p) { p.v.shape[2] = 2; }},
+  };
+  for (const auto& [name, set] : cases) {
+    std::vector<float> out;
+    LinearAttentionParams p = c.Params(&out);
+    std::fill(out.begin(), out.end(), 3.0f);
+    set(p);
+    const Status st = LinearAttentionForward(p, Context());
+    EXPECT_FALSE(st.ok()) << name;
+    EXPECT_NE(st.message().find(name), std::string::npos) << st.message();
+    EXPECT_TRUE(std::all_of(out.begin(), out.end(), [](float x) { return x == 3.0f; })) << name;
+  }
+}
+
+}  // namespace
+}  // namespace tessera

@@ -1,0 +1,322 @@
+// Argument validation for linear attention: every check runs before any work, and every message
+// names the argument, what was expected and what was given.
+#include <cmath>
+#include <string>
+
+#include "core/check.h"
+#include "linear/linear_problem.h"
+
+namespace tessera {
+namespace {
+
+// Largest feature dim F: the state of one head is F x Dv floats per worker.
+constexpr int64_t kMaxFeatureDim = 8192;
+constexpr int64_t kMaxHeadDim = 512;
+
+std::string Dims(std::initializer_list<int64_t> dims) {
+  std::string s = "[";
+  for (int64_t d : dims) s += (s.size() > 1 ? ", " : "") + std::to_string(d);
+  return s + "]";
+}
+
+// An optional f32 tensor of an exact shape.
+Status CheckF32(const char* name, const TensorView& t, std::initializer_list<int64_t> shape,
+                bool writable) {
+  const int64_t* dims = shape.begin();
+  Status s = CheckShape(name, t, static_cast<int32_t>(shape.size()), dims, "shape " + Dims(shape),
+                        writable);
+  if (!s.ok()) return s;
+  if (t.dtype != DType::kF32) {
+    return Status::InvalidArgument(Expected(name, "dtype f32", DTypeName(t.dtype)));
+  }
+  return Status::Ok();
+}
+
+void CopyStrides(const TensorView& t, int64_t* strides) {
+  for (int i = 0; i < t.rank; ++i) strides[i] = t.strides[i];
+}
+
+}  // namespace
+
+int64_t LinearFeatureDim(LinearFeatureMap map, int64_t dk) {
+  return map == LinearFeatureMap::kTaylor2 ? 1 + dk + dk * dk : dk;
+}
+
+Status ValidateLinearAttention(const LinearAttentionParams& p, LinearProblem* prob) {
+  const struct {
+    const char* name;
+    const TensorView* view;
+    bool writable;
+  } tensors[] = {{"q", &p.q, false}, {"k", &p.k, false}, {"v", &p.v, false}, {"out", &p.out, true}};
+  for (const auto& t : tensors) {
+    if (t.view->rank != 4) {
+      return Status::InvalidArgument(
+          Expected(t.name, "rank 4 [B, S, H, D]", "rank " + std::to_string(t.view->rank)));
+    }
+    Status s = CheckRankAndStrides(t.name, *t.view, t.writable);
+    if (!s.ok()) return s;
+  }
+  if (!IsSupportedDType(p.q.dtype)) {
+    return Status::InvalidArgument(Expected("q", "dtype f32, bf16 or f16", DTypeName(p.q.dtype)));
+  }
+  for (const auto& t : tensors) {
+    if (t.view->dtype != p.q.dtype) {
+      return Status::InvalidArgument(
+          Expected(t.name, std::string("dtype ") + DTypeName(p.q.dtype) + " (the dtype of q)",
+                   DTypeName(t.view->dtype)));
+    }
+  }
+  const int64_t B = p.q.shape[0], S = p.q.shape[1], Hq = p.q.shape[2], Dk = p.q.shape[3];
+  const int64_t Hkv = p.k.shape[2], Dv = p.v.shape[3];
+  if (Dk < 1 || Dk > kMaxHeadDim) {
+    return Status::InvalidArgument(
+        Expected("q", "head dim in [1, " + std::to_string(kMaxHeadDim) + "]", ShapeString(p.q)));
+  }
+  if (p.k.shape[0] != B || p.k.shape[1] != S || p.k.shape[3] != Dk || Hkv < 1 || Hq % Hkv != 0) {
+    return Status::InvalidArgument(Expected("k",
+                                            "shape [" + std::to_string(B) + ", " +
+                                                std::to_string(S) + ", Hkv, " + std::to_string(Dk) +
+                                                "] with Hkv dividing " + std::to_string(Hq),
+                                            ShapeString(p.k)));
+  }
+  if (p.v.shape[0] != B || p.v.shape[1] != S || p.v.shape[2] != Hkv || Dv < 1 || Dv > kMaxHeadDim) {
+    return Status::InvalidArgument(Expected("v",
+                                            "shape [" + std::to_string(B) + ", " +
+                                                std::to_string(S) + ", " + std::to_string(Hkv) +
+                                                ", Dv] with Dv in [1, 512]",
+                                            ShapeString(p.v)));
+  }
+  if (p.out.shape[0] != B || p.out.shape[1] != S || p.out.shape[2] != Hq || p.out.shape[3] != Dv) {
+    return Status::InvalidArgument(
+        Expected("out", "shape " + Dims({B, S, Hq, Dv}), ShapeString(p.out)));
+  }
+  if (p.feature_map != LinearFeatureMap::kIdentity && p.feature_map != LinearFeatureMap::kElu1 &&
+      p.feature_map != LinearFeatureMap::kRelu && p.feature_map != LinearFeatureMap::kTaylor2) {
+    return Status::InvalidArgument(Expected("feature_map", "kIdentity, kElu1, kRelu or kTaylor2",
+                                            std::to_string(static_cast<int>(p.feature_map))));
+  }
+  const int64_t F = LinearFeatureDim(p.feature_map, Dk);
+  if (F > kMaxFeatureDim) {
+    return Status::InvalidArgument(Expected(
+        "q", "a feature dim 1 + Dk + Dk^2 <= " + std::to_string(kMaxFeatureDim) + " (Taylor map)",
+        "Dk = " + std::to_string(Dk)));
+  }
+  if (p.scale.has_value() && !std::isfinite(*p.scale)) {
+    return Status::InvalidArgument(Expected("scale", "a finite value", std::to_string(*p.scale)));
+  }
+  if (!(p.eps > 0.0f) || !std::isfinite(p.eps)) {
+    return Status::InvalidArgument(Expected("eps", "a finite value > 0", std::to_string(p.eps)));
+  }
+  if (p.prefix_len < 0 || p.prefix_len > S) {
+    return Status::InvalidArgument(
+        Expected("prefix_len", "in [0, " + std::to_string(S) + "]", std::to_string(p.prefix_len)));
+  }
+  if (p.chunk_size < 16 || p.chunk_size > 256 || p.chunk_size % 16 != 0) {
+    return Status::InvalidArgument(
+        Expected("chunk_size", "a multiple of 16 in [16, 256]", std::to_string(p.chunk_size)));
+  }
+  if (p.window < 0) {
+    return Status::InvalidArgument(Expected("window", ">= 0", std::to_string(p.window)));
+  }
+  if (p.window > 0 && !p.causal) {
+    return Status::InvalidArgument(
+        "window: expected causal attention for the sliding-window part, got causal = false");
+  }
+  const bool decayed = p.decay.data != nullptr || p.gates.data != nullptr;
+  if (decayed && (!p.causal || p.prefix_len > 0)) {
+    return Status::InvalidArgument(
+        std::string(p.decay.data != nullptr ? "decay" : "gates") +
+        ": expected causal attention without a prefix (decay is defined along the causal order), "
+        "got " +
+        (p.causal ? "prefix_len = " + std::to_string(p.prefix_len) : "causal = false"));
+  }
+  if (p.decay.data != nullptr && p.gates.data != nullptr) {
+    return Status::InvalidArgument("gates: expected either decay or gates, got both");
+  }
+  if (p.decay.data != nullptr) {
+    Status s = CheckF32("decay", p.decay, {Hq}, false);
+    if (!s.ok()) return s;
+    const float* d = static_cast<const float*>(p.decay.data);
+    for (int64_t h = 0; h < Hq; ++h) {
+      const float lambda = d[h * p.decay.strides[0]];
+      if (!(lambda > 0.0f && lambda <= 1.0f)) {
+        return Status::InvalidArgument(
+            Expected("decay", "lambda in (0, 1] per head",
+                     std::to_string(lambda) + " at head " + std::to_string(h)));
+      }
+    }
+  }
+  if (p.gates.data != nullptr) {
+    Status s = CheckF32("gates", p.gates, {B, S, Hq, Dk}, false);
+    if (!s.ok()) return s;
+    if (p.feature_map != LinearFeatureMap::kIdentity) {
+      return Status::InvalidArgument(
+          "gates: expected the identity feature map (gates act on the Dk key channels), got "
+          "another feature map");
+    }
+    const float* g = static_cast<const float*>(p.gates.data);
+    const int64_t* st = p.gates.strides;
+    for (int64_t b = 0; b < B; ++b) {
+      for (int64_t t = 0; t < S; ++t) {
+        for (int64_t h = 0; h < Hq; ++h) {
+          for (int64_t c = 0; c < Dk; ++c) {
+            const float x = g[b * st[0] + t * st[1] + h * st[2] + c * st[3]];
+            if (!(x <= 0.0f) || !std::isfinite(x)) {
+              return Status::InvalidArgument(
+                  Expected("gates", "finite log-space gates <= 0",
+                           std::to_string(x) + " at " + Dims({b, t, h, c})));
+            }
+          }
+        }
+      }
+    }
+  }
+  const bool any_state = p.initial_state.data != nullptr || p.final_state.data != nullptr ||
+                         p.initial_normalizer.data != nullptr || p.final_normalizer.data != nullptr;
+  if (any_state && !p.causal) {
+    return Status::InvalidArgument(
+        "initial_state / final_state: expected causal attention (a state carries the causal "
+        "prefix), got causal = false");
+  }
+  const struct {
+    const char* name;
+    const TensorView* view;
+    bool writable;
+    bool normalizer;
+  } states[] = {{"initial_state", &p.initial_state, false, false},
+                {"final_state", &p.final_state, true, false},
+                {"initial_normalizer", &p.initial_normalizer, false, true},
+                {"final_normalizer", &p.final_normalizer, true, true}};
+  for (const auto& st : states) {
+    if (st.view->data == nullptr) continue;
+    if (st.normalizer && !p.normalize) {
+      return Status::InvalidArgument(std::string(st.name) +
+                                     ": expected no normalizer state without normalize, got one");
+    }
+    Status s = st.normalizer ? CheckF32(st.name, *st.view, {B, Hq, F}, st.writable)
+                             : CheckF32(st.name, *st.view, {B, Hq, F, Dv}, st.writable);
+    if (!s.ok()) return s;
+  }
+
+  LinearProblem& r = *prob;
+  r = LinearProblem();
+  r.batch = B;
+  r.seq = S;
+  r.heads_q = Hq;
+  r.heads_kv = Hkv;
+  r.group = Hq / Hkv;
+  r.dk = Dk;
+  r.dv = Dv;
+  r.feat = F;
+  r.dtype = p.q.dtype;
+  r.q = p.q.data;
+  r.k = p.k.data;
+  r.v = p.v.data;
+  r.out = p.out.data;
+  CopyStrides(p.q, r.q_stride);
+  CopyStrides(p.k, r.k_stride);
+  CopyStrides(p.v, r.v_stride);
+  CopyStrides(p.out, r.out_stride);
+  r.map = p.feature_map;
+  r.scale = p.scale.has_value() ? *p.scale
+            : p.feature_map == LinearFeatureMap::kTaylor2
+                ? 1.0f
+                : static_cast<float>(1.0 / std::sqrt(static_cast<double>(Dk)));
+  r.causal = p.causal;
+  r.prefix = p.causal ? p.prefix_len : S;
+  r.normalize = p.normalize;
+  r.eps = p.eps;
+  if (p.decay.data != nullptr) {
+    r.decay = static_cast<const float*>(p.decay.data);
+    r.decay_stride = p.decay.strides[0];
+  }
+  if (p.gates.data != nullptr) {
+    r.gates = static_cast<const float*>(p.gates.data);
+    CopyStrides(p.gates, r.gates_stride);
+  }
+  r.window = p.window;
+  if (p.initial_state.data != nullptr) {
+    r.state_in = static_cast<const float*>(p.initial_state.data);
+    CopyStrides(p.initial_state, r.state_in_stride);
+  }
+  if (p.initial_normalizer.data != nullptr) {
+    r.norm_in = static_cast<const float*>(p.initial_normalizer.data);
+    CopyStrides(p.initial_normalizer, r.norm_in_stride);
+  }
+  if (p.final_state.data != nullptr) {
+    r.state_out = static_cast<float*>(p.final_state.data);
+    CopyStrides(p.final_state, r.state_out_stride);
+  }
+  if (p.final_normalizer.data != nullptr) {
+    r.norm_out = static_cast<float*>(p.final_normalizer.data);
+    CopyStrides(p.final_normalizer, r.norm_out_stride);
+  }
+  r.chunk = p.chunk_size;
+  return Status::Ok();
+}
+
+Status ValidateLinearAttentionBackward(const LinearAttentionBackwardParams& p,
+                                       LinearBackwardProblem* prob) {
+  LinearProblem fwd;
+  Status status = ValidateLinearAttention(p.forward, &fwd);
+  if (!status.ok()) return status;
+  if (fwd.window > 0) {
+    return Status::Unimplemented(
+        "forward.window: expected 0 in the backward (the sliding-window part's gradient is not "
+        "implemented; use AttentionBackward for it), got " +
+        std::to_string(fwd.window));
+  }
+  if (fwd.state_in != nullptr || fwd.norm_in != nullptr || fwd.state_out != nullptr ||
+      fwd.norm_out != nullptr) {
+    return Status::Unimplemented(
+        "forward.initial_state / final_state: expected none in the backward, got a state");
+  }
+  const struct {
+    const char* name;
+    const TensorView* view;
+    const TensorView* like;
+    const char* like_name;
+    bool writable;
+  } grads[] = {{"dout", &p.dout, &p.forward.out, "out", false},
+               {"dq", &p.dq, &p.forward.q, "q", true},
+               {"dk", &p.dk, &p.forward.k, "k", true},
+               {"dv", &p.dv, &p.forward.v, "v", true}};
+  for (const auto& g : grads) {
+    const int64_t* s = g.like->shape;
+    Status st = CheckShape(
+        g.name, *g.view, 4, s,
+        std::string("shape ") + ShapeString(*g.like) + " (the shape of " + g.like_name + ")",
+        g.writable);
+    if (!st.ok()) return st;
+    if (g.view->dtype != p.forward.q.dtype) {
+      return Status::InvalidArgument(Expected(
+          g.name, std::string("dtype ") + DTypeName(p.forward.q.dtype) + " (the dtype of q)",
+          DTypeName(g.view->dtype)));
+    }
+  }
+  if (p.dgates.data != nullptr) {
+    if (fwd.gates == nullptr) {
+      return Status::InvalidArgument("dgates: expected no dgates without forward.gates, got one");
+    }
+    Status st = CheckF32("dgates", p.dgates, {fwd.batch, fwd.seq, fwd.heads_q, fwd.dk}, true);
+    if (!st.ok()) return st;
+  }
+  LinearBackwardProblem& r = *prob;
+  r = LinearBackwardProblem();
+  r.fwd = fwd;
+  r.dout = p.dout.data;
+  r.dq = p.dq.data;
+  r.dk = p.dk.data;
+  r.dv = p.dv.data;
+  CopyStrides(p.dout, r.dout_stride);
+  CopyStrides(p.dq, r.dq_stride);
+  CopyStrides(p.dk, r.dk_stride);
+  CopyStrides(p.dv, r.dv_stride);
+  if (p.dgates.data != nullptr) {
+    r.dgates = static_cast<float*>(p.dgates.data);
+    CopyStrides(p.dgates, r.dgates_stride);
+  }
+  return Status::Ok();
+}
+
+}  // namespace tessera
