@@ -14,6 +14,7 @@
 namespace tessera {
 
 HWY_EXPORT(LinearForward);
+HWY_EXPORT(LinearBackward);
 
 namespace {
 
@@ -47,6 +48,18 @@ Status LinearAttentionForward(const LinearAttentionParams& params, const Context
 
 Status LinearAttentionRecurrent(const LinearAttentionParams& params, const Context& ctx) {
   return RunForward(params, ctx, /*recurrent=*/true);
+}
+
+Status LinearAttentionBackward(const LinearAttentionBackwardParams& params, const Context& ctx) {
+  LinearBackwardProblem problem;
+  Status status = ValidateLinearAttentionBackward(params, &problem);
+  if (!status.ok()) return status;
+  status = CheckPath(ctx);
+  if (!status.ok()) return status;
+  if (!HWY_DYNAMIC_DISPATCH(LinearBackward)(problem, ResolveThreads(ctx))) {
+    return Status::Internal("linear attention backward: could not allocate per-worker buffers");
+  }
+  return Status::Ok();
 }
 
 }  // namespace tessera

@@ -90,10 +90,10 @@ class LinearCase {
   std::vector<float> q_, k_, v_, gates_, mild_gates_, decay_;
 };
 
+// `scale`: the magnitude the absolute part is relative to; 0 = the largest |want|.
 void ExpectClose(const std::vector<float>& got, const std::vector<double>& want,
-                 const std::string& what) {
+                 const std::string& what, double scale = 0.0) {
   ASSERT_EQ(got.size(), want.size());
-  double scale = 0.0;
   for (double x : want) scale = std::max(scale, std::fabs(x));
   for (size_t i = 0; i < got.size(); ++i) {
     const double tol =
@@ -172,6 +172,57 @@ TEST(LinearAttention, ChunkedAndRecurrentMatchReference) {
       }
       ExpectClose(c.Run([&](LinearAttentionParams& p) { var.set(c, p); }, true), ref,
                   var.name + " recurrent S=" + std::to_string(seq));
+    }
+  }
+}
+
+// Gradients of the chunked form against the fp64 parallel form (dq, dk, dv and the GLA gates).
+TEST(LinearAttention, BackwardMatchesReference) {
+  for (const Variant& var : Variants()) {
+    if (var.name.find("window") != std::string::npos) continue;  // rejected in the backward
+    for (const int64_t seq : {1, 17, 65, 113}) {
+      Shape s;
+      s.seq = seq;
+      s.dk = var.dk;
+      s.heads_q = 4;
+      s.heads_kv = 2;
+      LinearCase c(s);
+      std::vector<float> out;
+      LinearAttentionBackwardParams bp;
+      bp.forward = c.Params(&out);
+      var.set(c, bp.forward);
+      bp.forward.chunk_size = 32;
+      const bool gla = bp.forward.gates.data != nullptr;
+      std::vector<float> dout(out.size()),
+          dq(static_cast<size_t>(s.batch * seq * s.heads_q * s.dk)),
+          dk(static_cast<size_t>(s.batch * seq * s.heads_kv * s.dk)),
+          dv(static_cast<size_t>(s.batch * seq * s.heads_kv * s.dv)), dg(gla ? dq.size() : 0);
+      std::mt19937_64 rng(17);
+      std::normal_distribution<float> normal(0.0f, 1.0f);
+      for (float& x : dout) x = normal(rng);
+      bp.dout = MakeView4(dout.data(), DType::kF32, s.batch, seq, s.heads_q, s.dv);
+      bp.dq = MakeView4(dq.data(), DType::kF32, s.batch, seq, s.heads_q, s.dk);
+      bp.dk = MakeView4(dk.data(), DType::kF32, s.batch, seq, s.heads_kv, s.dk);
+      bp.dv = MakeView4(dv.data(), DType::kF32, s.batch, seq, s.heads_kv, s.dv);
+      if (gla) bp.dgates = MakeView4(dg.data(), DType::kF32, s.batch, seq, s.heads_q, s.dk);
+      Context ctx;
+      ctx.num_threads = 2;
+      const Status st = LinearAttentionBackward(bp, ctx);
+      ASSERT_TRUE(st.ok()) << st.message();
+      std::vector<double> rq(dq.size()), rk(dk.size()), rv(dv.size()), rg(dg.size());
+      ref::LinearBackwardF64(bp, rq.data(), rk.data(), rv.data(), gla ? rg.data() : nullptr);
+      // Gradients that cancel analytically (one token under normalization, the gates of one
+      // token) carry the rounding of the terms that cancel: the absolute part is relative to the
+      // largest gradient of the call.
+      double scale = 0.0;
+      for (const auto* r : {&rq, &rk, &rv}) {
+        for (double x : *r) scale = std::max(scale, std::fabs(x));
+      }
+      const std::string what = var.name + " S=" + std::to_string(seq);
+      ExpectClose(dq, rq, what + " dq", scale);
+      ExpectClose(dk, rk, what + " dk", scale);
+      ExpectClose(dv, rv, what + " dv", scale);
+      if (gla) ExpectClose(dg, rg, what + " dgates", scale);
     }
   }
 }
