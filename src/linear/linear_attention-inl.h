@@ -175,10 +175,19 @@ struct Work {
   float* row2;  // [wide]
   float* att;   // [window + 1] window scores
   float* pow;   // [C + 1] powers of the head's decay
+  float* win;   // [C][Dvp] window part of the chunk's outputs (BASED)
+  float* wq;    // [C][Dkp] raw q rows of the chunk
+  float* wkt;   // [Dkp][M] raw k rows of the window's keys, transposed (M = C + window, padded)
+  float* wv;    // [M][Dvp] their v rows
+  float* wsc;   // [C][M] window scores, then probabilities
+  size_t wm;    // M
 
   static size_t Floats(size_t c, size_t fp, size_t dvp, size_t dkp, size_t wide, size_t window) {
+    const size_t m = window > 0 ? RoundUp(c + window) : 0;
     return 3 * c * fp + fp * c + 2 * c * dvp + c * c + fp * dvp + fp + c + c * dkp + c * fp +
-           2 * wide + RoundUp(window + 1) + RoundUp(c + 1) + 20 * 16;  // + rounding of each
+           2 * wide + RoundUp(window + 1) + RoundUp(c + 1) +
+           (window > 0 ? c * dvp + c * dkp + dkp * m + m * dvp + c * m : 0) +
+           30 * 16;  // + the rounding of each buffer
   }
   void Carve(float* base, size_t c_, size_t fi_, size_t dvp_, size_t dkp_, size_t wide_,
              size_t window) {
@@ -204,6 +213,12 @@ struct Work {
     row2 = take(wide);
     att = take(window + 1);
     pow = take(c + 1);
+    wm = window > 0 ? RoundUp(c + window) : 0;
+    win = window > 0 ? take(c * dvp) : nullptr;
+    wq = window > 0 ? take(c * dkp) : nullptr;
+    wkt = window > 0 ? take(dkp * wm) : nullptr;
+    wv = window > 0 ? take(wm * dvp) : nullptr;
+    wsc = window > 0 ? take(c * wm) : nullptr;
   }
 };
 
@@ -257,13 +272,58 @@ struct Head {
     }
   }
 
+  // BASED's exact part for the queries [t0, t0 + n) at once, into w.win: scores against the keys
+  // [t0 - window + 1, t0 + n) as one GEMM, a masked softmax per row, then one GEMM with V.
+  void WindowChunk(Work& w, int64_t t0, size_t n) const {
+    const size_t dk = static_cast<size_t>(p.dk), dkp = w.dkp, dvp = w.dvp, m = w.wm;
+    const int64_t k0 = std::max<int64_t>(0, t0 - p.window + 1);
+    const size_t keys = static_cast<size_t>(t0 + static_cast<int64_t>(n) - k0);
+    for (size_t i = 0; i < n; ++i) {
+      LoadRow(p.dtype, p.q, p.offset(p.q_stride, b, t0 + static_cast<int64_t>(i), h), p.q_stride[3],
+              dk, w.wq + i * dkp);
+      for (size_t d = dk; d < dkp; ++d) w.wq[i * dkp + d] = 0.0f;
+    }
+    for (size_t j = 0; j < m; ++j) {
+      if (j < keys) {
+        const int64_t t = k0 + static_cast<int64_t>(j);
+        LoadRow(p.dtype, p.k, p.offset(p.k_stride, b, t, kvh), p.k_stride[3], dk, w.row);
+        LoadV(w, t, w.wv + j * dvp);
+      }
+      for (size_t d = 0; d < dk; ++d) w.wkt[d * m + j] = j < keys ? w.row[d] : 0.0f;
+    }
+    Gemm<false>(n, m, dk, w.wq, dkp, 1, w.wkt, m, w.wsc, m);
+    const float inv = 1.0f / std::sqrt(static_cast<float>(dk));
+    for (size_t i = 0; i < n; ++i) {
+      // Visible keys of query t: [t - window + 1, t], as indices into the loaded keys.
+      const int64_t t = t0 + static_cast<int64_t>(i);
+      const size_t lo = static_cast<size_t>(std::max<int64_t>(k0, t - p.window + 1) - k0);
+      const size_t hi = static_cast<size_t>(t - k0);
+      float* row = w.wsc + i * m;
+      float mx = -std::numeric_limits<float>::infinity();
+      for (size_t j = lo; j <= hi; ++j) mx = std::max(mx, row[j] * inv);
+      float sum = 0.0f;
+      for (size_t j = 0; j < m; ++j) {
+        row[j] = j >= lo && j <= hi ? std::exp(row[j] * inv - mx) : 0.0f;
+        sum += row[j];
+      }
+      const float norm = 1.0f / sum;
+      for (size_t j = lo; j <= hi; ++j) row[j] *= norm;
+    }
+    Gemm<false>(n, dvp, keys, w.wsc, m, 1, w.wv, dvp, w.win, dvp);
+  }
+
   // Normalization, the window part and the store of output row t from o (den[i] its denominator).
-  void Finish(Work& w, int64_t t, float* o, float den) const {
+  // `win`: the row's window part when computed for the whole chunk, else nullptr.
+  void Finish(Work& w, int64_t t, float* o, float den, const float* win = nullptr) const {
     if (p.normalize) {
       const float inv = 1.0f / (den + p.eps);
       for (size_t d = 0; d < static_cast<size_t>(p.dv); ++d) o[d] *= inv;
     }
-    if (p.window > 0) AddWindow(w, t, o);
+    if (win != nullptr) {
+      for (size_t d = 0; d < static_cast<size_t>(p.dv); ++d) o[d] += win[d];
+    } else if (p.window > 0) {
+      AddWindow(w, t, o);
+    }
     StoreStridedScaled(p.dtype, o, 1, static_cast<size_t>(p.dv), 1.0f, p.out,
                        p.offset(p.out_stride, b, t, h), p.out_stride[3]);
   }
@@ -961,7 +1021,22 @@ bool LinearForward(const LinearProblem& p, int32_t threads, bool recurrent) {
       }
       for (int64_t t = p.prefix; t < p.seq; ++t) RecurrentToken(hd, w, t);
     } else {
-      const auto finish = [&](int64_t t, float* o, float den) { hd.Finish(w, t, o, den); };
+      // Outputs leave chunk by chunk; the window part of a chunk is computed with its first row.
+      int64_t window_chunk = -1;
+      const auto finish = [&](int64_t t, float* o, float den) {
+        const float* win = nullptr;
+        if (p.window > 0) {
+          const int64_t t0 =
+              t < p.prefix ? t / p.chunk * p.chunk : p.prefix + (t - p.prefix) / p.chunk * p.chunk;
+          if (t0 != window_chunk) {
+            const int64_t end = t < p.prefix ? p.prefix : p.seq;
+            hd.WindowChunk(w, t0, static_cast<size_t>(std::min(p.chunk, end - t0)));
+            window_chunk = t0;
+          }
+          win = w.win + static_cast<size_t>(t - t0) * w.dvp;
+        }
+        hd.Finish(w, t, o, den, win);
+      };
       PrefixChunks(hd, w, finish);
       for (int64_t t0 = p.prefix; t0 < p.seq; t0 += p.chunk) {
         CausalChunk(hd, w, t0, static_cast<size_t>(std::min(p.chunk, p.seq - t0)), finish);
