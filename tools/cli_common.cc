@@ -3,6 +3,7 @@
 #include <sys/resource.h>
 
 #include <cerrno>
+#include <cmath>
 #include <cstdlib>
 #include <iostream>
 #include <limits>
@@ -95,6 +96,180 @@ bool ParseLens(const std::string& text, std::vector<int32_t>* lens, std::string*
     if (comma == std::string::npos) return true;
     start = comma + 1;
   }
+}
+
+bool ParseNonNegative(const std::string& flag, const std::string& text, int64_t* value,
+                      std::string* error) {
+  int64_t v = 0;
+  if (!ParseInt64(text, &v) || v < 0) {
+    *error = flag + ": expected an integer >= 0, got '" + text + "'";
+    return false;
+  }
+  *value = v;
+  return true;
+}
+
+namespace {
+
+constexpr struct {
+  LinearVariant variant;
+  const char* name;
+} kVariants[] = {{LinearVariant::kPlain, "plain"},
+                 {LinearVariant::kDecay, "decay"},
+                 {LinearVariant::kGla, "gla"},
+                 {LinearVariant::kBased, "based"}};
+
+constexpr struct {
+  LinearFeatureMap map;
+  const char* name;
+} kFeatureMaps[] = {{LinearFeatureMap::kIdentity, "identity"},
+                    {LinearFeatureMap::kElu1, "elu1"},
+                    {LinearFeatureMap::kRelu, "relu"},
+                    {LinearFeatureMap::kTaylor2, "taylor2"}};
+
+}  // namespace
+
+const char* LinearVariantName(LinearVariant variant) {
+  for (const auto& v : kVariants) {
+    if (v.variant == variant) return v.name;
+  }
+  return "?";
+}
+
+const char* FeatureMapName(LinearFeatureMap map) {
+  for (const auto& m : kFeatureMaps) {
+    if (m.map == map) return m.name;
+  }
+  return "?";
+}
+
+bool ResolveLinearOptions(const LinearOptionText& text, LinearChoice* choice, std::string* error) {
+  LinearChoice c;
+  bool found = false;
+  for (const auto& v : kVariants) {
+    if (text.variant == v.name) {
+      c.variant = v.variant;
+      found = true;
+    }
+  }
+  if (!found) {
+    *error = "--variant: expected plain, decay, gla or based, got '" + text.variant + "'";
+    return false;
+  }
+  const bool based = c.variant == LinearVariant::kBased;
+  c.feature_map = based ? LinearFeatureMap::kTaylor2 : LinearFeatureMap::kIdentity;
+  if (!text.feature_map.empty()) {
+    found = false;
+    for (const auto& m : kFeatureMaps) {
+      if (text.feature_map == m.name) {
+        c.feature_map = m.map;
+        found = true;
+      }
+    }
+    if (!found) {
+      *error =
+          "--feature-map: expected identity, elu1, relu or taylor2, got '" + text.feature_map + "'";
+      return false;
+    }
+    // The library would reject these too, but only the CLI knows which flag chose the map.
+    if (based && c.feature_map != LinearFeatureMap::kTaylor2) {
+      *error = "--feature-map: --variant based uses the Taylor map (taylor2), got '" +
+               text.feature_map + "'";
+      return false;
+    }
+    if (c.variant == LinearVariant::kGla && c.feature_map != LinearFeatureMap::kIdentity) {
+      *error =
+          "--feature-map: --variant gla gates the keys' channels, so it takes the identity "
+          "map only, got '" +
+          text.feature_map + "'";
+      return false;
+    }
+  }
+  c.normalize = text.normalize < 0 ? based : text.normalize == 1;
+  c.window = based ? kBasedWindow : 0;
+  if (!text.window.empty()) {
+    int64_t w = 0;
+    if (!ParseInt64(text.window, &w) || w < 0) {
+      *error =
+          "--window: expected the exact window's length W >= 0 in keys (0 = off) with --op "
+          "linear, got '" +
+          text.window + "'";
+      return false;
+    }
+    c.window = w;
+  }
+  *choice = c;
+  return true;
+}
+
+bool ParseLinearForm(const std::string& text, bool* recurrent, std::string* error) {
+  if (text == "chunked" || text == "recurrent") {
+    *recurrent = text == "recurrent";
+    return true;
+  }
+  *error = "--form: expected chunked or recurrent, got '" + text + "'";
+  return false;
+}
+
+bool ParseDecay(const std::string& text, std::vector<float>* lambdas, std::string* error) {
+  lambdas->clear();
+  size_t start = 0;
+  while (true) {
+    const size_t comma = text.find(',', start);
+    const std::string item =
+        text.substr(start, comma == std::string::npos ? std::string::npos : comma - start);
+    errno = 0;
+    char* end = nullptr;
+    const double x = item.empty() ? 0.0 : std::strtod(item.c_str(), &end);
+    if (item.empty() || errno != 0 || end != item.c_str() + item.size() || !std::isfinite(x)) {
+      *error =
+          "--decay: expected comma-separated decay rates 'L1,L2,...' in (0, 1], got '" + text + "'";
+      return false;
+    }
+    // (0, 1] as the library requires; a rate that rounds to 0 in f32 is out of range too.
+    const float lambda = static_cast<float>(x);
+    if (!(lambda > 0.0f && lambda <= 1.0f)) {
+      *error = "--decay: expected each decay rate in (0, 1], got " + item + " in '" + text + "'";
+      return false;
+    }
+    lambdas->push_back(lambda);
+    if (comma == std::string::npos) return true;
+    start = comma + 1;
+  }
+}
+
+std::string LinearStatusMessage(const Status& status) {
+  static constexpr struct {
+    const char* field;
+    const char* flag;
+  } kFields[] = {
+      {"chunk_size", "--chunk"},
+      {"prefix_len", "--prefix"},
+      {"window", "--window"},
+      {"decay", "--decay"},
+      {"gates", "--gates"},
+      {"initial_state", "--state-in"},
+      {"initial_normalizer", "--normalizer-in"},
+      {"final_state", "--state-out"},
+      {"final_normalizer", "--normalizer-out"},
+      {"scale", "--scale"},
+      {"dgates", "--dgates"},
+      {"dout", "--dout"},
+      {"causal", "--non-causal"},
+      {"normalize", "--normalize"},
+      {"feature_map", "--feature-map"},
+      {"ctx.path", "--path"},
+  };
+  const std::string& m = status.message();
+  for (const auto& f : kFields) {
+    const std::string field = f.field;
+    if (m.compare(0, field.size(), field) == 0 &&
+        (m.size() == field.size() || m[field.size()] == ':' || m[field.size()] == ' ' ||
+         m[field.size()] == '.' || m[field.size()] == '[' || m[field.size()] == ',')) {
+      return std::string(f.flag) + ": " + status.ToString();
+    }
+  }
+  return status.ToString();
 }
 
 double PeakRssMiB() {

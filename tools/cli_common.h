@@ -11,6 +11,8 @@
 
 #include "tessera/context.h"
 #include "tessera/kv_cache.h"
+#include "tessera/linear.h"
+#include "tessera/status.h"
 #include "tessera/types.h"
 
 namespace CLI {
@@ -48,6 +50,60 @@ bool ParseKVDType(const std::string& text, KVDType* dtype, std::string* error);
 
 // Parses "L1,L2,..." (each an integer in 1..2^31-1) into *lens (the --lens option).
 bool ParseLens(const std::string& text, std::vector<int32_t>* lens, std::string* error);
+
+// Parses a whole-string integer >= 0 given to `flag` (used in its error message).
+bool ParseNonNegative(const std::string& flag, const std::string& text, int64_t* value,
+                      std::string* error);
+
+// ---------------------------------------------------------------------------------------------
+// Linear attention (--op linear of run and bench): the family of tessera/linear.h as variants.
+//   plain  no decay, no gates (optionally the JRT prefix form)
+//   decay  a constant decay per query head (RetNet, TransNormerLLM / Lightning Attention)
+//   gla    data-dependent log-space gates per query head and key channel (GLA)
+//   based  the Taylor feature map, normalized, plus an exact sliding window (BASED)
+enum class LinearVariant : int32_t { kPlain, kDecay, kGla, kBased };
+
+// BASED's sliding window in keys (Arora et al. 2024): --variant based's default --window.
+constexpr int64_t kBasedWindow = 64;
+
+// "plain", "decay", "gla", "based".
+const char* LinearVariantName(LinearVariant variant);
+// "identity", "elu1", "relu", "taylor2".
+const char* FeatureMapName(LinearFeatureMap map);
+
+// The linear options as typed; an empty string (or -1 for normalize) means "not given", so the
+// variant's default applies.
+struct LinearOptionText {
+  std::string variant = "plain";
+  std::string feature_map;
+  int normalize = -1;  // -1: not given, 0: --no-normalize, 1: --normalize
+  std::string window;
+};
+
+// The resolved choice: BASED defaults to the Taylor map, normalize on and a window of
+// kBasedWindow keys; the other variants to identity, unnormalized, no window.
+struct LinearChoice {
+  LinearVariant variant = LinearVariant::kPlain;
+  LinearFeatureMap feature_map = LinearFeatureMap::kIdentity;
+  bool normalize = false;
+  int64_t window = 0;
+};
+
+// Resolves the options above; false with *error naming the offending flag (--variant,
+// --feature-map, --window) otherwise. Rejects a feature map the variant cannot take (gla:
+// identity only; based: taylor2 only) here, where the flag can be named.
+bool ResolveLinearOptions(const LinearOptionText& text, LinearChoice* choice, std::string* error);
+
+// Parses --form: "chunked" (LinearAttentionForward) or "recurrent" (LinearAttentionRecurrent).
+bool ParseLinearForm(const std::string& text, bool* recurrent, std::string* error);
+
+// Parses --decay "L1,L2,...": each a finite number in (0, 1].
+bool ParseDecay(const std::string& text, std::vector<float>* lambdas, std::string* error);
+
+// A linear-attention Status as text. The library's messages name LinearAttentionParams fields,
+// the user typed flags: when the message starts with a field that one flag sets, that flag is
+// named in front ("--chunk: invalid argument: chunk_size: ...").
+std::string LinearStatusMessage(const Status& status);
 
 // Peak resident set size of this process so far, in MiB.
 double PeakRssMiB();

@@ -1,15 +1,12 @@
-// `tessera run`: exact attention forward on .npy inputs and, with --dout, its backward.
+// `tessera run`: exact attention forward on .npy inputs and, with --dout, its backward; with
+// --op linear, linear attention instead (run_linear.cc).
 //
 // Inputs are read straight into buffers of their own dtype and handed to AttentionForward (and
 // AttentionBackward) as views, so peak memory is inputs + outputs + the kernels' scratch;
 // nothing is written unless the whole call succeeds. --mask (mask_spec.h) is parsed against the
 // inputs' shapes; its select: forms run SelectBlocks on these q and k before the forward.
-#include <unistd.h>
-
-#include <cerrno>
+#include <CLI/CLI.hpp>
 #include <chrono>
-#include <cstdio>
-#include <cstring>
 #include <iomanip>
 #include <iostream>
 #include <iterator>
@@ -17,11 +14,10 @@
 #include <string>
 #include <vector>
 
-#include <CLI/CLI.hpp>
-
 #include "cli_common.h"
 #include "mask_spec.h"
 #include "npy.h"
+#include "run_linear.h"
 #include "tessera/attention.h"
 #include "visible_pairs.h"
 
@@ -30,6 +26,7 @@ namespace cli {
 namespace {
 
 struct RunOptions {
+  std::string op = "exact";
   std::string q, k, v, out, lse, alibi;
   std::string dout, dq, dk, dv;  // backward: all four or none
   bool causal = false;
@@ -42,6 +39,10 @@ struct RunOptions {
   bool verbose = false;
   CLI::Option* scale_option = nullptr;
   CLI::Option* mask_option = nullptr;  // --mask '' is an error, not "no mask"
+  // --op linear: its own options, and the shared ones copied in before it runs.
+  LinearRunOptions linear;
+  // The options of one op only, to refuse them (by name) under the other.
+  std::vector<CLI::Option*> exact_only, linear_only;
 };
 
 int RunMain(const RunOptions& o) {
@@ -195,37 +196,16 @@ int RunMain(const RunOptions& o) {
     if (!status.ok()) return Fail(cmd, status.ToString());
   }
 
-  // Write to temporary names and rename only when every file is complete, so a failure (say,
-  // an unwritable --lse path) leaves no partial or mismatched outputs behind.
-  const std::string suffix = ".tmp." + std::to_string(static_cast<long>(getpid()));
-  struct Pending {
-    const std::string& path;
-    const NpyArray& array;
-  };
-  std::vector<Pending> pending = {{o.out, out}};
-  if (!o.lse.empty()) pending.push_back({o.lse, lse});
+  // Written only once every output is complete, so a failure (say, an unwritable --lse path)
+  // leaves no partial or mismatched files behind.
+  std::vector<NpyOutput> files = {{o.out, &out}};
+  if (!o.lse.empty()) files.push_back({o.lse, &lse});
   if (backward) {
-    pending.push_back({o.dq, dq});
-    pending.push_back({o.dk, dk});
-    pending.push_back({o.dv, dv});
+    files.push_back({o.dq, &dq});
+    files.push_back({o.dk, &dk});
+    files.push_back({o.dv, &dv});
   }
-  for (size_t i = 0; i < pending.size(); ++i) {
-    const Pending& p = pending[i];
-    if (!SaveNpy(p.path + suffix, p.array.dtype, p.array.shape, p.array.data.get(), &error)) {
-      for (size_t j = 0; j <= i; ++j) std::remove((pending[j].path + suffix).c_str());
-      // Name the user's path, not the temporary one.
-      const std::string tmp = p.path + suffix;
-      if (error.compare(0, tmp.size(), tmp) == 0) error.replace(0, tmp.size(), p.path);
-      return Fail(cmd, error);
-    }
-  }
-  for (const Pending& p : pending) {
-    if (std::rename((p.path + suffix).c_str(), p.path.c_str()) != 0) {
-      const std::string why = std::strerror(errno);
-      for (const Pending& r : pending) std::remove((r.path + suffix).c_str());
-      return Fail(cmd, p.path + ": cannot write: " + why);
-    }
-  }
+  if (!SaveNpyAll(files, &error)) return Fail(cmd, error);
   if (o.verbose) {
     std::cerr << "tessera run: q " << ShapeToString(q.shape) << " k " << ShapeToString(k.shape)
               << " " << DTypeName(q.dtype) << ", path " << PathName(ctx.path) << ", threads "
@@ -245,40 +225,140 @@ int RunMain(const RunOptions& o) {
   return kExitOk;
 }
 
+// Picks the op, refuses the other op's options by name, and runs.
+int RunDispatch(RunOptions& o) {
+  const bool linear = o.op == "linear";
+  if (!linear && o.op != "exact") {
+    return Fail("run", "--op: expected exact (the default) or linear, got '" + o.op + "'");
+  }
+  for (const CLI::Option* opt : linear ? o.exact_only : o.linear_only) {
+    if (opt->count() > 0) {
+      return Fail("run",
+                  opt->get_name() + ": only with " +
+                      (linear ? "--op exact (the default), not with --op linear" : "--op linear"));
+    }
+  }
+  if (!linear) return RunMain(o);
+  LinearRunOptions& l = o.linear;
+  l.q = o.q;
+  l.k = o.k;
+  l.v = o.v;
+  l.out = o.out;
+  l.dout = o.dout;
+  l.dq = o.dq;
+  l.dk = o.dk;
+  l.dv = o.dv;
+  l.causal = o.causal;
+  l.text.window = o.window;
+  if (o.scale_option->count() > 0) l.scale = static_cast<float>(o.scale);
+  l.threads = o.threads;
+  l.path = o.path;
+  l.verbose = o.verbose;
+  return RunLinear(l);
+}
+
 }  // namespace
 
 CommandMain AddRunCommand(CLI::App& app) {
   auto o = std::make_shared<RunOptions>();
+  LinearRunOptions& l = o->linear;
   CLI::App* sub = app.add_subcommand(
-      "run", "Exact attention forward (and backward) on .npy inputs (float32 or float16, C order)");
+      "run",
+      "Exact attention forward (and backward) on .npy inputs (float32 or float16, C order); "
+      "linear attention with --op linear");
+  sub->add_option("--op", o->op, "exact (softmax attention) or linear")->capture_default_str();
   sub->add_option("--q", o->q, "queries [B, Sq, Hq, D]")->required();
   sub->add_option("--k", o->k, "keys [B, Sk, Hkv, D], Hq % Hkv == 0")->required();
-  sub->add_option("--v", o->v, "values [B, Sk, Hkv, D]")->required();
+  sub->add_option("--v", o->v, "values [B, Sk, Hkv, D] (linear: [B, S, Hkv, Dv])")->required();
   sub->add_option("--out", o->out, "output [B, Sq, Hq, D], written in the input dtype")->required();
-  sub->add_option("--lse", o->lse, "also write the log-sum-exp, float32 [B, Hq, Sq]");
+  o->exact_only.push_back(
+      sub->add_option("--lse", o->lse, "also write the log-sum-exp, float32 [B, Hq, Sq]"));
   sub->add_option("--dout", o->dout,
                   "backward: gradient w.r.t. the output [B, Sq, Hq, D], dtype of Q; needs --dq, "
                   "--dk, --dv");
   sub->add_option("--dq", o->dq, "backward: write dL/dQ, shape and dtype of Q");
   sub->add_option("--dk", o->dk, "backward: write dL/dK, shape and dtype of K");
   sub->add_option("--dv", o->dv, "backward: write dL/dV, shape and dtype of V");
-  sub->add_flag("--causal", o->causal, "causal mask (bottom-right aligned when Sq != Sk)");
-  sub->add_option("--window", o->window,
-                  "sliding window LEFT,RIGHT (-1 = unbounded); -1,0 equals --causal");
+  sub->add_flag("--causal", o->causal,
+                "causal mask (bottom-right aligned when Sq != Sk); linear: the default");
+  CLI::Option* window_option =
+      sub->add_option("--window", o->window,
+                      "sliding window LEFT,RIGHT (-1 = unbounded); -1,0 equals --causal. "
+                      "Linear: W, the exact softmax window added to the linear part (based: "
+                      "default 64, else 0 = off)");
   o->mask_option =
       sub->add_option("--mask", o->mask,
                       "programmable mask, e.g. nbhd2d:16x16:5x5, sink:4:256, block:M.npy:64x64, "
                       "sigmoid+doc:100,156 (grammar below)");
-  sub->add_option("--softcap", o->softcap, "tanh logit softcap (0 = off)");
-  o->scale_option = sub->add_option("--scale", o->scale, "softmax scale (default 1/sqrt(D))");
-  sub->add_option("--alibi", o->alibi, "ALiBi slopes, float32 [Hq]");
+  o->exact_only.push_back(o->mask_option);
+  o->exact_only.push_back(sub->add_option("--softcap", o->softcap, "tanh logit softcap (0 = off)"));
+  o->scale_option = sub->add_option(
+      "--scale", o->scale,
+      "softmax scale (default 1/sqrt(D)); linear: multiplies phi(q).phi(k) (default 1/sqrt(Dk), "
+      "1 for taylor2)");
+  o->exact_only.push_back(sub->add_option("--alibi", o->alibi, "ALiBi slopes, float32 [Hq]"));
   sub->add_option("--threads", o->threads, "worker threads (0 = all)");
   sub->add_option("--path", o->path, "force a kernel path: auto|reference|generic|fast")
       ->group("");  // hidden: for tests and benchmarks
   sub->add_flag("--verbose,-v", o->verbose,
                 "print timing and peak memory (and the mask's density) to stderr");
+
+  // Linear attention (tessera/linear.h), refused by name under --op exact.
+  const std::string group = "Linear attention (--op linear)";
+  auto normalize_value = std::make_shared<bool>(false);
+  const auto linear_option = [&](CLI::Option* opt) {
+    opt->group(group);
+    o->linear_only.push_back(opt);
+    return opt;
+  };
+  linear_option(sub->add_option("--variant", l.text.variant,
+                                "plain, decay (--decay), gla (--gates) or based (Taylor map, "
+                                "normalized, window 64)")
+                    ->capture_default_str());
+  linear_option(sub->add_option("--feature-map", l.text.feature_map,
+                                "phi: identity (default), elu1, relu or taylor2 (based)"));
+  linear_option(sub->add_option("--decay", l.decay,
+                                "decay: rates in (0, 1], one per query head or one for all: "
+                                "L1,L2,..."));
+  linear_option(
+      sub->add_option("--gates", l.gates, "gla: log-space gates <= 0, float32 [B, S, Hq, Dk]"));
+  CLI::Option* normalize_option = linear_option(sub->add_flag(
+      "--normalize,!--no-normalize", *normalize_value,
+      "divide by phi(q).sum(phi(k)) (based: on by default; --no-normalize turns it off)"));
+  linear_option(sub->add_flag("--non-causal", l.non_causal,
+                              "every query sees every key (not with decay, gla, a window or "
+                              "state files)"));
+  linear_option(
+      sub->add_option("--prefix", l.prefix,
+                      "JRT prefix: keys [0, P) visible to every query (not with decay, gla)")
+          ->type_name("INT"));
+  linear_option(sub->add_option("--chunk", l.chunk,
+                                "tokens per chunk of the chunked form: 16..256, a multiple of 16 "
+                                "(default 64)")
+                    ->type_name("INT"));
+  linear_option(sub->add_option("--form", l.form, "chunked or recurrent (token by token)")
+                    ->capture_default_str());
+  linear_option(sub->add_option("--state-in", l.state_in,
+                                "initial recurrent state, float32 [B, Hq, F, Dv] (causal)"));
+  linear_option(sub->add_option("--state-out", l.state_out,
+                                "write the state after the last token, float32 [B, Hq, F, Dv]"));
+  linear_option(sub->add_option("--normalizer-in", l.normalizer_in,
+                                "with --normalize: initial normalizer, float32 [B, Hq, F]"));
+  linear_option(sub->add_option("--normalizer-out", l.normalizer_out,
+                                "with --normalize: write the normalizer, float32 [B, Hq, F]"));
+  linear_option(sub->add_option("--dgates", l.dgates,
+                                "gla backward: write dL/dgates, float32 [B, S, Hq, Dk]"));
   sub->footer(MaskSpecHelp());
-  return [o] { return RunMain(*o); };
+  return [o, window_option, normalize_option, normalize_value] {
+    RunOptions& r = *o;
+    r.linear.text.normalize = normalize_option->count() > 0 ? (*normalize_value ? 1 : 0) : -1;
+    if (r.op == "linear" && window_option->count() > 0 && r.window.empty()) {
+      return Fail("run",
+                  "--window: expected the exact window's length W >= 0 in keys (0 = off) "
+                  "with --op linear, got ''");
+    }
+    return RunDispatch(r);
+  };
 }
 
 }  // namespace cli

@@ -4,6 +4,8 @@
 // raw elements.
 #include "npy.h"
 
+#include <unistd.h>
+
 #include <algorithm>
 #include <cerrno>
 #include <cstdio>
@@ -365,6 +367,29 @@ bool SaveNpy(const std::string& path, DType dtype, const std::vector<int64_t>& s
   }
   std::FILE* raw = file.release();
   if (std::fclose(raw) != 0) return fail(std::string("write failed: ") + std::strerror(errno));
+  return true;
+}
+
+bool SaveNpyAll(const std::vector<NpyOutput>& outputs, std::string* error) {
+  const std::string suffix = ".tmp." + std::to_string(static_cast<long>(getpid()));
+  for (size_t i = 0; i < outputs.size(); ++i) {
+    const NpyOutput& o = outputs[i];
+    const std::string tmp = o.path + suffix;
+    if (!SaveNpy(tmp, o.array->dtype, o.array->shape, o.array->data.get(), error)) {
+      for (size_t j = 0; j <= i; ++j) std::remove((outputs[j].path + suffix).c_str());
+      // Name the user's path, not the temporary one.
+      if (error->compare(0, tmp.size(), tmp) == 0) error->replace(0, tmp.size(), o.path);
+      return false;
+    }
+  }
+  for (const NpyOutput& o : outputs) {
+    if (std::rename((o.path + suffix).c_str(), o.path.c_str()) != 0) {
+      const std::string why = std::strerror(errno);
+      for (const NpyOutput& r : outputs) std::remove((r.path + suffix).c_str());
+      *error = o.path + ": cannot write: " + why;
+      return false;
+    }
+  }
   return true;
 }
 

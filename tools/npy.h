@@ -51,6 +51,17 @@ bool LoadNpy(const std::string& path, const std::vector<DType>& accepted, NpyArr
 bool SaveNpy(const std::string& path, DType dtype, const std::vector<int64_t>& shape,
              const void* data, std::string* error);
 
+// One output of a command: a path and the array to write there.
+struct NpyOutput {
+  std::string path;
+  const NpyArray* array;
+};
+
+// Writes every output to a temporary name next to its path first and renames them into place
+// only when all of them are complete, so a failure (an unwritable path, a full disk) leaves no
+// partial or mismatched set of outputs behind. The error names the user's path.
+bool SaveNpyAll(const std::vector<NpyOutput>& outputs, std::string* error);
+
 // "(2, 3)"-style shape string, as NumPy prints it.
 std::string ShapeToString(const std::vector<int64_t>& shape);
 

@@ -1,9 +1,9 @@
 // The `tessera` command-line tool: run attention (forward, and backward with --dout) on .npy
-// files, benchmark it against a naive baseline, and report what the machine offers.
+// files, exact or linear, benchmark it against a baseline, and report what the machine offers.
 //
-//   tessera run   --q Q.npy --k K.npy --v V.npy --out O.npy [options]
+//   tessera run   [--op exact|linear] --q Q.npy --k K.npy --v V.npy --out O.npy [options]
 //                 [--dout DO.npy --dq DQ.npy --dk DK.npy --dv DV.npy]
-//   tessera bench --op forward|backward --seq N [options] [--vs naive] [--json]
+//   tessera bench --op forward|backward|decode|linear --seq N [options] [--vs ...] [--json]
 //   tessera info  [--json]
 //
 // Exit codes: 0 success, 2 any error (message on stderr). stdout carries only results.

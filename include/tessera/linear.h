@@ -68,7 +68,9 @@ struct LinearAttentionParams {
   TensorView gates;
 
   // BASED's exact part: with window > 0, out += the exact causal softmax attention of q, k, v over
-  // the last `window` keys (self included), added to the linear part (Dk == Dv required).
+  // the last `window` keys (self included), scale 1/sqrt(Dk), added to the linear part (any Dv).
+  // It reads the raw keys of the call only: a continuation through the state does not see the
+  // previous call's last window keys.
   int64_t window = 0;
 
   // Recurrent state handed over between calls (prefill -> decode, chunked prefill): read before

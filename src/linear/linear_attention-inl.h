@@ -244,6 +244,23 @@ struct Head {
             dst);
     for (size_t d = static_cast<size_t>(p.dv); d < w.dvp; ++d) dst[d] = 0.0f;
   }
+  // Prefetches the q, k, v (and gate) rows of token t into L2, when it exists.
+  void Prefetch(int64_t t) const {
+    if (t >= p.seq) return;
+    const int64_t elem = static_cast<int64_t>(DTypeSize(p.dtype));
+    const auto rows = [&](const void* base, int64_t off, int64_t bytes) {
+      const char* row = static_cast<const char*>(base) + off * elem;
+      for (int64_t b2 = 0; b2 < bytes; b2 += 64) __builtin_prefetch(row + b2, 0, 2);
+    };
+    rows(p.q, p.offset(p.q_stride, b, t, h), p.dk * p.q_stride[3] * elem);
+    rows(p.k, p.offset(p.k_stride, b, t, kvh), p.dk * p.k_stride[3] * elem);
+    rows(p.v, p.offset(p.v_stride, b, t, kvh), p.dv * p.v_stride[3] * elem);
+    if (p.gates != nullptr) {
+      const char* g = reinterpret_cast<const char*>(p.gates + p.offset(p.gates_stride, b, t, h));
+      for (int64_t b2 = 0; b2 < p.dk * p.gates_stride[3] * 4; b2 += 64)
+        __builtin_prefetch(g + b2, 0, 2);
+    }
+  }
   float Gate(int64_t t, size_t c) const {
     return p.gates[p.offset(p.gates_stride, b, t, h) + static_cast<int64_t>(c) * p.gates_stride[3]];
   }
@@ -445,6 +462,9 @@ void CausalChunk(const Head& hd, Work& w, int64_t t0, size_t n, const Emit& emit
     hd.LoadQ(w, t, w.qf + i * fp);
     hd.LoadK(w, t, w.kf + i * fp);
     hd.LoadV(w, t, w.vv + i * dvp);
+    // The same row of the next chunk into L2: rows of one head are H x D elements apart, a
+    // stride the hardware prefetcher does not follow far enough ahead on its own.
+    hd.Prefetch(t + static_cast<int64_t>(C));
   }
   const DF df;
   const size_t L = hn::Lanes(df);

@@ -1,0 +1,375 @@
+// `tessera run --op linear`: linear attention on .npy inputs.
+//
+// The variants map onto LinearAttentionParams as follows: plain sets neither decay nor gates;
+// decay fills an f32 [Hq] rate vector from --decay (one value is broadcast to every head); gla
+// reads the f32 [B, S, Hq, Dk] log-space gates of --gates; based selects the Taylor feature map
+// with normalize on and a window of 64 keys unless told otherwise. Like the exact run, inputs are
+// read in their own dtype and handed over as views, every flag is checked before any work (the
+// ones only the CLI knows about here, the rest by the library), and outputs are written only when
+// the whole call succeeded (SaveNpyAll).
+#include "run_linear.h"
+
+#include <chrono>
+#include <iomanip>
+#include <iostream>
+#include <iterator>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "npy.h"
+#include "tessera/linear.h"
+
+namespace tessera {
+namespace cli {
+namespace {
+
+constexpr const char* kCmd = "run";
+
+// A file flag and what was given to it (empty: not given).
+struct Flag {
+  const char* flag;
+  const std::string& file;
+};
+
+// Loads `path` (given to `flag`) with one of `accepted` dtypes; with rank > 0 the array must
+// have that rank.
+bool LoadInput(const char* flag, const std::string& path, const std::vector<DType>& accepted,
+               size_t rank, const char* layout, NpyArray* array, std::string* error) {
+  if (!LoadNpy(path, accepted, array, error)) {
+    *error = std::string(flag) + " " + *error;
+    return false;
+  }
+  if (rank > 0 && array->shape.size() != rank) {
+    *error = std::string(flag) + " " + path + ": expected a rank-" + std::to_string(rank) +
+             " array " + layout + ", got shape " + ShapeToString(array->shape);
+    return false;
+  }
+  return true;
+}
+
+bool ExpectShape(const char* flag, const std::string& path, const NpyArray& array,
+                 const std::vector<int64_t>& want, const char* layout, std::string* error) {
+  if (array.shape == want) return true;
+  *error = std::string(flag) + " " + path + ": expected shape " + ShapeToString(want) + " " +
+           layout + ", got " + ShapeToString(array.shape);
+  return false;
+}
+
+bool Allocate(const char* what, DType dtype, std::vector<int64_t> shape, NpyArray* array,
+              std::string* error) {
+  array->dtype = dtype;
+  array->shape = std::move(shape);
+  array->data = AllocateAligned(array->nbytes());
+  if (!array->data) {
+    *error = std::string("cannot allocate the ") + what + " (" + std::to_string(array->nbytes()) +
+             " bytes)";
+    return false;
+  }
+  return true;
+}
+
+}  // namespace
+
+int RunLinear(const LinearRunOptions& o) {
+  std::string error;
+  Context ctx;
+  ctx.num_threads = o.threads;
+  if (o.threads < 0)
+    return Fail(kCmd, "--threads: expected >= 0 (0 = all), got " + std::to_string(o.threads));
+  if (!ParsePath(o.path, &ctx.path, &error)) return Fail(kCmd, error);
+
+  LinearChoice choice;
+  if (!ResolveLinearOptions(o.text, &choice, &error)) return Fail(kCmd, error);
+  const LinearVariant variant = choice.variant;
+  const std::string variant_name = LinearVariantName(variant);
+  bool recurrent = false;
+  if (!ParseLinearForm(o.form, &recurrent, &error)) return Fail(kCmd, error);
+  if (o.causal && o.non_causal) {
+    return Fail(kCmd, "--causal and --non-causal: expected at most one of them");
+  }
+  if (o.non_causal && choice.window > 0) {
+    return Fail(kCmd,
+                "--non-causal: the exact window part is causal (--variant based has --window " +
+                    std::to_string(kBasedWindow) + " by default); expected --window 0 with it");
+  }
+  int64_t prefix = 0, chunk = 64;
+  if (!o.prefix.empty() && !ParseNonNegative("--prefix", o.prefix, &prefix, &error)) {
+    return Fail(kCmd, error);
+  }
+  // Decay and gates are defined along the causal order; the library refuses the other orders
+  // too, but naming the flag that changed the order is clearer than naming the decay.
+  const bool decayed = variant == LinearVariant::kDecay || variant == LinearVariant::kGla;
+  if (decayed && o.non_causal) {
+    return Fail(kCmd, "--non-causal: --variant " + variant_name +
+                          " decays along the causal order; expected causal attention with it");
+  }
+  if (decayed && prefix > 0) {
+    return Fail(kCmd, "--prefix: --variant " + variant_name +
+                          " decays along the causal order; the prefix form takes plain or based "
+                          "only, got --prefix " +
+                          std::to_string(prefix));
+  }
+  if (!o.chunk.empty() && !ParseNonNegative("--chunk", o.chunk, &chunk, &error)) {
+    return Fail(kCmd, error);
+  }
+
+  // Each variant's own input: required there, refused elsewhere (it would be silently ignored).
+  std::vector<float> lambdas;
+  if (variant == LinearVariant::kDecay) {
+    if (o.decay.empty()) {
+      return Fail(kCmd,
+                  "--decay: --variant decay needs the decay rates 'L1,L2,...' (one per "
+                  "query head, or one for all)");
+    }
+    if (!ParseDecay(o.decay, &lambdas, &error)) return Fail(kCmd, error);
+  } else if (!o.decay.empty()) {
+    return Fail(kCmd, "--decay: only with --variant decay, got --variant " + variant_name);
+  }
+  if (variant == LinearVariant::kGla) {
+    if (o.gates.empty()) {
+      return Fail(kCmd,
+                  "--gates: --variant gla needs the log-space gates G.npy (float32 "
+                  "[B, S, Hq, Dk])");
+    }
+  } else if (!o.gates.empty()) {
+    return Fail(kCmd, "--gates: only with --variant gla, got --variant " + variant_name);
+  }
+  if (!o.dgates.empty() && variant != LinearVariant::kGla) {
+    return Fail(kCmd, "--dgates: only with --variant gla, got --variant " + variant_name);
+  }
+
+  // The backward flags go together: one without the others is almost certainly a mistake.
+  const Flag grad_flags[] = {{"--dout", o.dout}, {"--dq", o.dq}, {"--dk", o.dk}, {"--dv", o.dv}};
+  std::string given, missing;
+  for (const Flag& g : grad_flags) {
+    std::string& list = g.file.empty() ? missing : given;
+    list += (list.empty() ? "" : ", ") + std::string(g.flag);
+  }
+  const bool backward = missing.empty();
+  if (!backward && !given.empty()) {
+    return Fail(kCmd, "the backward needs --dout, --dq, --dk and --dv together; got " + given +
+                          " without " + missing);
+  }
+  if (!backward && !o.dgates.empty()) {
+    return Fail(kCmd,
+                "--dgates: the gates' gradient comes from the backward; expected --dout, "
+                "--dq, --dk and --dv with it");
+  }
+
+  // The recurrent state: f32 files; under --normalize the normalizer travels with it, since a
+  // state without its normalizer cannot continue a normalized sequence.
+  if (!choice.normalize) {
+    const Flag normalizer_flags[] = {{"--normalizer-in", o.normalizer_in},
+                                     {"--normalizer-out", o.normalizer_out}};
+    for (const Flag& f : normalizer_flags) {
+      if (!f.file.empty()) {
+        return Fail(kCmd, std::string(f.flag) +
+                              ": the normalizer exists only with --normalize "
+                              "(the default of --variant based)");
+      }
+    }
+  } else {
+    if (o.state_in.empty() != o.normalizer_in.empty()) {
+      return Fail(kCmd,
+                  "--state-in and --normalizer-in: with --normalize the state and its "
+                  "normalizer go together; got only " +
+                      std::string(o.state_in.empty() ? "--normalizer-in" : "--state-in"));
+    }
+    if (o.state_out.empty() != o.normalizer_out.empty()) {
+      return Fail(kCmd,
+                  "--state-out and --normalizer-out: with --normalize the state and its "
+                  "normalizer go together; got only " +
+                      std::string(o.state_out.empty() ? "--normalizer-out" : "--state-out"));
+    }
+  }
+  const Flag state_flags[] = {{"--state-in", o.state_in},
+                              {"--state-out", o.state_out},
+                              {"--normalizer-in", o.normalizer_in},
+                              {"--normalizer-out", o.normalizer_out}};
+  if (o.non_causal) {
+    // A state carries the causal prefix of a sequence; without causality there is none.
+    for (const Flag& f : state_flags) {
+      if (!f.file.empty()) {
+        return Fail(kCmd, std::string(f.flag) +
+                              ": a recurrent state carries the causal prefix; expected no state "
+                              "files with --non-causal");
+      }
+    }
+  }
+  if (backward) {
+    // LinearAttentionBackward differentiates the chunked linear part alone.
+    if (choice.window > 0) {
+      return Fail(kCmd,
+                  "--window: the backward does not cover the exact window part; expected "
+                  "--window 0 with --dout (--variant based defaults to --window " +
+                      std::to_string(kBasedWindow) + ")");
+    }
+    for (const Flag& f : state_flags) {
+      if (!f.file.empty()) {
+        return Fail(kCmd, std::string(f.flag) +
+                              ": the backward takes no recurrent state; expected no state "
+                              "files with --dout");
+      }
+    }
+  }
+
+  // Two outputs on one path would clobber each other.
+  const Flag output_flags[] = {{"--out", o.out},
+                               {"--dq", o.dq},
+                               {"--dk", o.dk},
+                               {"--dv", o.dv},
+                               {"--dgates", o.dgates},
+                               {"--state-out", o.state_out},
+                               {"--normalizer-out", o.normalizer_out}};
+  for (size_t i = 0; i < std::size(output_flags); ++i) {
+    for (size_t j = 0; j < i; ++j) {
+      if (!output_flags[i].file.empty() && output_flags[i].file == output_flags[j].file) {
+        return Fail(kCmd, std::string(output_flags[j].flag) + " and " + output_flags[i].flag +
+                              ": expected different files, got '" + output_flags[i].file +
+                              "' for both");
+      }
+    }
+  }
+
+  // Inputs, in their own dtype (f32 or f16; the library checks that they agree).
+  const std::vector<DType> floats = {DType::kF32, DType::kF16};
+  const std::vector<DType> f32_only = {DType::kF32};
+  NpyArray q, k, v, dout, gates, state_in, normalizer_in;
+  const struct {
+    const char* flag;
+    const std::string& file;
+    NpyArray* array;
+  } inputs[] = {{"--q", o.q, &q}, {"--k", o.k, &k}, {"--v", o.v, &v}, {"--dout", o.dout, &dout}};
+  for (const auto& in : inputs) {
+    if (in.file.empty()) continue;  // --dout without the backward
+    if (!LoadInput(in.flag, in.file, floats, 4, "[B, S, H, D]", in.array, &error)) {
+      return Fail(kCmd, error);
+    }
+  }
+  const int64_t B = q.shape[0], S = q.shape[1], Hq = q.shape[2], Dk = q.shape[3];
+  const int64_t Dv = v.shape[3];
+  const int64_t F = LinearFeatureDim(choice.feature_map, Dk);
+  if (prefix > S) {
+    return Fail(kCmd, "--prefix: expected 0 <= P <= S = " + std::to_string(S) + ", got " +
+                          std::to_string(prefix));
+  }
+  if (!lambdas.empty()) {
+    if (lambdas.size() == 1) lambdas.assign(static_cast<size_t>(Hq), lambdas[0]);
+    if (static_cast<int64_t>(lambdas.size()) != Hq) {
+      return Fail(kCmd, "--decay: expected one decay rate per query head (Hq = " +
+                            std::to_string(Hq) + ") or one for all, got " +
+                            std::to_string(lambdas.size()) + " in '" + o.decay + "'");
+    }
+  }
+  if (!o.gates.empty()) {
+    if (!LoadInput("--gates", o.gates, f32_only, 4, "[B, S, Hq, Dk]", &gates, &error) ||
+        !ExpectShape("--gates", o.gates, gates, {B, S, Hq, Dk}, "[B, S, Hq, Dk] (from q)",
+                     &error)) {
+      return Fail(kCmd, error);
+    }
+  }
+  const std::vector<int64_t> state_shape = {B, Hq, F, Dv};
+  const std::vector<int64_t> normalizer_shape = {B, Hq, F};
+  const std::string state_layout = "[B, Hq, F, Dv] (F = " + std::to_string(F) + " for the " +
+                                   FeatureMapName(choice.feature_map) +
+                                   " map at Dk = " + std::to_string(Dk) + ")";
+  const std::string normalizer_layout = "[B, Hq, F] (F = " + std::to_string(F) + ")";
+  if (!o.state_in.empty()) {
+    if (!LoadInput("--state-in", o.state_in, f32_only, 0, "", &state_in, &error) ||
+        !ExpectShape("--state-in", o.state_in, state_in, state_shape, state_layout.c_str(),
+                     &error)) {
+      return Fail(kCmd, error);
+    }
+  }
+  if (!o.normalizer_in.empty()) {
+    if (!LoadInput("--normalizer-in", o.normalizer_in, f32_only, 0, "", &normalizer_in, &error) ||
+        !ExpectShape("--normalizer-in", o.normalizer_in, normalizer_in, normalizer_shape,
+                     normalizer_layout.c_str(), &error)) {
+      return Fail(kCmd, error);
+    }
+  }
+
+  // Outputs: out [B, S, Hq, Dv] and the gradients in their inputs' shapes and dtypes, the
+  // state files and dgates in f32.
+  NpyArray out, dq, dk, dv, dgates, state_out, normalizer_out;
+  if (!Allocate("output", q.dtype, {B, S, Hq, Dv}, &out, &error) ||
+      (backward && (!Allocate("dq", q.dtype, q.shape, &dq, &error) ||
+                    !Allocate("dk", k.dtype, k.shape, &dk, &error) ||
+                    !Allocate("dv", v.dtype, v.shape, &dv, &error))) ||
+      (!o.dgates.empty() && !Allocate("dgates", DType::kF32, {B, S, Hq, Dk}, &dgates, &error)) ||
+      (!o.state_out.empty() &&
+       !Allocate("final state", DType::kF32, state_shape, &state_out, &error)) ||
+      (!o.normalizer_out.empty() &&
+       !Allocate("final normalizer", DType::kF32, normalizer_shape, &normalizer_out, &error))) {
+    return Fail(kCmd, error);
+  }
+
+  LinearAttentionParams params;
+  params.q = q.View();
+  params.k = k.View();
+  params.v = v.View();
+  params.out = out.View();
+  params.feature_map = choice.feature_map;
+  params.scale = o.scale;
+  params.causal = !o.non_causal;
+  params.prefix_len = prefix;
+  params.normalize = choice.normalize;
+  if (!lambdas.empty()) params.decay = MakeView1(lambdas.data(), DType::kF32, Hq);
+  if (gates.data) params.gates = gates.View();
+  params.window = choice.window;
+  if (state_in.data) params.initial_state = state_in.View();
+  if (normalizer_in.data) params.initial_normalizer = normalizer_in.View();
+  if (state_out.data) params.final_state = state_out.View();
+  if (normalizer_out.data) params.final_normalizer = normalizer_out.View();
+  params.chunk_size = chunk;
+
+  using Clock = std::chrono::steady_clock;
+  auto start = Clock::now();
+  Status status =
+      recurrent ? LinearAttentionRecurrent(params, ctx) : LinearAttentionForward(params, ctx);
+  const double ms = std::chrono::duration<double, std::milli>(Clock::now() - start).count();
+  if (!status.ok()) return Fail(kCmd, LinearStatusMessage(status));
+  double backward_ms = 0.0;
+  if (backward) {
+    LinearAttentionBackwardParams bparams;
+    bparams.forward = params;
+    bparams.dout = dout.View();
+    bparams.dq = dq.View();
+    bparams.dk = dk.View();
+    bparams.dv = dv.View();
+    if (dgates.data) bparams.dgates = dgates.View();
+    start = Clock::now();
+    status = LinearAttentionBackward(bparams, ctx);
+    backward_ms = std::chrono::duration<double, std::milli>(Clock::now() - start).count();
+    if (!status.ok()) return Fail(kCmd, LinearStatusMessage(status));
+  }
+
+  std::vector<NpyOutput> outputs = {{o.out, &out}};
+  if (backward) {
+    outputs.push_back({o.dq, &dq});
+    outputs.push_back({o.dk, &dk});
+    outputs.push_back({o.dv, &dv});
+  }
+  if (dgates.data) outputs.push_back({o.dgates, &dgates});
+  if (state_out.data) outputs.push_back({o.state_out, &state_out});
+  if (normalizer_out.data) outputs.push_back({o.normalizer_out, &normalizer_out});
+  if (!SaveNpyAll(outputs, &error)) return Fail(kCmd, error);
+
+  if (o.verbose) {
+    std::cerr << "tessera run: linear " << variant_name << " ("
+              << FeatureMapName(choice.feature_map) << " map, F " << F
+              << (choice.normalize ? ", normalized" : "") << (params.causal ? "" : ", non-causal")
+              << (choice.window > 0 ? ", window " + std::to_string(choice.window) : "") << ") q "
+              << ShapeToString(q.shape) << " k " << ShapeToString(k.shape) << " v "
+              << ShapeToString(v.shape) << " " << DTypeName(q.dtype) << ", "
+              << (recurrent ? "recurrent" : "chunked C " + std::to_string(chunk)) << ", threads "
+              << ResolveThreads(ctx) << ": " << std::fixed << std::setprecision(3) << ms << " ms";
+    if (backward) std::cerr << " forward + " << backward_ms << " ms backward";
+    std::cerr << ", peak RSS " << std::setprecision(1) << PeakRssMiB() << " MiB\n";
+  }
+  return kExitOk;
+}
+
+}  // namespace cli
+}  // namespace tessera

@@ -1,0 +1,36 @@
+// `tessera run --op linear`: linear attention (tessera/linear.h) on .npy inputs: the chunked or
+// the recurrent form, recurrent state handed in and out through files, and the backward.
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <string>
+
+#include "cli_common.h"
+
+namespace tessera {
+namespace cli {
+
+struct LinearRunOptions {
+  std::string q, k, v, out;
+  std::string dout, dq, dk, dv, dgates;  // backward: the first four together, dgates for gla
+  LinearOptionText text;                 // --variant, --feature-map, --normalize, --window
+  std::string decay;                     // --decay L1,L2,... (decay)
+  std::string gates;                     // --gates G.npy (gla)
+  bool causal = false;                   // --causal: the default, accepted for symmetry
+  bool non_causal = false;
+  std::optional<float> scale;
+  std::string prefix;  // integers as text, so that a negative value is our error, not CLI11's
+  std::string chunk;
+  std::string form = "chunked";
+  std::string state_in, state_out, normalizer_in, normalizer_out;
+  int32_t threads = 0;
+  std::string path = "auto";
+  bool verbose = false;
+};
+
+// Runs the command; returns the process exit code (errors printed as "tessera run: ...").
+int RunLinear(const LinearRunOptions& o);
+
+}  // namespace cli
+}  // namespace tessera
