@@ -95,6 +95,15 @@ inline constexpr Ceiling kLseCeiling = {1e-5, 1e-5};
 // large ones (chunked and recurrent forms sum in different orders).
 inline constexpr Ceiling kLinearCeilingF32 = {2e-5, 1e-4};
 
+// Two fp64 evaluations of the same value in different orders (parallel against recurrent, one
+// call against two): only rounding separates them.
+inline constexpr Ceiling kLinearFp64Agreement = {1e-11, 1e-10};
+// A state handed from one call to the next through an f32 tensor: the f32 rounding of the state.
+inline constexpr Ceiling kLinearF32StateHandover = {1e-6, 1e-6};
+// Chunked against recurrent f32 linear attention over 2^20 tokens with a decay: two f32 summation
+// orders of a state that is rescaled a million times, relative to 1 + |recurrent|.
+inline constexpr double kLinearLongRunRelTol = 1e-3;
+
 // Identities between two runs of the library that are not promised bitwise (GQA vs repeated
 // K/V, window >= S vs causal, split + merge vs one pass): the output ceiling of the dtype,
 // measured against the other run instead of fp64.

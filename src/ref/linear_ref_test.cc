@@ -25,12 +25,6 @@ using test::Index;
 using test::Rng;
 using test::Tensor;
 
-// Two fp64 evaluations of the same value in different orders (parallel against recurrent, one
-// call against two): only rounding separates them.
-constexpr Ceiling kFp64Agreement = {1e-11, 1e-10};
-// A state handed from one call to the next through an f32 tensor: the f32 rounding of the state.
-constexpr Ceiling kF32StateHandover = {1e-6, 1e-6};
-
 enum class Mask { kCausal, kNonCausal, kPrefix };
 enum class Decay { kNone, kLambda, kGla };
 // Gate distributions (log space): near 0 (decay ~1, the unstable regime of fla#389), moderate,
@@ -289,9 +283,10 @@ void ExpectMatchesRecurrent(const Spec& s, uint64_t seed) {
   const Inputs in = MakeInputs(s, seed);
   const Result got = RunRef(s, Params(s, in));
   const Result want = Recurrent(s, in);
-  EXPECT_TRUE(test::CheckClose(got.out, want.out, kFp64Agreement, "out"));
-  EXPECT_TRUE(test::CheckClose(got.state, want.state, kFp64Agreement, "final state"));
-  EXPECT_TRUE(test::CheckClose(got.norm, want.norm, kFp64Agreement, "final normalizer"));
+  EXPECT_TRUE(test::CheckClose(got.out, want.out, test::kLinearFp64Agreement, "out"));
+  EXPECT_TRUE(test::CheckClose(got.state, want.state, test::kLinearFp64Agreement, "final state"));
+  EXPECT_TRUE(
+      test::CheckClose(got.norm, want.norm, test::kLinearFp64Agreement, "final normalizer"));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -625,10 +620,13 @@ TEST(LinearRef, SplittingTheSequenceCarriesTheState) {
           expected.insert(expected.end(), second_rows,
                           second_rows + static_cast<std::ptrdiff_t>((len - split) * row));
         }
-        EXPECT_TRUE(test::CheckClose(expected, one.out, kF32StateHandover, "out, two calls"));
-        EXPECT_TRUE(test::CheckClose(b.state, one.state, kF32StateHandover, "final state"));
+        EXPECT_TRUE(
+            test::CheckClose(expected, one.out, test::kLinearF32StateHandover, "out, two calls"));
+        EXPECT_TRUE(
+            test::CheckClose(b.state, one.state, test::kLinearF32StateHandover, "final state"));
         if (spec.normalize) {
-          EXPECT_TRUE(test::CheckClose(b.norm, one.norm, kF32StateHandover, "final normalizer"));
+          EXPECT_TRUE(test::CheckClose(b.norm, one.norm, test::kLinearF32StateHandover,
+                                       "final normalizer"));
         }
       }
     }
@@ -742,7 +740,7 @@ TEST(LinearRef, WindowAddsExactSlidingWindowAttention) {
         ref::AttentionForwardF64(ap, softmax.data(), nullptr);
         std::vector<double> sum(linear.out.size());
         for (size_t i = 0; i < sum.size(); ++i) sum[i] = linear.out[i] + softmax[i];
-        EXPECT_TRUE(test::CheckClose(both.out, sum, kFp64Agreement, "linear + window"));
+        EXPECT_TRUE(test::CheckClose(both.out, sum, test::kLinearFp64Agreement, "linear + window"));
         EXPECT_EQ(both.state, linear.state);  // the window never enters the state
       }
     }
