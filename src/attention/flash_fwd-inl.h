@@ -228,7 +228,7 @@ inline float DenseValue(const AttentionProblem::Masks& m, int64_t off, int64_t j
 
 // The keys some row of the task can see, as runs, in ms.runs: the union of the rows' intervals,
 // intersected with the neighborhood box, the kept blocks and the dense mask's visible columns.
-inline void TaskKeyRuns(const AttentionProblem& p, const Task& t, int64_t rows, int64_t k_len,
+inline void TaskKeyRuns(const AttentionProblem& p, int64_t rows, int64_t k_len,
                         const int64_t* box_lo, const int64_t* box_hi, MaskScratch& ms) {
   const AttentionProblem::Masks& m = p.mask;
   mask::UnionRuns(&ms.intervals, &ms.runs);
@@ -298,7 +298,6 @@ inline void TaskKeyRuns(const AttentionProblem& p, const Task& t, int64_t rows, 
     }
     std::swap(ms.runs, ms.other);
   }
-  (void)t;
 }
 
 // Cuts the runs at multiples of kKeyTile (so a single run is tiled exactly as the unmasked
@@ -400,7 +399,7 @@ void RunTask(const AttentionProblem& p, const Task& t, Scratch& s, MaskScratch& 
     for (size_t d = 0; d < dim; ++d) s.qt[d * mp + static_cast<size_t>(r)] = p.scale * row[d];
   }
   std::memset(s.ot, 0, dim * mp * sizeof(float));
-  TaskKeyRuns(p, t, rows, k_len, box_lo, box_hi, ms);
+  TaskKeyRuns(p, rows, k_len, box_lo, box_hi, ms);
   PlanTiles(ms);
 
   const int64_t elem = static_cast<int64_t>(DTypeSize(p.dtype));

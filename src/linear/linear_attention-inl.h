@@ -831,7 +831,7 @@ inline void BackwardChunkReverse(const BackHead& bh, Work& w, BackWork& bw, int6
 inline void BackwardChunkForward(const BackHead& bh, Work& w, BackWork& bw, int64_t t0, size_t n) {
   const Head& hd = bh.hd;
   const LinearProblem& p = hd.p;
-  const size_t F = w.fi, C = w.c, fp = w.fp, dvp = w.dvp;
+  const size_t C = w.c, fp = w.fp, dvp = w.dvp;
   const bool gla = p.gates != nullptr, decay = hd.ln_lambda != 0.0f;
   const DF df;
   const size_t L = hn::Lanes(df);
@@ -923,7 +923,6 @@ inline void BackwardChunkForward(const BackHead& bh, Work& w, BackWork& bw, int6
       }
     }
   }
-  (void)F;
 }
 
 // The prefix keys and queries (JRT, non-causal) in the forward sweep: St accumulates every prefix
