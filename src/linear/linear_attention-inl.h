@@ -244,6 +244,17 @@ struct Head {
             dst);
     for (size_t d = static_cast<size_t>(p.dv); d < w.dvp; ++d) dst[d] = 0.0f;
   }
+  // w.cum[i][c] = the sum of the gates of tokens t0..t0+i, channel c (zero past Dk).
+  void GateSums(Work& w, int64_t t0, size_t n) const {
+    for (size_t i = 0; i < n; ++i) {
+      for (size_t c = 0; c < w.dkp; ++c) {
+        const float g =
+            c < static_cast<size_t>(p.dk) ? Gate(t0 + static_cast<int64_t>(i), c) : 0.0f;
+        w.cum[i * w.dkp + c] = (i > 0 ? w.cum[(i - 1) * w.dkp + c] : 0.0f) + g;
+      }
+    }
+  }
+
   // Prefetches the q, k, v (and gate) rows of token t into L2, when it exists.
   void Prefetch(int64_t t) const {
     if (t >= p.seq) return;
@@ -468,16 +479,7 @@ void CausalChunk(const Head& hd, Work& w, int64_t t0, size_t n, const Emit& emit
   }
   const DF df;
   const size_t L = hn::Lanes(df);
-  if (gla) {
-    // cum[i][c] = sum of the gates of tokens t0..t0+i (channel c).
-    for (size_t i = 0; i < n; ++i) {
-      for (size_t c = 0; c < w.dkp; ++c) {
-        const float g =
-            c < static_cast<size_t>(p.dk) ? hd.Gate(t0 + static_cast<int64_t>(i), c) : 0.0f;
-        w.cum[i * w.dkp + c] = (i > 0 ? w.cum[(i - 1) * w.dkp + c] : 0.0f) + g;
-      }
-    }
-  }
+  if (gla) hd.GateSums(w, t0, n);
   // Inter-chunk: O = (phi(Q) o e^B) S, den = (phi(Q) o e^B) . z.
   const float* qin = w.qf;
   if (gla || decay) {
@@ -683,12 +685,26 @@ struct BackHead {
       dst[p.dv] = bw.u[static_cast<size_t>(t)];
     }
   }
+  // The chunk [t0, t0 + n): phi(q), phi(k), v' and do' rows, and the gate sums for GLA.
+  void LoadChunk(Work& w, BackWork& bw, int64_t t0, size_t n) const;
+
   // v' row t (with the ones column when normalizing).
   void LoadValue(Work& w, int64_t t, float* dst) const {
     hd.LoadV(w, t, dst);
     if (hd.p.normalize) dst[hd.p.dv] = 1.0f;
   }
 };
+
+inline void BackHead::LoadChunk(Work& w, BackWork& bw, int64_t t0, size_t n) const {
+  for (size_t i = 0; i < n; ++i) {
+    const int64_t t = t0 + static_cast<int64_t>(i);
+    hd.LoadQ(w, t, w.qf + i * w.fp);
+    hd.LoadK(w, t, w.kf + i * w.fp);
+    LoadValue(w, t, w.vv + i * w.dvp);
+    LoadDout(w, bw, t, bw.dos.data() + i * w.dvp);
+  }
+  if (hd.p.gates != nullptr) hd.GateSums(w, t0, n);
+}
 
 // Reverse sweep over the causal chunk [t0, t0 + n): dkf, dv' from dS (the gradient of the state
 // after the chunk), then dS moves to before the chunk.
@@ -699,22 +715,7 @@ inline void BackwardChunkReverse(const BackHead& bh, Work& w, BackWork& bw, int6
   const bool gla = p.gates != nullptr, decay = hd.ln_lambda != 0.0f;
   const DF df;
   const size_t L = hn::Lanes(df);
-  for (size_t i = 0; i < n; ++i) {
-    const int64_t t = t0 + static_cast<int64_t>(i);
-    hd.LoadQ(w, t, w.qf + i * fp);
-    hd.LoadK(w, t, w.kf + i * fp);
-    bh.LoadValue(w, t, w.vv + i * dvp);
-    bh.LoadDout(w, bw, t, bw.dos.data() + i * dvp);
-  }
-  if (gla) {
-    for (size_t i = 0; i < n; ++i) {
-      for (size_t c = 0; c < w.dkp; ++c) {
-        const float g =
-            c < static_cast<size_t>(p.dk) ? hd.Gate(t0 + static_cast<int64_t>(i), c) : 0.0f;
-        w.cum[i * w.dkp + c] = (i > 0 ? w.cum[(i - 1) * w.dkp + c] : 0.0f) + g;
-      }
-    }
-  }
+  bh.LoadChunk(w, bw, t0, n);
   // e^B_i and e^(B_last - B_j) factors: qin = qf o e^B (aux), kout = kf o e^(B_last - B) (tmp).
   float* qin = w.aux;
   float* kout = bw.tmp.data();
@@ -835,22 +836,7 @@ inline void BackwardChunkForward(const BackHead& bh, Work& w, BackWork& bw, int6
   const bool gla = p.gates != nullptr, decay = hd.ln_lambda != 0.0f;
   const DF df;
   const size_t L = hn::Lanes(df);
-  for (size_t i = 0; i < n; ++i) {
-    const int64_t t = t0 + static_cast<int64_t>(i);
-    hd.LoadQ(w, t, w.qf + i * fp);
-    hd.LoadK(w, t, w.kf + i * fp);
-    bh.LoadValue(w, t, w.vv + i * dvp);
-    bh.LoadDout(w, bw, t, bw.dos.data() + i * dvp);
-  }
-  if (gla) {
-    for (size_t i = 0; i < n; ++i) {
-      for (size_t c = 0; c < w.dkp; ++c) {
-        const float g =
-            c < static_cast<size_t>(p.dk) ? hd.Gate(t0 + static_cast<int64_t>(i), c) : 0.0f;
-        w.cum[i * w.dkp + c] = (i > 0 ? w.cum[(i - 1) * w.dkp + c] : 0.0f) + g;
-      }
-    }
-  }
+  bh.LoadChunk(w, bw, t0, n);
   // G = do' v'^T (lower triangle), times D for the decay.
   for (size_t d = 0; d < dvp; ++d) {
     for (size_t j = 0; j < C; ++j) bw.vt[d * C + j] = j < n ? w.vv[j * dvp + d] : 0.0f;
