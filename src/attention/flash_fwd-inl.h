@@ -226,6 +226,32 @@ inline float DenseValue(const AttentionProblem::Masks& m, int64_t off, int64_t j
                                                        : -std::numeric_limits<float>::infinity();
 }
 
+// True when the dense visibility mask is the only per-tile bias and shows every key of the tile to
+// every row (a byte scan per row and piece): the tile then needs no bias. Most tiles of a dense
+// mask are like that (causal-like masks: all but the diagonal ones), and the scan costs a small
+// fraction of the per-(key, row) fill it saves.
+inline bool DenseRowsAllVisible(const AttentionProblem::Masks& m, const MaskScratch& ms,
+                                int64_t rows, const TilePlan& tile) {
+  if (m.dense == nullptr || m.tree_parents != nullptr || m.dense_dtype != DType::kU8 ||
+      m.dense_stride[3] != 1) {
+    return false;
+  }
+  for (int64_t r = 1; r < rows && m.blocks != nullptr; ++r) {
+    if (ms.block_row[static_cast<size_t>(r)] != ms.block_row[0]) return false;
+  }
+  const uint8_t* dense = static_cast<const uint8_t*>(m.dense);
+  for (int64_t r = 0; r < rows; ++r) {
+    const uint8_t* row = dense + ms.dense_row[static_cast<size_t>(r)];
+    for (size_t i = tile.first; i < tile.first + tile.count; ++i) {
+      const mask::Run& piece = ms.pieces[i];
+      if (std::memchr(row + piece.begin, 0, static_cast<size_t>(piece.end - piece.begin))) {
+        return false;
+      }
+    }
+  }
+  return true;
+}
+
 // The keys some row of the task can see, as runs, in ms.runs: the union of the rows' intervals,
 // intersected with the neighborhood box, the kept blocks and the dense mask's visible columns.
 inline void TaskKeyRuns(const AttentionProblem& p, int64_t rows, int64_t k_len,
@@ -278,8 +304,18 @@ inline void TaskKeyRuns(const AttentionProblem& p, int64_t rows, int64_t k_len,
     for (const mask::Run& run : ms.runs) {
       for (int64_t j = run.begin; j < run.end; ++j) ms.seen[static_cast<size_t>(j)] = 0;
     }
+    const bool bytes = m.dense_dtype == DType::kU8 && m.dense_stride[3] == 1;
     for (int64_t r = 0; r < rows; ++r) {
       for (const mask::Run& run : ms.runs) {
+        if (bytes) {
+          // A plain byte OR (vectorized by the compiler): nonzero means some row sees the key.
+          const uint8_t* row =
+              static_cast<const uint8_t*>(m.dense) + ms.dense_row[static_cast<size_t>(r)];
+          for (int64_t j = run.begin; j < run.end; ++j) {
+            ms.seen[static_cast<size_t>(j)] |= row[j];
+          }
+          continue;
+        }
         for (int64_t j = run.begin; j < run.end; ++j) {
           const float v = DenseValue(m, ms.dense_row[static_cast<size_t>(r)], j);
           ms.seen[static_cast<size_t>(j)] |= v != -std::numeric_limits<float>::infinity();
@@ -482,7 +518,9 @@ void RunTask(const AttentionProblem& p, const Task& t, Scratch& s, MaskScratch& 
       }
     }
     pred.bias = nullptr;
-    if (bias_tiles) {
+    if (bias_tiles && DenseRowsAllVisible(m, ms, rows, tile)) {
+      // Nothing to add: every row's dense-mask bytes over the tile are nonzero.
+    } else if (bias_tiles) {
       // The block / dense / tree part of each (key, row); the tile stays full when it is all 0.
       bool all_zero = true;
       for (size_t j = 0; j < nkeys; ++j) {
