@@ -461,6 +461,41 @@ void PrefixChunks(const Head& hd, Work& w, const Emit& emit) {
   }
 }
 
+// GLA's exact intra-chunk weight of the pair (i, j), j <= i: sum_c qf_ic kf_jc e^(B_ic - B_jc),
+// every exponent <= 0 whatever the gates.
+inline float GatedDot(const Work& w, size_t i, size_t j) {
+  const DF df;
+  VF acc = hn::Zero(df);
+  for (size_t c = 0; c < w.dkp; c += hn::Lanes(df)) {
+    const VF e = hn::Exp(
+        df, hn::Sub(hn::LoadU(df, w.cum + i * w.dkp + c), hn::LoadU(df, w.cum + j * w.dkp + c)));
+    acc = hn::MulAdd(
+        hn::Mul(hn::LoadU(df, w.qf + i * w.fp + c), hn::LoadU(df, w.kf + j * w.fp + c)), e, acc);
+  }
+  return hn::GetLane(hn::SumOfLanes(df, acc));
+}
+
+// For every pair j <= i of the chunk, with weight g[i][j] e^(B_i - B_j) per channel:
+// to_keys: dst[j] += weight o src[i] (dkf from qf); else dst[i] += weight o src[j] (dqf from kf).
+inline void AddGatedPairs(const Work& w, const float* g, size_t n, const float* src, float* dst,
+                          bool to_keys) {
+  const DF df;
+  for (size_t i = 0; i < n; ++i) {
+    for (size_t j = 0; j <= i; ++j) {
+      const VF gij = hn::Set(df, g[i * w.c + j]);
+      const size_t from = to_keys ? i : j, to = to_keys ? j : i;
+      for (size_t c = 0; c < w.dkp; c += hn::Lanes(df)) {
+        const VF e = hn::Exp(df, hn::Sub(hn::LoadU(df, w.cum + i * w.dkp + c),
+                                         hn::LoadU(df, w.cum + j * w.dkp + c)));
+        float* d = dst + to * w.fp + c;
+        hn::StoreU(
+            hn::MulAdd(hn::Mul(gij, e), hn::LoadU(df, src + from * w.fp + c), hn::LoadU(df, d)), df,
+            d);
+      }
+    }
+  }
+}
+
 // One causal chunk [t0, t0 + n) of the chunked form; emit(t, o, den) receives each
 // unnormalized output row.
 template <class Emit>
@@ -530,16 +565,7 @@ void CausalChunk(const Head& hd, Work& w, int64_t t0, size_t n, const Emit& emit
     }
   } else {
     for (size_t i = 0; i < n; ++i) {
-      for (size_t j = 0; j <= i; ++j) {
-        VF acc = hn::Zero(df);
-        for (size_t c = 0; c < w.dkp; c += L) {
-          const VF e = hn::Exp(df, hn::Sub(hn::LoadU(df, w.cum + i * w.dkp + c),
-                                           hn::LoadU(df, w.cum + j * w.dkp + c)));
-          acc = hn::MulAdd(
-              hn::Mul(hn::LoadU(df, w.qf + i * fp + c), hn::LoadU(df, w.kf + j * fp + c)), e, acc);
-        }
-        w.a[i * C + j] = hn::GetLane(hn::SumOfLanes(df, acc));
-      }
+      for (size_t j = 0; j <= i; ++j) w.a[i * C + j] = GatedDot(w, i, j);
       for (size_t j = i + 1; j < C; ++j) w.a[i * C + j] = 0.0f;
     }
   }
@@ -745,14 +771,7 @@ inline void BackwardChunkReverse(const BackHead& bh, Work& w, BackWork& bw, int6
       float dij = decay ? hd.pow_lambda[i - j] : 1.0f;
       if (gla) {
         // Per channel: W_ij = sum_c qf kf e^(B_i - B_j); G o D is applied channel-wise below.
-        VF acc = hn::Zero(df);
-        for (size_t c = 0; c < w.dkp; c += L) {
-          const VF e = hn::Exp(df, hn::Sub(hn::LoadU(df, w.cum + i * w.dkp + c),
-                                           hn::LoadU(df, w.cum + j * w.dkp + c)));
-          acc = hn::MulAdd(
-              hn::Mul(hn::LoadU(df, w.qf + i * fp + c), hn::LoadU(df, w.kf + j * fp + c)), e, acc);
-        }
-        w.a[i * C + j] = hn::GetLane(hn::SumOfLanes(df, acc));
+        w.a[i * C + j] = GatedDot(w, i, j);
         dij = 1.0f;
       } else {
         w.a[i * C + j] *= dij;
@@ -781,19 +800,7 @@ inline void BackwardChunkReverse(const BackHead& bh, Work& w, BackWork& bw, int6
     }
   }
   if (gla) {
-    for (size_t j = 0; j < n; ++j) {
-      for (size_t i = j; i < n; ++i) {
-        const VF gij = hn::Set(df, bw.g[i * C + j]);
-        for (size_t c = 0; c < w.dkp; c += L) {
-          const VF e = hn::Exp(df, hn::Sub(hn::LoadU(df, w.cum + i * w.dkp + c),
-                                           hn::LoadU(df, w.cum + j * w.dkp + c)));
-          float* dst = dkf + j * fp + c;
-          hn::StoreU(
-              hn::MulAdd(hn::Mul(gij, e), hn::LoadU(df, w.qf + i * fp + c), hn::LoadU(df, dst)), df,
-              dst);
-        }
-      }
-    }
+    AddGatedPairs(w, bw.g.data(), n, w.qf, dkf, /*to_keys=*/true);
   } else {
     Gemm<true>(n, fp, n, bw.g.data(), 1, C, w.qf, fp, dkf, fp);
   }
@@ -857,19 +864,7 @@ inline void BackwardChunkForward(const BackHead& bh, Work& w, BackWork& bw, int6
     }
   }
   if (gla) {
-    for (size_t i = 0; i < n; ++i) {
-      for (size_t j = 0; j <= i; ++j) {
-        const VF gij = hn::Set(df, bw.g[i * C + j]);
-        for (size_t c = 0; c < w.dkp; c += L) {
-          const VF e = hn::Exp(df, hn::Sub(hn::LoadU(df, w.cum + i * w.dkp + c),
-                                           hn::LoadU(df, w.cum + j * w.dkp + c)));
-          float* dst = dqf + i * fp + c;
-          hn::StoreU(
-              hn::MulAdd(hn::Mul(gij, e), hn::LoadU(df, w.kf + j * fp + c), hn::LoadU(df, dst)), df,
-              dst);
-        }
-      }
-    }
+    AddGatedPairs(w, bw.g.data(), n, w.kf, dqf, /*to_keys=*/false);
   } else {
     Gemm<true>(n, fp, n, bw.g.data(), C, 1, w.kf, fp, dqf, fp);
   }

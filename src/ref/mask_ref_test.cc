@@ -754,7 +754,8 @@ TEST(MaskRef, MaskedSoftmaxBackwardMatchesFiniteDifferences) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// The pictures of docs/masks.md: run with
+// The pictures of docs/masks.md. Disabled on purpose: it asserts nothing (the masks it draws are
+// checked cell by cell by the tests above); it only regenerates the documentation. Run with
 //   tessera_tests --gtest_also_run_disabled_tests --gtest_filter='MaskRef.DISABLED_DocPictures'
 // and paste each block under its section. Block masks from the builders are drawn one character
 // per block (MaterializeMask with 1 x 1 blocks: rows = query blocks, columns = key blocks).
