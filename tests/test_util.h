@@ -151,6 +151,11 @@ class Tensor {
   std::vector<uint8_t> snapshot_;
 };
 
+// The gradient of loss() with respect to every element of x, by Richardson-extrapolated central
+// differences with steps 2^-8 and 2^-9 (exact on a grid of multiples of 2^-9): the
+// finite-difference oracle of the fp64 backward references. x is restored element by element.
+std::vector<double> FiniteDifferenceGradient(Tensor* x, const std::function<double()>& loss);
+
 // ---------------------------------------------------------------------------------------------
 // Comparator (RELIABILITY.md §2).
 

@@ -255,21 +255,7 @@ void Quantize(Tensor* t) {
 }
 
 std::vector<double> FiniteDifferences(const Spec& s, Inputs* in, Tensor* x) {
-  std::vector<double> grad;
-  const double h = 1.0 / 256.0;
-  x->ForEach([&](const Index& i) {
-    const double x0 = x->Get(i);
-    auto at = [&](double step) {
-      x->Set(i, x0 + step);
-      const double l = Loss(s, *in);
-      x->Set(i, x0);
-      return l;
-    };
-    const double d1 = (at(h) - at(-h)) / (2.0 * h);
-    const double d2 = (at(h / 2) - at(-h / 2)) / h;
-    grad.push_back((4.0 * d2 - d1) / 3.0);
-  });
-  return grad;
+  return test::FiniteDifferenceGradient(x, [&] { return Loss(s, *in); });
 }
 
 std::vector<Spec> FiniteDifferenceSpecs() {

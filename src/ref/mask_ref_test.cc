@@ -665,8 +665,8 @@ TEST(MaskRef, SigmoidRowWithoutKeysIsZero) {
   EXPECT_NE(out[6], 0.0);
 }
 
-// Loss = sum out * dout; Richardson-extrapolated central differences (steps 2^-8, 2^-9) of the
-// fp64 forward, as in flash_bwd_test.cc.
+// Loss = sum out * dout of the fp64 forward; its gradient by the shared finite-difference oracle
+// (test_util.h).
 std::vector<double> FiniteDifferences(const AttentionParams& p, const Tensor& dout, Tensor* x) {
   const std::vector<double> g = dout.ToVector();
   auto loss = [&] {
@@ -675,21 +675,7 @@ std::vector<double> FiniteDifferences(const AttentionParams& p, const Tensor& do
     for (size_t e = 0; e < out.size(); ++e) l += out[e] * g[e];
     return l;
   };
-  std::vector<double> grad;
-  const double h = 1.0 / 256.0;
-  x->ForEach([&](const Index& i) {
-    const double x0 = x->Get(i);
-    auto at = [&](double step) {
-      x->Set(i, x0 + step);
-      const double l = loss();
-      x->Set(i, x0);
-      return l;
-    };
-    const double d1 = (at(h) - at(-h)) / (2.0 * h);
-    const double d2 = (at(h / 2) - at(-h / 2)) / h;
-    grad.push_back((4.0 * d2 - d1) / 3.0);
-  });
-  return grad;
+  return test::FiniteDifferenceGradient(x, loss);
 }
 
 void CheckBackwardAgainstFiniteDifferences(const std::function<void(AttentionParams*)>& configure,
