@@ -8,9 +8,10 @@
 // The work is planned once for a batch shape (PlanDecode) and run any number of times
 // (RunDecode). The keys of every sequence are cut into splits of a fixed number of tokens, so
 // results depend only on each sequence's own length, never on the batch composition or the
-// thread count (bitwise). Splits are spread over the workers by cost, stream-K style: a worker
-// takes a contiguous run of (sequence, split) units and may end one sequence and start the
-// next, so one 128K context among many 1K contexts keeps every core busy. The partial states
+// thread count (bitwise). Workers claim the (sequence, split) units in order as they finish
+// their last one, stream-K style: a long sequence is shared by every worker and a worker may end
+// one sequence and start the next, so one 128K context among many 1K contexts keeps every core
+// busy, and so does a core the machine slows down. The partial states
 // of a sequence are merged with the log-sum-exp merge (merge.h), in split order.
 //
 // AttentionForward routes here by itself when every sequence has at most 16 queries.

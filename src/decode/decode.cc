@@ -3,11 +3,11 @@
 //
 // Plan: every sequence's keys are cut into splits of split_tokens keys (the last one shorter; a
 // sequence with no keys has one empty split). A unit is (sequence, split, block of KV heads),
-// ordered sequence-major, split, then head block, so a run of units streams a sequence's cache
-// front to back. Units are assigned to workers as contiguous runs of equal total cost (keys x
-// heads), stream-K style (Lean Attention): a worker may finish one sequence and start the
-// next, and a long sequence is shared by several workers, so ragged batches keep every worker
-// busy. A sequence with one split writes its output directly; one with several writes one
+// ordered sequence-major, split, then head block. Workers claim units in that order from a shared
+// counter (stream-K in spirit, Lean Attention): a long sequence is shared by every worker, a
+// worker that finishes one sequence starts the next, and a core that the machine slows down
+// (a busy neighbour on a shared host: measured up to 1.6x on this VM) simply claims fewer units,
+// where a static split of equal cost would leave the other core waiting. A sequence with one split writes its output directly; one with several writes one
 // partial state per split, merged afterwards in split order. The key split is fixed by
 // split_tokens alone and heads are independent, so the results do not depend on the thread
 // count or on the other sequences of the batch.
@@ -40,7 +40,6 @@
 #include "tessera/decode.h"
 
 namespace tessera {
-
 HWY_EXPORT(DecodeKernel);
 
 namespace decode {
@@ -74,7 +73,6 @@ void BuildSchedule(const std::vector<int64_t>& k_lens, int64_t heads_q, int64_t 
   int64_t head_blocks = 1;
   while (head_blocks < heads_kv && total_splits * head_blocks < want_units) ++head_blocks;
   const int64_t heads_per_block = heads_kv > 0 ? (heads_kv + head_blocks - 1) / head_blocks : 0;
-  std::vector<int64_t> cost;
   for (int64_t b = 0; b < batch; ++b) {
     const int64_t len = k_lens[size_t(b)];
     for (int64_t sp = 0; sp < s.splits[size_t(b)]; ++sp) {
@@ -83,23 +81,11 @@ void BuildSchedule(const std::vector<int64_t>& k_lens, int64_t heads_q, int64_t 
         const int64_t h1 = std::min(heads_kv, h0 + heads_per_block);
         const int64_t slot = s.first_slot[size_t(b)] >= 0 ? s.first_slot[size_t(b)] + sp : -1;
         s.units.push_back(DecodeUnit{b, k0, std::max(k0, k1), h0, h1, sp, slot});
-        // A small constant per unit covers the query packing and the output.
-        cost.push_back((std::max<int64_t>(k1 - k0, 0) + 16) * (h1 - h0));
       }
     }
   }
   const int64_t n_units = static_cast<int64_t>(s.units.size());
   s.threads = static_cast<int32_t>(std::max<int64_t>(1, std::min<int64_t>(threads, n_units)));
-  int64_t total = 0;
-  for (int64_t c : cost) total += c;
-  // Worker w starts at the first unit whose cost prefix reaches w * total / threads.
-  s.worker_begin.assign(static_cast<size_t>(s.threads) + 1, n_units);
-  s.worker_begin[0] = 0;
-  int64_t prefix = 0, w = 1;
-  for (int64_t i = 0; i < n_units && w < s.threads; ++i) {
-    while (w < s.threads && prefix * s.threads >= w * total) s.worker_begin[size_t(w++)] = i;
-    prefix += cost[size_t(i)];
-  }
   (void)dim;
 }
 

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <climits>
 #include <vector>
 
 #include "attention/attention_problem.h"
@@ -63,6 +64,12 @@ struct KvSource {
     if (block_table == nullptr) return Row{b, t};
     return Row{block_table[b * block_stride + t / page_size], t % page_size};
   }
+  // Tokens t, t + 1, ... that share t's page, so their rows are token_stride apart: the rest of
+  // the page in a paged cache, otherwise unbounded.
+  int64_t same_page(int64_t t) const {
+    if (cache && block_table != nullptr) return page_size - t % page_size;
+    return INT64_MAX;
+  }
   int64_t k_offset(Row r, int64_t h) const {
     return r.page * k_page_stride + h * k_head_stride + r.slot * k_token_stride;
   }
@@ -96,7 +103,6 @@ struct DecodeSchedule {
   int32_t threads = 1;
   std::vector<int64_t> splits;            // [batch] splits per sequence
   std::vector<decode::DecodeUnit> units;  // (sequence, split, head block) order
-  std::vector<int64_t> worker_begin;      // [threads + 1] contiguous unit ranges
   std::vector<int64_t> first_slot;        // [batch] first partial slot (-1: single split)
   int64_t num_slots = 0;                  // partial (sequence, split) slots
 };
@@ -105,7 +111,7 @@ struct DecodeSchedule {
 namespace decode {
 
 // Builds the schedule for sequences of the given key lengths (q_lens: query rows per sequence,
-// heads: Hkv). Units are balanced over `threads` workers by their key x head cost.
+// heads: Hkv). Up to `threads` workers claim the units in order while the kernel runs.
 void BuildSchedule(const std::vector<int64_t>& k_lens, int64_t heads_q, int64_t heads_kv,
                    int64_t dim, int64_t queries, int64_t split_tokens, int32_t threads,
                    internal::DecodeSchedule* schedule);
