@@ -24,7 +24,10 @@
 // competes with them nor counts in them). Its cache is built with KVCache + AppendKV in chunks
 // (the first chunk calibrates the quantized dtypes' channel normalizers), contiguous or paged
 // with a shuffled block table; its inputs are normal-ish (a sum of four uniforms) so softmax
-// weights and quantization ranges look like real activations. Its baseline is naive_decode.h.
+// weights and quantization ranges look like real activations. Its baseline is naive_decode.h;
+// `--vs stream` instead pairs each of reps decode runs with a plain read of exactly the bytes it
+// reads (TimeReadSeconds over the used K/V rows and scales), so frac_stream compares the two at
+// the same moment, where frac_bw compares a median against the best read of another buffer.
 //
 // Linear attention (--op linear, tessera/linear.h) is linear in the sequence length, so it reports
 // tokens/s (B * N over the median time) next to ms. Its inputs are normal-ish (q, k, v;
@@ -789,6 +792,38 @@ struct DecodeCache {
   }
 };
 
+// The bytes decode reads: for every sequence, page and KV head, the K and V rows of its tokens
+// (and their scales for a quantized cache), each a contiguous run in the head-major layout.
+std::vector<ByteRange> DecodeReadRanges(DecodeCache& dc, int64_t kv_heads, int64_t dim) {
+  const KVCacheView view = dc.cache.view();
+  const size_t row = static_cast<size_t>(KVRowBytes(view.dtype, dim));
+  const bool quantized = KVDTypeIsQuantized(view.dtype);
+  std::vector<ByteRange> ranges;
+  for (size_t b = 0; b < dc.lens.size(); ++b) {
+    const int64_t len = dc.lens[b];
+    const int64_t pages = dc.block_table.empty() ? 1 : (len + dc.page_size - 1) / dc.page_size;
+    for (int64_t i = 0; i < pages; ++i) {
+      const int64_t page =
+          dc.block_table.empty()
+              ? static_cast<int64_t>(b)
+              : dc.block_table[b * static_cast<size_t>(dc.max_pages) + static_cast<size_t>(i)];
+      const int64_t rows =
+          dc.block_table.empty() ? len : std::min(dc.page_size, len - i * dc.page_size);
+      for (int64_t h = 0; h < kv_heads; ++h) {
+        const size_t first = static_cast<size_t>((page * kv_heads + h) * dc.page_size);
+        const size_t n = static_cast<size_t>(rows);
+        ranges.push_back({static_cast<const uint8_t*>(view.k) + first * row, n * row});
+        ranges.push_back({static_cast<const uint8_t*>(view.v) + first * row, n * row});
+        if (quantized) {
+          ranges.push_back({view.k_scales + 2 * first, 2 * n * sizeof(float)});
+          ranges.push_back({view.v_scales + 2 * first, 2 * n * sizeof(float)});
+        }
+      }
+    }
+  }
+  return ranges;
+}
+
 // Allocates the cache (contiguous when page_size == 0, else paged over a pool exactly large
 // enough, pages handed out in a shuffled order) and appends random K and V to every sequence in
 // chunks of kAppendChunkTokens.
@@ -876,8 +911,11 @@ int BenchDecode(const BenchOptions& o) {
   if (!ParseDType(o.dtype, &dtype, &error)) return Fail(cmd, error);
   if (!ParseKVDType(o.kv_dtype, &kv_dtype, &error)) return Fail(cmd, error);
   if (!ParsePath(o.path, &ctx.path, &error)) return Fail(cmd, error);
-  if (!o.vs.empty() && o.vs != "naive") {
-    return Fail(cmd, "--vs: expected 'naive' with --op decode, got '" + o.vs + "'");
+  if (!o.vs.empty() && o.vs != "naive" && o.vs != "stream") {
+    return Fail(cmd, "--vs: expected 'naive' or 'stream' with --op decode, got '" + o.vs + "'");
+  }
+  if (o.baseline_only && o.vs == "stream") {
+    return Fail(cmd, "--baseline-only times the naive baseline alone; expected no --vs stream");
   }
   if (o.has_mask) {
     return Fail(cmd,
@@ -995,6 +1033,29 @@ int BenchDecode(const BenchOptions& o) {
     result["frac_bw"] = 0.0;  // filled in with the peak
     result["gflops"] = flops / (timing.median_ms * 1e-3) * 1e-9;
     result["peak_rss_mb"] = PeakRssMiB();
+    if (o.vs == "stream") {
+      // Pairs of one decode and one plain read of the same bytes, back to back, so both see the
+      // same moment of a machine whose bandwidth moves; frac_stream = read time / decode time.
+      const std::vector<ByteRange> ranges = DecodeReadRanges(dc, kv_heads, D);
+      std::vector<double> decode_ms, read_ms;
+      for (int i = 0; i < timing.reps; ++i) {
+        const auto start = std::chrono::steady_clock::now();
+        st = RunDecode(plan, params, ctx);
+        if (!st.ok()) return Fail(cmd, st.ToString());
+        decode_ms.push_back(MillisecondsSince(start));
+        read_ms.push_back(TimeReadSeconds(ranges, threads) * 1e3);
+      }
+      const double paired = Median(decode_ms), read = Median(read_ms);
+      result["baseline"] = "stream";
+      result["baseline_ms"] = read;
+      result["baseline_ms_min"] = *std::min_element(read_ms.begin(), read_ms.end());
+      result["baseline_reps"] = timing.reps;
+      result["baseline_gbps"] = bytes / (read * 1e-3) * 1e-9;
+      result["baseline_frac_bw"] = 0.0;  // filled in with the peak
+      result["paired_ms"] = paired;
+      result["frac_stream"] = read / paired;
+      result["speedup"] = read / paired;
+    }
   }
 
   if (run_naive) {
@@ -1082,6 +1143,12 @@ int BenchDecode(const BenchOptions& o) {
       std::cout << ", " << Fixed(result["baseline_gbps"].get<double>(), 1) << " GB/s of "
                 << Fixed(peak, 1) << " GB/s read peak";
     }
+  }
+  if (o.vs == "stream") {
+    std::cout << "; in pairs, decode " << Fixed(result["paired_ms"].get<double>(), 3)
+              << " ms vs a plain read of its bytes "
+              << Fixed(result["baseline_ms"].get<double>(), 3) << " ms ("
+              << Fixed(100.0 * result["frac_stream"].get<double>(), 0) << "%)";
   }
   std::cout << std::endl;
   return kExitOk;
@@ -1428,7 +1495,9 @@ CommandMain AddBenchCommand(CLI::App& app) {
   sub->add_option("--vs", o->vs,
                   "also time a baseline in the same process: naive (OpenBLAS, unmasked) or dense "
                   "(tessera without the mask, same causal flag and number of runs); linear: "
-                  "exact (tessera's exact attention, same shape at head dim --dim, f32)");
+                  "exact (tessera's exact attention, same shape at head dim --dim, f32); decode: "
+                  "naive, or stream (a plain read of the bytes decode reads, timed in pairs "
+                  "with it: frac_stream = read ms / decode ms)");
   CLI::Option* mask_option =
       sub->add_option("--mask", o->mask,
                       "forward/backward: a programmable mask (grammar below); GFLOP/s then counts "

@@ -1,8 +1,10 @@
 // tessera: what the machine offers, as seen and measured by tessera itself.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <string>
+#include <vector>
 
 namespace tessera {
 
@@ -20,5 +22,17 @@ double MeasureFmaPeakGflops(int32_t threads, double seconds = 0.3);
 // Runs for about `seconds` seconds plus the time to touch the buffer; returns the best of
 // several repeats. This is the ceiling memory-bound ops (decode) report their fraction of.
 double MeasureReadBandwidthGBps(int32_t threads, double seconds = 0.3);
+
+// A run of bytes for TimeReadSeconds.
+struct ByteRange {
+  const void* data = nullptr;
+  size_t bytes = 0;
+};
+// Reads the ranges once, their bytes split evenly over `threads` threads released together, and
+// returns the wall time in seconds: a plain streaming read of exactly these bytes (whole 64-byte
+// granules of each range), the floor of a memory-bound kernel over them at this moment. Timed
+// in alternation with such a kernel (`tessera bench --op decode --vs stream`), it measures how
+// close the kernel comes to the read it cannot avoid, on a machine whose bandwidth moves.
+double TimeReadSeconds(const std::vector<ByteRange>& ranges, int32_t threads);
 
 }  // namespace tessera

@@ -85,6 +85,26 @@ HWY_NOINLINE void SumFloats(const float* HWY_RESTRICT p, int64_t n, float* HWY_R
   *sink = hn::GetLane(hn::SumOfLanes(d, hn::Add(hn::Add(s0, s1), hn::Add(s2, s3))));
 }
 
+// Reads the n 32-bit words at p (any alignment) and folds them into *sink. Integer adds: the
+// bytes are whatever a caller's buffer holds (f16 pairs, codes), which as floats could hit
+// denormal assists.
+HWY_NOINLINE void SumWordsU(const int32_t* HWY_RESTRICT p, int64_t n, float* HWY_RESTRICT sink) {
+  const hn::ScalableTag<int32_t> d;
+  const int64_t lanes = static_cast<int64_t>(hn::Lanes(d));
+  auto s0 = hn::Zero(d), s1 = hn::Zero(d), s2 = hn::Zero(d), s3 = hn::Zero(d);
+  int64_t i = 0;
+  for (; i + 4 * lanes <= n; i += 4 * lanes) {
+    s0 = hn::Add(s0, hn::LoadU(d, p + i));
+    s1 = hn::Add(s1, hn::LoadU(d, p + i + lanes));
+    s2 = hn::Add(s2, hn::LoadU(d, p + i + 2 * lanes));
+    s3 = hn::Add(s3, hn::LoadU(d, p + i + 3 * lanes));
+  }
+  uint32_t tail = 0;
+  for (; i < n; ++i) tail += static_cast<uint32_t>(p[i]);
+  const auto total = hn::Add(hn::Add(s0, s1), hn::Add(s2, s3));
+  *sink += static_cast<float>(tail + static_cast<uint32_t>(hn::GetLane(hn::SumOfLanes(d, total))));
+}
+
 }  // namespace HWY_NAMESPACE
 }  // namespace tessera
 HWY_AFTER_NAMESPACE();
@@ -102,6 +122,7 @@ HWY_AFTER_NAMESPACE();
 #include <thread>
 #include <vector>
 
+#include "core/parallel.h"
 #include "tessera/system.h"
 
 namespace tessera {
@@ -111,6 +132,7 @@ HWY_EXPORT(CompiledTarget);
 HWY_EXPORT(FloatLanes);
 HWY_EXPORT(FmaChain);
 HWY_EXPORT(SumFloats);
+HWY_EXPORT(SumWordsU);
 
 constexpr int64_t kFmasPerIter = 16;
 constexpr int kRepeats = 5;
@@ -246,6 +268,40 @@ double MeasureReadBandwidthGBps(int32_t threads, double seconds) {
     best = std::max(best, static_cast<double>(kBandwidthBytes) / read_all() * 1e-9);
   }
   return best;
+}
+
+double TimeReadSeconds(const std::vector<ByteRange>& ranges, int32_t threads) {
+  threads = std::max<int32_t>(threads, 1);
+  // Whole cache lines of 64 bytes.
+  constexpr size_t kGranule = 64;
+  size_t total = 0;
+  for (const ByteRange& r : ranges) total += r.bytes / kGranule;
+  std::vector<float> sinks(static_cast<size_t>(threads) * 16);  // one cache line apart
+  // The kernels' own thread pool (ParallelFor), so the read and a kernel it is paired with pay
+  // the same fork and join, and no pool of the other kind spins on the cores meanwhile.
+  const auto start = Clock::now();
+  ParallelFor(threads, threads, [&](int64_t t, int32_t) {
+    float* sink = &sinks[static_cast<size_t>(t) * 16];
+    // Task t reads granules [g0, g1) of the ranges laid end to end.
+    const size_t g0 = total * static_cast<size_t>(t) / static_cast<size_t>(threads);
+    const size_t g1 = total * static_cast<size_t>(t + 1) / static_cast<size_t>(threads);
+    size_t at = 0;
+    for (const ByteRange& r : ranges) {
+      const size_t n = r.bytes / kGranule;
+      const size_t b = std::max(at, g0), e = std::min(at + n, g1);
+      if (b < e) {
+        const int32_t* p = static_cast<const int32_t*>(r.data) + (b - at) * (kGranule / 4);
+        HWY_DYNAMIC_DISPATCH(SumWordsU)(p, static_cast<int64_t>((e - b) * (kGranule / 4)), sink);
+      }
+      at += n;
+      if (at >= g1) break;
+    }
+  });
+  const double elapsed = std::chrono::duration<double>(Clock::now() - start).count();
+  volatile float total_sum = 0.0f;
+  for (float x : sinks) total_sum = total_sum + x;
+  (void)total_sum;
+  return elapsed;
 }
 
 }  // namespace tessera

@@ -112,10 +112,10 @@ struct TileSlot {
 // Per-worker scratch, carved from one aligned allocation per call. Per-head arrays are
 // [heads][...]; `heads` is the largest head block of the schedule.
 struct Scratch {
-  float* qf;             // [heads][Rp][Dp] query rows (scaled f32, or int8 codes as f32)
-  int8_t* q8;            // [heads][Rp][Dc] int8 query codes (VNNI)
+  float* qf;   // [heads][Rp][Dp] query rows (scaled f32, or int8 codes as f32)
+  int8_t* q8;  // [heads][Rp][Dc] int8 query codes (VNNI)
   TileSlot tile[2];
-  uint8_t* zero;         // [row bytes] zeros: the padding keys of a partial tile
+  uint8_t* zero;    // [row bytes] zeros: the padding keys of a partial tile
   float* row;       // [Dp] one query or output row
   float* acc;       // [heads][Rp][Dp] output accumulators
   float* m;         // [heads][Mp] running max
@@ -594,8 +594,8 @@ HWY_INLINE void GatherTile(const decode::KvSource& kv, const UnitShape& sh, int6
   for (size_t j = 0; j < nkeys;) {
     const int64_t key = a + static_cast<int64_t>(j);
     const decode::KvSource::Row row = kv.locate(b, key);
-    const size_t run = static_cast<size_t>(
-        std::min<int64_t>(kv.same_page(key), static_cast<int64_t>(nkeys - j)));
+    const size_t run =
+        static_cast<size_t>(std::min<int64_t>(kv.same_page(key), static_cast<int64_t>(nkeys - j)));
     const uint8_t* krow = kv.k + kv.k_offset(row, h);
     const uint8_t* vrow = kv.v + kv.v_offset(row, h);
     if (quant) {

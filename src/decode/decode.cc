@@ -7,12 +7,14 @@
 // counter (stream-K in spirit, Lean Attention): a long sequence is shared by every worker, a
 // worker that finishes one sequence starts the next, and a core that the machine slows down
 // (a busy neighbour on a shared host: measured up to 1.6x on this VM) simply claims fewer units,
-// where a static split of equal cost would leave the other core waiting. A sequence with one split writes its output directly; one with several writes one
-// partial state per split, merged afterwards in split order. The key split is fixed by
-// split_tokens alone and heads are independent, so the results do not depend on the thread
-// count or on the other sequences of the batch.
-// Decode instantiates head dims x element types per target; SSSE3 / SSE4 machines (pre-AVX2)
-// run the portable fallback instead, which keeps this file's build time in check.
+// where a static split of equal cost would leave the other core waiting. A sequence with one split
+// writes its output directly; one with several writes one partial state per split, merged
+// afterwards in split order. The key split is fixed by split_tokens alone and heads are
+// independent, so the results do not depend on the thread count or on the other sequences of the
+// batch.
+//
+// Decode instantiates head dims x element types per target; SSSE3 / SSE4 machines (pre-AVX2) run
+// the portable fallback instead, which keeps this file's build time in check.
 #ifndef HWY_DISABLED_TARGETS
 #define HWY_DISABLED_TARGETS (HWY_SSSE3 | HWY_SSE4)
 #endif

@@ -3,8 +3,8 @@
 // routes calls with at most kMaxDecodeQueries queries per sequence here.
 #pragma once
 
-#include <cstdint>
 #include <climits>
+#include <cstdint>
 #include <vector>
 
 #include "attention/attention_problem.h"

@@ -771,6 +771,28 @@ class BenchDecodeTest(unittest.TestCase):
         r = self.bench_decode("--queries", 4, "--causal", kv_dtype="bf16")
         self.assertEqual((r["queries"], r["causal"]), (4, True))
 
+    def test_vs_stream(self):
+        # Paired with a plain read of the same bytes: contiguous, paged over shuffled pages with
+        # ragged lengths, and quantized (whose scales are read too).
+        for kv_dtype, extra in (("f16", []), ("bf16", ["--lens", "100,300", "--page-size", 16]),
+                                ("int8", ["--page-size", 32])):
+            with self.subTest(kv_dtype=kv_dtype, extra=extra):
+                r = self.bench_decode(*extra, "--vs", "stream", kv_dtype=kv_dtype, vs=False)
+                self.assertEqual(r["baseline"], "stream")
+                for key in ("baseline_ms", "paired_ms", "baseline_gbps", "baseline_frac_bw"):
+                    self.assertGreater(r[key], 0, key)
+                self.assertEqual(r["baseline_reps"], r["reps"])
+                self.assertAlmostEqual(r["frac_stream"], r["baseline_ms"] / r["paired_ms"],
+                                       places=9)
+                self.assertAlmostEqual(r["baseline_gbps"],
+                                       r["bytes"] / (r["baseline_ms"] * 1e-3) * 1e-9,
+                                       delta=1e-6 * r["baseline_gbps"])
+        rc, out, err = run_cli("bench", "--op", "decode", "--batch", 1, "--heads", 2, "--seq-k",
+                               64, "--baseline-only", "--vs", "stream")
+        self.assertEqual(rc, 2, err)
+        self.assertIn("--vs stream", err)
+        self.assertEqual(out, "")
+
     def test_baseline_only_and_human_output(self):
         rc, out, err = run_cli("bench", "--op", "decode", "--batch", 1, "--heads", 2, "--seq-k",
                                64, "--dim", 32, "--reps", 5, "--threads", 1, "--baseline-only",
@@ -798,6 +820,7 @@ class BenchDecodeTest(unittest.TestCase):
                              (["--page-size", -1], "--page-size"),
                              (["--seq-k", 0], "--seq-k"),
                              (["--kv-heads", 3], "--kv-heads"),
+                             (["--vs", "dense"], "--vs"),
                              (["--dim", 0], "--dim")):
             rc, out, err = run_cli(*base, *args)
             self.assertEqual(rc, 2, "%s: %s" % (args, err))
