@@ -21,6 +21,8 @@
 
 #include <hwy/highway.h>
 
+#include <cstring>
+
 HWY_BEFORE_NAMESPACE();
 namespace tessera {
 namespace HWY_NAMESPACE {
@@ -100,7 +102,11 @@ HWY_NOINLINE void SumWordsU(const int32_t* HWY_RESTRICT p, int64_t n, float* HWY
     s3 = hn::Add(s3, hn::LoadU(d, p + i + 3 * lanes));
   }
   uint32_t tail = 0;
-  for (; i < n; ++i) tail += static_cast<uint32_t>(p[i]);
+  for (; i < n; ++i) {
+    uint32_t w;  // p may be misaligned: a byte copy, not an int32 load
+    std::memcpy(&w, p + i, sizeof(w));
+    tail += w;
+  }
   const auto total = hn::Add(hn::Add(s0, s1), hn::Add(s2, s3));
   *sink += static_cast<float>(tail + static_cast<uint32_t>(hn::GetLane(hn::SumOfLanes(d, total))));
 }

@@ -45,8 +45,9 @@ float RoundTo(DType dtype, float x) {
       return BF16ToFloat(FloatToBF16(x));
     case DType::kF16:
       return F16ToFloat(FloatToF16(x));
+    default:  // the mask dtypes (u8, bool, i32) hold no K/V
+      return x;
   }
-  return x;
 }
 
 float RoundToKV(KVDType dtype, float x) {
