@@ -109,7 +109,7 @@ struct TileSlot {
   bool full = false;
 };
 
-// Per-worker scratch, carved from one aligned allocation per call. Per-head arrays are
+// Per-worker scratch, carved from the calling thread's Workspace (below). Per-head arrays are
 // [heads][...]; `heads` is the largest head block of the schedule.
 struct Scratch {
   float* qf;   // [heads][Rp][Dp] query rows (scaled f32, or int8 codes as f32)
