@@ -98,6 +98,26 @@ bool ParseLens(const std::string& text, std::vector<int32_t>* lens, std::string*
   }
 }
 
+bool GradientFiles(const std::string& dout, const std::string& dq, const std::string& dk,
+                   const std::string& dv, bool* backward, std::string* error) {
+  const struct {
+    const char* flag;
+    const std::string& file;
+  } flags[] = {{"--dout", dout}, {"--dq", dq}, {"--dk", dk}, {"--dv", dv}};
+  std::string given, missing;
+  for (const auto& f : flags) {
+    std::string& list = f.file.empty() ? missing : given;
+    list += (list.empty() ? "" : ", ") + std::string(f.flag);
+  }
+  *backward = missing.empty();
+  if (!*backward && !given.empty()) {
+    *error = "the backward needs --dout, --dq, --dk and --dv together; got " + given + " without " +
+             missing;
+    return false;
+  }
+  return true;
+}
+
 bool ParseNonNegative(const std::string& flag, const std::string& text, int64_t* value,
                       std::string* error) {
   int64_t v = 0;

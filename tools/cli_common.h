@@ -55,6 +55,12 @@ bool ParseLens(const std::string& text, std::vector<int32_t>* lens, std::string*
 bool ParseNonNegative(const std::string& flag, const std::string& text, int64_t* value,
                       std::string* error);
 
+// The backward's gradient files go together: true (*backward = true) when --dout, --dq, --dk and
+// --dv are all given, true (*backward = false) when none is; false with *error when only some are
+// (one without the others is almost certainly a mistake).
+bool GradientFiles(const std::string& dout, const std::string& dq, const std::string& dk,
+                   const std::string& dv, bool* backward, std::string* error);
+
 // ---------------------------------------------------------------------------------------------
 // Linear attention (--op linear of run and bench): the family of tessera/linear.h as variants.
 //   plain  no decay, no gates (optionally the JRT prefix form)

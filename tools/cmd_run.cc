@@ -64,20 +64,10 @@ int RunMain(const RunOptions& o) {
     params.scale = static_cast<float>(o.scale);
   }
 
-  // The backward flags go together: one without the others is almost certainly a mistake.
-  const struct {
-    const char* flag;
-    const std::string& file;
-  } grad_flags[] = {{"--dout", o.dout}, {"--dq", o.dq}, {"--dk", o.dk}, {"--dv", o.dv}};
-  std::string given, missing;
-  for (const auto& g : grad_flags) {
-    std::string& list = g.file.empty() ? missing : given;
-    list += (list.empty() ? "" : ", ") + std::string(g.flag);
-  }
-  const bool backward = missing.empty();
-  if (!backward && !given.empty()) {
-    return Fail(cmd, "the backward needs --dout, --dq, --dk and --dv together; got " + given +
-                         " without " + missing);
+  // The backward flags go together (GradientFiles).
+  bool backward = false;
+  if (!GradientFiles(o.dout, o.dq, o.dk, o.dv, &backward, &error)) {
+    return Fail(cmd, error);
   }
 
   // Each output goes to a temporary name first; two outputs on one path would clobber each other.

@@ -139,18 +139,8 @@ int RunLinear(const LinearRunOptions& o) {
     return Fail(kCmd, "--dgates: only with --variant gla, got --variant " + variant_name);
   }
 
-  // The backward flags go together: one without the others is almost certainly a mistake.
-  const Flag grad_flags[] = {{"--dout", o.dout}, {"--dq", o.dq}, {"--dk", o.dk}, {"--dv", o.dv}};
-  std::string given, missing;
-  for (const Flag& g : grad_flags) {
-    std::string& list = g.file.empty() ? missing : given;
-    list += (list.empty() ? "" : ", ") + std::string(g.flag);
-  }
-  const bool backward = missing.empty();
-  if (!backward && !given.empty()) {
-    return Fail(kCmd, "the backward needs --dout, --dq, --dk and --dv together; got " + given +
-                          " without " + missing);
-  }
+  bool backward = false;
+  if (!GradientFiles(o.dout, o.dq, o.dk, o.dv, &backward, &error)) return Fail(kCmd, error);
   if (!backward && !o.dgates.empty()) {
     return Fail(kCmd,
                 "--dgates: the gates' gradient comes from the backward; expected --dout, "

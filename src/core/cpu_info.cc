@@ -72,24 +72,9 @@ HWY_NOINLINE void FmaChain(int64_t iters, float* HWY_RESTRICT sink) {
   *sink = hn::GetLane(hn::SumOfLanes(d, s));
 }
 
-// Sums n floats at p (n a multiple of 4 vectors, p vector-aligned) and stores the sum to `sink`
-// so the compiler cannot drop the loads.
-HWY_NOINLINE void SumFloats(const float* HWY_RESTRICT p, int64_t n, float* HWY_RESTRICT sink) {
-  const hn::ScalableTag<float> d;
-  const int64_t lanes = static_cast<int64_t>(hn::Lanes(d));
-  auto s0 = hn::Zero(d), s1 = hn::Zero(d), s2 = hn::Zero(d), s3 = hn::Zero(d);
-  for (int64_t i = 0; i + 4 * lanes <= n; i += 4 * lanes) {
-    s0 = hn::Add(s0, hn::Load(d, p + i));
-    s1 = hn::Add(s1, hn::Load(d, p + i + lanes));
-    s2 = hn::Add(s2, hn::Load(d, p + i + 2 * lanes));
-    s3 = hn::Add(s3, hn::Load(d, p + i + 3 * lanes));
-  }
-  *sink = hn::GetLane(hn::SumOfLanes(d, hn::Add(hn::Add(s0, s1), hn::Add(s2, s3))));
-}
-
-// Reads the n 32-bit words at p (any alignment) and folds them into *sink. Integer adds: the
-// bytes are whatever a caller's buffer holds (f16 pairs, codes), which as floats could hit
-// denormal assists.
+// Reads the n 32-bit words at p (any alignment) and folds them into *sink, so the compiler
+// cannot drop the loads; both read probes use it. Integer adds: the bytes are whatever a
+// caller's buffer holds (f16 pairs, codes), which as floats could hit denormal assists.
 HWY_NOINLINE void SumWordsU(const int32_t* HWY_RESTRICT p, int64_t n, float* HWY_RESTRICT sink) {
   const hn::ScalableTag<int32_t> d;
   const int64_t lanes = static_cast<int64_t>(hn::Lanes(d));
@@ -137,7 +122,6 @@ namespace {
 HWY_EXPORT(CompiledTarget);
 HWY_EXPORT(FloatLanes);
 HWY_EXPORT(FmaChain);
-HWY_EXPORT(SumFloats);
 HWY_EXPORT(SumWordsU);
 
 constexpr int64_t kFmasPerIter = 16;
@@ -261,7 +245,7 @@ double MeasureReadBandwidthGBps(int32_t threads, double seconds) {
       float* begin = nullptr;
       int64_t n = 0;
       slice(t, &begin, &n);
-      HWY_DYNAMIC_DISPATCH(SumFloats)(begin, n, sink);
+      HWY_DYNAMIC_DISPATCH(SumWordsU)(reinterpret_cast<const int32_t*>(begin), n, sink);
     });
   };
 
