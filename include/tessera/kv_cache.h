@@ -27,6 +27,7 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <vector>
 
 #include "tessera/context.h"
@@ -70,7 +71,9 @@ struct KVBatchView {
   int64_t max_pages_per_seq = 0;         // row length of block_table
 };
 
-// An owning cache: allocates the pool (zeroed) and hands out views.
+// An owning cache: allocates the pool (zeroed) and hands out views. The K and V pools are
+// page-aligned and, from 2 MiB up, advised for transparent huge pages (decode streams through
+// them; docs/decode.md). Move-only.
 class KVCache {
  public:
   KVCache() = default;
@@ -81,8 +84,12 @@ class KVCache {
   int64_t bytes() const;  // total bytes of the pool, scales included
 
  private:
+  struct FreeBytes {
+    void operator()(uint8_t* p) const;
+  };
   KVCacheView shape_;
-  std::vector<uint8_t> k_, v_;
+  std::unique_ptr<uint8_t[], FreeBytes> k_, v_;
+  int64_t pool_bytes_ = 0;  // bytes of each of k_ and v_
   std::vector<float> k_scales_, v_scales_, k_channel_, v_channel_;
 };
 

@@ -10,10 +10,10 @@
 // of a 512 MiB f32 buffer (16x a 32 MiB L3, so every repeat streams from DRAM), four vector loads
 // per iteration into four accumulators so the loop is bound by the loads alone. Each thread
 // touches its own slice first, so its pages exist and sit near the core that reads them (first
-// touch on NUMA machines). The buffer has ordinary 4 KiB pages on purpose: that is how a KV cache
-// in a std::vector or malloc'd pool is backed, and transparent huge pages read measurably faster
-// (Zen 4 under KVM, one thread: 26 GB/s with 4 KiB pages, 31.5 GB/s with 2 MiB pages), so a
-// huge-page probe would be a ceiling the kernels cannot reach on their usual inputs.
+// touch on NUMA machines). The buffer is allocated like KVCache's pool (AllocatePages: huge
+// pages where the OS allows), so the probe measures the bandwidth the decode kernels can reach on
+// tessera's own cache; 4 KiB pages read measurably slower (Zen 4 under KVM, one thread: 26 GB/s
+// against 31.5 GB/s with 2 MiB pages), which is what a caller-owned malloc'd pool gets.
 
 #undef HWY_TARGET_INCLUDE
 #define HWY_TARGET_INCLUDE "core/cpu_info.cc"
@@ -113,6 +113,7 @@ HWY_AFTER_NAMESPACE();
 #include <thread>
 #include <vector>
 
+#include "core/pages.h"
 #include "core/parallel.h"
 #include "tessera/system.h"
 
@@ -127,10 +128,10 @@ HWY_EXPORT(SumWordsU);
 constexpr int64_t kFmasPerIter = 16;
 constexpr int kRepeats = 5;
 
-// The bandwidth probe's buffer, its alignment (one 4 KiB page) and the granule its per-thread
-// slices are cut in (a multiple of 4 vectors of every target, up to 2048-bit SVE).
+// The bandwidth probe's buffer (huge pages where the OS allows, like the KV cache's pool) and the
+// granule its per-thread slices are cut in (a multiple of 4 vectors of every target, up to
+// 2048-bit SVE).
 constexpr size_t kBandwidthBytes = size_t{512} << 20;
-constexpr size_t kBufferAlignment = 4096;
 constexpr int64_t kSliceGranule = 1024;  // floats
 constexpr int kMinBandwidthRepeats = 3;
 constexpr int kMaxBandwidthRepeats = 100;
@@ -172,10 +173,6 @@ double TimeChains(int32_t threads, int64_t iters) {
     HWY_DYNAMIC_DISPATCH(FmaChain)(iters, sink);
   });
 }
-
-struct FreeDeleter {
-  void operator()(float* p) const { std::free(p); }
-};
 
 }  // namespace
 
@@ -222,16 +219,16 @@ double MeasureFmaPeakGflops(int32_t threads, double seconds) {
 double MeasureReadBandwidthGBps(int32_t threads, double seconds) {
   threads = std::max<int32_t>(threads, 1);
   seconds = std::max(seconds, 0.01);
-  std::unique_ptr<float, FreeDeleter> buffer(
-      static_cast<float*>(std::aligned_alloc(kBufferAlignment, kBandwidthBytes)));
-  if (!buffer) return 0.0;
+  const PageBytes pages = AllocatePages(kBandwidthBytes);
+  if (!pages) return 0.0;
+  float* const data = reinterpret_cast<float*>(pages.get());
 
   // Thread t owns granules [t * granules / threads, (t + 1) * granules / threads).
   const int64_t granules = static_cast<int64_t>(kBandwidthBytes / sizeof(float)) / kSliceGranule;
   auto slice = [&](int32_t t, float** begin, int64_t* n) {
     const int64_t g0 = granules * t / threads;
     const int64_t g1 = granules * (t + 1) / threads;
-    *begin = buffer.get() + g0 * kSliceGranule;
+    *begin = data + g0 * kSliceGranule;
     *n = (g1 - g0) * kSliceGranule;
   };
   TimeTogether(threads, [&](int32_t t, float*) {

@@ -21,6 +21,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <new>
@@ -29,6 +30,7 @@
 
 #include "core/check.h"
 #include "core/element.h"
+#include "core/pages.h"
 #include "core/parallel.h"
 #include "kvcache/kv_quant.h"
 #include "kvcache/kv_validate.h"
@@ -359,11 +361,17 @@ Status KVCache::Allocate(KVDType dtype, int64_t num_pages, int64_t page_size, in
                        Str(num_kv_heads) + " heads (" + std::to_string(total) + " bytes)");
   }
   const size_t nrows = static_cast<size_t>(num_pages * page_size * num_kv_heads);
-  std::vector<uint8_t> k, v;
+  const size_t pool_bytes = nrows * static_cast<size_t>(row_bytes);
+  PageBytes k = AllocatePages(pool_bytes), v = AllocatePages(pool_bytes);
+  if (pool_bytes > 0 && (!k || !v)) {
+    return Status::Internal("KVCache::Allocate: out of memory for a pool of " +
+                            std::to_string(total) + " bytes");
+  }
+  // Zeroed by the allocating thread: the first touch maps the (huge) pages.
+  std::memset(k.get(), 0, pool_bytes);
+  std::memset(v.get(), 0, pool_bytes);
   std::vector<float> k_scales, v_scales, k_channel, v_channel;
   try {
-    k.assign(nrows * static_cast<size_t>(row_bytes), 0);
-    v.assign(nrows * static_cast<size_t>(row_bytes), 0);
     if (quantized) {
       k_scales.assign(2 * nrows, 0.0f);
       v_scales.assign(2 * nrows, 0.0f);
@@ -374,8 +382,9 @@ Status KVCache::Allocate(KVDType dtype, int64_t num_pages, int64_t page_size, in
     return Status::Internal("KVCache::Allocate: out of memory for a pool of " +
                             std::to_string(total) + " bytes");
   }
-  k_ = std::move(k);
-  v_ = std::move(v);
+  k_.reset(k.release());
+  v_.reset(v.release());
+  pool_bytes_ = static_cast<int64_t>(pool_bytes);
   k_scales_ = std::move(k_scales);
   v_scales_ = std::move(v_scales);
   k_channel_ = std::move(k_channel);
@@ -389,10 +398,12 @@ Status KVCache::Allocate(KVDType dtype, int64_t num_pages, int64_t page_size, in
   return Status::Ok();
 }
 
+void KVCache::FreeBytes::operator()(uint8_t* p) const { std::free(p); }
+
 KVCacheView KVCache::view() {
   KVCacheView v = shape_;
-  v.k = k_.empty() ? nullptr : k_.data();
-  v.v = v_.empty() ? nullptr : v_.data();
+  v.k = k_.get();
+  v.v = v_.get();
   v.k_scales = k_scales_.empty() ? nullptr : k_scales_.data();
   v.v_scales = v_scales_.empty() ? nullptr : v_scales_.data();
   v.k_channel_scales = k_channel_.empty() ? nullptr : k_channel_.data();
@@ -402,7 +413,7 @@ KVCacheView KVCache::view() {
 
 int64_t KVCache::bytes() const {
   const size_t floats = k_scales_.size() + v_scales_.size() + k_channel_.size() + v_channel_.size();
-  return static_cast<int64_t>(k_.size() + v_.size() + floats * sizeof(float));
+  return 2 * pool_bytes_ + static_cast<int64_t>(floats * sizeof(float));
 }
 
 // ---------------------------------------------------------------------------------------------
