@@ -20,13 +20,12 @@
 // unit walks its heads one after the other and each head's split tile by tile (kKeyTile keys),
 // keeping the head's running state (m, l, output accumulator) across the tiles. The cache is
 // head-major, so a head's keys are consecutive rows of each page and a split is read as one
-// sequential stream per tensor, which is what the hardware prefetcher follows (token-major
-// walks, staging copies and software prefetching all measured slower; docs/decode.md). The
-// tiles are software-pipelined: the scores of tile t + 1 are computed kFuseKeys keys at a time,
-// alternating with P.V over tile t, so the K and the V stream are both read at a steady pace
-// (a tile's K and then its V in bursts leaves each stream idle half the time, and the prefetcher
-// then falls behind). Pages of at most 16 KiB per head are short streams, so for those the next
-// tile is prefetched.
+// sequential stream per tensor (token-major walks and staging copies measured slower;
+// docs/decode.md). The tiles are software-pipelined: the scores of tile t + 1 are computed
+// kFuseKeys keys at a time, alternating with P.V over tile t, so the K and the V stream are both
+// read at a steady pace (a tile's K and then its V in bursts leaves each stream idle half the
+// time). Every row is prefetched into L2 kPrefetchKeys keys ahead of its scores, across page
+// boundaries too.
 //
 // K/V dtypes: f32 / bf16 / f16 / int8 rows are read in place and widened in registers. Rows that
 // cannot be (int4, a head-dim stride, a head dim that is not a multiple of the vector width, or
@@ -89,6 +88,13 @@ constexpr size_t kCodeBlock = 64;
 // of the 4-key score block.
 constexpr size_t kFuseKeys = 8;
 static_assert(kFuseKeys % 4 == 0 && kTile % kFuseKeys == 0, "fuse step: 4-key blocks");
+// Scoring key j prefetches the K and V rows of key j + kPrefetchKeys into L2 (prefetcht1). The
+// hardware prefetcher alone runs too short a distance ahead of streams consumed at the pace of
+// the arithmetic, and stops at every page of a paged cache. Measured at 32K f16 tokens on 2
+// threads (KVCache on 2 MiB pages), medians of alternating runs: contiguous 6.1 -> 5.1 ms, page
+// size 16 7.6 -> 6.4 ms, page size 1 10.5 -> 7.0 ms, page size 256 unchanged; 16 to 64 keys
+// ahead alike, 128 worse, and into L1 (prefetcht0) 8.3 ms.
+constexpr int64_t kPrefetchKeys = 32;
 
 // The rows and scores of one key tile. A unit keeps two: the scores of tile t + 1 are computed
 // while P.V reads tile t (see RunUnit).
@@ -720,11 +726,9 @@ void RunUnit(const AttentionProblem& p, const decode::KvSource& kv, const decode
     const size_t row_groups = hwy::DivCeil(static_cast<size_t>(rows), size_t{4});
     const int64_t first_tile =
         u.key_begin + (union_lo - u.key_begin) / decode::kKeyTile * decode::kKeyTile;
-    // Pages of at most 16 KiB per head (f16, D = 128: 64 tokens) are too short a stream for the
-    // hardware prefetcher; measured at 32K tokens, prefetching one tile ahead takes page size 1
-    // from 14.4 to 12.0 ms and 16 from 12.2 to 9.5-10.2 ms, and costs 10% at 256 (2 threads).
-    const bool page_prefetch =
-        kv.cache && kv.block_table != nullptr && kv.page_size * kv.k_token_stride <= 16384;
+    // Bytes of a row in the cache, prefetched whole; 0: the rows are strided, not prefetched.
+    const int64_t src_row_bytes =
+        kv.k_dim_stride == 1 && kv.v_dim_stride == 1 ? KVRowBytes(kv.dtype, kv.dim) : 0;
     // Head by head: a head's keys are consecutive rows of each (head-major) page, so the tiles
     // of one head are read as two sequential streams, K and V.
     for (int64_t hh = 0; hh < heads; ++hh) {
@@ -747,19 +751,24 @@ void RunUnit(const AttentionProblem& p, const decode::KvSource& kv, const decode
       auto score = [&](const TileSlot& t, size_t j_begin, size_t j_end) {
         for (size_t g = 0; g < row_groups; ++g) {
           for (size_t j0 = j_begin; j0 < j_end; j0 += 4) {
-            if (g == 0 && page_prefetch) {
-              // Small pages: each page is a short stream the hardware prefetcher has to start
-              // again, so the rows one tile ahead are prefetched, a few keys per score block.
-              for (size_t jj = j0; jj < j0 + 4; ++jj) {
-                const int64_t key = t.a + static_cast<int64_t>(jj) + decode::kKeyTile;
-                if (key > union_hi) break;
-                const decode::KvSource::Row row = kv.locate(b, key);
-                const char* kr = reinterpret_cast<const char*>(kv.k + kv.k_offset(row, h));
-                const char* vr = reinterpret_cast<const char*>(kv.v + kv.v_offset(row, h));
-                for (size_t off = 0; off < sh.row_bytes; off += 64) {
-                  __builtin_prefetch(kr + off, 0, 3);
-                  __builtin_prefetch(vr + off, 0, 3);
-                }
+            // Prefetch into L2 the K and V rows (and quantized scales) of the block's keys plus
+            // kPrefetchKeys, a few rows per block (a burst would fill the miss queues). Written
+            // out here: in a lambda of its own GCC deems the prefetches side-effect free and
+            // drops the call.
+            for (size_t j = j0; g == 0 && src_row_bytes > 0 && j < std::min(j0 + 4, t.nkeys); ++j) {
+              const int64_t key = t.a + static_cast<int64_t>(j) + kPrefetchKeys;
+              if (key >= k_len) break;
+              const decode::KvSource::Row row = kv.locate(b, key);
+              const char* kr = reinterpret_cast<const char*>(kv.k + kv.k_offset(row, h));
+              const char* vr = reinterpret_cast<const char*>(kv.v + kv.v_offset(row, h));
+              for (int64_t off = 0; off < src_row_bytes; off += 64) {
+                __builtin_prefetch(kr + off, 0, 2);
+                __builtin_prefetch(vr + off, 0, 2);
+              }
+              if (quant && (j == j0 || key % 8 == 0)) {
+                const int64_t scale = 2 * kv.scale_index(row, h);
+                __builtin_prefetch(kv.k_scales + scale, 0, 2);
+                __builtin_prefetch(kv.v_scales + scale, 0, 2);
               }
             }
 #if HWY_TARGET == HWY_AVX3_DL
