@@ -35,7 +35,9 @@
 //   q.k^_j = min_j * sum_c q'_c + step_j * sum_c q'_c code_jc,   q' = q * n,
 // and q' is quantized to int8 per row (sigma = max|q'| / 127, q8 = round(q' / sigma)), so the
 // code dot product is an exact integer: VNNI (vpdpbusd) on targets that have it, exact f32
-// arithmetic elsewhere (|partial sums| < 2^24), hence bitwise equal results on every target.
+// arithmetic elsewhere (|partial sums| < 2^24), hence bitwise equal results on every target. The
+// VNNI scores broadcast 16 key codes against 16 codes of each of 4 rows (CodeDotBlock4x4), so
+// they need one block-sum step per 4 keys instead of the shuffle tree.
 // V is dequantized through P: out_c = n_c * (sum_j (p_j step_j) code_jc + sum_j p_j min_j) / l,
 // the weights p_j step_j formed in the softmax step and the second sum kept per row (vbias).
 
@@ -119,7 +121,7 @@ struct TileSlot {
 // [heads][...]; `heads` is the largest head block of the schedule.
 struct Scratch {
   float* qf;   // [heads][Rp][Dp] query rows (scaled f32, or int8 codes as f32)
-  int8_t* q8;  // [heads][Rp][Dc] int8 query codes (VNNI)
+  int8_t* q8;  // [heads][Rp / 4][4 * Dc] int8 query codes, groups of 4 rows (GroupCodeIndex)
   TileSlot tile[2];
   uint8_t* zero;    // [row bytes] zeros: the padding keys of a partial tile
   float* row;       // [Dp] one query or output row
@@ -363,46 +365,47 @@ HWY_INLINE void DotBlock4x4(const float* HWY_RESTRICT q, size_t dp, const uint8_
 }
 
 #if HWY_TARGET == HWY_AVX3_DL
+// Offset of query code (row r of a 4-row group, channel c) in the group's VNNI layout: 16-channel
+// chunks of the 4 rows, [dc / 16][4][16], so one 64-byte vector holds a chunk of every row.
+HWY_INLINE size_t GroupCodeIndex(size_t r, size_t c) { return (c / 16) * 64 + r * 16 + c % 16; }
+
 // The same over int8 query codes and u8 key codes with vpdpbusd: exact integer dot products,
-// converted to f32 (exact, |sum| < 2^24) and reduced like DotBlock4x4, so both give equal bits.
+// converted to f32 (exact, |sum| < 2^24), so the result equals DotBlock4x4's bits. The 16 codes
+// of a key chunk are broadcast to the 4 128-bit blocks and multiplied with the chunk of the 4
+// rows (q4, GroupCodeIndex layout): block i of a key's accumulator holds row i's partial sums,
+// so no lane is idle and the reduction is one block-sum step for 4 keys (not a 16-vector tree).
 // Highway 1.0.3's AVX3_DL target string names only the VEX form (avxvnni), but its CPU check
 // requires AVX512-VNNI, so this one function adds the feature (it is called, not inlined).
 HWY_NOINLINE __attribute__((target(HWY_TARGET_STR ",avx512vnni"))) void CodeDotBlock4x4(
-    const int8_t* HWY_RESTRICT q, size_t dc, const uint8_t* const* k, float* HWY_RESTRICT st,
+    const int8_t* HWY_RESTRICT q4, size_t dc, const uint8_t* const* k, float* HWY_RESTRICT st,
     size_t mp, float* HWY_RESTRICT bounce) {
-  const DF df;
-  __m512i a[4][4];
-  for (int j = 0; j < 4; ++j) {
-    for (int i = 0; i < 4; ++i) a[j][i] = _mm512_setzero_si512();
-  }
-  for (size_t c = 0; c < dc; c += kCodeBlock) {
-    __m512i qv[4], kv[4];
-    for (int i = 0; i < 4; ++i) qv[i] = _mm512_loadu_si512(q + i * dc + c);
-    for (int j = 0; j < 4; ++j) kv[j] = _mm512_loadu_si512(k[j] + c);
+  // Two accumulators per key (even and odd chunks) halve the dependency chains.
+  __m512i a[4][2];
+  for (int j = 0; j < 4; ++j) a[j][0] = a[j][1] = _mm512_setzero_si512();
+  for (size_t c = 0; c < dc; c += 32) {
+    const __m512i q0 = _mm512_loadu_si512(q4 + c * 4);
+    const __m512i q1 = _mm512_loadu_si512(q4 + c * 4 + 64);
     for (int j = 0; j < 4; ++j) {
-      for (int i = 0; i < 4; ++i) a[j][i] = _mm512_dpbusd_epi32(a[j][i], kv[j], qv[i]);
+      const __m512i k0 =
+          _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(k[j] + c)));
+      const __m512i k1 =
+          _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(k[j] + c + 16)));
+      a[j][0] = _mm512_dpbusd_epi32(a[j][0], k0, q0);
+      a[j][1] = _mm512_dpbusd_epi32(a[j][1], k1, q1);
     }
   }
-  // The same transpose-add tree as StoreSums4x4, in exact int32 arithmetic, then one conversion
-  // for the 16 sums (the f32 tree on exact integers below 2^24 gives the same values).
   __m512i u[4];
-  for (int j = 0; j < 4; ++j) {
-    const __m512i t01 = _mm512_add_epi32(_mm512_unpacklo_epi32(a[j][0], a[j][1]),
-                                         _mm512_unpackhi_epi32(a[j][0], a[j][1]));
-    const __m512i t23 = _mm512_add_epi32(_mm512_unpacklo_epi32(a[j][2], a[j][3]),
-                                         _mm512_unpackhi_epi32(a[j][2], a[j][3]));
-    u[j] = _mm512_add_epi32(_mm512_unpacklo_epi64(t01, t23), _mm512_unpackhi_epi64(t01, t23));
-  }
-  const __m512i s01 = _mm512_add_epi32(_mm512_shuffle_i32x4(u[0], u[1], _MM_SHUFFLE(1, 0, 1, 0)),
-                                       _mm512_shuffle_i32x4(u[0], u[1], _MM_SHUFFLE(3, 2, 3, 2)));
-  const __m512i s23 = _mm512_add_epi32(_mm512_shuffle_i32x4(u[2], u[3], _MM_SHUFFLE(1, 0, 1, 0)),
-                                       _mm512_shuffle_i32x4(u[2], u[3], _MM_SHUFFLE(3, 2, 3, 2)));
-  const __m512 r =
-      _mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_shuffle_i32x4(s01, s23, _MM_SHUFFLE(2, 0, 2, 0)),
-                                          _mm512_shuffle_i32x4(s01, s23, _MM_SHUFFLE(3, 1, 3, 1))));
-  StoreKeyBlocks(r, st, mp);
+  for (int j = 0; j < 4; ++j) u[j] = _mm512_add_epi32(a[j][0], a[j][1]);
+  // Block sums: lane 4 * i + j = row i's score of key j, then transposed to key-major blocks.
+  const __m512i t01 =
+      _mm512_add_epi32(_mm512_unpacklo_epi32(u[0], u[1]), _mm512_unpackhi_epi32(u[0], u[1]));
+  const __m512i t23 =
+      _mm512_add_epi32(_mm512_unpacklo_epi32(u[2], u[3]), _mm512_unpackhi_epi32(u[2], u[3]));
+  const __m512i rows =
+      _mm512_add_epi32(_mm512_unpacklo_epi64(t01, t23), _mm512_unpackhi_epi64(t01, t23));
+  const __m512i to_keys = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+  StoreKeyBlocks(_mm512_cvtepi32_ps(_mm512_permutexvar_epi32(to_keys, rows)), st, mp);
   (void)bounce;
-  (void)df;
 }
 #endif
 
@@ -713,7 +716,12 @@ void RunUnit(const AttentionProblem& p, const decode::KvSource& kv, const decode
       for (size_t c = 0; c < dim; ++c) {
         const float code = sigma > 0.0f && finite ? std::nearbyint(qrow[c] / sigma) : 0.0f;
         dst[c] = code;
-        if (vnni) q8[static_cast<size_t>(r) * dc + c] = static_cast<int8_t>(code);
+#if HWY_TARGET == HWY_AVX3_DL
+        if (vnni) {
+          q8[static_cast<size_t>(r / 4) * 4 * dc + GroupCodeIndex(static_cast<size_t>(r % 4), c)] =
+              static_cast<int8_t>(code);
+        }
+#endif
         code_sum += code;
       }
       const float poison = finite ? 1.0f : std::numeric_limits<float>::quiet_NaN();
@@ -753,8 +761,8 @@ void RunUnit(const AttentionProblem& p, const decode::KvSource& kv, const decode
           for (size_t j0 = j_begin; j0 < j_end; j0 += 4) {
             // Prefetch into L2 the K and V rows (and quantized scales) of the block's keys plus
             // kPrefetchKeys, a few rows per block (a burst would fill the miss queues). Written
-            // out here: in a lambda of its own GCC deems the prefetches side-effect free and
-            // drops the call.
+            // out here: in a lambda of its own GCC 12 dropped the call (the prefetches count as
+            // free of side effects).
             for (size_t j = j0; g == 0 && src_row_bytes > 0 && j < std::min(j0 + 4, t.nkeys); ++j) {
               const int64_t key = t.a + static_cast<int64_t>(j) + kPrefetchKeys;
               if (key >= k_len) break;
