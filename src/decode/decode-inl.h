@@ -120,8 +120,6 @@ struct TileSlot {
 // Per-worker scratch, carved from the calling thread's Workspace (below). Per-head arrays are
 // [heads][...]; `heads` is the largest head block of the schedule.
 struct Scratch {
-  float* qf;   // [heads][Rp][Dp] query rows (scaled f32, or int8 codes as f32)
-  int8_t* q8;  // [heads][Rp / 4][4 * Dc] int8 query codes, groups of 4 rows (GroupCodeIndex)
   TileSlot tile[2];
   uint8_t* zero;    // [row bytes] zeros: the padding keys of a partial tile
   float* row;       // [Dp] one query or output row
@@ -130,20 +128,17 @@ struct Scratch {
   float* l;         // [heads][Mp] running sum
   float* alpha;     // [Mp] rescale factor of the current tile
   float* tile_max;  // [Mp]
-  float* pos;       // [heads][Mp] query position (ALiBi)
-  float* slope;     // [heads][Mp] ALiBi slope
   int32_t* lo;      // [heads][Mp] visible keys [lo, hi]
   int32_t* hi;      // [heads][Mp]
-  float* qa;        // [heads][Mp] quantized: scale * sigma
-  float* qb;        // [heads][Mp] quantized: scale * sigma * sum q8
   float* vbias;     // [heads][Mp] quantized V: running sum_j p_j min_j (rescaled like acc)
   float* red;       // [kLanes] reduction bounce buffer
 
   static size_t Floats(size_t heads, size_t rp, size_t dp, size_t dc, size_t mp, size_t row_bytes) {
     const size_t ptr = sizeof(void*) / sizeof(float);
     const size_t slot = 2 * kTile * row_bytes / 4 + 2 * kTile * ptr + 4 * kTile + kTile * mp;
-    return heads * rp * dp + (heads * rp * dc) / 4 + 2 * slot + row_bytes / 4 + dp +
-           heads * rp * dp + heads * mp * 10 + 2 * mp + kLanes + 48 * kLanes;
+    (void)dc;
+    return 2 * slot + row_bytes / 4 + dp + heads * rp * dp + heads * mp * 5 + 2 * mp + kLanes +
+           48 * kLanes;
   }
   void Carve(float* base, size_t heads, size_t rp, size_t dp, size_t dc, size_t mp,
              size_t row_bytes) {
@@ -158,8 +153,7 @@ struct Scratch {
     auto pointers = [&take](size_t n) {
       return reinterpret_cast<const uint8_t**>(take(n * sizeof(void*) / sizeof(float)));
     };
-    qf = take(heads * rp * dp);
-    q8 = reinterpret_cast<int8_t*>(bytes(heads * rp * dc));
+    (void)dc;
     for (TileSlot& t : tile) {
       t.kt = bytes(kTile * row_bytes);
       t.vt = bytes(kTile * row_bytes);
@@ -179,12 +173,8 @@ struct Scratch {
     l = take(heads * mp);
     alpha = take(mp);
     tile_max = take(mp);
-    pos = take(heads * mp);
-    slope = take(heads * mp);
     lo = reinterpret_cast<int32_t*>(take(heads * mp));
     hi = reinterpret_cast<int32_t*>(take(heads * mp));
-    qa = take(heads * mp);
-    qb = take(heads * mp);
     vbias = take(heads * mp);
     red = take(kLanes);
   }
@@ -576,6 +566,96 @@ void SoftmaxNarrow(const AttentionProblem& p, const HeadState& hs, const float* 
 }
 #endif
 
+// ---- Query rows, prepared once per call ---------------------------------------------------------
+
+// The query rows of one (sequence, KV head): row r is query head (h * G + r / q_len), query
+// r % q_len. Prepared once per call and read by every unit of the sequence (a 32K context has 64
+// splits, and quantizing the rows in each cost ~5% of an int8 decode).
+struct QueryRows {
+  float* qf;     // [Rp][Dp] scaled f32 rows, or their int8 codes as f32 (quantized K)
+  int8_t* q8;    // [Rp / 4][4 * Dc] int8 codes in groups of 4 rows (GroupCodeIndex; VNNI)
+  float* qa;     // [Mp] quantized: scale * sigma
+  float* qb;     // [Mp] quantized: scale * sigma * sum of the codes
+  float* pos;    // [Mp] query position (ALiBi)
+  float* slope;  // [Mp] ALiBi slope
+};
+
+// Every (sequence, KV head)'s QueryRows in one buffer.
+struct PreparedQueries {
+  float* base = nullptr;
+  size_t heads_kv = 0, rp = 0, dp = 0, dc = 0, mp = 0;
+
+  static size_t Round(size_t floats) { return hwy::DivCeil(floats, kLanes) * kLanes; }
+  size_t Stride() const { return Round(rp * dp) + Round(rp * dc / 4) + 4 * Round(mp); }
+  size_t Floats(int64_t batch) const { return static_cast<size_t>(batch) * heads_kv * Stride(); }
+  QueryRows at(int64_t b, int64_t h) const {
+    float* x = base + (static_cast<size_t>(b) * heads_kv + static_cast<size_t>(h)) * Stride();
+    QueryRows q;
+    q.qf = x;
+    x += Round(rp * dp);
+    q.q8 = reinterpret_cast<int8_t*>(x);
+    x += Round(rp * dc / 4);
+    q.qa = x;
+    q.qb = x + Round(mp);
+    q.pos = x + 2 * Round(mp);
+    q.slope = x + 3 * Round(mp);
+    return q;
+  }
+};
+
+// Fills q with sequence b's rows for KV head h (padding rows zero).
+HWY_INLINE void PrepareQueries(const AttentionProblem& p, const decode::KvSource& kv, size_t dp,
+                               size_t dc, size_t mp, size_t rp, int64_t b, int64_t h,
+                               const QueryRows& q) {
+  const size_t dim = static_cast<size_t>(p.dim);
+  const int64_t q_len = p.q_len(b), q_begin = p.q_begin(b);
+  const int64_t rows = p.group * q_len;
+  const int64_t delta = p.top_left ? 0 : kv.len(b) - q_len;
+  const bool quant = KVDTypeIsQuantized(kv.dtype);
+  const bool vnni = quant && kVnni;
+  for (size_t r = 0; r < mp; ++r) q.qa[r] = q.qb[r] = q.pos[r] = q.slope[r] = 0.0f;
+  std::memset(q.qf, 0, rp * dp * sizeof(float));
+  if (vnni) std::memset(q.q8, 0, rp * dc);
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t head = h * p.group + r / q_len;
+    const int64_t qi = r % q_len;
+    q.pos[r] = static_cast<float>(qi + delta);
+    if (p.alibi != nullptr) q.slope[r] = p.alibi_slope(b, head);
+    float* row = q.qf + static_cast<size_t>(r) * dp;
+    LoadRow(p.dtype, p.q, p.q_offset(b, q_begin + qi, head), p.q_stride[3], dim, row);
+    if (!quant) {
+      for (size_t c = 0; c < dim; ++c) row[c] = p.scale * row[c];
+      continue;
+    }
+    // q' = q * n, quantized to int8 per row; the scale is applied after the integer dot.
+    const float* norm = kv.k_norm + h * kv.dim;
+    float amax = 0.0f;
+    for (size_t c = 0; c < dim; ++c) {
+      row[c] *= norm[c];
+      amax = std::max(amax, std::fabs(row[c]));
+    }
+    // A NaN or inf query poisons the row, as it would the float path.
+    const bool finite = std::isfinite(amax);
+    const float sigma = amax / 127.0f;
+    float code_sum = 0.0f;
+    for (size_t c = 0; c < dim; ++c) {
+      const float code = sigma > 0.0f && finite ? std::nearbyint(row[c] / sigma) : 0.0f;
+      row[c] = code;
+#if HWY_TARGET == HWY_AVX3_DL
+      if (vnni) {
+        q.q8[static_cast<size_t>(r / 4) * 4 * dc + GroupCodeIndex(static_cast<size_t>(r % 4), c)] =
+            static_cast<int8_t>(code);
+      }
+#endif
+      code_sum += code;
+    }
+    const float poison = finite ? 1.0f : std::numeric_limits<float>::quiet_NaN();
+    q.qa[r] = p.scale * sigma * poison;
+    q.qb[r] = p.scale * sigma * code_sum * poison;
+  }
+  (void)dc;
+}
+
 // ---- One unit ----------------------------------------------------------------------------------
 
 struct UnitShape {
@@ -643,7 +723,8 @@ HWY_INLINE void GatherTile(const decode::KvSource& kv, const UnitShape& sh, int6
 // T: the element type of the rows (float, hwy::float16_t, hwy::bfloat16_t, or uint8_t codes).
 template <size_t kDp, class T>
 void RunUnit(const AttentionProblem& p, const decode::KvSource& kv, const decode::DecodeUnit& u,
-             const UnitShape& sh, Scratch& s, float* partial_out, double* partial_lse) {
+             const UnitShape& sh, const PreparedQueries& queries, Scratch& s, float* partial_out,
+             double* partial_lse) {
   const DF df;
   const size_t dim = sh.dim, dp = kDp != 0 ? kDp : sh.dp, dc = sh.dc, mp = sh.mp, rp = sh.rp;
   const int64_t b = u.seq;
@@ -653,37 +734,26 @@ void RunUnit(const AttentionProblem& p, const decode::KvSource& kv, const decode
   const int64_t delta = p.top_left ? 0 : k_len - q_len;
   const int64_t heads = u.head_end - u.head_begin;
   const bool quant = KVDTypeIsQuantized(kv.dtype);
-  const bool vnni = quant && kVnni;
+  const bool vnni = quant && kVnni;  // used by the AVX3_DL scores only
+  (void)vnni;
+  (void)dc;
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
-  // Pack every head's rows: row r of head hh is query head (h * G + r / q_len), query r % q_len.
+  // Per head: the running state, and each row's visible keys within the unit.
   int64_t union_lo = u.key_end, union_hi = u.key_begin - 1, max_lo = u.key_begin,
           min_hi = u.key_end - 1;
-  float* qrow = s.row;
   for (int64_t hh = 0; hh < heads; ++hh) {
-    const int64_t h = u.head_begin + hh;
     const size_t so = static_cast<size_t>(hh) * mp;
     for (size_t r = 0; r < mp; ++r) {
       s.m[so + r] = kNegInf;
       s.l[so + r] = 0.0f;
-      s.pos[so + r] = 0.0f;
-      s.slope[so + r] = 0.0f;
       s.lo[so + r] = 1;
       s.hi[so + r] = 0;
-      s.qa[so + r] = 0.0f;
-      s.qb[so + r] = 0.0f;
       s.vbias[so + r] = 0.0f;
     }
-    float* qf = s.qf + static_cast<size_t>(hh) * rp * dp;
-    std::memset(qf, 0, rp * dp * sizeof(float));
     std::memset(s.acc + static_cast<size_t>(hh) * rp * dp, 0, rp * dp * sizeof(float));
-    int8_t* q8 = s.q8 + static_cast<size_t>(hh) * rp * dc;
-    if (vnni) std::memset(q8, 0, rp * dc);
     for (int64_t r = 0; r < rows; ++r) {
-      const int64_t head = h * group + r / q_len;
-      const int64_t qi = r % q_len;
-      const int64_t position = qi + delta;
-      auto [lo, hi] = p.visible_keys(position, k_len);
+      auto [lo, hi] = p.visible_keys(r % q_len + delta, k_len);
       lo = std::max(lo, u.key_begin);
       hi = std::min(hi, u.key_end - 1);
       s.lo[so + r] = static_cast<int32_t>(std::min(lo, u.key_end));
@@ -694,39 +764,6 @@ void RunUnit(const AttentionProblem& p, const decode::KvSource& kv, const decode
         union_lo = std::min(union_lo, lo);
         union_hi = std::max(union_hi, hi);
       }
-      s.pos[so + r] = static_cast<float>(position);
-      if (p.alibi != nullptr) s.slope[so + r] = p.alibi_slope(b, head);
-      LoadRow(p.dtype, p.q, p.q_offset(b, q_begin + qi, head), p.q_stride[3], dim, qrow);
-      float* dst = qf + static_cast<size_t>(r) * dp;
-      if (!quant) {
-        for (size_t c = 0; c < dim; ++c) dst[c] = p.scale * qrow[c];
-        continue;
-      }
-      // q' = q * n, quantized to int8 per row; the scale is applied after the integer dot.
-      const float* norm = kv.k_norm + h * kv.dim;
-      float amax = 0.0f;
-      for (size_t c = 0; c < dim; ++c) {
-        qrow[c] *= norm[c];
-        amax = std::max(amax, std::fabs(qrow[c]));
-      }
-      // A NaN or inf query poisons the row, as it would the float path.
-      const bool finite = std::isfinite(amax);
-      const float sigma = amax / 127.0f;
-      float code_sum = 0.0f;
-      for (size_t c = 0; c < dim; ++c) {
-        const float code = sigma > 0.0f && finite ? std::nearbyint(qrow[c] / sigma) : 0.0f;
-        dst[c] = code;
-#if HWY_TARGET == HWY_AVX3_DL
-        if (vnni) {
-          q8[static_cast<size_t>(r / 4) * 4 * dc + GroupCodeIndex(static_cast<size_t>(r % 4), c)] =
-              static_cast<int8_t>(code);
-        }
-#endif
-        code_sum += code;
-      }
-      const float poison = finite ? 1.0f : std::numeric_limits<float>::quiet_NaN();
-      s.qa[so + r] = p.scale * sigma * poison;
-      s.qb[so + r] = p.scale * sigma * code_sum * poison;
     }
   }
 
@@ -742,9 +779,10 @@ void RunUnit(const AttentionProblem& p, const decode::KvSource& kv, const decode
     for (int64_t hh = 0; hh < heads; ++hh) {
       const int64_t h = u.head_begin + hh;
       const size_t so = static_cast<size_t>(hh) * mp;
-      const float* qf = s.qf + static_cast<size_t>(hh) * rp * dp;
+      const QueryRows q = queries.at(b, h);
+      const float* qf = q.qf;
 #if HWY_TARGET == HWY_AVX3_DL
-      const int8_t* q8 = s.q8 + static_cast<size_t>(hh) * rp * dc;
+      const int8_t* q8 = q.q8;
 #endif
       float* acc = s.acc + static_cast<size_t>(hh) * rp * dp;
 
@@ -793,20 +831,20 @@ void RunUnit(const AttentionProblem& p, const decode::KvSource& kv, const decode
       // The online-softmax step on t's scores: probabilities in t.st, the accumulator's rescale
       // factor in s.alpha.
       auto softmax = [&](const TileSlot& t) {
-        HeadState hs{t.st,       s.m + so,     s.l + so,  s.alpha,  s.tile_max,
-                     s.pos + so, s.slope + so, s.lo + so, s.hi + so};
+        HeadState hs{t.st,  s.m + so, s.l + so,  s.alpha,  s.tile_max,
+                     q.pos, q.slope,  s.lo + so, s.hi + so};
 #if HWY_TARGET != HWY_SCALAR
         if (sh.narrow) {
-          SoftmaxNarrow(p, hs, s.qa + so, s.qb + so, quant ? t.kstep : nullptr,
-                        quant ? t.kmin : nullptr, quant ? t.vstep : nullptr,
-                        quant ? t.vmin : nullptr, s.vbias + so, t.nkeys, t.a, !t.full, s.red);
+          SoftmaxNarrow(p, hs, q.qa, q.qb, quant ? t.kstep : nullptr, quant ? t.kmin : nullptr,
+                        quant ? t.vstep : nullptr, quant ? t.vmin : nullptr, s.vbias + so, t.nkeys,
+                        t.a, !t.full, s.red);
           return;
         }
 #endif
         if (quant) {
           // Logit = scale * (sigma * step_j * dot + sigma * sum(q8) * min_j).
           for (size_t i = 0; i < mp; i += kLanes) {
-            const VF qa = hn::Load(df, s.qa + so + i), qb = hn::Load(df, s.qb + so + i);
+            const VF qa = hn::Load(df, q.qa + i), qb = hn::Load(df, q.qb + i);
             for (size_t j = 0; j < t.nkeys; ++j) {
               const VF x = hn::Load(df, t.st + j * mp + i);
               hn::Store(hn::MulAdd(hn::Mul(qa, hn::Set(df, t.kstep[j])), x,
@@ -923,9 +961,9 @@ void RunUnit(const AttentionProblem& p, const decode::KvSource& kv, const decode
 // (64 splits x 32 heads x 128 floats). Buffers above kMaxKeptBytes are released after the call.
 struct Workspace {
   static constexpr size_t kMaxKeptBytes = size_t{64} << 20;
-  hwy::AlignedFreeUniquePtr<float[]> scratch, partial_out;
+  hwy::AlignedFreeUniquePtr<float[]> scratch, partial_out, queries;
   hwy::AlignedFreeUniquePtr<double[]> partial_lse;
-  size_t scratch_n = 0, out_n = 0, lse_n = 0;
+  size_t scratch_n = 0, out_n = 0, lse_n = 0, queries_n = 0;
 
   template <class V>
   static bool Grow(hwy::AlignedFreeUniquePtr<V[]>& buf, size_t& have, size_t need) {
@@ -934,15 +972,16 @@ struct Workspace {
     have = buf ? std::max<size_t>(need, 1) : 0;
     return static_cast<bool>(buf);
   }
-  bool Reserve(size_t scratch_floats, size_t out_floats, size_t lse_doubles) {
+  bool Reserve(size_t scratch_floats, size_t out_floats, size_t lse_doubles, size_t query_floats) {
     return Grow(scratch, scratch_n, scratch_floats) && Grow(partial_out, out_n, out_floats) &&
-           Grow(partial_lse, lse_n, lse_doubles);
+           Grow(partial_lse, lse_n, lse_doubles) && Grow(queries, queries_n, query_floats);
   }
   // Drops what is too large to keep between calls.
   void Trim() {
     if (scratch_n * sizeof(float) > kMaxKeptBytes) scratch.reset(), scratch_n = 0;
     if (out_n * sizeof(float) > kMaxKeptBytes) partial_out.reset(), out_n = 0;
     if (lse_n * sizeof(double) > kMaxKeptBytes) partial_lse.reset(), lse_n = 0;
+    if (queries_n * sizeof(float) > kMaxKeptBytes) queries.reset(), queries_n = 0;
   }
 };
 
@@ -987,14 +1026,25 @@ bool DecodeKernel(const AttentionProblem& p, const decode::KvSource& kv,
     Workspace& ws;
     ~TrimOnExit() { ws.Trim(); }
   } trim{ws};
+  PreparedQueries queries;
+  queries.heads_kv = static_cast<size_t>(p.heads_kv);
+  queries.rp = rp;
+  queries.dp = dp;
+  queries.dc = dc;
+  queries.mp = mp;
   if (!ws.Reserve(per_worker * static_cast<size_t>(workers),
                   static_cast<size_t>(sched.num_slots) * slot_rows * dim,
-                  static_cast<size_t>(sched.num_slots) * slot_rows)) {
+                  static_cast<size_t>(sched.num_slots) * slot_rows, queries.Floats(p.batch))) {
     return false;
   }
   float* const storage = ws.scratch.get();
   float* const partial_out = ws.partial_out.get();
   double* const partial_lse = ws.partial_lse.get();
+  queries.base = ws.queries.get();
+  ParallelFor(workers, p.batch * p.heads_kv, [&](int64_t task, int32_t) {
+    const int64_t b = task / p.heads_kv, h = task % p.heads_kv;
+    PrepareQueries(p, kv, dp, dc, mp, rp, b, h, queries.at(b, h));
+  });
 
   auto run = [&](auto dp_tag, auto elem_tag) {
     constexpr size_t kDp = decltype(dp_tag)::value;
@@ -1017,7 +1067,7 @@ bool DecodeKernel(const AttentionProblem& p, const decode::KvSource& kv,
         po = partial_out + static_cast<size_t>(u.slot) * slot_rows * dim;
         pl = partial_lse + static_cast<size_t>(u.slot) * slot_rows;
       }
-      RunUnit<kDp, T>(p, kv, cur, shape, s, po, pl);
+      RunUnit<kDp, T>(p, kv, cur, shape, queries, s, po, pl);
     });
   };
   // Compile-time head dims x row element types.
