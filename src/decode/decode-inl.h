@@ -1122,10 +1122,11 @@ bool DecodeKernel(const AttentionProblem& p, const decode::KvSource& kv,
       }
       const float lse = MergeStateRow(
           nsplit, lse_r.data(), dim,
-          [&](int64_t r, size_t c) {
-            return partial_out[((first + static_cast<size_t>(r)) * slot_rows + idx) * dim + c];
+          [&](int64_t r, float*) {
+            return static_cast<const float*>(
+                partial_out + ((first + static_cast<size_t>(r)) * slot_rows + idx) * dim);
           },
-          acc.data());
+          nullptr, acc.data());
       const int64_t token = p.q_begin(b) + qi;
       StoreStridedScaled(p.dtype, acc.data(), 1, dim, 1.0f, p.out, p.out_offset(b, token, head),
                          p.out_stride[3]);

@@ -86,7 +86,7 @@ Status MergeStates(const MergeStatesParams& p, const Context& ctx) {
   const int64_t rows = T * H;
   const int64_t chunk = 64;
   ParallelFor(ResolveThreads(ctx), (rows + chunk - 1) / chunk, [&](int64_t task, int32_t) {
-    std::vector<float> acc(static_cast<size_t>(D));
+    std::vector<float> acc(static_cast<size_t>(D)), part_row(static_cast<size_t>(D));
     std::vector<float> part_lse(static_cast<size_t>(R));
     for (int64_t row = task * chunk; row < std::min(rows, (task + 1) * chunk); ++row) {
       const int64_t t = row / H, h = row % H;
@@ -95,11 +95,14 @@ Status MergeStates(const MergeStatesParams& p, const Context& ctx) {
       }
       const float lse = MergeStateRow(
           R, part_lse.data(), static_cast<size_t>(D),
-          [&](int64_t r, size_t d) {
-            return LoadElement(parts.dtype, parts.data,
-                               r * ps[0] + t * ps[1] + h * ps[2] + static_cast<int64_t>(d) * ps[3]);
+          [&](int64_t r, float* buf) {
+            for (int64_t d = 0; d < D; ++d) {
+              buf[d] = LoadElement(parts.dtype, parts.data,
+                                   r * ps[0] + t * ps[1] + h * ps[2] + d * ps[3]);
+            }
+            return static_cast<const float*>(buf);
           },
-          acc.data(), p.base2);
+          part_row.data(), acc.data(), p.base2);
       const int64_t out_base = t * os[0] + h * os[1];
       for (int64_t d = 0; d < D; ++d) {
         StoreElement(p.out.dtype, p.out.data, out_base + d * os[2], acc[size_t(d)]);

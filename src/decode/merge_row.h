@@ -1,5 +1,5 @@
 // Internal: the log-sum-exp merge of one row's attention states, shared by MergeStates and the
-// decode kernel's split reduction (so both give the same bits for the same parts).
+// decode kernel's split reduction.
 #pragma once
 
 #include <cmath>
@@ -9,14 +9,15 @@
 
 namespace tessera {
 
-// Merges `parts` states of one row: lse[r] and O_r[c] = load(r, c) for c < dim. Writes the merged
-// O to out[0..dim) and returns the merged LSE. Parts are summed in ascending r; empty parts
+// Merges `parts` states of one row: lse[r] and O_r = row(r, buffer), a pointer to dim f32 values
+// (its own, or `buffer`, dim floats it may fill). Writes the merged O to out[0..dim) and returns
+// the merged LSE. Parts are summed in ascending r; empty parts
 // (LSE = -inf) are skipped, so their O is never read; all-empty gives (0, -inf); a NaN LSE
 // poisons the row. LSEs are natural-log, or base 2 when `base2`. LseT is float (MergeStates) or
 // double (decode's internal partials, whose LSEs near -2e4 would lose 1e-3 to f32 rounding).
-template <class LseT, class LoadPart>
-float MergeStateRow(int64_t parts, const LseT* lse, size_t dim, const LoadPart& load, float* out,
-                    bool base2 = false) {
+template <class LseT, class RowOf>
+float MergeStateRow(int64_t parts, const LseT* lse, size_t dim, const RowOf& row, float* buffer,
+                    float* out, bool base2 = false) {
   constexpr LseT kNegInf = -std::numeric_limits<LseT>::infinity();
   auto exp_fn = [base2](double x) { return base2 ? std::exp2(x) : std::exp(x); };
   auto log_fn = [base2](double x) { return base2 ? std::log2(x) : std::log(x); };
@@ -35,10 +36,12 @@ float MergeStateRow(int64_t parts, const LseT* lse, size_t dim, const LoadPart& 
     if (lse[r] == kNegInf) continue;
     const float w = static_cast<float>(exp_fn(double(lse[r]) - double(merged)));
     // The first part is assigned, not added to 0, so a lone part (weight 1) comes back bitwise,
-    // signed zeros included.
-    for (size_t c = 0; c < dim; ++c) {
-      const float x = w * load(r, c);
-      out[c] = first ? x : out[c] + x;
+    // signed zeros included. Whole rows at a time, so the loops vectorize.
+    const float* x = row(r, buffer);
+    if (first) {
+      for (size_t c = 0; c < dim; ++c) out[c] = w * x[c];
+    } else {
+      for (size_t c = 0; c < dim; ++c) out[c] += w * x[c];
     }
     first = false;
   }
