@@ -369,23 +369,31 @@ HWY_INLINE size_t GroupCodeIndex(size_t r, size_t c) { return (c / 16) * 64 + r 
 HWY_NOINLINE __attribute__((target(HWY_TARGET_STR ",avx512vnni"))) void CodeDotBlock4x4(
     const int8_t* HWY_RESTRICT q4, size_t dc, const uint8_t* const* k, float* HWY_RESTRICT st,
     size_t mp, float* HWY_RESTRICT bounce) {
-  // Two accumulators per key (even and odd chunks) halve the dependency chains.
-  __m512i a[4][2];
-  for (int j = 0; j < 4; ++j) a[j][0] = a[j][1] = _mm512_setzero_si512();
+  // Two accumulators per key (even and odd chunks) halve the dependency chains. Named variables
+  // and vpdpbusd in asm: GCC 12 copies the accumulator before every vpdpbusd intrinsic, and an
+  // accumulator array tied to asm operands stays in memory.
+  __m512i a0 = _mm512_setzero_si512(), a1 = a0, b0 = a0, b1 = a0, c0 = a0, c1 = a0, d0 = a0,
+          d1 = a0;
+  const uint8_t *k0 = k[0], *k1 = k[1], *k2 = k[2], *k3 = k[3];
+  auto dot = [](__m512i& acc, const uint8_t* key, __m512i q) {
+    const __m512i kv =
+        _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(key)));
+    asm("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(kv), "v"(q));
+  };
   for (size_t c = 0; c < dc; c += 32) {
     const __m512i q0 = _mm512_loadu_si512(q4 + c * 4);
     const __m512i q1 = _mm512_loadu_si512(q4 + c * 4 + 64);
-    for (int j = 0; j < 4; ++j) {
-      const __m512i k0 =
-          _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(k[j] + c)));
-      const __m512i k1 =
-          _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(k[j] + c + 16)));
-      a[j][0] = _mm512_dpbusd_epi32(a[j][0], k0, q0);
-      a[j][1] = _mm512_dpbusd_epi32(a[j][1], k1, q1);
-    }
+    dot(a0, k0 + c, q0);
+    dot(a1, k0 + c + 16, q1);
+    dot(b0, k1 + c, q0);
+    dot(b1, k1 + c + 16, q1);
+    dot(c0, k2 + c, q0);
+    dot(c1, k2 + c + 16, q1);
+    dot(d0, k3 + c, q0);
+    dot(d1, k3 + c + 16, q1);
   }
-  __m512i u[4];
-  for (int j = 0; j < 4; ++j) u[j] = _mm512_add_epi32(a[j][0], a[j][1]);
+  const __m512i u[4] = {_mm512_add_epi32(a0, a1), _mm512_add_epi32(b0, b1),
+                        _mm512_add_epi32(c0, c1), _mm512_add_epi32(d0, d1)};
   // Block sums: lane 4 * i + j = row i's score of key j, then transposed to key-major blocks.
   const __m512i t01 =
       _mm512_add_epi32(_mm512_unpacklo_epi32(u[0], u[1]), _mm512_unpackhi_epi32(u[0], u[1]));
