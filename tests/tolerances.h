@@ -83,6 +83,15 @@ inline constexpr double kF32RelErrMinMagnitude = 1e-3;
 // Quantized or mixed KV types: NMSE against the fp64 reference on the dequantized K/V.
 inline constexpr double kQuantKvMaxNmse = 5e-4;
 
+// Quantized V: on VNNI targets decode rounds each 32-key tile's P.V weights p_j * step_j to 15-bit
+// integers per query row (src/decode/decode-inl.h, PvCodesVnni), which adds at most
+// 32 x (largest code) / (2 x 32767) of the largest V quantization step n_c * step_j to an output
+// element: 0.125 steps for int8 (codes <= 255), 0.0073 for int4 (<= 15). Against the fp64
+// reference fed the kernel's quantized query, quantized-cache outputs must stay within the fp32
+// ceiling plus that many steps.
+inline constexpr double kQuantPvStepFractionInt8 = 32.0 * 255.0 / (2.0 * 32767.0);
+inline constexpr double kQuantPvStepFractionInt4 = 32.0 * 15.0 / (2.0 * 32767.0);
+
 // LSE (always f32, natural log). RELIABILITY.md §2 sets no LSE rule; this is tessera's choice:
 // the LSE is computed in fp32 from exactly upcast inputs whatever the input dtype, so it gets an
 // fp32-class ceiling. Its relative part scales with |LSE|, which tracks the logit magnitude, the
