@@ -39,7 +39,9 @@
 // VNNI scores broadcast 16 key codes against 16 codes of each of 4 rows (CodeDotBlock4x4), so
 // they need one block-sum step per 4 keys instead of the shuffle tree.
 // V is dequantized through P: out_c = n_c * (sum_j (p_j step_j) code_jc + sum_j p_j min_j) / l,
-// the weights p_j step_j formed in the softmax step and the second sum kept per row (vbias).
+// the weights p_j step_j formed in the softmax step and the second sum kept per row (vbias). On
+// VNNI targets the first sum runs in 16-bit integers on weights rounded to 15 bits per tile
+// (PvCodesVnni; the one step whose result differs between targets, within a documented bound).
 
 #if defined(TESSERA_DECODE_DECODE_INL_H_) == defined(HWY_TARGET_TOGGLE)
 #ifdef TESSERA_DECODE_DECODE_INL_H_
