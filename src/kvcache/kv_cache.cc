@@ -363,7 +363,7 @@ Status KVCache::Allocate(KVDType dtype, int64_t num_pages, int64_t page_size, in
   const size_t nrows = static_cast<size_t>(num_pages * page_size * num_kv_heads);
   const size_t pool_bytes = nrows * static_cast<size_t>(row_bytes);
   PageBytes k = AllocatePages(pool_bytes), v = AllocatePages(pool_bytes);
-  if (pool_bytes > 0 && (!k || !v)) {
+  if (!k || !v) {  // pool_bytes >= 1: every size above is at least 1
     return Status::Internal("KVCache::Allocate: out of memory for a pool of " +
                             std::to_string(total) + " bytes");
   }
