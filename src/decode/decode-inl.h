@@ -859,23 +859,40 @@ HWY_INLINE void GatherTile(const decode::KvSource& kv, const UnitShape& sh, int6
     const uint8_t* krow = kv.k + kv.k_offset(row, h);
     const uint8_t* vrow = kv.v + kv.v_offset(row, h);
     if (quant) {
+      // (step, min) pairs to separate arrays, a vector of rows at a time.
       const float* ks = kv.k_scales + 2 * kv.scale_index(row, h);
       const float* vs = kv.v_scales + 2 * kv.scale_index(row, h);
-      for (size_t i = 0; i < run; ++i) {
+      size_t i = 0;
+#if HWY_TARGET != HWY_SCALAR
+      const DF df;
+      for (; i + kLanes <= run; i += kLanes) {
+        VF step, min;
+        hn::LoadInterleaved2(df, ks + 2 * i, step, min);
+        hn::StoreU(step, df, t.kstep + j + i);
+        hn::StoreU(min, df, t.kmin + j + i);
+        hn::LoadInterleaved2(df, vs + 2 * i, step, min);
+        hn::StoreU(step, df, t.vstep + j + i);
+        hn::StoreU(min, df, t.vmin + j + i);
+      }
+#endif
+      for (; i < run; ++i) {
         t.kstep[j + i] = ks[2 * i];
         t.kmin[j + i] = ks[2 * i + 1];
         t.vstep[j + i] = vs[2 * i];
         t.vmin[j + i] = vs[2 * i + 1];
       }
     }
+    if (sh.in_place) {
+      for (size_t i = 0; i < run; ++i) {
+        t.krow[j + i] = krow + static_cast<int64_t>(i) * kv.k_token_stride;
+        t.vrow[j + i] = vrow + static_cast<int64_t>(i) * kv.v_token_stride;
+      }
+      j += run;
+      continue;
+    }
     for (size_t i = 0; i < run; ++i, ++j) {
       const uint8_t* kr = krow + static_cast<int64_t>(i) * kv.k_token_stride;
       const uint8_t* vr = vrow + static_cast<int64_t>(i) * kv.v_token_stride;
-      if (sh.in_place) {
-        t.krow[j] = kr;
-        t.vrow[j] = vr;
-        continue;
-      }
       uint8_t* kdst = t.kt + j * sh.row_bytes;
       uint8_t* vdst = t.vt + j * sh.row_bytes;
       if (quant) {
@@ -978,15 +995,23 @@ void RunUnit(const AttentionProblem& p, const decode::KvSource& kv, const decode
             for (size_t j = j0; g == 0 && src_row_bytes > 0 && j < std::min(j0 + 4, t.nkeys); ++j) {
               const int64_t key = t.a + static_cast<int64_t>(j) + kPrefetchKeys;
               if (key >= k_len) break;
-              const decode::KvSource::Row row = kv.locate(b, key);
-              const char* kr = reinterpret_cast<const char*>(kv.k + kv.k_offset(row, h));
-              const char* vr = reinterpret_cast<const char*>(kv.v + kv.v_offset(row, h));
+              const char* kr;
+              const char* vr;
+              if (sh.in_place && kv.same_page(key - kPrefetchKeys) > kPrefetchKeys) {
+                // Same page: kPrefetchKeys rows on from the row in the tile.
+                kr = reinterpret_cast<const char*>(t.krow[j]) + kPrefetchKeys * kv.k_token_stride;
+                vr = reinterpret_cast<const char*>(t.vrow[j]) + kPrefetchKeys * kv.v_token_stride;
+              } else {
+                const decode::KvSource::Row row = kv.locate(b, key);
+                kr = reinterpret_cast<const char*>(kv.k + kv.k_offset(row, h));
+                vr = reinterpret_cast<const char*>(kv.v + kv.v_offset(row, h));
+              }
               for (int64_t off = 0; off < src_row_bytes; off += 64) {
                 __builtin_prefetch(kr + off, 0, 2);
                 __builtin_prefetch(vr + off, 0, 2);
               }
               if (quant && (j == j0 || key % 8 == 0)) {
-                const int64_t scale = 2 * kv.scale_index(row, h);
+                const int64_t scale = 2 * kv.scale_index(kv.locate(b, key), h);
                 __builtin_prefetch(kv.k_scales + scale, 0, 2);
                 __builtin_prefetch(kv.v_scales + scale, 0, 2);
               }
