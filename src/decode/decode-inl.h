@@ -376,10 +376,10 @@ HWY_INLINE size_t GroupCodeIndex(size_t r, size_t c) { return (c / 16) * 64 + r 
 // rows (q4, GroupCodeIndex layout): block i of a key's accumulator holds row i's partial sums,
 // so no lane is idle and the reduction is one block-sum step for 4 keys (not a 16-vector tree).
 // Highway 1.0.3's AVX3_DL target string names only the VEX form (avxvnni), but its CPU check
-// requires AVX512-VNNI, so this one function adds the feature (it is called, not inlined).
-HWY_NOINLINE __attribute__((target(HWY_TARGET_STR ",avx512vnni"))) void CodeDotBlock4x4(
-    const int8_t* HWY_RESTRICT q4, size_t dc, const uint8_t* const* k, float* HWY_RESTRICT st,
-    size_t mp, float* HWY_RESTRICT bounce) {
+// requires AVX512-VNNI; vpdpbusd is written in asm, so no function needs the extra feature (one
+// that did could not be inlined here).
+HWY_INLINE void CodeDotBlock4x4(const int8_t* HWY_RESTRICT q4, size_t dc, const uint8_t* const* k,
+                                float* HWY_RESTRICT st, size_t mp, float* HWY_RESTRICT bounce) {
   // Two accumulators per key (even and odd chunks) halve the dependency chains. Named variables
   // and vpdpbusd in asm: GCC 12 copies the accumulator before every vpdpbusd intrinsic, and an
   // accumulator array tied to asm operands stays in memory.
@@ -553,9 +553,9 @@ HWY_INLINE void PackWeights(TileSlot& t, size_t mp) {
 // iacc[r][c] (+)= sum over key pairs i < npairs of W_2i[r] * v_2i[c] + W_2i+1[r] * v_2i+1[c] for
 // rows in groups of 4 (row_groups) and channels c < dc (a multiple of 64; codes are u8 <= 255);
 // `first` starts the sums at 0. wq: the pairs' packed weights [pair][mp].
-HWY_NOINLINE __attribute__((target(HWY_TARGET_STR ",avx512vnni,avx512vbmi"))) void PvCodesVnni(
-    const uint8_t* const* v, size_t npairs, const int32_t* HWY_RESTRICT wq, size_t mp,
-    size_t row_groups, int32_t* HWY_RESTRICT iacc, size_t dc, bool first) {
+HWY_NOINLINE void PvCodesVnni(const uint8_t* const* v, size_t npairs,
+                              const int32_t* HWY_RESTRICT wq, size_t mp, size_t row_groups,
+                              int32_t* HWY_RESTRICT iacc, size_t dc, bool first) {
   // Output q (16 channels of a 64-channel block) interleaves key 2i's and key 2i + 1's codes of
   // channels 16q + m as the two zero-extended 16-bit halves of int32 lane m.
   alignas(64) static constexpr uint8_t kIndex[4][64] = {
