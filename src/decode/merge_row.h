@@ -11,10 +11,10 @@ namespace tessera {
 
 // Merges `parts` states of one row: lse[r] and O_r = row(r, buffer), a pointer to dim f32 values
 // (its own, or `buffer`, dim floats it may fill). Writes the merged O to out[0..dim) and returns
-// the merged LSE. Parts are summed in ascending r; empty parts
-// (LSE = -inf) are skipped, so their O is never read; all-empty gives (0, -inf); a NaN LSE
-// poisons the row. LSEs are natural-log, or base 2 when `base2`. LseT is float (MergeStates) or
-// double (decode's internal partials, whose LSEs near -2e4 would lose 1e-3 to f32 rounding).
+// the merged LSE. Parts are summed in ascending r; empty parts (LSE = -inf) are skipped, so their
+// O is never read; all-empty gives (0, -inf); a NaN LSE poisons the row. LSEs are natural-log,
+// or base 2 when `base2`. LseT is float (MergeStates) or double (decode's internal partials,
+// whose LSEs near -2e4 would lose 1e-3 to f32 rounding).
 template <class LseT, class RowOf>
 float MergeStateRow(int64_t parts, const LseT* lse, size_t dim, const RowOf& row, float* buffer,
                     float* out, bool base2 = false) {
