@@ -1010,7 +1010,7 @@ void RunUnit(const AttentionProblem& p, const decode::KvSource& kv, const decode
                 __builtin_prefetch(kr + off, 0, 2);
                 __builtin_prefetch(vr + off, 0, 2);
               }
-              if (quant && key % 8 == 0) {  // 8 rows' (step, min) pairs per cache line
+              if (quant && (j == j0 || key % 8 == 0)) {
                 const int64_t scale = 2 * kv.scale_index(kv.locate(b, key), h);
                 __builtin_prefetch(kv.k_scales + scale, 0, 2);
                 __builtin_prefetch(kv.v_scales + scale, 0, 2);
