@@ -379,7 +379,7 @@ HWY_INLINE size_t GroupCodeIndex(size_t r, size_t c) { return (c / 16) * 64 + r 
 // requires AVX512-VNNI; vpdpbusd is written in asm, so no function needs the extra feature (one
 // that did could not be inlined here).
 HWY_INLINE void CodeDotBlock4x4(const int8_t* HWY_RESTRICT q4, size_t dc, const uint8_t* const* k,
-                                float* HWY_RESTRICT st, size_t mp, float* HWY_RESTRICT bounce) {
+                                float* HWY_RESTRICT st, size_t mp) {
   // Two accumulators per key (even and odd chunks) halve the dependency chains. Named variables
   // and vpdpbusd in asm: GCC 12 copies the accumulator before every vpdpbusd intrinsic, and an
   // accumulator array tied to asm operands stays in memory.
@@ -414,7 +414,6 @@ HWY_INLINE void CodeDotBlock4x4(const int8_t* HWY_RESTRICT q4, size_t dc, const 
       _mm512_add_epi32(_mm512_unpacklo_epi64(t01, t23), _mm512_unpackhi_epi64(t01, t23));
   const __m512i to_keys = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
   StoreKeyBlocks(_mm512_cvtepi32_ps(_mm512_permutexvar_epi32(to_keys, rows)), st, mp);
-  (void)bounce;
 }
 #endif
 
@@ -824,7 +823,6 @@ HWY_INLINE void PrepareQueries(const AttentionProblem& p, const decode::KvSource
     q.qa[r] = p.scale * sigma * poison;
     q.qb[r] = p.scale * sigma * code_sum * poison;
   }
-  (void)dc;
 }
 
 // ---- One unit ----------------------------------------------------------------------------------
@@ -1018,7 +1016,7 @@ void RunUnit(const AttentionProblem& p, const decode::KvSource& kv, const decode
             }
 #if HWY_TARGET == HWY_AVX3_DL
             if (vnni) {
-              CodeDotBlock4x4(q8 + 4 * g * dc, dc, t.krow + j0, t.st + j0 * mp + 4 * g, mp, s.red);
+              CodeDotBlock4x4(q8 + 4 * g * dc, dc, t.krow + j0, t.st + j0 * mp + 4 * g, mp);
               continue;
             }
 #endif
