@@ -372,39 +372,43 @@ HWY_INLINE size_t GroupCodeIndex(size_t r, size_t c) { return (c / 16) * 64 + r 
 
 // The same over int8 query codes and u8 key codes with vpdpbusd: exact integer dot products,
 // converted to f32 (exact, |sum| < 2^24), so the result equals DotBlock4x4's bits. The 16 codes
-// of a key chunk are broadcast to the 4 128-bit blocks and multiplied with the chunk of the 4
-// rows (q4, GroupCodeIndex layout): block i of a key's accumulator holds row i's partial sums,
-// so no lane is idle and the reduction is one block-sum step for 4 keys (not a 16-vector tree).
-// Highway 1.0.3's AVX3_DL target string names only the VEX form (avxvnni), but its CPU check
-// requires AVX512-VNNI; vpdpbusd is written in asm, so no function needs the extra feature (one
-// that did could not be inlined here).
+// of a key chunk are broadcast to both 128-bit halves of a 256-bit vector and multiplied with the
+// chunk of rows 0-1 and of rows 2-3 (q4, GroupCodeIndex layout): block i of a key's two
+// accumulators holds row i's partial sums, so no lane is idle and the reduction is one
+// block-sum step for 4 keys (not a 16-vector tree). 256-bit rather than 512-bit vectors: on Zen 4
+// a 128-bit broadcast load into a 512-bit register costs a shuffle besides the load, into a
+// 256-bit one it is a plain load, and two 256-bit vpdpbusd issue per cycle (scores in L1: 12.0 ->
+// 8.7 cycles per key and 4 rows). Highway 1.0.3's AVX3_DL target string names only the VEX form
+// (avxvnni), but its CPU check requires AVX512-VNNI; vpdpbusd is written in asm, so no function
+// needs the extra feature (one that did could not be inlined here). kDc > 0 fixes dc.
+template <size_t kDc>
 HWY_INLINE void CodeDotBlock4x4(const int8_t* HWY_RESTRICT q4, size_t dc, const uint8_t* const* k,
                                 float* HWY_RESTRICT st, size_t mp) {
-  // Two accumulators per key (even and odd chunks) halve the dependency chains. Named variables
-  // and vpdpbusd in asm: GCC 12 copies the accumulator before every vpdpbusd intrinsic, and an
-  // accumulator array tied to asm operands stays in memory.
-  __m512i a0 = _mm512_setzero_si512(), a1 = a0, b0 = a0, b1 = a0, c0 = a0, c1 = a0, d0 = a0,
-          d1 = a0;
+  if (kDc != 0) dc = kDc;
+  // Named accumulators (rows 0-1 and 2-3 of each key) and vpdpbusd in asm: GCC 12 copies the
+  // accumulator before every vpdpbusd intrinsic, and an accumulator array tied to asm operands
+  // stays in memory.
+  __m256i a01 = _mm256_setzero_si256(), a23 = a01, b01 = a01, b23 = a01, c01 = a01, c23 = a01,
+          d01 = a01, d23 = a01;
   const uint8_t *k0 = k[0], *k1 = k[1], *k2 = k[2], *k3 = k[3];
-  auto dot = [](__m512i& acc, const uint8_t* key, __m512i q) {
-    const __m512i kv =
-        _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(key)));
-    asm("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(kv), "v"(q));
+  auto dot = [](__m256i& rows01, __m256i& rows23, const uint8_t* key, __m256i q01, __m256i q23) {
+    const __m256i kv =
+        _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(key)));
+    asm("vpdpbusd %2, %1, %0" : "+v"(rows01) : "v"(kv), "v"(q01));
+    asm("vpdpbusd %2, %1, %0" : "+v"(rows23) : "v"(kv), "v"(q23));
   };
-  for (size_t c = 0; c < dc; c += 32) {
-    const __m512i q0 = _mm512_loadu_si512(q4 + c * 4);
-    const __m512i q1 = _mm512_loadu_si512(q4 + c * 4 + 64);
-    dot(a0, k0 + c, q0);
-    dot(a1, k0 + c + 16, q1);
-    dot(b0, k1 + c, q0);
-    dot(b1, k1 + c + 16, q1);
-    dot(c0, k2 + c, q0);
-    dot(c1, k2 + c + 16, q1);
-    dot(d0, k3 + c, q0);
-    dot(d1, k3 + c + 16, q1);
+  for (size_t c = 0; c < dc; c += 16) {
+    const __m256i q01 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q4 + c * 4));
+    const __m256i q23 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q4 + c * 4 + 32));
+    dot(a01, a23, k0 + c, q01, q23);
+    dot(b01, b23, k1 + c, q01, q23);
+    dot(c01, c23, k2 + c, q01, q23);
+    dot(d01, d23, k3 + c, q01, q23);
   }
-  const __m512i u[4] = {_mm512_add_epi32(a0, a1), _mm512_add_epi32(b0, b1),
-                        _mm512_add_epi32(c0, c1), _mm512_add_epi32(d0, d1)};
+  auto join = [](__m256i rows01, __m256i rows23) {
+    return _mm512_inserti64x4(_mm512_castsi256_si512(rows01), rows23, 1);
+  };
+  const __m512i u[4] = {join(a01, a23), join(b01, b23), join(c01, c23), join(d01, d23)};
   // Block sums: lane 4 * i + j = row i's score of key j, then transposed to key-major blocks.
   const __m512i t01 =
       _mm512_add_epi32(_mm512_unpacklo_epi32(u[0], u[1]), _mm512_unpackhi_epi32(u[0], u[1]));
@@ -920,7 +924,9 @@ void RunUnit(const AttentionProblem& p, const decode::KvSource& kv, const decode
   const int64_t delta = p.top_left ? 0 : k_len - q_len;
   const int64_t heads = u.head_end - u.head_begin;
   const bool quant = KVDTypeIsQuantized(kv.dtype);
-  const bool vnni = quant && kVnni;  // used by the AVX3_DL scores only
+  // VNNI arithmetic on code rows (quantized caches): a compile-time constant, so the f32 / f16 /
+  // bf16 instantiations do not carry that code.
+  constexpr bool vnni = std::is_same<T, uint8_t>::value && kVnni;
   // Quantized V on VNNI: P.V in 16-bit integers over the code rows (PvCodesVnni).
   const bool vnni_pv = vnni && sh.row_bytes == dc;
   (void)vnni;
@@ -1004,9 +1010,21 @@ void RunUnit(const AttentionProblem& p, const decode::KvSource& kv, const decode
                 kr = reinterpret_cast<const char*>(kv.k + kv.k_offset(row, h));
                 vr = reinterpret_cast<const char*>(kv.v + kv.v_offset(row, h));
               }
-              for (int64_t off = 0; off < src_row_bytes; off += 64) {
-                __builtin_prefetch(kr + off, 0, 2);
-                __builtin_prefetch(vr + off, 0, 2);
+              // Unrolled where the row size is known at compile time, one prefetch instruction
+              // per line of a row: with a loop over the lines, decode from memory ran up to 30%
+              // slower in some builds than in others of the same code (docs/decode.md).
+              constexpr int64_t kRowBytes = static_cast<int64_t>(kDp * sizeof(T));
+              if (kDp != 0 && src_row_bytes == kRowBytes) {
+#pragma GCC unroll 16
+                for (int64_t off = 0; off < kRowBytes; off += 64) {
+                  __builtin_prefetch(kr + off, 0, 2);
+                  __builtin_prefetch(vr + off, 0, 2);
+                }
+              } else {
+                for (int64_t off = 0; off < src_row_bytes; off += 64) {
+                  __builtin_prefetch(kr + off, 0, 2);
+                  __builtin_prefetch(vr + off, 0, 2);
+                }
               }
               if (quant && (j == j0 || key % 8 == 0)) {
                 const int64_t scale = 2 * kv.scale_index(kv.locate(b, key), h);
@@ -1016,7 +1034,7 @@ void RunUnit(const AttentionProblem& p, const decode::KvSource& kv, const decode
             }
 #if HWY_TARGET == HWY_AVX3_DL
             if (vnni) {
-              CodeDotBlock4x4(q8 + 4 * g * dc, dc, t.krow + j0, t.st + j0 * mp + 4 * g, mp);
+              CodeDotBlock4x4<kDp>(q8 + 4 * g * dc, dc, t.krow + j0, t.st + j0 * mp + 4 * g, mp);
               continue;
             }
 #endif
