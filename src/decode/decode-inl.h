@@ -503,38 +503,10 @@ HWY_INLINE void AccumulateHead(int64_t rows, const uint8_t* const* v, size_t nke
 // (docs/decode.md); the f32 path is exact.
 
 // Weight packing for t's keys [0, nk4): wq[pair][row] and wscale[row] (see TileSlot). A row whose
-// weights are not all finite gets wscale = NaN (its output is NaN, as on the f32 path).
+// weights are not all finite gets wscale = NaN (its output is NaN, as on the f32 path). With at
+// most 4 rows SoftmaxNarrow packs the weights itself.
 HWY_INLINE void PackWeights(TileSlot& t, size_t mp) {
   const size_t pairs = t.nk4 / 2;
-  if (mp == 4) {
-    // [key][4] probabilities: one vector holds 4 keys x 4 rows.
-    __m512 mx = _mm512_setzero_ps(), sum = _mm512_setzero_ps();
-    for (size_t j = 0; j < t.nk4; j += 4) {
-      const __m512 x = _mm512_loadu_ps(t.st + j * 4);
-      mx = _mm512_max_ps(mx, x);
-      sum = _mm512_add_ps(sum, x);
-    }
-    alignas(64) float m[16], total[16];
-    _mm512_store_ps(m, mx);
-    _mm512_store_ps(total, sum);
-    alignas(16) float inv[4];
-    for (size_t r = 0; r < 4; ++r) {
-      const float wmax = std::max({m[r], m[4 + r], m[8 + r], m[12 + r]});
-      const bool finite = std::isfinite(total[r] + total[4 + r] + total[8 + r] + total[12 + r]);
-      inv[r] = finite && wmax > 0.0f ? 32767.0f / wmax : 0.0f;
-      t.wscale[r] = finite ? wmax / 32767.0f : std::numeric_limits<float>::quiet_NaN();
-    }
-    const __m512 inv4 = _mm512_broadcast_f32x4(_mm_load_ps(inv));
-    // Words (4 * key + row) -> int32 (row) of key pair (0, 1), then of pair (2, 3).
-    const __m256i to_pairs =
-        _mm256_setr_epi16(0, 4, 1, 5, 2, 6, 3, 7, 8, 12, 9, 13, 10, 14, 11, 15);
-    for (size_t j = 0; j < t.nk4; j += 4) {
-      const __m512i w = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(t.st + j * 4), inv4));
-      const __m256i packed = _mm256_permutexvar_epi16(to_pairs, _mm512_cvtepi32_epi16(w));
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(t.wq + j / 2 * 4), packed);
-    }
-    return;
-  }
   for (size_t r = 0; r < mp; ++r) {
     float wmax = 0.0f, total = 0.0f;
     for (size_t j = 0; j < t.nk4; ++j) {
@@ -649,11 +621,14 @@ HWY_INLINE void FlushCodeSums(const int32_t* HWY_RESTRICT iacc, size_t dc, const
 // kLanes / 4 keys x 4 rows: the online-softmax step of SoftmaxTile on that packed layout, so no
 // lane is padding. Lane l is row l % 4 of key l / 4. `kstep` / `kmin` (quantized K: the logit is
 // qa * step_j * dot + qb * min_j first) may be null. Keys nkeys .. (next multiple of 4) are
-// padding and get probability 0.
+// padding and get probability 0. With `wq` (quantized V on VNNI targets) the weights
+// p_j * step_j go straight to PvCodesVnni's 15-bit integers (wq, wscale; see PackWeights), scaled
+// by an upper bound of their maximum rather than the maximum itself, so no second pass is needed.
 void SoftmaxNarrow(const AttentionProblem& p, const HeadState& hs, const float* qa, const float* qb,
                    const float* kstep, const float* kmin, const float* vstep, const float* vmin,
                    float* vbias, size_t nkeys, int64_t key0, bool partial,
-                   float* HWY_RESTRICT bounce) {
+                   float* HWY_RESTRICT bounce, int32_t* HWY_RESTRICT wq = nullptr,
+                   float* HWY_RESTRICT wscale = nullptr) {
   const DF df;
   const hn::RebindToSigned<DF> di;
   const hn::CappedTag<float, 4> d4;
@@ -700,9 +675,10 @@ void SoftmaxNarrow(const AttentionProblem& p, const HeadState& hs, const float* 
   }
   // Fold the keys of a vector: the max per row over the 128-bit blocks.
   hn::Store(mx, df, bounce);
-  auto m4 = hn::Load(d4, hs.m);
-  const auto m_old = m4;
-  for (size_t b = 0; b < kLanes; b += 4) m4 = hn::Max(m4, hn::Load(d4, bounce + b));
+  auto tile_max = hn::Load(d4, bounce);
+  for (size_t b = 4; b < kLanes; b += 4) tile_max = hn::Max(tile_max, hn::Load(d4, bounce + b));
+  const auto m_old = hn::Load(d4, hs.m);
+  const auto m4 = hn::Max(m_old, tile_max);
   // A row that has seen no visible key keeps m = -inf; subtracting 0 instead keeps its
   // probabilities exp(-inf) = 0 and avoids (-inf) - (-inf).
   const auto m_safe =
@@ -712,19 +688,58 @@ void SoftmaxNarrow(const AttentionProblem& p, const HeadState& hs, const float* 
   hn::Store(m_safe, d4, bounce);
   const VF m = hn::LoadDup128(df, bounce);
   VF sum = hn::Zero(df), bias = hn::Zero(df);
-  for (size_t j = 0; j < nk4; j += kKeysPerVec) {
-    float* col = hs.st + 4 * j;
-    const VF e = FastExp2(df, hn::Mul(hn::Sub(hn::Load(df, col), m), log2e));
-    sum = hn::Add(sum, e);
-    if (vstep != nullptr) {
-      // Quantized V: P.V sums the codes weighted by p_j * step_j; sum_j p_j * min_j is the row
-      // offset.
+#if HWY_TARGET == HWY_AVX3_DL
+  if (wq != nullptr) {
+    // Every weight e_j * step_j of row i is at most max_j step_j * exp(tile max_i - m_i): W =
+    // round(w * 32767 / that bound) fits 15 bits (clamped, should the exp round up), and
+    // PackWeights' bound on the rounding error still holds (the bound is at most l_i * max step).
+    float step_max = 0.0f;
+    for (size_t j = 0; j < nk4; ++j) step_max = std::max(step_max, vstep[j]);
+    const auto bound =
+        hn::Mul(hn::Set(d4, step_max),
+                FastExp2(d4, hn::Mul(hn::Sub(tile_max, m_safe), hn::Set(d4, 1.4426950408889634f))));
+    const auto positive = hn::Gt(bound, hn::Zero(d4));
+    const auto inv4 = hn::IfThenElseZero(positive, hn::Div(hn::Set(d4, 32767.0f), bound));
+    hn::Store(inv4, d4, bounce);
+    const __m512 inv = _mm512_broadcast_f32x4(_mm_loadu_ps(bounce));
+    const __m512i w_max = _mm512_set1_epi32(32767);
+    // Words (4 * key + row) -> int32 (row) of key pair (0, 1), then of pair (2, 3).
+    const __m256i to_pairs =
+        _mm256_setr_epi16(0, 4, 1, 5, 2, 6, 3, 7, 8, 12, 9, 13, 10, 14, 11, 15);
+    VF wsum = hn::Zero(df);
+    for (size_t j = 0; j < nk4; j += kKeysPerVec) {
+      const VF e = FastExp2(df, hn::Mul(hn::Sub(hn::Load(df, hs.st + 4 * j), m), log2e));
+      sum = hn::Add(sum, e);
       bias = hn::MulAdd(e, per_key(vmin, j), bias);
-      hn::Store(hn::Mul(e, per_key(vstep, j)), df, col);
-    } else {
-      hn::Store(e, df, col);
+      const VF w = hn::Mul(e, per_key(vstep, j));
+      wsum = hn::Add(wsum, w);
+      const __m512i q = _mm512_min_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(w.raw, inv)), w_max);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(wq + j / 2 * 4),
+                          _mm256_permutexvar_epi16(to_pairs, _mm512_cvtepi32_epi16(q)));
     }
-  }
+    // A row whose weights are not all finite gets wscale = NaN (its output is NaN).
+    hn::Store(wsum, df, bounce);
+    auto w4 = hn::Load(d4, bounce);
+    for (size_t b = 4; b < kLanes; b += 4) w4 = hn::Add(w4, hn::Load(d4, bounce + b));
+    const auto finite = hn::Eq(hn::Sub(w4, w4), hn::Zero(d4));
+    hn::Store(hn::IfThenElse(finite, hn::Mul(bound, hn::Set(d4, 1.0f / 32767.0f)),
+                             hn::Set(d4, std::numeric_limits<float>::quiet_NaN())),
+              d4, wscale);
+  } else
+#endif
+    for (size_t j = 0; j < nk4; j += kKeysPerVec) {
+      float* col = hs.st + 4 * j;
+      const VF e = FastExp2(df, hn::Mul(hn::Sub(hn::Load(df, col), m), log2e));
+      sum = hn::Add(sum, e);
+      if (vstep != nullptr) {
+        // Quantized V: P.V sums the codes weighted by p_j * step_j; sum_j p_j * min_j is the row
+        // offset.
+        bias = hn::MulAdd(e, per_key(vmin, j), bias);
+        hn::Store(hn::Mul(e, per_key(vstep, j)), df, col);
+      } else {
+        hn::Store(e, df, col);
+      }
+    }
   hn::Store(sum, df, bounce);
   auto s4 = hn::Load(d4, bounce);
   for (size_t b = 4; b < kLanes; b += 4) s4 = hn::Add(s4, hn::Load(d4, bounce + b));
@@ -1052,7 +1067,8 @@ void RunUnit(const AttentionProblem& p, const decode::KvSource& kv, const decode
         if (sh.narrow) {
           SoftmaxNarrow(p, hs, q.qa, q.qb, quant ? t.kstep : nullptr, quant ? t.kmin : nullptr,
                         quant ? t.vstep : nullptr, quant ? t.vmin : nullptr, s.vbias + so, t.nkeys,
-                        t.a, !t.full, s.red);
+                        t.a, !t.full, s.red, vnni_pv ? t.wq : nullptr,
+                        vnni_pv ? t.wscale : nullptr);
           return;
         }
 #endif
@@ -1096,7 +1112,7 @@ void RunUnit(const AttentionProblem& p, const decode::KvSource& kv, const decode
       auto softmax = [&](TileSlot& t) {
         softmax_step(t);
 #if HWY_TARGET == HWY_AVX3_DL
-        if (vnni_pv) PackWeights(t, mp);
+        if (vnni_pv && !sh.narrow) PackWeights(t, mp);
 #endif
       };
       // P.V over t's keys [j_begin, j_end); the first block also rescales the accumulator.
