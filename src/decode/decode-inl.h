@@ -527,10 +527,18 @@ HWY_INLINE void PackWeights(TileSlot& t, size_t mp) {
 
 // iacc[r][c] (+)= sum over key pairs i < npairs of W_2i[r] * v_2i[c] + W_2i+1[r] * v_2i+1[c] for
 // rows in groups of 4 (row_groups) and channels c < dc (a multiple of 64; codes are u8 <= 255);
-// `first` starts the sums at 0. wq: the pairs' packed weights [pair][mp].
+// `first` starts the sums at 0. wq: the pairs' packed weights [pair][mp]. With `flush` (the
+// tile's last keys, and rows of dc floats in acc) the sums go straight to the f32 accumulator as
+// in FlushCodeSums (all row_groups * 4 rows) instead of back to iacc.
+struct CodeSumsFlush {
+  float* acc;
+  const float* alpha;
+  const float* wscale;
+};
 HWY_NOINLINE void PvCodesVnni(const uint8_t* const* v, size_t npairs,
                               const int32_t* HWY_RESTRICT wq, size_t mp, size_t row_groups,
-                              int32_t* HWY_RESTRICT iacc, size_t dc, bool first) {
+                              int32_t* HWY_RESTRICT iacc, size_t dc, bool first,
+                              const CodeSumsFlush* flush) {
   // Output q (16 channels of a 64-channel block) interleaves key 2i's and key 2i + 1's codes of
   // channels 16q + m as the two zero-extended 16-bit halves of int32 lane m.
   alignas(64) static constexpr uint8_t kIndex[4][64] = {
@@ -582,6 +590,25 @@ HWY_NOINLINE void PvCodesVnni(const uint8_t* const* v, size_t npairs,
         TESSERA_ROW(2)
         TESSERA_ROW(3)
 #undef TESSERA_ROW
+      }
+      if (flush != nullptr) {
+        // acc = alpha * acc + wscale * float(sums), row by row.
+        auto to_acc = [&](size_t row, __m512i x0, __m512i x1, __m512i x2, __m512i x3) {
+          const __m512 a = _mm512_set1_ps(flush->alpha[row]);
+          const __m512 w = _mm512_set1_ps(flush->wscale[row]);
+          float* f = flush->acc + row * dc + cb;
+          const __m512i x[4] = {x0, x1, x2, x3};
+          for (int k = 0; k < 4; ++k) {
+            _mm512_storeu_ps(f + 16 * k,
+                             _mm512_fmadd_ps(w, _mm512_cvtepi32_ps(x[k]),
+                                             _mm512_mul_ps(a, _mm512_loadu_ps(f + 16 * k))));
+          }
+        };
+        to_acc(4 * g, o00, o01, o02, o03);
+        to_acc(4 * g + 1, o10, o11, o12, o13);
+        to_acc(4 * g + 2, o20, o21, o22, o23);
+        to_acc(4 * g + 3, o30, o31, o32, o33);
+        continue;
       }
 #define TESSERA_ROW(i)                           \
   _mm512_storeu_si512(o + (i)*dc, o##i##0);      \
@@ -1122,9 +1149,12 @@ void RunUnit(const AttentionProblem& p, const decode::KvSource& kv, const decode
           // Key pairs (j_begin is even; a last odd key pairs with a zero-weight padding key);
           // the tile's integer sums go to the f32 accumulator after its last keys.
           const size_t pairs = (std::min(j_end + 1, t.nk4) - j_begin) / 2;
+          const bool last = j_end == t.nkeys;
+          // Rows of dp == dc floats: the last call flushes the sums itself.
+          const CodeSumsFlush flush{acc, s.alpha, t.wscale};
           PvCodesVnni(t.vrow + j_begin, pairs, t.wq + j_begin / 2 * mp, mp, row_groups, s.iacc, dc,
-                      j_begin == 0);
-          if (j_end == t.nkeys) FlushCodeSums(s.iacc, dc, s.alpha, t.wscale, rows, acc, dp);
+                      j_begin == 0, last && dp == dc ? &flush : nullptr);
+          if (last && dp != dc) FlushCodeSums(s.iacc, dc, s.alpha, t.wscale, rows, acc, dp);
           return;
         }
 #endif
@@ -1151,9 +1181,13 @@ void RunUnit(const AttentionProblem& p, const decode::KvSource& kv, const decode
         const bool more = c0 + decode::kKeyTile <= union_hi;
         if (more) gather(c0 + decode::kKeyTile, *next);
         const size_t next4 = more ? next->nk4 : 0;
-        for (size_t j = 0; j < std::max(cur->nkeys, next4); j += kFuseKeys) {
-          if (j < next4) score(*next, j, std::min(j + kFuseKeys, next4));
-          if (j < cur->nkeys) accumulate(*cur, j, std::min(j + kFuseKeys, cur->nkeys));
+        // Code rows on VNNI step whole tiles: one PvCodesVnni call per tile keeps its integer sums
+        // in registers and flushes them itself (in L2: 66.5 -> 62.7 cycles per key; 32K tokens on
+        // 1 thread 5.26 -> 4.99 ms, on 2 threads alike).
+        constexpr size_t kFuse = vnni ? kTile : kFuseKeys;
+        for (size_t j = 0; j < std::max(cur->nkeys, next4); j += kFuse) {
+          if (j < next4) score(*next, j, std::min(j + kFuse, next4));
+          if (j < cur->nkeys) accumulate(*cur, j, std::min(j + kFuse, cur->nkeys));
         }
         if (!more) break;
         softmax(*next);
