@@ -546,11 +546,14 @@ size_t WorstIndex(const std::vector<double>& got, const std::vector<double>& ref
                                        const std::vector<double>* magnitude) {
   ::testing::AssertionResult nf = CheckNonFinite(got, ref, "out");
   if (!nf) return nf;
-  if (rule == Rule::kRatioOnly || dtype != DType::kF32) {
-    ::testing::AssertionResult r = CheckRatio(dtype, got, ref, naive, OutputCeiling(dtype), "out");
+  const bool ratio_only = rule == Rule::kRatioOnly || rule == Rule::kRatioOnlyKvCache;
+  if (ratio_only || dtype != DType::kF32) {
+    ::testing::AssertionResult r =
+        CheckRatio(dtype, got, ref, naive, OutputCeiling(dtype), "out",
+                   rule == Rule::kRatioOnlyKvCache ? kKvCacheRatio : kForwardRatio);
     if (!r) return r;
   }
-  if (rule == Rule::kRatioOnly) return ::testing::AssertionSuccess();
+  if (ratio_only) return ::testing::AssertionSuccess();
 
   ::testing::AssertionResult c = CheckClose(got, ref, OutputCeiling(dtype), "out (ceiling)");
   if (!c) return c;
@@ -635,10 +638,11 @@ Ceiling GradCeiling(DType dtype, bool gqa) {
 
 ::testing::AssertionResult CheckLse(const std::vector<double>& got, const std::vector<double>& ref,
                                     const std::vector<double>* naive, Rule rule) {
-  if (rule == Rule::kRatioOnly) {
+  if (rule == Rule::kRatioOnly || rule == Rule::kRatioOnlyKvCache) {
     ::testing::AssertionResult nf = CheckNonFinite(got, ref, "lse");
     if (!nf) return nf;
-    return CheckRatio(DType::kF32, got, ref, naive, kLseCeiling, "lse");
+    return CheckRatio(DType::kF32, got, ref, naive, kLseCeiling, "lse",
+                      rule == Rule::kRatioOnlyKvCache ? kKvCacheRatio : kForwardRatio);
   }
   return CheckClose(got, ref, kLseCeiling, "lse");
 }

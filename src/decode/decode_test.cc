@@ -1249,8 +1249,12 @@ TEST(DecodeRegression, NanInVisibleValuePropagates) {
 
 // Logits near -2e4 (a true -inf mask is the only one that survives) still match fp64 under the
 // ratio rule (ill-conditioned in fp32, like the forward's VeryNegativeLogits), in one split and
-// in splits of 64 keys merged.
+// in splits of 64 keys merged. The error of either side is set by the f32 rounding of a few
+// logits (an ulp at 2e4 is 2e-3), so one draw's naive error moves by 25x between seeds (2e-6 to
+// 3e-3 measured over 24): the rule compares the largest errors over kDraws draws of the values,
+// with the KV-cache ratio (tolerances.h).
 TEST(DecodeRegression, VeryNegativeLogits) {
+  constexpr int kDraws = 4;
   for (auto [kv, dt, split] : {std::tuple<KVDType, DType, int64_t>{KVDType::kF32, DType::kF32, 0},
                                {KVDType::kF32, DType::kF32, 64},
                                {KVDType::kBF16, DType::kBF16, 0},
@@ -1268,33 +1272,47 @@ TEST(DecodeRegression, VeryNegativeLogits) {
     c.lens = {65, 129, 3};
     c.tag = "neglogits";
     SCOPED_TRACE(test::Repro(c.Name()));
-    CacheSpec spec = c.Cache();
-    Rng rng(test::SeedFor(c.Name() + "/values"));
-    spec.values = [&rng](int64_t, std::vector<float>* k, std::vector<float>* v) {
-      for (float& x : *k) x = static_cast<float>(1.0 + 0.01 * rng.Normal());
-      for (float& x : *v) x = rng.Normal();
-    };
-    TestCache cache;
-    ASSERT_NO_FATAL_FAILURE(BuildCache(spec, &cache));
-    DecodeRun r;
-    MakeRun(c, &cache, &r);
-    // s = scale * q.k ~ -2e4 * (1 + small): q_d = -2e4 / (scale * D).
-    const double qd = -2e4 / (0.125 * 64.0);
-    r.q.ForEach([&](const Index& i) { r.q.Set(i, qd); });
-    Reference ref;
-    ASSERT_NO_FATAL_FAILURE(ComputeReference(r.params, &ref));
-    if (ref.naive_out.empty()) {
-      Packed pk;
-      ASSERT_NO_FATAL_FAILURE(PackCache(r.params, &pk));
-      ref.naive_out.assign(ref.out.size(), 0.0);
-      std::vector<double> lse(ref.lse.size());
-      test::AttentionForwardNaive(AsAttention(r.params, pk), ref.naive_out.data(), lse.data());
-      ref.naive_lse = LseFromVarlen(lse, c.batch(), c.heads_q(), c.num_q);
+    // Every draw's outputs and LSEs, concatenated: the checks take the largest error over all.
+    std::vector<double> out, ref_out, naive_out, lse, ref_lse, naive_lse;
+    for (int draw = 0; draw < kDraws; ++draw) {
+      CacheSpec spec = c.Cache();
+      Rng rng(test::SeedFor(c.Name() + "/values/" + std::to_string(draw)));
+      spec.values = [&rng](int64_t, std::vector<float>* k, std::vector<float>* v) {
+        for (float& x : *k) x = static_cast<float>(1.0 + 0.01 * rng.Normal());
+        for (float& x : *v) x = rng.Normal();
+      };
+      TestCache cache;
+      ASSERT_NO_FATAL_FAILURE(BuildCache(spec, &cache));
+      DecodeRun r;
+      MakeRun(c, &cache, &r);
+      // s = scale * q.k ~ -2e4 * (1 + small): q_d = -2e4 / (scale * D).
+      const double qd = -2e4 / (0.125 * 64.0);
+      r.q.ForEach([&](const Index& i) { r.q.Set(i, qd); });
+      Reference ref;
+      ASSERT_NO_FATAL_FAILURE(ComputeReference(r.params, &ref));
+      if (ref.naive_out.empty()) {
+        Packed pk;
+        ASSERT_NO_FATAL_FAILURE(PackCache(r.params, &pk));
+        ref.naive_out.assign(ref.out.size(), 0.0);
+        std::vector<double> naive_lse_varlen(ref.lse.size());
+        test::AttentionForwardNaive(AsAttention(r.params, pk), ref.naive_out.data(),
+                                    naive_lse_varlen.data());
+        ref.naive_lse = LseFromVarlen(naive_lse_varlen, c.batch(), c.heads_q(), c.num_q);
+      }
+      const Status st = RunWith(r.params);
+      ASSERT_TRUE(st.ok()) << st.ToString();
+      auto append = [](std::vector<double>* all, const std::vector<double>& part) {
+        all->insert(all->end(), part.begin(), part.end());
+      };
+      append(&out, r.out.ToVector());
+      append(&ref_out, ref.out);
+      append(&naive_out, ref.naive_out);
+      append(&lse, r.lse.ToVector());
+      append(&ref_lse, ref.lse);
+      append(&naive_lse, ref.naive_lse);
     }
-    const Status st = RunWith(r.params);
-    ASSERT_TRUE(st.ok()) << st.ToString();
-    EXPECT_TRUE(test::CheckOutput(dt, r.out.ToVector(), ref.out, &ref.naive_out, Rule::kRatioOnly));
-    EXPECT_TRUE(test::CheckLse(r.lse.ToVector(), ref.lse, &ref.naive_lse, Rule::kRatioOnly));
+    EXPECT_TRUE(test::CheckOutput(dt, out, ref_out, &naive_out, Rule::kRatioOnlyKvCache));
+    EXPECT_TRUE(test::CheckLse(lse, ref_lse, &naive_lse, Rule::kRatioOnlyKvCache));
   }
 }
 
