@@ -546,14 +546,11 @@ size_t WorstIndex(const std::vector<double>& got, const std::vector<double>& ref
                                        const std::vector<double>* magnitude) {
   ::testing::AssertionResult nf = CheckNonFinite(got, ref, "out");
   if (!nf) return nf;
-  const bool ratio_only = rule == Rule::kRatioOnly || rule == Rule::kRatioOnlyKvCache;
-  if (ratio_only || dtype != DType::kF32) {
-    ::testing::AssertionResult r =
-        CheckRatio(dtype, got, ref, naive, OutputCeiling(dtype), "out",
-                   rule == Rule::kRatioOnlyKvCache ? kKvCacheRatio : kForwardRatio);
+  if (rule == Rule::kRatioOnly || dtype != DType::kF32) {
+    ::testing::AssertionResult r = CheckRatio(dtype, got, ref, naive, OutputCeiling(dtype), "out");
     if (!r) return r;
   }
-  if (ratio_only) return ::testing::AssertionSuccess();
+  if (rule == Rule::kRatioOnly) return ::testing::AssertionSuccess();
 
   ::testing::AssertionResult c = CheckClose(got, ref, OutputCeiling(dtype), "out (ceiling)");
   if (!c) return c;
@@ -638,11 +635,10 @@ Ceiling GradCeiling(DType dtype, bool gqa) {
 
 ::testing::AssertionResult CheckLse(const std::vector<double>& got, const std::vector<double>& ref,
                                     const std::vector<double>* naive, Rule rule) {
-  if (rule == Rule::kRatioOnly || rule == Rule::kRatioOnlyKvCache) {
+  if (rule == Rule::kRatioOnly) {
     ::testing::AssertionResult nf = CheckNonFinite(got, ref, "lse");
     if (!nf) return nf;
-    return CheckRatio(DType::kF32, got, ref, naive, kLseCeiling, "lse",
-                      rule == Rule::kRatioOnlyKvCache ? kKvCacheRatio : kForwardRatio);
+    return CheckRatio(DType::kF32, got, ref, naive, kLseCeiling, "lse");
   }
   return CheckClose(got, ref, kLseCeiling, "lse");
 }

@@ -178,8 +178,6 @@ double Ulp(DType dtype, double x);
 enum class Rule {
   kStandard,   // f32: ceilings + NMSE + relative error; bf16/f16: ratio rule + ceilings
   kRatioOnly,  // ill-conditioned inputs (huge logits or values): ratio rule, any dtype
-  // The same through a KV cache (decode, split or not): ratio rule with kKvCacheRatio.
-  kRatioOnlyKvCache,
 };
 
 // Checks a forward output (values converted to double from `dtype`) against the fp64 reference.

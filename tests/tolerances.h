@@ -16,12 +16,6 @@ namespace test {
 // the output ceiling of the dtype applies instead.
 inline constexpr double kForwardRatio = 2.0;
 
-// Ratio rule for ill-conditioned inputs read through a KV cache (decode), Rule::kRatioOnlyKvCache:
-// the peers' KV-cache forward calibration (3 x, RELIABILITY.md). With logits near -2e4 the error
-// of either side is the f32 rounding of a few logits (an ulp there is 2e-3); over 60 seeds the
-// kernel's largest error across 4 value draws reached 2.6x the naive one's (median 0.3x).
-inline constexpr double kKvCacheRatio = 3.0;
-
 // Ratio rule for gradients (bf16/f16): err(dX) <= kGradRatio * err(naive dX) + floor_g, plus
 // kGradSoftcapExtra when softcap is on.
 inline constexpr double kGradRatio = 3.0;

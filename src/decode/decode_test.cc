@@ -1251,10 +1251,10 @@ TEST(DecodeRegression, NanInVisibleValuePropagates) {
 // ratio rule (ill-conditioned in fp32, like the forward's VeryNegativeLogits), in one split and
 // in splits of 64 keys merged. The error of either side is set by the f32 rounding of a few
 // logits (an ulp at 2e4 is 2e-3), so one draw's naive error moves by 25x between seeds (2e-6 to
-// 3e-3 measured over 24): the rule compares the largest errors over kDraws draws of the values,
-// with the KV-cache ratio (tolerances.h).
+// 3e-3 measured over 24): the rule compares the largest errors over kDraws draws of the values
+// (with 4 draws the ratio still reached 2.6 over 60 seeds; with 8 none of 200 seeds fails).
 TEST(DecodeRegression, VeryNegativeLogits) {
-  constexpr int kDraws = 4;
+  constexpr int kDraws = 8;
   for (auto [kv, dt, split] : {std::tuple<KVDType, DType, int64_t>{KVDType::kF32, DType::kF32, 0},
                                {KVDType::kF32, DType::kF32, 64},
                                {KVDType::kBF16, DType::kBF16, 0},
@@ -1311,8 +1311,8 @@ TEST(DecodeRegression, VeryNegativeLogits) {
       append(&ref_lse, ref.lse);
       append(&naive_lse, ref.naive_lse);
     }
-    EXPECT_TRUE(test::CheckOutput(dt, out, ref_out, &naive_out, Rule::kRatioOnlyKvCache));
-    EXPECT_TRUE(test::CheckLse(lse, ref_lse, &naive_lse, Rule::kRatioOnlyKvCache));
+    EXPECT_TRUE(test::CheckOutput(dt, out, ref_out, &naive_out, Rule::kRatioOnly));
+    EXPECT_TRUE(test::CheckLse(lse, ref_lse, &naive_lse, Rule::kRatioOnly));
   }
 }
 
