@@ -66,23 +66,21 @@ __attribute__((noinline)) float Stream(const float* k_rows, const float* v_rows)
     }
     const float* k = k_rows + j * 64;
     const float* v = v_rows + j * 64;
-    const __m512 k0 = _mm512_load_ps(k), k1 = _mm512_load_ps(k + 16);
-    const __m512 k2 = _mm512_load_ps(k + 32), k3 = _mm512_load_ps(k + 48);
-    for (int r = 0; r < 6; ++r) {
-      a0 = _mm512_fmadd_ps(k0, q0, a0);
-      a1 = _mm512_fmadd_ps(k1, q1, a1);
-      a2 = _mm512_fmadd_ps(k2, q2, a2);
-      a3 = _mm512_fmadd_ps(k3, q3, a3);
-    }
+    // Six FMA steps on each 64-float row: a stand-in for decode's scores and P.V.
+    auto fma_row = [](const float* row, __m512 m0, __m512 m1, __m512 m2, __m512 m3, __m512& s0,
+                      __m512& s1, __m512& s2, __m512& s3) {
+      const __m512 x0 = _mm512_load_ps(row), x1 = _mm512_load_ps(row + 16);
+      const __m512 x2 = _mm512_load_ps(row + 32), x3 = _mm512_load_ps(row + 48);
+      for (int r = 0; r < 6; ++r) {
+        s0 = _mm512_fmadd_ps(x0, m0, s0);
+        s1 = _mm512_fmadd_ps(x1, m1, s1);
+        s2 = _mm512_fmadd_ps(x2, m2, s2);
+        s3 = _mm512_fmadd_ps(x3, m3, s3);
+      }
+    };
+    fma_row(k, q0, q1, q2, q3, a0, a1, a2, a3);
     const __m512 p = _mm512_set1_ps(0.001f * static_cast<float>(j & 7));
-    const __m512 v0 = _mm512_load_ps(v), v1 = _mm512_load_ps(v + 16);
-    const __m512 v2 = _mm512_load_ps(v + 32), v3 = _mm512_load_ps(v + 48);
-    for (int r = 0; r < 6; ++r) {
-      o0 = _mm512_fmadd_ps(v0, p, o0);
-      o1 = _mm512_fmadd_ps(v1, p, o1);
-      o2 = _mm512_fmadd_ps(v2, p, o2);
-      o3 = _mm512_fmadd_ps(v3, p, o3);
-    }
+    fma_row(v, p, p, p, p, o0, o1, o2, o3);
   }
   const __m512 s = _mm512_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)),
                                  _mm512_add_ps(_mm512_add_ps(o0, o1), _mm512_add_ps(o2, o3)));
