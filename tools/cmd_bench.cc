@@ -105,8 +105,9 @@ struct BenchOptions {
   // decode only
   int64_t queries = 1;
   std::string kv_dtype = "f16";
-  int64_t page_size = 0;  // 0: contiguous
-  std::string lens;       // empty: every sequence has seq_k tokens
+  int64_t page_size = 0;     // 0: contiguous
+  std::string lens;          // empty: every sequence has seq_k tokens
+  int64_t split_tokens = 0;  // 0: the default (DecodeParams::split_tokens)
   // linear only
   std::string variant = "plain";
   std::string feature_map;  // empty: the variant's default
@@ -118,7 +119,7 @@ struct BenchOptions {
   std::string form = "chunked";
   bool non_causal = false;
   // Options that belong to one side only, refused by name on the other (set at parse time).
-  std::vector<std::string> given_linear_only, given_other_only;
+  std::vector<std::string> given_linear_only, given_other_only, given_decode_only;
 };
 
 struct Timing {
@@ -938,6 +939,10 @@ int BenchDecode(const BenchOptions& o) {
     return Fail(cmd,
                 "--page-size: expected >= 0 (0 = contiguous), got " + std::to_string(o.page_size));
   }
+  if (o.split_tokens < 0) {
+    return Fail(cmd, "--split-tokens: expected >= 0 (0 = the default), got " +
+                         std::to_string(o.split_tokens));
+  }
   if (o.threads < 0 || o.warmup < 0 || o.reps < 0) {
     return Fail(cmd, "expected --threads, --warmup and --reps >= 0");
   }
@@ -1015,6 +1020,7 @@ int BenchDecode(const BenchOptions& o) {
     params.kv = kv;
     params.out = MakeView4(out.get(), dtype, o.batch, Q, H, D);
     params.causal = o.causal;
+    params.split_tokens = o.split_tokens;
     DecodePlan plan;
     Status st = PlanDecode(params, ctx, &plan);
     if (!st.ok()) return Fail(cmd, st.ToString());
@@ -1437,6 +1443,9 @@ int BenchMain(const BenchOptions& o) {
   if (o.op != "linear" && !o.given_linear_only.empty()) {
     return Fail("bench", o.given_linear_only[0] + ": only with --op linear");
   }
+  if (o.op != "decode" && o.op != "linear" && !o.given_decode_only.empty()) {
+    return Fail("bench", o.given_decode_only[0] + ": only with --op decode");
+  }
   std::string supported;
   for (const BenchOp& op : kOps) {
     if (op.main == nullptr) continue;
@@ -1460,8 +1469,9 @@ CommandMain AddBenchCommand(CLI::App& app) {
   auto o = std::make_shared<BenchOptions>();
   CLI::App* sub = app.add_subcommand(
       "bench", "Benchmark an op on random inputs against the measured peak and a baseline");
-  // Options of the other ops (refused with --op linear) and of linear only (refused without).
-  std::vector<CLI::Option*> other_only, linear_only;
+  // Options of the other ops (refused with --op linear), of linear only and of decode only
+  // (refused without).
+  std::vector<CLI::Option*> other_only, linear_only, decode_only;
   sub->add_option("--op", o->op, "operation: forward, backward, decode or linear")
       ->capture_default_str();
   sub->add_option("--batch", o->batch, "batch size B")->capture_default_str();
@@ -1477,18 +1487,26 @@ CommandMain AddBenchCommand(CLI::App& app) {
   sub->add_flag("--causal", o->causal, "causal mask (linear: the default)");
   sub->add_option("--dtype", o->dtype, "input dtype: f32, bf16 or f16 (decode: of q and out)")
       ->capture_default_str();
-  other_only.push_back(
+  // A decode option also counts as not-linear.
+  auto decode_option = [&](CLI::Option* opt) {
+    other_only.push_back(opt);
+    decode_only.push_back(opt);
+  };
+  decode_option(
       sub->add_option("--queries", o->queries, "decode: query rows per sequence Q (1..16)")
           ->capture_default_str());
-  other_only.push_back(sub->add_option("--kv-dtype", o->kv_dtype,
-                                       "decode: KV cache dtype: f32, bf16, f16, int8, int4")
-                           ->capture_default_str());
-  other_only.push_back(
-      sub->add_option("--page-size", o->page_size,
-                      "decode: tokens per page of a paged cache with shuffled pages (0 = "
-                      "contiguous)")
+  decode_option(sub->add_option("--kv-dtype", o->kv_dtype,
+                                "decode: KV cache dtype: f32, bf16, f16, int8, int4")
+                    ->capture_default_str());
+  decode_option(sub->add_option("--page-size", o->page_size,
+                                "decode: tokens per page of a paged cache with shuffled pages (0 = "
+                                "contiguous)")
+                    ->capture_default_str());
+  decode_option(
+      sub->add_option("--split-tokens", o->split_tokens,
+                      "decode: keys per split (0 = the default for the cache's page size)")
           ->capture_default_str());
-  other_only.push_back(sub->add_option(
+  decode_option(sub->add_option(
       "--lens", o->lens,
       "decode: per-sequence cache lengths 'L1,L2,...', one per --batch (default: all --seq-k)"));
   sub->add_option("--threads", o->threads, "threads (0 = all)");
@@ -1551,7 +1569,7 @@ per token and head with --normalize, + 2*(Dk+Dv) per pair of the exact window), 
 tokens_per_s = B*N / median time.
 
 )") + MaskSpecHelp());
-  return [o, mask_option, normalize_option, normalize_value, other_only, linear_only] {
+  return [o, mask_option, normalize_option, normalize_value, other_only, linear_only, decode_only] {
     o->has_mask = mask_option->count() > 0;
     o->normalize = normalize_option->count() > 0 ? (*normalize_value ? 1 : 0) : -1;
     for (const CLI::Option* opt : other_only) {
@@ -1559,6 +1577,9 @@ tokens_per_s = B*N / median time.
     }
     for (const CLI::Option* opt : linear_only) {
       if (opt->count() > 0) o->given_linear_only.push_back(opt->get_name());
+    }
+    for (const CLI::Option* opt : decode_only) {
+      if (opt->count() > 0) o->given_decode_only.push_back(opt->get_name());
     }
     return BenchMain(*o);
   };

@@ -30,8 +30,11 @@ namespace tessera {
 
 // Queries per sequence the decode path accepts.
 constexpr int64_t kMaxDecodeQueries = 16;
-// Default split size in tokens.
-constexpr int64_t kDefaultDecodeSplitTokens = 512;
+// Default split size in tokens; kDefaultDecodeSplitTokensSmallPages for a paged cache with pages
+// of fewer than kDecodeSmallPageTokens tokens (measured best for each, docs/decode.md).
+constexpr int64_t kDefaultDecodeSplitTokens = 2048;
+constexpr int64_t kDefaultDecodeSplitTokensSmallPages = 512;
+constexpr int64_t kDecodeSmallPageTokens = 4;
 
 struct DecodeParams {
   TensorView q;  // [B, Q, Hq, D] f32 / bf16 / f16, Q in 1..16, Hq a multiple of Hkv
@@ -46,7 +49,8 @@ struct DecodeParams {
   float softcap = 0.0f;        // tanh softcap on the scaled logit; 0 disables
   TensorView alibi_slopes;     // f32 [Hq] or [B, Hq]: bias -slope * |pos - j|; optional
 
-  // Split size in tokens (0: kDefaultDecodeSplitTokens). Part of the plan: results are bitwise
+  // Split size in tokens (0: kDefaultDecodeSplitTokens, or kDefaultDecodeSplitTokensSmallPages
+  // for pages of fewer than kDecodeSmallPageTokens tokens). Part of the plan: results are bitwise
   // identical for every batch and thread count with the same split size.
   int64_t split_tokens = 0;
 };

@@ -787,8 +787,8 @@ void SoftmaxNarrow(const AttentionProblem& p, const HeadState& hs, const float* 
 // ---- Query rows, prepared once per call ---------------------------------------------------------
 
 // The query rows of one (sequence, KV head): row r is query head (h * G + r / q_len), query
-// r % q_len. Prepared once per call and read by every unit of the sequence (a 32K context has 64
-// splits, and quantizing the rows in each cost ~5% of an int8 decode).
+// r % q_len. Prepared once per call and read by every unit of the sequence (with 512-token splits
+// a 32K context had 64, and quantizing the rows in each cost ~5% of an int8 decode).
 struct QueryRows {
   float* qf;     // [Rp][Dp] scaled f32 rows, or their int8 codes as f32 (quantized K)
   int8_t* q8;    // [Rp / 4][4 * Dc] int8 codes in groups of 4 rows (GroupCodeIndex; VNNI)
@@ -1242,7 +1242,7 @@ void RunUnit(const AttentionProblem& p, const decode::KvSource& kv, const decode
 
 // Scratch and partial-state buffers, kept per calling thread and reused by its next calls:
 // allocating and faulting in the partial states on every call cost ~0.3 ms of a 32K decode
-// (64 splits x 32 heads x 128 floats). Buffers above kMaxKeptBytes are released after the call.
+// (then 64 splits x 32 heads x 128 floats). Buffers over kMaxKeptBytes are freed after the call.
 struct Workspace {
   static constexpr size_t kMaxKeptBytes = size_t{64} << 20;
   hwy::AlignedFreeUniquePtr<float[]> scratch, partial_out, queries;

@@ -192,7 +192,10 @@ Status ValidateDecode(const DecodeParams& p, AttentionProblem* prob, decode::KvS
 }
 
 int64_t SplitTokens(const DecodeParams& p) {
-  return p.split_tokens > 0 ? p.split_tokens : kDefaultDecodeSplitTokens;
+  if (p.split_tokens > 0) return p.split_tokens;
+  const bool small_pages =
+      p.kv.block_table != nullptr && p.cache.page_size < kDecodeSmallPageTokens;
+  return small_pages ? kDefaultDecodeSplitTokensSmallPages : kDefaultDecodeSplitTokens;
 }
 
 // Path::kReference: the fp64 reference (on the dequantized cache), rounded into the outputs.

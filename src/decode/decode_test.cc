@@ -59,8 +59,9 @@ constexpr float kNaNf = std::numeric_limits<float>::quiet_NaN();
 
 bool Small() { return test::SmallTests(); }
 
-// The longest sequence of the sweeps: several default-size splits, several pages of 256 and a
-// page-size-1 block table of 1000+ entries (Small(): still past one page of 256).
+// The longest sequence of the sweeps: several splits of the sweeps' split sizes (64, 100),
+// several pages of 256 and a page-size-1 block table of 1000+ entries (Small(): still past one
+// page of 256).
 int32_t LongLen() { return Small() ? 300 : 1100; }
 
 size_t Sz(int64_t n) { return static_cast<size_t>(n); }
@@ -795,7 +796,8 @@ TEST(DecodeIdentity, EqualsAttentionForward) {
 }
 
 // Paged with shuffled pages over a pool 3x too large equals contiguous, bitwise (same dtype, same
-// split size), for page sizes 1, 16, 256 and every KV dtype.
+// split size), for page sizes 1, 16, 256 and every KV dtype. Split 0: the contiguous cache's
+// default, passed to the paged runs too (pages of 1-3 tokens default to a smaller one).
 TEST(DecodeIdentity, PagedEqualsContiguousBitwise) {
   for (KVDType kv :
        {KVDType::kF32, KVDType::kBF16, KVDType::kF16, KVDType::kInt8, KVDType::kInt4}) {
@@ -829,6 +831,7 @@ TEST(DecodeIdentity, PagedEqualsContiguousBitwise) {
         ASSERT_NO_FATAL_FAILURE(BuildCache(spec, &paged));
         DecodeRun got;
         MakeRun(c, &paged, &got);
+        if (split == 0) got.params.split_tokens = kDefaultDecodeSplitTokens;
         const Status st = RunWith(got.params);
         ASSERT_TRUE(st.ok()) << st.ToString();
         EXPECT_TRUE(got.out.BitwiseEqual(want.out)) << "out";
@@ -1394,7 +1397,8 @@ TEST(DecodePlan, ReusedAcrossDecodeStepsEqualsDecode) {
       c.heads_kv = 2;
       c.group = 4;
       c.causal = true;
-      c.lens = {100, 600};
+      // 1 + 2 splits of the default size.
+      c.lens = {100, static_cast<int32_t>(kDefaultDecodeSplitTokens) + 88};
       c.tag = "plan";
       SCOPED_TRACE(test::Repro(c.Name()));
       CacheSpec spec = c.Cache();
@@ -1408,8 +1412,8 @@ TEST(DecodePlan, ReusedAcrossDecodeStepsEqualsDecode) {
       ASSERT_TRUE(st.ok()) << st.ToString();
       ASSERT_TRUE(plan.valid());
       EXPECT_EQ(plan.split_tokens(), kDefaultDecodeSplitTokens);
-      // Lengths 100 and 600 have 1 + 2 splits of 512; a unit may also cover only a block of KV
-      // heads (decode.cc), so there are at least that many units.
+      // 1 + 2 splits; a unit may also cover only a block of KV heads (decode.cc), so there are
+      // at least that many units.
       EXPECT_GE(plan.num_units(), 1 + 2);
       EXPECT_GE(plan.threads(), 1);
       Rng rng(test::SeedFor(c.Name() + "/steps"));
@@ -1441,6 +1445,34 @@ TEST(DecodePlan, ReusedAcrossDecodeStepsEqualsDecode) {
   }
 }
 
+// The default split size: kDefaultDecodeSplitTokensSmallPages for pages of fewer than
+// kDecodeSmallPageTokens tokens, else kDefaultDecodeSplitTokens; a given size wins.
+TEST(DecodePlan, DefaultSplitSizeFollowsThePageSize) {
+  for (int64_t ps : {1, 2, 3, 4, 16, 0}) {
+    for (int64_t given : {0, 64}) {
+      Case c;
+      c.page_size = ps;
+      c.split_tokens = given;
+      c.dim = 64;
+      c.lens = {10, 40};
+      c.tag = "defsplit";
+      SCOPED_TRACE(test::Repro(c.Name()));
+      TestCache cache;
+      ASSERT_NO_FATAL_FAILURE(BuildCache(c.Cache(), &cache));
+      DecodeRun r;
+      MakeRun(c, &cache, &r);
+      DecodePlan plan;
+      const Status st = PlanDecode(r.params, Context(), &plan);
+      ASSERT_TRUE(st.ok()) << st.ToString();
+      const bool small = ps > 0 && ps < kDecodeSmallPageTokens;
+      const int64_t want = given > 0 ? given
+                           : small   ? kDefaultDecodeSplitTokensSmallPages
+                                     : kDefaultDecodeSplitTokens;
+      EXPECT_EQ(plan.split_tokens(), want);
+    }
+  }
+}
+
 bool MentionsPlan(const std::string& message) {
   std::string lower = message;
   for (char& ch : lower) ch = static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
@@ -1455,6 +1487,7 @@ TEST(DecodePlan, MismatchedOrInvalidPlansAreRejected) {
   c.heads_kv = 2;
   c.group = 2;
   c.lens = {100, 600};
+  c.split_tokens = 512;
   c.tag = "badplan";
   SCOPED_TRACE(test::Repro(c.Name()));
   CacheSpec spec = c.Cache();

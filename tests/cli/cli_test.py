@@ -767,6 +767,14 @@ class BenchDecodeTest(unittest.TestCase):
         r = self.bench_decode("--lens", "100,300", "--page-size", 32)
         self.assertEqual((r["lens"], r["seq_k"]), ([100, 300], 300))
 
+    def test_split_tokens(self):
+        # The default: 2048 keys, 512 for pages of 1-3 tokens; or as given.
+        for extra, want in (([], 2048), (["--page-size", 16], 2048), (["--page-size", 2], 512),
+                            (["--split-tokens", 64], 64)):
+            with self.subTest(extra=extra):
+                r = self.bench_decode(*extra, vs=False)
+                self.assertEqual(r["split_tokens"], want)
+
     def test_queries_causal(self):
         r = self.bench_decode("--queries", 4, "--causal", kv_dtype="bf16")
         self.assertEqual((r["queries"], r["causal"]), (4, True))
@@ -818,6 +826,7 @@ class BenchDecodeTest(unittest.TestCase):
                              (["--queries", 0], "--queries"),
                              (["--queries", 17], "--queries"),
                              (["--page-size", -1], "--page-size"),
+                             (["--split-tokens", -1], "--split-tokens"),
                              (["--seq-k", 0], "--seq-k"),
                              (["--kv-heads", 3], "--kv-heads"),
                              (["--vs", "dense"], "--vs"),
@@ -826,6 +835,14 @@ class BenchDecodeTest(unittest.TestCase):
             self.assertEqual(rc, 2, "%s: %s" % (args, err))
             self.assertIn(needle, err)
             self.assertEqual(out, "")
+        # Decode's options are refused by name elsewhere, not ignored.
+        for op in ("forward", "backward"):
+            for flag, value in (("--page-size", 16), ("--split-tokens", 64), ("--queries", 2),
+                                ("--kv-dtype", "int8"), ("--lens", "10,20")):
+                rc, out, err = run_cli("bench", "--op", op, "--seq", 64, flag, value)
+                self.assertEqual(rc, 2, "%s %s: %s" % (op, flag, err))
+                self.assertIn(flag + ": only with --op decode", err)
+                self.assertEqual(out, "")
 
 # ---------------------------------------------------------------------------------------------
 # Masks (--mask). Each structured form is checked against the same mask materialized here, in
