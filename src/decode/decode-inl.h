@@ -25,7 +25,7 @@
 // kFuseKeys keys at a time, alternating with P.V over tile t, so the K and the V stream are both
 // read at a steady pace (a tile's K and then its V in bursts leaves each stream idle half the
 // time). Every row is prefetched into L2 kPrefetchKeys keys ahead of its scores, across page
-// boundaries too.
+// boundaries too (int8 on VNNI, in whole-tile steps: V rows by P.V, two tiles ahead).
 //
 // K/V dtypes: f32 / bf16 / f16 / int8 rows are read in place and widened in registers. Rows that
 // cannot be (int4, a head-dim stride, a head dim that is not a multiple of the vector width, or
