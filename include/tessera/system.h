@@ -6,10 +6,26 @@
 #include <string>
 #include <vector>
 
+#include "tessera/status.h"
+
 namespace tessera {
 
 // Name of the SIMD target that dynamic dispatch picks on this CPU ("AVX3", "AVX2", ...).
 std::string SimdTargetName();
+
+// SIMD targets. Every kernel is compiled once per Highway target (x86: avx3_dl for decode, avx3,
+// avx2, sse4, ssse3, and the portable scalar fallback); each call runs the best one the CPU
+// supports. Names are lower-case, best first.
+// The targets this build compiled.
+std::vector<std::string> CompiledSimdTargets();
+// The compiled targets this CPU can run.
+std::vector<std::string> SupportedSimdTargets();
+// Forces every later call in this process to run the named target's kernels (kernels of a
+// family that did not compile that target run the best compiled target below it); "auto" or ""
+// returns to the best supported target. A name that is not compiled, or that this CPU cannot
+// run, is an InvalidArgument error naming the choices. Process-wide: call it while no other
+// tessera call runs (tests, benchmarks, `--target` of the CLI).
+Status SetSimdTarget(const std::string& name);
 // Number of hardware threads the library would use by default.
 int32_t HardwareThreads();
 // Measures the fp32 FMA peak in GFLOP/s with `threads` threads (one independent FMA stream

@@ -106,6 +106,7 @@ HWY_AFTER_NAMESPACE();
 
 #include <algorithm>
 #include <atomic>
+#include <cctype>
 #include <chrono>
 #include <cmath>
 #include <cstdlib>
@@ -177,6 +178,72 @@ double TimeChains(int32_t threads, int64_t iters) {
 }  // namespace
 
 std::string SimdTargetName() { return hwy::TargetName(HWY_DYNAMIC_DISPATCH(CompiledTarget)()); }
+
+namespace {
+
+// This file compiles the same targets as the widest kernel family (decode adds AVX3_DL), so its
+// HWY_TARGETS is the union of what the library compiled.
+constexpr int64_t kCompiledTargets = HWY_TARGETS;
+
+std::string LowerTargetName(int64_t target) {
+  std::string name = hwy::TargetName(target);
+  for (char& c : name) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+  return name;
+}
+
+// What the CPU runs, read before any SetSimdTarget mock replaces Highway's answer.
+int64_t CpuTargets() {
+  static const int64_t targets = hwy::SupportedTargets();
+  return targets;
+}
+
+// Target bits of `mask`, best (lowest bit) first, as names.
+std::vector<std::string> TargetNames(int64_t mask) {
+  std::vector<std::string> names;
+  for (int bit = 0; bit < 63; ++bit) {
+    const int64_t target = int64_t{1} << bit;
+    if (mask & target) names.push_back(LowerTargetName(target));
+  }
+  return names;
+}
+
+std::string JoinNames(const std::vector<std::string>& names) {
+  std::string out;
+  for (const std::string& n : names) out += (out.empty() ? "" : ", ") + n;
+  return out;
+}
+
+}  // namespace
+
+std::vector<std::string> CompiledSimdTargets() { return TargetNames(kCompiledTargets); }
+
+std::vector<std::string> SupportedSimdTargets() {
+  return TargetNames(kCompiledTargets & CpuTargets());
+}
+
+Status SetSimdTarget(const std::string& name) {
+  const int64_t cpu = CpuTargets();
+  if (name.empty() || name == "auto") {
+    hwy::SetSupportedTargetsForTest(0);  // 0 ends the mock: dispatch sees the CPU again
+    return Status::Ok();
+  }
+  for (int bit = 0; bit < 63; ++bit) {
+    const int64_t target = int64_t{1} << bit;
+    if (!(kCompiledTargets & target) || LowerTargetName(target) != name) continue;
+    if (!(cpu & target)) {
+      return Status::InvalidArgument("target: this CPU cannot run '" + name +
+                                     "'; expected one of " +
+                                     JoinNames(SupportedSimdTargets()) + " or auto");
+    }
+    // The target and every one below it (higher bits are weaker targets), so a kernel family
+    // that did not compile this target falls back to its best one below, never to scalar.
+    hwy::SetSupportedTargetsForTest(cpu & ~(target - 1));
+    return Status::Ok();
+  }
+  return Status::InvalidArgument("target: expected one of " + JoinNames(SupportedSimdTargets()) +
+                                 " or auto (compiled: " + JoinNames(CompiledSimdTargets()) +
+                                 "), got '" + name + "'");
+}
 
 int32_t HardwareThreads() {
   // The affinity mask, not the host's CPU count: containers and taskset restrict it.
