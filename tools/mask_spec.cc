@@ -375,10 +375,11 @@ bool MaskSpec::Parse(const std::string& text, const MaskProblem& problem, std::s
         ok = false;
       }
       int64_t product = 0;
-      if (ok && (!CheckedMul(frames, tokens, &product) || product != problem.seq_q ||
-                 product != problem.seq_k)) {
+      const bool overflow = !CheckedMul(frames, tokens, &product);
+      if (ok && (overflow || product != problem.seq_q || product != problem.seq_k)) {
         err = name + ": expected FRAMES x TOKENS_PER_FRAME = Sq = Sk, got " + Str(frames) + " x " +
-              Str(tokens) + " with Sq = " + Str(problem.seq_q) + ", Sk = " + Str(problem.seq_k);
+              Str(tokens) + " = " + (overflow ? "more than 2^63" : Str(product)) +
+              " with Sq = " + Str(problem.seq_q) + ", Sk = " + Str(problem.seq_k);
         ok = false;
       }
       if (ok) {
