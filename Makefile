@@ -41,7 +41,9 @@ clean:
 
 # ThreadSanitizer: the threaded suites on small shapes, with std::thread workers (libgomp is not
 # instrumented). Any report fails the run (TSAN_OPTIONS halt_on_error).
-TSAN_FILTER ?= Concurrency*:FlashFwd*:FlashBwd*:Decode*:Linear*:Merge*:KVCache*:Training*
+TSAN_SUITES := Concurrency *Determinism Tails/ Gqa/ Varlen/ DecodePlan LinearAttention MergeStates \
+  KVCache AppendKV Training
+TSAN_FILTER ?= $(subst $(eval) ,:,$(addsuffix *,$(TSAN_SUITES)))
 test-tsan: deps
 	cmake -S . -B $(TSAN_BUILD) -DCMAKE_BUILD_TYPE=RelWithDebInfo -DTESSERA_TSAN=ON \
 	  -DTESSERA_THREADING=POOL -DTESSERA_BUILD_TOOLS=OFF
