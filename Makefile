@@ -1,10 +1,14 @@
 # tessera: the two entry points are `make demo` and `make test`; both install what is missing.
+SHELL := /bin/bash
 BUILD ?= build
 ASAN_BUILD ?= build-asan
+TSAN_BUILD ?= build-tsan
+FUZZ_BUILD ?= build-fuzz
 JOBS ?= $(shell nproc)
 CTEST_JOBS ?= 2
 
-.PHONY: all deps build test test-release test-asan demo bench clean
+.PHONY: all deps build test test-release test-asan test-tsan test-fuzz fuzz fuzz-build demo bench \
+        clean
 
 all: build
 
@@ -15,8 +19,9 @@ build: deps
 	cmake -S . -B $(BUILD) -DCMAKE_BUILD_TYPE=Release
 	cmake --build $(BUILD) -j$(JOBS)
 
-# Every test in release mode, then the unit tests once more under ASan + UBSan on small shapes.
-test: test-release test-asan
+# Every test in release mode, then the unit tests once more under ASan + UBSan on small shapes,
+# the threaded ones under ThreadSanitizer, and each fuzzer for a short time.
+test: test-release test-asan test-tsan test-fuzz
 
 test-release: build
 	cd $(BUILD) && ctest --output-on-failure -j$(CTEST_JOBS) --timeout 900
@@ -32,4 +37,48 @@ demo: build
 	bash scripts/demo.sh $(BUILD)/tools/tessera
 
 clean:
-	rm -rf $(BUILD) $(ASAN_BUILD)
+	rm -rf $(BUILD) $(ASAN_BUILD) $(TSAN_BUILD) $(FUZZ_BUILD)
+
+# ThreadSanitizer: the threaded suites on small shapes, with std::thread workers (libgomp is not
+# instrumented). Any report fails the run (TSAN_OPTIONS halt_on_error).
+TSAN_SUITES := Concurrency *Determinism Tails/ Gqa/ Varlen/ DecodePlan LinearAttention MergeStates \
+  KVCache AppendKV Training
+TSAN_FILTER ?= $(subst $(eval) ,:,$(addsuffix *,$(TSAN_SUITES)))
+test-tsan: deps
+	cmake -S . -B $(TSAN_BUILD) -DCMAKE_BUILD_TYPE=RelWithDebInfo -DTESSERA_TSAN=ON \
+	  -DTESSERA_THREADING=POOL -DTESSERA_BUILD_TOOLS=OFF
+	cmake --build $(TSAN_BUILD) -j$(JOBS) --target tessera_tests
+	TESSERA_SMALL_TESTS=1 TSAN_OPTIONS="halt_on_error=1 second_deadlock_stack=1" \
+	  $(TSAN_BUILD)/tests/tessera_tests --gtest_filter='$(TSAN_FILTER)' --gtest_brief=1
+
+# libFuzzer harnesses (fuzz/), clang with ASan + UBSan. `make test` runs each for
+# FUZZ_TEST_SECONDS over the committed seeds; `make fuzz` for FUZZ_SECONDS. New inputs go to
+# $(FUZZ_BUILD)/corpus/<harness>, crashes to $(FUZZ_BUILD)/artifacts/ (reproduce with
+# `$(FUZZ_BUILD)/fuzz/<harness> <file>`). A crash, a sanitizer report or a hang fails the run.
+FUZZERS := fuzz_npy fuzz_mask_spec fuzz_validate
+FUZZ_TEST_SECONDS ?= 30
+FUZZ_SECONDS ?= 600
+FUZZ_CXX ?= clang++-14
+fuzz-build: deps
+	CXX=$(FUZZ_CXX) cmake -S . -B $(FUZZ_BUILD) -DCMAKE_BUILD_TYPE=RelWithDebInfo -DTESSERA_FUZZ=ON \
+	  -DTESSERA_THREADING=POOL -DTESSERA_BUILD_TESTS=OFF -DTESSERA_BUILD_TOOLS=OFF
+	cmake --build $(FUZZ_BUILD) -j$(JOBS) --target $(FUZZERS)
+
+define run_fuzzers
+	@mkdir -p $(FUZZ_BUILD)/artifacts
+	@set -e; for f in $(FUZZERS); do \
+	  mkdir -p $(FUZZ_BUILD)/corpus/$$f; \
+	  echo "== $$f: $(1) s, log in $(FUZZ_BUILD)/$$f.log"; \
+	  $(FUZZ_BUILD)/fuzz/$$f -max_total_time=$(1) -timeout=20 -rss_limit_mb=4096 -print_final_stats=1 \
+	    -artifact_prefix=$(FUZZ_BUILD)/artifacts/$$f- $(FUZZ_BUILD)/corpus/$$f fuzz/corpus/$$f \
+	    > $(FUZZ_BUILD)/$$f.log 2>&1 || { tail -n 60 $(FUZZ_BUILD)/$$f.log; \
+	      echo "$$f failed: the input is in $(FUZZ_BUILD)/artifacts/"; exit 1; }; \
+	  grep -E '^(Done|stat::number_of_executed_units|stat::peak_rss_mb)' $(FUZZ_BUILD)/$$f.log; \
+	done
+endef
+
+test-fuzz: fuzz-build
+	$(call run_fuzzers,$(FUZZ_TEST_SECONDS))
+
+fuzz: fuzz-build
+	$(call run_fuzzers,$(FUZZ_SECONDS))

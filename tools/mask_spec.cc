@@ -4,6 +4,7 @@
 #include <cerrno>
 #include <cmath>
 #include <cstdlib>
+#include <limits>
 #include <utility>
 
 namespace tessera {
@@ -98,6 +99,17 @@ std::vector<std::string> SplitComponents(const std::string& text) {
   return components;
 }
 
+// The largest integer a spec may hold (sizes, counts, strides). Far above any sequence that fits
+// in memory, and far enough below 2^63 that the sums and products the parser and the library
+// form from a few of them cannot overflow int64.
+constexpr int64_t kMaxSpecInt = int64_t{1} << 40;
+constexpr const char* kMaxSpecIntText = "2^40";
+
+// a * b, or false when it overflows int64 (the operands are non-negative).
+bool CheckedMul(int64_t a, int64_t b, int64_t* product) {
+  return !__builtin_mul_overflow(a, b, product);
+}
+
 bool ParseInt(const std::string& text, int64_t* value) {
   if (text.empty() || text[0] == '+' || std::isspace(static_cast<unsigned char>(text[0]))) {
     return false;
@@ -120,14 +132,15 @@ bool ParseReal(const std::string& text, double* value) {
   return true;
 }
 
-// "AxBxC" with exactly n integers, each >= min.
-bool ParseDims(const std::string& text, size_t n, int64_t min, std::vector<int64_t>* dims) {
+// "AxBxC" with exactly n integers, each in [min, max].
+bool ParseDims(const std::string& text, size_t n, int64_t min, int64_t max,
+               std::vector<int64_t>* dims) {
   const std::vector<std::string> parts = Split(text, 'x');
   if (parts.size() != n) return false;
   dims->clear();
   for (const std::string& p : parts) {
     int64_t v = 0;
-    if (!ParseInt(p, &v) || v < min) return false;
+    if (!ParseInt(p, &v) || v < min || v > max) return false;
     dims->push_back(v);
   }
   return true;
@@ -141,7 +154,8 @@ std::string DimsString(const int64_t* dims, int n) {
   return s;
 }
 
-int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+// a / b rounded up, for a >= 0 and b >= 1, without forming a + b - 1 (which may overflow).
+int64_t CeilDiv(int64_t a, int64_t b) { return a / b + (a % b != 0 ? 1 : 0); }
 
 int64_t FloorDiv(int64_t a, int64_t b) { return a >= 0 ? a / b : -((-a + b - 1) / b); }
 
@@ -149,10 +163,9 @@ int64_t FloorDiv(int64_t a, int64_t b) { return a >= 0 ? a / b : -((-a + b - 1) 
 bool ParseBlockSize(const std::string& form, const std::string& text, int64_t* bq, int64_t* bk,
                     std::string* error) {
   std::vector<int64_t> dims;
-  if (!ParseDims(text, 2, 16, &dims) || dims[0] % 16 != 0 || dims[1] % 16 != 0) {
-    *error = form +
-             ": expected the block size BQxBK (positive multiples of 16, e.g. 64x64), got '" +
-             text + "'";
+  if (!ParseDims(text, 2, 16, kMaxSpecInt, &dims) || dims[0] % 16 != 0 || dims[1] % 16 != 0) {
+    *error = form + ": expected the block size BQxBK (positive multiples of 16 up to " +
+             kMaxSpecIntText + ", e.g. 64x64), got '" + text + "'";
     return false;
   }
   *bq = dims[0];
@@ -237,11 +250,12 @@ bool MaskSpec::Parse(const std::string& text, const MaskProblem& problem, std::s
     }
     const size_t n = fields.size();
     const std::string usage = name + ": expected '" + form->usage + "', got '" + component + "'";
-    // Integer field k of the component, >= min.
+    // Integer field k of the component, in [min, kMaxSpecInt].
     auto field_int = [&](size_t k, int64_t min, const char* what, int64_t* value) {
-      if (k >= n || !ParseInt(fields[k], value) || *value < min) {
-        err = name + ": expected " + what + " (an integer >= " + Str(min) + ") in '" + form->usage +
-              "', got '" + (k < n ? fields[k] : std::string()) + "'";
+      if (k >= n || !ParseInt(fields[k], value) || *value < min || *value > kMaxSpecInt) {
+        err = name + ": expected " + what + " (an integer from " + Str(min) + " to " +
+              kMaxSpecIntText + ") in '" + form->usage + "', got '" +
+              (k < n ? fields[k] : std::string()) + "'";
         return false;
       }
       return true;
@@ -288,7 +302,9 @@ bool MaskSpec::Parse(const std::string& text, const MaskProblem& problem, std::s
             break;
           }
           lens.push_back(len);
-          total += len;
+          // Saturates: a sum past int64 is reported as too large like any other.
+          if (__builtin_add_overflow(total, len, &total))
+            total = std::numeric_limits<int64_t>::max();
         }
         if (ok && total != problem.seq_k) {
           err = name + ": expected document lengths summing to Sk = " + Str(problem.seq_k) +
@@ -358,10 +374,12 @@ bool MaskSpec::Parse(const std::string& text, const MaskProblem& problem, std::s
         err = name + ": expected the block size BLOCK to be a multiple of 16, got " + Str(block);
         ok = false;
       }
-      if (ok && (frames * tokens != problem.seq_q || frames * tokens != problem.seq_k)) {
+      int64_t product = 0;
+      const bool overflow = !CheckedMul(frames, tokens, &product);
+      if (ok && (overflow || product != problem.seq_q || product != problem.seq_k)) {
         err = name + ": expected FRAMES x TOKENS_PER_FRAME = Sq = Sk, got " + Str(frames) + " x " +
-              Str(tokens) + " = " + Str(frames * tokens) + " with Sq = " + Str(problem.seq_q) +
-              ", Sk = " + Str(problem.seq_k);
+              Str(tokens) + " = " + (overflow ? "more than 2^63" : Str(product)) +
+              " with Sq = " + Str(problem.seq_q) + ", Sk = " + Str(problem.seq_k);
         ok = false;
       }
       if (ok) {
@@ -399,8 +417,10 @@ bool MaskSpec::Parse(const std::string& text, const MaskProblem& problem, std::s
       ok = n >= 2 ? ParseDenseFile(Join(fields, 1, n, ':'), &err) : (err = usage, false);
     } else if (name == "sigmoid") {
       double bias = 0.0;
-      if (n > 2 || (n == 2 && !ParseReal(fields[1], &bias))) {
-        err = name + ": expected 'sigmoid' or 'sigmoid:BIAS' with a finite number BIAS, got '" +
+      // The bias is a float: a larger magnitude would be an undefined conversion.
+      if (n > 2 || (n == 2 && (!ParseReal(fields[1], &bias) ||
+                               std::fabs(bias) > std::numeric_limits<float>::max()))) {
+        err = name + ": expected 'sigmoid' or 'sigmoid:BIAS' with a finite float32 BIAS, got '" +
               component + "'";
         ok = false;
       }
@@ -472,6 +492,7 @@ bool MaskSpec::BuildRandomBlocks(bool causal, std::string* /*error*/) {
   const int64_t heads = mask_.blocks.shape[1], nqb = mask_.blocks.shape[2];
   const int64_t nkb = mask_.blocks.shape[3];
   const int64_t bq = mask_.block_q, bk = mask_.block_k;
+  if (nkb == 0) return true;  // Sk = 0: no key block to draw (nor a diagonal one)
   const int64_t keep = std::max<int64_t>(1, std::llround(random_density_ * nkb));
   uint64_t state = problem_.seed ^ 0x6d61736b626c6bull;  // its own stream, apart from q, k, v
   auto next = [&state] {
@@ -513,17 +534,19 @@ bool MaskSpec::ParseNeighborhood(const std::vector<std::string>& fields, int ran
   NeighborhoodMask& n = mask_.neighborhood;
   const std::string axes = rank == 1 ? "one value" : Str(rank) + " values joined by 'x'";
   std::vector<int64_t> v;
-  if (!ParseDims(fields[1], rank, 1, &v)) {
-    *error = name + ": expected the grid (" + axes + ", each >= 1), got '" + fields[1] + "'";
+  const std::string range = std::string("each from 1 to ") + kMaxSpecIntText;
+  if (!ParseDims(fields[1], rank, 1, kMaxSpecInt, &v)) {
+    *error = name + ": expected the grid (" + axes + ", " + range + "), got '" + fields[1] + "'";
     return false;
   }
   int64_t tokens = 1;
+  bool tokens_overflow = false;
   for (int a = 0; a < rank; ++a) {
     n.grid[a] = v[a];
-    tokens *= v[a];
+    tokens_overflow = tokens_overflow || !CheckedMul(tokens, v[a], &tokens);
   }
-  if (!ParseDims(fields[2], rank, 1, &v)) {
-    *error = name + ": expected the window (" + axes + ", each >= 1), got '" + fields[2] + "'";
+  if (!ParseDims(fields[2], rank, 1, kMaxSpecInt, &v)) {
+    *error = name + ": expected the window (" + axes + ", " + range + "), got '" + fields[2] + "'";
     return false;
   }
   std::copy(v.begin(), v.end(), n.window);
@@ -540,10 +563,10 @@ bool MaskSpec::ParseNeighborhood(const std::vector<std::string>& fields, int ran
     }
     seen[k] = true;
     const std::string value = fields[f].substr(eq + 1);
-    if (!ParseDims(value, rank, k == 2 ? 0 : 1, &v) ||
+    if (!ParseDims(value, rank, k == 2 ? 0 : 1, kMaxSpecInt, &v) ||
         (k == 2 && std::any_of(v.begin(), v.end(), [](int64_t c) { return c > 1; }))) {
       *error = name + ": expected " + options[k] + "= with " + axes + " (" +
-               (k == 2 ? "0 or 1" : "each >= 1") + "), got '" + fields[f] + "'";
+               (k == 2 ? std::string("0 or 1") : range) + "), got '" + fields[f] + "'";
       return false;
     }
     for (int a = 0; a < rank; ++a) {
@@ -553,7 +576,7 @@ bool MaskSpec::ParseNeighborhood(const std::vector<std::string>& fields, int ran
     }
   }
   for (int a = 0; a < rank; ++a) {
-    if (n.window[a] * n.dilation[a] > n.grid[a]) {
+    if (n.window[a] > n.grid[a] / n.dilation[a]) {  // window * dilation > grid, without overflow
       *error = name + ": expected window x dilation <= grid on every axis, got window " +
                DimsString(n.window, rank) + ", dilation " + DimsString(n.dilation, rank) +
                ", grid " + DimsString(n.grid, rank);
@@ -565,9 +588,9 @@ bool MaskSpec::ParseNeighborhood(const std::vector<std::string>& fields, int ran
       return false;
     }
   }
-  if (tokens != problem_.seq_q || tokens != problem_.seq_k) {
+  if (tokens_overflow || tokens != problem_.seq_q || tokens != problem_.seq_k) {
     *error = name + ": expected the grid's product to equal the sequence length (Sq = Sk), got " +
-             DimsString(n.grid, rank) + " = " + Str(tokens) +
+             DimsString(n.grid, rank) + " = " + (tokens_overflow ? "more than 2^63" : Str(tokens)) +
              " tokens with Sq = " + Str(problem_.seq_q) + ", Sk = " + Str(problem_.seq_k);
     return false;
   }
@@ -578,15 +601,16 @@ bool MaskSpec::ParseNeighborhood(const std::vector<std::string>& fields, int ran
 bool MaskSpec::ParseSelect(const std::vector<std::string>& fields, std::string* error) {
   const std::string& how = fields[1];
   double value = 0.0;
-  if (how.compare(0, 5, "topk=") == 0 && ParseReal(how.substr(5), &value) && value >= 1 &&
-      value == std::floor(value)) {
-    select_top_k_ = static_cast<int64_t>(value);
+  int64_t top_k = 0;
+  if (how.compare(0, 5, "topk=") == 0 && ParseInt(how.substr(5), &top_k) && top_k >= 1 &&
+      top_k <= kMaxSpecInt) {
+    select_top_k_ = top_k;
   } else if (how.compare(0, 4, "thr=") == 0 && ParseReal(how.substr(4), &value) && value > 0 &&
              value <= 1) {
     select_threshold_ = static_cast<float>(value);
   } else {
-    *error =
-        "select: expected topk=K (an integer >= 1) or thr=T (a mass in (0, 1]), got '" + how + "'";
+    *error = std::string("select: expected topk=K (an integer from 1 to ") + kMaxSpecIntText +
+             ") or thr=T (a mass in (0, 1]), got '" + how + "'";
     return false;
   }
   int64_t bq = 64, bk = 64;

@@ -194,6 +194,65 @@ const char* DescrFromDType(DType dtype) {
   return nullptr;  // bf16: no NumPy dtype
 }
 
+// The fixed prefix: magic and version (kMagicLen + 2 bytes). Sets the size of the header length
+// field that follows (2 bytes for 1.0, 4 for 2.0 / 3.0).
+bool ParseVersion(const unsigned char* prefix, size_t* len_bytes, std::string* err) {
+  if (std::memcmp(prefix, kMagic, kMagicLen) != 0) {
+    *err = "not a .npy file (missing the \\x93NUMPY magic)";
+    return false;
+  }
+  const int major = prefix[kMagicLen];
+  if (major < 1 || major > 3) {
+    *err = "unsupported .npy format version " + std::to_string(major) + "." +
+           std::to_string(prefix[kMagicLen + 1]) + " (expected 1.0, 2.0 or 3.0)";
+    return false;
+  }
+  *len_bytes = major == 1 ? 2 : 4;
+  return true;
+}
+
+// The header dict's length, little-endian in `len_bytes` bytes; at most 16 MiB.
+bool ParseHeaderLength(const unsigned char* bytes, size_t len_bytes, size_t* header_len,
+                       std::string* err) {
+  uint64_t len = 0;
+  for (size_t i = 0; i < len_bytes; ++i) len |= static_cast<uint64_t>(bytes[i]) << (8 * i);
+  if (len > (1u << 24)) {
+    *err = "bad header: implausible length " + std::to_string(len);
+    return false;
+  }
+  *header_len = static_cast<size_t>(len);
+  return true;
+}
+
+// The header dict: dtype (one of `accepted`), shape and the payload size in bytes. Every
+// partial product of the shape's nonzero dimensions fits int64 in bytes, so strides and sizes
+// derived from the shape later cannot overflow either.
+bool ParseHeaderDict(const std::string& header, const std::vector<DType>& accepted, DType* dtype,
+                     std::vector<int64_t>* shape, uint64_t* nbytes, std::string* err) {
+  std::string descr;
+  bool fortran = false;
+  if (!HeaderParser(header).Parse(&descr, &fortran, shape, err)) return false;
+  if (!DTypeFromDescr(descr, accepted, dtype, err)) return false;
+  if (fortran && shape->size() > 1) {
+    *err = "Fortran-order arrays are not supported; save with np.ascontiguousarray(a)";
+    return false;
+  }
+  const uint64_t elem = DTypeSize(*dtype);
+  const uint64_t max_bytes = static_cast<uint64_t>(std::numeric_limits<int64_t>::max());
+  uint64_t numel = 1, span = 1;  // span: the product of the nonzero dimensions
+  for (int64_t d : *shape) {
+    const uint64_t u = static_cast<uint64_t>(d);
+    if (d != 0 && span > max_bytes / elem / u) {
+      *err = "shape " + ShapeToString(*shape) + " is too large";
+      return false;
+    }
+    if (d != 0) span *= u;
+    numel *= u;
+  }
+  *nbytes = numel * elem;
+  return true;
+}
+
 }  // namespace
 
 void AlignedFree::operator()(void* p) const { std::free(p); }
@@ -247,49 +306,28 @@ bool LoadNpy(const std::string& path, const std::vector<DType>& accepted, NpyArr
   File file(std::fopen(path.c_str(), "rb"));
   if (!file) return fail(std::string("cannot open: ") + std::strerror(errno));
 
+  std::string err;
   unsigned char prefix[kMagicLen + 2];
-  if (std::fread(prefix, 1, sizeof(prefix), file.get()) != sizeof(prefix) ||
-      std::memcmp(prefix, kMagic, kMagicLen) != 0) {
+  size_t len_bytes = 0;
+  if (std::fread(prefix, 1, sizeof(prefix), file.get()) != sizeof(prefix)) {
     return fail("not a .npy file (missing the \\x93NUMPY magic)");
   }
-  const int major = prefix[kMagicLen];
-  if (major < 1 || major > 3) {
-    return fail("unsupported .npy format version " + std::to_string(major) + "." +
-                std::to_string(prefix[kMagicLen + 1]) + " (expected 1.0, 2.0 or 3.0)");
-  }
-  const size_t len_bytes = major == 1 ? 2 : 4;
+  if (!ParseVersion(prefix, &len_bytes, &err)) return fail(err);
   unsigned char len_buf[4] = {0, 0, 0, 0};
   if (std::fread(len_buf, 1, len_bytes, file.get()) != len_bytes) {
     return fail("truncated header length");
   }
-  const uint64_t header_len =
-      static_cast<uint64_t>(len_buf[0]) | static_cast<uint64_t>(len_buf[1]) << 8 |
-      static_cast<uint64_t>(len_buf[2]) << 16 | static_cast<uint64_t>(len_buf[3]) << 24;
-  if (header_len > (1u << 24))
-    return fail("bad header: implausible length " + std::to_string(header_len));
+  size_t header_len = 0;
+  if (!ParseHeaderLength(len_buf, len_bytes, &header_len, &err)) return fail(err);
   std::string header(header_len, '\0');
   if (header_len > 0 && std::fread(&header[0], 1, header_len, file.get()) != header_len) {
     return fail("truncated header (expected " + std::to_string(header_len) + " bytes)");
   }
 
-  std::string descr, err;
-  bool fortran = false;
-  std::vector<int64_t> shape;
-  if (!HeaderParser(header).Parse(&descr, &fortran, &shape, &err)) return fail(err);
   DType dtype;
-  if (!DTypeFromDescr(descr, accepted, &dtype, &err)) return fail(err);
-  if (fortran && shape.size() > 1) {
-    return fail("Fortran-order arrays are not supported; save with np.ascontiguousarray(a)");
-  }
-  const size_t elem = DTypeSize(dtype);
-  uint64_t numel = 1;
-  for (int64_t d : shape) {
-    if (d != 0 && numel > std::numeric_limits<uint64_t>::max() / elem / static_cast<uint64_t>(d)) {
-      return fail("shape " + ShapeToString(shape) + " is too large");
-    }
-    numel *= static_cast<uint64_t>(d);
-  }
-  const uint64_t nbytes = numel * elem;
+  std::vector<int64_t> shape;
+  uint64_t nbytes = 0;
+  if (!ParseHeaderDict(header, accepted, &dtype, &shape, &nbytes, &err)) return fail(err);
 
   // Check the payload size before allocating, so a truncated file fails fast and cheaply.
   const long data_start = std::ftell(file.get());
@@ -315,6 +353,49 @@ bool LoadNpy(const std::string& path, const std::vector<DType>& accepted, NpyArr
     }
     off += got;
   }
+  array->dtype = dtype;
+  array->shape = std::move(shape);
+  array->data = std::move(data);
+  return true;
+}
+
+bool ParseNpy(const void* bytes, size_t size, const std::vector<DType>& accepted, NpyArray* array,
+              std::string* error) {
+  const unsigned char* p = static_cast<const unsigned char*>(bytes);
+  size_t len_bytes = 0, header_len = 0;
+  if (size < kMagicLen + 2) {
+    *error = "not a .npy file (missing the \\x93NUMPY magic)";
+    return false;
+  }
+  if (!ParseVersion(p, &len_bytes, error)) return false;
+  size_t pos = kMagicLen + 2;
+  if (size - pos < len_bytes) {
+    *error = "truncated header length";
+    return false;
+  }
+  if (!ParseHeaderLength(p + pos, len_bytes, &header_len, error)) return false;
+  pos += len_bytes;
+  if (size - pos < header_len) {
+    *error = "truncated header (expected " + std::to_string(header_len) + " bytes)";
+    return false;
+  }
+  const std::string header(reinterpret_cast<const char*>(p + pos), header_len);
+  pos += header_len;
+  DType dtype;
+  std::vector<int64_t> shape;
+  uint64_t nbytes = 0;
+  if (!ParseHeaderDict(header, accepted, &dtype, &shape, &nbytes, error)) return false;
+  if (size - pos < nbytes) {
+    *error = "truncated: shape " + ShapeToString(shape) + " needs " + std::to_string(nbytes) +
+             " data bytes, the buffer has " + std::to_string(size - pos);
+    return false;
+  }
+  AlignedBytes data = AllocateAligned(static_cast<size_t>(nbytes));
+  if (!data) {
+    *error = "cannot allocate " + std::to_string(nbytes) + " bytes";
+    return false;
+  }
+  if (nbytes > 0) std::memcpy(data.get(), p + pos, static_cast<size_t>(nbytes));
   array->dtype = dtype;
   array->shape = std::move(shape);
   array->data = std::move(data);

@@ -46,6 +46,11 @@ bool LoadNpy(const std::string& path, NpyArray* array, std::string* error);
 bool LoadNpy(const std::string& path, const std::vector<DType>& accepted, NpyArray* array,
              std::string* error);
 
+// Parses a whole .npy file held in memory (`size` bytes at `bytes`), as LoadNpy does a file;
+// trailing bytes after the payload are ignored, as LoadNpy ignores them. The error names no file.
+bool ParseNpy(const void* bytes, size_t size, const std::vector<DType>& accepted, NpyArray* array,
+              std::string* error);
+
 // Writes `numel(shape)` elements of `dtype` from `data` as a C-order .npy file (version 1.0, or
 // 2.0 when the header needs it). bf16 has no NumPy dtype and is rejected.
 bool SaveNpy(const std::string& path, DType dtype, const std::vector<int64_t>& shape,
