@@ -1,5 +1,5 @@
 // `tessera run`: exact attention forward on .npy inputs and, with --dout, its backward; with
-// --op linear, linear attention instead (run_linear.cc).
+// --op linear, linear attention instead (cmd_run_linear.cc).
 //
 // Inputs are read straight into buffers of their own dtype and handed to AttentionForward (and
 // AttentionBackward) as views, so peak memory is inputs + outputs + the kernels' scratch;
@@ -17,7 +17,7 @@
 #include "cli_common.h"
 #include "mask_spec.h"
 #include "npy.h"
-#include "run_linear.h"
+#include "cmd_run_linear.h"
 #include "tessera/attention.h"
 #include "visible_pairs.h"
 

@@ -7,7 +7,7 @@
 // read in their own dtype and handed over as views, every flag is checked before any work (the
 // ones only the CLI knows about here, the rest by the library), and outputs are written only when
 // the whole call succeeded (SaveNpyAll).
-#include "run_linear.h"
+#include "cmd_run_linear.h"
 
 #include <chrono>
 #include <iomanip>
