@@ -9,15 +9,15 @@
 #include <chrono>
 #include <iomanip>
 #include <iostream>
-#include <iterator>
 #include <memory>
 #include <string>
 #include <vector>
 
 #include "cli_common.h"
+#include "cmd_run_linear.h"
 #include "mask_spec.h"
 #include "npy.h"
-#include "cmd_run_linear.h"
+#include "output_files.h"
 #include "tessera/attention.h"
 #include "visible_pairs.h"
 
@@ -70,21 +70,12 @@ int RunMain(const RunOptions& o) {
     return Fail(cmd, error);
   }
 
-  // Each output goes to a temporary name first; two outputs on one path would clobber each other.
-  const struct {
-    const char* flag;
-    const std::string& file;
-  } output_flags[] = {
+  // Every destination is checked before any work (output_files.h) and again when publishing.
+  const std::vector<FileArg> input_files = {
+      {"--q", o.q}, {"--k", o.k}, {"--v", o.v}, {"--dout", o.dout}, {"--alibi", o.alibi}};
+  const std::vector<FileArg> output_files = {
       {"--out", o.out}, {"--lse", o.lse}, {"--dq", o.dq}, {"--dk", o.dk}, {"--dv", o.dv}};
-  for (size_t i = 0; i < std::size(output_flags); ++i) {
-    for (size_t j = 0; j < i; ++j) {
-      if (!output_flags[i].file.empty() && output_flags[i].file == output_flags[j].file) {
-        return Fail(cmd, std::string(output_flags[j].flag) + " and " + output_flags[i].flag +
-                             ": expected different files, got '" + output_flags[i].file +
-                             "' for both");
-      }
-    }
-  }
+  if (!CheckOutputs(input_files, output_files, &error)) return Fail(cmd, error);
 
   NpyArray q, k, v, dout, alibi;
   const struct {
@@ -186,16 +177,15 @@ int RunMain(const RunOptions& o) {
     if (!status.ok()) return Fail(cmd, status.ToString());
   }
 
-  // Written only once every output is complete, so a failure (say, an unwritable --lse path)
-  // leaves no partial or mismatched files behind.
-  std::vector<NpyOutput> files = {{o.out, &out}};
-  if (!o.lse.empty()) files.push_back({o.lse, &lse});
+  // Written only once every output is complete, all of them or none (output_files.h).
+  std::vector<NpyOutput> files = {{"--out", o.out, &out}};
+  if (!o.lse.empty()) files.push_back({"--lse", o.lse, &lse});
   if (backward) {
-    files.push_back({o.dq, &dq});
-    files.push_back({o.dk, &dk});
-    files.push_back({o.dv, &dv});
+    files.push_back({"--dq", o.dq, &dq});
+    files.push_back({"--dk", o.dk, &dk});
+    files.push_back({"--dv", o.dv, &dv});
   }
-  if (!SaveNpyAll(files, &error)) return Fail(cmd, error);
+  if (!PublishNpy(input_files, files, &error)) return Fail(cmd, error);
   if (o.verbose) {
     std::cerr << "tessera run: q " << ShapeToString(q.shape) << " k " << ShapeToString(k.shape)
               << " " << DTypeName(q.dtype) << ", path " << PathName(ctx.path) << ", threads "

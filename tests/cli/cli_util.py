@@ -70,9 +70,9 @@ def random_values(n, seed, descr):
 
 # ---------------------------------------------------------------------------------------------
 
-def run_cli(*args, timeout=60):
+def run_cli(*args, timeout=60, cwd=None):
     proc = subprocess.run([BINARY] + [str(a) for a in args], stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, timeout=timeout)
+                          stderr=subprocess.PIPE, timeout=timeout, cwd=cwd)
     return proc.returncode, proc.stdout.decode(), proc.stderr.decode()
 
 
