@@ -28,6 +28,10 @@ constexpr int kExitError = 2;  // bad arguments, unreadable files, tessera error
 // Prints "tessera <command>: <message>" to stderr and returns kExitError.
 int Fail(const std::string& command, const std::string& message);
 
+// False with *error naming the option when an option of `command` was given an empty value
+// ("--window ''"), which would otherwise read as "not given" or as 0.
+bool RefuseEmptyValues(const CLI::App& command, std::string* error);
+
 // A subcommand's entry point, run after parsing when that subcommand was selected.
 using CommandMain = std::function<int()>;
 

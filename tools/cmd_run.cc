@@ -261,11 +261,10 @@ CommandMain AddRunCommand(CLI::App& app) {
   sub->add_option("--dv", o->dv, "backward: write dL/dV, shape and dtype of V");
   sub->add_flag("--causal", o->causal,
                 "causal mask (bottom-right aligned when Sq != Sk); linear: the default");
-  CLI::Option* window_option =
-      sub->add_option("--window", o->window,
-                      "sliding window LEFT,RIGHT (-1 = unbounded); -1,0 equals --causal. "
-                      "Linear: W, the exact softmax window added to the linear part (based: "
-                      "default 64, else 0 = off)");
+  sub->add_option("--window", o->window,
+                  "sliding window LEFT,RIGHT (-1 = unbounded); -1,0 equals --causal. "
+                  "Linear: W, the exact softmax window added to the linear part (based: "
+                  "default 64, else 0 = off)");
   o->mask_option =
       sub->add_option("--mask", o->mask,
                       "programmable mask, e.g. nbhd2d:16x16:5x5, sink:4:256, block:M.npy:64x64, "
@@ -329,14 +328,9 @@ CommandMain AddRunCommand(CLI::App& app) {
   linear_option(sub->add_option("--dgates", l.dgates,
                                 "gla backward: write dL/dgates, float32 [B, S, Hq, Dk]"));
   sub->footer(MaskSpecHelp());
-  return [o, window_option, normalize_option, normalize_value] {
+  return [o, normalize_option, normalize_value] {
     RunOptions& r = *o;
     r.linear.text.normalize = normalize_option->count() > 0 ? (*normalize_value ? 1 : 0) : -1;
-    if (r.op == "linear" && window_option->count() > 0 && r.window.empty()) {
-      return Fail("run",
-                  "--window: expected the exact window's length W >= 0 in keys (0 = off) "
-                  "with --op linear, got ''");
-    }
     return RunDispatch(r);
   };
 }

@@ -7,9 +7,8 @@
 //   tessera info  [--json]
 //
 // Exit codes: 0 success, 2 any error (message on stderr). stdout carries only results.
-#include <iostream>
-
 #include <CLI/CLI.hpp>
+#include <iostream>
 
 #include "cli_common.h"
 #include "tessera/version.h"
@@ -37,7 +36,12 @@ int main(int argc, char** argv) {
     return code == 0 ? tessera::cli::kExitOk : tessera::cli::kExitError;
   }
   for (const auto& command : commands) {
-    if (app.got_subcommand(command.name)) return command.main();
+    if (!app.got_subcommand(command.name)) continue;
+    std::string error;
+    if (!tessera::cli::RefuseEmptyValues(*app.get_subcommand(command.name), &error)) {
+      return tessera::cli::Fail(command.name, error);
+    }
+    return command.main();
   }
   return tessera::cli::kExitError;  // unreachable: require_subcommand(1)
 }
