@@ -96,8 +96,13 @@ int SetUpBench(const BenchOptions& o, double flop_factor, BenchSetup* s) {
     return Fail(cmd, "--kv-heads: expected a divisor of --heads " + std::to_string(o.heads) +
                          ", got " + std::to_string(s->kv_heads));
   }
-  if (o.threads < 0 || o.warmup < 0 || o.reps < 0) {
-    return Fail(cmd, "expected --threads, --warmup and --reps >= 0");
+  if (!CheckThreads(o.threads, &error)) return Fail(cmd, error);
+  if (o.warmup < 0 || o.reps < 0) return Fail(cmd, "expected --warmup and --reps >= 0");
+  if (!TensorElements("the queries [B, Sq, Hq, D]", {o.batch, o.seq, o.heads, o.dim}, &s->q_elems,
+                      &error) ||
+      !TensorElements("the keys [B, Sk, Hkv, D]", {o.batch, s->seq_k, s->kv_heads, o.dim},
+                      &s->kv_elems, &error)) {
+    return Fail(cmd, error);
   }
   s->run_tessera = !o.baseline_only;
   s->run_naive = o.baseline_only || o.vs == "naive";
@@ -108,8 +113,6 @@ int SetUpBench(const BenchOptions& o, double flop_factor, BenchSetup* s) {
   // Probe the peak first, while no other work competes for the cores.
   s->peak = MeasureFmaPeakGflops(s->threads, kPeakProbeSeconds);
   s->flops = flop_factor * ForwardFlops(o, s->seq_k, o.causal);
-  s->q_elems = o.batch * o.seq * o.heads * o.dim;
-  s->kv_elems = o.batch * s->seq_k * s->kv_heads * o.dim;
 
   Json& result = s->result;
   result["op"] = o.op;

@@ -203,10 +203,15 @@ int BenchDecode(const BenchOptions& o) {
     return Fail(cmd, "--split-tokens: expected >= 0 (0 = the default), got " +
                          std::to_string(o.split_tokens));
   }
-  if (o.threads < 0 || o.warmup < 0 || o.reps < 0) {
-    return Fail(cmd, "expected --threads, --warmup and --reps >= 0");
+  if (!CheckThreads(o.threads, &error)) return Fail(cmd, error);
+  if (o.warmup < 0 || o.reps < 0) return Fail(cmd, "expected --warmup and --reps >= 0");
+  int64_t q_elems = 0, cache_elems = 0;
+  if (!TensorElements("the queries [B, Q, Hq, D]", {o.batch, o.queries, o.heads, o.dim}, &q_elems,
+                      &error)) {
+    return Fail(cmd, error);
   }
   DecodeCache dc;
+  int64_t max_len = 0;
   if (!o.lens.empty()) {
     if (!ParseLens(o.lens, &dc.lens, &error)) return Fail(cmd, error);
     if (static_cast<int64_t>(dc.lens.size()) != o.batch) {
@@ -214,13 +219,18 @@ int BenchDecode(const BenchOptions& o) {
                            " lengths (one per sequence of --batch), got " +
                            std::to_string(dc.lens.size()));
     }
+    max_len = *std::max_element(dc.lens.begin(), dc.lens.end());
   } else {
-    const int64_t seq_k = o.seq_k < 0 ? o.seq : o.seq_k;
-    if (seq_k < 1 || seq_k > std::numeric_limits<int32_t>::max()) {
-      return Fail(cmd, "--seq-k: expected a cache length >= 1, got " + std::to_string(seq_k));
+    max_len = o.seq_k < 0 ? o.seq : o.seq_k;
+    if (max_len < 1 || max_len > std::numeric_limits<int32_t>::max()) {
+      return Fail(cmd, "--seq-k: expected a cache length >= 1, got " + std::to_string(max_len));
     }
-    dc.lens.assign(static_cast<size_t>(o.batch), static_cast<int32_t>(seq_k));
   }
+  if (!TensorElements("the cache [B, Sk, Hkv, D]", {o.batch, max_len, kv_heads, o.dim},
+                      &cache_elems, &error)) {
+    return Fail(cmd, error);
+  }
+  if (o.lens.empty()) dc.lens.assign(static_cast<size_t>(o.batch), static_cast<int32_t>(max_len));
   ctx.num_threads = o.threads;
   const int32_t threads = ResolveThreads(ctx);
   const bool run_tessera = !o.baseline_only;
@@ -239,7 +249,6 @@ int BenchDecode(const BenchOptions& o) {
   const double bytes = tokens * static_cast<double>(kv_heads) * 2.0 *
                        static_cast<double>(KVRowBytes(kv_dtype, D) + (quantized ? 8 : 0));
   const double flops = 4.0 * static_cast<double>(Q * H * D) * tokens;
-  const int64_t q_elems = o.batch * Q * H * D;
 
   Json result;
   result["op"] = o.op;

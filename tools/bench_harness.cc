@@ -14,6 +14,26 @@ double Median(std::vector<double> v) {
   return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
 }
 
+bool TensorElements(const std::string& what, const std::vector<int64_t>& dims, int64_t* n,
+                    std::string* error) {
+  int64_t bound = 1;  // the product with zeros as ones, which bounds every partial product
+  for (int64_t d : dims) {
+    const int64_t factor = std::max<int64_t>(d, 1);
+    if (bound > kMaxElements / factor) {
+      std::string text;
+      for (int64_t e : dims) text += (text.empty() ? "" : ", ") + std::to_string(e);
+      *error = "expected tensors that fit in memory; " + what + " = [" + text +
+               "] is too large (more than 2^56 elements)";
+      return false;
+    }
+    bound *= factor;
+  }
+  int64_t product = 1;
+  for (int64_t d : dims) product *= d;
+  *n = product;
+  return true;
+}
+
 void FillRandom(void* dst, DType dtype, int64_t n, uint64_t seed) {
   Random rng(seed);
   switch (dtype) {

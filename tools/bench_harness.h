@@ -148,6 +148,16 @@ class Random {
   uint64_t state_;
 };
 
+// Tensors the benchmarks allocate hold at most this many elements, so that their byte counts
+// (and the FLOP counts' integer products) stay far from overflowing.
+constexpr int64_t kMaxElements = int64_t{1} << 56;
+
+// *n = the product of `dims` (each >= 0), the element count of the tensor `what` names with its
+// layout ("the queries [B, Sq, Hq, D]"); false with *error when the dims, zeros counted as ones,
+// multiply past kMaxElements.
+bool TensorElements(const std::string& what, const std::vector<int64_t>& dims, int64_t* n,
+                    std::string* error);
+
 // Fills n elements of `dtype` at dst with Random(seed) values rounded to the dtype.
 void FillRandom(void* dst, DType dtype, int64_t n, uint64_t seed);
 

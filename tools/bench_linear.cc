@@ -121,13 +121,25 @@ int BenchLinear(const BenchOptions& o) {
     return Fail(cmd, "--kv-heads: expected a divisor of --heads " + std::to_string(o.heads) +
                          ", got " + std::to_string(kv_heads));
   }
-  if (o.threads < 0 || o.warmup < 0 || o.reps < 0) {
-    return Fail(cmd, "expected --threads, --warmup and --reps >= 0");
-  }
+  if (!CheckThreads(o.threads, &error)) return Fail(cmd, error);
+  if (o.warmup < 0 || o.reps < 0) return Fail(cmd, "expected --warmup and --reps >= 0");
   const int64_t B = o.batch, N = o.seq, H = o.heads;
   const int64_t Dk = based ? (o.feature_dim > 0 ? o.feature_dim : kBasedFeatureDim) : o.dim;
   const int64_t Dv = o.dim_v > 0 ? o.dim_v : o.dim;
+  // k and v have at most q's and out's elements (Hkv <= Hq); the Taylor map has Dk^2 features.
+  int64_t q_elems = 0, out_elems = 0, unused = 0;
+  if (!TensorElements("the queries [B, N, Hq, Dk]", {B, N, H, Dk}, &q_elems, &error) ||
+      !TensorElements("the output [B, N, Hq, Dv]", {B, N, H, Dv}, &out_elems, &error) ||
+      (choice.feature_map == LinearFeatureMap::kTaylor2 &&
+       !TensorElements("the Taylor features [Dk, Dk]", {Dk, Dk}, &unused, &error)) ||
+      (o.vs == "exact" && !TensorElements("the exact baseline's queries [B, N, Hq, D]",
+                                          {B, N, H, o.dim}, &unused, &error))) {
+    return Fail(cmd, error);
+  }
   const int64_t F = LinearFeatureDim(choice.feature_map, Dk);
+  if (!TensorElements("the state [B, Hq, F, Dv]", {B, H, F, Dv}, &unused, &error)) {
+    return Fail(cmd, error);
+  }
   ctx.num_threads = o.threads;
   const int32_t threads = ResolveThreads(ctx);
   const bool causal = !o.non_causal;
@@ -171,8 +183,7 @@ int BenchLinear(const BenchOptions& o) {
   result["flops"] = flops;
   result["peak_gflops"] = peak;
 
-  const int64_t q_elems = B * N * H * Dk, k_elems = B * N * kv_heads * Dk;
-  const int64_t v_elems = B * N * kv_heads * Dv, out_elems = B * N * H * Dv;
+  const int64_t k_elems = B * N * kv_heads * Dk, v_elems = B * N * kv_heads * Dv;
   AlignedBytes q = NormalBuffer(dtype, q_elems, o.seed);
   AlignedBytes k = NormalBuffer(dtype, k_elems, o.seed + 1);
   AlignedBytes v = NormalBuffer(dtype, v_elems, o.seed + 2);

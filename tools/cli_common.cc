@@ -3,12 +3,15 @@
 #include <sys/resource.h>
 
 #include <CLI/CLI.hpp>
+#include <algorithm>
 #include <cctype>
 #include <cerrno>
 #include <cmath>
 #include <cstdlib>
 #include <iostream>
 #include <limits>
+
+#include "tessera/system.h"
 
 namespace tessera {
 namespace cli {
@@ -64,6 +67,25 @@ bool ParseWindow(const std::string& text, int64_t* left, int64_t* right, std::st
   }
   *left = l;
   *right = r;
+  return true;
+}
+
+int32_t MaxThreads() {
+  return static_cast<int32_t>(std::min<int64_t>(
+      kMaxThreads, int64_t{kMaxThreadsPerHardwareThread} * std::max(HardwareThreads(), 1)));
+}
+
+bool CheckThreads(int32_t threads, std::string* error) {
+  if (threads < 0) {
+    *error = "--threads: expected >= 0 (0 = all), got " + std::to_string(threads);
+    return false;
+  }
+  if (threads > MaxThreads()) {
+    *error = "--threads: expected at most " + std::to_string(MaxThreads()) + " (" +
+             std::to_string(kMaxThreadsPerHardwareThread) + " per hardware thread, up to " +
+             std::to_string(kMaxThreads) + "; 0 = all), got " + std::to_string(threads);
+    return false;
+  }
   return true;
 }
 

@@ -43,6 +43,15 @@ CommandMain AddInfoCommand(CLI::App& app);
 // Parses "L,R" (each an integer >= -1) into *left, *right; false with *error set otherwise.
 bool ParseWindow(const std::string& text, int64_t* left, int64_t* right, std::string* error);
 
+// Most worker threads --threads takes: kMaxThreadsPerHardwareThread per hardware thread, and
+// never more than kMaxThreads (a typo such as 100000 would exhaust the process's threads).
+constexpr int32_t kMaxThreads = 4096;
+constexpr int32_t kMaxThreadsPerHardwareThread = 64;
+int32_t MaxThreads();
+
+// Checks --threads: 0 (all hardware threads) .. MaxThreads(); false with *error otherwise.
+bool CheckThreads(int32_t threads, std::string* error);
+
 // Parses "auto", "reference", "generic" or "fast".
 bool ParsePath(const std::string& text, Path* path, std::string* error);
 

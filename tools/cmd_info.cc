@@ -21,9 +21,8 @@ struct InfoOptions {
 };
 
 int InfoMain(const InfoOptions& o) {
-  if (o.threads < 0) {
-    return Fail("info", "--threads: expected >= 0 (0 = all), got " + std::to_string(o.threads));
-  }
+  std::string error;
+  if (!CheckThreads(o.threads, &error)) return Fail("info", error);
   Context ctx;
   ctx.num_threads = o.threads;
   const int32_t hw = HardwareThreads();

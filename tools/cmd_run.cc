@@ -51,8 +51,7 @@ int RunMain(const RunOptions& o) {
   AttentionParams params;
   Context ctx;
   ctx.num_threads = o.threads;
-  if (o.threads < 0)
-    return Fail(cmd, "--threads: expected >= 0 (0 = all), got " + std::to_string(o.threads));
+  if (!CheckThreads(o.threads, &error)) return Fail(cmd, error);
   if (!ParsePath(o.path, &ctx.path, &error)) return Fail(cmd, error);
   if (!o.window.empty() &&
       !ParseWindow(o.window, &params.window_left, &params.window_right, &error)) {

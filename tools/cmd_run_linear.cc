@@ -75,8 +75,7 @@ int RunLinear(const LinearRunOptions& o) {
   std::string error;
   Context ctx;
   ctx.num_threads = o.threads;
-  if (o.threads < 0)
-    return Fail(kCmd, "--threads: expected >= 0 (0 = all), got " + std::to_string(o.threads));
+  if (!CheckThreads(o.threads, &error)) return Fail(kCmd, error);
   if (!ParsePath(o.path, &ctx.path, &error)) return Fail(kCmd, error);
 
   LinearChoice choice;
