@@ -54,6 +54,7 @@ struct BenchOptions {
   int warmup = 1;
   int reps = 0;  // 0: automatic
   std::string path = "auto";
+  std::string target = "auto";
   uint64_t seed = 42;
   std::string mask;       // forward / backward only
   bool has_mask = false;  // --mask given (even empty, which is an error)

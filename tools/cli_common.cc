@@ -89,6 +89,20 @@ bool CheckThreads(int32_t threads, std::string* error) {
   return true;
 }
 
+bool ApplySimdTarget(const std::string& name, std::string* error) {
+  const Status status = SetSimdTarget(name);
+  if (status.ok()) return true;
+  *error = "--target: " + status.ToString();
+  return false;
+}
+
+std::string SimdTargetHelp() {
+  std::string names;
+  for (const std::string& name : CompiledSimdTargets()) names += name + ", ";
+  return "force a SIMD target: one of " + names +
+         "or auto (the best this CPU runs; `tessera info` lists them)";
+}
+
 bool ParsePath(const std::string& text, Path* path, std::string* error) {
   for (Path p : {Path::kAuto, Path::kReference, Path::kGeneric, Path::kFast}) {
     if (text == PathName(p)) {

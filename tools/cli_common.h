@@ -52,6 +52,13 @@ int32_t MaxThreads();
 // Checks --threads: 0 (all hardware threads) .. MaxThreads(); false with *error otherwise.
 bool CheckThreads(int32_t threads, std::string* error);
 
+// --target NAME: forces the SIMD target every later tessera call runs (SetSimdTarget, process
+// wide); "auto" keeps dynamic dispatch. False with *error (naming --target and the choices) for
+// a target this build did not compile or this CPU cannot run.
+bool ApplySimdTarget(const std::string& name, std::string* error);
+// The --target option's help text, listing the compiled targets.
+std::string SimdTargetHelp();
+
 // Parses "auto", "reference", "generic" or "fast".
 bool ParsePath(const std::string& text, Path* path, std::string* error);
 

@@ -53,6 +53,8 @@ int BenchMain(const BenchOptions& o) {
                                "': not implemented yet in this build (supported: " + supported +
                                ")");
     }
+    std::string error;
+    if (!ApplySimdTarget(o.target, &error)) return Fail("bench", error);
     return op.main(o);
   }
   return Fail("bench", "unknown op '" + o.op + "' (supported: " + supported + ")");
@@ -125,6 +127,9 @@ CommandMain AddBenchCommand(CLI::App& app) {
   sub->add_option("--seed", o->seed, "random seed")->capture_default_str();
   sub->add_option("--path", o->path, "force a kernel path: auto|reference|generic|fast")
       ->group("");  // hidden: for kernel developers
+  sub->add_option("--target", o->target,
+                  SimdTargetHelp() + "; the peak is measured on it too (simd_target in --json)")
+      ->capture_default_str();
 
   const std::string group = "Linear attention (--op linear)";
   const auto linear_option = [&](CLI::Option* opt) {

@@ -19,6 +19,7 @@
 #include "npy.h"
 #include "output_files.h"
 #include "tessera/attention.h"
+#include "tessera/system.h"
 #include "visible_pairs.h"
 
 namespace tessera {
@@ -36,6 +37,7 @@ struct RunOptions {
   double scale = 0.0;  // only used when --scale is given
   int32_t threads = 0;
   std::string path = "auto";
+  std::string target = "auto";
   bool verbose = false;
   CLI::Option* scale_option = nullptr;
   CLI::Option* mask_option = nullptr;  // --mask '' is an error, not "no mask"
@@ -187,8 +189,9 @@ int RunMain(const RunOptions& o) {
   if (!PublishNpy(input_files, files, &error)) return Fail(cmd, error);
   if (o.verbose) {
     std::cerr << "tessera run: q " << ShapeToString(q.shape) << " k " << ShapeToString(k.shape)
-              << " " << DTypeName(q.dtype) << ", path " << PathName(ctx.path) << ", threads "
-              << ResolveThreads(ctx) << ": " << std::fixed << std::setprecision(3) << ms << " ms";
+              << " " << DTypeName(q.dtype) << ", path " << PathName(ctx.path) << ", target "
+              << SimdTargetName() << ", threads " << ResolveThreads(ctx) << ": " << std::fixed
+              << std::setprecision(3) << ms << " ms";
     if (backward) std::cerr << " forward + " << backward_ms << " ms backward";
     std::cerr << ", peak RSS " << std::setprecision(1) << PeakRssMiB() << " MiB\n";
     if (!mask.empty()) {
@@ -217,6 +220,8 @@ int RunDispatch(RunOptions& o) {
                       (linear ? "--op exact (the default), not with --op linear" : "--op linear"));
     }
   }
+  std::string error;
+  if (!ApplySimdTarget(o.target, &error)) return Fail("run", error);
   if (!linear) return RunMain(o);
   LinearRunOptions& l = o.linear;
   l.q = o.q;
@@ -278,6 +283,7 @@ CommandMain AddRunCommand(CLI::App& app) {
   sub->add_option("--threads", o->threads, "worker threads (0 = all)");
   sub->add_option("--path", o->path, "force a kernel path: auto|reference|generic|fast")
       ->group("");  // hidden: for tests and benchmarks
+  sub->add_option("--target", o->target, SimdTargetHelp())->capture_default_str();
   sub->add_flag("--verbose,-v", o->verbose,
                 "print timing and peak memory (and the mask's density) to stderr");
 

@@ -10,14 +10,22 @@ class InfoTest(unittest.TestCase):
         rc, out, err = run_cli("info")
         self.assertEqual(rc, 0, err)
         self.assertIn("simd target", out)
+        self.assertIn("compiled targets", out)
+        self.assertIn("supported targets", out)
         self.assertIn("read bandwidth", out)
         self.assertIn("GB/s", out)
         rc, out, err = run_cli("info", "--json", "--threads", 1)
         self.assertEqual(rc, 0, err)
         r = json.loads(out)
-        for key in ("version", "simd_target", "hardware_threads", "threads", "peak_gflops_1t",
-                    "peak_gflops_all", "peak_gbps_1t", "peak_gbps_all", "peak_gbps"):
+        for key in ("version", "simd_target", "simd_targets_compiled", "simd_targets_supported",
+                    "hardware_threads", "threads", "peak_gflops_1t", "peak_gflops_all",
+                    "peak_gbps_1t", "peak_gbps_all", "peak_gbps"):
             self.assertIn(key, r)
+        # Dispatch picks the best target the CPU supports, among the ones the build compiled.
+        supported = r["simd_targets_supported"]
+        self.assertTrue(supported)
+        self.assertTrue(set(supported) <= set(r["simd_targets_compiled"]))
+        self.assertEqual(r["simd_target"].lower(), supported[0])
         self.assertEqual(r["threads"], 1)
         self.assertGreaterEqual(r["hardware_threads"], 1)
         self.assertGreater(r["peak_gflops_1t"], 1)
