@@ -2,19 +2,26 @@
 
 #include <sys/resource.h>
 
+#include <CLI/CLI.hpp>
+#include <algorithm>
+#include <cctype>
 #include <cerrno>
 #include <cmath>
 #include <cstdlib>
 #include <iostream>
 #include <limits>
 
+#include "tessera/system.h"
+
 namespace tessera {
 namespace cli {
 namespace {
 
-// Strict integer parse: the whole string, base 10, within int64.
+// Strict integer parse: the whole string, base 10, within int64; no sign but '-', no spaces.
 bool ParseInt64(const std::string& text, int64_t* value) {
-  if (text.empty()) return false;
+  if (text.empty() || !(text[0] == '-' || std::isdigit(static_cast<unsigned char>(text[0])))) {
+    return false;
+  }
   errno = 0;
   char* end = nullptr;
   const long long v = std::strtoll(text.c_str(), &end, 10);
@@ -28,6 +35,22 @@ bool ParseInt64(const std::string& text, int64_t* value) {
 int Fail(const std::string& command, const std::string& message) {
   std::cerr << "tessera " << command << ": " << message << "\n";
   return kExitError;
+}
+
+bool RefuseEmptyValues(const CLI::App& command, std::string* error) {
+  for (const CLI::Option* opt : command.get_options()) {
+    if (opt->get_type_size() == 0) continue;  // a flag: no value
+    for (const std::string& value : opt->results()) {
+      if (value.empty()) {
+        // get_name() is empty for a hidden option (--path): its long name instead.
+        const std::string name =
+            opt->get_lnames().empty() ? opt->get_name() : "--" + opt->get_lnames()[0];
+        *error = name + ": expected a value, got ''";
+        return false;
+      }
+    }
+  }
+  return true;
 }
 
 bool ParseWindow(const std::string& text, int64_t* left, int64_t* right, std::string* error) {
@@ -45,6 +68,39 @@ bool ParseWindow(const std::string& text, int64_t* left, int64_t* right, std::st
   *left = l;
   *right = r;
   return true;
+}
+
+int32_t MaxThreads() {
+  return static_cast<int32_t>(std::min<int64_t>(
+      kMaxThreads, int64_t{kMaxThreadsPerHardwareThread} * std::max(HardwareThreads(), 1)));
+}
+
+bool CheckThreads(int32_t threads, std::string* error) {
+  if (threads < 0) {
+    *error = "--threads: expected >= 0 (0 = all), got " + std::to_string(threads);
+    return false;
+  }
+  if (threads > MaxThreads()) {
+    *error = "--threads: expected at most " + std::to_string(MaxThreads()) + " (" +
+             std::to_string(kMaxThreadsPerHardwareThread) + " per hardware thread, up to " +
+             std::to_string(kMaxThreads) + "; 0 = all), got " + std::to_string(threads);
+    return false;
+  }
+  return true;
+}
+
+bool ApplySimdTarget(const std::string& name, std::string* error) {
+  const Status status = SetSimdTarget(name);
+  if (status.ok()) return true;
+  *error = "--target: " + status.ToString();
+  return false;
+}
+
+std::string SimdTargetHelp() {
+  std::string names;
+  for (const std::string& name : CompiledSimdTargets()) names += name + ", ";
+  return "force a SIMD target: one of " + names +
+         "or auto (the best this CPU runs; `tessera info` lists them)";
 }
 
 bool ParsePath(const std::string& text, Path* path, std::string* error) {
@@ -240,8 +296,12 @@ bool ParseDecay(const std::string& text, std::vector<float>* lambdas, std::strin
         text.substr(start, comma == std::string::npos ? std::string::npos : comma - start);
     errno = 0;
     char* end = nullptr;
-    const double x = item.empty() ? 0.0 : std::strtod(item.c_str(), &end);
-    if (item.empty() || errno != 0 || end != item.c_str() + item.size() || !std::isfinite(x)) {
+    // strtod alone would skip leading spaces and take hexadecimal: a decimal number only.
+    const bool decimal = !item.empty() &&
+                         item.find_first_not_of("0123456789.eE+-") == std::string::npos &&
+                         item[0] != '+';
+    const double x = decimal ? std::strtod(item.c_str(), &end) : 0.0;
+    if (!decimal || errno != 0 || end != item.c_str() + item.size() || !std::isfinite(x)) {
       *error =
           "--decay: expected comma-separated decay rates 'L1,L2,...' in (0, 1], got '" + text + "'";
       return false;

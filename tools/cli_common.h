@@ -28,6 +28,10 @@ constexpr int kExitError = 2;  // bad arguments, unreadable files, tessera error
 // Prints "tessera <command>: <message>" to stderr and returns kExitError.
 int Fail(const std::string& command, const std::string& message);
 
+// False with *error naming the option when an option of `command` was given an empty value
+// ("--window ''"), which would otherwise read as "not given" or as 0.
+bool RefuseEmptyValues(const CLI::App& command, std::string* error);
+
 // A subcommand's entry point, run after parsing when that subcommand was selected.
 using CommandMain = std::function<int()>;
 
@@ -38,6 +42,22 @@ CommandMain AddInfoCommand(CLI::App& app);
 
 // Parses "L,R" (each an integer >= -1) into *left, *right; false with *error set otherwise.
 bool ParseWindow(const std::string& text, int64_t* left, int64_t* right, std::string* error);
+
+// Most worker threads --threads takes: kMaxThreadsPerHardwareThread per hardware thread, and
+// never more than kMaxThreads (a typo such as 100000 would exhaust the process's threads).
+constexpr int32_t kMaxThreads = 4096;
+constexpr int32_t kMaxThreadsPerHardwareThread = 64;
+int32_t MaxThreads();
+
+// Checks --threads: 0 (all hardware threads) .. MaxThreads(); false with *error otherwise.
+bool CheckThreads(int32_t threads, std::string* error);
+
+// --target NAME: forces the SIMD target every later tessera call runs (SetSimdTarget, process
+// wide); "auto" keeps dynamic dispatch. False with *error (naming --target and the choices) for
+// a target this build did not compile or this CPU cannot run.
+bool ApplySimdTarget(const std::string& name, std::string* error);
+// The --target option's help text, listing the compiled targets.
+std::string SimdTargetHelp();
 
 // Parses "auto", "reference", "generic" or "fast".
 bool ParsePath(const std::string& text, Path* path, std::string* error);

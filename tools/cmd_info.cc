@@ -1,4 +1,5 @@
-// `tessera info`: version, the SIMD target dynamic dispatch picks, threads, and the measured
+// `tessera info`: version, the SIMD target dynamic dispatch picks (and the targets this build
+// compiled and this CPU supports, the choices of --target), threads, and the measured
 // fp32 FMA peak and memory read bandwidth on one thread and on all hardware threads (and on the
 // threads a call would use, `peak_gbps`, the ceiling `tessera bench --op decode` reports against).
 #include <CLI/CLI.hpp>
@@ -6,6 +7,8 @@
 #include <iostream>
 #include <memory>
 #include <nlohmann/json.hpp>
+#include <string>
+#include <vector>
 
 #include "cli_common.h"
 #include "tessera/system.h"
@@ -21,9 +24,8 @@ struct InfoOptions {
 };
 
 int InfoMain(const InfoOptions& o) {
-  if (o.threads < 0) {
-    return Fail("info", "--threads: expected >= 0 (0 = all), got " + std::to_string(o.threads));
-  }
+  std::string error;
+  if (!CheckThreads(o.threads, &error)) return Fail("info", error);
   Context ctx;
   ctx.num_threads = o.threads;
   const int32_t hw = HardwareThreads();
@@ -39,6 +41,8 @@ int InfoMain(const InfoOptions& o) {
     nlohmann::ordered_json j;
     j["version"] = Version();
     j["simd_target"] = SimdTargetName();
+    j["simd_targets_compiled"] = CompiledSimdTargets();
+    j["simd_targets_supported"] = SupportedSimdTargets();
     j["hardware_threads"] = hw;
     j["threads"] = used;
     j["peak_gflops_1t"] = peak1;
@@ -51,6 +55,13 @@ int InfoMain(const InfoOptions& o) {
   }
   std::printf("tessera %s\n", Version());
   std::printf("simd target        %s\n", SimdTargetName().c_str());
+  const auto print_targets = [](const char* label, const std::vector<std::string>& names) {
+    std::string line;
+    for (const std::string& name : names) line += (line.empty() ? "" : " ") + name;
+    std::printf("%-19s%s\n", label, line.c_str());
+  };
+  print_targets("compiled targets", CompiledSimdTargets());
+  print_targets("supported targets", SupportedSimdTargets());
   std::printf("hardware threads   %d\n", hw);
   std::printf("threads used       %d\n", used);
   std::printf("fp32 FMA peak      %.1f GFLOP/s (1 thread), %.1f GFLOP/s (%d threads)\n", peak1,
@@ -67,7 +78,7 @@ int InfoMain(const InfoOptions& o) {
 CommandMain AddInfoCommand(CLI::App& app) {
   auto o = std::make_shared<InfoOptions>();
   CLI::App* sub = app.add_subcommand(
-      "info", "Version, SIMD target, threads, measured FMA peak and read bandwidth");
+      "info", "Version, SIMD targets, threads, measured FMA peak and read bandwidth");
   sub->add_option("--threads", o->threads, "threads a call would use (0 = all)");
   sub->add_flag("--json", o->json, "print one JSON object on stdout");
   return [o] { return InfoMain(*o); };

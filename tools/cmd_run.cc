@@ -1,5 +1,5 @@
 // `tessera run`: exact attention forward on .npy inputs and, with --dout, its backward; with
-// --op linear, linear attention instead (run_linear.cc).
+// --op linear, linear attention instead (cmd_run_linear.cc).
 //
 // Inputs are read straight into buffers of their own dtype and handed to AttentionForward (and
 // AttentionBackward) as views, so peak memory is inputs + outputs + the kernels' scratch;
@@ -9,16 +9,17 @@
 #include <chrono>
 #include <iomanip>
 #include <iostream>
-#include <iterator>
 #include <memory>
 #include <string>
 #include <vector>
 
 #include "cli_common.h"
+#include "cmd_run_linear.h"
 #include "mask_spec.h"
 #include "npy.h"
-#include "run_linear.h"
+#include "output_files.h"
 #include "tessera/attention.h"
+#include "tessera/system.h"
 #include "visible_pairs.h"
 
 namespace tessera {
@@ -36,6 +37,7 @@ struct RunOptions {
   double scale = 0.0;  // only used when --scale is given
   int32_t threads = 0;
   std::string path = "auto";
+  std::string target = "auto";
   bool verbose = false;
   CLI::Option* scale_option = nullptr;
   CLI::Option* mask_option = nullptr;  // --mask '' is an error, not "no mask"
@@ -51,8 +53,7 @@ int RunMain(const RunOptions& o) {
   AttentionParams params;
   Context ctx;
   ctx.num_threads = o.threads;
-  if (o.threads < 0)
-    return Fail(cmd, "--threads: expected >= 0 (0 = all), got " + std::to_string(o.threads));
+  if (!CheckThreads(o.threads, &error)) return Fail(cmd, error);
   if (!ParsePath(o.path, &ctx.path, &error)) return Fail(cmd, error);
   if (!o.window.empty() &&
       !ParseWindow(o.window, &params.window_left, &params.window_right, &error)) {
@@ -70,21 +71,12 @@ int RunMain(const RunOptions& o) {
     return Fail(cmd, error);
   }
 
-  // Each output goes to a temporary name first; two outputs on one path would clobber each other.
-  const struct {
-    const char* flag;
-    const std::string& file;
-  } output_flags[] = {
+  // Every destination is checked before any work (output_files.h) and again when publishing.
+  const std::vector<FileArg> input_files = {
+      {"--q", o.q}, {"--k", o.k}, {"--v", o.v}, {"--dout", o.dout}, {"--alibi", o.alibi}};
+  const std::vector<FileArg> output_files = {
       {"--out", o.out}, {"--lse", o.lse}, {"--dq", o.dq}, {"--dk", o.dk}, {"--dv", o.dv}};
-  for (size_t i = 0; i < std::size(output_flags); ++i) {
-    for (size_t j = 0; j < i; ++j) {
-      if (!output_flags[i].file.empty() && output_flags[i].file == output_flags[j].file) {
-        return Fail(cmd, std::string(output_flags[j].flag) + " and " + output_flags[i].flag +
-                             ": expected different files, got '" + output_flags[i].file +
-                             "' for both");
-      }
-    }
-  }
+  if (!CheckOutputs(input_files, output_files, &error)) return Fail(cmd, error);
 
   NpyArray q, k, v, dout, alibi;
   const struct {
@@ -186,20 +178,20 @@ int RunMain(const RunOptions& o) {
     if (!status.ok()) return Fail(cmd, status.ToString());
   }
 
-  // Written only once every output is complete, so a failure (say, an unwritable --lse path)
-  // leaves no partial or mismatched files behind.
-  std::vector<NpyOutput> files = {{o.out, &out}};
-  if (!o.lse.empty()) files.push_back({o.lse, &lse});
+  // Written only once every output is complete, all of them or none (output_files.h).
+  std::vector<NpyOutput> files = {{"--out", o.out, &out}};
+  if (!o.lse.empty()) files.push_back({"--lse", o.lse, &lse});
   if (backward) {
-    files.push_back({o.dq, &dq});
-    files.push_back({o.dk, &dk});
-    files.push_back({o.dv, &dv});
+    files.push_back({"--dq", o.dq, &dq});
+    files.push_back({"--dk", o.dk, &dk});
+    files.push_back({"--dv", o.dv, &dv});
   }
-  if (!SaveNpyAll(files, &error)) return Fail(cmd, error);
+  if (!PublishNpy(input_files, files, &error)) return Fail(cmd, error);
   if (o.verbose) {
     std::cerr << "tessera run: q " << ShapeToString(q.shape) << " k " << ShapeToString(k.shape)
-              << " " << DTypeName(q.dtype) << ", path " << PathName(ctx.path) << ", threads "
-              << ResolveThreads(ctx) << ": " << std::fixed << std::setprecision(3) << ms << " ms";
+              << " " << DTypeName(q.dtype) << ", path " << PathName(ctx.path) << ", target "
+              << SimdTargetName() << ", threads " << ResolveThreads(ctx) << ": " << std::fixed
+              << std::setprecision(3) << ms << " ms";
     if (backward) std::cerr << " forward + " << backward_ms << " ms backward";
     std::cerr << ", peak RSS " << std::setprecision(1) << PeakRssMiB() << " MiB\n";
     if (!mask.empty()) {
@@ -228,6 +220,8 @@ int RunDispatch(RunOptions& o) {
                       (linear ? "--op exact (the default), not with --op linear" : "--op linear"));
     }
   }
+  std::string error;
+  if (!ApplySimdTarget(o.target, &error)) return Fail("run", error);
   if (!linear) return RunMain(o);
   LinearRunOptions& l = o.linear;
   l.q = o.q;
@@ -271,11 +265,10 @@ CommandMain AddRunCommand(CLI::App& app) {
   sub->add_option("--dv", o->dv, "backward: write dL/dV, shape and dtype of V");
   sub->add_flag("--causal", o->causal,
                 "causal mask (bottom-right aligned when Sq != Sk); linear: the default");
-  CLI::Option* window_option =
-      sub->add_option("--window", o->window,
-                      "sliding window LEFT,RIGHT (-1 = unbounded); -1,0 equals --causal. "
-                      "Linear: W, the exact softmax window added to the linear part (based: "
-                      "default 64, else 0 = off)");
+  sub->add_option("--window", o->window,
+                  "sliding window LEFT,RIGHT (-1 = unbounded); -1,0 equals --causal. "
+                  "Linear: W, the exact softmax window added to the linear part (based: "
+                  "default 64, else 0 = off)");
   o->mask_option =
       sub->add_option("--mask", o->mask,
                       "programmable mask, e.g. nbhd2d:16x16:5x5, sink:4:256, block:M.npy:64x64, "
@@ -290,6 +283,7 @@ CommandMain AddRunCommand(CLI::App& app) {
   sub->add_option("--threads", o->threads, "worker threads (0 = all)");
   sub->add_option("--path", o->path, "force a kernel path: auto|reference|generic|fast")
       ->group("");  // hidden: for tests and benchmarks
+  sub->add_option("--target", o->target, SimdTargetHelp())->capture_default_str();
   sub->add_flag("--verbose,-v", o->verbose,
                 "print timing and peak memory (and the mask's density) to stderr");
 
@@ -339,14 +333,9 @@ CommandMain AddRunCommand(CLI::App& app) {
   linear_option(sub->add_option("--dgates", l.dgates,
                                 "gla backward: write dL/dgates, float32 [B, S, Hq, Dk]"));
   sub->footer(MaskSpecHelp());
-  return [o, window_option, normalize_option, normalize_value] {
+  return [o, normalize_option, normalize_value] {
     RunOptions& r = *o;
     r.linear.text.normalize = normalize_option->count() > 0 ? (*normalize_value ? 1 : 0) : -1;
-    if (r.op == "linear" && window_option->count() > 0 && r.window.empty()) {
-      return Fail("run",
-                  "--window: expected the exact window's length W >= 0 in keys (0 = off) "
-                  "with --op linear, got ''");
-    }
     return RunDispatch(r);
   };
 }

@@ -4,8 +4,6 @@
 // raw elements.
 #include "npy.h"
 
-#include <unistd.h>
-
 #include <algorithm>
 #include <cerrno>
 #include <cstdio>
@@ -402,15 +400,12 @@ bool ParseNpy(const void* bytes, size_t size, const std::vector<DType>& accepted
   return true;
 }
 
-bool SaveNpy(const std::string& path, DType dtype, const std::vector<int64_t>& shape,
-             const void* data, std::string* error) {
-  auto fail = [&](const std::string& what) {
-    *error = path + ": " + what;
-    return false;
-  };
+bool NpyHeader(DType dtype, const std::vector<int64_t>& shape, std::string* head,
+               std::string* error) {
   const char* descr = DescrFromDType(dtype);
   if (descr == nullptr) {
-    return fail(std::string("cannot write dtype ") + DTypeName(dtype) + " to .npy");
+    *error = std::string("cannot write dtype ") + DTypeName(dtype) + " to .npy";
+    return false;
   }
   std::string header = std::string("{'descr': '") + descr +
                        "', 'fortran_order': False, 'shape': " + ShapeToString(shape) + ", }";
@@ -425,16 +420,27 @@ bool SaveNpy(const std::string& path, DType dtype, const std::vector<int64_t>& s
   header.push_back('\n');
   const uint32_t hlen = static_cast<uint32_t>(header.size());
 
-  std::string head(kMagic, kMagicLen);
-  head.push_back(static_cast<char>(v2 ? 2 : 1));
-  head.push_back(0);
-  head.push_back(static_cast<char>(hlen & 0xff));
-  head.push_back(static_cast<char>((hlen >> 8) & 0xff));
+  *head = std::string(kMagic, kMagicLen);
+  head->push_back(static_cast<char>(v2 ? 2 : 1));
+  head->push_back(0);
+  head->push_back(static_cast<char>(hlen & 0xff));
+  head->push_back(static_cast<char>((hlen >> 8) & 0xff));
   if (v2) {
-    head.push_back(static_cast<char>((hlen >> 16) & 0xff));
-    head.push_back(static_cast<char>((hlen >> 24) & 0xff));
+    head->push_back(static_cast<char>((hlen >> 16) & 0xff));
+    head->push_back(static_cast<char>((hlen >> 24) & 0xff));
   }
-  head += header;
+  *head += header;
+  return true;
+}
+
+bool SaveNpy(const std::string& path, DType dtype, const std::vector<int64_t>& shape,
+             const void* data, std::string* error) {
+  auto fail = [&](const std::string& what) {
+    *error = path + ": " + what;
+    return false;
+  };
+  std::string head, err;
+  if (!NpyHeader(dtype, shape, &head, &err)) return fail(err);
 
   int64_t numel = 1;
   for (int64_t d : shape) numel *= d;
@@ -448,29 +454,6 @@ bool SaveNpy(const std::string& path, DType dtype, const std::vector<int64_t>& s
   }
   std::FILE* raw = file.release();
   if (std::fclose(raw) != 0) return fail(std::string("write failed: ") + std::strerror(errno));
-  return true;
-}
-
-bool SaveNpyAll(const std::vector<NpyOutput>& outputs, std::string* error) {
-  const std::string suffix = ".tmp." + std::to_string(static_cast<long>(getpid()));
-  for (size_t i = 0; i < outputs.size(); ++i) {
-    const NpyOutput& o = outputs[i];
-    const std::string tmp = o.path + suffix;
-    if (!SaveNpy(tmp, o.array->dtype, o.array->shape, o.array->data.get(), error)) {
-      for (size_t j = 0; j <= i; ++j) std::remove((outputs[j].path + suffix).c_str());
-      // Name the user's path, not the temporary one.
-      if (error->compare(0, tmp.size(), tmp) == 0) error->replace(0, tmp.size(), o.path);
-      return false;
-    }
-  }
-  for (const NpyOutput& o : outputs) {
-    if (std::rename((o.path + suffix).c_str(), o.path.c_str()) != 0) {
-      const std::string why = std::strerror(errno);
-      for (const NpyOutput& r : outputs) std::remove((r.path + suffix).c_str());
-      *error = o.path + ": cannot write: " + why;
-      return false;
-    }
-  }
   return true;
 }
 

@@ -51,21 +51,16 @@ bool LoadNpy(const std::string& path, const std::vector<DType>& accepted, NpyArr
 bool ParseNpy(const void* bytes, size_t size, const std::vector<DType>& accepted, NpyArray* array,
               std::string* error);
 
+// The bytes a .npy file of `dtype` and `shape` starts with (magic, version, header length and
+// the header dict, padded so the payload that follows starts on a 64-byte boundary); false
+// with *error for a dtype NumPy lacks (bf16).
+bool NpyHeader(DType dtype, const std::vector<int64_t>& shape, std::string* head,
+               std::string* error);
+
 // Writes `numel(shape)` elements of `dtype` from `data` as a C-order .npy file (version 1.0, or
 // 2.0 when the header needs it). bf16 has no NumPy dtype and is rejected.
 bool SaveNpy(const std::string& path, DType dtype, const std::vector<int64_t>& shape,
              const void* data, std::string* error);
-
-// One output of a command: a path and the array to write there.
-struct NpyOutput {
-  std::string path;
-  const NpyArray* array;
-};
-
-// Writes every output to a temporary name next to its path first and renames them into place
-// only when all of them are complete, so a failure (an unwritable path, a full disk) leaves no
-// partial or mismatched set of outputs behind. The error names the user's path.
-bool SaveNpyAll(const std::vector<NpyOutput>& outputs, std::string* error);
 
 // "(2, 3)"-style shape string, as NumPy prints it.
 std::string ShapeToString(const std::vector<int64_t>& shape);

@@ -7,14 +7,20 @@
 //   tessera info  [--json]
 //
 // Exit codes: 0 success, 2 any error (message on stderr). stdout carries only results.
-#include <iostream>
-
 #include <CLI/CLI.hpp>
+#include <exception>
+#include <iostream>
+#include <new>
+#include <stdexcept>
+#include <string>
 
 #include "cli_common.h"
 #include "tessera/version.h"
 
-int main(int argc, char** argv) {
+namespace {
+
+// The command line: parses and runs the selected subcommand; *running names it once known.
+int Main(int argc, char** argv, std::string* running) {
   using tessera::cli::CommandMain;
   CLI::App app("tessera " + std::string(tessera::Version()) + ": fast exact attention on CPUs",
                "tessera");
@@ -37,7 +43,37 @@ int main(int argc, char** argv) {
     return code == 0 ? tessera::cli::kExitOk : tessera::cli::kExitError;
   }
   for (const auto& command : commands) {
-    if (app.got_subcommand(command.name)) return command.main();
+    if (!app.got_subcommand(command.name)) continue;
+    *running = command.name;
+    std::string error;
+    if (!tessera::cli::RefuseEmptyValues(*app.get_subcommand(command.name), &error)) {
+      return tessera::cli::Fail(command.name, error);
+    }
+    return command.main();
   }
   return tessera::cli::kExitError;  // unreachable: require_subcommand(1)
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  // Whatever escapes a command (an allocation the sizes did not rule out, a library throwing)
+  // ends the process with a message and the error exit code, not an abort.
+  std::string running;
+  const auto fail = [&](const std::string& message) {
+    std::cerr << "tessera" << (running.empty() ? "" : " " + running) << ": " << message << "\n";
+    return tessera::cli::kExitError;
+  };
+  try {
+    return Main(argc, argv, &running);
+  } catch (const std::bad_alloc& e) {
+    return fail(std::string("cannot allocate memory (") + e.what() +
+                "); expected a problem that fits in memory");
+  } catch (const std::length_error& e) {
+    return fail(std::string("cannot allocate memory: a size is too large (") + e.what() + ")");
+  } catch (const std::exception& e) {
+    return fail(std::string("unexpected error: ") + e.what());
+  } catch (...) {
+    return fail("unexpected error");
+  }
 }

@@ -6,18 +6,18 @@
 // with normalize on and a window of 64 keys unless told otherwise. Like the exact run, inputs are
 // read in their own dtype and handed over as views, every flag is checked before any work (the
 // ones only the CLI knows about here, the rest by the library), and outputs are written only when
-// the whole call succeeded (SaveNpyAll).
-#include "run_linear.h"
+// the whole call succeeded, all of them or none (output_files.h).
+#include "cmd_run_linear.h"
 
 #include <chrono>
 #include <iomanip>
 #include <iostream>
-#include <iterator>
 #include <string>
 #include <utility>
 #include <vector>
 
 #include "npy.h"
+#include "output_files.h"
 #include "tessera/linear.h"
 
 namespace tessera {
@@ -75,8 +75,7 @@ int RunLinear(const LinearRunOptions& o) {
   std::string error;
   Context ctx;
   ctx.num_threads = o.threads;
-  if (o.threads < 0)
-    return Fail(kCmd, "--threads: expected >= 0 (0 = all), got " + std::to_string(o.threads));
+  if (!CheckThreads(o.threads, &error)) return Fail(kCmd, error);
   if (!ParsePath(o.path, &ctx.path, &error)) return Fail(kCmd, error);
 
   LinearChoice choice;
@@ -204,23 +203,22 @@ int RunLinear(const LinearRunOptions& o) {
     }
   }
 
-  // Two outputs on one path would clobber each other.
-  const Flag output_flags[] = {{"--out", o.out},
-                               {"--dq", o.dq},
-                               {"--dk", o.dk},
-                               {"--dv", o.dv},
-                               {"--dgates", o.dgates},
-                               {"--state-out", o.state_out},
-                               {"--normalizer-out", o.normalizer_out}};
-  for (size_t i = 0; i < std::size(output_flags); ++i) {
-    for (size_t j = 0; j < i; ++j) {
-      if (!output_flags[i].file.empty() && output_flags[i].file == output_flags[j].file) {
-        return Fail(kCmd, std::string(output_flags[j].flag) + " and " + output_flags[i].flag +
-                              ": expected different files, got '" + output_flags[i].file +
-                              "' for both");
-      }
-    }
-  }
+  // Every destination is checked before any work (output_files.h) and again when publishing.
+  const std::vector<FileArg> input_files = {{"--q", o.q},
+                                            {"--k", o.k},
+                                            {"--v", o.v},
+                                            {"--dout", o.dout},
+                                            {"--gates", o.gates},
+                                            {"--state-in", o.state_in},
+                                            {"--normalizer-in", o.normalizer_in}};
+  const std::vector<FileArg> output_files = {{"--out", o.out},
+                                             {"--dq", o.dq},
+                                             {"--dk", o.dk},
+                                             {"--dv", o.dv},
+                                             {"--dgates", o.dgates},
+                                             {"--state-out", o.state_out},
+                                             {"--normalizer-out", o.normalizer_out}};
+  if (!CheckOutputs(input_files, output_files, &error)) return Fail(kCmd, error);
 
   // Inputs, in their own dtype (f32 or f16; the library checks that they agree).
   const std::vector<DType> floats = {DType::kF32, DType::kF16};
@@ -335,16 +333,17 @@ int RunLinear(const LinearRunOptions& o) {
     if (!status.ok()) return Fail(kCmd, LinearStatusMessage(status));
   }
 
-  std::vector<NpyOutput> outputs = {{o.out, &out}};
+  std::vector<NpyOutput> outputs = {{"--out", o.out, &out}};
   if (backward) {
-    outputs.push_back({o.dq, &dq});
-    outputs.push_back({o.dk, &dk});
-    outputs.push_back({o.dv, &dv});
+    outputs.push_back({"--dq", o.dq, &dq});
+    outputs.push_back({"--dk", o.dk, &dk});
+    outputs.push_back({"--dv", o.dv, &dv});
   }
-  if (dgates.data) outputs.push_back({o.dgates, &dgates});
-  if (state_out.data) outputs.push_back({o.state_out, &state_out});
-  if (normalizer_out.data) outputs.push_back({o.normalizer_out, &normalizer_out});
-  if (!SaveNpyAll(outputs, &error)) return Fail(kCmd, error);
+  if (dgates.data) outputs.push_back({"--dgates", o.dgates, &dgates});
+  if (state_out.data) outputs.push_back({"--state-out", o.state_out, &state_out});
+  if (normalizer_out.data)
+    outputs.push_back({"--normalizer-out", o.normalizer_out, &normalizer_out});
+  if (!PublishNpy(input_files, outputs, &error)) return Fail(kCmd, error);
 
   if (o.verbose) {
     std::cerr << "tessera run: linear " << variant_name << " ("

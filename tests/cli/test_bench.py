@@ -1,0 +1,103 @@
+"""`tessera bench --op forward|backward`: the JSON and table reports, baselines, errors."""
+import json
+import unittest
+
+from cli_util import BENCH_KEYS, run_cli
+
+
+VS_KEYS = ["baseline", "baseline_ms", "baseline_gflops", "speedup", "max_abs_diff"]
+
+
+class BenchTest(unittest.TestCase):
+    def bench_json(self, *args, op="forward", heads=2, kv_heads=1):
+        rc, out, err = run_cli("bench", "--op", op, "--batch", 1, "--heads", heads,
+                               "--kv-heads", kv_heads, "--seq", 48, "--dim", 32, "--reps", 3,
+                               "--threads", 1, "--json", *args)
+        self.assertEqual(rc, 0, err)
+        return json.loads(out)  # exactly one JSON object: json.loads rejects trailing text
+
+    def test_bench_json_vs_naive(self):
+        r = self.bench_json("--vs", "naive", "--seq-k", 40)
+        for key in BENCH_KEYS + VS_KEYS:
+            self.assertIn(key, r)
+        self.assertEqual((r["op"], r["dtype"], r["batch"], r["heads"], r["kv_heads"]),
+                         ("forward", "f32", 1, 2, 1))
+        self.assertEqual((r["seq_q"], r["seq_k"], r["dim"], r["causal"], r["threads"]),
+                         (48, 40, 32, False, 1))
+        self.assertGreater(r["ms"], 0)
+        self.assertGreater(r["baseline_ms"], 0)
+        self.assertGreater(r["peak_gflops"], 1)
+        self.assertAlmostEqual(r["gflops"], 4 * 2 * 48 * 40 * 32 / (r["ms"] * 1e-3) * 1e-9,
+                               delta=1e-6 * r["gflops"])
+        self.assertAlmostEqual(r["frac_peak"], r["gflops"] / r["peak_gflops"], places=9)
+        self.assertGreater(r["frac_peak"], 0)
+        self.assertLess(r["frac_peak"], 1.5)
+        self.assertGreater(r["peak_rss_mb"], 1)
+        self.assertLess(r["peak_rss_mb"], 1024)
+        self.assertLess(r["max_abs_diff"], 1e-5)
+        self.assertAlmostEqual(r["speedup"], r["baseline_ms"] / r["ms"], places=9)
+        self.assertTrue(r["simd_target"])
+
+    def test_bench_causal_f16(self):
+        r = self.bench_json("--causal", "--dtype", "f16", "--vs", "naive")
+        self.assertEqual((r["dtype"], r["causal"]), ("f16", True))
+        # Causal with Sq == Sk counts half the pairs.
+        self.assertAlmostEqual(r["flops"], 2 * 2 * 48 * 48 * 32, places=3)
+        self.assertLess(r["max_abs_diff"], 2e-3)  # the output is rounded to f16
+
+    def test_bench_baseline_only(self):
+        r = self.bench_json("--baseline-only")
+        self.assertTrue(r["baseline_only"])
+        self.assertNotIn("ms", r)
+        self.assertGreater(r["baseline_ms"], 0)
+        self.assertGreater(r["baseline_peak_rss_mb"], 1)
+
+    def test_bench_backward_json_vs_naive(self):
+        r = self.bench_json("--vs", "naive", "--seq-k", 40, op="backward")
+        for key in BENCH_KEYS + VS_KEYS + ["forward_ms", "baseline_forward_ms"]:
+            self.assertIn(key, r)
+        self.assertEqual((r["op"], r["dtype"], r["heads"], r["kv_heads"], r["seq_q"], r["seq_k"]),
+                         ("backward", "f32", 2, 1, 48, 40))
+        # 2.5x the forward's 4 * H * Sq * Sk * D.
+        self.assertAlmostEqual(r["flops"], 2.5 * 4 * 2 * 48 * 40 * 32, places=3)
+        self.assertGreater(r["ms"], 0)
+        self.assertGreater(r["baseline_ms"], 0)
+        self.assertAlmostEqual(r["gflops"], r["flops"] / (r["ms"] * 1e-3) * 1e-9,
+                               delta=1e-6 * r["gflops"])
+        self.assertAlmostEqual(r["frac_peak"], r["gflops"] / r["peak_gflops"], places=9)
+        self.assertGreater(r["peak_rss_mb"], 1)
+        self.assertLess(r["peak_rss_mb"], 1024)
+        self.assertLess(r["max_abs_diff"], 1e-5)  # over dq, dk and dv
+        self.assertAlmostEqual(r["speedup"], r["baseline_ms"] / r["ms"], places=9)
+
+    def test_bench_backward_causal_gqa_f16_reference_path(self):
+        r = self.bench_json("--causal", "--dtype", "f16", "--vs", "naive", "--path", "reference",
+                            op="backward", heads=4, kv_heads=2)
+        self.assertEqual((r["dtype"], r["causal"], r["path"]), ("f16", True, "reference"))
+        self.assertAlmostEqual(r["flops"], 2.5 * 2 * 4 * 48 * 48 * 32, places=3)
+        self.assertLess(r["max_abs_diff"], 5e-3)  # the gradients are rounded to f16
+
+    def test_bench_backward_baseline_only(self):
+        r = self.bench_json("--baseline-only", "--causal", op="backward")
+        self.assertTrue(r["baseline_only"])
+        self.assertNotIn("ms", r)
+        self.assertGreater(r["baseline_ms"], 0)
+        self.assertGreater(r["baseline_peak_rss_mb"], 1)
+
+    def test_bench_human_output(self):
+        rc, out, err = run_cli("bench", "--seq", 32, "--heads", 1, "--dim", 16, "--reps", 3,
+                               "--threads", 1, "--vs", "naive")
+        self.assertEqual(rc, 0, err)
+        self.assertIn("tessera", out)
+        self.assertIn("naive-openblas", out)
+        self.assertIn("speedup", out)
+
+    def test_bench_errors(self):
+        for args, needle in ((["--op", "nonsense"], "unknown op"),
+                             (["--heads", 3, "--kv-heads", 2], "--kv-heads"),
+                             (["--dtype", "f64"], "--dtype"),
+                             (["--vs", "ggml"], "--vs")):
+            rc, out, err = run_cli("bench", "--seq", 16, "--dim", 8, *args)
+            self.assertEqual(rc, 2, "%s: %s" % (args, err))
+            self.assertIn(needle, err)
+            self.assertEqual(out, "")

@@ -1,0 +1,423 @@
+"""`tessera run --op linear`: each variant against the fp64 recurrent reference, state
+files, the backward and bad inputs.
+"""
+import math
+import os
+import random
+
+from cli_util import CliTestBase, random_values, read_npy, round_to, run_cli, write_npy
+from reference import linear_feature_dim, linear_reference
+
+
+# The tiny shape of the linear tests: B, S, Hq, Hkv, Dk, Dv (BASED: Dk = 4, so F = 21).
+LINEAR_SHAPE = (1, 37, 2, 2, 8, 8)
+BASED_SHAPE = (1, 37, 2, 2, 4, 4)
+
+
+def gate_values(n, seed):
+    """Log-space gates in [-0.5, -0.01], rounded to f32."""
+    rng = random.Random(seed)
+    return round_to([-rng.uniform(0.01, 0.5) for _ in range(n)], "<f4")
+
+
+class LinearTestBase(CliTestBase):
+    def make_linear(self, shape=LINEAR_SHAPE, descr="<f4", seed=21, tag=""):
+        B, S, Hq, Hkv, Dk, Dv = shape
+        q = random_values(B * S * Hq * Dk, seed, descr)
+        k = random_values(B * S * Hkv * Dk, seed + 1, descr)
+        v = random_values(B * S * Hkv * Dv, seed + 2, descr)
+        write_npy(self.path("q%s.npy" % tag), (B, S, Hq, Dk), q, descr)
+        write_npy(self.path("k%s.npy" % tag), (B, S, Hkv, Dk), k, descr)
+        write_npy(self.path("v%s.npy" % tag), (B, S, Hkv, Dv), v, descr)
+        return q, k, v
+
+    def make_gates(self, shape=LINEAR_SHAPE, seed=31, name="g.npy"):
+        B, S, Hq, _, Dk, _ = shape
+        g = gate_values(B * S * Hq * Dk, seed)
+        write_npy(self.path(name), (B, S, Hq, Dk), g)
+        return g
+
+    def linear_args(self, out="o.npy", tag=""):
+        return ["--op", "linear", "--q", self.path("q%s.npy" % tag),
+                "--k", self.path("k%s.npy" % tag), "--v", self.path("v%s.npy" % tag),
+                "--out", self.path(out)]
+
+    def run_linear(self, *args, out="o.npy", tag=""):
+        self.assert_ok(*run_cli("run", *self.linear_args(out, tag), *args))
+        descr, fortran, shape, values, _ = read_npy(self.path(out))
+        self.assertFalse(fortran)
+        return descr, shape, values
+
+    def check_linear(self, args, shape=LINEAR_SHAPE, rtol=1e-4, forms=("chunked", "recurrent"),
+                     **options):
+        """Runs each form (default chunk and --chunk 16 for the chunked one) against the
+        reference; returns the reference output."""
+        B, S, Hq, Hkv, Dk, Dv = shape
+        q, k, v = self.make_linear(shape)
+        if "gates" in options and options["gates"] is True:
+            options["gates"] = self.make_gates(shape)
+            args = list(args) + ["--gates", self.path("g.npy")]
+        want, _, _ = linear_reference(q, k, v, B, S, Hq, Hkv, Dk, Dv, **options)
+        runs = []
+        for form in forms:
+            runs.append(("--form", form))
+            if form == "chunked":
+                runs.append(("--form", form, "--chunk", "16"))
+        for extra in runs:
+            descr, got_shape, got = self.run_linear(*args, *extra)
+            self.assertEqual((descr, got_shape), ("<f4", (B, S, Hq, Dv)), extra)
+            self.assert_close_rel(got, want, rtol, " ".join(map(str, list(args) + list(extra))))
+        return want
+
+
+class LinearRunTest(LinearTestBase):
+    def test_plain(self):
+        self.check_linear(["--variant", "plain", "--threads", 2])
+
+    def test_default_variant_is_plain_and_causal(self):
+        self.check_linear(["--causal"], forms=("chunked",))
+
+    def test_gqa(self):
+        self.check_linear(["--variant", "plain"], shape=(1, 37, 2, 1, 8, 8))
+
+    def test_value_dim_differs(self):
+        self.check_linear(["--variant", "plain"], shape=(2, 37, 2, 1, 8, 5))
+
+    def test_feature_maps_and_normalize(self):
+        # elu1 keeps every feature positive, so the normalizer is well away from 0.
+        self.check_linear(["--feature-map", "elu1", "--normalize"], fmap="elu1", normalize=True)
+        self.check_linear(["--feature-map", "relu"], fmap="relu")
+        self.check_linear(["--feature-map", "taylor2", "--scale", "0.5"], shape=BASED_SHAPE,
+                          fmap="taylor2", scale=0.5)
+
+    def test_scale(self):
+        self.check_linear(["--scale", "0.25"], scale=0.25)
+
+    def test_non_causal(self):
+        self.check_linear(["--non-causal"], causal=False)
+        self.check_linear(["--non-causal", "--feature-map", "elu1", "--normalize"], causal=False,
+                          fmap="elu1", normalize=True)
+
+    def test_prefix(self):
+        self.check_linear(["--prefix", 10], prefix=10)
+        self.check_linear(["--prefix", 37], prefix=37, forms=("chunked",))
+
+    def test_decay_per_head_and_broadcast(self):
+        self.check_linear(["--variant", "decay", "--decay", "0.9,0.6"], decay=[0.9, 0.6])
+        self.check_linear(["--variant", "decay", "--decay", "0.95"], decay=[0.95, 0.95])
+        # Rates are f32: 0.97 is read as the float nearest it, within the tolerance here.
+        self.check_linear(["--variant", "decay", "--decay", "0.97,1", "--feature-map", "elu1",
+                           "--normalize"], decay=[0.97, 1.0], fmap="elu1", normalize=True)
+
+    def test_gla(self):
+        self.check_linear(["--variant", "gla"], gates=True)
+        self.check_linear(["--variant", "gla", "--normalize"], shape=(1, 37, 2, 1, 8, 8),
+                          gates=True, normalize=True)
+
+    def test_based(self):
+        # Taylor map, normalized, window 64 (> S: every earlier key) by default.
+        self.check_linear(["--variant", "based"], shape=BASED_SHAPE, fmap="taylor2",
+                          normalize=True, window=64)
+        self.check_linear(["--variant", "based", "--window", 8], shape=BASED_SHAPE,
+                          fmap="taylor2", normalize=True, window=8)
+        self.check_linear(["--variant", "based", "--window", 0, "--no-normalize"],
+                          shape=BASED_SHAPE, fmap="taylor2")
+        self.check_linear(["--variant", "based", "--window", 5], shape=(1, 37, 2, 1, 4, 6),
+                          fmap="taylor2", normalize=True, window=5)
+
+    def test_window_with_other_variants(self):
+        self.check_linear(["--variant", "decay", "--decay", "0.8", "--window", 4],
+                          decay=[0.8, 0.8], window=4)
+
+    def test_f16_inputs(self):
+        B, S, Hq, Hkv, Dk, Dv = LINEAR_SHAPE
+        q, k, v = self.make_linear(descr="<f2")
+        descr, shape, got = self.run_linear("--feature-map", "elu1", "--normalize")
+        self.assertEqual((descr, shape), ("<f2", (B, S, Hq, Dv)))
+        want, _, _ = linear_reference(q, k, v, B, S, Hq, Hkv, Dk, Dv, fmap="elu1", normalize=True)
+        self.assert_close_rel(got, want, 2e-3, "f16 out")  # rounded to f16 (2^-11 relative)
+
+    def test_recurrent_equals_chunked(self):
+        q, k, v = self.make_linear()
+        g = self.make_gates()
+        for args in (["--variant", "plain"], ["--variant", "decay", "--decay", "0.9,0.8"],
+                     ["--variant", "gla", "--gates", self.path("g.npy")],
+                     ["--feature-map", "elu1", "--normalize", "--prefix", 20]):
+            _, _, chunked = self.run_linear(*args, "--chunk", 16, out="c.npy")
+            _, _, recurrent = self.run_linear(*args, "--form", "recurrent", out="r.npy")
+            self.assert_close_rel(recurrent, chunked, 1e-5, " ".join(map(str, args)))
+
+    def test_verbose(self):
+        self.make_linear()
+        rc, out, err = run_cli("run", *self.linear_args(), "--variant", "decay", "--decay", "0.9",
+                               "--verbose")
+        self.assert_ok(rc, out, err)
+        for needle in ("linear decay", "ms", "peak RSS"):
+            self.assertIn(needle, err)
+
+
+class LinearStateTest(LinearTestBase):
+    """--state-out of a run over tokens [0, P) then --state-in for [P, S) equals one run."""
+    SPLIT = 20
+
+    def split_inputs(self, shape, q, k, v, g=None):
+        B, S, Hq, Hkv, Dk, Dv = shape
+        assert B == 1  # the layout's first token dim is then contiguous
+        P = self.SPLIT
+        for tag, lo, hi in (("1", 0, P), ("2", P, S)):
+            n = hi - lo
+            write_npy(self.path("q%s.npy" % tag), (B, n, Hq, Dk), q[lo * Hq * Dk:hi * Hq * Dk])
+            write_npy(self.path("k%s.npy" % tag), (B, n, Hkv, Dk), k[lo * Hkv * Dk:hi * Hkv * Dk])
+            write_npy(self.path("v%s.npy" % tag), (B, n, Hkv, Dv), v[lo * Hkv * Dv:hi * Hkv * Dv])
+            if g is not None:
+                write_npy(self.path("g%s.npy" % tag), (B, n, Hq, Dk), g[lo * Hq * Dk:hi * Hq * Dk])
+
+    def check_continuation(self, args, shape=LINEAR_SHAPE, gla=False, **options):
+        B, S, Hq, Hkv, Dk, Dv = shape
+        F = linear_feature_dim(options.get("fmap", "identity"), Dk)
+        q, k, v = self.make_linear(shape)
+        g = self.make_gates(shape) if gla else None
+        self.split_inputs(shape, q, k, v, g)
+        normalize = options.get("normalize", False)
+        for form in ("chunked", "recurrent"):
+            with self.subTest(args=args, form=form):
+                common = list(args) + ["--form", form, "--chunk", 16]
+                state = lambda name, tag: ["--state-%s" % name, self.path("s%s.npy" % tag)] + (
+                    ["--normalizer-%s" % name, self.path("z%s.npy" % tag)] if normalize else [])
+                gates = lambda tag: ["--gates", self.path("g%s.npy" % tag)] if gla else []
+                _, _, full = self.run_linear(*common, *gates(""), *state("out", "_full"),
+                                             out="full.npy")
+                _, _, first = self.run_linear(*common, *gates("1"), *state("out", "1"),
+                                              out="o1.npy", tag="1")
+                _, _, second = self.run_linear(*common, *gates("2"), *state("in", "1"),
+                                               *state("out", "2"), out="o2.npy", tag="2")
+                self.assert_close_rel(first + second, full, 1e-5, "continued vs one run")
+                want, want_state, want_norm = linear_reference(
+                    q, k, v, B, S, Hq, Hkv, Dk, Dv, gates=g, **options)
+                self.assert_close_rel(full, want, 1e-4, "one run vs reference")
+                for tag in ("_full", "2"):
+                    descr, _, sshape, svals, _ = read_npy(self.path("s%s.npy" % tag))
+                    self.assertEqual((descr, sshape), ("<f4", (B, Hq, F, Dv)))
+                    self.assert_close_rel(svals, want_state, 1e-4, "final state " + tag)
+                    if normalize:
+                        descr, _, zshape, zvals, _ = read_npy(self.path("z%s.npy" % tag))
+                        self.assertEqual((descr, zshape), ("<f4", (B, Hq, F)))
+                        self.assert_close_rel(zvals, want_norm, 1e-4, "final normalizer " + tag)
+
+    def test_plain(self):
+        self.check_continuation(["--variant", "plain"])
+
+    def test_decay_gqa(self):
+        self.check_continuation(["--variant", "decay", "--decay", "0.9,0.7"],
+                                shape=(1, 37, 2, 1, 8, 8), decay=[0.9, 0.7])
+
+    def test_gla(self):
+        self.check_continuation(["--variant", "gla"], gla=True)
+
+    def test_based_normalized(self):
+        # The window part sees only the keys of its own call, so continuation needs --window 0.
+        self.check_continuation(["--variant", "based", "--window", 0], shape=BASED_SHAPE,
+                                fmap="taylor2", normalize=True)
+
+    def test_state_in_reference(self):
+        # An arbitrary initial state: the reference carries it through the decay.
+        B, S, Hq, Hkv, Dk, Dv = LINEAR_SHAPE
+        q, k, v = self.make_linear()
+        s0 = random_values(B * Hq * Dk * Dv, 41, "<f4")
+        write_npy(self.path("s0.npy"), (B, Hq, Dk, Dv), s0)
+        _, _, got = self.run_linear("--variant", "decay", "--decay", "0.9,0.8",
+                                    "--state-in", self.path("s0.npy"))
+        want, _, _ = linear_reference(q, k, v, B, S, Hq, Hkv, Dk, Dv, decay=[0.9, 0.8], state0=s0)
+        self.assert_close_rel(got, want, 1e-4, "out with an initial state")
+
+
+class LinearBackwardTest(LinearTestBase):
+    def make_dout(self, shape=LINEAR_SHAPE, seed=51):
+        B, S, Hq, _, _, Dv = shape
+        dout = random_values(B * S * Hq * Dv, seed, "<f4")
+        write_npy(self.path("do.npy"), (B, S, Hq, Dv), dout)
+        return dout
+
+    def grad_args(self):
+        return ["--dout", self.path("do.npy"), "--dq", self.path("dq.npy"),
+                "--dk", self.path("dk.npy"), "--dv", self.path("dv.npy")]
+
+    def check_gradients(self, args, shape=LINEAR_SHAPE, gla=False, samples=5, **options):
+        """Shapes, dtypes and finiteness of every gradient, and a central finite difference of
+        the fp64 reference's loss sum(out * dout) at a few elements of each."""
+        B, S, Hq, Hkv, Dk, Dv = shape
+        q, k, v = self.make_linear(shape)
+        dout = self.make_dout(shape)
+        inputs = {"q": q, "k": k, "v": v}
+        extra = []
+        if gla:
+            inputs["g"] = self.make_gates(shape)
+            extra = ["--gates", self.path("g.npy"), "--dgates", self.path("dg.npy")]
+        self.assert_ok(*run_cli("run", *self.linear_args(), *args, *extra, *self.grad_args()))
+        shapes = {"q": (B, S, Hq, Dk), "k": (B, S, Hkv, Dk), "v": (B, S, Hkv, Dv),
+                  "g": (B, S, Hq, Dk)}
+
+        def loss(values):
+            out, _, _ = linear_reference(values["q"], values["k"], values["v"], B, S, Hq, Hkv,
+                                         Dk, Dv, gates=values.get("g"), **options)
+            return sum(o * d for o, d in zip(out, dout))
+
+        rng = random.Random(7)
+        for name in inputs:
+            descr, fortran, gshape, grad, _ = read_npy(self.path("d%s.npy" % name))
+            self.assertEqual((descr, fortran, gshape), ("<f4", False, shapes[name]), name)
+            self.assertTrue(all(math.isfinite(x) for x in grad), "d%s not finite" % name)
+            scale = max(abs(x) for x in grad)
+            self.assertGreater(scale, 0.0, "d%s is all zero" % name)
+            for i in rng.sample(range(len(grad)), samples):
+                h = 1e-4
+                plus = dict(inputs)
+                minus = dict(inputs)
+                plus[name] = list(inputs[name])
+                minus[name] = list(inputs[name])
+                plus[name][i] += h
+                minus[name][i] -= h
+                fd = (loss(plus) - loss(minus)) / (2 * h)
+                self.assertLessEqual(abs(grad[i] - fd), 1e-3 * scale + 1e-6,
+                                     "d%s[%d]: tessera %r, finite difference %r" %
+                                     (name, i, grad[i], fd))
+
+    def test_plain(self):
+        self.check_gradients(["--variant", "plain"])
+
+    def test_plain_gqa_non_causal(self):
+        self.check_gradients(["--non-causal"], shape=(1, 37, 2, 1, 8, 8), causal=False)
+
+    def test_decay_normalized(self):
+        self.check_gradients(["--variant", "decay", "--decay", "0.9,0.7", "--feature-map", "elu1",
+                              "--normalize"], decay=[0.9, 0.7], fmap="elu1", normalize=True)
+
+    def test_gla_dgates(self):
+        self.check_gradients(["--variant", "gla", "--chunk", 16], gla=True, samples=4)
+
+    def test_based_without_window(self):
+        self.check_gradients(["--variant", "based", "--window", 0], shape=BASED_SHAPE,
+                             fmap="taylor2", normalize=True, samples=3)
+
+
+class LinearErrorTest(LinearTestBase):
+    def setUp(self):
+        super().setUp()
+        self.make_linear()
+        self.inputs = sorted(os.listdir(self.dir))
+
+    def check_error(self, args, *needles, extra_files=()):
+        rc, out, err = run_cli("run", *self.linear_args(), *args)
+        self.assert_error(rc, err, *needles)
+        self.assertEqual(out, "")
+        self.assertEqual(sorted(os.listdir(self.dir)), sorted(self.inputs + list(extra_files)),
+                         "nothing may be written on error (%s)" % (args,))
+
+    def test_variant_and_its_inputs(self):
+        self.check_error(["--variant", "mamba"], "--variant", "mamba")
+        self.check_error(["--variant", "decay"], "--decay")
+        self.check_error(["--decay", "0.9"], "--decay", "--variant decay")
+        self.check_error(["--variant", "gla"], "--gates")
+        self.make_gates()
+        self.check_error(["--variant", "plain", "--gates", self.path("g.npy")], "--gates",
+                         extra_files=["g.npy"])
+
+    def test_bad_decay(self):
+        for value in ("0.9,0.8,0.7", "1.5", "0", "x", "0.9,", "nan"):
+            with self.subTest(value=value):
+                self.check_error(["--variant", "decay", "--decay", value], "--decay")
+
+    def test_bad_gates(self):
+        B, S, Hq, _, Dk, _ = LINEAR_SHAPE
+        for shape, descr, values, needle in (
+                ((B, S, Hq, Dk + 1), "<f4", None, "(1, 37, 2, 8)"),
+                ((B, S - 1, Hq, Dk), "<f4", None, "[B, S, Hq, Dk]"),
+                ((S, Hq, Dk), "<f4", None, "rank-4"),
+                ((B, S, Hq, Dk), "<f2", None, "dtype"),
+                ((B, S, Hq, Dk), "<f4", 0.5, "<= 0")):
+            n = shape[0] * shape[1] * shape[2] * (shape[3] if len(shape) > 3 else 1)
+            fill = values if values is not None else -0.1
+            write_npy(self.path("g.npy"), shape, [fill] * n, descr)
+            with self.subTest(shape=shape, descr=descr):
+                self.check_error(["--variant", "gla", "--gates", self.path("g.npy")], "--gates",
+                                 needle, extra_files=["g.npy"])
+
+    def test_feature_map(self):
+        self.check_error(["--feature-map", "softmax"], "--feature-map", "softmax")
+        self.check_error(["--variant", "gla", "--feature-map", "relu"], "--feature-map")
+        self.check_error(["--variant", "based", "--feature-map", "elu1"], "--feature-map",
+                         "taylor2")
+
+    def test_integers_and_form(self):
+        for args, needle in ((["--chunk", 20], "--chunk"), (["--chunk", -16], "--chunk"),
+                             (["--chunk", "x"], "--chunk"), (["--prefix", 38], "--prefix"),
+                             (["--prefix", -1], "--prefix"), (["--window", "2,0"], "--window"),
+                             (["--window", -1], "--window"), (["--window="], "--window"),
+                             (["--form", "parallel"], "--form"), (["--threads", -1], "--threads"),
+                             (["--scale", "inf"], "--scale"), (["--path", "reference"], "--path")):
+            with self.subTest(args=args):
+                self.check_error(args, needle)
+
+    def test_causality(self):
+        self.check_error(["--causal", "--non-causal"], "--causal", "--non-causal")
+        self.check_error(["--variant", "based", "--non-causal"], "--non-causal", "--window 0")
+        self.check_error(["--variant", "decay", "--decay", "0.9", "--non-causal"],
+                         "--non-causal", "causal order")
+        self.check_error(["--variant", "gla", "--gates", self.path("q.npy"), "--prefix", 4],
+                         "--prefix", "causal order")
+        self.check_error(["--non-causal", "--state-out", self.path("s.npy")], "--state-out")
+
+    def test_state_files(self):
+        B, S, Hq, Hkv, Dk, Dv = LINEAR_SHAPE
+        write_npy(self.path("s.npy"), (B, Hq, Dk, Dv + 1), [0.0] * (B * Hq * Dk * (Dv + 1)))
+        write_npy(self.path("z.npy"), (B, Hq, Dk), [0.0] * (B * Hq * Dk))
+        files = ["s.npy", "z.npy"]
+        self.check_error(["--state-in", self.path("s.npy")], "--state-in", "(1, 2, 8, 8)",
+                         extra_files=files)
+        self.check_error(["--normalizer-in", self.path("z.npy")], "--normalizer-in",
+                         "--normalize", extra_files=files)
+        self.check_error(["--normalize", "--feature-map", "elu1", "--state-out",
+                          self.path("s2.npy")], "--normalizer-out", extra_files=files)
+        self.check_error(["--normalize", "--feature-map", "elu1", "--normalizer-in",
+                          self.path("z.npy")], "--state-in", extra_files=files)
+        self.check_error(["--state-out", self.path("o.npy")], "--out and --state-out",
+                         extra_files=files)
+        self.check_error(["--state-out", os.path.join(self.dir, "no_such_dir", "s.npy")],
+                         "no_such_dir", extra_files=files)
+
+    def test_backward(self):
+        B, S, Hq, Hkv, Dk, Dv = LINEAR_SHAPE
+        write_npy(self.path("do.npy"), (B, S, Hq, Dv), [0.5] * (B * S * Hq * Dv))
+        grads = ["--dout", self.path("do.npy"), "--dq", self.path("dq.npy"),
+                 "--dk", self.path("dk.npy"), "--dv", self.path("dv.npy")]
+        files = ["do.npy"]
+        self.check_error(grads[:4], "--dout, --dq, --dk and --dv together", extra_files=files)
+        self.check_error(["--dgates", self.path("dg.npy")], "--dgates", extra_files=files)
+        self.check_error(grads + ["--dgates", self.path("dg.npy")], "--dgates", "gla",
+                         extra_files=files)
+        self.check_error(grads + ["--variant", "based"], "--window 0", extra_files=files)
+        self.check_error(grads + ["--state-out", self.path("s.npy")], "--state-out",
+                         extra_files=files)
+        write_npy(self.path("do.npy"), (B, S, Hq, Dv + 1), [0.5] * (B * S * Hq * (Dv + 1)))
+        self.check_error(grads, "dout", extra_files=files)
+
+    def test_options_of_the_other_op(self):
+        for args in (["--lse", self.path("l.npy")], ["--mask", "sink:4:8"],
+                     ["--softcap", 5], ["--alibi", self.path("a.npy")]):
+            with self.subTest(args=args):
+                self.check_error(args, args[0], "--op exact")
+        rc, _, err = run_cli("run", "--q", self.path("q.npy"), "--k", self.path("k.npy"),
+                             "--v", self.path("v.npy"), "--out", self.path("o.npy"),
+                             "--variant", "gla")
+        self.assert_error(rc, err, "--variant", "--op linear")
+        rc, _, err = run_cli("run", "--op", "sparse", "--q", self.path("q.npy"), "--k",
+                             self.path("k.npy"), "--v", self.path("v.npy"), "--out",
+                             self.path("o.npy"))
+        self.assert_error(rc, err, "--op", "sparse")
+        self.assertEqual(sorted(os.listdir(self.dir)), self.inputs)
+
+    def test_help_lists_the_linear_options(self):
+        rc, out, _ = run_cli("run", "--help")
+        self.assertEqual(rc, 0)
+        for needle in ("--op", "--variant", "--decay", "--gates", "--state-in", "--form"):
+            self.assertIn(needle, out)
