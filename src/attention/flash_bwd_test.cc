@@ -23,6 +23,7 @@
 
 #include "attention/attention_problem.h"
 #include "attention_cases.h"
+#include "path_harness.h"
 #include "ref/attention_ref.h"
 #include "tessera/attention.h"
 #include "tessera/context.h"
@@ -187,23 +188,26 @@ void ExpectMatchesReference(const Spec& s, const Inputs& in, const Reference& re
   EXPECT_EQ(written, 0u) << "gradient elements of tokens outside every sequence were written";
 }
 
-// The main check: every path against the fp64 reference.
-void CheckAllPaths(const Spec& s, const Inputs& in) {
-  const Reference ref = ComputeReference(s, in);
-  for (Path path : PathsFor(s.dim)) {
-    SCOPED_TRACE(std::string("path ") + PathName(path));
-    Grads g;
-    const Status status = RunBackward(s, in, path, 0, &g);
-    ASSERT_TRUE(status.ok()) << status.ToString();
-    ExpectMatchesReference(s, in, ref, g);
+// The backward as an entry point of the shared harness (tests/path_harness.h).
+struct BackwardEntry {
+  using Reference = ::tessera::Reference;
+  using Result = Grads;
+  static Inputs MakeInputs(const Spec& s) { return MakeBackwardInputs(s); }
+  static Reference ComputeReference(const Spec& s, const Inputs& in) {
+    return ::tessera::ComputeReference(s, in);
   }
-}
+  static Status Run(const Spec& s, const Inputs& in, Path path, int32_t threads, Grads* g) {
+    return RunBackward(s, in, path, threads, g);
+  }
+  static void ExpectMatchesReference(const Spec& s, const Inputs& in, const Reference& ref,
+                                     const Grads& g) {
+    ::tessera::ExpectMatchesReference(s, in, ref, g);
+  }
+};
 
-void CheckAllPaths(const Spec& s) {
-  SCOPED_TRACE(test::Repro(s.Name()));
-  const Inputs in = MakeBackwardInputs(s);
-  CheckAllPaths(s, in);
-}
+// The main check: every path against the fp64 reference.
+void CheckAllPaths(const Spec& s, const Inputs& in) { test::CheckAllPaths<BackwardEntry>(s, in); }
+void CheckAllPaths(const Spec& s) { test::CheckAllPaths<BackwardEntry>(s); }
 
 // Every element of dq, dk and dv is finite (the failure names each gradient that is not).
 ::testing::AssertionResult AllFinite(const Grads& g) {

@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "attention_cases.h"
+#include "path_harness.h"
 #include "ref/attention_ref.h"
 #include "tessera/attention.h"
 #include "tessera/context.h"
@@ -139,23 +140,26 @@ void ExpectMatchesReference(const Spec& s, const Inputs& in, const Reference& re
   EXPECT_EQ(written, 0u) << "elements of tokens outside every sequence were written";
 }
 
-// The main check: every path against the fp64 reference.
-void CheckAllPaths(const Spec& s, const Inputs& in) {
-  const Reference ref = ComputeReference(s, in);
-  for (Path path : PathsFor(s.dim)) {
-    SCOPED_TRACE(std::string("path ") + PathName(path));
-    Outputs o;
-    const Status status = RunForward(s, in, path, 0, &o);
-    ASSERT_TRUE(status.ok()) << status.ToString();
-    ExpectMatchesReference(s, in, ref, o);
+// The forward as an entry point of the shared harness (tests/path_harness.h).
+struct ForwardEntry {
+  using Reference = ::tessera::Reference;
+  using Result = Outputs;
+  static Inputs MakeInputs(const Spec& s) { return test::MakeInputs(s); }
+  static Reference ComputeReference(const Spec& s, const Inputs& in) {
+    return ::tessera::ComputeReference(s, in);
   }
-}
+  static Status Run(const Spec& s, const Inputs& in, Path path, int32_t threads, Outputs* o) {
+    return RunForward(s, in, path, threads, o);
+  }
+  static void ExpectMatchesReference(const Spec& s, const Inputs& in, const Reference& ref,
+                                     const Outputs& o) {
+    ::tessera::ExpectMatchesReference(s, in, ref, o);
+  }
+};
 
-void CheckAllPaths(const Spec& s) {
-  SCOPED_TRACE(test::Repro(s.Name()));
-  const Inputs in = MakeInputs(s);
-  CheckAllPaths(s, in);
-}
+// The main check: every path against the fp64 reference.
+void CheckAllPaths(const Spec& s, const Inputs& in) { test::CheckAllPaths<ForwardEntry>(s, in); }
+void CheckAllPaths(const Spec& s) { test::CheckAllPaths<ForwardEntry>(s); }
 
 ::testing::AssertionResult SameBits(const Outputs& a, const Outputs& b, bool with_lse) {
   ::testing::AssertionResult r = a.out.BitwiseEqual(b.out);
