@@ -131,7 +131,7 @@ std::vector<double> ToDouble(const std::vector<float>& a) {
   return std::vector<double>(a.begin(), a.end());
 }
 
-// f32 ceiling of docs/RELIABILITY.md against the fp64 reference.
+// The f32 output ceiling (tests/tolerances.h) against the fp64 reference.
 void ExpectClose(const std::vector<float>& got, const std::vector<double>& want,
                  const std::string& what) {
   ASSERT_EQ(got.size(), want.size());
@@ -143,7 +143,7 @@ void ExpectClose(const std::vector<float>& got, const std::vector<double>& want,
   }
 }
 
-// Gradients under the mask against fp64 (f32 gradient ceiling of docs/RELIABILITY.md).
+// Gradients under the mask against fp64 (the f32 gradient ceiling of tests/tolerances.h).
 void CheckGradients(MaskCase& c, const std::function<void(AttentionParams&)>& set,
                     const std::string& what) {
   std::vector<float> got;

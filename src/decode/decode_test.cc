@@ -1,5 +1,5 @@
 // Decode (tessera/decode.h) over KV caches (tessera/kv_cache.h), against the fp64 reference on the
-// dequantized cache (ref/decode_ref.h) with the tolerance rules of docs/RELIABILITY.md §2:
+// dequantized cache (ref/decode_ref.h) with the tolerance rules of tests/tolerances.h:
 //   f32 / bf16 / f16 KV (read exactly): the forward's rules for the q / out dtype (fp32 rule with
 //     its magnitude scale; bf16 / f16: ratio rule against the naive same-precision computation);
 //   int8 / int4 KV: NMSE <= kQuantKvMaxNmse against the fp64 reference on the dequantized cache,
@@ -7,9 +7,9 @@
 //     (ref::DecodeF64QuantizedQuery), the fp32 ceiling plus the documented bound of the VNNI
 //     P.V's weight rounding (kQuantPvStepFraction*), which isolates the kernel's error from the
 //     documented query quantization.
-// Plus the identities of ALGORITHMS.md §3.1-3.4 (decode = AttentionForward, paged = contiguous
-// bitwise, split + merge = one pass, batch and thread-count invariance), masks and modifiers,
-// plans, rejected arguments and non-finite values.
+// Plus the identities (decode = AttentionForward, paged = contiguous bitwise, split + merge = one
+// pass, batch and thread-count invariance), masks and modifiers, plans, rejected arguments and
+// non-finite values.
 //
 // Every output is NaN-prefilled with guards (tests/test_util.h). TESSERA_SMALL_TESTS=1 shrinks the
 // longest sequence (sanitizer builds); TESSERA_SEED=<n> changes every random input.
