@@ -4,7 +4,7 @@ ASAN_BUILD ?= build-asan
 JOBS ?= $(shell nproc)
 CTEST_JOBS ?= 2
 
-.PHONY: all deps build test test-release test-asan demo bench clean
+.PHONY: all deps build test test-release test-asan test-simd demo bench clean
 
 all: build
 
@@ -20,6 +20,11 @@ test: test-release test-asan
 
 test-release: build
 	cd $(BUILD) && ctest --output-on-failure -j$(CTEST_JOBS) --timeout 900
+
+# Only the kernel suites on the SIMD targets below the CPU's best (also part of test-release;
+# TESSERA_TEST_TARGET=<name> picks one for a manual run of build/tests/tessera_tests).
+test-simd: build
+	cd $(BUILD) && ctest --output-on-failure -j$(CTEST_JOBS) -L simd_target
 
 test-asan: deps
 	cmake -S . -B $(ASAN_BUILD) -DCMAKE_BUILD_TYPE=RelWithDebInfo -DTESSERA_SANITIZE=ON \
