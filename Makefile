@@ -7,8 +7,8 @@ FUZZ_BUILD ?= build-fuzz
 JOBS ?= $(shell nproc)
 CTEST_JOBS ?= 2
 
-.PHONY: all deps build test test-release test-asan test-tsan test-fuzz fuzz fuzz-build demo bench \
-        clean
+.PHONY: all deps build test test-release test-asan test-simd test-tsan test-fuzz fuzz fuzz-build demo \
+        bench clean
 
 all: build
 
@@ -25,6 +25,11 @@ test: test-release test-asan test-tsan test-fuzz
 
 test-release: build
 	cd $(BUILD) && ctest --output-on-failure -j$(CTEST_JOBS) --timeout 900
+
+# Only the kernel suites on the SIMD targets below the CPU's best (also part of test-release;
+# TESSERA_TEST_TARGET=<name> picks one for a manual run of build/tests/tessera_tests).
+test-simd: build
+	cd $(BUILD) && ctest --output-on-failure -j$(CTEST_JOBS) -L simd_target
 
 test-asan: deps
 	cmake -S . -B $(ASAN_BUILD) -DCMAKE_BUILD_TYPE=RelWithDebInfo -DTESSERA_SANITIZE=ON \

@@ -1,6 +1,6 @@
-// Every numerical threshold the tests use, in one place (docs/RELIABILITY.md §2). A test never
-// writes a tolerance literal of its own: it picks a rule here, so that loosening a rule is one
-// reviewed edit, not a scattered search.
+// Every numerical threshold the tests use, in one place. A test never writes a tolerance literal
+// of its own: it picks a rule here, so that loosening a rule is one reviewed edit, not a
+// scattered search.
 //
 // Notation: err(x) = max over elements of |x - ref64|; NMSE(a, b) = sum (a - b)^2 / sum b^2.
 #pragma once
@@ -92,7 +92,7 @@ inline constexpr double kQuantKvMaxNmse = 5e-4;
 inline constexpr double kQuantPvStepFractionInt8 = 32.0 * 255.0 / (2.0 * 32767.0);
 inline constexpr double kQuantPvStepFractionInt4 = 32.0 * 15.0 / (2.0 * 32767.0);
 
-// LSE (always f32, natural log). RELIABILITY.md §2 sets no LSE rule; this is tessera's choice:
+// LSE (always f32, natural log). The rules above say nothing of the LSE; this is tessera's choice:
 // the LSE is computed in fp32 from exactly upcast inputs whatever the input dtype, so it gets an
 // fp32-class ceiling. Its relative part scales with |LSE|, which tracks the logit magnitude, the
 // quantity that bounds the fp32 error of the dot products feeding it.

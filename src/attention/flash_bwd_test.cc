@@ -1,8 +1,8 @@
 // The exact backward (AttentionBackward), every path forced in turn (Context.path) against the
-// fp64 reference gradients with the gradient rules of docs/RELIABILITY.md §2; the reference itself
-// against fp64 central finite differences of the fp64 forward; the bug-class regressions of
-// RELIABILITY.md §3 that concern gradients; the bitwise guarantees of §5; and the validation of
-// §4.1 for the backward's own arguments.
+// fp64 reference gradients with the gradient rules of tests/tolerances.h; the reference itself
+// against fp64 central finite differences of the fp64 forward; the bug-class regressions that
+// concern gradients; the bitwise guarantees (repeats, thread counts); and the validation of the
+// backward's own arguments.
 //
 // Each backward call is preceded by the forward on the same path (its out and lse feed the
 // backward, as in training). Gradients are written into NaN-prefilled tensors surrounded by
@@ -23,6 +23,7 @@
 
 #include "attention/attention_problem.h"
 #include "attention_cases.h"
+#include "path_harness.h"
 #include "ref/attention_ref.h"
 #include "tessera/attention.h"
 #include "tessera/context.h"
@@ -187,23 +188,26 @@ void ExpectMatchesReference(const Spec& s, const Inputs& in, const Reference& re
   EXPECT_EQ(written, 0u) << "gradient elements of tokens outside every sequence were written";
 }
 
-// The main check: every path against the fp64 reference.
-void CheckAllPaths(const Spec& s, const Inputs& in) {
-  const Reference ref = ComputeReference(s, in);
-  for (Path path : PathsFor(s.dim)) {
-    SCOPED_TRACE(std::string("path ") + PathName(path));
-    Grads g;
-    const Status status = RunBackward(s, in, path, 0, &g);
-    ASSERT_TRUE(status.ok()) << status.ToString();
-    ExpectMatchesReference(s, in, ref, g);
+// The backward as an entry point of the shared harness (tests/path_harness.h).
+struct BackwardEntry {
+  using Reference = ::tessera::Reference;
+  using Result = Grads;
+  static Inputs MakeInputs(const Spec& s) { return MakeBackwardInputs(s); }
+  static Reference ComputeReference(const Spec& s, const Inputs& in) {
+    return ::tessera::ComputeReference(s, in);
   }
-}
+  static Status Run(const Spec& s, const Inputs& in, Path path, int32_t threads, Grads* g) {
+    return RunBackward(s, in, path, threads, g);
+  }
+  static void ExpectMatchesReference(const Spec& s, const Inputs& in, const Reference& ref,
+                                     const Grads& g) {
+    ::tessera::ExpectMatchesReference(s, in, ref, g);
+  }
+};
 
-void CheckAllPaths(const Spec& s) {
-  SCOPED_TRACE(test::Repro(s.Name()));
-  const Inputs in = MakeBackwardInputs(s);
-  CheckAllPaths(s, in);
-}
+// The main check: every path against the fp64 reference.
+void CheckAllPaths(const Spec& s, const Inputs& in) { test::CheckAllPaths<BackwardEntry>(s, in); }
+void CheckAllPaths(const Spec& s) { test::CheckAllPaths<BackwardEntry>(s); }
 
 // Every element of dq, dk and dv is finite (the failure names each gradient that is not).
 ::testing::AssertionResult AllFinite(const Grads& g) {
@@ -706,7 +710,7 @@ void RunEmptyBackwardAndExit(const AttentionBackwardParams& p,
                               dim);
 }
 
-// B = 0 and Sq = Sk = 0 succeed without touching anything (RELIABILITY.md §4.2), with the
+// B = 0 and Sq = Sk = 0 succeed without touching anything (empty problems are no-ops), with the
 // natural row-major strides of the empty tensors (which contain zeros) and with all-non-zero
 // strides; so does a varlen call with zero sequences.
 TEST(BackwardRegression, EmptyProblemsAreNoOps) {
@@ -928,7 +932,7 @@ TEST(BackwardRegression, NanInQueryIsNotHidden) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Determinism (RELIABILITY.md §5).
+// Determinism: bitwise identical repeats and thread counts.
 
 // 50 repeated backward runs are bitwise identical (class 12).
 TEST(BackwardDeterminism, RepeatedRunsAreBitwiseIdentical) {
@@ -952,8 +956,8 @@ TEST(BackwardDeterminism, RepeatedRunsAreBitwiseIdentical) {
   }
 }
 
-// Races need many concurrent tasks to show: forward + backward repeated 50 times at batch 60
-// (RELIABILITY.md §5), each repeat on 2 threads, bitwise identical.
+// Races need many concurrent tasks to show: forward + backward repeated 50 times at batch 60,
+// each repeat on 2 threads, bitwise identical.
 TEST(BackwardDeterminism, RepeatedForwardBackwardAtBatch60) {
   Spec s = Dense(17, 23, 4, 2, 16);
   s.batch = 60;
@@ -1007,7 +1011,7 @@ TEST(BackwardDeterminism, ThreadCountInvariance) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Validation (RELIABILITY.md §4.1): every bad backward argument gives kInvalidArgument with a
+// Validation: every bad backward argument gives kInvalidArgument with a
 // message naming it, on every path and from ValidateAttentionBackward directly, and no gradient
 // is written.
 

@@ -1,7 +1,7 @@
 // The exact forward, every path forced in turn (Context.path) against the fp64 reference with the
-// tolerance rules of docs/RELIABILITY.md §2, plus the identities of DESIGN.md (varlen = loop,
-// GQA = repeated K/V, window >= S = causal, batch = loop of singles, split + merge = one pass),
-// the bug-class regressions of RELIABILITY.md §3 and the bitwise guarantees of §5.
+// tolerance rules of tests/tolerances.h, plus the identities (varlen = loop, GQA = repeated K/V,
+// window >= S = causal, batch = loop of singles, split + merge = one pass), the regressions of
+// known bug classes (numbered below) and the bitwise guarantees (repeats, thread counts).
 //
 // Every kernel run writes into NaN-prefilled outputs surrounded by 1 KiB guards; padding inside
 // strided inputs is NaN too, so a kernel that reads or writes outside a view fails loudly.
@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "attention_cases.h"
+#include "path_harness.h"
 #include "ref/attention_ref.h"
 #include "tessera/attention.h"
 #include "tessera/context.h"
@@ -139,23 +140,26 @@ void ExpectMatchesReference(const Spec& s, const Inputs& in, const Reference& re
   EXPECT_EQ(written, 0u) << "elements of tokens outside every sequence were written";
 }
 
-// The main check: every path against the fp64 reference.
-void CheckAllPaths(const Spec& s, const Inputs& in) {
-  const Reference ref = ComputeReference(s, in);
-  for (Path path : PathsFor(s.dim)) {
-    SCOPED_TRACE(std::string("path ") + PathName(path));
-    Outputs o;
-    const Status status = RunForward(s, in, path, 0, &o);
-    ASSERT_TRUE(status.ok()) << status.ToString();
-    ExpectMatchesReference(s, in, ref, o);
+// The forward as an entry point of the shared harness (tests/path_harness.h).
+struct ForwardEntry {
+  using Reference = ::tessera::Reference;
+  using Result = Outputs;
+  static Inputs MakeInputs(const Spec& s) { return test::MakeInputs(s); }
+  static Reference ComputeReference(const Spec& s, const Inputs& in) {
+    return ::tessera::ComputeReference(s, in);
   }
-}
+  static Status Run(const Spec& s, const Inputs& in, Path path, int32_t threads, Outputs* o) {
+    return RunForward(s, in, path, threads, o);
+  }
+  static void ExpectMatchesReference(const Spec& s, const Inputs& in, const Reference& ref,
+                                     const Outputs& o) {
+    ::tessera::ExpectMatchesReference(s, in, ref, o);
+  }
+};
 
-void CheckAllPaths(const Spec& s) {
-  SCOPED_TRACE(test::Repro(s.Name()));
-  const Inputs in = MakeInputs(s);
-  CheckAllPaths(s, in);
-}
+// The main check: every path against the fp64 reference.
+void CheckAllPaths(const Spec& s, const Inputs& in) { test::CheckAllPaths<ForwardEntry>(s, in); }
+void CheckAllPaths(const Spec& s) { test::CheckAllPaths<ForwardEntry>(s); }
 
 ::testing::AssertionResult SameBits(const Outputs& a, const Outputs& b, bool with_lse) {
   ::testing::AssertionResult r = a.out.BitwiseEqual(b.out);
@@ -318,7 +322,7 @@ INSTANTIATE_TEST_SUITE_P(
 INSTANTIATE_TEST_SUITE_P(Scale, Forward, ::testing::ValuesIn(Unique(test::ScaleSweep(65, 129))),
                          SpecName);
 
-// Varlen: zero-length sequences, Lq >> Lk, fewer tokens than sequences (RELIABILITY class 6),
+// Varlen: zero-length sequences, Lq >> Lk, fewer tokens than sequences (class 6),
 // tokens past the last sequence that must stay untouched, both layouts.
 std::vector<Spec> VarlenSpecs() {
   const int32_t big = Small() ? 129 : 1024;
@@ -342,7 +346,7 @@ std::vector<Spec> VarlenSpecs() {
 }
 INSTANTIATE_TEST_SUITE_P(Varlen, Forward, ::testing::ValuesIn(VarlenSpecs()), SpecName);
 
-// Tile tails (RELIABILITY class 5): for each tile size T of the kernel (the query block of a GQA
+// Tile tails (class 5): for each tile size T of the kernel (the query block of a GQA
 // group, the key tile) L in {1, 2, T-1, T, T+1, 2T-1, 2T+1} plus primes, for Lq and Lk
 // independently; inputs padded with NaN so that a read past a row's head dim or a tile's end
 // shows up.
@@ -380,7 +384,7 @@ std::vector<Spec> TailSpecs() {
 }
 INSTANTIATE_TEST_SUITE_P(Tails, Forward, ::testing::ValuesIn(TailSpecs()), SpecName);
 
-// Ill-conditioned inputs, held to the ratio rule (RELIABILITY classes 2 and 4).
+// Ill-conditioned inputs, held to the ratio rule (classes 2 and 4).
 std::vector<Spec> RatioSpecs() {
   std::vector<Spec> specs;
   for (DType dt : {DType::kF32, DType::kBF16, DType::kF16}) {
@@ -564,7 +568,7 @@ TEST(ForwardIdentity, BatchEqualsLoopOfSingles) {
   }
 }
 
-// Merges two attention states (O, LSE) in fp64 (ALGORITHMS.md §3.1).
+// Merges two attention states (O, LSE) in fp64, as tessera/merge.h defines MergeStates.
 void MergeStates(const std::vector<double>& o1, const std::vector<double>& l1,
                  const std::vector<double>& o2, const std::vector<double>& l2, int64_t dim,
                  std::vector<double>* o, std::vector<double>* l, int64_t heads, int64_t seq) {
@@ -724,8 +728,8 @@ void RunEmptyForwardAndExit(const AttentionParams& p, const std::vector<const Te
                               dim);
 }
 
-// B = 0, Sq = 0, Hq = 0 and num_seqs = 0 succeed without touching the outputs (RELIABILITY.md
-// §4.2), with the natural row-major strides of the empty outputs (which contain zeros) and
+// B = 0, Sq = 0, Hq = 0 and num_seqs = 0 succeed without touching the outputs (empty problems are
+// no-ops), with the natural row-major strides of the empty outputs (which contain zeros) and
 // with all-non-zero strides.
 TEST(ForwardRegression, EmptyProblemsAreNoOps) {
   GTEST_FLAG_SET(death_test_style, "threadsafe");
@@ -1062,7 +1066,7 @@ TEST(ForwardRegression, NanInInputsStaysInTheAffectedRows) {
 }
 
 // NaN stored at key positions a row never sees does not leak into it: tessera never reads
-// masked keys (RELIABILITY.md class 17). Here the NaN keys are visible to no row at all.
+// masked keys (class 17). Here the NaN keys are visible to no row at all.
 TEST(ForwardRegression, NanInMaskedKeysDoesNotLeak) {
   Spec s = Dense(40, 200, 2, 1, 64);
   s.window_left = 20;

@@ -131,7 +131,7 @@ std::vector<double> ToDouble(const std::vector<float>& a) {
   return std::vector<double>(a.begin(), a.end());
 }
 
-// f32 ceiling of docs/RELIABILITY.md against the fp64 reference.
+// The f32 output ceiling (tests/tolerances.h) against the fp64 reference.
 void ExpectClose(const std::vector<float>& got, const std::vector<double>& want,
                  const std::string& what) {
   ASSERT_EQ(got.size(), want.size());
@@ -143,7 +143,7 @@ void ExpectClose(const std::vector<float>& got, const std::vector<double>& want,
   }
 }
 
-// Gradients under the mask against fp64 (f32 gradient ceiling of docs/RELIABILITY.md).
+// Gradients under the mask against fp64 (the f32 gradient ceiling of tests/tolerances.h).
 void CheckGradients(MaskCase& c, const std::function<void(AttentionParams&)>& set,
                     const std::string& what) {
   std::vector<float> got;
@@ -281,6 +281,107 @@ TEST(FlashMask, Neighborhood1D2D3D) {
           p.mask.neighborhood = Nbhd(k.grid, k.window, k.dilation, k.stride, k.causal);
         },
         name);
+  }
+}
+
+// Whether key coordinate y is visible from query coordinate x on one axis of a neighborhood mask,
+// from the definition in tessera/mask.h written as a window start (NATTEN's form), independently
+// of the reference's centre-clamp form: within the dilation group, non-causal, the K keys
+// [start, start + K) with start = leader - K / 2 moved inside the group (an even K puts K / 2 keys
+// before the leader and K / 2 - 1 after it); causal, the K keys ending at the leader, none past x.
+bool AxisVisible(int64_t x, int64_t y, int64_t L, int64_t K, int64_t d, int64_t s, bool causal) {
+  if (x % d != y % d) return false;
+  const int64_t len = (L - x % d + d - 1) / d;  // tokens of the dilation group
+  const int64_t xi = x / d, yi = y / d;
+  const int64_t group_start = xi / s * s;  // the query's stride group
+  if (causal) {
+    const int64_t leader = std::min(group_start + s - 1, len - 1);
+    return yi <= xi && yi > leader - K;
+  }
+  const int64_t leader = std::min(group_start + s / 2, len - 1);
+  const int64_t start = std::clamp<int64_t>(leader - K / 2, 0, len - K);
+  return yi >= start && yi < start + K;
+}
+
+// The neighborhood mask as a dense f32 additive mask [n, n] (0 visible, -inf hidden).
+std::vector<float> NeighborhoodByDefinition(const NeighborhoodMask& m) {
+  int64_t n = 1;
+  for (int a = 0; a < m.rank; ++a) n *= m.grid[a];
+  std::vector<float> bias(static_cast<size_t>(n * n));
+  for (int64_t i = 0; i < n; ++i) {
+    for (int64_t j = 0; j < n; ++j) {
+      bool visible = true;
+      for (int64_t a = m.rank - 1, qi = i, kj = j; a >= 0; --a) {  // row-major: last axis fastest
+        const int64_t L = m.grid[a];
+        visible = visible && AxisVisible(qi % L, kj % L, L, m.window[a], m.dilation[a], m.stride[a],
+                                         m.causal[a]);
+        qi /= L;
+        kj /= L;
+      }
+      bias[static_cast<size_t>(i * n + j)] =
+          visible ? 0.0f : -std::numeric_limits<float>::infinity();
+    }
+  }
+  return bias;
+}
+
+// Even windows (K / 2 keys before the leader, K / 2 - 1 after), a second oracle beside the
+// reference: the reference's materialized mask equals the definition above, and the kernel
+// (forward and backward) matches fp64 run with the definition as a dense mask, on 1-3 axes with
+// dilations, strides and causal axes.
+TEST(FlashMask, EvenNeighborhoodWindowsMatchTheDefinition) {
+  struct Case {
+    std::vector<int64_t> grid, window, dilation, stride;
+    std::vector<bool> causal;
+  };
+  const std::vector<Case> cases = {
+      {{40}, {4}, {1}, {1}, {false}},
+      {{40}, {6}, {3}, {1}, {false}},
+      {{41}, {8}, {2}, {2}, {true}},
+      {{40}, {4}, {1}, {4}, {false}},
+      {{37}, {6}, {2}, {3}, {false}},
+      {{12, 10}, {4, 6}, {1, 1}, {1, 1}, {false, false}},
+      {{12, 10}, {2, 4}, {2, 2}, {2, 1}, {true, false}},
+      {{9, 16}, {4, 8}, {1, 2}, {3, 4}, {false, true}},
+      {{4, 6, 8}, {2, 4, 2}, {1, 1, 2}, {1, 2, 1}, {true, false, false}},
+      {{5, 6, 7}, {4, 2, 6}, {1, 3, 1}, {2, 1, 3}, {false, false, true}},
+  };
+  for (const Case& k : cases) {
+    const NeighborhoodMask m = Nbhd(k.grid, k.window, k.dilation, k.stride, k.causal);
+    int64_t n = 1;
+    std::string name = "grid";
+    for (size_t a = 0; a < k.grid.size(); ++a) {
+      n *= k.grid[a];
+      name += " " + std::to_string(k.grid[a]) + "/K" + std::to_string(k.window[a]) + "/d" +
+              std::to_string(k.dilation[a]) + "/s" + std::to_string(k.stride[a]) +
+              (k.causal[a] ? "c" : "");
+    }
+    SCOPED_TRACE(name);
+    MaskCase c(Shape{1, n, n, 2, 1, 40});
+    const std::vector<float> mask = NeighborhoodByDefinition(m);
+    const auto structured = [&](AttentionParams& p) { p.mask.neighborhood = m; };
+    const auto dense = [&](AttentionParams& p) {
+      p.mask.dense = MakeView4(const_cast<float*>(mask.data()), DType::kF32, 1, 1, n, n);
+    };
+    const std::vector<float> reference_mask = c.Materialized(structured);  // [1, Hq, n, n]
+    for (size_t e = 0; e < reference_mask.size(); ++e) {
+      ASSERT_EQ(reference_mask[e] == 0.0f, mask[e % mask.size()] == 0.0f)
+          << "head " << e / mask.size() << " query " << e % mask.size() / static_cast<size_t>(n)
+          << " key " << e % static_cast<size_t>(n) << ": the reference and the definition differ";
+    }
+    ExpectClose(c.Run(structured), c.Reference(dense), "forward vs fp64 with the definition");
+    std::vector<float> got, unused_f;
+    std::vector<double> want, unused_d;
+    c.Gradients(structured, &got, &unused_d);
+    c.Gradients(dense, &unused_f, &want);
+    ASSERT_EQ(got.size(), want.size());
+    for (size_t i = 0; i < got.size(); ++i) {
+      const double tol =
+          test::kGradCeilingF32.atol + test::kGradCeilingF32.rtol * std::fabs(want[i]);
+      ASSERT_LE(std::fabs(static_cast<double>(got[i]) - want[i]), tol)
+          << "gradient element " << i << ": got " << got[i] << ", fp64 with the definition "
+          << want[i];
+    }
   }
 }
 

@@ -1,5 +1,5 @@
 // Decode (tessera/decode.h) over KV caches (tessera/kv_cache.h), against the fp64 reference on the
-// dequantized cache (ref/decode_ref.h) with the tolerance rules of docs/RELIABILITY.md §2:
+// dequantized cache (ref/decode_ref.h) with the tolerance rules of tests/tolerances.h:
 //   f32 / bf16 / f16 KV (read exactly): the forward's rules for the q / out dtype (fp32 rule with
 //     its magnitude scale; bf16 / f16: ratio rule against the naive same-precision computation);
 //   int8 / int4 KV: NMSE <= kQuantKvMaxNmse against the fp64 reference on the dequantized cache,
@@ -7,9 +7,9 @@
 //     (ref::DecodeF64QuantizedQuery), the fp32 ceiling plus the documented bound of the VNNI
 //     P.V's weight rounding (kQuantPvStepFraction*), which isolates the kernel's error from the
 //     documented query quantization.
-// Plus the identities of ALGORITHMS.md §3.1-3.4 (decode = AttentionForward, paged = contiguous
-// bitwise, split + merge = one pass, batch and thread-count invariance), masks and modifiers,
-// plans, rejected arguments and non-finite values.
+// Plus the identities (decode = AttentionForward, paged = contiguous bitwise, split + merge = one
+// pass, batch and thread-count invariance), masks and modifiers, plans, rejected arguments and
+// non-finite values.
 //
 // Every output is NaN-prefilled with guards (tests/test_util.h). TESSERA_SMALL_TESTS=1 shrinks the
 // longest sequence (sanitizer builds); TESSERA_SEED=<n> changes every random input.
@@ -288,6 +288,25 @@ void PrintTo(const Case& c, std::ostream* os) { *os << c.Name(); }
 
 std::string CaseName(const ::testing::TestParamInfo<Case>& info) { return info.param.Name(); }
 
+constexpr KVDType kAllKvDTypes[] = {KVDType::kF32, KVDType::kBF16, KVDType::kF16, KVDType::kInt8,
+                                    KVDType::kInt4};
+
+// A case with the fields every test sets: `group` query heads per KV head, `tag` in its name; the
+// other fields keep their defaults (f32 q and out, no mask, the default split size, an LSE).
+Case MakeCase(KVDType kv, int64_t page_size, int64_t num_q, int64_t dim, int64_t heads_kv,
+              int64_t group, std::vector<int32_t> lens, std::string tag) {
+  Case c;
+  c.kv = kv;
+  c.page_size = page_size;
+  c.num_q = num_q;
+  c.dim = dim;
+  c.heads_kv = heads_kv;
+  c.group = group;
+  c.lens = std::move(lens);
+  c.tag = std::move(tag);
+  return c;
+}
+
 // The query, the ALiBi slopes and NaN-prefilled outputs of a case, and the parameters that tie
 // them to a cache.
 struct DecodeRun {
@@ -522,21 +541,35 @@ void ExpectMatchesReference(const DecodeParams& p, const Reference& ref, const T
   EXPECT_TRUE(out.GuardsIntact());
 }
 
+// Makes the run of a case over `cache`, decodes, and checks against the reference (left in *ref
+// when given).
+void RunAndCheck(const Case& c, TestCache* cache, DecodeRun* r, Reference* ref = nullptr) {
+  MakeRun(c, cache, r);
+  Reference own;
+  if (ref == nullptr) ref = &own;
+  ASSERT_NO_FATAL_FAILURE(ComputeReference(r->params, ref));
+  const Status st = RunWith(r->params);
+  ASSERT_TRUE(st.ok()) << st.ToString();
+  ExpectMatchesReference(r->params, *ref, r->out, c.with_lse ? &r->lse : nullptr);
+  if (!c.with_lse) {
+    EXPECT_TRUE(r->lse.Unchanged()) << "lse written although not requested";
+  }
+}
+
 // Builds the cache and the run of a case, decodes, and checks against the reference.
 void CheckCase(const Case& c) {
   SCOPED_TRACE(test::Repro(c.Name()));
   TestCache cache;
   ASSERT_NO_FATAL_FAILURE(BuildCache(c.Cache(), &cache));
   DecodeRun r;
-  MakeRun(c, &cache, &r);
-  Reference ref;
-  ASSERT_NO_FATAL_FAILURE(ComputeReference(r.params, &ref));
-  const Status st = RunWith(r.params);
-  ASSERT_TRUE(st.ok()) << st.ToString();
-  ExpectMatchesReference(r.params, ref, r.out, c.with_lse ? &r.lse : nullptr);
-  if (!c.with_lse) {
-    EXPECT_TRUE(r.lse.Unchanged()) << "lse written although not requested";
-  }
+  RunAndCheck(c, &cache, &r);
+}
+
+// The out and lse of a run bitwise equal to those of `want`.
+void ExpectSameOutputs(const Tensor& out, const Tensor& lse, const DecodeRun& want,
+                       const std::string& what) {
+  EXPECT_TRUE(out.BitwiseEqual(want.out)) << what << ": out";
+  EXPECT_TRUE(lse.BitwiseEqual(want.lse)) << what << ": lse";
 }
 
 ::testing::AssertionResult SameBits(const std::vector<double>& a, const std::vector<double>& b,
@@ -699,10 +732,7 @@ TEST(DecodeReference, AgreesWithTheAttentionReference) {
 // space, and is the query itself for the unquantized dtypes.
 TEST(DecodeReference, QuantizedQueryOnlyForQuantizedCaches) {
   for (KVDType kv : {KVDType::kF32, KVDType::kInt8}) {
-    Case c;
-    c.kv = kv;
-    c.lens = {5, 40};
-    c.num_q = 2;
+    const Case c = MakeCase(kv, 0, 2, 64, 2, 1, {5, 40}, "");
     SCOPED_TRACE(c.Name());
     TestCache cache;
     ASSERT_NO_FATAL_FAILURE(BuildCache(c.Cache(), &cache));
@@ -733,25 +763,16 @@ TEST(DecodeIdentity, EqualsAttentionForward) {
     for (int64_t dim : {64, 40}) {
       for (int64_t nq : {1, 5, 16}) {
         for (bool causal : {false, true}) {
-          Case c;
-          c.kv = dt == DType::kF32 ? KVDType::kF32 : KVDType::kBF16;
+          const KVDType kv = dt == DType::kF32 ? KVDType::kF32 : KVDType::kBF16;
+          Case c = MakeCase(kv, 0, nq, dim, 2, 4, {sk, sk}, "fwd");
           c.dtype = dt;
-          c.num_q = nq;
-          c.dim = dim;
-          c.heads_kv = 2;
-          c.group = 4;
-          c.lens = {sk, sk};
           c.causal = causal;
-          c.tag = "fwd";
           SCOPED_TRACE(test::Repro(c.Name()));
           TestCache cache;
           ASSERT_NO_FATAL_FAILURE(BuildCache(c.Cache(), &cache));
           DecodeRun r;
-          MakeRun(c, &cache, &r);
           Reference ref;
-          ASSERT_NO_FATAL_FAILURE(ComputeReference(r.params, &ref));
-          ASSERT_TRUE(RunWith(r.params).ok());
-          ExpectMatchesReference(r.params, ref, r.out, &r.lse);
+          ASSERT_NO_FATAL_FAILURE(RunAndCheck(c, &cache, &r, &ref));
 
           Tensor k(dt, {2, sk, c.heads_kv, dim}), v(dt, {2, sk, c.heads_kv, dim});
           for (int64_t b = 0; b < 2; ++b) {
@@ -799,20 +820,12 @@ TEST(DecodeIdentity, EqualsAttentionForward) {
 // split size), for page sizes 1, 16, 256 and every KV dtype. Split 0: the contiguous cache's
 // default, passed to the paged runs too (pages of 1-3 tokens default to a smaller one).
 TEST(DecodeIdentity, PagedEqualsContiguousBitwise) {
-  for (KVDType kv :
-       {KVDType::kF32, KVDType::kBF16, KVDType::kF16, KVDType::kInt8, KVDType::kInt4}) {
+  for (KVDType kv : kAllKvDTypes) {
     for (int64_t split : {0, 48}) {
-      Case c;
-      c.kv = kv;
+      Case c = MakeCase(kv, 0, 3, 64, 2, 2, {17, 0, Small() ? 300 : 600, 1, 203}, "layout");
       c.dtype = kv == KVDType::kF16 ? DType::kF16 : DType::kF32;
-      c.num_q = 3;
-      c.dim = 64;
-      c.heads_kv = 2;
-      c.group = 2;
       c.causal = true;
       c.split_tokens = split;
-      c.lens = {17, 0, Small() ? 300 : 600, 1, 203};
-      c.tag = "layout";
       SCOPED_TRACE(test::Repro(c.Name()));
       CacheSpec spec = c.Cache();
       TestCache contiguous;
@@ -834,8 +847,7 @@ TEST(DecodeIdentity, PagedEqualsContiguousBitwise) {
         if (split == 0) got.params.split_tokens = kDefaultDecodeSplitTokens;
         const Status st = RunWith(got.params);
         ASSERT_TRUE(st.ok()) << st.ToString();
-        EXPECT_TRUE(got.out.BitwiseEqual(want.out)) << "out";
-        EXPECT_TRUE(got.lse.BitwiseEqual(want.lse)) << "lse";
+        ExpectSameOutputs(got.out, got.lse, want, "paged vs contiguous");
       }
     }
   }
@@ -846,16 +858,8 @@ TEST(DecodeIdentity, PagedEqualsContiguousBitwise) {
 TEST(DecodeIdentity, SplitSizesAgree) {
   for (KVDType kv : {KVDType::kF32, KVDType::kInt8}) {
     for (bool causal : {false, true}) {
-      Case c;
-      c.kv = kv;
-      c.page_size = 16;
-      c.num_q = 3;
-      c.dim = 64;
-      c.heads_kv = 1;
-      c.group = 4;
+      Case c = MakeCase(kv, 16, 3, 64, 1, 4, {1, 17, 203, LongLen()}, "splits");
       c.causal = causal;
-      c.lens = {1, 17, 203, LongLen()};
-      c.tag = "splits";
       SCOPED_TRACE(test::Repro(c.Name()));
       TestCache cache;
       ASSERT_NO_FATAL_FAILURE(BuildCache(c.Cache(), &cache));
@@ -892,16 +896,8 @@ TEST(DecodeIdentity, SplitSizesAgree) {
 // pages) merged with MergeStates. No mask: the halves would move the rows' positions.
 TEST(DecodeIdentity, SplitEqualsManualHalvesMerged) {
   for (KVDType kv : {KVDType::kF32, KVDType::kBF16}) {
-    Case c;
-    c.kv = kv;
-    c.page_size = 16;
-    c.num_q = 3;
-    c.dim = 40;
-    c.heads_kv = 2;
-    c.group = 2;
+    Case c = MakeCase(kv, 16, 3, 40, 2, 2, {203}, "halves");
     c.split_tokens = 16;
-    c.lens = {203};
-    c.tag = "halves";
     SCOPED_TRACE(test::Repro(c.Name()));
     TestCache cache;
     ASSERT_NO_FATAL_FAILURE(BuildCache(c.Cache(), &cache));
@@ -957,18 +953,10 @@ TEST(DecodeIdentity, SplitEqualsManualHalvesMerged) {
 // Context.num_threads 1, 2, 3, 7 give identical out and lse.
 TEST(DecodeDeterminism, ThreadCountInvarianceBitwise) {
   for (KVDType kv : {KVDType::kF32, KVDType::kBF16, KVDType::kInt8, KVDType::kInt4}) {
-    Case c;
-    c.kv = kv;
+    Case c = MakeCase(kv, 16, 2, 128, 2, 4, {LongLen(), 17, 203, 0, 1, 700}, "threads");
     c.dtype = kv == KVDType::kBF16 ? DType::kBF16 : DType::kF32;
-    c.page_size = 16;
-    c.num_q = 2;
-    c.dim = 128;
-    c.heads_kv = 2;
-    c.group = 4;
     c.causal = true;
     c.split_tokens = 64;
-    c.lens = {LongLen(), 17, 203, 0, 1, 700};
-    c.tag = "threads";
     SCOPED_TRACE(test::Repro(c.Name()));
     TestCache cache;
     ASSERT_NO_FATAL_FAILURE(BuildCache(c.Cache(), &cache));
@@ -980,8 +968,7 @@ TEST(DecodeDeterminism, ThreadCountInvarianceBitwise) {
       MakeRun(c, &cache, &r);
       const Status st = RunWith(r.params, threads);
       ASSERT_TRUE(st.ok()) << st.ToString();
-      EXPECT_TRUE(r.out.BitwiseEqual(one.out)) << threads << " threads: out";
-      EXPECT_TRUE(r.lse.BitwiseEqual(one.lse)) << threads << " threads: lse";
+      ExpectSameOutputs(r.out, r.lse, one, std::to_string(threads) + " threads");
     }
   }
 }
@@ -999,17 +986,9 @@ TensorView SliceBatch(const Tensor& t, int64_t b) {
 TEST(DecodeDeterminism, BatchInvarianceBitwise) {
   for (int64_t ps : {16, 0}) {
     for (KVDType kv : {KVDType::kF32, KVDType::kF16, KVDType::kInt4}) {
-      Case c;
-      c.kv = kv;
-      c.page_size = ps;
-      c.num_q = 4;
-      c.dim = 64;
-      c.heads_kv = 2;
-      c.group = 2;
+      Case c = MakeCase(kv, ps, 4, 64, 2, 2, {203, LongLen(), 17, 0, 600}, "batch");
       c.causal = true;
       c.alibi = AlibiKind::kPerBatch;
-      c.lens = {203, LongLen(), 17, 0, 600};
-      c.tag = "batch";
       SCOPED_TRACE(test::Repro(c.Name()));
       TestCache cache;
       ASSERT_NO_FATAL_FAILURE(BuildCache(c.Cache(), &cache));
@@ -1052,16 +1031,8 @@ TEST(DecodeDeterminism, BatchInvarianceBitwise) {
 // contiguous run; lse is optional and leaves out unchanged.
 TEST(DecodeDeterminism, StridedViewsAndOptionalLseBitwise) {
   for (KVDType kv : {KVDType::kF32, KVDType::kInt8}) {
-    Case c;
-    c.kv = kv;
-    c.page_size = 16;
-    c.num_q = 3;
-    c.dim = 40;
-    c.heads_kv = 2;
-    c.group = 2;
+    Case c = MakeCase(kv, 16, 3, 40, 2, 2, {203, 17, 1}, "strided");
     c.split_tokens = 64;
-    c.lens = {203, 17, 1};
-    c.tag = "strided";
     SCOPED_TRACE(test::Repro(c.Name()));
     TestCache cache;
     ASSERT_NO_FATAL_FAILURE(BuildCache(c.Cache(), &cache));
@@ -1071,8 +1042,7 @@ TEST(DecodeDeterminism, StridedViewsAndOptionalLseBitwise) {
     DecodeRun again;
     MakeRun(c, &cache, &again);
     ASSERT_TRUE(RunWith(again.params).ok());
-    EXPECT_TRUE(again.out.BitwiseEqual(want.out));
-    EXPECT_TRUE(again.lse.BitwiseEqual(want.lse));
+    ExpectSameOutputs(again.out, again.lse, want, "repeated run");
 
     const std::vector<int64_t> shape = {c.batch(), c.num_q, c.heads_q(), c.dim};
     Tensor q(DType::kF32, shape, Tensor::PaddedStrides(shape, 3), 1);
@@ -1087,8 +1057,7 @@ TEST(DecodeDeterminism, StridedViewsAndOptionalLseBitwise) {
     p.lse = lse.view();
     Status st = RunWith(p);
     ASSERT_TRUE(st.ok()) << st.ToString();
-    EXPECT_TRUE(out.BitwiseEqual(want.out)) << "strided out";
-    EXPECT_TRUE(lse.BitwiseEqual(want.lse)) << "strided lse";
+    ExpectSameOutputs(out, lse, want, "strided");
     EXPECT_TRUE(out.OutsideViewUntouched());
     EXPECT_TRUE(lse.OutsideViewUntouched());
 
@@ -1108,30 +1077,16 @@ TEST(DecodeDeterminism, StridedViewsAndOptionalLseBitwise) {
 // Empty caches (out exactly 0, lse -inf, no NaN), one-token caches, causal rows at negative
 // positions, and an empty batch.
 TEST(DecodeRegression, EmptyAndOneTokenCaches) {
-  for (KVDType kv :
-       {KVDType::kF32, KVDType::kBF16, KVDType::kF16, KVDType::kInt8, KVDType::kInt4}) {
+  for (KVDType kv : kAllKvDTypes) {
     for (int64_t ps : {0, 16}) {
       for (bool causal : {false, true}) {
-        Case c;
-        c.kv = kv;
-        c.page_size = ps;
-        c.num_q = 3;
-        c.dim = 64;
-        c.heads_kv = 2;
-        c.group = 2;
+        Case c = MakeCase(kv, ps, 3, 64, 2, 2, {0, 1, 0, 2}, "tiny");
         c.causal = causal;
-        c.lens = {0, 1, 0, 2};
-        c.tag = "tiny";
         SCOPED_TRACE(test::Repro(c.Name()));
         TestCache cache;
         ASSERT_NO_FATAL_FAILURE(BuildCache(c.Cache(), &cache));
         DecodeRun r;
-        MakeRun(c, &cache, &r);
-        Reference ref;
-        ASSERT_NO_FATAL_FAILURE(ComputeReference(r.params, &ref));
-        const Status st = RunWith(r.params);
-        ASSERT_TRUE(st.ok()) << st.ToString();
-        ExpectMatchesReference(r.params, ref, r.out, &r.lse);
+        ASSERT_NO_FATAL_FAILURE(RunAndCheck(c, &cache, &r));
         // Rows that see no key: sequences 0 and 2, and under causal the rows of sequences 1 and 3
         // at negative positions (len - Q + i < 0).
         for (int64_t b = 0; b < c.batch(); ++b) {
@@ -1174,20 +1129,11 @@ TEST(DecodeRegression, EmptyAndOneTokenCaches) {
 // Garbage (NaN) in every pool byte no sequence owns: slots past a sequence's length in its last
 // page and pages no sequence uses are never read, or never reach an output.
 TEST(DecodeRegression, UnusedSlotsAndPagesNeverReachTheOutput) {
-  for (KVDType kv :
-       {KVDType::kF32, KVDType::kBF16, KVDType::kF16, KVDType::kInt8, KVDType::kInt4}) {
+  for (KVDType kv : kAllKvDTypes) {
     for (int64_t ps : {0, 16, 256}) {
-      Case c;
-      c.kv = kv;
-      c.page_size = ps;
-      c.num_q = 4;
-      c.dim = 40;
-      c.heads_kv = 2;
-      c.group = 2;
+      Case c = MakeCase(kv, ps, 4, 40, 2, 2, {1, 17, 203, 5}, "poison");
       c.causal = true;
       c.split_tokens = 64;
-      c.lens = {1, 17, 203, 5};
-      c.tag = "poison";
       SCOPED_TRACE(test::Repro(c.Name()));
       CacheSpec spec = c.Cache();
       spec.poison = true;
@@ -1195,14 +1141,9 @@ TEST(DecodeRegression, UnusedSlotsAndPagesNeverReachTheOutput) {
       TestCache cache;
       ASSERT_NO_FATAL_FAILURE(BuildCache(spec, &cache));
       DecodeRun r;
-      MakeRun(c, &cache, &r);
-      Reference ref;
-      ASSERT_NO_FATAL_FAILURE(ComputeReference(r.params, &ref));
-      const Status st = RunWith(r.params);
-      ASSERT_TRUE(st.ok()) << st.ToString();
+      ASSERT_NO_FATAL_FAILURE(RunAndCheck(c, &cache, &r));
       EXPECT_TRUE(r.out.AllFinite());
       for (double x : r.lse.ToVector()) ASSERT_FALSE(std::isnan(x)) << "NaN in lse";
-      ExpectMatchesReference(r.params, ref, r.out, &r.lse);
     }
   }
 }
@@ -1210,15 +1151,8 @@ TEST(DecodeRegression, UnusedSlotsAndPagesNeverReachTheOutput) {
 // A NaN in a visible V row of an f32 cache reaches every output row of that sequence and of
 // that KV head's query heads, and nothing else.
 TEST(DecodeRegression, NanInVisibleValuePropagates) {
-  Case c;
-  c.page_size = 16;
-  c.num_q = 3;
-  c.dim = 64;
-  c.heads_kv = 2;
-  c.group = 2;
+  Case c = MakeCase(KVDType::kF32, 16, 3, 64, 2, 2, {203, 100, 17}, "nan");
   c.split_tokens = 64;
-  c.lens = {203, 100, 17};
-  c.tag = "nan";
   SCOPED_TRACE(test::Repro(c.Name()));
   TestCache cache;
   ASSERT_NO_FATAL_FAILURE(BuildCache(c.Cache(), &cache));
@@ -1262,18 +1196,10 @@ TEST(DecodeRegression, VeryNegativeLogits) {
                                {KVDType::kF32, DType::kF32, 64},
                                {KVDType::kBF16, DType::kBF16, 0},
                                {KVDType::kBF16, DType::kBF16, 64}}) {
-    Case c;
-    c.kv = kv;
+    Case c = MakeCase(kv, 16, 4, 64, 2, 2, {65, 129, 3}, "neglogits");
     c.dtype = dt;
-    c.page_size = 16;
-    c.num_q = 4;
-    c.dim = 64;
-    c.heads_kv = 2;
-    c.group = 2;
     c.causal = true;
     c.split_tokens = split;
-    c.lens = {65, 129, 3};
-    c.tag = "neglogits";
     SCOPED_TRACE(test::Repro(c.Name()));
     // Every draw's outputs and LSEs, concatenated: the checks take the largest error over all.
     std::vector<double> out, ref_out, naive_out, lse, ref_lse, naive_lse;
@@ -1324,25 +1250,13 @@ TEST(DecodeRegression, VeryNegativeLogits) {
 
 TEST(DecodeQuantized, ErrorAgainstTheUnquantizedCache) {
   for (KVDType kv : {KVDType::kInt8, KVDType::kInt4}) {
-    Case c;
-    c.kv = kv;
-    c.page_size = 16;
-    c.num_q = 1;
-    c.dim = 128;
-    c.heads_kv = 2;
-    c.group = 4;
-    c.lens = {LongLen(), 512, 203, 17};
-    c.tag = "report";
+    const Case c = MakeCase(kv, 16, 1, 128, 2, 4, {LongLen(), 512, 203, 17}, "report");
     SCOPED_TRACE(test::Repro(c.Name()));
     TestCache cache;
     ASSERT_NO_FATAL_FAILURE(BuildCache(c.Cache(), &cache));
     DecodeRun r;
-    MakeRun(c, &cache, &r);
     Reference ref;
-    ASSERT_NO_FATAL_FAILURE(ComputeReference(r.params, &ref));
-    const Status st = RunWith(r.params);
-    ASSERT_TRUE(st.ok()) << st.ToString();
-    ExpectMatchesReference(r.params, ref, r.out, &r.lse);
+    ASSERT_NO_FATAL_FAILURE(RunAndCheck(c, &cache, &r, &ref));
 
     // fp64 attention on the values as appended (before quantization).
     Packed pk;
@@ -1389,17 +1303,10 @@ TEST(DecodeQuantized, ErrorAgainstTheUnquantizedCache) {
 TEST(DecodePlan, ReusedAcrossDecodeStepsEqualsDecode) {
   for (KVDType kv : {KVDType::kF32, KVDType::kInt8}) {
     for (int64_t ps : {16, 0}) {
-      Case c;
-      c.kv = kv;
-      c.page_size = ps;
-      c.num_q = 1;
-      c.dim = 64;
-      c.heads_kv = 2;
-      c.group = 4;
-      c.causal = true;
       // 1 + 2 splits of the default size.
-      c.lens = {100, static_cast<int32_t>(kDefaultDecodeSplitTokens) + 88};
-      c.tag = "plan";
+      Case c = MakeCase(kv, ps, 1, 64, 2, 4,
+                        {100, static_cast<int32_t>(kDefaultDecodeSplitTokens) + 88}, "plan");
+      c.causal = true;
       SCOPED_TRACE(test::Repro(c.Name()));
       CacheSpec spec = c.Cache();
       spec.spare = 8;
@@ -1435,8 +1342,7 @@ TEST(DecodePlan, ReusedAcrossDecodeStepsEqualsDecode) {
         fresh.q.FromVector(r.q.ToVector());
         st = RunWith(fresh.params);
         ASSERT_TRUE(st.ok()) << st.ToString();
-        EXPECT_TRUE(out.BitwiseEqual(fresh.out)) << "RunDecode with the reused plan vs Decode";
-        EXPECT_TRUE(lse.BitwiseEqual(fresh.lse));
+        ExpectSameOutputs(out, lse, fresh, "RunDecode with the reused plan vs Decode");
         Reference ref;
         ASSERT_NO_FATAL_FAILURE(ComputeReference(p, &ref));
         ExpectMatchesReference(p, ref, out, &lse);
@@ -1450,12 +1356,8 @@ TEST(DecodePlan, ReusedAcrossDecodeStepsEqualsDecode) {
 TEST(DecodePlan, DefaultSplitSizeFollowsThePageSize) {
   for (int64_t ps : {1, 2, 3, 4, 16, 0}) {
     for (int64_t given : {0, 64}) {
-      Case c;
-      c.page_size = ps;
+      Case c = MakeCase(KVDType::kF32, ps, 1, 64, 2, 1, {10, 40}, "defsplit");
       c.split_tokens = given;
-      c.dim = 64;
-      c.lens = {10, 40};
-      c.tag = "defsplit";
       SCOPED_TRACE(test::Repro(c.Name()));
       TestCache cache;
       ASSERT_NO_FATAL_FAILURE(BuildCache(c.Cache(), &cache));
@@ -1480,15 +1382,8 @@ bool MentionsPlan(const std::string& message) {
 }
 
 TEST(DecodePlan, MismatchedOrInvalidPlansAreRejected) {
-  Case c;
-  c.page_size = 16;
-  c.num_q = 2;
-  c.dim = 64;
-  c.heads_kv = 2;
-  c.group = 2;
-  c.lens = {100, 600};
+  Case c = MakeCase(KVDType::kF32, 16, 2, 64, 2, 2, {100, 600}, "badplan");
   c.split_tokens = 512;
-  c.tag = "badplan";
   SCOPED_TRACE(test::Repro(c.Name()));
   CacheSpec spec = c.Cache();
   spec.spare = 500;
@@ -1564,14 +1459,7 @@ TEST(DecodePlan, MismatchedOrInvalidPlansAreRejected) {
 
 TEST(DecodeErrors, RejectedArgumentsWriteNothing) {
   for (int64_t ps : {16, 0}) {
-    Case c;
-    c.page_size = ps;
-    c.num_q = 2;
-    c.dim = 64;
-    c.heads_kv = 2;
-    c.group = 2;
-    c.lens = {17, 40};
-    c.tag = "errors";
+    const Case c = MakeCase(KVDType::kF32, ps, 2, 64, 2, 2, {17, 40}, "errors");
     SCOPED_TRACE(test::Repro(c.Name()));
     TestCache cache;
     ASSERT_NO_FATAL_FAILURE(BuildCache(c.Cache(), &cache));

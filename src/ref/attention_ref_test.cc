@@ -86,7 +86,7 @@ std::vector<std::string> VisibleKeys(int64_t sq, int64_t sk,
 using Rows = std::vector<std::string>;
 
 TEST(AttentionRef, CausalAlignmentWorkedExamples) {
-  // ALGORITHMS.md §2.5: (Lq, Lk) = (2, 5) and (5, 2) under both alignments.
+  // (Lq, Lk) = (2, 5) and (5, 2) under both alignments.
   auto causal = [](MaskAlign align) {
     return [align](AttentionParams* p) {
       p->causal = true;

@@ -88,7 +88,7 @@ NeighborhoodMask Neighborhood1D(int64_t L, int64_t K, int64_t dilation = 1, int6
 }
 
 // ---------------------------------------------------------------------------------------------
-// Neighborhood attention (ALGORITHMS.md §4.2).
+// Neighborhood attention (tessera/mask.h).
 
 TEST(MaskRef, NeighborhoodInteriorQueryWithOddWindowSeesItsCentredWindow) {
   for (int64_t K : {1, 3, 5, 7}) {
