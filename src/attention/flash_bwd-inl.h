@@ -44,8 +44,8 @@
 #include <vector>
 
 #include "attention/attention_problem.h"
-#include "attention/flash_fwd.h"
 #include "attention/mask_policy.h"
+#include "core/dispatch.h"
 #include "core/parallel.h"
 #include "simd/convert-inl.h"
 #include "simd/fast_exp-inl.h"
@@ -597,8 +597,8 @@ bool FlashBackward(const AttentionBackwardProblem& bp, int32_t threads, bool fas
   if (!delta) return false;
   const int64_t chunk = 64;
   ParallelFor(threads, hwy::DivCeil(q_rows, chunk), [&](int64_t task, int32_t) {
-    HWY_ALIGN float o_row[flash::kMaxHeadDim];
-    HWY_ALIGN float do_row[flash::kMaxHeadDim];
+    HWY_ALIGN float o_row[kMaxHeadDim];
+    HWY_ALIGN float do_row[kMaxHeadDim];
     for (int64_t row = task * chunk; row < std::min((task + 1) * chunk, q_rows); ++row) {
       const int64_t b = p.varlen() ? 0 : row / p.seq_q;
       const int64_t token = p.varlen() ? row : row % p.seq_q;
@@ -661,13 +661,13 @@ bool FlashBackward(const AttentionBackwardProblem& bp, int32_t threads, bool fas
                   t, s, mask_rows.empty() ? nullptr : &mask_rows[static_cast<size_t>(w)]);
     });
   };
-  flash::DispatchHeadDim(fast, p.dim, run);
+  DispatchHeadDim(fast, p.dim, run);
 
   // dQ = scale * (partial_0 + partial_1 + ...), summed in group order, for the rows of every
   // sequence (rows with no visible key are 0).
   ParallelFor(threads, p.batch, [&](int64_t b, int32_t) {
     const int64_t row_base = p.varlen() ? 0 : b * p.seq_q;
-    HWY_ALIGN float sum[flash::kMaxHeadDim];
+    HWY_ALIGN float sum[kMaxHeadDim];
     for (int64_t t = p.q_begin(b); t < p.q_begin(b) + p.q_len(b); ++t) {
       for (int64_t h = 0; h < p.heads_q; ++h) {
         std::memcpy(sum, dq.rows(p, 0, h, row_base + t), dim * sizeof(float));

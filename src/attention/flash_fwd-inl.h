@@ -54,9 +54,10 @@
 #include <vector>
 
 #include "attention/attention_problem.h"
-#include "attention/flash_fwd.h"
+#include "attention/flash_tiles.h"
 #include "attention/mask_policy.h"
 #include "attention/softmax_tile-inl.h"
+#include "core/dispatch.h"
 #include "core/parallel.h"
 #include "simd/convert-inl.h"
 #include "simd/fast_exp-inl.h"
@@ -727,7 +728,7 @@ bool FlashForward(const AttentionProblem& p, int32_t threads, bool fast) {
                   mask_scratch[static_cast<size_t>(worker)]);
     });
   };
-  flash::DispatchHeadDim(fast, p.dim, run);
+  DispatchHeadDim(fast, p.dim, run);
   return true;
 }
 

@@ -32,8 +32,8 @@
 #include <string>
 #include <vector>
 
-#include "attention/flash_fwd.h"
 #include "core/check.h"
+#include "core/dispatch.h"
 #include "core/element.h"
 #include "decode/decode.h"
 #include "kvcache/kv_validate.h"
@@ -282,7 +282,7 @@ Status RunDecode(const DecodePlan& plan, const DecodeParams& params, const Conte
   }
   if (ctx.path == Path::kReference) return RunReference(params, prob);
   bool fast = false;
-  s = flash::ChooseKernel(ctx, prob.dim, &fast);
+  s = ChooseKernel(ctx, prob.dim, &fast);
   if (!s.ok()) return s;
   if (!decode::RunDecodeKernel(prob, kv, sched, fast)) {
     return Status::Internal("RunDecode: could not allocate scratch");

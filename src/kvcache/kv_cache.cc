@@ -38,7 +38,6 @@
 namespace tessera {
 namespace {
 
-using kvquant::kMaxHeadDim;
 using kvquant::kMaxPageSize;
 
 std::string Field(const char* arg, const char* field) { return std::string(arg) + "." + field; }
