@@ -56,11 +56,11 @@
 #include "attention/attention_problem.h"
 #include "attention/flash_tiles.h"
 #include "attention/mask_policy.h"
-#include "attention/softmax_tile-inl.h"
 #include "core/dispatch.h"
 #include "core/parallel.h"
 #include "simd/convert-inl.h"
 #include "simd/fast_exp-inl.h"
+#include "simd/online_softmax-inl.h"
 #include "simd/tile_gemm-inl.h"
 
 HWY_BEFORE_NAMESPACE();

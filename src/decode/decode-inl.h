@@ -61,12 +61,12 @@
 #include <vector>
 
 #include "attention/attention_problem.h"
-#include "attention/softmax_tile-inl.h"
 #include "core/element.h"
 #include "core/parallel.h"
 #include "decode/decode.h"
 #include "decode/merge_row.h"
 #include "simd/convert-inl.h"
+#include "simd/online_softmax-inl.h"
 #include "simd/tile_gemm-inl.h"
 
 #if HWY_ARCH_X86 && HWY_TARGET <= HWY_AVX3

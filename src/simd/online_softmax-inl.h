@@ -1,12 +1,14 @@
 // The online-softmax step on a score tile laid out key-major with query rows in lanes,
-// St[key][Mp], shared by the exact forward and decode. `State` provides the per-row arrays
-// (st, m, l, alpha, tile_max, pos, slope, lo, hi; see flash_fwd-inl.h's Scratch).
+// St[key][Mp], shared by the exact forward and decode (and the forward's sigmoid step). `State`
+// provides the per-row arrays (st, m, l, alpha, tile_max, pos, slope, lo, hi; see
+// flash_fwd-inl.h's Scratch). A SIMD building block of its own, so that decode uses it without
+// including the attention kernels.
 
-#if defined(TESSERA_ATTENTION_SOFTMAX_TILE_INL_H_) == defined(HWY_TARGET_TOGGLE)
-#ifdef TESSERA_ATTENTION_SOFTMAX_TILE_INL_H_
-#undef TESSERA_ATTENTION_SOFTMAX_TILE_INL_H_
+#if defined(TESSERA_SIMD_ONLINE_SOFTMAX_INL_H_) == defined(HWY_TARGET_TOGGLE)
+#ifdef TESSERA_SIMD_ONLINE_SOFTMAX_INL_H_
+#undef TESSERA_SIMD_ONLINE_SOFTMAX_INL_H_
 #else
-#define TESSERA_ATTENTION_SOFTMAX_TILE_INL_H_
+#define TESSERA_SIMD_ONLINE_SOFTMAX_INL_H_
 #endif
 
 #include <hwy/contrib/math/math-inl.h>
@@ -141,4 +143,4 @@ void SigmoidTile(const AttentionProblem& p, State& s, size_t nkeys, size_t mp, i
 }  // namespace tessera
 HWY_AFTER_NAMESPACE();
 
-#endif  // TESSERA_ATTENTION_SOFTMAX_TILE_INL_H_
+#endif  // TESSERA_SIMD_ONLINE_SOFTMAX_INL_H_
