@@ -49,6 +49,7 @@
 #include "core/parallel.h"
 #include "simd/convert-inl.h"
 #include "simd/fast_exp-inl.h"
+#include "simd/score_mod-inl.h"
 #include "simd/tile_gemm-inl.h"
 
 HWY_BEFORE_NAMESPACE();
@@ -351,19 +352,17 @@ struct MaskRows {
     const DF df;
     const hn::RebindToSigned<DF> di;
     const auto k = hn::Load(di, key + j);
-    auto hidden = hn::And(hn::Or(hn::Lt(k, hn::Set(di, r.lo1)), hn::Gt(k, hn::Set(di, r.hi1))),
-                          hn::Or(hn::Lt(k, hn::Set(di, r.lo2)), hn::Gt(k, hn::Set(di, r.hi2))));
+    auto hidden = hn::And(KeyOutside(k, hn::Set(di, r.lo1), hn::Set(di, r.hi1)),
+                          KeyOutside(k, hn::Set(di, r.lo2), hn::Set(di, r.hi2)));
     const AttentionProblem::Masks& m = p->mask;
     for (int a = 0; a < m.grid_rank; ++a) {
       const auto c = hn::Load(di, kc[a] + j);
-      hidden = hn::Or(hidden,
-                      hn::Or(hn::Lt(c, hn::Set(di, r.glo[a])), hn::Gt(c, hn::Set(di, r.ghi[a]))));
+      hidden = hn::Or(hidden, KeyOutside(c, hn::Set(di, r.glo[a]), hn::Set(di, r.ghi[a])));
       if (m.dilation[a] > 1) {
         hidden = hn::Or(hidden, hn::Ne(hn::Load(di, kres[a] + j), hn::Set(di, r.gres[a])));
       }
     }
-    return hn::IfThenElse(hn::RebindMask(df, hidden),
-                          hn::Set(df, -std::numeric_limits<float>::infinity()), x);
+    return HideKeys(df, hidden, hn::Set(df, -std::numeric_limits<float>::infinity()), x);
   }
 };
 
@@ -391,32 +390,24 @@ inline void GradTileKeyLanes(const AttentionProblem& p, const GradMath& g, Scrat
     for (size_t j = 0; j < np; j += kLanes) {
       auto x = hn::Load(df, srow + j);
       auto capped = x;
-      if (g.softcap) x = capped = hn::Mul(g.cap, hn::Tanh(df, hn::Mul(x, g.inv_cap)));
-      if (alibi) {
-        const auto dist = hn::Abs(hn::Sub(row_pos, hn::Load(df, s.keyf + j)));
-        x = hn::NegMulAdd(hn::Set(df, slope), dist, x);
-      }
+      if (g.softcap) x = capped = SoftcapScore(df, x, g.cap, g.inv_cap);
+      if (alibi) x = AlibiScore(x, hn::Set(df, slope), row_pos, hn::Load(df, s.keyf + j));
       if (partial && rm != nullptr) {
         x = masked->Apply(*rm, s.key, j, x);
         if (bias != nullptr) x = hn::Add(x, hn::Load(df, bias + j));
       } else if (partial) {
-        const auto k = hn::Load(di, s.key + j);
-        const auto hidden = hn::Or(hn::Lt(k, lo), hn::Gt(k, hi));
-        x = hn::IfThenElse(hn::RebindMask(df, hidden), g.neg_inf, x);
+        x = HideKeys(df, KeyOutside(hn::Load(di, s.key + j), lo, hi), g.neg_inf, x);
       }
       hn::Vec<DF> prob, ds;
       if (sigmoid) {
         // P = sigmoid(x + b), dS = dP P (1 - P): no normalization, no Delta.
-        prob = hn::Div(one, hn::Add(one, hn::Exp(df, hn::Neg(hn::Add(x, sigmoid_bias)))));
-        ds = hn::Mul(hn::Load(df, dprow + j), hn::Mul(prob, hn::Sub(one, prob)));
+        prob = SigmoidScore(df, x, sigmoid_bias, one);
+        ds = SigmoidGrad(hn::Load(df, dprow + j), prob, one);
       } else {
         prob = FastExp2(df, hn::Mul(hn::Sub(x, row_lse), g.log2e));
         ds = hn::Mul(prob, hn::Sub(hn::Load(df, dprow + j), row_delta));
       }
-      if (g.softcap) {
-        const auto t = hn::Mul(capped, g.inv_cap);
-        ds = hn::Mul(ds, hn::NegMulAdd(t, t, hn::Set(df, 1.0f)));
-      }
+      if (g.softcap) ds = SoftcapGrad(df, ds, capped, g.inv_cap);
       hn::Store(prob, df, srow + j);
       hn::Store(ds, df, dprow + j);
     }

@@ -61,6 +61,7 @@
 #include "simd/convert-inl.h"
 #include "simd/fast_exp-inl.h"
 #include "simd/online_softmax-inl.h"
+#include "simd/score_mod-inl.h"
 #include "simd/tile_gemm-inl.h"
 
 HWY_BEFORE_NAMESPACE();
@@ -201,18 +202,15 @@ struct PolicyPredicate {
     const DF df;
     const hn::RebindToSigned<DF> di;
     const auto k = hn::Set(di, static_cast<int32_t>(key));
-    auto hidden =
-        hn::And(hn::Or(hn::Lt(k, hn::Load(di, lo + i)), hn::Gt(k, hn::Load(di, hi + i))),
-                hn::Or(hn::Lt(k, hn::Load(di, lo2 + i)), hn::Gt(k, hn::Load(di, hi2 + i))));
+    auto hidden = hn::And(KeyOutside(k, hn::Load(di, lo + i), hn::Load(di, hi + i)),
+                          KeyOutside(k, hn::Load(di, lo2 + i), hn::Load(di, hi2 + i)));
     for (int32_t a = 0; a < rank; ++a) {
       const auto c = hn::Set(di, kc[a][j]);
-      hidden = hn::Or(
-          hidden, hn::Or(hn::Lt(c, hn::Load(di, glo[a] + i)), hn::Gt(c, hn::Load(di, ghi[a] + i))));
+      hidden = hn::Or(hidden, KeyOutside(c, hn::Load(di, glo[a] + i), hn::Load(di, ghi[a] + i)));
       if (dilated[a])
         hidden = hn::Or(hidden, hn::Ne(hn::Set(di, kres[a][j]), hn::Load(di, gres[a] + i)));
     }
-    x = hn::IfThenElse(hn::RebindMask(df, hidden),
-                       hn::Set(df, -std::numeric_limits<float>::infinity()), x);
+    x = HideKeys(df, hidden, hn::Set(df, -std::numeric_limits<float>::infinity()), x);
     if (bias != nullptr) x = hn::Add(x, hn::Load(df, bias + j * mp + i));
     return x;
   }

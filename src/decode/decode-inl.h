@@ -67,6 +67,7 @@
 #include "decode/merge_row.h"
 #include "simd/convert-inl.h"
 #include "simd/online_softmax-inl.h"
+#include "simd/score_mod-inl.h"
 #include "simd/tile_gemm-inl.h"
 
 #if HWY_ARCH_X86 && HWY_TARGET <= HWY_AVX3
@@ -698,13 +699,13 @@ void SoftmaxNarrow(const AttentionProblem& p, const HeadState& hs, const float* 
     VF x = hn::Load(df, col);
     const auto key = hn::Add(lane_key, hn::Set(di, static_cast<int32_t>(key0 + int64_t(j))));
     if (quant) x = hn::MulAdd(hn::Mul(a4, per_key(kstep, j)), x, hn::Mul(b4, per_key(kmin, j)));
-    if (softcap) x = hn::Mul(cap, hn::Tanh(df, hn::Mul(x, inv_cap)));
-    if (alibi) x = hn::NegMulAdd(slope, hn::Abs(hn::Sub(pos, hn::ConvertTo(df, key))), x);
+    if (softcap) x = SoftcapScore(df, x, cap, inv_cap);
+    if (alibi) x = AlibiScore(x, slope, pos, hn::ConvertTo(df, key));
     if (partial || tail) {
-      auto hidden = hn::Or(hn::Lt(key, lo), hn::Gt(key, hi));
+      auto hidden = KeyOutside(key, lo, hi);
       const auto end = hn::Set(di, static_cast<int32_t>(key0 + static_cast<int64_t>(nkeys)));
       hidden = hn::Or(hidden, hn::Not(hn::Lt(key, end)));
-      x = hn::IfThenElse(hn::RebindMask(df, hidden), neg_inf, x);
+      x = HideKeys(df, hidden, neg_inf, x);
     }
     hn::Store(x, df, col);
     mx = hn::Max(mx, x);
