@@ -1,4 +1,5 @@
-// Internal, SIMD-free: tile sizes of the exact forward kernel, shared with tests and benchmarks.
+// Internal, SIMD-free: tile sizes of the exact forward and backward kernels, shared with their
+// mask tiling (mask_tiles-inl.h), tests and benchmarks.
 // (Kernel selection and head-dim dispatch, shared by every kernel family, are in core/dispatch.h.)
 #pragma once
 
@@ -21,6 +22,11 @@ constexpr int64_t kKeyTile = 128;
 inline int64_t QueryBlock(int64_t group) {
   return group >= kRowsTarget ? 1 : kRowsTarget / (group > 0 ? group : 1);
 }
+
+// Backward: keys per block (the SIMD lanes of a task's tiles) and query rows per inner tile of a
+// task. Tile boundaries are fixed multiples of these from 0, which fixes every reduction order.
+constexpr int64_t kKeyBlock = 96;
+constexpr int64_t kQueryTile = 128;
 
 }  // namespace flash
 }  // namespace tessera
