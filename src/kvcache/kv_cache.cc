@@ -30,7 +30,7 @@
 
 #include "core/check.h"
 #include "core/element.h"
-#include "core/pages.h"
+#include "core/huge_pages.h"
 #include "core/parallel.h"
 #include "kvcache/kv_quant.h"
 #include "kvcache/kv_validate.h"
