@@ -486,10 +486,10 @@ void RunUnit(const AttentionProblem& p, const decode::KvSource& kv, const decode
 #endif
         const float* pt = t.st + j_begin * mp;
         if (j_begin == 0) {
-          AccumulateHead<kDp, true, T>(rows, t.vrow, j_end, pt, mp, s.alpha, acc, dp);
+          AccumulatePvHead<kDp, true, T>(rows, t.vrow, j_end, pt, mp, s.alpha, acc, dp);
         } else {
-          AccumulateHead<kDp, false, T>(rows, t.vrow + j_begin, j_end - j_begin, pt, mp, s.alpha,
-                                        acc, dp);
+          AccumulatePvHead<kDp, false, T>(rows, t.vrow + j_begin, j_end - j_begin, pt, mp, s.alpha,
+                                          acc, dp);
         }
       };
 

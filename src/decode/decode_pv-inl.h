@@ -39,9 +39,9 @@ namespace hn = hwy::HWY_NAMESPACE;
 // Quantized rows (T = uint8_t codes) accumulate the codes: the softmax step has already folded
 // the rows' steps into the probabilities (and their minimums into the row offset vbias).
 template <int kRows, int kVecs, bool kRescale, class T>
-HWY_INLINE void AccumulateBlock(const uint8_t* const* v, size_t nkeys, size_t c0,
-                                const float* HWY_RESTRICT pt, size_t mp, const float* alpha,
-                                float* HWY_RESTRICT acc, size_t dp) {
+HWY_INLINE void AccumulatePvBlock(const uint8_t* const* v, size_t nkeys, size_t c0,
+                                  const float* HWY_RESTRICT pt, size_t mp, const float* alpha,
+                                  float* HWY_RESTRICT acc, size_t dp) {
   const DF df;
   VF o[kRows][kVecs];
   for (int i = 0; i < kRows; ++i) {
@@ -65,37 +65,38 @@ HWY_INLINE void AccumulateBlock(const uint8_t* const* v, size_t nkeys, size_t c0
 }
 
 template <int kRows, size_t kDp, bool kRescale, class T>
-HWY_INLINE void AccumulateRows(const uint8_t* const* v, size_t nkeys, const float* pt, size_t mp,
-                               const float* alpha, float* acc, size_t dp) {
+HWY_INLINE void AccumulatePvRows(const uint8_t* const* v, size_t nkeys, const float* pt, size_t mp,
+                                 const float* alpha, float* acc, size_t dp) {
   if (kDp != 0) dp = kDp;
   size_t c = 0;
   for (; c + 4 * kLanes <= dp; c += 4 * kLanes) {
-    AccumulateBlock<kRows, 4, kRescale, T>(v, nkeys, c, pt, mp, alpha, acc, dp);
+    AccumulatePvBlock<kRows, 4, kRescale, T>(v, nkeys, c, pt, mp, alpha, acc, dp);
   }
   for (; c < dp; c += kLanes) {
-    AccumulateBlock<kRows, 1, kRescale, T>(v, nkeys, c, pt, mp, alpha, acc, dp);
+    AccumulatePvBlock<kRows, 1, kRescale, T>(v, nkeys, c, pt, mp, alpha, acc, dp);
   }
 }
 
 template <size_t kDp, bool kRescale, class T>
-HWY_INLINE void AccumulateHead(int64_t rows, const uint8_t* const* v, size_t nkeys, const float* pt,
-                               size_t mp, const float* alpha, float* acc, size_t dp) {
+HWY_INLINE void AccumulatePvHead(int64_t rows, const uint8_t* const* v, size_t nkeys,
+                                 const float* pt, size_t mp, const float* alpha, float* acc,
+                                 size_t dp) {
   for (int64_t r0 = 0; r0 < rows; r0 += 4) {
     const float* p = pt + r0;
     const float* a = alpha + r0;
     float* o = acc + static_cast<size_t>(r0) * (kDp != 0 ? kDp : dp);
     switch (std::min<int64_t>(4, rows - r0)) {
       case 1:
-        AccumulateRows<1, kDp, kRescale, T>(v, nkeys, p, mp, a, o, dp);
+        AccumulatePvRows<1, kDp, kRescale, T>(v, nkeys, p, mp, a, o, dp);
         break;
       case 2:
-        AccumulateRows<2, kDp, kRescale, T>(v, nkeys, p, mp, a, o, dp);
+        AccumulatePvRows<2, kDp, kRescale, T>(v, nkeys, p, mp, a, o, dp);
         break;
       case 3:
-        AccumulateRows<3, kDp, kRescale, T>(v, nkeys, p, mp, a, o, dp);
+        AccumulatePvRows<3, kDp, kRescale, T>(v, nkeys, p, mp, a, o, dp);
         break;
       default:
-        AccumulateRows<4, kDp, kRescale, T>(v, nkeys, p, mp, a, o, dp);
+        AccumulatePvRows<4, kDp, kRescale, T>(v, nkeys, p, mp, a, o, dp);
         break;
     }
   }
