@@ -69,7 +69,7 @@ bool RoutesToDecode(const AttentionProblem& p) {
 }
 
 Status RunAsDecode(const AttentionProblem& p, const Context& ctx, bool fast) {
-  decode::KvSource kv;
+  decode::KVSource kv;
   kv.dtype = p.dtype == DType::kF32    ? KVDType::kF32
              : p.dtype == DType::kBF16 ? KVDType::kBF16
                                        : KVDType::kF16;

@@ -127,7 +127,7 @@ struct PreparedQueries {
 };
 
 // Fills q with sequence b's rows for KV head h (padding rows zero).
-HWY_INLINE void PrepareQueries(const AttentionProblem& p, const decode::KvSource& kv, size_t dp,
+HWY_INLINE void PrepareQueries(const AttentionProblem& p, const decode::KVSource& kv, size_t dp,
                                size_t dc, size_t mp, size_t rp, int64_t b, int64_t h,
                                const QueryRows& q) {
   const size_t dim = static_cast<size_t>(p.dim);
@@ -190,7 +190,7 @@ struct UnitShape {
 // Fills slot t with head h's keys [a, a + nkeys): points krow / vrow at the rows (zero rows up
 // to the next multiple of 4), staging them first where they cannot be read in place, and
 // gathers the quantized rows' scales.
-HWY_INLINE void GatherTile(const decode::KvSource& kv, const UnitShape& sh, int64_t b, int64_t a,
+HWY_INLINE void GatherTile(const decode::KVSource& kv, const UnitShape& sh, int64_t b, int64_t a,
                            size_t nkeys, int64_t h, const uint8_t* zero, TileSlot& t) {
   const bool quant = KVDTypeIsQuantized(kv.dtype);
   const size_t elem = kv.dtype == KVDType::kF32 ? 4 : 2;
@@ -204,7 +204,7 @@ HWY_INLINE void GatherTile(const decode::KvSource& kv, const UnitShape& sh, int6
   // Run by run of keys that share a page: one page lookup per run, then fixed strides.
   for (size_t j = 0; j < nkeys;) {
     const int64_t key = a + static_cast<int64_t>(j);
-    const decode::KvSource::Row row = kv.locate(b, key);
+    const decode::KVSource::Row row = kv.locate(b, key);
     const size_t run =
         static_cast<size_t>(std::min<int64_t>(kv.same_page(key), static_cast<int64_t>(nkeys - j)));
     const uint8_t* krow = kv.k + kv.k_offset(row, h);
@@ -261,7 +261,7 @@ HWY_INLINE void GatherTile(const decode::KvSource& kv, const UnitShape& sh, int6
 
 // T: the element type of the rows (float, hwy::float16_t, hwy::bfloat16_t, or uint8_t codes).
 template <size_t kDp, class T>
-void RunUnit(const AttentionProblem& p, const decode::KvSource& kv, const decode::DecodeUnit& u,
+void RunUnit(const AttentionProblem& p, const decode::KVSource& kv, const decode::DecodeUnit& u,
              const UnitShape& sh, const PreparedQueries& queries, Scratch& s, float* partial_out,
              double* partial_lse) {
   const DF df;
@@ -366,7 +366,7 @@ void RunUnit(const AttentionProblem& p, const decode::KvSource& kv, const decode
                 kr = reinterpret_cast<const char*>(t.krow[j]) + kPrefetchKeys * kv.k_token_stride;
                 vr = reinterpret_cast<const char*>(t.vrow[j]) + kPrefetchKeys * kv.v_token_stride;
               } else {
-                const decode::KvSource::Row row = kv.locate(b, key);
+                const decode::KVSource::Row row = kv.locate(b, key);
                 kr = reinterpret_cast<const char*>(kv.k + kv.k_offset(row, h));
                 vr = reinterpret_cast<const char*>(kv.v + kv.v_offset(row, h));
               }
@@ -600,7 +600,7 @@ inline Workspace& CallerWorkspace() {
 
 // Runs every unit of the schedule, then merges the partial states of multi-split sequences in
 // split order. Returns false when scratch could not be allocated.
-bool DecodeKernel(const AttentionProblem& p, const decode::KvSource& kv,
+bool DecodeKernel(const AttentionProblem& p, const decode::KVSource& kv,
                   const internal::DecodeSchedule& sched, bool fast) {
   using namespace decode_impl;  // NOLINT
   if (sched.units.empty()) return true;
