@@ -4,7 +4,10 @@
 // keys x rows in one vector) and the backward (GradTileKeyLanes, keys in lanes) lay scores out
 // differently but apply the same arithmetic per lane in the same order (softcap, ALiBi, mask, then
 // the score function), so each formula is written once, here. Every function is HWY_INLINE: the
-// kernels' loops compile as if the arithmetic were written out in them.
+// kernels' loops compile as if the arithmetic were written out in them. The constants the backward
+// keeps in its GradMath (cap, inv_cap, neg_inf) are taken by reference, so they are read where the
+// formula uses them as in written-out code (by value, GCC allocated the scalar target's registers
+// differently).
 
 #if defined(TESSERA_SIMD_SCORE_MOD_INL_H_) == defined(HWY_TARGET_TOGGLE)
 #ifdef TESSERA_SIMD_SCORE_MOD_INL_H_
@@ -23,14 +26,14 @@ namespace hn = hwy::HWY_NAMESPACE;
 
 // Softcap: s' = cap * tanh(s / cap) (inv_cap = 1 / cap).
 template <class D, class V = hn::Vec<D>>
-HWY_INLINE V SoftcapScore(D d, V x, V cap, V inv_cap) {
+HWY_INLINE V SoftcapScore(D d, V x, const V& cap, const V& inv_cap) {
   return hn::Mul(cap, hn::Tanh(d, hn::Mul(x, inv_cap)));
 }
 
 // The softcap's derivative applied to a score gradient: ds * (1 - (s' / cap)^2), from the capped
 // score s' (tanh' = 1 - tanh^2).
 template <class D, class V = hn::Vec<D>>
-HWY_INLINE V SoftcapGrad(D d, V ds, V capped, V inv_cap) {
+HWY_INLINE V SoftcapGrad(D d, V ds, V capped, const V& inv_cap) {
   const V t = hn::Mul(capped, inv_cap);
   return hn::Mul(ds, hn::NegMulAdd(t, t, hn::Set(d, 1.0f)));
 }
@@ -52,7 +55,7 @@ HWY_INLINE auto KeyOutside(VI k, VI lo, VI hi) -> decltype(hn::Lt(k, lo)) {
 // Hidden lanes (an integer-lane mask such as KeyOutside's) get the score neg_inf (= -inf), so
 // their probability is exactly 0 under softmax and sigmoid alike.
 template <class D, class M, class V = hn::Vec<D>>
-HWY_INLINE V HideKeys(D d, M hidden, V neg_inf, V x) {
+HWY_INLINE V HideKeys(D d, M hidden, const V& neg_inf, V x) {
   return hn::IfThenElse(hn::RebindMask(d, hidden), neg_inf, x);
 }
 
