@@ -24,7 +24,8 @@
 // (Sq * Hq floats) and R dQ partials (R * Sq * Hq * D floats), plus per-worker tiles.
 //
 // Masks, softcap and ALiBi are applied exactly as in the forward (same window per query
-// position, same order: softcap, ALiBi, mask); tiles no row can see are skipped.
+// position, same order: softcap, ALiBi, mask; simd/score_mod-inl.h and mask_tiles-inl.h); tiles
+// no row can see are skipped.
 
 #if defined(TESSERA_ATTENTION_FLASH_BWD_INL_H_) == defined(HWY_TARGET_TOGGLE)
 #ifdef TESSERA_ATTENTION_FLASH_BWD_INL_H_

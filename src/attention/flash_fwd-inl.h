@@ -34,7 +34,8 @@
 //
 // Masks: the mask is a window [pos - wl, pos + wr] per row (causal is (inf, 0)); each key tile
 // is classified against the task's rows as empty (never visited), full (no mask evaluated) or
-// partial (per-element vector predicate).
+// partial (per-element vector predicate); that mask code is in mask_tiles-inl.h, the softcap and
+// ALiBi arithmetic in simd/score_mod-inl.h.
 
 #if defined(TESSERA_ATTENTION_FLASH_FWD_INL_H_) == defined(HWY_TARGET_TOGGLE)
 #ifdef TESSERA_ATTENTION_FLASH_FWD_INL_H_
