@@ -10,6 +10,8 @@
 #define TESSERA_DECODE_DECODE_TILE_INL_H_
 #endif
 
+// The includes decode-inl.h had before the split, in their order (more than this file needs): the
+// translation unit keeps its definitions in the order they had, hence the same code placement.
 #include <hwy/aligned_allocator.h>
 #include <hwy/highway.h>
 
