@@ -24,7 +24,8 @@
 // (Sq * Hq floats) and R dQ partials (R * Sq * Hq * D floats), plus per-worker tiles.
 //
 // Masks, softcap and ALiBi are applied exactly as in the forward (same window per query
-// position, same order: softcap, ALiBi, mask); tiles no row can see are skipped.
+// position, same order: softcap, ALiBi, mask; simd/score_mod-inl.h and mask_tiles-inl.h); tiles
+// no row can see are skipped.
 
 #if defined(TESSERA_ATTENTION_FLASH_BWD_INL_H_) == defined(HWY_TARGET_TOGGLE)
 #ifdef TESSERA_ATTENTION_FLASH_BWD_INL_H_
@@ -44,11 +45,14 @@
 #include <vector>
 
 #include "attention/attention_problem.h"
-#include "attention/flash_fwd.h"
+#include "attention/flash_tiles.h"
 #include "attention/mask_policy.h"
+#include "attention/mask_tiles-inl.h"
+#include "core/dispatch.h"
 #include "core/parallel.h"
 #include "simd/convert-inl.h"
 #include "simd/fast_exp-inl.h"
+#include "simd/score_mod-inl.h"
 #include "simd/tile_gemm-inl.h"
 
 HWY_BEFORE_NAMESPACE();
@@ -58,10 +62,8 @@ namespace flash_bwd_impl {
 
 namespace hn = hwy::HWY_NAMESPACE;
 
-// Keys per block (the SIMD lanes of a task's tiles) and query rows per inner tile of a task.
-// Tile boundaries are fixed multiples of these from 0, which fixes every reduction order.
-constexpr int64_t kKeyBlock = 96;
-constexpr int64_t kQueryTile = 128;
+using flash::kKeyBlock;
+using flash::kQueryTile;
 // Tasks the key-block pass aims for: (sequence, KV head) pairs are split into groups of key
 // blocks until there are about this many, whatever the thread count (see FlashBackward).
 constexpr int64_t kTargetTasks = 16;
@@ -147,225 +149,8 @@ struct Scratch {
   }
 };
 
-// The masks of tessera/mask.h in the backward (keys in lanes): per query row of the task's GQA
-// group its intervals and neighborhood box (mask_policy.h), per query tile a conservative hull to
-// skip (query tile, key block) pairs no row can see, and per row of a partial tile a bias vector
-// over the key lanes for the block, dense and tree masks.
-struct RowMask {
-  int32_t lo1, hi1, lo2, hi2;
-  int32_t glo[3], ghi[3], gres[3];
-  const uint8_t* block_row;  // nullptr: no block mask
-  int64_t dense_row;         // element offset of the dense mask row
-  int64_t node;              // tree node (the query index)
-};
-
-struct TileHull {
-  int64_t lo1, hi1, lo2, hi2;
-  int64_t glo[3], ghi[3];
-};
-
-struct MaskRows {
-  const AttentionProblem* p;
-  std::vector<RowMask> rows;    // [G][q_len]
-  std::vector<TileHull> hulls;  // [G][query tiles]
-  int64_t q_len = 0, tiles = 0;
-  hwy::AlignedFreeUniquePtr<int32_t[]> key_ints;  // kc[3][Np], kres[3][Np]
-  hwy::AlignedFreeUniquePtr<float[]> bias;        // [kQueryTile][Np]
-  int32_t* kc[3];
-  int32_t* kres[3];
-  const RowMask* tile_rows[kQueryTile];
-  const float* tile_bias[kQueryTile];
-  int64_t key_lo[3], key_hi[3];  // coordinate hull of the current key block per axis
-
-  bool Allocate(size_t np) {
-    key_ints = hwy::AllocateAligned<int32_t>(6 * np);
-    bias = hwy::AllocateAligned<float>(static_cast<size_t>(kQueryTile) * np);
-    if (!key_ints || !bias) return false;
-    for (int a = 0; a < 3; ++a) {
-      kc[a] = key_ints.get() + static_cast<size_t>(a) * np;
-      kres[a] = key_ints.get() + static_cast<size_t>(3 + a) * np;
-    }
-    return true;
-  }
-
-  // Rows and hulls of the G heads of (sequence, KV head).
-  void Prepare(int64_t seq, int64_t kv_head, int64_t q_len_, int64_t k_len, int64_t delta) {
-    const AttentionProblem::Masks& m = p->mask;
-    q_len = q_len_;
-    tiles = hwy::DivCeil(q_len, kQueryTile);
-    rows.resize(static_cast<size_t>(p->group * q_len));
-    hulls.resize(static_cast<size_t>(p->group * tiles));
-    for (int64_t gi = 0; gi < p->group; ++gi) {
-      const int64_t head = kv_head * p->group + gi;
-      for (int64_t t = 0; t < tiles; ++t) {
-        TileHull& h = hulls[static_cast<size_t>(gi * tiles + t)];
-        h = TileHull{k_len, -1, k_len, -1, {0, 0, 0}, {-1, -1, -1}};
-        for (int a = 0; a < m.grid_rank; ++a) h.glo[a] = m.grid[a];
-        for (int64_t qi = t * kQueryTile; qi < std::min(q_len, (t + 1) * kQueryTile); ++qi) {
-          RowMask& r = rows[static_cast<size_t>(gi * q_len + qi)];
-          const int64_t pos = qi + delta;
-          const mask::ClippedIntervals iv =
-              mask::Clip(mask::Intervals(*p, seq, head, qi, pos, k_len), k_len);
-          r.lo1 = iv.lo1;
-          r.hi1 = iv.hi1;
-          r.lo2 = iv.lo2;
-          r.hi2 = iv.hi2;
-          if (r.lo1 <= r.hi1) {
-            h.lo1 = std::min<int64_t>(h.lo1, r.lo1);
-            h.hi1 = std::max<int64_t>(h.hi1, r.hi1);
-          }
-          if (r.lo2 <= r.hi2) {
-            h.lo2 = std::min<int64_t>(h.lo2, r.lo2);
-            h.hi2 = std::max<int64_t>(h.hi2, r.hi2);
-          }
-          if (m.grid_rank != 0) {
-            mask::AxisRange box[3];
-            mask::NeighborhoodBox(m, pos, box);
-            for (int a = 0; a < m.grid_rank; ++a) {
-              r.glo[a] = static_cast<int32_t>(box[a].lo);
-              r.ghi[a] = static_cast<int32_t>(box[a].hi);
-              r.gres[a] = static_cast<int32_t>(box[a].residue);
-              h.glo[a] = std::min(h.glo[a], box[a].lo);
-              h.ghi[a] = std::max(h.ghi[a], box[a].hi);
-            }
-          }
-          r.block_row = m.blocks == nullptr
-                            ? nullptr
-                            : m.blocks + seq * m.block_stride[0] + head * m.block_stride[1] +
-                                  qi / m.block_q * m.block_stride[2];
-          r.dense_row = seq * m.dense_stride[0] + head * m.dense_stride[1] + qi * m.dense_stride[2];
-          r.node = qi;
-        }
-      }
-    }
-  }
-
-  // Key coordinates of the key block [j0, j0 + nk) (padding lanes keep coordinate -2: hidden).
-  void SetKeys(int64_t j0, int64_t nk, size_t np) {
-    const AttentionProblem::Masks& m = p->mask;
-    for (int a = 0; a < m.grid_rank; ++a) key_lo[a] = m.grid[a], key_hi[a] = -1;
-    for (size_t j = 0; j < np; ++j) {
-      int64_t c[3] = {-2, -2, -2};
-      if (static_cast<int64_t>(j) < nk) mask::GridCoords(m, j0 + static_cast<int64_t>(j), c);
-      for (int a = 0; a < m.grid_rank; ++a) {
-        kc[a][j] = static_cast<int32_t>(c[a]);
-        kres[a][j] = static_cast<int32_t>(c[a] < 0 ? -1 : c[a] % m.dilation[a]);
-        if (c[a] >= 0) key_lo[a] = std::min(key_lo[a], c[a]), key_hi[a] = std::max(key_hi[a], c[a]);
-      }
-    }
-  }
-
-  // Whether some row of query tile `t` of head `gi` may see a key of [j0, j1) (conservative).
-  bool TileMaySee(int64_t gi, int64_t t, int64_t j0, int64_t j1) const {
-    const AttentionProblem::Masks& m = p->mask;
-    const TileHull& h = hulls[static_cast<size_t>(gi * tiles + t)];
-    const bool in1 = std::max(h.lo1, j0) <= std::min(h.hi1, j1 - 1);
-    const bool in2 = std::max(h.lo2, j0) <= std::min(h.hi2, j1 - 1);
-    if (!in1 && !in2) return false;
-    for (int a = 0; a < m.grid_rank; ++a) {
-      if (std::max(h.glo[a], key_lo[a]) > std::min(h.ghi[a], key_hi[a])) return false;
-    }
-    if (m.blocks != nullptr) {
-      const int64_t q0 = t * kQueryTile, q1 = std::min(q_len, q0 + kQueryTile);
-      bool any = false;
-      for (int64_t qb = q0 / m.block_q; qb <= (q1 - 1) / m.block_q && !any; ++qb) {
-        const uint8_t* row =
-            rows[static_cast<size_t>(gi * q_len + std::max(q0, qb * m.block_q))].block_row;
-        for (int64_t kb = j0 / m.block_k; kb <= (j1 - 1) / m.block_k && !any; ++kb) {
-          any = row[kb * m.block_stride[3]] != 0;
-        }
-      }
-      if (!any) return false;
-    }
-    return true;
-  }
-
-  // Whether every row of [a, e) of head gi sees every key of [j0, j1) (then no predicate runs).
-  bool TileFull(int64_t gi, int64_t a, int64_t e, int64_t j0, int64_t j1) const {
-    const AttentionProblem::Masks& m = p->mask;
-    if (m.grid_rank != 0 || m.dense != nullptr || m.tree_parents != nullptr) return false;
-    for (int64_t qi = a; qi < e; ++qi) {
-      const RowMask& r = rows[static_cast<size_t>(gi * q_len + qi)];
-      if (!((r.lo1 <= j0 && r.hi1 >= j1 - 1) || (r.lo2 <= j0 && r.hi2 >= j1 - 1))) return false;
-      if (r.block_row != nullptr) {
-        for (int64_t kb = j0 / m.block_k; kb <= (j1 - 1) / m.block_k; ++kb) {
-          if (r.block_row[kb * m.block_stride[3]] == 0) return false;
-        }
-      }
-    }
-    return true;
-  }
-
-  // Points tile_rows / tile_bias at the rows [a, a + nrows) of head gi; bias vectors over the key
-  // block [j0, j0 + nk) for the block, dense and tree masks (rows of one block-mask row share one).
-  void SetTile(int64_t gi, int64_t a, size_t nrows, int64_t j0, int64_t nk, size_t np) {
-    const AttentionProblem::Masks& m = p->mask;
-    const bool per_row = m.dense != nullptr || m.tree_parents != nullptr;
-    const int64_t k_base = m.tree_parents != nullptr ? p->seq_k - m.tree_size : 0;
-    const uint8_t* last_block_row = nullptr;
-    const float* last_bias = nullptr;
-    size_t used = 0;
-    for (size_t r = 0; r < nrows; ++r) {
-      const RowMask& row = rows[static_cast<size_t>(gi * q_len + a) + r];
-      tile_rows[r] = &row;
-      tile_bias[r] = nullptr;
-      if (!per_row && m.blocks == nullptr) continue;
-      if (!per_row && row.block_row == last_block_row) {
-        tile_bias[r] = last_bias;
-        continue;
-      }
-      float* b = bias.get() + (used++) * np;
-      for (size_t j = 0; j < np; ++j) {
-        const int64_t key = j0 + static_cast<int64_t>(j);
-        float v = 0.0f;
-        if (static_cast<int64_t>(j) < nk) {
-          if (m.blocks != nullptr && row.block_row[key / m.block_k * m.block_stride[3]] == 0) {
-            v = -std::numeric_limits<float>::infinity();
-          }
-          if (m.dense != nullptr) {
-            const int64_t at = row.dense_row + key * m.dense_stride[3];
-            v += m.dense_dtype == DType::kF32 ? static_cast<const float*>(m.dense)[at]
-                                              : (static_cast<const uint8_t*>(m.dense)[at] != 0
-                                                     ? 0.0f
-                                                     : -std::numeric_limits<float>::infinity());
-          }
-          if (m.tree_parents != nullptr && key >= k_base) {
-            bool ancestor = false;
-            for (int64_t u = row.node; u >= 0 && !ancestor; u = m.tree_parents[u]) {
-              ancestor = u == key - k_base;
-            }
-            if (!ancestor) v = -std::numeric_limits<float>::infinity();
-          }
-        }
-        b[j] = v;
-      }
-      tile_bias[r] = b;
-      last_block_row = row.block_row;
-      last_bias = b;
-    }
-  }
-
-  // The interval and neighborhood part of the predicate for keys [j, j + kLanes) of a row.
-  HWY_INLINE hn::Vec<DF> Apply(const RowMask& r, const int32_t* key, size_t j,
-                               hn::Vec<DF> x) const {
-    const DF df;
-    const hn::RebindToSigned<DF> di;
-    const auto k = hn::Load(di, key + j);
-    auto hidden = hn::And(hn::Or(hn::Lt(k, hn::Set(di, r.lo1)), hn::Gt(k, hn::Set(di, r.hi1))),
-                          hn::Or(hn::Lt(k, hn::Set(di, r.lo2)), hn::Gt(k, hn::Set(di, r.hi2))));
-    const AttentionProblem::Masks& m = p->mask;
-    for (int a = 0; a < m.grid_rank; ++a) {
-      const auto c = hn::Load(di, kc[a] + j);
-      hidden = hn::Or(hidden,
-                      hn::Or(hn::Lt(c, hn::Set(di, r.glo[a])), hn::Gt(c, hn::Set(di, r.ghi[a]))));
-      if (m.dilation[a] > 1) {
-        hidden = hn::Or(hidden, hn::Ne(hn::Load(di, kres[a] + j), hn::Set(di, r.gres[a])));
-      }
-    }
-    return hn::IfThenElse(hn::RebindMask(df, hidden),
-                          hn::Set(df, -std::numeric_limits<float>::infinity()), x);
-  }
-};
+using mask_impl::MaskRows;
+using mask_impl::RowMask;
 
 // St (scores) and dPt (dP) of a tile of query rows, lanes = keys: dPt <- dS, St <- P.
 inline void GradTileKeyLanes(const AttentionProblem& p, const GradMath& g, Scratch& s, size_t nrows,
@@ -391,32 +176,24 @@ inline void GradTileKeyLanes(const AttentionProblem& p, const GradMath& g, Scrat
     for (size_t j = 0; j < np; j += kLanes) {
       auto x = hn::Load(df, srow + j);
       auto capped = x;
-      if (g.softcap) x = capped = hn::Mul(g.cap, hn::Tanh(df, hn::Mul(x, g.inv_cap)));
-      if (alibi) {
-        const auto dist = hn::Abs(hn::Sub(row_pos, hn::Load(df, s.keyf + j)));
-        x = hn::NegMulAdd(hn::Set(df, slope), dist, x);
-      }
+      if (g.softcap) x = capped = SoftcapScore(df, x, g.cap, g.inv_cap);
+      if (alibi) x = AlibiScore(x, hn::Set(df, slope), row_pos, hn::Load(df, s.keyf + j));
       if (partial && rm != nullptr) {
         x = masked->Apply(*rm, s.key, j, x);
         if (bias != nullptr) x = hn::Add(x, hn::Load(df, bias + j));
       } else if (partial) {
-        const auto k = hn::Load(di, s.key + j);
-        const auto hidden = hn::Or(hn::Lt(k, lo), hn::Gt(k, hi));
-        x = hn::IfThenElse(hn::RebindMask(df, hidden), g.neg_inf, x);
+        x = HideKeys(df, KeyOutside(hn::Load(di, s.key + j), lo, hi), g.neg_inf, x);
       }
       hn::Vec<DF> prob, ds;
       if (sigmoid) {
         // P = sigmoid(x + b), dS = dP P (1 - P): no normalization, no Delta.
-        prob = hn::Div(one, hn::Add(one, hn::Exp(df, hn::Neg(hn::Add(x, sigmoid_bias)))));
-        ds = hn::Mul(hn::Load(df, dprow + j), hn::Mul(prob, hn::Sub(one, prob)));
+        prob = SigmoidScore(df, x, sigmoid_bias, one);
+        ds = SigmoidGrad(hn::Load(df, dprow + j), prob, one);
       } else {
         prob = FastExp2(df, hn::Mul(hn::Sub(x, row_lse), g.log2e));
         ds = hn::Mul(prob, hn::Sub(hn::Load(df, dprow + j), row_delta));
       }
-      if (g.softcap) {
-        const auto t = hn::Mul(capped, g.inv_cap);
-        ds = hn::Mul(ds, hn::NegMulAdd(t, t, hn::Set(df, 1.0f)));
-      }
+      if (g.softcap) ds = SoftcapGrad(df, ds, capped, g.inv_cap);
       hn::Store(prob, df, srow + j);
       hn::Store(ds, df, dprow + j);
     }
@@ -597,8 +374,8 @@ bool FlashBackward(const AttentionBackwardProblem& bp, int32_t threads, bool fas
   if (!delta) return false;
   const int64_t chunk = 64;
   ParallelFor(threads, hwy::DivCeil(q_rows, chunk), [&](int64_t task, int32_t) {
-    HWY_ALIGN float o_row[flash::kMaxHeadDim];
-    HWY_ALIGN float do_row[flash::kMaxHeadDim];
+    HWY_ALIGN float o_row[kMaxHeadDim];
+    HWY_ALIGN float do_row[kMaxHeadDim];
     for (int64_t row = task * chunk; row < std::min((task + 1) * chunk, q_rows); ++row) {
       const int64_t b = p.varlen() ? 0 : row / p.seq_q;
       const int64_t token = p.varlen() ? row : row % p.seq_q;
@@ -661,13 +438,13 @@ bool FlashBackward(const AttentionBackwardProblem& bp, int32_t threads, bool fas
                   t, s, mask_rows.empty() ? nullptr : &mask_rows[static_cast<size_t>(w)]);
     });
   };
-  flash::DispatchHeadDim(fast, p.dim, run);
+  DispatchHeadDim(fast, p.dim, run);
 
   // dQ = scale * (partial_0 + partial_1 + ...), summed in group order, for the rows of every
   // sequence (rows with no visible key are 0).
   ParallelFor(threads, p.batch, [&](int64_t b, int32_t) {
     const int64_t row_base = p.varlen() ? 0 : b * p.seq_q;
-    HWY_ALIGN float sum[flash::kMaxHeadDim];
+    HWY_ALIGN float sum[kMaxHeadDim];
     for (int64_t t = p.q_begin(b); t < p.q_begin(b) + p.q_len(b); ++t) {
       for (int64_t h = 0; h < p.heads_q; ++h) {
         std::memcpy(sum, dq.rows(p, 0, h, row_base + t), dim * sizeof(float));

@@ -13,7 +13,7 @@
 #include <vector>
 
 #include "attention/attention_problem.h"
-#include "attention/flash_fwd.h"
+#include "core/dispatch.h"
 #include "core/element.h"
 #include "ref/attention_ref.h"
 #include "tessera/attention.h"
@@ -79,7 +79,7 @@ Status AttentionBackward(const AttentionBackwardParams& params, const Context& c
   if (!status.ok()) return status;
   if (ctx.path == Path::kReference) return RunReferenceBackward(params, problem);
   bool fast = false;
-  status = flash::ChooseKernel(ctx, problem.fwd.dim, &fast);
+  status = ChooseKernel(ctx, problem.fwd.dim, &fast);
   if (!status.ok()) return status;
   if (!HWY_DYNAMIC_DISPATCH(FlashBackward)(problem, ResolveThreads(ctx), fast)) {
     return Status::Internal("AttentionBackward: could not allocate the Delta buffer or scratch");

@@ -34,7 +34,8 @@
 //
 // Masks: the mask is a window [pos - wl, pos + wr] per row (causal is (inf, 0)); each key tile
 // is classified against the task's rows as empty (never visited), full (no mask evaluated) or
-// partial (per-element vector predicate).
+// partial (per-element vector predicate); that mask code is in mask_tiles-inl.h, the softcap and
+// ALiBi arithmetic in simd/score_mod-inl.h.
 
 #if defined(TESSERA_ATTENTION_FLASH_FWD_INL_H_) == defined(HWY_TARGET_TOGGLE)
 #ifdef TESSERA_ATTENTION_FLASH_FWD_INL_H_
@@ -54,12 +55,15 @@
 #include <vector>
 
 #include "attention/attention_problem.h"
-#include "attention/flash_fwd.h"
+#include "attention/flash_tiles.h"
 #include "attention/mask_policy.h"
-#include "attention/softmax_tile-inl.h"
+#include "attention/mask_tiles-inl.h"
+#include "core/dispatch.h"
 #include "core/parallel.h"
 #include "simd/convert-inl.h"
 #include "simd/fast_exp-inl.h"
+#include "simd/online_softmax-inl.h"
+#include "simd/score_mod-inl.h"
 #include "simd/tile_gemm-inl.h"
 
 HWY_BEFORE_NAMESPACE();
@@ -133,233 +137,13 @@ struct Task {
   }
 };
 
-// A tile of keys: pieces [first, first + count) of the task's piece list, nkeys keys in all.
-struct TilePlan {
-  size_t first, count;
-  int64_t nkeys;
-  bool contiguous;  // the pieces follow each other (the rows can be read in place)
-};
-
-// Per-worker state of the mask policy (mask_policy.h), allocated once per call and reused by the
-// worker's tasks.
-struct MaskScratch {
-  hwy::AlignedFreeUniquePtr<int32_t[]> ints;  // the per-row and per-key vectors below
-  int32_t *lo2, *hi2;                         // [Mp] second visible interval of each row
-  int32_t *glo[3], *ghi[3], *gres[3];         // [Mp] neighborhood box per axis
-  int32_t *keys, *kc[3], *kres[3];            // [kKeyTile] key index, grid coordinate, residue
-  hwy::AlignedFreeUniquePtr<float[]> bias;    // [kKeyTile][Mp] 0 / -inf / additive mask
-  std::vector<const uint8_t*> block_row;      // [rows] row of the block mask
-  std::vector<int64_t> dense_row;             // [rows] element offset of the dense mask row
-  std::vector<uint64_t> ancestors;            // [rows][words] tree nodes visible to the row
-  std::vector<uint8_t> seen;                  // [Sk] dense scan: some row sees the key
-  std::vector<mask::Run> intervals, runs, other, tmp, pieces;
-  std::vector<TilePlan> tiles;
-
-  bool Allocate(size_t mp, int64_t rows, int64_t seq_k) {
-    const size_t tile = static_cast<size_t>(flash::kKeyTile);
-    ints = hwy::AllocateAligned<int32_t>(11 * mp + 7 * tile);
-    bias = hwy::AllocateAligned<float>(tile * mp);
-    if (!ints || !bias) return false;
-    int32_t* q = ints.get();
-    auto take = [&](size_t n) {
-      int32_t* r = q;
-      q += n;
-      return r;
-    };
-    lo2 = take(mp);
-    hi2 = take(mp);
-    for (int a = 0; a < 3; ++a) {
-      glo[a] = take(mp);
-      ghi[a] = take(mp);
-      gres[a] = take(mp);
-    }
-    keys = take(tile);
-    for (int a = 0; a < 3; ++a) {
-      kc[a] = take(tile);
-      kres[a] = take(tile);
-    }
-    block_row.resize(static_cast<size_t>(rows));
-    dense_row.resize(static_cast<size_t>(rows));
-    seen.resize(static_cast<size_t>(seq_k));
-    return true;
-  }
-};
-
-// The predicate of partial tiles under the general mask: the row's two key intervals, then the
-// neighborhood box per grid axis, then the per-tile bias (block rows that differ within the task,
-// dense and tree masks).
-struct PolicyPredicate {
-  const int32_t *lo, *hi, *lo2, *hi2;
-  int32_t rank;
-  const int32_t *glo[3], *ghi[3], *gres[3], *kc[3], *kres[3];
-  bool dilated[3];
-  const float* bias;  // nullptr: none
-  size_t mp;
-
-  HWY_INLINE VF Apply(VF x, size_t i, size_t j, int64_t key) const {
-    const DF df;
-    const hn::RebindToSigned<DF> di;
-    const auto k = hn::Set(di, static_cast<int32_t>(key));
-    auto hidden =
-        hn::And(hn::Or(hn::Lt(k, hn::Load(di, lo + i)), hn::Gt(k, hn::Load(di, hi + i))),
-                hn::Or(hn::Lt(k, hn::Load(di, lo2 + i)), hn::Gt(k, hn::Load(di, hi2 + i))));
-    for (int32_t a = 0; a < rank; ++a) {
-      const auto c = hn::Set(di, kc[a][j]);
-      hidden = hn::Or(
-          hidden, hn::Or(hn::Lt(c, hn::Load(di, glo[a] + i)), hn::Gt(c, hn::Load(di, ghi[a] + i))));
-      if (dilated[a])
-        hidden = hn::Or(hidden, hn::Ne(hn::Set(di, kres[a][j]), hn::Load(di, gres[a] + i)));
-    }
-    x = hn::IfThenElse(hn::RebindMask(df, hidden),
-                       hn::Set(df, -std::numeric_limits<float>::infinity()), x);
-    if (bias != nullptr) x = hn::Add(x, hn::Load(df, bias + j * mp + i));
-    return x;
-  }
-};
-
-// Dense mask value of (row offset `off`, key j): 0 or -inf for a visibility mask, the additive
-// value otherwise.
-inline float DenseValue(const AttentionProblem::Masks& m, int64_t off, int64_t j) {
-  const int64_t at = off + j * m.dense_stride[3];
-  if (m.dense_dtype == DType::kF32) return static_cast<const float*>(m.dense)[at];
-  return static_cast<const uint8_t*>(m.dense)[at] != 0 ? 0.0f
-                                                       : -std::numeric_limits<float>::infinity();
-}
-
-// True when the dense visibility mask is the only per-tile bias and shows every key of the tile to
-// every row (a byte scan per row and piece): the tile then needs no bias. Most tiles of a dense
-// mask are like that (causal-like masks: all but the diagonal ones), and the scan costs a small
-// fraction of the per-(key, row) fill it saves.
-inline bool DenseRowsAllVisible(const AttentionProblem::Masks& m, const MaskScratch& ms,
-                                int64_t rows, const TilePlan& tile) {
-  if (m.dense == nullptr || m.tree_parents != nullptr || m.dense_dtype != DType::kU8 ||
-      m.dense_stride[3] != 1) {
-    return false;
-  }
-  for (int64_t r = 1; r < rows && m.blocks != nullptr; ++r) {
-    if (ms.block_row[static_cast<size_t>(r)] != ms.block_row[0]) return false;
-  }
-  const uint8_t* dense = static_cast<const uint8_t*>(m.dense);
-  for (int64_t r = 0; r < rows; ++r) {
-    const uint8_t* row = dense + ms.dense_row[static_cast<size_t>(r)];
-    for (size_t i = tile.first; i < tile.first + tile.count; ++i) {
-      const mask::Run& piece = ms.pieces[i];
-      if (std::memchr(row + piece.begin, 0, static_cast<size_t>(piece.end - piece.begin))) {
-        return false;
-      }
-    }
-  }
-  return true;
-}
-
-// The keys some row of the task can see, as runs, in ms.runs: the union of the rows' intervals,
-// intersected with the neighborhood box, the kept blocks and the dense mask's visible columns.
-inline void TaskKeyRuns(const AttentionProblem& p, int64_t rows, int64_t k_len,
-                        const int64_t* box_lo, const int64_t* box_hi, MaskScratch& ms) {
-  const AttentionProblem::Masks& m = p.mask;
-  mask::UnionRuns(&ms.intervals, &ms.runs);
-  if (m.grid_rank != 0) {
-    ms.other.clear();
-    int64_t line = m.grid[m.grid_rank - 1];
-    if (m.grid_rank == 1) {
-      ms.other.push_back({box_lo[0], box_hi[0] + 1});
-    } else if (m.grid_rank == 2) {
-      for (int64_t y = box_lo[0]; y <= box_hi[0]; ++y) {
-        ms.other.push_back({y * line + box_lo[1], y * line + box_hi[1] + 1});
-      }
-    } else {
-      for (int64_t z = box_lo[0]; z <= box_hi[0]; ++z) {
-        for (int64_t y = box_lo[1]; y <= box_hi[1]; ++y) {
-          const int64_t row = (z * m.grid[1] + y) * line;
-          ms.other.push_back({row + box_lo[2], row + box_hi[2] + 1});
-        }
-      }
-    }
-    mask::IntersectRuns(&ms.runs, ms.other, &ms.tmp);
-  }
-  if (m.blocks != nullptr) {
-    ms.other.clear();
-    const int64_t nkb = (k_len + m.block_k - 1) / m.block_k;
-    for (int64_t kb = 0; kb < nkb; ++kb) {
-      bool kept = false;
-      const uint8_t* last = nullptr;
-      for (int64_t r = 0; r < rows && !kept; ++r) {
-        const uint8_t* row = ms.block_row[static_cast<size_t>(r)];
-        if (row == last) continue;  // rows of one head and block share the mask row
-        last = row;
-        kept = row[kb * m.block_stride[3]] != 0;
-      }
-      if (!kept) continue;
-      const int64_t b = kb * m.block_k, e = std::min(b + m.block_k, k_len);
-      if (!ms.other.empty() && ms.other.back().end == b) {
-        ms.other.back().end = e;
-      } else {
-        ms.other.push_back({b, e});
-      }
-    }
-    mask::IntersectRuns(&ms.runs, ms.other, &ms.tmp);
-  }
-  if (m.dense != nullptr) {
-    ms.other.clear();
-    for (const mask::Run& run : ms.runs) {
-      for (int64_t j = run.begin; j < run.end; ++j) ms.seen[static_cast<size_t>(j)] = 0;
-    }
-    const bool bytes = m.dense_dtype == DType::kU8 && m.dense_stride[3] == 1;
-    for (int64_t r = 0; r < rows; ++r) {
-      for (const mask::Run& run : ms.runs) {
-        if (bytes) {
-          // A plain byte OR (vectorized by the compiler): nonzero means some row sees the key.
-          const uint8_t* row =
-              static_cast<const uint8_t*>(m.dense) + ms.dense_row[static_cast<size_t>(r)];
-          for (int64_t j = run.begin; j < run.end; ++j) {
-            ms.seen[static_cast<size_t>(j)] |= row[j];
-          }
-          continue;
-        }
-        for (int64_t j = run.begin; j < run.end; ++j) {
-          const float v = DenseValue(m, ms.dense_row[static_cast<size_t>(r)], j);
-          ms.seen[static_cast<size_t>(j)] |= v != -std::numeric_limits<float>::infinity();
-        }
-      }
-    }
-    for (const mask::Run& run : ms.runs) {
-      for (int64_t j = run.begin; j < run.end; ++j) {
-        if (!ms.seen[static_cast<size_t>(j)]) continue;
-        if (!ms.other.empty() && ms.other.back().end == j) {
-          ++ms.other.back().end;
-        } else {
-          ms.other.push_back({j, j + 1});
-        }
-      }
-    }
-    std::swap(ms.runs, ms.other);
-  }
-}
-
-// Cuts the runs at multiples of kKeyTile (so a single run is tiled exactly as the unmasked
-// kernel tiles it) and packs the pieces, in order, into tiles of at most kKeyTile keys.
-inline void PlanTiles(MaskScratch& ms) {
-  ms.pieces.clear();
-  ms.tiles.clear();
-  for (const mask::Run& run : ms.runs) {
-    for (int64_t a = run.begin; a < run.end;) {
-      const int64_t e = std::min(run.end, (a / flash::kKeyTile + 1) * flash::kKeyTile);
-      ms.pieces.push_back({a, e});
-      a = e;
-    }
-  }
-  for (size_t i = 0; i < ms.pieces.size(); ++i) {
-    const int64_t n = ms.pieces[i].end - ms.pieces[i].begin;
-    if (!ms.tiles.empty() && ms.tiles.back().nkeys + n <= flash::kKeyTile) {
-      TilePlan& tile = ms.tiles.back();
-      tile.contiguous = tile.contiguous && ms.pieces[i - 1].end == ms.pieces[i].begin;
-      ++tile.count;
-      tile.nkeys += n;
-    } else {
-      ms.tiles.push_back(TilePlan{i, 1, n, true});
-    }
-  }
-}
+using mask_impl::DenseRowsAllVisible;
+using mask_impl::DenseValue;
+using mask_impl::MaskScratch;
+using mask_impl::PlanTiles;
+using mask_impl::PolicyPredicate;
+using mask_impl::TaskKeyRuns;
+using mask_impl::TilePlan;
 
 template <int kD>
 void RunTask(const AttentionProblem& p, const Task& t, Scratch& s, MaskScratch& ms) {
@@ -727,7 +511,7 @@ bool FlashForward(const AttentionProblem& p, int32_t threads, bool fast) {
                   mask_scratch[static_cast<size_t>(worker)]);
     });
   };
-  flash::DispatchHeadDim(fast, p.dim, run);
+  DispatchHeadDim(fast, p.dim, run);
   return true;
 }
 

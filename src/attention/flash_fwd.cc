@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "attention/attention_problem.h"
+#include "core/dispatch.h"
 #include "core/element.h"
 #include "decode/decode.h"
 #include "ref/attention_ref.h"
@@ -68,7 +69,7 @@ bool RoutesToDecode(const AttentionProblem& p) {
 }
 
 Status RunAsDecode(const AttentionProblem& p, const Context& ctx, bool fast) {
-  decode::KvSource kv;
+  decode::KVSource kv;
   kv.dtype = p.dtype == DType::kF32    ? KVDType::kF32
              : p.dtype == DType::kBF16 ? KVDType::kBF16
                                        : KVDType::kF16;
@@ -109,7 +110,7 @@ Status AttentionForward(const AttentionParams& params, const Context& ctx) {
   if (!status.ok()) return status;
   if (ctx.path == Path::kReference) return RunReference(params, problem);
   bool fast = false;
-  status = flash::ChooseKernel(ctx, problem.dim, &fast);
+  status = ChooseKernel(ctx, problem.dim, &fast);
   if (!status.ok()) return status;
   if (RoutesToDecode(problem)) return RunAsDecode(problem, ctx, fast);
   if (!HWY_DYNAMIC_DISPATCH(FlashForward)(problem, ResolveThreads(ctx), fast)) {

@@ -8,7 +8,7 @@
 //
 // TESSERA_SMALL_TESTS=1 (sanitizer builds) shrinks the heavy shapes but keeps tile tails;
 // TESSERA_LONG_TESTS=1 adds large sweeps. TESSERA_SEED=<n> changes every random input.
-#include "attention/flash_fwd.h"
+#include "attention/flash_tiles.h"
 
 #include <gtest/gtest.h>
 

@@ -6,7 +6,7 @@
 //   2. per row, the data of the vector predicate of partial tiles: up to two visible key
 //      intervals (window / causal, token groups, sinks, prefix, documents, tree bound), a box per
 //      grid axis (neighborhood attention), the row of the block mask and of the dense mask.
-// The SIMD half (the predicate and the tile classification) is in flash_fwd-inl.h.
+// The SIMD half (the predicates and the tile classification) is in mask_tiles-inl.h.
 #pragma once
 
 #include <algorithm>

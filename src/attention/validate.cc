@@ -8,8 +8,8 @@
 #include <utility>
 
 #include "attention/attention_problem.h"
-#include "attention/flash_fwd.h"
 #include "core/check.h"
+#include "core/dispatch.h"
 
 namespace tessera {
 namespace {
@@ -332,9 +332,9 @@ Status ValidateAttention(const AttentionParams& p, AttentionProblem* prob) {
                                             "at most 2^31 - 1 tokens per sequence axis",
                                             std::to_string(std::max(Sq, Sk))));
   }
-  if (D < 1 || D > flash::kMaxHeadDim) {
+  if (D < 1 || D > kMaxHeadDim) {
     return Status::InvalidArgument(Expected(
-        "q", "head dim D in [1, " + std::to_string(flash::kMaxHeadDim) + "]", std::to_string(D)));
+        "q", "head dim D in [1, " + std::to_string(kMaxHeadDim) + "]", std::to_string(D)));
   }
   if (k.shape[3] != D) {
     return Status::InvalidArgument(

@@ -114,7 +114,7 @@ HWY_AFTER_NAMESPACE();
 #include <thread>
 #include <vector>
 
-#include "core/pages.h"
+#include "core/huge_pages.h"
 #include "core/parallel.h"
 #include "tessera/system.h"
 

@@ -42,6 +42,10 @@
 // the weights p_j step_j formed in the softmax step and the second sum kept per row (vbias). On
 // VNNI targets the first sum runs in 16-bit integers on weights rounded to 15 bits per tile
 // (PvCodesVnni; the one step whose result differs between targets, within a documented bound).
+//
+// Files: decode_tile-inl.h (pipeline constants, tile slots and scratch, staging), decode_dot-inl.h
+// (Q.K), decode_pv-inl.h (P.V, VNNI included), decode_softmax-inl.h (SoftmaxNarrow); this one
+// prepares the query rows, runs a unit's pipeline (RunUnit) and the whole call (DecodeKernel).
 
 #if defined(TESSERA_DECODE_DECODE_INL_H_) == defined(HWY_TARGET_TOGGLE)
 #ifdef TESSERA_DECODE_DECODE_INL_H_
@@ -61,12 +65,17 @@
 #include <vector>
 
 #include "attention/attention_problem.h"
-#include "attention/softmax_tile-inl.h"
 #include "core/element.h"
 #include "core/parallel.h"
 #include "decode/decode.h"
+#include "decode/decode_dot-inl.h"
+#include "decode/decode_pv-inl.h"
+#include "decode/decode_softmax-inl.h"
+#include "decode/decode_tile-inl.h"
 #include "decode/merge_row.h"
 #include "simd/convert-inl.h"
+#include "simd/online_softmax-inl.h"
+#include "simd/score_mod-inl.h"
 #include "simd/tile_gemm-inl.h"
 
 #if HWY_ARCH_X86 && HWY_TARGET <= HWY_AVX3
@@ -79,717 +88,6 @@ namespace HWY_NAMESPACE {
 namespace decode_impl {
 
 namespace hn = hwy::HWY_NAMESPACE;
-
-constexpr size_t kTile = static_cast<size_t>(decode::kKeyTile);
-#if HWY_TARGET == HWY_AVX3_DL
-constexpr bool kVnni = true;
-#else
-constexpr bool kVnni = false;
-#endif
-// Code bytes per VNNI step.
-constexpr size_t kCodeBlock = 64;
-// Keys per step of the software pipeline (scores of the next tile, P.V of this one); a multiple
-// of the 4-key score block. 16 rather than 8 since the rows are prefetched (kPrefetchKeys): half
-// the accumulator loads and stores per key (in L2: f16 104 -> 100, int8 81 -> 75 cycles per key
-// and KV head; 32K tokens: f16 4.77 -> 4.47 ms, int8 3.12 -> 2.96 ms, medians of alternating runs).
-constexpr size_t kFuseKeys = 16;
-static_assert(kFuseKeys % 4 == 0 && kTile % kFuseKeys == 0, "fuse step: 4-key blocks");
-// Scoring key j prefetches the K and V rows of key j + kPrefetchKeys into L2 (prefetcht1). The
-// hardware prefetcher alone runs too short a distance ahead of streams consumed at the pace of
-// the arithmetic, and stops at every page of a paged cache. Measured at 32K f16 tokens on 2
-// threads (KVCache on 2 MiB pages), medians of alternating runs: contiguous 6.1 -> 5.1 ms, page
-// size 16 7.6 -> 6.4 ms, page size 1 10.5 -> 7.0 ms, page size 256 unchanged; 16 to 64 keys
-// ahead alike, 128 worse, and into L1 (prefetcht0) 8.3 ms.
-constexpr int64_t kPrefetchKeys = 32;
-
-// The rows and scores of one key tile. A unit keeps two: the scores of tile t + 1 are computed
-// while P.V reads tile t (see RunUnit).
-struct TileSlot {
-  uint8_t* kt;           // [kTile][row bytes] staged K rows (when not read in place)
-  uint8_t* vt;           // [kTile][row bytes] staged V rows
-  const uint8_t** krow;  // [kTile] the tile's K rows (in place or staged)
-  const uint8_t** vrow;  // [kTile]
-  float* kstep;          // [kTile] quantized rows' (step, min)
-  float* kmin;
-  float* vstep;
-  float* vmin;
-  float* st;  // [kTile][Mp] scores, then probabilities
-  // Quantized V on VNNI: the weights p_j * step_j as 15-bit integers, key pairs packed in int32
-  // ((key 2i) | (key 2i + 1) << 16) [kTile / 2][Mp], and each row's scale back to f32.
-  int32_t* wq;
-  float* wscale;  // [Mp]
-  // Keys [a, a + nkeys); nk4 rounds nkeys up to the 4-key score blocks; full: every row sees
-  // every key of the tile.
-  int64_t a = 0;
-  size_t nkeys = 0, nk4 = 0;
-  bool full = false;
-};
-
-// Per-worker scratch, carved from the calling thread's Workspace (below). Per-head arrays are
-// [heads][...]; `heads` is the largest head block of the schedule.
-struct Scratch {
-  TileSlot tile[2];
-  uint8_t* zero;    // [row bytes] zeros: the padding keys of a partial tile
-  float* row;       // [Dp] one query or output row
-  float* acc;       // [heads][Rp][Dp] output accumulators
-  float* m;         // [heads][Mp] running max
-  float* l;         // [heads][Mp] running sum
-  float* alpha;     // [Mp] rescale factor of the current tile
-  float* tile_max;  // [Mp]
-  int32_t* lo;      // [heads][Mp] visible keys [lo, hi]
-  int32_t* hi;      // [heads][Mp]
-  float* vbias;     // [heads][Mp] quantized V: running sum_j p_j min_j (rescaled like acc)
-  float* red;       // [kLanes] reduction bounce buffer
-  int32_t* iacc;    // [Rp][Dc] quantized V on VNNI: the tile's integer P.V sums
-
-  static size_t Floats(size_t heads, size_t rp, size_t dp, size_t dc, size_t mp, size_t row_bytes) {
-    const size_t ptr = sizeof(void*) / sizeof(float);
-    const size_t slot = 2 * kTile * row_bytes / 4 + 2 * kTile * ptr + 4 * kTile + kTile * mp +
-                        kTile / 2 * mp + mp + 2 * kLanes;
-    return 2 * slot + row_bytes / 4 + dp + heads * rp * dp + heads * mp * 5 + 2 * mp + kLanes +
-           rp * dc + 48 * kLanes;
-  }
-  void Carve(float* base, size_t heads, size_t rp, size_t dp, size_t dc, size_t mp,
-             size_t row_bytes) {
-    auto take = [&base](size_t floats) {
-      float* p = base;
-      base += hwy::DivCeil(floats, kLanes) * kLanes;  // keep every array vector-aligned
-      return p;
-    };
-    auto bytes = [&take](size_t n) {
-      return reinterpret_cast<uint8_t*>(take(hwy::DivCeil(n, sizeof(float))));
-    };
-    auto pointers = [&take](size_t n) {
-      return reinterpret_cast<const uint8_t**>(take(n * sizeof(void*) / sizeof(float)));
-    };
-    for (TileSlot& t : tile) {
-      t.kt = bytes(kTile * row_bytes);
-      t.vt = bytes(kTile * row_bytes);
-      t.krow = pointers(kTile);
-      t.vrow = pointers(kTile);
-      t.kstep = take(kTile);
-      t.kmin = take(kTile);
-      t.vstep = take(kTile);
-      t.vmin = take(kTile);
-      t.st = take(kTile * mp);
-      t.wq = reinterpret_cast<int32_t*>(take(kTile / 2 * mp));
-      t.wscale = take(mp);
-    }
-    zero = bytes(row_bytes);
-    std::memset(zero, 0, row_bytes);
-    row = take(dp);
-    acc = take(heads * rp * dp);
-    m = take(heads * mp);
-    l = take(heads * mp);
-    alpha = take(mp);
-    tile_max = take(mp);
-    lo = reinterpret_cast<int32_t*>(take(heads * mp));
-    hi = reinterpret_cast<int32_t*>(take(heads * mp));
-    vbias = take(heads * mp);
-    red = take(kLanes);
-    iacc = reinterpret_cast<int32_t*>(take(rp * dc));
-  }
-};
-
-// The state SoftmaxTile works on: one head's slice of the scratch.
-struct HeadState {
-  float* st;
-  float* m;
-  float* l;
-  float* alpha;
-  float* tile_max;
-  float* pos;
-  float* slope;
-  int32_t* lo;
-  int32_t* hi;
-};
-
-// ---- Staging rows that cannot be read in place -----------------------------------------------
-
-// Copies `dim` elements of `elem_bytes` bytes (element stride `stride`) to dst and zero-fills
-// dst up to `row_bytes`: the staged row keeps the cache's element type.
-HWY_INLINE void StageRow(const uint8_t* HWY_RESTRICT row, int64_t stride, size_t dim,
-                         size_t elem_bytes, size_t row_bytes, uint8_t* HWY_RESTRICT dst) {
-  if (stride == 1) {
-    std::memcpy(dst, row, dim * elem_bytes);
-  } else {
-    for (size_t c = 0; c < dim; ++c) {
-      std::memcpy(dst + c * elem_bytes,
-                  row + static_cast<int64_t>(c) * stride * static_cast<int64_t>(elem_bytes),
-                  elem_bytes);
-    }
-  }
-  std::memset(dst + dim * elem_bytes, 0, row_bytes - dim * elem_bytes);
-}
-
-// Unpacks int4 codes of `dim` channels (channel 2i in the low nibble of byte i) to one byte each.
-HWY_INLINE void UnpackInt4(const uint8_t* HWY_RESTRICT row, size_t dim, uint8_t* HWY_RESTRICT dst) {
-  const size_t bytes = (dim + 1) / 2;
-  size_t i = 0;
-#if HWY_TARGET != HWY_SCALAR
-  const hn::ScalableTag<uint16_t> d16;
-  const hn::Rebind<uint8_t, decltype(d16)> d8h;      // one byte per u16 lane
-  const hn::Repartition<uint8_t, decltype(d16)> d8;  // two bytes per u16 lane
-  const size_t n16 = hn::Lanes(d16);
-  for (; i + n16 <= bytes; i += n16) {
-    const auto x = hn::PromoteTo(d16, hn::LoadU(d8h, row + i));
-    // (hi << 8) | lo: little-endian bytes lo, hi = channels 2i, 2i + 1.
-    const auto y = hn::Or(hn::And(x, hn::Set(d16, 0x0F)), hn::ShiftLeft<8>(hn::ShiftRight<4>(x)));
-    hn::StoreU(hn::BitCast(d8, y), d8, dst + 2 * i);
-  }
-#endif
-  for (; i < bytes; ++i) {
-    dst[2 * i] = row[i] & 0x0F;
-    if (2 * i + 1 < dim) dst[2 * i + 1] = static_cast<uint8_t>(row[i] >> 4);
-  }
-}
-
-// The codes of a quantized row, one byte each, zero-filled up to `row_bytes`.
-HWY_INLINE void StageCodeRow(KVDType dtype, const uint8_t* HWY_RESTRICT row, size_t dim,
-                             size_t row_bytes, uint8_t* HWY_RESTRICT dst) {
-  if (dtype == KVDType::kInt4) {
-    UnpackInt4(row, dim, dst);
-  } else {
-    std::memcpy(dst, row, dim);
-  }
-  std::memset(dst + dim, 0, row_bytes - dim);
-}
-
-// A vector of staged elements as f32: f32 as is, bf16 / f16 widened, u8 codes converted.
-HWY_INLINE VF LoadAsF32(const float* p) { return hn::LoadU(DF(), p); }
-HWY_INLINE VF LoadAsF32(const hwy::float16_t* p) {
-  return hn::PromoteTo(DF(), hn::LoadU(hn::Rebind<hwy::float16_t, DF>(), p));
-}
-HWY_INLINE VF LoadAsF32(const hwy::bfloat16_t* p) {
-  return hn::PromoteTo(DF(), hn::LoadU(hn::Rebind<hwy::bfloat16_t, DF>(), p));
-}
-HWY_INLINE VF LoadAsF32(const uint8_t* p) {
-  const DF df;
-  const hn::RebindToSigned<DF> di;
-  return hn::ConvertTo(df, hn::BitCast(di, hn::PromoteTo(hn::RebindToUnsigned<DF>(),
-                                                         hn::LoadU(hn::Rebind<uint8_t, DF>(), p))));
-}
-
-// ---- Q.K: 4 rows x 4 keys of dot products, reduced across lanes ------------------------------
-
-#if HWY_TARGET == HWY_SCALAR
-// One lane: the accumulators are the sums.
-HWY_INLINE void StoreRowSums4(VF a0, VF a1, VF a2, VF a3, float* HWY_RESTRICT,
-                              float* HWY_RESTRICT out) {
-  out[0] = hn::GetLane(a0);
-  out[1] = hn::GetLane(a1);
-  out[2] = hn::GetLane(a2);
-  out[3] = hn::GetLane(a3);
-}
-#else
-// Sums of the 4 vectors a0..a3 per 128-bit block: lane 4 * block + i = block sum of a_i.
-HWY_INLINE VF BlockSums4(VF a0, VF a1, VF a2, VF a3) {
-  const DF df;
-  const hn::Repartition<uint64_t, DF> du64;
-  const VF t01 = hn::Add(hn::InterleaveLower(df, a0, a1), hn::InterleaveUpper(df, a0, a1));
-  const VF t23 = hn::Add(hn::InterleaveLower(df, a2, a3), hn::InterleaveUpper(df, a2, a3));
-  const auto w01 = hn::BitCast(du64, t01), w23 = hn::BitCast(du64, t23);
-  return hn::Add(hn::BitCast(df, hn::InterleaveLower(du64, w01, w23)),
-                 hn::BitCast(df, hn::InterleaveUpper(du64, w01, w23)));
-}
-
-// out[i] = sum of the lanes of a_i for i < 4, through a transposing shuffle tree and a bounce
-// buffer of kLanes floats for the final sum across 128-bit blocks.
-HWY_INLINE void StoreRowSums4(VF a0, VF a1, VF a2, VF a3, float* HWY_RESTRICT bounce,
-                              float* HWY_RESTRICT out) {
-  const hn::CappedTag<float, 4> d4;
-  hn::Store(BlockSums4(a0, a1, a2, a3), DF(), bounce);
-  auto s = hn::Load(d4, bounce);
-  for (size_t b = 4; b < kLanes; b += 4) s = hn::Add(s, hn::Load(d4, bounce + b));
-  hn::StoreU(s, d4, out);
-}
-#endif
-
-#if HWY_ARCH_X86 && HWY_TARGET <= HWY_AVX3
-// Block j of r (the 4 row scores of key j) to st + j * mp: one store when the keys' scores are
-// contiguous (mp == 4).
-HWY_INLINE void StoreKeyBlocks(__m512 r, float* HWY_RESTRICT st, size_t mp) {
-  if (mp == 4) {
-    _mm512_storeu_ps(st, r);
-    return;
-  }
-  _mm_storeu_ps(st, _mm512_castps512_ps128(r));
-  _mm_storeu_ps(st + mp, _mm512_extractf32x4_ps(r, 1));
-  _mm_storeu_ps(st + 2 * mp, _mm512_extractf32x4_ps(r, 2));
-  _mm_storeu_ps(st + 3 * mp, _mm512_extractf32x4_ps(r, 3));
-}
-#endif
-
-// St[j][i] (j < 4 keys at st + j * mp, i < 4 rows) = the lane sums of a[j][i].
-HWY_INLINE void StoreSums4x4(const VF (&a)[4][4], float* HWY_RESTRICT st, size_t mp,
-                             float* HWY_RESTRICT bounce) {
-#if HWY_ARCH_X86 && HWY_TARGET <= HWY_AVX3
-  // AVX-512: per-block row sums of each key (BlockSums4), then one 4 x 4 block transpose-add
-  // leaves key j's 4 row sums in block j: 9 shuffles and adds for the 4 keys, one store when the
-  // 4 keys' scores are contiguous (mp == 4).
-  __m512 u[4];
-  for (int j = 0; j < 4; ++j) u[j] = BlockSums4(a[j][0], a[j][1], a[j][2], a[j][3]).raw;
-  const __m512 s01 = _mm512_add_ps(_mm512_shuffle_f32x4(u[0], u[1], _MM_SHUFFLE(1, 0, 1, 0)),
-                                   _mm512_shuffle_f32x4(u[0], u[1], _MM_SHUFFLE(3, 2, 3, 2)));
-  const __m512 s23 = _mm512_add_ps(_mm512_shuffle_f32x4(u[2], u[3], _MM_SHUFFLE(1, 0, 1, 0)),
-                                   _mm512_shuffle_f32x4(u[2], u[3], _MM_SHUFFLE(3, 2, 3, 2)));
-  const __m512 r = _mm512_add_ps(_mm512_shuffle_f32x4(s01, s23, _MM_SHUFFLE(2, 0, 2, 0)),
-                                 _mm512_shuffle_f32x4(s01, s23, _MM_SHUFFLE(3, 1, 3, 1)));
-  StoreKeyBlocks(r, st, mp);
-  (void)bounce;
-#else
-  for (int j = 0; j < 4; ++j)
-    StoreRowSums4(a[j][0], a[j][1], a[j][2], a[j][3], bounce, st + j * mp);
-#endif
-}
-
-// St[j][r0 + i] = q_i . k_j for i < 4 rows (q rows at q + i * dp) and j < 4 keys (rows
-// k[0..3]); dp channels (a multiple of kLanes; kDp > 0 fixes it at compile time).
-template <size_t kDp, class T>
-HWY_INLINE void DotBlock4x4(const float* HWY_RESTRICT q, size_t dp, const uint8_t* const* k,
-                            float* HWY_RESTRICT st, size_t mp, float* HWY_RESTRICT bounce) {
-  const DF df;
-  if (kDp != 0) dp = kDp;
-  VF a[4][4];
-  for (int j = 0; j < 4; ++j) {
-    for (int i = 0; i < 4; ++i) a[j][i] = hn::Zero(df);
-  }
-  for (size_t c = 0; c < dp; c += kLanes) {
-    VF qv[4], kv[4];
-    for (int i = 0; i < 4; ++i) qv[i] = hn::Load(df, q + i * dp + c);
-    for (int j = 0; j < 4; ++j) kv[j] = LoadAsF32(reinterpret_cast<const T*>(k[j]) + c);
-    for (int j = 0; j < 4; ++j) {
-      for (int i = 0; i < 4; ++i) a[j][i] = hn::MulAdd(qv[i], kv[j], a[j][i]);
-    }
-  }
-  StoreSums4x4(a, st, mp, bounce);
-}
-
-#if HWY_TARGET == HWY_AVX3_DL
-// Offset of query code (row r of a 4-row group, channel c) in the group's VNNI layout: 16-channel
-// chunks of the 4 rows, [dc / 16][4][16], so one 64-byte vector holds a chunk of every row.
-HWY_INLINE size_t GroupCodeIndex(size_t r, size_t c) { return (c / 16) * 64 + r * 16 + c % 16; }
-
-// The same over int8 query codes and u8 key codes with vpdpbusd: exact integer dot products,
-// converted to f32 (exact, |sum| < 2^24), so the result equals DotBlock4x4's bits. The 16 codes
-// of a key chunk are broadcast to both 128-bit halves of a 256-bit vector and multiplied with the
-// chunk of rows 0-1 and of rows 2-3 (q4, GroupCodeIndex layout): block i of a key's two
-// accumulators holds row i's partial sums, so no lane is idle and the reduction is one
-// block-sum step for 4 keys (not a 16-vector tree). 256-bit rather than 512-bit vectors: on Zen 4
-// a 128-bit broadcast load into a 512-bit register costs a shuffle besides the load, into a
-// 256-bit one it is a plain load, and two 256-bit vpdpbusd issue per cycle (scores in L1: 12.0 ->
-// 8.7 cycles per key and 4 rows). Highway 1.0.3's AVX3_DL target string names only the VEX form
-// (avxvnni), but its CPU check requires AVX512-VNNI; vpdpbusd is written in asm, so no function
-// needs the extra feature (one that did could not be inlined here). kDc > 0 fixes dc.
-template <size_t kDc>
-HWY_INLINE void CodeDotBlock4x4(const int8_t* HWY_RESTRICT q4, size_t dc, const uint8_t* const* k,
-                                float* HWY_RESTRICT st, size_t mp) {
-  if (kDc != 0) dc = kDc;
-  // Named accumulators (rows 0-1 and 2-3 of each key) and vpdpbusd in asm: GCC 12 copies the
-  // accumulator before every vpdpbusd intrinsic, and an accumulator array tied to asm operands
-  // stays in memory.
-  __m256i a01 = _mm256_setzero_si256(), a23 = a01, b01 = a01, b23 = a01, c01 = a01, c23 = a01,
-          d01 = a01, d23 = a01;
-  const uint8_t *k0 = k[0], *k1 = k[1], *k2 = k[2], *k3 = k[3];
-  auto dot = [](__m256i& rows01, __m256i& rows23, const uint8_t* key, __m256i q01, __m256i q23) {
-    const __m256i kv =
-        _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(key)));
-    asm("vpdpbusd %2, %1, %0" : "+v"(rows01) : "v"(kv), "v"(q01));
-    asm("vpdpbusd %2, %1, %0" : "+v"(rows23) : "v"(kv), "v"(q23));
-  };
-  for (size_t c = 0; c < dc; c += 16) {
-    const __m256i q01 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q4 + c * 4));
-    const __m256i q23 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q4 + c * 4 + 32));
-    dot(a01, a23, k0 + c, q01, q23);
-    dot(b01, b23, k1 + c, q01, q23);
-    dot(c01, c23, k2 + c, q01, q23);
-    dot(d01, d23, k3 + c, q01, q23);
-  }
-  auto join = [](__m256i rows01, __m256i rows23) {
-    return _mm512_inserti64x4(_mm512_castsi256_si512(rows01), rows23, 1);
-  };
-  const __m512i u[4] = {join(a01, a23), join(b01, b23), join(c01, c23), join(d01, d23)};
-  // Block sums: lane 4 * i + j = row i's score of key j, then transposed to key-major blocks.
-  const __m512i t01 =
-      _mm512_add_epi32(_mm512_unpacklo_epi32(u[0], u[1]), _mm512_unpackhi_epi32(u[0], u[1]));
-  const __m512i t23 =
-      _mm512_add_epi32(_mm512_unpacklo_epi32(u[2], u[3]), _mm512_unpackhi_epi32(u[2], u[3]));
-  const __m512i rows =
-      _mm512_add_epi32(_mm512_unpacklo_epi64(t01, t23), _mm512_unpackhi_epi64(t01, t23));
-  const __m512i to_keys = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
-  StoreKeyBlocks(_mm512_cvtepi32_ps(_mm512_permutexvar_epi32(to_keys, rows)), st, mp);
-}
-#endif
-
-// ---- P.V: acc[i] (+)= sum_j p[j][i] * v_j for up to 4 rows ------------------------------------
-
-// Rows i < kRows of one head, channels [c0, c0 + kVecs * kLanes), keys j < nkeys (rows v[j]);
-// with kRescale the accumulators are first multiplied by alpha[i] (the tile's first step).
-// Quantized rows (T = uint8_t codes) accumulate the codes: the softmax step has already folded
-// the rows' steps into the probabilities (and their minimums into the row offset vbias).
-template <int kRows, int kVecs, bool kRescale, class T>
-HWY_INLINE void AccumulateBlock(const uint8_t* const* v, size_t nkeys, size_t c0,
-                                const float* HWY_RESTRICT pt, size_t mp, const float* alpha,
-                                float* HWY_RESTRICT acc, size_t dp) {
-  const DF df;
-  VF o[kRows][kVecs];
-  for (int i = 0; i < kRows; ++i) {
-    for (int c = 0; c < kVecs; ++c) {
-      o[i][c] = hn::Load(df, acc + i * dp + c0 + c * kLanes);
-      if (kRescale) o[i][c] = hn::Mul(hn::Set(df, alpha[i]), o[i][c]);
-    }
-  }
-  for (size_t j = 0; j < nkeys; ++j) {
-    const T* row = reinterpret_cast<const T*>(v[j]) + c0;
-    VF x[kVecs];
-    for (int c = 0; c < kVecs; ++c) x[c] = LoadAsF32(row + c * kLanes);
-    for (int i = 0; i < kRows; ++i) {
-      const VF p = hn::Set(df, pt[j * mp + static_cast<size_t>(i)]);
-      for (int c = 0; c < kVecs; ++c) o[i][c] = hn::MulAdd(p, x[c], o[i][c]);
-    }
-  }
-  for (int i = 0; i < kRows; ++i) {
-    for (int c = 0; c < kVecs; ++c) hn::Store(o[i][c], df, acc + i * dp + c0 + c * kLanes);
-  }
-}
-
-template <int kRows, size_t kDp, bool kRescale, class T>
-HWY_INLINE void AccumulateRows(const uint8_t* const* v, size_t nkeys, const float* pt, size_t mp,
-                               const float* alpha, float* acc, size_t dp) {
-  if (kDp != 0) dp = kDp;
-  size_t c = 0;
-  for (; c + 4 * kLanes <= dp; c += 4 * kLanes) {
-    AccumulateBlock<kRows, 4, kRescale, T>(v, nkeys, c, pt, mp, alpha, acc, dp);
-  }
-  for (; c < dp; c += kLanes) {
-    AccumulateBlock<kRows, 1, kRescale, T>(v, nkeys, c, pt, mp, alpha, acc, dp);
-  }
-}
-
-template <size_t kDp, bool kRescale, class T>
-HWY_INLINE void AccumulateHead(int64_t rows, const uint8_t* const* v, size_t nkeys, const float* pt,
-                               size_t mp, const float* alpha, float* acc, size_t dp) {
-  for (int64_t r0 = 0; r0 < rows; r0 += 4) {
-    const float* p = pt + r0;
-    const float* a = alpha + r0;
-    float* o = acc + static_cast<size_t>(r0) * (kDp != 0 ? kDp : dp);
-    switch (std::min<int64_t>(4, rows - r0)) {
-      case 1:
-        AccumulateRows<1, kDp, kRescale, T>(v, nkeys, p, mp, a, o, dp);
-        break;
-      case 2:
-        AccumulateRows<2, kDp, kRescale, T>(v, nkeys, p, mp, a, o, dp);
-        break;
-      case 3:
-        AccumulateRows<3, kDp, kRescale, T>(v, nkeys, p, mp, a, o, dp);
-        break;
-      default:
-        AccumulateRows<4, kDp, kRescale, T>(v, nkeys, p, mp, a, o, dp);
-        break;
-    }
-  }
-}
-
-#if HWY_TARGET == HWY_AVX3_DL
-// ---- Quantized V on VNNI: P.V over the codes in 16-bit integers ------------------------------
-//
-// The f32 P.V widens every code (two instructions per 16 codes) and does 4 FMAs per vector of
-// codes. On VNNI targets the tile's weights w_j = p_j * step_j are instead rounded to 15-bit
-// integers per row, W_j = round(w_j * 32767 / max_j w_j), and vpdpwssd sums W_j * code_j for a
-// pair of keys in one instruction: a third fewer cycles per key (22 against 36 in L1). The sums
-// are exact int32 (32 keys x 32767 x 255 < 2^31) and go back to f32 once per tile. The rounding
-// adds at most 32 keys x 255 / (2 x 32767) of a row's largest weight per tile, i.e. at most 1/8
-// of the largest V quantization step n_c * step_j (int4: 1/140) to an output element
-// (docs/decode.md); the f32 path is exact.
-
-// Weight packing for t's keys [0, nk4): wq[pair][row] and wscale[row] (see TileSlot). A row whose
-// weights are not all finite gets wscale = NaN (its output is NaN, as on the f32 path). With at
-// most 4 rows SoftmaxNarrow packs the weights itself.
-HWY_INLINE void PackWeights(TileSlot& t, size_t mp) {
-  const size_t pairs = t.nk4 / 2;
-  for (size_t r = 0; r < mp; ++r) {
-    float wmax = 0.0f, total = 0.0f;
-    for (size_t j = 0; j < t.nk4; ++j) {
-      wmax = std::max(wmax, t.st[j * mp + r]);
-      total += t.st[j * mp + r];
-    }
-    const bool finite = std::isfinite(total);
-    const float inv = finite && wmax > 0.0f ? 32767.0f / wmax : 0.0f;
-    t.wscale[r] = finite ? wmax / 32767.0f : std::numeric_limits<float>::quiet_NaN();
-    for (size_t i = 0; i < pairs; ++i) {
-      const int32_t lo = static_cast<int32_t>(std::nearbyint(t.st[2 * i * mp + r] * inv));
-      const int32_t hi = static_cast<int32_t>(std::nearbyint(t.st[(2 * i + 1) * mp + r] * inv));
-      t.wq[i * mp + r] =
-          static_cast<int32_t>(static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16));
-    }
-  }
-}
-
-// iacc[r][c] (+)= sum over key pairs i < npairs of W_2i[r] * v_2i[c] + W_2i+1[r] * v_2i+1[c] for
-// rows in groups of 4 (row_groups) and channels c < dc (a multiple of 64; codes are u8 <= 255);
-// `first` starts the sums at 0. wq: the pairs' packed weights [pair][mp]. With `flush` (the
-// tile's last keys, and rows of dc floats in acc) the sums go straight to the f32 accumulator as
-// in FlushCodeSums (all row_groups * 4 rows) instead of back to iacc.
-struct CodeSumsFlush {
-  float* acc;
-  const float* alpha;
-  const float* wscale;
-};
-HWY_NOINLINE void PvCodesVnni(const uint8_t* const* v, size_t npairs,
-                              const int32_t* HWY_RESTRICT wq, size_t mp, size_t row_groups,
-                              int32_t* HWY_RESTRICT iacc, size_t dc, bool first,
-                              const CodeSumsFlush* flush, int64_t prefetch_offset = 0) {
-  // Output q (16 channels of a 64-channel block) interleaves key 2i's and key 2i + 1's codes of
-  // channels 16q + m as the two zero-extended 16-bit halves of int32 lane m.
-  alignas(64) static constexpr uint8_t kIndex[4][64] = {
-#define TESSERA_PAIR(q, m) (16 * (q) + (m)), 0, (64 + 16 * (q) + (m)), 0
-#define TESSERA_PAIRS(q)                                                               \
-  {TESSERA_PAIR(q, 0),  TESSERA_PAIR(q, 1),  TESSERA_PAIR(q, 2),  TESSERA_PAIR(q, 3),  \
-   TESSERA_PAIR(q, 4),  TESSERA_PAIR(q, 5),  TESSERA_PAIR(q, 6),  TESSERA_PAIR(q, 7),  \
-   TESSERA_PAIR(q, 8),  TESSERA_PAIR(q, 9),  TESSERA_PAIR(q, 10), TESSERA_PAIR(q, 11), \
-   TESSERA_PAIR(q, 12), TESSERA_PAIR(q, 13), TESSERA_PAIR(q, 14), TESSERA_PAIR(q, 15)}
-      TESSERA_PAIRS(0), TESSERA_PAIRS(1), TESSERA_PAIRS(2), TESSERA_PAIRS(3)};
-#undef TESSERA_PAIRS
-#undef TESSERA_PAIR
-  const __mmask64 low_bytes = 0x5555555555555555ull;
-  const __m512i i0 = _mm512_load_si512(kIndex[0]), i1 = _mm512_load_si512(kIndex[1]);
-  const __m512i i2 = _mm512_load_si512(kIndex[2]), i3 = _mm512_load_si512(kIndex[3]);
-  for (size_t g = 0; g < row_groups; ++g) {
-    for (size_t cb = 0; cb < dc; cb += 64) {
-      int32_t* o = iacc + 4 * g * dc + cb;
-      // Named accumulators and vpdpwssd in asm: GCC 12 copies the accumulator before every
-      // intrinsic, and keeps an accumulator array tied to asm operands in memory.
-#define TESSERA_ROW(i)                                                                    \
-  __m512i o##i##0 = first ? _mm512_setzero_si512() : _mm512_loadu_si512(o + (i)*dc);      \
-  __m512i o##i##1 = first ? _mm512_setzero_si512() : _mm512_loadu_si512(o + (i)*dc + 16); \
-  __m512i o##i##2 = first ? _mm512_setzero_si512() : _mm512_loadu_si512(o + (i)*dc + 32); \
-  __m512i o##i##3 = first ? _mm512_setzero_si512() : _mm512_loadu_si512(o + (i)*dc + 48);
-      TESSERA_ROW(0)
-      TESSERA_ROW(1)
-      TESSERA_ROW(2)
-      TESSERA_ROW(3)
-#undef TESSERA_ROW
-      for (size_t i = 0; i < npairs; ++i) {
-        if (prefetch_offset != 0 && g == 0 && cb == 0) {
-          // The rows prefetch_offset bytes on, spread over the pairs.
-          for (size_t line = 0; line < dc; line += 64) {
-            __builtin_prefetch(v[2 * i] + prefetch_offset + line, 0, 2);
-            __builtin_prefetch(v[2 * i + 1] + prefetch_offset + line, 0, 2);
-          }
-        }
-        const __m512i r0 = _mm512_loadu_si512(v[2 * i] + cb);
-        const __m512i r1 = _mm512_loadu_si512(v[2 * i + 1] + cb);
-        const __m512i x0 = _mm512_maskz_permutex2var_epi8(low_bytes, r0, i0, r1);
-        const __m512i x1 = _mm512_maskz_permutex2var_epi8(low_bytes, r0, i1, r1);
-        const __m512i x2 = _mm512_maskz_permutex2var_epi8(low_bytes, r0, i2, r1);
-        const __m512i x3 = _mm512_maskz_permutex2var_epi8(low_bytes, r0, i3, r1);
-        const int32_t* w = wq + i * mp + 4 * g;
-#define TESSERA_ROW(i)                                             \
-  {                                                                \
-    const __m512i wi = _mm512_set1_epi32(w[i]);                    \
-    asm("vpdpwssd %2, %1, %0" : "+v"(o##i##0) : "v"(x0), "v"(wi)); \
-    asm("vpdpwssd %2, %1, %0" : "+v"(o##i##1) : "v"(x1), "v"(wi)); \
-    asm("vpdpwssd %2, %1, %0" : "+v"(o##i##2) : "v"(x2), "v"(wi)); \
-    asm("vpdpwssd %2, %1, %0" : "+v"(o##i##3) : "v"(x3), "v"(wi)); \
-  }
-        TESSERA_ROW(0)
-        TESSERA_ROW(1)
-        TESSERA_ROW(2)
-        TESSERA_ROW(3)
-#undef TESSERA_ROW
-      }
-      if (flush != nullptr) {
-        // acc = alpha * acc + wscale * float(sums), row by row: FlushCodeSums' arithmetic, written
-        // out again on purpose (through a shared helper, int8 decode from memory measured 9-16%
-        // slower; docs/decode.md).
-        auto to_acc = [&](size_t row, __m512i x0, __m512i x1, __m512i x2, __m512i x3) {
-          const __m512 a = _mm512_set1_ps(flush->alpha[row]);
-          const __m512 w = _mm512_set1_ps(flush->wscale[row]);
-          float* f = flush->acc + row * dc + cb;
-          const __m512i x[4] = {x0, x1, x2, x3};
-          for (int k = 0; k < 4; ++k) {
-            _mm512_storeu_ps(f + 16 * k,
-                             _mm512_fmadd_ps(w, _mm512_cvtepi32_ps(x[k]),
-                                             _mm512_mul_ps(a, _mm512_loadu_ps(f + 16 * k))));
-          }
-        };
-        to_acc(4 * g, o00, o01, o02, o03);
-        to_acc(4 * g + 1, o10, o11, o12, o13);
-        to_acc(4 * g + 2, o20, o21, o22, o23);
-        to_acc(4 * g + 3, o30, o31, o32, o33);
-        continue;
-      }
-#define TESSERA_ROW(i)                           \
-  _mm512_storeu_si512(o + (i)*dc, o##i##0);      \
-  _mm512_storeu_si512(o + (i)*dc + 16, o##i##1); \
-  _mm512_storeu_si512(o + (i)*dc + 32, o##i##2); \
-  _mm512_storeu_si512(o + (i)*dc + 48, o##i##3);
-      TESSERA_ROW(0)
-      TESSERA_ROW(1)
-      TESSERA_ROW(2)
-      TESSERA_ROW(3)
-#undef TESSERA_ROW
-    }
-  }
-}
-
-// acc[r][c] = alpha[r] * acc[r][c] + wscale[r] * iacc[r][c]: the tile's integer sums back in f32
-// (rows < rows, channels < dp; iacc rows are dc apart).
-HWY_INLINE void FlushCodeSums(const int32_t* HWY_RESTRICT iacc, size_t dc, const float* alpha,
-                              const float* wscale, int64_t rows, float* HWY_RESTRICT acc,
-                              size_t dp) {
-  for (int64_t r = 0; r < rows; ++r) {
-    const __m512 a = _mm512_set1_ps(alpha[r]), w = _mm512_set1_ps(wscale[r]);
-    float* o = acc + static_cast<size_t>(r) * dp;
-    const int32_t* x = iacc + static_cast<size_t>(r) * dc;
-    for (size_t c = 0; c < dp; c += 16) {
-      _mm512_storeu_ps(o + c, _mm512_fmadd_ps(w, _mm512_cvtepi32_ps(_mm512_loadu_si512(x + c)),
-                                              _mm512_mul_ps(a, _mm512_loadu_ps(o + c))));
-    }
-  }
-}
-#endif
-
-// ---- Online softmax for at most 4 rows --------------------------------------------------------
-
-#if HWY_TARGET != HWY_SCALAR
-// With at most 4 rows per head (GQA group x queries), St is [key][4] and one vector holds
-// kLanes / 4 keys x 4 rows: the online-softmax step of SoftmaxTile on that packed layout, so no
-// lane is padding. Lane l is row l % 4 of key l / 4. `kstep` / `kmin` (quantized K: the logit is
-// qa * step_j * dot + qb * min_j first) may be null. Keys nkeys .. (next multiple of 4) are
-// padding and get probability 0. With `wq` (quantized V on VNNI targets) the weights
-// p_j * step_j go straight to PvCodesVnni's 15-bit integers (wq, wscale; see PackWeights), scaled
-// by an upper bound of their maximum rather than the maximum itself, so no second pass is needed.
-void SoftmaxNarrow(const AttentionProblem& p, const HeadState& hs, const float* qa, const float* qb,
-                   const float* kstep, const float* kmin, const float* vstep, const float* vmin,
-                   float* vbias, size_t nkeys, int64_t key0, bool partial,
-                   float* HWY_RESTRICT bounce, int32_t* HWY_RESTRICT wq = nullptr,
-                   float* HWY_RESTRICT wscale = nullptr) {
-  const DF df;
-  const hn::RebindToSigned<DF> di;
-  const hn::CappedTag<float, 4> d4;
-  constexpr size_t kKeysPerVec = kLanes / 4;
-  const size_t nk4 = hwy::DivCeil(nkeys, size_t{4}) * 4;
-  const VF neg_inf = hn::Set(df, -std::numeric_limits<float>::infinity());
-  const VF log2e = hn::Set(df, 1.4426950408889634f);
-  const bool softcap = p.softcap > 0.0f;
-  const bool alibi = p.alibi != nullptr;
-  const bool quant = kstep != nullptr;
-  const VF cap = hn::Set(df, p.softcap);
-  const VF inv_cap = hn::Set(df, softcap ? 1.0f / p.softcap : 0.0f);
-  // Per-lane row values: the 4 rows repeated in every 128-bit block.
-  const VF pos = hn::LoadDup128(df, hs.pos);
-  const VF slope = hn::LoadDup128(df, hs.slope);
-  const auto lo = hn::LoadDup128(di, hs.lo);
-  const auto hi = hn::LoadDup128(di, hs.hi);
-  const VF a4 = quant ? hn::LoadDup128(df, qa) : hn::Zero(df);
-  const VF b4 = quant ? hn::LoadDup128(df, qb) : hn::Zero(df);
-  // Key offset of each lane within its vector: l / 4; per-key values are spread to their 4
-  // lanes with one table lookup.
-  const auto lane_key = hn::ShiftRight<2>(hn::Iota(di, 0));
-  const auto spread = hn::IndicesFromVec(df, lane_key);
-  auto per_key = [&](const float* values, size_t j) {
-    return hn::TableLookupLanes(hn::LoadDup128(df, values + j), spread);
-  };
-  const bool tail = nk4 > nkeys;
-  VF mx = neg_inf;
-  for (size_t j = 0; j < nk4; j += kKeysPerVec) {
-    float* col = hs.st + 4 * j;
-    VF x = hn::Load(df, col);
-    const auto key = hn::Add(lane_key, hn::Set(di, static_cast<int32_t>(key0 + int64_t(j))));
-    if (quant) x = hn::MulAdd(hn::Mul(a4, per_key(kstep, j)), x, hn::Mul(b4, per_key(kmin, j)));
-    if (softcap) x = hn::Mul(cap, hn::Tanh(df, hn::Mul(x, inv_cap)));
-    if (alibi) x = hn::NegMulAdd(slope, hn::Abs(hn::Sub(pos, hn::ConvertTo(df, key))), x);
-    if (partial || tail) {
-      auto hidden = hn::Or(hn::Lt(key, lo), hn::Gt(key, hi));
-      const auto end = hn::Set(di, static_cast<int32_t>(key0 + static_cast<int64_t>(nkeys)));
-      hidden = hn::Or(hidden, hn::Not(hn::Lt(key, end)));
-      x = hn::IfThenElse(hn::RebindMask(df, hidden), neg_inf, x);
-    }
-    hn::Store(x, df, col);
-    mx = hn::Max(mx, x);
-  }
-  // Fold the keys of a vector: the max per row over the 128-bit blocks.
-  hn::Store(mx, df, bounce);
-  auto tile_max = hn::Load(d4, bounce);
-  for (size_t b = 4; b < kLanes; b += 4) tile_max = hn::Max(tile_max, hn::Load(d4, bounce + b));
-  const auto m_old = hn::Load(d4, hs.m);
-  const auto m4 = hn::Max(m_old, tile_max);
-  // A row that has seen no visible key keeps m = -inf; subtracting 0 instead keeps its
-  // probabilities exp(-inf) = 0 and avoids (-inf) - (-inf).
-  const auto m_safe =
-      hn::IfThenZeroElse(hn::Eq(m4, hn::Set(d4, -std::numeric_limits<float>::infinity())), m4);
-  const auto alpha =
-      FastExp2(d4, hn::Mul(hn::Sub(m_old, m_safe), hn::Set(d4, 1.4426950408889634f)));
-  hn::Store(m_safe, d4, bounce);
-  const VF m = hn::LoadDup128(df, bounce);
-  VF sum = hn::Zero(df), bias = hn::Zero(df);
-#if HWY_TARGET == HWY_AVX3_DL
-  if (wq != nullptr) {
-    // Every weight e_j * step_j of row i is at most max_j step_j * exp(tile max_i - m_i): W =
-    // round(w * 32767 / that bound) fits 15 bits (clamped, should the exp round up), and
-    // PackWeights' bound on the rounding error still holds (the bound is at most l_i * max step).
-    float step_max = 0.0f;
-    for (size_t j = 0; j < nk4; ++j) step_max = std::max(step_max, vstep[j]);
-    const auto bound =
-        hn::Mul(hn::Set(d4, step_max),
-                FastExp2(d4, hn::Mul(hn::Sub(tile_max, m_safe), hn::Set(d4, 1.4426950408889634f))));
-    const auto positive = hn::Gt(bound, hn::Zero(d4));
-    const auto inv4 = hn::IfThenElseZero(positive, hn::Div(hn::Set(d4, 32767.0f), bound));
-    hn::Store(inv4, d4, bounce);
-    const __m512 inv = _mm512_broadcast_f32x4(_mm_loadu_ps(bounce));
-    const __m512i w_max = _mm512_set1_epi32(32767);
-    // Words (4 * key + row) -> int32 (row) of key pair (0, 1), then of pair (2, 3).
-    const __m256i to_pairs =
-        _mm256_setr_epi16(0, 4, 1, 5, 2, 6, 3, 7, 8, 12, 9, 13, 10, 14, 11, 15);
-    VF wsum = hn::Zero(df);
-    for (size_t j = 0; j < nk4; j += kKeysPerVec) {
-      const VF e = FastExp2(df, hn::Mul(hn::Sub(hn::Load(df, hs.st + 4 * j), m), log2e));
-      sum = hn::Add(sum, e);
-      bias = hn::MulAdd(e, per_key(vmin, j), bias);
-      const VF w = hn::Mul(e, per_key(vstep, j));
-      wsum = hn::Add(wsum, w);
-      const __m512i q = _mm512_min_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(w.raw, inv)), w_max);
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(wq + j / 2 * 4),
-                          _mm256_permutexvar_epi16(to_pairs, _mm512_cvtepi32_epi16(q)));
-    }
-    // A row whose weights are not all finite gets wscale = NaN (its output is NaN).
-    hn::Store(wsum, df, bounce);
-    auto w4 = hn::Load(d4, bounce);
-    for (size_t b = 4; b < kLanes; b += 4) w4 = hn::Add(w4, hn::Load(d4, bounce + b));
-    const auto finite = hn::Eq(hn::Sub(w4, w4), hn::Zero(d4));
-    hn::Store(hn::IfThenElse(finite, hn::Mul(bound, hn::Set(d4, 1.0f / 32767.0f)),
-                             hn::Set(d4, std::numeric_limits<float>::quiet_NaN())),
-              d4, wscale);
-  } else
-#endif
-    for (size_t j = 0; j < nk4; j += kKeysPerVec) {
-      float* col = hs.st + 4 * j;
-      const VF e = FastExp2(df, hn::Mul(hn::Sub(hn::Load(df, col), m), log2e));
-      sum = hn::Add(sum, e);
-      if (vstep != nullptr) {
-        // Quantized V: P.V sums the codes weighted by p_j * step_j; sum_j p_j * min_j is the row
-        // offset.
-        bias = hn::MulAdd(e, per_key(vmin, j), bias);
-        hn::Store(hn::Mul(e, per_key(vstep, j)), df, col);
-      } else {
-        hn::Store(e, df, col);
-      }
-    }
-  hn::Store(sum, df, bounce);
-  auto s4 = hn::Load(d4, bounce);
-  for (size_t b = 4; b < kLanes; b += 4) s4 = hn::Add(s4, hn::Load(d4, bounce + b));
-  if (vstep != nullptr) {
-    hn::Store(bias, df, bounce);
-    auto b4_sum = hn::Load(d4, bounce);
-    for (size_t b = 4; b < kLanes; b += 4) b4_sum = hn::Add(b4_sum, hn::Load(d4, bounce + b));
-    hn::Store(hn::MulAdd(alpha, hn::Load(d4, vbias), b4_sum), d4, vbias);
-  }
-  hn::Store(m4, d4, hs.m);
-  hn::Store(hn::MulAdd(alpha, hn::Load(d4, hs.l), s4), d4, hs.l);
-  hn::Store(alpha, d4, hs.alpha);
-}
-#endif
 
 // ---- Query rows, prepared once per call ---------------------------------------------------------
 
@@ -829,7 +127,7 @@ struct PreparedQueries {
 };
 
 // Fills q with sequence b's rows for KV head h (padding rows zero).
-HWY_INLINE void PrepareQueries(const AttentionProblem& p, const decode::KvSource& kv, size_t dp,
+HWY_INLINE void PrepareQueries(const AttentionProblem& p, const decode::KVSource& kv, size_t dp,
                                size_t dc, size_t mp, size_t rp, int64_t b, int64_t h,
                                const QueryRows& q) {
   const size_t dim = static_cast<size_t>(p.dim);
@@ -892,7 +190,7 @@ struct UnitShape {
 // Fills slot t with head h's keys [a, a + nkeys): points krow / vrow at the rows (zero rows up
 // to the next multiple of 4), staging them first where they cannot be read in place, and
 // gathers the quantized rows' scales.
-HWY_INLINE void GatherTile(const decode::KvSource& kv, const UnitShape& sh, int64_t b, int64_t a,
+HWY_INLINE void GatherTile(const decode::KVSource& kv, const UnitShape& sh, int64_t b, int64_t a,
                            size_t nkeys, int64_t h, const uint8_t* zero, TileSlot& t) {
   const bool quant = KVDTypeIsQuantized(kv.dtype);
   const size_t elem = kv.dtype == KVDType::kF32 ? 4 : 2;
@@ -906,7 +204,7 @@ HWY_INLINE void GatherTile(const decode::KvSource& kv, const UnitShape& sh, int6
   // Run by run of keys that share a page: one page lookup per run, then fixed strides.
   for (size_t j = 0; j < nkeys;) {
     const int64_t key = a + static_cast<int64_t>(j);
-    const decode::KvSource::Row row = kv.locate(b, key);
+    const decode::KVSource::Row row = kv.locate(b, key);
     const size_t run =
         static_cast<size_t>(std::min<int64_t>(kv.same_page(key), static_cast<int64_t>(nkeys - j)));
     const uint8_t* krow = kv.k + kv.k_offset(row, h);
@@ -963,7 +261,7 @@ HWY_INLINE void GatherTile(const decode::KvSource& kv, const UnitShape& sh, int6
 
 // T: the element type of the rows (float, hwy::float16_t, hwy::bfloat16_t, or uint8_t codes).
 template <size_t kDp, class T>
-void RunUnit(const AttentionProblem& p, const decode::KvSource& kv, const decode::DecodeUnit& u,
+void RunUnit(const AttentionProblem& p, const decode::KVSource& kv, const decode::DecodeUnit& u,
              const UnitShape& sh, const PreparedQueries& queries, Scratch& s, float* partial_out,
              double* partial_lse) {
   const DF df;
@@ -1068,7 +366,7 @@ void RunUnit(const AttentionProblem& p, const decode::KvSource& kv, const decode
                 kr = reinterpret_cast<const char*>(t.krow[j]) + kPrefetchKeys * kv.k_token_stride;
                 vr = reinterpret_cast<const char*>(t.vrow[j]) + kPrefetchKeys * kv.v_token_stride;
               } else {
-                const decode::KvSource::Row row = kv.locate(b, key);
+                const decode::KVSource::Row row = kv.locate(b, key);
                 kr = reinterpret_cast<const char*>(kv.k + kv.k_offset(row, h));
                 vr = reinterpret_cast<const char*>(kv.v + kv.v_offset(row, h));
               }
@@ -1188,10 +486,10 @@ void RunUnit(const AttentionProblem& p, const decode::KvSource& kv, const decode
 #endif
         const float* pt = t.st + j_begin * mp;
         if (j_begin == 0) {
-          AccumulateHead<kDp, true, T>(rows, t.vrow, j_end, pt, mp, s.alpha, acc, dp);
+          AccumulatePvHead<kDp, true, T>(rows, t.vrow, j_end, pt, mp, s.alpha, acc, dp);
         } else {
-          AccumulateHead<kDp, false, T>(rows, t.vrow + j_begin, j_end - j_begin, pt, mp, s.alpha,
-                                        acc, dp);
+          AccumulatePvHead<kDp, false, T>(rows, t.vrow + j_begin, j_end - j_begin, pt, mp, s.alpha,
+                                          acc, dp);
         }
       };
 
@@ -1302,7 +600,7 @@ inline Workspace& CallerWorkspace() {
 
 // Runs every unit of the schedule, then merges the partial states of multi-split sequences in
 // split order. Returns false when scratch could not be allocated.
-bool DecodeKernel(const AttentionProblem& p, const decode::KvSource& kv,
+bool DecodeKernel(const AttentionProblem& p, const decode::KVSource& kv,
                   const internal::DecodeSchedule& sched, bool fast) {
   using namespace decode_impl;  // NOLINT
   if (sched.units.empty()) return true;

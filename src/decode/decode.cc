@@ -32,8 +32,8 @@
 #include <string>
 #include <vector>
 
-#include "attention/flash_fwd.h"
 #include "core/check.h"
+#include "core/dispatch.h"
 #include "core/element.h"
 #include "decode/decode.h"
 #include "kvcache/kv_validate.h"
@@ -100,7 +100,7 @@ bool ScheduleFits(const internal::DecodeSchedule& s, const std::vector<int64_t>&
   return true;
 }
 
-bool RunDecodeKernel(const AttentionProblem& p, const KvSource& kv,
+bool RunDecodeKernel(const AttentionProblem& p, const KVSource& kv,
                      const internal::DecodeSchedule& schedule, bool fast) {
   return HWY_DYNAMIC_DISPATCH(DecodeKernel)(p, kv, schedule, fast);
 }
@@ -114,7 +114,7 @@ std::string Num(int64_t x) { return std::to_string(x); }
 // Validates a DecodeParams and builds the kernel's problem (queries, outputs, options) and KV
 // source. The option checks are the forward's (ValidateAttention on the same q / out / lse /
 // options with a stand-in K/V of the cache's shape).
-Status ValidateDecode(const DecodeParams& p, AttentionProblem* prob, decode::KvSource* kv,
+Status ValidateDecode(const DecodeParams& p, AttentionProblem* prob, decode::KVSource* kv,
                       std::vector<int64_t>* lens) {
   Status s = ValidateKVCache(p.cache, p.kv, "cache", "kv");
   if (!s.ok()) return s;
@@ -163,8 +163,8 @@ Status ValidateDecode(const DecodeParams& p, AttentionProblem* prob, decode::KvS
   s = ValidateAttention(a, prob);
   if (!s.ok()) return s;
 
-  decode::KvSource& src = *kv;
-  src = decode::KvSource();
+  decode::KVSource& src = *kv;
+  src = decode::KVSource();
   src.dtype = p.cache.dtype;
   src.batch = B;
   src.heads_kv = Hkv;
@@ -244,7 +244,7 @@ Status PlanDecode(const DecodeParams& params, const Context& ctx, DecodePlan* pl
     return Status::InvalidArgument(Expected("plan", "a DecodePlan to fill", "nullptr"));
   }
   AttentionProblem prob;
-  decode::KvSource kv;
+  decode::KVSource kv;
   std::vector<int64_t> lens;
   Status s = ValidateDecode(params, &prob, &kv, &lens);
   if (!s.ok()) return s;
@@ -261,7 +261,7 @@ Status RunDecode(const DecodePlan& plan, const DecodeParams& params, const Conte
         Expected("plan", "a plan made by PlanDecode", "an empty (default-constructed) plan"));
   }
   AttentionProblem prob;
-  decode::KvSource kv;
+  decode::KVSource kv;
   std::vector<int64_t> lens;
   Status s = ValidateDecode(params, &prob, &kv, &lens);
   if (!s.ok()) return s;
@@ -282,7 +282,7 @@ Status RunDecode(const DecodePlan& plan, const DecodeParams& params, const Conte
   }
   if (ctx.path == Path::kReference) return RunReference(params, prob);
   bool fast = false;
-  s = flash::ChooseKernel(ctx, prob.dim, &fast);
+  s = ChooseKernel(ctx, prob.dim, &fast);
   if (!s.ok()) return s;
   if (!decode::RunDecodeKernel(prob, kv, sched, fast)) {
     return Status::Internal("RunDecode: could not allocate scratch");

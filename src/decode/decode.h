@@ -1,4 +1,4 @@
-// Internal, SIMD-free: the decode kernel's view of the keys/values (KvSource), the schedule a
+// Internal, SIMD-free: the decode kernel's view of the keys/values (KVSource), the schedule a
 // DecodePlan holds, and the kernel entry. Used by decode.cc and by the exact forward, which
 // routes calls with at most kMaxDecodeQueries queries per sequence here.
 #pragma once
@@ -24,7 +24,7 @@ constexpr int64_t kKeyTile = 32;
 //    b (varlen: 0) and slot cu_seqlens_k[b] + t.
 // A row starts at page * page_stride + head * head_stride + slot * token_stride (bytes); its
 // channels are dim_stride elements apart (1 for a cache).
-struct KvSource {
+struct KVSource {
   KVDType dtype = KVDType::kF32;
   int64_t batch = 0;
   int64_t heads_kv = 0;
@@ -121,7 +121,7 @@ bool ScheduleFits(const internal::DecodeSchedule& schedule, const std::vector<in
 
 // Runs the kernel: queries, outputs and options from `p` (k/v fields unused), keys and values
 // from `kv`. Returns false when scratch could not be allocated. Dispatches to the best target.
-bool RunDecodeKernel(const AttentionProblem& p, const KvSource& kv,
+bool RunDecodeKernel(const AttentionProblem& p, const KVSource& kv,
                      const internal::DecodeSchedule& schedule, bool fast);
 
 }  // namespace decode

@@ -30,7 +30,7 @@
 
 #include "core/check.h"
 #include "core/element.h"
-#include "core/pages.h"
+#include "core/huge_pages.h"
 #include "core/parallel.h"
 #include "kvcache/kv_quant.h"
 #include "kvcache/kv_validate.h"
@@ -38,7 +38,6 @@
 namespace tessera {
 namespace {
 
-using kvquant::kMaxHeadDim;
 using kvquant::kMaxPageSize;
 
 std::string Field(const char* arg, const char* field) { return std::string(arg) + "." + field; }

@@ -23,13 +23,12 @@
 #include <cmath>
 #include <cstdint>
 
+#include "core/dispatch.h"
 #include "tessera/kv_cache.h"
 
 namespace tessera {
 namespace kvquant {
 
-// Largest supported head dim.
-constexpr int64_t kMaxHeadDim = 512;
 // Largest page size of the paged layout (the contiguous layout accepts any capacity).
 constexpr int64_t kMaxPageSize = 256;
 

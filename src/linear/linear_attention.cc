@@ -1,11 +1,12 @@
 // Linear attention: validation and per-target dispatch. The kernels and their design notes are in
-// linear_attention-inl.h.
+// linear_forward-inl.h and linear_backward-inl.h.
 #undef HWY_TARGET_INCLUDE
 #define HWY_TARGET_INCLUDE "linear/linear_attention.cc"
 #include <hwy/foreach_target.h>  // IWYU pragma: keep
 #include <hwy/highway.h>
 
-#include "linear/linear_attention-inl.h"
+#include "linear/linear_backward-inl.h"
+#include "linear/linear_forward-inl.h"
 
 #if HWY_ONCE
 #include "linear/linear_problem.h"

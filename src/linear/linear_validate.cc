@@ -4,6 +4,7 @@
 #include <string>
 
 #include "core/check.h"
+#include "core/dispatch.h"
 #include "linear/linear_problem.h"
 
 namespace tessera {
@@ -11,7 +12,6 @@ namespace {
 
 // Largest feature dim F: the state of one head is F x Dv floats per worker.
 constexpr int64_t kMaxFeatureDim = 8192;
-constexpr int64_t kMaxHeadDim = 512;
 
 std::string Dims(std::initializer_list<int64_t> dims) {
   std::string s = "[";

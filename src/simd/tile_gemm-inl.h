@@ -80,10 +80,10 @@ HWY_INLINE void ProductBlock(const float* HWY_RESTRICT kt, size_t ldk, size_t di
 // C[r][c] = alpha[c] * C[r][c] + sum_j A[j][r] * B[j][c] for r < R, j < nkeys (vt = A, pt = B,
 // ot = C).
 template <int R, int C>
-HWY_INLINE void AccumulateBlock(const float* HWY_RESTRICT vt, size_t ldv,
-                                const float* HWY_RESTRICT pt, size_t mp,
-                                const float* HWY_RESTRICT alpha, size_t nkeys,
-                                float* HWY_RESTRICT ot) {
+HWY_INLINE void TransposedAccumulateBlock(const float* HWY_RESTRICT vt, size_t ldv,
+                                          const float* HWY_RESTRICT pt, size_t mp,
+                                          const float* HWY_RESTRICT alpha, size_t nkeys,
+                                          float* HWY_RESTRICT ot) {
   const DF df;
   VF acc[R][C];
   for (int c = 0; c < C; ++c) {
@@ -114,12 +114,12 @@ HWY_INLINE void ProductBlockC(size_t c, const float* kt, size_t ldk, size_t dim,
 }
 
 template <int R, int C = kTileVecs>
-HWY_INLINE void AccumulateBlockC(size_t c, const float* vt, size_t ldv, const float* pt, size_t mp,
-                                 const float* alpha, size_t nkeys, float* ot) {
+HWY_INLINE void TransposedAccumulateBlockC(size_t c, const float* vt, size_t ldv, const float* pt,
+                                           size_t mp, const float* alpha, size_t nkeys, float* ot) {
   if constexpr (C > 1) {
-    if (c < C) return AccumulateBlockC<R, C - 1>(c, vt, ldv, pt, mp, alpha, nkeys, ot);
+    if (c < C) return TransposedAccumulateBlockC<R, C - 1>(c, vt, ldv, pt, mp, alpha, nkeys, ot);
   }
-  AccumulateBlock<R, C>(vt, ldv, pt, mp, alpha, nkeys, ot);
+  TransposedAccumulateBlock<R, C>(vt, ldv, pt, mp, alpha, nkeys, ot);
 }
 
 // Tails of the broadcast dimension: rows in [1, R] left.
@@ -133,12 +133,13 @@ void ProductTail(size_t rows, size_t c, const float* kt, size_t ldk, size_t dim,
 }
 
 template <int R = kTileRows - 1>
-void AccumulateTail(size_t rows, size_t c, const float* vt, size_t ldv, const float* pt, size_t mp,
-                    const float* alpha, size_t nkeys, float* ot) {
+void TransposedAccumulateTail(size_t rows, size_t c, const float* vt, size_t ldv, const float* pt,
+                              size_t mp, const float* alpha, size_t nkeys, float* ot) {
   if constexpr (R > 1) {
-    if (rows < R) return AccumulateTail<R - 1>(rows, c, vt, ldv, pt, mp, alpha, nkeys, ot);
+    if (rows < R)
+      return TransposedAccumulateTail<R - 1>(rows, c, vt, ldv, pt, mp, alpha, nkeys, ot);
   }
-  AccumulateBlockC<R>(c, vt, ldv, pt, mp, alpha, nkeys, ot);
+  TransposedAccumulateBlockC<R>(c, vt, ldv, pt, mp, alpha, nkeys, ot);
 }
 
 // Brings the rows of a later K or V tile into L2 a few rows at a time, interleaved with the
@@ -230,10 +231,12 @@ HWY_NOINLINE void TransposedPanelAccumulate(const float* vt, size_t ldv, size_t 
     size_t d = 0;
     for (; d + kTileRows <= n; d += kTileRows) {
       next_v.Next(prefetch_rows);
-      AccumulateBlockC<kTileRows>(c, vt + d, ldv, pt + i0, mp, alpha + i0, nkeys, ot + d * mp + i0);
+      TransposedAccumulateBlockC<kTileRows>(c, vt + d, ldv, pt + i0, mp, alpha + i0, nkeys,
+                                            ot + d * mp + i0);
     }
     if (d < n)
-      AccumulateTail(n - d, c, vt + d, ldv, pt + i0, mp, alpha + i0, nkeys, ot + d * mp + i0);
+      TransposedAccumulateTail(n - d, c, vt + d, ldv, pt + i0, mp, alpha + i0, nkeys,
+                               ot + d * mp + i0);
   }
 }
 

@@ -1,12 +1,14 @@
 // The online-softmax step on a score tile laid out key-major with query rows in lanes,
-// St[key][Mp], shared by the exact forward and decode. `State` provides the per-row arrays
-// (st, m, l, alpha, tile_max, pos, slope, lo, hi; see flash_fwd-inl.h's Scratch).
+// St[key][Mp], shared by the exact forward and decode (and the forward's sigmoid step). `State`
+// provides the per-row arrays (st, m, l, alpha, tile_max, pos, slope, lo, hi; see
+// flash_fwd-inl.h's Scratch). A SIMD building block of its own, so that decode uses it without
+// including the attention kernels.
 
-#if defined(TESSERA_ATTENTION_SOFTMAX_TILE_INL_H_) == defined(HWY_TARGET_TOGGLE)
-#ifdef TESSERA_ATTENTION_SOFTMAX_TILE_INL_H_
-#undef TESSERA_ATTENTION_SOFTMAX_TILE_INL_H_
+#if defined(TESSERA_SIMD_ONLINE_SOFTMAX_INL_H_) == defined(HWY_TARGET_TOGGLE)
+#ifdef TESSERA_SIMD_ONLINE_SOFTMAX_INL_H_
+#undef TESSERA_SIMD_ONLINE_SOFTMAX_INL_H_
 #else
-#define TESSERA_ATTENTION_SOFTMAX_TILE_INL_H_
+#define TESSERA_SIMD_ONLINE_SOFTMAX_INL_H_
 #endif
 
 #include <hwy/contrib/math/math-inl.h>
@@ -17,6 +19,7 @@
 
 #include "attention/attention_problem.h"
 #include "simd/fast_exp-inl.h"
+#include "simd/score_mod-inl.h"
 #include "simd/tile_gemm-inl.h"
 
 HWY_BEFORE_NAMESPACE();
@@ -33,9 +36,8 @@ struct WindowPredicate {
     const DF df;
     const hn::RebindToSigned<DF> di;
     const auto k = hn::Set(di, static_cast<int32_t>(key));
-    const auto hidden = hn::Or(hn::Lt(k, hn::Load(di, lo + i)), hn::Gt(k, hn::Load(di, hi + i)));
-    return hn::IfThenElse(hn::RebindMask(df, hidden),
-                          hn::Set(df, -std::numeric_limits<float>::infinity()), x);
+    const auto hidden = KeyOutside(k, hn::Load(di, lo + i), hn::Load(di, hi + i));
+    return HideKeys(df, hidden, hn::Set(df, -std::numeric_limits<float>::infinity()), x);
   }
 };
 
@@ -57,11 +59,8 @@ HWY_INLINE VF ModifyScores(const AttentionProblem& p, State& s, size_t nkeys, si
   for (size_t j = 0; j < nkeys; ++j) {
     VF x = hn::Load(df, col + j * mp);
     const int64_t key = keys != nullptr ? keys[j] : key0 + static_cast<int64_t>(j);
-    if (softcap) x = hn::Mul(cap, hn::Tanh(df, hn::Mul(x, inv_cap)));
-    if (alibi) {
-      const VF dist = hn::Abs(hn::Sub(pos, hn::Set(df, static_cast<float>(key))));
-      x = hn::NegMulAdd(slope, dist, x);
-    }
+    if (softcap) x = SoftcapScore(df, x, cap, inv_cap);
+    if (alibi) x = AlibiScore(x, slope, pos, hn::Set(df, static_cast<float>(key)));
     if (partial) x = mask.Apply(x, i, j, key);
     hn::Store(x, df, col + j * mp);
     mx = hn::Max(mx, x);
@@ -128,10 +127,8 @@ void SigmoidTile(const AttentionProblem& p, State& s, size_t nkeys, size_t mp, i
     float* col = s.st + i;
     ModifyScores(p, s, nkeys, mp, key0, keys, partial, mask, i, neg_inf);
     for (size_t j = 0; j < nkeys; ++j) {
-      const VF x = hn::Add(hn::Load(df, col + j * mp), bias);
-      // x = -inf (a hidden key) gives 1 / (1 + inf) = 0 exactly.
-      const VF e = hn::Exp(df, hn::Neg(x));
-      hn::Store(hn::Div(one, hn::Add(one, e)), df, col + j * mp);
+      // A hidden key (-inf) gets exactly 0.
+      hn::Store(SigmoidScore(df, hn::Load(df, col + j * mp), bias, one), df, col + j * mp);
     }
     hn::Store(one, df, s.alpha + i);
   }
@@ -141,4 +138,4 @@ void SigmoidTile(const AttentionProblem& p, State& s, size_t nkeys, size_t mp, i
 }  // namespace tessera
 HWY_AFTER_NAMESPACE();
 
-#endif  // TESSERA_ATTENTION_SOFTMAX_TILE_INL_H_
+#endif  // TESSERA_SIMD_ONLINE_SOFTMAX_INL_H_

@@ -1,4 +1,8 @@
-// Internal, SIMD-free: tile sizes of the exact forward kernel, shared with tests and benchmarks.
+// Internal, SIMD-free: which instantiation of a tiled kernel a call runs. The exact forward, the
+// backward and decode all check ctx.path with ChooseKernel and turn the head dim into a
+// compile-time constant with DispatchHeadDim (decode its own way, with the same head dims), and
+// every op bounds its head dims by kMaxHeadDim. Kept apart from the kernels so that each kernel
+// family depends on this header rather than on another family.
 #pragma once
 
 #include <cstdint>
@@ -9,24 +13,8 @@
 #include "tessera/status.h"
 
 namespace tessera {
-namespace flash {
 
-// Query rows per task: a task owns (sequence, KV head, block of query positions) and packs the
-// G = Hq/Hkv query heads of the group as G * block rows, so each K/V tile is loaded and
-// converted once per group. The block is kRowsTarget / G positions (at least 1). 192 rows keep
-// the K/V traffic per FLOP low enough for 16K-token heads streamed from DRAM while the task's
-// tiles still fit in a 1 MiB L2 (see flash_fwd-inl.h).
-constexpr int64_t kRowsTarget = 192;
-// Keys per K/V tile. Tile boundaries are fixed multiples of kKeyTile from key 0, which makes
-// every row's reduction order independent of the batch, the thread count and the task shape.
-constexpr int64_t kKeyTile = 128;
-
-// Query positions per task for a GQA group of `group` heads.
-inline int64_t QueryBlock(int64_t group) {
-  return group >= kRowsTarget ? 1 : kRowsTarget / (group > 0 ? group : 1);
-}
-
-// Largest supported head dim.
+// Largest supported head dim (attention, decode's KV cache, linear attention's Dk and Dv).
 constexpr int64_t kMaxHeadDim = 512;
 
 // Head dims with a compile-time instantiation (Path::kFast).
@@ -65,5 +53,4 @@ void DispatchHeadDim(bool fast, int64_t dim, const Fn& fn) {
   fn(std::integral_constant<int, 0>());
 }
 
-}  // namespace flash
 }  // namespace tessera

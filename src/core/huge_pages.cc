@@ -1,4 +1,4 @@
-#include "core/pages.h"
+#include "core/huge_pages.h"
 
 #if defined(__linux__)
 #include <sys/mman.h>
