@@ -28,7 +28,6 @@ struct TensorView {
   int64_t shape[4] = {1, 1, 1, 1};
   int64_t strides[4] = {0, 0, 0, 0};
 
-  bool empty_pointer() const { return data == nullptr; }
   // Product of the shape; INT64_MAX when it overflows (every op rejects such a view).
   int64_t numel() const;
   // True when strides are the row-major (C order) strides of `shape`.
