@@ -384,12 +384,14 @@ TEST(BadInput, EmptyBlockMasksReturnAtOnce) {
   s2.num_q_blocks = 0;
   s2.num_k_blocks = 4;
   uint8_t dummy = 0;
-  EXPECT_TRUE(BuildS2BlockMask(s2, MakeView4(&dummy, DType::kU8, 1, s2.heads, 0, 4)).ok());
+  s2.out = MakeView4(&dummy, DType::kU8, 1, s2.heads, 0, 4);
+  EXPECT_TRUE(BuildS2BlockMask(s2, Context()).ok());
   RadialMaskParams radial;
   radial.frames = std::numeric_limits<int32_t>::max();
   radial.tokens_per_frame = 0;
   radial.block = 16;
-  EXPECT_TRUE(BuildRadialBlockMask(radial, MakeView4(&dummy, DType::kU8, 1, 1, 0, 0)).ok());
+  radial.out = MakeView4(&dummy, DType::kU8, 1, 1, 0, 0);
+  EXPECT_TRUE(BuildRadialBlockMask(radial, Context()).ok());
 }
 
 TEST(BadInput, NoKeysGiveZeroOutputAndMinusInfLse) {

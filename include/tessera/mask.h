@@ -129,8 +129,10 @@ struct S2MaskParams {
   int64_t vert_stride = 1;   // >= 1
   int64_t offset = 0;
   bool causal = true;
+  TensorView out;  // u8 / bool [1, heads, num_q_blocks, num_k_blocks], written
 };
-Status BuildS2BlockMask(const S2MaskParams& params, TensorView out);
+// Rows (head, query block) are spread over ctx.num_threads workers.
+Status BuildS2BlockMask(const S2MaskParams& params, const Context& ctx);
 
 // Radial attention's static video mask (ALGORITHMS.md 4.6, the HunyuanVideo form): frames x
 // tokens_per_frame tokens, frame-major. Frame pairs at distance <= 1 are dense; a farther pair at
@@ -145,8 +147,10 @@ struct RadialMaskParams {
   int64_t tokens_per_frame = 0;
   int64_t block = 128;        // multiple of 16, at most 2^30
   double decay_factor = 1.0;  // > 0
+  TensorView out;             // u8 / bool [1, 1, nb, nb], nb = ceil(n / block), written
 };
-Status BuildRadialBlockMask(const RadialMaskParams& params, TensorView out);
+// Rows of query blocks are spread over ctx.num_threads workers.
+Status BuildRadialBlockMask(const RadialMaskParams& params, const Context& ctx);
 
 // Content-based block selection (SeerAttention's gate without learned weights, MoBA, VMoBA,
 // BiFormer's routing): queries and keys are mean-pooled per block (block_q / block_k tokens), the

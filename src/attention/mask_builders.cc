@@ -360,7 +360,8 @@ Status ValidateSelect(const BlockSelectParams& p) {
 
 // ---------------------------------------------------------------------------------------------
 
-Status BuildS2BlockMask(const S2MaskParams& p, TensorView out) try {
+Status BuildS2BlockMask(const S2MaskParams& p, const Context& ctx) try {
+  const TensorView& out = p.out;
   if (p.heads < 1) {
     return Status::InvalidArgument(Expected("heads", ">= 1", std::to_string(p.heads)));
   }
@@ -387,30 +388,31 @@ Status BuildS2BlockMask(const S2MaskParams& p, TensorView out) try {
   const int64_t V = p.vert_stride, L = p.local_blocks;
   // Head sliding step: with fewer heads than the stride the heads' stripes spread over it.
   const int64_t step = std::max<int64_t>(1, V / p.heads);
-  for (int64_t h = 0; h < p.heads; ++h) {
+  // One task per row (head, query block); heads * num_q_blocks fits: the output's size does.
+  ParallelFor(ResolveThreads(ctx), p.heads * p.num_q_blocks, [&](int64_t task, int32_t) {
+    const int64_t h = task / p.num_q_blocks, qb = task % p.num_q_blocks;
     // Reduced mod V term by term: offset may be any int64.
     const int64_t head_shift = Mod(h * step, V) + Mod(p.offset, V);
-    for (int64_t qb = 0; qb < p.num_q_blocks; ++qb) {
-      for (int64_t kb = 0; kb < p.num_k_blocks; ++kb) {
-        bool keep;
-        if (p.causal) {
-          keep = qb >= kb && (qb - kb < L || Mod(kb + head_shift, V) == 0);
-        } else {
-          // Bidirectional: local_blocks on each side; the stripe is counted in block distance
-          // past the local band on either side, shifted per head like the causal stripes.
-          const int64_t dist =
-              std::max<int64_t>(0, qb - kb - L + 1) + std::max<int64_t>(0, kb - qb - L + 1);
-          keep = (qb - kb < L && kb - qb < L) || Mod(dist + head_shift, V) == 0;
-        }
-        *MaskAt(out, 0, h, qb, kb) = keep ? 1 : 0;
+    for (int64_t kb = 0; kb < p.num_k_blocks; ++kb) {
+      bool keep;
+      if (p.causal) {
+        keep = qb >= kb && (qb - kb < L || Mod(kb + head_shift, V) == 0);
+      } else {
+        // Bidirectional: local_blocks on each side; the stripe is counted in block distance
+        // past the local band on either side, shifted per head like the causal stripes.
+        const int64_t dist =
+            std::max<int64_t>(0, qb - kb - L + 1) + std::max<int64_t>(0, kb - qb - L + 1);
+        keep = (qb - kb < L && kb - qb < L) || Mod(dist + head_shift, V) == 0;
       }
+      *MaskAt(out, 0, h, qb, kb) = keep ? 1 : 0;
     }
-  }
+  });
   return Status::Ok();
 }
 TESSERA_CATCH_ALL("BuildS2BlockMask")
 
-Status BuildRadialBlockMask(const RadialMaskParams& p, TensorView out) try {
+Status BuildRadialBlockMask(const RadialMaskParams& p, const Context& ctx) try {
+  const TensorView& out = p.out;
   if (p.frames < 0) {
     return Status::InvalidArgument(Expected("frames", ">= 0", std::to_string(p.frames)));
   }
@@ -444,7 +446,7 @@ Status BuildRadialBlockMask(const RadialMaskParams& p, TensorView out) try {
   // Block (I, J) is kept when more than 60% of its non-empty key columns have more than 1/3 of
   // the block's query rows visible. A column's count is summed over the frames the query block
   // overlaps, each contributing the overlap of its rows with the band around the column's offset.
-  for (int64_t I = 0; I < nb; ++I) {
+  ParallelFor(ResolveThreads(ctx), nb, [&](int64_t I, int32_t) {
     const int64_t r0 = I * p.block, r1 = std::min(n, r0 + p.block);
     const int64_t rows = r1 - r0;
     for (int64_t J = 0; J < nb; ++J) {
@@ -468,7 +470,7 @@ Status BuildRadialBlockMask(const RadialMaskParams& p, TensorView out) try {
       }
       *MaskAt(out, 0, 0, I, J) = 5 * dense > 3 * non_empty ? 1 : 0;  // > 60%, exactly
     }
-  }
+  });
   return Status::Ok();
 }
 TESSERA_CATCH_ALL("BuildRadialBlockMask")

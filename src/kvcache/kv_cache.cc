@@ -30,6 +30,7 @@
 #include <vector>
 
 #include "core/check.h"
+#include "core/checked_math.h"
 #include "core/element.h"
 #include "core/guard.h"
 #include "core/pages.h"
@@ -557,7 +558,17 @@ Status AppendKV(const AppendKVParams& p, const Context& ctx) try {
 }
 TESSERA_CATCH_ALL("AppendKV")
 
-Status ApplyRotary(TensorView x, const int32_t* positions, const RotaryParams& rotary) try {
+namespace {
+
+// Threads for `work` elements of row-wise work: one below 2^15 (a thread start costs more).
+int32_t RowThreads(const Context& ctx, int64_t work) {
+  return work < (int64_t{1} << 15) ? 1 : ResolveThreads(ctx);
+}
+
+}  // namespace
+
+Status ApplyRotary(const ApplyRotaryParams& p, const Context& ctx) try {
+  const TensorView& x = p.x;
   if (x.rank != 4) return Invalid("x", "rank 4 [B, S, H, D]", "rank " + Str(x.rank));
   Status s = CheckRankAndStrides("x", x, true);
   if (!s.ok()) return s;
@@ -565,38 +576,44 @@ Status ApplyRotary(TensorView x, const int32_t* positions, const RotaryParams& r
     return Invalid("x", "dtype f32, bf16 or f16", "dtype " + Str(static_cast<int32_t>(x.dtype)));
   }
   const int64_t B = x.shape[0], S = x.shape[1], H = x.shape[2], D = x.shape[3];
-  s = ValidateRotary(rotary, D);
+  s = ValidateRotary(p.rotary, D);
   if (!s.ok()) return s;
-  s = CheckDisjoint({ViewRegion("x", x)}, {ArrayRegion("positions", positions, B, 4)});
+  s = CheckDisjoint({ViewRegion("x", x)}, {ArrayRegion("positions", p.positions, B, 4)});
   if (!s.ok()) return s;
-  if (rotary.rotary_dim == 0 || x.numel() == 0) return Status::Ok();
-  const Rotary rot(rotary);
-  const int64_t r = rotary.rotary_dim;
-  std::vector<float> row(static_cast<size_t>(D));
-  std::vector<double> angles(static_cast<size_t>(rot.angle_count()));
-  for (int64_t b = 0; b < B; ++b) {
-    const int64_t start = positions != nullptr ? positions[b] : 0;
-    for (int64_t t = 0; t < S; ++t) {
-      const int64_t pos = start + t;
-      if (pos == 0) continue;  // identity
-      rot.Angles(pos, angles.data());
-      for (int64_t h = 0; h < H; ++h) {
-        LoadRow(x, b, t, h, row.data());
-        rot.Apply(pos, angles.data(), row.data());
-        const int64_t base = b * x.strides[0] + t * x.strides[1] + h * x.strides[2];
-        // Only the rotated channels are written back: the others stay bitwise as they were.
-        for (int64_t c = 0; c < r; ++c) {
-          StoreElement(x.dtype, x.data, base + c * x.strides[3], row[size_t(c)]);
-        }
-      }
-    }
-  }
+  if (p.rotary.rotary_dim == 0 || x.numel() == 0) return Status::Ok();
+  const Rotary rot(p.rotary);
+  const int64_t r = p.rotary.rotary_dim;
+  const int64_t tokens = B * S;  // fits: x.numel() does
+  const int64_t tokens_per_task = std::max<int64_t>(1, (int64_t{1} << 14) / (H * D));
+  ParallelFor(RowThreads(ctx, x.numel()), CeilDiv(tokens, tokens_per_task),
+              [&](int64_t task, int32_t) {
+                std::vector<float> row(static_cast<size_t>(D));
+                std::vector<double> angles(static_cast<size_t>(rot.angle_count()));
+                const int64_t end = std::min(tokens, (task + 1) * tokens_per_task);
+                for (int64_t tok = task * tokens_per_task; tok < end; ++tok) {
+                  const int64_t b = tok / S, t = tok % S;
+                  const int64_t pos = (p.positions != nullptr ? p.positions[b] : 0) + t;
+                  if (pos == 0) continue;  // identity
+                  rot.Angles(pos, angles.data());
+                  for (int64_t h = 0; h < H; ++h) {
+                    LoadRow(x, b, t, h, row.data());
+                    rot.Apply(pos, angles.data(), row.data());
+                    const int64_t base = b * x.strides[0] + t * x.strides[1] + h * x.strides[2];
+                    // Only the rotated channels are written back: the others stay bitwise.
+                    for (int64_t c = 0; c < r; ++c) {
+                      StoreElement(x.dtype, x.data, base + c * x.strides[3], row[size_t(c)]);
+                    }
+                  }
+                }
+              });
   return Status::Ok();
 }
 TESSERA_CATCH_ALL("ApplyRotary")
 
-Status ReadKV(const KVCacheView& cache, const KVBatchView& batch, int64_t b, TensorView k_out,
-              TensorView v_out) try {
+Status ReadKV(const ReadKVParams& p, const Context& ctx) try {
+  const KVCacheView& cache = p.cache;
+  const KVBatchView& batch = p.batch;
+  const int64_t b = p.b;
   Status s = ValidateKVCache(cache, batch, "cache", "batch");
   if (!s.ok()) return s;
   if (b < 0 || b >= batch.batch) {
@@ -609,7 +626,7 @@ Status ReadKV(const KVCacheView& cache, const KVBatchView& batch, int64_t b, Ten
   const struct {
     const char* name;
     const TensorView* view;
-  } outs[] = {{"k_out", &k_out}, {"v_out", &v_out}};
+  } outs[] = {{"k_out", &p.k_out}, {"v_out", &p.v_out}};
   for (const auto& o : outs) {
     s = CheckShape(o.name, *o.view, 3, shape, what, true);
     if (!s.ok()) return s;
@@ -621,28 +638,34 @@ Status ReadKV(const KVCacheView& cache, const KVBatchView& batch, int64_t b, Ten
   }
   std::vector<Region> inputs = KVCacheRegions(cache, "cache");
   for (Region& r : KVBatchRegions(batch, "batch")) inputs.push_back(std::move(r));
-  s = CheckDisjoint({ViewRegion("k_out", k_out), ViewRegion("v_out", v_out)}, inputs);
+  s = CheckDisjoint({ViewRegion("k_out", p.k_out), ViewRegion("v_out", p.v_out)}, inputs);
   if (!s.ok()) return s;
+  if (len == 0) return Status::Ok();
   const bool quantized = KVDTypeIsQuantized(cache.dtype);
   const int64_t row_bytes = kvquant::RowBytes(cache.dtype, D);
-  std::vector<float> row(static_cast<size_t>(D));
-  for (int64_t t = 0; t < len; ++t) {
-    const int64_t page = kvquant::PageOfToken(batch, b, t, cache.page_size);
-    const int64_t slot = t % cache.page_size;
-    for (int64_t h = 0; h < H; ++h) {
-      const int64_t r = kvquant::RowIndex(cache, page, slot, h);
-      for (int kv = 0; kv < 2; ++kv) {
-        const uint8_t* src = static_cast<const uint8_t*>(kv == 0 ? cache.k : cache.v);
-        const float* norm = kv == 0 ? cache.k_channel_scales : cache.v_channel_scales;
-        const float* scales = kv == 0 ? cache.k_scales : cache.v_scales;
-        LoadCacheRow(cache.dtype, src + r * row_bytes, D, quantized ? norm + h * D : nullptr,
-                     quantized ? scales + 2 * r : nullptr, row.data());
-        const TensorView& out = kv == 0 ? k_out : v_out;
-        float* dst = static_cast<float*>(out.data) + t * out.strides[0] + h * out.strides[1];
-        for (int64_t c = 0; c < D; ++c) dst[c * out.strides[2]] = row[size_t(c)];
-      }
-    }
-  }
+  const int64_t tokens_per_task = std::max<int64_t>(1, (int64_t{1} << 14) / (H * D));
+  ParallelFor(
+      RowThreads(ctx, len * H * D), CeilDiv(len, tokens_per_task), [&](int64_t task, int32_t) {
+        std::vector<float> row(static_cast<size_t>(D));
+        const int64_t end = std::min(len, (task + 1) * tokens_per_task);
+        for (int64_t t = task * tokens_per_task; t < end; ++t) {
+          const int64_t page = kvquant::PageOfToken(batch, b, t, cache.page_size);
+          const int64_t slot = t % cache.page_size;
+          for (int64_t h = 0; h < H; ++h) {
+            const int64_t r = kvquant::RowIndex(cache, page, slot, h);
+            for (int kv = 0; kv < 2; ++kv) {
+              const uint8_t* src = static_cast<const uint8_t*>(kv == 0 ? cache.k : cache.v);
+              const float* norm = kv == 0 ? cache.k_channel_scales : cache.v_channel_scales;
+              const float* scales = kv == 0 ? cache.k_scales : cache.v_scales;
+              LoadCacheRow(cache.dtype, src + r * row_bytes, D, quantized ? norm + h * D : nullptr,
+                           quantized ? scales + 2 * r : nullptr, row.data());
+              const TensorView& out = kv == 0 ? p.k_out : p.v_out;
+              float* dst = static_cast<float*>(out.data) + t * out.strides[0] + h * out.strides[1];
+              for (int64_t c = 0; c < D; ++c) dst[c * out.strides[2]] = row[size_t(c)];
+            }
+          }
+        }
+      });
   return Status::Ok();
 }
 TESSERA_CATCH_ALL("ReadKV")
