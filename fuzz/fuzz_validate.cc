@@ -635,7 +635,13 @@ void FuzzReadKV(Harness& h) {
       h.Tensor({tokens, c.num_kv_heads, c.head_dim}, DType::kF32, Role::kOutput);
   const TensorView v_out =
       h.Tensor({tokens, c.num_kv_heads, c.head_dim}, DType::kF32, Role::kOutput);
-  h.CheckAfter(ReadKV(c, kv, b, k_out, v_out), "ReadKV");
+  ReadKVParams p;
+  p.cache = c;
+  p.batch = kv;
+  p.b = b;
+  p.k_out = k_out;
+  p.v_out = v_out;
+  h.CheckAfter(ReadKV(p, h.Ctx()), "ReadKV");
 }
 
 void FuzzRotary(Harness& h) {
@@ -648,7 +654,11 @@ void FuzzRotary(Harness& h) {
   r.rotary_dim = h.Int(0, s.d);
   r.base = h.Float(10000.0f);
   r.interleaved = f.ConsumeBool();
-  h.CheckAfter(ApplyRotary(x, positions, r), "ApplyRotary");
+  ApplyRotaryParams p;
+  p.x = x;
+  p.positions = positions;
+  p.rotary = r;
+  h.CheckAfter(ApplyRotary(p, h.Ctx()), "ApplyRotary");
 }
 
 void FuzzSelect(Harness& h) {
@@ -695,9 +705,8 @@ void FuzzS2(Harness& h) {
   p.local_blocks = std::min(p.local_blocks, kCap);
   p.vert_stride = std::min(p.vert_stride, kCap);
   p.offset = std::max(std::min(p.offset, kCap), -kCap);
-  const TensorView out =
-      h.Tensor({1, p.heads, p.num_q_blocks, p.num_k_blocks}, DType::kU8, Role::kOutput);
-  h.CheckAfter(BuildS2BlockMask(p, out), "BuildS2BlockMask");
+  p.out = h.Tensor({1, p.heads, p.num_q_blocks, p.num_k_blocks}, DType::kU8, Role::kOutput);
+  h.CheckAfter(BuildS2BlockMask(p, h.Ctx()), "BuildS2BlockMask");
 }
 
 void FuzzRadial(Harness& h) {
@@ -718,8 +727,8 @@ void FuzzRadial(Harness& h) {
   int64_t n = 0;
   if (__builtin_mul_overflow(p.frames, p.tokens_per_frame, &n)) n = -1;
   const int64_t nb = CeilDivOr1(n, p.block);
-  const TensorView out = h.Tensor({1, 1, nb, nb}, DType::kU8, Role::kOutput);
-  h.CheckAfter(BuildRadialBlockMask(p, out), "BuildRadialBlockMask");
+  p.out = h.Tensor({1, 1, nb, nb}, DType::kU8, Role::kOutput);
+  h.CheckAfter(BuildRadialBlockMask(p, h.Ctx()), "BuildRadialBlockMask");
 }
 
 int64_t FeatureDim(LinearFeatureMap map, int64_t dk) {

@@ -287,8 +287,17 @@ TEST(Concurrency, DecodeWhileAppendingToOtherSequences) {
       auto view = [&](std::vector<float>& x) {
         return MakeView3(x.data(), DType::kF32, len, c.heads_kv, c.dim);
       };
-      ASSERT_TRUE(ReadKV(c.cache.view(), c.View(0, 4), b, view(k1), view(v1)).ok());
-      ASSERT_TRUE(ReadKV(alone.cache.view(), alone.View(0, 4), b, view(k2), view(v2)).ok());
+      auto read = [&](PagedCache& from, std::vector<float>& k, std::vector<float>& v) {
+        ReadKVParams p;
+        p.cache = from.cache.view();
+        p.batch = from.View(0, 4);
+        p.b = b;
+        p.k_out = view(k);
+        p.v_out = view(v);
+        return ReadKV(p, Context());
+      };
+      ASSERT_TRUE(read(c, k1, v1).ok());
+      ASSERT_TRUE(read(alone, k2, v2).ok());
       EXPECT_TRUE(Bitwise(k1, k2) && Bitwise(v1, v2)) << "sequence " << b;
     }
   }

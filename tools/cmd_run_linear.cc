@@ -238,6 +238,12 @@ int RunLinear(const LinearRunOptions& o) {
   const int64_t B = q.shape[0], S = q.shape[1], Hq = q.shape[2], Dk = q.shape[3];
   const int64_t Dv = v.shape[3];
   const int64_t F = LinearFeatureDim(choice.feature_map, Dk);
+  // Before any state buffer of F x Dv floats is allocated (the library checks it again).
+  if (F > kMaxLinearFeatureDim) {
+    return Fail(kCmd, "--q: expected a feature dim F <= " + std::to_string(kMaxLinearFeatureDim) +
+                          " for the " + FeatureMapName(choice.feature_map) +
+                          " map, got Dk = " + std::to_string(Dk));
+  }
   if (prefix > S) {
     return Fail(kCmd, "--prefix: expected 0 <= P <= S = " + std::to_string(S) + ", got " +
                           std::to_string(prefix));

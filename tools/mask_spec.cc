@@ -357,7 +357,8 @@ bool MaskSpec::Parse(const std::string& text, const MaskProblem& problem, std::s
         s2.local_blocks = local;
         s2.vert_stride = stride;
         s2.causal = true;
-        const Status st = BuildS2BlockMask(s2, mask_.blocks);
+        s2.out = mask_.blocks;
+        const Status st = BuildS2BlockMask(s2, Context());
         if (!st.ok()) {
           err = name + ": " + st.message();
           ok = false;
@@ -388,7 +389,8 @@ bool MaskSpec::Parse(const std::string& text, const MaskProblem& problem, std::s
         radial.frames = frames;
         radial.tokens_per_frame = tokens;
         radial.block = block;
-        const Status st = BuildRadialBlockMask(radial, mask_.blocks);
+        radial.out = mask_.blocks;
+        const Status st = BuildRadialBlockMask(radial, Context());
         if (!st.ok()) {
           err = name + ": " + st.message();
           ok = false;

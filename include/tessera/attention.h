@@ -49,7 +49,8 @@ struct AttentionParams {
   // Causal mask: key j visible to query i iff j <= pos(i). Equivalent to window (-1, 0).
   bool causal = false;
   // Sliding window: key j visible iff pos(i) - window_left <= j <= pos(i) + window_right;
-  // -1 means unbounded on that side. Combined with causal, the right bound is min(wr, 0).
+  // -1 means unbounded on that side, and so does any value >= max(Sq, Sk) (it bounds no
+  // position). Combined with causal, the right bound is min(wr, 0).
   int64_t window_left = -1;
   int64_t window_right = -1;
   MaskAlign align = MaskAlign::kBottomRight;

@@ -1,4 +1,4 @@
-// tessera: per-call execution context (threads, forced paths, determinism).
+// tessera: per-call execution context (threads, forced paths).
 #pragma once
 
 #include <cstdint>
@@ -22,10 +22,8 @@ struct Context {
   int32_t num_threads = 0;
   // Forced implementation path (tests and benchmarks).
   Path path = Path::kAuto;
-  // Results are bitwise identical across runs and thread counts. The exact forward is always
-  // deterministic (every output row is reduced in a data-defined order); the flag is kept for
-  // ops where determinism costs speed.
-  bool deterministic = true;
+  // There is no determinism switch: every op is always deterministic (bitwise-identical results
+  // across runs and thread counts; each output is reduced in an order fixed by the shape).
 };
 
 // Number of threads a call with this context will use (>= 1).

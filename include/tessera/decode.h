@@ -45,7 +45,8 @@ struct DecodeParams {
 
   std::optional<float> scale;  // default 1 / sqrt(D)
   bool causal = false;         // query row i sees keys <= seq_lens[b] - Q + i
-  int64_t window_left = -1;    // >= 0: also only keys >= position - window_left
+  int64_t window_left = -1;    // >= 0: also only keys >= position - window_left (unbounded
+                               // when >= max(Q, longest seq_len), like -1)
   float softcap = 0.0f;        // tanh softcap on the scaled logit; 0 disables
   TensorView alibi_slopes;     // f32 [Hq] or [B, Hq]: bias -slope * |pos - j|; optional
 

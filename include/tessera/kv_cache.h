@@ -120,13 +120,29 @@ struct AppendKVParams {
 // values for the quantized dtypes); on error nothing is written.
 Status AppendKV(const AppendKVParams& params, const Context& ctx);
 
-// Applies RoPE in place to x [B, S, H, D] (f32 / bf16 / f16): token s of sequence b is at
-// position positions[b] + s (positions == nullptr: position s).
-Status ApplyRotary(TensorView x, const int32_t* positions, const RotaryParams& rotary);
+struct ApplyRotaryParams {
+  TensorView x;  // [B, S, H, D] f32 / bf16 / f16, rotated in place (any strides)
+  // Token s of sequence b is at position positions[b] + s; [B] int32, nullptr: position s.
+  const int32_t* positions = nullptr;
+  RotaryParams rotary;
+};
 
-// Reads tokens [0, seq_lens[b]) of sequence b back, dequantized, into k_out / v_out
-// [seq_lens[b], Hkv, D] f32 (any strides). For tests, references and inspection.
-Status ReadKV(const KVCacheView& cache, const KVBatchView& batch, int64_t b, TensorView k_out,
-              TensorView v_out);
+// Applies RoPE in place to params.x (only the first rotary_dim channels are written). Tokens are
+// spread over ctx.num_threads workers; each row is rotated by one worker, so the result does not
+// depend on the thread count.
+Status ApplyRotary(const ApplyRotaryParams& params, const Context& ctx);
+
+struct ReadKVParams {
+  KVCacheView cache;
+  KVBatchView batch;
+  int64_t b = 0;     // the sequence to read, in [0, batch.batch)
+  TensorView k_out;  // [seq_lens[b], Hkv, D] f32 (any strides), written
+  TensorView v_out;  // [seq_lens[b], Hkv, D] f32 (any strides), written
+};
+
+// Reads tokens [0, seq_lens[b]) of sequence b back, dequantized, into k_out / v_out. For tests,
+// references and inspection. Tokens are spread over ctx.num_threads workers (each row is
+// written by one worker from the cache alone).
+Status ReadKV(const ReadKVParams& params, const Context& ctx);
 
 }  // namespace tessera

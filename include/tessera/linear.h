@@ -42,8 +42,11 @@ enum class LinearFeatureMap : int32_t {
                   // phi(q) . phi(k) = 1 + s + s^2 / 2 with s = q . k / sqrt(Dk)
 };
 
-// Feature dim F of phi for head dim dk.
+// Feature dim F of phi for head dim dk (INT64_MAX when 1 + dk + dk^2 overflows).
 int64_t LinearFeatureDim(LinearFeatureMap map, int64_t dk);
+// Largest feature dim the ops accept (the Taylor map up to Dk = 90): a caller that allocates
+// states of F x Dv floats checks F against it first.
+constexpr int64_t kMaxLinearFeatureDim = 8192;
 
 struct LinearAttentionParams {
   TensorView q;    // [B, S, Hq, Dk]
@@ -70,7 +73,7 @@ struct LinearAttentionParams {
   // BASED's exact part: with window > 0, out += the exact causal softmax attention of q, k, v over
   // the last `window` keys (self included), scale 1/sqrt(Dk), added to the linear part (any Dv).
   // It reads the raw keys of the call only: a continuation through the state does not see the
-  // previous call's last window keys.
+  // previous call's last window keys. A window >= S is the same as S (every key of the call).
   int64_t window = 0;
 
   // Recurrent state handed over between calls (prefill -> decode, chunked prefill): read before

@@ -58,8 +58,9 @@ enum class ScoreFunction : int32_t {
 struct MaskParams {
   // Block-sparse (FlashAttention's block-sparse mode): uint8 or bool, nonzero = the block is
   // computed, [Bm, Hm, ceil(Sq / block_q), ceil(Sk / block_k)] with Bm in {1, B}, Hm in {1, Hq};
-  // block_q and block_k multiples of 16. Query block I holds queries [I * block_q, ...), key block
-  // J keys [J * block_k, ...) (indices, not positions). data == nullptr: off.
+  // block_q and block_k multiples of 16 up to 2^30. Query block I holds queries
+  // [I * block_q, ...), key block J keys [J * block_k, ...) (indices, not positions).
+  // data == nullptr: off.
   TensorView blocks;
   int64_t block_q = 0;
   int64_t block_k = 0;
@@ -128,8 +129,10 @@ struct S2MaskParams {
   int64_t vert_stride = 1;   // >= 1
   int64_t offset = 0;
   bool causal = true;
+  TensorView out;  // u8 / bool [1, heads, num_q_blocks, num_k_blocks], written
 };
-Status BuildS2BlockMask(const S2MaskParams& params, TensorView out);
+// Rows (head, query block) are spread over ctx.num_threads workers.
+Status BuildS2BlockMask(const S2MaskParams& params, const Context& ctx);
 
 // Radial attention's static video mask (ALGORITHMS.md 4.6, the HunyuanVideo form): frames x
 // tokens_per_frame tokens, frame-major. Frame pairs at distance <= 1 are dense; a farther pair at
@@ -142,10 +145,12 @@ Status BuildS2BlockMask(const S2MaskParams& params, TensorView out);
 struct RadialMaskParams {
   int64_t frames = 0;
   int64_t tokens_per_frame = 0;
-  int64_t block = 128;        // multiple of 16
+  int64_t block = 128;        // multiple of 16, at most 2^30
   double decay_factor = 1.0;  // > 0
+  TensorView out;             // u8 / bool [1, 1, nb, nb], nb = ceil(n / block), written
 };
-Status BuildRadialBlockMask(const RadialMaskParams& params, TensorView out);
+// Rows of query blocks are spread over ctx.num_threads workers.
+Status BuildRadialBlockMask(const RadialMaskParams& params, const Context& ctx);
 
 // Content-based block selection (SeerAttention's gate without learned weights, MoBA, VMoBA,
 // BiFormer's routing): queries and keys are mean-pooled per block (block_q / block_k tokens), the
@@ -155,7 +160,8 @@ Status BuildRadialBlockMask(const RadialMaskParams& params, TensorView out);
 // `threshold` (cumulative, largest first; ties go to the lower block index). With causal, key
 // block J is allowed for query block I iff its first key <= the position of I's last query, the
 // last allowed (diagonal) block is always kept and counts as one of the top_k (MoBA), and a query
-// block whose last position is negative keeps nothing. block_q and block_k are multiples of 16.
+// block whose last position is negative keeps nothing. block_q and block_k are multiples of 16
+// up to 2^30.
 // User scores are used as given (no scale). The result does not depend on the thread count.
 struct BlockSelectParams {
   TensorView q;  // [B, Sq, Hq, D], f32 / bf16 / f16

@@ -17,7 +17,8 @@ namespace tessera {
 
 struct MergeStatesParams {
   TensorView out_parts;  // [R, T, H, D] partial outputs, f32 / bf16 / f16, any strides
-  TensorView lse_parts;  // [R, T, H] f32 natural-log LSE of each part (-inf: empty part)
+  TensorView lse_parts;  // [R, T, H] f32 natural-log LSE of each part (-inf: empty part); finite
+                         // or -inf: +inf and NaN are rejected (InvalidArgument naming the index)
   TensorView out;        // [T, H, D] merged output, written, dtype of out_parts
   TensorView lse;        // [T, H] f32 merged LSE, optional (data == nullptr: not written)
   // LSEs in base 2 (FlashInfer's convention: LSE2 = LSE / ln 2) instead of natural log, for
@@ -26,7 +27,8 @@ struct MergeStatesParams {
 };
 
 // Merges the R states of every (token, head) row, parts summed in ascending r. Validates every
-// argument first; on error nothing is written. R = 0 gives (0, -inf).
+// argument first (out and lse may not overlap the parts); on error nothing is written. R = 0
+// gives (0, -inf).
 Status MergeStates(const MergeStatesParams& params, const Context& ctx);
 
 }  // namespace tessera

@@ -9,5 +9,6 @@
 #include "tessera/mask.h"
 #include "tessera/merge.h"
 #include "tessera/status.h"
+#include "tessera/system.h"
 #include "tessera/types.h"
 #include "tessera/version.h"

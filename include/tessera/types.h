@@ -18,6 +18,9 @@ const char* DTypeName(DType dtype);
 // A non-owning view of a tensor of rank <= 4. Strides are in elements (not bytes) and may be
 // any non-negative value, including 0 for broadcasting along a dimension. Unused trailing
 // dimensions have shape 1. `data` is const-casted for inputs: tessera never writes an input.
+// Every op checks that the element count and the byte extent (last element's offset) fit in
+// int64, and that an output gives each element its own address and overlaps no input and no
+// other output (a conservative test on byte ranges: InvalidArgument naming both arguments).
 struct TensorView {
   void* data = nullptr;
   DType dtype = DType::kF32;
@@ -25,7 +28,7 @@ struct TensorView {
   int64_t shape[4] = {1, 1, 1, 1};
   int64_t strides[4] = {0, 0, 0, 0};
 
-  bool empty_pointer() const { return data == nullptr; }
+  // Product of the shape; INT64_MAX when it overflows (every op rejects such a view).
   int64_t numel() const;
   // True when strides are the row-major (C order) strides of `shape`.
   bool is_contiguous() const;

@@ -2,12 +2,16 @@
 // resolved options, shared by every forward path.
 #pragma once
 
+#include <climits>
 #include <cstdint>
 
 #include "tessera/attention.h"
 #include "tessera/types.h"
 
 namespace tessera {
+
+// A window side that bounds nothing, small enough that position +- window cannot overflow.
+constexpr int64_t kUnboundedWindow = INT64_MAX / 4;
 
 struct AttentionProblem {
   int64_t batch = 0;     // number of sequences (B, or num_seqs for varlen)
@@ -34,8 +38,9 @@ struct AttentionProblem {
 
   float scale = 1.0f;
   float softcap = 0.0f;
-  // Visible keys for query position p: max(0, p - window_left) <= j <= p + window_right,
-  // with window_left/right = INT64_MAX/2 when unbounded (never overflows when added).
+  // Visible keys for query position p: max(0, p - window_left) <= j <= p + window_right, with
+  // window_left/right = kUnboundedWindow when unbounded: -1, or a window no position of the call
+  // needs (>= max(Sq, Sk)), so p +- window never overflows on any route.
   int64_t window_left = 0;
   int64_t window_right = 0;
   bool top_left = false;  // alignment: pos(i) = i (top-left) or i + Sk - Sq (bottom-right)
@@ -137,6 +142,10 @@ struct AttentionBackwardProblem {
 // Validates `params` and fills `problem`. Returns kInvalidArgument naming the argument, what was
 // expected and what was given. Writes nothing else.
 Status ValidateAttention(const AttentionParams& params, AttentionProblem* problem);
+
+// `params` with the window sides the problem resolved as unbounded set to -1, for the fp64
+// references (which take the user's form of the options).
+AttentionParams WithResolvedWindows(const AttentionParams& params, const AttentionProblem& problem);
 
 // Validates a backward call: params.forward as for the forward (lse required), dout like out, dq
 // like q, dk / dv like k / v (same dtype, no zero strides on written dims). Writes nothing else.

@@ -14,7 +14,9 @@
 
 #include "attention/attention_problem.h"
 #include "core/dispatch.h"
+#include "core/check.h"
 #include "core/element.h"
+#include "core/guard.h"
 #include "ref/attention_ref.h"
 #include "tessera/attention.h"
 
@@ -44,7 +46,9 @@ Status RunReferenceBackward(const AttentionBackwardParams& params,
   } catch (const std::bad_alloc&) {
     return Status::Internal("reference path: could not allocate the fp64 gradient buffers");
   }
-  ref::AttentionBackwardF64(params, dq.data(), dk.data(), dv.data());
+  AttentionBackwardParams resolved = params;
+  resolved.forward = WithResolvedWindows(params.forward, p);
+  ref::AttentionBackwardF64(resolved, dq.data(), dk.data(), dv.data());
   for (int64_t b = 0; b < p.batch; ++b) {
     for (int64_t t = p.q_begin(b); t < p.q_begin(b) + p.q_len(b); ++t) {
       const int64_t row = p.varlen() ? t : b * p.seq_q + t;
@@ -73,10 +77,19 @@ Status RunReferenceBackward(const AttentionBackwardParams& params,
 
 }  // namespace
 
-Status AttentionBackward(const AttentionBackwardParams& params, const Context& ctx) {
+Status AttentionBackward(const AttentionBackwardParams& params, const Context& ctx) try {
   AttentionBackwardProblem problem;
   Status status = ValidateAttentionBackward(params, &problem);
   if (!status.ok()) return status;
+  // No work: no gradient to write, or (dense batch) no query row or no key, where every
+  // gradient is 0.
+  if (params.dq.numel() == 0 && params.dk.numel() == 0) return Status::Ok();
+  if (!problem.fwd.varlen() && (params.forward.out.numel() == 0 || problem.fwd.seq_k == 0)) {
+    FillView(params.dq, 0.0f);
+    FillView(params.dk, 0.0f);
+    FillView(params.dv, 0.0f);
+    return Status::Ok();
+  }
   if (ctx.path == Path::kReference) return RunReferenceBackward(params, problem);
   bool fast = false;
   status = ChooseKernel(ctx, problem.fwd.dim, &fast);
@@ -86,6 +99,7 @@ Status AttentionBackward(const AttentionBackwardParams& params, const Context& c
   }
   return Status::Ok();
 }
+TESSERA_CATCH_ALL("AttentionBackward")
 
 }  // namespace tessera
 #endif  // HWY_ONCE

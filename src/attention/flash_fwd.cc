@@ -16,7 +16,9 @@
 
 #include "attention/attention_problem.h"
 #include "core/dispatch.h"
+#include "core/check.h"
 #include "core/element.h"
+#include "core/guard.h"
 #include "decode/decode.h"
 #include "ref/attention_ref.h"
 #include "tessera/attention.h"
@@ -38,7 +40,7 @@ Status RunReference(const AttentionParams& params, const AttentionProblem& p) {
   } catch (const std::bad_alloc&) {
     return Status::Internal("reference path: could not allocate the fp64 result buffers");
   }
-  ref::AttentionForwardF64(params, out.data(), lse.data());
+  ref::AttentionForwardF64(WithResolvedWindows(params, p), out.data(), lse.data());
   for (int64_t b = 0; b < p.batch; ++b) {
     for (int64_t t = p.q_begin(b); t < p.q_begin(b) + p.q_len(b); ++t) {
       const int64_t row = p.varlen() ? t : b * p.seq_q + t;
@@ -104,10 +106,17 @@ Status RunAsDecode(const AttentionProblem& p, const Context& ctx, bool fast) {
 
 }  // namespace
 
-Status AttentionForward(const AttentionParams& params, const Context& ctx) {
+Status AttentionForward(const AttentionParams& params, const Context& ctx) try {
   AttentionProblem problem;
   Status status = ValidateAttention(params, &problem);
   if (!status.ok()) return status;
+  // No work: nothing to write, or (dense batch) no key, where every row gets (0, -inf).
+  if (params.out.numel() == 0) return Status::Ok();
+  if (!problem.varlen() && problem.seq_k == 0) {
+    FillView(params.out, 0.0f);
+    if (params.lse.data != nullptr) FillView(params.lse, -std::numeric_limits<float>::infinity());
+    return Status::Ok();
+  }
   if (ctx.path == Path::kReference) return RunReference(params, problem);
   bool fast = false;
   status = ChooseKernel(ctx, problem.dim, &fast);
@@ -118,6 +127,7 @@ Status AttentionForward(const AttentionParams& params, const Context& ctx) {
   }
   return Status::Ok();
 }
+TESSERA_CATCH_ALL("AttentionForward")
 
 }  // namespace tessera
 #endif  // HWY_ONCE

@@ -25,6 +25,8 @@
 #include <vector>
 
 #include "core/check.h"
+#include "core/checked_math.h"
+#include "core/guard.h"
 #include "core/parallel.h"
 #include "tessera/context.h"
 #include "tessera/mask.h"
@@ -34,7 +36,6 @@ namespace {
 
 constexpr int64_t kMaxTokens = std::numeric_limits<int32_t>::max();
 
-int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 int64_t Mod(int64_t x, int64_t m) { return ((x % m) + m) % m; }
 
 bool IsMaskDType(DType d) { return d == DType::kU8 || d == DType::kBool; }
@@ -57,10 +58,14 @@ uint8_t* MaskAt(const TensorView& out, int64_t a, int64_t b, int64_t c, int64_t 
          c * out.strides[2] + d * out.strides[3];
 }
 
+// Blocks hold at most 2^30 tokens: any larger block covers every sequence (2^31 - 1 tokens at
+// most) the same way, and block index * block size stays far from overflow.
+constexpr int64_t kMaxBlock = int64_t{1} << 30;
+
 Status CheckBlockSize(const char* name, int64_t block) {
-  if (block <= 0 || block % 16 != 0) {
+  if (block <= 0 || block % 16 != 0 || block > kMaxBlock) {
     return Status::InvalidArgument(
-        Expected(name, "a positive multiple of 16", std::to_string(block)));
+        Expected(name, "a positive multiple of 16 up to 2^30", std::to_string(block)));
   }
   return Status::Ok();
 }
@@ -335,14 +340,28 @@ Status ValidateSelect(const BlockSelectParams& p) {
     }
   }
   const int64_t out_shape[4] = {B, Hq, nqb, nkb};
-  return CheckMaskOutput("out", p.out, out_shape);
+  s = CheckMaskOutput("out", p.out, out_shape);
+  if (!s.ok()) return s;
+  if (!user_scores) {
+    // The pooled scratch: B * Hkv * D * nkb floats of pooled keys, max(Hq, Hkv) * D per worker.
+    int64_t pooled = 0;
+    if (!CheckedMul(B, Hkv, &pooled) || !CheckedMul(pooled, D, &pooled) ||
+        !CheckedMul(pooled, nkb, &pooled) || !CheckedMul(std::max(Hq, Hkv), D, &pooled)) {
+      return Status::InvalidArgument(
+          Expected("q", "a shape whose pooled blocks B * H * D * ceil(Sk / block_k) fit in int64",
+                   ShapeString(p.q) + " with k " + ShapeString(p.k)));
+    }
+  }
+  return CheckDisjoint({ViewRegion("out", p.out)}, {ViewRegion("q", p.q), ViewRegion("k", p.k),
+                                                    ViewRegion("scores", p.scores)});
 }
 
 }  // namespace
 
 // ---------------------------------------------------------------------------------------------
 
-Status BuildS2BlockMask(const S2MaskParams& p, TensorView out) {
+Status BuildS2BlockMask(const S2MaskParams& p, const Context& ctx) try {
+  const TensorView& out = p.out;
   if (p.heads < 1) {
     return Status::InvalidArgument(Expected("heads", ">= 1", std::to_string(p.heads)));
   }
@@ -364,33 +383,36 @@ Status BuildS2BlockMask(const S2MaskParams& p, TensorView out) {
   const int64_t shape[4] = {1, p.heads, p.num_q_blocks, p.num_k_blocks};
   Status s = CheckMaskOutput("out", out, shape);
   if (!s.ok()) return s;
+  if (out.numel() == 0) return Status::Ok();  // no block to write (heads may still be huge)
 
   const int64_t V = p.vert_stride, L = p.local_blocks;
   // Head sliding step: with fewer heads than the stride the heads' stripes spread over it.
   const int64_t step = std::max<int64_t>(1, V / p.heads);
-  for (int64_t h = 0; h < p.heads; ++h) {
+  // One task per row (head, query block); heads * num_q_blocks fits: the output's size does.
+  ParallelFor(ResolveThreads(ctx), p.heads * p.num_q_blocks, [&](int64_t task, int32_t) {
+    const int64_t h = task / p.num_q_blocks, qb = task % p.num_q_blocks;
     // Reduced mod V term by term: offset may be any int64.
     const int64_t head_shift = Mod(h * step, V) + Mod(p.offset, V);
-    for (int64_t qb = 0; qb < p.num_q_blocks; ++qb) {
-      for (int64_t kb = 0; kb < p.num_k_blocks; ++kb) {
-        bool keep;
-        if (p.causal) {
-          keep = qb >= kb && (qb - kb < L || Mod(kb + head_shift, V) == 0);
-        } else {
-          // Bidirectional: local_blocks on each side; the stripe is counted in block distance
-          // past the local band on either side, shifted per head like the causal stripes.
-          const int64_t dist =
-              std::max<int64_t>(0, qb - kb - L + 1) + std::max<int64_t>(0, kb - qb - L + 1);
-          keep = (qb - kb < L && kb - qb < L) || Mod(dist + head_shift, V) == 0;
-        }
-        *MaskAt(out, 0, h, qb, kb) = keep ? 1 : 0;
+    for (int64_t kb = 0; kb < p.num_k_blocks; ++kb) {
+      bool keep;
+      if (p.causal) {
+        keep = qb >= kb && (qb - kb < L || Mod(kb + head_shift, V) == 0);
+      } else {
+        // Bidirectional: local_blocks on each side; the stripe is counted in block distance
+        // past the local band on either side, shifted per head like the causal stripes.
+        const int64_t dist =
+            std::max<int64_t>(0, qb - kb - L + 1) + std::max<int64_t>(0, kb - qb - L + 1);
+        keep = (qb - kb < L && kb - qb < L) || Mod(dist + head_shift, V) == 0;
       }
+      *MaskAt(out, 0, h, qb, kb) = keep ? 1 : 0;
     }
-  }
+  });
   return Status::Ok();
 }
+TESSERA_CATCH_ALL("BuildS2BlockMask")
 
-Status BuildRadialBlockMask(const RadialMaskParams& p, TensorView out) {
+Status BuildRadialBlockMask(const RadialMaskParams& p, const Context& ctx) try {
+  const TensorView& out = p.out;
   if (p.frames < 0) {
     return Status::InvalidArgument(Expected("frames", ">= 0", std::to_string(p.frames)));
   }
@@ -414,6 +436,7 @@ Status BuildRadialBlockMask(const RadialMaskParams& p, TensorView out) {
   const int64_t shape[4] = {1, 1, nb, nb};
   s = CheckMaskOutput("out", out, shape);
   if (!s.ok()) return s;
+  if (nb == 0) return Status::Ok();  // no token (frames may still be 2^31 - 1)
 
   const int64_t nf = p.tokens_per_frame;
   std::vector<FramePair> pairs(static_cast<size_t>(p.frames));
@@ -423,7 +446,7 @@ Status BuildRadialBlockMask(const RadialMaskParams& p, TensorView out) {
   // Block (I, J) is kept when more than 60% of its non-empty key columns have more than 1/3 of
   // the block's query rows visible. A column's count is summed over the frames the query block
   // overlaps, each contributing the overlap of its rows with the band around the column's offset.
-  for (int64_t I = 0; I < nb; ++I) {
+  ParallelFor(ResolveThreads(ctx), nb, [&](int64_t I, int32_t) {
     const int64_t r0 = I * p.block, r1 = std::min(n, r0 + p.block);
     const int64_t rows = r1 - r0;
     for (int64_t J = 0; J < nb; ++J) {
@@ -447,11 +470,12 @@ Status BuildRadialBlockMask(const RadialMaskParams& p, TensorView out) {
       }
       *MaskAt(out, 0, 0, I, J) = 5 * dense > 3 * non_empty ? 1 : 0;  // > 60%, exactly
     }
-  }
+  });
   return Status::Ok();
 }
+TESSERA_CATCH_ALL("BuildRadialBlockMask")
 
-Status SelectBlocks(const BlockSelectParams& p, const Context& ctx) {
+Status SelectBlocks(const BlockSelectParams& p, const Context& ctx) try {
   Status st = ValidateSelect(p);
   if (!st.ok()) return st;
 
@@ -529,5 +553,6 @@ Status SelectBlocks(const BlockSelectParams& p, const Context& ctx) {
   });
   return Status::Ok();
 }
+TESSERA_CATCH_ALL("SelectBlocks")
 
 }  // namespace tessera

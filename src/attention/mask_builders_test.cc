@@ -29,11 +29,11 @@ int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 // ---------------------------------------------------------------------------------------------
 // S2-Attention.
 
-std::vector<uint8_t> BuildS2(const S2MaskParams& p) {
+std::vector<uint8_t> BuildS2(S2MaskParams p) {
   std::vector<uint8_t> out(static_cast<size_t>(p.heads * p.num_q_blocks * p.num_k_blocks),
                            kSentinel);
-  const Status s = BuildS2BlockMask(
-      p, MakeView4(out.data(), DType::kU8, 1, p.heads, p.num_q_blocks, p.num_k_blocks));
+  p.out = MakeView4(out.data(), DType::kU8, 1, p.heads, p.num_q_blocks, p.num_k_blocks);
+  const Status s = BuildS2BlockMask(p, Context());
   EXPECT_TRUE(s.ok()) << s.ToString();
   return out;
 }
@@ -192,7 +192,8 @@ TEST(MaskBuilders, RadialMatchesADirectImplementation) {
     p.decay_factor = c.decay_factor;
     const int64_t nb = CeilDiv(c.frames * c.tokens_per_frame, c.block);
     std::vector<uint8_t> out(static_cast<size_t>(nb * nb), kSentinel);
-    const Status s = BuildRadialBlockMask(p, MakeView4(out.data(), DType::kU8, 1, 1, nb, nb));
+    p.out = MakeView4(out.data(), DType::kU8, 1, 1, nb, nb);
+    const Status s = BuildRadialBlockMask(p, Context());
     ASSERT_TRUE(s.ok()) << s.ToString();
     const std::vector<uint8_t> direct = RadialDirect(p);
     EXPECT_EQ(out, direct) << "frames " << c.frames << " n_f " << c.tokens_per_frame << " block "
@@ -597,7 +598,8 @@ TEST(MaskBuilders, BuildersRejectBadArguments) {
     p.num_q_blocks = 4;
     p.num_k_blocks = 4;
     edit(&p);
-    return BuildS2BlockMask(p, MakeView4(out.data(), DType::kU8, 1, heads, 4, 4));
+    p.out = MakeView4(out.data(), DType::kU8, 1, heads, 4, 4);
+    return BuildS2BlockMask(p, Context());
   };
   ExpectRejected(s2([](S2MaskParams* p) { p->heads = 0; }), "heads", out);
   ExpectRejected(s2([](S2MaskParams* p) { p->num_q_blocks = -1; }), "num_q_blocks", out);
@@ -605,8 +607,9 @@ TEST(MaskBuilders, BuildersRejectBadArguments) {
   ExpectRejected(s2([](S2MaskParams* p) { p->local_blocks = 0; }), "local_blocks", out);
   ExpectRejected(s2([](S2MaskParams* p) { p->vert_stride = 0; }), "vert_stride", out);
   ExpectRejected(s2([](S2MaskParams*) {}, 3), "out", out);
-  ExpectRejected(BuildS2BlockMask(S2MaskParams{2, 4, 4, 1, 1, 0, true},
-                                  MakeView4(out.data(), DType::kF32, 1, 2, 4, 4)),
+  ExpectRejected(BuildS2BlockMask(S2MaskParams{2, 4, 4, 1, 1, 0, true,
+                                               MakeView4(out.data(), DType::kF32, 1, 2, 4, 4)},
+                                  Context()),
                  "out", out);
 
   auto radial = [&](const std::function<void(RadialMaskParams*)>& edit, int64_t nb = 4) {
@@ -615,7 +618,8 @@ TEST(MaskBuilders, BuildersRejectBadArguments) {
     p.tokens_per_frame = 32;
     p.block = 16;
     edit(&p);
-    return BuildRadialBlockMask(p, MakeView4(out.data(), DType::kU8, 1, 1, nb, nb));
+    p.out = MakeView4(out.data(), DType::kU8, 1, 1, nb, nb);
+    return BuildRadialBlockMask(p, Context());
   };
   ExpectRejected(radial([](RadialMaskParams* p) { p->frames = -1; }), "frames", out);
   ExpectRejected(radial([](RadialMaskParams* p) { p->tokens_per_frame = -1; }), "tokens_per_frame",

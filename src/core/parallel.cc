@@ -2,6 +2,8 @@
 
 #include <algorithm>
 #include <atomic>
+#include <exception>
+#include <mutex>
 #include <thread>
 #include <vector>
 
@@ -21,10 +23,20 @@ void ParallelFor(int32_t threads, int64_t num_tasks,
     return;
   }
   std::atomic<int64_t> next{0};
+  // An exception may not leave an OpenMP region or a std::thread (std::terminate): the first one
+  // is kept, the remaining tasks are skipped, and it is rethrown on the caller's thread.
+  std::exception_ptr error;
+  std::mutex error_mutex;
   auto worker_loop = [&](int32_t worker) {
-    for (int64_t t = next.fetch_add(1, std::memory_order_relaxed); t < num_tasks;
-         t = next.fetch_add(1, std::memory_order_relaxed)) {
-      fn(t, worker);
+    try {
+      for (int64_t t = next.fetch_add(1, std::memory_order_relaxed); t < num_tasks;
+           t = next.fetch_add(1, std::memory_order_relaxed)) {
+        fn(t, worker);
+      }
+    } catch (...) {
+      next.store(num_tasks, std::memory_order_relaxed);
+      std::lock_guard<std::mutex> lock(error_mutex);
+      if (!error) error = std::current_exception();
     }
   };
 #if defined(TESSERA_USE_OPENMP)
@@ -37,6 +49,7 @@ void ParallelFor(int32_t threads, int64_t num_tasks,
   worker_loop(0);
   for (auto& t : pool) t.join();
 #endif
+  if (error) std::rethrow_exception(error);
 }
 
 }  // namespace tessera

@@ -10,7 +10,8 @@ namespace tessera {
 // (worker in [0, threads)). Tasks are claimed dynamically in ascending order; a kernel that
 // promises determinism must make each task's result independent of which worker runs it
 // (per-worker scratch only, no cross-task floating-point reductions). Returns when all tasks
-// are done. With threads <= 1 or a single task, runs inline on the caller.
+// are done. With threads <= 1 or a single task, runs inline on the caller. An exception thrown by
+// fn stops the claiming of new tasks and is rethrown on the caller once every worker has stopped.
 void ParallelFor(int32_t threads, int64_t num_tasks,
                  const std::function<void(int64_t task, int32_t worker)>& fn);
 

@@ -2,6 +2,7 @@
 
 #include <cstring>
 
+#include "core/checked_math.h"
 #include "tessera/version.h"
 
 namespace tessera {
@@ -46,7 +47,10 @@ const char* DTypeName(DType dtype) {
 
 int64_t TensorView::numel() const {
   int64_t n = 1;
-  for (int i = 0; i < rank; ++i) n *= shape[i];
+  for (int i = 0; i < rank; ++i) {
+    if (shape[i] == 0) return 0;
+  }
+  for (int i = 0; i < rank; ++i) n = SaturatingMul(n, shape[i]);
   return n;
 }
 
@@ -54,7 +58,7 @@ bool TensorView::is_contiguous() const {
   int64_t expected = 1;
   for (int i = rank - 1; i >= 0; --i) {
     if (shape[i] != 1 && strides[i] != expected) return false;
-    expected *= shape[i];
+    expected = SaturatingMul(expected, shape[i]);
   }
   return true;
 }
@@ -68,7 +72,7 @@ TensorView MakeContiguousView(void* data, DType dtype, int32_t rank, const int64
   for (int i = rank - 1; i >= 0; --i) {
     view.shape[i] = shape[i];
     view.strides[i] = stride;
-    stride *= shape[i];
+    stride = SaturatingMul(stride, shape[i]);  // an overflowing shape is rejected by every op
   }
   return view;
 }

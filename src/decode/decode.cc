@@ -35,8 +35,9 @@
 #include "core/check.h"
 #include "core/dispatch.h"
 #include "core/element.h"
+#include "core/guard.h"
 #include "decode/decode.h"
-#include "kvcache/kv_validate.h"
+#include "decode/decode_validate.h"
 #include "ref/decode_ref.h"
 #include "tessera/attention.h"
 #include "tessera/decode.h"
@@ -111,93 +112,6 @@ namespace {
 
 std::string Num(int64_t x) { return std::to_string(x); }
 
-// Validates a DecodeParams and builds the kernel's problem (queries, outputs, options) and KV
-// source. The option checks are the forward's (ValidateAttention on the same q / out / lse /
-// options with a stand-in K/V of the cache's shape).
-Status ValidateDecode(const DecodeParams& p, AttentionProblem* prob, decode::KVSource* kv,
-                      std::vector<int64_t>* lens) {
-  Status s = ValidateKVCache(p.cache, p.kv, "cache", "kv");
-  if (!s.ok()) return s;
-  s = CheckRankAndStrides("q", p.q, false);
-  if (!s.ok()) return s;
-  if (p.q.rank != 4) {
-    return Status::InvalidArgument(
-        Expected("q", "rank 4 [B, Q, Hq, D]", "rank " + std::to_string(p.q.rank)));
-  }
-  const int64_t B = p.q.shape[0], Q = p.q.shape[1], Hq = p.q.shape[2], D = p.q.shape[3];
-  const int64_t Hkv = p.cache.num_kv_heads;
-  if (B != p.kv.batch) {
-    return Status::InvalidArgument(Expected(
-        "q", "batch " + Num(p.kv.batch) + " (kv.batch) in dim 0", "shape " + ShapeString(p.q)));
-  }
-  if (Q < 1 || Q > kMaxDecodeQueries) {
-    return Status::InvalidArgument(
-        Expected("q", "1 to " + Num(kMaxDecodeQueries) + " queries per sequence (dim 1)", Num(Q)));
-  }
-  if (D != p.cache.head_dim) {
-    return Status::InvalidArgument(
-        Expected("q", "head dim " + Num(p.cache.head_dim) + " (cache.head_dim) in dim 3", Num(D)));
-  }
-  if (Hq < 1 || Hq % Hkv != 0) {
-    return Status::InvalidArgument(Expected(
-        "q", "a head count that is a positive multiple of cache.num_kv_heads = " + Num(Hkv),
-        Num(Hq)));
-  }
-  if (p.split_tokens < 0) {
-    return Status::InvalidArgument(
-        Expected("split_tokens", ">= 0 (0: the default)", Num(p.split_tokens)));
-  }
-  AttentionParams a;
-  a.q = p.q;
-  a.out = p.out;
-  a.lse = p.lse;
-  a.scale = p.scale;
-  a.causal = p.causal;
-  a.window_left = p.window_left;
-  a.softcap = p.softcap;
-  a.alibi_slopes = p.alibi_slopes;
-  // The stand-in K/V: the cache's shape with one key, never read.
-  a.k = MakeView4(p.cache.k, p.q.dtype, B, 1, Hkv, D);
-  for (int i = 0; i < 4; ++i) a.k.strides[i] = 0;
-  a.v = a.k;
-  s = ValidateAttention(a, prob);
-  if (!s.ok()) return s;
-
-  decode::KVSource& src = *kv;
-  src = decode::KVSource();
-  src.dtype = p.cache.dtype;
-  src.batch = B;
-  src.heads_kv = Hkv;
-  src.dim = D;
-  src.k = static_cast<const uint8_t*>(p.cache.k);
-  src.v = static_cast<const uint8_t*>(p.cache.v);
-  const int64_t row_bytes = KVRowBytes(p.cache.dtype, D);
-  src.k_page_stride = src.v_page_stride = Hkv * p.cache.page_size * row_bytes;
-  src.k_head_stride = src.v_head_stride = p.cache.page_size * row_bytes;
-  src.k_token_stride = src.v_token_stride = row_bytes;
-  src.seq_lens = p.kv.seq_lens;
-  src.block_table = p.kv.block_table;
-  src.block_stride = p.kv.max_pages_per_seq;
-  src.page_size = p.cache.page_size;
-  src.cache = true;
-  if (KVDTypeIsQuantized(p.cache.dtype)) {
-    src.k_scales = p.cache.k_scales;
-    src.v_scales = p.cache.v_scales;
-    src.k_norm = p.cache.k_channel_scales;
-    src.v_norm = p.cache.v_channel_scales;
-  }
-  lens->resize(static_cast<size_t>(B));
-  for (int64_t b = 0; b < B; ++b) (*lens)[size_t(b)] = p.kv.seq_lens[b];
-  return Status::Ok();
-}
-
-int64_t SplitTokens(const DecodeParams& p) {
-  if (p.split_tokens > 0) return p.split_tokens;
-  const bool small_pages =
-      p.kv.block_table != nullptr && p.cache.page_size < kDecodeSmallPageTokens;
-  return small_pages ? kDefaultDecodeSplitTokensSmallPages : kDefaultDecodeSplitTokens;
-}
-
 // Path::kReference: the fp64 reference (on the dequantized cache), rounded into the outputs.
 Status RunReference(const DecodeParams& params, const AttentionProblem& p) {
   const int64_t rows = p.batch * p.seq_q * p.heads_q;
@@ -208,7 +122,9 @@ Status RunReference(const DecodeParams& params, const AttentionProblem& p) {
   } catch (const std::bad_alloc&) {
     return Status::Internal("RunDecode: could not allocate the fp64 reference buffers");
   }
-  ref::DecodeF64(params, out.data(), lse.data());
+  DecodeParams resolved = params;
+  if (p.window_left == kUnboundedWindow) resolved.window_left = -1;
+  ref::DecodeF64(resolved, out.data(), lse.data());
   for (int64_t b = 0; b < p.batch; ++b) {
     for (int64_t t = 0; t < p.seq_q; ++t) {
       for (int64_t h = 0; h < p.heads_q; ++h) {
@@ -239,7 +155,7 @@ int64_t DecodePlan::num_units() const {
 int64_t DecodePlan::split_tokens() const { return schedule_ ? schedule_->split_tokens : 0; }
 int32_t DecodePlan::threads() const { return schedule_ ? schedule_->threads : 0; }
 
-Status PlanDecode(const DecodeParams& params, const Context& ctx, DecodePlan* plan) {
+Status PlanDecode(const DecodeParams& params, const Context& ctx, DecodePlan* plan) try {
   if (plan == nullptr) {
     return Status::InvalidArgument(Expected("plan", "a DecodePlan to fill", "nullptr"));
   }
@@ -250,12 +166,13 @@ Status PlanDecode(const DecodeParams& params, const Context& ctx, DecodePlan* pl
   if (!s.ok()) return s;
   auto schedule = std::make_shared<internal::DecodeSchedule>();
   decode::BuildSchedule(lens, prob.heads_q, prob.heads_kv, prob.dim, prob.seq_q,
-                        SplitTokens(params), ResolveThreads(ctx), schedule.get());
+                        ResolveSplitTokens(params), ResolveThreads(ctx), schedule.get());
   plan->schedule_ = std::move(schedule);
   return Status::Ok();
 }
+TESSERA_CATCH_ALL("PlanDecode")
 
-Status RunDecode(const DecodePlan& plan, const DecodeParams& params, const Context& ctx) {
+Status RunDecode(const DecodePlan& plan, const DecodeParams& params, const Context& ctx) try {
   if (!plan.valid()) {
     return Status::InvalidArgument(
         Expected("plan", "a plan made by PlanDecode", "an empty (default-constructed) plan"));
@@ -266,7 +183,7 @@ Status RunDecode(const DecodePlan& plan, const DecodeParams& params, const Conte
   Status s = ValidateDecode(params, &prob, &kv, &lens);
   if (!s.ok()) return s;
   const internal::DecodeSchedule& sched = *plan.schedule_;
-  const int64_t split = SplitTokens(params);
+  const int64_t split = ResolveSplitTokens(params);
   if (sched.batch != prob.batch || sched.heads_q != prob.heads_q ||
       sched.heads_kv != prob.heads_kv || sched.dim != prob.dim || sched.queries != prob.seq_q ||
       sched.split_tokens != split || !decode::ScheduleFits(sched, lens)) {
@@ -280,6 +197,7 @@ Status RunDecode(const DecodePlan& plan, const DecodeParams& params, const Conte
                      Num(prob.heads_kv) + ", D " + Num(prob.dim) + ", Q " + Num(prob.seq_q) +
                      ", split_tokens " + Num(split) + " with seq_lens whose split counts differ"));
   }
+  if (prob.batch == 0) return Status::Ok();  // no output row: nothing to do
   if (ctx.path == Path::kReference) return RunReference(params, prob);
   bool fast = false;
   s = ChooseKernel(ctx, prob.dim, &fast);
@@ -289,13 +207,15 @@ Status RunDecode(const DecodePlan& plan, const DecodeParams& params, const Conte
   }
   return Status::Ok();
 }
+TESSERA_CATCH_ALL("RunDecode")
 
-Status Decode(const DecodeParams& params, const Context& ctx) {
+Status Decode(const DecodeParams& params, const Context& ctx) try {
   DecodePlan plan;
   Status s = PlanDecode(params, ctx, &plan);
   if (!s.ok()) return s;
   return RunDecode(plan, params, ctx);
 }
+TESSERA_CATCH_ALL("Decode")
 
 }  // namespace tessera
 #endif  // HWY_ONCE

@@ -377,10 +377,11 @@ void PackCache(const DecodeParams& p, Packed* pk) {
     const int64_t len = p.kv.seq_lens[b];
     if (len == 0) continue;
     const int64_t at = pk->cu_k[Sz(b)] * hkv * dim;
-    const Status st =
-        ReadKV(p.cache, p.kv, b,
-               MakeView3(static_cast<float*>(pk->k.data()) + at, DType::kF32, len, hkv, dim),
-               MakeView3(static_cast<float*>(pk->v.data()) + at, DType::kF32, len, hkv, dim));
+    const Status st = ReadKV(
+        ReadKVParams{p.cache, p.kv, b,
+                     MakeView3(static_cast<float*>(pk->k.data()) + at, DType::kF32, len, hkv, dim),
+                     MakeView3(static_cast<float*>(pk->v.data()) + at, DType::kF32, len, hkv, dim)},
+        Context());
     ASSERT_TRUE(st.ok()) << "ReadKV of sequence " << b << ": " << st.ToString();
   }
 }

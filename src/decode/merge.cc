@@ -11,10 +11,12 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <string>
 #include <vector>
 
 #include "core/check.h"
 #include "core/element.h"
+#include "core/guard.h"
 #include "core/parallel.h"
 #include "decode/merge_row.h"
 
@@ -67,14 +69,36 @@ Status Validate(const MergeStatesParams& p) {
       return Status::InvalidArgument(Expected("lse", "dtype f32", DTypeName(p.lse.dtype)));
     }
   }
+  s = CheckDisjoint({ViewRegion("out", p.out), ViewRegion("lse", p.lse)},
+                    {ViewRegion("out_parts", parts), ViewRegion("lse_parts", p.lse_parts)});
+  if (!s.ok()) return s;
+  // A part's LSE is finite or -inf (empty). +inf or NaN would make the whole row NaN: rejected
+  // here, at the cost of one read of R * T * H floats (small next to the R * T * H * D merge).
+  const float* lse_parts = static_cast<const float*>(p.lse_parts.data);
+  const int64_t* ls = p.lse_parts.strides;
+  for (int64_t r = 0; r < (p.lse_parts.numel() > 0 ? R : 0); ++r) {
+    for (int64_t t = 0; t < T; ++t) {
+      for (int64_t h = 0; h < H; ++h) {
+        const float x = lse_parts[r * ls[0] + t * ls[1] + h * ls[2]];
+        if (std::isnan(x) || x == std::numeric_limits<float>::infinity()) {
+          return Status::InvalidArgument(
+              Expected("lse_parts", "finite values or -inf (an empty part)",
+                       std::string(std::isnan(x) ? "nan" : "inf") + " at [" + std::to_string(r) +
+                           ", " + std::to_string(t) + ", " + std::to_string(h) + "]"));
+        }
+      }
+    }
+  }
   return Status::Ok();
 }
 
 }  // namespace
 
-Status MergeStates(const MergeStatesParams& p, const Context& ctx) {
+Status MergeStates(const MergeStatesParams& p, const Context& ctx) try {
   Status status = Validate(p);
   if (!status.ok()) return status;
+  // No work: no row to write.
+  if (p.out.numel() == 0 && (p.lse.data == nullptr || p.lse.numel() == 0)) return Status::Ok();
   const TensorView& parts = p.out_parts;
   const int64_t R = parts.shape[0], T = parts.shape[1], H = parts.shape[2], D = parts.shape[3];
   const float* lse_parts = static_cast<const float*>(p.lse_parts.data);
@@ -114,5 +138,6 @@ Status MergeStates(const MergeStatesParams& p, const Context& ctx) {
   });
   return Status::Ok();
 }
+TESSERA_CATCH_ALL("MergeStates")
 
 }  // namespace tessera

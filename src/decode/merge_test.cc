@@ -10,6 +10,7 @@
 #include <cstring>
 #include <limits>
 #include <random>
+#include <string>
 #include <vector>
 
 #include "tessera/attention.h"
@@ -176,16 +177,22 @@ TEST(MergeStates, Base2MatchesNaturalLog) {
   }
 }
 
-TEST(MergeStates, NanPartPoisonsItsRowOnly) {
-  States s(2, 3, 1, 4);
-  s.out = Random(s.out.size(), 9);
-  s.lse = Random(s.lse.size(), 10);
-  s.part_lse(1)[1] = kNaN;
-  Merged m;
-  ASSERT_TRUE(Merge(s, &m).ok());
-  EXPECT_TRUE(std::isnan(m.lse[1]));
-  EXPECT_TRUE(std::isfinite(m.lse[0]) && std::isfinite(m.lse[2]));
-  for (int64_t dd = 0; dd < 4; ++dd) EXPECT_TRUE(std::isnan(m.out[size_t(4 + dd)]));
+// A part LSE of NaN or +inf would make its whole row NaN: it is rejected before anything is
+// written (the scan of R * T * H floats is cheap next to the merge).
+TEST(MergeStates, NanOrPlusInfPartLseIsRejected) {
+  for (float bad : {kNaN, kInf}) {
+    States s(2, 3, 1, 4);
+    s.out = Random(s.out.size(), 9);
+    s.lse = Random(s.lse.size(), 10);
+    s.part_lse(1)[1] = bad;
+    Merged m;
+    const Status status = Merge(s, &m);
+    EXPECT_EQ(status.code(), StatusCode::kInvalidArgument) << status.ToString();
+    EXPECT_NE(status.message().find("lse_parts"), std::string::npos) << status.message();
+    EXPECT_NE(status.message().find("[1, 1, 0]"), std::string::npos) << status.message();
+    for (float x : m.out) EXPECT_TRUE(std::isnan(x));  // still Merge's NaN fill: not written
+    for (float x : m.lse) EXPECT_TRUE(std::isnan(x));
+  }
 }
 
 TEST(MergeStates, ThreadCountInvariantBitwise) {

@@ -26,10 +26,13 @@
 #include <limits>
 #include <new>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "core/check.h"
+#include "core/checked_math.h"
 #include "core/element.h"
+#include "core/guard.h"
 #include "core/huge_pages.h"
 #include "core/parallel.h"
 #include "kvcache/kv_quant.h"
@@ -38,9 +41,6 @@
 namespace tessera {
 namespace {
 
-using kvquant::kMaxPageSize;
-
-std::string Field(const char* arg, const char* field) { return std::string(arg) + "." + field; }
 
 std::string Str(int64_t x) { return std::to_string(x); }
 
@@ -262,7 +262,14 @@ Status ValidateAppend(const AppendKVParams& p, std::vector<int32_t>* new_lens) {
   }
   KVBatchView after = batch;
   after.seq_lens = new_lens->data();
-  return ValidateKVCache(cache, after, "cache", "batch");
+  s = ValidateKVCache(cache, after, "cache", "batch");
+  if (!s.ok()) return s;
+  // The cache is written: it may overlap neither the new tokens nor the batch's arrays, and its
+  // parts may not overlap each other.
+  std::vector<Region> inputs = KVBatchRegions(batch, "batch");
+  inputs.push_back(ViewRegion("k_new", p.k_new));
+  inputs.push_back(ViewRegion("v_new", p.v_new));
+  return CheckDisjoint(KVCacheRegions(cache, "cache"), inputs);
 }
 
 // Channel normalizers must be all zero (not calibrated yet) or all positive and finite.
@@ -336,7 +343,7 @@ bool KVDTypeIsQuantized(KVDType dtype) {
 int64_t KVRowBytes(KVDType dtype, int64_t head_dim) { return kvquant::RowBytes(dtype, head_dim); }
 
 Status KVCache::Allocate(KVDType dtype, int64_t num_pages, int64_t page_size, int64_t num_kv_heads,
-                         int64_t head_dim) {
+                         int64_t head_dim) try {
   if (!kvquant::IsKnownDType(dtype)) {
     return Invalid("dtype", "f32, bf16, f16, int8 or int4", DTypeGot(dtype));
   }
@@ -396,6 +403,7 @@ Status KVCache::Allocate(KVDType dtype, int64_t num_pages, int64_t page_size, in
   shape_.head_dim = head_dim;
   return Status::Ok();
 }
+TESSERA_CATCH_ALL("KVCache::Allocate")
 
 void KVCache::FreeBytes::operator()(uint8_t* p) const { std::free(p); }
 
@@ -416,123 +424,9 @@ int64_t KVCache::bytes() const {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Validation shared with the decode kernels (kv_validate.h).
-
-Status ValidateKVCache(const KVCacheView& cache, const KVBatchView& batch, const char* cache_arg,
-                       const char* batch_arg) {
-  const char* ca = cache_arg;
-  const char* ba = batch_arg;
-  if (!kvquant::IsKnownDType(cache.dtype)) {
-    return Invalid(Field(ca, "dtype"), "f32, bf16, f16, int8 or int4", DTypeGot(cache.dtype));
-  }
-  if (cache.num_pages < 1) {
-    return Invalid(Field(ca, "num_pages"), "at least 1 page", Str(cache.num_pages));
-  }
-  if (cache.page_size < 1) {
-    return Invalid(Field(ca, "page_size"), "at least 1 token per page", Str(cache.page_size));
-  }
-  if (cache.num_kv_heads < 1) {
-    return Invalid(Field(ca, "num_kv_heads"), "at least 1 KV head", Str(cache.num_kv_heads));
-  }
-  if (cache.head_dim < 1 || cache.head_dim > kMaxHeadDim) {
-    return Invalid(Field(ca, "head_dim"), "a head dim in [1, " + Str(kMaxHeadDim) + "]",
-                   Str(cache.head_dim));
-  }
-  if (cache.k == nullptr) return Invalid(Field(ca, "k"), "a non-null pointer", "nullptr");
-  if (cache.v == nullptr) return Invalid(Field(ca, "v"), "a non-null pointer", "nullptr");
-  if (KVDTypeIsQuantized(cache.dtype)) {
-    const struct {
-      const char* field;
-      const float* ptr;
-    } scales[] = {{"k_scales", cache.k_scales},
-                  {"v_scales", cache.v_scales},
-                  {"k_channel_scales", cache.k_channel_scales},
-                  {"v_channel_scales", cache.v_channel_scales}};
-    for (const auto& sc : scales) {
-      if (sc.ptr == nullptr) {
-        return Invalid(Field(ca, sc.field),
-                       std::string("a non-null pointer (required by the ") +
-                           KVDTypeName(cache.dtype) + " dtype)",
-                       "nullptr");
-      }
-    }
-  }
-
-  if (batch.batch < 0) {
-    return Invalid(Field(ba, "batch"), "a non-negative sequence count", Str(batch.batch));
-  }
-  if (batch.batch == 0) return Status::Ok();
-  if (batch.seq_lens == nullptr) {
-    return Invalid(Field(ba, "seq_lens"),
-                   "a non-null pointer (" + Field(ba, "batch") + " = " + Str(batch.batch) + ")",
-                   "nullptr");
-  }
-  for (int64_t b = 0; b < batch.batch; ++b) {
-    if (batch.seq_lens[b] < 0) {
-      return Invalid(Field(ba, "seq_lens") + "[" + Str(b) + "]", "a non-negative length",
-                     Str(batch.seq_lens[b]));
-    }
-  }
-
-  if (batch.block_table == nullptr) {
-    if (batch.batch > cache.num_pages) {
-      return Invalid(Field(ba, "batch"),
-                     "at most " + Field(ca, "num_pages") + " = " + Str(cache.num_pages) +
-                         " sequences (the contiguous layout, block_table == nullptr, gives "
-                         "sequence b page b)",
-                     Str(batch.batch));
-    }
-    for (int64_t b = 0; b < batch.batch; ++b) {
-      if (batch.seq_lens[b] > cache.page_size) {
-        return Invalid(Field(ba, "seq_lens") + "[" + Str(b) + "]",
-                       "at most " + Field(ca, "page_size") + " = " + Str(cache.page_size) +
-                           " tokens (the capacity per sequence of the contiguous layout)",
-                       Str(batch.seq_lens[b]));
-      }
-    }
-    return Status::Ok();
-  }
-
-  if (cache.page_size > kMaxPageSize) {
-    return Invalid(Field(ca, "page_size"),
-                   "1.." + Str(kMaxPageSize) + " tokens per page for the paged layout (" +
-                       Field(ba, "block_table") + " set)",
-                   Str(cache.page_size));
-  }
-  if (batch.max_pages_per_seq < 1) {
-    return Invalid(Field(ba, "max_pages_per_seq"), "at least 1 (the row length of block_table)",
-                   Str(batch.max_pages_per_seq));
-  }
-  const int64_t capacity =
-      std::min<int64_t>(batch.max_pages_per_seq, std::numeric_limits<int32_t>::max()) *
-      cache.page_size;
-  for (int64_t b = 0; b < batch.batch; ++b) {
-    const int64_t len = batch.seq_lens[b];
-    if (len > capacity) {
-      return Invalid(
-          Field(ba, "block_table"),
-          "room for seq_lens[" + Str(b) + "] = " + Str(len) + " tokens in sequence " + Str(b),
-          "max_pages_per_seq * page_size = " + Str(batch.max_pages_per_seq) + " * " +
-              Str(cache.page_size) + " = " + Str(capacity) + " tokens");
-    }
-    const int64_t pages = (len + cache.page_size - 1) / cache.page_size;
-    const int32_t* row = batch.block_table + b * batch.max_pages_per_seq;
-    for (int64_t i = 0; i < pages; ++i) {
-      if (row[i] < 0 || row[i] >= cache.num_pages) {
-        return Invalid(
-            Field(ba, "block_table") + "[" + Str(b) + "][" + Str(i) + "]",
-            "a page id in [0, " + Str(cache.num_pages) + ") (" + Field(ca, "num_pages") + ")",
-            Str(row[i]));
-      }
-    }
-  }
-  return Status::Ok();
-}
-
-// ---------------------------------------------------------------------------------------------
 // Public: AppendKV, ApplyRotary, ReadKV.
 
-Status AppendKV(const AppendKVParams& p, const Context& ctx) {
+Status AppendKV(const AppendKVParams& p, const Context& ctx) try {
   std::vector<int32_t> new_lens;
   Status status = ValidateAppend(p, &new_lens);
   if (!status.ok()) return status;
@@ -661,8 +555,19 @@ Status AppendKV(const AppendKVParams& p, const Context& ctx) {
   });
   return Status::Ok();
 }
+TESSERA_CATCH_ALL("AppendKV")
 
-Status ApplyRotary(TensorView x, const int32_t* positions, const RotaryParams& rotary) {
+namespace {
+
+// Threads for `work` elements of row-wise work: one below 2^15 (a thread start costs more).
+int32_t RowThreads(const Context& ctx, int64_t work) {
+  return work < (int64_t{1} << 15) ? 1 : ResolveThreads(ctx);
+}
+
+}  // namespace
+
+Status ApplyRotary(const ApplyRotaryParams& p, const Context& ctx) try {
+  const TensorView& x = p.x;
   if (x.rank != 4) return Invalid("x", "rank 4 [B, S, H, D]", "rank " + Str(x.rank));
   Status s = CheckRankAndStrides("x", x, true);
   if (!s.ok()) return s;
@@ -670,35 +575,44 @@ Status ApplyRotary(TensorView x, const int32_t* positions, const RotaryParams& r
     return Invalid("x", "dtype f32, bf16 or f16", "dtype " + Str(static_cast<int32_t>(x.dtype)));
   }
   const int64_t B = x.shape[0], S = x.shape[1], H = x.shape[2], D = x.shape[3];
-  s = ValidateRotary(rotary, D);
+  s = ValidateRotary(p.rotary, D);
   if (!s.ok()) return s;
-  if (rotary.rotary_dim == 0 || x.numel() == 0) return Status::Ok();
-  const Rotary rot(rotary);
-  const int64_t r = rotary.rotary_dim;
-  std::vector<float> row(static_cast<size_t>(D));
-  std::vector<double> angles(static_cast<size_t>(rot.angle_count()));
-  for (int64_t b = 0; b < B; ++b) {
-    const int64_t start = positions != nullptr ? positions[b] : 0;
-    for (int64_t t = 0; t < S; ++t) {
-      const int64_t pos = start + t;
-      if (pos == 0) continue;  // identity
-      rot.Angles(pos, angles.data());
-      for (int64_t h = 0; h < H; ++h) {
-        LoadRow(x, b, t, h, row.data());
-        rot.Apply(pos, angles.data(), row.data());
-        const int64_t base = b * x.strides[0] + t * x.strides[1] + h * x.strides[2];
-        // Only the rotated channels are written back: the others stay bitwise as they were.
-        for (int64_t c = 0; c < r; ++c) {
-          StoreElement(x.dtype, x.data, base + c * x.strides[3], row[size_t(c)]);
-        }
-      }
-    }
-  }
+  s = CheckDisjoint({ViewRegion("x", x)}, {ArrayRegion("positions", p.positions, B, 4)});
+  if (!s.ok()) return s;
+  if (p.rotary.rotary_dim == 0 || x.numel() == 0) return Status::Ok();
+  const Rotary rot(p.rotary);
+  const int64_t r = p.rotary.rotary_dim;
+  const int64_t tokens = B * S;  // fits: x.numel() does
+  const int64_t tokens_per_task = std::max<int64_t>(1, (int64_t{1} << 14) / (H * D));
+  ParallelFor(RowThreads(ctx, x.numel()), CeilDiv(tokens, tokens_per_task),
+              [&](int64_t task, int32_t) {
+                std::vector<float> row(static_cast<size_t>(D));
+                std::vector<double> angles(static_cast<size_t>(rot.angle_count()));
+                const int64_t end = std::min(tokens, (task + 1) * tokens_per_task);
+                for (int64_t tok = task * tokens_per_task; tok < end; ++tok) {
+                  const int64_t b = tok / S, t = tok % S;
+                  const int64_t pos = (p.positions != nullptr ? p.positions[b] : 0) + t;
+                  if (pos == 0) continue;  // identity
+                  rot.Angles(pos, angles.data());
+                  for (int64_t h = 0; h < H; ++h) {
+                    LoadRow(x, b, t, h, row.data());
+                    rot.Apply(pos, angles.data(), row.data());
+                    const int64_t base = b * x.strides[0] + t * x.strides[1] + h * x.strides[2];
+                    // Only the rotated channels are written back: the others stay bitwise.
+                    for (int64_t c = 0; c < r; ++c) {
+                      StoreElement(x.dtype, x.data, base + c * x.strides[3], row[size_t(c)]);
+                    }
+                  }
+                }
+              });
   return Status::Ok();
 }
+TESSERA_CATCH_ALL("ApplyRotary")
 
-Status ReadKV(const KVCacheView& cache, const KVBatchView& batch, int64_t b, TensorView k_out,
-              TensorView v_out) {
+Status ReadKV(const ReadKVParams& p, const Context& ctx) try {
+  const KVCacheView& cache = p.cache;
+  const KVBatchView& batch = p.batch;
+  const int64_t b = p.b;
   Status s = ValidateKVCache(cache, batch, "cache", "batch");
   if (!s.ok()) return s;
   if (b < 0 || b >= batch.batch) {
@@ -711,7 +625,7 @@ Status ReadKV(const KVCacheView& cache, const KVBatchView& batch, int64_t b, Ten
   const struct {
     const char* name;
     const TensorView* view;
-  } outs[] = {{"k_out", &k_out}, {"v_out", &v_out}};
+  } outs[] = {{"k_out", &p.k_out}, {"v_out", &p.v_out}};
   for (const auto& o : outs) {
     s = CheckShape(o.name, *o.view, 3, shape, what, true);
     if (!s.ok()) return s;
@@ -721,27 +635,38 @@ Status ReadKV(const KVCacheView& cache, const KVBatchView& batch, int64_t b, Ten
           IsSupportedDType(o.view->dtype) ? DTypeName(o.view->dtype) : "an unknown dtype");
     }
   }
+  std::vector<Region> inputs = KVCacheRegions(cache, "cache");
+  for (Region& r : KVBatchRegions(batch, "batch")) inputs.push_back(std::move(r));
+  s = CheckDisjoint({ViewRegion("k_out", p.k_out), ViewRegion("v_out", p.v_out)}, inputs);
+  if (!s.ok()) return s;
+  if (len == 0) return Status::Ok();
   const bool quantized = KVDTypeIsQuantized(cache.dtype);
   const int64_t row_bytes = kvquant::RowBytes(cache.dtype, D);
-  std::vector<float> row(static_cast<size_t>(D));
-  for (int64_t t = 0; t < len; ++t) {
-    const int64_t page = kvquant::PageOfToken(batch, b, t, cache.page_size);
-    const int64_t slot = t % cache.page_size;
-    for (int64_t h = 0; h < H; ++h) {
-      const int64_t r = kvquant::RowIndex(cache, page, slot, h);
-      for (int kv = 0; kv < 2; ++kv) {
-        const uint8_t* src = static_cast<const uint8_t*>(kv == 0 ? cache.k : cache.v);
-        const float* norm = kv == 0 ? cache.k_channel_scales : cache.v_channel_scales;
-        const float* scales = kv == 0 ? cache.k_scales : cache.v_scales;
-        LoadCacheRow(cache.dtype, src + r * row_bytes, D, quantized ? norm + h * D : nullptr,
-                     quantized ? scales + 2 * r : nullptr, row.data());
-        const TensorView& out = kv == 0 ? k_out : v_out;
-        float* dst = static_cast<float*>(out.data) + t * out.strides[0] + h * out.strides[1];
-        for (int64_t c = 0; c < D; ++c) dst[c * out.strides[2]] = row[size_t(c)];
-      }
-    }
-  }
+  const int64_t tokens_per_task = std::max<int64_t>(1, (int64_t{1} << 14) / (H * D));
+  ParallelFor(
+      RowThreads(ctx, len * H * D), CeilDiv(len, tokens_per_task), [&](int64_t task, int32_t) {
+        std::vector<float> row(static_cast<size_t>(D));
+        const int64_t end = std::min(len, (task + 1) * tokens_per_task);
+        for (int64_t t = task * tokens_per_task; t < end; ++t) {
+          const int64_t page = kvquant::PageOfToken(batch, b, t, cache.page_size);
+          const int64_t slot = t % cache.page_size;
+          for (int64_t h = 0; h < H; ++h) {
+            const int64_t r = kvquant::RowIndex(cache, page, slot, h);
+            for (int kv = 0; kv < 2; ++kv) {
+              const uint8_t* src = static_cast<const uint8_t*>(kv == 0 ? cache.k : cache.v);
+              const float* norm = kv == 0 ? cache.k_channel_scales : cache.v_channel_scales;
+              const float* scales = kv == 0 ? cache.k_scales : cache.v_scales;
+              LoadCacheRow(cache.dtype, src + r * row_bytes, D, quantized ? norm + h * D : nullptr,
+                           quantized ? scales + 2 * r : nullptr, row.data());
+              const TensorView& out = kv == 0 ? p.k_out : p.v_out;
+              float* dst = static_cast<float*>(out.data) + t * out.strides[0] + h * out.strides[1];
+              for (int64_t c = 0; c < D; ++c) dst[c * out.strides[2]] = row[size_t(c)];
+            }
+          }
+        }
+      });
   return Status::Ok();
 }
+TESSERA_CATCH_ALL("ReadKV")
 
 }  // namespace tessera

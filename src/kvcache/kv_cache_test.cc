@@ -176,8 +176,10 @@ ReadBack Read(const KVCacheView& cache, const KVBatchView& batch, int64_t b) {
   const int64_t len = batch.seq_lens[b], H = cache.num_kv_heads, D = cache.head_dim;
   ReadBack r{std::vector<float>(size_t(len * H * D), kNaN),
              std::vector<float>(size_t(len * H * D), kNaN)};
-  const Status s = ReadKV(cache, batch, b, MakeView3(r.k.data(), DType::kF32, len, H, D),
-                          MakeView3(r.v.data(), DType::kF32, len, H, D));
+  const Status s =
+      ReadKV(ReadKVParams{cache, batch, b, MakeView3(r.k.data(), DType::kF32, len, H, D),
+                          MakeView3(r.v.data(), DType::kF32, len, H, D)},
+             Context());
   EXPECT_TRUE(s.ok()) << s.ToString();
   return r;
 }
@@ -351,7 +353,7 @@ TEST(AppendKV, StridedInputsAndOutputs) {
   kov.strides[2] = 2;
   vov = kov;
   vov.data = vo.data();
-  ASSERT_TRUE(ReadKV(a.view(), after.view(), 1, kov, vov).ok());
+  ASSERT_TRUE(ReadKV(ReadKVParams{a.view(), after.view(), 1, kov, vov}, Context()).ok());
   for (size_t i = 0; i < dense.k.size(); ++i) {
     ASSERT_EQ(ko[2 * i], dense.k[i]);
     ASSERT_EQ(vo[2 * i], dense.v[i]);
@@ -537,7 +539,8 @@ TEST(AppendKV, OutOfRangePageIdIsAnErrorNamingBlockTable) {
     Batch existing{{0, 3}, {0, 1, 2, bad}, 2};
     std::vector<float> out(size_t(3 * H * D));
     const TensorView ov = MakeView3(out.data(), DType::kF32, 3, H, D);
-    EXPECT_TRUE(ErrorNames(ReadKV(c.view(), existing.view(), 0, ov, ov), "block_table[1][1]"));
+    EXPECT_TRUE(ErrorNames(ReadKV(ReadKVParams{c.view(), existing.view(), 0, ov, ov}, Context()),
+                           "block_table[1][1]"));
   }
   // Entries past the pages a sequence uses are not read.
   KVCache c;
@@ -688,8 +691,10 @@ TEST(KVCache, ChannelNormalizersCalibrateOnceFromTheFirstAppend) {
   ASSERT_TRUE(Append(cv, batch.view(), k, v, rot).ok());
   // K is calibrated after RoPE: rotate a copy at the same positions.
   std::vector<float> kr = kv;
-  ASSERT_TRUE(
-      ApplyRotary(MakeView4(kr.data(), DType::kF32, 2, n, H, D), batch.lens.data(), rot).ok());
+  ASSERT_TRUE(ApplyRotary(ApplyRotaryParams{MakeView4(kr.data(), DType::kF32, 2, n, H, D),
+                                            batch.lens.data(), rot},
+                          Context())
+                  .ok());
   std::vector<float> k_norm(size_t(H * D)), v_norm(size_t(H * D));
   for (int64_t hc = 0; hc < H * D; ++hc) {
     float km = 0.0f, vm = 0.0f;
@@ -808,9 +813,10 @@ TEST(Rotary, MatchesTheFp64FormulaInBothForms) {
           x[size_t(3)] = -0.0f;  // position 0 keeps even signed zeros
           std::vector<float> y = x;
           const RotaryParams rot{r, base, interleaved};
-          ASSERT_TRUE(
-              ApplyRotary(MakeView4(y.data(), DType::kF32, 2, S, H, D), positions.data(), rot)
-                  .ok());
+          ASSERT_TRUE(ApplyRotary(ApplyRotaryParams{MakeView4(y.data(), DType::kF32, 2, S, H, D),
+                                                    positions.data(), rot},
+                                  Context())
+                          .ok());
           for (int64_t b = 0; b < 2; ++b) {
             for (int64_t s = 0; s < S; ++s) {
               const int64_t pos = positions[size_t(b)] + s;
@@ -848,7 +854,10 @@ TEST(Rotary, PositionZeroIsTheIdentityEvenForSignedZeros) {
   for (bool interleaved : {false, true}) {
     const RotaryParams rot{D, 10000.0f, interleaved};
     std::vector<float> y = x;
-    ASSERT_TRUE(ApplyRotary(MakeView4(y.data(), DType::kF32, 1, 1, H, D), nullptr, rot).ok());
+    ASSERT_TRUE(
+        ApplyRotary(ApplyRotaryParams{MakeView4(y.data(), DType::kF32, 1, 1, H, D), nullptr, rot},
+                    Context())
+            .ok());
     EXPECT_TRUE(BitwiseEqual(x, y));
     KVCache c;
     ASSERT_TRUE(c.Allocate(KVDType::kF32, 1, 2, H, D).ok());
@@ -879,7 +888,9 @@ TEST(Rotary, SixteenBitAndStridedInPlace) {
       }
     }
     const int32_t start = 3;
-    ASSERT_TRUE(ApplyRotary(v, &start, RotaryParams{r, 10000.0f, false}).ok());
+    ASSERT_TRUE(
+        ApplyRotary(ApplyRotaryParams{v, &start, RotaryParams{r, 10000.0f, false}}, Context())
+            .ok());
     for (int64_t s = 0; s < S; ++s) {
       for (int64_t h = 0; h < H; ++h) {
         const int64_t t = s * H + h;
@@ -921,7 +932,8 @@ TEST(Rotary, AppendWithRotaryEqualsApplyRotaryThenAppend) {
       Input k(kv, cs.in, B, n, H, D), v(vv, cs.in, B, n, H, D);
       ASSERT_TRUE(Append(a.view(), batch.view(), k, v, rot).ok());
       Input kr(kv, cs.in, B, n, H, D);
-      ASSERT_TRUE(ApplyRotary(kr.view(), batch.lens.data(), rot).ok());
+      ASSERT_TRUE(
+          ApplyRotary(ApplyRotaryParams{kr.view(), batch.lens.data(), rot}, Context()).ok());
       ASSERT_TRUE(Append(b.view(), batch.view(), kr, v).ok());
       EXPECT_EQ(CacheBytes(a.view()), CacheBytes(b.view()));
     }
@@ -932,23 +944,34 @@ TEST(Rotary, BadArgumentsNameTheArgument) {
   std::vector<float> x(2 * 3 * 4 * 8, 1.0f);
   const std::vector<float> before = x;
   TensorView v = MakeView4(x.data(), DType::kF32, 2, 3, 4, 8);
-  EXPECT_TRUE(
-      ErrorNames(ApplyRotary(v, nullptr, RotaryParams{3, 10000.0f, false}), "rotary.rotary_dim"));
-  EXPECT_TRUE(
-      ErrorNames(ApplyRotary(v, nullptr, RotaryParams{10, 10000.0f, false}), "rotary.rotary_dim"));
-  EXPECT_TRUE(
-      ErrorNames(ApplyRotary(v, nullptr, RotaryParams{-2, 10000.0f, false}), "rotary.rotary_dim"));
-  EXPECT_TRUE(ErrorNames(ApplyRotary(v, nullptr, RotaryParams{8, 0.0f, false}), "rotary.base"));
-  EXPECT_TRUE(ErrorNames(ApplyRotary(v, nullptr, RotaryParams{8, kNaN, false}), "rotary.base"));
-  EXPECT_TRUE(ErrorNames(ApplyRotary(MakeView3(x.data(), DType::kF32, 6, 4, 8), nullptr,
-                                     RotaryParams{8, 10000.0f, false}),
+  EXPECT_TRUE(ErrorNames(
+      ApplyRotary(ApplyRotaryParams{v, nullptr, RotaryParams{3, 10000.0f, false}}, Context()),
+      "rotary.rotary_dim"));
+  EXPECT_TRUE(ErrorNames(
+      ApplyRotary(ApplyRotaryParams{v, nullptr, RotaryParams{10, 10000.0f, false}}, Context()),
+      "rotary.rotary_dim"));
+  EXPECT_TRUE(ErrorNames(
+      ApplyRotary(ApplyRotaryParams{v, nullptr, RotaryParams{-2, 10000.0f, false}}, Context()),
+      "rotary.rotary_dim"));
+  EXPECT_TRUE(ErrorNames(
+      ApplyRotary(ApplyRotaryParams{v, nullptr, RotaryParams{8, 0.0f, false}}, Context()),
+      "rotary.base"));
+  EXPECT_TRUE(ErrorNames(
+      ApplyRotary(ApplyRotaryParams{v, nullptr, RotaryParams{8, kNaN, false}}, Context()),
+      "rotary.base"));
+  EXPECT_TRUE(ErrorNames(ApplyRotary(ApplyRotaryParams{MakeView3(x.data(), DType::kF32, 6, 4, 8),
+                                                       nullptr, RotaryParams{8, 10000.0f, false}},
+                                     Context()),
                          "x"));
   TensorView aliased = v;
   aliased.strides[1] = 0;
-  EXPECT_TRUE(ErrorNames(ApplyRotary(aliased, nullptr, RotaryParams{8, 10000.0f, false}), "x"));
+  EXPECT_TRUE(ErrorNames(
+      ApplyRotary(ApplyRotaryParams{aliased, nullptr, RotaryParams{8, 10000.0f, false}}, Context()),
+      "x"));
   EXPECT_TRUE(BitwiseEqual(x, before));
   // rotary_dim 0 is a no-op.
-  EXPECT_TRUE(ApplyRotary(v, nullptr, RotaryParams{0, 10000.0f, false}).ok());
+  EXPECT_TRUE(
+      ApplyRotary(ApplyRotaryParams{v, nullptr, RotaryParams{0, 10000.0f, false}}, Context()).ok());
   EXPECT_TRUE(BitwiseEqual(x, before));
 }
 
@@ -1044,25 +1067,35 @@ TEST(KVCache, ReadKVBadArgumentsNameTheArgument) {
   std::vector<uint16_t> k16(k.size());
   const TensorView kv = MakeView3(k.data(), DType::kF32, 3, H, D);
   const TensorView vv = MakeView3(v.data(), DType::kF32, 3, H, D);
-  EXPECT_TRUE(ErrorNames(ReadKV(c.view(), batch.view(), -1, kv, vv), "b: expected"));
-  EXPECT_TRUE(ErrorNames(ReadKV(c.view(), batch.view(), 2, kv, vv), "b: expected"));
-  EXPECT_TRUE(ErrorNames(ReadKV(c.view(), batch.view(), 1, kv, vv), "k_out"));
+  EXPECT_TRUE(ErrorNames(ReadKV(ReadKVParams{c.view(), batch.view(), -1, kv, vv}, Context()),
+                         "b: expected"));
+  EXPECT_TRUE(ErrorNames(ReadKV(ReadKVParams{c.view(), batch.view(), 2, kv, vv}, Context()),
+                         "b: expected"));
+  EXPECT_TRUE(
+      ErrorNames(ReadKV(ReadKVParams{c.view(), batch.view(), 1, kv, vv}, Context()), "k_out"));
+  EXPECT_TRUE(ErrorNames(ReadKV(ReadKVParams{c.view(), batch.view(), 0, kv,
+                                             MakeView3(k16.data(), DType::kBF16, 3, H, D)},
+                                Context()),
+                         "v_out"));
   EXPECT_TRUE(ErrorNames(
-      ReadKV(c.view(), batch.view(), 0, kv, MakeView3(k16.data(), DType::kBF16, 3, H, D)),
-      "v_out"));
-  EXPECT_TRUE(ErrorNames(
-      ReadKV(c.view(), batch.view(), 0, MakeView3(nullptr, DType::kF32, 3, H, D), vv), "k_out"));
-  EXPECT_TRUE(ErrorNames(
-      ReadKV(c.view(), batch.view(), 0, MakeView4(k.data(), DType::kF32, 1, 3, H, D), vv),
+      ReadKV(ReadKVParams{c.view(), batch.view(), 0, MakeView3(nullptr, DType::kF32, 3, H, D), vv},
+             Context()),
       "k_out"));
+  EXPECT_TRUE(ErrorNames(ReadKV(ReadKVParams{c.view(), batch.view(), 0,
+                                             MakeView4(k.data(), DType::kF32, 1, 3, H, D), vv},
+                                Context()),
+                         "k_out"));
   Batch too_long{{5, 1}, {}, 0};
-  EXPECT_TRUE(ErrorNames(ReadKV(c.view(), too_long.view(), 0, kv, vv), "batch.seq_lens[0]"));
+  EXPECT_TRUE(ErrorNames(ReadKV(ReadKVParams{c.view(), too_long.view(), 0, kv, vv}, Context()),
+                         "batch.seq_lens[0]"));
   for (float x : k) EXPECT_EQ(x, -1.0f);
   // An empty sequence reads into empty views, null data included.
   Batch empty{{0}, {}, 0};
-  EXPECT_TRUE(ReadKV(c.view(), empty.view(), 0, MakeView3(nullptr, DType::kF32, 0, H, D),
-                     MakeView3(nullptr, DType::kF32, 0, H, D))
-                  .ok());
+  EXPECT_TRUE(
+      ReadKV(ReadKVParams{c.view(), empty.view(), 0, MakeView3(nullptr, DType::kF32, 0, H, D),
+                          MakeView3(nullptr, DType::kF32, 0, H, D)},
+             Context())
+          .ok());
 }
 
 }  // namespace

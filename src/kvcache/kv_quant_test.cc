@@ -65,8 +65,13 @@ void Store(KVDType dtype, const std::vector<float>& x, int64_t n, int64_t D,
   KVBatchView batch;
   batch.batch = 1;
   batch.seq_lens = &len;
-  const Status rs = ReadKV(view, batch, 0, MakeView3(s->read.data(), DType::kF32, n, 1, D),
-                           MakeView3(v_read.data(), DType::kF32, n, 1, D));
+  ReadKVParams read;
+  read.cache = view;
+  read.batch = batch;
+  read.b = 0;
+  read.k_out = MakeView3(s->read.data(), DType::kF32, n, 1, D);
+  read.v_out = MakeView3(v_read.data(), DType::kF32, n, 1, D);
+  const Status rs = ReadKV(read, Context());
   ASSERT_TRUE(rs.ok()) << rs.ToString();
 }
 

@@ -9,6 +9,7 @@
 #include "linear/linear_forward-inl.h"
 
 #if HWY_ONCE
+#include "core/guard.h"
 #include "linear/linear_problem.h"
 #include "tessera/linear.h"
 
@@ -35,6 +36,12 @@ Status RunForward(const LinearAttentionParams& params, const Context& ctx, bool 
   if (!status.ok()) return status;
   status = CheckPath(ctx);
   if (!status.ok()) return status;
+  // No work: no output element and no final state to write.
+  if (params.out.numel() == 0 &&
+      (params.final_state.data == nullptr || params.final_state.numel() == 0) &&
+      (params.final_normalizer.data == nullptr || params.final_normalizer.numel() == 0)) {
+    return Status::Ok();
+  }
   if (!HWY_DYNAMIC_DISPATCH(LinearForward)(problem, ResolveThreads(ctx), recurrent)) {
     return Status::Internal("linear attention: could not allocate per-worker scratch");
   }
@@ -43,25 +50,34 @@ Status RunForward(const LinearAttentionParams& params, const Context& ctx, bool 
 
 }  // namespace
 
-Status LinearAttentionForward(const LinearAttentionParams& params, const Context& ctx) {
+Status LinearAttentionForward(const LinearAttentionParams& params, const Context& ctx) try {
   return RunForward(params, ctx, /*recurrent=*/false);
 }
+TESSERA_CATCH_ALL("LinearAttentionForward")
 
-Status LinearAttentionRecurrent(const LinearAttentionParams& params, const Context& ctx) {
+Status LinearAttentionRecurrent(const LinearAttentionParams& params, const Context& ctx) try {
   return RunForward(params, ctx, /*recurrent=*/true);
 }
+TESSERA_CATCH_ALL("LinearAttentionRecurrent")
 
-Status LinearAttentionBackward(const LinearAttentionBackwardParams& params, const Context& ctx) {
+Status LinearAttentionBackward(const LinearAttentionBackwardParams& params,
+                               const Context& ctx) try {
   LinearBackwardProblem problem;
   Status status = ValidateLinearAttentionBackward(params, &problem);
   if (!status.ok()) return status;
   status = CheckPath(ctx);
   if (!status.ok()) return status;
+  // No work: no gradient element to write.
+  if (params.dq.numel() == 0 && params.dk.numel() == 0 && params.dv.numel() == 0 &&
+      (params.dgates.data == nullptr || params.dgates.numel() == 0)) {
+    return Status::Ok();
+  }
   if (!HWY_DYNAMIC_DISPATCH(LinearBackward)(problem, ResolveThreads(ctx))) {
     return Status::Internal("linear attention backward: could not allocate per-worker buffers");
   }
   return Status::Ok();
 }
+TESSERA_CATCH_ALL("LinearAttentionBackward")
 
 }  // namespace tessera
 #endif  // HWY_ONCE

@@ -1,17 +1,21 @@
 // Argument validation for linear attention: every check runs before any work, and every message
 // names the argument, what was expected and what was given.
+#include <algorithm>
 #include <cmath>
+#include <limits>
 #include <string>
+#include <vector>
 
 #include "core/check.h"
 #include "core/dispatch.h"
+#include "core/checked_math.h"
 #include "linear/linear_problem.h"
 
 namespace tessera {
 namespace {
 
 // Largest feature dim F: the state of one head is F x Dv floats per worker.
-constexpr int64_t kMaxFeatureDim = 8192;
+constexpr int64_t kMaxFeatureDim = kMaxLinearFeatureDim;
 
 std::string Dims(std::initializer_list<int64_t> dims) {
   std::string s = "[";
@@ -39,7 +43,12 @@ void CopyStrides(const TensorView& t, int64_t* strides) {
 }  // namespace
 
 int64_t LinearFeatureDim(LinearFeatureMap map, int64_t dk) {
-  return map == LinearFeatureMap::kTaylor2 ? 1 + dk + dk * dk : dk;
+  if (map != LinearFeatureMap::kTaylor2) return dk;
+  int64_t f = 0;
+  if (!CheckedMul(dk, dk, &f) || !CheckedAdd(f, dk, &f) || !CheckedAdd(f, 1, &f)) {
+    return std::numeric_limits<int64_t>::max();
+  }
+  return f;
 }
 
 Status ValidateLinearAttention(const LinearAttentionParams& p, LinearProblem* prob) {
@@ -198,6 +207,14 @@ Status ValidateLinearAttention(const LinearAttentionParams& p, LinearProblem* pr
     if (!s.ok()) return s;
   }
 
+  Status alias = CheckDisjoint({ViewRegion("out", p.out), ViewRegion("final_state", p.final_state),
+                                ViewRegion("final_normalizer", p.final_normalizer)},
+                               {ViewRegion("q", p.q), ViewRegion("k", p.k), ViewRegion("v", p.v),
+                                ViewRegion("decay", p.decay), ViewRegion("gates", p.gates),
+                                ViewRegion("initial_state", p.initial_state),
+                                ViewRegion("initial_normalizer", p.initial_normalizer)});
+  if (!alias.ok()) return alias;
+
   LinearProblem& r = *prob;
   r = LinearProblem();
   r.batch = B;
@@ -234,7 +251,9 @@ Status ValidateLinearAttention(const LinearAttentionParams& p, LinearProblem* pr
     r.gates = static_cast<const float*>(p.gates.data);
     CopyStrides(p.gates, r.gates_stride);
   }
-  r.window = p.window;
+  // A window past the sequence sees every key of the call: the same as window = S, and the
+  // kernels' sizes (chunk + window) stay small.
+  r.window = std::min(p.window, S);
   if (p.initial_state.data != nullptr) {
     r.state_in = static_cast<const float*>(p.initial_state.data);
     CopyStrides(p.initial_state, r.state_in_stride);
@@ -301,6 +320,14 @@ Status ValidateLinearAttentionBackward(const LinearAttentionBackwardParams& p,
     Status st = CheckF32("dgates", p.dgates, {fwd.batch, fwd.seq, fwd.heads_q, fwd.dk}, true);
     if (!st.ok()) return st;
   }
+  Status alias =
+      CheckDisjoint({ViewRegion("dq", p.dq), ViewRegion("dk", p.dk), ViewRegion("dv", p.dv),
+                     ViewRegion("dgates", p.dgates)},
+                    {ViewRegion("q", p.forward.q), ViewRegion("k", p.forward.k),
+                     ViewRegion("v", p.forward.v), ViewRegion("dout", p.dout),
+                     ViewRegion("decay", p.forward.decay), ViewRegion("gates", p.forward.gates)});
+  if (!alias.ok()) return alias;
+
   LinearBackwardProblem& r = *prob;
   r = LinearBackwardProblem();
   r.fwd = fwd;

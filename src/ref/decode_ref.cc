@@ -85,9 +85,13 @@ void DecodeF64WithOptions(const DecodeParams& p, const DecodeRefOptions& options
     values.assign(keys.size(), 0.0f);
     bool read_ok = true;
     if (len > 0) {
-      const Status st =
-          ReadKV(p.cache, p.kv, b, MakeView3(keys.data(), DType::kF32, len, heads_kv, dim),
-                 MakeView3(values.data(), DType::kF32, len, heads_kv, dim));
+      ReadKVParams read;
+      read.cache = p.cache;
+      read.batch = p.kv;
+      read.b = b;
+      read.k_out = MakeView3(keys.data(), DType::kF32, len, heads_kv, dim);
+      read.v_out = MakeView3(values.data(), DType::kF32, len, heads_kv, dim);
+      const Status st = ReadKV(read, Context());
       read_ok = st.ok();
     }
     scores.assign(static_cast<size_t>(len), 0.0);

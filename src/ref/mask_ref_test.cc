@@ -830,11 +830,12 @@ TEST(MaskRef, DISABLED_DocPictures) {
     s2.local_blocks = 2;
     s2.vert_stride = 4;
     std::vector<uint8_t> blocks(4 * 16 * 16);
-    ASSERT_TRUE(BuildS2BlockMask(s2, MakeView4(blocks.data(), DType::kU8, 1, 4, 16, 16)).ok());
+    s2.out = MakeView4(blocks.data(), DType::kU8, 1, 4, 16, 16);
+    ASSERT_TRUE(BuildS2BlockMask(s2, Context()).ok());
     BlockPicture("S2: heads 4, local 2, vert_stride 4, causal, head 0", &blocks, 4, 16, 16, 0);
     BlockPicture("S2: head 1", &blocks, 4, 16, 16, 1);
     s2.causal = false;
-    ASSERT_TRUE(BuildS2BlockMask(s2, MakeView4(blocks.data(), DType::kU8, 1, 4, 16, 16)).ok());
+    ASSERT_TRUE(BuildS2BlockMask(s2, Context()).ok());
     BlockPicture("S2: bidirectional, head 0", &blocks, 4, 16, 16, 0);
   }
   {
@@ -844,8 +845,8 @@ TEST(MaskRef, DISABLED_DocPictures) {
     radial.block = 128;
     const int64_t nb = 24;
     std::vector<uint8_t> blocks(nb * nb);
-    ASSERT_TRUE(
-        BuildRadialBlockMask(radial, MakeView4(blocks.data(), DType::kU8, 1, 1, nb, nb)).ok());
+    radial.out = MakeView4(blocks.data(), DType::kU8, 1, 1, nb, nb);
+    ASSERT_TRUE(BuildRadialBlockMask(radial, Context()).ok());
     BlockPicture("radial: 12 frames x 256 tokens, blocks of 128", &blocks, 1, nb, nb, 0);
   }
   {

@@ -6,15 +6,24 @@
 #include <sstream>
 #include <string>
 #include <utility>
+#include <vector>
 
 #include "attention/attention_problem.h"
 #include "core/check.h"
 #include "core/dispatch.h"
+#include "core/checked_math.h"
 
 namespace tessera {
 namespace {
 
-constexpr int64_t kUnbounded = std::numeric_limits<int64_t>::max() / 4;
+constexpr int64_t kUnbounded = kUnboundedWindow;
+
+// A window side as the kernels use it: -1, or a value no position needs (>= max(Sq, Sk): every
+// query position lies in [min(0, Sk - Sq), max(Sq, Sk)) and every key in [0, Sk)), becomes
+// kUnbounded, so that pos +- window never overflows on any route (tiled, decode, backward).
+int64_t ResolveWindow(int64_t w, int64_t sq, int64_t sk) {
+  return w < 0 || w >= std::max(sq, sk) ? kUnbounded : w;
+}
 
 // Brings a varlen [T, H, D] view to [1, T, H, D]; a rank-4 view is kept.
 TensorView AsRank4(const TensorView& t) {
@@ -90,9 +99,11 @@ Status ValidateMasks(const AttentionParams& p, bool varlen, int64_t B, int64_t S
     const TensorView& t = m.blocks;
     for (const auto& [name, bs] : {std::pair<const char*, int64_t>{"mask.block_q", m.block_q},
                                    {"mask.block_k", m.block_k}}) {
-      if (bs < 16 || bs % 16 != 0) {
+      // Up to 2^30: a larger block covers any sequence the same way, and block index * block
+      // size stays far from overflow.
+      if (bs < 16 || bs % 16 != 0 || bs > (int64_t{1} << 30)) {
         return Status::InvalidArgument(
-            Expected(name, "a positive multiple of 16", std::to_string(bs)));
+            Expected(name, "a positive multiple of 16 up to 2^30", std::to_string(bs)));
       }
     }
     Status s = CheckRankAndStrides("mask.blocks", t, false);
@@ -101,7 +112,7 @@ Status ValidateMasks(const AttentionParams& p, bool varlen, int64_t B, int64_t S
       return Status::InvalidArgument(
           Expected("mask.blocks", "dtype u8 or bool", DTypeName(t.dtype)));
     }
-    const int64_t nqb = (Sq + m.block_q - 1) / m.block_q, nkb = (Sk + m.block_k - 1) / m.block_k;
+    const int64_t nqb = CeilDiv(Sq, m.block_q), nkb = CeilDiv(Sk, m.block_k);
     const std::string want = "shape [1 or " + std::to_string(B) + ", 1 or " + std::to_string(Hq) +
                              ", " + std::to_string(nqb) + ", " + std::to_string(nkb) +
                              "] (ceil(Sq/block_q), ceil(Sk/block_k))";
@@ -132,7 +143,8 @@ Status ValidateMasks(const AttentionParams& p, bool varlen, int64_t B, int64_t S
         return Status::InvalidArgument(Expected(("mask.neighborhood.dilation" + axis).c_str(),
                                                 ">= 1", std::to_string(n.dilation[a])));
       }
-      if (n.window[a] < 1 || n.window[a] * n.dilation[a] > n.grid[a]) {
+      int64_t span = 0;
+      if (n.window[a] < 1 || !CheckedMul(n.window[a], n.dilation[a], &span) || span > n.grid[a]) {
         return Status::InvalidArgument(Expected(
             ("mask.neighborhood.window" + axis).c_str(),
             "1 <= window and window * dilation <= grid (" + std::to_string(n.grid[a]) + ")",
@@ -144,7 +156,11 @@ Status ValidateMasks(const AttentionParams& p, bool varlen, int64_t B, int64_t S
                      "1 <= stride <= window (" + std::to_string(n.window[a]) + ")",
                      std::to_string(n.stride[a])));
       }
-      tokens *= n.grid[a];
+      if (!CheckedMul(tokens, n.grid[a], &tokens)) {
+        return Status::InvalidArgument(Expected("mask.neighborhood.grid",
+                                                "axis lengths whose product fits in int64",
+                                                "an overflow at axis " + std::to_string(a)));
+      }
       r->grid[a] = n.grid[a];
       r->window[a] = n.window[a];
       r->dilation[a] = n.dilation[a];
@@ -269,6 +285,23 @@ Status ValidateMasks(const AttentionParams& p, bool varlen, int64_t B, int64_t S
     }
   }
   return Status::Ok();
+}
+
+// The memory every input of the forward may read (outputs must not overlap it).
+std::vector<Region> ForwardInputs(const AttentionParams& p) {
+  const MaskParams& m = p.mask;
+  const bool varlen = p.cu_seqlens_q != nullptr;
+  const int64_t cu_count = varlen ? int64_t{p.num_seqs} + 1 : 0;
+  return {ViewRegion("q", p.q),
+          ViewRegion("k", p.k),
+          ViewRegion("v", p.v),
+          ViewRegion("alibi_slopes", p.alibi_slopes),
+          ViewRegion("mask.blocks", m.blocks),
+          ViewRegion("mask.document_ids", m.document_ids),
+          ViewRegion("mask.dense", m.dense),
+          ArrayRegion("mask.tree_parents", m.tree_parents, m.tree_size, sizeof(int32_t)),
+          ArrayRegion("cu_seqlens_q", p.cu_seqlens_q, cu_count, sizeof(int32_t)),
+          ArrayRegion("cu_seqlens_k", p.cu_seqlens_k, cu_count, sizeof(int32_t))};
 }
 
 }  // namespace
@@ -437,6 +470,9 @@ Status ValidateAttention(const AttentionParams& p, AttentionProblem* prob) {
   AttentionProblem::Masks masks;
   Status mask_status = ValidateMasks(p, varlen, B, Sq, Sk, Hq, &masks);
   if (!mask_status.ok()) return mask_status;
+  Status alias_status =
+      CheckDisjoint({ViewRegion("out", p.out), ViewRegion("lse", p.lse)}, ForwardInputs(p));
+  if (!alias_status.ok()) return alias_status;
 
   AttentionProblem& r = *prob;
   r = AttentionProblem();
@@ -466,10 +502,8 @@ Status ValidateAttention(const AttentionParams& p, AttentionProblem* prob) {
   }
   r.scale = p.scale.has_value() ? *p.scale : static_cast<float>(1.0 / std::sqrt(double(D)));
   r.softcap = p.softcap;
-  int64_t wl = p.window_left, wr = p.window_right;
-  if (p.causal) wr = (wr < 0) ? 0 : std::min<int64_t>(wr, 0);
-  r.window_left = wl < 0 ? kUnbounded : wl;
-  r.window_right = wr < 0 ? kUnbounded : wr;
+  r.window_left = ResolveWindow(p.window_left, Sq, Sk);
+  r.window_right = p.causal ? 0 : ResolveWindow(p.window_right, Sq, Sk);
   r.top_left = p.align == MaskAlign::kTopLeft;
   if (p.alibi_slopes.data != nullptr) {
     r.alibi = static_cast<const float*>(p.alibi_slopes.data);
@@ -486,6 +520,14 @@ Status ValidateAttention(const AttentionParams& p, AttentionProblem* prob) {
     r.cu_seqlens_k = p.cu_seqlens_k;
   }
   return Status::Ok();
+}
+
+AttentionParams WithResolvedWindows(const AttentionParams& params,
+                                    const AttentionProblem& problem) {
+  AttentionParams r = params;
+  if (problem.window_left == kUnboundedWindow) r.window_left = -1;
+  if (problem.window_right == kUnboundedWindow) r.window_right = -1;
+  return r;
 }
 
 }  // namespace tessera
@@ -529,6 +571,14 @@ Status ValidateAttentionBackward(const AttentionBackwardParams& p, AttentionBack
           IsSupportedDType(v.dtype) ? DTypeName(v.dtype) : "an unknown dtype"));
     }
   }
+
+  std::vector<Region> inputs = ForwardInputs(p.forward);
+  inputs.push_back(ViewRegion("forward.out", p.forward.out));
+  inputs.push_back(ViewRegion("forward.lse", p.forward.lse));
+  inputs.push_back(ViewRegion("dout", p.dout));
+  status = CheckDisjoint({ViewRegion("dq", p.dq), ViewRegion("dk", p.dk), ViewRegion("dv", p.dv)},
+                         inputs);
+  if (!status.ok()) return status;
 
   AttentionBackwardProblem& r = *prob;
   r = AttentionBackwardProblem();
