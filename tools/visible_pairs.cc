@@ -52,7 +52,7 @@ class ViewReader {
 };
 
 // One grid axis of a neighborhood mask as seen from one query: key coordinates y with
-// lo <= y / dilation <= hi and y mod dilation == residue (ALGORITHMS.md 4.2).
+// lo <= y / dilation <= hi and y mod dilation == residue (docs/algorithms.md §4.2).
 struct AxisBox {
   int64_t lo, hi, residue;
 };

@@ -3,12 +3,12 @@
 //
 // The count follows tessera/mask.h's definition of visible(i, j) (causal, window, sinks, prefix,
 // token groups, block mask, neighborhood, documents, tree, dense mask), written here a second
-// time, independently of the kernels' mask policy, from the header and ALGORITHMS.md. It is cheap
-// where the structure allows: rows whose visible keys are a union of intervals (causal, window,
-// sinks, prefix, documents) inside the kept blocks of a block mask cost O(kept blocks) each, and
-// batches / heads the mask does not tell apart are counted once. Other rows (neighborhood,
-// groups, tree, dense) are tested key by key; past `budget` tests, an evenly spread, jittered
-// sample of the rows is counted and scaled (exact = false).
+// time, independently of the kernels' mask policy, from the header and docs/algorithms.md. It is
+// cheap where the structure allows: rows whose visible keys are a union of intervals (causal,
+// window, sinks, prefix, documents) inside the kept blocks of a block mask cost O(kept blocks)
+// each, and batches / heads the mask does not tell apart are counted once. Other rows
+// (neighborhood, groups, tree, dense) are tested key by key; past `budget` tests, an evenly spread,
+// jittered sample of the rows is counted and scaled (exact = false).
 #pragma once
 
 #include <cstdint>

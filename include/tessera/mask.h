@@ -35,7 +35,7 @@ enum class MaskAlign : int32_t {
 // Neighborhood attention (NATTEN / Generalized Neighborhood Attention) over a grid of 1 to 3 axes;
 // tokens are laid out in row-major order of the grid (the last axis fastest), and queries and keys
 // share the grid (Sq == Sk == the product of the axis lengths). Per axis of length L, window K,
-// dilation d, stride s (ALGORITHMS.md 4.2): a query and a key interact only within the same
+// dilation d, stride s (docs/algorithms.md §4.2): a query and a key interact only within the same
 // dilation group (x mod d); non-causal, the window of K keys is centred on the query's stride
 // leader and shifted (not shrunk) at the borders, so every query sees exactly K keys per axis;
 // causal, a query sees the K keys ending at its stride leader, never beyond itself. stride = 1 is
@@ -113,12 +113,12 @@ struct MaskParams {
 // ---------------------------------------------------------------------------------------------
 // Block-mask builders: each writes a uint8 block mask for MaskParams::blocks.
 
-// S2-Attention's heterogeneous context sharding (ALGORITHMS.md 4.3): with sigma =
+// S2-Attention's heterogeneous context sharding (docs/algorithms.md §4.3): with sigma =
 // max(1, vert_stride / heads), head h keeps key block kb of query block qb iff qb >= kb (causal)
 // and (qb - kb < local_blocks or (kb + h * sigma + offset) mod vert_stride == 0). With
 // causal = false the local test is two-sided (|qb - kb| < local_blocks) and the stripe test is
 // (max(0, qb - kb - local_blocks + 1) + max(0, kb - qb - local_blocks + 1) + h * sigma + offset)
-// mod vert_stride == 0 (ALGORITHMS.md's distance form, with the per-head term so heads differ).
+// mod vert_stride == 0 (docs/algorithms.md's distance form, with a per-head term so heads differ).
 // The union over heads covers every allowed block when heads >= vert_stride.
 // out: uint8 [1, heads, num_q_blocks, num_k_blocks].
 struct S2MaskParams {
@@ -134,7 +134,7 @@ struct S2MaskParams {
 // Rows (head, query block) are spread over ctx.num_threads workers.
 Status BuildS2BlockMask(const S2MaskParams& params, const Context& ctx);
 
-// Radial attention's static video mask (ALGORITHMS.md 4.6, the HunyuanVideo form): frames x
+// Radial attention's static video mask (docs/algorithms.md §4.6, the HunyuanVideo form): frames x
 // tokens_per_frame tokens, frame-major. Frame pairs at distance <= 1 are dense; a farther pair at
 // distance dist, with base = 2^bit_length(tokens_per_frame) / 2^bit_length(dist) (the band halves
 // each time the distance doubles), takes part only if base >= 128 or dist mod floor(128 / base)

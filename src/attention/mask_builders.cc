@@ -1,9 +1,9 @@
 // Block-mask builders (tessera/mask.h): S2-Attention's per-head shards, Radial attention's static
 // video mask, and content-based block selection (SeerAttention / MoBA / VMoBA / BiFormer style).
 //
-// The first two are pure index formulas (ALGORITHMS.md §4.3, §4.6), built once per model shape.
-// SelectBlocks runs on every call in front of the block-sparse kernel, so its cost must stay a
-// small fraction of the attention it prunes (target: <= 10% at density 0.05):
+// The first two are pure index formulas (docs/algorithms.md §4.3, §4.6), built once per model
+// shape. SelectBlocks runs on every call in front of the block-sparse kernel, so its cost must stay
+// a small fraction of the attention it prunes (target: <= 10% at density 0.05):
 //   1. pool K per key block (mean over block_k tokens, f32), one task per (batch, key block)
 //      covering every KV head (a token's heads are adjacent: the pass streams through memory),
 //      stored transposed [D][num_k_blocks] so that step 2's inner loop runs over contiguous key

@@ -35,7 +35,7 @@ struct AxisRange {
   int64_t lo, hi, residue;
 };
 
-// The query's window on one axis of length L (ALGORITHMS.md 4.2), in key coordinates.
+// The query's window on one axis of length L (docs/algorithms.md §4.2), in key coordinates.
 inline AxisRange NeighborhoodAxis(int64_t x, int64_t L, int64_t K, int64_t d, int64_t S,
                                   bool causal) {
   const int64_t g = x % d, xg = x / d;

@@ -1,4 +1,4 @@
-// Every bad input AttentionForward must reject (RELIABILITY.md §4.1): the status code, a message
+// Every bad input AttentionForward must reject (docs/testing.md §4.1): the status code, a message
 // naming the argument, and outputs left bitwise untouched, on every forced path.
 #include <gtest/gtest.h>
 

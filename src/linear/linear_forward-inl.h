@@ -7,9 +7,9 @@
 // part. One task = (sequence, query head); its state S (F x Dv) and normalizer z (F) live in the
 // worker's scratch, so memory is O(threads x F x Dv) beyond the inputs and outputs.
 //
-// Chunked form (Lightning Attention-2's tiling, ALGORITHMS.md 6.0/6.1/6.4): per chunk of C tokens,
-// with B_i the cumulative log decay inside the chunk (B_i = (i + 1) ln lambda, or per channel the
-// running sum of the GLA gates),
+// Chunked form (Lightning Attention-2's tiling, docs/algorithms.md §6.0/6.1/6.4): per chunk of C
+// tokens, with B_i the cumulative log decay inside the chunk (B_i = (i + 1) ln lambda, or per
+// channel the running sum of the GLA gates),
 //   inter  O  = (phi(Q) o e^B) S                     GEMM C x F x Dv
 //   intra  A  = mask(phi(Q) phi(K)^T o e^(B_i - B_j)) GEMM C x F x C (GLA: element-wise, no GEMM)
 //          O += A V                                  GEMM C x C x Dv

@@ -4,7 +4,7 @@
 // code (strides, defaults, window resolution) with the kernels it checks.
 //
 // Masks (tessera/mask.h) are evaluated one (query, key) pair at a time, straight from the
-// formulas of the header and ALGORITHMS.md §4: no tile classification, no precomputed ranges,
+// formulas of the header and docs/algorithms.md §4: no tile classification, no precomputed ranges,
 // nothing shared with the kernels' mask policies. MaskBias is the single definition: the
 // forward, the backward and MaterializeMask all call it.
 #include "ref/attention_ref.h"
@@ -137,8 +137,8 @@ bool BaseVisible(const AttentionParams& p, const Options& o, int64_t heads_q, in
   return window || sink || prefix;
 }
 
-// One axis of neighborhood attention (ALGORITHMS.md §4.2): query coordinate x, key coordinate y
-// on an axis of length L with window K, dilation d, stride s.
+// One axis of neighborhood attention (docs/algorithms.md §4.2): query coordinate x, key coordinate
+// y on an axis of length L with window K, dilation d, stride s.
 bool NeighborhoodAxis(int64_t L, int64_t K, int64_t d, int64_t s, bool causal, int64_t x,
                       int64_t y) {
   if (x % d != y % d) return false;  // different dilation groups never interact
@@ -302,7 +302,7 @@ RowMax RowScores(const AttentionParams& p, const Options& o, int64_t heads_q, co
   return r;
 }
 
-// FlashSigmoid's weight of a visible logit s (ALGORITHMS.md §2.7).
+// FlashSigmoid's weight of a visible logit s (docs/algorithms.md §2.7).
 double Sigmoid(const Options& o, double s) { return 1.0 / (1.0 + std::exp(-(s + o.sigmoid_bias))); }
 
 }  // namespace
