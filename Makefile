@@ -6,9 +6,12 @@ TSAN_BUILD ?= build-tsan
 FUZZ_BUILD ?= build-fuzz
 JOBS ?= $(shell nproc)
 CTEST_JOBS ?= 2
+# The project's own code builds with -Werror here (CMake's TESSERA_WERROR; off by default for
+# projects that build tessera with other compilers).
+WERROR ?= ON
 
 .PHONY: all deps build test test-release test-asan test-simd test-tsan test-fuzz fuzz fuzz-build demo \
-        bench clean
+        bench clean format format-check
 
 all: build
 
@@ -16,12 +19,19 @@ deps:
 	@bash scripts/install_deps.sh
 
 build: deps
-	cmake -S . -B $(BUILD) -DCMAKE_BUILD_TYPE=Release
+	cmake -S . -B $(BUILD) -DCMAKE_BUILD_TYPE=Release -DTESSERA_WERROR=$(WERROR)
 	cmake --build $(BUILD) -j$(JOBS)
 
-# Every test in release mode, then the unit tests once more under ASan + UBSan on small shapes,
-# the threaded ones under ThreadSanitizer, and each fuzzer for a short time.
-test: test-release test-asan test-tsan test-fuzz
+# The format check, every test in release mode, then the unit tests once more under ASan + UBSan
+# on small shapes, the threaded ones under ThreadSanitizer, and each fuzzer for a short time.
+test: format-check test-release test-asan test-tsan test-fuzz
+
+# Every C++ file of the repository is as clang-format (.clang-format) writes it.
+format-check: deps
+	git ls-files '*.h' '*.cc' | xargs clang-format --dry-run -Werror
+
+format:
+	git ls-files '*.h' '*.cc' | xargs clang-format -i
 
 test-release: build
 	cd $(BUILD) && ctest --output-on-failure -j$(CTEST_JOBS) --timeout 900
@@ -33,7 +43,7 @@ test-simd: build
 
 test-asan: deps
 	cmake -S . -B $(ASAN_BUILD) -DCMAKE_BUILD_TYPE=RelWithDebInfo -DTESSERA_SANITIZE=ON \
-	  -DTESSERA_BUILD_TOOLS=OFF
+	  -DTESSERA_BUILD_TOOLS=OFF -DTESSERA_WERROR=$(WERROR)
 	cmake --build $(ASAN_BUILD) -j$(JOBS)
 	cd $(ASAN_BUILD) && TESSERA_SMALL_TESTS=1 ctest --output-on-failure -j$(CTEST_JOBS) --timeout 1800
 
@@ -51,7 +61,7 @@ TSAN_SUITES := Concurrency *Determinism Tails/ Gqa/ Varlen/ DecodePlan LinearAtt
 TSAN_FILTER ?= $(subst $(eval) ,:,$(addsuffix *,$(TSAN_SUITES)))
 test-tsan: deps
 	cmake -S . -B $(TSAN_BUILD) -DCMAKE_BUILD_TYPE=RelWithDebInfo -DTESSERA_TSAN=ON \
-	  -DTESSERA_THREADING=POOL -DTESSERA_BUILD_TOOLS=OFF
+	  -DTESSERA_THREADING=POOL -DTESSERA_BUILD_TOOLS=OFF -DTESSERA_WERROR=$(WERROR)
 	cmake --build $(TSAN_BUILD) -j$(JOBS) --target tessera_tests
 	TESSERA_SMALL_TESTS=1 TSAN_OPTIONS="halt_on_error=1 second_deadlock_stack=1" \
 	  $(TSAN_BUILD)/tests/tessera_tests --gtest_filter='$(TSAN_FILTER)' --gtest_brief=1

@@ -2,6 +2,8 @@
 // Highway kernel so the baseline is not handicapped by a scalar expf: the baseline's time is
 // dominated by the two sgemms, as it would be in any reasonable textbook implementation.
 
+// Highway's foreach_target order: foreach_target.h, then highway.h, then the contrib headers.
+// clang-format off
 #undef HWY_TARGET_INCLUDE
 #define HWY_TARGET_INCLUDE "naive_attention.cc"
 #include <hwy/foreach_target.h>  // IWYU pragma: keep
@@ -9,6 +11,7 @@
 #include <hwy/highway.h>
 
 #include <hwy/contrib/math/math-inl.h>
+// clang-format on
 
 #include <algorithm>
 #include <cmath>

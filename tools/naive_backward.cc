@@ -2,6 +2,8 @@
 // pass (P from the LSE, the row dot products rowsum(dO * O), dS) is a small Highway kernel run
 // in parallel over rows, so the baseline's time is dominated by its five sgemms.
 
+// Highway's foreach_target order: foreach_target.h, then highway.h, then the contrib headers.
+// clang-format off
 #undef HWY_TARGET_INCLUDE
 #define HWY_TARGET_INCLUDE "naive_backward.cc"
 #include <hwy/foreach_target.h>  // IWYU pragma: keep
@@ -9,6 +11,7 @@
 #include <hwy/highway.h>
 
 #include <hwy/contrib/math/math-inl.h>
+// clang-format on
 
 #include <algorithm>
 #include <cmath>

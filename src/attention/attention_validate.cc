@@ -8,10 +8,10 @@
 #include <utility>
 #include <vector>
 
-#include "attention/attention_problem.h"
+#include "core/attention_problem.h"
 #include "core/check.h"
-#include "core/dispatch.h"
 #include "core/checked_math.h"
+#include "core/dispatch.h"
 
 namespace tessera {
 namespace {
@@ -366,8 +366,8 @@ Status ValidateAttention(const AttentionParams& p, AttentionProblem* prob) {
                                             std::to_string(std::max(Sq, Sk))));
   }
   if (D < 1 || D > kMaxHeadDim) {
-    return Status::InvalidArgument(Expected(
-        "q", "head dim D in [1, " + std::to_string(kMaxHeadDim) + "]", std::to_string(D)));
+    return Status::InvalidArgument(
+        Expected("q", "head dim D in [1, " + std::to_string(kMaxHeadDim) + "]", std::to_string(D)));
   }
   if (k.shape[3] != D) {
     return Status::InvalidArgument(

@@ -12,9 +12,9 @@
 #include <new>
 #include <vector>
 
-#include "attention/attention_problem.h"
-#include "core/dispatch.h"
+#include "core/attention_problem.h"
 #include "core/check.h"
+#include "core/dispatch.h"
 #include "core/element.h"
 #include "core/guard.h"
 #include "ref/attention_ref.h"

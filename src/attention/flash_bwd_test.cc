@@ -21,8 +21,8 @@
 #include <utility>
 #include <vector>
 
-#include "attention/attention_problem.h"
 #include "attention_cases.h"
+#include "core/attention_problem.h"
 #include "path_harness.h"
 #include "ref/attention_ref.h"
 #include "tessera/attention.h"

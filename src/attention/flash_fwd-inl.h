@@ -54,10 +54,10 @@
 #include <limits>
 #include <vector>
 
-#include "attention/attention_problem.h"
 #include "attention/flash_tiles.h"
 #include "attention/mask_policy.h"
 #include "attention/mask_tiles-inl.h"
+#include "core/attention_problem.h"
 #include "core/dispatch.h"
 #include "core/parallel.h"
 #include "simd/convert-inl.h"

@@ -8,8 +8,6 @@
 //
 // TESSERA_SMALL_TESTS=1 (sanitizer builds) shrinks the heavy shapes but keeps tile tails;
 // TESSERA_LONG_TESTS=1 adds large sweeps. TESSERA_SEED=<n> changes every random input.
-#include "attention/flash_tiles.h"
-
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -22,6 +20,7 @@
 #include <utility>
 #include <vector>
 
+#include "attention/flash_tiles.h"
 #include "attention_cases.h"
 #include "path_harness.h"
 #include "ref/attention_ref.h"

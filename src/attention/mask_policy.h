@@ -14,7 +14,7 @@
 #include <utility>
 #include <vector>
 
-#include "attention/attention_problem.h"
+#include "core/attention_problem.h"
 
 namespace tessera {
 namespace mask {

@@ -25,9 +25,9 @@
 #include <limits>
 #include <vector>
 
-#include "attention/attention_problem.h"
 #include "attention/flash_tiles.h"
 #include "attention/mask_policy.h"
+#include "core/attention_problem.h"
 #include "simd/score_mod-inl.h"
 #include "simd/tile_gemm-inl.h"
 

@@ -7,8 +7,8 @@
 #include <string>
 #include <vector>
 
-#include "attention/attention_problem.h"
 #include "attention_cases.h"
+#include "core/attention_problem.h"
 #include "tessera/attention.h"
 #include "test_util.h"
 

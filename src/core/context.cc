@@ -8,10 +8,14 @@ namespace tessera {
 
 const char* PathName(Path path) {
   switch (path) {
-    case Path::kAuto: return "auto";
-    case Path::kReference: return "reference";
-    case Path::kGeneric: return "generic";
-    case Path::kFast: return "fast";
+    case Path::kAuto:
+      return "auto";
+    case Path::kReference:
+      return "reference";
+    case Path::kGeneric:
+      return "generic";
+    case Path::kFast:
+      return "fast";
   }
   return "unknown";
 }

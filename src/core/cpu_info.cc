@@ -18,7 +18,6 @@
 #undef HWY_TARGET_INCLUDE
 #define HWY_TARGET_INCLUDE "core/cpu_info.cc"
 #include <hwy/foreach_target.h>  // IWYU pragma: keep
-
 #include <hwy/highway.h>
 
 #include <cstring>
@@ -232,8 +231,8 @@ Status SetSimdTarget(const std::string& name) {
     if (!(kCompiledTargets & target) || LowerTargetName(target) != name) continue;
     if (!(cpu & target)) {
       return Status::InvalidArgument("target: this CPU cannot run '" + name +
-                                     "'; expected one of " +
-                                     JoinNames(SupportedSimdTargets()) + " or auto");
+                                     "'; expected one of " + JoinNames(SupportedSimdTargets()) +
+                                     " or auto");
     }
     // The target and every one below it (higher bits are weaker targets), so a kernel family
     // that did not compile this target falls back to its best one below, never to scalar.

@@ -64,7 +64,7 @@
 #include <type_traits>
 #include <vector>
 
-#include "attention/attention_problem.h"
+#include "core/attention_problem.h"
 #include "core/element.h"
 #include "core/parallel.h"
 #include "decode/decode.h"

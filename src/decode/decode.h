@@ -7,7 +7,7 @@
 #include <cstdint>
 #include <vector>
 
-#include "attention/attention_problem.h"
+#include "core/attention_problem.h"
 #include "tessera/decode.h"
 #include "tessera/kv_cache.h"
 

@@ -15,7 +15,7 @@
 #include <cstdint>
 #include <limits>
 
-#include "attention/attention_problem.h"
+#include "core/attention_problem.h"
 #include "decode/decode_tile-inl.h"
 #include "simd/fast_exp-inl.h"
 #include "simd/score_mod-inl.h"

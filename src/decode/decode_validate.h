@@ -5,7 +5,7 @@
 #include <cstdint>
 #include <vector>
 
-#include "attention/attention_problem.h"
+#include "core/attention_problem.h"
 #include "decode/decode.h"
 #include "tessera/decode.h"
 #include "tessera/status.h"

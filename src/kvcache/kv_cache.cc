@@ -41,7 +41,6 @@
 namespace tessera {
 namespace {
 
-
 std::string Str(int64_t x) { return std::to_string(x); }
 
 std::string FloatStr(float x) {

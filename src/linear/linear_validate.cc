@@ -7,8 +7,8 @@
 #include <vector>
 
 #include "core/check.h"
-#include "core/dispatch.h"
 #include "core/checked_math.h"
+#include "core/dispatch.h"
 #include "linear/linear_problem.h"
 
 namespace tessera {

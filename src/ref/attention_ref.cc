@@ -26,9 +26,7 @@ constexpr double kInf = std::numeric_limits<double>::infinity();
 constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
 
 // Element `offset` (in elements) of a view, upcast exactly to double.
-double Load(const TensorView& t, int64_t offset) {
-  return LoadElementF64(t.dtype, t.data, offset);
-}
+double Load(const TensorView& t, int64_t offset) { return LoadElementF64(t.dtype, t.data, offset); }
 
 // A [B, S, H, D] (rank 4) or [T, H, D] (rank 3, varlen) view seen as tokens of heads of vectors.
 struct TokenView {

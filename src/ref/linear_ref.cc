@@ -21,9 +21,7 @@ namespace {
 constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
 
 // Element `offset` (in elements) of an f32 / bf16 / f16 view, upcast exactly to double.
-double Load(const TensorView& t, int64_t offset) {
-  return LoadElementF64(t.dtype, t.data, offset);
-}
+double Load(const TensorView& t, int64_t offset) { return LoadElementF64(t.dtype, t.data, offset); }
 
 // Element [i0, i1, i2, i3] of a view of rank <= 4 (indices past the rank are 0).
 double At(const TensorView& t, int64_t i0, int64_t i1, int64_t i2 = 0, int64_t i3 = 0) {

@@ -17,7 +17,7 @@
 #include <cstdint>
 #include <limits>
 
-#include "attention/attention_problem.h"
+#include "core/attention_problem.h"
 #include "simd/fast_exp-inl.h"
 #include "simd/score_mod-inl.h"
 #include "simd/tile_gemm-inl.h"
