@@ -28,7 +28,7 @@ namespace test {
 // Paths.
 
 // The head dims documented to have a fast instantiation (context.h), independent of the kernel's
-// own flash::HasFastHeadDim so a change there shows up here.
+// own HasFastHeadDim (core/dispatch.h) so a change there shows up here.
 bool HasFastPath(int64_t dim);
 
 // Every path a head dim can be forced through (kFast only where it has an instantiation).

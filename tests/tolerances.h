@@ -84,7 +84,7 @@ inline constexpr double kF32RelErrMinMagnitude = 1e-3;
 inline constexpr double kQuantKvMaxNmse = 5e-4;
 
 // Quantized V: on VNNI targets decode rounds each 32-key tile's P.V weights p_j * step_j to 15-bit
-// integers per query row (src/decode/decode-inl.h, PvCodesVnni), which adds at most
+// integers per query row (src/decode/decode_pv-inl.h, PvCodesVnni), which adds at most
 // 32 x (largest code) / (2 x 32767) of the largest V quantization step n_c * step_j to an output
 // element: 0.125 steps for int8 (codes <= 255), 0.0073 for int4 (<= 15). Against the fp64
 // reference fed the kernel's quantized query, quantized-cache outputs must stay within the fp32

@@ -20,7 +20,7 @@
 // Non-finite inputs: a NaN or inf in a visible q, k or v element reaches every output it
 // touches (never hidden). Keys no query of a task block can see are never read; a NaN in V at a
 // key masked for one row but visible to another row of the same block of query rows
-// (flash_fwd.h) may also reach the first row, as 0 * NaN.
+// (the forward's tiles, attention/flash_tiles.h) may also reach the first row, as 0 * NaN.
 //
 // Determinism: bitwise-identical results across runs and thread counts (each output row is
 // reduced over key tiles of a fixed size, in ascending order, by one worker).
