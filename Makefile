@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 # tessera: the two entry points are `make demo` and `make test`; both install what is missing.
 SHELL := /bin/bash
 BUILD ?= build
@@ -26,9 +27,13 @@ build: deps
 # on small shapes, the threaded ones under ThreadSanitizer, and each fuzzer for a short time.
 test: format-check test-release test-asan test-tsan test-fuzz
 
-# Every C++ file of the repository is as clang-format (.clang-format) writes it.
+# Every C++ file of the repository is as clang-format (.clang-format) writes it, and every
+# source file carries its SPDX license line.
 format-check: deps
 	git ls-files '*.h' '*.cc' | xargs clang-format --dry-run -Werror
+	@missing=$$(git ls-files '*.h' '*.cc' '*.h.in' '*.py' '*.sh' '*.cmake' '*CMakeLists.txt' \
+	  Makefile .ci/run | xargs grep -L 'SPDX-License-Identifier: Apache-2.0'); \
+	  if [ -n "$$missing" ]; then echo "no SPDX line in: $$missing"; exit 1; fi
 
 format:
 	git ls-files '*.h' '*.cc' | xargs clang-format -i

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // Standalone reproduction of the "build lottery" of memory-bound decode (docs/decode.md, Kernel):
 // two 64 MB streams of 256-byte rows (K and V), ~50 cycles of FMAs per row, and each row's lines
 // prefetched into L2 32 rows ahead. The prefetch of the lines is written three ways; each runs

@@ -1,4 +1,5 @@
 #!/usr/bin/env python3
+# SPDX-License-Identifier: Apache-2.0
 """PyTorch's CPU scaled_dot_product_attention on the decode case of docs/decode.md.
 
 Not part of the build or the tests (PyTorch is not a dependency): run it where torch is

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // Causal attention over one batch of 16 tokens, 4 heads of dimension 64, with tessera's public
 // API only: fill Q, K, V, describe them as [batch, seq, heads, head_dim] views, call
 // AttentionForward, check the Status.

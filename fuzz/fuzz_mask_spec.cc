@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // Fuzzes the --mask spec parser (tools/mask_spec.cc) and, for a spec that parses, the library's
 // validation of the mask it builds, through AttentionForward on small real buffers.
 //

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // Fuzzes the .npy reader (tools/npy.cc) on arbitrary bytes: ParseNpy in memory with each set of
 // dtypes the CLI accepts; a parsed array must hold exactly its shape's bytes (read in full, so
 // ASan sees a short buffer), give a view of its shape, and survive SaveNpy + LoadNpy unchanged.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // Shared by the harnesses: owned buffers sized exactly to what a view describes (so ASan flags
 // any access past them), filled with a sentinel byte pattern for outputs, and the checks.
 #pragma once

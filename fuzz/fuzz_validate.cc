@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // Fuzzes the argument validation of every public entry point. The bytes pick an entry point and
 // describe a problem: small sizes with real buffers sized exactly to what each view describes,
 // mutated toward mismatched shapes, dtypes, ranks and strides, nasty scalars (negative, near

@@ -1,4 +1,5 @@
 #!/usr/bin/env python3
+# SPDX-License-Identifier: Apache-2.0
 """Writes the seed corpus of the harnesses, fuzz/corpus/<harness>/ (committed; rerun after
 changing a harness's input format): .npy files of every dtype the CLI reads, the mask specs of
 the docs and the CLI tests with a problem they fit, and a few encoded calls of each entry point

@@ -1,4 +1,5 @@
 #!/usr/bin/env python3
+# SPDX-License-Identifier: Apache-2.0
 """Alternating A/B of tessera builds with `tessera bench`: medians and ranges per build.
 
 usage: bench_ab.py [--rounds R] BIN1 BIN2 [...] -- BENCH_ARGS...

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: Apache-2.0
 # tessera vs naive (materialized, OpenBLAS) attention: B=1, H=8, D=128, fp32, N = 1K..16K, plus
 # a causal row at 4K. Run by `make demo` in the build folder; takes about 2-5 minutes.
 #

@@ -1,4 +1,5 @@
 #!/usr/bin/env python3
+# SPDX-License-Identifier: Apache-2.0
 """Turns the demo's measurements into a table (stdout), demo.md and attention_scaling.svg.
 
 usage: demo_report.py results.jsonl info.json OUT_DIR

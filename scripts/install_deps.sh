@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: Apache-2.0
 # Installs the Debian packages tessera needs to build, test and run its demo; a no-op when they
 # are all present. Runs as root (CI and the dev machines) or through sudo.
 set -euo pipefail

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // Test cases of the attention entry points, shared by the forward and backward tests: the case
 // description (Spec) and its name, the storage layouts of strided views, a case's random inputs
 // and the tessera parameters that describe it, the sweeps both entry points run, mask

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // Regressions of the bad-input audit: sizes whose products or sums overflow int64, windows far
 // past the sequence, empty work that must cost nothing, outputs that alias inputs or each other,
 // non-finite merge LSEs and exceptions that must come back as a Status. Every case here failed

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // The comparator: how a kernel's output, LSE or gradient is judged against the fp64 reference
 // (the rules and their thresholds are in tolerances.h), and the non-finite policy every check
 // shares.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // Concurrent calls into the library from several std::threads, each result compared bitwise with
 // the same call made alone: separate Contexts, one shared Context, one DecodePlan shared by
 // RunDecode calls, and decode reading a KV cache while other threads append to other sequences'

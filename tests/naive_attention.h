@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // The naive same-precision attention: the materialized forward and its autograd evaluated in the
 // input precision, the baseline of the ratio rule (comparator.h), and the magnitudes that scale
 // the fp32 relative-error rule of gradients.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // The harness the forward and backward tests share: a case's references computed once, then the
 // entry point forced onto every path a head dim has (Context.path) and each run judged against
 // them. What differs between the two entry points is an Entry type:

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 # Checks that the first ```cpp block of README.md is exactly examples/basic_forward.cc, so the
 # example a user copies is the one CI compiles and runs. Needs SOURCE_DIR.
 file(READ "${SOURCE_DIR}/README.md" readme)

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 # Read by ctest (TEST_INCLUDE_FILES, see CMakeLists.txt): registers simd_target_<name> for every
 # SIMD target tessera_tests compiled except the one this CPU runs by default (the plain entries
 # run that one). Inputs: TESSERA_TEST_EXE, and TESSERA_SIMD_FILTER_<name> (else _OTHER), the gtest

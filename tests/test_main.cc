@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // The unit tests' main: GoogleTest's, plus a choice of SIMD target, so that the kernels compiled
 // for targets below the CPU's best (what users of other CPUs run, with their own tile constants)
 // are executed too.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // Test environment and tensors: the environment flags and seeds of every test (TESSERA_SMALL_TESTS,
 // TESSERA_LONG_TESTS, TESSERA_SEED), dtype rounding, a seeded random source, and strided tensors
 // with owned, guarded, NaN-prefilled storage in every dtype and layout.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // Every numerical threshold the tests use, in one place. A test never writes a tolerance literal
 // of its own: it picks a rule here, so that loosening a rule is one reviewed edit, not a
 // scattered search.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // The command-line tool's input parsers (tools/mask_spec.cc, tools/npy.cc): regression tests for
 // what the fuzzers (fuzz/) found, and the in-memory .npy entry point they drive.
 #include <gtest/gtest.h>

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // End-to-end training check: a tiny two-layer attention model trained with plain SGD, once with
 // tessera's kernels (Path::kAuto for the forward and the backward) and once with the fp64
 // reference path (Path::kReference for both), from the same initialization and data. The loss

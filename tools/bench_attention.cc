@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // `tessera bench --op forward` and `--op backward`: exact attention (AttentionForward,
 // AttentionBackward) on random inputs next to the measured FMA peak and, on request, a naive
 // baseline measured in the same process.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // `tessera bench --op decode`: RunDecode over a KV cache, next to the measured read bandwidth.
 //
 // Decode (--op decode) is memory-bound, so it reports GB/s instead: the bytes of the KV cache it

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // The timing harness every `tessera bench` op shares: the options as parsed, warm-ups and
 // repeated runs reduced to a median, deterministic random inputs, and the small numeric and
 // formatting helpers of the reports. Each op lives in a bench_*.cc of its own (attention,

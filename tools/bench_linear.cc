@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // `tessera bench --op linear`: linear attention (LinearAttentionForward, or the recurrent form)
 // on random inputs next to the measured FMA peak, and with --vs exact tessera's exact attention.
 //

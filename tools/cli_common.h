@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // Shared pieces of the `tessera` command-line tool: exit codes, error reporting, option parsing
 // helpers and process measurements. Each subcommand lives in its own cmd_*.cc and registers
 // itself through a Add*Command function, so new subcommands and ops slot in without touching

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // `tessera bench`: times a tessera op on random inputs next to the machine's measured FMA peak
 // (or, for decode, its read bandwidth) and, on request, a baseline measured in the same process.
 // This file holds the options and the table of ops (kOps); the timing harness is

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // `tessera info`: version, the SIMD target dynamic dispatch picks (and the targets this build
 // compiled and this CPU supports, the choices of --target), threads, and the measured
 // fp32 FMA peak and memory read bandwidth on one thread and on all hardware threads (and on the

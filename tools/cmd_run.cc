@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // `tessera run`: exact attention forward on .npy inputs and, with --dout, its backward; with
 // --op linear, linear attention instead (cmd_run_linear.cc).
 //

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // `tessera run --op linear`: linear attention on .npy inputs.
 //
 // The variants map onto LinearAttentionParams as follows: plain sets neither decay nor gates;

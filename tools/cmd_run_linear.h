@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // `tessera run --op linear`: linear attention (tessera/linear.h) on .npy inputs: the chunked or
 // the recurrent form, recurrent state handed in and out through files, and the backward.
 #pragma once

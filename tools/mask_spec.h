@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // The --mask option of `tessera run` and `tessera bench`: a one-line description of a
 // programmable mask (tessera/mask.h), parsed into a MaskParams plus the buffers it points to.
 //

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // Naive materialized attention on OpenBLAS (see naive_attention.h). The row softmax is a small
 // Highway kernel so the baseline is not handicapped by a scalar expf: the baseline's time is
 // dominated by the two sgemms, as it would be in any reasonable textbook implementation.

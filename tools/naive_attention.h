@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // The textbook attention baselines `tessera bench --vs naive` measures against.
 //
 // Forward: materialize the scores S = scale * Q K^T with OpenBLAS sgemm, softmax each row

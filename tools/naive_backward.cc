@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // Naive materialized attention backward on OpenBLAS (see naive_attention.h). The element-wise
 // pass (P from the LSE, the row dot products rowsum(dO * O), dS) is a small Highway kernel run
 // in parallel over rows, so the baseline's time is dominated by its five sgemms.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // Naive decode over a KV cache (see naive_decode.h). The dequantization is deliberately scalar
 // and follows kv_cache.h line by line; the dot products, exp and accumulation are small Highway
 // loops so the baseline is not handicapped by scalar FMA latency.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // The decode baseline `tessera bench --op decode --vs naive` measures against: plain f32
 // attention of a few query rows per sequence over a KV cache, read straight from the cache's
 // storage (paged or contiguous, any KVDType).

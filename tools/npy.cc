@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // .npy reader/writer. Format: 6-byte magic "\x93NUMPY", major and minor version bytes, a
 // little-endian header length (uint16 for 1.0, uint32 for 2.0/3.0), then a Python dict literal
 // {'descr': ..., 'fortran_order': ..., 'shape': (...), } padded with spaces and '\n', then the

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // Reading and writing NumPy .npy files (format versions 1.0, 2.0 and 3.0), restricted to what
 // the CLI needs: C order, little-endian float32 ('<f4') and float16 ('<f2') tensors, and for
 // masks and index arrays uint8 ('|u1'), bool ('|b1') and int32 ('<i4').

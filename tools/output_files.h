@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // Publishing a command's output files: all of them or none, and never over something the user
 // did not mean to replace. Every command that writes files goes through here.
 //

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // The `tessera` command-line tool: run attention (forward, and backward with --dout) on .npy
 // files, exact or linear, benchmark it against a baseline, and report what the machine offers.
 //

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // Counting the (query, key) pairs an attention call leaves visible: the density `tessera bench`
 // reports and the FLOPs its GFLOP/s counts under a mask.
 //

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // tessera: exact attention forward.
 //
 //   O = softmax(scale * Q K^T + modifiers, masked) V,  computed tile by tile in O(tile) memory.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // tessera: per-call execution context (threads, forced paths).
 #pragma once
 

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // tessera: decode, i.e. a few new queries per sequence over a long KV cache.
 //
 // Each sequence b has kv.seq_lens[b] tokens in the cache (the new tokens included) and Q query

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // tessera: a KV cache whose memory the caller owns, paged or contiguous, optionally quantized.
 //
 // Storage is a pool of pages. A page holds `page_size` tokens of every KV head, head-major (the

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // tessera: linear-time attention, one chunked engine (Lightning Attention-2's tiling) for plain,
 // decayed (RetNet, TransNormerLLM / Lightning Attention) and gated (GLA) linear attention and
 // BASED, with a recurrent form for decode.

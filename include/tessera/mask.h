@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // tessera: programmable masks and sparse attention.
 //
 // Every mask here is a field of AttentionParams::mask and runs through the one tiled forward

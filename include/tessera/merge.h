@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // tessera: merging attention states.
 //
 // An attention state is the pair (O, LSE) of attention restricted to a set of keys. States over

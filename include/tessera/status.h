@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // tessera: error reporting. Every public function returns a Status; no exceptions cross the
 // API. Messages name the argument, what was expected and what was given.
 #pragma once

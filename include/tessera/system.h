@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // tessera: what the machine offers, as seen and measured by tessera itself.
 #pragma once
 

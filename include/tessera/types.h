@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // tessera: element types and strided tensor views.
 #pragma once
 

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // Every bad input AttentionForward must reject (docs/testing.md §4.1): the status code, a message
 // naming the argument, and outputs left bitwise untouched, on every forced path.
 #include <gtest/gtest.h>

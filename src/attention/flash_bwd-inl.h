@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // Exact attention backward: FlashAttention-2's backward on a CPU, SIMD body (one copy per Highway
 // target).
 //

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // Exact attention backward: validation, path choice and per-target dispatch. The kernel itself
 // and its design notes are in flash_bwd-inl.h.
 #undef HWY_TARGET_INCLUDE

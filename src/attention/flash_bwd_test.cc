@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // The exact backward (AttentionBackward), every path forced in turn (Context.path) against the
 // fp64 reference gradients with the gradient rules of tests/tolerances.h; the reference itself
 // against fp64 central finite differences of the fp64 forward; the bug-class regressions that

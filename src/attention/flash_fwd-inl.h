@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // Exact attention forward: FlashAttention-2 on a CPU, SIMD body (one copy per Highway target).
 //
 // What it computes: O = softmax(scale*QK^T + softcap/ALiBi, masked) V per query row, plus the

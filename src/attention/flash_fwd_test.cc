@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // The exact forward, every path forced in turn (Context.path) against the fp64 reference with the
 // tolerance rules of tests/tolerances.h, plus the identities (varlen = loop, GQA = repeated K/V,
 // window >= S = causal, batch = loop of singles, split + merge = one pass), the regressions of

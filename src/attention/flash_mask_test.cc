@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // The forward kernel under every mask of tessera/mask.h: against the fp64 reference, against the
 // same kernel with the mask materialized as a dense additive mask (the fallback as oracle), and
 // the identities (all-ones block mask = no mask, window >= S = causal, K = L neighborhood =

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // Internal, SIMD-free: tile sizes of the exact forward and backward kernels, shared with their
 // mask tiling (mask_tiles-inl.h), tests and benchmarks.
 // (Kernel selection and head-dim dispatch, shared by every kernel family, are in core/dispatch.h.)

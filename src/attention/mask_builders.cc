@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // Block-mask builders (tessera/mask.h): S2-Attention's per-head shards, Radial attention's static
 // video mask, and content-based block selection (SeerAttention / MoBA / VMoBA / BiFormer style).
 //

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // Tests of the block-mask builders (tessera/mask.h): BuildS2BlockMask and BuildRadialBlockMask
 // against direct restatements of their formulas, SelectBlocks against an fp64 gate and a direct
 // selection, and every rejected argument leaving the output untouched.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // Internal, SIMD-free: the scalar half of the mask policy of the exact forward.
 //
 // A task of the forward owns a set of query rows; the mask answers for it

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // The SIMD half of the mask policy (mask_policy.h holds the scalar half): what the exact kernels
 // need, per task and per tile, to skip the keys no row sees and to mask partial tiles. Kept out of
 // the kernel files so that each holds only its own loop, and beside mask_policy.h so the masks'

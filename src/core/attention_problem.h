@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // Internal: an AttentionParams after validation, normalized to rank-4 strided views and
 // resolved options, shared by every forward path.
 #pragma once

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // Internal: argument checks shared by every public op. Messages follow one pattern:
 // "<argument>: expected <what>, got <value>".
 #pragma once

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // Internal: the one place where products and sums of user-given sizes are formed. Every size a
 // caller controls (shapes, strides, windows, grid axes, block counts, split sizes) goes through
 // these before it is used, so an overflow becomes an InvalidArgument naming the argument instead

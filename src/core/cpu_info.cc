@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // What the machine offers: the SIMD target dynamic dispatch picks, the usable hardware threads,
 // and a measured fp32 FMA peak (the roofline ceiling benchmarks report their fraction of).
 //

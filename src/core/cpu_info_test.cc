@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // TimeReadSeconds: reads exactly the given ranges (the sanitizer builds catch a read past one),
 // for any alignment, range sizes that are not whole cache lines, empty inputs and more threads
 // than granules.

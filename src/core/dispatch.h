@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // Internal, SIMD-free: which instantiation of a tiled kernel a call runs. The exact forward, the
 // backward and decode all check ctx.path with ChooseKernel and turn the head dim into a
 // compile-time constant with DispatchHeadDim (decode its own way, with the same head dims), and

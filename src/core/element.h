@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // Internal: one tensor element read as f32 / written from f32 (rounded to nearest even for the
 // 16-bit types), whatever the dtype (u8 / bool / i32 mask elements convert as integers). The scalar
 // path of every kernel and reference output.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // Internal: no exception crosses the public API. Every public function that returns a Status is
 // written as a function-try-block ending in TESSERA_CATCH_ALL("<name>"):
 //

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // Large buffers that the hardware streams through: page-aligned, and backed by transparent huge
 // pages where the OS allows it.
 #pragma once

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // Internal threading: every kernel parallelizes through ParallelFor, never through omp_* calls.
 #pragma once
 

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // Decode: a few query rows per sequence over a long KV cache, SIMD body (one copy per target).
 //
 // What it computes: for every (sequence, query head, query row) the exact attention over the

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // Decode: validation, planning (split + stream-K balance) and per-target dispatch. The kernel and
 // its design notes are in decode-inl.h.
 //

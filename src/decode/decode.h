@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // Internal, SIMD-free: the decode kernel's view of the keys/values (KVSource), the schedule a
 // DecodePlan holds, and the kernel entry. Used by decode.cc and by the exact forward, which
 // routes calls with at most kMaxDecodeQueries queries per sequence here.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // Decode's scores, the Q.K dot products (one copy per target): 4 query rows x 4 keys with channels
 // in lanes, reduced across lanes by a transposing shuffle tree (DotBlock4x4), and on VNNI targets
 // the exact integer dot products of int8 query codes with u8 key codes (CodeDotBlock4x4). Separate

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // Decode's P.V (one copy per target): acc += P V for up to 4 rows of a head with channels in lanes
 // (f32 / f16 / bf16 rows, and quantized code rows whose steps the softmax step folded into P), and
 // on VNNI targets the quantized V in 16-bit integers (PackWeights, PvCodesVnni, FlushCodeSums).

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // Decode's online-softmax step for at most 4 rows per head (one copy per target): SoftmaxNarrow on
 // a [key][4] score tile packed 4 keys x 4 rows per vector, so no lane is padding. More rows use the
 // forward's SoftmaxTile (simd/online_softmax-inl.h). See decode-inl.h for the design.

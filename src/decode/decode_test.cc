@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // Decode (tessera/decode.h) over KV caches (tessera/kv_cache.h), against the fp64 reference on the
 // dequantized cache (ref/decode_ref.h) with the tolerance rules of tests/tolerances.h:
 //   f32 / bf16 / f16 KV (read exactly): the forward's rules for the q / out dtype (fp32 rule with

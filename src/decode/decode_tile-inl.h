@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // Decode's key tiles (one copy per target): the constants of the software pipeline, the two tile
 // slots and the per-worker scratch of a unit, the per-head softmax state, and the staging of rows
 // that cannot be read in place (int4, strided, or not whole vectors) into a slot. The first of the

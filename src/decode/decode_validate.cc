@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // Decode argument validation: DecodeParams against the cache, the batch and the forward's option
 // checks, every check before any work.
 #include "decode/decode_validate.h"

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // Internal: validation of a DecodeParams and its resolved options, shared by PlanDecode and
 // RunDecode.
 #pragma once

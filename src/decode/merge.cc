@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // MergeStates: combines attention states (O_r, LSE_r) over disjoint key sets (merge.h).
 //
 // Per (token, head) row: the max M of the part LSEs, then lse = M + ln sum_r exp(LSE_r - M) and

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // Internal: the log-sum-exp merge of one row's attention states, shared by MergeStates and the
 // decode kernel's split reduction.
 #pragma once

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // MergeStates: the LSE-merge algebra (docs/algorithms.md §3.1) and its identities: split-KV + merge
 // equals one pass, merging with an empty part is the identity (bitwise), all-empty gives
 // (0, -inf) with no NaN, any grouping agrees, base-2 LSEs, thread invariance, bad arguments.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // KV cache: the owning pool, AppendKV, ApplyRotary and ReadKV (kv_cache.h; storage format and
 // quantization in kv_quant.h).
 //

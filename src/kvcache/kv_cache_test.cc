@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // KV cache: storage round trips for every dtype (exact for f32, the dtype's rounding for bf16 /
 // f16, within half a quantization step for int8 / int4), paged layouts equal to the contiguous
 // one, appends that compose, capacity and page-id checks that write nothing on error, channel

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // Internal: the KV cache's storage format, shared by AppendKV / ReadKV and every kernel that reads
 // the cache (decode). Scalar and inline; a SIMD kernel must reproduce the same dequantized values
 // up to fp32 rounding (ReadKV, built on DequantizeRow, defines "the dequantized cache").

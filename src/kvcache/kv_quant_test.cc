@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // The int8 / int4 KV quantizer through the public API (AppendKV, ReadKV), against the formula of
 // tessera/kv_cache.h evaluated here by brute force: every stored code is the level nearest to
 // y = x / n (ties to the even code), the row's minimum is code 0 and its maximum the top code

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // Validation of a KV cache view and the batch that reads it (kv_validate.h), shared by AppendKV,
 // ReadKV and decode.
 #include "kvcache/kv_validate.h"

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // Internal: validation of a KV cache view and the batch that reads it, shared by AppendKV, ReadKV
 // and the decode kernels.
 #pragma once

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // Linear attention: validation and per-target dispatch. The kernels and their design notes are in
 // linear_forward-inl.h and linear_backward-inl.h.
 #undef HWY_TARGET_INCLUDE

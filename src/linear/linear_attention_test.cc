@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // Linear attention: the chunked and the recurrent forms against the fp64 parallel form for every
 // variant on awkward lengths and chunk sizes, the state hand-over (prefill then continue equals
 // one call), stability over a million tokens, and every bad input.

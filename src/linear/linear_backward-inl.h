@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // Linear attention backward, SIMD body (one copy per Highway target): the gradients of the
 // chunked form, built on the forward's buffers and GEMM (linear_forward-inl.h). With
 // qf = scale phi(q), kf = phi(k), B the cumulative log decay of the chunk (as in the forward),

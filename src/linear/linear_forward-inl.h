@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // Linear attention forward: one chunked skeleton for plain, decayed and gated linear attention and
 // BASED, plus the recurrent form; SIMD body (one copy per Highway target). The GEMM, the feature
 // maps and the per-worker buffers here are shared with the backward (linear_backward-inl.h).

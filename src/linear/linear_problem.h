@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // Internal: a LinearAttentionParams after validation, normalized to rank-4 strided views and
 // resolved options, shared by the chunked, recurrent and backward kernels.
 #pragma once

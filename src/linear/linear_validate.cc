@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // Argument validation for linear attention: every check runs before any work, and every message
 // names the argument, what was expected and what was given.
 #include <algorithm>

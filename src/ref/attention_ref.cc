@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // fp64 reference for the exact attention forward: scalar, one query row at a time, every score
 // of the row materialized, softmax with max subtraction, then P.V. It reads AttentionParams
 // directly rather than the validated AttentionProblem, so the oracle shares no normalization

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // fp64 references for the exact attention ops: scalar, materializing, obviously right.
 // They read the same (rounded) inputs as the kernels, upcast exactly to double.
 //

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // Tests of the fp64 attention reference itself, on cases small enough to compute by hand: the
 // oracle every kernel test trusts must be checked against something other than itself.
 #include "ref/attention_ref.h"

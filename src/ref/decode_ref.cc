@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // fp64 reference for decode: one (sequence, head, query row) at a time, every score of the row
 // materialized, softmax with max subtraction, then P.V. The K/V of a sequence come from ReadKV
 // (f32, exactly the values the cache holds after dequantization); the arithmetic, operation

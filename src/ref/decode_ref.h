@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // fp64 reference for decode (tessera/decode.h): scalar, materializing, obviously right. It reads
 // the cache only through tessera::ReadKV (the dequantized cache, exactly as stored), so what it
 // checks is the attention kernel, not the storage format.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // fp64 reference for linear attention: the parallel form, one query row at a time. For each row
 // every visible key's weight W_ts is materialized from the feature vectors and the decay between
 // the two positions, then out = sum_s W_ts v_s (over sum_s W_ts with normalize). Nothing is

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // fp64 references for linear attention (tessera/linear.h): the parallel (materialized) form,
 // scalar and quadratic in the sequence length, obviously right. They read the same (rounded)
 // inputs as the kernels, upcast exactly to double, and share no code with src/linear (not even

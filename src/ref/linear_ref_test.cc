@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // Tests of the fp64 linear attention reference alone (no kernel): the parallel form it computes
 // must equal a scalar recurrent form written here from the other definition (S_t = a_t S_{t-1} +
 // phi(k_t) v_t^T, o_t = scale phi(q_t)^T S_t), hand-computed values, the Taylor identity, the

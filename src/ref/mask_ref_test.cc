@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // Tests of the fp64 reference's masks (tessera/mask.h) and sigmoid score function, on patterns
 // small enough to write out by hand: the oracle every masked kernel test trusts must be checked
 // against something other than itself. Patterns are rows of '#' (visible) and '.' (hidden), one

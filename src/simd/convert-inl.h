@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // Loading and storing rows of f32 / bf16 / f16 tensors as f32, with any element stride.
 // Contiguous rows take a SIMD path; strided rows a scalar one.
 

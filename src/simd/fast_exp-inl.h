@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // Fast vectorized exp2 for the online softmax (arguments <= 0 in practice, any value allowed).
 //
 // exp2(x) = 2^n * 2^f with n = round(x), f = x - n in [-0.5, 0.5]; 2^f is a degree-6 polynomial

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // FastExp2 (simd/fast_exp-inl.h) on every SIMD target this file compiles and the CPU runs, against
 // std::exp2 in double: the largest error in ulps over its whole domain, the values it promises
 // exactly (powers of two, 0 for masked scores, the clamp at 2^127) and NaN propagation.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // The online-softmax step on a score tile laid out key-major with query rows in lanes,
 // St[key][Mp], shared by the exact forward and decode (and the forward's sigmoid step). `State`
 // provides the per-row arrays (st, m, l, alpha, tile_max, pos, slope, lo, hi; see

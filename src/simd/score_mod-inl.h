@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // The score-modifier policy of the exact kernels on Highway vectors: softcap, ALiBi, the key
 // interval (window) test and the sigmoid score function, each as its value and, where the backward
 // needs one, its derivative. The forward (ModifyScores, rows in lanes), decode (SoftmaxNarrow,

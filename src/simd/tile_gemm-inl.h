@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // Tile GEMM building blocks for the attention kernels (one copy per Highway target).
 //
 // Both products keep the output's contiguous dimension in SIMD lanes ("panel" columns, mp of

@@ -1,4 +1,5 @@
 #!/usr/bin/env python3
+# SPDX-License-Identifier: Apache-2.0
 """End-to-end tests of the `tessera` command-line tool (python3 standard library only).
 
 Usage: cli_test.py PATH/TO/tessera [MODULE ...] [-k PATTERN]

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Shared helpers of the `tessera` CLI tests: .npy files, running the binary, a test base.
 
 The .npy reader and writer here use struct alone (python3 standard library only), so the

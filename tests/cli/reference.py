@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """fp64 references the CLI tests compare against, written from the definitions in
 tessera/attention.h, tessera/mask.h and tessera/linear.h, independent of the C++ code:
 exact attention (forward and gradients), the mask rules, and linear attention.

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """`tessera bench --op forward|backward`: the JSON and table reports, baselines, errors."""
 import json
 import unittest

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """`tessera bench --op decode`: bytes, bandwidth and the baselines over each KV dtype."""
 import json
 import unittest

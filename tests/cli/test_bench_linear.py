@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """`tessera bench --op linear`: the variants, forms and --vs exact."""
 import json
 import unittest

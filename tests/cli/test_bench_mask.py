@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """`tessera bench --mask`: densities, FLOPs and --vs dense."""
 import json
 import os

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """`tessera info`: the version, SIMD targets, threads and the measured peaks."""
 import json
 import unittest

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """The command line as a whole: no subcommand, --help, option values every command refuses."""
 import os
 import subprocess

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Publishing outputs (`run`, exact and linear): all of them or none, never over an input, a
 non-regular file or another output, through unpredictable temporary files."""
 import os

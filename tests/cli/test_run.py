@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """`tessera run`: the exact forward and backward against the fp64 reference, and bad inputs."""
 import math
 import os

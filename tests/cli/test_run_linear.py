@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """`tessera run --op linear`: each variant against the fp64 recurrent reference, state
 files, the backward and bad inputs.
 """

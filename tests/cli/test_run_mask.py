@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """`tessera run --mask`: each form against the same mask materialized in Python."""
 import math
 import os

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """--target of `run` and `bench`: every SIMD target this CPU runs gives the same answers (within
 tolerance of the fp64 reference), and a target it cannot run, or the build lacks, is refused."""
 import json

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 # Installs the built tessera into a scratch prefix, then configures, builds and runs a consumer
 # project that finds it with find_package(tessera). Run with cmake -P; needs BUILD_DIR, SOURCE_DIR
 # and WORK_DIR.
