@@ -107,17 +107,49 @@ class Harness {
     return ctx;
   }
 
-  // ---- arrays of int32 (seq_lens, block tables, cu_seqlens, positions, tree parents) ----
-  // `count` entries when 0 <= count <= 4096, else nullptr; values mostly in [lo, hi].
-  const int32_t* Ints(int64_t count, int64_t lo, int64_t hi, bool sorted = false) {
-    if (count < 0 || count > 4096) return nullptr;
+  // ---- i32 views (seq_lens, block tables, cu_seqlens, positions, tree parents) ----
+  // An i32 [count] view when 0 <= count <= 4096, else an unset one; values mostly in [lo, hi].
+  // Sometimes of another dtype, rank, length or last-dim stride (every op must reject those).
+  TensorView Ints(int64_t count, int64_t lo, int64_t hi, bool sorted = false) {
+    if (count < 0 || count > 4096) return TensorView();
+    return MutateInts(MakeView1(IntBuffer(count, lo, hi, sorted), DType::kI32, count));
+  }
+  // An i32 [rows, cols] view (block tables) when the entries number 0..4096, else an unset one.
+  TensorView IntTable(int64_t rows, int64_t cols, int64_t lo, int64_t hi) {
+    int64_t count = 0;
+    if (rows < 0 || cols < 0 || __builtin_mul_overflow(rows, cols, &count) || count > 4096) {
+      return TensorView();
+    }
+    const int64_t shape[2] = {rows, cols};
+    return MutateInts(MakeContiguousView(IntBuffer(count, lo, hi, false), DType::kI32, 2, shape));
+  }
+  int32_t* IntBuffer(int64_t count, int64_t lo, int64_t hi, bool sorted) {
     auto b = std::make_unique<Buffer>(static_cast<size_t>(count) * 4);
     int32_t* p = reinterpret_cast<int32_t*>(b->data());
     for (int64_t i = 0; i < count; ++i) p[i] = Int32(lo, hi);
     if (sorted) {
       for (int64_t i = 1; i < count; ++i) p[i] = std::max(p[i], p[i - 1]);
     }
-    return reinterpret_cast<const int32_t*>(Keep(std::move(b), Role::kInput));
+    return reinterpret_cast<int32_t*>(Keep(std::move(b), Role::kInput));
+  }
+  TensorView MutateInts(TensorView t) {
+    const uint8_t sel = f_.ConsumeIntegral<uint8_t>();
+    if (sel < 240) return t;
+    switch (sel % 4) {
+      case 0:
+        t.dtype = Bool() ? DType::kF32 : DType::kU8;
+        break;
+      case 1:
+        t.shape[0] += 1;
+        break;
+      case 2:
+        t.strides[t.rank - 1] = 2;
+        break;
+      default:
+        t.rank = t.rank == 1 ? 2 : 1;
+        break;
+    }
+    return t;
   }
 
   // ---- tensors ----
@@ -389,8 +421,7 @@ void FillMask(Harness& h, const Shape& s, MaskParams* m) {
     m->shift_half_heads = f.ConsumeBool();
   }
   if (which & 64) {
-    m->tree_size = h.Int(0, s.sq);
-    m->tree_parents = h.Ints(m->tree_size, -1, s.sq);
+    m->tree_parents = h.Ints(h.Int(0, s.sq), -1, s.sq);
   }
   if (which & 128) {
     static const DType kDense[] = {DType::kBool, DType::kU8, DType::kF32};
@@ -504,12 +535,8 @@ void PickCache(Harness& h, const Shape& s, Role role, KVCacheView* c, KVBatchVie
   const bool paged = f.ConsumeBool();
   kv->seq_lens = h.Ints(kv->batch, 0, paged ? std::min<int64_t>(capacity, 64) : c->page_size);
   if (paged) {
-    kv->max_pages_per_seq = h.Int(1, 6);
-    int64_t entries = 0;
-    if (kv->batch >= 0 && kv->max_pages_per_seq >= 0 &&
-        !__builtin_mul_overflow(kv->batch, kv->max_pages_per_seq, &entries)) {
-      kv->block_table = h.Ints(entries, 0, c->num_pages > 0 ? c->num_pages - 1 : 0);
-    }
+    kv->block_table =
+        h.IntTable(kv->batch, h.Int(1, 6), 0, c->num_pages > 0 ? c->num_pages - 1 : 0);
   }
 }
 
@@ -599,7 +626,7 @@ void FuzzDecode(Harness& h) {
       h.Rearm();
       // Run the plan (or an empty one) on the same call, or on other sequence lengths.
       if (f.ConsumeBool()) {
-        const int64_t cap = p.kv.block_table != nullptr ? 64 : p.cache.page_size;
+        const int64_t cap = p.kv.block_table.data != nullptr ? 64 : p.cache.page_size;
         p.kv.seq_lens = h.Ints(p.kv.batch, 0, cap);
       }
       h.Rearm();
@@ -629,8 +656,12 @@ void FuzzReadKV(Harness& h) {
   PickCache(h, s, Role::kInput, &c, &kv, /*read_only_quantized=*/true);
   const int64_t b = h.Int(0, kv.batch > 0 ? kv.batch - 1 : 0);
   int64_t tokens = h.fdp().ConsumeIntegralInRange<int64_t>(0, 8);
-  if (kv.seq_lens != nullptr && b >= 0 && b < kv.batch && h.fdp().ConsumeBool()) {
-    tokens = kv.seq_lens[b];
+  // seq_lens[b], when the view is what validation accepts (else any count: it is rejected).
+  const TensorView& lens = kv.seq_lens;
+  if (lens.data != nullptr && lens.dtype == DType::kI32 && lens.rank == 1 && b >= 0 &&
+      b < kv.batch && b < lens.shape[0] && (lens.strides[0] == 1 || lens.shape[0] == 1) &&
+      h.fdp().ConsumeBool()) {
+    tokens = static_cast<const int32_t*>(lens.data)[b];
   }
   const TensorView k_out =
       h.Tensor({tokens, c.num_kv_heads, c.head_dim}, DType::kF32, Role::kOutput);
@@ -650,7 +681,7 @@ void FuzzRotary(Harness& h) {
   const Shape s = PickShape(h, 16);
   const TensorView x = h.Tensor({s.b, s.sq, s.hq, s.d}, s.dtype, Role::kInOut);
   // positions has one entry per sequence of x as described (which may differ from s.b).
-  const int32_t* positions = f.ConsumeBool() ? nullptr : h.Ints(x.shape[0], 0, 1000);
+  const TensorView positions = f.ConsumeBool() ? TensorView() : h.Ints(x.shape[0], 0, 1000);
   RotaryParams r;
   r.rotary_dim = h.Int(0, s.d);
   r.base = h.Float(10000.0f);

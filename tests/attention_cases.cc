@@ -463,8 +463,8 @@ AttentionParams MakeParams(const Spec& s, const Inputs& in, Outputs* o) {
   p.softcap = s.softcap;
   if (s.alibi != AlibiKind::kNone) p.alibi_slopes = in.slopes.view();
   if (s.varlen()) {
-    p.cu_seqlens_q = in.cu_q.data();
-    p.cu_seqlens_k = in.cu_k.data();
+    p.cu_seqlens_q = I32View(in.cu_q);
+    p.cu_seqlens_k = I32View(in.cu_k);
     p.num_seqs = static_cast<int32_t>(s.seqlens_q.size());
   }
   return p;

@@ -196,7 +196,7 @@ struct SmallCache {
     EXPECT_TRUE(cache.Allocate(KVDType::kF32, B, len, H, D).ok());
     Tensor k = Input(DType::kF32, {B, len, H, D}, 31), v = Input(DType::kF32, {B, len, H, D}, 32);
     batch.batch = B;
-    batch.seq_lens = lens.data();
+    batch.seq_lens = test::I32View(lens);
     AppendKVParams a;
     a.k_new = k.view();
     a.v_new = v.view();
@@ -538,7 +538,7 @@ TEST(BadInput, OtherOpsRejectAliasedOutputs) {
   ap.cache = c.cache.view();
   std::vector<int32_t> lens = {0};
   ap.batch.batch = 1;
-  ap.batch.seq_lens = lens.data();
+  ap.batch.seq_lens = test::I32View(lens);
   s = AppendKV(ap, Context());
   EXPECT_EQ(s.code(), StatusCode::kInvalidArgument) << s.ToString();
   EXPECT_TRUE(Names(s, "k_new")) << s.message();

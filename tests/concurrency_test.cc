@@ -182,9 +182,8 @@ struct PagedCache {
   KVBatchView View(int64_t first, int64_t count) {
     KVBatchView v;
     v.batch = count;
-    v.seq_lens = lens.data() + first;
-    v.block_table = table.data() + first * pages_per_seq;
-    v.max_pages_per_seq = pages_per_seq;
+    v.seq_lens = test::I32View(lens.data() + first, count);
+    v.block_table = test::I32View(table.data() + first * pages_per_seq, count, pages_per_seq);
     return v;
   }
   // Appends n tokens of random K / V to sequences [first, first + count).

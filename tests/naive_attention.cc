@@ -41,7 +41,9 @@ void AttentionForwardNaive(const AttentionParams& p, double* out, double* lse) {
   const DType dt = p.q.dtype;
   auto round = [dt](float x) { return RoundTo(dt, x); };
   const Strides4 qs = StridesOf(p.q), ks = StridesOf(p.k), vs = StridesOf(p.v);
-  const bool varlen = p.cu_seqlens_q != nullptr;
+  const int32_t* cu_q = static_cast<const int32_t*>(p.cu_seqlens_q.data);
+  const int32_t* cu_k = static_cast<const int32_t*>(p.cu_seqlens_k.data);
+  const bool varlen = cu_q != nullptr;
   const int64_t num_seqs = varlen ? p.num_seqs : p.q.shape[0];
   const int64_t hq = qs.heads, hkv = ks.heads, dim = qs.dim, dim_v = vs.dim;
   const int64_t total_q = qs.tokens;
@@ -55,10 +57,10 @@ void AttentionForwardNaive(const AttentionParams& p, double* out, double* lse) {
 
   std::vector<float> kscaled, vals, s, prob, qrow(static_cast<size_t>(dim));
   for (int64_t b = 0; b < num_seqs; ++b) {
-    const int64_t q0 = varlen ? p.cu_seqlens_q[b] : 0;
-    const int64_t lq = varlen ? p.cu_seqlens_q[b + 1] - q0 : qs.tokens;
-    const int64_t k0 = varlen ? p.cu_seqlens_k[b] : 0;
-    const int64_t lk = varlen ? p.cu_seqlens_k[b + 1] - k0 : ks.tokens;
+    const int64_t q0 = varlen ? cu_q[b] : 0;
+    const int64_t lq = varlen ? cu_q[b + 1] - q0 : qs.tokens;
+    const int64_t k0 = varlen ? cu_k[b] : 0;
+    const int64_t lk = varlen ? cu_k[b + 1] - k0 : ks.tokens;
     const int64_t bb = varlen ? 0 : b;
     const int64_t delta = p.align == MaskAlign::kTopLeft ? 0 : lk - lq;
     for (int64_t g = 0; g < hkv; ++g) {
@@ -156,7 +158,9 @@ struct BackwardGeometry {
         k(StridesOf(bp.forward.k)),
         v(StridesOf(bp.forward.v)),
         dout(StridesOf(bp.dout)) {
-    varlen = p.cu_seqlens_q != nullptr;
+    cu_q = static_cast<const int32_t*>(p.cu_seqlens_q.data);
+    cu_k = static_cast<const int32_t*>(p.cu_seqlens_k.data);
+    varlen = cu_q != nullptr;
     num_seqs = varlen ? p.num_seqs : p.q.shape[0];
     group = q.heads / k.heads;
     scale = p.scale.has_value() ? *p.scale
@@ -164,14 +168,10 @@ struct BackwardGeometry {
     window_right = p.causal ? 0 : p.window_right;
   }
 
-  int64_t QBegin(int64_t b) const { return varlen ? p.cu_seqlens_q[b] : 0; }
-  int64_t QLen(int64_t b) const {
-    return varlen ? p.cu_seqlens_q[b + 1] - p.cu_seqlens_q[b] : q.tokens;
-  }
-  int64_t KBegin(int64_t b) const { return varlen ? p.cu_seqlens_k[b] : 0; }
-  int64_t KLen(int64_t b) const {
-    return varlen ? p.cu_seqlens_k[b + 1] - p.cu_seqlens_k[b] : k.tokens;
-  }
+  int64_t QBegin(int64_t b) const { return varlen ? cu_q[b] : 0; }
+  int64_t QLen(int64_t b) const { return varlen ? cu_q[b + 1] - cu_q[b] : q.tokens; }
+  int64_t KBegin(int64_t b) const { return varlen ? cu_k[b] : 0; }
+  int64_t KLen(int64_t b) const { return varlen ? cu_k[b + 1] - cu_k[b] : k.tokens; }
   // Position shift of sequence b's queries (bottom-right alignment).
   int64_t Shift(int64_t b) const { return p.align == MaskAlign::kTopLeft ? 0 : KLen(b) - QLen(b); }
   bool Visible(int64_t pos, int64_t j) const {
@@ -195,6 +195,8 @@ struct BackwardGeometry {
   const AttentionParams& p;
   Strides4 q, k, v, dout;
   bool varlen = false;
+  const int32_t* cu_q = nullptr;  // the forward's cu_seqlens when varlen
+  const int32_t* cu_k = nullptr;
   int64_t num_seqs = 0;
   int64_t group = 1;
   float scale = 1.0f;

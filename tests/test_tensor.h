@@ -37,6 +37,19 @@ uint64_t SeedFor(const std::string& case_name);
 std::string Repro(const std::string& case_name);
 
 // ---------------------------------------------------------------------------------------------
+// A read-only i32 view of int32 values (cu_seqlens, seq_lens, block tables, tree parents, rotary
+// positions): [n], or [rows, cols].
+inline TensorView I32View(const int32_t* data, int64_t n) {
+  return MakeView1(const_cast<int32_t*>(data), DType::kI32, n);
+}
+inline TensorView I32View(const int32_t* data, int64_t rows, int64_t cols) {
+  const int64_t shape[2] = {rows, cols};
+  return MakeContiguousView(const_cast<int32_t*>(data), DType::kI32, 2, shape);
+}
+inline TensorView I32View(const std::vector<int32_t>& v) {
+  return I32View(v.data(), static_cast<int64_t>(v.size()));
+}
+
 // Numbers.
 
 // The value `x` becomes when stored in `dtype` (through float, round to nearest even).

@@ -42,12 +42,14 @@ struct DecodeCache {
   int64_t max_pages = 0;
   int64_t page_size = 0;  // as allocated (contiguous: the longest sequence)
 
-  KVBatchView Batch() const {
+  KVBatchView Batch() {
     KVBatchView kv;
     kv.batch = static_cast<int64_t>(lens.size());
-    kv.seq_lens = lens.data();
-    kv.block_table = block_table.empty() ? nullptr : block_table.data();
-    kv.max_pages_per_seq = max_pages;
+    kv.seq_lens = MakeView1(lens.data(), DType::kI32, kv.batch);
+    if (!block_table.empty()) {
+      const int64_t shape[2] = {kv.batch, max_pages};
+      kv.block_table = MakeContiguousView(block_table.data(), DType::kI32, 2, shape);
+    }
     return kv;
   }
 };
@@ -141,8 +143,9 @@ Status BuildDecodeCache(const BenchOptions& o, KVDType kv_dtype, int64_t kv_head
       if (view.k_scales != nullptr) target.k_scales = view.k_scales + b * page_rows * 2;
       if (view.v_scales != nullptr) target.v_scales = view.v_scales + b * page_rows * 2;
     } else {
-      one.block_table = &dc->block_table[b * dc->max_pages];
-      one.max_pages_per_seq = dc->max_pages;
+      const int64_t shape[2] = {1, dc->max_pages};
+      one.block_table =
+          MakeContiguousView(&dc->block_table[b * dc->max_pages], DType::kI32, 2, shape);
     }
     for (int32_t pos = 0; pos < dc->lens[b];) {
       const int64_t n = std::min<int64_t>(kAppendChunkTokens, dc->lens[b] - pos);
@@ -152,7 +155,7 @@ Status BuildDecodeCache(const BenchOptions& o, KVDType kv_dtype, int64_t kv_head
       ap.k_new = MakeView4(k_new.data(), DType::kF32, 1, n, kv_heads, D);
       ap.v_new = MakeView4(v_new.data(), DType::kF32, 1, n, kv_heads, D);
       ap.cache = target;
-      one.seq_lens = &pos;
+      one.seq_lens = MakeView1(&pos, DType::kI32, 1);
       ap.batch = one;
       st = AppendKV(ap, ctx);
       if (!st.ok()) return st;

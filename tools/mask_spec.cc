@@ -413,8 +413,7 @@ bool MaskSpec::Parse(const std::string& text, const MaskProblem& problem, std::s
       if (ok) {
         tree_parents_.resize(static_cast<size_t>(nodes));
         for (int64_t t = 0; t < nodes; ++t) tree_parents_[t] = static_cast<int32_t>(t - 1);
-        mask_.tree_parents = tree_parents_.data();
-        mask_.tree_size = nodes;
+        mask_.tree_parents = MakeView1(tree_parents_.data(), DType::kI32, nodes);
       }
     } else if (name == "dense") {
       ok = n >= 2 ? ParseDenseFile(Join(fields, 1, n, ':'), &err) : (err = usage, false);
@@ -644,8 +643,7 @@ bool MaskSpec::ParseTreeFile(const std::string& file, std::string* error) {
       return false;
     }
   }
-  mask_.tree_parents = parents;
-  mask_.tree_size = shape[0];
+  mask_.tree_parents = MakeView1(const_cast<int32_t*>(parents), DType::kI32, shape[0]);
   return true;
 }
 

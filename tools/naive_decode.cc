@@ -83,8 +83,9 @@ void DequantizeRow(const KVCacheView& c, const KVBatchView& kv, bool value, int6
                    float* HWY_RESTRICT dst) {
   const int64_t D = c.head_dim;
   int64_t page = b, slot = t;  // contiguous: sequence b owns page b
-  if (kv.block_table != nullptr) {
-    page = kv.block_table[b * kv.max_pages_per_seq + t / c.page_size];
+  if (kv.block_table.data != nullptr) {
+    const int32_t* table = static_cast<const int32_t*>(kv.block_table.data);
+    page = table[b * kv.block_table.strides[0] + t / c.page_size];
     slot = t % c.page_size;
   }
   const int64_t row = (page * c.num_kv_heads + h) * c.page_size + slot;  // head-major pages
@@ -131,7 +132,7 @@ void DecodeTask(const NaiveDecodeProblem& p, const float* f16_table, int64_t max
   const int64_t Hkv = c.num_kv_heads, D = c.head_dim, Q = p.queries, Hq = p.heads_q;
   const int64_t group = Hq / Hkv, rows = group * Q;
   const int64_t b = task / Hkv, kvh = task % Hkv;
-  const int64_t len = p.kv.seq_lens[b];
+  const int64_t len = static_cast<const int32_t*>(p.kv.seq_lens.data)[b];
   const int64_t row_bytes = KVRowBytes(c.dtype, D);
   float* scores = scratch;  // [rows, len]
   float* inv_sum = scratch + rows * max_len;
@@ -191,7 +192,8 @@ int64_t RoundUp16(int64_t n) { return (n + 15) / 16 * 16; }
 
 int64_t MaxLen(const KVBatchView& kv) {
   int64_t max_len = 0;
-  for (int64_t b = 0; b < kv.batch; ++b) max_len = std::max<int64_t>(max_len, kv.seq_lens[b]);
+  const int32_t* lens = static_cast<const int32_t*>(kv.seq_lens.data);
+  for (int64_t b = 0; b < kv.batch; ++b) max_len = std::max<int64_t>(max_len, lens[b]);
   return max_len;
 }
 

@@ -90,7 +90,8 @@ class Oracle {
       axis_stride_[a] = stride;
       stride *= static_cast<int>(n.grid[a]);
     }
-    tree_size_ = m_.tree_parents != nullptr ? m_.tree_size : 0;
+    parents_ = static_cast<const int32_t*>(m_.tree_parents.data);
+    tree_size_ = parents_ != nullptr ? m_.tree_parents.shape[0] : 0;
     marks_.assign(static_cast<size_t>(tree_size_), 0);
     if (blocks_.set()) num_kb_ = blocks_.extent(3);
   }
@@ -207,7 +208,7 @@ class Oracle {
   }
 
   void MarkAncestors(bool on) {
-    for (int64_t t = i_; t >= 0 && t < tree_size_; t = m_.tree_parents[t]) marks_[t] = on;
+    for (int64_t t = i_; t >= 0 && t < tree_size_; t = parents_[t]) marks_[t] = on;
   }
 
   // Keys of r visible through the window, sinks and prefix (the only tests left on fast rows):
@@ -275,6 +276,7 @@ class Oracle {
   int64_t wl_ = -1, wr_ = -1;
   int rank_ = 0;
   int64_t axis_stride_[3] = {1, 1, 1};
+  const int32_t* parents_ = nullptr;  // the tree mask's parents (validated: i32, unit stride)
   int64_t tree_size_ = 0;
   int64_t num_kb_ = 0;
   std::vector<uint8_t> marks_;  // the current row's tree ancestors (and itself)

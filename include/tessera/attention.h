@@ -63,10 +63,10 @@ struct AttentionParams {
   // data == nullptr disables.
   TensorView alibi_slopes;
 
-  // Varlen packing: both null (dense batch) or both set with num_seqs + 1 entries, starting at
-  // 0, non-decreasing, last entry <= the token extent of q (resp. k).
-  const int32_t* cu_seqlens_q = nullptr;
-  const int32_t* cu_seqlens_k = nullptr;
+  // Varlen packing: both off (data == nullptr: dense batch) or both set, i32 [num_seqs + 1]
+  // (unit stride), starting at 0, non-decreasing, last entry <= the token extent of q (resp. k).
+  TensorView cu_seqlens_q;
+  TensorView cu_seqlens_k;
   int32_t num_seqs = 0;
 
   // Structured and sparse masks, dense mask fallback and the score function (tessera/mask.h).

@@ -7,11 +7,12 @@
 // and likewise for V. Head-major pages let decode read each head's keys as one sequential stream
 // per page, which is what the hardware prefetcher needs to reach full memory bandwidth. Two ways to
 // map sequences onto pages (KVBatchView):
-//   paged:      block_table [batch, max_pages_per_seq] int32; token t of sequence b lives at
+//   paged:      block_table i32 [batch, max_pages_per_seq]; token t of sequence b lives at
 //               page block_table[b][t / page_size], slot t % page_size (pages in any order,
 //               shared or not; page_size 1..256);
-//   contiguous: block_table == nullptr; sequence b owns page b, so page_size is the capacity per
-//               sequence (any size) and the pool is a dense [batch, Hkv, capacity, D] tensor.
+//   contiguous: block_table.data == nullptr; sequence b owns page b, so page_size is the
+//               capacity per sequence (any size) and the pool is a dense
+//               [batch, Hkv, capacity, D] tensor.
 //
 // KV dtypes: f32, bf16, f16 store the values. int8 and int4 store ZipCache's channel-separable
 // token-wise quantization: every channel c of a head is first divided by a normalizer n[h][c]
@@ -64,12 +65,12 @@ struct KVCacheView {
   float* v_channel_scales = nullptr;
 };
 
-// Which tokens of the cache each sequence of a batch uses.
+// Which tokens of the cache each sequence of a batch uses. Both arrays are i32 views with unit
+// stride in the last dim (read in place, never copied).
 struct KVBatchView {
   int64_t batch = 0;
-  const int32_t* seq_lens = nullptr;     // [batch] tokens per sequence (>= 0)
-  const int32_t* block_table = nullptr;  // [batch, max_pages_per_seq] page ids; null: contiguous
-  int64_t max_pages_per_seq = 0;         // row length of block_table
+  TensorView seq_lens;     // i32 [batch] tokens per sequence (>= 0)
+  TensorView block_table;  // i32 [batch, max_pages_per_seq] page ids; data == nullptr: contiguous
 };
 
 // An owning cache: allocates the pool (zeroed) and hands out views. The K and V pools are
@@ -123,8 +124,9 @@ Status AppendKV(const AppendKVParams& params, const Context& ctx);
 
 struct ApplyRotaryParams {
   TensorView x;  // [B, S, H, D] f32 / bf16 / f16, rotated in place (any strides)
-  // Token s of sequence b is at position positions[b] + s; [B] int32, nullptr: position s.
-  const int32_t* positions = nullptr;
+  // Token s of sequence b is at position positions[b] + s; i32 [B] (unit stride),
+  // data == nullptr: position s.
+  TensorView positions;
   RotaryParams rotary;
 };
 

@@ -89,11 +89,10 @@ struct MaskParams {
   bool shift_half_heads = true;
 
   // Tree verification (speculative decoding): the Sq queries are the nodes of a draft tree and
-  // also the last Sq keys, in the same order; parents[t] in [-1, t) (-1: attached to the prefix).
-  // Node t sees every prefix key (j < Sk - Sq) and its ancestors and itself. Requires
-  // tree_size == Sq <= Sk. nullptr: off.
-  const int32_t* tree_parents = nullptr;
-  int64_t tree_size = 0;
+  // also the last Sq keys, in the same order; i32 [Sq] (unit stride, the tree size is shape[0]),
+  // parents[t] in [-1, t) (-1: attached to the prefix). Node t sees every prefix key
+  // (j < Sk - Sq) and its ancestors and itself. Requires Sq <= Sk. data == nullptr: off.
+  TensorView tree_parents;
 
   // Dense fallback: bool / uint8 (nonzero = visible) or f32 additive (added to the logit after
   // softcap and ALiBi; -inf hides the key), [Sq, Sk] or [Bm, Hm, Sq, Sk] with Bm in {1, B},
@@ -107,7 +106,7 @@ struct MaskParams {
   bool any() const {
     return blocks.data != nullptr || neighborhood.rank != 0 || sink_tokens != 0 ||
            prefix_len != 0 || document_ids.data != nullptr || group_size != 0 ||
-           tree_parents != nullptr || dense.data != nullptr;
+           tree_parents.data != nullptr || dense.data != nullptr;
   }
 };
 

@@ -13,6 +13,7 @@
 #include "core/check.h"
 #include "core/checked_math.h"
 #include "core/dispatch.h"
+#include "core/i32_view.h"
 
 namespace tessera {
 namespace {
@@ -233,23 +234,26 @@ Status ValidateMasks(const AttentionParams& p, bool varlen, int64_t B, int64_t S
     r->shift_half_heads = m.shift_half_heads;
   }
 
-  if (m.tree_parents != nullptr || m.tree_size != 0) {
-    if (m.tree_parents == nullptr || m.tree_size != Sq || Sq > Sk) {
-      return Status::InvalidArgument(Expected(
-          "mask.tree_parents / mask.tree_size", "a parent array of tree_size == Sq <= Sk nodes",
-          std::string(m.tree_parents ? "a parent array" : "nullptr") + " with tree_size " +
-              std::to_string(m.tree_size) + ", Sq " + std::to_string(Sq) + ", Sk " +
-              std::to_string(Sk)));
+  if (m.tree_parents.data != nullptr) {
+    const int64_t shape[1] = {Sq};
+    Status s = CheckI32View("mask.tree_parents", m.tree_parents, 1, shape,
+                            "shape [" + std::to_string(Sq) + "] (one parent per query, Sq)");
+    if (!s.ok()) return s;
+    if (Sq > Sk) {
+      return Status::InvalidArgument(
+          Expected("mask.tree_parents", "a tree of Sq <= Sk nodes (the tree is the last Sq keys)",
+                   "Sq " + std::to_string(Sq) + ", Sk " + std::to_string(Sk)));
     }
-    for (int64_t t = 0; t < m.tree_size; ++t) {
-      if (m.tree_parents[t] < -1 || m.tree_parents[t] >= t) {
+    const int32_t* parents = I32Data(m.tree_parents);
+    for (int64_t t = 0; t < Sq; ++t) {
+      if (parents[t] < -1 || parents[t] >= t) {
         return Status::InvalidArgument(
             "mask.tree_parents: expected parents[t] in [-1, t) (parents before children), got " +
-            std::to_string(m.tree_parents[t]) + " at t = " + std::to_string(t));
+            std::to_string(parents[t]) + " at t = " + std::to_string(t));
       }
     }
-    r->tree_parents = m.tree_parents;
-    r->tree_size = m.tree_size;
+    r->tree_parents = parents;
+    r->tree_size = Sq;
   }
 
   if (m.dense.data != nullptr) {
@@ -291,8 +295,6 @@ Status ValidateMasks(const AttentionParams& p, bool varlen, int64_t B, int64_t S
 // The memory every input of the forward may read (outputs must not overlap it).
 std::vector<Region> ForwardInputs(const AttentionParams& p) {
   const MaskParams& m = p.mask;
-  const bool varlen = p.cu_seqlens_q != nullptr;
-  const int64_t cu_count = varlen ? int64_t{p.num_seqs} + 1 : 0;
   return {ViewRegion("q", p.q),
           ViewRegion("k", p.k),
           ViewRegion("v", p.v),
@@ -300,24 +302,32 @@ std::vector<Region> ForwardInputs(const AttentionParams& p) {
           ViewRegion("mask.blocks", m.blocks),
           ViewRegion("mask.document_ids", m.document_ids),
           ViewRegion("mask.dense", m.dense),
-          ArrayRegion("mask.tree_parents", m.tree_parents, m.tree_size, sizeof(int32_t)),
-          ArrayRegion("cu_seqlens_q", p.cu_seqlens_q, cu_count, sizeof(int32_t)),
-          ArrayRegion("cu_seqlens_k", p.cu_seqlens_k, cu_count, sizeof(int32_t))};
+          ViewRegion("mask.tree_parents", m.tree_parents),
+          ViewRegion("cu_seqlens_q", p.cu_seqlens_q),
+          ViewRegion("cu_seqlens_k", p.cu_seqlens_k)};
 }
 
 }  // namespace
 
 Status ValidateAttention(const AttentionParams& p, AttentionProblem* prob) {
-  const bool varlen = p.cu_seqlens_q != nullptr || p.cu_seqlens_k != nullptr;
-  if (varlen && (p.cu_seqlens_q == nullptr || p.cu_seqlens_k == nullptr)) {
+  const bool varlen = p.cu_seqlens_q.data != nullptr || p.cu_seqlens_k.data != nullptr;
+  if (varlen && (p.cu_seqlens_q.data == nullptr || p.cu_seqlens_k.data == nullptr)) {
     return Status::InvalidArgument(
         std::string("cu_seqlens: expected both cu_seqlens_q and cu_seqlens_k (or neither), got "
                     "only ") +
-        (p.cu_seqlens_q ? "cu_seqlens_q" : "cu_seqlens_k"));
+        (p.cu_seqlens_q.data ? "cu_seqlens_q" : "cu_seqlens_k"));
   }
   if (varlen && p.num_seqs < 0) {
     return Status::InvalidArgument(
         Expected("num_seqs", "a non-negative count", std::to_string(p.num_seqs)));
+  }
+  if (varlen) {
+    const int64_t shape[1] = {int64_t{p.num_seqs} + 1};
+    const std::string what = "shape [" + std::to_string(shape[0]) + "] (num_seqs + 1 offsets)";
+    Status s = CheckI32View("cu_seqlens_q", p.cu_seqlens_q, 1, shape, what);
+    if (!s.ok()) return s;
+    s = CheckI32View("cu_seqlens_k", p.cu_seqlens_k, 1, shape, what);
+    if (!s.ok()) return s;
   }
 
   const struct {
@@ -401,9 +411,9 @@ Status ValidateAttention(const AttentionParams& p, AttentionProblem* prob) {
   }
 
   if (varlen) {
-    Status s = CheckCuSeqlens("cu_seqlens_q", p.cu_seqlens_q, p.num_seqs, Sq);
+    Status s = CheckCuSeqlens("cu_seqlens_q", I32Data(p.cu_seqlens_q), p.num_seqs, Sq);
     if (!s.ok()) return s;
-    s = CheckCuSeqlens("cu_seqlens_k", p.cu_seqlens_k, p.num_seqs, Sk);
+    s = CheckCuSeqlens("cu_seqlens_k", I32Data(p.cu_seqlens_k), p.num_seqs, Sk);
     if (!s.ok()) return s;
   }
   const int64_t num_seqs = varlen ? p.num_seqs : B;
@@ -517,8 +527,8 @@ Status ValidateAttention(const AttentionParams& p, AttentionProblem* prob) {
     }
   }
   if (varlen) {
-    r.cu_seqlens_q = p.cu_seqlens_q;
-    r.cu_seqlens_k = p.cu_seqlens_k;
+    r.cu_seqlens_q = I32Data(p.cu_seqlens_q);
+    r.cu_seqlens_k = I32Data(p.cu_seqlens_k);
   }
   return Status::Ok();
 }

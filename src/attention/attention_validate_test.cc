@@ -420,8 +420,8 @@ class ValidateVarlenTest : public ::testing::Test {
     p.v = v_.view();
     p.out = out_.view();
     p.lse = lse_.view();
-    p.cu_seqlens_q = cu_q_.data();
-    p.cu_seqlens_k = cu_k_.data();
+    p.cu_seqlens_q = test::I32View(cu_q_);
+    p.cu_seqlens_k = test::I32View(cu_k_);
     p.num_seqs = 2;
     return p;
   }
@@ -454,43 +454,43 @@ TEST_F(ValidateVarlenTest, ValidParamsPassValidation) {
 
 TEST_F(ValidateVarlenTest, OnlyOneOfCuSeqlensSet) {
   AttentionParams p = Valid();
-  p.cu_seqlens_k = nullptr;
+  p.cu_seqlens_k = TensorView();
   Rejected(p, "cu_seqlens");
   p = Valid();
-  p.cu_seqlens_q = nullptr;
+  p.cu_seqlens_q = TensorView();
   Rejected(p, "cu_seqlens");
 }
 
 TEST_F(ValidateVarlenTest, CuSeqlensNotStartingAtZero) {
   const std::vector<int32_t> bad = {1, 4, 10};
   AttentionParams p = Valid();
-  p.cu_seqlens_q = bad.data();
+  p.cu_seqlens_q = test::I32View(bad);
   Rejected(p, "cu_seqlens_q");
   const std::vector<int32_t> bad_k = {-1, 5, 12};
   p = Valid();
-  p.cu_seqlens_k = bad_k.data();
+  p.cu_seqlens_k = test::I32View(bad_k);
   Rejected(p, "cu_seqlens_k");
 }
 
 TEST_F(ValidateVarlenTest, CuSeqlensDecreasing) {
   const std::vector<int32_t> bad = {0, 6, 4};
   AttentionParams p = Valid();
-  p.cu_seqlens_q = bad.data();
+  p.cu_seqlens_q = test::I32View(bad);
   Rejected(p, "cu_seqlens_q");
   const std::vector<int32_t> bad_k = {0, 7, 5};
   p = Valid();
-  p.cu_seqlens_k = bad_k.data();
+  p.cu_seqlens_k = test::I32View(bad_k);
   Rejected(p, "cu_seqlens_k");
 }
 
 TEST_F(ValidateVarlenTest, CuSeqlensPastTheEnd) {
   const std::vector<int32_t> bad = {0, 4, kTq + 1};
   AttentionParams p = Valid();
-  p.cu_seqlens_q = bad.data();
+  p.cu_seqlens_q = test::I32View(bad);
   Rejected(p, "cu_seqlens_q");
   const std::vector<int32_t> bad_k = {0, 5, kTk + 1};
   p = Valid();
-  p.cu_seqlens_k = bad_k.data();
+  p.cu_seqlens_k = test::I32View(bad_k);
   Rejected(p, "cu_seqlens_k");
 }
 
@@ -498,6 +498,34 @@ TEST_F(ValidateVarlenTest, NegativeNumSeqs) {
   AttentionParams p = Valid();
   p.num_seqs = -1;
   Rejected(p, "num_seqs");
+}
+
+TEST_F(ValidateVarlenTest, CuSeqlensMustBeUnitStrideI32OfNumSeqsPlusOne) {
+  for (const char* which : {"cu_seqlens_q", "cu_seqlens_k"}) {
+    SCOPED_TRACE(which);
+    auto field = [&](AttentionParams& p) -> TensorView& {
+      return which[11] == 'q' ? p.cu_seqlens_q : p.cu_seqlens_k;
+    };
+    AttentionParams p = Valid();
+    field(p).dtype = DType::kU8;
+    Rejected(p, which);
+    p = Valid();
+    field(p).shape[0] = 2;  // num_seqs = 2 needs 3 offsets
+    Rejected(p, which);
+    p = Valid();
+    field(p).rank = 2;
+    Rejected(p, which);
+    p = Valid();
+    field(p).strides[0] = 2;
+    AttentionProblem problem;
+    const Status s = ValidateAttention(p, &problem);
+    EXPECT_NE(s.message().find("unit stride"), std::string::npos) << s.ToString();
+    Rejected(p, which);
+  }
+  // num_seqs is checked against the views' length.
+  AttentionParams p = Valid();
+  p.num_seqs = 1;
+  Rejected(p, "cu_seqlens_q");
 }
 
 TEST_F(ValidateVarlenTest, RankFourWithBatchAboveOne) {

@@ -753,8 +753,8 @@ TEST(BackwardRegression, EmptyProblemsAreNoOps) {
   p.forward.v = val.view();
   p.forward.out = out.view();
   p.forward.lse = lse.view();
-  p.forward.cu_seqlens_q = cu.data();
-  p.forward.cu_seqlens_k = cu.data();
+  p.forward.cu_seqlens_q = test::I32View(cu);
+  p.forward.cu_seqlens_k = test::I32View(cu);
   p.forward.num_seqs = 0;
   p.dout = dout.view();
   p.dq = dq.view();
@@ -1229,8 +1229,8 @@ TEST_F(BackwardValidation, VarlenGradientLayout) {
   p.forward.v = v.view();
   p.forward.out = out.view();
   p.forward.lse = lse.view();
-  p.forward.cu_seqlens_q = cu_q.data();
-  p.forward.cu_seqlens_k = cu_k.data();
+  p.forward.cu_seqlens_q = test::I32View(cu_q);
+  p.forward.cu_seqlens_k = test::I32View(cu_k);
   p.forward.num_seqs = 2;
   Context ctx;
   ctx.path = Path::kReference;

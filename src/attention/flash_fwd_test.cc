@@ -770,8 +770,8 @@ TEST(ForwardRegression, EmptyProblemsAreNoOps) {
   p.v = v.view();
   p.out = out.view();
   p.lse = lse.view();
-  p.cu_seqlens_q = cu.data();
-  p.cu_seqlens_k = cu.data();
+  p.cu_seqlens_q = test::I32View(cu);
+  p.cu_seqlens_k = test::I32View(cu);
   p.num_seqs = 0;
   EXPECT_EXIT(RunEmptyForwardAndExit(p, {&out, &lse}, 64), ::testing::ExitedWithCode(0), "");
 }

@@ -462,16 +462,14 @@ TEST(FlashMask, Tree) {
   CheckMask(
       c,
       [&](AttentionParams& p) {
-        p.mask.tree_parents = parents.data();
-        p.mask.tree_size = nodes;
+        p.mask.tree_parents = MakeView1(parents.data(), DType::kI32, nodes);
       },
       "tree");
   // A chain is causal decode of the nodes.
   std::vector<int32_t> chain(static_cast<size_t>(nodes));
   std::iota(chain.begin(), chain.end(), -1);
   const auto tree = [&](AttentionParams& p) {
-    p.mask.tree_parents = chain.data();
-    p.mask.tree_size = nodes;
+    p.mask.tree_parents = MakeView1(chain.data(), DType::kI32, nodes);
   };
   ExpectClose(c.Run(tree), c.Reference([](AttentionParams& p) { p.causal = true; }), "chain");
 }
@@ -543,7 +541,9 @@ TEST(FlashMask, BadMasksAreRejected) {
   MaskCase c(Shape{1, 64, 64, 2, 1, 32});
   std::vector<uint8_t> blocks(16, 1);
   std::vector<int32_t> docs = {0, 1, 0};
-  std::vector<int32_t> parents = {0};
+  std::vector<int32_t> parents(64, -1);  // i32 [Sq]
+  std::vector<int32_t> cyclic(64, -1);
+  cyclic[0] = 0;  // parents[t] must be < t
   const std::vector<std::pair<std::string, std::function<void(AttentionParams&)>>> bad = {
       {"mask.block_q",
        [&](AttentionParams& p) {
@@ -581,8 +581,21 @@ TEST(FlashMask, BadMasksAreRejected) {
       {"mask.group_size", [](AttentionParams& p) { p.mask.group_size = 5; }},
       {"mask.tree_parents",
        [&](AttentionParams& p) {
-         p.mask.tree_parents = parents.data();
-         p.mask.tree_size = 1;
+         p.mask.tree_parents = MakeView1(cyclic.data(), DType::kI32, 64);
+       }},
+      {"mask.tree_parents",
+       [&](AttentionParams& p) {
+         p.mask.tree_parents = MakeView1(parents.data(), DType::kI32, 1);  // not Sq entries
+       }},
+      {"mask.tree_parents",
+       [&](AttentionParams& p) {
+         p.mask.tree_parents = MakeView1(parents.data(), DType::kF32, 64);
+       }},
+      {"mask.tree_parents",
+       [&](AttentionParams& p) {
+         p.mask.tree_parents = MakeView1(parents.data(), DType::kI32, 32);
+         p.mask.tree_parents.shape[0] = 64;
+         p.mask.tree_parents.strides[0] = 0;  // not unit stride
        }},
       {"mask.sink_tokens", [](AttentionParams& p) { p.mask.sink_tokens = -1; }},
       {"lse",

@@ -50,6 +50,7 @@ namespace tessera {
 namespace {
 
 using test::AlibiKind;
+using test::I32View;
 using test::Index;
 using test::Rng;
 using test::Rule;
@@ -66,6 +67,11 @@ bool Small() { return test::SmallTests(); }
 int32_t LongLen() { return Small() ? 300 : 1100; }
 
 size_t Sz(int64_t n) { return static_cast<size_t>(n); }
+
+// Sequence b's length in a batch view.
+int64_t LenOf(const KVBatchView& kv, int64_t b) {
+  return static_cast<const int32_t*>(kv.seq_lens.data)[b];
+}
 
 // ---------------------------------------------------------------------------------------------
 // Caches.
@@ -103,11 +109,8 @@ struct TestCache {
   KVBatchView kv() const {
     KVBatchView v;
     v.batch = batch();
-    v.seq_lens = lens.data();
-    if (paged()) {
-      v.block_table = block_table.data();
-      v.max_pages_per_seq = max_pages;
-    }
+    v.seq_lens = I32View(lens.data(), v.batch);
+    if (paged()) v.block_table = I32View(block_table.data(), v.batch, max_pages);
     return v;
   }
   // Sequence b as a batch of one over the same storage (contiguous: the pool starting at page b).
@@ -125,11 +128,8 @@ struct TestCache {
   KVBatchView kv_of(int64_t b, const int32_t* len) const {
     KVBatchView v;
     v.batch = 1;
-    v.seq_lens = len;
-    if (paged()) {
-      v.block_table = block_table.data() + b * max_pages;
-      v.max_pages_per_seq = max_pages;
-    }
+    v.seq_lens = I32View(len, 1);
+    if (paged()) v.block_table = I32View(block_table.data() + b * max_pages, 1, max_pages);
     return v;
   }
   // Byte offset of the (token t of sequence b, head) row in the K or V pool.
@@ -369,13 +369,13 @@ void PackCache(const DecodeParams& p, Packed* pk) {
   pk->cu_k = {0};
   for (int64_t b = 0; b < batch; ++b) {
     pk->cu_q.push_back(static_cast<int32_t>((b + 1) * nq));
-    pk->cu_k.push_back(pk->cu_k.back() + p.kv.seq_lens[b]);
+    pk->cu_k.push_back(pk->cu_k.back() + static_cast<int32_t>(LenOf(p.kv, b)));
   }
   const int64_t total = pk->cu_k.back();
   pk->k = Tensor(DType::kF32, {total, hkv, dim});
   pk->v = Tensor(DType::kF32, {total, hkv, dim});
   for (int64_t b = 0; b < batch; ++b) {
-    const int64_t len = p.kv.seq_lens[b];
+    const int64_t len = LenOf(p.kv, b);
     if (len == 0) continue;
     const int64_t at = pk->cu_k[Sz(b)] * hkv * dim;
     const Status st = ReadKV(
@@ -408,8 +408,8 @@ AttentionParams AsAttention(const DecodeParams& p, const Packed& pk) {
   a.window_left = p.window_left;
   a.softcap = p.softcap;
   a.alibi_slopes = p.alibi_slopes;
-  a.cu_seqlens_q = pk.cu_q.data();
-  a.cu_seqlens_k = pk.cu_k.data();
+  a.cu_seqlens_q = I32View(pk.cu_q.data(), static_cast<int64_t>(pk.cu_q.size()));
+  a.cu_seqlens_k = I32View(pk.cu_k.data(), static_cast<int64_t>(pk.cu_k.size()));
   a.num_seqs = static_cast<int32_t>(p.kv.batch);
   return a;
 }
@@ -913,9 +913,9 @@ TEST(DecodeIdentity, SplitEqualsManualHalvesMerged) {
     std::vector<float> parts(Sz(2 * nq * hq * dim)), part_lse(Sz(2 * hq * nq));
     for (int64_t half = 0; half < 2; ++half) {
       DecodeParams p = whole.params;
-      p.kv.seq_lens = &lens[half];
-      p.kv.block_table = cache.block_table.data() + half * first_pages;
-      p.kv.max_pages_per_seq = cache.max_pages - half * first_pages;
+      p.kv.seq_lens = I32View(&lens[half], 1);
+      p.kv.block_table = I32View(cache.block_table.data() + half * first_pages, 1,
+                                 cache.max_pages - half * first_pages);
       p.out = MakeView4(parts.data() + half * nq * hq * dim, DType::kF32, 1, nq, hq, dim);
       p.lse = MakeView3(part_lse.data() + half * hq * nq, DType::kF32, 1, hq, nq);
       const Status st = RunWith(p);
@@ -1119,7 +1119,7 @@ TEST(DecodeRegression, EmptyAndOneTokenCaches) {
   p.q = q.view();
   p.cache = cache.view();
   p.kv.batch = 0;
-  p.kv.seq_lens = &dummy;
+  p.kv.seq_lens = I32View(&dummy, 0);
   p.out = out.view();
   p.lse = lse.view();
   const Status st = RunWith(p);
@@ -1414,7 +1414,7 @@ TEST(DecodePlan, MismatchedOrInvalidPlansAreRejected) {
   // 600 -> 1030 tokens: 2 -> 3 splits of 512.
   std::vector<int32_t> longer = {100, 1030};
   DecodeParams p = r.params;
-  p.kv.seq_lens = longer.data();
+  p.kv.seq_lens = I32View(longer.data(), 2);
   expect_rejected(plan, p, "split count of a sequence changed");
   // 100 -> 0 tokens: rejected, or (an empty sequence counts as one empty split) run correctly,
   // without reading the 100 keys the plan was made for.
@@ -1423,7 +1423,7 @@ TEST(DecodePlan, MismatchedOrInvalidPlansAreRejected) {
     std::vector<int32_t> emptied = {0, 600};
     DecodeRun e;
     MakeRun(c, &cache, &e);
-    e.params.kv.seq_lens = emptied.data();
+    e.params.kv.seq_lens = I32View(emptied.data(), 2);
     st = RunDecode(plan, e.params, Context());
     if (st.ok()) {
       Reference ref;
@@ -1440,6 +1440,8 @@ TEST(DecodePlan, MismatchedOrInvalidPlansAreRejected) {
   p.out.shape[0] = 1;
   p.lse.shape[0] = 1;
   p.kv.batch = 1;
+  p.kv.seq_lens.shape[0] = 1;
+  if (p.kv.block_table.data != nullptr) p.kv.block_table.shape[0] = 1;
   expect_rejected(plan, p, "batch size changed");
   // One query instead of two.
   p = r.params;
@@ -1521,13 +1523,24 @@ TEST(DecodeErrors, RejectedArgumentsWriteNothing) {
         {"null out data", {"out"}, [&](DecodeParams& p) { p.out.data = nullptr; }},
         {"lse of the wrong shape", {"lse"}, [&](DecodeParams& p) { p.lse = lse_bad.view(); }},
         {"kv.batch differs from q", {"kv", "batch", "q"}, [&](DecodeParams& p) { p.kv.batch = 1; }},
-        {"null seq_lens", {"seq_lens", "kv"}, [&](DecodeParams& p) { p.kv.seq_lens = nullptr; }},
+        {"null seq_lens",
+         {"seq_lens", "kv"},
+         [&](DecodeParams& p) { p.kv.seq_lens = TensorView(); }},
+        {"seq_lens of dtype f32",
+         {"seq_lens"},
+         [&](DecodeParams& p) { p.kv.seq_lens.dtype = DType::kF32; }},
+        {"seq_lens of the wrong length",
+         {"seq_lens"},
+         [&](DecodeParams& p) { p.kv.seq_lens.shape[0] += 1; }},
+        {"seq_lens with a non-unit stride",
+         {"seq_lens"},
+         [&](DecodeParams& p) { p.kv.seq_lens.strides[0] = 2; }},
         {"negative seq_len",
          {"seq_lens", "kv"},
          [&](DecodeParams& p) {
            lens = cache.lens;
            lens[1] = -1;
-           p.kv.seq_lens = lens.data();
+           p.kv.seq_lens = I32View(lens.data(), cache.batch());
          }},
         {"seq_len past the capacity",
          {"seq_lens", "block_table", "kv", "cache", "page_size"},
@@ -1535,7 +1548,7 @@ TEST(DecodeErrors, RejectedArgumentsWriteNothing) {
            lens = cache.lens;
            lens[1] =
                static_cast<int32_t>(cache.paged() ? cache.max_pages * ps + 1 : cache.page_size + 1);
-           p.kv.seq_lens = lens.data();
+           p.kv.seq_lens = I32View(lens.data(), cache.batch());
          }},
         {"ALiBi slopes of the wrong shape",
          {"alibi_slopes"},
@@ -1546,13 +1559,27 @@ TEST(DecodeErrors, RejectedArgumentsWriteNothing) {
       bad.push_back({"page id -1 in the block table", {"block_table"}, [&](DecodeParams& p) {
                        table = cache.block_table;
                        table[Sz(1 * cache.max_pages + 1)] = -1;
-                       p.kv.block_table = table.data();
+                       p.kv.block_table = I32View(table.data(), cache.batch(), cache.max_pages);
                      }});
       bad.push_back({"page id num_pages in the block table", {"block_table"}, [&](DecodeParams& p) {
                        table = cache.block_table;
                        table[Sz(1 * cache.max_pages + 2)] = static_cast<int32_t>(cache.num_pages);
-                       p.kv.block_table = table.data();
+                       p.kv.block_table = I32View(table.data(), cache.batch(), cache.max_pages);
                      }});
+    }
+    if (cache.paged()) {
+      bad.push_back({"block_table of dtype u8", {"block_table"}, [&](DecodeParams& p) {
+                       p.kv.block_table.dtype = DType::kU8;
+                     }});
+      bad.push_back({"block_table with a row too few", {"block_table"}, [&](DecodeParams& p) {
+                       p.kv.block_table.shape[0] -= 1;
+                     }});
+      bad.push_back({"block_table of rank 1", {"block_table"}, [&](DecodeParams& p) {
+                       p.kv.block_table.rank = 1;
+                     }});
+      bad.push_back({"block_table with a non-unit stride in the last dim",
+                     {"block_table"},
+                     [&](DecodeParams& p) { p.kv.block_table.strides[1] = 2; }});
     }
     for (const Bad& b : bad) {
       SCOPED_TRACE(b.what);

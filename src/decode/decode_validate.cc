@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "core/check.h"
+#include "kvcache/kv_quant.h"
 #include "kvcache/kv_validate.h"
 #include "tessera/attention.h"
 
@@ -76,7 +77,7 @@ Status ValidateDecode(const DecodeParams& p, AttentionProblem* prob, decode::KVS
   // The stand-in has one key: resolve the window against the real lengths (positions lie in
   // [-Q, max seq_len)), so that a window past every sequence means unbounded.
   int64_t max_len = 0;
-  for (int64_t b = 0; b < B; ++b) max_len = std::max<int64_t>(max_len, p.kv.seq_lens[b]);
+  for (int64_t b = 0; b < B; ++b) max_len = std::max<int64_t>(max_len, kvquant::SeqLens(p.kv)[b]);
   prob->window_left =
       p.window_left < 0 || p.window_left >= std::max(Q, max_len) ? kUnboundedWindow : p.window_left;
 
@@ -92,9 +93,9 @@ Status ValidateDecode(const DecodeParams& p, AttentionProblem* prob, decode::KVS
   src.k_page_stride = src.v_page_stride = Hkv * p.cache.page_size * row_bytes;
   src.k_head_stride = src.v_head_stride = p.cache.page_size * row_bytes;
   src.k_token_stride = src.v_token_stride = row_bytes;
-  src.seq_lens = p.kv.seq_lens;
-  src.block_table = p.kv.block_table;
-  src.block_stride = p.kv.max_pages_per_seq;
+  src.seq_lens = kvquant::SeqLens(p.kv);
+  src.block_table = kvquant::BlockTable(p.kv);
+  src.block_stride = kvquant::BlockStride(p.kv);
   src.page_size = p.cache.page_size;
   src.cache = true;
   if (KVDTypeIsQuantized(p.cache.dtype)) {
@@ -104,7 +105,7 @@ Status ValidateDecode(const DecodeParams& p, AttentionProblem* prob, decode::KVS
     src.v_norm = p.cache.v_channel_scales;
   }
   lens->resize(static_cast<size_t>(B));
-  for (int64_t b = 0; b < B; ++b) (*lens)[size_t(b)] = p.kv.seq_lens[b];
+  for (int64_t b = 0; b < B; ++b) (*lens)[size_t(b)] = kvquant::SeqLens(p.kv)[b];
   return Status::Ok();
 }
 
@@ -114,7 +115,7 @@ int64_t ResolveSplitTokens(const DecodeParams& p) {
   constexpr int64_t kMaxSplitTokens = int64_t{1} << 31;
   if (p.split_tokens > 0) return std::min(p.split_tokens, kMaxSplitTokens);
   const bool small_pages =
-      p.kv.block_table != nullptr && p.cache.page_size < kDecodeSmallPageTokens;
+      p.kv.block_table.data != nullptr && p.cache.page_size < kDecodeSmallPageTokens;
   return small_pages ? kDefaultDecodeSplitTokensSmallPages : kDefaultDecodeSplitTokens;
 }
 

@@ -35,6 +35,7 @@
 #include "core/element.h"
 #include "core/guard.h"
 #include "core/huge_pages.h"
+#include "core/i32_view.h"
 #include "core/parallel.h"
 #include "kvcache/kv_quant.h"
 #include "kvcache/kv_validate.h"
@@ -231,14 +232,15 @@ Status ValidateAppend(const AppendKVParams& p, std::vector<int32_t>* new_lens) {
   s = ValidateRotary(p.rotary, cache.head_dim);
   if (!s.ok()) return s;
 
-  const bool paged = batch.block_table != nullptr;
+  const bool paged = batch.block_table.data != nullptr;
+  const int64_t max_pages = paged ? batch.block_table.shape[1] : 0;
   const int64_t capacity =
-      paged ? std::min<int64_t>(batch.max_pages_per_seq, std::numeric_limits<int32_t>::max()) *
-                  cache.page_size
+      paged ? std::min<int64_t>(max_pages, std::numeric_limits<int32_t>::max()) * cache.page_size
             : cache.page_size;
+  const int32_t* seq_lens = kvquant::SeqLens(batch);
   new_lens->resize(static_cast<size_t>(B));
   for (int64_t b = 0; b < B; ++b) {
-    const int64_t len = batch.seq_lens[b];
+    const int64_t len = seq_lens[b];
     const int64_t total = len + n;
     auto room = [&]() {
       return "room for seq_lens[" + Str(b) + "] + n = " + Str(len) + " + " + Str(n) + " = " +
@@ -252,7 +254,7 @@ Status ValidateAppend(const AppendKVParams& p, std::vector<int32_t>* new_lens) {
     if (total > capacity) {
       if (paged) {
         return Invalid("batch.block_table", room(),
-                       "max_pages_per_seq * page_size = " + Str(batch.max_pages_per_seq) + " * " +
+                       "max_pages_per_seq * page_size = " + Str(max_pages) + " * " +
                            Str(cache.page_size) + " = " + Str(capacity) + " tokens");
       }
       return Invalid("cache.page_size", room() + " (the contiguous layout's capacity per sequence)",
@@ -261,7 +263,7 @@ Status ValidateAppend(const AppendKVParams& p, std::vector<int32_t>* new_lens) {
     (*new_lens)[size_t(b)] = static_cast<int32_t>(total);
   }
   KVBatchView after = batch;
-  after.seq_lens = new_lens->data();
+  after.seq_lens = MakeView1(new_lens->data(), DType::kI32, B);
   s = ValidateKVCache(cache, after, "cache", "batch");
   if (!s.ok()) return s;
   // The cache is written: it may overlap neither the new tokens nor the batch's arrays, and its
@@ -454,7 +456,7 @@ Status AppendKV(const AppendKVParams& p, const Context& ctx) try {
   const int64_t num_tasks = (tokens + tokens_per_task - 1) / tokens_per_task;
   const TensorView& kn = p.k_new;
   const TensorView& vn = p.v_new;
-  const int32_t* lens = p.batch.seq_lens;
+  const int32_t* lens = kvquant::SeqLens(p.batch);
 
   if (quantized) {
     // Pre-pass: finite values (for K after RoPE), and the calibration maxima. Writes nothing.
@@ -577,7 +579,14 @@ Status ApplyRotary(const ApplyRotaryParams& p, const Context& ctx) try {
   const int64_t B = x.shape[0], S = x.shape[1], H = x.shape[2], D = x.shape[3];
   s = ValidateRotary(p.rotary, D);
   if (!s.ok()) return s;
-  s = CheckDisjoint({ViewRegion("x", x)}, {ArrayRegion("positions", p.positions, B, 4)});
+  const int32_t* positions = I32Data(p.positions);
+  if (positions != nullptr) {
+    const int64_t shape[1] = {B};
+    s = CheckI32View("positions", p.positions, 1, shape,
+                     "shape [" + Str(B) + "] (one start position per sequence, x.shape[0])");
+    if (!s.ok()) return s;
+  }
+  s = CheckDisjoint({ViewRegion("x", x)}, {ViewRegion("positions", p.positions)});
   if (!s.ok()) return s;
   if (p.rotary.rotary_dim == 0 || x.numel() == 0) return Status::Ok();
   const Rotary rot(p.rotary);
@@ -591,7 +600,7 @@ Status ApplyRotary(const ApplyRotaryParams& p, const Context& ctx) try {
                 const int64_t end = std::min(tokens, (task + 1) * tokens_per_task);
                 for (int64_t tok = task * tokens_per_task; tok < end; ++tok) {
                   const int64_t b = tok / S, t = tok % S;
-                  const int64_t pos = (p.positions != nullptr ? p.positions[b] : 0) + t;
+                  const int64_t pos = (positions != nullptr ? positions[b] : 0) + t;
                   if (pos == 0) continue;  // identity
                   rot.Angles(pos, angles.data());
                   for (int64_t h = 0; h < H; ++h) {
@@ -618,7 +627,7 @@ Status ReadKV(const ReadKVParams& p, const Context& ctx) try {
   if (b < 0 || b >= batch.batch) {
     return Invalid("b", "a sequence index in [0, " + Str(batch.batch) + ") (batch.batch)", Str(b));
   }
-  const int64_t len = batch.seq_lens[b], H = cache.num_kv_heads, D = cache.head_dim;
+  const int64_t len = kvquant::SeqLens(batch)[b], H = cache.num_kv_heads, D = cache.head_dim;
   const int64_t shape[3] = {len, H, D};
   const std::string what = "shape [" + Str(len) + ", " + Str(H) + ", " + Str(D) +
                            "] ([seq_lens[b], cache.num_kv_heads, cache.head_dim])";

@@ -98,6 +98,17 @@ struct Input {
   }
 };
 
+// An i32 [n] view of int32 values (read only).
+TensorView I32(const int32_t* data, int64_t n) {
+  return MakeView1(const_cast<int32_t*>(data), DType::kI32, n);
+}
+
+// An i32 [rows, cols] view (read only).
+TensorView I32(const int32_t* data, int64_t rows, int64_t cols) {
+  const int64_t shape[2] = {rows, cols};
+  return MakeContiguousView(const_cast<int32_t*>(data), DType::kI32, 2, shape);
+}
+
 // Sequence lengths and an optional block table [batch, max_pages].
 struct Batch {
   std::vector<int32_t> lens;
@@ -107,17 +118,16 @@ struct Batch {
   KVBatchView view() const {
     KVBatchView v;
     v.batch = static_cast<int64_t>(lens.size());
-    v.seq_lens = lens.data();
-    v.block_table = table.empty() ? nullptr : table.data();
-    v.max_pages_per_seq = max_pages;
+    v.seq_lens = I32(lens.data(), v.batch);
+    if (!table.empty()) v.block_table = I32(table.data(), v.batch, max_pages);
     return v;
   }
   // Sequence b alone (a batch of one sharing this table's row b).
   KVBatchView one(int64_t b) const {
     KVBatchView v = view();
     v.batch = 1;
-    v.seq_lens = lens.data() + b;
-    if (!table.empty()) v.block_table = table.data() + b * max_pages;
+    v.seq_lens = I32(lens.data() + b, 1);
+    if (!table.empty()) v.block_table = I32(table.data() + b * max_pages, 1, max_pages);
     return v;
   }
 };
@@ -174,7 +184,7 @@ struct ReadBack {
 };
 
 ReadBack Read(const KVCacheView& cache, const KVBatchView& batch, int64_t b) {
-  const int64_t len = batch.seq_lens[b], H = cache.num_kv_heads, D = cache.head_dim;
+  const int64_t len = kvquant::SeqLens(batch)[b], H = cache.num_kv_heads, D = cache.head_dim;
   ReadBack r{std::vector<float>(size_t(len * H * D), kNaN),
              std::vector<float>(size_t(len * H * D), kNaN)};
   const Status s =
@@ -558,9 +568,8 @@ TEST(KVCache, ValidateNamesTheCallersArguments) {
   const std::vector<int32_t> lens = {5}, table = {2};
   KVBatchView kv;
   kv.batch = 1;
-  kv.seq_lens = lens.data();
-  kv.block_table = table.data();
-  kv.max_pages_per_seq = 1;
+  kv.seq_lens = I32(lens.data(), 1);
+  kv.block_table = I32(table.data(), 1, 1);
   const Status s = ValidateKVCache(c.view(), kv, "params.cache", "params.kv");
   EXPECT_TRUE(ErrorNames(s, "params.kv.block_table[0][0]"));
   EXPECT_NE(s.message().find("[0, 2)"), std::string::npos) << s.message();
@@ -568,7 +577,7 @@ TEST(KVCache, ValidateNamesTheCallersArguments) {
   bad.v = nullptr;
   EXPECT_TRUE(ErrorNames(ValidateKVCache(bad, kv, "params.cache", "params.kv"), "params.cache.v"));
   kv.batch = 0;
-  kv.seq_lens = nullptr;
+  kv.seq_lens = TensorView();
   EXPECT_TRUE(ValidateKVCache(c.view(), kv, "cache", "batch").ok());
 }
 
@@ -693,7 +702,7 @@ TEST(KVCache, ChannelNormalizersCalibrateOnceFromTheFirstAppend) {
   // K is calibrated after RoPE: rotate a copy at the same positions.
   std::vector<float> kr = kv;
   ASSERT_TRUE(ApplyRotary(ApplyRotaryParams{MakeView4(kr.data(), DType::kF32, 2, n, H, D),
-                                            batch.lens.data(), rot},
+                                            I32(batch.lens.data(), 2), rot},
                           Context())
                   .ok());
   std::vector<float> k_norm(size_t(H * D)), v_norm(size_t(H * D));
@@ -815,7 +824,7 @@ TEST(Rotary, MatchesTheFp64FormulaInBothForms) {
           std::vector<float> y = x;
           const RotaryParams rot{r, base, interleaved};
           ASSERT_TRUE(ApplyRotary(ApplyRotaryParams{MakeView4(y.data(), DType::kF32, 2, S, H, D),
-                                                    positions.data(), rot},
+                                                    I32(positions.data(), 2), rot},
                                   Context())
                           .ok());
           for (int64_t b = 0; b < 2; ++b) {
@@ -855,10 +864,10 @@ TEST(Rotary, PositionZeroIsTheIdentityEvenForSignedZeros) {
   for (bool interleaved : {false, true}) {
     const RotaryParams rot{D, 10000.0f, interleaved};
     std::vector<float> y = x;
-    ASSERT_TRUE(
-        ApplyRotary(ApplyRotaryParams{MakeView4(y.data(), DType::kF32, 1, 1, H, D), nullptr, rot},
-                    Context())
-            .ok());
+    ASSERT_TRUE(ApplyRotary(ApplyRotaryParams{MakeView4(y.data(), DType::kF32, 1, 1, H, D),
+                                              TensorView(), rot},
+                            Context())
+                    .ok());
     EXPECT_TRUE(BitwiseEqual(x, y));
     KVCache c;
     ASSERT_TRUE(c.Allocate(KVDType::kF32, 1, 2, H, D).ok());
@@ -889,9 +898,9 @@ TEST(Rotary, SixteenBitAndStridedInPlace) {
       }
     }
     const int32_t start = 3;
-    ASSERT_TRUE(
-        ApplyRotary(ApplyRotaryParams{v, &start, RotaryParams{r, 10000.0f, false}}, Context())
-            .ok());
+    ASSERT_TRUE(ApplyRotary(ApplyRotaryParams{v, I32(&start, 1), RotaryParams{r, 10000.0f, false}},
+                            Context())
+                    .ok());
     for (int64_t s = 0; s < S; ++s) {
       for (int64_t h = 0; h < H; ++h) {
         const int64_t t = s * H + h;
@@ -934,7 +943,8 @@ TEST(Rotary, AppendWithRotaryEqualsApplyRotaryThenAppend) {
       ASSERT_TRUE(Append(a.view(), batch.view(), k, v, rot).ok());
       Input kr(kv, cs.in, B, n, H, D);
       ASSERT_TRUE(
-          ApplyRotary(ApplyRotaryParams{kr.view(), batch.lens.data(), rot}, Context()).ok());
+          ApplyRotary(ApplyRotaryParams{kr.view(), I32(batch.lens.data(), 2), rot}, Context())
+              .ok());
       ASSERT_TRUE(Append(b.view(), batch.view(), kr, v).ok());
       EXPECT_EQ(CacheBytes(a.view()), CacheBytes(b.view()));
     }
@@ -945,34 +955,50 @@ TEST(Rotary, BadArgumentsNameTheArgument) {
   std::vector<float> x(2 * 3 * 4 * 8, 1.0f);
   const std::vector<float> before = x;
   TensorView v = MakeView4(x.data(), DType::kF32, 2, 3, 4, 8);
+  EXPECT_TRUE(
+      ErrorNames(ApplyRotary(ApplyRotaryParams{v, {}, RotaryParams{3, 10000.0f, false}}, Context()),
+                 "rotary.rotary_dim"));
   EXPECT_TRUE(ErrorNames(
-      ApplyRotary(ApplyRotaryParams{v, nullptr, RotaryParams{3, 10000.0f, false}}, Context()),
+      ApplyRotary(ApplyRotaryParams{v, {}, RotaryParams{10, 10000.0f, false}}, Context()),
       "rotary.rotary_dim"));
   EXPECT_TRUE(ErrorNames(
-      ApplyRotary(ApplyRotaryParams{v, nullptr, RotaryParams{10, 10000.0f, false}}, Context()),
+      ApplyRotary(ApplyRotaryParams{v, {}, RotaryParams{-2, 10000.0f, false}}, Context()),
       "rotary.rotary_dim"));
-  EXPECT_TRUE(ErrorNames(
-      ApplyRotary(ApplyRotaryParams{v, nullptr, RotaryParams{-2, 10000.0f, false}}, Context()),
-      "rotary.rotary_dim"));
-  EXPECT_TRUE(ErrorNames(
-      ApplyRotary(ApplyRotaryParams{v, nullptr, RotaryParams{8, 0.0f, false}}, Context()),
-      "rotary.base"));
-  EXPECT_TRUE(ErrorNames(
-      ApplyRotary(ApplyRotaryParams{v, nullptr, RotaryParams{8, kNaN, false}}, Context()),
-      "rotary.base"));
+  EXPECT_TRUE(
+      ErrorNames(ApplyRotary(ApplyRotaryParams{v, {}, RotaryParams{8, 0.0f, false}}, Context()),
+                 "rotary.base"));
+  EXPECT_TRUE(
+      ErrorNames(ApplyRotary(ApplyRotaryParams{v, {}, RotaryParams{8, kNaN, false}}, Context()),
+                 "rotary.base"));
   EXPECT_TRUE(ErrorNames(ApplyRotary(ApplyRotaryParams{MakeView3(x.data(), DType::kF32, 6, 4, 8),
-                                                       nullptr, RotaryParams{8, 10000.0f, false}},
+                                                       {},
+                                                       RotaryParams{8, 10000.0f, false}},
                                      Context()),
                          "x"));
   TensorView aliased = v;
   aliased.strides[1] = 0;
   EXPECT_TRUE(ErrorNames(
-      ApplyRotary(ApplyRotaryParams{aliased, nullptr, RotaryParams{8, 10000.0f, false}}, Context()),
+      ApplyRotary(ApplyRotaryParams{aliased, {}, RotaryParams{8, 10000.0f, false}}, Context()),
       "x"));
+  // positions: i32 [B] with unit stride.
+  const std::vector<int32_t> starts = {0, 3, 7};
+  const RotaryParams rot{8, 10000.0f, false};
+  TensorView pos = I32(starts.data(), 2);
+  pos.dtype = DType::kF32;
+  EXPECT_TRUE(ErrorNames(ApplyRotary(ApplyRotaryParams{v, pos, rot}, Context()), "positions"));
+  EXPECT_TRUE(ErrorNames(ApplyRotary(ApplyRotaryParams{v, I32(starts.data(), 3), rot}, Context()),
+                         "positions"));
+  pos = I32(starts.data(), 2);
+  pos.strides[0] = 2;
+  const Status strided = ApplyRotary(ApplyRotaryParams{v, pos, rot}, Context());
+  EXPECT_TRUE(ErrorNames(strided, "positions"));
+  EXPECT_NE(strided.message().find("stride"), std::string::npos) << strided.message();
+  pos = I32(starts.data(), 1, 2);
+  EXPECT_TRUE(ErrorNames(ApplyRotary(ApplyRotaryParams{v, pos, rot}, Context()), "positions"));
   EXPECT_TRUE(BitwiseEqual(x, before));
   // rotary_dim 0 is a no-op.
   EXPECT_TRUE(
-      ApplyRotary(ApplyRotaryParams{v, nullptr, RotaryParams{0, 10000.0f, false}}, Context()).ok());
+      ApplyRotary(ApplyRotaryParams{v, {}, RotaryParams{0, 10000.0f, false}}, Context()).ok());
   EXPECT_TRUE(BitwiseEqual(x, before));
 }
 
@@ -994,9 +1020,8 @@ TEST(AppendKV, BadArgumentsNameTheArgumentAndWriteNothing) {
     p.v_new = v.view();
     p.cache = c.view();
     p.batch.batch = B;
-    p.batch.seq_lens = lens.data();
-    p.batch.block_table = table.data();
-    p.batch.max_pages_per_seq = 3;
+    p.batch.seq_lens = I32(lens.data(), B);
+    p.batch.block_table = I32(table.data(), B, 3);
     return p;
   };
   ASSERT_TRUE(AppendKV(base(), Context()).ok());
@@ -1023,13 +1048,22 @@ TEST(AppendKV, BadArgumentsNameTheArgumentAndWriteNothing) {
          p.rotary = RotaryParams{4, -1.0f, false};
        }},
       {"batch.batch", [&](AppendKVParams& p) { p.batch.batch = 1; }},
-      {"batch.seq_lens", [&](AppendKVParams& p) { p.batch.seq_lens = nullptr; }},
-      {"batch.seq_lens[1]", [&](AppendKVParams& p) { p.batch.seq_lens = negative_lens.data(); }},
-      {"batch.max_pages_per_seq", [&](AppendKVParams& p) { p.batch.max_pages_per_seq = 0; }},
+      {"batch.seq_lens", [&](AppendKVParams& p) { p.batch.seq_lens = TensorView(); }},
+      {"batch.seq_lens[1]",
+       [&](AppendKVParams& p) { p.batch.seq_lens = I32(negative_lens.data(), B); }},
+      {"batch.seq_lens", [&](AppendKVParams& p) { p.batch.seq_lens.dtype = DType::kF32; }},
+      {"batch.seq_lens", [&](AppendKVParams& p) { p.batch.seq_lens.shape[0] = B + 1; }},
+      {"batch.seq_lens", [&](AppendKVParams& p) { p.batch.seq_lens.rank = 2; }},
+      {"batch.seq_lens", [&](AppendKVParams& p) { p.batch.seq_lens.strides[0] = 2; }},
+      {"batch.block_table", [&](AppendKVParams& p) { p.batch.block_table.shape[1] = 0; }},
+      {"batch.block_table", [&](AppendKVParams& p) { p.batch.block_table.dtype = DType::kU8; }},
+      {"batch.block_table", [&](AppendKVParams& p) { p.batch.block_table.shape[0] = 1; }},
+      {"batch.block_table", [&](AppendKVParams& p) { p.batch.block_table.rank = 1; }},
+      {"batch.block_table", [&](AppendKVParams& p) { p.batch.block_table.strides[1] = 2; }},
       {"batch.batch",
        [&](AppendKVParams& p) {
-         p.batch.block_table = nullptr;  // contiguous: 2 sequences need 2 pages (ok) ...
-         p.cache.num_pages = 1;          // ... but the pool has 1
+         p.batch.block_table = TensorView();  // contiguous: 2 sequences need 2 pages (ok) ...
+         p.cache.num_pages = 1;               // ... but the pool has 1
        }},
       {"num_kv_heads", [&](AppendKVParams& p) { p.cache.num_kv_heads = 1; }},
       {"head_dim", [&](AppendKVParams& p) { p.cache.head_dim = 4; }},

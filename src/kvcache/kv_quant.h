@@ -71,10 +71,23 @@ inline int64_t RowOffset(const KVCacheView& cache, int64_t page, int64_t slot, i
   return RowIndex(cache, page, slot, head) * RowBytes(cache.dtype, cache.head_dim);
 }
 
+// The batch's i32 views as the raw arrays the kernels read (ValidateKVCache checked them: rank
+// 1 and 2, unit stride in the last dim). Row b of the block table starts at
+// BlockTable(batch) + b * BlockStride(batch).
+inline const int32_t* SeqLens(const KVBatchView& batch) {
+  return static_cast<const int32_t*>(batch.seq_lens.data);
+}
+inline const int32_t* BlockTable(const KVBatchView& batch) {
+  return static_cast<const int32_t*>(batch.block_table.data);
+}
+inline int64_t BlockStride(const KVBatchView& batch) {
+  return batch.block_table.data != nullptr ? batch.block_table.strides[0] : 0;
+}
+
 // Page holding token t of sequence b: block_table[b][t / page_size] (paged) or b (contiguous).
 inline int64_t PageOfToken(const KVBatchView& batch, int64_t b, int64_t t, int64_t page_size) {
-  if (batch.block_table == nullptr) return b;
-  return batch.block_table[b * batch.max_pages_per_seq + t / page_size];
+  if (batch.block_table.data == nullptr) return b;
+  return BlockTable(batch)[b * BlockStride(batch) + t / page_size];
 }
 
 // The channel normalizer for a channel whose largest |x| is max_abs: sqrt(max_abs), and 1 for

@@ -44,7 +44,7 @@ void Store(KVDType dtype, const std::vector<float>& x, int64_t n, int64_t D,
   ap.v_new = MakeView4(data.data(), DType::kF32, 1, n, 1, D);
   ap.cache = view;
   ap.batch.batch = 1;
-  ap.batch.seq_lens = &zero;
+  ap.batch.seq_lens = MakeView1(const_cast<int32_t*>(&zero), DType::kI32, 1);
   const Status st = AppendKV(ap, Context());
   ASSERT_TRUE(st.ok()) << st.ToString();
 
@@ -65,7 +65,7 @@ void Store(KVDType dtype, const std::vector<float>& x, int64_t n, int64_t D,
   std::vector<float> v_read(s->read.size());
   KVBatchView batch;
   batch.batch = 1;
-  batch.seq_lens = &len;
+  batch.seq_lens = MakeView1(const_cast<int32_t*>(&len), DType::kI32, 1);
   ReadKVParams read;
   read.cache = view;
   read.batch = batch;

@@ -11,6 +11,7 @@
 #include "core/check.h"
 #include "core/checked_math.h"
 #include "core/dispatch.h"
+#include "core/i32_view.h"
 #include "kvcache/kv_quant.h"
 
 namespace tessera {
@@ -106,19 +107,25 @@ Status ValidateKVCache(const KVCacheView& cache, const KVBatchView& batch, const
     return Invalid(Field(ba, "batch"), "a non-negative sequence count", Str(batch.batch));
   }
   if (batch.batch == 0) return Status::Ok();
-  if (batch.seq_lens == nullptr) {
+  if (batch.seq_lens.data == nullptr) {
     return Invalid(Field(ba, "seq_lens"),
-                   "a non-null pointer (" + Field(ba, "batch") + " = " + Str(batch.batch) + ")",
-                   "nullptr");
+                   "an i32 [" + Str(batch.batch) + "] view (" + Field(ba, "batch") + " = " +
+                       Str(batch.batch) + ")",
+                   "data == nullptr");
   }
+  const int64_t lens_shape[1] = {batch.batch};
+  Status s = CheckI32View(Field(ba, "seq_lens").c_str(), batch.seq_lens, 1, lens_shape,
+                          "shape [" + Str(batch.batch) + "] (" + Field(ba, "batch") + ")");
+  if (!s.ok()) return s;
+  const int32_t* seq_lens = kvquant::SeqLens(batch);
   for (int64_t b = 0; b < batch.batch; ++b) {
-    if (batch.seq_lens[b] < 0) {
+    if (seq_lens[b] < 0) {
       return Invalid(Field(ba, "seq_lens") + "[" + Str(b) + "]", "a non-negative length",
-                     Str(batch.seq_lens[b]));
+                     Str(seq_lens[b]));
     }
   }
 
-  if (batch.block_table == nullptr) {
+  if (batch.block_table.data == nullptr) {
     if (batch.batch > cache.num_pages) {
       return Invalid(Field(ba, "batch"),
                      "at most " + Field(ca, "num_pages") + " = " + Str(cache.num_pages) +
@@ -127,11 +134,11 @@ Status ValidateKVCache(const KVCacheView& cache, const KVBatchView& batch, const
                      Str(batch.batch));
     }
     for (int64_t b = 0; b < batch.batch; ++b) {
-      if (batch.seq_lens[b] > cache.page_size) {
+      if (seq_lens[b] > cache.page_size) {
         return Invalid(Field(ba, "seq_lens") + "[" + Str(b) + "]",
                        "at most " + Field(ca, "page_size") + " = " + Str(cache.page_size) +
                            " tokens (the capacity per sequence of the contiguous layout)",
-                       Str(batch.seq_lens[b]));
+                       Str(seq_lens[b]));
       }
     }
     return Status::Ok();
@@ -143,31 +150,32 @@ Status ValidateKVCache(const KVCacheView& cache, const KVBatchView& batch, const
                        Field(ba, "block_table") + " set)",
                    Str(cache.page_size));
   }
-  if (batch.max_pages_per_seq < 1) {
-    return Invalid(Field(ba, "max_pages_per_seq"), "at least 1 (the row length of block_table)",
-                   Str(batch.max_pages_per_seq));
-  }
-  int64_t table_entries = 0;
-  if (!CheckedMul(batch.batch, batch.max_pages_per_seq, &table_entries)) {
-    return Invalid(Field(ba, "max_pages_per_seq"),
-                   "a block table whose size batch * max_pages_per_seq fits in int64",
-                   Str(batch.batch) + " * " + Str(batch.max_pages_per_seq));
+  const int64_t table_shape[2] = {batch.batch, -1};
+  s = CheckI32View(
+      Field(ba, "block_table").c_str(), batch.block_table, 2, table_shape,
+      "shape [" + Str(batch.batch) + ", max_pages_per_seq] (" + Field(ba, "batch") + " rows)");
+  if (!s.ok()) return s;
+  const int64_t max_pages = batch.block_table.shape[1];
+  if (max_pages < 1) {
+    return Invalid(Field(ba, "block_table"), "at least 1 page per row (shape[1] >= 1)",
+                   ShapeString(batch.block_table));
   }
   // At most 2^31 - 1 pages are reachable by int32 lengths: the product fits (page_size <= 256).
   const int64_t capacity =
-      std::min<int64_t>(batch.max_pages_per_seq, std::numeric_limits<int32_t>::max()) *
-      cache.page_size;
+      std::min<int64_t>(max_pages, std::numeric_limits<int32_t>::max()) * cache.page_size;
+  const int32_t* table = kvquant::BlockTable(batch);
+  const int64_t stride = kvquant::BlockStride(batch);
   for (int64_t b = 0; b < batch.batch; ++b) {
-    const int64_t len = batch.seq_lens[b];
+    const int64_t len = seq_lens[b];
     if (len > capacity) {
       return Invalid(
           Field(ba, "block_table"),
           "room for seq_lens[" + Str(b) + "] = " + Str(len) + " tokens in sequence " + Str(b),
-          "max_pages_per_seq * page_size = " + Str(batch.max_pages_per_seq) + " * " +
-              Str(cache.page_size) + " = " + Str(capacity) + " tokens");
+          "max_pages_per_seq * page_size = " + Str(max_pages) + " * " + Str(cache.page_size) +
+              " = " + Str(capacity) + " tokens");
     }
     const int64_t pages = (len + cache.page_size - 1) / cache.page_size;
-    const int32_t* row = batch.block_table + b * batch.max_pages_per_seq;
+    const int32_t* row = table + b * stride;
     for (int64_t i = 0; i < pages; ++i) {
       if (row[i] < 0 || row[i] >= cache.num_pages) {
         return Invalid(
@@ -198,9 +206,8 @@ std::vector<Region> KVCacheRegions(const KVCacheView& cache, const char* cache_a
 }
 
 std::vector<Region> KVBatchRegions(const KVBatchView& batch, const char* batch_arg) {
-  return {ArrayRegion(Field(batch_arg, "seq_lens"), batch.seq_lens, batch.batch, 4),
-          ArrayRegion(Field(batch_arg, "block_table"), batch.block_table,
-                      SaturatingMul(batch.batch, batch.max_pages_per_seq), 4)};
+  return {ViewRegion(Field(batch_arg, "seq_lens"), batch.seq_lens),
+          ViewRegion(Field(batch_arg, "block_table"), batch.block_table)};
 }
 
 }  // namespace tessera

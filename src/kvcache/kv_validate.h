@@ -16,12 +16,13 @@ namespace tessera {
 //   cache: dtype known; num_pages, page_size, num_kv_heads >= 1; head_dim in 1..512; k and v
 //     non-null; quantized dtypes: k_scales, v_scales, k_channel_scales, v_channel_scales non-null;
 //     the pool's size in bytes (and in scale floats) fits in int64.
-//   batch: batch >= 0; seq_lens non-null when batch > 0; every seq_lens[b] >= 0.
-//     paged (block_table != nullptr): page_size in 1..256; max_pages_per_seq >= 1;
-//       batch * max_pages_per_seq fits in int64;
+//   batch: batch >= 0; when batch > 0, seq_lens set, i32 [batch] with unit stride, every
+//     seq_lens[b] >= 0.
+//     paged (block_table.data != nullptr): page_size in 1..256; block_table i32
+//       [batch, max_pages_per_seq >= 1] with unit stride in the last dim;
 //       seq_lens[b] <= max_pages_per_seq * page_size; the page ids of the pages holding tokens
 //       [0, seq_lens[b]) in [0, num_pages) (the rest of each row of block_table is not read).
-//     contiguous (block_table == nullptr): batch <= num_pages; seq_lens[b] <= page_size.
+//     contiguous (block_table.data == nullptr): batch <= num_pages; seq_lens[b] <= page_size.
 // Reads seq_lens and block_table; O(batch + pages in use).
 Status ValidateKVCache(const KVCacheView& cache, const KVBatchView& batch, const char* cache_arg,
                        const char* batch_arg);

@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "core/element.h"
+#include "core/i32_view.h"
 
 namespace tessera {
 namespace ref {
@@ -171,10 +172,11 @@ bool NeighborhoodVisible(const NeighborhoodMask& n, int64_t i, int64_t j) {
 
 // Node t of the draft tree sees key j: every prefix key, then the nodes on its path to the root.
 bool TreeVisible(const MaskParams& m, int64_t k_len, int64_t t, int64_t j) {
-  const int64_t prefix = k_len - m.tree_size;
+  const int64_t prefix = k_len - m.tree_parents.shape[0];
   if (j < prefix) return true;
   const int64_t node = j - prefix;
-  for (int64_t a = t; a >= 0; a = m.tree_parents[a]) {
+  const int32_t* parents = I32Data(m.tree_parents);
+  for (int64_t a = t; a >= 0; a = parents[a]) {
     if (a == node) return true;
   }
   return false;
@@ -202,7 +204,7 @@ double MaskBias(const AttentionParams& p, const Options& o, int64_t heads_q, int
     const double doc_query = d.rank == 1 ? Load(d, pos * d.strides[0]) : LoadBroadcast(d, at_query);
     if (doc_key != doc_query) return -kInf;
   }
-  if (m.tree_parents != nullptr && !TreeVisible(m, k_len, i, j)) return -kInf;
+  if (m.tree_parents.data != nullptr && !TreeVisible(m, k_len, i, j)) return -kInf;
   if (m.dense.data != nullptr) {
     const TensorView& t = m.dense;
     const int64_t index4[4] = {b, h, i, j}, index2[2] = {i, j};
@@ -221,12 +223,14 @@ struct Sequence {
 
 Sequence SequenceOf(const AttentionParams& p, const TokenView& q, const TokenView& k,
                     const Options& o, int64_t b) {
-  const bool varlen = p.cu_seqlens_q != nullptr;
+  const int32_t* cu_q = I32Data(p.cu_seqlens_q);
+  const int32_t* cu_k = I32Data(p.cu_seqlens_k);
+  const bool varlen = cu_q != nullptr;
   Sequence s;
-  s.q_begin = varlen ? p.cu_seqlens_q[b] : 0;
-  s.q_len = varlen ? p.cu_seqlens_q[b + 1] - p.cu_seqlens_q[b] : q.tokens;
-  s.k_begin = varlen ? p.cu_seqlens_k[b] : 0;
-  s.k_len = varlen ? p.cu_seqlens_k[b + 1] - p.cu_seqlens_k[b] : k.tokens;
+  s.q_begin = varlen ? cu_q[b] : 0;
+  s.q_len = varlen ? cu_q[b + 1] - cu_q[b] : q.tokens;
+  s.k_begin = varlen ? cu_k[b] : 0;
+  s.k_len = varlen ? cu_k[b + 1] - cu_k[b] : k.tokens;
   s.read_b = varlen ? 0 : b;
   // Bottom-right alignment puts query i at position i + Sk - Sq, per sequence.
   s.shift = o.top_left ? 0 : s.k_len - s.q_len;
@@ -329,7 +333,7 @@ void AttentionForwardF64(const AttentionParams& p, double* out, double* lse) {
   const TokenView q = MakeTokenView(p.q);
   const TokenView k = MakeTokenView(p.k);
   const TokenView v = MakeTokenView(p.v);
-  const bool varlen = p.cu_seqlens_q != nullptr;
+  const bool varlen = p.cu_seqlens_q.data != nullptr;
   const int64_t num_seqs = varlen ? p.num_seqs : p.q.shape[0];
   const int64_t heads_q = q.heads;
   const int64_t dim = q.dim;
@@ -421,7 +425,7 @@ void AttentionBackwardF64(const AttentionBackwardParams& bp, double* dq, double*
   const TokenView k = MakeTokenView(p.k);
   const TokenView v = MakeTokenView(p.v);
   const TokenView dout = MakeTokenView(bp.dout);
-  const bool varlen = p.cu_seqlens_q != nullptr;
+  const bool varlen = p.cu_seqlens_q.data != nullptr;
   const int64_t num_seqs = varlen ? p.num_seqs : p.q.shape[0];
   const int64_t heads_q = q.heads;
   const int64_t heads_kv = k.heads;

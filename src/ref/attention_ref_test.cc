@@ -441,8 +441,8 @@ TEST(AttentionRef, VarlenSequencesAreIndependentAndAligned) {
   p.q = q.view();
   p.k = k.view();
   p.v = v.view();
-  p.cu_seqlens_q = cu_q.data();
-  p.cu_seqlens_k = cu_k.data();
+  p.cu_seqlens_q = test::I32View(cu_q);
+  p.cu_seqlens_k = test::I32View(cu_k);
   p.num_seqs = 3;
   p.causal = true;
   const RefResult r = RunRef(p);
@@ -504,8 +504,8 @@ TEST(AttentionRef, AlibiPerSequenceInVarlen) {
   p.k = k.view();
   p.v = v.view();
   p.alibi_slopes = slopes.view();
-  p.cu_seqlens_q = cu_q.data();
-  p.cu_seqlens_k = cu_k.data();
+  p.cu_seqlens_q = test::I32View(cu_q);
+  p.cu_seqlens_k = test::I32View(cu_k);
   p.num_seqs = 2;
   const RefResult r = RunRef(p);  // each query sits at position 1 of its sequence
   EXPECT_NEAR(r.out[0], SoftmaxDot({-1.0, 0.0}, {1.0, 5.0}), 1e-14);

@@ -81,7 +81,7 @@ void DecodeF64WithOptions(const DecodeParams& p, const DecodeRefOptions& options
   std::vector<char> visible;
 
   for (int64_t b = 0; b < batch; ++b) {
-    const int64_t len = p.kv.seq_lens[b];
+    const int64_t len = kvquant::SeqLens(p.kv)[b];
     keys.assign(static_cast<size_t>(len * heads_kv * dim), 0.0f);
     values.assign(keys.size(), 0.0f);
     bool read_ok = true;

@@ -381,8 +381,7 @@ TEST(MaskRef, DocumentIdsPerBatch) {
 TEST(MaskRef, TreeChainEqualsCausalOnTheTreePart) {
   const std::vector<int32_t> chain = {-1, 0, 1, 2};
   AttentionParams tree = MaskOnly(4, 7);
-  tree.mask.tree_parents = chain.data();
-  tree.mask.tree_size = 4;
+  tree.mask.tree_parents = test::I32View(chain);
   AttentionParams causal = MaskOnly(4, 7);
   causal.causal = true;
   EXPECT_EQ(Pattern(tree), Pattern(causal));
@@ -393,14 +392,12 @@ TEST(MaskRef, TreeNodesSeeThePrefixTheirAncestorsAndThemselves) {
   // Prefix of 2 keys, then node 0 with children 1 and 2; node 3 under 1, node 4 under 2.
   const std::vector<int32_t> parents = {-1, 0, 0, 1, 2};
   AttentionParams p = MaskOnly(5, 7);
-  p.mask.tree_parents = parents.data();
-  p.mask.tree_size = 5;
+  p.mask.tree_parents = test::I32View(parents);
   EXPECT_EQ(Pattern(p), (Rows{"###....", "####...", "###.#..", "####.#.", "###.#.#"}));
   // A second root attached to the prefix.
   const std::vector<int32_t> forest = {-1, -1, 1};
   p = MaskOnly(3, 3);
-  p.mask.tree_parents = forest.data();
-  p.mask.tree_size = 3;
+  p.mask.tree_parents = test::I32View(forest);
   EXPECT_EQ(Pattern(p), (Rows{"#..", ".#.", ".##"}));
 }
 
@@ -509,10 +506,7 @@ TEST(MaskRef, EveryMaskCombinesByAnd) {
       [&](AttentionParams* p) {
         p->mask.document_ids = MakeContiguousView(ids.data(), DType::kI32, 2, ids_shape);
       },
-      [&](AttentionParams* p) {
-        p->mask.tree_parents = parents.data();
-        p->mask.tree_size = n;
-      },
+      [&](AttentionParams* p) { p->mask.tree_parents = test::I32View(parents); },
       [&](AttentionParams* p) {
         p->mask.dense = MakeContiguousView(dense.data(), DType::kU8, 2, dense_shape);
       },
@@ -867,8 +861,7 @@ TEST(MaskRef, DISABLED_DocPictures) {
   {
     const std::vector<int32_t> parents = {-1, 0, 0, 1, 1, 2};
     AttentionParams p = MaskOnly(6, 10);
-    p.mask.tree_parents = parents.data();
-    p.mask.tree_size = 6;
+    p.mask.tree_parents = test::I32View(parents);
     Picture("tree: prefix 4, parents [-1, 0, 0, 1, 1, 2]", p);
   }
   {
