@@ -102,7 +102,6 @@ class Harness {
     Context ctx;
     ctx.num_threads = static_cast<int32_t>(f_.ConsumeIntegralInRange<int>(-1, 3));
     ctx.path = Enum<Path>(4);
-    ctx.deterministic = Bool();
     return ctx;
   }
 
