@@ -130,11 +130,10 @@ class Harness {
     } else if (mode >= 184 && mode < 196) {
       dtype = Enum<DType>(6);
     } else if (mode >= 196 && mode < 206) {
-      // GUARD (fuzz/findings.md, finding 7): a rank-5 view makes ShapeString (core/check.cc)
-      // read shape[4] while it words the error; ranks stay 0..4 until that is fixed.
-      if ((Bool() || dims.size() >= 4) && !dims.empty()) {
+      // Rank 0..5: a view holds 4 dims, so a rank-5 view has only those (finding 7).
+      if (Bool() && !dims.empty()) {
         dims.pop_back();
-      } else {
+      } else if (dims.size() < 5) {
         dims.push_back(1);
       }
     } else if (mode >= 206 && mode < 224) {

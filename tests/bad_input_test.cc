@@ -73,6 +73,51 @@ TEST(CheckedMath, NumelSaturatesInsteadOfWrapping) {
   EXPECT_EQ(empty.numel(), 0);
 }
 
+// A view holds 4 dims: a rank of 5 is rejected, and the error (worded before the rank check in
+// the backward) and numel() read no shape[4] (UBSan: index 4 out of bounds).
+TEST(BadInput, RankFiveViewsAreRejectedWithoutReadingPastTheShape) {
+  TensorView five = MakeView4(nullptr, DType::kF32, 1, 2, 3, 4);
+  five.rank = 5;
+  EXPECT_EQ(ShapeString(five), "[1, 2, 3, 4, ...]");
+  EXPECT_EQ(five.numel(), 24);
+  const int64_t shape[5] = {1, 2, 3, 4, 5};
+  const TensorView made = MakeContiguousView(nullptr, DType::kF32, 5, shape);
+  EXPECT_EQ(made.rank, 5);
+  EXPECT_EQ(made.strides[3], 1);
+
+  const int64_t B = 1, S = 8, H = 1, D = 16;
+  Tensor q = Input(DType::kF32, {B, S, H, D}, 111), dout = Input(DType::kF32, {B, S, H, D}, 112);
+  Tensor out = Output(DType::kF32, {B, S, H, D}), lse = Output(DType::kF32, {B, H, S});
+  AttentionBackwardParams bp;
+  bp.forward.q = q.view();
+  bp.forward.k = q.view();
+  bp.forward.v = q.view();
+  bp.forward.out = out.view();
+  bp.forward.lse = lse.view();
+  ASSERT_TRUE(AttentionForward(bp.forward, Context()).ok());
+  Tensor dq = Output(DType::kF32, {B, S, H, D}), dk = Output(DType::kF32, {B, S, H, D}),
+         dv = Output(DType::kF32, {B, S, H, D});
+  bp.dout = dout.view();
+  bp.dq = dq.view();
+  bp.dk = dk.view();
+  bp.dv = dv.view();
+  bp.dq.rank = 5;
+  Status s = AttentionBackward(bp, Context());
+  EXPECT_EQ(s.code(), StatusCode::kInvalidArgument) << s.ToString();
+  EXPECT_TRUE(Names(s, "dq") && Names(s, "...")) << s.message();
+  EXPECT_TRUE(dq.Unchanged() && dk.Unchanged() && dv.Unchanged());
+
+  Tensor out2 = Output(DType::kF32, {B, S, H, D});
+  AttentionParams p = bp.forward;
+  p.lse = TensorView();
+  p.out = out2.view();
+  p.q.rank = 5;
+  s = AttentionForward(p, Context());
+  EXPECT_EQ(s.code(), StatusCode::kInvalidArgument) << s.ToString();
+  EXPECT_TRUE(Names(s, "q")) << s.message();
+  EXPECT_TRUE(out2.Unchanged());
+}
+
 // ---------------------------------------------------------------------------------------------
 // Attention: shapes whose element count or byte extent overflows.
 
