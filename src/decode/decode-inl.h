@@ -153,12 +153,14 @@ HWY_INLINE void PrepareQueries(const AttentionProblem& p, const decode::KVSource
     // q' = q * n, quantized to int8 per row; the scale is applied after the integer dot.
     const float* norm = kv.k_norm + h * kv.dim;
     float amax = 0.0f;
+    bool finite = true;
     for (size_t c = 0; c < dim; ++c) {
       row[c] *= norm[c];
       amax = std::max(amax, std::fabs(row[c]));
+      // Tested per element: std::max skips a NaN, and NaN / sigma must never reach the int8 cast.
+      finite = finite && std::isfinite(row[c]);
     }
-    // A NaN or inf query poisons the row, as it would the float path.
-    const bool finite = std::isfinite(amax);
+    // A NaN or inf query (or channel normalizer) poisons the row, as it would the float path.
     const float sigma = amax / 127.0f;
     float code_sum = 0.0f;
     for (size_t c = 0; c < dim; ++c) {
