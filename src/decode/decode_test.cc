@@ -1255,6 +1255,51 @@ TEST(DecodeRegression, NanChannelNormalizerPoisonsItsHead) {
   }
 }
 
+// int8 / int4: a NaN V step in a visible row makes that key's softmax weight NaN; the rows of its
+// sequence and KV head give NaN and the others stay finite, in the narrow and the wide (on VNNI
+// targets: integer P.V, whose weight packing once cast the NaN to int32) layouts. Steps that no
+// AppendKV writes (negative, or so small that the packing's 32767 / max weight overflows) give
+// some output and no undefined behavior.
+TEST(DecodeRegression, NonFiniteOrCorruptValueStepsAreDefined) {
+  for (KVDType kv : {KVDType::kInt8, KVDType::kInt4}) {
+    for (const auto [num_q, group] : {std::pair<int64_t, int64_t>{1, 2}, {4, 2}}) {
+      for (const char* corrupt : {"nan", "negative", "subnormal"}) {
+        Case c = MakeCase(kv, 16, num_q, 64, 2, group, {203, 100, 17}, corrupt);
+        c.split_tokens = 64;
+        SCOPED_TRACE(test::Repro(c.Name()));
+        TestCache cache;
+        ASSERT_NO_FATAL_FAILURE(BuildCache(c.Cache(), &cache));
+        const int64_t bad_b = 1, bad_head = 1;
+        float* steps = cache.view().v_scales;
+        const auto step_of = [&](int64_t t) -> float& {
+          return steps[2 * (cache.RowOffset(bad_b, t, bad_head) / cache.row_bytes())];
+        };
+        const std::string what = corrupt;
+        if (what == "nan") {
+          step_of(70) = kNaNf;
+        } else if (what == "negative") {
+          step_of(70) = -1e30f;  // past int32 once scaled by 32767 / the largest weight
+        } else {
+          for (int64_t t = 0; t < c.lens[Sz(bad_b)]; ++t) step_of(t) = 1e-42f;
+        }
+        DecodeRun r;
+        MakeRun(c, &cache, &r);
+        const Status st = RunWith(r.params);
+        ASSERT_TRUE(st.ok()) << st.ToString();
+        r.out.ForEach([&](const Index& i) {
+          const double x = r.out.Get(i);
+          const bool touched = i[0] == bad_b && i[2] / c.group == bad_head;
+          if (!touched) {
+            ASSERT_TRUE(std::isfinite(x)) << "out " << i[0] << " " << i[1] << " " << i[2];
+          } else if (what == "nan") {
+            ASSERT_TRUE(std::isnan(x)) << "out " << i[0] << " " << i[1] << " " << i[2];
+          }
+        });
+      }
+    }
+  }
+}
+
 // Logits near -2e4 (a true -inf mask is the only one that survives) still match fp64 under the
 // ratio rule (ill-conditioned in fp32, like the forward's VeryNegativeLogits), in one split and
 // in splits of 64 keys merged. The error of either side is set by the f32 rounding of a few
