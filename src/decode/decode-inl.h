@@ -167,9 +167,11 @@ HWY_INLINE void PrepareQueries(const AttentionProblem& p, const decode::KVSource
       const float code = sigma > 0.0f && finite ? std::nearbyint(row[c] / sigma) : 0.0f;
       row[c] = code;
 #if HWY_TARGET == HWY_AVX3_DL
+      // |code| <= 127 but for a subnormal sigma, whose rounding can take the largest code past
+      // it (an int8 cast of such a float is undefined); clamped for the integer dot only.
       if (vnni) {
         q.q8[static_cast<size_t>(r / 4) * 4 * dc + GroupCodeIndex(static_cast<size_t>(r % 4), c)] =
-            static_cast<int8_t>(code);
+            static_cast<int8_t>(std::min(std::max(code, -127.0f), 127.0f));
       }
 #endif
       code_sum += code;

@@ -1300,6 +1300,20 @@ TEST(DecodeRegression, NonFiniteOrCorruptValueStepsAreDefined) {
   }
 }
 
+// int8 / int4: a query so small that its int8 step sigma is subnormal (rounded to a few units of
+// 2^-149, so the largest code can pass 127) still decodes to the reference (the VNNI kernel once
+// cast such a code to int8: undefined behavior).
+TEST(DecodeRegression, SubnormalQueryStepStaysDefined) {
+  for (KVDType kv : {KVDType::kInt8, KVDType::kInt4}) {
+    const double mults[] = {1e-43, 3e-43, 1e-42};
+    for (int m = 0; m < 3; ++m) {
+      Case c = MakeCase(kv, 16, 4, 64, 2, 2, {203, 100, 17}, "tinyq" + std::to_string(m));
+      c.q_mult = mults[m];
+      CheckCase(c);
+    }
+  }
+}
+
 // Logits near -2e4 (a true -inf mask is the only one that survives) still match fp64 under the
 // ratio rule (ill-conditioned in fp32, like the forward's VeryNegativeLogits), in one split and
 // in splits of 64 keys merged. The error of either side is set by the f32 rounding of a few
