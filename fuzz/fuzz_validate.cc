@@ -139,17 +139,6 @@ class Harness {
     } else if (mode >= 206 && mode < 224) {
       for (int64_t& d : dims) d = Bool() ? Nasty() : d;
     }
-    // GUARD (known finding, being fixed in the library: numel wrap): TensorView::numel() and
-    // some validation multiply the dims unchecked, so dims whose product's magnitude passes
-    // 2^40 are not generated; the must-reject sizes stay (negative dims, huge strides).
-    __int128 magnitude = 1;
-    for (int64_t d : dims) {
-      magnitude *= d < 0 ? -static_cast<__int128>(d) : static_cast<__int128>(d);
-      if (magnitude > (int64_t{1} << 40)) {  // the library forms a few small multiples of it
-        for (int64_t& e : dims) e = e < 0 ? -1 : std::min<int64_t>(e, int64_t{1} << 15);
-        break;
-      }
-    }
     const int rank = static_cast<int>(dims.size());
     t.dtype = dtype;
     t.rank = rank;
@@ -184,26 +173,6 @@ class Harness {
               !__builtin_mul_overflow(work, std::max<int64_t>(dims[i], 1), &work);
     }
     if (empty) extent = 0;
-    // GUARD (known finding, being fixed in the library: unchecked products of user sizes): a
-    // view whose dims and strides are non-negative but whose extent overflows int64 is accepted
-    // and its offsets wrap (fuzz/findings.md, finding 3); such strides become contiguous.
-    if (!valid && odd_strides && rank >= 1 && rank <= 4 &&
-        std::all_of(dims.begin(), dims.end(), [](int64_t d) { return d >= 0; }) &&
-        std::all_of(strides, strides + rank, [](int64_t st) { return st >= 0; })) {
-      valid = static_cast<int>(dtype) >= 0 && static_cast<int>(dtype) <= 5;
-      extent = 1;
-      work = 1;
-      int64_t inner_stride = 1;
-      for (int i = rank - 1; i >= 0; --i) {
-        t.strides[i] = inner_stride;
-        inner_stride *= std::max<int64_t>(dims[i], 1);  // < 2^60: the numel guard above
-      }
-      for (int i = 0; valid && i < rank; ++i) {
-        valid = !__builtin_mul_overflow(work, std::max<int64_t>(dims[i], 1), &work);
-        extent += (std::max<int64_t>(dims[i], 1) - 1) * t.strides[i];
-      }
-      if (empty) extent = 0;
-    }
     const bool null_data = mode >= 248 || (optional && mode < 56);
     std::unique_ptr<Buffer> b;
     if (null_data) {
@@ -345,10 +314,6 @@ Shape PickShape(Harness& h, int64_t max_seq = 40) {
   return s;
 }
 
-int64_t CapWindow(int64_t w) {
-  return std::max(std::min(w, int64_t{1} << 40), -(int64_t{1} << 40));
-}
-
 int64_t CeilDivOr1(int64_t a, int64_t b) { return b > 0 && a >= 0 ? a / b + (a % b != 0) : 1; }
 
 void FillMask(Harness& h, const Shape& s, MaskParams* m) {
@@ -365,16 +330,11 @@ void FillMask(Harness& h, const Shape& s, MaskParams* m) {
   if (which & 2) {
     NeighborhoodMask& n = m->neighborhood;
     n.rank = static_cast<int32_t>(h.Int(1, 3));
-    // GUARD (fuzz/findings.md, finding 5): validation multiplies window x dilation and the
-    // grid's axes unchecked; values are kept within +-2^20 until that is fixed.
-    auto cap = [](int64_t v) {
-      return std::max(std::min(v, int64_t{1} << 20), -(int64_t{1} << 20));
-    };
     for (int a = 0; a < 3; ++a) {
-      n.grid[a] = cap(h.Int(1, 8));
-      n.window[a] = cap(h.Int(1, 4));
-      n.dilation[a] = cap(h.Int(1, 2));
-      n.stride[a] = cap(h.Int(1, 2));
+      n.grid[a] = h.Int(1, 8);
+      n.window[a] = h.Int(1, 4);
+      n.dilation[a] = h.Int(1, 2);
+      n.stride[a] = h.Int(1, 2);
       n.causal[a] = f.ConsumeBool();
     }
   }
@@ -408,10 +368,8 @@ AttentionParams PickAttention(Harness& h, const Shape& s) {
   p.v = h.Tensor({s.b, s.sk, s.hkv, s.d}, s.dtype, Role::kInput);
   p.scale = h.Scale();
   p.causal = f.ConsumeBool();
-  // GUARD (known finding, windows near INT64_MAX; fuzz/findings.md, finding 14): the kernels
-  // form pos - window_left unchecked; windows stay within +-2^40.
-  p.window_left = CapWindow(h.Int(-1, 8));
-  p.window_right = CapWindow(h.Int(-1, 8));
+  p.window_left = h.Int(-1, 8);
+  p.window_right = h.Int(-1, 8);
   p.align = h.Enum<MaskAlign>(2);
   p.softcap = f.ConsumeBool() ? 0.0f : h.Float(30.0f);
   if (f.ConsumeBool()) {
@@ -549,12 +507,10 @@ DecodeParams PickDecode(Harness& h, const Shape& s, int64_t queries) {
   p.lse = h.Tensor({b, s.hq, queries}, DType::kF32, Role::kOptionalOutput);
   p.scale = h.Scale();
   p.causal = f.ConsumeBool();
-  p.window_left = CapWindow(h.Int(-1, 16));  // GUARD: finding 14, as in PickAttention
+  p.window_left = h.Int(-1, 16);
   p.softcap = f.ConsumeBool() ? 0.0f : h.Float(20.0f);
   if (f.ConsumeBool()) p.alibi_slopes = h.Tensor({s.hq}, DType::kF32, Role::kOptionalInput);
-  // GUARD (known finding, split_tokens overflow; fuzz/findings.md, finding 8): the split count
-  // rounds up with len + split_tokens - 1, so split_tokens stays within 2^40.
-  p.split_tokens = f.ConsumeBool() ? 0 : std::min<int64_t>(h.Int(1, 16), int64_t{1} << 40);
+  p.split_tokens = f.ConsumeBool() ? 0 : h.Int(1, 16);
   return p;
 }
 
@@ -564,11 +520,9 @@ void FuzzDecode(Harness& h) {
   const int64_t queries = h.Int(1, 4);
   DecodeParams p = PickDecode(h, s, queries >= 0 && queries <= 17 ? queries : 1);
   if (queries < 0 || queries > 17) {
-    // An out-of-range Q on a view with a buffer: must be rejected. (Within 2^15: the numel-wrap
-    // guard of Tensor().)
-    const int64_t bad_q = queries < 0 ? queries : std::min<int64_t>(queries, int64_t{1} << 15);
-    p.q.shape[1] = bad_q;
-    p.out.shape[1] = bad_q;
+    // An out-of-range Q on a view with a buffer: must be rejected.
+    p.q.shape[1] = queries;
+    p.out.shape[1] = queries;
   }
   const Context ctx = h.Ctx();
   switch (f.ConsumeIntegralInRange<int>(0, 2)) {
@@ -692,13 +646,6 @@ void FuzzRadial(Harness& h) {
   static const int64_t kBlocks[] = {16, 32, 128, 0, 8};
   p.block = f.ConsumeIntegral<uint8_t>() < 250 ? f.PickValueInArray(kBlocks) : h.Nasty();
   p.decay_factor = h.Float(1.0f);
-  // GUARD (known finding, empty-work DoS; fuzz/findings.md, finding 13): with no tokens the
-  // mask is empty and valid, and the builder still sizes a vector by `frames` (length_error
-  // past max_size, or a long loop); an empty problem keeps both sizes within 1024.
-  if (p.frames == 0 || p.tokens_per_frame == 0) {
-    p.frames = std::min<int64_t>(p.frames, 1024);
-    p.tokens_per_frame = std::min<int64_t>(p.tokens_per_frame, 1024);
-  }
   int64_t n = 0;
   if (__builtin_mul_overflow(p.frames, p.tokens_per_frame, &n)) n = -1;
   const int64_t nb = CeilDivOr1(n, p.block);
@@ -728,9 +675,7 @@ LinearAttentionParams PickLinear(Harness& h, const Shape& s, int64_t dv, bool st
   if (f.ConsumeBool()) {
     p.gates = h.Tensor({s.b, seq, s.hq, s.d}, DType::kF32, Role::kOptionalInput);
   }
-  // GUARD (known finding, linear window overflow; fuzz/findings.md, finding 10): the scratch
-  // size and offsets of the window part overflow for a window near INT64_MAX; within 2^20.
-  p.window = f.ConsumeBool() ? 0 : std::min<int64_t>(h.Int(0, 8), int64_t{1} << 20);
+  p.window = f.ConsumeBool() ? 0 : h.Int(0, 8);
   if (states) {
     p.initial_state = h.Tensor({s.b, s.hq, features, dv}, DType::kF32, Role::kOptionalInput);
     p.initial_normalizer = h.Tensor({s.b, s.hq, features}, DType::kF32, Role::kOptionalInput);
