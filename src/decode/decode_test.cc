@@ -1189,7 +1189,7 @@ TEST(DecodeRegression, NanInVisibleValuePropagates) {
 // narrow (<= 4 rows per KV head) and wide layouts: the same NaN pattern as the f16 cache (the
 // int8 / int4 kernels once cast the NaN to an integer, undefined behavior).
 TEST(DecodeRegression, NonFiniteQueryPoisonsItsRowOnly) {
-  for (const auto [num_q, group] : {std::pair<int64_t, int64_t>{1, 2}, {4, 2}}) {
+  for (const auto& [num_q, group] : {std::pair<int64_t, int64_t>{1, 2}, {4, 2}}) {
     for (const float bad : {kNaNf, std::numeric_limits<float>::infinity()}) {
       std::vector<bool> want_out, want_lse;  // isnan per element, from the f16 cache
       for (KVDType kv : {KVDType::kF16, KVDType::kF32, KVDType::kBF16, KVDType::kInt8,
@@ -1236,7 +1236,7 @@ TEST(DecodeRegression, NonFiniteQueryPoisonsItsRowOnly) {
 // normalizer scales the query), and nothing else.
 TEST(DecodeRegression, NanChannelNormalizerPoisonsItsHead) {
   for (KVDType kv : {KVDType::kInt8, KVDType::kInt4}) {
-    for (const auto [num_q, group] : {std::pair<int64_t, int64_t>{1, 2}, {4, 2}}) {
+    for (const auto& [num_q, group] : {std::pair<int64_t, int64_t>{1, 2}, {4, 2}}) {
       Case c = MakeCase(kv, 16, num_q, 64, 2, group, {203, 100, 17}, "nannorm");
       SCOPED_TRACE(test::Repro(c.Name()));
       TestCache cache;
@@ -1262,7 +1262,7 @@ TEST(DecodeRegression, NanChannelNormalizerPoisonsItsHead) {
 // some output and no undefined behavior.
 TEST(DecodeRegression, NonFiniteOrCorruptValueStepsAreDefined) {
   for (KVDType kv : {KVDType::kInt8, KVDType::kInt4}) {
-    for (const auto [num_q, group] : {std::pair<int64_t, int64_t>{1, 2}, {4, 2}}) {
+    for (const auto& [num_q, group] : {std::pair<int64_t, int64_t>{1, 2}, {4, 2}}) {
       for (const char* corrupt : {"nan", "negative", "subnormal"}) {
         Case c = MakeCase(kv, 16, num_q, 64, 2, group, {203, 100, 17}, corrupt);
         c.split_tokens = 64;
