@@ -163,26 +163,14 @@ class Harness {
     } else if (mode >= 184 && mode < 196) {
       dtype = Enum<DType>(6);
     } else if (mode >= 196 && mode < 206) {
-      // GUARD (fuzz/findings.md, finding 7): a rank-5 view makes ShapeString (core/check.cc)
-      // read shape[4] while it words the error; ranks stay 0..4 until that is fixed.
-      if ((Bool() || dims.size() >= 4) && !dims.empty()) {
+      // Rank 0..5: a view holds 4 dims, so a rank-5 view has only those (finding 7).
+      if (Bool() && !dims.empty()) {
         dims.pop_back();
-      } else {
+      } else if (dims.size() < 5) {
         dims.push_back(1);
       }
     } else if (mode >= 206 && mode < 224) {
       for (int64_t& d : dims) d = Bool() ? Nasty() : d;
-    }
-    // GUARD (known finding, being fixed in the library: numel wrap): TensorView::numel() and
-    // some validation multiply the dims unchecked, so dims whose product's magnitude passes
-    // 2^40 are not generated; the must-reject sizes stay (negative dims, huge strides).
-    __int128 magnitude = 1;
-    for (int64_t d : dims) {
-      magnitude *= d < 0 ? -static_cast<__int128>(d) : static_cast<__int128>(d);
-      if (magnitude > (int64_t{1} << 40)) {  // the library forms a few small multiples of it
-        for (int64_t& e : dims) e = e < 0 ? -1 : std::min<int64_t>(e, int64_t{1} << 15);
-        break;
-      }
     }
     const int rank = static_cast<int>(dims.size());
     t.dtype = dtype;
@@ -218,26 +206,6 @@ class Harness {
               !__builtin_mul_overflow(work, std::max<int64_t>(dims[i], 1), &work);
     }
     if (empty) extent = 0;
-    // GUARD (known finding, being fixed in the library: unchecked products of user sizes): a
-    // view whose dims and strides are non-negative but whose extent overflows int64 is accepted
-    // and its offsets wrap (fuzz/findings.md, finding 3); such strides become contiguous.
-    if (!valid && odd_strides && rank >= 1 && rank <= 4 &&
-        std::all_of(dims.begin(), dims.end(), [](int64_t d) { return d >= 0; }) &&
-        std::all_of(strides, strides + rank, [](int64_t st) { return st >= 0; })) {
-      valid = static_cast<int>(dtype) >= 0 && static_cast<int>(dtype) <= 5;
-      extent = 1;
-      work = 1;
-      int64_t inner_stride = 1;
-      for (int i = rank - 1; i >= 0; --i) {
-        t.strides[i] = inner_stride;
-        inner_stride *= std::max<int64_t>(dims[i], 1);  // < 2^60: the numel guard above
-      }
-      for (int i = 0; valid && i < rank; ++i) {
-        valid = !__builtin_mul_overflow(work, std::max<int64_t>(dims[i], 1), &work);
-        extent += (std::max<int64_t>(dims[i], 1) - 1) * t.strides[i];
-      }
-      if (empty) extent = 0;
-    }
     const bool null_data = mode >= 248 || (optional && mode < 56);
     std::unique_ptr<Buffer> b;
     if (null_data) {
@@ -379,10 +347,6 @@ Shape PickShape(Harness& h, int64_t max_seq = 40) {
   return s;
 }
 
-int64_t CapWindow(int64_t w) {
-  return std::max(std::min(w, int64_t{1} << 40), -(int64_t{1} << 40));
-}
-
 int64_t CeilDivOr1(int64_t a, int64_t b) { return b > 0 && a >= 0 ? a / b + (a % b != 0) : 1; }
 
 void FillMask(Harness& h, const Shape& s, MaskParams* m) {
@@ -399,16 +363,11 @@ void FillMask(Harness& h, const Shape& s, MaskParams* m) {
   if (which & 2) {
     NeighborhoodMask& n = m->neighborhood;
     n.rank = static_cast<int32_t>(h.Int(1, 3));
-    // GUARD (fuzz/findings.md, finding 5): validation multiplies window x dilation and the
-    // grid's axes unchecked; values are kept within +-2^20 until that is fixed.
-    auto cap = [](int64_t v) {
-      return std::max(std::min(v, int64_t{1} << 20), -(int64_t{1} << 20));
-    };
     for (int a = 0; a < 3; ++a) {
-      n.grid[a] = cap(h.Int(1, 8));
-      n.window[a] = cap(h.Int(1, 4));
-      n.dilation[a] = cap(h.Int(1, 2));
-      n.stride[a] = cap(h.Int(1, 2));
+      n.grid[a] = h.Int(1, 8);
+      n.window[a] = h.Int(1, 4);
+      n.dilation[a] = h.Int(1, 2);
+      n.stride[a] = h.Int(1, 2);
       n.causal[a] = f.ConsumeBool();
     }
   }
@@ -441,10 +400,8 @@ AttentionParams PickAttention(Harness& h, const Shape& s) {
   p.v = h.Tensor({s.b, s.sk, s.hkv, s.d}, s.dtype, Role::kInput);
   p.scale = h.Scale();
   p.causal = f.ConsumeBool();
-  // GUARD (known finding, windows near INT64_MAX; fuzz/findings.md, finding 14): the kernels
-  // form pos - window_left unchecked; windows stay within +-2^40.
-  p.window_left = CapWindow(h.Int(-1, 8));
-  p.window_right = CapWindow(h.Int(-1, 8));
+  p.window_left = h.Int(-1, 8);
+  p.window_right = h.Int(-1, 8);
   p.align = h.Enum<MaskAlign>(2);
   p.softcap = f.ConsumeBool() ? 0.0f : h.Float(30.0f);
   if (f.ConsumeBool()) {
@@ -488,18 +445,9 @@ int64_t RowBytes(KVDType dtype, int64_t d) {
 }
 
 // A cache and a batch over it; the cache's buffers have `role` (AppendKV writes them).
-void PickCache(Harness& h, const Shape& s, Role role, KVCacheView* c, KVBatchView* kv,
-               bool read_only_quantized = false) {
+void PickCache(Harness& h, const Shape& s, Role role, KVCacheView* c, KVBatchView* kv) {
   FuzzedDataProvider& f = h.fdp();
   c->dtype = h.Enum<KVDType>(5);
-  // GUARD (fuzz/findings.md, findings 1 and 9): decode of an int8 / int4 cache converts NaN
-  // to int (UBSan float-cast-overflow) when a query, a scale or a softmax weight is not finite.
-  // Until that is fixed, decode (role kInput) fuzzes the float caches only; AppendKV and ReadKV
-  // keep the quantized ones.
-  if (role == Role::kInput && (c->dtype == KVDType::kInt8 || c->dtype == KVDType::kInt4) &&
-      !read_only_quantized) {
-    c->dtype = KVDType::kF16;
-  }
   c->num_pages = h.Int(1, 6);
   c->page_size = h.Int(1, 16);
   c->num_kv_heads = f.ConsumeIntegral<uint8_t>() < 240 ? s.hkv : h.Int(0, 3);
@@ -587,12 +535,10 @@ DecodeParams PickDecode(Harness& h, const Shape& s, int64_t queries) {
   p.lse = h.Tensor({b, s.hq, queries}, DType::kF32, Role::kOptionalOutput);
   p.scale = h.Scale();
   p.causal = f.ConsumeBool();
-  p.window_left = CapWindow(h.Int(-1, 16));  // GUARD: finding 14, as in PickAttention
+  p.window_left = h.Int(-1, 16);
   p.softcap = f.ConsumeBool() ? 0.0f : h.Float(20.0f);
   if (f.ConsumeBool()) p.alibi_slopes = h.Tensor({s.hq}, DType::kF32, Role::kOptionalInput);
-  // GUARD (known finding, split_tokens overflow; fuzz/findings.md, finding 8): the split count
-  // rounds up with len + split_tokens - 1, so split_tokens stays within 2^40.
-  p.split_tokens = f.ConsumeBool() ? 0 : std::min<int64_t>(h.Int(1, 16), int64_t{1} << 40);
+  p.split_tokens = f.ConsumeBool() ? 0 : h.Int(1, 16);
   return p;
 }
 
@@ -602,11 +548,9 @@ void FuzzDecode(Harness& h) {
   const int64_t queries = h.Int(1, 4);
   DecodeParams p = PickDecode(h, s, queries >= 0 && queries <= 17 ? queries : 1);
   if (queries < 0 || queries > 17) {
-    // An out-of-range Q on a view with a buffer: must be rejected. (Within 2^15: the numel-wrap
-    // guard of Tensor().)
-    const int64_t bad_q = queries < 0 ? queries : std::min<int64_t>(queries, int64_t{1} << 15);
-    p.q.shape[1] = bad_q;
-    p.out.shape[1] = bad_q;
+    // An out-of-range Q on a view with a buffer: must be rejected.
+    p.q.shape[1] = queries;
+    p.out.shape[1] = queries;
   }
   const Context ctx = h.Ctx();
   switch (f.ConsumeIntegralInRange<int>(0, 2)) {
@@ -652,7 +596,7 @@ void FuzzReadKV(Harness& h) {
   const Shape s = PickShape(h, 8);
   KVCacheView c;
   KVBatchView kv;
-  PickCache(h, s, Role::kInput, &c, &kv, /*read_only_quantized=*/true);
+  PickCache(h, s, Role::kInput, &c, &kv);
   const int64_t b = h.Int(0, kv.batch > 0 ? kv.batch - 1 : 0);
   int64_t tokens = h.fdp().ConsumeIntegralInRange<int64_t>(0, 8);
   // seq_lens[b], when the view is what validation accepts (else any count: it is rejected).
@@ -722,20 +666,6 @@ void FuzzS2(Harness& h) {
   p.vert_stride = h.Int(1, 8);
   p.offset = h.Int(-4, 4);
   p.causal = f.ConsumeBool();
-  // GUARD (fuzz/findings.md, finding 4): local_blocks or vert_stride near INT64_MAX overflow
-  // the builder's block distances; kept within 2^40, as the CLI's parser now does.
-  const int64_t kCap = int64_t{1} << 40;
-  // GUARD (known finding, empty-work DoS; fuzz/findings.md, finding 6): with no blocks the
-  // builder still loops over every head, so heads stay within 2^16.
-  p.heads = std::min<int64_t>(p.heads, int64_t{1} << 16);
-  if (p.num_q_blocks == 0 || p.num_k_blocks == 0) {  // an empty mask: no loop may be long
-    p.num_q_blocks = std::min<int64_t>(p.num_q_blocks, 1024);
-    p.num_k_blocks = std::min<int64_t>(p.num_k_blocks, 1024);
-    p.heads = std::min<int64_t>(p.heads, 1024);
-  }
-  p.local_blocks = std::min(p.local_blocks, kCap);
-  p.vert_stride = std::min(p.vert_stride, kCap);
-  p.offset = std::max(std::min(p.offset, kCap), -kCap);
   p.out = h.Tensor({1, p.heads, p.num_q_blocks, p.num_k_blocks}, DType::kU8, Role::kOutput);
   h.CheckAfter(BuildS2BlockMask(p, h.Ctx()), "BuildS2BlockMask");
 }
@@ -748,13 +678,6 @@ void FuzzRadial(Harness& h) {
   static const int64_t kBlocks[] = {16, 32, 128, 0, 8};
   p.block = f.ConsumeIntegral<uint8_t>() < 250 ? f.PickValueInArray(kBlocks) : h.Nasty();
   p.decay_factor = h.Float(1.0f);
-  // GUARD (known finding, empty-work DoS; fuzz/findings.md, finding 13): with no tokens the
-  // mask is empty and valid, and the builder still sizes a vector by `frames` (length_error
-  // past max_size, or a long loop); an empty problem keeps both sizes within 1024.
-  if (p.frames == 0 || p.tokens_per_frame == 0) {
-    p.frames = std::min<int64_t>(p.frames, 1024);
-    p.tokens_per_frame = std::min<int64_t>(p.tokens_per_frame, 1024);
-  }
   int64_t n = 0;
   if (__builtin_mul_overflow(p.frames, p.tokens_per_frame, &n)) n = -1;
   const int64_t nb = CeilDivOr1(n, p.block);
@@ -784,9 +707,7 @@ LinearAttentionParams PickLinear(Harness& h, const Shape& s, int64_t dv, bool st
   if (f.ConsumeBool()) {
     p.gates = h.Tensor({s.b, seq, s.hq, s.d}, DType::kF32, Role::kOptionalInput);
   }
-  // GUARD (known finding, linear window overflow; fuzz/findings.md, finding 10): the scratch
-  // size and offsets of the window part overflow for a window near INT64_MAX; within 2^20.
-  p.window = f.ConsumeBool() ? 0 : std::min<int64_t>(h.Int(0, 8), int64_t{1} << 20);
+  p.window = f.ConsumeBool() ? 0 : h.Int(0, 8);
   if (states) {
     p.initial_state = h.Tensor({s.b, s.hq, features, dv}, DType::kF32, Role::kOptionalInput);
     p.initial_normalizer = h.Tensor({s.b, s.hq, features}, DType::kF32, Role::kOptionalInput);

@@ -5,6 +5,7 @@
 // (wrong result, crash, hang or escaped exception) before its fix.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <limits>
@@ -72,6 +73,51 @@ TEST(CheckedMath, NumelSaturatesInsteadOfWrapping) {
   EXPECT_EQ(t.numel(), kMax);  // was 0: 2^64 wraps
   const TensorView empty = MakeView4(nullptr, DType::kF32, kMax, 0, kMax, 1);
   EXPECT_EQ(empty.numel(), 0);
+}
+
+// A view holds 4 dims: a rank of 5 is rejected, and the error (worded before the rank check in
+// the backward) and numel() read no shape[4] (UBSan: index 4 out of bounds).
+TEST(BadInput, RankFiveViewsAreRejectedWithoutReadingPastTheShape) {
+  TensorView five = MakeView4(nullptr, DType::kF32, 1, 2, 3, 4);
+  five.rank = 5;
+  EXPECT_EQ(ShapeString(five), "[1, 2, 3, 4, ...]");
+  EXPECT_EQ(five.numel(), 24);
+  const int64_t shape[5] = {1, 2, 3, 4, 5};
+  const TensorView made = MakeContiguousView(nullptr, DType::kF32, 5, shape);
+  EXPECT_EQ(made.rank, 5);
+  EXPECT_EQ(made.strides[3], 1);
+
+  const int64_t B = 1, S = 8, H = 1, D = 16;
+  Tensor q = Input(DType::kF32, {B, S, H, D}, 111), dout = Input(DType::kF32, {B, S, H, D}, 112);
+  Tensor out = Output(DType::kF32, {B, S, H, D}), lse = Output(DType::kF32, {B, H, S});
+  AttentionBackwardParams bp;
+  bp.forward.q = q.view();
+  bp.forward.k = q.view();
+  bp.forward.v = q.view();
+  bp.forward.out = out.view();
+  bp.forward.lse = lse.view();
+  ASSERT_TRUE(AttentionForward(bp.forward, Context()).ok());
+  Tensor dq = Output(DType::kF32, {B, S, H, D}), dk = Output(DType::kF32, {B, S, H, D}),
+         dv = Output(DType::kF32, {B, S, H, D});
+  bp.dout = dout.view();
+  bp.dq = dq.view();
+  bp.dk = dk.view();
+  bp.dv = dv.view();
+  bp.dq.rank = 5;
+  Status s = AttentionBackward(bp, Context());
+  EXPECT_EQ(s.code(), StatusCode::kInvalidArgument) << s.ToString();
+  EXPECT_TRUE(Names(s, "dq") && Names(s, "...")) << s.message();
+  EXPECT_TRUE(dq.Unchanged() && dk.Unchanged() && dv.Unchanged());
+
+  Tensor out2 = Output(DType::kF32, {B, S, H, D});
+  AttentionParams p = bp.forward;
+  p.lse = TensorView();
+  p.out = out2.view();
+  p.q.rank = 5;
+  s = AttentionForward(p, Context());
+  EXPECT_EQ(s.code(), StatusCode::kInvalidArgument) << s.ToString();
+  EXPECT_TRUE(Names(s, "q")) << s.message();
+  EXPECT_TRUE(out2.Unchanged());
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -328,6 +374,58 @@ TEST(BadInput, BlockMaskSizesNearInt64MaxAreRejected) {
   s = SelectBlocks(sel, Context());
   EXPECT_EQ(s.code(), StatusCode::kInvalidArgument) << s.ToString();
   EXPECT_EQ(mask[0], 7);
+}
+
+// S2 block masks with local_blocks, vert_stride or offset near the int64 limits: every block is
+// the documented rule evaluated without overflow (the builder formed kb - qb - local_blocks + 1
+// and x % V + V, which overflowed).
+TEST(BadInput, S2MaskParametersNearInt64LimitsDoNotOverflow) {
+  constexpr int64_t kMin = std::numeric_limits<int64_t>::min();
+  const int64_t heads = 3, nqb = 6, nkb = 7;
+  struct Params {
+    int64_t local, stride, offset;
+  };
+  for (const bool causal : {true, false}) {
+    for (const Params& c : {Params{kMax, 3, 0}, Params{1, kMax, 0}, Params{2, kMax, kMax},
+                            Params{1, kMax - 1, kMin}, Params{kMax, kMax, -5},
+                            Params{3, 5, kMin}, Params{1, kMax, kMax - 2}}) {
+      S2MaskParams p;
+      p.heads = heads;
+      p.num_q_blocks = nqb;
+      p.num_k_blocks = nkb;
+      p.local_blocks = c.local;
+      p.vert_stride = c.stride;
+      p.offset = c.offset;
+      p.causal = causal;
+      std::vector<uint8_t> mask(size_t(heads * nqb * nkb), 7);
+      p.out = MakeView4(mask.data(), DType::kU8, 1, heads, nqb, nkb);
+      const Status s = BuildS2BlockMask(p, Context());
+      ASSERT_TRUE(s.ok()) << s.ToString();
+      // The rule of tessera/mask.h in 128-bit arithmetic.
+      using I128 = __int128;
+      const auto mod = [](I128 x, I128 m) { return (x % m + m) % m; };
+      const I128 V = c.stride, L = c.local;
+      const I128 step = std::max<I128>(1, V / heads);
+      for (int64_t h = 0; h < heads; ++h) {
+        const I128 shift = mod(h * step, V) + mod(c.offset, V);
+        for (int64_t qb = 0; qb < nqb; ++qb) {
+          for (int64_t kb = 0; kb < nkb; ++kb) {
+            bool keep;
+            if (causal) {
+              keep = qb >= kb && (qb - kb < L || mod(kb + shift, V) == 0);
+            } else {
+              const I128 dist = std::max<I128>(0, I128(qb) - kb - L + 1) +
+                                std::max<I128>(0, I128(kb) - qb - L + 1);
+              keep = (qb - kb < L && kb - qb < L) || mod(dist + shift, V) == 0;
+            }
+            ASSERT_EQ(mask[size_t((h * nqb + qb) * nkb + kb)], keep ? 1 : 0)
+                << "causal " << causal << " local " << c.local << " stride " << c.stride
+                << " offset " << c.offset << " at " << h << ", " << qb << ", " << kb;
+          }
+        }
+      }
+    }
+  }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -37,7 +37,14 @@ namespace {
 
 constexpr int64_t kMaxTokens = std::numeric_limits<int32_t>::max();
 
-int64_t Mod(int64_t x, int64_t m) { return ((x % m) + m) % m; }
+// x mod m in [0, m) for m > 0 (never forms x % m + m, which overflows for m near INT64_MAX).
+int64_t Mod(int64_t x, int64_t m) {
+  const int64_t r = x % m;
+  return r < 0 ? r + m : r;
+}
+
+// (a + b) mod m for a, b in [0, m), without forming a + b.
+int64_t AddMod(int64_t a, int64_t b, int64_t m) { return a >= m - b ? a - (m - b) : a + b; }
 
 bool IsMaskDType(DType d) { return d == DType::kU8 || d == DType::kBool; }
 
@@ -386,24 +393,27 @@ Status BuildS2BlockMask(const S2MaskParams& p, const Context& ctx) try {
   if (!s.ok()) return s;
   if (out.numel() == 0) return Status::Ok();  // no block to write (heads may still be huge)
 
-  const int64_t V = p.vert_stride, L = p.local_blocks;
+  const int64_t V = p.vert_stride;
+  // A local band at least as wide as the mask keeps every block either way; narrowed to that, the
+  // distances below cannot overflow for local_blocks near INT64_MAX.
+  const int64_t L = std::min(p.local_blocks, std::max(p.num_q_blocks, p.num_k_blocks));
   // Head sliding step: with fewer heads than the stride the heads' stripes spread over it.
   const int64_t step = std::max<int64_t>(1, V / p.heads);
   // One task per row (head, query block); heads * num_q_blocks fits: the output's size does.
   ParallelFor(ResolveThreads(ctx), p.heads * p.num_q_blocks, [&](int64_t task, int32_t) {
     const int64_t h = task / p.num_q_blocks, qb = task % p.num_q_blocks;
-    // Reduced mod V term by term: offset may be any int64.
-    const int64_t head_shift = Mod(h * step, V) + Mod(p.offset, V);
+    // Reduced mod V term by term (offset may be any int64, V up to INT64_MAX); h * step < V.
+    const int64_t head_shift = AddMod(Mod(h * step, V), Mod(p.offset, V), V);
     for (int64_t kb = 0; kb < p.num_k_blocks; ++kb) {
       bool keep;
       if (p.causal) {
-        keep = qb >= kb && (qb - kb < L || Mod(kb + head_shift, V) == 0);
+        keep = qb >= kb && (qb - kb < L || AddMod(Mod(kb, V), head_shift, V) == 0);
       } else {
         // Bidirectional: local_blocks on each side; the stripe is counted in block distance
         // past the local band on either side, shifted per head like the causal stripes.
         const int64_t dist =
             std::max<int64_t>(0, qb - kb - L + 1) + std::max<int64_t>(0, kb - qb - L + 1);
-        keep = (qb - kb < L && kb - qb < L) || Mod(dist + head_shift, V) == 0;
+        keep = (qb - kb < L && kb - qb < L) || AddMod(Mod(dist, V), head_shift, V) == 0;
       }
       *MaskAt(out, 0, h, qb, kb) = keep ? 1 : 0;
     }

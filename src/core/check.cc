@@ -15,7 +15,9 @@ namespace tessera {
 std::string ShapeString(const TensorView& t) {
   std::ostringstream os;
   os << "[";
-  for (int i = 0; i < t.rank; ++i) os << (i ? ", " : "") << t.shape[i];
+  // A view holds 4 dims: a larger rank (rejected, but worded first) shows those and "...".
+  for (int i = 0; i < std::min(t.rank, 4); ++i) os << (i ? ", " : "") << t.shape[i];
+  if (t.rank > 4) os << ", ...";
   os << "]";
   return os.str();
 }

@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
 #include "tessera/types.h"
 
+#include <algorithm>
 #include <cstring>
 
 #include "core/checked_math.h"
@@ -46,18 +47,20 @@ const char* DTypeName(DType dtype) {
   return "unknown";
 }
 
+// A rank past 4 (rejected by every op) counts the 4 dims a view holds: nothing reads past them.
 int64_t TensorView::numel() const {
+  const int dims = std::min(rank, 4);
   int64_t n = 1;
-  for (int i = 0; i < rank; ++i) {
+  for (int i = 0; i < dims; ++i) {
     if (shape[i] == 0) return 0;
   }
-  for (int i = 0; i < rank; ++i) n = SaturatingMul(n, shape[i]);
+  for (int i = 0; i < dims; ++i) n = SaturatingMul(n, shape[i]);
   return n;
 }
 
 bool TensorView::is_contiguous() const {
   int64_t expected = 1;
-  for (int i = rank - 1; i >= 0; --i) {
+  for (int i = std::min(rank, 4) - 1; i >= 0; --i) {
     if (shape[i] != 1 && strides[i] != expected) return false;
     expected = SaturatingMul(expected, shape[i]);
   }
@@ -70,7 +73,7 @@ TensorView MakeContiguousView(void* data, DType dtype, int32_t rank, const int64
   view.dtype = dtype;
   view.rank = rank;
   int64_t stride = 1;
-  for (int i = rank - 1; i >= 0; --i) {
+  for (int i = std::min(rank, 4) - 1; i >= 0; --i) {  // rank > 4: rejected by every op
     view.shape[i] = shape[i];
     view.strides[i] = stride;
     stride = SaturatingMul(stride, shape[i]);  // an overflowing shape is rejected by every op

@@ -154,21 +154,25 @@ HWY_INLINE void PrepareQueries(const AttentionProblem& p, const decode::KVSource
     // q' = q * n, quantized to int8 per row; the scale is applied after the integer dot.
     const float* norm = kv.k_norm + h * kv.dim;
     float amax = 0.0f;
+    bool finite = true;
     for (size_t c = 0; c < dim; ++c) {
       row[c] *= norm[c];
       amax = std::max(amax, std::fabs(row[c]));
+      // Tested per element: std::max skips a NaN, and NaN / sigma must never reach the int8 cast.
+      finite = finite && std::isfinite(row[c]);
     }
-    // A NaN or inf query poisons the row, as it would the float path.
-    const bool finite = std::isfinite(amax);
+    // A NaN or inf query (or channel normalizer) poisons the row, as it would the float path.
     const float sigma = amax / 127.0f;
     float code_sum = 0.0f;
     for (size_t c = 0; c < dim; ++c) {
       const float code = sigma > 0.0f && finite ? std::nearbyint(row[c] / sigma) : 0.0f;
       row[c] = code;
 #if HWY_TARGET == HWY_AVX3_DL
+      // |code| <= 127 but for a subnormal sigma, whose rounding can take the largest code past
+      // it (an int8 cast of such a float is undefined); clamped for the integer dot only.
       if (vnni) {
         q.q8[static_cast<size_t>(r / 4) * 4 * dc + GroupCodeIndex(static_cast<size_t>(r % 4), c)] =
-            static_cast<int8_t>(code);
+            static_cast<int8_t>(std::min(std::max(code, -127.0f), 127.0f));
       }
 #endif
       code_sum += code;

@@ -120,15 +120,29 @@ HWY_INLINE void AccumulatePvHead(int64_t rows, const uint8_t* const* v, size_t n
 // most 4 rows SoftmaxNarrow packs the weights itself.
 HWY_INLINE void PackWeights(TileSlot& t, size_t mp) {
   const size_t pairs = t.nk4 / 2;
+  // The 15-bit weight of w * inv outside the usual range: NaN and negative (a corrupt cache's
+  // negative V step) give 0, values past 32767 (inv = inf for a subnormal wmax) give 32767.
+  const auto clamped = [](float x) {
+    return x > 0.0f ? static_cast<uint32_t>(std::nearbyint(std::min(x, 32767.0f))) : 0u;
+  };
   for (size_t r = 0; r < mp; ++r) {
-    float wmax = 0.0f, total = 0.0f;
+    float wmax = 0.0f, wmin = 0.0f, total = 0.0f;
     for (size_t j = 0; j < t.nk4; ++j) {
       wmax = std::max(wmax, t.st[j * mp + r]);
+      wmin = std::min(wmin, t.st[j * mp + r]);
       total += t.st[j * mp + r];
     }
     const bool finite = std::isfinite(total);
     const float inv = finite && wmax > 0.0f ? 32767.0f / wmax : 0.0f;
     t.wscale[r] = finite ? wmax / 32767.0f : std::numeric_limits<float>::quiet_NaN();
+    if (!finite || wmin < 0.0f || std::isinf(inv)) {
+      // w * inv may be NaN or past int32 here, and the int32 cast of such a float is undefined.
+      for (size_t i = 0; i < pairs; ++i) {
+        t.wq[i * mp + r] = static_cast<int32_t>(clamped(t.st[2 * i * mp + r] * inv) |
+                                                (clamped(t.st[(2 * i + 1) * mp + r] * inv) << 16));
+      }
+      continue;
+    }
     for (size_t i = 0; i < pairs; ++i) {
       const int32_t lo = static_cast<int32_t>(std::nearbyint(t.st[2 * i * mp + r] * inv));
       const int32_t hi = static_cast<int32_t>(std::nearbyint(t.st[(2 * i + 1) * mp + r] * inv));

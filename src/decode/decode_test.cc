@@ -1186,6 +1186,135 @@ TEST(DecodeRegression, NanInVisibleValuePropagates) {
   }
 }
 
+// A NaN or inf in one query row poisons that output row only, on every KV dtype and in the
+// narrow (<= 4 rows per KV head) and wide layouts: the same NaN pattern as the f16 cache (the
+// int8 / int4 kernels once cast the NaN to an integer, undefined behavior).
+TEST(DecodeRegression, NonFiniteQueryPoisonsItsRowOnly) {
+  for (const auto& [num_q, group] : {std::pair<int64_t, int64_t>{1, 2}, {4, 2}}) {
+    for (const float bad : {kNaNf, std::numeric_limits<float>::infinity()}) {
+      std::vector<bool> want_out, want_lse;  // isnan per element, from the f16 cache
+      for (KVDType kv : {KVDType::kF16, KVDType::kF32, KVDType::kBF16, KVDType::kInt8,
+                         KVDType::kInt4}) {
+        Case c = MakeCase(kv, 16, num_q, 64, 2, group, {203, 100, 17}, "nanq");
+        c.split_tokens = 64;
+        SCOPED_TRACE(test::Repro(c.Name()) + " bad " + std::to_string(bad));
+        TestCache cache;
+        ASSERT_NO_FATAL_FAILURE(BuildCache(c.Cache(), &cache));
+        DecodeRun r;
+        MakeRun(c, &cache, &r);
+        const int64_t bad_b = 1, bad_i = num_q - 1, bad_h = 1;
+        r.q.Set({bad_b, bad_i, bad_h, 5}, bad);
+        const Status st = RunWith(r.params);
+        ASSERT_TRUE(st.ok()) << st.ToString();
+        std::vector<bool> out_nan, lse_nan;
+        for (double x : r.out.ToVector()) out_nan.push_back(std::isnan(x));
+        for (double x : r.lse.ToVector()) lse_nan.push_back(std::isnan(x));
+        for (int64_t b = 0; b < c.batch(); ++b) {
+          for (int64_t i = 0; i < c.num_q; ++i) {
+            for (int64_t h = 0; h < c.heads_q(); ++h) {
+              const bool poisoned = b == bad_b && i == bad_i && h == bad_h;
+              for (int64_t d = 0; d < c.dim; ++d) {
+                const double x = r.out.Get({b, i, h, d});
+                ASSERT_EQ(std::isnan(x), poisoned) << "out[" << b << ", " << i << ", " << h
+                                                   << ", " << d << "] = " << x;
+              }
+            }
+          }
+        }
+        if (kv == KVDType::kF16) {
+          want_out = out_nan;
+          want_lse = lse_nan;
+        } else {
+          EXPECT_EQ(out_nan, want_out) << "out's NaNs differ from the f16 cache's";
+          EXPECT_EQ(lse_nan, want_lse) << "lse's NaNs differ from the f16 cache's";
+        }
+      }
+    }
+  }
+}
+
+// int8 / int4: a NaN key channel normalizer poisons every query row of its KV head (the
+// normalizer scales the query), and nothing else.
+TEST(DecodeRegression, NanChannelNormalizerPoisonsItsHead) {
+  for (KVDType kv : {KVDType::kInt8, KVDType::kInt4}) {
+    for (const auto& [num_q, group] : {std::pair<int64_t, int64_t>{1, 2}, {4, 2}}) {
+      Case c = MakeCase(kv, 16, num_q, 64, 2, group, {203, 100, 17}, "nannorm");
+      SCOPED_TRACE(test::Repro(c.Name()));
+      TestCache cache;
+      ASSERT_NO_FATAL_FAILURE(BuildCache(c.Cache(), &cache));
+      const int64_t bad_head = 1;
+      cache.view().k_channel_scales[bad_head * c.dim + 7] = kNaNf;
+      DecodeRun r;
+      MakeRun(c, &cache, &r);
+      const Status st = RunWith(r.params);
+      ASSERT_TRUE(st.ok()) << st.ToString();
+      r.out.ForEach([&](const Index& i) {
+        const double x = r.out.Get(i);
+        ASSERT_EQ(std::isnan(x), i[2] / c.group == bad_head) << "out head " << i[2] << ": " << x;
+      });
+    }
+  }
+}
+
+// int8 / int4: a NaN V step in a visible row makes that key's softmax weight NaN; the rows of its
+// sequence and KV head give NaN and the others stay finite, in the narrow and the wide (on VNNI
+// targets: integer P.V, whose weight packing once cast the NaN to int32) layouts. Steps that no
+// AppendKV writes (negative, or so small that the packing's 32767 / max weight overflows) give
+// some output and no undefined behavior.
+TEST(DecodeRegression, NonFiniteOrCorruptValueStepsAreDefined) {
+  for (KVDType kv : {KVDType::kInt8, KVDType::kInt4}) {
+    for (const auto& [num_q, group] : {std::pair<int64_t, int64_t>{1, 2}, {4, 2}}) {
+      for (const char* corrupt : {"nan", "negative", "subnormal"}) {
+        Case c = MakeCase(kv, 16, num_q, 64, 2, group, {203, 100, 17}, corrupt);
+        c.split_tokens = 64;
+        SCOPED_TRACE(test::Repro(c.Name()));
+        TestCache cache;
+        ASSERT_NO_FATAL_FAILURE(BuildCache(c.Cache(), &cache));
+        const int64_t bad_b = 1, bad_head = 1;
+        float* steps = cache.view().v_scales;
+        const auto step_of = [&](int64_t t) -> float& {
+          return steps[2 * (cache.RowOffset(bad_b, t, bad_head) / cache.row_bytes())];
+        };
+        const std::string what = corrupt;
+        if (what == "nan") {
+          step_of(70) = kNaNf;
+        } else if (what == "negative") {
+          step_of(70) = -1e30f;  // past int32 once scaled by 32767 / the largest weight
+        } else {
+          for (int64_t t = 0; t < c.lens[Sz(bad_b)]; ++t) step_of(t) = 1e-42f;
+        }
+        DecodeRun r;
+        MakeRun(c, &cache, &r);
+        const Status st = RunWith(r.params);
+        ASSERT_TRUE(st.ok()) << st.ToString();
+        r.out.ForEach([&](const Index& i) {
+          const double x = r.out.Get(i);
+          const bool touched = i[0] == bad_b && i[2] / c.group == bad_head;
+          if (!touched) {
+            ASSERT_TRUE(std::isfinite(x)) << "out " << i[0] << " " << i[1] << " " << i[2];
+          } else if (what == "nan") {
+            ASSERT_TRUE(std::isnan(x)) << "out " << i[0] << " " << i[1] << " " << i[2];
+          }
+        });
+      }
+    }
+  }
+}
+
+// int8 / int4: a query so small that its int8 step sigma is subnormal (rounded to a few units of
+// 2^-149, so the largest code can pass 127) still decodes to the reference (the VNNI kernel once
+// cast such a code to int8: undefined behavior).
+TEST(DecodeRegression, SubnormalQueryStepStaysDefined) {
+  for (KVDType kv : {KVDType::kInt8, KVDType::kInt4}) {
+    const double mults[] = {1e-43, 3e-43, 1e-42};
+    for (int m = 0; m < 3; ++m) {
+      Case c = MakeCase(kv, 16, 4, 64, 2, 2, {203, 100, 17}, "tinyq" + std::to_string(m));
+      c.q_mult = mults[m];
+      CheckCase(c);
+    }
+  }
+}
+
 // Logits near -2e4 (a true -inf mask is the only one that survives) still match fp64 under the
 // ratio rule (ill-conditioned in fp32, like the forward's VeryNegativeLogits), in one split and
 // in splits of 64 keys merged. The error of either side is set by the f32 rounding of a few
