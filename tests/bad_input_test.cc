@@ -385,9 +385,9 @@ TEST(BadInput, S2MaskParametersNearInt64LimitsDoNotOverflow) {
     int64_t local, stride, offset;
   };
   for (const bool causal : {true, false}) {
-    for (const Params& c : {Params{kMax, 3, 0}, Params{1, kMax, 0}, Params{2, kMax, kMax},
-                            Params{1, kMax - 1, kMin}, Params{kMax, kMax, -5},
-                            Params{3, 5, kMin}, Params{1, kMax, kMax - 2}}) {
+    for (const Params& c :
+         {Params{kMax, 3, 0}, Params{1, kMax, 0}, Params{2, kMax, kMax}, Params{1, kMax - 1, kMin},
+          Params{kMax, kMax, -5}, Params{3, 5, kMin}, Params{1, kMax, kMax - 2}}) {
       S2MaskParams p;
       p.heads = heads;
       p.num_q_blocks = nqb;

@@ -1192,8 +1192,8 @@ TEST(DecodeRegression, NonFiniteQueryPoisonsItsRowOnly) {
   for (const auto& [num_q, group] : {std::pair<int64_t, int64_t>{1, 2}, {4, 2}}) {
     for (const float bad : {kNaNf, std::numeric_limits<float>::infinity()}) {
       std::vector<bool> want_out, want_lse;  // isnan per element, from the f16 cache
-      for (KVDType kv : {KVDType::kF16, KVDType::kF32, KVDType::kBF16, KVDType::kInt8,
-                         KVDType::kInt4}) {
+      for (KVDType kv :
+           {KVDType::kF16, KVDType::kF32, KVDType::kBF16, KVDType::kInt8, KVDType::kInt4}) {
         Case c = MakeCase(kv, 16, num_q, 64, 2, group, {203, 100, 17}, "nanq");
         c.split_tokens = 64;
         SCOPED_TRACE(test::Repro(c.Name()) + " bad " + std::to_string(bad));
@@ -1214,8 +1214,8 @@ TEST(DecodeRegression, NonFiniteQueryPoisonsItsRowOnly) {
               const bool poisoned = b == bad_b && i == bad_i && h == bad_h;
               for (int64_t d = 0; d < c.dim; ++d) {
                 const double x = r.out.Get({b, i, h, d});
-                ASSERT_EQ(std::isnan(x), poisoned) << "out[" << b << ", " << i << ", " << h
-                                                   << ", " << d << "] = " << x;
+                ASSERT_EQ(std::isnan(x), poisoned)
+                    << "out[" << b << ", " << i << ", " << h << ", " << d << "] = " << x;
               }
             }
           }
