@@ -36,7 +36,14 @@ HWY_INLINE V FastExp2(DF df, V x) {
   p = hn::MulAdd(p, f, hn::Set(df, 6.931471992335769e-1f));
   p = hn::MulAdd(p, f, hn::Set(df, 1.0f));
   // 2^n through the exponent field; n = -127 gives the bit pattern of +0.0.
+#if HWY_TARGET == HWY_SCALAR || HWY_TARGET == HWY_EMU128
+  // These targets convert with a C++ cast, undefined for NaN (x86's vector conversion is
+  // defined): a NaN lane converts 0 instead, and p (NaN) keeps the result NaN.
+  const auto bits = hn::ShiftLeft<23>(
+      hn::Add(hn::ConvertTo(di, hn::IfThenZeroElse(hn::IsNaN(n), n)), hn::Set(di, 127)));
+#else
   const auto bits = hn::ShiftLeft<23>(hn::Add(hn::ConvertTo(di, n), hn::Set(di, 127)));
+#endif
   return hn::Mul(p, hn::BitCast(df, bits));
 }
 
