@@ -75,6 +75,29 @@ TEST(CheckedMath, NumelSaturatesInsteadOfWrapping) {
   EXPECT_EQ(empty.numel(), 0);
 }
 
+// A dim of extent 1 may carry any stride: AttentionForward's decode route (few queries) formed
+// stride * element size for K and V, which overflowed for a stride near INT64_MAX. The result
+// equals the contiguous call's, bitwise.
+TEST(BadInput, HugeStrideOfAnExtentOneDimIsHarmless) {
+  Tensor q = Input(DType::kF32, {1, 2, 2, 8}, 121), k = Input(DType::kF32, {1, 20, 1, 8}, 122),
+         v = Input(DType::kF32, {1, 20, 1, 8}, 123);
+  Tensor want = Output(DType::kF32, {1, 2, 2, 8}), got = Output(DType::kF32, {1, 2, 2, 8});
+  AttentionParams p;
+  p.q = q.view();
+  p.k = k.view();
+  p.v = v.view();
+  p.out = want.view();
+  ASSERT_TRUE(AttentionForward(p, Context()).ok());
+  p.k.strides[0] = kMax - 1;  // batch and head dims of extent 1
+  p.v.strides[0] = kMax - 1;
+  p.k.strides[2] = kMax / 2;
+  p.v.strides[2] = kMax / 3;
+  p.out = got.view();
+  const Status s = AttentionForward(p, Context());
+  ASSERT_TRUE(s.ok()) << s.ToString();
+  EXPECT_TRUE(got.BitwiseEqual(want));
+}
+
 // A view holds 4 dims: a rank of 5 is rejected, and the error (worded before the rank check in
 // the backward) and numel() read no shape[4] (UBSan: index 4 out of bounds).
 TEST(BadInput, RankFiveViewsAreRejectedWithoutReadingPastTheShape) {

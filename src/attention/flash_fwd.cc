@@ -82,13 +82,18 @@ Status RunAsDecode(const AttentionProblem& p, const Context& ctx, bool fast) {
   kv.k = static_cast<const uint8_t*>(p.k);
   kv.v = static_cast<const uint8_t*>(p.v);
   const int64_t elem = static_cast<int64_t>(DTypeSize(p.dtype));
-  kv.k_page_stride = p.varlen() ? 0 : p.k_stride[0] * elem;
-  kv.k_token_stride = p.k_stride[1] * elem;
-  kv.k_head_stride = p.k_stride[2] * elem;
+  // A dim of extent <= 1 may carry any stride (validation bounds only the others: its index is
+  // always 0), so its byte stride is 0 rather than a product that can overflow.
+  const auto bytes = [elem](int64_t extent, int64_t stride) -> int64_t {
+    return extent <= 1 ? 0 : stride * elem;
+  };
+  kv.k_page_stride = p.varlen() ? 0 : bytes(p.batch, p.k_stride[0]);
+  kv.k_token_stride = bytes(p.seq_k, p.k_stride[1]);
+  kv.k_head_stride = bytes(p.heads_kv, p.k_stride[2]);
   kv.k_dim_stride = p.k_stride[3];
-  kv.v_page_stride = p.varlen() ? 0 : p.v_stride[0] * elem;
-  kv.v_token_stride = p.v_stride[1] * elem;
-  kv.v_head_stride = p.v_stride[2] * elem;
+  kv.v_page_stride = p.varlen() ? 0 : bytes(p.batch, p.v_stride[0]);
+  kv.v_token_stride = bytes(p.seq_k, p.v_stride[1]);
+  kv.v_head_stride = bytes(p.heads_kv, p.v_stride[2]);
   kv.v_dim_stride = p.v_stride[3];
   kv.seq_k = p.seq_k;
   kv.cu_seqlens_k = p.cu_seqlens_k;
