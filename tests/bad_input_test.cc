@@ -98,6 +98,27 @@ TEST(BadInput, HugeStrideOfAnExtentOneDimIsHarmless) {
   EXPECT_TRUE(got.BitwiseEqual(want));
 }
 
+// SelectBlocks with user scores takes only the sizes of q and k, so their head dim may be 0: the
+// default scale 1 / sqrt(D) (unused there) was a division by zero. The mask equals the one from
+// the same scores with D = 8.
+TEST(BadInput, SelectBlocksWithScoresAndNoHeadDim) {
+  Tensor scores = Input(DType::kF32, {1, 2, 2, 2}, 131);
+  std::vector<uint8_t> want(8, 7), got(8, 7);
+  BlockSelectParams p;
+  p.scores = scores.view();
+  p.block_q = p.block_k = 16;
+  p.top_k = 1;
+  p.q = MakeView4(nullptr, DType::kF32, 1, 32, 2, 8);
+  p.k = MakeView4(nullptr, DType::kF32, 1, 32, 1, 8);
+  p.out = MakeView4(want.data(), DType::kU8, 1, 2, 2, 2);
+  ASSERT_TRUE(SelectBlocks(p, Context()).ok());
+  p.q.shape[3] = p.k.shape[3] = 0;
+  p.out = MakeView4(got.data(), DType::kU8, 1, 2, 2, 2);
+  const Status s = SelectBlocks(p, Context());
+  ASSERT_TRUE(s.ok()) << s.ToString();
+  EXPECT_EQ(got, want);
+}
+
 // A view holds 4 dims: a rank of 5 is rejected, and the error (worded before the rank check in
 // the backward) and numel() read no shape[4] (UBSan: index 4 out of bounds).
 TEST(BadInput, RankFiveViewsAreRejectedWithoutReadingPastTheShape) {

@@ -496,8 +496,10 @@ Status SelectBlocks(const BlockSelectParams& p, const Context& ctx) try {
   if (B == 0 || Hq == 0 || nqb == 0 || nkb == 0) return Status::Ok();
   const bool user_scores = p.scores.data != nullptr;
   const int32_t threads = ResolveThreads(ctx);
-  const float scale =
-      p.scale.has_value() ? *p.scale : static_cast<float>(1.0 / std::sqrt(static_cast<double>(D)));
+  // Only computed gates use the scale (and they require D >= 1); with user scores D may be 0.
+  const float scale = p.scale.has_value() ? *p.scale
+                      : D > 0 ? static_cast<float>(1.0 / std::sqrt(static_cast<double>(D)))
+                              : 0.0f;
   const float* f16_table = p.q.dtype == DType::kF16 && !user_scores ? F16Table() : nullptr;
 
   std::vector<SelectScratch> scratch(static_cast<size_t>(std::max<int32_t>(threads, 1)));
