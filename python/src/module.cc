@@ -1,0 +1,623 @@
+// SPDX-License-Identifier: Apache-2.0
+// tessera._C: the extension module behind the Python package. A thin layer: every function here
+// takes arrays the Python side has already allocated (outputs included), turns each one into a
+// TensorView without copying, fills the public params struct and calls the public C++ entry
+// point with the GIL released. Argument checking is the library's own (its Status message
+// becomes a ValueError); this file checks only what the library cannot see: the kind of object,
+// its device, and dtypes and ranks a TensorView cannot hold.
+#include <nanobind/nanobind.h>
+#include <nanobind/ndarray.h>
+#include <nanobind/stl/optional.h>
+#include <nanobind/stl/string.h>
+#include <nanobind/stl/vector.h>
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "tessera/tessera.h"
+
+namespace nb = nanobind;
+
+namespace tessera::python {
+namespace {
+
+// The library's Status as a Python exception: a caller error (or an unsupported request) is a
+// ValueError carrying the library's message; anything else a RuntimeError.
+void Check(const Status& status) {
+  if (status.ok()) return;
+  if (status.code() == StatusCode::kInvalidArgument ||
+      status.code() == StatusCode::kUnimplemented) {
+    throw nb::value_error(status.ToString().c_str());
+  }
+  throw std::runtime_error(status.ToString());
+}
+
+[[noreturn]] void TypeError(const std::string& message) {
+  PyErr_SetString(PyExc_TypeError, message.c_str());
+  throw nb::python_error();
+}
+
+[[noreturn]] void ValueError(const std::string& message) {
+  throw nb::value_error(message.c_str());
+}
+
+// torch is never imported here: the Python side registers torch.Tensor and its dtypes once torch
+// is importable (tessera._torch), and tensors of that type are read through their attributes,
+// which costs far less than a DLPack export for the small calls where the overhead shows.
+struct TorchTypes {
+  nb::object tensor_type;
+  std::vector<std::pair<nb::object, DType>> dtypes;
+};
+TorchTypes& Torch() {
+  static TorchTypes* types = new TorchTypes();  // never destroyed: outlives interpreter teardown
+  return *types;
+}
+
+void RegisterTorch(nb::object tensor_type, nb::object f32, nb::object bf16, nb::object f16,
+                   nb::object u8, nb::object boolean, nb::object i32) {
+  TorchTypes& t = Torch();
+  t.tensor_type = std::move(tensor_type);
+  t.dtypes = {{f32, DType::kF32}, {bf16, DType::kBF16}, {f16, DType::kF16},
+              {u8, DType::kU8},   {boolean, DType::kBool}, {i32, DType::kI32}};
+}
+
+std::string PyTypeName(nb::handle obj) {
+  return nb::borrow<nb::str>(nb::handle(obj.type()).attr("__name__")).c_str();
+}
+
+TensorView FromTorch(nb::handle t, const char* name) {
+  TensorView view;
+  if (!nb::cast<bool>(t.attr("is_cpu"))) {
+    ValueError(std::string(name) + ": expected a CPU tensor, got one on " +
+               nb::str(t.attr("device")).c_str());
+  }
+  nb::object dtype = t.attr("dtype");
+  bool known = false;
+  for (const auto& [object, dt] : Torch().dtypes) {
+    if (dtype.is(object)) {
+      view.dtype = dt;
+      known = true;
+      break;
+    }
+  }
+  if (!known) {
+    ValueError(std::string(name) + ": expected dtype float32, bfloat16 or float16 (masks: bool, " +
+               "uint8, int32), got " + nb::str(dtype).c_str());
+  }
+  nb::tuple shape = nb::borrow<nb::tuple>(t.attr("shape"));
+  nb::tuple strides = nb::borrow<nb::tuple>(t.attr("stride")());
+  const size_t rank = nb::len(shape);
+  if (rank > 4) {
+    ValueError(std::string(name) + ": expected at most 4 dimensions, got " +
+               std::to_string(rank));
+  }
+  view.rank = static_cast<int32_t>(rank);
+  for (size_t i = 0; i < rank; ++i) {
+    view.shape[i] = nb::cast<int64_t>(shape[i]);
+    view.strides[i] = nb::cast<int64_t>(strides[i]);
+    if (view.strides[i] < 0) {
+      ValueError(std::string(name) + ": expected non-negative strides, got " +
+                 std::to_string(view.strides[i]) + " in dim " + std::to_string(i));
+    }
+  }
+  view.data = reinterpret_cast<void*>(nb::cast<uintptr_t>(t.attr("data_ptr")()));
+  return view;
+}
+
+DType FromDLPack(nb::dlpack::dtype dtype, const char* name) {
+  using Code = nb::dlpack::dtype_code;
+  const auto code = static_cast<Code>(dtype.code);
+  if (dtype.lanes == 1) {
+    if (code == Code::Float && dtype.bits == 32) return DType::kF32;
+    if (code == Code::Float && dtype.bits == 16) return DType::kF16;
+    if (code == Code::Bfloat && dtype.bits == 16) return DType::kBF16;
+    if (code == Code::UInt && dtype.bits == 8) return DType::kU8;
+    if (code == Code::Bool && dtype.bits == 8) return DType::kBool;
+    if (code == Code::Int && dtype.bits == 32) return DType::kI32;
+  }
+  ValueError(std::string(name) +
+             ": expected dtype float32, bfloat16 or float16 (masks: bool, uint8, int32), got " +
+             "a DLPack type of code " + std::to_string(dtype.code) + " and " +
+             std::to_string(dtype.bits) + " bits");
+}
+
+using AnyArray = nb::ndarray<nb::ro>;
+
+// A TensorView over `obj` (a torch CPU tensor, or anything with the buffer protocol or DLPack:
+// numpy arrays), in place, with its strides. None gives an empty view (data == nullptr).
+TensorView ToView(nb::handle obj, const char* name) {
+  if (obj.is_none()) return TensorView{};
+  const TorchTypes& torch = Torch();
+  if (torch.tensor_type.is_valid() &&
+      PyObject_IsInstance(obj.ptr(), torch.tensor_type.ptr()) == 1) {
+    return FromTorch(obj, name);
+  }
+  AnyArray array;
+  if (!nb::try_cast<AnyArray>(obj, array, /*convert=*/false)) {
+    TypeError(std::string(name) + ": expected a numpy array or a torch tensor, got " +
+              PyTypeName(obj));
+  }
+  if (array.device_type() != nb::device::cpu::value) {
+    ValueError(std::string(name) + ": expected an array in CPU memory");
+  }
+  TensorView view;
+  view.dtype = FromDLPack(array.dtype(), name);
+  const size_t rank = array.ndim();
+  if (rank > 4) {
+    ValueError(std::string(name) + ": expected at most 4 dimensions, got " +
+               std::to_string(rank));
+  }
+  view.rank = static_cast<int32_t>(rank);
+  for (size_t i = 0; i < rank; ++i) {
+    view.shape[i] = static_cast<int64_t>(array.shape(i));
+    view.strides[i] = array.stride(i);
+    if (view.strides[i] < 0) {
+      ValueError(std::string(name) + ": expected non-negative strides, got " +
+                 std::to_string(view.strides[i]) + " in dim " + std::to_string(i));
+    }
+  }
+  view.data = const_cast<void*>(static_cast<const void*>(array.data()));
+  return view;
+}
+
+Context MakeContext(int32_t threads, int32_t path) {
+  Context ctx;
+  ctx.num_threads = threads;
+  ctx.path = static_cast<Path>(path);
+  return ctx;
+}
+
+std::optional<float> OptionalScale(std::optional<double> scale) {
+  if (!scale) return std::nullopt;
+  return static_cast<float>(*scale);
+}
+
+// The Python Mask's fields, read by name (only when a mask is given).
+void FillMask(nb::handle mask, nb::handle dense, MaskParams* out) {
+  out->dense = ToView(dense, "attn_mask");
+  if (mask.is_none()) return;
+  out->blocks = ToView(mask.attr("blocks"), "mask.blocks");
+  out->block_q = nb::cast<int64_t>(mask.attr("block_q"));
+  out->block_k = nb::cast<int64_t>(mask.attr("block_k"));
+  nb::object nbhd = mask.attr("neighborhood");
+  if (!nbhd.is_none()) {
+    nb::tuple axes = nb::borrow<nb::tuple>(nbhd);
+    const size_t rank = nb::len(axes);
+    if (rank < 1 || rank > 3) ValueError("mask: a neighborhood has 1 to 3 axes");
+    out->neighborhood.rank = static_cast<int32_t>(rank);
+    for (size_t a = 0; a < rank; ++a) {
+      nb::tuple axis = nb::borrow<nb::tuple>(axes[a]);  // (length, window, dilation, stride, causal)
+      out->neighborhood.grid[a] = nb::cast<int64_t>(axis[0]);
+      out->neighborhood.window[a] = nb::cast<int64_t>(axis[1]);
+      out->neighborhood.dilation[a] = nb::cast<int64_t>(axis[2]);
+      out->neighborhood.stride[a] = nb::cast<int64_t>(axis[3]);
+      out->neighborhood.causal[a] = nb::cast<bool>(axis[4]);
+    }
+  }
+  out->sink_tokens = nb::cast<int64_t>(mask.attr("sink_tokens"));
+  out->prefix_len = nb::cast<int64_t>(mask.attr("prefix_len"));
+  out->document_ids = ToView(mask.attr("document_ids"), "mask.document_ids");
+  out->group_size = nb::cast<int64_t>(mask.attr("group_size"));
+  out->shift_half_heads = nb::cast<bool>(mask.attr("shift_half_heads"));
+  out->tree_parents = ToView(mask.attr("tree_parents"), "mask.tree_parents");
+  nb::object mask_dense = mask.attr("dense");
+  if (!mask_dense.is_none()) {
+    if (out->dense.data != nullptr) {
+      ValueError("attn_mask: a dense mask is given twice (attn_mask and mask.dense)");
+    }
+    out->dense = ToView(mask_dense, "mask.dense");
+  }
+  out->score = nb::cast<bool>(mask.attr("sigmoid")) ? ScoreFunction::kSigmoid
+                                                   : ScoreFunction::kSoftmax;
+  out->sigmoid_bias = nb::cast<float>(mask.attr("sigmoid_bias"));
+}
+
+// The options shared by the forward and the backward.
+struct AttentionOptions {
+  std::optional<double> scale;
+  bool causal = false;
+  int64_t window_left = -1;
+  int64_t window_right = -1;
+  bool top_left = false;
+  double softcap = 0.0;
+  int32_t num_seqs = 0;
+};
+
+AttentionParams MakeAttentionParams(nb::handle q, nb::handle k, nb::handle v, nb::handle out,
+                                    nb::handle lse, const AttentionOptions& o,
+                                    nb::handle alibi_slopes, nb::handle cu_seqlens_q,
+                                    nb::handle cu_seqlens_k, nb::handle attn_mask,
+                                    nb::handle mask) {
+  AttentionParams p;
+  p.q = ToView(q, "q");
+  p.k = ToView(k, "k");
+  p.v = ToView(v, "v");
+  p.out = ToView(out, "out");
+  p.lse = ToView(lse, "lse");
+  p.scale = OptionalScale(o.scale);
+  p.causal = o.causal;
+  p.window_left = o.window_left;
+  p.window_right = o.window_right;
+  p.align = o.top_left ? MaskAlign::kTopLeft : MaskAlign::kBottomRight;
+  p.softcap = static_cast<float>(o.softcap);
+  p.alibi_slopes = ToView(alibi_slopes, "alibi_slopes");
+  p.cu_seqlens_q = ToView(cu_seqlens_q, "cu_seqlens_q");
+  p.cu_seqlens_k = ToView(cu_seqlens_k, "cu_seqlens_k");
+  p.num_seqs = o.num_seqs;
+  FillMask(mask, attn_mask, &p.mask);
+  return p;
+}
+
+void AttentionForwardPy(nb::handle q, nb::handle k, nb::handle v, nb::handle out, nb::handle lse,
+                        std::optional<double> scale, bool causal, int64_t window_left,
+                        int64_t window_right, bool top_left, double softcap,
+                        nb::handle alibi_slopes, nb::handle cu_seqlens_q,
+                        nb::handle cu_seqlens_k, int32_t num_seqs, nb::handle attn_mask,
+                        nb::handle mask, int32_t threads, int32_t path) {
+  const AttentionOptions o{scale, causal, window_left, window_right, top_left, softcap, num_seqs};
+  const AttentionParams p = MakeAttentionParams(q, k, v, out, lse, o, alibi_slopes, cu_seqlens_q,
+                                                cu_seqlens_k, attn_mask, mask);
+  const Context ctx = MakeContext(threads, path);
+  Status status;
+  {
+    nb::gil_scoped_release release;
+    status = AttentionForward(p, ctx);
+  }
+  Check(status);
+}
+
+void AttentionBackwardPy(nb::handle dout, nb::handle q, nb::handle k, nb::handle v,
+                         nb::handle out, nb::handle lse, nb::handle dq, nb::handle dk,
+                         nb::handle dv, std::optional<double> scale, bool causal,
+                         int64_t window_left, int64_t window_right, bool top_left, double softcap,
+                         nb::handle alibi_slopes, nb::handle cu_seqlens_q,
+                         nb::handle cu_seqlens_k, int32_t num_seqs, nb::handle attn_mask,
+                         nb::handle mask, int32_t threads, int32_t path) {
+  const AttentionOptions o{scale, causal, window_left, window_right, top_left, softcap, num_seqs};
+  AttentionBackwardParams p;
+  p.forward = MakeAttentionParams(q, k, v, out, lse, o, alibi_slopes, cu_seqlens_q, cu_seqlens_k,
+                                  attn_mask, mask);
+  p.dout = ToView(dout, "dout");
+  p.dq = ToView(dq, "dq");
+  p.dk = ToView(dk, "dk");
+  p.dv = ToView(dv, "dv");
+  const Context ctx = MakeContext(threads, path);
+  Status status;
+  {
+    nb::gil_scoped_release release;
+    status = AttentionBackward(p, ctx);
+  }
+  Check(status);
+}
+
+void MergeStatesPy(nb::handle out_parts, nb::handle lse_parts, nb::handle out, nb::handle lse,
+                   bool base2, int32_t threads) {
+  MergeStatesParams p;
+  p.out_parts = ToView(out_parts, "outs");
+  p.lse_parts = ToView(lse_parts, "lses");
+  p.out = ToView(out, "out");
+  p.lse = ToView(lse, "lse");
+  p.base2 = base2;
+  const Context ctx = MakeContext(threads, 0);
+  Status status;
+  {
+    nb::gil_scoped_release release;
+    status = MergeStates(p, ctx);
+  }
+  Check(status);
+}
+
+// ---- KV cache: one owning pool; the Python KVCache keeps seq_lens and the block table. --------
+
+KVDType ParseKVDType(const std::string& name) {
+  for (KVDType t : {KVDType::kF32, KVDType::kBF16, KVDType::kF16, KVDType::kInt8, KVDType::kInt4}) {
+    if (name == KVDTypeName(t)) return t;
+  }
+  ValueError("dtype: expected one of f32, bf16, f16, int8, int4, got '" + name + "'");
+}
+
+class KVPool {
+ public:
+  KVPool(const std::string& dtype, int64_t num_pages, int64_t page_size, int64_t num_kv_heads,
+         int64_t head_dim) {
+    Check(cache_.Allocate(ParseKVDType(dtype), num_pages, page_size, num_kv_heads, head_dim));
+  }
+  int64_t bytes() const { return cache_.bytes(); }
+
+  void Append(nb::handle k_new, nb::handle v_new, nb::handle seq_lens, nb::handle block_table,
+              int64_t rotary_dim, double rotary_base, bool interleaved, int32_t threads) {
+    AppendKVParams p;
+    p.k_new = ToView(k_new, "k");
+    p.v_new = ToView(v_new, "v");
+    p.cache = cache_.view();
+    p.batch = Batch(seq_lens, block_table);
+    p.rotary.rotary_dim = rotary_dim;
+    p.rotary.base = static_cast<float>(rotary_base);
+    p.rotary.interleaved = interleaved;
+    const Context ctx = MakeContext(threads, 0);
+    Status status;
+    {
+      nb::gil_scoped_release release;
+      status = AppendKV(p, ctx);
+    }
+    Check(status);
+  }
+
+  void Read(int64_t b, nb::handle seq_lens, nb::handle block_table, nb::handle k_out,
+            nb::handle v_out, int32_t threads) {
+    ReadKVParams p;
+    p.cache = cache_.view();
+    p.batch = Batch(seq_lens, block_table);
+    p.b = b;
+    p.k_out = ToView(k_out, "k_out");
+    p.v_out = ToView(v_out, "v_out");
+    const Context ctx = MakeContext(threads, 0);
+    Status status;
+    {
+      nb::gil_scoped_release release;
+      status = ReadKV(p, ctx);
+    }
+    Check(status);
+  }
+
+  void Decode(nb::handle q, nb::handle seq_lens, nb::handle block_table, nb::handle out,
+              nb::handle lse, std::optional<double> scale, bool causal, int64_t window_left,
+              double softcap, nb::handle alibi_slopes, int64_t split_tokens, int32_t threads,
+              int32_t path) {
+    DecodeParams p;
+    p.q = ToView(q, "q");
+    p.cache = cache_.view();
+    p.kv = Batch(seq_lens, block_table);
+    p.out = ToView(out, "out");
+    p.lse = ToView(lse, "lse");
+    p.scale = OptionalScale(scale);
+    p.causal = causal;
+    p.window_left = window_left;
+    p.softcap = static_cast<float>(softcap);
+    p.alibi_slopes = ToView(alibi_slopes, "alibi_slopes");
+    p.split_tokens = split_tokens;
+    const Context ctx = MakeContext(threads, path);
+    Status status;
+    {
+      nb::gil_scoped_release release;
+      status = tessera::Decode(p, ctx);
+    }
+    Check(status);
+  }
+
+ private:
+  static KVBatchView Batch(nb::handle seq_lens, nb::handle block_table) {
+    KVBatchView batch;
+    batch.seq_lens = ToView(seq_lens, "seq_lens");
+    batch.block_table = ToView(block_table, "block_table");
+    batch.batch = batch.seq_lens.rank >= 1 ? batch.seq_lens.shape[0] : 0;
+    return batch;
+  }
+  KVCache cache_;
+};
+
+void ApplyRotaryPy(nb::handle x, nb::handle positions, int64_t rotary_dim, double base,
+                   bool interleaved, int32_t threads) {
+  ApplyRotaryParams p;
+  p.x = ToView(x, "x");
+  p.positions = ToView(positions, "positions");
+  p.rotary.rotary_dim = rotary_dim;
+  p.rotary.base = static_cast<float>(base);
+  p.rotary.interleaved = interleaved;
+  const Context ctx = MakeContext(threads, 0);
+  Status status;
+  {
+    nb::gil_scoped_release release;
+    status = ApplyRotary(p, ctx);
+  }
+  Check(status);
+}
+
+// ---- Linear attention ------------------------------------------------------------------------
+
+LinearFeatureMap ParseFeatureMap(const std::string& name) {
+  if (name == "identity") return LinearFeatureMap::kIdentity;
+  if (name == "elu1") return LinearFeatureMap::kElu1;
+  if (name == "relu") return LinearFeatureMap::kRelu;
+  if (name == "taylor2") return LinearFeatureMap::kTaylor2;
+  ValueError("feature_map: expected one of identity, elu1, relu, taylor2, got '" + name + "'");
+}
+
+int64_t LinearFeatureDimPy(const std::string& feature_map, int64_t dk) {
+  return LinearFeatureDim(ParseFeatureMap(feature_map), dk);
+}
+
+LinearAttentionParams MakeLinearParams(nb::handle q, nb::handle k, nb::handle v, nb::handle out,
+                                       const std::string& feature_map,
+                                       std::optional<double> scale, bool causal,
+                                       int64_t prefix_len, bool normalize, double eps,
+                                       nb::handle decay, nb::handle gates, int64_t window,
+                                       nb::handle initial_state, nb::handle initial_normalizer,
+                                       nb::handle final_state, nb::handle final_normalizer,
+                                       int64_t chunk_size) {
+  LinearAttentionParams p;
+  p.q = ToView(q, "q");
+  p.k = ToView(k, "k");
+  p.v = ToView(v, "v");
+  p.out = ToView(out, "out");
+  p.feature_map = ParseFeatureMap(feature_map);
+  p.scale = OptionalScale(scale);
+  p.causal = causal;
+  p.prefix_len = prefix_len;
+  p.normalize = normalize;
+  p.eps = static_cast<float>(eps);
+  p.decay = ToView(decay, "decay");
+  p.gates = ToView(gates, "gates");
+  p.window = window;
+  p.initial_state = ToView(initial_state, "initial_state");
+  p.initial_normalizer = ToView(initial_normalizer, "initial_normalizer");
+  p.final_state = ToView(final_state, "final_state");
+  p.final_normalizer = ToView(final_normalizer, "final_normalizer");
+  p.chunk_size = chunk_size;
+  return p;
+}
+
+void LinearForwardPy(bool recurrent, nb::handle q, nb::handle k, nb::handle v, nb::handle out,
+                     const std::string& feature_map, std::optional<double> scale, bool causal,
+                     int64_t prefix_len, bool normalize, double eps, nb::handle decay,
+                     nb::handle gates, int64_t window, nb::handle initial_state,
+                     nb::handle initial_normalizer, nb::handle final_state,
+                     nb::handle final_normalizer, int64_t chunk_size, int32_t threads,
+                     int32_t path) {
+  const LinearAttentionParams p =
+      MakeLinearParams(q, k, v, out, feature_map, scale, causal, prefix_len, normalize, eps,
+                       decay, gates, window, initial_state, initial_normalizer, final_state,
+                       final_normalizer, chunk_size);
+  const Context ctx = MakeContext(threads, path);
+  Status status;
+  {
+    nb::gil_scoped_release release;
+    status = recurrent ? LinearAttentionRecurrent(p, ctx) : LinearAttentionForward(p, ctx);
+  }
+  Check(status);
+}
+
+void LinearBackwardPy(nb::handle dout, nb::handle q, nb::handle k, nb::handle v, nb::handle dq,
+                      nb::handle dk, nb::handle dv, nb::handle dgates,
+                      const std::string& feature_map, std::optional<double> scale, bool causal,
+                      int64_t prefix_len, bool normalize, double eps, nb::handle decay,
+                      nb::handle gates, int64_t chunk_size, int32_t threads, int32_t path) {
+  LinearAttentionBackwardParams p;
+  p.forward = MakeLinearParams(q, k, v, nb::none(), feature_map, scale, causal, prefix_len,
+                               normalize, eps, decay, gates, 0, nb::none(), nb::none(),
+                               nb::none(), nb::none(), chunk_size);
+  p.dout = ToView(dout, "dout");
+  p.dq = ToView(dq, "dq");
+  p.dk = ToView(dk, "dk");
+  p.dv = ToView(dv, "dv");
+  p.dgates = ToView(dgates, "dgates");
+  const Context ctx = MakeContext(threads, path);
+  Status status;
+  {
+    nb::gil_scoped_release release;
+    status = LinearAttentionBackward(p, ctx);
+  }
+  Check(status);
+}
+
+// ---- Block-mask builders ---------------------------------------------------------------------
+
+void BuildS2Py(nb::handle out, int64_t heads, int64_t num_q_blocks, int64_t num_k_blocks,
+               int64_t local_blocks, int64_t vert_stride, int64_t offset, bool causal,
+               int32_t threads) {
+  S2MaskParams p;
+  p.heads = heads;
+  p.num_q_blocks = num_q_blocks;
+  p.num_k_blocks = num_k_blocks;
+  p.local_blocks = local_blocks;
+  p.vert_stride = vert_stride;
+  p.offset = offset;
+  p.causal = causal;
+  p.out = ToView(out, "out");
+  const Context ctx = MakeContext(threads, 0);
+  Status status;
+  {
+    nb::gil_scoped_release release;
+    status = BuildS2BlockMask(p, ctx);
+  }
+  Check(status);
+}
+
+void BuildRadialPy(nb::handle out, int64_t frames, int64_t tokens_per_frame, int64_t block,
+                   double decay_factor, int32_t threads) {
+  RadialMaskParams p;
+  p.frames = frames;
+  p.tokens_per_frame = tokens_per_frame;
+  p.block = block;
+  p.decay_factor = decay_factor;
+  p.out = ToView(out, "out");
+  const Context ctx = MakeContext(threads, 0);
+  Status status;
+  {
+    nb::gil_scoped_release release;
+    status = BuildRadialBlockMask(p, ctx);
+  }
+  Check(status);
+}
+
+void SelectBlocksPy(nb::handle q, nb::handle k, nb::handle scores, nb::handle out,
+                    int64_t block_q, int64_t block_k, int64_t top_k, double threshold,
+                    std::optional<double> scale, bool causal, bool top_left, int32_t threads) {
+  BlockSelectParams p;
+  p.q = ToView(q, "q");
+  p.k = ToView(k, "k");
+  p.scores = ToView(scores, "scores");
+  p.block_q = block_q;
+  p.block_k = block_k;
+  p.top_k = top_k;
+  p.threshold = static_cast<float>(threshold);
+  p.scale = OptionalScale(scale);
+  p.causal = causal;
+  p.align = top_left ? MaskAlign::kTopLeft : MaskAlign::kBottomRight;
+  p.out = ToView(out, "out");
+  const Context ctx = MakeContext(threads, 0);
+  Status status;
+  {
+    nb::gil_scoped_release release;
+    status = SelectBlocks(p, ctx);
+  }
+  Check(status);
+}
+
+// Functions whose arguments may each be None (optional arrays, the default scale): nanobind
+// refuses None for an argument unless it is annotated so.
+template <typename T>
+constexpr auto NoneOk() {
+  return nb::arg().none();
+}
+template <typename R, typename... Args>
+void DefNoneOk(nb::module_& m, const char* name, R (*f)(Args...)) {
+  m.def(name, f, NoneOk<Args>()...);
+}
+template <typename C, typename R, typename... Args>
+void DefNoneOk(nb::class_<C>& c, const char* name, R (C::*f)(Args...)) {
+  c.def(name, f, NoneOk<Args>()...);
+}
+
+}  // namespace
+}  // namespace tessera::python
+
+NB_MODULE(_C, m) {
+  using namespace tessera::python;
+  namespace t = tessera;
+  m.doc() = "tessera's extension module (use the `tessera` package, not this module)";
+  m.attr("__version__") = TESSERA_VERSION_STRING;
+  m.attr("MAX_DECODE_QUERIES") = t::kMaxDecodeQueries;
+  m.attr("MAX_LINEAR_FEATURE_DIM") = t::kMaxLinearFeatureDim;
+
+  m.def("register_torch", &RegisterTorch);
+  DefNoneOk(m, "attention_forward", &AttentionForwardPy);
+  DefNoneOk(m, "attention_backward", &AttentionBackwardPy);
+  DefNoneOk(m, "merge_states", &MergeStatesPy);
+  DefNoneOk(m, "apply_rotary", &ApplyRotaryPy);
+  DefNoneOk(m, "linear_forward", &LinearForwardPy);
+  DefNoneOk(m, "linear_backward", &LinearBackwardPy);
+  m.def("linear_feature_dim", &LinearFeatureDimPy);
+  DefNoneOk(m, "build_s2", &BuildS2Py);
+  DefNoneOk(m, "build_radial", &BuildRadialPy);
+  DefNoneOk(m, "select_blocks", &SelectBlocksPy);
+  nb::class_<KVPool> pool(m, "KVPool");
+  pool.def(nb::init<const std::string&, int64_t, int64_t, int64_t, int64_t>())
+      .def_prop_ro("bytes", &KVPool::bytes);
+  DefNoneOk(pool, "append", &KVPool::Append);
+  DefNoneOk(pool, "read", &KVPool::Read);
+  DefNoneOk(pool, "decode", &KVPool::Decode);
+
+  m.def("simd_target", &t::SimdTargetName);
+  m.def("compiled_simd_targets", &t::CompiledSimdTargets);
+  m.def("supported_simd_targets", &t::SupportedSimdTargets);
+  m.def("set_simd_target", [](const std::string& name) { Check(t::SetSimdTarget(name)); });
+  m.def("hardware_threads", &t::HardwareThreads);
+  m.def("resolve_threads", [](int32_t threads) {
+    t::Context ctx;
+    ctx.num_threads = threads;
+    return t::ResolveThreads(ctx);
+  });
+}

@@ -1,0 +1,41 @@
+# SPDX-License-Identifier: Apache-2.0
+"""tessera: fast, memory-efficient attention on CPUs, from numpy and PyTorch.
+
+    import tessera
+    out = tessera.attention(q, k, v, causal=True)        # q [B, S, H, D], numpy or torch
+
+Arrays are read in place (any strides); results come back as the kind of the inputs. torch is
+never imported by tessera itself: its features turn on when the caller passes torch tensors.
+Drop-in replacements for flash_attn, torch's scaled_dot_product_attention and fla live in
+tessera.compat.
+"""
+from . import _C
+from . import mask
+from ._attention import attention, attention_backward
+from .decode import KVCache, apply_rotary, decode, merge_states
+from .linear import (linear_attention, linear_attention_backward, linear_attention_recurrent,
+                     linear_feature_dim)
+from .mask import Mask
+
+__version__ = _C.__version__
+
+
+def info():
+    """What this machine and build offer: the SIMD target in use, the compiled and supported
+    targets, and the hardware threads."""
+    return {"version": __version__, "simd_target": _C.simd_target(),
+            "compiled_targets": list(_C.compiled_simd_targets()),
+            "supported_targets": list(_C.supported_simd_targets()),
+            "hardware_threads": _C.hardware_threads()}
+
+
+def set_simd_target(name):
+    """Forces every later call in this process onto one compiled SIMD target ('avx2', ...);
+    'auto' returns to the best one. Process-wide: call it while no other tessera call runs."""
+    _C.set_simd_target(name)
+
+
+__all__ = ["attention", "attention_backward", "KVCache", "decode", "merge_states",
+           "apply_rotary", "linear_attention", "linear_attention_recurrent",
+           "linear_attention_backward", "linear_feature_dim", "Mask", "mask", "info",
+           "set_simd_target", "__version__"]
