@@ -50,30 +50,46 @@ struct TorchTypes {
   nb::object tensor_type;
   std::vector<std::pair<nb::object, DType>> dtypes;
 };
-TorchTypes& Torch() {
+// torch's Tensor type and dtypes, looked up in sys.modules (never imported) until torch is
+// there; the lookup happens here, at the first call with real arrays, so that the Python
+// wrappers stay traceable by torch.compile.
+const TorchTypes& Torch() {
   static TorchTypes* types = new TorchTypes();  // never destroyed: outlives interpreter teardown
+  if (!types->tensor_type.is_valid()) {
+    nb::dict modules = nb::borrow<nb::dict>(nb::module_::import_("sys").attr("modules"));
+    if (modules.contains("torch")) {
+      nb::object torch = modules["torch"];
+      types->dtypes = {{torch.attr("float32"), DType::kF32}, {torch.attr("bfloat16"), DType::kBF16},
+                       {torch.attr("float16"), DType::kF16}, {torch.attr("uint8"), DType::kU8},
+                       {torch.attr("bool"), DType::kBool},   {torch.attr("int32"), DType::kI32}};
+      types->tensor_type = torch.attr("Tensor");
+    }
+  }
   return *types;
-}
-
-void RegisterTorch(nb::object tensor_type, nb::object f32, nb::object bf16, nb::object f16,
-                   nb::object u8, nb::object boolean, nb::object i32) {
-  TorchTypes& t = Torch();
-  t.tensor_type = std::move(tensor_type);
-  t.dtypes = {{f32, DType::kF32}, {bf16, DType::kBF16}, {f16, DType::kF16},
-              {u8, DType::kU8},   {boolean, DType::kBool}, {i32, DType::kI32}};
 }
 
 std::string PyTypeName(nb::handle obj) {
   return nb::borrow<nb::str>(nb::handle(obj.type()).attr("__name__")).c_str();
 }
 
+// Attribute names looked up on every torch tensor, interned once.
+struct TorchNames {
+  nb::str is_cpu{"is_cpu"}, device{"device"}, dtype{"dtype"}, shape{"shape"}, stride{"stride"},
+      data_ptr{"data_ptr"};
+};
+const TorchNames& Names() {
+  static TorchNames* names = new TorchNames();
+  return *names;
+}
+
 TensorView FromTorch(nb::handle t, const char* name) {
+  const TorchNames& n = Names();
   TensorView view;
-  if (!nb::cast<bool>(t.attr("is_cpu"))) {
+  if (!nb::cast<bool>(t.attr(n.is_cpu))) {
     ValueError(std::string(name) + ": expected a CPU tensor, got one on " +
-               nb::str(t.attr("device")).c_str());
+               nb::str(t.attr(n.device)).c_str());
   }
-  nb::object dtype = t.attr("dtype");
+  nb::object dtype = t.attr(n.dtype);
   bool known = false;
   for (const auto& [object, dt] : Torch().dtypes) {
     if (dtype.is(object)) {
@@ -86,23 +102,26 @@ TensorView FromTorch(nb::handle t, const char* name) {
     ValueError(std::string(name) + ": expected dtype float32, bfloat16 or float16 (masks: bool, " +
                "uint8, int32), got " + nb::str(dtype).c_str());
   }
-  nb::tuple shape = nb::borrow<nb::tuple>(t.attr("shape"));
-  nb::tuple strides = nb::borrow<nb::tuple>(t.attr("stride")());
-  const size_t rank = nb::len(shape);
-  if (rank > 4) {
+  nb::object shape = t.attr(n.shape);
+  nb::object strides = t.attr(n.stride)();
+  if (!PyTuple_Check(shape.ptr()) || !PyTuple_Check(strides.ptr())) {  // torch.Size: a tuple
+    TypeError(std::string(name) + ": expected a tensor whose shape and stride() are tuples");
+  }
+  const Py_ssize_t rank = PyTuple_GET_SIZE(shape.ptr());
+  if (rank > 4 || PyTuple_GET_SIZE(strides.ptr()) != rank) {
     ValueError(std::string(name) + ": expected at most 4 dimensions, got " +
                std::to_string(rank));
   }
   view.rank = static_cast<int32_t>(rank);
-  for (size_t i = 0; i < rank; ++i) {
-    view.shape[i] = nb::cast<int64_t>(shape[i]);
-    view.strides[i] = nb::cast<int64_t>(strides[i]);
+  for (Py_ssize_t i = 0; i < rank; ++i) {
+    view.shape[i] = PyLong_AsLongLong(PyTuple_GET_ITEM(shape.ptr(), i));
+    view.strides[i] = PyLong_AsLongLong(PyTuple_GET_ITEM(strides.ptr(), i));
     if (view.strides[i] < 0) {
       ValueError(std::string(name) + ": expected non-negative strides, got " +
                  std::to_string(view.strides[i]) + " in dim " + std::to_string(i));
     }
   }
-  view.data = reinterpret_cast<void*>(nb::cast<uintptr_t>(t.attr("data_ptr")()));
+  view.data = PyLong_AsVoidPtr(t.attr(n.data_ptr)().ptr());
   return view;
 }
 
@@ -592,7 +611,6 @@ NB_MODULE(_C, m) {
   m.attr("MAX_DECODE_QUERIES") = t::kMaxDecodeQueries;
   m.attr("MAX_LINEAR_FEATURE_DIM") = t::kMaxLinearFeatureDim;
 
-  m.def("register_torch", &RegisterTorch);
   DefNoneOk(m, "attention_forward", &AttentionForwardPy);
   DefNoneOk(m, "attention_backward", &AttentionBackwardPy);
   DefNoneOk(m, "merge_states", &MergeStatesPy);
