@@ -110,8 +110,8 @@ class MiniLM:
             p = f"encoder.layer.{i}."
             qkv = F.linear(x, *self.qkv[i]).view(B, S, 3, H, D)
             q, k, v = qkv.unbind(2)  # [B, S, H, D] each, strided views
-            a = attention(q, k, v, pad)
-            x = self._ln(x + self._linear(a.reshape(B, S, self.hidden), p + "attention.output.dense"),
+            a = attention(q, k, v, pad).reshape(B, S, self.hidden)
+            x = self._ln(x + self._linear(a, p + "attention.output.dense"),
                          p + "attention.output.LayerNorm")
             h = F.gelu(self._linear(x, p + "intermediate.dense"))
             x = self._ln(x + self._linear(h, p + "output.dense"), p + "output.LayerNorm")
