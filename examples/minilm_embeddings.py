@@ -8,8 +8,6 @@ Runs a padded batch of sentences through the encoder twice, with tessera.attenti
 float64 reference attention, and prints the cosine similarity matrix of tessera's embeddings and
 how far they are from the reference. (python/tests/test_minilm.py runs this script.)
 """
-import torch
-
 from minilm_model import MiniLM, reference_attention, tessera_attention
 
 SENTENCES = [
@@ -48,5 +46,4 @@ def main():
 
 
 if __name__ == "__main__":
-    torch.set_printoptions(precision=4)
     main()
