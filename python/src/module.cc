@@ -39,9 +39,7 @@ void Check(const Status& status) {
   throw nb::python_error();
 }
 
-[[noreturn]] void ValueError(const std::string& message) {
-  throw nb::value_error(message.c_str());
-}
+[[noreturn]] void ValueError(const std::string& message) { throw nb::value_error(message.c_str()); }
 
 // torch is never imported here: the Python side registers torch.Tensor and its dtypes once torch
 // is importable (tessera._torch), and tensors of that type are read through their attributes,
@@ -109,8 +107,7 @@ TensorView FromTorch(nb::handle t, const char* name) {
   }
   const Py_ssize_t rank = PyTuple_GET_SIZE(shape.ptr());
   if (rank > 4 || PyTuple_GET_SIZE(strides.ptr()) != rank) {
-    ValueError(std::string(name) + ": expected at most 4 dimensions, got " +
-               std::to_string(rank));
+    ValueError(std::string(name) + ": expected at most 4 dimensions, got " + std::to_string(rank));
   }
   view.rank = static_cast<int32_t>(rank);
   for (Py_ssize_t i = 0; i < rank; ++i) {
@@ -165,8 +162,7 @@ TensorView ToView(nb::handle obj, const char* name) {
   view.dtype = FromDLPack(array.dtype(), name);
   const size_t rank = array.ndim();
   if (rank > 4) {
-    ValueError(std::string(name) + ": expected at most 4 dimensions, got " +
-               std::to_string(rank));
+    ValueError(std::string(name) + ": expected at most 4 dimensions, got " + std::to_string(rank));
   }
   view.rank = static_cast<int32_t>(rank);
   for (size_t i = 0; i < rank; ++i) {
@@ -207,7 +203,8 @@ void FillMask(nb::handle mask, nb::handle dense, MaskParams* out) {
     if (rank < 1 || rank > 3) ValueError("mask: a neighborhood has 1 to 3 axes");
     out->neighborhood.rank = static_cast<int32_t>(rank);
     for (size_t a = 0; a < rank; ++a) {
-      nb::tuple axis = nb::borrow<nb::tuple>(axes[a]);  // (length, window, dilation, stride, causal)
+      nb::tuple axis =
+          nb::borrow<nb::tuple>(axes[a]);  // (length, window, dilation, stride, causal)
       out->neighborhood.grid[a] = nb::cast<int64_t>(axis[0]);
       out->neighborhood.window[a] = nb::cast<int64_t>(axis[1]);
       out->neighborhood.dilation[a] = nb::cast<int64_t>(axis[2]);
@@ -228,8 +225,8 @@ void FillMask(nb::handle mask, nb::handle dense, MaskParams* out) {
     }
     out->dense = ToView(mask_dense, "mask.dense");
   }
-  out->score = nb::cast<bool>(mask.attr("sigmoid")) ? ScoreFunction::kSigmoid
-                                                   : ScoreFunction::kSoftmax;
+  out->score =
+      nb::cast<bool>(mask.attr("sigmoid")) ? ScoreFunction::kSigmoid : ScoreFunction::kSoftmax;
   out->sigmoid_bias = nb::cast<float>(mask.attr("sigmoid_bias"));
 }
 
@@ -272,9 +269,9 @@ AttentionParams MakeAttentionParams(nb::handle q, nb::handle k, nb::handle v, nb
 void AttentionForwardPy(nb::handle q, nb::handle k, nb::handle v, nb::handle out, nb::handle lse,
                         std::optional<double> scale, bool causal, int64_t window_left,
                         int64_t window_right, bool top_left, double softcap,
-                        nb::handle alibi_slopes, nb::handle cu_seqlens_q,
-                        nb::handle cu_seqlens_k, int32_t num_seqs, nb::handle attn_mask,
-                        nb::handle mask, int32_t threads, int32_t path) {
+                        nb::handle alibi_slopes, nb::handle cu_seqlens_q, nb::handle cu_seqlens_k,
+                        int32_t num_seqs, nb::handle attn_mask, nb::handle mask, int32_t threads,
+                        int32_t path) {
   const AttentionOptions o{scale, causal, window_left, window_right, top_left, softcap, num_seqs};
   const AttentionParams p = MakeAttentionParams(q, k, v, out, lse, o, alibi_slopes, cu_seqlens_q,
                                                 cu_seqlens_k, attn_mask, mask);
@@ -287,13 +284,13 @@ void AttentionForwardPy(nb::handle q, nb::handle k, nb::handle v, nb::handle out
   Check(status);
 }
 
-void AttentionBackwardPy(nb::handle dout, nb::handle q, nb::handle k, nb::handle v,
-                         nb::handle out, nb::handle lse, nb::handle dq, nb::handle dk,
-                         nb::handle dv, std::optional<double> scale, bool causal,
-                         int64_t window_left, int64_t window_right, bool top_left, double softcap,
-                         nb::handle alibi_slopes, nb::handle cu_seqlens_q,
-                         nb::handle cu_seqlens_k, int32_t num_seqs, nb::handle attn_mask,
-                         nb::handle mask, int32_t threads, int32_t path) {
+void AttentionBackwardPy(nb::handle dout, nb::handle q, nb::handle k, nb::handle v, nb::handle out,
+                         nb::handle lse, nb::handle dq, nb::handle dk, nb::handle dv,
+                         std::optional<double> scale, bool causal, int64_t window_left,
+                         int64_t window_right, bool top_left, double softcap,
+                         nb::handle alibi_slopes, nb::handle cu_seqlens_q, nb::handle cu_seqlens_k,
+                         int32_t num_seqs, nb::handle attn_mask, nb::handle mask, int32_t threads,
+                         int32_t path) {
   const AttentionOptions o{scale, causal, window_left, window_right, top_left, softcap, num_seqs};
   AttentionBackwardParams p;
   p.forward = MakeAttentionParams(q, k, v, out, lse, o, alibi_slopes, cu_seqlens_q, cu_seqlens_k,
@@ -449,9 +446,8 @@ int64_t LinearFeatureDimPy(const std::string& feature_map, int64_t dk) {
 }
 
 LinearAttentionParams MakeLinearParams(nb::handle q, nb::handle k, nb::handle v, nb::handle out,
-                                       const std::string& feature_map,
-                                       std::optional<double> scale, bool causal,
-                                       int64_t prefix_len, bool normalize, double eps,
+                                       const std::string& feature_map, std::optional<double> scale,
+                                       bool causal, int64_t prefix_len, bool normalize, double eps,
                                        nb::handle decay, nb::handle gates, int64_t window,
                                        nb::handle initial_state, nb::handle initial_normalizer,
                                        nb::handle final_state, nb::handle final_normalizer,
@@ -485,10 +481,9 @@ void LinearForwardPy(bool recurrent, nb::handle q, nb::handle k, nb::handle v, n
                      nb::handle initial_normalizer, nb::handle final_state,
                      nb::handle final_normalizer, int64_t chunk_size, int32_t threads,
                      int32_t path) {
-  const LinearAttentionParams p =
-      MakeLinearParams(q, k, v, out, feature_map, scale, causal, prefix_len, normalize, eps,
-                       decay, gates, window, initial_state, initial_normalizer, final_state,
-                       final_normalizer, chunk_size);
+  const LinearAttentionParams p = MakeLinearParams(
+      q, k, v, out, feature_map, scale, causal, prefix_len, normalize, eps, decay, gates, window,
+      initial_state, initial_normalizer, final_state, final_normalizer, chunk_size);
   const Context ctx = MakeContext(threads, path);
   Status status;
   {
@@ -504,9 +499,9 @@ void LinearBackwardPy(nb::handle dout, nb::handle q, nb::handle k, nb::handle v,
                       int64_t prefix_len, bool normalize, double eps, nb::handle decay,
                       nb::handle gates, int64_t chunk_size, int32_t threads, int32_t path) {
   LinearAttentionBackwardParams p;
-  p.forward = MakeLinearParams(q, k, v, nb::none(), feature_map, scale, causal, prefix_len,
-                               normalize, eps, decay, gates, 0, nb::none(), nb::none(),
-                               nb::none(), nb::none(), chunk_size);
+  p.forward =
+      MakeLinearParams(q, k, v, nb::none(), feature_map, scale, causal, prefix_len, normalize, eps,
+                       decay, gates, 0, nb::none(), nb::none(), nb::none(), nb::none(), chunk_size);
   p.dout = ToView(dout, "dout");
   p.dq = ToView(dq, "dq");
   p.dk = ToView(dk, "dk");
@@ -561,9 +556,9 @@ void BuildRadialPy(nb::handle out, int64_t frames, int64_t tokens_per_frame, int
   Check(status);
 }
 
-void SelectBlocksPy(nb::handle q, nb::handle k, nb::handle scores, nb::handle out,
-                    int64_t block_q, int64_t block_k, int64_t top_k, double threshold,
-                    std::optional<double> scale, bool causal, bool top_left, int32_t threads) {
+void SelectBlocksPy(nb::handle q, nb::handle k, nb::handle scores, nb::handle out, int64_t block_q,
+                    int64_t block_k, int64_t top_k, double threshold, std::optional<double> scale,
+                    bool causal, bool top_left, int32_t threads) {
   BlockSelectParams p;
   p.q = ToView(q, "q");
   p.k = ToView(k, "k");
