@@ -157,7 +157,17 @@ Status ValidateLinearAttention(const LinearAttentionParams& p, LinearProblem* pr
     }
   }
   if (p.gates.data != nullptr) {
-    Status s = CheckF32("gates", p.gates, {B, S, Hq, Dk}, false);
+    // Rank 4: one gate per channel; rank 3: one per token and head (scalar gates).
+    const bool scalar = p.gates.rank == 3;
+    if (p.gates.rank != 3 && p.gates.rank != 4) {
+      return Status::InvalidArgument(Expected("gates",
+                                              "rank 4 " + Dims({B, S, Hq, Dk}) +
+                                                  " (per channel) or rank 3 " + Dims({B, S, Hq}) +
+                                                  " (scalar per token and head)",
+                                              "rank " + std::to_string(p.gates.rank)));
+    }
+    Status s = scalar ? CheckF32("gates", p.gates, {B, S, Hq}, false)
+                      : CheckF32("gates", p.gates, {B, S, Hq, Dk}, false);
     if (!s.ok()) return s;
     if (p.feature_map != LinearFeatureMap::kIdentity) {
       return Status::InvalidArgument(
@@ -166,15 +176,16 @@ Status ValidateLinearAttention(const LinearAttentionParams& p, LinearProblem* pr
     }
     const float* g = static_cast<const float*>(p.gates.data);
     const int64_t* st = p.gates.strides;
+    const int64_t channels = scalar ? 1 : Dk, channel_stride = scalar ? 0 : st[3];
     for (int64_t b = 0; b < B; ++b) {
       for (int64_t t = 0; t < S; ++t) {
         for (int64_t h = 0; h < Hq; ++h) {
-          for (int64_t c = 0; c < Dk; ++c) {
-            const float x = g[b * st[0] + t * st[1] + h * st[2] + c * st[3]];
+          for (int64_t c = 0; c < channels; ++c) {
+            const float x = g[b * st[0] + t * st[1] + h * st[2] + c * channel_stride];
             if (!(x <= 0.0f) || !std::isfinite(x)) {
-              return Status::InvalidArgument(
-                  Expected("gates", "finite log-space gates <= 0",
-                           std::to_string(x) + " at " + Dims({b, t, h, c})));
+              return Status::InvalidArgument(Expected(
+                  "gates", "finite log-space gates <= 0",
+                  std::to_string(x) + " at " + (scalar ? Dims({b, t, h}) : Dims({b, t, h, c}))));
             }
           }
         }
@@ -251,6 +262,9 @@ Status ValidateLinearAttention(const LinearAttentionParams& p, LinearProblem* pr
   if (p.gates.data != nullptr) {
     r.gates = static_cast<const float*>(p.gates.data);
     CopyStrides(p.gates, r.gates_stride);
+    // Scalar gates read as per-channel gates with a zero channel stride.
+    r.scalar_gates = p.gates.rank == 3;
+    if (r.scalar_gates) r.gates_stride[3] = 0;
   }
   // A window past the sequence sees every key of the call: the same as window = S, and the
   // kernels' sizes (chunk + window) stay small.
@@ -318,7 +332,9 @@ Status ValidateLinearAttentionBackward(const LinearAttentionBackwardParams& p,
     if (fwd.gates == nullptr) {
       return Status::InvalidArgument("dgates: expected no dgates without forward.gates, got one");
     }
-    Status st = CheckF32("dgates", p.dgates, {fwd.batch, fwd.seq, fwd.heads_q, fwd.dk}, true);
+    Status st = fwd.scalar_gates
+                    ? CheckF32("dgates", p.dgates, {fwd.batch, fwd.seq, fwd.heads_q}, true)
+                    : CheckF32("dgates", p.dgates, {fwd.batch, fwd.seq, fwd.heads_q, fwd.dk}, true);
     if (!st.ok()) return st;
   }
   Status alias =
