@@ -106,8 +106,9 @@ Status LinearAttentionRecurrent(const LinearAttentionParams& params, const Conte
 
 // Gradients of LinearAttentionForward (chunked): dq, dk, dv in the layouts of q, k, v, and for
 // GLA dgates f32 (optional) in the form of the gates: [B, S, Hq, Dk], or [B, S, Hq] for scalar
-// gates (the sum over channels of the per-channel gradient). forward.out is not read. The window
-// part (BASED) and the state inputs / outputs are not supported here (kUnimplemented).
+// gates (the sum over channels of the per-channel gradient). forward.out is not read (it may be
+// left unset). The window part (BASED) and the state inputs / outputs are not supported here
+// (kUnimplemented).
 struct LinearAttentionBackwardParams {
   LinearAttentionParams forward;
   TensorView dout;    // [B, S, Hq, Dv]

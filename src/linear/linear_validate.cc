@@ -52,13 +52,14 @@ int64_t LinearFeatureDim(LinearFeatureMap map, int64_t dk) {
   return f;
 }
 
-Status ValidateLinearAttention(const LinearAttentionParams& p, LinearProblem* prob) {
+Status ValidateLinearAttention(const LinearAttentionParams& p, LinearProblem* prob, bool with_out) {
   const struct {
     const char* name;
     const TensorView* view;
     bool writable;
   } tensors[] = {{"q", &p.q, false}, {"k", &p.k, false}, {"v", &p.v, false}, {"out", &p.out, true}};
   for (const auto& t : tensors) {
+    if (!with_out && t.view == &p.out) continue;
     if (t.view->rank != 4) {
       return Status::InvalidArgument(
           Expected(t.name, "rank 4 [B, S, H, D]", "rank " + std::to_string(t.view->rank)));
@@ -70,6 +71,7 @@ Status ValidateLinearAttention(const LinearAttentionParams& p, LinearProblem* pr
     return Status::InvalidArgument(Expected("q", "dtype f32, bf16 or f16", DTypeName(p.q.dtype)));
   }
   for (const auto& t : tensors) {
+    if (!with_out && t.view == &p.out) continue;
     if (t.view->dtype != p.q.dtype) {
       return Status::InvalidArgument(
           Expected(t.name, std::string("dtype ") + DTypeName(p.q.dtype) + " (the dtype of q)",
@@ -96,7 +98,8 @@ Status ValidateLinearAttention(const LinearAttentionParams& p, LinearProblem* pr
                                                 ", Dv] with Dv in [1, 512]",
                                             ShapeString(p.v)));
   }
-  if (p.out.shape[0] != B || p.out.shape[1] != S || p.out.shape[2] != Hq || p.out.shape[3] != Dv) {
+  if (with_out && (p.out.shape[0] != B || p.out.shape[1] != S || p.out.shape[2] != Hq ||
+                   p.out.shape[3] != Dv)) {
     return Status::InvalidArgument(
         Expected("out", "shape " + Dims({B, S, Hq, Dv}), ShapeString(p.out)));
   }
@@ -292,7 +295,8 @@ Status ValidateLinearAttention(const LinearAttentionParams& p, LinearProblem* pr
 Status ValidateLinearAttentionBackward(const LinearAttentionBackwardParams& p,
                                        LinearBackwardProblem* prob) {
   LinearProblem fwd;
-  Status status = ValidateLinearAttention(p.forward, &fwd);
+  // forward.out is not read: checked only when set.
+  Status status = ValidateLinearAttention(p.forward, &fwd, p.forward.out.data != nullptr);
   if (!status.ok()) return status;
   if (fwd.window > 0) {
     return Status::Unimplemented(
@@ -305,22 +309,23 @@ Status ValidateLinearAttentionBackward(const LinearAttentionBackwardParams& p,
     return Status::Unimplemented(
         "forward.initial_state / final_state: expected none in the backward, got a state");
   }
+  const int64_t out_shape[4] = {fwd.batch, fwd.seq, fwd.heads_q, fwd.dv};
   const struct {
     const char* name;
     const TensorView* view;
-    const TensorView* like;
+    const int64_t* shape;
     const char* like_name;
     bool writable;
-  } grads[] = {{"dout", &p.dout, &p.forward.out, "out", false},
-               {"dq", &p.dq, &p.forward.q, "q", true},
-               {"dk", &p.dk, &p.forward.k, "k", true},
-               {"dv", &p.dv, &p.forward.v, "v", true}};
+  } grads[] = {{"dout", &p.dout, out_shape, "out", false},
+               {"dq", &p.dq, p.forward.q.shape, "q", true},
+               {"dk", &p.dk, p.forward.k.shape, "k", true},
+               {"dv", &p.dv, p.forward.v.shape, "v", true}};
   for (const auto& g : grads) {
-    const int64_t* s = g.like->shape;
-    Status st = CheckShape(
-        g.name, *g.view, 4, s,
-        std::string("shape ") + ShapeString(*g.like) + " (the shape of " + g.like_name + ")",
-        g.writable);
+    const int64_t* s = g.shape;
+    Status st = CheckShape(g.name, *g.view, 4, s,
+                           std::string("shape ") + Dims({s[0], s[1], s[2], s[3]}) +
+                               " (the shape of " + g.like_name + ")",
+                           g.writable);
     if (!st.ok()) return st;
     if (g.view->dtype != p.forward.q.dtype) {
       return Status::InvalidArgument(Expected(
