@@ -384,10 +384,6 @@ def test_opcheck_linear_ops():
 
 def test_torch_compile_fullgraph_forward_and_backward():
     torch = pytest.importorskip("torch")
-    import tessera._torch
-    # torch's types are registered with the extension on the first eager use of a tensor; a
-    # process whose first tessera call is compiled registers them first.
-    tessera._torch.register()
     x, opts = case("gla")
     q, k, v = (torch.from_numpy(x[n]).requires_grad_() for n in ("q", "k", "v"))
     g = torch.from_numpy(x["gates"]).requires_grad_()
