@@ -305,8 +305,9 @@ CommandMain AddRunCommand(CLI::App& app) {
   linear_option(sub->add_option("--decay", l.decay,
                                 "decay: rates in (0, 1], one per query head or one for all: "
                                 "L1,L2,..."));
-  linear_option(
-      sub->add_option("--gates", l.gates, "gla: log-space gates <= 0, float32 [B, S, Hq, Dk]"));
+  linear_option(sub->add_option(
+      "--gates", l.gates,
+      "gla: log-space gates <= 0, float32 [B, S, Hq, Dk] or one per token and head [B, S, Hq]"));
   CLI::Option* normalize_option = linear_option(sub->add_flag(
       "--normalize,!--no-normalize", *normalize_value,
       "divide by phi(q).sum(phi(k)) (based: on by default; --no-normalize turns it off)"));
@@ -332,7 +333,7 @@ CommandMain AddRunCommand(CLI::App& app) {
   linear_option(sub->add_option("--normalizer-out", l.normalizer_out,
                                 "with --normalize: write the normalizer, float32 [B, Hq, F]"));
   linear_option(sub->add_option("--dgates", l.dgates,
-                                "gla backward: write dL/dgates, float32 [B, S, Hq, Dk]"));
+                                "gla backward: write dL/dgates, float32, the shape of --gates"));
   sub->footer(MaskSpecHelp());
   return [o, normalize_option, normalize_value] {
     RunOptions& r = *o;

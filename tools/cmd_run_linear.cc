@@ -3,7 +3,8 @@
 //
 // The variants map onto LinearAttentionParams as follows: plain sets neither decay nor gates;
 // decay fills an f32 [Hq] rate vector from --decay (one value is broadcast to every head); gla
-// reads the f32 [B, S, Hq, Dk] log-space gates of --gates; based selects the Taylor feature map
+// reads the f32 log-space gates of --gates, [B, S, Hq, Dk] per channel or [B, S, Hq] one per token
+// and head (dgates takes the same shape); based selects the Taylor feature map
 // with normalize on and a window of 64 keys unless told otherwise. Like the exact run, inputs are
 // read in their own dtype and handed over as views, every flag is checked before any work (the
 // ones only the CLI knows about here, the rest by the library), and outputs are written only when
@@ -257,9 +258,14 @@ int RunLinear(const LinearRunOptions& o) {
                             std::to_string(lambdas.size()) + " in '" + o.decay + "'");
     }
   }
+  // Gates per channel [B, S, Hq, Dk], or scalar per token and head [B, S, Hq] (GLA's simple form).
+  std::vector<int64_t> gates_shape = {B, S, Hq, Dk};
   if (!o.gates.empty()) {
-    if (!LoadInput("--gates", o.gates, f32_only, 4, "[B, S, Hq, Dk]", &gates, &error) ||
-        !ExpectShape("--gates", o.gates, gates, {B, S, Hq, Dk}, "[B, S, Hq, Dk] (from q)",
+    if (!LoadInput("--gates", o.gates, f32_only, 0, "", &gates, &error)) return Fail(kCmd, error);
+    if (gates.shape.size() == 3) gates_shape = {B, S, Hq};
+    if (!ExpectShape("--gates", o.gates, gates, gates_shape,
+                     gates.shape.size() == 3 ? "[B, S, Hq] (from q)"
+                                             : "[B, S, Hq, Dk] or [B, S, Hq] (from q)",
                      &error)) {
       return Fail(kCmd, error);
     }
@@ -292,7 +298,7 @@ int RunLinear(const LinearRunOptions& o) {
       (backward && (!Allocate("dq", q.dtype, q.shape, &dq, &error) ||
                     !Allocate("dk", k.dtype, k.shape, &dk, &error) ||
                     !Allocate("dv", v.dtype, v.shape, &dv, &error))) ||
-      (!o.dgates.empty() && !Allocate("dgates", DType::kF32, {B, S, Hq, Dk}, &dgates, &error)) ||
+      (!o.dgates.empty() && !Allocate("dgates", DType::kF32, gates_shape, &dgates, &error)) ||
       (!o.state_out.empty() &&
        !Allocate("final state", DType::kF32, state_shape, &state_out, &error)) ||
       (!o.normalizer_out.empty() &&

@@ -115,6 +115,21 @@ class LinearRunTest(LinearTestBase):
         self.check_linear(["--variant", "gla", "--normalize"], shape=(1, 37, 2, 1, 8, 8),
                           gates=True, normalize=True)
 
+    def test_gla_scalar_gates(self):
+        # One gate per token and head [B, S, Hq]: the per-channel form with the gate repeated
+        # over the Dk channels.
+        B, S, Hq, Hkv, Dk, Dv = LINEAR_SHAPE
+        q, k, v = self.make_linear()
+        g = gate_values(B * S * Hq, 33)
+        write_npy(self.path("g3.npy"), (B, S, Hq), g)
+        per_channel = [x for x in g for _ in range(Dk)]
+        want, _, _ = linear_reference(q, k, v, B, S, Hq, Hkv, Dk, Dv, gates=per_channel)
+        for form in ("chunked", "recurrent"):
+            descr, shape, got = self.run_linear("--variant", "gla", "--gates", self.path("g3.npy"),
+                                                "--form", form)
+            self.assertEqual(shape, (B, S, Hq, Dv))
+            self.assert_close_rel(got, want, 1e-4, form)
+
     def test_based(self):
         # Taylor map, normalized, window 64 (> S: every earlier key) by default.
         self.check_linear(["--variant", "based"], shape=BASED_SHAPE, fmap="taylor2",
@@ -333,10 +348,13 @@ class LinearErrorTest(LinearTestBase):
         for shape, descr, values, needle in (
                 ((B, S, Hq, Dk + 1), "<f4", None, "(1, 37, 2, 8)"),
                 ((B, S - 1, Hq, Dk), "<f4", None, "[B, S, Hq, Dk]"),
-                ((S, Hq, Dk), "<f4", None, "rank-4"),
+                ((S, Hq, Dk), "<f4", None, "[B, S, Hq] (from q)"),
+                ((B, S * Hq * Dk), "<f4", None, "[B, S, Hq, Dk] or [B, S, Hq]"),
                 ((B, S, Hq, Dk), "<f2", None, "dtype"),
                 ((B, S, Hq, Dk), "<f4", 0.5, "<= 0")):
-            n = shape[0] * shape[1] * shape[2] * (shape[3] if len(shape) > 3 else 1)
+            n = 1
+            for extent in shape:
+                n *= extent
             fill = values if values is not None else -0.1
             write_npy(self.path("g.npy"), shape, [fill] * n, descr)
             with self.subTest(shape=shape, descr=descr):
