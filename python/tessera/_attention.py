@@ -27,9 +27,10 @@ class AttentionOptions:
             window = (-1, -1)
         try:
             left, right = window
+            self.window_left, self.window_right = int(left), int(right)
         except (TypeError, ValueError):
-            raise ValueError(f"window: expected a pair (left, right), got {window!r}") from None
-        self.window_left, self.window_right = int(left), int(right)
+            raise ValueError(f"window: expected a pair of ints (left, right), got {window!r}") \
+                from None
         self.top_left = _top_left(align)
         self.softcap = float(softcap)
         self.alibi_slopes = A.as_f32(kind, "alibi_slopes", A.detach(alibi_slopes))
