@@ -71,8 +71,11 @@ std::string PyTypeName(nb::handle obj) {
 TensorView FromTorch(nb::handle t, const char* name) {
   TensorView view;
   if (!nb::cast<bool>(t.attr("is_cpu"))) {
+    // An lvalue: nb::str of an attribute accessor would reinterpret the torch.device as a str
+    // (no conversion) and c_str() would return null.
+    const nb::object device = t.attr("device");
     ValueError(std::string(name) + ": expected a CPU tensor, got one on " +
-               nb::str(t.attr("device")).c_str());
+               nb::str(device).c_str());
   }
   nb::object dtype = t.attr("dtype");
   bool known = false;

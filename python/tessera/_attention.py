@@ -80,6 +80,9 @@ def _broadcast_mask(kind, attn_mask, q, k, cu_seqlens_q):
     if cu_seqlens_q is not None:
         raise ValueError("attn_mask: expected no dense mask with cu_seqlens (varlen batches take "
                          "causal and window masks only)")
+    if kind == A.TORCH and attn_mask.requires_grad and A.torch_module().is_grad_enabled():
+        raise ValueError("attn_mask: expected a mask without requires_grad (tessera computes no "
+                         "gradient for an additive mask)")
     m = A.detach(attn_mask)
     name = A.dtype_name(m)
     if name not in ("bool", "u8", "f32"):
