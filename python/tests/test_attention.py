@@ -111,6 +111,17 @@ def test_return_lse_shape_and_kind(rng):
     assert np.array_equal(out, out2)
 
 
+@pytest.mark.parametrize("path", ["reference", "generic", "fast", "auto"])
+@pytest.mark.parametrize("D", [40, 64])
+def test_forward_every_path(rng, path, D):
+    q, k, v = qkv(rng, 2, 20, 37, 4, 2, D)
+    if path == "fast" and D not in (64, 128, 256):
+        with pytest.raises(ValueError, match="path"):  # no compile-time kernel for this D
+            tessera.attention(q, k, v, path=path)
+        return
+    check_forward(q, k, v, "f32", causal=True, softcap=4.0, path=path)
+
+
 # ---- Strided inputs, read in place --------------------------------------------------------------
 
 def test_numpy_swapaxes_and_step_slices(rng):
@@ -132,6 +143,18 @@ def test_numpy_swapaxes_and_step_slices(rng):
     out_c = tessera.attention(np.ascontiguousarray(q), np.ascontiguousarray(k),
                               np.ascontiguousarray(v), causal=True)
     assert np.array_equal(out, out_c)
+
+
+def test_numpy_broadcast_inputs_stride_zero(rng):
+    # K / V shared by the batch through a stride-0 (read-only) view.
+    B, S, H, D = 3, 10, 2, 16
+    q = randn(rng, (B, S, H, D))
+    k = np.broadcast_to(randn(rng, (1, S, H, D)), (B, S, H, D))
+    v = np.broadcast_to(randn(rng, (1, S, H, D)), (B, S, H, D))
+    assert k.strides[0] == 0 and not k.flags.writeable
+    out = tessera.attention(q, k, v, causal=True)
+    ref_out, _ = ref_attention(q, np.ascontiguousarray(k), np.ascontiguousarray(v), causal=True)
+    assert_close(out, ref_out, *tol("f32"))
 
 
 def test_numpy_strided_input_is_not_copied(rng):
@@ -392,6 +415,30 @@ def test_backward_numpy_f32(rng, shape, kw):
         assert_close(g, r, 5e-5 * scale, 5e-5, name=name)
 
 
+@pytest.mark.parametrize("mask_kind", ["bool", "float", "padding"])
+def test_backward_with_attn_mask(rng, mask_kind):
+    B, Sq, Sk, H = 2, 9, 12, 4
+    q, k, v = qkv(rng, B, Sq, Sk, H, 2, 16)
+    dout = randn(rng, q.shape)
+    if mask_kind == "bool":
+        m = rng.random((Sq, Sk)) < 0.7
+        vis, bias = m, None
+    elif mask_kind == "float":
+        m = rng.standard_normal((1, H, Sq, Sk)).astype(np.float32)
+        vis, bias = None, m
+    else:
+        m = np.ones((B, 1, 1, Sk), dtype=bool)
+        m[1, ..., 7:] = False
+        vis, bias = m, None
+    out, lse = tessera.attention(q, k, v, attn_mask=m, return_lse=True)
+    dq, dk, dv = tessera.attention_backward(dout, q, k, v, out, lse, attn_mask=m)
+    _, _, rdq, rdk, rdv = ref_attention(q, k, v, dout=dout, visible=vis, bias=bias)
+    for name, g, r in (("dq", dq, rdq), ("dk", dk, rdk), ("dv", dv, rdv)):
+        assert_close(g, r, 5e-5, 5e-5, name=name)
+    if mask_kind == "padding":
+        assert np.all(dk[1, 7:] == 0) and np.all(dv[1, 7:] == 0)  # keys nobody sees
+
+
 def test_backward_numpy_f16_alibi(rng):
     q, k, v = qkv(rng, 2, 9, 14, 4, 2, 32, "f16")
     dout = randn(rng, q.shape, "f16")
@@ -477,3 +524,34 @@ def test_torch_autograd_lse_has_no_gradient_but_out_does(rng):
     assert out.requires_grad and not lse.requires_grad
     out.sum().backward()
     assert q.grad is not None and torch.isfinite(q.grad).all()
+
+
+def test_torch_autograd_with_masks_alibi_and_varlen(rng):
+    torch = torch_or_skip()
+    B, Sq, Sk, Hq, Hkv, D = 2, 8, 11, 4, 2, 16
+    q, k, v = (x.requires_grad_() for x in qkv(rng, B, Sq, Sk, Hq, Hkv, D, "f32", "torch"))
+    dout = randn(rng, (B, Sq, Hq, D), "f32", "torch")
+    pad = torch.ones(B, 1, 1, Sk, dtype=torch.bool)
+    pad[0, ..., 9:] = False
+    slopes = torch.tensor([0.3, 0.2, 0.1, 0.05])
+    out = tessera.attention(q, k, v, attn_mask=pad, alibi_slopes=slopes, causal=True,
+                            mask=tessera.mask.prefix(3))
+    out.backward(dout)
+    j = np.arange(Sk)
+    pos = np.arange(Sq) + Sk - Sq
+    base = (j[None, :] <= pos[:, None]) | (j[None, :] < 3)  # causal OR the prefix
+    _, _, rdq, rdk, rdv = ref_attention(q, k, v, dout=dout, alibi=slopes.numpy(),
+                                        visible=base & pad.numpy())
+    for name, g, r in (("dq", q.grad, rdq), ("dk", k.grad, rdk), ("dv", v.grad, rdv)):
+        assert_close(g, r, 5e-5, 5e-5, name=name)
+    # varlen through the autograd op
+    cu = torch.tensor([0, 3, 8], dtype=torch.int32)
+    qv, kv, vv = (randn(rng, (8, 2, 16), "f32", "torch").requires_grad_() for _ in range(3))
+    do = randn(rng, (8, 2, 16), "f32", "torch")
+    tessera.attention(qv, kv, vv, cu_seqlens_q=cu, cu_seqlens_k=cu, causal=True).backward(do)
+    for s in range(2):
+        sl = slice(int(cu[s]), int(cu[s + 1]))
+        _, _, rdq, rdk, rdv = ref_attention(qv[None, sl], kv[None, sl], vv[None, sl],
+                                            dout=do[None, sl], causal=True)
+        for name, g, r in (("dq", qv.grad, rdq), ("dk", kv.grad, rdk), ("dv", vv.grad, rdv)):
+            assert_close(g[sl], r[0], 5e-5, 5e-5, name=f"{name} of sequence {s}")

@@ -159,6 +159,29 @@ def test_decode_torch_queries(rng, qdtype):
     assert isinstance(k_read, torch.Tensor)
 
 
+def test_decode_threads_and_batch_composition_bitwise(rng):
+    # decode.h: bitwise identical for every thread count and batch composition (same split size)
+    B, Hkv, Hq, D = 3, 2, 4, 40
+    cache = make_cache("int8", B, Hkv, D, 300, page_size=16)
+    fill(rng, cache, [260])
+    q = randn(rng, (B, 2, Hq, D), "f16")
+    a = tessera.decode(q, cache, causal=True, split_tokens=64, threads=1)
+    b = tessera.decode(q, cache, causal=True, split_tokens=64)
+    c = tessera.decode(q, cache, causal=True, split_tokens=64, threads=3)
+    assert np.array_equal(a, b) and np.array_equal(a, c)
+    _, out, _, ref_out, _ = check_decode(rng, cache, 2, Hq, causal=True)
+    assert nmse(out, ref_out) < 5e-4
+    # one sequence alone gets the bits it gets in a batch (an f16 cache: no calibration)
+    kk, vv = randn(rng, (B, 200, Hkv, D)), randn(rng, (B, 200, Hkv, D))
+    batch = make_cache("f16", B, Hkv, D, 300)
+    batch.append(kk, vv)
+    single = make_cache("f16", 1, Hkv, D, 300, page_size=1)
+    single.append(kk[1:2], vv[1:2])
+    out_b = tessera.decode(q, batch, split_tokens=64)
+    out_s = tessera.decode(q[1:2], single, split_tokens=64)
+    assert np.array_equal(out_b[1:2], out_s)
+
+
 def test_decode_f32_cache_mha(rng):
     cache = make_cache("f32", 1, 3, 40, 10)
     fill(rng, cache, [10])

@@ -130,6 +130,9 @@ def test_neighborhood_axis_rule_hand_examples():
 @pytest.mark.parametrize("case", [
     dict(grid=(20,), window=5),
     dict(grid=(20,), window=5, causal=True),
+    dict(grid=(20,), window=4),
+    dict(grid=(16,), window=4, stride=2),
+    dict(grid=(6, 9), window=(4, 2), dilation=(1, 2)),
     dict(grid=(21,), window=3, dilation=3),
     dict(grid=(24,), window=6, stride=6),
     dict(grid=(24,), window=6, stride=4, causal=True),
