@@ -415,20 +415,18 @@ def test_s2_torch():
 
 
 def radial_reference(frames, n_f, block, decay):
+    """The token mask of docs/algorithms.md §4.6 reduced to blocks (mask.h's 60% / 1/3 rule)."""
     n = frames * n_f
-    tok = np.zeros((n, n), dtype=bool)
     f = np.arange(n) // n_f
     o = np.arange(n) % n_f
-    for r in range(n):
-        for c in range(n):
-            dist = abs(int(f[r]) - int(f[c]))
-            if dist <= 1:
-                tok[r, c] = True
-                continue
-            base = 2.0 ** (n_f.bit_length() - dist.bit_length())
-            if base < 128 and dist % math.floor(128 / base) != 0:
-                continue
-            tok[r, c] = abs(int(o[r]) - int(o[c])) <= max(base * decay, block)
+    dist = np.abs(f[:, None] - f[None, :])
+    offset = np.abs(o[:, None] - o[None, :])
+    tok = dist <= 1
+    for d in range(2, frames):
+        base = 2.0 ** (n_f.bit_length() - d.bit_length())
+        if base < 128 and d % math.floor(128 / base) != 0:
+            continue
+        tok |= (dist == d) & (offset <= max(base * decay, block))
     nb = -(-n // block)
     out = np.zeros((1, 1, nb, nb), dtype=np.uint8)
     for I in range(nb):
@@ -441,8 +439,9 @@ def radial_reference(frames, n_f, block, decay):
     return out, tok
 
 
-@pytest.mark.parametrize("case", [(12, 40, 16, 1.0), (20, 24, 32, 0.5), (9, 50, 16, 3.0)],
-                         ids=str)
+# the last two have partial blocks on which the 60% and 1/3 thresholds decide
+@pytest.mark.parametrize("case", [(12, 40, 16, 1.0), (20, 24, 32, 0.5), (9, 50, 16, 3.0),
+                                  (4, 300, 32, 0.05), (6, 200, 32, 0.3)], ids=str)
 def test_radial(case):
     frames, n_f, block, decay = case
     m = tessera.mask.radial(frames, n_f, block=block, decay_factor=decay)
