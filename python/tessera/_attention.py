@@ -2,6 +2,8 @@
 """tessera.attention and tessera.attention_backward (exact attention, tessera/attention.h)."""
 import math
 
+import numpy as np
+
 from . import _C
 from . import _arrays as A
 from .mask import Mask, _top_left
@@ -134,10 +136,38 @@ def _shapes(q, k, v, cu):
 def attention_raw(kind, q, k, v, opts, want_lse):
     """The forward without autograd: allocates out (and lse when wanted or needed)."""
     out_shape, lse_shape = _shapes(q, k, v, opts.cu_seqlens_q)
-    out = A.empty(kind, out_shape, like=q)
+    out = A.empty_like(kind, q, out_shape)
     lse = A.empty(kind, lse_shape, dtype="f32") if want_lse and not opts.sigmoid else None
     opts.forward(q, k, v, out, lse)
     return out, lse
+
+
+def _attention_plain(q, k, v, causal, window, softcap, scale, align, return_lse, threads):
+    """The common call (no masks, ALiBi or varlen; no autograd) with the least Python between
+    the caller and the kernel: a tiny attention costs about as much as its argument handling.
+    None when the general path must take the call."""
+    if type(q) is np.ndarray:
+        kind = A.NUMPY
+    elif A.is_torch(q):
+        kind = A.TORCH
+        if (q.requires_grad or k.requires_grad or v.requires_grad) and torch_grad_enabled() \
+                or A.torch_module().compiler.is_compiling():
+            return None
+    else:
+        return None
+    if len(q.shape) != 4 or align not in ("bottom_right", "top_left"):
+        return None
+    left, right = window if window is not None else (-1, -1)
+    out = A.empty_like(kind, q, q.shape)
+    lse = A.empty(kind, (q.shape[0], q.shape[2], q.shape[1]), dtype="f32") if return_lse else None
+    _C.attention_forward(q, k, v, out, lse, None if scale is None else float(scale), bool(causal),
+                         left, right, align == "top_left", float(softcap), None, None, None, 0,
+                         None, None, A.threads_arg(threads), 0)
+    return (out, lse) if return_lse else out
+
+
+def torch_grad_enabled():
+    return A.torch_module().is_grad_enabled()
 
 
 def attention(q, k, v, *, causal=False, window=(-1, -1), softcap=0.0, alibi_slopes=None,
@@ -160,6 +190,12 @@ def attention(q, k, v, *, causal=False, window=(-1, -1), softcap=0.0, alibi_slop
     tessera's AttentionBackward). Bad arguments raise ValueError (TypeError for the wrong kind of
     object) and nothing is written.
     """
+    if (attn_mask is None and mask is None and alibi_slopes is None and cu_seqlens_q is None
+            and path == "auto" and type(q) is type(k) is type(v)):
+        out = _attention_plain(q, k, v, causal, window, softcap, scale, align, return_lse,
+                               threads)
+        if out is not None:
+            return out
     kind = A.common_kind(q=q, k=k, v=v)
     opts = AttentionOptions(kind, q, k, causal=causal, window=window, softcap=softcap,
                             alibi_slopes=alibi_slopes, scale=scale, attn_mask=attn_mask,

@@ -78,7 +78,7 @@ def attention_fwd(q: Tensor, k: Tensor, v: Tensor, tensors: List[Optional[Tensor
                   ints: List[int], floats: List[float]) -> Tuple[Tensor, Tensor]:
     opts = _unpack(tensors, ints, floats)
     out_shape, lse_shape = _shapes(q, k, v, opts.cu_seqlens_q)
-    out = torch.empty(out_shape, dtype=q.dtype)
+    out = torch.empty_like(q) if tuple(out_shape) == tuple(q.shape) else q.new_empty(out_shape)
     if opts.sigmoid:
         lse = torch.empty((0,), dtype=torch.float32)
         opts.forward(q, k, v, out, None)
@@ -93,8 +93,8 @@ def _(q, k, v, tensors, ints, floats):
     cu_q = tensors[1]
     out_shape, lse_shape = _shapes(q, k, v, cu_q)
     sigmoid = bool(ints[29]) and bool(ints[30])
-    return (q.new_empty(out_shape),
-            q.new_empty((0,) if sigmoid else lse_shape, dtype=torch.float32))
+    out = torch.empty_like(q) if tuple(out_shape) == tuple(q.shape) else q.new_empty(out_shape)
+    return out, q.new_empty((0,) if sigmoid else lse_shape, dtype=torch.float32)
 
 
 @torch.library.custom_op("tessera::attention_bwd", mutates_args=())
@@ -102,16 +102,14 @@ def attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, ls
                   tensors: List[Optional[Tensor]], ints: List[int],
                   floats: List[float]) -> Tuple[Tensor, Tensor, Tensor]:
     opts = _unpack(tensors, ints, floats)
-    dq = torch.empty(q.shape, dtype=q.dtype)
-    dk = torch.empty(k.shape, dtype=k.dtype)
-    dv = torch.empty(v.shape, dtype=v.dtype)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     opts.backward(dout, q, k, v, out, None if opts.sigmoid else lse, dq, dk, dv)
     return dq, dk, dv
 
 
 @attention_bwd.register_fake
 def _(dout, q, k, v, out, lse, tensors, ints, floats):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup_context(ctx, inputs, output):
@@ -143,8 +141,3 @@ def attention_op(q, k, v, opts):
     tensors, ints, floats = _pack(opts)
     out, lse = attention_fwd(q, k, v, tensors, ints, floats)
     return out, (None if opts.sigmoid else lse)
-
-
-def register():
-    """Registers torch's types with the extension (also done on first use of a tensor)."""
-    A.is_torch(torch.empty(0))

@@ -45,6 +45,13 @@ class LinearCase {
     // Mild gates only (GLA's usual range): the chunks take the factored path.
     mild_gates_.resize(gates_.size());
     for (float& g : mild_gates_) g = -std::log1p(std::exp(-normal(rng))) / 16.0f;
+    // Scalar gates [B, S, Hq] (one per token and head): mostly mild, a few strongly negative,
+    // and long runs that sum far past -60 within a chunk.
+    scalar_gates_.resize(static_cast<size_t>(s.batch * s.seq * s.heads_q));
+    for (size_t i = 0; i < scalar_gates_.size(); ++i) {
+      const float x = normal(rng);
+      scalar_gates_[i] = i % 5 == 2 ? -12.0f * std::fabs(x) : -std::log1p(std::exp(-x)) / 8.0f;
+    }
     for (int64_t h = 0; h < s.heads_q; ++h) decay_.push_back(1.0f - std::exp2(-2.0f - h));
   }
 
@@ -64,7 +71,16 @@ class LinearCase {
   TensorView MildGates() {
     return MakeView4(mild_gates_.data(), DType::kF32, s_.batch, s_.seq, s_.heads_q, s_.dk);
   }
+  TensorView ScalarGates() {
+    return MakeView3(scalar_gates_.data(), DType::kF32, s_.batch, s_.seq, s_.heads_q);
+  }
   TensorView Decay() { return MakeView1(decay_.data(), DType::kF32, s_.heads_q); }
+  // q, k >= 0 from here on (idempotent): the identity map's normalizer then stays away from 0.
+  void MakeQKPositive() {
+    for (auto* x : {&q_, &k_}) {
+      for (float& e : *x) e = std::fabs(e);
+    }
+  }
 
   std::vector<float> Run(const std::function<void(LinearAttentionParams&)>& set, bool recurrent) {
     std::vector<float> out;
@@ -88,7 +104,7 @@ class LinearCase {
 
  private:
   Shape s_;
-  std::vector<float> q_, k_, v_, gates_, mild_gates_, decay_;
+  std::vector<float> q_, k_, v_, gates_, mild_gates_, scalar_gates_, decay_;
 };
 
 // `scale`: the magnitude the absolute part is relative to; 0 = the largest |want|.
@@ -138,6 +154,15 @@ std::vector<Variant> Variants() {
        }},
       {"gla", [](LinearCase& c, LinearAttentionParams& p) { p.gates = c.Gates(); }},
       {"gla mild gates", [](LinearCase& c, LinearAttentionParams& p) { p.gates = c.MildGates(); }},
+      {"gla scalar gates",
+       [](LinearCase& c, LinearAttentionParams& p) { p.gates = c.ScalarGates(); }},
+      {"gla scalar gates normalized scale 0.6 (q, k >= 0)",
+       [](LinearCase& c, LinearAttentionParams& p) {
+         c.MakeQKPositive();
+         p.gates = c.ScalarGates();
+         p.normalize = true;
+         p.scale = 0.6f;
+       }},
       {"gla scale 0.7",
        [](LinearCase& c, LinearAttentionParams& p) {
          p.gates = c.Gates();
@@ -197,7 +222,12 @@ TEST(LinearAttention, BackwardMatchesReference) {
       std::vector<float> dout(out.size()),
           dq(static_cast<size_t>(s.batch * seq * s.heads_q * s.dk)),
           dk(static_cast<size_t>(s.batch * seq * s.heads_kv * s.dk)),
-          dv(static_cast<size_t>(s.batch * seq * s.heads_kv * s.dv)), dg(gla ? dq.size() : 0);
+          dv(static_cast<size_t>(s.batch * seq * s.heads_kv * s.dv));
+      const bool scalar = gla && bp.forward.gates.rank == 3;
+      std::vector<float> dg(!gla     ? 0
+                            : scalar ? dq.size() / static_cast<size_t>(s.dk)
+                                     : dq.size(),
+                            std::numeric_limits<float>::quiet_NaN());
       std::mt19937_64 rng(17);
       std::normal_distribution<float> normal(0.0f, 1.0f);
       for (float& x : dout) x = normal(rng);
@@ -205,7 +235,12 @@ TEST(LinearAttention, BackwardMatchesReference) {
       bp.dq = MakeView4(dq.data(), DType::kF32, s.batch, seq, s.heads_q, s.dk);
       bp.dk = MakeView4(dk.data(), DType::kF32, s.batch, seq, s.heads_kv, s.dk);
       bp.dv = MakeView4(dv.data(), DType::kF32, s.batch, seq, s.heads_kv, s.dv);
-      if (gla) bp.dgates = MakeView4(dg.data(), DType::kF32, s.batch, seq, s.heads_q, s.dk);
+      // forward.out is not read: it may be left unset.
+      if (seq > 20) bp.forward.out = TensorView();
+      if (gla) {
+        bp.dgates = scalar ? MakeView3(dg.data(), DType::kF32, s.batch, seq, s.heads_q)
+                           : MakeView4(dg.data(), DType::kF32, s.batch, seq, s.heads_q, s.dk);
+      }
       Context ctx;
       ctx.num_threads = 2;
       const Status st = LinearAttentionBackward(bp, ctx);
@@ -306,6 +341,8 @@ TEST(LinearAttention, BadInputsAreRejected) {
   LinearCase c(s);
   std::vector<float> bad_decay = {1.5f, 0.5f};
   std::vector<float> pos_gates(static_cast<size_t>(s.batch * s.seq * s.heads_q * s.dk), 0.1f);
+  std::vector<float> nan_gates(pos_gates.size(), -0.5f);
+  nan_gates[5] = std::numeric_limits<float>::quiet_NaN();
   const std::vector<std::pair<std::string, std::function<void(LinearAttentionParams&)>>> cases = {
       {"decay",
        [&](LinearAttentionParams& p) { p.decay = MakeView1(bad_decay.data(), DType::kF32, 2); }},
@@ -323,6 +360,20 @@ TEST(LinearAttention, BadInputsAreRejected) {
          p.decay = c.Decay();
          p.causal = false;
        }},
+      {"gates",
+       [&](LinearAttentionParams& p) {
+         p.gates = MakeView3(pos_gates.data(), DType::kF32, s.batch, s.seq, s.heads_q);
+       }},
+      {"gates",  // scalar gates of the wrong shape
+       [&](LinearAttentionParams& p) {
+         p.gates = MakeView3(nan_gates.data(), DType::kF32, s.batch, s.seq, s.heads_q + 1);
+       }},
+      {"gates",  // a NaN scalar gate
+       [&](LinearAttentionParams& p) {
+         p.gates = MakeView3(nan_gates.data(), DType::kF32, s.batch, s.seq, s.heads_q);
+       }},
+      {"gates",  // rank 1
+       [&](LinearAttentionParams& p) { p.gates = MakeView1(nan_gates.data(), DType::kF32, 4); }},
       {"chunk_size", [](LinearAttentionParams& p) { p.chunk_size = 24; }},
       {"prefix_len", [](LinearAttentionParams& p) { p.prefix_len = 18; }},
       {"eps", [](LinearAttentionParams& p) { p.eps = 0.0f; }},
@@ -346,6 +397,78 @@ TEST(LinearAttention, BadInputsAreRejected) {
     EXPECT_FALSE(st.ok()) << name;
     EXPECT_NE(st.message().find(name), std::string::npos) << st.message();
     EXPECT_TRUE(std::all_of(out.begin(), out.end(), [](float x) { return x == 3.0f; })) << name;
+  }
+}
+
+// Scalar gates [B, S, Hq] equal per-channel gates [B, S, Hq, Dk] with every channel alike (the
+// scalar form takes the decay's GEMM route, the per-channel one its own), and dgates is the sum
+// of the per-channel gradient over channels; a dgates of the other form is rejected.
+TEST(LinearAttention, ScalarGatesEqualRepeatedChannelGates) {
+  Shape s;
+  s.batch = 2;
+  s.seq = 71;
+  s.heads_q = 3;
+  s.heads_kv = 1;
+  s.dk = 5;
+  s.dv = 7;
+  LinearCase c(s);
+  c.MakeQKPositive();  // for the normalized case
+  const TensorView scalar_view = c.ScalarGates();
+  const float* scalar = static_cast<const float*>(scalar_view.data);
+  std::vector<float> wide(static_cast<size_t>(s.batch * s.seq * s.heads_q * s.dk));
+  for (size_t i = 0; i < wide.size(); ++i) wide[i] = scalar[i / static_cast<size_t>(s.dk)];
+  const TensorView wide_view = MakeView4(wide.data(), DType::kF32, s.batch, s.seq, s.heads_q, s.dk);
+  for (const bool normalize : {false, true}) {
+    const auto with = [&](const TensorView& g) {
+      return [&, g](LinearAttentionParams& p) {
+        p.gates = g;
+        p.normalize = normalize;
+        p.chunk_size = 32;
+      };
+    };
+    const std::vector<float> a = c.Run(with(scalar_view), false);
+    const std::vector<float> b = c.Run(with(wide_view), false);
+    ExpectClose(a, std::vector<double>(b.begin(), b.end()), "scalar vs per-channel forward");
+
+    std::vector<float> out;
+    LinearAttentionBackwardParams bp;
+    bp.forward = c.Params(&out);
+    with(scalar_view)(bp.forward);
+    std::vector<float> dout(out.size(), 0.25f);
+    for (size_t i = 0; i < dout.size(); ++i) dout[i] = static_cast<float>(i % 11) / 11.0f - 0.4f;
+    const size_t nq = static_cast<size_t>(s.batch * s.seq * s.heads_q * s.dk),
+                 nk = static_cast<size_t>(s.batch * s.seq * s.heads_kv * s.dk),
+                 nv = static_cast<size_t>(s.batch * s.seq * s.heads_kv * s.dv);
+    std::vector<float> dq1(nq), dk1(nk), dv1(nv), dg1(nq / static_cast<size_t>(s.dk));
+    std::vector<float> dq2(nq), dk2(nk), dv2(nv), dg2(nq);
+    bp.dout = MakeView4(dout.data(), DType::kF32, s.batch, s.seq, s.heads_q, s.dv);
+    LinearAttentionBackwardParams bc = bp;
+    bc.forward.gates = wide_view;
+    bp.dq = MakeView4(dq1.data(), DType::kF32, s.batch, s.seq, s.heads_q, s.dk);
+    bp.dk = MakeView4(dk1.data(), DType::kF32, s.batch, s.seq, s.heads_kv, s.dk);
+    bp.dv = MakeView4(dv1.data(), DType::kF32, s.batch, s.seq, s.heads_kv, s.dv);
+    bc.dq = MakeView4(dq2.data(), DType::kF32, s.batch, s.seq, s.heads_q, s.dk);
+    bc.dk = MakeView4(dk2.data(), DType::kF32, s.batch, s.seq, s.heads_kv, s.dk);
+    bc.dv = MakeView4(dv2.data(), DType::kF32, s.batch, s.seq, s.heads_kv, s.dv);
+    bc.dgates = MakeView4(dg2.data(), DType::kF32, s.batch, s.seq, s.heads_q, s.dk);
+    // The per-channel dgates shape with scalar gates is refused, naming dgates.
+    bp.dgates = bc.dgates;
+    Status st = LinearAttentionBackward(bp, Context());
+    ASSERT_FALSE(st.ok());
+    EXPECT_NE(st.message().find("dgates"), std::string::npos) << st.message();
+    bp.dgates = MakeView3(dg1.data(), DType::kF32, s.batch, s.seq, s.heads_q);
+    ASSERT_TRUE(LinearAttentionBackward(bp, Context()).ok());
+    ASSERT_TRUE(LinearAttentionBackward(bc, Context()).ok());
+    double scale = 0.0;
+    for (const auto* g : {&dq2, &dk2, &dv2}) {
+      for (float x : *g) scale = std::max(scale, std::fabs(static_cast<double>(x)));
+    }
+    ExpectClose(dq1, std::vector<double>(dq2.begin(), dq2.end()), "dq", scale);
+    ExpectClose(dk1, std::vector<double>(dk2.begin(), dk2.end()), "dk", scale);
+    ExpectClose(dv1, std::vector<double>(dv2.begin(), dv2.end()), "dv", scale);
+    std::vector<double> summed(dg1.size(), 0.0);
+    for (size_t i = 0; i < dg2.size(); ++i) summed[i / static_cast<size_t>(s.dk)] += dg2[i];
+    ExpectClose(dg1, summed, "dgates", scale);
   }
 }
 

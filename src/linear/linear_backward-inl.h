@@ -126,6 +126,7 @@ inline void BackwardChunkReverse(const BackHead& bh, Work& w, BackWork& bw, int6
   const LinearProblem& p = hd.p;
   const size_t F = w.fi, C = w.c, fp = w.fp, dvp = w.dvp;
   const bool gla = p.gates != nullptr, decay = hd.ln_lambda != 0.0f;
+  const bool channel_gates = gla && !p.scalar_gates;
   const DF df;
   const size_t L = hn::Lanes(df);
   bh.LoadChunk(w, bw, t0, n);
@@ -155,8 +156,8 @@ inline void BackwardChunkReverse(const BackHead& bh, Work& w, BackWork& bw, int6
   Gemm<false>(n, C, F, w.qf, fp, 1, w.kt, C, w.a, C);
   for (size_t i = 0; i < n; ++i) {
     for (size_t j = 0; j <= i; ++j) {
-      float dij = decay ? hd.pow_lambda[i - j] : 1.0f;
-      if (gla) {
+      float dij = decay ? hd.pow_lambda[i - j] : gla ? ScalarGatePair(w, i, j) : 1.0f;
+      if (channel_gates) {
         // Per channel: W_ij = sum_c qf kf e^(B_i - B_j); G o D is applied channel-wise below.
         w.a[i * C + j] = GatedDot(w, i, j);
         dij = 1.0f;
@@ -186,7 +187,7 @@ inline void BackwardChunkReverse(const BackHead& bh, Work& w, BackWork& bw, int6
       hn::StoreU(hn::Mul(hn::LoadU(df, dkf + j * fp + f), ek), df, dkf + j * fp + f);
     }
   }
-  if (gla) {
+  if (channel_gates) {
     AddGatedPairs(w, bw.g.data(), n, w.qf, dkf, /*to_keys=*/true);
   } else {
     Gemm<true>(n, fp, n, bw.g.data(), 1, C, w.qf, fp, dkf, fp);
@@ -212,11 +213,17 @@ inline void BackwardChunkReverse(const BackHead& bh, Work& w, BackWork& bw, int6
     for (size_t j = n; j-- > 0;) {
       const int64_t t = t0 + static_cast<int64_t>(j);
       float* out = bh.bp.dgates + p.offset(bh.bp.dgates_stride, hd.b, t, hd.h);
+      float total = 0.0f;  // scalar gates: the sum over channels
       for (size_t c = 0; c < dk; ++c) {
         bw.gsum[c] +=
             bw.qdq[static_cast<size_t>(t) * w.dkp + c] - w.kf[j * fp + c] * dkf[j * fp + c];
-        out[static_cast<int64_t>(c) * bh.bp.dgates_stride[3]] = bw.gsum[c];
+        if (p.scalar_gates) {
+          total += bw.gsum[c];
+        } else {
+          out[static_cast<int64_t>(c) * bh.bp.dgates_stride[3]] = bw.gsum[c];
+        }
       }
+      if (p.scalar_gates) *out = total;
     }
   }
 }
@@ -228,16 +235,19 @@ inline void BackwardChunkForward(const BackHead& bh, Work& w, BackWork& bw, int6
   const LinearProblem& p = hd.p;
   const size_t C = w.c, fp = w.fp, dvp = w.dvp;
   const bool gla = p.gates != nullptr, decay = hd.ln_lambda != 0.0f;
+  const bool channel_gates = gla && !p.scalar_gates;
   const DF df;
   const size_t L = hn::Lanes(df);
   bh.LoadChunk(w, bw, t0, n);
-  // G = do' v'^T (lower triangle), times D for the decay.
+  // G = do' v'^T (lower triangle), times D for the decay (and for scalar gates).
   for (size_t d = 0; d < dvp; ++d) {
     for (size_t j = 0; j < C; ++j) bw.vt[d * C + j] = j < n ? w.vv[j * dvp + d] : 0.0f;
   }
   Gemm<false>(n, C, dvp, bw.dos.data(), dvp, 1, bw.vt.data(), C, bw.g.data(), C);
   for (size_t i = 0; i < n; ++i) {
     for (size_t j = 0; j <= i && decay; ++j) bw.g[i * C + j] *= hd.pow_lambda[i - j];
+    for (size_t j = 0; j <= i && gla && !channel_gates; ++j)
+      bw.g[i * C + j] *= ScalarGatePair(w, i, j);
     for (size_t j = i + 1; j < C; ++j) bw.g[i * C + j] = 0.0f;
   }
   // dqf_i = e^B_i o (S do'_i) + sum_j G_ij D_ij kf_j.
@@ -250,7 +260,7 @@ inline void BackwardChunkForward(const BackHead& bh, Work& w, BackWork& bw, int6
       hn::StoreU(hn::Mul(hn::LoadU(df, dqf + i * fp + f), e), df, dqf + i * fp + f);
     }
   }
-  if (gla) {
+  if (channel_gates) {
     AddGatedPairs(w, bw.g.data(), n, w.kf, dqf, /*to_keys=*/false);
   } else {
     Gemm<true>(n, fp, n, bw.g.data(), C, 1, w.kf, fp, dqf, fp);

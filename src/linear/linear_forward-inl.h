@@ -270,8 +270,8 @@ struct Head {
     rows(p.v, p.offset(p.v_stride, b, t, kvh), p.dv * p.v_stride[3] * elem);
     if (p.gates != nullptr) {
       const char* g = reinterpret_cast<const char*>(p.gates + p.offset(p.gates_stride, b, t, h));
-      for (int64_t b2 = 0; b2 < p.dk * p.gates_stride[3] * 4; b2 += 64)
-        __builtin_prefetch(g + b2, 0, 2);
+      const int64_t bytes = p.scalar_gates ? 4 : p.dk * p.gates_stride[3] * 4;
+      for (int64_t b2 = 0; b2 < bytes; b2 += 64) __builtin_prefetch(g + b2, 0, 2);
     }
   }
   float Gate(int64_t t, size_t c) const {
@@ -463,6 +463,12 @@ void PrefixChunks(const Head& hd, Work& w, const Emit& emit) {
   }
 }
 
+// Scalar gates (one per token, every channel alike): the pair's decay e^(B_i - B_j), exponent
+// <= 0, from channel 0 of the cumulative sums.
+inline float ScalarGatePair(const Work& w, size_t i, size_t j) {
+  return std::exp(w.cum[i * w.dkp] - w.cum[j * w.dkp]);
+}
+
 // GLA's exact intra-chunk weight of the pair (i, j), j <= i: sum_c qf_ic kf_jc e^(B_ic - B_jc),
 // every exponent <= 0 whatever the gates.
 inline float GatedDot(const Work& w, size_t i, size_t j) {
@@ -539,10 +545,12 @@ void CausalChunk(const Head& hd, Work& w, int64_t t0, size_t n, const Emit& emit
   // phi(K)^T, with the decay applied as lambda^(i - j) after it; for GLA, while the chunk's gates
   // sum to more than -kMaxGateSpan per channel, the GEMM of (phi(Q) o e^B) against
   // (phi(K) o e^-B)^T (every factor within e^kMaxGateSpan, far from overflow), else a vector sum
-  // over channels of e^(B_i - B_j) per pair (exponents <= 0 whatever the gates).
+  // over channels of e^(B_i - B_j) per pair (exponents <= 0 whatever the gates). Scalar gates
+  // take the decay's route: the GEMM of phi(Q) against phi(K)^T, times e^(B_i - B_j) per pair.
   constexpr float kMaxGateSpan = 60.0f;
-  bool factored = !gla;
-  if (gla) {
+  const bool channel_gates = gla && !p.scalar_gates;
+  bool factored = !channel_gates;
+  if (channel_gates) {
     float span = 0.0f;
     for (size_t c = 0; c < F; ++c) span = std::max(span, -w.cum[(n - 1) * w.dkp + c]);
     factored = span < kMaxGateSpan;
@@ -550,7 +558,7 @@ void CausalChunk(const Head& hd, Work& w, int64_t t0, size_t n, const Emit& emit
   if (factored) {
     for (size_t j = 0; j < C; ++j) {
       const float* kj = w.kf + j * fp;
-      if (j < n && gla) {
+      if (j < n && channel_gates) {
         for (size_t f = 0; f < fp; f += L) {
           hn::StoreU(hn::Mul(hn::LoadU(df, kj + f),
                              hn::Exp(df, hn::Neg(hn::LoadU(df, w.cum + j * w.dkp + f)))),
@@ -560,9 +568,11 @@ void CausalChunk(const Head& hd, Work& w, int64_t t0, size_t n, const Emit& emit
       }
       for (size_t f = 0; f < F; ++f) w.kt[f * C + j] = j < n ? kj[f] : 0.0f;
     }
-    Gemm<false>(n, C, F, gla ? qin : w.qf, fp, 1, w.kt, C, w.a, C);
+    Gemm<false>(n, C, F, channel_gates ? qin : w.qf, fp, 1, w.kt, C, w.a, C);
     for (size_t i = 0; i < n; ++i) {
       for (size_t j = 0; j <= i && decay; ++j) w.a[i * C + j] *= hd.pow_lambda[i - j];
+      for (size_t j = 0; j <= i && gla && !channel_gates; ++j)
+        w.a[i * C + j] *= ScalarGatePair(w, i, j);
       for (size_t j = i + 1; j < C; ++j) w.a[i * C + j] = 0.0f;
     }
   } else {

@@ -28,8 +28,9 @@ struct LinearProblem {
   float eps = 1e-6f;
   const float* decay = nullptr;  // lambda per query head
   int64_t decay_stride = 0;
-  const float* gates = nullptr;  // [b, t, h, c] log-space
-  int64_t gates_stride[4] = {0, 0, 0, 0};
+  const float* gates = nullptr;            // [b, t, h, c] log-space
+  int64_t gates_stride[4] = {0, 0, 0, 0};  // scalar gates: channel stride 0
+  bool scalar_gates = false;               // one gate per (b, t, h) shared by every channel
   int64_t window = 0;
   const float* state_in = nullptr;  // [b, h, f, d]
   int64_t state_in_stride[4] = {0, 0, 0, 0};
@@ -54,12 +55,14 @@ struct LinearBackwardProblem {
   void* dv = nullptr;
   float* dgates = nullptr;
   int64_t dout_stride[4] = {0, 0, 0, 0}, dq_stride[4] = {0, 0, 0, 0}, dk_stride[4] = {0, 0, 0, 0},
-          dv_stride[4] = {0, 0, 0, 0}, dgates_stride[4] = {0, 0, 0, 0};
+          dv_stride[4] = {0, 0, 0, 0}, dgates_stride[4] = {0, 0, 0, 0};  // scalar gates: rank 3
 };
 
 // Validates `params` and fills `problem`; kInvalidArgument naming the argument, what was expected
-// and what was given. Writes nothing else.
-Status ValidateLinearAttention(const LinearAttentionParams& params, LinearProblem* problem);
+// and what was given. Writes nothing else. with_out = false: params.out is not checked (the
+// backward, which does not read it, may leave it unset).
+Status ValidateLinearAttention(const LinearAttentionParams& params, LinearProblem* problem,
+                               bool with_out = true);
 Status ValidateLinearAttentionBackward(const LinearAttentionBackwardParams& params,
                                        LinearBackwardProblem* problem);
 

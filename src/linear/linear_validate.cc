@@ -52,13 +52,14 @@ int64_t LinearFeatureDim(LinearFeatureMap map, int64_t dk) {
   return f;
 }
 
-Status ValidateLinearAttention(const LinearAttentionParams& p, LinearProblem* prob) {
+Status ValidateLinearAttention(const LinearAttentionParams& p, LinearProblem* prob, bool with_out) {
   const struct {
     const char* name;
     const TensorView* view;
     bool writable;
   } tensors[] = {{"q", &p.q, false}, {"k", &p.k, false}, {"v", &p.v, false}, {"out", &p.out, true}};
   for (const auto& t : tensors) {
+    if (!with_out && t.view == &p.out) continue;
     if (t.view->rank != 4) {
       return Status::InvalidArgument(
           Expected(t.name, "rank 4 [B, S, H, D]", "rank " + std::to_string(t.view->rank)));
@@ -70,6 +71,7 @@ Status ValidateLinearAttention(const LinearAttentionParams& p, LinearProblem* pr
     return Status::InvalidArgument(Expected("q", "dtype f32, bf16 or f16", DTypeName(p.q.dtype)));
   }
   for (const auto& t : tensors) {
+    if (!with_out && t.view == &p.out) continue;
     if (t.view->dtype != p.q.dtype) {
       return Status::InvalidArgument(
           Expected(t.name, std::string("dtype ") + DTypeName(p.q.dtype) + " (the dtype of q)",
@@ -96,7 +98,8 @@ Status ValidateLinearAttention(const LinearAttentionParams& p, LinearProblem* pr
                                                 ", Dv] with Dv in [1, 512]",
                                             ShapeString(p.v)));
   }
-  if (p.out.shape[0] != B || p.out.shape[1] != S || p.out.shape[2] != Hq || p.out.shape[3] != Dv) {
+  if (with_out && (p.out.shape[0] != B || p.out.shape[1] != S || p.out.shape[2] != Hq ||
+                   p.out.shape[3] != Dv)) {
     return Status::InvalidArgument(
         Expected("out", "shape " + Dims({B, S, Hq, Dv}), ShapeString(p.out)));
   }
@@ -157,7 +160,17 @@ Status ValidateLinearAttention(const LinearAttentionParams& p, LinearProblem* pr
     }
   }
   if (p.gates.data != nullptr) {
-    Status s = CheckF32("gates", p.gates, {B, S, Hq, Dk}, false);
+    // Rank 4: one gate per channel; rank 3: one per token and head (scalar gates).
+    const bool scalar = p.gates.rank == 3;
+    if (p.gates.rank != 3 && p.gates.rank != 4) {
+      return Status::InvalidArgument(Expected("gates",
+                                              "rank 4 " + Dims({B, S, Hq, Dk}) +
+                                                  " (per channel) or rank 3 " + Dims({B, S, Hq}) +
+                                                  " (scalar per token and head)",
+                                              "rank " + std::to_string(p.gates.rank)));
+    }
+    Status s = scalar ? CheckF32("gates", p.gates, {B, S, Hq}, false)
+                      : CheckF32("gates", p.gates, {B, S, Hq, Dk}, false);
     if (!s.ok()) return s;
     if (p.feature_map != LinearFeatureMap::kIdentity) {
       return Status::InvalidArgument(
@@ -166,15 +179,16 @@ Status ValidateLinearAttention(const LinearAttentionParams& p, LinearProblem* pr
     }
     const float* g = static_cast<const float*>(p.gates.data);
     const int64_t* st = p.gates.strides;
+    const int64_t channels = scalar ? 1 : Dk, channel_stride = scalar ? 0 : st[3];
     for (int64_t b = 0; b < B; ++b) {
       for (int64_t t = 0; t < S; ++t) {
         for (int64_t h = 0; h < Hq; ++h) {
-          for (int64_t c = 0; c < Dk; ++c) {
-            const float x = g[b * st[0] + t * st[1] + h * st[2] + c * st[3]];
+          for (int64_t c = 0; c < channels; ++c) {
+            const float x = g[b * st[0] + t * st[1] + h * st[2] + c * channel_stride];
             if (!(x <= 0.0f) || !std::isfinite(x)) {
-              return Status::InvalidArgument(
-                  Expected("gates", "finite log-space gates <= 0",
-                           std::to_string(x) + " at " + Dims({b, t, h, c})));
+              return Status::InvalidArgument(Expected(
+                  "gates", "finite log-space gates <= 0",
+                  std::to_string(x) + " at " + (scalar ? Dims({b, t, h}) : Dims({b, t, h, c}))));
             }
           }
         }
@@ -251,6 +265,9 @@ Status ValidateLinearAttention(const LinearAttentionParams& p, LinearProblem* pr
   if (p.gates.data != nullptr) {
     r.gates = static_cast<const float*>(p.gates.data);
     CopyStrides(p.gates, r.gates_stride);
+    // Scalar gates read as per-channel gates with a zero channel stride.
+    r.scalar_gates = p.gates.rank == 3;
+    if (r.scalar_gates) r.gates_stride[3] = 0;
   }
   // A window past the sequence sees every key of the call: the same as window = S, and the
   // kernels' sizes (chunk + window) stay small.
@@ -278,7 +295,8 @@ Status ValidateLinearAttention(const LinearAttentionParams& p, LinearProblem* pr
 Status ValidateLinearAttentionBackward(const LinearAttentionBackwardParams& p,
                                        LinearBackwardProblem* prob) {
   LinearProblem fwd;
-  Status status = ValidateLinearAttention(p.forward, &fwd);
+  // forward.out is not read: checked only when set.
+  Status status = ValidateLinearAttention(p.forward, &fwd, p.forward.out.data != nullptr);
   if (!status.ok()) return status;
   if (fwd.window > 0) {
     return Status::Unimplemented(
@@ -291,22 +309,23 @@ Status ValidateLinearAttentionBackward(const LinearAttentionBackwardParams& p,
     return Status::Unimplemented(
         "forward.initial_state / final_state: expected none in the backward, got a state");
   }
+  const int64_t out_shape[4] = {fwd.batch, fwd.seq, fwd.heads_q, fwd.dv};
   const struct {
     const char* name;
     const TensorView* view;
-    const TensorView* like;
+    const int64_t* shape;
     const char* like_name;
     bool writable;
-  } grads[] = {{"dout", &p.dout, &p.forward.out, "out", false},
-               {"dq", &p.dq, &p.forward.q, "q", true},
-               {"dk", &p.dk, &p.forward.k, "k", true},
-               {"dv", &p.dv, &p.forward.v, "v", true}};
+  } grads[] = {{"dout", &p.dout, out_shape, "out", false},
+               {"dq", &p.dq, p.forward.q.shape, "q", true},
+               {"dk", &p.dk, p.forward.k.shape, "k", true},
+               {"dv", &p.dv, p.forward.v.shape, "v", true}};
   for (const auto& g : grads) {
-    const int64_t* s = g.like->shape;
-    Status st = CheckShape(
-        g.name, *g.view, 4, s,
-        std::string("shape ") + ShapeString(*g.like) + " (the shape of " + g.like_name + ")",
-        g.writable);
+    const int64_t* s = g.shape;
+    Status st = CheckShape(g.name, *g.view, 4, s,
+                           std::string("shape ") + Dims({s[0], s[1], s[2], s[3]}) +
+                               " (the shape of " + g.like_name + ")",
+                           g.writable);
     if (!st.ok()) return st;
     if (g.view->dtype != p.forward.q.dtype) {
       return Status::InvalidArgument(Expected(
@@ -318,7 +337,9 @@ Status ValidateLinearAttentionBackward(const LinearAttentionBackwardParams& p,
     if (fwd.gates == nullptr) {
       return Status::InvalidArgument("dgates: expected no dgates without forward.gates, got one");
     }
-    Status st = CheckF32("dgates", p.dgates, {fwd.batch, fwd.seq, fwd.heads_q, fwd.dk}, true);
+    Status st = fwd.scalar_gates
+                    ? CheckF32("dgates", p.dgates, {fwd.batch, fwd.seq, fwd.heads_q}, true)
+                    : CheckF32("dgates", p.dgates, {fwd.batch, fwd.seq, fwd.heads_q, fwd.dk}, true);
     if (!st.ok()) return st;
   }
   Status alias =

@@ -42,6 +42,7 @@ struct Options {
   double eps = 0.0;
   bool decay = false;
   bool gates = false;
+  bool scalar_gates = false;  // gates of rank 3 [B, S, Hq]: one per token and head
 };
 
 Options Resolve(const LinearAttentionParams& p) {
@@ -68,6 +69,7 @@ Options Resolve(const LinearAttentionParams& p) {
   o.eps = p.eps;
   o.decay = p.decay.data != nullptr;
   o.gates = p.gates.data != nullptr;
+  o.scalar_gates = o.gates && p.gates.rank == 3;
   return o;
 }
 
@@ -78,7 +80,7 @@ struct Head {
   std::vector<double> q, k;          // [S, Dk]
   std::vector<double> phi_q, phi_k;  // [S, F]
   std::vector<double> v;             // [S, Dv]
-  std::vector<double> g;             // [S, Dk] (GLA only)
+  std::vector<double> g;             // [S, Dk] (GLA only; scalar gates repeated per channel)
   double lambda = 1.0;
 };
 
@@ -94,7 +96,7 @@ void LoadHead(const LinearAttentionParams& p, const Options& o, int64_t b, int64
     for (int64_t c = 0; c < o.dk; ++c) {
       hd->q[Idx(t * o.dk + c)] = At(p.q, b, t, h, c);
       hd->k[Idx(t * o.dk + c)] = At(p.k, b, t, kv, c);
-      if (o.gates) hd->g[Idx(t * o.dk + c)] = At(p.gates, b, t, h, c);
+      if (o.gates) hd->g[Idx(t * o.dk + c)] = At(p.gates, b, t, h, o.scalar_gates ? 0 : c);
     }
     for (int64_t d = 0; d < o.dv; ++d) hd->v[Idx(t * o.dv + d)] = At(p.v, b, t, kv, d);
     LinearFeatureF64(o.map, &hd->q[Idx(t * o.dk)], o.dk, &hd->phi_q[Idx(t * o.feat)]);
@@ -381,11 +383,20 @@ void LinearBackwardF64(const LinearAttentionBackwardParams& bp, double* dq, doub
           for (int64_t c = 0; c < o.dk; ++c) grad_k[Idx(t * o.dk + c)] += dx[Idx(c)];
         }
         if (o.gates && dgates != nullptr) {
+          // Scalar gates [B, S, Hq]: g_r enters every channel, so its gradient is the sum of the
+          // per-channel ones.
+          if (o.scalar_gates) {
+            for (int64_t r = 0; r < o.seq; ++r) dgates[(b * o.seq + r) * o.heads_q + h] = 0.0;
+          }
           for (int64_t c = 0; c < o.feat; ++c) {
             double acc = 0.0;
             for (int64_t r = 0; r < o.seq; ++r) {
               acc += gate_diff[Idx(r * o.feat + c)];
-              dgates[((b * o.seq + r) * o.heads_q + h) * o.dk + c] = acc;
+              if (o.scalar_gates) {
+                dgates[(b * o.seq + r) * o.heads_q + h] += acc;
+              } else {
+                dgates[((b * o.seq + r) * o.heads_q + h) * o.dk + c] = acc;
+              }
             }
           }
         }

@@ -26,8 +26,9 @@ void LinearFeatureF64(LinearFeatureMap map, const double* x, int64_t dk, double*
 //   W_ts = scale * sum_c phi(q_t)_c phi(k_s)_c decay_c(t, s)   over the visible keys s
 // (causal: s <= t; non-causal: every s; prefix: s < prefix_len or s <= t), where decay_c(t, s) is
 // 1, lambda_h^(t - s) or exp(sum_{r = s+1..t} g_{r,c}) (GLA), summed directly from the gates
-// (no cumulative-sum differences). The initial state is the state before token 0: token r's
-// decay applies to it like to every earlier key, so with
+// (no cumulative-sum differences); scalar gates (rank 3, [B, S, Hq]) give g_{r,c} = g_r. The
+// initial state is the state before token 0: token r's decay applies to it like to every earlier
+// key, so with
 //   from_start_c(t) = 1, lambda_h^(t + 1) or exp(sum_{r = 0..t} g_{r,c}),
 //   num_t = sum_s W_ts v_s + scale * sum_c phi(q_t)_c from_start_c(t) S0[c, :]
 //   den_t = sum_s W_ts     + scale * sum_c phi(q_t)_c from_start_c(t) z0[c]
@@ -49,7 +50,8 @@ void LinearForwardF64(const LinearAttentionParams& params, double* out, double* 
 // (LinearAttentionBackward's validation passed); its output views are not written. Results,
 // contiguous, in the layouts of q / k / v / gates:
 //   dq [B, S, Hq, Dk];  dk [B, S, Hkv, Dk];  dv [B, S, Hkv, Dv]  (dk, dv summed over the query
-//   heads of a GQA group);  dgates [B, S, Hq, Dk], only with gates, may be nullptr.
+//   heads of a GQA group);  dgates [B, S, Hq, Dk] (scalar gates: [B, S, Hq], the sum over
+//   channels), only with gates, may be nullptr.
 // Derivatives of the feature maps: elu(x) + 1 -> 1 for x > 0, else exp(x); relu -> 1 for x > 0,
 // else 0; Taylor: the product rule on x_i x_j.
 void LinearBackwardF64(const LinearAttentionBackwardParams& params, double* dq, double* dk,

@@ -58,6 +58,7 @@ struct Spec {
   int64_t prefix = 0;  // kPrefix only
   Decay decay = Decay::kNone;
   Gates gates = Gates::kModerate;  // kGla only
+  bool scalar_gates = false;       // kGla only: gates [B, S, Hq], one per token and head
   bool initial_state = false;      // initial_state, and initial_normalizer with normalize
   bool positive = false;           // q, k > 0: keeps the identity map's normalizer away from 0
   std::optional<float> scale;
@@ -73,6 +74,7 @@ struct Spec {
     if (mask == Mask::kPrefix) n += " prefix" + std::to_string(prefix);
     if (decay == Decay::kLambda) n += " decay";
     if (decay == Decay::kGla) n += " gla" + std::to_string(static_cast<int>(gates));
+    if (decay == Decay::kGla && scalar_gates) n += " scalar";
     if (initial_state) n += " state";
     if (positive) n += " positive";
     if (scale.has_value()) n += " scale" + std::to_string(*scale);
@@ -123,7 +125,8 @@ Inputs MakeInputs(const Spec& s, uint64_t seed, bool grid = false, DType dtype =
     for (int64_t h = 0; h < s.heads_q; ++h) in.decay.Set({h}, lambdas[h % 4]);
   }
   if (s.decay == Decay::kGla) {
-    in.gates = Tensor(DType::kF32, {s.batch, s.seq, s.heads_q, s.dk});
+    in.gates = s.scalar_gates ? Tensor(DType::kF32, {s.batch, s.seq, s.heads_q})
+                              : Tensor(DType::kF32, {s.batch, s.seq, s.heads_q, s.dk});
     in.gates.ForEach([&](const Index& i) {
       double g = 0.0;
       switch (s.gates) {
@@ -250,6 +253,7 @@ Result Recurrent(const Spec& s, const Inputs& in) {
         for (int64_t c = 0; c < f; ++c) {
           double a = 1.0;
           if (decayed && s.decay == Decay::kLambda) a = in.decay.Get({h});
+          // (A rank-3 tensor ignores the channel index: scalar gates.)
           if (decayed && s.decay == Decay::kGla) a = std::exp(in.gates.Get({b, t, h, c}));
           z[size_t(c)] = a * z[size_t(c)] + fk[size_t(c)];
           for (int64_t d = 0; d < s.dv; ++d) {
@@ -477,8 +481,54 @@ TEST(LinearRef, GatesMatchRecurrent) {
         s.normalize = normalize;
         s.positive = normalize;
         ExpectMatchesRecurrent(s, 300 + static_cast<uint64_t>(len));
+        s.scalar_gates = true;
+        ExpectMatchesRecurrent(s, 350 + static_cast<uint64_t>(len));
       }
     }
+  }
+}
+
+// Scalar gates [B, S, Hq] are the per-channel gates [B, S, Hq, Dk] with every channel alike:
+// outputs, states and gradients (dgates summed over the channels) agree.
+TEST(LinearRef, ScalarGatesArePerChannelGatesRepeated) {
+  for (bool normalize : {false, true}) {
+    Spec s;
+    s.seq = 19;
+    s.decay = Decay::kGla;
+    s.gates = Gates::kMixed;
+    s.scalar_gates = true;
+    s.normalize = normalize;
+    s.positive = normalize;
+    s.initial_state = true;
+    SCOPED_TRACE(s.Name());
+    const Inputs in = MakeInputs(s, 41);
+    Tensor wide(DType::kF32, {s.batch, s.seq, s.heads_q, s.dk});
+    wide.ForEach([&](const Index& i) { wide.Set(i, in.gates.Get({i[0], i[1], i[2], 0})); });
+    LinearAttentionParams scalar = Params(s, in), channels = scalar;
+    channels.gates = wide.view();
+    const Result a = RunRef(s, scalar), b = RunRef(s, channels);
+    EXPECT_TRUE(test::CheckClose(a.out, b.out, test::kLinearFp64Agreement, "out"));
+    EXPECT_TRUE(test::CheckClose(a.state, b.state, test::kLinearFp64Agreement, "state"));
+
+    Spec gs = s;
+    gs.initial_state = false;
+    LinearAttentionBackwardParams bs;
+    bs.forward = Params(gs, in);
+    bs.dout = in.dout.view();
+    LinearAttentionBackwardParams bc = bs;
+    bc.forward.gates = wide.view();
+    const size_t nq = static_cast<size_t>(in.q.numel()), nk = static_cast<size_t>(in.k.numel()),
+                 nv = static_cast<size_t>(in.v.numel());
+    std::vector<double> dq1(nq), dk1(nk), dv1(nv), dg1(static_cast<size_t>(in.gates.numel()));
+    std::vector<double> dq2(nq), dk2(nk), dv2(nv), dg2(static_cast<size_t>(wide.numel()));
+    ref::LinearBackwardF64(bs, dq1.data(), dk1.data(), dv1.data(), dg1.data());
+    ref::LinearBackwardF64(bc, dq2.data(), dk2.data(), dv2.data(), dg2.data());
+    EXPECT_TRUE(test::CheckClose(dq1, dq2, test::kLinearFp64Agreement, "dq"));
+    EXPECT_TRUE(test::CheckClose(dk1, dk2, test::kLinearFp64Agreement, "dk"));
+    EXPECT_TRUE(test::CheckClose(dv1, dv2, test::kLinearFp64Agreement, "dv"));
+    std::vector<double> summed(dg1.size(), 0.0);
+    for (size_t i = 0; i < dg2.size(); ++i) summed[i / static_cast<size_t>(s.dk)] += dg2[i];
+    EXPECT_TRUE(test::CheckClose(dg1, summed, test::kLinearFp64Agreement, "dgates"));
   }
 }
 
@@ -503,6 +553,8 @@ TEST(LinearRef, InitialStateMatchesRecurrent) {
         s.decay = Decay::kGla;
         s.gates = g;
         s.positive = normalize;
+        specs.push_back(s);
+        s.scalar_gates = true;
         specs.push_back(s);
       }
       for (Spec& s : specs) {
@@ -565,6 +617,8 @@ TEST(LinearRef, SplittingTheSequenceCarriesTheState) {
   s.normalize = true;
   s.positive = true;
   s.initial_state = true;
+  specs.push_back(s);
+  s.scalar_gates = true;
   specs.push_back(s);
   s = Spec();
   s.mask = Mask::kPrefix;  // the second call is plain causal: every prefix key is in the state
@@ -809,6 +863,8 @@ std::vector<Spec> GradientSpecs() {
       s.gates = g;
       s.normalize = normalize;
       s.positive = normalize;
+      specs.push_back(s);
+      s.scalar_gates = true;
       specs.push_back(s);
     }
   }
