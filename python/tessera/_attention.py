@@ -157,7 +157,12 @@ def _attention_plain(q, k, v, causal, window, softcap, scale, align, return_lse,
         return None
     if len(q.shape) != 4 or align not in ("bottom_right", "top_left"):
         return None
-    left, right = window if window is not None else (-1, -1)
+    if window is None:
+        left, right = -1, -1
+    elif type(window) is tuple and len(window) == 2 and type(window[0]) is type(window[1]) is int:
+        left, right = window
+    else:
+        return None  # the general path checks it (and names it in its error)
     out = A.empty_like(kind, q, q.shape)
     lse = A.empty(kind, (q.shape[0], q.shape[2], q.shape[1]), dtype="f32") if return_lse else None
     _C.attention_forward(q, k, v, out, lse, None if scale is None else float(scale), bool(causal),
@@ -191,7 +196,7 @@ def attention(q, k, v, *, causal=False, window=(-1, -1), softcap=0.0, alibi_slop
     object) and nothing is written.
     """
     if (attn_mask is None and mask is None and alibi_slopes is None and cu_seqlens_q is None
-            and path == "auto" and type(q) is type(k) is type(v)):
+            and cu_seqlens_k is None and path == "auto" and type(q) is type(k) is type(v)):
         out = _attention_plain(q, k, v, causal, window, softcap, scale, align, return_lse,
                                threads)
         if out is not None:
