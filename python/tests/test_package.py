@@ -6,7 +6,11 @@ import re
 import subprocess
 import sys
 
+import numpy as np
+import pytest
+
 import tessera
+from conftest import assert_close, qkv, ref_attention, tol
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -64,3 +68,21 @@ def test_public_names():
     for name in tessera.__all__:
         assert hasattr(tessera, name), name
     assert callable(tessera.attention) and callable(tessera.mask.neighborhood)
+
+
+def test_every_supported_simd_target_matches_the_reference():
+    info = tessera.info()
+    rng = np.random.default_rng(5)
+    q, k, v = qkv(rng, 1, 9, 21, 4, 2, 40)
+    ref_out, _ = ref_attention(q, k, v, causal=True)
+    try:
+        tessera.set_simd_target(info["simd_target"])  # the name info() reports is accepted
+        for target in info["supported_targets"]:
+            tessera.set_simd_target(target)
+            assert_close(tessera.attention(q, k, v, causal=True), ref_out, *tol("f32"),
+                         name=f"out on {target}")
+    finally:
+        tessera.set_simd_target("auto")
+    assert tessera.info()["simd_target"] == info["simd_target"]
+    with pytest.raises(ValueError, match="target"):
+        tessera.set_simd_target("no-such-target")
