@@ -322,7 +322,7 @@ def test_threads_one_equals_default_bitwise(rng):
     dout = randn(rng, q.shape)
     out1, lse1 = tessera.attention(q, k, v, causal=True, threads=1, return_lse=True)
     out2, lse2 = tessera.attention(q, k, v, causal=True, return_lse=True)
-    out3, lse3 = tessera.attention(q, k, v, causal=True, threads=3, return_lse=True)
+    out3, lse3 = tessera.attention(q, k, v, causal=True, threads=np.int64(3), return_lse=True)
     assert np.array_equal(out1, out2) and np.array_equal(lse1, lse2)
     assert np.array_equal(out1, out3) and np.array_equal(lse1, lse3)
     g1 = tessera.attention_backward(dout, q, k, v, out1, lse1, causal=True, threads=1)

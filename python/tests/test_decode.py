@@ -131,6 +131,7 @@ def check_decode(rng, cache, Q, Hq, qdtype="f32", kind="numpy", **kw):
 
 @pytest.mark.parametrize("Q", [1, 5, 16])
 @pytest.mark.parametrize("kw", [dict(), dict(causal=True), dict(causal=True, window_left=6),
+                                dict(window_left=3),
                                 dict(softcap=2.0, scale=0.4), dict(causal=True, alibi=True)],
                          ids=str)
 @pytest.mark.parametrize("layout", [None, 16])

@@ -190,6 +190,7 @@ TYPE_CASES = [
     ("mask not a Mask", lambda: tessera.attention(Q, K, V, mask=arr(4, 5, dtype=bool)), "mask"),
     ("mask a dict", lambda: tessera.attention(Q, K, V, mask={"prefix_len": 1}), "mask"),
     ("threads float", lambda: tessera.attention(Q, K, V, threads=1.5), "threads"),
+    ("threads bool", lambda: tessera.attention(Q, K, V, threads=True), "threads"),
     ("mask builder int arg", lambda: tessera.mask.prefix(1.5), "prefix_len"),
     ("blocks not an array", lambda: tessera.mask.blocks([[1]], 16, 16), "block_mask"),
     ("decode cache not a KVCache", lambda: tessera.decode(arr(1, 1, 2, 8), "cache"), "cache"),
