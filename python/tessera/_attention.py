@@ -1,5 +1,6 @@
 # SPDX-License-Identifier: Apache-2.0
 """tessera.attention and tessera.attention_backward (exact attention, tessera/attention.h)."""
+import dataclasses
 import math
 
 import numpy as np
@@ -43,6 +44,13 @@ class AttentionOptions:
         self.num_seqs = 0 if cu_seqlens_q is None else max(0, self.cu_seqlens_q.shape[0] - 1)
         if mask is not None and not isinstance(mask, Mask):
             raise TypeError(f"mask: expected a tessera.Mask, got {type(mask).__name__}")
+        if mask is not None and kind == A.TORCH:
+            # Index arrays follow q's kind, as cu_seqlens do (tree() makes numpy from a list).
+            index = {f: A.as_i32(kind, "mask." + f, getattr(mask, f))
+                     for f in ("tree_parents", "document_ids")
+                     if getattr(mask, f) is not None and not A.is_torch(getattr(mask, f))}
+            if index:
+                mask = dataclasses.replace(mask, **index)
         if mask is not None:
             for name, x in mask.arrays().items():
                 if x is not None and A.kind_of(name, x) != kind:

@@ -521,3 +521,63 @@ def test_select_blocks_user_scores(rng):
     top = np.argsort(-scores, axis=-1, kind="stable")[..., :2]
     np.put_along_axis(ref, top, 1, axis=-1)
     assert np.array_equal(m.blocks, ref)
+
+
+# ---- torch: autograd through the registered op carries every mask field -------------------------
+
+def _torch_cases(torch, rng, S, H):
+    ids = np.repeat([0, 1, 2], [5, 9, S - 14]).astype(np.int32)
+    bits = np.array([[1, 0], [1, 1]], dtype=bool)
+    dense_bits = rng.random((S, S)) < 0.7
+    return {
+        "neighborhood": (tessera.mask.neighborhood((4, 6), 3, dilation=(1, 2),
+                                                   causal=(False, True)),
+                         neighborhood_visible((4, 6), 3, (1, 2), 1, (False, True)), {}, False),
+        "documents": (tessera.mask.documents(torch.from_numpy(ids)),
+                      ids[:, None] == ids[None, :], {}, False),
+        "documents numpy ids": (tessera.mask.documents(ids), ids[:, None] == ids[None, :], {},
+                                False),
+        "groups": (tessera.mask.groups(8), groups_visible(H, S, 8, True, causal=True)[None],
+                   dict(causal=True), True),
+        "sinks": (tessera.mask.sinks(3), base_visible(S, S, causal=True, window=(4, -1), sinks=3),
+                  dict(causal=True, window=(4, -1)), True),
+        "prefix": (tessera.mask.prefix(5), base_visible(S, S, causal=True, prefix=5),
+                   dict(causal=True), True),
+        "blocks": (tessera.mask.blocks(torch.from_numpy(bits.astype(np.uint8))[None, None], 16,
+                                       16),
+                   bits[np.arange(S) // 16][:, np.arange(S) // 16], {}, False),
+        "dense": (tessera.mask.dense(torch.from_numpy(dense_bits)), dense_bits, {}, False),
+    }
+
+
+CASE_NAMES = ["neighborhood", "documents", "documents numpy ids", "groups", "sinks", "prefix",
+              "blocks", "dense", "sigmoid", "tree list"]
+
+
+@pytest.mark.parametrize("case", CASE_NAMES)
+def test_torch_autograd_with_masks(rng, case):
+    torch = torch_or_skip()
+    S, H, D = 24, 2, 8
+    sigmoid = None
+    if case == "tree list":
+        parents = [-1, 0, 0, 1]
+        q, k, v = qkv(rng, 1, 4, 10, H, H, D, "f32", "torch")
+        m, vis, kw, full = tessera.mask.tree(parents), tree_visible(parents, 10), {}, False
+    else:
+        q, k, v = qkv(rng, 1, S, S, H, H, D, "f32", "torch")
+        if case == "sigmoid":
+            m, vis, kw, full, sigmoid = tessera.mask.sigmoid(-1.0), None, {}, False, -1.0
+        else:
+            m, vis, kw, full = _torch_cases(torch, rng, S, H)[case]
+    for x in (q, k, v):
+        x.requires_grad_()
+    dout = randn(rng, tuple(q.shape), "f32", "torch")
+    out = tessera.attention(q, k, v, mask=m, **kw)
+    assert out.requires_grad
+    out.backward(dout)
+    ref_kw = {} if full else kw
+    ref_out, _, rdq, rdk, rdv = ref_attention(q, k, v, dout=dout, visible=vis, sigmoid=sigmoid,
+                                              **ref_kw)
+    assert_close(out, ref_out, *tol("f32"))
+    for name, g, r in (("dq", q.grad, rdq), ("dk", k.grad, rdk), ("dv", v.grad, rdv)):
+        assert_close(g, r, 5e-5, 5e-5, name=name)
