@@ -451,7 +451,8 @@ def test_radial(case):
     assert np.array_equal(m.blocks, ref)
 
 
-def select_reference(q, k, bq, bk, top_k=0, threshold=0.0, scale=None, causal=False):
+def select_reference(q, k, bq, bk, top_k=0, threshold=0.0, scale=None, causal=False,
+                     align="bottom_right"):
     q, k = to64(q), to64(k)
     B, Sq, Hq, D = q.shape
     Sk, Hkv = k.shape[1], k.shape[2]
@@ -467,7 +468,8 @@ def select_reference(q, k, bq, bk, top_k=0, threshold=0.0, scale=None, causal=Fa
                 g = scale * kp @ qp
                 allowed = np.ones(nk, dtype=bool)
                 if causal:
-                    last = min((I + 1) * bq, Sq) - 1 + Sk - Sq
+                    last = min((I + 1) * bq, Sq) - 1 + (Sk - Sq if align == "bottom_right"
+                                                          else 0)
                     if last < 0:
                         continue
                     allowed = np.arange(nk) * bk <= last
@@ -496,7 +498,8 @@ def select_reference(q, k, bq, bk, top_k=0, threshold=0.0, scale=None, causal=Fa
 
 
 @pytest.mark.parametrize("kw", [dict(top_k=2), dict(top_k=3, causal=True), dict(threshold=0.6),
-                                dict(top_k=1, scale=0.3)], ids=str)
+                                dict(top_k=1, scale=0.3),
+                                dict(top_k=2, causal=True, align="top_left")], ids=str)
 def test_select_blocks(rng, kw):
     B, Sq, Sk, Hq, Hkv, D = 2, 70, 100, 4, 2, 16
     q, k, v = qkv(rng, B, Sq, Sk, Hq, Hkv, D)
@@ -510,6 +513,15 @@ def test_select_blocks(rng, kw):
         assert (ref.sum(axis=-1) <= kw["top_k"]).all()
     vis = ref.astype(bool)[:, :, np.arange(Sq) // 16][:, :, :, np.arange(Sk) // 16]
     check(q, k, v, m, vis, causal=kw.get("causal", False))
+
+
+@pytest.mark.parametrize("dtype,kind", [("bf16", "torch"), ("f16", "numpy")])
+def test_select_blocks_low_precision(rng, dtype, kind):
+    q, k, _ = qkv(rng, 2, 70, 100, 4, 2, 16, dtype, kind)
+    m = tessera.mask.select_blocks(q, k, block_q=16, block_k=32, top_k=2, causal=True)
+    assert type(m.blocks) is type(q)
+    ref = select_reference(q, k, 16, 32, top_k=2, causal=True)
+    assert np.array_equal(to64(m.blocks).astype(np.uint8), ref)
 
 
 def test_select_blocks_user_scores(rng):
