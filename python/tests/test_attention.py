@@ -334,7 +334,7 @@ def test_threads_one_equals_default_bitwise(rng):
 def test_gil_is_released(rng):
     # One long call in a worker thread; the main thread must run Python code while it is inside
     # the kernel (with the GIL held it could not run a single bytecode until the call returns).
-    q, k, v = qkv(rng, 1, 2048, 2048, 2, 2, 64)
+    q, k, v = qkv(rng, 1, 4096, 4096, 4, 4, 64)  # ~0.1 s on one core
     times = {}
 
     def work():
