@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import tessera
-from conftest import randn, to64, torch_or_skip
+from conftest import randn, torch_or_skip
 
 F32 = np.float32
 
