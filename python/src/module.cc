@@ -11,6 +11,7 @@
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/vector.h>
 
+#include <cctype>
 #include <cstdint>
 #include <optional>
 #include <string>
@@ -84,8 +85,11 @@ TensorView FromTorch(nb::handle t, const char* name) {
   const TorchNames& n = Names();
   TensorView view;
   if (!nb::cast<bool>(t.attr(n.is_cpu))) {
+    // An lvalue: nb::str of an attribute accessor would reinterpret the torch.device as a str
+    // (no conversion) and c_str() would return null.
+    const nb::object device = t.attr(n.device);
     ValueError(std::string(name) + ": expected a CPU tensor, got one on " +
-               nb::str(t.attr(n.device)).c_str());
+               nb::str(device).c_str());
   }
   nb::object dtype = t.attr(n.dtype);
   bool known = false;
@@ -122,6 +126,37 @@ TensorView FromTorch(nb::handle t, const char* name) {
   return view;
 }
 
+// numpy's name of a DLPack dtype ("float64", "int64", ...), for error messages.
+std::string DLPackTypeName(nb::dlpack::dtype dtype) {
+  using Code = nb::dlpack::dtype_code;
+  std::string base;
+  switch (static_cast<Code>(dtype.code)) {
+    case Code::Int:
+      base = "int";
+      break;
+    case Code::UInt:
+      base = "uint";
+      break;
+    case Code::Float:
+      base = "float";
+      break;
+    case Code::Bfloat:
+      base = "bfloat";
+      break;
+    case Code::Complex:
+      base = "complex";
+      break;
+    case Code::Bool:
+      return "bool";
+    default:
+      return "a DLPack type of code " + std::to_string(dtype.code) + " and " +
+             std::to_string(dtype.bits) + " bits";
+  }
+  std::string name = base + std::to_string(dtype.bits);
+  if (dtype.lanes != 1) name += " x " + std::to_string(dtype.lanes) + " lanes";
+  return name;
+}
+
 DType FromDLPack(nb::dlpack::dtype dtype, const char* name) {
   using Code = nb::dlpack::dtype_code;
   const auto code = static_cast<Code>(dtype.code);
@@ -135,8 +170,7 @@ DType FromDLPack(nb::dlpack::dtype dtype, const char* name) {
   }
   ValueError(std::string(name) +
              ": expected dtype float32, bfloat16 or float16 (masks: bool, uint8, int32), got " +
-             "a DLPack type of code " + std::to_string(dtype.code) + " and " +
-             std::to_string(dtype.bits) + " bits");
+             DLPackTypeName(dtype));
 }
 
 using AnyArray = nb::ndarray<nb::ro>;
@@ -623,7 +657,12 @@ NB_MODULE(_C, m) {
   DefNoneOk(pool, "read", &KVPool::Read);
   DefNoneOk(pool, "decode", &KVPool::Decode);
 
-  m.def("simd_target", &t::SimdTargetName);
+  // Lower case, as the lists below and set_simd_target (the library's own name is upper case).
+  m.def("simd_target", [] {
+    std::string name = t::SimdTargetName();
+    for (char& c : name) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+    return name;
+  });
   m.def("compiled_simd_targets", &t::CompiledSimdTargets);
   m.def("supported_simd_targets", &t::SupportedSimdTargets);
   m.def("set_simd_target", [](const std::string& name) { Check(t::SetSimdTarget(name)); });

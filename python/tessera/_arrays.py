@@ -138,8 +138,9 @@ def detach(x):
 def threads_arg(threads):
     if threads is None:
         return 0
-    if isinstance(threads, bool) or not isinstance(threads, int):
+    if isinstance(threads, (bool, np.bool_)) or not isinstance(threads, (int, np.integer)):
         raise TypeError(f"threads: expected an int or None, got {type(threads).__name__}")
+    threads = int(threads)
     if threads < 0:
         raise ValueError(f"threads: expected >= 0 (0 or None: every hardware thread), got {threads}")
     return threads

@@ -1,5 +1,6 @@
 # SPDX-License-Identifier: Apache-2.0
 """tessera.attention and tessera.attention_backward (exact attention, tessera/attention.h)."""
+import dataclasses
 import math
 
 import numpy as np
@@ -29,9 +30,10 @@ class AttentionOptions:
             window = (-1, -1)
         try:
             left, right = window
+            self.window_left, self.window_right = int(left), int(right)
         except (TypeError, ValueError):
-            raise ValueError(f"window: expected a pair (left, right), got {window!r}") from None
-        self.window_left, self.window_right = int(left), int(right)
+            raise ValueError(f"window: expected a pair of ints (left, right), got {window!r}") \
+                from None
         self.top_left = _top_left(align)
         self.softcap = float(softcap)
         self.alibi_slopes = A.as_f32(kind, "alibi_slopes", A.detach(alibi_slopes))
@@ -42,6 +44,13 @@ class AttentionOptions:
         self.num_seqs = 0 if cu_seqlens_q is None else max(0, self.cu_seqlens_q.shape[0] - 1)
         if mask is not None and not isinstance(mask, Mask):
             raise TypeError(f"mask: expected a tessera.Mask, got {type(mask).__name__}")
+        if mask is not None and kind == A.TORCH:
+            # Index arrays follow q's kind, as cu_seqlens do (tree() makes numpy from a list).
+            index = {f: A.as_i32(kind, "mask." + f, getattr(mask, f))
+                     for f in ("tree_parents", "document_ids")
+                     if getattr(mask, f) is not None and not A.is_torch(getattr(mask, f))}
+            if index:
+                mask = dataclasses.replace(mask, **index)
         if mask is not None:
             for name, x in mask.arrays().items():
                 if x is not None and A.kind_of(name, x) != kind:
@@ -81,6 +90,9 @@ def _broadcast_mask(kind, attn_mask, q, k, cu_seqlens_q):
     if cu_seqlens_q is not None:
         raise ValueError("attn_mask: expected no dense mask with cu_seqlens (varlen batches take "
                          "causal and window masks only)")
+    if kind == A.TORCH and attn_mask.requires_grad and A.torch_module().is_grad_enabled():
+        raise ValueError("attn_mask: expected a mask without requires_grad (tessera computes no "
+                         "gradient for an additive mask)")
     m = A.detach(attn_mask)
     name = A.dtype_name(m)
     if name not in ("bool", "u8", "f32"):
@@ -153,7 +165,12 @@ def _attention_plain(q, k, v, causal, window, softcap, scale, align, return_lse,
         return None
     if len(q.shape) != 4 or align not in ("bottom_right", "top_left"):
         return None
-    left, right = window if window is not None else (-1, -1)
+    if window is None:
+        left, right = -1, -1
+    elif type(window) is tuple and len(window) == 2 and type(window[0]) is type(window[1]) is int:
+        left, right = window
+    else:
+        return None  # the general path checks it (and names it in its error)
     out = A.empty_like(kind, q, q.shape)
     lse = A.empty(kind, (q.shape[0], q.shape[2], q.shape[1]), dtype="f32") if return_lse else None
     _C.attention_forward(q, k, v, out, lse, None if scale is None else float(scale), bool(causal),
@@ -187,7 +204,7 @@ def attention(q, k, v, *, causal=False, window=(-1, -1), softcap=0.0, alibi_slop
     object) and nothing is written.
     """
     if (attn_mask is None and mask is None and alibi_slopes is None and cu_seqlens_q is None
-            and path == "auto" and type(q) is type(k) is type(v)):
+            and cu_seqlens_k is None and path == "auto" and type(q) is type(k) is type(v)):
         out = _attention_plain(q, k, v, causal, window, softcap, scale, align, return_lse,
                                threads)
         if out is not None:

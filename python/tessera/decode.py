@@ -11,6 +11,8 @@ from . import _C
 from . import _arrays as A
 
 KV_DTYPES = ("f32", "bf16", "f16", "int8", "int4")
+# Tokens per page of a paged cache (tessera/kv_cache.h; a contiguous cache takes any capacity).
+MAX_PAGE_SIZE = 256
 
 
 def _int(name, x, low):
@@ -40,6 +42,9 @@ class KVCache:
         self.paged = page_size is not None
         if self.paged:
             self.page_size = _int("page_size", page_size, 1)
+            if self.page_size > MAX_PAGE_SIZE:
+                raise ValueError(f"page_size: expected 1..{MAX_PAGE_SIZE} tokens per page for a "
+                                 f"paged cache, got {self.page_size}")
             pages_per_seq = -(-self.max_tokens // self.page_size)
             self.num_pages = (self.batch * pages_per_seq if num_pages is None
                               else _int("num_pages", num_pages, 1))
@@ -184,7 +189,8 @@ def merge_states(outs, lses, *, base2=False, threads=None):
 def _stack(parts, name):
     if len(parts) == 0:
         raise ValueError(f"{name}: expected at least one part, got an empty list")
-    if A.is_torch(parts[0]):
+    kind = A.common_kind(**{f"{name}[{i}]": p for i, p in enumerate(parts)})
+    if kind == A.TORCH:
         return A.torch_module().stack([A.detach(p) for p in parts])
     return np.stack(parts)
 
@@ -193,13 +199,16 @@ def apply_rotary(x, positions=None, *, rotary_dim=None, base=10000.0, interleave
                  inplace=False, threads=None):
     """RoPE on x [B, S, H, D] (f32 / bf16 / f16): token s of sequence b at position
     positions[b] + s (positions int32 [B]; None: s). rotary_dim defaults to D; half-split (NeoX)
-    pairs unless interleaved (GPT-J). Returns the rotated array (x itself with inplace=True)."""
+    pairs unless interleaved (GPT-J). Returns the rotated array (x itself with inplace=True); torch
+    results carry no autograd history (the rotation has no backward)."""
     kind = A.kind_of("x", x)
     if len(x.shape) != 4:
         raise ValueError(f"x: expected [B, S, H, D], got shape {list(x.shape)}")
     y = x
     if not inplace:
-        y = x.clone() if kind == A.TORCH else x.copy()
+        # detached: the rotation has no backward, so the copy must not carry x's autograd history
+        # (a clone of x would pass gradients through as if nothing had been rotated).
+        y = x.detach().clone() if kind == A.TORCH else x.copy()
     elif kind == A.TORCH and x.requires_grad:
         raise ValueError("x: expected a tensor without requires_grad for inplace=True")
     rd = int(x.shape[3]) if rotary_dim is None else _int("rotary_dim", rotary_dim, 0)

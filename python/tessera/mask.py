@@ -71,6 +71,14 @@ def _int(name, x, low=None):
     return x
 
 
+def _block(name, x):
+    """A block size of a block mask: a positive multiple of 16 up to 2^30 (tessera/mask.h)."""
+    x = _int(name, x)
+    if x <= 0 or x % 16 != 0 or x > (1 << 30):
+        raise ValueError(f"{name}: expected a positive multiple of 16 up to 2^30, got {x}")
+    return x
+
+
 def _per_axis(name, value, rank):
     if isinstance(value, (tuple, list)):
         if len(value) != rank:
@@ -166,7 +174,7 @@ def s2(heads, seq_q, seq_k, block, local_blocks=1, vert_stride=1, offset=0, caus
        kind=A.NUMPY, threads=None):
     """S2-Attention's heterogeneous context sharding as a block mask over blocks of `block`
     tokens (docs/algorithms.md §4.3)."""
-    block = _int("block", block, 1)
+    block = _block("block", block)
     nq = -(-_int("seq_q", seq_q, 0) // block)
     nk = -(-_int("seq_k", seq_k, 0) // block)
     out = _block_mask_array(kind, (1, _int("heads", heads, 1), nq, nk))
