@@ -135,9 +135,6 @@ attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 def attention_op(q, k, v, opts):
     """The forward through the registered op; returns (out, lse or None)."""
-    if opts.attn_mask is not None and opts.attn_mask.requires_grad:
-        raise ValueError("attn_mask: expected a mask without requires_grad (tessera computes no "
-                         "gradient for an additive mask)")
     tensors, ints, floats = _pack(opts)
     out, lse = attention_fwd(q, k, v, tensors, ints, floats)
     return out, (None if opts.sigmoid else lse)

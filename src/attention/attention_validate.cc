@@ -351,8 +351,7 @@ Status ValidateAttention(const AttentionParams& p, AttentionProblem* prob) {
     if (!s.ok()) return s;
   }
   if (!IsSupportedDType(p.q.dtype)) {
-    return Status::InvalidArgument(
-        Expected("q", "dtype f32, bf16 or f16", std::to_string(static_cast<int>(p.q.dtype))));
+    return Status::InvalidArgument(Expected("q", "dtype f32, bf16 or f16", DTypeName(p.q.dtype)));
   }
   for (const auto& t : tensors) {
     if (t.view->dtype != p.q.dtype) {

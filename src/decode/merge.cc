@@ -33,8 +33,8 @@ Status Validate(const MergeStatesParams& p) {
   Status s = CheckRankAndStrides("out_parts", parts, false);
   if (!s.ok()) return s;
   if (!IsSupportedDType(parts.dtype)) {
-    return Status::InvalidArgument(Expected("out_parts", "dtype f32, bf16 or f16",
-                                            std::to_string(static_cast<int>(parts.dtype))));
+    return Status::InvalidArgument(
+        Expected("out_parts", "dtype f32, bf16 or f16", DTypeName(parts.dtype)));
   }
   const int64_t R = parts.shape[0], T = parts.shape[1], H = parts.shape[2], D = parts.shape[3];
   const int64_t lse_parts_shape[3] = {R, T, H};

@@ -190,7 +190,7 @@ Status ValidateNewTensor(const char* name, const TensorView& t) {
   Status s = CheckRankAndStrides(name, t, false);
   if (!s.ok()) return s;
   if (!IsSupportedDType(t.dtype)) {
-    return Invalid(name, "dtype f32, bf16 or f16", "dtype " + Str(static_cast<int32_t>(t.dtype)));
+    return Invalid(name, "dtype f32, bf16 or f16", std::string("dtype ") + DTypeName(t.dtype));
   }
   return Status::Ok();
 }
@@ -574,7 +574,7 @@ Status ApplyRotary(const ApplyRotaryParams& p, const Context& ctx) try {
   Status s = CheckRankAndStrides("x", x, true);
   if (!s.ok()) return s;
   if (!IsSupportedDType(x.dtype)) {
-    return Invalid("x", "dtype f32, bf16 or f16", "dtype " + Str(static_cast<int32_t>(x.dtype)));
+    return Invalid("x", "dtype f32, bf16 or f16", std::string("dtype ") + DTypeName(x.dtype));
   }
   const int64_t B = x.shape[0], S = x.shape[1], H = x.shape[2], D = x.shape[3];
   s = ValidateRotary(p.rotary, D);
