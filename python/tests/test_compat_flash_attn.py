@@ -200,6 +200,16 @@ def test_with_kvcache_appends_in_place_and_attends(paged, rotary):
             assert_close(got_k, kb[0, t], 1e-6)
 
 
+def test_with_kvcache_without_lengths_reads_the_whole_cache():
+    q = rand(2, 1, 4, 32, seed=30)
+    k_cache, v_cache = rand(2, 9, 2, 32, seed=31), rand(2, 9, 2, 32, seed=32)
+    out = flash_attn_with_kvcache(q, k_cache, v_cache, causal=True)
+    want, _ = reference(q, k_cache, v_cache, causal=True)
+    assert_close(out, want, 2e-5)
+    with pytest.raises(ValueError, match="cache_seqlens"):
+        flash_attn_with_kvcache(q, k_cache, v_cache, k=rand(2, 1, 2, 32), v=rand(2, 1, 2, 32))
+
+
 def test_unsupported_options_are_clear_errors():
     q = rand(1, 4, 1, 16)
     with pytest.raises(ValueError, match="dropout_p"):

@@ -110,7 +110,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     """Decode / chunked prefill over the caller's KV cache, flash_attn's contract:
     q [B, Sq, H, D]; k_cache / v_cache [B_cache, S_cache, Hkv, D], or with block_table (int32
     [B, max_blocks]) paged [num_blocks, block_size, Hkv, D]; cache_seqlens int or int32 [B]
-    (tokens already in the cache). When k / v [B, Sk_new, Hkv, D] are given they are written into
+    (tokens already in the cache; None: the whole cache). When k / v [B, Sk_new, Hkv, D] are given they are written into
     the cache in place at positions cache_seqlens .. (after RoPE with rotary_cos / rotary_sin
     [seqlen_ro, rotary_dim / 2] on k, and on q at the same positions when causal or windowed,
     else at cache_seqlens), and attention runs over cache_seqlens + Sk_new keys per sequence.
@@ -133,17 +133,21 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         raise ValueError(f"q: expected [B, Sq, H, D], got shape {list(q.shape)}")
     B, Sq = q.shape[0], q.shape[1]
     n_new = 0 if k is None else k.shape[1]
+    paged = block_table is not None
+    page = k_cache.shape[1]
+    capacity = block_table.shape[1] * page if paged else k_cache.shape[1]
     if cache_seqlens is None:
-        lens = torch.zeros(B, dtype=torch.int64)
+        # flash_attn: without lengths every sequence is the whole cache
+        if k is not None:
+            raise ValueError("cache_seqlens: expected the cache lengths when k / v are appended, "
+                             "got None")
+        lens = torch.full((B,), capacity, dtype=torch.int64)
     elif isinstance(cache_seqlens, int):
         lens = torch.full((B,), cache_seqlens, dtype=torch.int64)
     else:
         lens = torch.as_tensor(cache_seqlens).to(torch.int64).reshape(-1)
     if lens.shape[0] != B:
         raise ValueError(f"cache_seqlens: expected {B} entries, got {lens.shape[0]}")
-    paged = block_table is not None
-    page = k_cache.shape[1]
-    capacity = block_table.shape[1] * page if paged else k_cache.shape[1]
     if bool((lens < 0).any()) or bool((lens + n_new > capacity).any()):
         raise ValueError(f"cache_seqlens: expected 0 <= cache_seqlens and cache_seqlens + "
                          f"{n_new} new tokens <= the cache's {capacity} slots, got "
