@@ -142,5 +142,6 @@ def threads_arg(threads):
         raise TypeError(f"threads: expected an int or None, got {type(threads).__name__}")
     threads = int(threads)
     if threads < 0:
-        raise ValueError(f"threads: expected >= 0 (0 or None: every hardware thread), got {threads}")
+        raise ValueError(f"threads: expected >= 0 (0 or None: every hardware thread), got "
+                         f"{threads}")
     return threads

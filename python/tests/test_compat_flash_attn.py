@@ -68,7 +68,8 @@ CASES = [
 
 
 @pytest.mark.parametrize("opts", CASES)
-@pytest.mark.parametrize("shape", [(2, 7, 19, 4, 2, 32), (1, 33, 33, 2, 2, 64), (1, 1, 40, 4, 1, 128)])
+@pytest.mark.parametrize("shape", [(2, 7, 19, 4, 2, 32), (1, 33, 33, 2, 2, 64),
+                                   (1, 1, 40, 4, 1, 128)])
 def test_flash_attn_func(opts, shape):
     B, Sq, Sk, H, Hkv, D = shape
     q, k, v = rand(B, Sq, H, D, seed=1), rand(B, Sk, Hkv, D, seed=2), rand(B, Sk, Hkv, D, seed=3)
