@@ -111,11 +111,11 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     q [B, Sq, H, D]; k_cache / v_cache [B_cache, S_cache, Hkv, D], or with block_table (int32
     [B, max_blocks]) paged [num_blocks, block_size, Hkv, D]; cache_seqlens int or int32 [B]
     (tokens already in the cache; None: the whole cache). When k / v [B, Sk_new, Hkv, D] are
-    given they are written into the cache in place at positions cache_seqlens .. (after RoPE with rotary_cos / rotary_sin
-    [seqlen_ro, rotary_dim / 2] on k, and on q at the same positions when causal or windowed,
-    else at cache_seqlens), and attention runs over cache_seqlens + Sk_new keys per sequence.
-    torch tensors only (the cache is updated in place). Returns out [B, Sq, H, D] and, with
-    return_softmax_lse, the LSE [B, H, Sq]."""
+    given they are written into the cache in place at positions cache_seqlens and on (after
+    RoPE with rotary_cos / rotary_sin [seqlen_ro, rotary_dim / 2] on k, and on q at the same
+    positions when causal or windowed, else at cache_seqlens), and attention runs over
+    cache_seqlens + Sk_new keys per sequence. torch tensors only (the cache is updated in
+    place). Returns out [B, Sq, H, D] and, with return_softmax_lse, the LSE [B, H, Sq]."""
     torch = A.torch_module()
     if torch is None or not A.is_torch(q):
         raise TypeError("q: flash_attn_with_kvcache expects torch tensors (it updates the cache "
