@@ -84,10 +84,13 @@ namespace {
 constexpr int64_t kTileRows = 16;   // rows of every tile
 constexpr int64_t kGroupRows = 32;  // query rows per score / output step (2 tiles)
 constexpr int64_t kChunk = 32;      // keys per chunk (a P tile's width), dims per Q tile
-constexpr int64_t kBlockKeys = 128;
-constexpr int64_t kTaskRows = 128;
+constexpr int64_t kBlockKeys = 256;
+constexpr int64_t kTaskRows = 256;
+constexpr int64_t kMaxDim = 256;
 // A K tile: 16 rows (dim pairs) of 16 keys x 2 bf16.
 constexpr int64_t kKTileElems = kTileRows * kChunk;
+// Packed K and V of the heads of one round stay under this many bytes (at least one head).
+constexpr int64_t kPackBudgetBytes = int64_t{64} << 20;
 
 // Palette 1, tiles 0..7 all 16 rows x 64 bytes: 0-3 accumulators, 4-5 A, 6-7 B.
 struct alignas(64) TileConfig {
@@ -99,27 +102,30 @@ struct alignas(64) TileConfig {
 };
 static_assert(sizeof(TileConfig) == 64, "AMX tile configuration is 64 bytes");
 
+// A (sequence, KV head) of a round: its packed K and V, every key block of the sequence.
+struct PackedHead {
+  int64_t seq, kv_head;
+  uint16_t* k;  // [keys_p / 16][D / 32][16][32]: B tiles of 16 keys x 32 dims
+  uint16_t* v;  // [keys_p / 2][2 D]: rows 2j and 2j + 1 interleaved
+};
+
 struct Task {
-  int64_t seq, kv_head, q0, nq;
+  const PackedHead* head;
+  int64_t q0, nq;
 };
 
 // Per-worker scratch, carved from one allocation; every region starts on a cache line.
 struct Scratch {
-  uint16_t* q;      // [rows_p][D] query rows, bf16
-  float* o;         // [rows_p][D] output accumulator
-  uint16_t* k;      // [kBlockKeys / 16][D / 32][16][32] K block, B-tile layout
-  uint16_t* v;      // [kBlockKeys / 2][2 D] V block, pairs of rows interleaved
-  float* s;         // [kGroupRows][kBlockKeys] scores (log2 units after the softmax's pass 1)
-  uint16_t* p;      // [kGroupRows][kBlockKeys] weights, bf16
-  float* m;         // [rows_p] running max (log2 units)
-  float* l;         // [rows_p] running sum
-  float* alpha;     // [kGroupRows] rescale of the group's rows
-  int64_t* lo;      // [rows_p] first visible key (lo > hi: none)
-  int64_t* hi;      // [rows_p] last visible key
-  int64_t* glo;     // [rows_p / 32] first key some row of the group sees
-  int64_t* ghi;     // [rows_p / 32] last key some row of the group sees
-  uint16_t* rows;   // [16][D] rows gathered from strided storage
-  uint16_t* zeros;  // [D] a zero row (keys past the end)
+  uint16_t* q;   // [rows_p][D] query rows, bf16
+  float* o;      // [rows_p][D] output accumulator
+  float* s;      // [kGroupRows][kBlockKeys] scores; the bf16 weights overwrite each row's start
+  float* m;      // [rows_p] running max (log2 units)
+  float* l;      // [rows_p] running sum
+  float* alpha;  // [kGroupRows] rescale of the group's rows
+  int64_t* lo;   // [rows_p] first visible key (lo > hi: none)
+  int64_t* hi;   // [rows_p] last visible key
+  int64_t* glo;  // [rows_p / 32] first key some row of the group sees
+  int64_t* ghi;  // [rows_p / 32] last key some row of the group sees
 
   // Bytes of the scratch for head dim `dim` and `rows_p` rows; carves it when base != nullptr.
   size_t Carve(uint8_t* base, size_t dim, size_t rows_p) {
@@ -128,13 +134,9 @@ struct Scratch {
       if (base != nullptr) *ptr = reinterpret_cast<std::remove_pointer_t<decltype(ptr)>>(base + at);
       at += (bytes + 63) / 64 * 64;
     };
-    const size_t block = static_cast<size_t>(kBlockKeys);
     take(&q, rows_p * dim * 2);
     take(&o, rows_p * dim * 4);
-    take(&k, block * dim * 2);
-    take(&v, block * dim * 2);
-    take(&s, static_cast<size_t>(kGroupRows) * block * 4);
-    take(&p, static_cast<size_t>(kGroupRows) * block * 2);
+    take(&s, static_cast<size_t>(kGroupRows * kBlockKeys) * 4);
     take(&m, rows_p * 4);
     take(&l, rows_p * 4);
     take(&alpha, static_cast<size_t>(kGroupRows) * 4);
@@ -142,8 +144,6 @@ struct Scratch {
     take(&hi, rows_p * 8);
     take(&glo, rows_p / kGroupRows * 8);
     take(&ghi, rows_p / kGroupRows * 8);
-    take(&rows, static_cast<size_t>(kTileRows) * dim * 2);
-    take(&zeros, dim * 2);
     return at;
   }
 };
@@ -152,19 +152,17 @@ struct Scratch {
 // moving the stores that fill their sources past them.
 inline void CompilerBarrier() { __asm__ volatile("" ::: "memory"); }
 
-// 2^x for x <= 0 (and NaN): 2^round(x) * P(x - round(x)), P the degree-7 Taylor polynomial of 2^f
-// on [-1/2, 1/2] (relative error < 1e-8 plus rounding). x < -150 (masked keys: -inf) gives 0.
+// 2^x for x <= 0 (and NaN): 2^round(x) * P(x - round(x)), P a degree-5 polynomial fitted to 2^f
+// on [-1/2, 1/2] for relative error with P(0) = 1 (max 1.9e-7 evaluated in f32). x < -150 gives 0.
 TESSERA_AMX_TARGET inline __m512 Exp2(__m512 x) {
   x = _mm512_max_ps(_mm512_set1_ps(-150.0f), x);  // NaN in x stays NaN (max returns operand 2)
   const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 f = _mm512_sub_ps(x, n);
-  __m512 r = _mm512_set1_ps(1.5252733804059841e-05f);
-  r = _mm512_fmadd_ps(r, f, _mm512_set1_ps(1.5403530393381609e-04f));
-  r = _mm512_fmadd_ps(r, f, _mm512_set1_ps(1.3333558146428443e-03f));
-  r = _mm512_fmadd_ps(r, f, _mm512_set1_ps(9.6181291076284772e-03f));
-  r = _mm512_fmadd_ps(r, f, _mm512_set1_ps(5.5504108664821580e-02f));
-  r = _mm512_fmadd_ps(r, f, _mm512_set1_ps(2.4022650695910071e-01f));
-  r = _mm512_fmadd_ps(r, f, _mm512_set1_ps(6.9314718055994531e-01f));
+  __m512 r = _mm512_set1_ps(1.3264727214e-03f);
+  r = _mm512_fmadd_ps(r, f, _mm512_set1_ps(9.6715128125e-03f));
+  r = _mm512_fmadd_ps(r, f, _mm512_set1_ps(5.5507337448e-02f));
+  r = _mm512_fmadd_ps(r, f, _mm512_set1_ps(2.4022242083e-01f));
+  r = _mm512_fmadd_ps(r, f, _mm512_set1_ps(6.9314697760e-01f));
   r = _mm512_fmadd_ps(r, f, _mm512_set1_ps(1.0f));
   return _mm512_scalef_ps(r, n);
 }
@@ -197,6 +195,71 @@ TESSERA_AMX_TARGET inline void Transpose16x16(__m512i r[16]) {
   }
 }
 
+// Pointer to the bf16 row of (token, head) of sequence b of a [b, s, h, d] tensor; gathered into
+// `tmp` when its head-dim stride is not 1.
+const uint16_t* Row(const AttentionProblem& p, const void* base, const int64_t* stride, int64_t b,
+                    int64_t token, int64_t head, uint16_t* tmp) {
+  const uint16_t* src = static_cast<const uint16_t*>(base) + p.offset(stride, b, token, head);
+  if (stride[3] == 1) return src;
+  for (int64_t d = 0; d < p.dim; ++d) tmp[d] = src[d * stride[3]];
+  return tmp;
+}
+
+// Packs key block kb0 (kBlockKeys keys; keys past the end are zero) of head `h`: K into B tiles
+// (tile (key tile kt, dim chunk dc) holds in row j the pairs (K[key][32 dc + 2 j],
+// K[key][32 dc + 2 j + 1]) of its 16 keys), V pair-interleaved over keys (row j of the block is
+// (V[2j][0], V[2j+1][0], V[2j][1], V[2j+1][1], ...), so 16 rows x 16 dims form a B tile).
+TESSERA_AMX_TARGET void PackBlock(const AttentionProblem& p, const PackedHead& h, int64_t kb0) {
+  alignas(64) uint16_t gathered[kTileRows][kMaxDim];
+  alignas(64) static const uint16_t kZeros[kMaxDim] = {};
+  alignas(64) static constexpr uint16_t kLow[32] = {0,  32, 1,  33, 2,  34, 3,  35, 4,  36, 5,
+                                                    37, 6,  38, 7,  39, 8,  40, 9,  41, 10, 42,
+                                                    11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+  alignas(64) static constexpr uint16_t kHigh[32] = {16, 48, 17, 49, 18, 50, 19, 51, 20, 52, 21,
+                                                     53, 22, 54, 23, 55, 24, 56, 25, 57, 26, 58,
+                                                     27, 59, 28, 60, 29, 61, 30, 62, 31, 63};
+  const int64_t dim = p.dim, chunks = dim / kChunk;
+  for (int64_t kt = 0; kt < kBlockKeys / kTileRows; ++kt) {
+    const int64_t key0 = kb0 + kt * kTileRows;
+    const uint16_t* src[kTileRows];
+    for (int64_t n = 0; n < kTileRows; ++n) {
+      src[n] = key0 + n < p.seq_k ? Row(p, p.k, p.k_stride, h.seq, key0 + n, h.kv_head, gathered[n])
+                                  : kZeros;
+    }
+    for (int64_t dc = 0; dc < chunks; ++dc) {
+      __m512i r[16];
+      for (int n = 0; n < 16; ++n) r[n] = _mm512_loadu_si512(src[n] + dc * kChunk);
+      Transpose16x16(r);
+      uint16_t* dst = h.k + ((key0 / kTileRows) * chunks + dc) * kKTileElems;
+      for (int j = 0; j < 16; ++j) _mm512_store_si512(dst + j * kChunk, r[j]);
+    }
+    for (int64_t n = 0; n < kTileRows; ++n) {
+      src[n] = key0 + n < p.seq_k ? Row(p, p.v, p.v_stride, h.seq, key0 + n, h.kv_head, gathered[n])
+                                  : kZeros;
+    }
+    const __m512i low = _mm512_load_si512(kLow);
+    const __m512i high = _mm512_load_si512(kHigh);
+    for (int64_t n = 0; n < kTileRows; n += 2) {
+      uint16_t* dst = h.v + (key0 + n) * dim;  // row (key0 + n) / 2 of 2 D elements
+      for (int64_t d = 0; d < dim; d += kChunk) {
+        const __m512i x = _mm512_loadu_si512(src[n] + d);
+        const __m512i y = _mm512_loadu_si512(src[n + 1] + d);
+        _mm512_store_si512(dst + 2 * d, _mm512_permutex2var_epi16(x, low, y));
+        _mm512_store_si512(dst + 2 * d + kChunk, _mm512_permutex2var_epi16(x, high, y));
+      }
+    }
+  }
+}
+
+// Lanes of columns [col, col + 16) inside [lo, hi] (vlo, vhi; iota = 0..15), all when `full`.
+TESSERA_AMX_TARGET inline __mmask16 Visible(bool full, int64_t col, __m512i iota, __m512i vlo,
+                                            __m512i vhi) {
+  if (full) return 0xFFFF;
+  const __m512i key = _mm512_add_epi32(iota, _mm512_set1_epi32(static_cast<int32_t>(col)));
+  return _mm512_cmp_epi32_mask(key, vlo, _MM_CMPINT_NLT) &
+         _mm512_cmp_epi32_mask(key, vhi, _MM_CMPINT_LE);
+}
+
 class TaskRunner {
  public:
   TaskRunner(const AttentionProblem& p, const Task& t, const Scratch& s)
@@ -212,21 +275,10 @@ class TaskRunner {
   TESSERA_AMX_TARGET void Run();
 
  private:
-  // Pointer to the bf16 row of (token, head) of a [b, s, h, d] tensor; gathered into `tmp` when
-  // its head-dim stride is not 1.
-  const uint16_t* Row(const void* base, const int64_t* stride, int64_t token, int64_t head,
-                      uint16_t* tmp) const {
-    const uint16_t* src = static_cast<const uint16_t*>(base) + p_.offset(stride, t_.seq, token, head);
-    if (stride[3] == 1) return src;
-    for (int64_t d = 0; d < dim_; ++d) tmp[d] = src[d * stride[3]];
-    return tmp;
-  }
   TESSERA_AMX_TARGET void PackQueries();
-  TESSERA_AMX_TARGET void PackKeys(int64_t kb0, int64_t c0, int64_t c1);
-  TESSERA_AMX_TARGET void PackValues(int64_t kb0, int64_t c0, int64_t c1);
-  TESSERA_AMX_TARGET void Scores(int64_t g, int64_t c0, int64_t c1);
+  TESSERA_AMX_TARGET void Scores(int64_t g, int64_t kb0, int64_t c0, int64_t c1);
   TESSERA_AMX_TARGET void Softmax(int64_t g, int64_t kb0, int64_t c0, int64_t c1);
-  TESSERA_AMX_TARGET void Accumulate(int64_t g, int64_t c0, int64_t c1);
+  TESSERA_AMX_TARGET void Accumulate(int64_t g, int64_t kb0, int64_t c0, int64_t c1);
   TESSERA_AMX_TARGET void Finish();
 
   const AttentionProblem& p_;
@@ -239,8 +291,9 @@ class TaskRunner {
   const float scale_log2_;
 };
 
-__attribute__((noinline)) TESSERA_AMX_TARGET void TaskRunner::PackQueries() {
+TESSERA_AMX_TARGET void TaskRunner::PackQueries() {
   const int64_t delta = p_.top_left ? 0 : p_.seq_k - p_.seq_q;
+  const PackedHead& h = *t_.head;
   for (int64_t r = 0; r < rows_p_; ++r) {
     uint16_t* dst = s_.q + r * dim_;
     s_.m[r] = -std::numeric_limits<float>::infinity();
@@ -252,69 +305,22 @@ __attribute__((noinline)) TESSERA_AMX_TARGET void TaskRunner::PackQueries() {
       s_.hi[r] = 0;
       continue;
     }
-    const int64_t head = t_.kv_head * p_.group + r / t_.nq;
+    const int64_t head = h.kv_head * p_.group + r / t_.nq;
     const int64_t qi = t_.q0 + r % t_.nq;
     const AttentionProblem::KeyRange kr = p_.visible_keys(qi + delta, k_len_);
     s_.lo[r] = kr.lo;
     s_.hi[r] = kr.hi;
-    const uint16_t* src = Row(p_.q, p_.q_stride, qi, head, dst);
+    const uint16_t* src = Row(p_, p_.q, p_.q_stride, h.seq, qi, head, dst);
     if (src != dst) std::memcpy(dst, src, static_cast<size_t>(dim_) * sizeof(uint16_t));
   }
 }
 
-// K rows of the block's chunks [c0, c1) into B tiles: tile (key tile kt, dim chunk dc) holds, in
-// row j, the pairs (K[key][32 dc + 2 j], K[key][32 dc + 2 j + 1]) of its 16 keys.
-TESSERA_AMX_TARGET void TaskRunner::PackKeys(int64_t kb0, int64_t c0, int64_t c1) {
-  const int64_t chunks = dim_ / kChunk;
-  for (int64_t kt = 2 * c0; kt < 2 * c1; ++kt) {
-    const uint16_t* src[kTileRows];
-    for (int64_t n = 0; n < kTileRows; ++n) {
-      const int64_t key = kb0 + kt * kTileRows + n;
-      src[n] = key < k_len_ ? Row(p_.k, p_.k_stride, key, t_.kv_head, s_.rows + n * dim_)
-                            : s_.zeros;
-    }
-    for (int64_t dc = 0; dc < chunks; ++dc) {
-      __m512i r[16];
-      for (int n = 0; n < 16; ++n) r[n] = _mm512_loadu_si512(src[n] + dc * kChunk);
-      Transpose16x16(r);
-      uint16_t* dst = s_.k + (kt * chunks + dc) * kKTileElems;
-      for (int j = 0; j < 16; ++j) _mm512_store_si512(dst + j * kChunk, r[j]);
-    }
-  }
-}
-
-// V rows of the block's chunks [c0, c1), pair-interleaved: row j of the packed block is
-// (V[2j][0], V[2j+1][0], V[2j][1], V[2j+1][1], ...), so 16 rows x 16 dims form a B tile.
-__attribute__((noinline)) TESSERA_AMX_TARGET void TaskRunner::PackValues(int64_t kb0, int64_t c0, int64_t c1) {
-  alignas(64) static constexpr uint16_t kLow[32] = {0,  32, 1,  33, 2,  34, 3,  35, 4,  36, 5,
-                                                    37, 6,  38, 7,  39, 8,  40, 9,  41, 10, 42,
-                                                    11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
-  alignas(64) static constexpr uint16_t kHigh[32] = {16, 48, 17, 49, 18, 50, 19, 51, 20, 52, 21,
-                                                     53, 22, 54, 23, 55, 24, 56, 25, 57, 26, 58,
-                                                     27, 59, 28, 60, 29, 61, 30, 62, 31, 63};
-  const __m512i low = _mm512_load_si512(kLow);
-  const __m512i high = _mm512_load_si512(kHigh);
-  for (int64_t j = c0 * kChunk / 2; j < c1 * kChunk / 2; ++j) {
-    const int64_t key = kb0 + 2 * j;
-    const uint16_t* a =
-        key < k_len_ ? Row(p_.v, p_.v_stride, key, t_.kv_head, s_.rows) : s_.zeros;
-    const uint16_t* b =
-        key + 1 < k_len_ ? Row(p_.v, p_.v_stride, key + 1, t_.kv_head, s_.rows + dim_) : s_.zeros;
-    uint16_t* dst = s_.v + j * 2 * dim_;
-    for (int64_t d = 0; d < dim_; d += kChunk) {
-      const __m512i x = _mm512_loadu_si512(a + d);
-      const __m512i y = _mm512_loadu_si512(b + d);
-      _mm512_store_si512(dst + 2 * d, _mm512_permutex2var_epi16(x, low, y));
-      _mm512_store_si512(dst + 2 * d + kChunk, _mm512_permutex2var_epi16(x, high, y));
-    }
-  }
-}
-
-// Scores of group g's 32 rows against the block's chunks [c0, c1), into s (f32, unscaled).
-__attribute__((noinline)) TESSERA_AMX_TARGET void TaskRunner::Scores(int64_t g, int64_t c0, int64_t c1) {
+// Scores of group g's 32 rows against chunks [c0, c1) of key block kb0, into s (f32, unscaled).
+TESSERA_AMX_TARGET void TaskRunner::Scores(int64_t g, int64_t kb0, int64_t c0, int64_t c1) {
   const int64_t chunks = dim_ / kChunk;
   const uint16_t* q0 = s_.q + g * kGroupRows * dim_;
   const uint16_t* q1 = q0 + kTileRows * dim_;
+  const uint16_t* kb = t_.head->k + kb0 * dim_;
   const long q_stride = static_cast<long>(dim_ * 2);
   const long s_stride = static_cast<long>(kBlockKeys * 4);
   CompilerBarrier();
@@ -323,7 +329,7 @@ __attribute__((noinline)) TESSERA_AMX_TARGET void TaskRunner::Scores(int64_t g, 
     _tile_zero(1);
     _tile_zero(2);
     _tile_zero(3);
-    const uint16_t* k0 = s_.k + 2 * c * chunks * kKTileElems;
+    const uint16_t* k0 = kb + 2 * c * chunks * kKTileElems;
     const uint16_t* k1 = k0 + chunks * kKTileElems;
     for (int64_t dc = 0; dc < chunks; ++dc) {
       _tile_loadd(4, q0 + dc * kChunk, q_stride);
@@ -343,18 +349,22 @@ __attribute__((noinline)) TESSERA_AMX_TARGET void TaskRunner::Scores(int64_t g, 
   }
 }
 
-// Online softmax of group g's rows over the block's chunks [c0, c1): updates m and l, writes the
-// bf16 weights to p and each row's rescale factor to alpha.
-__attribute__((noinline)) TESSERA_AMX_TARGET void TaskRunner::Softmax(int64_t g, int64_t kb0, int64_t c0, int64_t c1) {
-  const float kNegInf = -std::numeric_limits<float>::infinity();
+// Online softmax of group g's rows over chunks [c0, c1) of key block kb0: updates m and l, writes
+// each row's bf16 weights over the start of its scores (weight of column c at bf16 index c, which
+// only overwrites scores already read) and its rescale factor to alpha.
+TESSERA_AMX_TARGET void TaskRunner::Softmax(int64_t g, int64_t kb0, int64_t c0, int64_t c1) {
+  const float kInf = std::numeric_limits<float>::infinity();
   const int64_t col0 = c0 * kChunk, col1 = c1 * kChunk;
   const int64_t first = kb0 + col0, last = kb0 + col1 - 1;
   const __m512 scale = _mm512_set1_ps(scale_log2_);
+  // The row max of scale * s is scale times the max of s (the min for a negative scale): rounding
+  // is monotonic.
+  const bool negative = scale_log2_ < 0.0f;
   const __m512i iota = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
   for (int64_t i = 0; i < kGroupRows; ++i) {
     const int64_t r = g * kGroupRows + i;
     float* srow = s_.s + i * kBlockKeys;
-    uint16_t* prow = s_.p + i * kBlockKeys;
+    uint16_t* prow = reinterpret_cast<uint16_t*>(srow);
     const int64_t lo = s_.lo[r], hi = s_.hi[r];
     s_.alpha[i] = 1.0f;
     if (lo > hi || hi < first || lo > last) {
@@ -362,32 +372,41 @@ __attribute__((noinline)) TESSERA_AMX_TARGET void TaskRunner::Softmax(int64_t g,
       continue;
     }
     const bool full = lo <= first && hi >= last;
-    // Window bounds relative to the block, clamped into int32.
+    // Window bounds relative to the block, clamped into int32; `visible` masks 16 columns.
     const __m512i vlo = _mm512_set1_epi32(static_cast<int32_t>(std::max<int64_t>(lo - kb0, -1)));
     const __m512i vhi =
         _mm512_set1_epi32(static_cast<int32_t>(std::min<int64_t>(hi - kb0, kBlockKeys)));
-    __m512 vmax = _mm512_set1_ps(kNegInf);
-    for (int64_t col = col0; col < col1; col += 16) {
-      __m512 x = _mm512_mul_ps(_mm512_load_ps(srow + col), scale);
-      if (!full) {
-        const __m512i key = _mm512_add_epi32(iota, _mm512_set1_epi32(static_cast<int32_t>(col)));
-        const __mmask16 in = _mm512_cmp_epi32_mask(key, vlo, _MM_CMPINT_NLT) &
-                             _mm512_cmp_epi32_mask(key, vhi, _MM_CMPINT_LE);
-        x = _mm512_mask_mov_ps(_mm512_set1_ps(kNegInf), in, x);
+    float extreme;
+    if (negative) {
+      __m512 v = _mm512_set1_ps(kInf);
+      for (int64_t col = col0; col < col1; col += 16) {
+        v = _mm512_mask_min_ps(v, Visible(full, col, iota, vlo, vhi), v,
+                               _mm512_load_ps(srow + col));
       }
-      _mm512_store_ps(srow + col, x);
-      vmax = _mm512_max_ps(vmax, x);
+      extreme = _mm512_reduce_min_ps(v);
+    } else {
+      __m512 v = _mm512_set1_ps(-kInf);
+      for (int64_t col = col0; col < col1; col += 16) {
+        v = _mm512_mask_max_ps(v, Visible(full, col, iota, vlo, vhi), v,
+                               _mm512_load_ps(srow + col));
+      }
+      extreme = _mm512_reduce_max_ps(v);
     }
-    const float block_max = _mm512_reduce_max_ps(vmax);
+    const float block_max = extreme * scale_log2_;
     const float m_old = s_.m[r];
     const float m_new = block_max > m_old ? block_max : m_old;
-    const float m_use = m_new == kNegInf ? 0.0f : m_new;
+    const float m_use = m_new == -kInf ? 0.0f : m_new;
     const __m512 vm = _mm512_set1_ps(m_use);
-    const float alpha = _mm512_cvtss_f32(Exp2(_mm512_set1_ps(m_old - m_use)));
+    const float alpha =
+        m_old == m_use ? 1.0f : _mm512_cvtss_f32(Exp2(_mm512_set1_ps(m_old - m_use)));
     __m512 sum = _mm512_setzero_ps();
     for (int64_t col = col0; col < col1; col += 32) {
-      const __m512 p0 = Exp2(_mm512_sub_ps(_mm512_load_ps(srow + col), vm));
-      const __m512 p1 = Exp2(_mm512_sub_ps(_mm512_load_ps(srow + col + 16), vm));
+      const __m512 x0 = _mm512_load_ps(srow + col);
+      const __m512 x1 = _mm512_load_ps(srow + col + 16);
+      const __m512 p0 = _mm512_maskz_mov_ps(Visible(full, col, iota, vlo, vhi),
+                                            Exp2(_mm512_fmsub_ps(x0, scale, vm)));
+      const __m512 p1 = _mm512_maskz_mov_ps(Visible(full, col + 16, iota, vlo, vhi),
+                                            Exp2(_mm512_fmsub_ps(x1, scale, vm)));
       sum = _mm512_add_ps(sum, _mm512_add_ps(p0, p1));
       const __m512bh bf = _mm512_cvtne2ps_pbh(p1, p0);
       _mm512_store_si512(prow + col, reinterpret_cast<const __m512i&>(bf));
@@ -398,8 +417,8 @@ __attribute__((noinline)) TESSERA_AMX_TARGET void TaskRunner::Softmax(int64_t g,
   }
 }
 
-// O = alpha O + P V for group g over the block's chunks [c0, c1).
-__attribute__((noinline)) TESSERA_AMX_TARGET void TaskRunner::Accumulate(int64_t g, int64_t c0, int64_t c1) {
+// O = alpha O + P V for group g over chunks [c0, c1) of key block kb0.
+TESSERA_AMX_TARGET void TaskRunner::Accumulate(int64_t g, int64_t kb0, int64_t c0, int64_t c1) {
   float* o = s_.o + g * kGroupRows * dim_;
   for (int64_t i = 0; i < kGroupRows; ++i) {
     const float alpha = s_.alpha[i];
@@ -412,10 +431,11 @@ __attribute__((noinline)) TESSERA_AMX_TARGET void TaskRunner::Accumulate(int64_t
   }
   CompilerBarrier();
   const long o_stride = static_cast<long>(dim_ * 4);
-  const long p_stride = static_cast<long>(kBlockKeys * 2);
+  const long p_stride = static_cast<long>(kBlockKeys * 4);  // weights overlay the scores
   const long v_stride = static_cast<long>(dim_ * 4);
-  const uint16_t* p0 = s_.p;
-  const uint16_t* p1 = s_.p + kTileRows * kBlockKeys;
+  const uint16_t* p0 = reinterpret_cast<const uint16_t*>(s_.s);
+  const uint16_t* p1 = reinterpret_cast<const uint16_t*>(s_.s + kTileRows * kBlockKeys);
+  const uint16_t* vb = t_.head->v + kb0 * dim_;
   for (int64_t d = 0; d < dim_; d += kChunk) {
     float* o0 = o + d;
     float* o1 = o0 + kTileRows * dim_;
@@ -424,7 +444,7 @@ __attribute__((noinline)) TESSERA_AMX_TARGET void TaskRunner::Accumulate(int64_t
     _tile_loadd(2, o1, o_stride);
     _tile_loadd(3, o1 + kTileRows, o_stride);
     for (int64_t c = c0; c < c1; ++c) {
-      const uint16_t* v = s_.v + c * (kChunk / 2) * 2 * dim_ + 2 * d;
+      const uint16_t* v = vb + c * kChunk * dim_ + 2 * d;
       _tile_loadd(4, p0 + c * kChunk, p_stride);
       _tile_loadd(5, p1 + c * kChunk, p_stride);
       _tile_loadd(6, v, v_stride);
@@ -442,10 +462,11 @@ __attribute__((noinline)) TESSERA_AMX_TARGET void TaskRunner::Accumulate(int64_t
 }
 
 // Normalizes the rows and writes out (bf16) and the LSE (natural log).
-__attribute__((noinline)) TESSERA_AMX_TARGET void TaskRunner::Finish() {
-  uint16_t* tmp = s_.rows;
+TESSERA_AMX_TARGET void TaskRunner::Finish() {
+  alignas(64) uint16_t tmp[kMaxDim];
+  const PackedHead& h = *t_.head;
   for (int64_t r = 0; r < rows_; ++r) {
-    const int64_t head = t_.kv_head * p_.group + r / t_.nq;
+    const int64_t head = h.kv_head * p_.group + r / t_.nq;
     const int64_t token = t_.q0 + r % t_.nq;
     // l is 0 only for a row with no visible key; a NaN l (NaN inputs) must stay NaN.
     const float l = s_.l[r];
@@ -454,17 +475,16 @@ __attribute__((noinline)) TESSERA_AMX_TARGET void TaskRunner::Finish() {
     const float* row = s_.o + r * dim_;
     for (int64_t d = 0; d < dim_; d += 16) {
       const __m256bh bf = _mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_load_ps(row + d), inv));
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(tmp + d),
-                          reinterpret_cast<const __m256i&>(bf));
+      _mm256_store_si256(reinterpret_cast<__m256i*>(tmp + d), reinterpret_cast<const __m256i&>(bf));
     }
-    uint16_t* out = static_cast<uint16_t*>(p_.out) + p_.out_offset(t_.seq, token, head);
+    uint16_t* out = static_cast<uint16_t*>(p_.out) + p_.out_offset(h.seq, token, head);
     if (p_.out_stride[3] == 1) {
       std::memcpy(out, tmp, static_cast<size_t>(dim_) * sizeof(uint16_t));
     } else {
       for (int64_t d = 0; d < dim_; ++d) out[d * p_.out_stride[3]] = tmp[d];
     }
     if (p_.lse != nullptr) {
-      p_.lse[p_.lse_offset(t_.seq, head, token)] =
+      p_.lse[p_.lse_offset(h.seq, head, token)] =
           none_visible ? -std::numeric_limits<float>::infinity()
                        : static_cast<float>(static_cast<double>(s_.m[r]) * 0.69314718055994531 +
                                             std::log(static_cast<double>(l)));
@@ -476,7 +496,6 @@ TESSERA_AMX_TARGET void TaskRunner::Run() {
   TileConfig config;
   CompilerBarrier();
   _tile_loadconfig(&config);
-  std::memset(s_.zeros, 0, static_cast<size_t>(dim_) * sizeof(uint16_t));
   PackQueries();
   // Each group's key range (the union of its rows' windows) and the task's.
   const int64_t groups = rows_p_ / kGroupRows;
@@ -495,18 +514,14 @@ TESSERA_AMX_TARGET void TaskRunner::Run() {
   for (int64_t kb0 = task_hi < 0 ? 0 : task_lo / kBlockKeys * kBlockKeys; kb0 <= task_hi;
        kb0 += kBlockKeys) {
     const int64_t kb1 = kb0 + kBlockKeys - 1;
-    const int64_t c0 = (std::max(task_lo, kb0) - kb0) / kChunk;
-    const int64_t c1 = (std::min(task_hi, kb1) - kb0) / kChunk + 1;
-    PackKeys(kb0, c0, c1);
-    PackValues(kb0, c0, c1);
     for (int64_t g = 0; g < groups; ++g) {
       const int64_t a = std::max(glo[g], kb0);
       const int64_t e = std::min(ghi[g], kb1);
       if (a > e) continue;
-      const int64_t gc0 = (a - kb0) / kChunk, gc1 = (e - kb0) / kChunk + 1;
-      Scores(g, gc0, gc1);
-      Softmax(g, kb0, gc0, gc1);
-      Accumulate(g, gc0, gc1);
+      const int64_t c0 = (a - kb0) / kChunk, c1 = (e - kb0) / kChunk + 1;
+      Scores(g, kb0, c0, c1);
+      Softmax(g, kb0, c0, c1);
+      Accumulate(g, kb0, c0, c1);
     }
   }
   _tile_release();
@@ -516,32 +531,52 @@ TESSERA_AMX_TARGET void TaskRunner::Run() {
 }  // namespace
 
 bool AmxForward(const AttentionProblem& p, int32_t threads) {
-  // Tasks: (sequence, KV head, block of positions), last blocks first (under a causal mask they
-  // are the longest, and running them first balances the dynamic schedule).
+  threads = std::max(threads, 1);
   const int64_t block = std::max<int64_t>(1, kTaskRows / p.group);
-  std::vector<Task> tasks;
-  for (int64_t b = 0; b < p.batch; ++b) {
-    for (int64_t h = 0; h < p.heads_kv; ++h) {
-      for (int64_t q0 = (p.seq_q - 1) / block * block; q0 >= 0; q0 -= block) {
-        tasks.push_back(Task{b, h, q0, std::min(block, p.seq_q - q0)});
-      }
-    }
-  }
-  if (tasks.empty()) return true;
-  const int32_t workers =
-      static_cast<int32_t>(std::min<int64_t>(std::max(threads, 1), static_cast<int64_t>(tasks.size())));
   const int64_t max_rows = p.group * std::min(block, p.seq_q);
   const size_t rows_p = static_cast<size_t>((max_rows + kGroupRows - 1) / kGroupRows * kGroupRows);
+  const int64_t keys_p = (p.seq_k + kBlockKeys - 1) / kBlockKeys * kBlockKeys;
+  const int64_t blocks = keys_p / kBlockKeys;
+  const int64_t head_elems = keys_p * p.dim;  // of K, and of V
+  const int64_t heads = p.batch * p.heads_kv;
+  const int64_t round_heads = std::clamp<int64_t>(kPackBudgetBytes / (4 * head_elems), 1, heads);
   Scratch layout;
   const size_t per_worker = layout.Carve(nullptr, static_cast<size_t>(p.dim), rows_p);
-  auto storage = hwy::AllocateAligned<uint8_t>(per_worker * static_cast<size_t>(workers));
-  if (!storage) return false;
-  ParallelFor(workers, static_cast<int64_t>(tasks.size()), [&](int64_t task, int32_t worker) {
-    Scratch s;
-    s.Carve(storage.get() + per_worker * static_cast<size_t>(worker), static_cast<size_t>(p.dim),
-            rows_p);
-    TaskRunner(p, tasks[static_cast<size_t>(task)], s).Run();
-  });
+  // No more workers than the largest ParallelFor of a round has units.
+  const int64_t qblocks = (p.seq_q + block - 1) / block;
+  threads = static_cast<int32_t>(
+      std::min<int64_t>(threads, round_heads * std::max(qblocks, blocks)));
+  auto scratch = hwy::AllocateAligned<uint8_t>(per_worker * static_cast<size_t>(threads));
+  auto packed = hwy::AllocateAligned<uint16_t>(static_cast<size_t>(2 * round_heads * head_elems));
+  if (!scratch || !packed) return false;
+  std::vector<PackedHead> round(static_cast<size_t>(round_heads));
+  std::vector<Task> tasks;
+  // Rounds of heads: pack their K and V (shared by every task of the head: the query blocks and
+  // the GQA group's heads), then run their tasks, last query blocks first (under a causal mask
+  // they are the longest, and running them first balances the dynamic schedule).
+  for (int64_t h0 = 0; h0 < heads; h0 += round_heads) {
+    const int64_t n = std::min(round_heads, heads - h0);
+    for (int64_t i = 0; i < n; ++i) {
+      round[static_cast<size_t>(i)] =
+          PackedHead{(h0 + i) / p.heads_kv, (h0 + i) % p.heads_kv,
+                     packed.get() + 2 * i * head_elems, packed.get() + (2 * i + 1) * head_elems};
+    }
+    ParallelFor(threads, n * blocks, [&](int64_t unit, int32_t) {
+      PackBlock(p, round[static_cast<size_t>(unit / blocks)], unit % blocks * kBlockKeys);
+    });
+    tasks.clear();
+    for (int64_t q0 = (p.seq_q - 1) / block * block; q0 >= 0; q0 -= block) {
+      for (int64_t i = 0; i < n; ++i) {
+        tasks.push_back(Task{&round[static_cast<size_t>(i)], q0, std::min(block, p.seq_q - q0)});
+      }
+    }
+    ParallelFor(threads, static_cast<int64_t>(tasks.size()), [&](int64_t task, int32_t worker) {
+      Scratch s;
+      s.Carve(scratch.get() + per_worker * static_cast<size_t>(worker), static_cast<size_t>(p.dim),
+              rows_p);
+      TaskRunner(p, tasks[static_cast<size_t>(task)], s).Run();
+    });
+  }
   return true;
 }
 

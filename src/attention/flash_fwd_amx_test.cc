@@ -137,8 +137,8 @@ std::vector<Spec> AmxSpecs() {
     specs.push_back(s);
   }
   // Strided and misaligned views.
-  for (Layout l : {Layout::kPaddedDim, Layout::kHeadSliced, Layout::kHeadsMajor,
-                   Layout::kSeqSliced}) {
+  for (Layout l :
+       {Layout::kPaddedDim, Layout::kHeadSliced, Layout::kHeadsMajor, Layout::kSeqSliced}) {
     Spec s = Bf16(90, 110, 4, 2, 64);
     s.causal = true;
     s.q_layout = l;
