@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: Apache-2.0
 // Exact attention forward: validation, path choice and per-target dispatch. The kernel itself
-// and its design notes are in flash_fwd-inl.h.
+// and its design notes are in flash_fwd-inl.h; bf16 on Intel AMX in flash_fwd_amx.cc.
 #undef HWY_TARGET_INCLUDE
 #define HWY_TARGET_INCLUDE "attention/flash_fwd.cc"
 #include <hwy/foreach_target.h>  // IWYU pragma: keep
