@@ -18,8 +18,8 @@
 //   scores  S = Q K^T per 32-key chunk: 2 x 2 f32 accumulator tiles, Q rows (bf16, packed once
 //           per task, unscaled) as A tiles, K as B tiles; stored to the group's score buffer;
 //   softmax in f32 with AVX-512 in log2 units: the row max of s (min for a negative scale) times
-//           scale * log2 e, running max m, P = exp2(s * scale - m) (one FMA and a degree-5
-//           polynomial), rescale factor alpha, sum l; P rounded to bf16 over the start of each
+//           scale * log2 e, running max m, P = exp2(s * scale - m) (a degree-5 polynomial),
+//           rescale factor alpha, sum l; P rounded to bf16 over the start of each
 //           score row (row-major: already AMX's A layout, read with the scores' row stride);
 //   output  O = alpha O + P V, O kept in f32 in the task's scratch: per 32 output dims, 2 x 2
 //           accumulator tiles loaded, fed every chunk of the block (P as A tiles, packed V as B
@@ -157,6 +157,13 @@ struct Scratch {
 // The tile loads are asm statements without a memory operand: this keeps the compiler from
 // moving the stores that fill their sources past them.
 inline void CompilerBarrier() { __asm__ volatile("" ::: "memory"); }
+
+// x as a register value: keeps the compiler from contracting the product that produced it with a
+// later subtraction into an FMA (GCC contracts across statements in C++ by default).
+TESSERA_AMX_TARGET inline __m512 Rounded(__m512 x) {
+  __asm__("" : "+v"(x));
+  return x;
+}
 
 // 2^x for x <= 0 (and NaN): 2^round(x) * P(x - round(x)), P a degree-5 polynomial fitted to 2^f
 // on [-1/2, 1/2] for relative error with P(0) = 1 (max 1.9e-7 evaluated in f32). x < -150 gives 0.
@@ -405,14 +412,19 @@ TESSERA_AMX_TARGET void TaskRunner::Softmax(int64_t g, int64_t kb0, int64_t c0, 
     const __m512 vm = _mm512_set1_ps(m_use);
     const float alpha =
         m_old == m_use ? 1.0f : _mm512_cvtss_f32(Exp2(_mm512_set1_ps(m_old - m_use)));
+    // The logit is rounded before m is subtracted (Rounded: no FMA): the max then gives exactly
+    // 2^0, also where logits are so large that their f32 rounding exceeds 1 (an FMA's exact
+    // residual reaches 2^+-512 at 1e10).
     __m512 sum = _mm512_setzero_ps();
     for (int64_t col = col0; col < col1; col += 32) {
       const __m512 x0 = _mm512_load_ps(srow + col);
       const __m512 x1 = _mm512_load_ps(srow + col + 16);
-      const __m512 p0 = _mm512_maskz_mov_ps(Visible(full, col, iota, vlo, vhi),
-                                            Exp2(_mm512_fmsub_ps(x0, scale, vm)));
-      const __m512 p1 = _mm512_maskz_mov_ps(Visible(full, col + 16, iota, vlo, vhi),
-                                            Exp2(_mm512_fmsub_ps(x1, scale, vm)));
+      const __m512 p0 =
+          _mm512_maskz_mov_ps(Visible(full, col, iota, vlo, vhi),
+                              Exp2(_mm512_sub_ps(Rounded(_mm512_mul_ps(x0, scale)), vm)));
+      const __m512 p1 =
+          _mm512_maskz_mov_ps(Visible(full, col + 16, iota, vlo, vhi),
+                              Exp2(_mm512_sub_ps(Rounded(_mm512_mul_ps(x1, scale)), vm)));
       sum = _mm512_add_ps(sum, _mm512_add_ps(p0, p1));
       const __m512bh bf = _mm512_cvtne2ps_pbh(p1, p0);
       _mm512_store_si512(prow + col, reinterpret_cast<const __m512i&>(bf));
@@ -550,8 +562,8 @@ bool AmxForward(const AttentionProblem& p, int32_t threads) {
   const size_t per_worker = layout.Carve(nullptr, static_cast<size_t>(p.dim), rows_p);
   // No more workers than the largest ParallelFor of a round has units.
   const int64_t qblocks = (p.seq_q + block - 1) / block;
-  threads = static_cast<int32_t>(
-      std::min<int64_t>(threads, round_heads * std::max(qblocks, blocks)));
+  threads =
+      static_cast<int32_t>(std::min<int64_t>(threads, round_heads * std::max(qblocks, blocks)));
   auto scratch = hwy::AllocateAligned<uint8_t>(per_worker * static_cast<size_t>(threads));
   auto packed = hwy::AllocateAligned<uint16_t>(static_cast<size_t>(2 * round_heads * head_elems));
   if (!scratch || !packed) return false;
