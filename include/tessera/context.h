@@ -6,8 +6,9 @@
 
 namespace tessera {
 
-// Which implementation a call uses. kAuto picks the fastest path for the shape; the others force
-// a path, for tests (every path is compared against the others) and benchmarks.
+// Which implementation a call uses. kAuto picks the fastest path for the shape (for bf16 forwards
+// on CPUs with Intel AMX, the AMX tile kernel: docs/architecture.md); the others force a path, for
+// tests (every path is compared against the others) and benchmarks.
 enum class Path : int32_t {
   kAuto = 0,
   kReference,  // scalar fp64 reference (src/ref): slow, materializes scores, obviously right

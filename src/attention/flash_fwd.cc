@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: Apache-2.0
 // Exact attention forward: validation, path choice and per-target dispatch. The kernel itself
-// and its design notes are in flash_fwd-inl.h.
+// and its design notes are in flash_fwd-inl.h; bf16 on Intel AMX in flash_fwd_amx.cc.
 #undef HWY_TARGET_INCLUDE
 #define HWY_TARGET_INCLUDE "attention/flash_fwd.cc"
 #include <hwy/foreach_target.h>  // IWYU pragma: keep
@@ -15,6 +15,8 @@
 #include <new>
 #include <vector>
 
+#include "attention/flash_fwd_amx.h"
+#include "core/amx.h"
 #include "core/attention_problem.h"
 #include "core/check.h"
 #include "core/dispatch.h"
@@ -128,6 +130,14 @@ Status AttentionForward(const AttentionParams& params, const Context& ctx) try {
   status = ChooseKernel(ctx, problem.dim, &fast);
   if (!status.ok()) return status;
   if (RoutesToDecode(problem)) return RunAsDecode(problem, ctx, fast);
+  // bf16 on AMX tiles (flash_fwd_amx.cc) when the CPU has them, on the default path only:
+  // Path::kGeneric and Path::kFast force the Highway kernel.
+  if (ctx.path == Path::kAuto && AmxForwardHandles(problem) && AmxEnabled()) {
+    if (!AmxForward(problem, ResolveThreads(ctx))) {
+      return Status::Internal("AttentionForward: could not allocate per-worker AMX scratch");
+    }
+    return Status::Ok();
+  }
   if (!HWY_DYNAMIC_DISPATCH(FlashForward)(problem, ResolveThreads(ctx), fast)) {
     return Status::Internal("AttentionForward: could not allocate per-worker scratch");
   }

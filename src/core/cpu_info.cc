@@ -103,6 +103,11 @@ HWY_AFTER_NAMESPACE();
 #if HWY_ONCE
 
 #include <sched.h>
+#if defined(__x86_64__) && defined(__linux__)
+#include <cpuid.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 #include <algorithm>
 #include <atomic>
@@ -111,9 +116,11 @@ HWY_AFTER_NAMESPACE();
 #include <cmath>
 #include <cstdlib>
 #include <memory>
+#include <string>
 #include <thread>
 #include <vector>
 
+#include "core/amx.h"
 #include "core/huge_pages.h"
 #include "core/parallel.h"
 #include "tessera/system.h"
@@ -356,6 +363,53 @@ double TimeReadSeconds(const std::vector<ByteRange>& ranges, int32_t threads) {
   for (float x : sinks) total_sum = total_sum + x;
   (void)total_sum;
   return elapsed;
+}
+
+namespace {
+
+#if defined(__x86_64__) && defined(__linux__)
+// XCR0, the OS-enabled state components (xgetbv with ecx = 0; only valid when CPUID reports
+// OSXSAVE). Inline asm: the _xgetbv intrinsic needs -mxsave.
+uint64_t ReadXcr0() {
+  uint32_t lo = 0, hi = 0;
+  __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+  return (static_cast<uint64_t>(hi) << 32) | lo;
+}
+
+bool ProbeAmx() {
+  unsigned a = 0, b = 0, c = 0, d = 0;
+  if (!__get_cpuid(1, &a, &b, &c, &d) || !(c & (1u << 27))) return false;  // OSXSAVE
+  if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+  const bool amx = (d & (1u << 22)) && (d & (1u << 24));  // AMX-BF16, AMX-TILE
+  const bool avx512 = (b & (1u << 16)) && (b & (1u << 30)) && (b & (1u << 31));  // F, BW, VL
+  if (!amx || !avx512) return false;
+  if (!__get_cpuid_count(7, 1, &a, &b, &c, &d) || !(a & (1u << 5))) return false;  // AVX512-BF16
+  // SSE, AVX, the three AVX-512 components (bits 1, 2, 5-7) and XTILECFG/XTILEDATA (17, 18).
+  constexpr uint64_t kNeeded = (1u << 1) | (1u << 2) | (7u << 5) | (3u << 17);
+  if ((ReadXcr0() & kNeeded) != kNeeded) return false;
+  // Linux hands out the tile data state per process on request.
+  constexpr long kArchReqXcompPerm = 0x1023;
+  constexpr long kXfeatureXtiledata = 18;
+  return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+}
+#else
+bool ProbeAmx() { return false; }
+#endif
+
+}  // namespace
+
+bool AmxSupported() {
+  static const bool supported = ProbeAmx();  // thread-safe, once per process
+  return supported;
+}
+
+bool AmxEnabled() {
+  static const bool disabled = [] {
+    const char* env = std::getenv("TESSERA_DISABLE_AMX");
+    return env != nullptr && env[0] != '\0' && std::string(env) != "0";
+  }();
+  // A SetSimdTarget mock replaces Highway's answer with a subset of the CPU's targets.
+  return !disabled && AmxSupported() && hwy::SupportedTargets() == CpuTargets();
 }
 
 }  // namespace tessera
