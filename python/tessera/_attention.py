@@ -15,7 +15,7 @@ PATHS = {"auto": 0, "reference": 1, "generic": 2, "fast": 3}
 
 class AttentionOptions:
     """The options of one attention call, checked and in the form the extension takes. The same
-    object drives the forward and the backward (and the torch ops, through to_lists)."""
+    object drives the forward and the backward (and the torch ops, through _torch._pack)."""
 
     __slots__ = ("scale", "causal", "window_left", "window_right", "top_left", "softcap",
                  "alibi_slopes", "cu_seqlens_q", "cu_seqlens_k", "num_seqs", "attn_mask", "mask",
@@ -111,7 +111,7 @@ def _broadcast_mask(kind, attn_mask, q, k, cu_seqlens_q):
     shape = (1,) * (4 - len(m.shape)) + tuple(m.shape)
     m = m.reshape(shape)
     target = (B, Hq, Sq, Sk)
-    for axis, (got, want) in enumerate(zip(shape, target)):
+    for got, want in zip(shape, target):
         if got not in (1, want):
             raise ValueError(f"attn_mask: expected a shape broadcastable to [B, Hq, Sq, Sk] = "
                              f"{list(target)}, got {list(attn_mask.shape)}")
@@ -120,7 +120,6 @@ def _broadcast_mask(kind, attn_mask, q, k, cu_seqlens_q):
         if kind == A.TORCH:
             m = m.expand(*wanted)
         else:
-            import numpy as np
             m = np.broadcast_to(m, wanted)
     return m
 
