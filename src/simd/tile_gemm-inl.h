@@ -6,8 +6,9 @@
 // neither operand needs a transposed copy:
 //   RowPanelProduct:            C[n][mp]   = A[n][dim] * B[dim][mp]  (or +=; + column max of C)
 //   TransposedPanelAccumulate:  C[dim][mp] = alpha[mp] o C + A[n][dim]^T * B[n][mp]
-// A is read row by row with any row stride (in place from the caller's tensor for f32), B and C
-// are packed panels. Register tile: kTileRows broadcast rows x kTileVecs vectors of lanes.
+// A is read row by row with any row stride (in place from the caller's tensor for f32 rows that
+// are contiguous), B and C are packed panels. Register tile: kTileRows broadcast rows x kTileVecs
+// vectors of lanes.
 //
 // The TileFeed passed along carries work on later tiles (prefetching rows into L2, converting
 // rows to f32) that the loops interleave with their FMAs.
