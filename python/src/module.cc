@@ -35,6 +35,18 @@ void Check(const Status& status) {
   throw std::runtime_error(status.ToString());
 }
 
+// Runs a library call with the GIL released (other Python threads run meanwhile), then raises
+// its Status. The call reads only the views built beforehand, never Python objects.
+template <typename Call>
+void RunWithoutGil(Call&& call) {
+  Status status;
+  {
+    nb::gil_scoped_release release;
+    status = call();
+  }
+  Check(status);
+}
+
 [[noreturn]] void TypeError(const std::string& message) {
   PyErr_SetString(PyExc_TypeError, message.c_str());
   throw nb::python_error();
@@ -310,12 +322,7 @@ void AttentionForwardPy(nb::handle q, nb::handle k, nb::handle v, nb::handle out
   const AttentionParams p = MakeAttentionParams(q, k, v, out, lse, o, alibi_slopes, cu_seqlens_q,
                                                 cu_seqlens_k, attn_mask, mask);
   const Context ctx = MakeContext(threads, path);
-  Status status;
-  {
-    nb::gil_scoped_release release;
-    status = AttentionForward(p, ctx);
-  }
-  Check(status);
+  RunWithoutGil([&] { return AttentionForward(p, ctx); });
 }
 
 void AttentionBackwardPy(nb::handle dout, nb::handle q, nb::handle k, nb::handle v, nb::handle out,
@@ -334,12 +341,7 @@ void AttentionBackwardPy(nb::handle dout, nb::handle q, nb::handle k, nb::handle
   p.dk = ToView(dk, "dk");
   p.dv = ToView(dv, "dv");
   const Context ctx = MakeContext(threads, path);
-  Status status;
-  {
-    nb::gil_scoped_release release;
-    status = AttentionBackward(p, ctx);
-  }
-  Check(status);
+  RunWithoutGil([&] { return AttentionBackward(p, ctx); });
 }
 
 void MergeStatesPy(nb::handle out_parts, nb::handle lse_parts, nb::handle out, nb::handle lse,
@@ -351,12 +353,7 @@ void MergeStatesPy(nb::handle out_parts, nb::handle lse_parts, nb::handle out, n
   p.lse = ToView(lse, "lse");
   p.base2 = base2;
   const Context ctx = MakeContext(threads, 0);
-  Status status;
-  {
-    nb::gil_scoped_release release;
-    status = MergeStates(p, ctx);
-  }
-  Check(status);
+  RunWithoutGil([&] { return MergeStates(p, ctx); });
 }
 
 // ---- KV cache: one owning pool; the Python KVCache keeps seq_lens and the block table. --------
@@ -387,12 +384,7 @@ class KVPool {
     p.rotary.base = static_cast<float>(rotary_base);
     p.rotary.interleaved = interleaved;
     const Context ctx = MakeContext(threads, 0);
-    Status status;
-    {
-      nb::gil_scoped_release release;
-      status = AppendKV(p, ctx);
-    }
-    Check(status);
+    RunWithoutGil([&] { return AppendKV(p, ctx); });
   }
 
   void Read(int64_t b, nb::handle seq_lens, nb::handle block_table, nb::handle k_out,
@@ -404,12 +396,7 @@ class KVPool {
     p.k_out = ToView(k_out, "k_out");
     p.v_out = ToView(v_out, "v_out");
     const Context ctx = MakeContext(threads, 0);
-    Status status;
-    {
-      nb::gil_scoped_release release;
-      status = ReadKV(p, ctx);
-    }
-    Check(status);
+    RunWithoutGil([&] { return ReadKV(p, ctx); });
   }
 
   void Decode(nb::handle q, nb::handle seq_lens, nb::handle block_table, nb::handle out,
@@ -429,12 +416,7 @@ class KVPool {
     p.alibi_slopes = ToView(alibi_slopes, "alibi_slopes");
     p.split_tokens = split_tokens;
     const Context ctx = MakeContext(threads, path);
-    Status status;
-    {
-      nb::gil_scoped_release release;
-      status = tessera::Decode(p, ctx);
-    }
-    Check(status);
+    RunWithoutGil([&] { return tessera::Decode(p, ctx); });
   }
 
  private:
@@ -457,12 +439,7 @@ void ApplyRotaryPy(nb::handle x, nb::handle positions, int64_t rotary_dim, doubl
   p.rotary.base = static_cast<float>(base);
   p.rotary.interleaved = interleaved;
   const Context ctx = MakeContext(threads, 0);
-  Status status;
-  {
-    nb::gil_scoped_release release;
-    status = ApplyRotary(p, ctx);
-  }
-  Check(status);
+  RunWithoutGil([&] { return ApplyRotary(p, ctx); });
 }
 
 // ---- Linear attention ------------------------------------------------------------------------
@@ -519,12 +496,9 @@ void LinearForwardPy(bool recurrent, nb::handle q, nb::handle k, nb::handle v, n
       q, k, v, out, feature_map, scale, causal, prefix_len, normalize, eps, decay, gates, window,
       initial_state, initial_normalizer, final_state, final_normalizer, chunk_size);
   const Context ctx = MakeContext(threads, path);
-  Status status;
-  {
-    nb::gil_scoped_release release;
-    status = recurrent ? LinearAttentionRecurrent(p, ctx) : LinearAttentionForward(p, ctx);
-  }
-  Check(status);
+  RunWithoutGil([&] {
+    return recurrent ? LinearAttentionRecurrent(p, ctx) : LinearAttentionForward(p, ctx);
+  });
 }
 
 void LinearBackwardPy(nb::handle dout, nb::handle q, nb::handle k, nb::handle v, nb::handle dq,
@@ -542,12 +516,7 @@ void LinearBackwardPy(nb::handle dout, nb::handle q, nb::handle k, nb::handle v,
   p.dv = ToView(dv, "dv");
   p.dgates = ToView(dgates, "dgates");
   const Context ctx = MakeContext(threads, path);
-  Status status;
-  {
-    nb::gil_scoped_release release;
-    status = LinearAttentionBackward(p, ctx);
-  }
-  Check(status);
+  RunWithoutGil([&] { return LinearAttentionBackward(p, ctx); });
 }
 
 // ---- Block-mask builders ---------------------------------------------------------------------
@@ -565,12 +534,7 @@ void BuildS2Py(nb::handle out, int64_t heads, int64_t num_q_blocks, int64_t num_
   p.causal = causal;
   p.out = ToView(out, "out");
   const Context ctx = MakeContext(threads, 0);
-  Status status;
-  {
-    nb::gil_scoped_release release;
-    status = BuildS2BlockMask(p, ctx);
-  }
-  Check(status);
+  RunWithoutGil([&] { return BuildS2BlockMask(p, ctx); });
 }
 
 void BuildRadialPy(nb::handle out, int64_t frames, int64_t tokens_per_frame, int64_t block,
@@ -582,12 +546,7 @@ void BuildRadialPy(nb::handle out, int64_t frames, int64_t tokens_per_frame, int
   p.decay_factor = decay_factor;
   p.out = ToView(out, "out");
   const Context ctx = MakeContext(threads, 0);
-  Status status;
-  {
-    nb::gil_scoped_release release;
-    status = BuildRadialBlockMask(p, ctx);
-  }
-  Check(status);
+  RunWithoutGil([&] { return BuildRadialBlockMask(p, ctx); });
 }
 
 void SelectBlocksPy(nb::handle q, nb::handle k, nb::handle scores, nb::handle out, int64_t block_q,
@@ -606,12 +565,7 @@ void SelectBlocksPy(nb::handle q, nb::handle k, nb::handle scores, nb::handle ou
   p.align = top_left ? MaskAlign::kTopLeft : MaskAlign::kBottomRight;
   p.out = ToView(out, "out");
   const Context ctx = MakeContext(threads, 0);
-  Status status;
-  {
-    nb::gil_scoped_release release;
-    status = SelectBlocks(p, ctx);
-  }
-  Check(status);
+  RunWithoutGil([&] { return SelectBlocks(p, ctx); });
 }
 
 // Functions whose arguments may each be None (optional arrays, the default scale): nanobind

@@ -8,7 +8,6 @@ import sys
 
 import numpy as np
 
-from . import _C
 
 NUMPY = "numpy"
 TORCH = "torch"
@@ -85,14 +84,6 @@ def empty_like(kind, x, shape):
     if kind == NUMPY:
         return np.empty_like(x)
     return torch_module().empty_like(x)
-
-
-def zeros(kind, shape, like=None, dtype=None):
-    shape = tuple(int(s) for s in shape)
-    if kind == NUMPY:
-        return np.zeros(shape, dtype=np.float32 if dtype == "f32" else like.dtype)
-    torch = torch_module()
-    return torch.zeros(shape, dtype=torch.float32 if dtype == "f32" else like.dtype)
 
 
 def as_i32(kind, name, x):

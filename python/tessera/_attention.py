@@ -1,7 +1,6 @@
 # SPDX-License-Identifier: Apache-2.0
 """tessera.attention and tessera.attention_backward (exact attention, tessera/attention.h)."""
 import dataclasses
-import math
 
 import numpy as np
 
@@ -239,7 +238,3 @@ def attention_backward(dout, q, k, v, out, lse, *, causal=False, window=(-1, -1)
     dv = A.empty(kind, v.shape, like=v)
     opts.backward(dout, q, k, v, out, lse, dq, dk, dv)
     return dq, dk, dv
-
-
-def default_scale(head_dim):
-    return 1.0 / math.sqrt(head_dim)

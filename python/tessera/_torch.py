@@ -12,7 +12,6 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import _arrays as A
 from ._attention import AttentionOptions, _shapes
 from .mask import Mask
 
@@ -65,10 +64,6 @@ def _unpack(tensors, ints, floats):
                          shift_half_heads=bool(shift), tree_parents=tree, dense=dense,
                          sigmoid=bool(sigmoid), sigmoid_bias=sigmoid_bias)
     return opts
-
-
-def _lse_shape(q, v, cu_q):
-    return _shapes(q, q, v, cu_q)[1]
 
 
 # ---- The operators ---------------------------------------------------------------------------

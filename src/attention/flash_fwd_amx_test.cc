@@ -33,6 +33,9 @@ using test::Outputs;
 using test::RunForward;
 using test::Spec;
 
+// The AMX kernel runs only where the CPU has AMX-TILE / AMX-BF16 and the OS grants the tile state
+// (or TESSERA_DISABLE_AMX is unset); elsewhere these tests have nothing to run, and the Highway
+// kernel they compare against is covered by the forward suites on every machine.
 #define SKIP_WITHOUT_AMX()                                                 \
   do {                                                                     \
     if (!AmxEnabled()) GTEST_SKIP() << "AMX unavailable or disabled here"; \

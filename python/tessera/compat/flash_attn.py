@@ -11,7 +11,6 @@ natural-log, [B, H, S] (varlen: [H, total]). tessera has no dropout and does not
 attention probabilities: dropout_p > 0 and return_attn_probs=True are ValueErrors. Every call is
 deterministic (`deterministic` is accepted and has nothing to switch). Differentiable under torch.
 """
-import math
 
 from .. import _arrays as A
 from .._attention import attention
@@ -199,7 +198,3 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         lse = torch.cat(lses) if B > 0 else q.new_empty((0, q.shape[2], Sq), dtype=torch.float32)
         return out, lse
     return out
-
-
-def _default_scale(d):
-    return 1.0 / math.sqrt(d)

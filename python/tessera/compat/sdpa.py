@@ -116,7 +116,6 @@ def patch():
     supports (and to PyTorch's own function for the rest: CUDA tensors, dropout, ...) while the
     context is active. Nests; restores the original on exit."""
     global _original, _depth
-    import torch
     import torch.nn.functional as F
     with _lock:
         if _depth == 0:
