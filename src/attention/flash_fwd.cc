@@ -130,13 +130,16 @@ Status AttentionForward(const AttentionParams& params, const Context& ctx) try {
   status = ChooseKernel(ctx, problem.dim, &fast);
   if (!status.ok()) return status;
   if (RoutesToDecode(problem)) return RunAsDecode(problem, ctx, fast);
-  // bf16 on AMX tiles (flash_fwd_amx.cc) when the CPU has them, on the default path only:
-  // Path::kGeneric and Path::kFast force the Highway kernel.
-  if (ctx.path == Path::kAuto && AmxForwardHandles(problem) && AmxEnabled()) {
-    if (!AmxForward(problem, ResolveThreads(ctx))) {
-      return Status::Internal("AttentionForward: could not allocate per-worker AMX scratch");
+  // bf16 on a dot-product unit (flash_fwd_amx.cc: AMX tiles, else AVX512-BF16) when the CPU has
+  // one, on the default path only: Path::kGeneric and Path::kFast force the Highway kernel.
+  if (ctx.path == Path::kAuto && AmxForwardHandles(problem)) {
+    const Bf16Dot engine = Bf16DotEngine();
+    if (engine != Bf16Dot::kNone) {
+      if (!AmxForward(problem, ResolveThreads(ctx), engine)) {
+        return Status::Internal("AttentionForward: could not allocate per-worker bf16 scratch");
+      }
+      return Status::Ok();
     }
-    return Status::Ok();
   }
   if (!HWY_DYNAMIC_DISPATCH(FlashForward)(problem, ResolveThreads(ctx), fast)) {
     return Status::Internal("AttentionForward: could not allocate per-worker scratch");

@@ -276,8 +276,9 @@ TESSERA_AMX_TARGET inline __mmask16 Visible(bool full, int64_t col, __m512i iota
 
 class TaskRunner {
  public:
-  TaskRunner(const AttentionProblem& p, const Task& t, const Scratch& s)
-      : p_(p),
+  TaskRunner(const AttentionProblem& p, const Task& t, const Scratch& s, bool amx)
+      : amx_(amx),
+        p_(p),
         t_(t),
         s_(s),
         dim_(p.dim),
@@ -293,8 +294,12 @@ class TaskRunner {
   TESSERA_AMX_TARGET void Scores(int64_t g, int64_t kb0, int64_t c0, int64_t c1);
   TESSERA_AMX_TARGET void Softmax(int64_t g, int64_t kb0, int64_t c0, int64_t c1);
   TESSERA_AMX_TARGET void Accumulate(int64_t g, int64_t kb0, int64_t c0, int64_t c1);
+  TESSERA_AMX_TARGET void VectorScores(int64_t g, int64_t kb0, int64_t c0, int64_t c1);
+  TESSERA_AMX_TARGET void VectorAccumulate(int64_t g, int64_t kb0, int64_t c0, int64_t c1);
+  TESSERA_AMX_TARGET void Rescale(int64_t g);
   TESSERA_AMX_TARGET void Finish();
 
+  const bool amx_;  // AMX tiles, else AVX512-BF16 vectors
   const AttentionProblem& p_;
   const Task& t_;
   const Scratch& s_;
@@ -439,15 +444,7 @@ TESSERA_AMX_TARGET void TaskRunner::Softmax(int64_t g, int64_t kb0, int64_t c0, 
 // O = alpha O + P V for group g over chunks [c0, c1) of key block kb0.
 TESSERA_AMX_TARGET void TaskRunner::Accumulate(int64_t g, int64_t kb0, int64_t c0, int64_t c1) {
   float* o = s_.o + g * kGroupRows * dim_;
-  for (int64_t i = 0; i < kGroupRows; ++i) {
-    const float alpha = s_.alpha[i];
-    if (alpha == 1.0f) continue;
-    const __m512 va = _mm512_set1_ps(alpha);
-    float* row = o + i * dim_;
-    for (int64_t d = 0; d < dim_; d += 16) {
-      _mm512_store_ps(row + d, _mm512_mul_ps(_mm512_load_ps(row + d), va));
-    }
-  }
+  Rescale(g);
   CompilerBarrier();
   const long o_stride = static_cast<long>(dim_ * 4);
   const long p_stride = static_cast<long>(kBlockKeys * 4);  // weights overlay the scores
@@ -477,6 +474,119 @@ TESSERA_AMX_TARGET void TaskRunner::Accumulate(int64_t g, int64_t kb0, int64_t c
     _tile_stored(1, o0 + kTileRows, o_stride);
     _tile_stored(2, o1, o_stride);
     _tile_stored(3, o1 + kTileRows, o_stride);
+  }
+}
+
+// O = alpha O for group g's rows, before P V adds the block's terms.
+TESSERA_AMX_TARGET void TaskRunner::Rescale(int64_t g) {
+  float* o = s_.o + g * kGroupRows * dim_;
+  for (int64_t i = 0; i < kGroupRows; ++i) {
+    const float alpha = s_.alpha[i];
+    if (alpha == 1.0f) continue;
+    const __m512 va = _mm512_set1_ps(alpha);
+    float* row = o + i * dim_;
+    for (int64_t d = 0; d < dim_; d += 16) {
+      _mm512_store_ps(row + d, _mm512_mul_ps(_mm512_load_ps(row + d), va));
+    }
+  }
+}
+
+// The AVX512-BF16 engine: the same products on the same packed layouts, in zmm registers.
+// vdpbf16ps adds a[2n] b[2n] + a[2n + 1] b[2n + 1] into f32 lane n, so a lane pairs two bf16
+// values of the reduced axis: the dims for the scores (a key tile of K packed for AMX is D/2 rows
+// of 16 keys x one dim pair), the keys for P V (packed V rows are key pairs, P rows hold
+// consecutive keys). Register blocks of 4 rows x kCols vectors: per step kCols loads and 4
+// broadcasts feed 4 kCols products.
+
+// A 32-bit broadcast of the bf16 pair at `pair`.
+TESSERA_AMX_TARGET inline __m512bh PairBroadcast(const uint16_t* pair) {
+  int32_t bits;
+  std::memcpy(&bits, pair, sizeof(bits));
+  return reinterpret_cast<__m512bh>(_mm512_set1_epi32(bits));
+}
+
+// Scores of 4 query rows (bf16, `dim` apart) against kCols key tiles of packed K (`tile_elems`
+// apart), into 4 rows of s (`s_stride` floats apart), kCols x 16 columns.
+template <int kCols>
+TESSERA_AMX_TARGET inline void VectorScoreBlock(const uint16_t* q, int64_t dim, const uint16_t* k,
+                                                int64_t tile_elems, float* s, int64_t s_stride) {
+  __m512 acc[4][kCols];
+  for (int r = 0; r < 4; ++r) {
+    for (int t = 0; t < kCols; ++t) acc[r][t] = _mm512_setzero_ps();
+  }
+  for (int64_t pair = 0; pair < dim / 2; ++pair) {
+    __m512bh kv[kCols];
+    for (int t = 0; t < kCols; ++t) {
+      kv[t] = reinterpret_cast<__m512bh>(_mm512_load_si512(k + t * tile_elems + pair * 32));
+    }
+    for (int r = 0; r < 4; ++r) {
+      const __m512bh qb = PairBroadcast(q + r * dim + 2 * pair);
+      for (int t = 0; t < kCols; ++t) acc[r][t] = _mm512_dpbf16_ps(acc[r][t], qb, kv[t]);
+    }
+  }
+  for (int r = 0; r < 4; ++r) {
+    for (int t = 0; t < kCols; ++t) _mm512_store_ps(s + r * s_stride + t * 16, acc[r][t]);
+  }
+}
+
+// O (4 rows, `o_stride` floats apart, kCols x 16 dims) += P V over `pairs` key pairs: P rows bf16,
+// `p_stride` elements apart; packed V rows (key pairs) `v_stride` elements apart.
+template <int kCols>
+TESSERA_AMX_TARGET inline void VectorPvBlock(const uint16_t* p, int64_t p_stride, const uint16_t* v,
+                                             int64_t v_stride, int64_t pairs, float* o,
+                                             int64_t o_stride) {
+  __m512 acc[4][kCols];
+  for (int r = 0; r < 4; ++r) {
+    for (int t = 0; t < kCols; ++t) acc[r][t] = _mm512_load_ps(o + r * o_stride + t * 16);
+  }
+  for (int64_t j = 0; j < pairs; ++j) {
+    __m512bh vv[kCols];
+    for (int t = 0; t < kCols; ++t) {
+      vv[t] = reinterpret_cast<__m512bh>(_mm512_load_si512(v + j * v_stride + t * 32));
+    }
+    for (int r = 0; r < 4; ++r) {
+      const __m512bh pb = PairBroadcast(p + r * p_stride + 2 * j);
+      for (int t = 0; t < kCols; ++t) acc[r][t] = _mm512_dpbf16_ps(acc[r][t], pb, vv[t]);
+    }
+  }
+  for (int r = 0; r < 4; ++r) {
+    for (int t = 0; t < kCols; ++t) _mm512_store_ps(o + r * o_stride + t * 16, acc[r][t]);
+  }
+}
+
+// Scores of group g's 32 rows against chunks [c0, c1) of key block kb0 (as Scores).
+TESSERA_AMX_TARGET void TaskRunner::VectorScores(int64_t g, int64_t kb0, int64_t c0, int64_t c1) {
+  const int64_t tile_elems = dim_ / 2 * 32;  // a key tile of packed K
+  const uint16_t* kb = t_.head->k + kb0 * dim_;
+  const int64_t t0 = 2 * c0, t1 = 2 * c1;  // key tiles of 16 keys
+  for (int64_t i = 0; i < kGroupRows; i += 4) {
+    const uint16_t* q = s_.q + (g * kGroupRows + i) * dim_;
+    float* s = s_.s + i * kBlockKeys;
+    int64_t t = t0;
+    for (; t + 4 <= t1; t += 4) {
+      VectorScoreBlock<4>(q, dim_, kb + t * tile_elems, tile_elems, s + t * 16, kBlockKeys);
+    }
+    if (t < t1)
+      VectorScoreBlock<2>(q, dim_, kb + t * tile_elems, tile_elems, s + t * 16, kBlockKeys);
+  }
+}
+
+// O = alpha O + P V for group g over chunks [c0, c1) of key block kb0 (as Accumulate).
+TESSERA_AMX_TARGET void TaskRunner::VectorAccumulate(int64_t g, int64_t kb0, int64_t c0,
+                                                     int64_t c1) {
+  Rescale(g);
+  const int64_t p_stride = 2 * kBlockKeys;  // bf16 weights overlay the f32 score rows
+  const uint16_t* p0 = reinterpret_cast<const uint16_t*>(s_.s) + c0 * kChunk;
+  const uint16_t* v0 = t_.head->v + kb0 * dim_ + c0 * kChunk * dim_;  // key pair 16 c0
+  const int64_t pairs = (c1 - c0) * kChunk / 2;
+  for (int64_t i = 0; i < kGroupRows; i += 4) {
+    float* o = s_.o + (g * kGroupRows + i) * dim_;
+    const uint16_t* p = p0 + i * p_stride;
+    int64_t d = 0;
+    for (; d + 64 <= dim_; d += 64) {
+      VectorPvBlock<4>(p, p_stride, v0 + 2 * d, 2 * dim_, pairs, o + d, dim_);
+    }
+    if (d < dim_) VectorPvBlock<2>(p, p_stride, v0 + 2 * d, 2 * dim_, pairs, o + d, dim_);
   }
 }
 
@@ -514,7 +624,7 @@ TESSERA_AMX_TARGET void TaskRunner::Finish() {
 TESSERA_AMX_TARGET void TaskRunner::Run() {
   TileConfig config;
   CompilerBarrier();
-  _tile_loadconfig(&config);
+  if (amx_) _tile_loadconfig(&config);
   PackQueries();
   // Each group's key range (the union of its rows' windows) and the task's.
   const int64_t groups = rows_p_ / kGroupRows;
@@ -538,18 +648,25 @@ TESSERA_AMX_TARGET void TaskRunner::Run() {
       const int64_t e = std::min(ghi[g], kb1);
       if (a > e) continue;
       const int64_t c0 = (a - kb0) / kChunk, c1 = (e - kb0) / kChunk + 1;
-      Scores(g, kb0, c0, c1);
-      Softmax(g, kb0, c0, c1);
-      Accumulate(g, kb0, c0, c1);
+      if (amx_) {
+        Scores(g, kb0, c0, c1);
+        Softmax(g, kb0, c0, c1);
+        Accumulate(g, kb0, c0, c1);
+      } else {
+        VectorScores(g, kb0, c0, c1);
+        Softmax(g, kb0, c0, c1);
+        VectorAccumulate(g, kb0, c0, c1);
+      }
     }
   }
-  _tile_release();
+  if (amx_) _tile_release();
   Finish();
 }
 
 }  // namespace
 
-bool AmxForward(const AttentionProblem& p, int32_t threads) {
+bool AmxForward(const AttentionProblem& p, int32_t threads, Bf16Dot engine) {
+  if (engine == Bf16Dot::kNone) return false;
   threads = std::max(threads, 1);
   const int64_t block = std::max<int64_t>(1, kTaskRows / p.group);
   const int64_t max_rows = p.group * std::min(block, p.seq_q);
@@ -593,7 +710,7 @@ bool AmxForward(const AttentionProblem& p, int32_t threads) {
       Scratch s;
       s.Carve(scratch.get() + per_worker * static_cast<size_t>(worker), static_cast<size_t>(p.dim),
               rows_p);
-      TaskRunner(p, tasks[static_cast<size_t>(task)], s).Run();
+      TaskRunner(p, tasks[static_cast<size_t>(task)], s, engine == Bf16Dot::kAmx).Run();
     });
   }
   return true;
@@ -601,7 +718,7 @@ bool AmxForward(const AttentionProblem& p, int32_t threads) {
 
 #else  // !TESSERA_AMX_KERNEL
 
-bool AmxForward(const AttentionProblem&, int32_t) { return false; }
+bool AmxForward(const AttentionProblem&, int32_t, Bf16Dot) { return false; }
 
 #endif  // TESSERA_AMX_KERNEL
 

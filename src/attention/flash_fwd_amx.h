@@ -7,6 +7,7 @@
 
 #include <cstdint>
 
+#include "core/amx.h"
 #include "core/attention_problem.h"
 
 namespace tessera {
@@ -17,8 +18,9 @@ namespace tessera {
 // scale and an optional LSE are all handled. Says nothing about the CPU (see AmxEnabled()).
 bool AmxForwardHandles(const AttentionProblem& p);
 
-// Runs the forward on `threads` threads. Requires AmxEnabled() and AmxForwardHandles(p).
-// Returns false (writing nothing) when the per-worker scratch cannot be allocated.
-bool AmxForward(const AttentionProblem& p, int32_t threads);
+// Runs the forward on `threads` threads with `engine` (AMX tiles or AVX512-BF16 vectors; the
+// CPU must have it: Bf16DotEngine() or a weaker engine). Requires AmxForwardHandles(p). Returns
+// false (writing nothing) when the per-worker scratch cannot be allocated or engine is kNone.
+bool AmxForward(const AttentionProblem& p, int32_t threads, Bf16Dot engine);
 
 }  // namespace tessera

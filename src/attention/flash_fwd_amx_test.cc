@@ -1,9 +1,10 @@
 // SPDX-License-Identifier: Apache-2.0
-// The AMX bf16 forward (flash_fwd_amx.cc): against the fp64 reference under the bf16 ratio rule
-// (tests/tolerances.h) on shapes with tile tails, head dims 32..256, GQA, causal and window masks
-// in both alignments, strided and misaligned views; against the Highway kernel; bitwise
-// determinism across thread counts and layouts; and the calls it leaves to the Highway kernel.
-// Skipped where the CPU (or the OS) offers no AMX, or TESSERA_DISABLE_AMX is set.
+// The bf16 forward on a dot-product unit (flash_fwd_amx.cc), each engine the CPU has (AMX tiles,
+// AVX512-BF16 vectors): against the fp64 reference under the bf16 ratio rule (tests/tolerances.h)
+// on shapes with tile tails, head dims 32..256, GQA, causal and window masks in both alignments,
+// strided and misaligned views; against the Highway kernel; bitwise determinism across thread
+// counts and layouts; and the calls it leaves to the Highway kernel. An engine's tests are skipped
+// where the CPU (or the OS) lacks it, or TESSERA_DISABLE_AMX / TESSERA_DISABLE_AVX512BF16 is set.
 #include <gtest/gtest.h>
 
 #include <cstdint>
@@ -72,6 +73,28 @@ class AmxForward : public ::testing::TestWithParam<Spec> {};
 
 TEST_P(AmxForward, MatchesReference) {
   SKIP_WITHOUT_AMX();
+  CheckAmx(GetParam());
+}
+
+// Runs its scope on the AVX512-BF16 engine (the engine of AMX-less CPUs such as AMD Zen 4, chosen
+// there by a speed probe; forced here whatever the probe says); skips where the CPU lacks it.
+class Avx512Bf16Scope {
+ public:
+  Avx512Bf16Scope() { SetBf16DotOverrideForTesting(Bf16Dot::kAvx512Bf16); }
+  ~Avx512Bf16Scope() { ClearBf16DotOverrideForTesting(); }
+  bool available() const { return Bf16DotEngine() == Bf16Dot::kAvx512Bf16; }
+};
+
+#define SKIP_WITHOUT_AVX512BF16(scope)                                               \
+  do {                                                                               \
+    if (!(scope).available()) GTEST_SKIP() << "AVX512-BF16 unavailable or disabled"; \
+  } while (0)
+
+class Avx512Bf16Forward : public ::testing::TestWithParam<Spec> {};
+
+TEST_P(Avx512Bf16Forward, MatchesReference) {
+  Avx512Bf16Scope scope;
+  SKIP_WITHOUT_AVX512BF16(scope);
   CheckAmx(GetParam());
 }
 
@@ -154,10 +177,10 @@ std::vector<Spec> AmxSpecs() {
 }
 
 INSTANTIATE_TEST_SUITE_P(Sweep, AmxForward, ::testing::ValuesIn(AmxSpecs()), test::SpecName);
+INSTANTIATE_TEST_SUITE_P(Sweep, Avx512Bf16Forward, ::testing::ValuesIn(AmxSpecs()), test::SpecName);
 
 // Bitwise identical for 1, 2 and 3 threads, on repeats, and for strided against contiguous views.
-TEST(AmxForwardDeterminism, ThreadsRepeatsAndLayouts) {
-  SKIP_WITHOUT_AMX();
+void CheckDeterminism() {
   Spec strided = Bf16(300, 400, 4, 2, 128);
   strided.batch = 2;
   strided.causal = true;
@@ -180,6 +203,35 @@ TEST(AmxForwardDeterminism, ThreadsRepeatsAndLayouts) {
   ASSERT_TRUE(RunForward(strided, in_strided, Path::kAuto, 2, &o).ok());
   EXPECT_TRUE(one.out.BitwiseEqual(o.out));
   EXPECT_TRUE(one.lse.BitwiseEqual(o.lse));
+}
+
+TEST(AmxForwardDeterminism, ThreadsRepeatsAndLayouts) {
+  SKIP_WITHOUT_AMX();
+  CheckDeterminism();
+}
+
+TEST(Avx512Bf16ForwardDeterminism, ThreadsRepeatsAndLayouts) {
+  Avx512Bf16Scope scope;
+  SKIP_WITHOUT_AVX512BF16(scope);
+  CheckDeterminism();
+}
+
+// The two engines compute the same products in different orders: close, not equal.
+TEST(Avx512Bf16ForwardRouting, EnginesAgreeAndDiffer) {
+  SKIP_WITHOUT_AMX();
+  Spec s = Bf16(150, 300, 4, 2, 128);
+  s.causal = true;
+  const Inputs in = MakeInputs(s);
+  Outputs amx, vec;
+  ASSERT_TRUE(RunForward(s, in, Path::kAuto, 2, &amx).ok());
+  {
+    Avx512Bf16Scope scope;
+    SKIP_WITHOUT_AVX512BF16(scope);
+    ASSERT_TRUE(RunForward(s, in, Path::kAuto, 2, &vec).ok());
+  }
+  EXPECT_FALSE(amx.out.BitwiseEqual(vec.out));
+  EXPECT_TRUE(test::CheckClose(amx.out.ToVector(), vec.out.ToVector(),
+                               test::IdentityCeiling(s.dtype), "AMX vs AVX512-BF16"));
 }
 
 // A copy of `t` whose head dim has stride 2 (every other element a NaN gap).
@@ -263,8 +315,30 @@ TEST(AmxForwardRouting, ForcedSimdTargetDisablesAmx) {
   ASSERT_GE(targets.size(), 2u);
   ASSERT_TRUE(SetSimdTarget(targets[1]).ok());
   EXPECT_FALSE(AmxEnabled());
+  EXPECT_EQ(Bf16DotEngine(), Bf16Dot::kNone);
   ASSERT_TRUE(SetSimdTarget("auto").ok());
   EXPECT_TRUE(AmxEnabled());
+  EXPECT_EQ(Bf16DotEngine(), Bf16Dot::kAmx);
+}
+
+// The bf16 engine: the probe measures a positive rate ratio exactly where the CPU has
+// AVX512-BF16; the engine chosen is AMX where enabled, else follows the probe; overrides force an
+// engine only where it is usable and are cleared again.
+TEST(Bf16DotEngine, FollowsProbeAndOverrides) {
+  const double speedup = Avx512Bf16SpeedupOverFma();
+  EXPECT_EQ(speedup > 0.0, Avx512Bf16Supported()) << speedup;
+  const Bf16Dot chosen = Bf16DotEngine();
+  if (AmxEnabled()) {
+    EXPECT_EQ(chosen, Bf16Dot::kAmx);
+  } else {
+    EXPECT_EQ(chosen, Avx512Bf16Usable() && speedup >= 1.3 ? Bf16Dot::kAvx512Bf16 : Bf16Dot::kNone);
+  }
+  SetBf16DotOverrideForTesting(Bf16Dot::kNone);
+  EXPECT_EQ(Bf16DotEngine(), Bf16Dot::kNone);
+  SetBf16DotOverrideForTesting(Bf16Dot::kAvx512Bf16);
+  EXPECT_EQ(Bf16DotEngine(), Avx512Bf16Usable() ? Bf16Dot::kAvx512Bf16 : Bf16Dot::kNone);
+  ClearBf16DotOverrideForTesting();
+  EXPECT_EQ(Bf16DotEngine(), chosen);
 }
 
 }  // namespace
