@@ -29,9 +29,12 @@
 // Tile sizes: for D = 128 the working set of a task is Qt and Ot (96 KiB each for 192 rows),
 // the score tile St (128 x 192 x 4 = 96 KiB) and the K/V tiles (64 KiB each, read in place for
 // f32 with contiguous rows), ~420 KiB, which sits in the 1 MiB L2 of Zen 4 with the prefetched next
-// tile; the inner GEMM loops work on a 3-vector column strip of Qt or Pt (24 KiB at D = 128,
-// L1-resident) against K/V rows streamed from L2. 96 rows measured ~15% slower at 16K tokens (twice
-// the K/V traffic per FLOP); 288 rows lose at 4K (L2 pressure, coarser load balance).
+// tile; each key tile runs strip by strip: for a 3-vector column strip of rows (24 KiB of Qt, of
+// St and of Ot at D = 128) the scores, their softmax and the PV product follow each other while
+// the strip of St is in L1, against K/V rows streamed from L2. 96 rows measured ~15% slower at 16K
+// tokens (twice the K/V traffic per FLOP); 288 rows lose at 4K (L2 pressure, coarser load balance),
+// and 384 rows, which the 2 MiB L2 of the Emerald Rapids Xeon holds, measured no faster there at
+// 4K.
 //
 // Masks: the mask is a window [pos - wl, pos + wr] per row (causal is (inf, 0)); each key tile
 // is classified against the task's rows as empty (never visited), full (no mask evaluated) or
@@ -380,16 +383,25 @@ void RunTask(const AttentionProblem& p, const Task& t, Scratch& s, MaskScratch& 
     stream(p.v, p.v_stride, v_row_bytes, direct_v, s.vt, &v_ready, &vt, &ldv, &feed_v);
     const int32_t* keys = gathered ? ms.keys : nullptr;
     const bool need_max = !m.sigmoid && full && p.softcap == 0.0f && p.alibi == nullptr;
-    RowPanelProduct<kD>(kt, ldk, nkeys, dim, s.qt, mp, s.st, need_max ? s.tile_max : nullptr,
-                        feed_k);
-    if (m.sigmoid) {
-      SigmoidTile(p, s, nkeys, mp, a, keys, !full, pred);
-    } else if (m.any) {
-      SoftmaxTile(p, s, nkeys, mp, a, keys, !full, pred);
-    } else {
-      SoftmaxTile(p, s, nkeys, mp, a, keys, !full, WindowPredicate{s.lo, s.hi});
+    // The rows are independent, so the three steps run strip by strip (kTileVecs vectors of
+    // rows): the strip's scores stay in L1 from the product through the softmax to the PV
+    // product instead of making two round trips to L2 (same arithmetic, same bits).
+    const size_t nvec = mp / kLanes;
+    for (size_t v0 = 0; v0 < nvec; v0 += kTileVecs) {
+      const size_t c = std::min<size_t>(kTileVecs, nvec - v0);
+      const size_t i0 = v0 * kLanes, i1 = i0 + c * kLanes;
+      RowStripProduct<kD>(kt, ldk, nkeys, dim, s.qt + i0, mp, c, s.st + i0,
+                          need_max ? s.tile_max + i0 : nullptr, feed_k);
+      if (m.sigmoid) {
+        SigmoidColumns(p, s, nkeys, mp, a, keys, !full, pred, i0, i1);
+      } else if (m.any) {
+        SoftmaxColumns(p, s, nkeys, mp, a, keys, !full, pred, i0, i1);
+      } else {
+        SoftmaxColumns(p, s, nkeys, mp, a, keys, !full, WindowPredicate{s.lo, s.hi}, i0, i1);
+      }
+      TransposedStripAccumulate<kD>(vt, ldv, nkeys, dim, s.st + i0, mp, c, s.alpha + i0, s.ot + i0,
+                                    feed_v);
     }
-    TransposedPanelAccumulate<kD>(vt, ldv, nkeys, dim, s.st, mp, s.alpha, s.ot, feed_v);
     feed_k.convert.Finish();
     feed_v.convert.Finish();
   }

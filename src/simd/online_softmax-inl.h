@@ -77,14 +77,17 @@ void SoftmaxTile(const AttentionProblem& p, State& s, size_t nkeys, size_t mp, i
   SoftmaxTile(p, s, nkeys, mp, key0, nullptr, partial, WindowPredicate{s.lo, s.hi});
 }
 
+// SoftmaxTile on the rows in lanes [i_begin, i_end) only (multiples of kLanes): the rows are
+// independent, so a caller may run the step on a strip of rows while it is in L1.
 template <class State, class Mask>
-void SoftmaxTile(const AttentionProblem& p, State& s, size_t nkeys, size_t mp, int64_t key0,
-                 const int32_t* keys, bool partial, const Mask& mask) {
+void SoftmaxColumns(const AttentionProblem& p, State& s, size_t nkeys, size_t mp, int64_t key0,
+                    const int32_t* keys, bool partial, const Mask& mask, size_t i_begin,
+                    size_t i_end) {
   const DF df;
   const VF neg_inf = hn::Set(df, -std::numeric_limits<float>::infinity());
   const VF log2e = hn::Set(df, 1.4426950408889634f);
   const bool modify = p.softcap > 0.0f || p.alibi != nullptr || partial;
-  for (size_t i = 0; i < mp; i += kLanes) {
+  for (size_t i = i_begin; i < i_end; i += kLanes) {
     float* col = s.st + i;
     const VF m_old = hn::Load(df, s.m + i);
     const VF mx = modify ? ModifyScores(p, s, nkeys, mp, key0, keys, partial, mask, i, m_old)
@@ -115,16 +118,25 @@ void SoftmaxTile(const AttentionProblem& p, State& s, size_t nkeys, size_t mp, i
   }
 }
 
-// FlashSigmoid's step: St <- sigmoid(St' + bias) where St' is St after softcap, ALiBi and the
-// mask (hidden keys get exactly 0); no running max and no normalization, so alpha = 1.
 template <class State, class Mask>
-void SigmoidTile(const AttentionProblem& p, State& s, size_t nkeys, size_t mp, int64_t key0,
+void SoftmaxTile(const AttentionProblem& p, State& s, size_t nkeys, size_t mp, int64_t key0,
                  const int32_t* keys, bool partial, const Mask& mask) {
+  SoftmaxColumns(p, s, nkeys, mp, key0, keys, partial, mask, 0, mp);
+}
+
+// FlashSigmoid's step: St <- sigmoid(St' + bias) where St' is St after softcap, ALiBi and the
+// mask (hidden keys get exactly 0); no running max and no normalization, so alpha = 1. This
+// form runs it on the rows in lanes [i_begin, i_end) only (multiples of kLanes); SigmoidTile on
+// all of them.
+template <class State, class Mask>
+void SigmoidColumns(const AttentionProblem& p, State& s, size_t nkeys, size_t mp, int64_t key0,
+                    const int32_t* keys, bool partial, const Mask& mask, size_t i_begin,
+                    size_t i_end) {
   const DF df;
   const VF bias = hn::Set(df, p.mask.sigmoid_bias);
   const VF one = hn::Set(df, 1.0f);
   const VF neg_inf = hn::Set(df, -std::numeric_limits<float>::infinity());
-  for (size_t i = 0; i < mp; i += kLanes) {
+  for (size_t i = i_begin; i < i_end; i += kLanes) {
     float* col = s.st + i;
     ModifyScores(p, s, nkeys, mp, key0, keys, partial, mask, i, neg_inf);
     for (size_t j = 0; j < nkeys; ++j) {
@@ -133,6 +145,12 @@ void SigmoidTile(const AttentionProblem& p, State& s, size_t nkeys, size_t mp, i
     }
     hn::Store(one, df, s.alpha + i);
   }
+}
+
+template <class State, class Mask>
+void SigmoidTile(const AttentionProblem& p, State& s, size_t nkeys, size_t mp, int64_t key0,
+                 const int32_t* keys, bool partial, const Mask& mask) {
+  SigmoidColumns(p, s, nkeys, mp, key0, keys, partial, mask, 0, mp);
 }
 
 }  // namespace HWY_NAMESPACE

@@ -192,6 +192,25 @@ struct TileFeed {
   }
 };
 
+// The columns [0, c * kLanes) (c <= kTileVecs vectors) of C[0..nkeys) = A[nkeys][dim] *
+// B[dim][.] (kt = A with row stride ldk, qt = B and st = C with row stride mp, both offset to the
+// strip's first column), and their max over the rows in colmax (when not null).
+template <int kD, bool kAcc = false>
+HWY_INLINE void RowStripProduct(const float* kt, size_t ldk, size_t nkeys, size_t dim,
+                                const float* qt, size_t mp, size_t c, float* st, float* colmax,
+                                TileFeed& next_k) {
+  for (size_t i = 0; colmax != nullptr && i < c * kLanes; i += kLanes) {
+    hn::Store(hn::Set(DF(), -std::numeric_limits<float>::infinity()), DF(), colmax + i);
+  }
+  size_t j = 0;
+  for (; j + kTileRows <= nkeys; j += kTileRows) {
+    next_k.Next(kTileRows);
+    ProductBlockC<kTileRows, kD, kAcc>(c, kt + j * ldk, ldk, dim, qt, mp, st + j * mp, colmax);
+  }
+  if (j < nkeys)
+    ProductTail<kD, kAcc>(nkeys - j, c, kt + j * ldk, ldk, dim, qt, mp, st + j * mp, colmax);
+}
+
 // C[0..nkeys)[0..mp) = A[nkeys][dim] * B[dim][mp] (kt = A with row stride ldk, qt = B, st = C),
 // and colmax[0..mp) = the max of C over its rows when colmax is not null.
 template <int kD, bool kAcc = false>
@@ -199,23 +218,29 @@ HWY_NOINLINE void RowPanelProduct(const float* kt, size_t ldk, size_t nkeys, siz
                                   const float* qt, size_t mp, float* st, float* colmax,
                                   TileFeed& next_k) {
   const size_t nvec = mp / kLanes;
-  for (size_t i = 0; colmax != nullptr && i < mp; i += kLanes) {
-    hn::Store(hn::Set(DF(), -std::numeric_limits<float>::infinity()), DF(), colmax + i);
-  }
   for (size_t v0 = 0; v0 < nvec; v0 += kTileVecs) {
-    const size_t c = std::min<size_t>(kTileVecs, nvec - v0);
     const size_t i0 = v0 * kLanes;
-    size_t j = 0;
-    for (; j + kTileRows <= nkeys; j += kTileRows) {
-      next_k.Next(kTileRows);
-      ProductBlockC<kTileRows, kD, kAcc>(c, kt + j * ldk, ldk, dim, qt + i0, mp, st + j * mp + i0,
-                                         colmax ? colmax + i0 : nullptr);
-    }
-    if (j < nkeys) {
-      ProductTail<kD, kAcc>(nkeys - j, c, kt + j * ldk, ldk, dim, qt + i0, mp, st + j * mp + i0,
-                            colmax ? colmax + i0 : nullptr);
-    }
+    RowStripProduct<kD, kAcc>(kt, ldk, nkeys, dim, qt + i0, mp,
+                              std::min<size_t>(kTileVecs, nvec - v0), st + i0,
+                              colmax ? colmax + i0 : nullptr, next_k);
   }
+}
+
+// The columns [0, c * kLanes) (c <= kTileVecs vectors) of C[dim][.] = alpha o C + A[nkeys][dim]^T
+// * B[nkeys][.] (vt = A with row stride ldv; pt = B, alpha and ot = C offset to the strip's first
+// column, B and C with row stride mp).
+template <int kD>
+HWY_INLINE void TransposedStripAccumulate(const float* vt, size_t ldv, size_t nkeys, size_t dim,
+                                          const float* pt, size_t mp, size_t c, const float* alpha,
+                                          float* ot, TileFeed& next_v) {
+  const size_t n = kD != 0 ? static_cast<size_t>(kD) : dim;
+  const int64_t prefetch_rows = static_cast<int64_t>(kTileRows * nkeys / n) + 1;
+  size_t d = 0;
+  for (; d + kTileRows <= n; d += kTileRows) {
+    next_v.Next(prefetch_rows);
+    TransposedAccumulateBlockC<kTileRows>(c, vt + d, ldv, pt, mp, alpha, nkeys, ot + d * mp);
+  }
+  if (d < n) TransposedAccumulateTail(n - d, c, vt + d, ldv, pt, mp, alpha, nkeys, ot + d * mp);
 }
 
 // C[dim][mp] = alpha o C + A[nkeys][dim]^T * B[nkeys][mp] (vt = A with row stride ldv, pt = B,
@@ -224,21 +249,12 @@ template <int kD>
 HWY_NOINLINE void TransposedPanelAccumulate(const float* vt, size_t ldv, size_t nkeys, size_t dim,
                                             const float* pt, size_t mp, const float* alpha,
                                             float* ot, TileFeed& next_v) {
-  const size_t n = kD != 0 ? static_cast<size_t>(kD) : dim;
-  const int64_t prefetch_rows = static_cast<int64_t>(kTileRows * nkeys / n) + 1;
   const size_t nvec = mp / kLanes;
   for (size_t v0 = 0; v0 < nvec; v0 += kTileVecs) {
-    const size_t c = std::min<size_t>(kTileVecs, nvec - v0);
     const size_t i0 = v0 * kLanes;
-    size_t d = 0;
-    for (; d + kTileRows <= n; d += kTileRows) {
-      next_v.Next(prefetch_rows);
-      TransposedAccumulateBlockC<kTileRows>(c, vt + d, ldv, pt + i0, mp, alpha + i0, nkeys,
-                                            ot + d * mp + i0);
-    }
-    if (d < n)
-      TransposedAccumulateTail(n - d, c, vt + d, ldv, pt + i0, mp, alpha + i0, nkeys,
-                               ot + d * mp + i0);
+    TransposedStripAccumulate<kD>(vt, ldv, nkeys, dim, pt + i0, mp,
+                                  std::min<size_t>(kTileVecs, nvec - v0), alpha + i0, ot + i0,
+                                  next_v);
   }
 }
 
