@@ -511,9 +511,9 @@ inline void MakeTasks(const AttentionProblem& p, std::vector<Task>* tasks, int64
 // (sequence, KV head) into contiguous rows on huge pages, which every task of the head then reads
 // in place with the hardware prefetcher's help, instead of each task gathering the rows of every
 // key tile again (a head's rows are read once per query block). Heads go in rounds whose packed K
-// and V stay within flash::ForwardPackBudget() (32 MiB). Only where the rows are reused enough to pay for the copy:
-// no masks beyond the window (their tasks may visit few keys), and at least kMinReuse query
-// blocks read each key row.
+// and V stay within flash::ForwardPackBudget() (32 MiB). Only where the rows are reused enough to
+// pay for the copy: no masks beyond the window (their tasks may visit few keys), and at least
+// kMinReuse query blocks read each key row.
 struct PackedHeads {
   static constexpr int64_t kMinReuse = 4;
   int64_t heads_per_round = 0;       // 0: no packing
