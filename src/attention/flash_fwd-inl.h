@@ -63,6 +63,7 @@
 #include "attention/mask_tiles-inl.h"
 #include "core/attention_problem.h"
 #include "core/dispatch.h"
+#include "core/huge_pages.h"
 #include "core/parallel.h"
 #include "simd/convert-inl.h"
 #include "simd/fast_exp-inl.h"
@@ -149,8 +150,18 @@ using mask_impl::PolicyPredicate;
 using mask_impl::TaskKeyRuns;
 using mask_impl::TilePlan;
 
+// Where a task reads K and V: the caller's tensors (p.k, p.v and their strides), or the task's
+// head packed contiguously (PackedHeads below; zero batch and head strides).
+struct KvSource {
+  const void* k;
+  const void* v;
+  const int64_t* k_stride;
+  const int64_t* v_stride;
+};
+
 template <int kD>
-void RunTask(const AttentionProblem& p, const Task& t, Scratch& s, MaskScratch& ms) {
+void RunTask(const AttentionProblem& p, const Task& t, Scratch& s, MaskScratch& ms,
+             const KvSource& kv) {
   const AttentionProblem::Masks& m = p.mask;
   const size_t dim = kD != 0 ? static_cast<size_t>(kD) : static_cast<size_t>(p.dim);
   const int64_t group = p.group;
@@ -227,16 +238,16 @@ void RunTask(const AttentionProblem& p, const Task& t, Scratch& s, MaskScratch& 
   PlanTiles(ms);
 
   const int64_t elem = static_cast<int64_t>(DTypeSize(p.dtype));
-  const int64_t k_row_bytes = (static_cast<int64_t>(dim) - 1) * p.k_stride[3] * elem + elem;
-  const int64_t v_row_bytes = (static_cast<int64_t>(dim) - 1) * p.v_stride[3] * elem + elem;
+  const int64_t k_row_bytes = (static_cast<int64_t>(dim) - 1) * kv.k_stride[3] * elem + elem;
+  const int64_t v_row_bytes = (static_cast<int64_t>(dim) - 1) * kv.v_stride[3] * elem + elem;
   // f32 rows are read in place only when a tile's rows are contiguous; rows further apart (the
   // [B, S, H, D] layout: H * D floats, 4 KiB at H = 8, D = 128, all on the same cache sets) are
   // copied into the packed tile like converted dtypes: -8% time at B=1, H=8, N=4096, D=128 on
   // the Emerald Rapids Xeon (bench_ab.py, 5 rounds each, causal and not).
   const bool direct_k =
-      p.dtype == DType::kF32 && p.k_stride[3] == 1 && p.k_stride[1] == static_cast<int64_t>(dim);
+      p.dtype == DType::kF32 && kv.k_stride[3] == 1 && kv.k_stride[1] == static_cast<int64_t>(dim);
   const bool direct_v =
-      p.dtype == DType::kF32 && p.v_stride[3] == 1 && p.v_stride[1] == static_cast<int64_t>(dim);
+      p.dtype == DType::kF32 && kv.v_stride[3] == 1 && kv.v_stride[1] == static_cast<int64_t>(dim);
   // When every row reads the same block-mask row (one head and query block, or a mask
   // broadcast over the heads), the runs hold only kept blocks and the block mask needs no bias.
   bool shared_block_row = true;
@@ -379,8 +390,8 @@ void RunTask(const AttentionProblem& p, const Task& t, Scratch& s, MaskScratch& 
     TileFeed feed_k, feed_v;
     const float *kt, *vt;
     size_t ldk, ldv;
-    stream(p.k, p.k_stride, k_row_bytes, direct_k, s.kt, &k_ready, &kt, &ldk, &feed_k);
-    stream(p.v, p.v_stride, v_row_bytes, direct_v, s.vt, &v_ready, &vt, &ldv, &feed_v);
+    stream(kv.k, kv.k_stride, k_row_bytes, direct_k, s.kt, &k_ready, &kt, &ldk, &feed_k);
+    stream(kv.v, kv.v_stride, v_row_bytes, direct_v, s.vt, &v_ready, &vt, &ldv, &feed_v);
     const int32_t* keys = gathered ? ms.keys : nullptr;
     const bool need_max = !m.sigmoid && full && p.softcap == 0.0f && p.alibi == nullptr;
     // The rows are independent, so the three steps run strip by strip (kTileVecs vectors of
@@ -495,6 +506,64 @@ inline void MakeTasks(const AttentionProblem& p, std::vector<Task>* tasks, int64
   }
 }
 
+// f32 K and V whose rows are not contiguous (the [B, S, H, D] layout: rows H * D floats apart,
+// 4 KiB at H = 8, D = 128, all on the same cache sets and one 4 KiB page each) are packed once per
+// (sequence, KV head) into contiguous rows on huge pages, which every task of the head then reads
+// in place with the hardware prefetcher's help, instead of each task gathering the rows of every
+// key tile again (a head's rows are read once per query block). Heads go in rounds whose packed K
+// and V stay within flash::ForwardPackBudget() (32 MiB). Only where the rows are reused enough to
+// pay for the copy: no masks beyond the window (their tasks may visit few keys), and at least
+// kMinReuse query blocks read each key row.
+struct PackedHeads {
+  static constexpr int64_t kMinReuse = 4;
+  int64_t heads_per_round = 0;       // 0: no packing
+  int64_t head_floats = 0;           // Sk * D, of K (and of V)
+  PageBytes buffer;                  // [heads_per_round][2][Sk][D]
+  int64_t stride[4] = {0, 0, 0, 1};  // of a packed head: rows D apart, no batch or head stride
+
+  void Plan(const AttentionProblem& p, int64_t tasks) {
+    const bool strided_k = p.k_stride[3] != 1 || p.k_stride[1] != p.dim;
+    const bool strided_v = p.v_stride[3] != 1 || p.v_stride[1] != p.dim;
+    const int64_t budget = flash::ForwardPackBudget().load(std::memory_order_relaxed);
+    if (p.dtype != DType::kF32 || p.varlen() || p.mask.any || (!strided_k && !strided_v) ||
+        budget <= 0) {
+      return;
+    }
+    const int64_t heads = p.batch * p.heads_kv;
+    const int64_t blocks_per_head = tasks / std::max<int64_t>(heads, 1);
+    // Query blocks reading one key row: all of them, or those within the window's reach.
+    const int64_t block_rows = std::max<int64_t>(1, p.seq_q * heads / std::max<int64_t>(tasks, 1));
+    const int64_t window = p.window_left >= kUnboundedWindow || p.window_right >= kUnboundedWindow
+                               ? p.seq_q
+                               : p.window_left + p.window_right + 1;
+    const int64_t reuse = std::min(blocks_per_head, hwy::DivCeil(window, block_rows) + 1);
+    if (reuse < kMinReuse) return;
+    head_floats = p.seq_k * p.dim;
+    const int64_t head_bytes = 2 * head_floats * static_cast<int64_t>(sizeof(float));
+    heads_per_round = std::clamp<int64_t>(budget / head_bytes, 1, heads);
+    buffer = AllocatePages(static_cast<size_t>(heads_per_round * head_bytes));
+    if (!buffer) heads_per_round = 0;  // an optimization only: the tasks read in place instead
+    stride[1] = p.dim;
+  }
+
+  float* k(int64_t slot) const {
+    return reinterpret_cast<float*>(buffer.get()) + 2 * slot * head_floats;
+  }
+  float* v(int64_t slot) const { return k(slot) + head_floats; }
+
+  // Copies rows [r0, r1) of K and V of flat head `head` (b * Hkv + kv head) into `slot`.
+  void Pack(const AttentionProblem& p, int64_t head, int64_t slot, int64_t r0, int64_t r1) const {
+    const int64_t b = head / p.heads_kv, kvh = head % p.heads_kv;
+    const size_t dim = static_cast<size_t>(p.dim);
+    ConvertRows(DType::kF32, p.k, p.offset(p.k_stride, b, r0, kvh), p.k_stride[1], p.k_stride[3],
+                static_cast<size_t>(r1 - r0), dim, (p.dim - 1) * p.k_stride[3] * int64_t{4} + 4,
+                k(slot) + r0 * p.dim);
+    ConvertRows(DType::kF32, p.v, p.offset(p.v_stride, b, r0, kvh), p.v_stride[1], p.v_stride[3],
+                static_cast<size_t>(r1 - r0), dim, (p.dim - 1) * p.v_stride[3] * int64_t{4} + 4,
+                v(slot) + r0 * p.dim);
+  }
+};
+
 }  // namespace flash_impl
 
 // Runs the forward over all tasks. `fast` selects the compile-time head-dim instantiation.
@@ -521,14 +590,46 @@ bool FlashForward(const AttentionProblem& p, int32_t threads, bool fast) {
     if (!ms.Allocate(mp, max_rows, p.mask.dense != nullptr ? p.seq_k : 0)) return false;
   }
 
-  auto run = [&](auto dim_tag) {
+  PackedHeads packed;
+  packed.Plan(p, static_cast<int64_t>(tasks.size()));
+  const KvSource caller{p.k, p.v, p.k_stride, p.v_stride};
+  auto run_tasks = [&](auto dim_tag, const Task* first, int64_t count, auto&& source) {
     constexpr int kD = decltype(dim_tag)::value;
-    ParallelFor(workers, static_cast<int64_t>(tasks.size()), [&](int64_t task, int32_t worker) {
+    ParallelFor(workers, count, [&](int64_t task, int32_t worker) {
       Scratch s;
       s.Carve(storage.get() + per_worker * static_cast<size_t>(worker), dim, mp);
-      RunTask<kD>(p, tasks[static_cast<size_t>(task)], s,
-                  mask_scratch[static_cast<size_t>(worker)]);
+      RunTask<kD>(p, first[task], s, mask_scratch[static_cast<size_t>(worker)],
+                  source(first[task]));
     });
+  };
+  auto run = [&](auto dim_tag) {
+    if (packed.heads_per_round == 0) {
+      run_tasks(dim_tag, tasks.data(), static_cast<int64_t>(tasks.size()),
+                [&](const Task&) { return caller; });
+      return;
+    }
+    // MakeTasks lists the tasks head by head (b outer, KV head inner): a round is a run of them.
+    constexpr int64_t kPackRows = 256;  // rows per packing unit
+    const int64_t chunks = hwy::DivCeil(p.seq_k, kPackRows);
+    const int64_t heads = p.batch * p.heads_kv;
+    size_t first = 0;
+    for (int64_t h0 = 0; h0 < heads; h0 += packed.heads_per_round) {
+      const int64_t n = std::min(packed.heads_per_round, heads - h0);
+      ParallelFor(workers, n * chunks, [&](int64_t unit, int32_t) {
+        const int64_t r0 = unit % chunks * kPackRows;
+        packed.Pack(p, h0 + unit / chunks, unit / chunks, r0, std::min(p.seq_k, r0 + kPackRows));
+      });
+      size_t last = first;
+      while (last < tasks.size() && tasks[last].seq * p.heads_kv + tasks[last].kv_head < h0 + n) {
+        ++last;
+      }
+      run_tasks(dim_tag, tasks.data() + first, static_cast<int64_t>(last - first),
+                [&](const Task& t) {
+                  const int64_t slot = t.seq * p.heads_kv + t.kv_head - h0;
+                  return KvSource{packed.k(slot), packed.v(slot), packed.stride, packed.stride};
+                });
+      first = last;
+    }
   };
   DispatchHeadDim(fast, p.dim, run);
   return true;

@@ -992,6 +992,45 @@ TEST(ForwardDeterminism, ThreadCountInvariance) {
   }
 }
 
+// Strided f32 K/V ([B, S, H, D] rows) are packed once per head, in rounds of heads under a byte
+// budget: the same bits for every budget (0: no packing, tasks read the caller's rows; 1 byte: one
+// head per round; the default: every head at once), with windows, and a layout with a head-dim
+// stride. Contiguous K/V and masks are never packed (nothing to compare: same code path).
+TEST(ForwardPacking, SameBitsForEveryBudget) {
+  const int64_t default_budget = flash::ForwardPackBudget().load();
+  std::vector<Spec> specs;
+  Spec s = Dense(Small() ? 200 : 700, Small() ? 230 : 900, 8, 2, 64);
+  s.batch = 2;
+  specs.push_back(s);
+  s.causal = true;
+  specs.push_back(s);
+  s.causal = false;
+  s.window_left = 300;
+  s.window_right = 20;
+  specs.push_back(s);
+  Spec padded = Dense(Small() ? 200 : 500, Small() ? 200 : 500, 8, 2, 40);
+  padded.kv_layout = Layout::kPaddedDim;
+  specs.push_back(padded);
+  for (const Spec& spec : specs) {
+    SCOPED_TRACE(test::Repro(spec.Name()));
+    const Inputs in = MakeInputs(spec);
+    for (Path path : PathsFor(spec.dim)) {
+      if (path == Path::kReference) continue;
+      SCOPED_TRACE(std::string("path ") + PathName(path));
+      Outputs packed, one_head, unpacked;
+      flash::ForwardPackBudget().store(default_budget);
+      ASSERT_TRUE(RunForward(spec, in, path, 2, &packed).ok());
+      flash::ForwardPackBudget().store(1);
+      ASSERT_TRUE(RunForward(spec, in, path, 3, &one_head).ok());
+      flash::ForwardPackBudget().store(0);
+      ASSERT_TRUE(RunForward(spec, in, path, 2, &unpacked).ok());
+      EXPECT_TRUE(SameBits(packed, unpacked, true));
+      EXPECT_TRUE(SameBits(one_head, unpacked, true));
+    }
+  }
+  flash::ForwardPackBudget().store(default_budget);
+}
+
 // NaN policy (class 17): a NaN in an unmasked q row makes that row NaN and leaves every other
 // element bitwise as in a clean run; NaN in k or v poisons exactly the rows that see that key.
 TEST(ForwardRegression, NanInInputsStaysInTheAffectedRows) {

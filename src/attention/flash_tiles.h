@@ -4,6 +4,7 @@
 // (Kernel selection and head-dim dispatch, shared by every kernel family, are in core/dispatch.h.)
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 
 namespace tessera {
@@ -28,6 +29,13 @@ inline int64_t QueryBlock(int64_t group) {
 // task. Tile boundaries are fixed multiples of these from 0, which fixes every reduction order.
 constexpr int64_t kKeyBlock = 96;
 constexpr int64_t kQueryTile = 128;
+
+// Forward: bytes of packed f32 K and V per round of heads (PackedHeads in flash_fwd-inl.h), which
+// bounds the memory the packing adds; 0 turns the packing off. Tests lower it to run many rounds.
+inline std::atomic<int64_t>& ForwardPackBudget() {
+  static std::atomic<int64_t> budget{int64_t{32} << 20};
+  return budget;
+}
 
 }  // namespace flash
 }  // namespace tessera
