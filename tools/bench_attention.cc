@@ -24,6 +24,7 @@
 #include <vector>
 
 #include "bench_harness.h"
+#include "blas_core.h"
 #include "mask_spec.h"
 #include "naive_attention.h"
 #include "tessera/attention.h"
@@ -173,6 +174,37 @@ void RecordBaseline(const BenchOptions& o, const Timing& t, size_t score_bytes,
   }
 }
 
+// The plain sgemm the baseline's GEMMs are held against: large enough for OpenBLAS's best rate.
+constexpr int64_t kSgemmProbeN = 2048;
+constexpr int kSgemmPairs = 3;
+
+// Records the baseline's GEMM rate (the median over its timed runs of the GEMM FLOPs of a run /
+// the time of its sgemm calls) next to a plain sgemm's, and the BLAS core that ran them. The
+// ratio (the target: at most 1.3) is the median over kSgemmPairs pairs of one more
+// baseline run and one sgemm run back to back, so a neighbour's load shifts both alike.
+// run_baseline runs the baseline once and returns its GEMM GFLOP/s.
+template <class Fn>
+void RecordBaselineGemm(std::vector<double> gemm_gflops, int reps, const Fn& run_baseline,
+                        BenchSetup* s) {
+  if (static_cast<int>(gemm_gflops.size()) > reps) {
+    gemm_gflops.erase(gemm_gflops.begin(), gemm_gflops.end() - reps);  // the timed runs
+  }
+  std::vector<double> sgemm, ratios;
+  for (int i = 0; i < kSgemmPairs; ++i) {
+    const double base = run_baseline();
+    sgemm.push_back(MeasureSgemmGflops(kSgemmProbeN, s->threads, 1));
+    if (base > 0.0) ratios.push_back(sgemm.back() / base);
+  }
+  const BlasReport blas = GetBlasReport();
+  Json& result = s->result;
+  result["baseline_gemm_gflops"] = gemm_gflops.empty() ? 0.0 : Median(gemm_gflops);
+  result["sgemm_gflops"] = Median(sgemm);
+  result["sgemm_n"] = kSgemmProbeN;
+  result["sgemm_over_baseline_gemm"] = ratios.empty() ? 0.0 : Median(ratios);
+  result["blas_core"] = blas.core;
+  result["blas_core_forced_from"] = blas.forced_from.empty() ? Json() : Json(blas.forced_from);
+}
+
 // Records the dense baseline (--vs dense): the unmasked kernel's timing and the speedup the
 // mask buys. Its GFLOP/s counts the dense pairs (halved when causal with Sq == Sk).
 void RecordDense(const Timing& t, double dense_flops, bool causal, BenchSetup* s) {
@@ -264,6 +296,19 @@ int Report(const BenchOptions& o, const BenchSetup& s) {
                   result["select_ms"].get<double>());
     }
     std::printf("\n");
+  }
+  if (s.run_naive) {
+    const std::string from = result["blas_core_forced_from"].is_null()
+                                 ? ""
+                                 : " (forced from " +
+                                       result["blas_core_forced_from"].get<std::string>() +
+                                       " by tessera)";
+    std::printf("\nnaive GEMMs %.1f GFLOP/s, plain %lld^3 sgemm %.1f GFLOP/s (%.2fx), OpenBLAS "
+                "core %s%s\n",
+                result["baseline_gemm_gflops"].get<double>(), result["sgemm_n"].get<long long>(),
+                result["sgemm_gflops"].get<double>(),
+                result["sgemm_over_baseline_gemm"].get<double>(),
+                result["blas_core"].get<std::string>().c_str(), from.c_str());
   }
   if (s.run_tessera && s.run_naive) {
     std::printf("\nspeedup %.2fx, max |tessera - naive| = %.3g\n", result["speedup"].get<double>(),
@@ -377,15 +422,24 @@ int BenchForward(const BenchOptions& o) {
                            std::to_string(naive.score_bytes()) + " bytes)");
     }
     Timing timing;
+    std::vector<double> gemm_gflops;
     const Status st = TimeRuns(
         [&] {
           naive.Run();
+          gemm_gflops.push_back(naive.gemm_stats().gflops());
           return Status::Ok();
         },
         o.warmup, o.reps, &timing);
     if (!st.ok()) return Fail(cmd, st.ToString());
     const double diff = s.run_tessera ? MaxAbsDiff(out.get(), dtype, np.out, s.q_elems) : 0.0;
     RecordBaseline(o, timing, naive.score_bytes(), naive.heads_per_chunk(), diff, &s);
+    RecordBaselineGemm(
+        gemm_gflops, timing.reps,
+        [&] {
+          naive.Run();
+          return naive.gemm_stats().gflops();
+        },
+        &s);
   }
   return Report(o, s);
 }
@@ -499,9 +553,11 @@ int BenchBackward(const BenchOptions& o) {
                            std::to_string(naive.score_bytes()) + " bytes)");
     }
     Timing timing;
+    std::vector<double> gemm_gflops;
     const Status st = TimeRuns(
         [&] {
           naive.Run();
+          gemm_gflops.push_back(naive.gemm_stats().gflops());
           return Status::Ok();
         },
         o.warmup, o.reps, &timing);
@@ -513,6 +569,13 @@ int BenchBackward(const BenchOptions& o) {
                                MaxAbsDiff(dv.get(), dtype, nb.dv, s.kv_elems)));
     }
     RecordBaseline(o, timing, naive.score_bytes(), naive.heads_per_chunk(), diff, &s);
+    RecordBaselineGemm(
+        gemm_gflops, timing.reps,
+        [&] {
+          naive.Run();
+          return naive.gemm_stats().gflops();
+        },
+        &s);
   }
   return Report(o, s);
 }
