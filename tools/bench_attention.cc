@@ -177,20 +177,25 @@ void RecordBaseline(const BenchOptions& o, const Timing& t, size_t score_bytes,
 // The plain sgemm the baseline's GEMMs are held against: large enough for OpenBLAS's best rate.
 constexpr int64_t kSgemmProbeN = 2048;
 constexpr int kSgemmPairs = 3;
+// A baseline run longer than this gets one pair only (N = 16K takes seconds per run).
+constexpr double kLongBaselineMs = 2000.0;
 
 // Records the baseline's GEMM rate (the median over its timed runs of the GEMM FLOPs of a run /
 // the time of its sgemm calls) next to a plain sgemm's, and the BLAS core that ran them. The
 // ratio (the target: at most 1.3) is the median over kSgemmPairs pairs of one more
-// baseline run and one sgemm run back to back, so a neighbour's load shifts both alike.
-// run_baseline runs the baseline once and returns its GEMM GFLOP/s.
+// baseline run and one sgemm run back to back, so a neighbour's load shifts both alike (one pair
+// when a baseline run takes over kLongBaselineMs). run_baseline runs the baseline once and
+// returns its GEMM GFLOP/s.
 template <class Fn>
-void RecordBaselineGemm(std::vector<double> gemm_gflops, int reps, const Fn& run_baseline,
-                        BenchSetup* s) {
+void RecordBaselineGemm(std::vector<double> gemm_gflops, const Timing& timing,
+                        const Fn& run_baseline, BenchSetup* s) {
+  const int reps = timing.reps;
   if (static_cast<int>(gemm_gflops.size()) > reps) {
     gemm_gflops.erase(gemm_gflops.begin(), gemm_gflops.end() - reps);  // the timed runs
   }
   std::vector<double> sgemm, ratios;
-  for (int i = 0; i < kSgemmPairs; ++i) {
+  const int pairs = timing.median_ms > kLongBaselineMs ? 1 : kSgemmPairs;
+  for (int i = 0; i < pairs; ++i) {
     const double base = run_baseline();
     sgemm.push_back(MeasureSgemmGflops(kSgemmProbeN, s->threads, 1));
     if (base > 0.0) ratios.push_back(sgemm.back() / base);
@@ -434,7 +439,7 @@ int BenchForward(const BenchOptions& o) {
     const double diff = s.run_tessera ? MaxAbsDiff(out.get(), dtype, np.out, s.q_elems) : 0.0;
     RecordBaseline(o, timing, naive.score_bytes(), naive.heads_per_chunk(), diff, &s);
     RecordBaselineGemm(
-        gemm_gflops, timing.reps,
+        gemm_gflops, timing,
         [&] {
           naive.Run();
           return naive.gemm_stats().gflops();
@@ -570,7 +575,7 @@ int BenchBackward(const BenchOptions& o) {
     }
     RecordBaseline(o, timing, naive.score_bytes(), naive.heads_per_chunk(), diff, &s);
     RecordBaselineGemm(
-        gemm_gflops, timing.reps,
+        gemm_gflops, timing,
         [&] {
           naive.Run();
           return naive.gemm_stats().gflops();
