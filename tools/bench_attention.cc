@@ -308,12 +308,12 @@ int Report(const BenchOptions& o, const BenchSetup& s) {
                                  : " (forced from " +
                                        result["blas_core_forced_from"].get<std::string>() +
                                        " by tessera)";
-    std::printf("\nnaive GEMMs %.1f GFLOP/s, plain %lld^3 sgemm %.1f GFLOP/s (%.2fx), OpenBLAS "
-                "core %s%s\n",
-                result["baseline_gemm_gflops"].get<double>(), result["sgemm_n"].get<long long>(),
-                result["sgemm_gflops"].get<double>(),
-                result["sgemm_over_baseline_gemm"].get<double>(),
-                result["blas_core"].get<std::string>().c_str(), from.c_str());
+    std::printf(
+        "\nnaive GEMMs %.1f GFLOP/s, plain %lld^3 sgemm %.1f GFLOP/s (%.2fx), OpenBLAS "
+        "core %s%s\n",
+        result["baseline_gemm_gflops"].get<double>(), result["sgemm_n"].get<long long>(),
+        result["sgemm_gflops"].get<double>(), result["sgemm_over_baseline_gemm"].get<double>(),
+        result["blas_core"].get<std::string>().c_str(), from.c_str());
   }
   if (s.run_tessera && s.run_naive) {
     std::printf("\nspeedup %.2fx, max |tessera - naive| = %.3g\n", result["speedup"].get<double>(),

@@ -21,9 +21,9 @@ IsaLevel BlasCoreLevel(const std::string& corename) {
                  [](unsigned char c) { return static_cast<char>(std::tolower(c)); });
   // OpenBLAS's x86-64 DYNAMIC_ARCH core names (driver/others/dynamic.c).
   static const char* const kSse[] = {
-      "katmai", "coppermine", "northwood", "prescott",      "banias",    "atom",
-      "core2",  "penryn",     "dunnington", "nehalem",      "athlon",    "opteron",
-      "opteron(sse3)", "barcelona", "nano", "bobcat", "generic", "unknown"};
+      "katmai",        "coppermine", "northwood",  "prescott", "banias",  "atom",
+      "core2",         "penryn",     "dunnington", "nehalem",  "athlon",  "opteron",
+      "opteron(sse3)", "barcelona",  "nano",       "bobcat",   "generic", "unknown"};
   static const char* const kAvx[] = {"sandybridge", "bulldozer", "piledriver"};
   static const char* const kAvx2[] = {"haswell", "zen", "steamroller", "excavator"};
   static const char* const kAvx512[] = {"skylakex", "cooperlake", "sapphirerapids"};
@@ -100,8 +100,8 @@ CpuIsa ProbeCpuIsa() {
   if (!osxsave) return isa;
   uint32_t lo = 0, hi = 0;
   __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
-  const bool ymm_state = (lo & 0x6u) == 0x6u;       // SSE and AVX state
-  const bool zmm_state = (lo & 0xE6u) == 0xE6u;     // and opmask, ZMM_Hi256, Hi16_ZMM
+  const bool ymm_state = (lo & 0x6u) == 0x6u;    // SSE and AVX state
+  const bool zmm_state = (lo & 0xE6u) == 0xE6u;  // and opmask, ZMM_Hi256, Hi16_ZMM
   isa.avx = avx && ymm_state;
   isa.fma = fma && isa.avx;
   if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return isa;

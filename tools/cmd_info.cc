@@ -75,8 +75,9 @@ int InfoMain(const InfoOptions& o) {
     j["blas"] = blas.library;
     j["blas_config"] = blas.config;
     j["blas_core"] = blas.core;
-    j["blas_core_forced_from"] = blas.forced_from.empty() ? nlohmann::ordered_json()
-                                                          : nlohmann::ordered_json(blas.forced_from);
+    j["blas_core_forced_from"] = blas.forced_from.empty()
+                                     ? nlohmann::ordered_json()
+                                     : nlohmann::ordered_json(blas.forced_from);
     j["hardware_threads"] = hw;
     j["threads"] = used;
     j["peak_gflops_1t"] = peak1;

@@ -107,12 +107,10 @@ void TimedSgemm(GemmStats* stats, bool trans_a, bool trans_b, int64_t m, int64_t
                 float* c, int64_t ldc) {
   const auto start = std::chrono::steady_clock::now();
   cblas_sgemm(CblasRowMajor, trans_a ? CblasTrans : CblasNoTrans,
-              trans_b ? CblasTrans : CblasNoTrans, static_cast<blasint>(m),
-              static_cast<blasint>(n), static_cast<blasint>(k), alpha, a,
-              static_cast<blasint>(lda), b, static_cast<blasint>(ldb), beta, c,
-              static_cast<blasint>(ldc));
-  stats->seconds +=
-      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+              trans_b ? CblasTrans : CblasNoTrans, static_cast<blasint>(m), static_cast<blasint>(n),
+              static_cast<blasint>(k), alpha, a, static_cast<blasint>(lda), b,
+              static_cast<blasint>(ldb), beta, c, static_cast<blasint>(ldc));
+  stats->seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   stats->flops += 2.0 * static_cast<double>(m) * static_cast<double>(n) * static_cast<double>(k);
 }
 
@@ -173,8 +171,8 @@ void NaiveAttention::Run() {
     for (int64_t bh = c0; bh < c1; ++bh) {
       const int64_t b = bh / Hq, h = bh % Hq;
       TimedSgemm(&gemm_, false, true, Sq, Sk, D, p_.scale, p_.q + (b * Sq * Hq + h) * D, ldq,
-                 p_.k + (b * Sk * Hkv + h / group) * D, ldk, 0.0f,
-                 scores_ + (bh - c0) * per_head, Sk);
+                 p_.k + (b * Sk * Hkv + h / group) * D, ldk, 0.0f, scores_ + (bh - c0) * per_head,
+                 Sk);
     }
     const int64_t rows = (c1 - c0) * Sq;
     const int64_t tasks = (rows + kRowsPerTask - 1) / kRowsPerTask;
@@ -189,8 +187,8 @@ void NaiveAttention::Run() {
     for (int64_t bh = c0; bh < c1; ++bh) {
       const int64_t b = bh / Hq, h = bh % Hq;
       TimedSgemm(&gemm_, false, false, Sq, D, Sk, 1.0f, scores_ + (bh - c0) * per_head, Sk,
-                 p_.v + (b * Sk * Hkv + h / group) * D, ldk, 0.0f,
-                 p_.out + (b * Sq * Hq + h) * D, ldq);
+                 p_.v + (b * Sk * Hkv + h / group) * D, ldk, 0.0f, p_.out + (b * Sq * Hq + h) * D,
+                 ldq);
     }
   }
 }

@@ -415,7 +415,6 @@ bool AmxEnabled() {
   return !disabled && AmxSupported() && hwy::SupportedTargets() == CpuTargets();
 }
 
-
 namespace {
 
 #if defined(__x86_64__)
@@ -501,8 +500,8 @@ CpuDescription DescribeCpu() {
     const int32_t base_family = static_cast<int32_t>((a >> 8) & 0xf);
     const int32_t base_model = static_cast<int32_t>((a >> 4) & 0xf);
     c.stepping = static_cast<int32_t>(a & 0xf);
-    c.family = base_family == 0xf ? base_family + static_cast<int32_t>((a >> 20) & 0xff)
-                                  : base_family;
+    c.family =
+        base_family == 0xf ? base_family + static_cast<int32_t>((a >> 20) & 0xff) : base_family;
     c.model = (base_family == 0x6 || base_family == 0xf)
                   ? (static_cast<int32_t>((a >> 16) & 0xf) << 4) + base_model
                   : base_model;
@@ -565,8 +564,8 @@ std::vector<KernelChoice> KernelReport() {
   for (const char* kv : {"f32", "bf16", "f16"}) {
     rows.push_back({"decode", kv,
                     std::string("highway decode") +
-                        (std::string(kv) == "f32" ? "" : ", KV converted to f32") + " (" +
-                        decode + ")"});
+                        (std::string(kv) == "f32" ? "" : ", KV converted to f32") + " (" + decode +
+                        ")"});
   }
   for (const char* kv : {"int8", "int4"}) {
     rows.push_back({"decode", kv,
