@@ -181,11 +181,13 @@ constexpr int kSgemmPairs = 3;
 constexpr double kLongBaselineMs = 2000.0;
 
 // Records the baseline's GEMM rate (the median over its timed runs of the GEMM FLOPs of a run /
-// the time of its sgemm calls) next to a plain sgemm's, and the BLAS core that ran them. The
-// ratio (the target: at most 1.3) is the median over kSgemmPairs pairs of one more
-// baseline run and one sgemm run back to back, so a neighbour's load shifts both alike (one pair
-// when a baseline run takes over kLongBaselineMs). run_baseline runs the baseline once and
-// returns its GEMM GFLOP/s.
+// the time of its sgemm calls), the BLAS core that ran it, and two references in the same
+// process: plain sgemms of the baseline's own shapes on contiguous operands, timed alone
+// (sgemm_shapes_gflops: what the same BLAS does with these GEMMs; the target is
+// sgemm_shapes_over_baseline_gemm <= 1.3) and a plain 2048^3 sgemm (OpenBLAS's best rate here).
+// The ratios are medians over kSgemmPairs rounds of one more baseline run and both probes back
+// to back, so a neighbour's load shifts all alike (one round when a baseline run takes over
+// kLongBaselineMs). run_baseline runs the baseline once and returns its GemmStats.
 template <class Fn>
 void RecordBaselineGemm(std::vector<double> gemm_gflops, const Timing& timing,
                         const Fn& run_baseline, BenchSetup* s) {
@@ -193,19 +195,26 @@ void RecordBaselineGemm(std::vector<double> gemm_gflops, const Timing& timing,
   if (static_cast<int>(gemm_gflops.size()) > reps) {
     gemm_gflops.erase(gemm_gflops.begin(), gemm_gflops.end() - reps);  // the timed runs
   }
-  std::vector<double> sgemm, ratios;
+  std::vector<double> square, shapes, square_ratios, shape_ratios;
   const int pairs = timing.median_ms > kLongBaselineMs ? 1 : kSgemmPairs;
   for (int i = 0; i < pairs; ++i) {
-    const double base = run_baseline();
-    sgemm.push_back(MeasureSgemmGflops(kSgemmProbeN, s->threads, 1));
-    if (base > 0.0) ratios.push_back(sgemm.back() / base);
+    const GemmStats base = run_baseline();
+    shapes.push_back(MeasureShapesGflops(base.shapes, s->threads));
+    square.push_back(MeasureSgemmGflops(kSgemmProbeN, s->threads, 1));
+    if (base.gflops() > 0.0) {
+      shape_ratios.push_back(shapes.back() / base.gflops());
+      square_ratios.push_back(square.back() / base.gflops());
+    }
   }
   const BlasReport blas = GetBlasReport();
+  const auto median = [](const std::vector<double>& v) { return v.empty() ? 0.0 : Median(v); };
   Json& result = s->result;
-  result["baseline_gemm_gflops"] = gemm_gflops.empty() ? 0.0 : Median(gemm_gflops);
-  result["sgemm_gflops"] = Median(sgemm);
+  result["baseline_gemm_gflops"] = median(gemm_gflops);
+  result["sgemm_shapes_gflops"] = median(shapes);
+  result["sgemm_shapes_over_baseline_gemm"] = median(shape_ratios);
+  result["sgemm_gflops"] = median(square);
   result["sgemm_n"] = kSgemmProbeN;
-  result["sgemm_over_baseline_gemm"] = ratios.empty() ? 0.0 : Median(ratios);
+  result["sgemm_over_baseline_gemm"] = median(square_ratios);
   result["blas_core"] = blas.core;
   result["blas_core_forced_from"] = blas.forced_from.empty() ? Json() : Json(blas.forced_from);
 }
@@ -309,9 +318,10 @@ int Report(const BenchOptions& o, const BenchSetup& s) {
                                        result["blas_core_forced_from"].get<std::string>() +
                                        " by tessera)";
     std::printf(
-        "\nnaive GEMMs %.1f GFLOP/s, plain %lld^3 sgemm %.1f GFLOP/s (%.2fx), OpenBLAS "
-        "core %s%s\n",
-        result["baseline_gemm_gflops"].get<double>(), result["sgemm_n"].get<long long>(),
+        "\nnaive GEMMs %.1f GFLOP/s; plain sgemms of their shapes %.1f GFLOP/s (%.2fx), of "
+        "%lld^3 %.1f GFLOP/s (%.2fx); OpenBLAS core %s%s\n",
+        result["baseline_gemm_gflops"].get<double>(), result["sgemm_shapes_gflops"].get<double>(),
+        result["sgemm_shapes_over_baseline_gemm"].get<double>(), result["sgemm_n"].get<long long>(),
         result["sgemm_gflops"].get<double>(), result["sgemm_over_baseline_gemm"].get<double>(),
         result["blas_core"].get<std::string>().c_str(), from.c_str());
   }
@@ -442,7 +452,7 @@ int BenchForward(const BenchOptions& o) {
         gemm_gflops, timing,
         [&] {
           naive.Run();
-          return naive.gemm_stats().gflops();
+          return naive.gemm_stats();
         },
         &s);
   }
@@ -578,7 +588,7 @@ int BenchBackward(const BenchOptions& o) {
         gemm_gflops, timing,
         [&] {
           naive.Run();
-          return naive.gemm_stats().gflops();
+          return naive.gemm_stats();
         },
         &s);
   }

@@ -112,6 +112,43 @@ void TimedSgemm(GemmStats* stats, bool trans_a, bool trans_b, int64_t m, int64_t
               static_cast<blasint>(ldb), beta, c, static_cast<blasint>(ldc));
   stats->seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   stats->flops += 2.0 * static_cast<double>(m) * static_cast<double>(n) * static_cast<double>(k);
+  const GemmShape shape{trans_a, trans_b, m, n, k};
+  if (std::find(stats->shapes.begin(), stats->shapes.end(), shape) == stats->shapes.end()) {
+    stats->shapes.push_back(shape);
+  }
+}
+
+double MeasureShapesGflops(const std::vector<GemmShape>& shapes, int32_t threads) {
+  size_t a_elems = 0, b_elems = 0, c_elems = 0;
+  std::vector<GemmShape> capped;
+  for (GemmShape s : shapes) {
+    s.m = std::min(s.m, kMaxProbeDim);
+    s.n = std::min(s.n, kMaxProbeDim);
+    s.k = std::min(s.k, kMaxProbeDim);
+    a_elems = std::max(a_elems, static_cast<size_t>(s.m * s.k));
+    b_elems = std::max(b_elems, static_cast<size_t>(s.k * s.n));
+    c_elems = std::max(c_elems, static_cast<size_t>(s.m * s.n));
+    capped.push_back(s);
+  }
+  if (capped.empty()) return 0.0;
+  AlignedBytes buffer = AllocateAligned((a_elems + b_elems + c_elems) * sizeof(float));
+  if (!buffer) return 0.0;
+  float* a = reinterpret_cast<float*>(buffer.get());
+  float* b = a + a_elems;
+  float* c = b + b_elems;
+  for (size_t i = 0; i < a_elems + b_elems + c_elems; ++i) {  // small, finite values
+    a[i] = static_cast<float>(i % 7) * 0.01f;
+  }
+  openblas_set_num_threads(std::max<int32_t>(1, threads));
+  GemmStats stats;
+  for (int timed = 0; timed < 2; ++timed) {  // a warm-up pass, then the timed one
+    stats = GemmStats();
+    for (const GemmShape& s : capped) {
+      TimedSgemm(&stats, s.trans_a, s.trans_b, s.m, s.n, s.k, 1.0f, a, s.trans_a ? s.m : s.k, b,
+                 s.trans_b ? s.k : s.n, 0.0f, c, s.n);
+    }
+  }
+  return stats.gflops();
 }
 
 double MeasureSgemmGflops(int64_t n, int32_t threads, int reps) {

@@ -46,12 +46,14 @@ class BenchTest(unittest.TestCase):
         self.assertGreater(r["sgemm_gflops"], 0)
         self.assertEqual(r["sgemm_n"], 2048)
         self.assertGreater(r["sgemm_over_baseline_gemm"], 0)
+        self.assertGreater(r["sgemm_shapes_gflops"], 0)
+        self.assertGreater(r["sgemm_shapes_over_baseline_gemm"], 0)
         self.assertTrue(r["blas_core"])
         self.assertIn("blas_core_forced_from", r)
 
     def test_bench_blas_fields_only_with_the_naive_baseline(self):
         r = self.bench_json()
-        for key in ("baseline_gemm_gflops", "sgemm_gflops", "blas_core"):
+        for key in ("baseline_gemm_gflops", "sgemm_gflops", "sgemm_shapes_gflops", "blas_core"):
             self.assertNotIn(key, r)
         self.check_blas_fields(self.bench_json("--baseline-only"))
         self.check_blas_fields(self.bench_json("--vs", "naive", op="backward"))
