@@ -186,8 +186,9 @@ constexpr double kLongBaselineMs = 2000.0;
 // (sgemm_shapes_gflops: what the same BLAS does with these GEMMs; the target is
 // sgemm_shapes_over_baseline_gemm <= 1.3) and a plain 2048^3 sgemm (OpenBLAS's best rate here).
 // The ratios are medians over kSgemmPairs rounds of one more baseline run and both probes back
-// to back, so a neighbour's load shifts all alike (one round when a baseline run takes over
-// kLongBaselineMs). run_baseline runs the baseline once and returns its GemmStats.
+// to back, so a neighbour's load shifts all alike (no more rounds than timed runs, and one when a
+// baseline run takes over kLongBaselineMs). run_baseline runs the baseline once and returns its
+// GemmStats.
 template <class Fn>
 void RecordBaselineGemm(std::vector<double> gemm_gflops, const Timing& timing,
                         const Fn& run_baseline, BenchSetup* s) {
@@ -196,7 +197,7 @@ void RecordBaselineGemm(std::vector<double> gemm_gflops, const Timing& timing,
     gemm_gflops.erase(gemm_gflops.begin(), gemm_gflops.end() - reps);  // the timed runs
   }
   std::vector<double> square, shapes, square_ratios, shape_ratios;
-  const int pairs = timing.median_ms > kLongBaselineMs ? 1 : kSgemmPairs;
+  const int pairs = timing.median_ms > kLongBaselineMs ? 1 : std::min(kSgemmPairs, reps);
   for (int i = 0; i < pairs; ++i) {
     const GemmStats base = run_baseline();
     shapes.push_back(MeasureShapesGflops(base.shapes, s->threads));
