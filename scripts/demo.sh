@@ -5,12 +5,17 @@
 #
 # usage: scripts/demo.sh [path/to/tessera] [output folder]
 #   defaults: build/tools/tessera and demo_out/ at the repository root
-#   TESSERA_DEMO_THREADS (default 2), TESSERA_DEMO_SIZES (default "1024 2048 4096 8192 16384")
+#   TESSERA_DEMO_THREADS (default 2), TESSERA_DEMO_SIZES (default "1024 2048 4096 8192 16384"),
+#   TESSERA_DEMO_PYTHON (default build/venv/bin/python, the venv `make python` makes): when it
+#   imports torch, each row also times PyTorch's CPU scaled_dot_product_attention on the same
+#   shape and threads (its own [B, H, S, D] layout); otherwise that column is skipped.
 #
 # Each size runs two processes, because peak RSS is per process:
 #   1. bench --vs naive: both timings (same inputs, same process), the speedup, max |diff|, and
 #      tessera's peak RSS (read before the baseline allocates anything);
 #   2. bench --baseline-only: the naive baseline alone, for its own honest peak RSS.
+# The naive baseline runs OpenBLAS; the CLI forces a stronger core when OpenBLAS fell back to a
+# generic one, and the report names the core that ran.
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -29,6 +34,40 @@ results="$out/results.jsonl"
 : > "$results"
 
 "$bin" info --json --threads "$threads" > "$out/info.json"
+
+py="${TESSERA_DEMO_PYTHON:-$(dirname "$(dirname "$bin")")/venv/bin/python}"
+torch_ok=0
+if [[ -x "$py" ]] && "$py" -c "import torch" 2> /dev/null; then
+  torch_ok=1
+else
+  echo "demo: no PyTorch (looked for $py with torch; make python builds it): skipping the" \
+       "PyTorch SDPA column" >&2
+fi
+
+# PyTorch's CPU SDPA on random [1, 8, N, 128] fp32 tensors: the median of `reps` calls after one
+# warm-up, as one JSON object.
+torch_case() {
+  "$py" - "$1" "$2" "$threads" "$3" << 'PYEOF'
+import json, statistics, sys, time
+import torch
+n, causal, threads, reps = int(sys.argv[1]), sys.argv[2] == "1", int(sys.argv[3]), int(sys.argv[4])
+torch.set_num_threads(threads)
+g = torch.Generator().manual_seed(0)
+q, k, v = (torch.randn(1, 8, n, 128, generator=g) for _ in range(3))
+sdpa = torch.nn.functional.scaled_dot_product_attention
+times = []
+with torch.no_grad():
+    sdpa(q, k, v, is_causal=causal)
+    for _ in range(reps):
+        start = time.perf_counter()
+        sdpa(q, k, v, is_causal=causal)
+        times.append((time.perf_counter() - start) * 1e3)
+flops = 4.0 * 8 * n * n * 128 * (0.5 if causal else 1.0)
+ms = statistics.median(times)
+print(json.dumps({"torch_version": torch.__version__, "ms": ms, "ms_min": min(times),
+                  "reps": reps, "gflops": flops / (ms * 1e-3) * 1e-9}))
+PYEOF
+}
 
 common=(--op forward --batch 1 --heads 8 --kv-heads 8 --dim 128 --threads "$threads" --json)
 
@@ -53,7 +92,12 @@ run_case() {
   echo "demo: $label: naive alone (memory) ..." >&2
   naive="$("$bin" bench "${common[@]}" --seq "$n" "${mask[@]}" --baseline-only --warmup 0 \
            --reps 1)"
-  printf '{"vs": %s, "baseline_only": %s}\n' "$both" "$naive" >> "$results"
+  local torch="null"
+  if [[ "$torch_ok" == 1 ]]; then
+    echo "demo: $label: PyTorch SDPA ..." >&2
+    torch="$(torch_case "$n" "$causal" "$( (( n >= 8192 )) && echo 3 || echo 5)")" || torch="null"
+  fi
+  printf '{"vs": %s, "baseline_only": %s, "torch": %s}\n' "$both" "$naive" "$torch" >> "$results"
 }
 
 start=$SECONDS

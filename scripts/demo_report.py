@@ -5,7 +5,7 @@
 usage: demo_report.py results.jsonl info.json OUT_DIR
 
 results.jsonl holds one line per case: {"vs": <bench --vs naive JSON>,
-"baseline_only": <bench --baseline-only JSON>}. Standard library only; the SVG is written by
+"baseline_only": <bench --baseline-only JSON>, "torch": <PyTorch SDPA timing, or null>}. Standard library only; the SVG is written by
 hand (log-log time and memory against N).
 """
 import json
@@ -21,8 +21,17 @@ def load(results_path, info_path):
         info = json.load(f)
     cases = []
     for r in rows:
-        vs, alone = r["vs"], r["baseline_only"]
+        vs, alone, torch = r["vs"], r["baseline_only"], r.get("torch")
         cases.append({
+            "torch_ms": torch["ms"] if torch else None,
+            "torch_gflops": torch["gflops"] if torch else None,
+            "torch_version": torch["torch_version"] if torch else None,
+            "blas_core": vs.get("blas_core"),
+            "blas_core_forced_from": vs.get("blas_core_forced_from"),
+            "naive_gemm_gflops": vs.get("baseline_gemm_gflops"),
+            "sgemm_gflops": vs.get("sgemm_gflops"),
+            "sgemm_over_naive_gemm": vs.get("sgemm_over_baseline_gemm"),
+            "shapes_over_naive_gemm": vs.get("sgemm_shapes_over_baseline_gemm"),
             "n": vs["seq_q"],
             "causal": vs["causal"],
             "ms": vs["ms"],
@@ -71,16 +80,54 @@ def noise_notes(cases):
 def table_rows(cases):
     header = ["N", "mask", "tessera ms", "GFLOP/s", "% peak", "tessera RSS MiB", "naive ms",
               "naive GFLOP/s", "naive RSS MiB", "speedup", "max abs diff"]
+    with_torch = any(c["torch_ms"] is not None for c in cases)
+    if with_torch:
+        header += ["torch ms", "torch GFLOP/s", "vs torch"]
     marks, _ = noise_notes(cases)
     rows = []
     for i, c in enumerate(cases):
-        rows.append([
+        row = [
             str(c["n"]) + marks.get(i, ""), "causal" if c["causal"] else "none", "%.1f" % c["ms"],
             "%.1f" % c["gflops"], "%.1f" % (100 * c["frac_peak"]), "%.0f" % c["rss"],
             "%.1f" % c["naive_ms"], "%.1f" % c["naive_gflops"], "%.0f" % c["naive_rss"],
             "%.2fx" % c["speedup"], "%.1e" % c["max_abs_diff"],
-        ])
+        ]
+        if with_torch:
+            row += (["-", "-", "-"] if c["torch_ms"] is None else
+                    ["%.1f" % c["torch_ms"], "%.1f" % c["torch_gflops"],
+                     "%.2fx" % (c["torch_ms"] / c["ms"])])
+        rows.append(row)
     return header, rows
+
+
+def blas_note(cases, info):
+    """One line: the OpenBLAS core the naive column ran, and its GEMMs against a plain sgemm."""
+    core = next((c["blas_core"] for c in cases if c["blas_core"]), info.get("blas_core"))
+    if not core:
+        return ""
+    forced = next((c["blas_core_forced_from"] for c in cases if c["blas_core_forced_from"]),
+                  None)
+    line = "naive column: OpenBLAS core %s" % core
+    if forced:
+        line += " (forced from %s by tessera: OpenBLAS did not recognise this CPU)" % forced
+    shapes = [c["shapes_over_naive_gemm"] for c in cases if c["shapes_over_naive_gemm"]]
+    if shapes:
+        line += ("; plain sgemms of the naive GEMMs' own shapes ran %.2f-%.2fx their rate"
+                 % (min(shapes), max(shapes)))
+    ratios = [c["sgemm_over_naive_gemm"] for c in cases if c["sgemm_over_naive_gemm"]]
+    if ratios:
+        line += ", a 2048^3 sgemm %.2f-%.2fx (head dim 128 is a thin GEMM)" % (
+            min(ratios), max(ratios))
+    return line
+
+
+def torch_note(cases):
+    version = next((c["torch_version"] for c in cases if c["torch_version"]), None)
+    if version is None:
+        return ("PyTorch column skipped: no interpreter with torch (make python builds "
+                "build/venv; or set TESSERA_DEMO_PYTHON).")
+    return ("torch: PyTorch %s CPU scaled_dot_product_attention on [1, 8, N, 128] fp32 tensors, "
+            "same threads, median of 3-5 calls; vs torch = torch ms / tessera ms." % version)
 
 
 def print_table(header, rows):
@@ -117,6 +164,7 @@ def markdown(cases, info, header, rows):
     ]
     for r in rows:
         lines.append("| " + " | ".join(r) + " |")
+    lines += ["", blas_note(cases, info), "", torch_note(cases)]
     notes = noise_notes(cases)[1]
     if notes:
         lines += [""] + notes
@@ -268,6 +316,9 @@ def main(argv):
     header, rows = table_rows(cases)
     print()
     print_table(header, rows)
+    print()
+    print(blas_note(cases, info))
+    print(torch_note(cases))
     for note in noise_notes(cases)[1]:
         print(note)
     os.makedirs(out_dir, exist_ok=True)

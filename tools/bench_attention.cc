@@ -24,6 +24,7 @@
 #include <vector>
 
 #include "bench_harness.h"
+#include "blas_core.h"
 #include "mask_spec.h"
 #include "naive_attention.h"
 #include "tessera/attention.h"
@@ -173,6 +174,52 @@ void RecordBaseline(const BenchOptions& o, const Timing& t, size_t score_bytes,
   }
 }
 
+// The plain sgemm the baseline's GEMMs are held against: large enough for OpenBLAS's best rate.
+constexpr int64_t kSgemmProbeN = 2048;
+constexpr int kSgemmPairs = 3;
+// A baseline run longer than this gets one pair only (N = 16K takes seconds per run).
+constexpr double kLongBaselineMs = 2000.0;
+
+// Records the baseline's GEMM rate (the median over its timed runs of the GEMM FLOPs of a run /
+// the time of its sgemm calls), the BLAS core that ran it, and two references in the same
+// process: plain sgemms of the baseline's own shapes on contiguous operands, timed alone
+// (sgemm_shapes_gflops: what the same BLAS does with these GEMMs; the target is
+// sgemm_shapes_over_baseline_gemm <= 1.3) and a plain 2048^3 sgemm (OpenBLAS's best rate here).
+// The ratios are medians over kSgemmPairs rounds of one more baseline run and both probes back
+// to back, so a neighbour's load shifts all alike (no more rounds than timed runs, and one when a
+// baseline run takes over kLongBaselineMs). run_baseline runs the baseline once and returns its
+// GemmStats.
+template <class Fn>
+void RecordBaselineGemm(std::vector<double> gemm_gflops, const Timing& timing,
+                        const Fn& run_baseline, BenchSetup* s) {
+  const int reps = timing.reps;
+  if (static_cast<int>(gemm_gflops.size()) > reps) {
+    gemm_gflops.erase(gemm_gflops.begin(), gemm_gflops.end() - reps);  // the timed runs
+  }
+  std::vector<double> square, shapes, square_ratios, shape_ratios;
+  const int pairs = timing.median_ms > kLongBaselineMs ? 1 : std::min(kSgemmPairs, reps);
+  for (int i = 0; i < pairs; ++i) {
+    const GemmStats base = run_baseline();
+    shapes.push_back(MeasureShapesGflops(base.shapes, s->threads));
+    square.push_back(MeasureSgemmGflops(kSgemmProbeN, s->threads, 1));
+    if (base.gflops() > 0.0) {
+      shape_ratios.push_back(shapes.back() / base.gflops());
+      square_ratios.push_back(square.back() / base.gflops());
+    }
+  }
+  const BlasReport blas = GetBlasReport();
+  const auto median = [](const std::vector<double>& v) { return v.empty() ? 0.0 : Median(v); };
+  Json& result = s->result;
+  result["baseline_gemm_gflops"] = median(gemm_gflops);
+  result["sgemm_shapes_gflops"] = median(shapes);
+  result["sgemm_shapes_over_baseline_gemm"] = median(shape_ratios);
+  result["sgemm_gflops"] = median(square);
+  result["sgemm_n"] = kSgemmProbeN;
+  result["sgemm_over_baseline_gemm"] = median(square_ratios);
+  result["blas_core"] = blas.core;
+  result["blas_core_forced_from"] = blas.forced_from.empty() ? Json() : Json(blas.forced_from);
+}
+
 // Records the dense baseline (--vs dense): the unmasked kernel's timing and the speedup the
 // mask buys. Its GFLOP/s counts the dense pairs (halved when causal with Sq == Sk).
 void RecordDense(const Timing& t, double dense_flops, bool causal, BenchSetup* s) {
@@ -264,6 +311,20 @@ int Report(const BenchOptions& o, const BenchSetup& s) {
                   result["select_ms"].get<double>());
     }
     std::printf("\n");
+  }
+  if (s.run_naive) {
+    const std::string from = result["blas_core_forced_from"].is_null()
+                                 ? ""
+                                 : " (forced from " +
+                                       result["blas_core_forced_from"].get<std::string>() +
+                                       " by tessera)";
+    std::printf(
+        "\nnaive GEMMs %.1f GFLOP/s; plain sgemms of their shapes %.1f GFLOP/s (%.2fx), of "
+        "%lld^3 %.1f GFLOP/s (%.2fx); OpenBLAS core %s%s\n",
+        result["baseline_gemm_gflops"].get<double>(), result["sgemm_shapes_gflops"].get<double>(),
+        result["sgemm_shapes_over_baseline_gemm"].get<double>(), result["sgemm_n"].get<long long>(),
+        result["sgemm_gflops"].get<double>(), result["sgemm_over_baseline_gemm"].get<double>(),
+        result["blas_core"].get<std::string>().c_str(), from.c_str());
   }
   if (s.run_tessera && s.run_naive) {
     std::printf("\nspeedup %.2fx, max |tessera - naive| = %.3g\n", result["speedup"].get<double>(),
@@ -377,15 +438,24 @@ int BenchForward(const BenchOptions& o) {
                            std::to_string(naive.score_bytes()) + " bytes)");
     }
     Timing timing;
+    std::vector<double> gemm_gflops;
     const Status st = TimeRuns(
         [&] {
           naive.Run();
+          gemm_gflops.push_back(naive.gemm_stats().gflops());
           return Status::Ok();
         },
         o.warmup, o.reps, &timing);
     if (!st.ok()) return Fail(cmd, st.ToString());
     const double diff = s.run_tessera ? MaxAbsDiff(out.get(), dtype, np.out, s.q_elems) : 0.0;
     RecordBaseline(o, timing, naive.score_bytes(), naive.heads_per_chunk(), diff, &s);
+    RecordBaselineGemm(
+        gemm_gflops, timing,
+        [&] {
+          naive.Run();
+          return naive.gemm_stats();
+        },
+        &s);
   }
   return Report(o, s);
 }
@@ -499,9 +569,11 @@ int BenchBackward(const BenchOptions& o) {
                            std::to_string(naive.score_bytes()) + " bytes)");
     }
     Timing timing;
+    std::vector<double> gemm_gflops;
     const Status st = TimeRuns(
         [&] {
           naive.Run();
+          gemm_gflops.push_back(naive.gemm_stats().gflops());
           return Status::Ok();
         },
         o.warmup, o.reps, &timing);
@@ -513,6 +585,13 @@ int BenchBackward(const BenchOptions& o) {
                                MaxAbsDiff(dv.get(), dtype, nb.dv, s.kv_elems)));
     }
     RecordBaseline(o, timing, naive.score_bytes(), naive.heads_per_chunk(), diff, &s);
+    RecordBaselineGemm(
+        gemm_gflops, timing,
+        [&] {
+          naive.Run();
+          return naive.gemm_stats();
+        },
+        &s);
   }
   return Report(o, s);
 }

@@ -86,6 +86,9 @@ HWY_AFTER_NAMESPACE();
 
 #include <cblas.h>
 
+#include <chrono>
+#include <vector>
+
 #include "core/parallel.h"
 #include "naive_attention.h"
 
@@ -98,6 +101,79 @@ HWY_EXPORT(SoftmaxRows);
 constexpr int64_t kRowsPerTask = 16;
 
 }  // namespace
+
+void TimedSgemm(GemmStats* stats, bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k,
+                float alpha, const float* a, int64_t lda, const float* b, int64_t ldb, float beta,
+                float* c, int64_t ldc) {
+  const auto start = std::chrono::steady_clock::now();
+  cblas_sgemm(CblasRowMajor, trans_a ? CblasTrans : CblasNoTrans,
+              trans_b ? CblasTrans : CblasNoTrans, static_cast<blasint>(m), static_cast<blasint>(n),
+              static_cast<blasint>(k), alpha, a, static_cast<blasint>(lda), b,
+              static_cast<blasint>(ldb), beta, c, static_cast<blasint>(ldc));
+  stats->seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  stats->flops += 2.0 * static_cast<double>(m) * static_cast<double>(n) * static_cast<double>(k);
+  const GemmShape shape{trans_a, trans_b, m, n, k};
+  if (std::find(stats->shapes.begin(), stats->shapes.end(), shape) == stats->shapes.end()) {
+    stats->shapes.push_back(shape);
+  }
+}
+
+double MeasureShapesGflops(const std::vector<GemmShape>& shapes, int32_t threads) {
+  size_t a_elems = 0, b_elems = 0, c_elems = 0;
+  std::vector<GemmShape> capped;
+  for (GemmShape s : shapes) {
+    s.m = std::min(s.m, kMaxProbeDim);
+    s.n = std::min(s.n, kMaxProbeDim);
+    s.k = std::min(s.k, kMaxProbeDim);
+    a_elems = std::max(a_elems, static_cast<size_t>(s.m * s.k));
+    b_elems = std::max(b_elems, static_cast<size_t>(s.k * s.n));
+    c_elems = std::max(c_elems, static_cast<size_t>(s.m * s.n));
+    capped.push_back(s);
+  }
+  if (capped.empty()) return 0.0;
+  AlignedBytes buffer = AllocateAligned((a_elems + b_elems + c_elems) * sizeof(float));
+  if (!buffer) return 0.0;
+  float* a = reinterpret_cast<float*>(buffer.get());
+  float* b = a + a_elems;
+  float* c = b + b_elems;
+  for (size_t i = 0; i < a_elems + b_elems + c_elems; ++i) {  // small, finite values
+    a[i] = static_cast<float>(i % 7) * 0.01f;
+  }
+  openblas_set_num_threads(std::max<int32_t>(1, threads));
+  GemmStats stats;
+  for (int timed = 0; timed < 2; ++timed) {  // a warm-up pass, then the timed one
+    stats = GemmStats();
+    for (const GemmShape& s : capped) {
+      TimedSgemm(&stats, s.trans_a, s.trans_b, s.m, s.n, s.k, 1.0f, a, s.trans_a ? s.m : s.k, b,
+                 s.trans_b ? s.k : s.n, 0.0f, c, s.n);
+    }
+  }
+  return stats.gflops();
+}
+
+double MeasureSgemmGflops(int64_t n, int32_t threads, int reps) {
+  const size_t elems = static_cast<size_t>(n) * static_cast<size_t>(n);
+  AlignedBytes buffer = AllocateAligned(3 * elems * sizeof(float));
+  if (!buffer || n < 1) return 0.0;
+  float* a = reinterpret_cast<float*>(buffer.get());
+  float* b = a + elems;
+  float* c = b + elems;
+  for (size_t i = 0; i < elems; ++i) {  // small, finite values: no denormals, no overflow
+    a[i] = static_cast<float>(i % 7) * 0.01f;
+    b[i] = static_cast<float>(i % 5) * 0.01f;
+  }
+  openblas_set_num_threads(std::max<int32_t>(1, threads));
+  std::vector<double> rates;
+  for (int r = 0; r <= reps; ++r) {
+    GemmStats stats;
+    TimedSgemm(&stats, false, false, n, n, n, 1.0f, a, n, b, n, 0.0f, c, n);
+    if (r > 0) rates.push_back(stats.gflops());  // run 0 warms up
+  }
+  if (rates.empty()) return 0.0;
+  std::sort(rates.begin(), rates.end());
+  const size_t mid = rates.size() / 2;
+  return rates.size() % 2 == 1 ? rates[mid] : 0.5 * (rates[mid - 1] + rates[mid]);
+}
 
 NaiveAttention::NaiveAttention(const NaiveProblem& problem, int32_t threads)
     : p_(problem), threads_(std::max<int32_t>(1, threads)) {
@@ -123,17 +199,17 @@ void NaiveAttention::Run() {
     return;
   }
   openblas_set_num_threads(threads_);
+  gemm_ = GemmStats();
   const int64_t pairs = B * Hq;
   const int64_t per_head = Sq * Sk;
-  const auto ldq = static_cast<blasint>(Hq * D), ldk = static_cast<blasint>(Hkv * D);
+  const int64_t ldq = Hq * D, ldk = Hkv * D;
   for (int64_t c0 = 0; c0 < pairs; c0 += heads_per_chunk_) {
     const int64_t c1 = std::min(pairs, c0 + heads_per_chunk_);
     for (int64_t bh = c0; bh < c1; ++bh) {
       const int64_t b = bh / Hq, h = bh % Hq;
-      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<blasint>(Sq),
-                  static_cast<blasint>(Sk), static_cast<blasint>(D), p_.scale,
-                  p_.q + (b * Sq * Hq + h) * D, ldq, p_.k + (b * Sk * Hkv + h / group) * D, ldk,
-                  0.0f, scores_ + (bh - c0) * per_head, static_cast<blasint>(Sk));
+      TimedSgemm(&gemm_, false, true, Sq, Sk, D, p_.scale, p_.q + (b * Sq * Hq + h) * D, ldq,
+                 p_.k + (b * Sk * Hkv + h / group) * D, ldk, 0.0f, scores_ + (bh - c0) * per_head,
+                 Sk);
     }
     const int64_t rows = (c1 - c0) * Sq;
     const int64_t tasks = (rows + kRowsPerTask - 1) / kRowsPerTask;
@@ -147,11 +223,9 @@ void NaiveAttention::Run() {
     });
     for (int64_t bh = c0; bh < c1; ++bh) {
       const int64_t b = bh / Hq, h = bh % Hq;
-      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, static_cast<blasint>(Sq),
-                  static_cast<blasint>(D), static_cast<blasint>(Sk), 1.0f,
-                  scores_ + (bh - c0) * per_head, static_cast<blasint>(Sk),
-                  p_.v + (b * Sk * Hkv + h / group) * D, ldk, 0.0f, p_.out + (b * Sq * Hq + h) * D,
-                  ldq);
+      TimedSgemm(&gemm_, false, false, Sq, D, Sk, 1.0f, scores_ + (bh - c0) * per_head, Sk,
+                 p_.v + (b * Sk * Hkv + h / group) * D, ldk, 0.0f, p_.out + (b * Sq * Hq + h) * D,
+                 ldq);
     }
   }
 }

@@ -36,6 +36,43 @@ struct NaiveProblem {
   float* lse = nullptr;      // [B, Hq, Sq], written by the forward when not null (-inf: no key)
 };
 
+// One sgemm call's shape (row-major, C [m, n] = op(A) [m, k] op(B) [k, n]).
+struct GemmShape {
+  bool trans_a = false;
+  bool trans_b = false;
+  int64_t m = 0, n = 0, k = 0;
+  bool operator==(const GemmShape& o) const {
+    return trans_a == o.trans_a && trans_b == o.trans_b && m == o.m && n == o.n && k == o.k;
+  }
+};
+
+// The BLAS calls of a baseline's last Run(): their summed wall time and FLOPs (2 * M * N * K
+// each) and their distinct shapes, so the benchmark can hold the baseline's GEMM rate against
+// plain sgemms of the same shapes.
+struct GemmStats {
+  double seconds = 0.0;
+  double flops = 0.0;
+  std::vector<GemmShape> shapes;  // distinct, in first-call order
+  double gflops() const { return seconds > 0.0 ? flops / seconds * 1e-9 : 0.0; }
+};
+
+// Row-major cblas_sgemm, C = alpha * op(A) op(B) + beta * C, its time, FLOPs and shape added to
+// *stats.
+void TimedSgemm(GemmStats* stats, bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k,
+                float alpha, const float* a, int64_t lda, const float* b, int64_t ldb, float beta,
+                float* c, int64_t ldc);
+
+// The rate of a plain n x n x n sgemm (contiguous, no transpose) on `threads` threads: the
+// median GFLOP/s of `reps` runs after one warm-up; 0 when the buffers cannot be allocated.
+double MeasureSgemmGflops(int64_t n, int32_t threads, int reps);
+
+// The rate of plain sgemms of the given shapes, once each on fresh contiguous operands (every
+// dimension capped at kMaxProbeDim, so the probe's buffers stay small; the rate does not depend
+// on it past a few thousand), after one warm-up call each: total FLOPs / total time, in GFLOP/s;
+// 0 when the buffers cannot be allocated.
+constexpr int64_t kMaxProbeDim = 4096;
+double MeasureShapesGflops(const std::vector<GemmShape>& shapes, int32_t threads);
+
 class NaiveAttention {
  public:
   // Score buffers of up to this many bytes hold every (batch, head) at once; larger problems
@@ -53,6 +90,8 @@ class NaiveAttention {
   // (batch, head) pairs whose scores are materialized at once.
   int64_t heads_per_chunk() const { return heads_per_chunk_; }
   size_t score_bytes() const { return score_elems_ * sizeof(float); }
+  // The sgemm calls of the last Run().
+  const GemmStats& gemm_stats() const { return gemm_; }
 
  private:
   NaiveProblem p_;
@@ -61,6 +100,7 @@ class NaiveAttention {
   size_t score_elems_ = 0;
   AlignedBytes scores_buffer_;
   float* scores_ = nullptr;
+  GemmStats gemm_;
 };
 
 // The backward's inputs are the forward problem's q, k, v, out and lse (all read only; lse
@@ -90,6 +130,8 @@ class NaiveAttentionBackward {
   int64_t heads_per_chunk() const { return heads_per_chunk_; }
   // Bytes of both buffers together.
   size_t score_bytes() const { return 2 * score_elems_ * sizeof(float); }
+  // The sgemm calls of the last Run().
+  const GemmStats& gemm_stats() const { return gemm_; }
 
  private:
   NaiveBackwardProblem p_;
@@ -97,6 +139,7 @@ class NaiveAttentionBackward {
   int64_t heads_per_chunk_ = 1;
   size_t score_elems_ = 0;  // per buffer
   AlignedBytes buffer_;
+  GemmStats gemm_;
 };
 
 }  // namespace cli

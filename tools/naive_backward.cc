@@ -99,8 +99,6 @@ HWY_EXPORT(BackwardRows);
 
 constexpr int64_t kRowsPerTask = 16;
 
-blasint Blas(int64_t x) { return static_cast<blasint>(x); }
-
 }  // namespace
 
 NaiveAttentionBackward::NaiveAttentionBackward(const NaiveBackwardProblem& problem, int32_t threads)
@@ -126,11 +124,12 @@ void NaiveAttentionBackward::Run() {
     return;
   }
   openblas_set_num_threads(threads_);
+  gemm_ = GemmStats();
   float* p_buf = reinterpret_cast<float*>(buffer_.get());
   float* ds_buf = p_buf + score_elems_;
   const int64_t pairs = B * Hq;
   const int64_t per_head = Sq * Sk;
-  const blasint ldq = Blas(Hq * D), ldk = Blas(Hkv * D);
+  const int64_t ldq = Hq * D, ldk = Hkv * D;
   for (int64_t c0 = 0; c0 < pairs; c0 += heads_per_chunk_) {
     const int64_t c1 = std::min(pairs, c0 + heads_per_chunk_);
     // S = scale * Q K^T and dP = dO V^T.
@@ -142,10 +141,8 @@ void NaiveAttentionBackward::Run() {
       const float* v = f.v + (b * Sk * Hkv + h / group) * D;
       float* s = p_buf + (bh - c0) * per_head;
       float* dp = ds_buf + (bh - c0) * per_head;
-      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, Blas(Sq), Blas(Sk), Blas(D), f.scale, q,
-                  ldq, k, ldk, 0.0f, s, Blas(Sk));
-      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, Blas(Sq), Blas(Sk), Blas(D), 1.0f, dout,
-                  ldq, v, ldk, 0.0f, dp, Blas(Sk));
+      TimedSgemm(&gemm_, false, true, Sq, Sk, D, f.scale, q, ldq, k, ldk, 0.0f, s, Sk);
+      TimedSgemm(&gemm_, false, true, Sq, Sk, D, 1.0f, dout, ldq, v, ldk, 0.0f, dp, Sk);
     }
     // P = exp(S - LSE), dS = P * (dP - rowsum(dO * O)).
     const int64_t rows = (c1 - c0) * Sq;
@@ -163,12 +160,12 @@ void NaiveAttentionBackward::Run() {
       const float* p = p_buf + (bh - c0) * per_head;
       const float* ds = ds_buf + (bh - c0) * per_head;
       const float beta = h % group == 0 ? 0.0f : 1.0f;
-      cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, Blas(Sk), Blas(D), Blas(Sq), 1.0f, p,
-                  Blas(Sk), p_.dout + q_at, ldq, beta, p_.dv + kv_at, ldk);
-      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, Blas(Sq), Blas(D), Blas(Sk), f.scale,
-                  ds, Blas(Sk), f.k + kv_at, ldk, 0.0f, p_.dq + q_at, ldq);
-      cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, Blas(Sk), Blas(D), Blas(Sq), f.scale, ds,
-                  Blas(Sk), f.q + q_at, ldq, beta, p_.dk + kv_at, ldk);
+      TimedSgemm(&gemm_, true, false, Sk, D, Sq, 1.0f, p, Sk, p_.dout + q_at, ldq, beta,
+                 p_.dv + kv_at, ldk);
+      TimedSgemm(&gemm_, false, false, Sq, D, Sk, f.scale, ds, Sk, f.k + kv_at, ldk, 0.0f,
+                 p_.dq + q_at, ldq);
+      TimedSgemm(&gemm_, true, false, Sk, D, Sq, f.scale, ds, Sk, f.q + q_at, ldq, beta,
+                 p_.dk + kv_at, ldk);
     }
   }
 }

@@ -15,6 +15,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "blas_core.h"
 #include "cli_common.h"
 #include "tessera/version.h"
 
@@ -58,6 +59,8 @@ int Main(int argc, char** argv, std::string* running) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  // Before any BLAS call: a generic OpenBLAS core would slow the naive baseline several-fold.
+  tessera::cli::ForceBlasCoreIfWeak(argc, argv);
   // Whatever escapes a command (an allocation the sizes did not rule out, a library throwing)
   // ends the process with a message and the error exit code, not an abort.
   std::string running;

@@ -52,4 +52,33 @@ struct ByteRange {
 // close the kernel comes to the read it cannot avoid, on a machine whose bandwidth moves.
 double TimeReadSeconds(const std::vector<ByteRange>& ranges, int32_t threads);
 
+// The CPU as CPUID and the OS describe it (fields unknown on this platform stay empty / 0).
+struct CpuDescription {
+  std::string vendor;      // CPUID vendor string: "GenuineIntel", "AuthenticAMD", ...
+  std::string model_name;  // CPUID brand string
+  int32_t family = 0;      // display family, model and stepping (CPUID leaf 1)
+  int32_t model = 0;
+  int32_t stepping = 0;
+  // Data / unified cache sizes of the caches CPU 0 uses, per level (sysfs, else CPUID leaf 4
+  // or 0x8000001D); 0 where unknown. L3 is shared by many cores.
+  int64_t l1d_bytes = 0;
+  int64_t l2_bytes = 0;
+  int64_t l3_bytes = 0;
+  bool amx_present = false;  // CPUID reports AMX-TILE and AMX-BF16
+  bool amx_usable = false;   // and tessera's AMX kernels may run now (OS, TESSERA_DISABLE_AMX,
+                             // no forced SIMD target)
+};
+CpuDescription DescribeCpu();
+
+// The kernel an op runs on this machine with the default path (Path::kAuto), under the current
+// SetSimdTarget choice, for a typical shape (head dim 128, no mask, a dense batch): e.g.
+// {"forward", "f32", "highway tiles (AVX3)"}. Decode rows name the KV cache's dtype. Computed
+// from the predicates the dispatch code itself calls.
+struct KernelChoice {
+  std::string op;       // "forward", "backward", "decode", "linear"
+  std::string dtype;    // the inputs' dtype (decode: the KV cache's)
+  std::string variant;  // what runs
+};
+std::vector<KernelChoice> KernelReport();
+
 }  // namespace tessera

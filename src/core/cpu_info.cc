@@ -115,13 +115,16 @@ HWY_AFTER_NAMESPACE();
 #include <cctype>
 #include <chrono>
 #include <cmath>
+#include <cstdio>
 #include <cstdlib>
 #include <memory>
 #include <string>
 #include <thread>
 #include <vector>
 
+#include "attention/flash_fwd_amx.h"
 #include "core/amx.h"
+#include "core/attention_problem.h"
 #include "core/huge_pages.h"
 #include "core/parallel.h"
 #include "tessera/system.h"
@@ -512,6 +515,170 @@ void SetBf16DotOverrideForTesting(Bf16Dot engine) {
 }
 
 void ClearBf16DotOverrideForTesting() { bf16_dot_override.store(-1, std::memory_order_relaxed); }
+
+namespace {
+
+#if defined(__x86_64__)
+std::string CpuidString(const unsigned* regs, int n) {
+  std::string s(reinterpret_cast<const char*>(regs), static_cast<size_t>(n) * 4);
+  s = s.substr(0, s.find('\0'));
+  const size_t first = s.find_first_not_of(' ');
+  const size_t last = s.find_last_not_of(' ');
+  return first == std::string::npos ? "" : s.substr(first, last - first + 1);
+}
+
+// Cache sizes from the deterministic cache parameters leaf (Intel 4, AMD 0x8000001D).
+void CpuidCaches(unsigned leaf, CpuDescription* c) {
+  for (unsigned i = 0; i < 16; ++i) {
+    unsigned a = 0, b = 0, cx = 0, d = 0;
+    __cpuid_count(leaf, i, a, b, cx, d);
+    const unsigned type = a & 0x1f;  // 0: no more caches, 1: data, 2: instruction, 3: unified
+    if (type == 0) break;
+    if (type == 2) continue;
+    const int64_t bytes = int64_t{((b >> 22) & 0x3ff) + 1} * (((b >> 12) & 0x3ff) + 1) *
+                          ((b & 0xfff) + 1) * (int64_t{cx} + 1);
+    const unsigned level = (a >> 5) & 0x7;
+    if (level == 1) c->l1d_bytes = bytes;
+    if (level == 2) c->l2_bytes = bytes;
+    if (level == 3) c->l3_bytes = bytes;
+  }
+}
+#endif
+
+// Cache sizes from Linux's sysfs (exact for the caches CPU 0 uses, including virtual machines
+// whose CPUID cache leaves are synthetic). Returns false when not available.
+bool SysfsCaches(CpuDescription* c) {
+  bool any = false;
+  for (int i = 0; i < 16; ++i) {
+    const std::string dir = "/sys/devices/system/cpu/cpu0/cache/index" + std::to_string(i) + "/";
+    const auto read = [&](const char* name) {
+      std::string value;
+      if (FILE* f = std::fopen((dir + name).c_str(), "r")) {
+        char buf[64] = {};
+        if (std::fgets(buf, sizeof(buf), f) != nullptr) value = buf;
+        std::fclose(f);
+      }
+      while (!value.empty() && std::isspace(static_cast<unsigned char>(value.back()))) {
+        value.pop_back();
+      }
+      return value;
+    };
+    const std::string level = read("level");
+    if (level.empty()) break;
+    const std::string type = read("type");
+    const std::string size = read("size");  // "48K", "2048K", "32M"
+    if (type == "Instruction" || size.empty()) continue;
+    int64_t bytes = std::atoll(size.c_str());
+    if (size.back() == 'K') bytes <<= 10;
+    if (size.back() == 'M') bytes <<= 20;
+    if (level == "1") c->l1d_bytes = bytes;
+    if (level == "2") c->l2_bytes = bytes;
+    if (level == "3") c->l3_bytes = bytes;
+    any = true;
+  }
+  return any;
+}
+
+// The best target a kernel family compiled with `family` runs now (the lowest bit Highway
+// supports, SetSimdTarget mocks included), by name.
+std::string FamilyTarget(int64_t family) {
+  const int64_t usable = family & hwy::SupportedTargets();
+  return usable == 0 ? "none" : hwy::TargetName(usable & -usable);
+}
+
+}  // namespace
+
+CpuDescription DescribeCpu() {
+  CpuDescription c;
+#if defined(__x86_64__)
+  unsigned a = 0, b = 0, cx = 0, d = 0;
+  unsigned max_leaf = 0;
+  if (__get_cpuid(0, &max_leaf, &b, &cx, &d)) {
+    const unsigned vendor[3] = {b, d, cx};
+    c.vendor = CpuidString(vendor, 3);
+  }
+  if (max_leaf >= 1 && __get_cpuid(1, &a, &b, &cx, &d)) {
+    const int32_t base_family = static_cast<int32_t>((a >> 8) & 0xf);
+    const int32_t base_model = static_cast<int32_t>((a >> 4) & 0xf);
+    c.stepping = static_cast<int32_t>(a & 0xf);
+    c.family =
+        base_family == 0xf ? base_family + static_cast<int32_t>((a >> 20) & 0xff) : base_family;
+    c.model = (base_family == 0x6 || base_family == 0xf)
+                  ? (static_cast<int32_t>((a >> 16) & 0xf) << 4) + base_model
+                  : base_model;
+  }
+  unsigned max_ext = __get_cpuid_max(0x80000000u, nullptr);
+  if (max_ext >= 0x80000004u) {
+    unsigned brand[12] = {};
+    for (unsigned i = 0; i < 3; ++i) {
+      __get_cpuid(0x80000002u + i, &brand[4 * i], &brand[4 * i + 1], &brand[4 * i + 2],
+                  &brand[4 * i + 3]);
+    }
+    c.model_name = CpuidString(brand, 12);
+  }
+  if (max_leaf >= 7 && __get_cpuid_count(7, 0, &a, &b, &cx, &d)) {
+    c.amx_present = (d & (1u << 22)) && (d & (1u << 24));  // AMX-BF16, AMX-TILE
+  }
+  if (!SysfsCaches(&c)) {
+    if (c.vendor == "AuthenticAMD" && max_ext >= 0x8000001Du) {
+      CpuidCaches(0x8000001Du, &c);
+    } else if (max_leaf >= 4) {
+      CpuidCaches(4, &c);
+    }
+  }
+#else
+  SysfsCaches(&c);
+#endif
+  c.amx_usable = AmxEnabled();
+  return c;
+}
+
+// One row per (op, dtype). Each row asks the predicate its op's dispatch asks, so a new variant
+// reports itself by changing its row here, next to nothing else: the forward's bf16 row calls
+// AmxForwardHandles / Bf16DotEngine as flash_fwd.cc does.
+std::vector<KernelChoice> KernelReport() {
+  // Decode (and this file) also compile AVX3_DL (CMakeLists.txt); the other families do not.
+  constexpr int64_t kDecodeTargets = kCompiledTargets;
+  constexpr int64_t kKernelTargets = kCompiledTargets & ~int64_t{HWY_AVX3_DL};
+  const std::string tiles = FamilyTarget(kKernelTargets);
+  const std::string decode = FamilyTarget(kDecodeTargets);
+  const bool vnni = (hwy::SupportedTargets() & kDecodeTargets & int64_t{HWY_AVX3_DL}) != 0 &&
+                    decode == hwy::TargetName(HWY_AVX3_DL);
+
+  AttentionProblem typical;  // B=1, H=8, N=4096, D=128: what the AMX predicate decides on
+  typical.batch = 1;
+  typical.seq_q = typical.seq_k = 4096;
+  typical.heads_q = typical.heads_kv = 8;
+  typical.dim = 128;
+  typical.dtype = DType::kBF16;
+  const Bf16Dot bf16_engine = AmxForwardHandles(typical) ? Bf16DotEngine() : Bf16Dot::kNone;
+
+  std::vector<KernelChoice> rows;
+  rows.push_back({"forward", "f32", "highway tiles (" + tiles + ")"});
+  rows.push_back({"forward", "bf16",
+                  bf16_engine == Bf16Dot::kAmx ? std::string("AMX bf16 tiles")
+                  : bf16_engine == Bf16Dot::kAvx512Bf16
+                      ? std::string("AVX512-BF16 vdpbf16ps")
+                      : "highway tiles, bf16 converted to f32 (" + tiles + ")"});
+  rows.push_back({"forward", "f16", "highway tiles, f16 converted to f32 (" + tiles + ")"});
+  rows.push_back({"backward", "f32", "highway tiles (" + tiles + ")"});
+  rows.push_back({"backward", "bf16", "highway tiles, bf16 converted to f32 (" + tiles + ")"});
+  rows.push_back({"backward", "f16", "highway tiles, f16 converted to f32 (" + tiles + ")"});
+  for (const char* kv : {"f32", "bf16", "f16"}) {
+    rows.push_back({"decode", kv,
+                    std::string("highway decode") +
+                        (std::string(kv) == "f32" ? "" : ", KV converted to f32") + " (" + decode +
+                        ")"});
+  }
+  for (const char* kv : {"int8", "int4"}) {
+    rows.push_back({"decode", kv,
+                    std::string("highway decode, ") +
+                        (vnni ? "VNNI integer dot products" : "codes converted to f32") + " (" +
+                        decode + ")"});
+  }
+  rows.push_back({"linear", "f32", "highway chunked (" + tiles + ")"});
+  return rows;
+}
 
 }  // namespace tessera
 

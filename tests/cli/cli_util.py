@@ -71,9 +71,11 @@ def random_values(n, seed, descr):
 
 # ---------------------------------------------------------------------------------------------
 
-def run_cli(*args, timeout=60, cwd=None):
+def run_cli(*args, timeout=60, cwd=None, env=None):
+    """Runs the binary; env: variables to set on top of this process's environment."""
+    full_env = None if env is None else dict(os.environ, **env)
     proc = subprocess.run([BINARY] + [str(a) for a in args], stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, timeout=timeout, cwd=cwd)
+                          stderr=subprocess.PIPE, timeout=timeout, cwd=cwd, env=full_env)
     return proc.returncode, proc.stdout.decode(), proc.stderr.decode()
 
 

@@ -38,6 +38,25 @@ class BenchTest(unittest.TestCase):
         self.assertLess(r["max_abs_diff"], 1e-5)
         self.assertAlmostEqual(r["speedup"], r["baseline_ms"] / r["ms"], places=9)
         self.assertTrue(r["simd_target"])
+        self.check_blas_fields(r)
+
+    def check_blas_fields(self, r):
+        # The baseline's GEMM rate next to a plain sgemm's, and the OpenBLAS core that ran both.
+        self.assertGreater(r["baseline_gemm_gflops"], 0)
+        self.assertGreater(r["sgemm_gflops"], 0)
+        self.assertEqual(r["sgemm_n"], 2048)
+        self.assertGreater(r["sgemm_over_baseline_gemm"], 0)
+        self.assertGreater(r["sgemm_shapes_gflops"], 0)
+        self.assertGreater(r["sgemm_shapes_over_baseline_gemm"], 0)
+        self.assertTrue(r["blas_core"])
+        self.assertIn("blas_core_forced_from", r)
+
+    def test_bench_blas_fields_only_with_the_naive_baseline(self):
+        r = self.bench_json()
+        for key in ("baseline_gemm_gflops", "sgemm_gflops", "sgemm_shapes_gflops", "blas_core"):
+            self.assertNotIn(key, r)
+        self.check_blas_fields(self.bench_json("--baseline-only"))
+        self.check_blas_fields(self.bench_json("--vs", "naive", op="backward"))
 
     def test_bench_causal_f16(self):
         r = self.bench_json("--causal", "--dtype", "f16", "--vs", "naive")
