@@ -20,7 +20,7 @@
 // tasks share them. A task is (sequence, KV head, group r of consecutive key blocks of kKeys
 // keys); per key block it loops over the GQA group's heads and the query tiles of kQueries rows
 // that see the block, keeping dK and dV in f32 in its scratch (one owner per key). dQ^T goes to
-// the group's own f32 partial ([D][queries] per head); the number of groups R depends only on the
+// the group's own f32 partial ([D][kQueries] per query tile and head); the number of groups R depends only on the
 // shape, and the partials are summed in group order at the end, so every gradient is bitwise
 // identical across runs and thread counts. Masks are windows [lo, hi] of keys per query (causal
 // is one): tiles no query sees are skipped, and tiles that some query sees only in part mask P.
@@ -51,6 +51,7 @@
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #endif
 #include "attention/amx_tiles.h"
+#include "core/huge_pages.h"
 #include "core/parallel.h"
 
 namespace tessera {
@@ -69,8 +70,8 @@ namespace {
 
 using amx::CompilerBarrier;
 
-constexpr int64_t kKeys = 64;     // keys per block (rows of S^T)
-constexpr int64_t kQueries = 64;  // queries per tile (columns of S^T)
+constexpr int64_t kKeys = 128;    // keys per block (rows of S^T)
+constexpr int64_t kQueries = 128;  // queries per tile (columns of S^T)
 constexpr int64_t kTile = 16;     // rows of every tile
 constexpr int64_t kTargetTasks = 16;
 // Packed Q / dO and the dQ partials of a round of units stay under this (at least one unit).
@@ -224,9 +225,36 @@ TESSERA_AMX_TARGET void PackQueryTile(const AttentionBackwardProblem& bp, int64_
   }
 }
 
+// Prefetches the next step's packs and dQ partial into L2 a few cache lines at a time, spread
+// over the tile products of the current step (a burst would fill the queues the tile loads need).
+struct Prefetch {
+  static constexpr int kRegions = 5;
+  const char* at[kRegions] = {};
+  const char* end[kRegions] = {};
+  int region = kRegions;
+
+  void Set(int i, const void* p, size_t bytes) {
+    at[i] = static_cast<const char*>(p);
+    end[i] = at[i] + bytes;
+    region = 0;
+  }
+  TESSERA_AMX_TARGET void Lines(int n) {
+    for (; n > 0 && region < kRegions; --n) {
+      if (at[region] >= end[region]) {
+        ++region;
+        continue;
+      }
+      _mm_prefetch(at[region], _MM_HINT_T1);
+      at[region] += 64;
+    }
+  }
+};
+constexpr int kPrefetchLines = 12;  // per inner step of a product (~320 per query tile)
+
 // c[kKeys][kQueries] (f32) = a[kKeys][D] (bf16 rows) times the transposed B tiles `b` of
 // kQueries rows (PackTransposed, kQueries / 16 groups of D / 32 tiles).
-TESSERA_AMX_TARGET void ScoresT(const uint16_t* a, const uint16_t* b, int64_t dim, float* c) {
+TESSERA_AMX_TARGET void ScoresT(const uint16_t* a, const uint16_t* b, int64_t dim, float* c,
+                                Prefetch& pf) {
   const int64_t chunks = dim / 32;
   const long a_stride = static_cast<long>(dim * 2);
   const long c_stride = static_cast<long>(kQueries * 4);
@@ -245,6 +273,7 @@ TESSERA_AMX_TARGET void ScoresT(const uint16_t* a, const uint16_t* b, int64_t di
         _tile_loadd(5, a1 + dc * 32, a_stride);
         _tile_loadd(6, b0 + dc * 512, 64);
         _tile_loadd(7, b1 + dc * 512, 64);
+        pf.Lines(kPrefetchLines);
         _tile_dpbf16ps(0, 4, 6);
         _tile_dpbf16ps(1, 4, 7);
         _tile_dpbf16ps(2, 5, 6);
@@ -263,7 +292,7 @@ TESSERA_AMX_TARGET void ScoresT(const uint16_t* a, const uint16_t* b, int64_t di
 // acc[kKeys][D] (f32) += a[kKeys][kQueries] (bf16 rows) times b, kQueries rows of D interleaved
 // in pairs (PackInterleaved: [kQueries / 2][2 D]).
 TESSERA_AMX_TARGET void AccumulateKeys(const uint16_t* a, const uint16_t* b, int64_t dim,
-                                       float* acc) {
+                                       float* acc, Prefetch& pf) {
   const long acc_stride = static_cast<long>(dim * 4);
   const long a_stride = static_cast<long>(kQueries * 2);
   const long b_stride = static_cast<long>(dim * 4);
@@ -281,6 +310,7 @@ TESSERA_AMX_TARGET void AccumulateKeys(const uint16_t* a, const uint16_t* b, int
         _tile_loadd(5, a + (k0 + kTile) * kQueries + qc, a_stride);
         _tile_loadd(6, bb, b_stride);
         _tile_loadd(7, bb + 32, b_stride);
+        pf.Lines(kPrefetchLines);
         _tile_dpbf16ps(0, 4, 6);
         _tile_dpbf16ps(1, 4, 7);
         _tile_dpbf16ps(2, 5, 6);
@@ -294,10 +324,11 @@ TESSERA_AMX_TARGET void AccumulateKeys(const uint16_t* a, const uint16_t* b, int
   }
 }
 
-// dqt[D][ld] (f32, the tile's kQueries columns) += kt[D][kKeys] (bf16 rows) times dsi (dS^T with
-// key rows interleaved in pairs: [kKeys / 2][2 kQueries]).
+// dqt[D][kQueries] (f32) += kt[D][kKeys] (bf16 rows) times dsi (dS^T with key rows interleaved
+// in pairs: [kKeys / 2][2 kQueries]).
 TESSERA_AMX_TARGET void AccumulateQueries(const uint16_t* kt, const uint16_t* dsi, int64_t dim,
-                                          float* dqt, int64_t ld) {
+                                          float* dqt, Prefetch& pf) {
+  constexpr int64_t ld = kQueries;
   const long c_stride = static_cast<long>(ld * 4);
   const long a_stride = static_cast<long>(kKeys * 2);
   const long b_stride = static_cast<long>(kQueries * 4);
@@ -315,6 +346,7 @@ TESSERA_AMX_TARGET void AccumulateQueries(const uint16_t* kt, const uint16_t* ds
         _tile_loadd(5, kt + (d0 + kTile) * kKeys + kc, a_stride);
         _tile_loadd(6, bb, b_stride);
         _tile_loadd(7, bb + 32, b_stride);
+        pf.Lines(kPrefetchLines);
         _tile_dpbf16ps(0, 4, 6);
         _tile_dpbf16ps(1, 4, 7);
         _tile_dpbf16ps(2, 5, 6);
@@ -329,53 +361,52 @@ TESSERA_AMX_TARGET void AccumulateQueries(const uint16_t* kt, const uint16_t* ds
 }
 
 // P^T and dS^T of a (key block at j0, query tile) from S^T and dP^T, queries in lanes; masks
-// keys outside each query's window unless `full`. Writes pt, dst and dsi (bf16).
+// keys outside each query's window unless `full`. Writes pt, dst and dsi (bf16). Per 16 queries
+// (their LSE, Delta and windows in registers), the key rows go in pairs: one conversion packs
+// rows k and k + 1, which is already the pair that dsi interleaves.
 TESSERA_AMX_TARGET void Gradients(const Scratch& s, const float* lse2, const float* delta,
                                   const int32_t* lo, const int32_t* hi, int64_t j0, bool full,
                                   float scale_log2) {
-  constexpr int kVecs = kQueries / 16;
-  __m512 vl[kVecs], vd[kVecs];
-  __m512i vlo[kVecs], vhi[kVecs];
-  for (int v = 0; v < kVecs; ++v) {
-    vl[v] = _mm512_loadu_ps(lse2 + 16 * v);
-    vd[v] = _mm512_loadu_ps(delta + 16 * v);
-    vlo[v] = _mm512_loadu_si512(lo + 16 * v);
-    vhi[v] = _mm512_loadu_si512(hi + 16 * v);
-  }
+  alignas(64) static constexpr uint16_t kPairs[32] = {0,  16, 1,  17, 2,  18, 3,  19, 4,  20, 5,
+                                                      21, 6,  22, 7,  23, 8,  24, 9,  25, 10, 26,
+                                                      11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
   const __m512 scale = _mm512_set1_ps(scale_log2);
-  const __m512i low = _mm512_load_si512(amx::kInterleaveLow);
-  const __m512i high = _mm512_load_si512(amx::kInterleaveHigh);
-  for (int64_t k = 0; k < kKeys; k += 2) {
-    __m512i ds_bf[2][kVecs / 2];
-    for (int64_t h = 0; h < 2; ++h) {
-      const int64_t row = k + h;
-      const __m512i key = _mm512_set1_epi32(static_cast<int32_t>(j0 + row));
-      __m512 pv[kVecs], dsv[kVecs];
-      for (int v = 0; v < kVecs; ++v) {
-        const __m512 x = _mm512_load_ps(s.st + row * kQueries + 16 * v);
-        __m512 pr = amx::Exp2(_mm512_fmsub_ps(x, scale, vl[v]));
+  const __m512i pairs = _mm512_load_si512(kPairs);
+  for (int64_t q = 0; q < kQueries; q += 16) {
+    const __m512 vl = _mm512_loadu_ps(lse2 + q);
+    const __m512 vd = _mm512_loadu_ps(delta + q);
+    const __m512i vlo = _mm512_loadu_si512(lo + q);
+    const __m512i vhi = _mm512_loadu_si512(hi + q);
+    for (int64_t k = 0; k < kKeys; k += 2) {
+      __m512 pr[2], ds[2];
+      for (int h = 0; h < 2; ++h) {
+        const int64_t row = k + h;
+        const __m512 x = _mm512_load_ps(s.st + row * kQueries + q);
+        pr[h] = amx::Exp2(_mm512_fmsub_ps(x, scale, vl));
         if (!full) {
-          const __mmask16 visible = _mm512_cmp_epi32_mask(vlo[v], key, _MM_CMPINT_LE) &
-                                    _mm512_cmp_epi32_mask(vhi[v], key, _MM_CMPINT_NLT);
-          pr = _mm512_maskz_mov_ps(visible, pr);
+          const __m512i key = _mm512_set1_epi32(static_cast<int32_t>(j0 + row));
+          const __mmask16 visible = _mm512_cmp_epi32_mask(vlo, key, _MM_CMPINT_LE) &
+                                    _mm512_cmp_epi32_mask(vhi, key, _MM_CMPINT_NLT);
+          pr[h] = _mm512_maskz_mov_ps(visible, pr[h]);
         }
-        pv[v] = pr;
-        dsv[v] = _mm512_mul_ps(pr, _mm512_sub_ps(_mm512_load_ps(s.dpt + row * kQueries + 16 * v),
-                                                 vd[v]));
+        ds[h] = _mm512_mul_ps(pr[h],
+                              _mm512_sub_ps(_mm512_load_ps(s.dpt + row * kQueries + q), vd));
       }
-      for (int v = 0; v < kVecs; v += 2) {
-        const __m512bh pb = _mm512_cvtne2ps_pbh(pv[v + 1], pv[v]);
-        const __m512bh db = _mm512_cvtne2ps_pbh(dsv[v + 1], dsv[v]);
-        _mm512_store_si512(s.pt + row * kQueries + 16 * v, reinterpret_cast<const __m512i&>(pb));
-        _mm512_store_si512(s.dst + row * kQueries + 16 * v, reinterpret_cast<const __m512i&>(db));
-        ds_bf[h][v / 2] = reinterpret_cast<const __m512i&>(db);
-      }
-    }
-    uint16_t* out = s.dsi + k * kQueries;  // row k / 2 of 2 kQueries elements
-    for (int c = 0; c < kVecs / 2; ++c) {
-      _mm512_store_si512(out + 64 * c, _mm512_permutex2var_epi16(ds_bf[0][c], low, ds_bf[1][c]));
-      _mm512_store_si512(out + 64 * c + 32,
-                         _mm512_permutex2var_epi16(ds_bf[0][c], high, ds_bf[1][c]));
+      // Lanes 0..15: row k, 16..31: row k + 1.
+      const __m512bh pb = _mm512_cvtne2ps_pbh(pr[1], pr[0]);
+      const __m512bh db = _mm512_cvtne2ps_pbh(ds[1], ds[0]);
+      const __m512i pi = reinterpret_cast<const __m512i&>(pb);
+      const __m512i di = reinterpret_cast<const __m512i&>(db);
+      uint16_t* p0 = s.pt + k * kQueries + q;
+      uint16_t* d0 = s.dst + k * kQueries + q;
+      _mm256_store_si256(reinterpret_cast<__m256i*>(p0), _mm512_castsi512_si256(pi));
+      _mm256_store_si256(reinterpret_cast<__m256i*>(p0 + kQueries),
+                         _mm512_extracti64x4_epi64(pi, 1));
+      _mm256_store_si256(reinterpret_cast<__m256i*>(d0), _mm512_castsi512_si256(di));
+      _mm256_store_si256(reinterpret_cast<__m256i*>(d0 + kQueries),
+                         _mm512_extracti64x4_epi64(di, 1));
+      // Row k / 2 of dsi, queries q .. q + 15.
+      _mm512_store_si512(s.dsi + k * kQueries + 2 * q, _mm512_permutexvar_epi16(pairs, di));
     }
   }
 }
@@ -405,7 +436,8 @@ struct Plan {
 };
 
 // Task: unit (sequence b, KV head kvh), key blocks [block_begin, block_end); `packs` are the
-// group's heads, `dqt` their dQ^T partials of this task's group ([D][sq_p] each).
+// group's heads, `dqt` their dQ^T partials of this task's group ([sq_p / kQueries][D][kQueries]
+// each).
 TESSERA_AMX_TARGET void RunTask(const Plan& plan, int64_t b, int64_t kvh, int64_t block_begin,
                                 int64_t block_end, const HeadPack* packs, float* const* dqt,
                                 const Scratch& s) {
@@ -445,15 +477,36 @@ TESSERA_AMX_TARGET void RunTask(const Plan& plan, int64_t b, int64_t kvh, int64_
       for (int64_t t = 0; t < q_tiles; ++t) {
         if (qt.Skip(t, j0)) continue;
         const int64_t q0 = t * kQueries;
-        ScoresT(s.k, h.qt + q0 * dim, dim, s.st);
-        ScoresT(s.v, h.dot + q0 * dim, dim, s.dpt);
+        // The next step's operands: the next tile of this head, or the first of the next one.
+        Prefetch pf;
+        int64_t ng = gi, nt = t + 1;
+        while (ng < p.group && (nt >= q_tiles || qt.Skip(nt, j0))) {
+          if (nt >= q_tiles) {
+            ++ng;
+            nt = 0;
+          } else {
+            ++nt;
+          }
+        }
+        if (ng < p.group) {
+          const HeadPack& n = packs[ng];
+          const int64_t n0 = nt * kQueries;
+          const size_t pack_bytes = static_cast<size_t>(kQueries * dim) * sizeof(uint16_t);
+          pf.Set(0, n.qt + n0 * dim, pack_bytes);
+          pf.Set(1, n.dot + n0 * dim, pack_bytes);
+          pf.Set(2, n.doi + n0 * dim, pack_bytes);
+          pf.Set(3, n.qi + n0 * dim, pack_bytes);
+          pf.Set(4, dqt[ng] + n0 * dim, 2 * pack_bytes);
+        }
+        ScoresT(s.k, h.qt + q0 * dim, dim, s.st, pf);
+        ScoresT(s.v, h.dot + q0 * dim, dim, s.dpt, pf);
         CompilerBarrier();
         Gradients(s, h.lse2 + q0, h.delta + q0, qt.lo.data() + q0, qt.hi.data() + q0, j0,
                   qt.Full(t, j0), plan.scale_log2);
         CompilerBarrier();
-        AccumulateKeys(s.pt, h.doi + q0 * dim, dim, s.dv);
-        AccumulateKeys(s.dst, h.qi + q0 * dim, dim, s.dk);
-        AccumulateQueries(s.kt, s.dsi, dim, dqt[gi] + q0, qt.sq_p);
+        AccumulateKeys(s.pt, h.doi + q0 * dim, dim, s.dv, pf);
+        AccumulateKeys(s.dst, h.qi + q0 * dim, dim, s.dk, pf);
+        AccumulateQueries(s.kt, s.dsi, dim, dqt[gi] + q0 * dim, pf);
         CompilerBarrier();
       }
     }
@@ -468,10 +521,9 @@ TESSERA_AMX_TARGET void RunTask(const Plan& plan, int64_t b, int64_t kvh, int64_
 }
 
 // dQ rows of query tile t of `head` of sequence b: scale * (partial 0 + partial 1 + ...), the
-// partials transposed ([D][ld] each, `stride` floats apart).
+// tile's partials transposed ([D][kQueries] each, `stride` floats apart).
 TESSERA_AMX_TARGET void ReduceDq(const AttentionBackwardProblem& bp, int64_t b, int64_t head,
-                                 int64_t t, const float* part, int64_t stride, int64_t groups,
-                                 int64_t ld) {
+                                 int64_t t, const float* part, int64_t stride, int64_t groups) {
   const AttentionProblem& p = bp.fwd;
   const int64_t dim = p.dim;
   alignas(64) float rows[kTile][256];
@@ -479,7 +531,7 @@ TESSERA_AMX_TARGET void ReduceDq(const AttentionBackwardProblem& bp, int64_t b, 
     for (int64_t d0 = 0; d0 < dim; d0 += kTile) {
       __m512i r[16];
       for (int i = 0; i < 16; ++i) {
-        const float* src = part + (d0 + i) * ld + q16;
+        const float* src = part + (d0 + i) * kQueries + (q16 - t * kQueries);
         __m512 sum = _mm512_loadu_ps(src);
         for (int64_t g = 1; g < groups; ++g) sum = _mm512_add_ps(sum, _mm512_loadu_ps(src + g * stride));
         r[i] = _mm512_castps_si512(sum);
@@ -511,7 +563,8 @@ bool AmxBackward(const AttentionBackwardProblem& bp, int32_t threads) {
   const int64_t groups =
       std::max<int64_t>(1, std::min(blocks, (kTargetTasks + units - 1) / units));
   const int64_t head_pack_bytes = sq_p * dim * 2 * 4 + sq_p * 4 * 2;
-  const int64_t partial_floats = dim * sq_p;  // one head's dQ^T partial of one group
+  // One head's dQ^T partial of one group: [sq_p / kQueries][D][kQueries], a block per tile.
+  const int64_t partial_floats = dim * sq_p;
   const int64_t unit_bytes = p.group * (head_pack_bytes + groups * partial_floats * 4);
   const int64_t round_units = std::clamp<int64_t>(kRoundBytes / unit_bytes, 1, units);
   const int64_t round_heads = round_units * p.group;
@@ -523,11 +576,13 @@ bool AmxBackward(const AttentionBackwardProblem& bp, int32_t threads) {
   const int32_t workers =
       static_cast<int32_t>(std::min<int64_t>(threads, std::max(round_units * groups, round_heads * q_tiles)));
   auto scratch = hwy::AllocateAligned<uint8_t>(per_worker * static_cast<size_t>(workers));
-  auto pack_mem =
-      hwy::AllocateAligned<uint8_t>(static_cast<size_t>(round_heads * head_pack_bytes));
-  auto partials =
-      hwy::AllocateAligned<float>(static_cast<size_t>(round_heads * groups * partial_floats));
-  if (!scratch || !pack_mem || !partials) return false;
+  // The packs and partials are streamed through by tile loads 16 rows at a time: huge pages
+  // spare the TLB walks (and most page faults).
+  PageBytes pack_mem = AllocatePages(static_cast<size_t>(round_heads * head_pack_bytes));
+  PageBytes partial_mem =
+      AllocatePages(static_cast<size_t>(round_heads * groups * partial_floats) * sizeof(float));
+  if (!scratch || !pack_mem || !partial_mem) return false;
+  float* const partials = reinterpret_cast<float*>(partial_mem.get());
   std::vector<HeadPack> packs(static_cast<size_t>(round_heads));
   for (int64_t i = 0; i < round_heads; ++i) {
     uint8_t* base = pack_mem.get() + i * head_pack_bytes;
@@ -554,10 +609,8 @@ bool AmxBackward(const AttentionBackwardProblem& bp, int32_t threads) {
       const int64_t head = (u % p.heads_kv) * p.group + i % p.group;
       PackQueryTile(bp, b, head, t, packs[static_cast<size_t>(i)]);
       for (int64_t g = 0; g < groups; ++g) {
-        float* part = partials.get() + g * group_stride + i * partial_floats + t * kQueries;
-        for (int64_t d = 0; d < dim; ++d) {
-          std::memset(part + d * sq_p, 0, static_cast<size_t>(kQueries) * sizeof(float));
-        }
+        std::memset(partials + g * group_stride + i * partial_floats + t * kQueries * dim, 0,
+                    static_cast<size_t>(kQueries * dim) * sizeof(float));
       }
     });
     // Key-block tasks, group 0 first (under a bottom-right causal mask the first keys are seen by
@@ -570,7 +623,7 @@ bool AmxBackward(const AttentionBackwardProblem& bp, int32_t threads) {
       std::vector<float*> dqt(static_cast<size_t>(p.group));
       for (int64_t gi = 0; gi < p.group; ++gi) {
         dqt[static_cast<size_t>(gi)] =
-            partials.get() + g * group_stride + (i * p.group + gi) * partial_floats;
+            partials + g * group_stride + (i * p.group + gi) * partial_floats;
       }
       RunTask(plan, u / p.heads_kv, u % p.heads_kv, g * blocks / groups, (g + 1) * blocks / groups,
               packs.data() + i * p.group, dqt.data(), s);
@@ -580,8 +633,8 @@ bool AmxBackward(const AttentionBackwardProblem& bp, int32_t threads) {
       const int64_t i = unit / q_tiles, t = unit % q_tiles;
       const int64_t u = u0 + i / p.group;
       const int64_t head = (u % p.heads_kv) * p.group + i % p.group;
-      ReduceDq(bp, u / p.heads_kv, head, t, partials.get() + i * partial_floats, group_stride,
-               groups, sq_p);
+      ReduceDq(bp, u / p.heads_kv, head, t,
+               partials + i * partial_floats + t * kQueries * dim, group_stride, groups);
     });
   }
   return true;
