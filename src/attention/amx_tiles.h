@@ -104,7 +104,7 @@ TESSERA_AMX_TARGET inline void PackTransposed(const uint16_t* const src[16], int
 // Index vectors of _mm512_permutex2var_epi16 that interleave the first (second) 16 elements of
 // two 32-element rows x, y as x0 y0 x1 y1 ...
 alignas(64) inline constexpr uint16_t kInterleaveLow[32] = {
-    0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
+    0, 32, 1, 33, 2,  34, 3,  35, 4,  36, 5,  37, 6,  38, 7,  39,
     8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
 alignas(64) inline constexpr uint16_t kInterleaveHigh[32] = {
     16, 48, 17, 49, 18, 50, 19, 51, 20, 52, 21, 53, 22, 54, 23, 55,

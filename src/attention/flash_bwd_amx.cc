@@ -20,10 +20,11 @@
 // tasks share them. A task is (sequence, KV head, group r of consecutive key blocks of kKeys
 // keys); per key block it loops over the GQA group's heads and the query tiles of kQueries rows
 // that see the block, keeping dK and dV in f32 in its scratch (one owner per key). dQ^T goes to
-// the group's own f32 partial ([D][kQueries] per query tile and head); the number of groups R depends only on the
-// shape, and the partials are summed in group order at the end, so every gradient is bitwise
-// identical across runs and thread counts. Masks are windows [lo, hi] of keys per query (causal
-// is one): tiles no query sees are skipped, and tiles that some query sees only in part mask P.
+// the group's own f32 partial ([D][kQueries] per query tile and head); the number of groups R
+// depends only on the shape, and the partials are summed in group order at the end, so every
+// gradient is bitwise identical across runs and thread counts. Masks are windows [lo, hi] of keys
+// per query (causal is one): tiles no query sees are skipped, and tiles that some query sees only
+// in part mask P.
 //
 // Precision: the products are exact and accumulate in f32; P and dS are rounded to bf16 before
 // the three products that consume them (as the naive bf16 computation of the ratio rule does);
@@ -70,10 +71,14 @@ namespace {
 
 using amx::CompilerBarrier;
 
-constexpr int64_t kKeys = 128;    // keys per block (rows of S^T)
+constexpr int64_t kKeys = 128;     // keys per block (rows of S^T)
 constexpr int64_t kQueries = 128;  // queries per tile (columns of S^T)
-constexpr int64_t kTile = 16;     // rows of every tile
+constexpr int64_t kTile = 16;      // rows of every tile
+// Tasks the key-block pass aims for: (sequence, KV head) units are split into groups of key
+// blocks until there are about this many, whatever the thread count.
 constexpr int64_t kTargetTasks = 16;
+// Memory every group's dQ partials of the whole problem may take before fewer groups are used.
+constexpr int64_t kMaxPartialBytes = int64_t{512} << 20;
 // Packed Q / dO and the dQ partials of a round of units stay under this (at least one unit).
 constexpr int64_t kRoundBytes = int64_t{256} << 20;
 
@@ -89,10 +94,10 @@ const uint16_t* Row(const AttentionProblem& p, const void* base, const int64_t* 
 
 // Visible keys of the query tiles (the same for every sequence of a dense batch).
 struct QueryTiles {
-  int64_t sq_p = 0;                // queries padded to kQueries
-  std::vector<int32_t> lo, hi;     // [sq_p] window of each query (lo > hi: none, and padding)
+  int64_t sq_p = 0;             // queries padded to kQueries
+  std::vector<int32_t> lo, hi;  // [sq_p] window of each query (lo > hi: none, and padding)
   std::vector<int64_t> min_lo, max_lo, min_hi, max_hi;  // per tile, over its queries that see keys
-  std::vector<uint8_t> all;        // every query of the tile sees some key
+  std::vector<uint8_t> all;                             // every query of the tile sees some key
 
   void Build(const AttentionProblem& p) {
     sq_p = (p.seq_q + kQueries - 1) / kQueries * kQueries;
@@ -143,14 +148,14 @@ struct HeadPack {
 
 // Per-worker scratch, carved from one allocation; every region starts on a cache line.
 struct Scratch {
-  uint16_t* k;   // [kKeys][D] keys of the block (zero past the end)
-  uint16_t* v;   // [kKeys][D] values
-  uint16_t* kt;  // [D][kKeys] keys transposed
-  float* dk;     // [kKeys][D] dK accumulator (unscaled)
-  float* dv;     // [kKeys][D] dV accumulator
-  float* st;     // [kKeys][kQueries] S^T
-  float* dpt;    // [kKeys][kQueries] dP^T
-  uint16_t* pt;  // [kKeys][kQueries] P^T, bf16
+  uint16_t* k;    // [kKeys][D] keys of the block (zero past the end)
+  uint16_t* v;    // [kKeys][D] values
+  uint16_t* kt;   // [D][kKeys] keys transposed
+  float* dk;      // [kKeys][D] dK accumulator (unscaled)
+  float* dv;      // [kKeys][D] dV accumulator
+  float* st;      // [kKeys][kQueries] S^T
+  float* dpt;     // [kKeys][kQueries] dP^T
+  uint16_t* pt;   // [kKeys][kQueries] P^T, bf16
   uint16_t* dst;  // [kKeys][kQueries] dS^T, bf16
   uint16_t* dsi;  // [kKeys / 2][2 kQueries] dS^T with key rows 2j and 2j + 1 interleaved
 
@@ -207,8 +212,7 @@ TESSERA_AMX_TARGET void PackQueryTile(const AttentionBackwardProblem& bp, int64_
             _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(o + d))),
             16));
         const __m512 y = _mm512_castsi512_ps(_mm512_slli_epi32(
-            _mm512_cvtepu16_epi32(
-                _mm256_loadu_si256(reinterpret_cast<const __m256i*>(dos[n] + d))),
+            _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(dos[n] + d))),
             16));
         sum = _mm512_fmadd_ps(x, y, sum);
       }
@@ -389,8 +393,7 @@ TESSERA_AMX_TARGET void Gradients(const Scratch& s, const float* lse2, const flo
                                     _mm512_cmp_epi32_mask(vhi, key, _MM_CMPINT_NLT);
           pr[h] = _mm512_maskz_mov_ps(visible, pr[h]);
         }
-        ds[h] = _mm512_mul_ps(pr[h],
-                              _mm512_sub_ps(_mm512_load_ps(s.dpt + row * kQueries + q), vd));
+        ds[h] = _mm512_mul_ps(pr[h], _mm512_sub_ps(_mm512_load_ps(s.dpt + row * kQueries + q), vd));
       }
       // Lanes 0..15: row k, 16..31: row k + 1.
       const __m512bh pb = _mm512_cvtne2ps_pbh(pr[1], pr[0]);
@@ -430,8 +433,8 @@ TESSERA_AMX_TARGET void StoreRow(const float* src, int64_t n, float scale, uint1
 struct Plan {
   const AttentionBackwardProblem* bp;
   const QueryTiles* tiles;
-  int64_t groups;      // R
-  int64_t blocks;      // key blocks of a sequence
+  int64_t groups;  // R
+  int64_t blocks;  // key blocks of a sequence
   float scale_log2;
 };
 
@@ -533,7 +536,8 @@ TESSERA_AMX_TARGET void ReduceDq(const AttentionBackwardProblem& bp, int64_t b, 
       for (int i = 0; i < 16; ++i) {
         const float* src = part + (d0 + i) * kQueries + (q16 - t * kQueries);
         __m512 sum = _mm512_loadu_ps(src);
-        for (int64_t g = 1; g < groups; ++g) sum = _mm512_add_ps(sum, _mm512_loadu_ps(src + g * stride));
+        for (int64_t g = 1; g < groups; ++g)
+          sum = _mm512_add_ps(sum, _mm512_loadu_ps(src + g * stride));
         r[i] = _mm512_castps_si512(sum);
       }
       amx::Transpose16x16(r);
@@ -560,11 +564,12 @@ bool AmxBackward(const AttentionBackwardProblem& bp, int32_t threads) {
   const int64_t units = p.batch * p.heads_kv;
   // Key-block groups per unit: a function of the shape only (never of the thread count), which
   // fixes the dQ summation order.
-  const int64_t groups =
-      std::max<int64_t>(1, std::min(blocks, (kTargetTasks + units - 1) / units));
-  const int64_t head_pack_bytes = sq_p * dim * 2 * 4 + sq_p * 4 * 2;
   // One head's dQ^T partial of one group: [sq_p / kQueries][D][kQueries], a block per tile.
   const int64_t partial_floats = dim * sq_p;
+  const int64_t group_bytes = p.batch * p.heads_q * partial_floats * 4;
+  const int64_t groups = std::max<int64_t>(
+      1, std::min({blocks, (kTargetTasks + units - 1) / units, kMaxPartialBytes / group_bytes}));
+  const int64_t head_pack_bytes = sq_p * dim * 2 * 4 + sq_p * 4 * 2;
   const int64_t unit_bytes = p.group * (head_pack_bytes + groups * partial_floats * 4);
   const int64_t round_units = std::clamp<int64_t>(kRoundBytes / unit_bytes, 1, units);
   const int64_t round_heads = round_units * p.group;
@@ -573,8 +578,8 @@ bool AmxBackward(const AttentionBackwardProblem& bp, int32_t threads) {
             static_cast<float>(static_cast<double>(p.scale) * 1.4426950408889634)};
   Scratch layout;
   const size_t per_worker = layout.Carve(nullptr, static_cast<size_t>(dim));
-  const int32_t workers =
-      static_cast<int32_t>(std::min<int64_t>(threads, std::max(round_units * groups, round_heads * q_tiles)));
+  const int32_t workers = static_cast<int32_t>(
+      std::min<int64_t>(threads, std::max(round_units * groups, round_heads * q_tiles)));
   auto scratch = hwy::AllocateAligned<uint8_t>(per_worker * static_cast<size_t>(workers));
   // The packs and partials are streamed through by tile loads 16 rows at a time: huge pages
   // spare the TLB walks (and most page faults).
@@ -633,8 +638,8 @@ bool AmxBackward(const AttentionBackwardProblem& bp, int32_t threads) {
       const int64_t i = unit / q_tiles, t = unit % q_tiles;
       const int64_t u = u0 + i / p.group;
       const int64_t head = (u % p.heads_kv) * p.group + i % p.group;
-      ReduceDq(bp, u / p.heads_kv, head, t,
-               partials + i * partial_floats + t * kQueries * dim, group_stride, groups);
+      ReduceDq(bp, u / p.heads_kv, head, t, partials + i * partial_floats + t * kQueries * dim,
+               group_stride, groups);
     });
   }
   return true;
