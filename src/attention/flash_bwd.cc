@@ -98,8 +98,9 @@ Status AttentionBackward(const AttentionBackwardParams& params, const Context& c
   status = ChooseKernel(ctx, problem.fwd.dim, &fast);
   if (!status.ok()) return status;
   // bf16 on AMX tiles (flash_bwd_amx.cc) when the CPU has them, on the default path only:
-  // Path::kGeneric and Path::kFast force the Highway kernel.
-  if (ctx.path == Path::kAuto && AmxBackwardHandles(problem) && AmxEnabled()) {
+  // Path::kGeneric and Path::kFast force the Highway kernel (so does the AVX512-BF16 engine, which
+  // the backward does not implement).
+  if (ctx.path == Path::kAuto && AmxBackwardHandles(problem) && Bf16DotEngine() == Bf16Dot::kAmx) {
     if (!AmxBackward(problem, ResolveThreads(ctx))) {
       return Status::Internal("AttentionBackward: could not allocate the AMX packs or scratch");
     }

@@ -57,11 +57,10 @@ AttentionBackwardParams BackwardParams(const Spec& s, const Inputs& in, Outputs*
   return bp;
 }
 
-// Forward then backward on `path` into fresh NaN-prefilled, guarded gradients (guards checked).
-Status RunBackward(const Spec& s, const Inputs& in, Path path, int32_t threads, Grads* g) {
-  Outputs fwd;
-  const Status st = test::RunForward(s, in, path, threads, &fwd);
-  if (!st.ok()) return st;
+// The backward of the forward outputs `fwd` on `path` into fresh NaN-prefilled, guarded
+// gradients (guards checked).
+Status RunBackwardOnly(const Spec& s, const Inputs& in, Outputs* fwd, Path path, int32_t threads,
+                       Grads* g) {
   g->dq = test::MakeTensor(s.dtype, test::TokenShape(s, in.tokens_q, s.heads_q), s.grad_layout,
                            s.misalign);
   g->dk = test::MakeTensor(s.dtype, test::TokenShape(s, in.tokens_k, s.heads_kv), s.grad_layout,
@@ -71,11 +70,19 @@ Status RunBackward(const Spec& s, const Inputs& in, Path path, int32_t threads, 
   Context ctx;
   ctx.path = path;
   ctx.num_threads = threads;
-  const Status status = AttentionBackward(BackwardParams(s, in, &fwd, g), ctx);
+  const Status status = AttentionBackward(BackwardParams(s, in, fwd, g), ctx);
   EXPECT_TRUE(g->dq.OutsideViewUntouched()) << "dq";
   EXPECT_TRUE(g->dk.OutsideViewUntouched()) << "dk";
   EXPECT_TRUE(g->dv.OutsideViewUntouched()) << "dv";
   return status;
+}
+
+// Forward then backward, both on `path`.
+Status RunBackward(const Spec& s, const Inputs& in, Path path, int32_t threads, Grads* g) {
+  Outputs fwd;
+  const Status st = test::RunForward(s, in, path, threads, &fwd);
+  if (!st.ok()) return st;
+  return RunBackwardOnly(s, in, &fwd, path, threads, g);
 }
 
 ::testing::AssertionResult SameBits(const Grads& a, const Grads& b) {
@@ -275,6 +282,32 @@ TEST(AmxBackwardRouting, ForcedSimdTargetRunsHighway) {
   EXPECT_TRUE(SameBits(forced_auto, forced_fast));
   EXPECT_FALSE(forced_auto.dk.BitwiseEqual(amx.dk));
   EXPECT_TRUE(AmxEnabled());
+}
+
+// The engine override of the tests: kNone forces the Highway backward, and so does the
+// AVX512-BF16 engine (the backward only has an AMX kernel); clearing it restores AMX. Every
+// backward here reads the same forward outputs.
+TEST(AmxBackwardRouting, EngineOverrideRunsHighway) {
+  SKIP_WITHOUT_AMX();
+  const Spec s = Bf16(100, 120, 2, 1, 64);
+  const Inputs in = test::MakeBackwardInputs(s);
+  Outputs fwd;
+  ASSERT_TRUE(test::RunForward(s, in, Path::kFast, 2, &fwd).ok());
+  Grads amx, fast;
+  ASSERT_TRUE(RunBackwardOnly(s, in, &fwd, Path::kAuto, 2, &amx).ok());
+  ASSERT_TRUE(RunBackwardOnly(s, in, &fwd, Path::kFast, 2, &fast).ok());
+  EXPECT_FALSE(amx.dk.BitwiseEqual(fast.dk));
+  for (Bf16Dot engine : {Bf16Dot::kNone, Bf16Dot::kAvx512Bf16}) {
+    SetBf16DotOverrideForTesting(engine);
+    Grads g;
+    const Status st = RunBackwardOnly(s, in, &fwd, Path::kAuto, 2, &g);
+    ClearBf16DotOverrideForTesting();
+    ASSERT_TRUE(st.ok());
+    EXPECT_TRUE(SameBits(g, fast)) << static_cast<int>(engine);
+  }
+  Grads again;
+  ASSERT_TRUE(RunBackwardOnly(s, in, &fwd, Path::kAuto, 2, &again).ok());
+  EXPECT_TRUE(SameBits(again, amx));
 }
 
 }  // namespace
