@@ -38,7 +38,8 @@
 // Measured (2-core Emerald Rapids Xeon shared with other jobs, B = 1, H = 8, N = 4096, D = 128,
 // bf16, interleaved runs, medians): 2 threads 268 ms (Highway kernel 1312 ms in the same runs),
 // causal 75 ms (377 ms); 1 thread 235 ms (1241 ms). The fp32 backward of the same shape, run
-// interleaved with it: 5.3x the time (causal 4.7x). Profile (1 thread): dV/dK products ~32%,
+// interleaved with it: 5.3x the time (causal 4.7x); PyTorch 2.15's bf16 SDPA backward, alternated
+// with it from Python: 2.8x (causal 2.9x). Profile (1 thread): dV/dK products ~32%,
 // S^T/dP^T ~29%, element-wise ~20%, dQ^T ~12%, packing ~5%.
 //
 // Portability: the kernel functions carry target attributes (AMX-TILE, AMX-BF16, AVX-512), so the
