@@ -1,8 +1,8 @@
 // SPDX-License-Identifier: Apache-2.0
 // Internal: the exact backward for bf16 inputs on Intel AMX tiles (design notes and measurements
 // in flash_bwd_amx.cc). AttentionBackward routes here from flash_bwd.cc, after validation, when
-// Path::kAuto runs, AmxEnabled() (core/amx.h) and AmxBackwardHandles(problem); every other call
-// runs the Highway kernel of flash_bwd-inl.h as before.
+// Path::kAuto runs, Bf16DotEngine() is kAmx (core/amx.h) and AmxBackwardHandles(problem); every
+// other call (the AVX512-BF16 engine included) runs the Highway kernel of flash_bwd-inl.h.
 #pragma once
 
 #include <cstdint>
