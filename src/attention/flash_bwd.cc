@@ -13,6 +13,8 @@
 #include <new>
 #include <vector>
 
+#include "attention/flash_bwd_amx.h"
+#include "core/amx.h"
 #include "core/attention_problem.h"
 #include "core/check.h"
 #include "core/dispatch.h"
@@ -95,6 +97,15 @@ Status AttentionBackward(const AttentionBackwardParams& params, const Context& c
   bool fast = false;
   status = ChooseKernel(ctx, problem.fwd.dim, &fast);
   if (!status.ok()) return status;
+  // bf16 on AMX tiles (flash_bwd_amx.cc) when the CPU has them, on the default path only:
+  // Path::kGeneric and Path::kFast force the Highway kernel (so does the AVX512-BF16 engine, which
+  // the backward does not implement).
+  if (ctx.path == Path::kAuto && AmxBackwardHandles(problem) && Bf16DotEngine() == Bf16Dot::kAmx) {
+    if (!AmxBackward(problem, ResolveThreads(ctx))) {
+      return Status::Internal("AttentionBackward: could not allocate the AMX packs or scratch");
+    }
+    return Status::Ok();
+  }
   if (!HWY_DYNAMIC_DISPATCH(FlashBackward)(problem, ResolveThreads(ctx), fast)) {
     return Status::Internal("AttentionBackward: could not allocate the Delta buffer or scratch");
   }
