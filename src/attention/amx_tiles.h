@@ -1,9 +1,9 @@
 // SPDX-License-Identifier: Apache-2.0
-// Internal: building blocks shared by the Intel AMX bf16 kernels (flash_bwd_amx.cc): the compiler
-// gate, the tile configuration, the exp2 polynomial, and the packings of bf16 rows into AMX's B
-// layouts. Only for .cc files that hold AMX kernels (it includes <immintrin.h> when the compiler
-// can target AMX); every function carries TESSERA_AMX_TARGET, so the rest of the translation unit
-// keeps the build's baseline ISA.
+// Internal: building blocks shared by the Intel AMX bf16 kernels (flash_fwd_amx.cc,
+// flash_bwd_amx.cc): the compiler gate, the tile configuration, the exp2 polynomial, reading a
+// bf16 row, and the packings of bf16 rows into AMX's B layouts. Only for .cc files that hold AMX
+// kernels (it includes <immintrin.h> when the compiler can target AMX); every function carries
+// TESSERA_AMX_TARGET, so the rest of the translation unit keeps the build's baseline ISA.
 //
 // B layouts (a B tile is 16 rows of 16 pairs of bf16; row j holds reduction indices 2j, 2j + 1):
 //   transposed: 16 rows of a matrix x 32 columns, as 16 column pairs x 16 rows (a 32-bit
@@ -13,6 +13,8 @@
 #pragma once
 
 #include <cstdint>
+
+#include "core/attention_problem.h"
 
 #if defined(__x86_64__) && ((defined(__clang__) && __clang_major__ >= 12) || \
                             (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 11))
@@ -29,6 +31,16 @@
 
 namespace tessera {
 namespace amx {
+
+// Pointer to the bf16 row (sequence b, token, head) of a [b, s, h, d] tensor of `p`'s shape; the
+// row is gathered into `tmp` (p.dim elements) when its head-dim stride is not 1.
+inline const uint16_t* Row(const AttentionProblem& p, const void* base, const int64_t* stride,
+                           int64_t b, int64_t token, int64_t head, uint16_t* tmp) {
+  const uint16_t* src = static_cast<const uint16_t*>(base) + p.offset(stride, b, token, head);
+  if (stride[3] == 1) return src;
+  for (int64_t d = 0; d < p.dim; ++d) tmp[d] = src[d * stride[3]];
+  return tmp;
+}
 
 // Palette 1, tiles 0..7 all 16 rows x 64 bytes.
 struct alignas(64) TileConfig {

@@ -84,6 +84,7 @@ bool AmxBackwardHandles(const AttentionBackwardProblem& bp) {
 namespace {
 
 using amx::CompilerBarrier;
+using amx::Row;
 
 constexpr int64_t kKeys = 128;     // keys per block (rows of S^T)
 constexpr int64_t kQueries = 128;  // queries per tile (columns of S^T)
@@ -95,16 +96,6 @@ constexpr int64_t kTargetTasks = 16;
 constexpr int64_t kMaxPartialBytes = int64_t{512} << 20;
 // Packed Q / dO and the dQ partials of a round of units stay under this (at least one unit).
 constexpr int64_t kRoundBytes = int64_t{256} << 20;
-
-// Pointer to the bf16 row (b, token, head) of a [b, s, h, d] tensor; gathered into `tmp` when its
-// head-dim stride is not 1.
-const uint16_t* Row(const AttentionProblem& p, const void* base, const int64_t* stride, int64_t b,
-                    int64_t token, int64_t head, uint16_t* tmp) {
-  const uint16_t* src = static_cast<const uint16_t*>(base) + p.offset(stride, b, token, head);
-  if (stride[3] == 1) return src;
-  for (int64_t d = 0; d < p.dim; ++d) tmp[d] = src[d * stride[3]];
-  return tmp;
-}
 
 // Visible keys of the query tiles (the same for every sequence of a dense batch).
 struct QueryTiles {

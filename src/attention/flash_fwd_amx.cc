@@ -59,19 +59,15 @@
 
 #include "core/parallel.h"
 
-#if defined(__x86_64__) && ((defined(__clang__) && __clang_major__ >= 12) || \
-                            (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 11))
-#define TESSERA_AMX_KERNEL 1
-// GCC 12 reports the _mm512_undefined_* placeholders inside the AVX-512 intrinsics as maybe
-// uninitialized when they are inlined into target-attribute functions (a false positive).
-#if !defined(__clang__)
+// GCC 12 reports the _mm512_undefined_* placeholders inside the AVX-512 intrinsics as
+// (maybe) uninitialized when they are inlined into target-attribute functions (a false positive;
+// -O1 and -O2 report it as certain).
+#if !defined(__clang__) && defined(__GNUC__)
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 #endif
-#include <immintrin.h>
-#else
-#define TESSERA_AMX_KERNEL 0
-#endif
+#include "attention/amx_tiles.h"
 
 namespace tessera {
 
@@ -83,10 +79,11 @@ bool AmxForwardHandles(const AttentionProblem& p) {
 
 #if TESSERA_AMX_KERNEL
 
-#define TESSERA_AMX_TARGET \
-  __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
-
 namespace {
+
+using amx::CompilerBarrier;
+using amx::Exp2;
+using amx::Row;
 
 constexpr int64_t kTileRows = 16;   // rows of every tile
 constexpr int64_t kGroupRows = 32;  // query rows per score / output step (2 tiles)
@@ -98,16 +95,6 @@ constexpr int64_t kMaxDim = 256;
 constexpr int64_t kKTileElems = kTileRows * kChunk;
 // Packed K and V of the heads of one round stay under this many bytes (at least one head).
 constexpr int64_t kPackBudgetBytes = int64_t{64} << 20;
-
-// Palette 1, tiles 0..7 all 16 rows x 64 bytes: 0-3 accumulators, 4-5 A, 6-7 B.
-struct alignas(64) TileConfig {
-  uint8_t palette = 1;
-  uint8_t start_row = 0;
-  uint8_t reserved[14] = {};
-  uint16_t colsb[16] = {64, 64, 64, 64, 64, 64, 64, 64};
-  uint8_t rows[16] = {16, 16, 16, 16, 16, 16, 16, 16};
-};
-static_assert(sizeof(TileConfig) == 64, "AMX tile configuration is 64 bytes");
 
 // A (sequence, KV head) of a round: its packed K and V, every key block of the sequence.
 struct PackedHead {
@@ -155,68 +142,11 @@ struct Scratch {
   }
 };
 
-// The tile loads are asm statements without a memory operand: this keeps the compiler from
-// moving the stores that fill their sources past them.
-inline void CompilerBarrier() { __asm__ volatile("" ::: "memory"); }
-
 // x as a register value: keeps the compiler from contracting the product that produced it with a
 // later subtraction into an FMA (GCC contracts across statements in C++ by default).
 TESSERA_AMX_TARGET inline __m512 Rounded(__m512 x) {
   __asm__("" : "+v"(x));
   return x;
-}
-
-// 2^x for x <= 0 (and NaN): 2^round(x) * P(x - round(x)), P a degree-5 polynomial fitted to 2^f
-// on [-1/2, 1/2] for relative error with P(0) = 1 (max 1.9e-7 evaluated in f32). x < -150 gives 0.
-TESSERA_AMX_TARGET inline __m512 Exp2(__m512 x) {
-  x = _mm512_max_ps(_mm512_set1_ps(-150.0f), x);  // NaN in x stays NaN (max returns operand 2)
-  const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 f = _mm512_sub_ps(x, n);
-  __m512 r = _mm512_set1_ps(1.3264727214e-03f);
-  r = _mm512_fmadd_ps(r, f, _mm512_set1_ps(9.6715128125e-03f));
-  r = _mm512_fmadd_ps(r, f, _mm512_set1_ps(5.5507337448e-02f));
-  r = _mm512_fmadd_ps(r, f, _mm512_set1_ps(2.4022242083e-01f));
-  r = _mm512_fmadd_ps(r, f, _mm512_set1_ps(6.9314697760e-01f));
-  r = _mm512_fmadd_ps(r, f, _mm512_set1_ps(1.0f));
-  return _mm512_scalef_ps(r, n);
-}
-
-// Transposes a 16 x 16 matrix of 32-bit elements held in r[0..15] (row i in r[i]).
-TESSERA_AMX_TARGET inline void Transpose16x16(__m512i r[16]) {
-  __m512i t[16];
-  for (int i = 0; i < 16; i += 2) {
-    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
-    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
-  }
-  // u[4a + c], 128-bit lane j: column 4j + c of rows 4a .. 4a + 3.
-  __m512i u[16];
-  for (int a = 0; a < 16; a += 4) {
-    u[a + 0] = _mm512_unpacklo_epi64(t[a + 0], t[a + 2]);
-    u[a + 1] = _mm512_unpackhi_epi64(t[a + 0], t[a + 2]);
-    u[a + 2] = _mm512_unpacklo_epi64(t[a + 1], t[a + 3]);
-    u[a + 3] = _mm512_unpackhi_epi64(t[a + 1], t[a + 3]);
-  }
-  // Column 4j + c: lane j of u[c], u[4 + c], u[8 + c], u[12 + c].
-  for (int c = 0; c < 4; ++c) {
-    const __m512i x01 = _mm512_shuffle_i32x4(u[c], u[4 + c], 0x44);
-    const __m512i x23 = _mm512_shuffle_i32x4(u[c], u[4 + c], 0xEE);
-    const __m512i y01 = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0x44);
-    const __m512i y23 = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0xEE);
-    r[0 + c] = _mm512_shuffle_i32x4(x01, y01, 0x88);
-    r[4 + c] = _mm512_shuffle_i32x4(x01, y01, 0xDD);
-    r[8 + c] = _mm512_shuffle_i32x4(x23, y23, 0x88);
-    r[12 + c] = _mm512_shuffle_i32x4(x23, y23, 0xDD);
-  }
-}
-
-// Pointer to the bf16 row of (token, head) of sequence b of a [b, s, h, d] tensor; gathered into
-// `tmp` when its head-dim stride is not 1.
-const uint16_t* Row(const AttentionProblem& p, const void* base, const int64_t* stride, int64_t b,
-                    int64_t token, int64_t head, uint16_t* tmp) {
-  const uint16_t* src = static_cast<const uint16_t*>(base) + p.offset(stride, b, token, head);
-  if (stride[3] == 1) return src;
-  for (int64_t d = 0; d < p.dim; ++d) tmp[d] = src[d * stride[3]];
-  return tmp;
 }
 
 // Packs key block kb0 (kBlockKeys keys; keys past the end are zero) of head `h`: K into B tiles
@@ -226,12 +156,6 @@ const uint16_t* Row(const AttentionProblem& p, const void* base, const int64_t* 
 TESSERA_AMX_TARGET void PackBlock(const AttentionProblem& p, const PackedHead& h, int64_t kb0) {
   alignas(64) uint16_t gathered[kTileRows][kMaxDim];
   alignas(64) static const uint16_t kZeros[kMaxDim] = {};
-  alignas(64) static constexpr uint16_t kLow[32] = {0,  32, 1,  33, 2,  34, 3,  35, 4,  36, 5,
-                                                    37, 6,  38, 7,  39, 8,  40, 9,  41, 10, 42,
-                                                    11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
-  alignas(64) static constexpr uint16_t kHigh[32] = {16, 48, 17, 49, 18, 50, 19, 51, 20, 52, 21,
-                                                     53, 22, 54, 23, 55, 24, 56, 25, 57, 26, 58,
-                                                     27, 59, 28, 60, 29, 61, 30, 62, 31, 63};
   const int64_t dim = p.dim, chunks = dim / kChunk;
   for (int64_t kt = 0; kt < kBlockKeys / kTileRows; ++kt) {
     const int64_t key0 = kb0 + kt * kTileRows;
@@ -240,27 +164,14 @@ TESSERA_AMX_TARGET void PackBlock(const AttentionProblem& p, const PackedHead& h
       src[n] = key0 + n < p.seq_k ? Row(p, p.k, p.k_stride, h.seq, key0 + n, h.kv_head, gathered[n])
                                   : kZeros;
     }
-    for (int64_t dc = 0; dc < chunks; ++dc) {
-      __m512i r[16];
-      for (int n = 0; n < 16; ++n) r[n] = _mm512_loadu_si512(src[n] + dc * kChunk);
-      Transpose16x16(r);
-      uint16_t* dst = h.k + ((key0 / kTileRows) * chunks + dc) * kKTileElems;
-      for (int j = 0; j < 16; ++j) _mm512_store_si512(dst + j * kChunk, r[j]);
-    }
+    amx::PackTransposed(src, dim, h.k + (key0 / kTileRows) * chunks * kKTileElems);
     for (int64_t n = 0; n < kTileRows; ++n) {
       src[n] = key0 + n < p.seq_k ? Row(p, p.v, p.v_stride, h.seq, key0 + n, h.kv_head, gathered[n])
                                   : kZeros;
     }
-    const __m512i low = _mm512_load_si512(kLow);
-    const __m512i high = _mm512_load_si512(kHigh);
+    // Row (key0 + n) / 2 of 2 D elements holds keys key0 + n and key0 + n + 1.
     for (int64_t n = 0; n < kTileRows; n += 2) {
-      uint16_t* dst = h.v + (key0 + n) * dim;  // row (key0 + n) / 2 of 2 D elements
-      for (int64_t d = 0; d < dim; d += kChunk) {
-        const __m512i x = _mm512_loadu_si512(src[n] + d);
-        const __m512i y = _mm512_loadu_si512(src[n + 1] + d);
-        _mm512_store_si512(dst + 2 * d, _mm512_permutex2var_epi16(x, low, y));
-        _mm512_store_si512(dst + 2 * d + kChunk, _mm512_permutex2var_epi16(x, high, y));
-      }
+      amx::PackInterleaved(src[n], src[n + 1], dim, h.v + (key0 + n) * dim);
     }
   }
 }
@@ -622,7 +533,7 @@ TESSERA_AMX_TARGET void TaskRunner::Finish() {
 }
 
 TESSERA_AMX_TARGET void TaskRunner::Run() {
-  TileConfig config;
+  amx::TileConfig config;  // tiles 0-3 accumulators, 4-5 A, 6-7 B
   CompilerBarrier();
   if (amx_) _tile_loadconfig(&config);
   PackQueries();
@@ -724,6 +635,6 @@ bool AmxForward(const AttentionProblem&, int32_t, Bf16Dot) { return false; }
 
 }  // namespace tessera
 
-#if TESSERA_AMX_KERNEL && !defined(__clang__)
+#if !defined(__clang__) && defined(__GNUC__)
 #pragma GCC diagnostic pop
 #endif

@@ -122,6 +122,7 @@ HWY_AFTER_NAMESPACE();
 #include <thread>
 #include <vector>
 
+#include "attention/flash_bwd_amx.h"
 #include "attention/flash_fwd_amx.h"
 #include "core/amx.h"
 #include "core/attention_problem.h"
@@ -635,7 +636,8 @@ CpuDescription DescribeCpu() {
 
 // One row per (op, dtype). Each row asks the predicate its op's dispatch asks, so a new variant
 // reports itself by changing its row here, next to nothing else: the forward's bf16 row calls
-// AmxForwardHandles / Bf16DotEngine as flash_fwd.cc does.
+// AmxForwardHandles / Bf16DotEngine as flash_fwd.cc does, the backward's AmxBackwardHandles as
+// flash_bwd.cc does.
 std::vector<KernelChoice> KernelReport() {
   // Decode (and this file) also compile AVX3_DL (CMakeLists.txt); the other families do not.
   constexpr int64_t kDecodeTargets = kCompiledTargets;
@@ -652,6 +654,12 @@ std::vector<KernelChoice> KernelReport() {
   typical.dim = 128;
   typical.dtype = DType::kBF16;
   const Bf16Dot bf16_engine = AmxForwardHandles(typical) ? Bf16DotEngine() : Bf16Dot::kNone;
+  float lse = 0.0f;  // the backward reads the forward's LSE
+  AttentionBackwardProblem typical_backward;
+  typical_backward.fwd = typical;
+  typical_backward.fwd.lse = &lse;
+  const bool amx_backward =
+      AmxBackwardHandles(typical_backward) && Bf16DotEngine() == Bf16Dot::kAmx;
 
   std::vector<KernelChoice> rows;
   rows.push_back({"forward", "f32", "highway tiles (" + tiles + ")"});
@@ -662,7 +670,9 @@ std::vector<KernelChoice> KernelReport() {
                       : "highway tiles, bf16 converted to f32 (" + tiles + ")"});
   rows.push_back({"forward", "f16", "highway tiles, f16 converted to f32 (" + tiles + ")"});
   rows.push_back({"backward", "f32", "highway tiles (" + tiles + ")"});
-  rows.push_back({"backward", "bf16", "highway tiles, bf16 converted to f32 (" + tiles + ")"});
+  rows.push_back({"backward", "bf16",
+                  amx_backward ? std::string("AMX bf16 tiles")
+                               : "highway tiles, bf16 converted to f32 (" + tiles + ")"});
   rows.push_back({"backward", "f16", "highway tiles, f16 converted to f32 (" + tiles + ")"});
   for (const char* kv : {"f32", "bf16", "f16"}) {
     rows.push_back({"decode", kv,
