@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
-// Internal: which bf16 dot-product unit the bf16 kernels (src/attention/flash_fwd_amx.cc) may use:
-// Intel AMX tiles, or AVX512-BF16 vectors (vdpbf16ps: AMD Zen 4, Intel Cooper Lake and later).
+// Internal: which bf16 dot-product unit the bf16 kernels may use: Intel AMX tiles (the forward,
+// src/attention/flash_fwd_amx.cc, and the backward, flash_bwd_amx.cc), or AVX512-BF16 vectors
+// (vdpbf16ps: AMD Zen 4, Intel Cooper Lake and later; the forward only).
 //
 // AMX (Advanced Matrix Extensions, Sapphire Rapids and later) multiplies bf16 tiles into f32
 // tiles. Using it takes three things: the CPU reports AMX-TILE and AMX-BF16 (CPUID leaf 7), the OS
