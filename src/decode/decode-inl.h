@@ -665,8 +665,8 @@ bool DecodeKernel(const AttentionProblem& p, const decode::KVSource& kv,
   queries.base = ws.queries.get();
   // bf16 rows widened in pairs (Bf16Pairs) where the padded head dim holds whole 4-vector P.V
   // blocks (no single-vector tail splits a pair).
-  const bool paired =
-      HWY_TARGET != HWY_SCALAR && kv.dtype == KVDType::kBF16 && dp % (4 * kLanes) == 0;
+  const bool paired = kLittleEndian && HWY_TARGET != HWY_SCALAR && kv.dtype == KVDType::kBF16 &&
+                      dp % (4 * kLanes) == 0;
   ParallelFor(workers, p.batch * p.heads_kv, [&](int64_t task, int32_t) {
     const int64_t b = task / p.heads_kv, h = task % p.heads_kv;
     PrepareQueries(p, kv, dp, dc, mp, rp, paired, b, h, queries.at(b, h));

@@ -235,12 +235,19 @@ HWY_INLINE VF LoadAsF32(const uint8_t* p) {
 }
 
 // bf16 rows widened in pairs (the element type of bf16 caches whose padded head dim is a multiple
-// of 4 vectors): one vector's worth of 32-bit words holds 2 * kLanes channels, the even ones in
-// the low halves (widened by one shift) and the odd ones in the high halves (one mask), where
-// widening kLanes channels in order takes two instructions (zero-extend, shift). Decode is bound
-// by these instructions once the cache is in L3 (32K tokens, 2 threads, Xeon). The kernel's f32
-// channels are then ordered per block of 2 * kLanes: the even channels, then the odd ones
-// (PairedChannel); the query rows are stored so and the output is put back in order.
+// of 4 vectors, on little-endian machines): one vector's worth of 32-bit words holds 2 * kLanes
+// channels, the even ones in the low halves (widened by one shift) and the odd ones in the high
+// halves (one mask), where widening kLanes channels in order takes two instructions (zero-extend,
+// shift): 16 fewer of the ~110 vector instructions of a key's scores and P.V at D = 128 (in L2
+// on the Xeon, 1 thread: 96 -> 89 cycles per key). The kernel's f32 channels are then ordered
+// per block of 2 * kLanes: the even channels, then the odd ones (PairedChannel); the query rows
+// are stored so and the output is put back in order. The widened values are exact either way;
+// the scores sum the same products in another order.
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+constexpr bool kLittleEndian = true;
+#else
+constexpr bool kLittleEndian = false;
+#endif
 struct Bf16Pairs {
   uint16_t bits;
 };
