@@ -127,9 +127,10 @@ struct PreparedQueries {
   }
 };
 
-// Fills q with sequence b's rows for KV head h (padding rows zero).
+// Fills q with sequence b's rows for KV head h (padding rows zero); `paired`: the channels in
+// the order of Bf16Pairs rows (PairedChannel).
 HWY_INLINE void PrepareQueries(const AttentionProblem& p, const decode::KVSource& kv, size_t dp,
-                               size_t dc, size_t mp, size_t rp, int64_t b, int64_t h,
+                               size_t dc, size_t mp, size_t rp, bool paired, int64_t b, int64_t h,
                                const QueryRows& q) {
   const size_t dim = static_cast<size_t>(p.dim);
   const int64_t q_len = p.q_len(b), q_begin = p.q_begin(b);
@@ -140,6 +141,7 @@ HWY_INLINE void PrepareQueries(const AttentionProblem& p, const decode::KVSource
   for (size_t r = 0; r < mp; ++r) q.qa[r] = q.qb[r] = q.pos[r] = q.slope[r] = 0.0f;
   std::memset(q.qf, 0, rp * dp * sizeof(float));
   if (vnni) std::memset(q.q8, 0, rp * dc);
+  std::vector<float> in_order(paired ? dim : 0);
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t head = h * p.group + r / q_len;
     const int64_t qi = r % q_len;
@@ -147,6 +149,11 @@ HWY_INLINE void PrepareQueries(const AttentionProblem& p, const decode::KVSource
     if (p.alibi != nullptr) q.slope[r] = p.alibi_slope(b, head);
     float* row = q.qf + static_cast<size_t>(r) * dp;
     LoadRow(p.dtype, p.q, p.q_offset(b, q_begin + qi, head), p.q_stride[3], dim, row);
+    if (!quant && paired) {
+      std::copy(row, row + dim, in_order.begin());
+      for (size_t c = 0; c < dim; ++c) row[PairedChannel(c)] = p.scale * in_order[c];
+      continue;
+    }
     if (!quant) {
       for (size_t c = 0; c < dim; ++c) row[c] = p.scale * row[c];
       continue;
@@ -546,6 +553,8 @@ void RunUnit(const AttentionProblem& p, const decode::KVSource& kv, const decode
         const float* norm = kv.v_norm + h * kv.dim;
         const float bias = s.vbias[so + r];
         for (size_t c = 0; c < dim; ++c) row[c] = (src[c] + bias) * inv * norm[c];
+      } else if (std::is_same<T, Bf16Pairs>::value) {
+        for (size_t c = 0; c < dim; ++c) row[c] = src[PairedChannel(c)] * inv;
       } else {
         for (size_t c = 0; c < dim; ++c) row[c] = src[c] * inv;
       }
@@ -654,9 +663,13 @@ bool DecodeKernel(const AttentionProblem& p, const decode::KVSource& kv,
   float* const partial_out = ws.partial_out.get();
   double* const partial_lse = ws.partial_lse.get();
   queries.base = ws.queries.get();
+  // bf16 rows widened in pairs (Bf16Pairs) where the padded head dim holds whole 4-vector P.V
+  // blocks (no single-vector tail splits a pair).
+  const bool paired = kLittleEndian && HWY_TARGET != HWY_SCALAR && kv.dtype == KVDType::kBF16 &&
+                      dp % (4 * kLanes) == 0;
   ParallelFor(workers, p.batch * p.heads_kv, [&](int64_t task, int32_t) {
     const int64_t b = task / p.heads_kv, h = task % p.heads_kv;
-    PrepareQueries(p, kv, dp, dc, mp, rp, b, h, queries.at(b, h));
+    PrepareQueries(p, kv, dp, dc, mp, rp, paired, b, h, queries.at(b, h));
   });
 
   auto run = [&](auto dp_tag, auto elem_tag) {
@@ -701,7 +714,11 @@ bool DecodeKernel(const AttentionProblem& p, const decode::KVSource& kv,
       run_dim(float());
       break;
     case KVDType::kBF16:
-      run_dim(hwy::bfloat16_t());
+      if (paired) {
+        run_dim(Bf16Pairs());
+      } else {
+        run_dim(hwy::bfloat16_t());
+      }
       break;
     case KVDType::kF16:
       run_dim(hwy::float16_t());

@@ -16,6 +16,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <type_traits>
 
 #include "decode/decode_tile-inl.h"
 #include "simd/tile_gemm-inl.h"
@@ -115,12 +116,28 @@ HWY_INLINE void DotBlock4x4(const float* HWY_RESTRICT q, size_t dp, const uint8_
   for (int j = 0; j < 4; ++j) {
     for (int i = 0; i < 4; ++i) a[j][i] = hn::Zero(df);
   }
-  for (size_t c = 0; c < dp; c += kLanes) {
-    VF qv[4], kv[4];
-    for (int i = 0; i < 4; ++i) qv[i] = hn::Load(df, q + i * dp + c);
-    for (int j = 0; j < 4; ++j) kv[j] = LoadAsF32(reinterpret_cast<const T*>(k[j]) + c);
-    for (int j = 0; j < 4; ++j) {
-      for (int i = 0; i < 4; ++i) a[j][i] = hn::MulAdd(qv[i], kv[j], a[j][i]);
+  if constexpr (std::is_same<T, Bf16Pairs>::value) {
+    // A pair block (2 vectors) per step, so which half a vector is is known at compile time.
+    auto step = [&](size_t c, auto half) {
+      VF qv[4], kv[4];
+      for (int i = 0; i < 4; ++i) qv[i] = hn::Load(df, q + i * dp + c + half);
+      for (int j = 0; j < 4; ++j) kv[j] = LoadVecAsF32(reinterpret_cast<const T*>(k[j]) + c, half);
+      for (int j = 0; j < 4; ++j) {
+        for (int i = 0; i < 4; ++i) a[j][i] = hn::MulAdd(qv[i], kv[j], a[j][i]);
+      }
+    };
+    for (size_t c = 0; c < dp; c += 2 * kLanes) {
+      step(c, std::integral_constant<size_t, 0>());
+      step(c, std::integral_constant<size_t, kLanes>());
+    }
+  } else {
+    for (size_t c = 0; c < dp; c += kLanes) {
+      VF qv[4], kv[4];
+      for (int i = 0; i < 4; ++i) qv[i] = hn::Load(df, q + i * dp + c);
+      for (int j = 0; j < 4; ++j) kv[j] = LoadAsF32(reinterpret_cast<const T*>(k[j]) + c);
+      for (int j = 0; j < 4; ++j) {
+        for (int i = 0; i < 4; ++i) a[j][i] = hn::MulAdd(qv[i], kv[j], a[j][i]);
+      }
     }
   }
   StoreSums4x4(a, st, mp, bounce);

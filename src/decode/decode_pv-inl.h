@@ -52,9 +52,9 @@ HWY_INLINE void AccumulatePvBlock(const uint8_t* const* v, size_t nkeys, size_t 
     }
   }
   for (size_t j = 0; j < nkeys; ++j) {
-    const T* row = reinterpret_cast<const T*>(v[j]) + c0;
+    const T* row = reinterpret_cast<const T*>(v[j]);
     VF x[kVecs];
-    for (int c = 0; c < kVecs; ++c) x[c] = LoadAsF32(row + c * kLanes);
+    for (int c = 0; c < kVecs; ++c) x[c] = LoadVecAsF32(row, c0 + c * kLanes);
     for (int i = 0; i < kRows; ++i) {
       const VF p = hn::Set(df, pt[j * mp + static_cast<size_t>(i)]);
       for (int c = 0; c < kVecs; ++c) o[i][c] = hn::MulAdd(p, x[c], o[i][c]);

@@ -631,6 +631,29 @@ std::vector<Case> MatrixCases() {
 
 INSTANTIATE_TEST_SUITE_P(DecodeMatrix, DecodeSweep, ::testing::ValuesIn(MatrixCases()), CaseName);
 
+// bf16 caches whose padded head dim is a multiple of 4 vectors are widened in channel pairs
+// (Bf16Pairs; 64 channels on AVX-512, 32 on AVX2): in place (64, 128, 256), staged (120 pads to
+// 128), and the in-order widening next to them (96 on AVX-512), over lengths around the 4- and
+// 16-key blocks, a page size that splits them, and split sizes that cut pages.
+std::vector<Case> PairedBf16Cases() {
+  std::vector<Case> cases;
+  int k = 0;
+  for (int64_t dim : {64, 128, 256, 120, 96}) {
+    for (int64_t page : {0, 16, 7}) {
+      Case c = MakeCase(KVDType::kBF16, page, k % 3 == 0 ? 2 : 1, dim, 2, 4, {1, 15, 17, 1000, 48},
+                        "pairs");
+      c.dtype = k % 2 == 0 ? DType::kBF16 : DType::kF32;
+      c.split_tokens = page == 7 ? 100 : 0;
+      cases.push_back(c);
+      ++k;
+    }
+  }
+  return cases;
+}
+
+INSTANTIATE_TEST_SUITE_P(DecodeBf16Pairs, DecodeSweep, ::testing::ValuesIn(PairedBf16Cases()),
+                         CaseName);
+
 // Masks and modifiers. Q = 4 over lengths below Q too (rows at negative positions see nothing
 // under a causal mask); split size 64, so windows leave whole splits empty.
 std::vector<Case> MaskCases() {
