@@ -150,13 +150,14 @@ using mask_impl::PolicyPredicate;
 using mask_impl::TaskKeyRuns;
 using mask_impl::TilePlan;
 
-// Where a task reads K and V: the caller's tensors (p.k, p.v and their strides), or the task's
-// head packed contiguously (PackedHeads below; zero batch and head strides).
+// Where a task reads K and V: the caller's tensors (p.k, p.v, their strides, p.dtype), or the
+// task's head packed contiguously in f32 (PackedHeads below; zero batch and head strides).
 struct KvSource {
   const void* k;
   const void* v;
   const int64_t* k_stride;
   const int64_t* v_stride;
+  DType dtype;
 };
 
 template <int kD>
@@ -237,7 +238,7 @@ void RunTask(const AttentionProblem& p, const Task& t, Scratch& s, MaskScratch& 
   TaskKeyRuns(p, rows, k_len, box_lo, box_hi, ms);
   PlanTiles(ms);
 
-  const int64_t elem = static_cast<int64_t>(DTypeSize(p.dtype));
+  const int64_t elem = static_cast<int64_t>(DTypeSize(kv.dtype));
   const int64_t k_row_bytes = (static_cast<int64_t>(dim) - 1) * kv.k_stride[3] * elem + elem;
   const int64_t v_row_bytes = (static_cast<int64_t>(dim) - 1) * kv.v_stride[3] * elem + elem;
   // f32 rows are read in place only when a tile's rows are contiguous; rows further apart (the
@@ -245,9 +246,9 @@ void RunTask(const AttentionProblem& p, const Task& t, Scratch& s, MaskScratch& 
   // copied into the packed tile like converted dtypes: -8% time at B=1, H=8, N=4096, D=128 on
   // the Emerald Rapids Xeon (bench_ab.py, 5 rounds each, causal and not).
   const bool direct_k =
-      p.dtype == DType::kF32 && kv.k_stride[3] == 1 && kv.k_stride[1] == static_cast<int64_t>(dim);
+      kv.dtype == DType::kF32 && kv.k_stride[3] == 1 && kv.k_stride[1] == static_cast<int64_t>(dim);
   const bool direct_v =
-      p.dtype == DType::kF32 && kv.v_stride[3] == 1 && kv.v_stride[1] == static_cast<int64_t>(dim);
+      kv.dtype == DType::kF32 && kv.v_stride[3] == 1 && kv.v_stride[1] == static_cast<int64_t>(dim);
   // When every row reads the same block-mask row (one head and query block, or a mask
   // broadcast over the heads), the runs hold only kept blocks and the block mask needs no bias.
   bool shared_block_row = true;
@@ -283,7 +284,7 @@ void RunTask(const AttentionProblem& p, const Task& t, Scratch& s, MaskScratch& 
     const TilePlan& tile = ms.tiles[ti];
     for (size_t i = tile.first; i < tile.first + tile.count; ++i) {
       const mask::Run& piece = ms.pieces[i];
-      ConvertRows(p.dtype, base, row_offset(stride, piece.begin), stride[1], stride[3],
+      ConvertRows(kv.dtype, base, row_offset(stride, piece.begin), stride[1], stride[3],
                   static_cast<size_t>(piece.end - piece.begin), dim, row_bytes, dst);
       dst += static_cast<size_t>(piece.end - piece.begin) * dim;
     }
@@ -375,7 +376,7 @@ void RunTask(const AttentionProblem& p, const Task& t, Scratch& s, MaskScratch& 
       feed->prefetch = prefetcher(base, stride, row_bytes, ti + 2);
       if (ti + 1 < ms.tiles.size() && ms.tiles[ti + 1].contiguous) {
         const TilePlan& next = ms.tiles[ti + 1];
-        feed->convert = RowConverter{p.dtype,
+        feed->convert = RowConverter{kv.dtype,
                                      base,
                                      row_offset(stride, ms.pieces[next.first].begin),
                                      stride[1],
@@ -506,11 +507,12 @@ inline void MakeTasks(const AttentionProblem& p, std::vector<Task>* tasks, int64
   }
 }
 
-// f32 K and V whose rows are not contiguous (the [B, S, H, D] layout: rows H * D floats apart,
-// 4 KiB at H = 8, D = 128, all on the same cache sets and one 4 KiB page each) are packed once per
-// (sequence, KV head) into contiguous rows on huge pages, which every task of the head then reads
-// in place with the hardware prefetcher's help, instead of each task gathering the rows of every
-// key tile again (a head's rows are read once per query block). Heads go in rounds whose packed K
+// K and V are packed once per (sequence, KV head) into contiguous f32 rows on huge pages, which
+// every task of the head then reads in place with the hardware prefetcher's help, instead of each
+// task gathering (f32 rows that are not contiguous: the [B, S, H, D] layout puts them H * D floats
+// apart, 4 KiB at H = 8, D = 128, all on the same cache sets and one 4 KiB page each) or
+// converting (bf16, f16) the rows of every key tile again: a head's rows are read once per query
+// block. Contiguous f32 rows are read in place as they are. Heads go in rounds whose packed K
 // and V stay within flash::ForwardPackBudget() (32 MiB). Only where the rows are reused enough to
 // pay for the copy: no masks beyond the window (their tasks may visit few keys), and at least
 // kMinReuse query blocks read each key row.
@@ -525,10 +527,8 @@ struct PackedHeads {
     const bool strided_k = p.k_stride[3] != 1 || p.k_stride[1] != p.dim;
     const bool strided_v = p.v_stride[3] != 1 || p.v_stride[1] != p.dim;
     const int64_t budget = flash::ForwardPackBudget().load(std::memory_order_relaxed);
-    if (p.dtype != DType::kF32 || p.varlen() || p.mask.any || (!strided_k && !strided_v) ||
-        budget <= 0) {
-      return;
-    }
+    const bool converted = p.dtype != DType::kF32;
+    if (p.varlen() || p.mask.any || (!converted && !strided_k && !strided_v) || budget <= 0) return;
     const int64_t heads = p.batch * p.heads_kv;
     const int64_t blocks_per_head = tasks / std::max<int64_t>(heads, 1);
     // Query blocks reading one key row: all of them, or those within the window's reach.
@@ -551,15 +551,16 @@ struct PackedHeads {
   }
   float* v(int64_t slot) const { return k(slot) + head_floats; }
 
-  // Copies rows [r0, r1) of K and V of flat head `head` (b * Hkv + kv head) into `slot`.
+  // Converts rows [r0, r1) of K and V of flat head `head` (b * Hkv + kv head) into `slot`.
   void Pack(const AttentionProblem& p, int64_t head, int64_t slot, int64_t r0, int64_t r1) const {
     const int64_t b = head / p.heads_kv, kvh = head % p.heads_kv;
     const size_t dim = static_cast<size_t>(p.dim);
-    ConvertRows(DType::kF32, p.k, p.offset(p.k_stride, b, r0, kvh), p.k_stride[1], p.k_stride[3],
-                static_cast<size_t>(r1 - r0), dim, (p.dim - 1) * p.k_stride[3] * int64_t{4} + 4,
+    const int64_t elem = static_cast<int64_t>(DTypeSize(p.dtype));
+    ConvertRows(p.dtype, p.k, p.offset(p.k_stride, b, r0, kvh), p.k_stride[1], p.k_stride[3],
+                static_cast<size_t>(r1 - r0), dim, (p.dim - 1) * p.k_stride[3] * elem + elem,
                 k(slot) + r0 * p.dim);
-    ConvertRows(DType::kF32, p.v, p.offset(p.v_stride, b, r0, kvh), p.v_stride[1], p.v_stride[3],
-                static_cast<size_t>(r1 - r0), dim, (p.dim - 1) * p.v_stride[3] * int64_t{4} + 4,
+    ConvertRows(p.dtype, p.v, p.offset(p.v_stride, b, r0, kvh), p.v_stride[1], p.v_stride[3],
+                static_cast<size_t>(r1 - r0), dim, (p.dim - 1) * p.v_stride[3] * elem + elem,
                 v(slot) + r0 * p.dim);
   }
 };
@@ -592,7 +593,7 @@ bool FlashForward(const AttentionProblem& p, int32_t threads, bool fast) {
 
   PackedHeads packed;
   packed.Plan(p, static_cast<int64_t>(tasks.size()));
-  const KvSource caller{p.k, p.v, p.k_stride, p.v_stride};
+  const KvSource caller{p.k, p.v, p.k_stride, p.v_stride, p.dtype};
   auto run_tasks = [&](auto dim_tag, const Task* first, int64_t count, auto&& source) {
     constexpr int kD = decltype(dim_tag)::value;
     ParallelFor(workers, count, [&](int64_t task, int32_t worker) {
@@ -626,7 +627,8 @@ bool FlashForward(const AttentionProblem& p, int32_t threads, bool fast) {
       run_tasks(dim_tag, tasks.data() + first, static_cast<int64_t>(last - first),
                 [&](const Task& t) {
                   const int64_t slot = t.seq * p.heads_kv + t.kv_head - h0;
-                  return KvSource{packed.k(slot), packed.v(slot), packed.stride, packed.stride};
+                  return KvSource{packed.k(slot), packed.v(slot), packed.stride, packed.stride,
+                                  DType::kF32};
                 });
       first = last;
     }

@@ -992,10 +992,11 @@ TEST(ForwardDeterminism, ThreadCountInvariance) {
   }
 }
 
-// Strided f32 K/V ([B, S, H, D] rows) are packed once per head, in rounds of heads under a byte
-// budget: the same bits for every budget (0: no packing, tasks read the caller's rows; 1 byte: one
-// head per round; the default: every head at once), with windows, and a layout with a head-dim
-// stride. Contiguous K/V and masks are never packed (nothing to compare: same code path).
+// K/V are packed once per head (strided f32 rows, every bf16 / f16 row converted to f32), in
+// rounds of heads under a byte budget: the same bits for every budget (0: no packing, tasks read
+// the caller's rows; 1 byte: one head per round; the default: every head at once), with windows,
+// a layout with a head-dim stride, and f16 / bf16 inputs. Contiguous f32 K/V and masks are never
+// packed (nothing to compare: same code path).
 TEST(ForwardPacking, SameBitsForEveryBudget) {
   const int64_t default_budget = flash::ForwardPackBudget().load();
   std::vector<Spec> specs;
@@ -1011,6 +1012,11 @@ TEST(ForwardPacking, SameBitsForEveryBudget) {
   Spec padded = Dense(Small() ? 200 : 500, Small() ? 200 : 500, 8, 2, 40);
   padded.kv_layout = Layout::kPaddedDim;
   specs.push_back(padded);
+  for (DType dtype : {DType::kF16, DType::kBF16}) {
+    Spec half = Dense(Small() ? 200 : 600, Small() ? 200 : 600, 8, 2, 128, dtype);
+    half.causal = true;
+    specs.push_back(half);
+  }
   for (const Spec& spec : specs) {
     SCOPED_TRACE(test::Repro(spec.Name()));
     const Inputs in = MakeInputs(spec);
