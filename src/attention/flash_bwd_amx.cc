@@ -57,14 +57,6 @@
 #include <type_traits>
 #include <vector>
 
-// GCC 12 reports the _mm512_undefined_* placeholders inside the AVX-512 intrinsics as
-// (maybe) uninitialized when they are inlined into target-attribute functions (a false positive;
-// -O1 and -O2 report it as certain).
-#if !defined(__clang__) && defined(__GNUC__)
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#endif
 #include "attention/amx_tiles.h"
 #include "core/huge_pages.h"
 #include "core/parallel.h"
@@ -657,7 +649,3 @@ bool AmxBackward(const AttentionBackwardProblem&, int32_t) { return false; }
 #endif  // TESSERA_AMX_KERNEL
 
 }  // namespace tessera
-
-#if !defined(__clang__) && defined(__GNUC__)
-#pragma GCC diagnostic pop
-#endif

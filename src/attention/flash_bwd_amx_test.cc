@@ -12,6 +12,8 @@
 #include <vector>
 
 #include "attention_cases.h"
+#include "backward_runs.h"
+#include "bf16_engines.h"
 #include "comparator.h"
 #include "core/amx.h"
 #include "naive_attention.h"
@@ -25,81 +27,23 @@
 namespace tessera {
 namespace {
 
+using test::Bf16;
 using test::Dense;
+using test::Grads;
 using test::Inputs;
 using test::Layout;
 using test::Outputs;
+using test::RunBackward;
+using test::RunBackwardOnly;
+using test::SameBits;
 using test::Spec;
 using test::Tensor;
-
-#define SKIP_WITHOUT_AMX()                                                 \
-  do {                                                                     \
-    if (!AmxEnabled()) GTEST_SKIP() << "AMX unavailable or disabled here"; \
-  } while (0)
-
-Spec Bf16(int64_t sq, int64_t sk, int64_t hq, int64_t hkv, int64_t d) {
-  return Dense(sq, sk, hq, hkv, d, DType::kBF16);
-}
-
-struct Grads {
-  Tensor dq, dk, dv;
-};
-
-AttentionBackwardParams BackwardParams(const Spec& s, const Inputs& in, Outputs* fwd, Grads* g) {
-  AttentionBackwardParams bp;
-  bp.forward = test::MakeParams(s, in, fwd);
-  bp.dout = in.dout.view();
-  if (g != nullptr) {
-    bp.dq = g->dq.view();
-    bp.dk = g->dk.view();
-    bp.dv = g->dv.view();
-  }
-  return bp;
-}
-
-// The backward of the forward outputs `fwd` on `path` into fresh NaN-prefilled, guarded
-// gradients (guards checked).
-Status RunBackwardOnly(const Spec& s, const Inputs& in, Outputs* fwd, Path path, int32_t threads,
-                       Grads* g) {
-  g->dq = test::MakeTensor(s.dtype, test::TokenShape(s, in.tokens_q, s.heads_q), s.grad_layout,
-                           s.misalign);
-  g->dk = test::MakeTensor(s.dtype, test::TokenShape(s, in.tokens_k, s.heads_kv), s.grad_layout,
-                           s.misalign);
-  g->dv = test::MakeTensor(s.dtype, test::TokenShape(s, in.tokens_k, s.heads_kv), s.grad_layout,
-                           s.misalign);
-  Context ctx;
-  ctx.path = path;
-  ctx.num_threads = threads;
-  const Status status = AttentionBackward(BackwardParams(s, in, fwd, g), ctx);
-  EXPECT_TRUE(g->dq.OutsideViewUntouched()) << "dq";
-  EXPECT_TRUE(g->dk.OutsideViewUntouched()) << "dk";
-  EXPECT_TRUE(g->dv.OutsideViewUntouched()) << "dv";
-  return status;
-}
-
-// Forward then backward, both on `path`.
-Status RunBackward(const Spec& s, const Inputs& in, Path path, int32_t threads, Grads* g) {
-  Outputs fwd;
-  const Status st = test::RunForward(s, in, path, threads, &fwd);
-  if (!st.ok()) return st;
-  return RunBackwardOnly(s, in, &fwd, path, threads, g);
-}
-
-::testing::AssertionResult SameBits(const Grads& a, const Grads& b) {
-  ::testing::AssertionResult r = a.dq.BitwiseEqual(b.dq);
-  if (!r) return r << " (dq)";
-  r = a.dk.BitwiseEqual(b.dk);
-  if (!r) return r << " (dk)";
-  r = a.dv.BitwiseEqual(b.dv);
-  if (!r) return r << " (dv)";
-  return ::testing::AssertionSuccess();
-}
 
 // Path::kAuto (the AMX kernel) against the fp64 reference gradients under the bf16 ratio rule.
 void CheckAmx(const Spec& s) {
   SCOPED_TRACE(test::Repro(s.Name()));
   const Inputs in = test::MakeBackwardInputs(s);
-  const AttentionBackwardParams bp = BackwardParams(s, in, nullptr, nullptr);
+  const AttentionBackwardParams bp = test::MakeBackwardParams(s, in, nullptr, nullptr);
   const size_t nq = static_cast<size_t>(in.q.numel()), nk = static_cast<size_t>(in.k.numel());
   std::vector<double> dq(nq), dk(nk), dv(nk), naive_dq(nq), naive_dk(nk), naive_dv(nk);
   ref::AttentionBackwardF64(bp, dq.data(), dk.data(), dv.data());
@@ -140,44 +84,8 @@ std::vector<Spec> AmxSpecs() {
     s.causal = true;
     specs.push_back(s);
   }
-  // GQA groups.
-  for (auto [hq, hkv] : {std::pair<int64_t, int64_t>{8, 1}, {6, 2}, {3, 1}}) {
-    Spec s = Bf16(150, 210, hq, hkv, 64);
-    specs.push_back(s);
-    s.causal = true;
-    specs.push_back(s);
-  }
-  // Sliding windows, both alignments; rows that see nothing (top-left window, bottom-right causal
-  // with Lq > Lk).
-  for (auto [wl, wr] : {std::pair<int64_t, int64_t>{0, 0}, {7, 7}, {40, 0}, {0, 90}, {200, 3}}) {
-    for (MaskAlign align : {MaskAlign::kBottomRight, MaskAlign::kTopLeft}) {
-      Spec s = Bf16(190, 230, 2, 1, 64);
-      s.window_left = wl;
-      s.window_right = wr;
-      s.align = align;
-      specs.push_back(s);
-    }
-  }
-  {
-    Spec s = Bf16(200, 60, 2, 1, 64);
-    s.window_left = 9;
-    s.window_right = 0;
-    s.align = MaskAlign::kTopLeft;
-    specs.push_back(s);
-    s.causal = true;
-    s.window_left = -1;
-    s.window_right = -1;
-    s.align = MaskAlign::kBottomRight;
-    specs.push_back(s);
-  }
-  // Custom scales (0, negative), batches.
-  for (float scale : {0.0f, -0.2f, 0.5f}) {
-    Spec s = Bf16(70, 90, 2, 1, 128);
-    s.scale = scale;
-    s.causal = true;
-    specs.push_back(s);
-  }
-  {
+  test::AppendSharedBf16Cases(&specs);
+  {  // a batch
     Spec s = Bf16(70, 90, 4, 2, 64);
     s.batch = 3;
     specs.push_back(s);

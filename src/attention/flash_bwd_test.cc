@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "attention_cases.h"
+#include "backward_runs.h"
 #include "core/attention_problem.h"
 #include "path_harness.h"
 #include "ref/attention_ref.h"
@@ -36,10 +37,13 @@ namespace {
 
 using test::AlibiKind;
 using test::Dense;
+using test::Grads;
 using test::Index;
 using test::Inputs;
 using test::Layout;
 using test::MakeBackwardInputs;
+using test::MakeBackwardParams;
+using test::MakeGrads;
 using test::MakeParams;
 using test::MakeTensor;
 using test::NeedsNaive;
@@ -47,6 +51,10 @@ using test::Outputs;
 using test::PathsFor;
 using test::Rng;
 using test::Rule;
+using test::RunBackward;
+using test::RunBackwardOnly;
+using test::RunForwardFor;
+using test::SameBits;
 using test::Spec;
 using test::SpecName;
 using test::Tensor;
@@ -60,68 +68,6 @@ bool Small() { return test::SmallTests(); }
 
 // ---------------------------------------------------------------------------------------------
 // Running the backward (the test problems and their inputs are in tests/attention_cases.h).
-
-struct Grads {
-  Tensor dq, dk, dv;
-};
-
-Grads MakeGrads(const Spec& s, const Inputs& in) {
-  Grads g;
-  g.dq = MakeTensor(s.dtype, TokenShape(s, in.tokens_q, s.heads_q), s.grad_layout, s.misalign);
-  g.dk = MakeTensor(s.dtype, TokenShape(s, in.tokens_k, s.heads_kv), s.grad_layout, s.misalign);
-  g.dv = MakeTensor(s.dtype, TokenShape(s, in.tokens_k, s.heads_kv), s.grad_layout, s.misalign);
-  return g;
-}
-
-AttentionBackwardParams MakeBackwardParams(const Spec& s, const Inputs& in, Outputs* fwd,
-                                           Grads* g) {
-  AttentionBackwardParams bp;
-  bp.forward = MakeParams(s, in, fwd);
-  bp.dout = in.dout.view();
-  if (g != nullptr) {
-    bp.dq = g->dq.view();
-    bp.dk = g->dk.view();
-    bp.dv = g->dv.view();
-  }
-  return bp;
-}
-
-// The forward path that feeds a backward forced onto `path`: the same path, except that a head
-// dim without a fast instantiation runs the forward on kGeneric (so a kFast backward is tested,
-// not the forward's rejection).
-Path ForwardPathFor(Path path, int64_t dim) {
-  return path == Path::kFast && !test::HasFastPath(dim) ? Path::kGeneric : path;
-}
-
-// Runs the forward that feeds a backward on `path` (ForwardPathFor), with out and lse as the
-// backward will read them.
-Status RunForwardFor(const Spec& s, const Inputs& in, Path path, Outputs* fwd) {
-  return test::RunForward(s, in, ForwardPathFor(path, s.dim), 0, fwd);
-}
-
-// Runs the backward on `path` with fresh NaN-prefilled, guarded gradients. Guards and gaps are
-// checked here, on every call.
-Status RunBackwardOnly(const Spec& s, const Inputs& in, Outputs* fwd, Path path, int32_t threads,
-                       Grads* g) {
-  *g = MakeGrads(s, in);
-  Context ctx;
-  ctx.path = path;
-  ctx.num_threads = threads;
-  const Status status = AttentionBackward(MakeBackwardParams(s, in, fwd, g), ctx);
-  EXPECT_TRUE(g->dq.OutsideViewUntouched()) << "dq";
-  EXPECT_TRUE(g->dk.OutsideViewUntouched()) << "dk";
-  EXPECT_TRUE(g->dv.OutsideViewUntouched()) << "dv";
-  return status;
-}
-
-// Forward then backward, both on `path`.
-Status RunBackward(const Spec& s, const Inputs& in, Path path, int32_t threads, Grads* g) {
-  Outputs fwd;
-  const Status st = RunForwardFor(s, in, path, &fwd);
-  if (!st.ok())
-    return Status::Internal("the forward feeding the backward failed: " + st.ToString());
-  return RunBackwardOnly(s, in, &fwd, path, threads, g);
-}
 
 // fp64 reference gradients, and the naive same-precision ones / the magnitudes where a rule needs
 // them, in the layouts of ref::AttentionBackwardF64. Rows outside every varlen sequence stay NaN.
@@ -222,16 +168,6 @@ void CheckAllPaths(const Spec& s) { test::CheckAllPaths<BackwardEntry>(s); }
     }
   }
   return all;
-}
-
-::testing::AssertionResult SameBits(const Grads& a, const Grads& b) {
-  ::testing::AssertionResult r = a.dq.BitwiseEqual(b.dq);
-  if (!r) return r << " (dq)";
-  r = a.dk.BitwiseEqual(b.dk);
-  if (!r) return r << " (dk)";
-  r = a.dv.BitwiseEqual(b.dv);
-  if (!r) return r << " (dv)";
-  return ::testing::AssertionSuccess();
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -57,17 +57,8 @@
 #include <type_traits>
 #include <vector>
 
-#include "core/parallel.h"
-
-// GCC 12 reports the _mm512_undefined_* placeholders inside the AVX-512 intrinsics as
-// (maybe) uninitialized when they are inlined into target-attribute functions (a false positive;
-// -O1 and -O2 report it as certain).
-#if !defined(__clang__) && defined(__GNUC__)
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#endif
 #include "attention/amx_tiles.h"
+#include "core/parallel.h"
 
 namespace tessera {
 
@@ -634,7 +625,3 @@ bool AmxForward(const AttentionProblem&, int32_t, Bf16Dot) { return false; }
 #endif  // TESSERA_AMX_KERNEL
 
 }  // namespace tessera
-
-#if !defined(__clang__) && defined(__GNUC__)
-#pragma GCC diagnostic pop
-#endif

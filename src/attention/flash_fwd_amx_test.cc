@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "attention_cases.h"
+#include "bf16_engines.h"
 #include "comparator.h"
 #include "core/amx.h"
 #include "naive_attention.h"
@@ -25,6 +26,8 @@
 namespace tessera {
 namespace {
 
+using test::Avx512Bf16Scope;
+using test::Bf16;
 using test::Dense;
 using test::Inputs;
 using test::Layout;
@@ -33,18 +36,6 @@ using test::MakeParams;
 using test::Outputs;
 using test::RunForward;
 using test::Spec;
-
-// The AMX kernel runs only where the CPU has AMX-TILE / AMX-BF16 and the OS grants the tile state
-// (or TESSERA_DISABLE_AMX is unset); elsewhere these tests have nothing to run, and the Highway
-// kernel they compare against is covered by the forward suites on every machine.
-#define SKIP_WITHOUT_AMX()                                                 \
-  do {                                                                     \
-    if (!AmxEnabled()) GTEST_SKIP() << "AMX unavailable or disabled here"; \
-  } while (0)
-
-Spec Bf16(int64_t sq, int64_t sk, int64_t hq, int64_t hkv, int64_t d) {
-  return Dense(sq, sk, hq, hkv, d, DType::kBF16);
-}
 
 // Path::kAuto (the AMX kernel) against fp64 under the bf16 rule, and against the Highway kernel
 // (Path::kGeneric) within the identity ceiling.
@@ -76,20 +67,6 @@ TEST_P(AmxForward, MatchesReference) {
   CheckAmx(GetParam());
 }
 
-// Runs its scope on the AVX512-BF16 engine (the engine of AMX-less CPUs such as AMD Zen 4, chosen
-// there by a speed probe; forced here whatever the probe says); skips where the CPU lacks it.
-class Avx512Bf16Scope {
- public:
-  Avx512Bf16Scope() { SetBf16DotOverrideForTesting(Bf16Dot::kAvx512Bf16); }
-  ~Avx512Bf16Scope() { ClearBf16DotOverrideForTesting(); }
-  bool available() const { return Bf16DotEngine() == Bf16Dot::kAvx512Bf16; }
-};
-
-#define SKIP_WITHOUT_AVX512BF16(scope)                                               \
-  do {                                                                               \
-    if (!(scope).available()) GTEST_SKIP() << "AVX512-BF16 unavailable or disabled"; \
-  } while (0)
-
 class Avx512Bf16Forward : public ::testing::TestWithParam<Spec> {};
 
 TEST_P(Avx512Bf16Forward, MatchesReference) {
@@ -120,43 +97,8 @@ std::vector<Spec> AmxSpecs() {
     s.causal = true;
     specs.push_back(s);
   }
-  // GQA groups (8:1 makes a 128-row task of 16 positions; 3:1 pads rows to 32).
-  for (auto [hq, hkv] : {std::pair<int64_t, int64_t>{8, 1}, {6, 2}, {3, 1}}) {
-    Spec s = Bf16(150, 210, hq, hkv, 64);
-    specs.push_back(s);
-    s.causal = true;
-    specs.push_back(s);
-  }
-  // Sliding windows, both alignments; a window with rows that see nothing (top-left, Lk < Lq).
-  for (auto [wl, wr] : {std::pair<int64_t, int64_t>{0, 0}, {7, 7}, {40, 0}, {0, 90}, {200, 3}}) {
-    for (MaskAlign align : {MaskAlign::kBottomRight, MaskAlign::kTopLeft}) {
-      Spec s = Bf16(190, 230, 2, 1, 64);
-      s.window_left = wl;
-      s.window_right = wr;
-      s.align = align;
-      specs.push_back(s);
-    }
-  }
-  {
-    Spec s = Bf16(200, 60, 2, 1, 64);
-    s.window_left = 9;
-    s.window_right = 0;
-    s.align = MaskAlign::kTopLeft;
-    specs.push_back(s);
-    s.causal = true;
-    s.window_left = -1;
-    s.window_right = -1;
-    s.align = MaskAlign::kBottomRight;
-    specs.push_back(s);  // Lq > Lk bottom-right: the first rows see nothing
-  }
-  // Custom scales (0: every visible key weighs the same; negative), no LSE, batches.
-  for (float scale : {0.0f, -0.2f, 0.5f}) {
-    Spec s = Bf16(70, 90, 2, 1, 128);
-    s.scale = scale;
-    s.causal = true;
-    specs.push_back(s);
-  }
-  {
+  test::AppendSharedBf16Cases(&specs);
+  {  // no LSE, a batch
     Spec s = Bf16(70, 90, 4, 2, 64);
     s.batch = 3;
     s.with_lse = false;
