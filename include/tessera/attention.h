@@ -37,6 +37,27 @@
 
 namespace tessera {
 
+// Attention-score statistics of an observation window: the last `window` query rows of every
+// sequence, from which SnapKV, PyramidKV, H2O and CAKE choose the keys to keep (kv_policy.h).
+// With p_ij the attention probability of window row i on key j (0 for a masked key):
+//   key_mass[b][h][j]    = sum_i p_ij           (the attention key j receives; / W: its mean)
+//   key_mass_sq[b][h][j] = sum_i p_ij^2         (with key_mass: its variance across the window)
+//   row_entropy[b][h][w] = -sum_j p_ij ln p_ij  for window row i = Sq - W + w (natural log; 0 for
+//                                               a row with no visible key)
+// With sum_gqa_group, h is the KV head and the sums also run over the query heads of its group.
+// The forward computes them after its own pass, from its LSE: one more pass over K for the W
+// window rows only (never over V), so at W << Sq they cost a small fraction of the forward
+// (docs/kv_eviction.md). Dense batch with causal / window masks, softcap and ALiBi; varlen and
+// params.mask are not supported with statistics (Unimplemented). Deterministic: each key's sums
+// run over the rows in a fixed order, independent of the thread count.
+struct AttentionStats {
+  int64_t window = 0;          // W in [1, Sq]; 0: no statistics (the views below must be unset)
+  bool sum_gqa_group = false;  // key statistics per KV head, summed over its query heads
+  TensorView key_mass;         // f32 [B, H, Sk], H = Hq (Hkv with sum_gqa_group); required
+  TensorView key_mass_sq;      // f32 [B, H, Sk], optional
+  TensorView row_entropy;      // f32 [B, Hq, W], optional
+};
+
 struct AttentionParams {
   TensorView q;    // [B, Sq, Hq, D]
   TensorView k;    // [B, Sk, Hkv, D]
@@ -71,6 +92,9 @@ struct AttentionParams {
 
   // Structured and sparse masks, dense mask fallback and the score function (tessera/mask.h).
   MaskParams mask;
+
+  // Optional side outputs: attention statistics of the last stats.window query rows.
+  AttentionStats stats;
 };
 
 // Computes the attention forward. Validates every argument before any work; on error nothing is

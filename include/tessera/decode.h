@@ -37,6 +37,20 @@ constexpr int64_t kDefaultDecodeSplitTokens = 2048;
 constexpr int64_t kDefaultDecodeSplitTokensSmallPages = 512;
 constexpr int64_t kDecodeSmallPageTokens = 4;
 
+// Per-key attention of a decode step, the statistics TOVA and H2O evict by (kv_policy.h).
+// Key j is the token at position j of its sequence (paged or not). Written after the split-KV
+// merge, so probs are final probabilities: p_ij = exp(s_ij - lse_i), 0 for a masked key.
+// Deterministic (each entry written by one worker, sums in a fixed order).
+struct DecodeStats {
+  // f32 [B, Hq, Q, S], S >= the longest seq_len: probs[b][h][i][j] for j < seq_lens[b] (later
+  // keys are not written). Optional.
+  TensorView probs;
+  // f32 [B, Hkv, S], read and written: accumulated[b][h][j] += the sum over the query heads of
+  // KV head h's group and the Q rows of p_ij, for j < seq_lens[b] (H2O's accumulated attention;
+  // the caller zeroes it once). Optional.
+  TensorView accumulated;
+};
+
 struct DecodeParams {
   TensorView q;  // [B, Q, Hq, D] f32 / bf16 / f16, Q in 1..16, Hq a multiple of Hkv
   KVCacheView cache;
@@ -55,6 +69,9 @@ struct DecodeParams {
   // for pages of fewer than kDecodeSmallPageTokens tokens). Part of the plan: results are bitwise
   // identical for every batch and thread count with the same split size.
   int64_t split_tokens = 0;
+
+  // Optional side outputs (DecodeStats).
+  DecodeStats stats;
 };
 
 namespace internal {

@@ -292,6 +292,65 @@ Status ValidateMasks(const AttentionParams& p, bool varlen, int64_t B, int64_t S
   return Status::Ok();
 }
 
+// Validates params.stats (tessera/attention.h: AttentionStats).
+Status ValidateStats(const AttentionParams& p, bool varlen, int64_t B, int64_t Sq, int64_t Sk,
+                     int64_t Hq, int64_t Hkv) {
+  const AttentionStats& st = p.stats;
+  const TensorView* views[] = {&st.key_mass, &st.key_mass_sq, &st.row_entropy};
+  if (st.window == 0) {
+    for (const TensorView* v : views) {
+      if (v->data != nullptr) {
+        return Status::InvalidArgument(Expected(
+            "stats.window", "a window in [1, Sq] (statistics outputs are set)", "0 (off)"));
+      }
+    }
+    return Status::Ok();
+  }
+  if (varlen) {
+    return Status::Unimplemented(
+        Expected("stats", "a dense batch (statistics are not supported with varlen yet)",
+                 "cu_seqlens_q / cu_seqlens_k set"));
+  }
+  if (p.mask.score == ScoreFunction::kSigmoid) {
+    return Status::InvalidArgument(
+        Expected("stats", "the softmax score function (sigmoid has no probabilities)", "kSigmoid"));
+  }
+  if (st.window < 1 || st.window > Sq) {
+    return Status::InvalidArgument(
+        Expected("stats.window", "a window in [1, Sq = " + std::to_string(Sq) + "], or 0 for off",
+                 std::to_string(st.window)));
+  }
+  if (st.key_mass.data == nullptr) {
+    return Status::InvalidArgument(
+        Expected("stats.key_mass", "an f32 output (required when stats.window > 0)", "null"));
+  }
+  const int64_t H = st.sum_gqa_group ? Hkv : Hq;
+  const std::string heads = st.sum_gqa_group ? "Hkv" : "Hq";
+  const int64_t key_shape[3] = {B, H, Sk};
+  const std::string key_what = "shape [" + std::to_string(B) + ", " + std::to_string(H) + ", " +
+                               std::to_string(Sk) + "] ([B, " + heads + ", Sk])";
+  const int64_t row_shape[3] = {B, Hq, st.window};
+  const std::string row_what = "shape [" + std::to_string(B) + ", " + std::to_string(Hq) + ", " +
+                               std::to_string(st.window) + "] ([B, Hq, window])";
+  const struct {
+    const char* name;
+    const TensorView& view;
+    const int64_t* shape;
+    const std::string& what;
+  } outputs[] = {{"stats.key_mass", st.key_mass, key_shape, key_what},
+                 {"stats.key_mass_sq", st.key_mass_sq, key_shape, key_what},
+                 {"stats.row_entropy", st.row_entropy, row_shape, row_what}};
+  for (const auto& o : outputs) {
+    if (o.view.data == nullptr) continue;
+    if (o.view.dtype != DType::kF32) {
+      return Status::InvalidArgument(Expected(o.name, "dtype f32", DTypeName(o.view.dtype)));
+    }
+    Status s = CheckShape(o.name, o.view, 3, o.shape, o.what, true);
+    if (!s.ok()) return s;
+  }
+  return Status::Ok();
+}
+
 // The memory every input of the forward may read (outputs must not overlap it).
 std::vector<Region> ForwardInputs(const AttentionParams& p) {
   const MaskParams& m = p.mask;
@@ -480,8 +539,20 @@ Status ValidateAttention(const AttentionParams& p, AttentionProblem* prob) {
   AttentionProblem::Masks masks;
   Status mask_status = ValidateMasks(p, varlen, B, Sq, Sk, Hq, &masks);
   if (!mask_status.ok()) return mask_status;
-  Status alias_status =
-      CheckDisjoint({ViewRegion("out", p.out), ViewRegion("lse", p.lse)}, ForwardInputs(p));
+  if (masks.any && p.stats.window != 0) {
+    return Status::Unimplemented(
+        Expected("stats",
+                 "causal / window masks only (statistics are not supported with "
+                 "params.mask yet)",
+                 "a structured, sparse or dense mask in params.mask"));
+  }
+  Status stats_status = ValidateStats(p, varlen, B, Sq, Sk, Hq, Hkv);
+  if (!stats_status.ok()) return stats_status;
+  Status alias_status = CheckDisjoint({ViewRegion("out", p.out), ViewRegion("lse", p.lse),
+                                       ViewRegion("stats.key_mass", p.stats.key_mass),
+                                       ViewRegion("stats.key_mass_sq", p.stats.key_mass_sq),
+                                       ViewRegion("stats.row_entropy", p.stats.row_entropy)},
+                                      ForwardInputs(p));
   if (!alias_status.ok()) return alias_status;
 
   AttentionProblem& r = *prob;
@@ -549,6 +620,11 @@ Status ValidateAttentionBackward(const AttentionBackwardParams& p, AttentionBack
     return Status::InvalidArgument(
         "forward.lse: expected the forward's log-sum-exp (the backward recomputes the scores "
         "from it), got nullptr");
+  }
+  if (p.forward.stats.window != 0) {
+    return Status::InvalidArgument(Expected("forward.stats.window",
+                                            "0 (the backward writes no statistics)",
+                                            std::to_string(p.forward.stats.window)));
   }
   AttentionProblem fwd;
   Status status = ValidateAttention(p.forward, &fwd);

@@ -118,6 +118,9 @@ Status AttentionForward(const AttentionParams& params, const Context& ctx) try {
   AttentionProblem problem;
   Status status = ValidateAttention(params, &problem);
   if (!status.ok()) return status;
+  if (params.stats.window != 0) {
+    return Status::Unimplemented("stats: window statistics are not implemented yet");
+  }
   // No work: nothing to write, or (dense batch) no key, where every row gets (0, -inf).
   if (params.out.numel() == 0) return Status::Ok();
   if (!problem.varlen() && problem.seq_k == 0) {

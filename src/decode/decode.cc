@@ -198,6 +198,9 @@ Status RunDecode(const DecodePlan& plan, const DecodeParams& params, const Conte
                      Num(prob.heads_kv) + ", D " + Num(prob.dim) + ", Q " + Num(prob.seq_q) +
                      ", split_tokens " + Num(split) + " with seq_lens whose split counts differ"));
   }
+  if (params.stats.probs.data != nullptr || params.stats.accumulated.data != nullptr) {
+    return Status::Unimplemented("stats: decode statistics are not implemented yet");
+  }
   if (prob.batch == 0) return Status::Ok();  // no output row: nothing to do
   if (ctx.path == Path::kReference) return RunReference(params, prob);
   bool fast = false;

@@ -21,6 +21,42 @@ std::string Num(int64_t x) { return std::to_string(x); }
 
 }  // namespace
 
+// DecodeStats: f32 outputs whose key extent holds the longest sequence.
+Status ValidateDecodeStats(const DecodeStats& st, int64_t B, int64_t Q, int64_t Hq, int64_t Hkv,
+                           int64_t max_len) {
+  const struct {
+    const char* name;
+    const TensorView& view;
+    int32_t rank;
+    int64_t shape[4];
+    std::string what;
+  } outputs[] = {{"stats.probs",
+                  st.probs,
+                  4,
+                  {B, Hq, Q, -1},
+                  "shape [" + Num(B) + ", " + Num(Hq) + ", " + Num(Q) + ", S] ([B, Hq, Q, S])"},
+                 {"stats.accumulated",
+                  st.accumulated,
+                  3,
+                  {B, Hkv, -1, 0},
+                  "shape [" + Num(B) + ", " + Num(Hkv) + ", S] ([B, Hkv, S])"}};
+  for (const auto& o : outputs) {
+    if (o.view.data == nullptr) continue;
+    if (o.view.dtype != DType::kF32) {
+      return Status::InvalidArgument(Expected(o.name, "dtype f32", DTypeName(o.view.dtype)));
+    }
+    Status s = CheckShape(o.name, o.view, o.rank, o.shape, o.what, true);
+    if (!s.ok()) return s;
+    const int64_t keys = o.view.shape[o.rank - 1];
+    if (keys < max_len) {
+      return Status::InvalidArgument(
+          Expected(o.name, "a key extent S >= " + Num(max_len) + " (the longest seq_len)",
+                   "shape " + ShapeString(o.view)));
+    }
+  }
+  return Status::Ok();
+}
+
 Status ValidateDecode(const DecodeParams& p, AttentionProblem* prob, decode::KVSource* kv,
                       std::vector<int64_t>* lens) {
   Status s = ValidateKVCache(p.cache, p.kv, "cache", "kv");
@@ -70,14 +106,19 @@ Status ValidateDecode(const DecodeParams& p, AttentionProblem* prob, decode::KVS
   a.v = a.k;
   s = ValidateAttention(a, prob);
   if (!s.ok()) return s;
-  std::vector<Region> inputs = KVCacheRegions(p.cache, "cache");
-  for (Region& r : KVBatchRegions(p.kv, "kv")) inputs.push_back(std::move(r));
-  s = CheckDisjoint({ViewRegion("out", p.out), ViewRegion("lse", p.lse)}, inputs);
-  if (!s.ok()) return s;
   // The stand-in has one key: resolve the window against the real lengths (positions lie in
   // [-Q, max seq_len)), so that a window past every sequence means unbounded.
   int64_t max_len = 0;
   for (int64_t b = 0; b < B; ++b) max_len = std::max<int64_t>(max_len, kvquant::SeqLens(p.kv)[b]);
+  s = ValidateDecodeStats(p.stats, B, Q, Hq, Hkv, max_len);
+  if (!s.ok()) return s;
+  std::vector<Region> inputs = KVCacheRegions(p.cache, "cache");
+  for (Region& r : KVBatchRegions(p.kv, "kv")) inputs.push_back(std::move(r));
+  s = CheckDisjoint(
+      {ViewRegion("out", p.out), ViewRegion("lse", p.lse), ViewRegion("stats.probs", p.stats.probs),
+       ViewRegion("stats.accumulated", p.stats.accumulated)},
+      inputs);
+  if (!s.ok()) return s;
   prob->window_left =
       p.window_left < 0 || p.window_left >= std::max(Q, max_len) ? kUnboundedWindow : p.window_left;
 

@@ -408,6 +408,65 @@ void AttentionForwardF64(const AttentionParams& p, double* out, double* lse) {
   }
 }
 
+void AttentionStatsF64(const AttentionParams& p, double* key_mass, double* key_mass_sq,
+                       double* row_entropy) {
+  const TokenView q = MakeTokenView(p.q);
+  const TokenView k = MakeTokenView(p.k);
+  const TokenView v = MakeTokenView(p.v);
+  const int64_t batch = p.q.shape[0], heads_q = q.heads, dim = q.dim, k_len = k.tokens;
+  const int64_t group = heads_q / k.heads;
+  const int64_t window = p.stats.window;
+  const int64_t heads_out = p.stats.sum_gqa_group ? k.heads : heads_q;
+  const Options o = ResolveOptions(p, dim);
+  const size_t key_outputs = static_cast<size_t>(batch * heads_out * k_len);
+  if (key_mass != nullptr) std::fill(key_mass, key_mass + key_outputs, 0.0);
+  if (key_mass_sq != nullptr) std::fill(key_mass_sq, key_mass_sq + key_outputs, 0.0);
+
+  std::vector<double> keys, values, row_q(static_cast<size_t>(dim)), scores;
+  std::vector<char> visible;
+  for (int64_t b = 0; b < batch; ++b) {
+    const Sequence sq = SequenceOf(p, q, k, o, b);
+    scores.assign(static_cast<size_t>(k_len), 0.0);
+    visible.assign(static_cast<size_t>(k_len), 0);
+    for (int64_t kv_head = 0; kv_head < k.heads; ++kv_head) {
+      LoadKeysValues(p, k, v, sq, kv_head, &keys, &values);
+      for (int64_t h = kv_head * group; h < (kv_head + 1) * group; ++h) {
+        const double slope = AlibiSlope(p, b, h);
+        const int64_t h_out = p.stats.sum_gqa_group ? kv_head : h;
+        for (int64_t w = 0; w < window; ++w) {
+          const int64_t i = sq.q_len - window + w;
+          for (int64_t d = 0; d < dim; ++d) {
+            row_q[static_cast<size_t>(d)] = Load(p.q, q.Offset(b, i, h, d));
+          }
+          const RowMax row = RowScores(p, o, heads_q, sq, Row{b, h, i, i + sq.shift}, row_q.data(),
+                                       keys, dim, slope, scores.data(), visible.data(), nullptr);
+          double entropy = 0.0;
+          if (row.any_visible) {
+            double sum = 0.0;
+            for (int64_t j = 0; j < k_len; ++j) {
+              if (visible[static_cast<size_t>(j)]) {
+                sum += std::exp(scores[static_cast<size_t>(j)] - row.max);
+              }
+            }
+            const double lse = row.max + std::log(sum);
+            for (int64_t j = 0; j < k_len; ++j) {
+              if (!visible[static_cast<size_t>(j)]) continue;
+              const double s = scores[static_cast<size_t>(j)];
+              const double prob = std::exp(s - lse);
+              const size_t at = static_cast<size_t>((b * heads_out + h_out) * k_len + j);
+              if (key_mass != nullptr) key_mass[at] += prob;
+              if (key_mass_sq != nullptr) key_mass_sq[at] += prob * prob;
+              // -p ln p = p (lse - s).
+              entropy += prob * (lse - s);
+            }
+          }
+          if (row_entropy != nullptr) row_entropy[(b * heads_q + h) * window + w] = entropy;
+        }
+      }
+    }
+  }
+}
+
 // The gradients of the materialized forward above, one query row at a time: recompute the row's
 // scores exactly as the forward does, then with P = softmax(S):
 //   dV_j += P_j dO,  dP_j = dO . v_j,  D = sum_j P_j dP_j,  dS_j = P_j (dP_j - D),

@@ -24,6 +24,15 @@ namespace ref {
 // and every lse entry of the call is written as 0 (the kernels reject an lse output with sigmoid).
 void AttentionForwardF64(const AttentionParams& params, double* out, double* lse);
 
+// The window statistics of params.stats (tessera/attention.h) in fp64, from the same row scores
+// as AttentionForwardF64 and each row's exact LSE. Dense batch, softmax only; params.stats.window
+// in [1, Sq] (the views of params.stats are not read). Results, contiguous:
+//   key_mass, key_mass_sq  [B, H, Sk]  (H = Hq, or Hkv with stats.sum_gqa_group); either may be
+//                          nullptr
+//   row_entropy            [B, Hq, W]; may be nullptr
+void AttentionStatsF64(const AttentionParams& params, double* key_mass, double* key_mass_sq,
+                       double* row_entropy);
+
 // Exact attention gradients in fp64, from q, k, v, dout and the options of params.forward (its
 // out and lse are ignored: the reference recomputes the forward in fp64). `params` must be valid
 // (AttentionBackward's validation passed). Results, contiguous, in the layouts of q / k / v:

@@ -145,6 +145,10 @@ void DecodeF64WithOptions(const DecodeParams& p, const DecodeRefOptions& options
         }
         if (!any_visible) {
           std::fill(out_row, out_row + dim, 0.0);
+          if (options.probs != nullptr) {
+            double* prob_row = options.probs + ((b * heads_q + h) * num_q + i) * options.probs_keys;
+            std::fill(prob_row, prob_row + len, 0.0);
+          }
           if (mag_row != nullptr) std::fill(mag_row, mag_row + dim, 0.0);
           if (lse_elem != nullptr) *lse_elem = -kInf;
           continue;
@@ -175,6 +179,14 @@ void DecodeF64WithOptions(const DecodeParams& p, const DecodeRefOptions& options
           }
         }
         for (int64_t d = 0; d < dim; ++d) out_row[d] = acc[static_cast<size_t>(d)] / sum;
+        if (options.probs != nullptr) {
+          double* prob_row = options.probs + ((b * heads_q + h) * num_q + i) * options.probs_keys;
+          for (int64_t j = 0; j < len; ++j) {
+            prob_row[j] = visible[static_cast<size_t>(j)]
+                              ? std::exp(scores[static_cast<size_t>(j)] - max) / sum
+                              : 0.0;
+          }
+        }
         if (mag_row != nullptr) {
           for (int64_t d = 0; d < dim; ++d) mag_row[d] = acc_abs[static_cast<size_t>(d)] / sum;
         }

@@ -18,6 +18,10 @@ struct DecodeRefOptions {
   //   q~[c] = sigma * q8[c] / n[c]   (double; 0 where q8[c] == 0).
   // The softmax scale is not part of q': the kernels apply it after the integer dot product.
   bool quantize_query = false;
+  // When set: probs[((b * Hq + h) * Q + i) * probs_keys + j] = p_ij, the final probability of key
+  // j for query row i (0 for a masked key), for j < seq_lens[b]; later entries are left as is.
+  double* probs = nullptr;
+  int64_t probs_keys = 0;
 };
 
 // Decode in fp64 on the dequantized cache. For sequence b of kv.seq_lens[b] = len tokens, query
