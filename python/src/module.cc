@@ -325,6 +325,25 @@ void AttentionForwardPy(nb::handle q, nb::handle k, nb::handle v, nb::handle out
   RunWithoutGil([&] { return AttentionForward(p, ctx); });
 }
 
+// The forward with window statistics (AttentionStats): the same options, plus the statistics
+// outputs.
+void AttentionStatsPy(nb::handle q, nb::handle k, nb::handle v, nb::handle out, nb::handle lse,
+                      nb::handle key_mass, nb::handle key_mass_sq, nb::handle row_entropy,
+                      int64_t window, bool sum_gqa_group, std::optional<double> scale,
+                      bool causal, int64_t window_left, int64_t window_right, bool top_left,
+                      double softcap, nb::handle alibi_slopes, int32_t threads, int32_t path) {
+  const AttentionOptions o{scale, causal, window_left, window_right, top_left, softcap, 0};
+  AttentionParams p = MakeAttentionParams(q, k, v, out, lse, o, alibi_slopes, nb::none(),
+                                          nb::none(), nb::none(), nb::none());
+  p.stats.window = window;
+  p.stats.sum_gqa_group = sum_gqa_group;
+  p.stats.key_mass = ToView(key_mass, "key_mass");
+  p.stats.key_mass_sq = ToView(key_mass_sq, "key_mass_sq");
+  p.stats.row_entropy = ToView(row_entropy, "row_entropy");
+  const Context ctx = MakeContext(threads, path);
+  RunWithoutGil([&] { return AttentionForward(p, ctx); });
+}
+
 void AttentionBackwardPy(nb::handle dout, nb::handle q, nb::handle k, nb::handle v, nb::handle out,
                          nb::handle lse, nb::handle dq, nb::handle dk, nb::handle dv,
                          std::optional<double> scale, bool causal, int64_t window_left,
@@ -401,9 +420,11 @@ class KVPool {
 
   void Decode(nb::handle q, nb::handle seq_lens, nb::handle block_table, nb::handle out,
               nb::handle lse, std::optional<double> scale, bool causal, int64_t window_left,
-              double softcap, nb::handle alibi_slopes, int64_t split_tokens, int32_t threads,
-              int32_t path) {
+              double softcap, nb::handle alibi_slopes, int64_t split_tokens, nb::handle probs,
+              nb::handle accumulated, int32_t threads, int32_t path) {
     DecodeParams p;
+    p.stats.probs = ToView(probs, "probs");
+    p.stats.accumulated = ToView(accumulated, "accumulated");
     p.q = ToView(q, "q");
     p.cache = cache_.view();
     p.kv = Batch(seq_lens, block_table);
@@ -596,6 +617,7 @@ NB_MODULE(_C, m) {
 
   DefNoneOk(m, "attention_forward", &AttentionForwardPy);
   DefNoneOk(m, "attention_backward", &AttentionBackwardPy);
+  DefNoneOk(m, "attention_stats", &AttentionStatsPy);
   DefNoneOk(m, "merge_states", &MergeStatesPy);
   DefNoneOk(m, "apply_rotary", &ApplyRotaryPy);
   DefNoneOk(m, "linear_forward", &LinearForwardPy);

@@ -11,7 +11,7 @@ tessera.compat.
 """
 from . import _C
 from . import mask
-from ._attention import attention, attention_backward
+from ._attention import AttentionStats, attention, attention_backward, attention_stats
 from .decode import KVCache, apply_rotary, decode, merge_states
 from .linear import (linear_attention, linear_attention_backward, linear_attention_recurrent,
                      linear_feature_dim)
@@ -35,7 +35,7 @@ def set_simd_target(name):
     _C.set_simd_target(name)
 
 
-__all__ = ["attention", "attention_backward", "KVCache", "decode", "merge_states",
+__all__ = ["attention", "attention_backward", "attention_stats", "AttentionStats", "KVCache", "decode", "merge_states",
            "apply_rotary", "linear_attention", "linear_attention_recurrent",
            "linear_attention_backward", "linear_feature_dim", "Mask", "mask", "info",
            "set_simd_target", "__version__"]

@@ -221,6 +221,55 @@ def attention(q, k, v, *, causal=False, window=(-1, -1), softcap=0.0, alibi_slop
     return (out, lse) if return_lse else out
 
 
+class AttentionStats(tuple):
+    """Window statistics of attention_stats: key_mass [B, H, Sk], key_mass_sq [B, H, Sk] and
+    row_entropy [B, Hq, stats_window], float32 (H = Hq, or Hkv with sum_gqa_group)."""
+    __slots__ = ()
+    _fields = ("key_mass", "key_mass_sq", "row_entropy")
+
+    def __new__(cls, key_mass, key_mass_sq, row_entropy):
+        return tuple.__new__(cls, (key_mass, key_mass_sq, row_entropy))
+
+    key_mass = property(lambda self: self[0])
+    key_mass_sq = property(lambda self: self[1])
+    row_entropy = property(lambda self: self[2])
+
+
+def attention_stats(q, k, v, stats_window, *, sum_gqa_group=False, causal=False,
+                    window=(-1, -1), softcap=0.0, alibi_slopes=None, scale=None,
+                    align="bottom_right", return_lse=False, threads=None, path="auto"):
+    """tessera.attention plus the attention statistics of its last `stats_window` query rows,
+    the observation window that SnapKV, H2O and CAKE evict by: returns (out, AttentionStats) or
+    (out, lse, AttentionStats) with return_lse. With p_ij the probability of window row i on key j:
+    key_mass = sum_i p_ij, key_mass_sq = sum_i p_ij^2 (per query head, or per KV head summed over
+    its group with sum_gqa_group), row_entropy = -sum_j p_ij ln p_ij per window row. Dense batch
+    [B, S, H, D] with causal / window / softcap / ALiBi (no mask, no cu_seqlens); no autograd.
+    The statistics cost one more pass over K for the window rows only."""
+    kind = A.common_kind(q=q, k=k, v=v)
+    q, k, v = A.detach(q), A.detach(k), A.detach(v)
+    opts = AttentionOptions(kind, q, k, causal=causal, window=window, softcap=softcap,
+                            alibi_slopes=alibi_slopes, scale=scale, align=align,
+                            threads=threads, path=path)
+    if len(q.shape) != 4 or len(k.shape) != 4:
+        raise ValueError(f"q, k: expected [B, S, H, D] (no cu_seqlens with statistics), got "
+                         f"shapes {list(q.shape)} and {list(k.shape)}")
+    B, Sq, Hq, _ = q.shape
+    Sk, Hkv = k.shape[1], k.shape[2]
+    W = int(stats_window)
+    heads = Hkv if sum_gqa_group else Hq
+    out = A.empty(kind, q.shape, like=q)
+    lse = A.empty(kind, (B, Hq, Sq), dtype="f32") if return_lse else None
+    key_mass = A.empty(kind, (B, heads, Sk), dtype="f32")
+    key_mass_sq = A.empty(kind, (B, heads, Sk), dtype="f32")
+    row_entropy = A.empty(kind, (B, Hq, max(W, 0)), dtype="f32")
+    _C.attention_stats(q, k, v, out, lse, key_mass, key_mass_sq, row_entropy, W,
+                       bool(sum_gqa_group), opts.scale, opts.causal, opts.window_left,
+                       opts.window_right, opts.top_left, opts.softcap, opts.alibi_slopes,
+                       opts.threads, opts.path)
+    stats = AttentionStats(key_mass, key_mass_sq, row_entropy)
+    return (out, lse, stats) if return_lse else (out, stats)
+
+
 def attention_backward(dout, q, k, v, out, lse, *, causal=False, window=(-1, -1), softcap=0.0,
                        alibi_slopes=None, scale=None, attn_mask=None, mask=None,
                        cu_seqlens_q=None, cu_seqlens_k=None, align="bottom_right", threads=None,

@@ -146,12 +146,19 @@ class KVCache:
 
 
 def decode(q, cache, *, causal=False, window_left=-1, softcap=0.0, alibi_slopes=None, scale=None,
-           split_tokens=0, return_lse=False, threads=None, path="auto"):
+           split_tokens=0, return_lse=False, probs=None, accumulated=None, threads=None,
+           path="auto"):
     """Attention of q [B, Q, Hq, D] (Q in 1..16 new tokens per sequence, Hq a multiple of the
     cache's Hkv) over every token of each sequence of `cache` (the new ones included: append
     them first). Query row i sits at position seq_lens[b] - Q + i (bottom-right, as
     flash_attn_with_kvcache). Returns out [B, Q, Hq, D] (kind and dtype of q), and with
-    return_lse the natural-log LSE, float32 [B, Hq, Q]."""
+    return_lse the natural-log LSE, float32 [B, Hq, Q].
+
+    Statistics for eviction (TOVA, H2O; tessera.kv_policy), written in place into arrays the
+    caller owns (float32, the kind of q, S >= the longest sequence): probs [B, Hq, Q, S] receives
+    the final probability of every key j < seq_lens[b] (0 where masked), and accumulated
+    [B, Hkv, S] gets the sum over each KV head's query heads and rows added (H2O's running
+    attention; zero it once)."""
     from ._attention import PATHS
     if not isinstance(cache, KVCache):
         raise TypeError(f"cache: expected a tessera.KVCache, got {type(cache).__name__}")
@@ -166,8 +173,8 @@ def decode(q, cache, *, causal=False, window_left=-1, softcap=0.0, alibi_slopes=
     cache._pool.decode(A.detach(q), cache._seq_lens, cache._block_table, out, lse,
                        None if scale is None else float(scale), bool(causal), int(window_left),
                        float(softcap), A.as_f32(kind, "alibi_slopes", A.detach(alibi_slopes)),
-                       _int("split_tokens", split_tokens, 0), A.threads_arg(threads),
-                       PATHS[path])
+                       _int("split_tokens", split_tokens, 0), probs, accumulated,
+                       A.threads_arg(threads), PATHS[path])
     return (out, lse) if return_lse else out
 
 
