@@ -329,9 +329,9 @@ void AttentionForwardPy(nb::handle q, nb::handle k, nb::handle v, nb::handle out
 // outputs.
 void AttentionStatsPy(nb::handle q, nb::handle k, nb::handle v, nb::handle out, nb::handle lse,
                       nb::handle key_mass, nb::handle key_mass_sq, nb::handle row_entropy,
-                      int64_t window, bool sum_gqa_group, std::optional<double> scale,
-                      bool causal, int64_t window_left, int64_t window_right, bool top_left,
-                      double softcap, nb::handle alibi_slopes, int32_t threads, int32_t path) {
+                      int64_t window, bool sum_gqa_group, std::optional<double> scale, bool causal,
+                      int64_t window_left, int64_t window_right, bool top_left, double softcap,
+                      nb::handle alibi_slopes, int32_t threads, int32_t path) {
   const AttentionOptions o{scale, causal, window_left, window_right, top_left, softcap, 0};
   AttentionParams p = MakeAttentionParams(q, k, v, out, lse, o, alibi_slopes, nb::none(),
                                           nb::none(), nb::none(), nb::none());
