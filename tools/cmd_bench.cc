@@ -122,6 +122,11 @@ CommandMain AddBenchCommand(CLI::App& app) {
   decode_option(sub->add_option("--kv-buffers", o->kv_buffers,
                                 "decode --kv-file: chunk buffers in the ring, 2..8 (0 = 3)")
                     ->capture_default_str());
+  decode_option(
+      sub->add_option("--kv-decode-threads", o->kv_decode_threads,
+                      "decode --kv-file: threads of each chunk's decode, at most --threads "
+                      "(0 = 1)")
+          ->capture_default_str());
   sub->add_option("--threads", o->threads, "threads (0 = all)");
   sub->add_option("--vs", o->vs,
                   "also time a baseline in the same process: naive (OpenBLAS, unmasked) or dense "

@@ -148,8 +148,12 @@ struct KVFileDecodeParams {
   int64_t split_tokens = 0;
   KVFileReader reader = KVFileReader::kAuto;
   int32_t io_threads = 0;  // kThreadPool: reader threads (0: 4)
-  int32_t buffers = 0;     // chunk buffers in the ring, 2..8 (0: 3): buffers - 1 chunks in flight
-  bool direct = true;      // O_DIRECT (falls back to buffered reads where the file system refuses)
+  // Threads of each chunk's decode, at most ctx.num_threads (0: 1). One core decodes a chunk
+  // several times faster than storage delivers it, and on a busy machine every chunk's parallel
+  // region waits for its slowest worker's time slice (docs/decode.md, Out-of-core caches).
+  int32_t decode_threads = 0;
+  int32_t buffers = 0;  // chunk buffers in the ring, 2..8 (0: 3): buffers - 1 chunks in flight
+  bool direct = true;   // O_DIRECT (falls back to buffered reads where the file system refuses)
 };
 
 // What a DecodeFromFile call did (optional output).

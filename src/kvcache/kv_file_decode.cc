@@ -191,6 +191,11 @@ Status DecodeFromFile(const KVFile& file, const KVFileDecodeParams& p, const Con
                    "0 (default " + Str(kDefaultIoThreads) + ") or 1.." + Str(kMaxIoThreads),
                    Str(p.io_threads));
   }
+  if (p.decode_threads < 0) {
+    return Invalid("decode_threads", ">= 0 (0: 1)", Str(p.decode_threads));
+  }
+  Context decode_ctx = ctx;
+  decode_ctx.num_threads = std::min(ResolveThreads(ctx), std::max(1, p.decode_threads));
   const int64_t bytes_per_page = 2 * (layout.page_bytes + layout.scale_page_bytes);
   int64_t chunk_pages = 0;
   if (p.chunk_tokens == 0) {
@@ -409,11 +414,11 @@ Status DecodeFromFile(const KVFile& file, const KVFileDecodeParams& p, const Con
       const Slot& sl = slots[c % slots.size()];
       const bool last = c + 1 == n;
       if (last || !per_row_alibi) {
-        s = Decode(make_params(ch, sl, last, 0, Q), ctx);
+        s = Decode(make_params(ch, sl, last, 0, Q), decode_ctx);
         if (!s.ok()) return s;
       } else {
         for (int64_t i = 0; i < Q; ++i) {
-          s = Decode(make_params(ch, sl, false, i, 1), ctx);
+          s = Decode(make_params(ch, sl, false, i, 1), decode_ctx);
           if (!s.ok()) return s;
           const double shift = static_cast<double>(L - Q + i + 1 - ch.t1);
           for (int64_t h = 0; h < Hq; ++h) {
@@ -440,7 +445,7 @@ Status DecodeFromFile(const KVFile& file, const KVFileDecodeParams& p, const Con
         mp.lse.shape[1] = Hq;
         mp.lse.strides[0] = 1;
         mp.lse.strides[1] = Q;
-        s = MergeStates(mp, ctx);
+        s = MergeStates(mp, decode_ctx);
         if (!s.ok()) return s;
         std::copy(merged.begin(), merged.end(), parts.begin());
         std::copy(lse_merged.begin(), lse_merged.end(), lse_parts.begin());

@@ -145,6 +145,7 @@ Status FileDecode(const KVFile& f, const std::vector<float>& q, const Options& o
   if (o.alibi) p.alibi_slopes = MakeView1(kSlopes.data(), DType::kF32, kHq);
   p.chunk_tokens = o.chunk_tokens;
   p.reader = o.reader;
+  p.decode_threads = o.threads;
   Context ctx;
   ctx.num_threads = o.threads;
   return DecodeFromFile(f, p, ctx, stats);
