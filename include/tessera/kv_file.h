@@ -15,6 +15,8 @@
 //   v scales        same
 //   k normalizers   quantized dtypes only: f32 [Hkv, D] channel normalizers
 //   v normalizers   same
+//   k means         f32 [num_pages, Hkv, D]: the mean of each page's dequantized keys (block
+//                   selection scores chunks with them without reading their keys)
 // A file is filled either from an in-RAM cache (SaveKVFile) or token by token with KVFileWriter,
 // which holds one page in RAM (quantized through AppendKV) and writes each page when it is full;
 // both write to "<path>.partial" and rename it to `path` only once the file is complete, so an
@@ -31,6 +33,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <vector>
 
 #include "tessera/context.h"
 #include "tessera/kv_cache.h"
@@ -154,16 +157,25 @@ struct KVFileDecodeParams {
   int32_t decode_threads = 0;
   int32_t buffers = 0;  // chunk buffers in the ring, 2..8 (0: 3): buffers - 1 chunks in flight
   bool direct = true;   // O_DIRECT (falls back to buffered reads where the file system refuses)
+
+  // Block selection (approximate attention): > 0 reads only the chunks SelectBlocks (mask.h)
+  // keeps with top_k = select_top_k, scoring chunk J for query head h by
+  // scale * mean_i(q_i) . mean(K_J) from the file's per-page key means (causal form: the last
+  // chunk is always kept and counts as one of the top_k). The union over heads is read, decoded
+  // and merged; the other chunks are never read. Needs a chunk size that is a multiple of 16.
+  int64_t select_top_k = 0;
 };
 
 // What a DecodeFromFile call did (optional output).
 struct KVFileDecodeStats {
   KVFileReader reader = KVFileReader::kAuto;  // the reader used
   bool direct = false;                        // O_DIRECT was used
-  int64_t chunks = 0;
-  int64_t bytes_read = 0;  // bytes read from the file (aligned reads included)
-  double wait_ms = 0.0;    // time spent waiting for reads
-  double decode_ms = 0.0;  // time spent in decode and merge
+  int64_t chunks = 0;                         // chunks read
+  int64_t chunks_total = 0;          // chunks of the file (more than `chunks` with select_top_k)
+  std::vector<int64_t> chunks_read;  // their indices, ascending
+  int64_t bytes_read = 0;            // bytes read from the file (aligned reads included)
+  double wait_ms = 0.0;              // time spent waiting for reads
+  double decode_ms = 0.0;            // time spent in decode and merge
 };
 
 // Decodes q against the file's cache. Validates everything before any I/O; on error `out` and

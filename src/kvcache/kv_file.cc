@@ -22,6 +22,7 @@
 
 #include "core/check.h"
 #include "core/checked_math.h"
+#include "core/element.h"
 #include "core/guard.h"
 #include "kvcache/kv_file_format.h"
 #include "kvcache/kv_quant.h"
@@ -44,8 +45,10 @@ bool ComputeLayout(KVDType dtype, int64_t page_size, int64_t num_kv_heads, int64
   l.page_bytes = num_kv_heads * page_size * l.row_bytes;
   l.scale_page_bytes = quantized ? num_kv_heads * page_size * 8 : 0;
   l.norm_bytes = quantized ? num_kv_heads * head_dim * 4 : 0;
+  l.mean_page_bytes = num_kv_heads * head_dim * 4;
   const double total = static_cast<double>(num_pages) *
-                       (2.0 * static_cast<double>(l.page_bytes + l.scale_page_bytes));
+                       (2.0 * static_cast<double>(l.page_bytes + l.scale_page_bytes) +
+                        num_kv_heads * head_dim * 4.0);
   if (total > static_cast<double>(kMaxFileBytes)) return false;
   int64_t off = kHeaderBytes;
   auto section = [&](int64_t bytes) {
@@ -61,9 +64,47 @@ bool ComputeLayout(KVDType dtype, int64_t page_size, int64_t num_kv_heads, int64
     l.k_norm_off = section(l.norm_bytes);
     l.v_norm_off = section(l.norm_bytes);
   }
+  l.k_means_off = section(num_pages * l.mean_page_bytes);
   l.file_bytes = off;
   *layout = l;
   return true;
+}
+
+void PageKeyMeans(KVDType dtype, const uint8_t* k, const float* k_scales, const float* norm,
+                  int64_t page_size, int64_t num_kv_heads, int64_t head_dim, int64_t tokens,
+                  float* means) {
+  const int64_t D = head_dim, row_bytes = kvquant::RowBytes(dtype, D);
+  std::vector<double> sum(static_cast<size_t>(D));
+  std::vector<float> row(static_cast<size_t>(D));
+  for (int64_t h = 0; h < num_kv_heads; ++h) {
+    std::fill(sum.begin(), sum.end(), 0.0);
+    for (int64_t slot = 0; slot < tokens; ++slot) {
+      const int64_t r = h * page_size + slot;
+      const uint8_t* src = k + r * row_bytes;
+      switch (dtype) {
+        case KVDType::kF32:
+          std::memcpy(row.data(), src, size_t(D) * sizeof(float));
+          break;
+        case KVDType::kBF16:
+        case KVDType::kF16:
+          for (int64_t c = 0; c < D; ++c) {
+            uint16_t x;
+            std::memcpy(&x, src + 2 * c, 2);
+            row[size_t(c)] = dtype == KVDType::kBF16 ? BF16ToFloat(x) : F16ToFloat(x);
+          }
+          break;
+        case KVDType::kInt8:
+        case KVDType::kInt4:
+          kvquant::DequantizeRow(src, D, norm + h * D, kvquant::Bits(dtype), k_scales[2 * r],
+                                 k_scales[2 * r + 1], row.data());
+          break;
+      }
+      for (int64_t c = 0; c < D; ++c) sum[size_t(c)] += row[size_t(c)];
+    }
+    for (int64_t c = 0; c < D; ++c) {
+      means[h * D + c] = tokens > 0 ? static_cast<float>(sum[size_t(c)] / tokens) : 0.0f;
+    }
+  }
 }
 
 uint64_t Fnv1a64(const uint8_t* data, int64_t n) {
@@ -81,7 +122,7 @@ namespace {
 constexpr int kOffVersion = 8, kOffHeaderBytes = 12, kOffDType = 16, kOffEndian = 20,
               kOffPageSize = 24, kOffHeads = 32, kOffDim = 40, kOffPages = 48, kOffTokens = 56,
               kOffRowBytes = 64, kOffK = 72, kOffV = 80, kOffKScales = 88, kOffVScales = 96,
-              kOffKNorm = 104, kOffVNorm = 112, kOffFileBytes = 120;
+              kOffKNorm = 104, kOffVNorm = 112, kOffKMeans = 120, kOffFileBytes = 128;
 static_assert(kOffFileBytes + 8 == kHeaderFieldBytes, "header fields");
 
 template <typename T>
@@ -116,6 +157,7 @@ std::vector<uint8_t> EncodeHeader(const KVFileInfo& info, const Layout& layout) 
   Put<int64_t>(&h, kOffVScales, layout.v_scales_off);
   Put<int64_t>(&h, kOffKNorm, layout.k_norm_off);
   Put<int64_t>(&h, kOffVNorm, layout.v_norm_off);
+  Put<int64_t>(&h, kOffKMeans, layout.k_means_off);
   Put<int64_t>(&h, kOffFileBytes, layout.file_bytes);
   Put<uint64_t>(&h, kHeaderFieldBytes, Fnv1a64(h.data(), kHeaderFieldBytes));
   return h;
@@ -377,6 +419,7 @@ Status KVFile::Open(const std::string& path, KVFile* file) try {
                 {kOffVScales, layout.v_scales_off, "V scales offset"},
                 {kOffKNorm, layout.k_norm_off, "K normalizers offset"},
                 {kOffVNorm, layout.v_norm_off, "V normalizers offset"},
+                {kOffKMeans, layout.k_means_off, "key means offset"},
                 {kOffFileBytes, layout.file_bytes, "file size"}};
   for (const auto& f : fields) {
     const int64_t got = Get<int64_t>(h.data(), f.off);
@@ -443,7 +486,7 @@ Status SaveKVFile(const KVCacheView& cache, const KVBatchView& batch, int64_t b,
   const int64_t row = layout.row_bytes;
   std::vector<uint8_t> kpage(static_cast<size_t>(layout.page_bytes)), vpage(kpage.size());
   std::vector<float> kscales(static_cast<size_t>(layout.scale_page_bytes / 4)),
-      vscales(kscales.size());
+      vscales(kscales.size()), means(static_cast<size_t>(H * D));
   const uint8_t* k = static_cast<const uint8_t*>(cache.k);
   const uint8_t* v = static_cast<const uint8_t*>(cache.v);
   for (int64_t page = 0; page < num_pages; ++page) {
@@ -468,7 +511,13 @@ Status SaveKVFile(const KVCacheView& cache, const KVBatchView& batch, int64_t b,
         }
       }
     }
-    s = out.Write(kpage.data(), layout.page_bytes, layout.k_off + page * layout.page_bytes);
+    kvfile::PageKeyMeans(cache.dtype, kpage.data(), kscales.data(), cache.k_channel_scales, P, H, D,
+                         std::min(P, len - page * P), means.data());
+    s = out.Write(means.data(), layout.mean_page_bytes,
+                  layout.k_means_off + page * layout.mean_page_bytes);
+    if (s.ok()) {
+      s = out.Write(kpage.data(), layout.page_bytes, layout.k_off + page * layout.page_bytes);
+    }
     if (s.ok()) {
       s = out.Write(vpage.data(), layout.page_bytes, layout.v_off + page * layout.page_bytes);
     }
@@ -609,11 +658,17 @@ TESSERA_CATCH_ALL("KVFileWriter::SetChannelScales")
 
 namespace {
 
-// Writes the staged page as file page `page` and clears it.
-Status FlushPage(KVFileWriter::Impl* w, int64_t page) {
+// Writes the staged page (its first `tokens` slots filled) as file page `page` and clears it.
+Status FlushPage(KVFileWriter::Impl* w, int64_t page, int64_t tokens) {
   const Layout& l = w->layout;
   KVCacheView v = w->page.view();
-  Status s = w->file.Write(v.k, l.page_bytes, l.k_off + page * l.page_bytes);
+  const int64_t H = v.num_kv_heads, D = v.head_dim;
+  std::vector<float> means(static_cast<size_t>(H * D));
+  kvfile::PageKeyMeans(v.dtype, static_cast<const uint8_t*>(v.k), v.k_scales, v.k_channel_scales,
+                       v.page_size, H, D, tokens, means.data());
+  Status s =
+      w->file.Write(means.data(), l.mean_page_bytes, l.k_means_off + page * l.mean_page_bytes);
+  if (s.ok()) s = w->file.Write(v.k, l.page_bytes, l.k_off + page * l.page_bytes);
   if (s.ok()) s = w->file.Write(v.v, l.page_bytes, l.v_off + page * l.page_bytes);
   if (s.ok() && KVDTypeIsQuantized(v.dtype)) {
     s = w->file.Write(v.k_scales, l.scale_page_bytes, l.k_scales_off + page * l.scale_page_bytes);
@@ -723,7 +778,7 @@ Status KVFileWriter::Append(const TensorView& k_new, const TensorView& v_new,
     w.info.tokens += m;
     done += m;
     if (w.info.tokens % P == 0) {
-      s = FlushPage(&w, w.info.tokens / P - 1);
+      s = FlushPage(&w, w.info.tokens / P - 1, P);
       if (!s.ok()) {
         w.failed = true;
         return s;
@@ -740,7 +795,7 @@ Status KVFileWriter::Finish() try {
   Impl& w = *impl_;
   const int64_t P = w.info.page_size;
   if (w.info.tokens % P != 0) {
-    s = FlushPage(&w, w.info.tokens / P);
+    s = FlushPage(&w, w.info.tokens / P, w.info.tokens % P);
     if (!s.ok()) {
       w.failed = true;
       return s;

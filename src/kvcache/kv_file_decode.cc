@@ -42,6 +42,7 @@
 #include "kvcache/kv_file_io.h"
 #include "tessera/decode.h"
 #include "tessera/kv_file.h"
+#include "tessera/mask.h"
 #include "tessera/merge.h"
 
 namespace tessera {
@@ -92,6 +93,92 @@ void AddRead(Slot* slot, int r, int64_t off, int64_t n, std::vector<kvfile::Read
 float AlibiSlope(const TensorView& s, int64_t h) {
   const float* p = static_cast<const float*>(s.data);
   return s.rank == 1 ? p[h * s.strides[0]] : p[h * s.strides[1]];
+}
+
+// Block selection (KVFileDecodeParams::select_top_k): keeps the chunks SelectBlocks picks from
+// the file's per-page key means; `ids` receives the kept chunks' indices. The last chunk is kept
+// by SelectBlocks' causal form (its diagonal block).
+Status SelectChunks(const KVFile& file, const KVFileDecodeParams& p, const std::vector<float>& q32,
+                    int64_t Q, int64_t Hq, int64_t block_tokens, std::vector<Chunk>* chunks,
+                    std::vector<int64_t>* ids) {
+  const KVFileInfo& info = file.info();
+  const Layout& layout = file.impl()->layout;
+  const int64_t L = info.tokens, P = info.page_size, Hkv = info.num_kv_heads, D = info.head_dim;
+  const int64_t used_pages = CeilDiv(L, P), nkb = CeilDiv(L, block_tokens);
+  std::vector<float> page_means(static_cast<size_t>(used_pages * Hkv * D));
+  {
+    const int fd = ::open(file.path().c_str(), O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return Invalid("file", "a readable file at " + file.path(), std::strerror(errno));
+    int64_t done = 0;
+    const int64_t want = used_pages * layout.mean_page_bytes;
+    uint8_t* dst = reinterpret_cast<uint8_t*>(page_means.data());
+    while (done < want) {
+      const ssize_t r = ::pread(fd, dst + done, static_cast<size_t>(want - done),
+                                static_cast<off_t>(layout.k_means_off + done));
+      if (r < 0 && errno == EINTR) continue;
+      if (r <= 0) break;
+      done += r;
+    }
+    ::close(fd);
+    if (done < want) {
+      return Status::Internal("DecodeFromFile: cannot read the key means of '" + file.path() + "'");
+    }
+  }
+  // Scores [1, Hq, 1, nkb]: scale * mean(q) . (token-weighted mean of the block's page means).
+  const double scale =
+      p.scale.has_value() ? static_cast<double>(*p.scale) : 1.0 / std::sqrt(static_cast<double>(D));
+  std::vector<float> scores(static_cast<size_t>(Hq * nkb));
+  std::vector<double> qmean(static_cast<size_t>(D)), kmean(static_cast<size_t>(D));
+  const int64_t group = Hq / Hkv;
+  for (int64_t h = 0; h < Hq; ++h) {
+    std::fill(qmean.begin(), qmean.end(), 0.0);
+    for (int64_t i = 0; i < Q; ++i) {
+      for (int64_t d = 0; d < D; ++d) qmean[size_t(d)] += q32[size_t((i * Hq + h) * D + d)];
+    }
+    for (int64_t j = 0; j < nkb; ++j) {
+      std::fill(kmean.begin(), kmean.end(), 0.0);
+      const int64_t t0 = j * block_tokens, t1 = std::min(L, t0 + block_tokens);
+      for (int64_t page = t0 / P; page < CeilDiv(t1, P); ++page) {
+        const double n = static_cast<double>(std::min(t1, (page + 1) * P) - std::max(t0, page * P));
+        const float* m = page_means.data() + size_t((page * Hkv + h / group) * D);
+        for (int64_t d = 0; d < D; ++d) kmean[size_t(d)] += static_cast<double>(m[d]) * n;
+      }
+      double dot = 0.0;
+      for (int64_t d = 0; d < D; ++d) dot += qmean[size_t(d)] * kmean[size_t(d)];
+      scores[size_t(h * nkb + j)] =
+          static_cast<float>(scale * dot / (static_cast<double>(Q) * static_cast<double>(t1 - t0)));
+    }
+  }
+  std::vector<uint8_t> keep(static_cast<size_t>(Hq * nkb));
+  BlockSelectParams bs;
+  bs.q = MakeView4(nullptr, DType::kF32, 1, Q, Hq, D);
+  bs.k = MakeView4(nullptr, DType::kF32, 1, L, Hkv, D);
+  bs.scores = MakeView4(scores.data(), DType::kF32, 1, Hq, 1, nkb);
+  bs.block_q = 16;
+  bs.block_k = block_tokens;
+  bs.top_k = p.select_top_k;
+  bs.causal = true;
+  bs.out = MakeView4(keep.data(), DType::kU8, 1, Hq, 1, nkb);
+  Context one;
+  one.num_threads = 1;
+  Status s = SelectBlocks(bs, one);
+  if (!s.ok()) return s;
+  // Block j is chunk j, except blocks past the last chunk (a short last block joined to it).
+  std::vector<Chunk> kept;
+  ids->clear();
+  const int64_t n = static_cast<int64_t>(chunks->size());
+  for (int64_t c = 0; c < n; ++c) {
+    bool any = c + 1 == n;
+    for (int64_t j = c; j < (c + 1 == n ? nkb : c + 1); ++j) {
+      for (int64_t h = 0; h < Hq; ++h) any = any || keep[size_t(h * nkb + j)] != 0;
+    }
+    if (any) {
+      kept.push_back((*chunks)[size_t(c)]);
+      ids->push_back(c);
+    }
+  }
+  *chunks = std::move(kept);
+  return Status::Ok();
 }
 
 }  // namespace
@@ -225,8 +312,15 @@ Status DecodeFromFile(const KVFile& file, const KVFileDecodeParams& p, const Con
     chunks.back().p1 = last.p1;
     chunks.back().t1 = last.t1;
   }
-  int64_t max_pages = 0;
-  for (const Chunk& c : chunks) max_pages = std::max(max_pages, c.p1 - c.p0);
+  if (p.select_top_k < 0) {
+    return Invalid("select_top_k", ">= 0 (0: read every chunk)", Str(p.select_top_k));
+  }
+  if (p.select_top_k > 0 && (chunk_pages * P) % 16 != 0) {
+    return Invalid("chunk_tokens",
+                   "a multiple of 16 tokens with select_top_k (SelectBlocks' block size)",
+                   Str(chunk_pages * P));
+  }
+  const int64_t chunks_total = static_cast<int64_t>(chunks.size());
 
   const size_t rows = static_cast<size_t>(Q * Hq);
   // Scratch: q in f32, the state / chunk pair of parts, the merge output.
@@ -241,6 +335,15 @@ Status DecodeFromFile(const KVFile& file, const KVFileDecodeParams& p, const Con
       }
     }
   }
+
+  std::vector<int64_t> chunk_ids(chunks.size());
+  for (size_t c = 0; c < chunks.size(); ++c) chunk_ids[c] = static_cast<int64_t>(c);
+  if (p.select_top_k > 0 && chunks.size() > 1) {
+    s = SelectChunks(file, p, q32, Q, Hq, chunk_pages * P, &chunks, &chunk_ids);
+    if (!s.ok()) return s;
+  }
+  int64_t max_pages = 0;
+  for (const Chunk& c : chunks) max_pages = std::max(max_pages, c.p1 - c.p0);
 
   // The ring of buffers (allocated before the reader: the reader is destroyed first).
   std::vector<Slot> slots(chunks.empty() ? 0 : size_t(buffers));
@@ -343,6 +446,7 @@ Status DecodeFromFile(const KVFile& file, const KVFileDecodeParams& p, const Con
 
   KVFileDecodeStats st;
   st.direct = false;
+  st.chunks_total = chunks_total;
   if (!chunks.empty()) {
     // --- Open the file for reading and check it is still the one KVFile::Open validated --------
     int fd = -1;
@@ -453,6 +557,7 @@ Status DecodeFromFile(const KVFile& file, const KVFileDecodeParams& p, const Con
       st.decode_ms += std::chrono::duration<double, std::milli>(Clock::now() - d0).count();
     }
     st.chunks = static_cast<int64_t>(n);
+    st.chunks_read = chunk_ids;
   }
 
   // --- The result

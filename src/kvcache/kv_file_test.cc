@@ -347,6 +347,94 @@ TEST(KVFileDecodeRegression, EmptyFile) {
   for (float x : r.lse) EXPECT_EQ(x, -std::numeric_limits<float>::infinity());
 }
 
+// Block selection: with top_k covering every chunk it is the full decode (bitwise); with a needle
+// planted in one chunk and top_k = 2 it reads that chunk and the last one only, and equals the
+// in-RAM decode over exactly those tokens.
+TEST(KVFileDecodeSelect, ReadsTheSelectedChunksOnly) {
+  TempDir dir;
+  const int32_t len = 1003;
+  const int64_t chunk = 96, needle = 5;
+  const std::vector<float> q = Normalish(kHq * kDim, 21);
+  std::vector<float> k = Normalish(int64_t{len} * kHkv * kDim, 22);
+  const std::vector<float> v = Normalish(int64_t{len} * kHkv * kDim, 23);
+  for (float& x : k) x *= 0.1f;
+  for (int64_t t = needle * chunk; t < (needle + 1) * chunk; ++t) {
+    for (int64_t g = 0; g < kHkv; ++g) {
+      for (int64_t d = 0; d < kDim; ++d) {
+        // The mean of the group's two query heads, scaled: the highest score for both.
+        const float qm = 0.5f * (q[size_t((2 * g) * kDim + d)] + q[size_t((2 * g + 1) * kDim + d)]);
+        k[size_t((t * kHkv + g) * kDim + d)] += 0.5f * qm;
+      }
+    }
+  }
+  auto make = [&](const std::vector<int64_t>& tokens, RamCache* rc) {
+    const int32_t n = static_cast<int32_t>(tokens.size());
+    const int64_t pages = (n + kPage - 1) / kPage;
+    ASSERT_TRUE(rc->cache.Allocate(KVDType::kF16, pages, kPage, kHkv, kDim).ok());
+    for (int64_t i = 0; i < pages; ++i) rc->block_table.push_back(static_cast<int32_t>(i));
+    std::vector<float> kk, vv;
+    for (int64_t t : tokens) {
+      kk.insert(kk.end(), k.begin() + t * kHkv * kDim, k.begin() + (t + 1) * kHkv * kDim);
+      vv.insert(vv.end(), v.begin() + t * kHkv * kDim, v.begin() + (t + 1) * kHkv * kDim);
+    }
+    AppendKVParams ap;
+    ap.k_new = MakeView4(kk.data(), DType::kF32, 1, n, kHkv, kDim);
+    ap.v_new = MakeView4(vv.data(), DType::kF32, 1, n, kHkv, kDim);
+    ap.cache = rc->cache.view();
+    rc->len = 0;
+    ap.batch = rc->Batch();
+    ASSERT_TRUE(AppendKV(ap, Context()).ok());
+    rc->len = n;
+  };
+  std::vector<int64_t> all(len);
+  for (int32_t t = 0; t < len; ++t) all[size_t(t)] = t;
+  RamCache full;
+  ASSERT_NO_FATAL_FAILURE(make(all, &full));
+  const std::string path = dir.File("sel.kv");
+  ASSERT_TRUE(SaveKVFile(full.cache.view(), full.Batch(), 0, path).ok());
+  KVFile f;
+  ASSERT_TRUE(KVFile::Open(path, &f).ok());
+  Options o;
+  o.chunk_tokens = chunk;
+  Outputs plain, sel;
+  KVFileDecodeStats stats;
+  ASSERT_TRUE(FileDecode(f, q, o, &plain, &stats).ok());
+  EXPECT_EQ(stats.chunks, 11);
+  KVFileDecodeParams p;
+  p.q = MakeView4(const_cast<float*>(q.data()), DType::kF32, 1, 1, kHq, kDim);
+  sel.out.assign(q.size(), 0.0f);
+  sel.lse.assign(kHq, 0.0f);
+  p.out = MakeView4(sel.out.data(), DType::kF32, 1, 1, kHq, kDim);
+  p.lse = MakeView3(sel.lse.data(), DType::kF32, 1, kHq, 1);
+  p.chunk_tokens = chunk;
+  p.select_top_k = 11;
+  ASSERT_TRUE(DecodeFromFile(f, p, Context(), &stats).ok());
+  EXPECT_EQ(stats.chunks, 11);
+  EXPECT_EQ(0, std::memcmp(sel.out.data(), plain.out.data(), plain.out.size() * 4));
+  const int64_t all_bytes = stats.bytes_read;
+  p.select_top_k = 2;
+  Status s = DecodeFromFile(f, p, Context(), &stats);
+  ASSERT_TRUE(s.ok()) << s.ToString();
+  EXPECT_EQ(stats.chunks_total, 11);
+  ASSERT_EQ(stats.chunks_read, (std::vector<int64_t>{needle, 10}));
+  EXPECT_LT(stats.bytes_read, all_bytes / 4);
+  std::vector<int64_t> picked;
+  for (int64_t t = needle * chunk; t < (needle + 1) * chunk; ++t) picked.push_back(t);
+  for (int64_t t = 10 * chunk; t < len; ++t) picked.push_back(t);
+  RamCache part;
+  ASSERT_NO_FATAL_FAILURE(make(picked, &part));
+  Outputs want;
+  const DecodeParams rp = RamParams(&part, q, Options(), &want);
+  ASSERT_TRUE(Decode(rp, Context()).ok());
+  EXPECT_TRUE(test::CheckClose(D64(sel.out), D64(want.out), test::OutputCeiling(DType::kF32),
+                               "selected chunks vs in-RAM decode of their tokens"));
+  EXPECT_TRUE(test::CheckClose(D64(sel.lse), D64(want.lse), {1e-5, 1e-5}, "lse"));
+  p.chunk_tokens = 0;  // 4 MiB of 16-token pages: a multiple of 16, fine
+  EXPECT_TRUE(DecodeFromFile(f, p, Context()).ok());
+  p.select_top_k = -1;
+  EXPECT_EQ(DecodeFromFile(f, p, Context()).code(), StatusCode::kInvalidArgument);
+}
+
 std::vector<char> ReadBytes(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
   return std::vector<char>(std::istreambuf_iterator<char>(in), {});
