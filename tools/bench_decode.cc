@@ -294,6 +294,7 @@ int BenchDecodeFile(const BenchOptions& o, DType dtype, KVDType kv_dtype, int64_
   params.chunk_tokens = o.kv_chunk_tokens;
   params.buffers = o.kv_buffers;
   params.decode_threads = o.kv_decode_threads;
+  params.select_top_k = o.kv_select_top_k;
   params.reader = reader;
 
   auto drop = [&]() { return !o.cold || DropFromPageCache(path); };
@@ -352,6 +353,8 @@ int BenchDecodeFile(const BenchOptions& o, DType dtype, KVDType kv_dtype, int64_
   result["reader"] = KVFileReaderName(stats.reader);
   result["direct"] = stats.direct;
   result["chunks"] = stats.chunks;
+  result["chunks_total"] = stats.chunks_total;
+  result["select_top_k"] = o.kv_select_top_k;
   result["buffers"] = o.kv_buffers == 0 ? 3 : o.kv_buffers;
   result["simd_target"] = SimdTargetName();
   result["version"] = Version();

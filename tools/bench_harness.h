@@ -71,6 +71,7 @@ struct BenchOptions {
   int64_t kv_chunk_tokens = 0;
   int32_t kv_buffers = 0;
   int32_t kv_decode_threads = 0;
+  int64_t kv_select_top_k = 0;
   // linear only
   std::string variant = "plain";
   std::string feature_map;  // empty: the variant's default

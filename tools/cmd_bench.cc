@@ -127,6 +127,10 @@ CommandMain AddBenchCommand(CLI::App& app) {
                       "decode --kv-file: threads of each chunk's decode, at most --threads "
                       "(0 = 1)")
           ->capture_default_str());
+  decode_option(sub->add_option("--kv-select-top-k", o->kv_select_top_k,
+                                "decode --kv-file: read only the top-k chunks SelectBlocks picks "
+                                "from the file's key means (0 = every chunk)")
+                    ->capture_default_str());
   sub->add_option("--threads", o->threads, "threads (0 = all)");
   sub->add_option("--vs", o->vs,
                   "also time a baseline in the same process: naive (OpenBLAS, unmasked) or dense "

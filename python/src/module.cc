@@ -657,7 +657,8 @@ NB_MODULE(_C, m) {
             [](const t::KVFile& f, nb::handle q, nb::handle out, nb::handle lse,
                std::optional<double> scale, bool causal, int64_t window_left, double softcap,
                nb::handle alibi_slopes, int64_t chunk_tokens, int64_t split_tokens,
-               const std::string& reader, int32_t buffers, int32_t threads) {
+               const std::string& reader, int32_t buffers, int64_t select_top_k,
+               int32_t decode_threads, int32_t threads) {
               t::KVFileDecodeParams p;
               p.q = ToView(q, "q");
               p.out = ToView(out, "out");
@@ -670,6 +671,8 @@ NB_MODULE(_C, m) {
               p.chunk_tokens = chunk_tokens;
               p.split_tokens = split_tokens;
               p.buffers = buffers;
+              p.select_top_k = select_top_k;
+              p.decode_threads = decode_threads;
               if (reader == "auto") {
                 p.reader = t::KVFileReader::kAuto;
               } else if (reader == "io_uring") {
@@ -686,6 +689,8 @@ NB_MODULE(_C, m) {
               d["reader"] = t::KVFileReaderName(stats.reader);
               d["direct"] = stats.direct;
               d["chunks"] = stats.chunks;
+              d["chunks_total"] = stats.chunks_total;
+              d["chunks_read"] = stats.chunks_read;
               d["bytes_read"] = stats.bytes_read;
               d["wait_ms"] = stats.wait_ms;
               d["decode_ms"] = stats.decode_ms;
@@ -694,7 +699,8 @@ NB_MODULE(_C, m) {
             nb::arg("q"), nb::arg("out"), nb::arg("lse").none(), nb::arg("scale").none(),
             nb::arg("causal"), nb::arg("window_left"), nb::arg("softcap"),
             nb::arg("alibi_slopes").none(), nb::arg("chunk_tokens"), nb::arg("split_tokens"),
-            nb::arg("reader"), nb::arg("buffers"), nb::arg("threads"));
+            nb::arg("reader"), nb::arg("buffers"), nb::arg("select_top_k"),
+            nb::arg("decode_threads"), nb::arg("threads"));
     nb::class_<t::KVFileWriter>(m, "KVFileWriter")
         .def("__init__",
              [](t::KVFileWriter* self, const std::string& path, const std::string& dtype,

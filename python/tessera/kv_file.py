@@ -34,11 +34,12 @@ class KVFile:
     file_bytes = property(lambda self: self._f.file_bytes)
 
     def decode(self, q, *, causal=False, softcap=0.0, alibi_slopes=None, scale=None,
-               chunk_tokens=0, split_tokens=0, reader="auto", buffers=0, return_lse=False,
-               return_stats=False, threads=None):
+               chunk_tokens=0, split_tokens=0, reader="auto", buffers=0, select_top_k=0,
+               decode_threads=0, return_lse=False, return_stats=False, threads=None):
         """Attention of q [1, Q, Hq, D] (Q in 1..16) over every token of the file, streamed in
         chunks of chunk_tokens (0: about 4 MiB) with the next chunks' reads in flight. Query row i
-        sits at position tokens - Q + i. Returns out (kind and dtype of q), then the LSE float32
+        sits at position tokens - Q + i. select_top_k > 0 reads only the chunks block selection
+        keeps (tessera.mask.select_blocks over the file's key means; approximate). Returns out (kind and dtype of q), then the LSE float32
         [1, Hq, Q] with return_lse and a dict of what the reads did with return_stats."""
         kind = A.kind_of("q", q)
         if len(q.shape) != 4:
@@ -53,7 +54,8 @@ class KVFile:
                                A.as_f32(kind, "alibi_slopes", A.detach(alibi_slopes)),
                                _int("chunk_tokens", chunk_tokens, 0),
                                _int("split_tokens", split_tokens, 0), reader,
-                               _int("buffers", buffers, 0), A.threads_arg(threads))
+                               _int("buffers", buffers, 0), _int("select_top_k", select_top_k, 0),
+                               _int("decode_threads", decode_threads, 0), A.threads_arg(threads))
         result = (out,) + ((lse,) if return_lse else ()) + ((stats,) if return_stats else ())
         return result[0] if len(result) == 1 else result
 

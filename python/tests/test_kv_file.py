@@ -37,6 +37,8 @@ def test_decode_matches_in_ram(tmp_path, dtype, reader):
         assert stats["reader"] == "threads"
     np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-5)
     np.testing.assert_allclose(lse, want_lse, atol=2e-5, rtol=2e-5)
+    _, stats = f.decode(q, causal=True, chunk_tokens=64, select_top_k=1, return_stats=True)
+    assert stats["chunks_read"] == [4] and stats["chunks_total"] == 5  # the last chunk alone
 
 
 def test_writer_equals_save(tmp_path):

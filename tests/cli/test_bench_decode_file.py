@@ -59,6 +59,13 @@ class BenchDecodeFileTest(unittest.TestCase):
                 self.assertEqual(rc, 0, err)
                 self.assertNotIn("building", err)
                 self.assertEqual(json.loads(out)["file_build_ms"], 0)
+                # Block selection: the top 2 chunks per head (the last one included) are read.
+                rc, out, err = self.bench(path, "--kv-select-top-k", 2, kv_dtype=kv_dtype)
+                self.assertEqual(rc, 0, err)
+                r2 = json.loads(out)
+                self.assertEqual(r2["chunks_total"], 8)
+                self.assertTrue(2 <= r2["chunks"] <= 1 + self.H, r2["chunks"])
+                self.assertLess(r2["bytes_read"], r["bytes_read"])
 
     def test_errors(self):
         path = os.path.join(self.dir, "cache.kv")
