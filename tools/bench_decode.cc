@@ -19,12 +19,14 @@
 // (8 MiB read() calls through the page cache): disk_gbps is its median rate, frac_disk the
 // decode's read rate (the bytes it read over its median time) over disk_gbps; disk_direct_gbps
 // and frac_disk_direct the same for an O_DIRECT sequential read of 8 MiB blocks (one request at a
-// time, no readahead). With --cold the file is dropped from the page cache (fsync, then
-// posix_fadvise DONTNEED) before every run of each.
+// time, no readahead), and disk_qd8_gbps / frac_disk_qd8 for 8 threads reading the file's 1 MiB
+// blocks with O_DIRECT (the queue depth of the decode's own reads). With --cold the file is dropped
+// from the page cache (fsync, then posix_fadvise DONTNEED) before every run of each.
 #include <fcntl.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cerrno>
 #include <chrono>
 #include <cmath>
@@ -33,6 +35,7 @@
 #include <limits>
 #include <memory>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "bench_harness.h"
@@ -211,6 +214,35 @@ double SequentialReadSeconds(const std::string& path, bool direct, uint8_t* buff
   return MillisecondsSince(start) * 1e-3;
 }
 
+// Reads the whole file with O_DIRECT as kParallelReads threads each reading every
+// kParallelReads-th 1 MiB block in order: the same queue depth and request size as
+// DecodeFromFile's reads with two chunks in flight, without the decode. Returns the seconds, or -1.
+constexpr int kParallelReads = 8;
+constexpr size_t kParallelReadBytes = size_t{1} << 20;
+static_assert(kParallelReads * kParallelReadBytes <= kSequentialReadBytes,
+              "one buffer serves both");
+double ParallelDirectReadSeconds(const std::string& path, int64_t file_bytes, uint8_t* buffer) {
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_DIRECT);
+  if (fd < 0) return -1.0;
+  const auto start = std::chrono::steady_clock::now();
+  const int64_t blocks =
+      (file_bytes + int64_t(kParallelReadBytes) - 1) / int64_t(kParallelReadBytes);
+  std::vector<std::thread> workers;
+  std::atomic<bool> failed{false};
+  for (int t = 0; t < kParallelReads; ++t) {
+    workers.emplace_back([&, t] {
+      uint8_t* dst = buffer + size_t(t) * kParallelReadBytes;
+      for (int64_t b = t; b < blocks && !failed; b += kParallelReads) {
+        const ssize_t r = ::pread(fd, dst, kParallelReadBytes, static_cast<off_t>(b) << 20);
+        if (r <= 0) failed = true;
+      }
+    });
+  }
+  for (std::thread& w : workers) w.join();
+  ::close(fd);
+  return failed ? -1.0 : MillisecondsSince(start) * 1e-3;
+}
+
 // Builds a KV file of `tokens` random tokens (the in-RAM benchmark's data) with KVFileWriter.
 Status BuildKVFile(const BenchOptions& o, const std::string& path, KVDType kv_dtype,
                    int64_t kv_heads, int64_t tokens, const Context& ctx) {
@@ -306,7 +338,7 @@ int BenchDecodeFile(const BenchOptions& o, DType dtype, KVDType kv_dtype, int64_
     }
   }
   const int reps = o.reps > 0 ? o.reps : 3;
-  std::vector<double> decode_ms, read_s, direct_s, wait_ms, compute_ms;
+  std::vector<double> decode_ms, read_s, direct_s, parallel_s, wait_ms, compute_ms;
   // O_DIRECT wants a block-aligned buffer.
   std::unique_ptr<uint8_t, AlignedFree> read_buffer(
       static_cast<uint8_t*>(std::aligned_alloc(4096, kSequentialReadBytes)));
@@ -328,6 +360,9 @@ int BenchDecodeFile(const BenchOptions& o, DType dtype, KVDType kv_dtype, int64_
     // O_DIRECT may be refused (tmpfs): then this baseline is left out.
     const double sd = SequentialReadSeconds(path, true, read_buffer.get());
     if (sd > 0.0) direct_s.push_back(sd);
+    if (!drop()) return Fail(cmd, "--cold: cannot drop " + path + " from the page cache");
+    const double sp = ParallelDirectReadSeconds(path, info.file_bytes, read_buffer.get());
+    if (sp > 0.0) parallel_s.push_back(sp);
   }
   const double peak_rss = PeakRssMiB();
   const double ms = Median(decode_ms);
@@ -375,6 +410,11 @@ int BenchDecodeFile(const BenchOptions& o, DType dtype, KVDType kv_dtype, int64_
     const double direct_gbps = static_cast<double>(info.file_bytes) / Median(direct_s) * 1e-9;
     result["disk_direct_gbps"] = direct_gbps;
     result["frac_disk_direct"] = read_gbps / direct_gbps;
+  }
+  if (!parallel_s.empty()) {
+    const double qd_gbps = static_cast<double>(info.file_bytes) / Median(parallel_s) * 1e-9;
+    result["disk_qd8_gbps"] = qd_gbps;
+    result["frac_disk_qd8"] = read_gbps / qd_gbps;
   }
   result["peak_rss_mib"] = peak_rss;
   if (o.json) {
