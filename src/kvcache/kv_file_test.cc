@@ -435,6 +435,53 @@ TEST(KVFileDecodeSelect, ReadsTheSelectedChunksOnly) {
   EXPECT_EQ(DecodeFromFile(f, p, Context()).code(), StatusCode::kInvalidArgument);
 }
 
+// A contiguous in-RAM cache (capacity 300 > 256 tokens per page) saved with 256-token file pages
+// and with 7-token ones.
+TEST(KVFileSave, ContiguousCacheAnyFilePageSize) {
+  TempDir dir;
+  const int32_t len = 203;
+  KVCache cache;
+  ASSERT_TRUE(cache.Allocate(KVDType::kInt8, 1, 300, kHkv, kDim).ok());
+  const std::vector<float> k = Normalish(int64_t{len} * kHkv * kDim, 31),
+                           v = Normalish(int64_t{len} * kHkv * kDim, 32);
+  int32_t zero = 0;
+  AppendKVParams ap;
+  ap.k_new = MakeView4(const_cast<float*>(k.data()), DType::kF32, 1, len, kHkv, kDim);
+  ap.v_new = MakeView4(const_cast<float*>(v.data()), DType::kF32, 1, len, kHkv, kDim);
+  ap.cache = cache.view();
+  ap.batch.batch = 1;
+  ap.batch.seq_lens = MakeView1(&zero, DType::kI32, 1);
+  ASSERT_TRUE(AppendKV(ap, Context()).ok());
+  int32_t n = len;
+  KVBatchView batch;
+  batch.batch = 1;
+  batch.seq_lens = MakeView1(&n, DType::kI32, 1);
+  const std::vector<float> q = Normalish(kHq * kDim, 33);
+  std::vector<float> want(q.size()), got(q.size());
+  DecodeParams rp;
+  rp.q = MakeView4(const_cast<float*>(q.data()), DType::kF32, 1, 1, kHq, kDim);
+  rp.cache = cache.view();
+  rp.kv = batch;
+  rp.out = MakeView4(want.data(), DType::kF32, 1, 1, kHq, kDim);
+  ASSERT_TRUE(Decode(rp, Context()).ok());
+  for (int64_t page_size : {int64_t{0}, int64_t{7}}) {
+    const std::string path = dir.File("contiguous" + std::to_string(page_size) + ".kv");
+    Status s = SaveKVFile(cache.view(), batch, 0, path, page_size);
+    ASSERT_TRUE(s.ok()) << s.ToString();
+    KVFile f;
+    ASSERT_TRUE(KVFile::Open(path, &f).ok());
+    EXPECT_EQ(f.info().page_size, page_size == 0 ? 256 : 7);
+    KVFileDecodeParams p;
+    p.q = rp.q;
+    p.out = MakeView4(got.data(), DType::kF32, 1, 1, kHq, kDim);
+    s = DecodeFromFile(f, p, Context());
+    ASSERT_TRUE(s.ok()) << s.ToString();
+    EXPECT_TRUE(test::CheckClose(D64(got), D64(want), test::OutputCeiling(DType::kF32), "out"));
+  }
+  EXPECT_EQ(SaveKVFile(cache.view(), batch, 1, dir.File("bad.kv")).code(),
+            StatusCode::kInvalidArgument);
+}
+
 std::vector<char> ReadBytes(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
   return std::vector<char>(std::istreambuf_iterator<char>(in), {});
