@@ -124,7 +124,7 @@ class KVFileWriter {
 
 // How DecodeFromFile reads the file.
 enum class KVFileReader : int32_t {
-  kAuto = 0,        // io_uring when built with liburing and the kernel allows it, else kThreads
+  kAuto = 0,        // the thread pool (measured as fast as io_uring: docs/decode.md)
   kIoUring = 1,     // io_uring (Unimplemented when not built with liburing or refused at run time)
   kThreadPool = 2,  // pread on a small pool of I/O threads
 };

@@ -35,7 +35,7 @@ class Reader {
 
 // A reader of `fd` (which the caller keeps open for the reader's life) with `slots` slots.
 // kIoUring fails with Unimplemented when the build has no liburing or the kernel refuses
-// io_uring (a seccomp filter, an old kernel); kAuto then falls back to kThreadPool.
+// io_uring (a seccomp filter, an old kernel); kAuto is kThreadPool.
 Status MakeReader(KVFileReader which, int fd, const std::string& path, int slots,
                   int32_t io_threads, std::unique_ptr<Reader>* reader);
 
