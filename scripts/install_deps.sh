@@ -6,7 +6,8 @@ set -euo pipefail
 
 packages=(build-essential cmake libhwy-dev libopenblas-dev libcli11-dev nlohmann-json3-dev
           libgtest-dev libbenchmark-dev python3 python3-venv python3-dev clang-format
-          clang-14 libclang-rt-14-dev)  # clang and its runtimes: the libFuzzer harnesses (fuzz/)
+          clang-14 libclang-rt-14-dev  # clang and its runtimes: the libFuzzer harnesses (fuzz/)
+          liburing-dev)  # optional: the io_uring reader of KV cache files
 missing=()
 for p in "${packages[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

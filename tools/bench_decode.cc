@@ -12,18 +12,37 @@
 // `--vs stream` instead pairs each of reps decode runs with a plain read of exactly the bytes it
 // reads (TimeReadSeconds over the used K/V rows and scales), so frac_stream compares the two at
 // the same moment, where frac_bw compares a median against the best read of another buffer.
+//
+// `--kv-file PATH` decodes one sequence streamed from a KV file instead (DecodeFromFile,
+// kv_file.h); a missing file is first built from the same kind of random data with KVFileWriter
+// (one page in RAM). Each timed run is paired with a plain sequential read of the whole file
+// (8 MiB read() calls through the page cache): disk_gbps is its median rate, frac_disk the
+// decode's read rate (the bytes it read over its median time) over disk_gbps; disk_direct_gbps
+// and frac_disk_direct the same for an O_DIRECT sequential read of 8 MiB blocks (one request at a
+// time, no readahead), and disk_qd8_gbps / frac_disk_qd8 for 8 threads reading the file's 1 MiB
+// blocks with O_DIRECT (the queue depth of the decode's own reads). With --cold the file is dropped
+// from the page cache (fsync, then posix_fadvise DONTNEED) before every run of each.
+#include <fcntl.h>
+#include <unistd.h>
+
 #include <algorithm>
+#include <atomic>
+#include <cerrno>
 #include <chrono>
 #include <cmath>
+#include <cstdlib>
 #include <iostream>
 #include <limits>
+#include <memory>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "bench_harness.h"
 #include "naive_decode.h"
 #include "tessera/decode.h"
 #include "tessera/kv_cache.h"
+#include "tessera/kv_file.h"
 #include "tessera/system.h"
 #include "tessera/version.h"
 
@@ -33,6 +52,7 @@ namespace bench {
 namespace {
 
 constexpr int64_t kAppendChunkTokens = 256;
+constexpr size_t kSequentialReadBytes = size_t{8} << 20;
 
 // The cache and the batch view over it that the decode benchmark reads.
 struct DecodeCache {
@@ -165,6 +185,252 @@ Status BuildDecodeCache(const BenchOptions& o, KVDType kv_dtype, int64_t kv_head
   return Status::Ok();
 }
 
+// Drops a file from the page cache: fsync (dirty pages cannot be dropped), then DONTNEED.
+bool DropFromPageCache(const std::string& path) {
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return false;
+  const bool ok = ::fsync(fd) == 0 && ::posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED) == 0;
+  ::close(fd);
+  return ok;
+}
+
+// Reads the whole file sequentially in 8 MiB read() calls into `buffer` (4096-aligned), through
+// the page cache or with O_DIRECT; returns the seconds, or -1.
+double SequentialReadSeconds(const std::string& path, bool direct, uint8_t* buffer) {
+  const auto start = std::chrono::steady_clock::now();
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | (direct ? O_DIRECT : 0));
+  if (fd < 0) return -1.0;
+  if (!direct) (void)::posix_fadvise(fd, 0, 0, POSIX_FADV_SEQUENTIAL);
+  for (;;) {
+    const ssize_t r = ::read(fd, buffer, kSequentialReadBytes);
+    if (r < 0 && errno == EINTR) continue;
+    if (r < 0) {
+      ::close(fd);
+      return -1.0;
+    }
+    if (r == 0) break;
+  }
+  ::close(fd);
+  return MillisecondsSince(start) * 1e-3;
+}
+
+// Reads the whole file with O_DIRECT as kParallelReads threads each reading every
+// kParallelReads-th 1 MiB block in order: the same queue depth and request size as
+// DecodeFromFile's reads with two chunks in flight, without the decode. Returns the seconds, or -1.
+constexpr int kParallelReads = 8;
+constexpr size_t kParallelReadBytes = size_t{1} << 20;
+static_assert(kParallelReads * kParallelReadBytes <= kSequentialReadBytes,
+              "one buffer serves both");
+double ParallelDirectReadSeconds(const std::string& path, int64_t file_bytes, uint8_t* buffer) {
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_DIRECT);
+  if (fd < 0) return -1.0;
+  const auto start = std::chrono::steady_clock::now();
+  const int64_t blocks =
+      (file_bytes + int64_t(kParallelReadBytes) - 1) / int64_t(kParallelReadBytes);
+  std::vector<std::thread> workers;
+  std::atomic<bool> failed{false};
+  for (int t = 0; t < kParallelReads; ++t) {
+    workers.emplace_back([&, t] {
+      uint8_t* dst = buffer + size_t(t) * kParallelReadBytes;
+      for (int64_t b = t; b < blocks && !failed; b += kParallelReads) {
+        const ssize_t r = ::pread(fd, dst, kParallelReadBytes, static_cast<off_t>(b) << 20);
+        if (r <= 0) failed = true;
+      }
+    });
+  }
+  for (std::thread& w : workers) w.join();
+  ::close(fd);
+  return failed ? -1.0 : MillisecondsSince(start) * 1e-3;
+}
+
+// Builds a KV file of `tokens` random tokens (the in-RAM benchmark's data) with KVFileWriter.
+Status BuildKVFile(const BenchOptions& o, const std::string& path, KVDType kv_dtype,
+                   int64_t kv_heads, int64_t tokens, const Context& ctx) {
+  KVFileWriter writer;
+  const int64_t page = o.page_size > 0 ? o.page_size : kKVFileMaxPageSize;
+  Status st = KVFileWriter::Create(path, kv_dtype, page, kv_heads, o.dim, tokens, &writer);
+  if (!st.ok()) return st;
+  const int64_t row = kv_heads * o.dim;
+  std::vector<float> k_new(static_cast<size_t>(kAppendChunkTokens * row)), v_new(k_new.size());
+  Random rng(o.seed + 1);
+  for (int64_t pos = 0; pos < tokens;) {
+    const int64_t n = std::min<int64_t>(kAppendChunkTokens, tokens - pos);
+    FillNormalish(k_new.data(), n * row, &rng);
+    FillNormalish(v_new.data(), n * row, &rng);
+    st = writer.Append(MakeView4(k_new.data(), DType::kF32, 1, n, kv_heads, o.dim),
+                       MakeView4(v_new.data(), DType::kF32, 1, n, kv_heads, o.dim), RotaryParams(),
+                       ctx);
+    if (!st.ok()) return st;
+    pos += n;
+  }
+  return writer.Finish();
+}
+
+// `bench --op decode --kv-file PATH` (see the file comment).
+int BenchDecodeFile(const BenchOptions& o, DType dtype, KVDType kv_dtype, int64_t kv_heads,
+                    int64_t tokens, Context ctx) {
+  const char* cmd = "bench";
+  const std::string& path = o.kv_file;
+  KVFileReader reader = KVFileReader::kAuto;
+  if (o.kv_reader == "io_uring") {
+    reader = KVFileReader::kIoUring;
+  } else if (o.kv_reader == "threads") {
+    reader = KVFileReader::kThreadPool;
+  } else if (o.kv_reader != "auto") {
+    return Fail(cmd, "--kv-reader: expected auto, io_uring or threads, got '" + o.kv_reader + "'");
+  }
+  if (o.batch != 1 || !o.lens.empty()) {
+    return Fail(cmd, "--kv-file: expected --batch 1 and no --lens (a file holds one sequence)");
+  }
+  if (!o.vs.empty() || o.baseline_only) {
+    return Fail(cmd, "--kv-file: expected no --vs / --baseline-only (disk_gbps is its baseline)");
+  }
+  if (o.page_size > kKVFileMaxPageSize) {
+    return Fail(cmd, "--kv-file: expected --page-size 0 (256) or 1.." +
+                         std::to_string(kKVFileMaxPageSize) + ", got " +
+                         std::to_string(o.page_size));
+  }
+  double build_ms = 0.0;
+  if (::access(path.c_str(), F_OK) != 0) {
+    std::cerr << "tessera bench: " << path << " does not exist; building it from random data ("
+              << tokens << " tokens, " << KVDTypeName(kv_dtype) << ", Hkv " << kv_heads << ", D "
+              << o.dim << ")" << std::endl;
+    const auto start = std::chrono::steady_clock::now();
+    if (const Status st = BuildKVFile(o, path, kv_dtype, kv_heads, tokens, ctx); !st.ok()) {
+      return Fail(cmd, st.ToString());
+    }
+    build_ms = MillisecondsSince(start);
+  }
+  KVFile file;
+  if (const Status st = KVFile::Open(path, &file); !st.ok()) return Fail(cmd, st.ToString());
+  const KVFileInfo& info = file.info();
+  if (info.dtype != kv_dtype || info.num_kv_heads != kv_heads || info.head_dim != o.dim ||
+      info.tokens != tokens) {
+    return Fail(cmd, "--kv-file: expected a file of " + std::to_string(tokens) + " tokens, " +
+                         KVDTypeName(kv_dtype) + ", Hkv " + std::to_string(kv_heads) + ", D " +
+                         std::to_string(o.dim) + " (--seq-k, --kv-dtype, --kv-heads, --dim), got " +
+                         std::to_string(info.tokens) + " tokens, " + KVDTypeName(info.dtype) +
+                         ", Hkv " + std::to_string(info.num_kv_heads) + ", D " +
+                         std::to_string(info.head_dim) + " in " + path);
+  }
+  const int64_t Q = o.queries, H = o.heads, D = o.dim;
+  const int64_t q_elems = Q * H * D;
+  AlignedBytes q = RandomBuffer(dtype, q_elems, o.seed, false);
+  AlignedBytes out = AllocateAligned(static_cast<size_t>(q_elems) * DTypeSize(dtype));
+  if (!q || !out) return Fail(cmd, "cannot allocate the queries and output");
+  KVFileDecodeParams params;
+  params.q = MakeView4(q.get(), dtype, 1, Q, H, D);
+  params.out = MakeView4(out.get(), dtype, 1, Q, H, D);
+  params.causal = o.causal;
+  params.split_tokens = o.split_tokens;
+  params.chunk_tokens = o.kv_chunk_tokens;
+  params.buffers = o.kv_buffers;
+  params.decode_threads = o.kv_decode_threads;
+  params.select_top_k = o.kv_select_top_k;
+  params.reader = reader;
+
+  auto drop = [&]() { return !o.cold || DropFromPageCache(path); };
+  KVFileDecodeStats stats;
+  for (int w = 0; w < o.warmup; ++w) {
+    if (!drop()) return Fail(cmd, "--cold: cannot drop " + path + " from the page cache");
+    if (const Status st = DecodeFromFile(file, params, ctx, &stats); !st.ok()) {
+      return Fail(cmd, st.ToString());
+    }
+  }
+  const int reps = o.reps > 0 ? o.reps : 3;
+  std::vector<double> decode_ms, read_s, direct_s, parallel_s, wait_ms, compute_ms;
+  // O_DIRECT wants a block-aligned buffer.
+  std::unique_ptr<uint8_t, AlignedFree> read_buffer(
+      static_cast<uint8_t*>(std::aligned_alloc(4096, kSequentialReadBytes)));
+  if (!read_buffer) return Fail(cmd, "cannot allocate the sequential read's buffer");
+  for (int r = 0; r < reps; ++r) {
+    if (!drop()) return Fail(cmd, "--cold: cannot drop " + path + " from the page cache");
+    const auto start = std::chrono::steady_clock::now();
+    if (const Status st = DecodeFromFile(file, params, ctx, &stats); !st.ok()) {
+      return Fail(cmd, st.ToString());
+    }
+    decode_ms.push_back(MillisecondsSince(start));
+    wait_ms.push_back(stats.wait_ms);
+    compute_ms.push_back(stats.decode_ms);
+    if (!drop()) return Fail(cmd, "--cold: cannot drop " + path + " from the page cache");
+    const double s = SequentialReadSeconds(path, false, read_buffer.get());
+    if (s <= 0.0) return Fail(cmd, "cannot read " + path + " sequentially");
+    read_s.push_back(s);
+    if (!drop()) return Fail(cmd, "--cold: cannot drop " + path + " from the page cache");
+    // O_DIRECT may be refused (tmpfs): then this baseline is left out.
+    const double sd = SequentialReadSeconds(path, true, read_buffer.get());
+    if (sd > 0.0) direct_s.push_back(sd);
+    if (!drop()) return Fail(cmd, "--cold: cannot drop " + path + " from the page cache");
+    const double sp = ParallelDirectReadSeconds(path, info.file_bytes, read_buffer.get());
+    if (sp > 0.0) parallel_s.push_back(sp);
+  }
+  const double peak_rss = PeakRssMiB();
+  const double ms = Median(decode_ms);
+  const double disk_gbps = static_cast<double>(info.file_bytes) / Median(read_s) * 1e-9;
+  const double read_gbps = static_cast<double>(stats.bytes_read) / (ms * 1e-3) * 1e-9;
+
+  Json result;
+  result["op"] = o.op;
+  result["kv_file"] = path;
+  result["kv_dtype"] = KVDTypeName(kv_dtype);
+  result["dtype"] = DTypeName(dtype);
+  result["heads"] = H;
+  result["kv_heads"] = kv_heads;
+  result["queries"] = Q;
+  result["seq_k"] = tokens;
+  result["tokens"] = tokens;
+  result["dim"] = D;
+  result["causal"] = o.causal;
+  result["page_size"] = info.page_size;
+  result["threads"] = ResolveThreads(ctx);
+  result["decode_threads"] = std::min(ResolveThreads(ctx), std::max(1, o.kv_decode_threads));
+  result["cold"] = o.cold;
+  result["reader"] = KVFileReaderName(stats.reader);
+  result["direct"] = stats.direct;
+  result["chunks"] = stats.chunks;
+  result["chunks_total"] = stats.chunks_total;
+  result["select_top_k"] = o.kv_select_top_k;
+  result["buffers"] = o.kv_buffers == 0 ? 3 : o.kv_buffers;
+  result["simd_target"] = SimdTargetName();
+  result["version"] = Version();
+  result["file_bytes"] = info.file_bytes;
+  result["file_build_ms"] = build_ms;
+  result["bytes_read"] = stats.bytes_read;
+  result["ms"] = ms;
+  result["ms_min"] = *std::min_element(decode_ms.begin(), decode_ms.end());
+  result["reps"] = reps;
+  result["warmup"] = o.warmup;
+  result["wait_ms"] = Median(wait_ms);        // waiting for reads
+  result["compute_ms"] = Median(compute_ms);  // decoding chunks and merging their states
+  result["tokens_per_s"] = static_cast<double>(tokens) / (ms * 1e-3);
+  result["read_gbps"] = read_gbps;
+  result["disk_gbps"] = disk_gbps;
+  result["frac_disk"] = read_gbps / disk_gbps;
+  if (!direct_s.empty()) {
+    const double direct_gbps = static_cast<double>(info.file_bytes) / Median(direct_s) * 1e-9;
+    result["disk_direct_gbps"] = direct_gbps;
+    result["frac_disk_direct"] = read_gbps / direct_gbps;
+  }
+  if (!parallel_s.empty()) {
+    const double qd_gbps = static_cast<double>(info.file_bytes) / Median(parallel_s) * 1e-9;
+    result["disk_qd8_gbps"] = qd_gbps;
+    result["frac_disk_qd8"] = read_gbps / qd_gbps;
+  }
+  result["peak_rss_mib"] = peak_rss;
+  if (o.json) {
+    std::cout << result.dump() << std::endl;
+    return kExitOk;
+  }
+  std::cout << "tessera bench: decode from " << path << " kv=" << KVDTypeName(kv_dtype)
+            << " H=" << H << " Hkv=" << kv_heads << " Q=" << Q << " Sk=" << tokens << " D=" << D
+            << (o.cold ? " cold" : "") << " reader=" << KVFileReaderName(stats.reader)
+            << " threads=" << ResolveThreads(ctx) << ": " << Fixed(ms, 3) << " ms, "
+            << Fixed(read_gbps, 2) << " GB/s read = " << Fixed(100.0 * read_gbps / disk_gbps, 0)
+            << "% of " << Fixed(disk_gbps, 2) << " GB/s sequential, peak RSS " << Fixed(peak_rss, 0)
+            << " MiB" << std::endl;
+  return kExitOk;
+}
+
 }  // namespace
 
 int BenchDecode(const BenchOptions& o) {
@@ -236,6 +502,15 @@ int BenchDecode(const BenchOptions& o) {
   }
   if (o.lens.empty()) dc.lens.assign(static_cast<size_t>(o.batch), static_cast<int32_t>(max_len));
   ctx.num_threads = o.threads;
+  if (!o.kv_file.empty()) {
+    if (!o.decode_stats.empty()) {
+      return Fail(cmd,
+                  "--decode-stats: expected a cache in memory (DecodeFromFile writes no "
+                  "statistics), got --kv-file");
+    }
+    return BenchDecodeFile(o, dtype, kv_dtype, kv_heads, max_len, ctx);
+  }
+  if (o.cold) return Fail(cmd, "--cold: expected --kv-file (it drops that file's cached pages)");
   const int32_t threads = ResolveThreads(ctx);
   const bool run_tessera = !o.baseline_only;
   const bool run_naive = o.baseline_only || o.vs == "naive";

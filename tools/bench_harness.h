@@ -68,6 +68,13 @@ struct BenchOptions {
   int64_t page_size = 0;     // 0: contiguous
   std::string lens;          // empty: every sequence has seq_k tokens
   int64_t split_tokens = 0;  // 0: the default (DecodeParams::split_tokens)
+  std::string kv_file;       // non-empty: DecodeFromFile over this file (bench_decode.cc)
+  bool cold = false;         // --kv-file: drop the file from the page cache before each run
+  std::string kv_reader = "auto";
+  int64_t kv_chunk_tokens = 0;
+  int32_t kv_buffers = 0;
+  int32_t kv_decode_threads = 0;
+  int64_t kv_select_top_k = 0;
   // linear only
   std::string variant = "plain";
   std::string feature_map;  // empty: the variant's default

@@ -107,6 +107,30 @@ CommandMain AddBenchCommand(CLI::App& app) {
   decode_option(sub->add_option(
       "--lens", o->lens,
       "decode: per-sequence cache lengths 'L1,L2,...', one per --batch (default: all --seq-k)"));
+  decode_option(
+      sub->add_option("--kv-file", o->kv_file,
+                      "decode: stream the cache from this KV file (built from random data "
+                      "first when it does not exist; one sequence)"));
+  decode_option(sub->add_flag(
+      "--cold", o->cold, "decode --kv-file: drop the file from the page cache before each run"));
+  decode_option(
+      sub->add_option("--kv-reader", o->kv_reader, "decode --kv-file: auto, io_uring or threads")
+          ->capture_default_str());
+  decode_option(sub->add_option("--kv-chunk-tokens", o->kv_chunk_tokens,
+                                "decode --kv-file: tokens per streamed chunk (0 = about 4 MiB)")
+                    ->capture_default_str());
+  decode_option(sub->add_option("--kv-buffers", o->kv_buffers,
+                                "decode --kv-file: chunk buffers in the ring, 2..8 (0 = 3)")
+                    ->capture_default_str());
+  decode_option(
+      sub->add_option("--kv-decode-threads", o->kv_decode_threads,
+                      "decode --kv-file: threads of each chunk's decode, at most --threads "
+                      "(0 = 1)")
+          ->capture_default_str());
+  decode_option(sub->add_option("--kv-select-top-k", o->kv_select_top_k,
+                                "decode --kv-file: read only the top-k chunks SelectBlocks picks "
+                                "from the file's key means (0 = every chunk)")
+                    ->capture_default_str());
   sub->add_option("--threads", o->threads, "threads (0 = all)");
   sub->add_option("--vs", o->vs,
                   "also time a baseline in the same process: naive (OpenBLAS, unmasked) or dense "

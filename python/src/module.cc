@@ -391,6 +391,7 @@ class KVPool {
     Check(cache_.Allocate(ParseKVDType(dtype), num_pages, page_size, num_kv_heads, head_dim));
   }
   int64_t bytes() const { return cache_.bytes(); }
+  KVCacheView view() { return cache_.view(); }
 
   void Append(nb::handle k_new, nb::handle v_new, nb::handle seq_lens, nb::handle block_table,
               int64_t rotary_dim, double rotary_base, bool interleaved, int32_t threads) {
@@ -648,4 +649,119 @@ NB_MODULE(_C, m) {
     ctx.num_threads = threads;
     return t::ResolveThreads(ctx);
   });
+
+  // ---- KV cache files (tessera/kv_file.h), behind python/tessera/kv_file.py -------------------
+  {
+    auto float_array = [](nb::handle x, const char* name, int64_t n) {
+      const t::TensorView v = ToView(x, name);
+      if (v.data == nullptr || v.dtype != t::DType::kF32 || v.numel() != n || !v.is_contiguous()) {
+        ValueError(std::string(name) + ": expected a contiguous float32 array of " +
+                   std::to_string(n) + " values [Hkv, D]");
+      }
+      return static_cast<const float*>(v.data);
+    };
+    nb::class_<t::KVFile>(m, "KVFile")
+        .def("__init__",
+             [](t::KVFile* self, const std::string& path) {
+               new (self) t::KVFile();
+               Check(t::KVFile::Open(path, self));
+             })
+        .def_prop_ro("path", [](const t::KVFile& f) { return f.path(); })
+        .def_prop_ro("dtype", [](const t::KVFile& f) { return t::KVDTypeName(f.info().dtype); })
+        .def_prop_ro("page_size", [](const t::KVFile& f) { return f.info().page_size; })
+        .def_prop_ro("num_kv_heads", [](const t::KVFile& f) { return f.info().num_kv_heads; })
+        .def_prop_ro("head_dim", [](const t::KVFile& f) { return f.info().head_dim; })
+        .def_prop_ro("num_pages", [](const t::KVFile& f) { return f.info().num_pages; })
+        .def_prop_ro("tokens", [](const t::KVFile& f) { return f.info().tokens; })
+        .def_prop_ro("file_bytes", [](const t::KVFile& f) { return f.info().file_bytes; })
+        .def(
+            "decode",
+            [](const t::KVFile& f, nb::handle q, nb::handle out, nb::handle lse,
+               std::optional<double> scale, bool causal, int64_t window_left, double softcap,
+               nb::handle alibi_slopes, int64_t chunk_tokens, int64_t split_tokens,
+               const std::string& reader, int32_t buffers, int64_t select_top_k,
+               int32_t decode_threads, int32_t threads) {
+              t::KVFileDecodeParams p;
+              p.q = ToView(q, "q");
+              p.out = ToView(out, "out");
+              p.lse = ToView(lse, "lse");
+              p.scale = OptionalScale(scale);
+              p.causal = causal;
+              p.window_left = window_left;
+              p.softcap = static_cast<float>(softcap);
+              p.alibi_slopes = ToView(alibi_slopes, "alibi_slopes");
+              p.chunk_tokens = chunk_tokens;
+              p.split_tokens = split_tokens;
+              p.buffers = buffers;
+              p.select_top_k = select_top_k;
+              p.decode_threads = decode_threads;
+              if (reader == "auto") {
+                p.reader = t::KVFileReader::kAuto;
+              } else if (reader == "io_uring") {
+                p.reader = t::KVFileReader::kIoUring;
+              } else if (reader == "threads") {
+                p.reader = t::KVFileReader::kThreadPool;
+              } else {
+                ValueError("reader: expected one of auto, io_uring, threads, got '" + reader + "'");
+              }
+              const t::Context ctx = MakeContext(threads, 0);
+              t::KVFileDecodeStats stats;
+              RunWithoutGil([&] { return t::DecodeFromFile(f, p, ctx, &stats); });
+              nb::dict d;
+              d["reader"] = t::KVFileReaderName(stats.reader);
+              d["direct"] = stats.direct;
+              d["chunks"] = stats.chunks;
+              d["chunks_total"] = stats.chunks_total;
+              d["chunks_read"] = stats.chunks_read;
+              d["bytes_read"] = stats.bytes_read;
+              d["wait_ms"] = stats.wait_ms;
+              d["decode_ms"] = stats.decode_ms;
+              return d;
+            },
+            nb::arg("q"), nb::arg("out"), nb::arg("lse").none(), nb::arg("scale").none(),
+            nb::arg("causal"), nb::arg("window_left"), nb::arg("softcap"),
+            nb::arg("alibi_slopes").none(), nb::arg("chunk_tokens"), nb::arg("split_tokens"),
+            nb::arg("reader"), nb::arg("buffers"), nb::arg("select_top_k"),
+            nb::arg("decode_threads"), nb::arg("threads"));
+    nb::class_<t::KVFileWriter>(m, "KVFileWriter")
+        .def("__init__",
+             [](t::KVFileWriter* self, const std::string& path, const std::string& dtype,
+                int64_t page_size, int64_t num_kv_heads, int64_t head_dim, int64_t capacity) {
+               new (self) t::KVFileWriter();
+               Check(t::KVFileWriter::Create(path, ParseKVDType(dtype), page_size, num_kv_heads,
+                                             head_dim, capacity, self));
+             })
+        .def_prop_ro("tokens", [](const t::KVFileWriter& w) { return w.tokens(); })
+        .def("set_channel_scales",
+             [float_array](t::KVFileWriter& w, nb::handle k, nb::handle v, int64_t n) {
+               const float* kp = float_array(k, "k_channel_scales", n);
+               const float* vp = float_array(v, "v_channel_scales", n);
+               Check(w.SetChannelScales(kp, vp));
+             })
+        .def("append",
+             [](t::KVFileWriter& w, nb::handle k, nb::handle v, int64_t rotary_dim,
+                double rotary_base, bool interleaved, int32_t threads) {
+               const t::TensorView kv = ToView(k, "k"), vv = ToView(v, "v");
+               t::RotaryParams rot;
+               rot.rotary_dim = rotary_dim;
+               rot.base = static_cast<float>(rotary_base);
+               rot.interleaved = interleaved;
+               const t::Context ctx = MakeContext(threads, 0);
+               RunWithoutGil([&] { return w.Append(kv, vv, rot, ctx); });
+             })
+        .def("finish", [](t::KVFileWriter& w) { RunWithoutGil([&] { return w.Finish(); }); });
+    m.def(
+        "save_kv_file",
+        [](KVPool& pool, nb::handle seq_lens, nb::handle block_table, int64_t b,
+           const std::string& path, int64_t page_size) {
+          t::KVBatchView batch;
+          batch.seq_lens = ToView(seq_lens, "seq_lens");
+          batch.block_table = ToView(block_table, "block_table");
+          batch.batch = batch.seq_lens.rank >= 1 ? batch.seq_lens.shape[0] : 0;
+          const t::KVCacheView cache = pool.view();
+          RunWithoutGil([&] { return t::SaveKVFile(cache, batch, b, path, page_size); });
+        },
+        nb::arg("pool"), nb::arg("seq_lens"), nb::arg("block_table").none(), nb::arg("b"),
+        nb::arg("path"), nb::arg("page_size"));
+  }
 }

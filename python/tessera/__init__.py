@@ -13,6 +13,7 @@ from . import _C
 from . import mask
 from ._attention import AttentionStats, attention, attention_backward, attention_stats
 from .decode import KVCache, apply_rotary, decode, merge_states
+from .kv_file import KVFile, KVFileWriter, save_kv_file
 from .linear import (linear_attention, linear_attention_backward, linear_attention_recurrent,
                      linear_feature_dim)
 from .mask import Mask
@@ -35,7 +36,8 @@ def set_simd_target(name):
     _C.set_simd_target(name)
 
 
-__all__ = ["attention", "attention_backward", "attention_stats", "AttentionStats", "KVCache", "decode", "merge_states",
+__all__ = ["attention", "attention_backward", "attention_stats", "AttentionStats", "KVCache",
+           "decode", "merge_states", "KVFile", "KVFileWriter", "save_kv_file",
            "apply_rotary", "linear_attention", "linear_attention_recurrent",
            "linear_attention_backward", "linear_feature_dim", "Mask", "mask", "info",
            "set_simd_target", "__version__"]
