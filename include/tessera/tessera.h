@@ -6,6 +6,7 @@
 #include "tessera/context.h"
 #include "tessera/decode.h"
 #include "tessera/kv_cache.h"
+#include "tessera/kv_policy.h"
 #include "tessera/linear.h"
 #include "tessera/mask.h"
 #include "tessera/merge.h"
