@@ -148,27 +148,31 @@ Status CakeLayerPreference(const CakeParams& params, const EvictionTarget& targe
 Status CakeKeep(const CakeParams& params, const EvictionTarget& target, const CakeLayerStats& stats,
                 KeepSet* keep);
 
-// CAKE's cascading budget allocation. Layers arrive in order with their preferences; after
-// layer l arrives, the total budget is re-divided over layers 0..l in proportion to their
-// preferences (largest remainder: the budgets sum to `total` exactly; all preferences 0: equal
-// shares), so the cache never holds more than `total` tokens per sequence and KV head while it
-// fills, and earlier layers shrink (are evicted further) as later ones arrive. A layer's budget
-// never grows back (its evicted tokens are gone): where rounding would give an earlier layer one
-// token more than before, it keeps its previous budget and the newest layer gets the difference.
-// After the last layer, budgets() is the final allocation.
+// CAKE's cascading budget allocation. `reserved` tokens of every layer are set aside (CAKE
+// keeps each layer's recent window: pass the window, so no budget falls below it); the rest,
+// R = total - num_layers * reserved, is what the preferences divide. Layers arrive in order with
+// their preferences; after layer l arrives, R is re-divided over layers 0..l in proportion to
+// their preferences (largest remainder, ties to the earlier layer; all preferences 0: equal
+// shares) and each budget is reserved + its share, so the budgets seen so far sum to
+// R + (l + 1) * reserved (`total` after the last layer): the cache never holds more than `total`
+// tokens per sequence and KV head while it fills, and earlier layers shrink (are evicted
+// further) as later ones arrive. A layer's budget never grows back (its evicted tokens are
+// gone): where rounding would give an earlier layer one token more than before, it keeps its
+// previous budget and the newest layer gets the difference.
 class CakeAllocator {
  public:
-  // total >= num_layers >= 1.
-  Status Init(int64_t num_layers, int64_t total);
+  // total >= num_layers >= 1; 0 <= reserved <= total / num_layers.
+  Status Init(int64_t num_layers, int64_t total, int64_t reserved = 0);
   // preference finite and >= 0; at most num_layers calls.
   Status AddLayer(double preference);
   int64_t layers_seen() const { return static_cast<int64_t>(preferences_.size()); }
-  // Budgets of the layers seen so far (each >= 0, summing to total).
+  // Budgets of the layers seen so far (each >= reserved).
   const std::vector<int64_t>& budgets() const { return budgets_; }
 
  private:
   int64_t num_layers_ = 0;
   int64_t total_ = 0;
+  int64_t reserved_ = 0;
   std::vector<double> preferences_;
   std::vector<int64_t> budgets_;
 };

@@ -405,13 +405,19 @@ Status CakeKeep(const CakeParams& params, const EvictionTarget& target, const Ca
   return Status::Ok();
 }
 
-Status CakeAllocator::Init(int64_t num_layers, int64_t total) {
+Status CakeAllocator::Init(int64_t num_layers, int64_t total, int64_t reserved) {
   if (num_layers < 1) return Invalid("num_layers", "at least 1 layer", Str(num_layers));
   if (total < num_layers) {
     return Invalid("total", "at least num_layers = " + Str(num_layers) + " tokens", Str(total));
   }
+  if (reserved < 0 || reserved > total / num_layers) {
+    return Invalid("reserved",
+                   "0..total / num_layers = " + Str(total / num_layers) + " tokens per layer",
+                   Str(reserved));
+  }
   num_layers_ = num_layers;
   total_ = total;
+  reserved_ = reserved;
   preferences_.clear();
   budgets_.clear();
   return Status::Ok();
@@ -433,15 +439,19 @@ Status CakeAllocator::AddLayer(double preference) {
   const size_t n = preferences_.size();
   double sum = 0.0;
   for (double x : preferences_) sum += x;
+  // Every layer that will arrive keeps its reserve; the layers seen so far share the rest.
+  const int64_t shared = total_ - num_layers_ * reserved_;
+  const int64_t pool = shared + static_cast<int64_t>(n) * reserved_;
   std::vector<double> share(n);
   for (size_t l = 0; l < n; ++l) {
-    share[l] = sum > 0.0 ? static_cast<double>(total_) * preferences_[l] / sum
-                         : static_cast<double>(total_) / static_cast<double>(n);
+    share[l] = sum > 0.0 ? static_cast<double>(shared) * preferences_[l] / sum
+                         : static_cast<double>(shared) / static_cast<double>(n);
   }
   budgets_.assign(n, 0);
   int64_t given = 0;
   for (size_t l = 0; l < n; ++l) {
-    budgets_[l] = std::min<int64_t>(total_, static_cast<int64_t>(std::floor(share[l])));
+    budgets_[l] =
+        reserved_ + std::min<int64_t>(shared, static_cast<int64_t>(std::floor(share[l])));
     given += budgets_[l];
   }
   // Largest remainder first; ties to the earlier layer.
@@ -450,7 +460,7 @@ Status CakeAllocator::AddLayer(double preference) {
   std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) {
     return share[a] - std::floor(share[a]) > share[b] - std::floor(share[b]);
   });
-  for (size_t i = 0; given < total_; i = (i + 1) % n, ++given) ++budgets_[order[i]];
+  for (size_t i = 0; given < pool; i = (i + 1) % n, ++given) ++budgets_[order[i]];
   // Evicted tokens are gone: a layer seen before never grows back (rounding could add one
   // token); what that frees goes to the newest layer, so the sum stays `total`.
   if (n > 1) {
@@ -459,7 +469,7 @@ Status CakeAllocator::AddLayer(double preference) {
       budgets_[l] = std::min(budgets_[l], previous[l]);
       earlier += budgets_[l];
     }
-    budgets_[n - 1] = total_ - earlier;
+    budgets_[n - 1] = pool - earlier;
   }
   return Status::Ok();
 }

@@ -229,6 +229,21 @@ TEST(KVPolicy, CakeAllocatorSumsAndCascades) {
     previous = b;
   }
   EXPECT_FALSE(alloc.AddLayer(1.0).ok());  // a sixth layer
+  // With a reserve per layer: every budget >= the reserve; the layers seen so far hold the
+  // shared part and their reserves.
+  CakeAllocator reserved;
+  ASSERT_TRUE(reserved.Init(4, 100, 20).ok());
+  for (int l = 0; l < 4; ++l) {
+    ASSERT_TRUE(reserved.AddLayer(l == 2 ? 3.0 : 1.0).ok());
+    int64_t sum = 0;
+    for (int64_t b : reserved.budgets()) {
+      EXPECT_GE(b, 20);
+      sum += b;
+    }
+    EXPECT_EQ(sum, 20 + 20 * (l + 1));
+  }
+  EXPECT_EQ(reserved.budgets(), (std::vector<int64_t>{24, 23, 30, 23}));  // 20 + 20 * (1, 1, 3, 1) / 6
+  EXPECT_NE(reserved.Init(4, 100, 26).message().find("reserved"), std::string::npos);
   CakeAllocator zero;
   ASSERT_TRUE(zero.Init(3, 10).ok());
   for (int l = 0; l < 3; ++l) ASSERT_TRUE(zero.AddLayer(0.0).ok());
