@@ -69,6 +69,12 @@ inline constexpr Ceiling kFiniteDifferenceCeiling = {1e-8, 1e-7};
 // the kernels against the same model trained with the fp64 reference path, relative difference.
 inline constexpr double kTrainingLossRelTol = 1e-6;
 
+// Attention statistics (AttentionStats, DecodeStats) against fp64: probabilities computed in
+// fp32 from the same rounded inputs, p = exp(s - lse), carry the fp32 error of the score and of
+// the kernel's LSE, ~1e-6 relative; sums over a window of rows add fp32 rounding. The entropy
+// sums p (lse - s) over every key.
+inline constexpr Ceiling kStatsCeiling = {1e-6, 5e-5};
+inline constexpr Ceiling kEntropyCeiling = {5e-5, 5e-5};
 // fp32 inputs with fp32 accumulation: additionally NMSE <= kF32MaxNmse against fp64, and an
 // element-wise relative error <= kF32MaxRelErr wherever the magnitude > kF32RelErrMinMagnitude.
 //

@@ -19,6 +19,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <functional>
 #include <iostream>
 #include <string>
 #include <vector>
@@ -366,7 +367,50 @@ NaiveProblem BaselineProblem(const BenchOptions& o, const BenchSetup& s, const f
   return np;
 }
 
+// --stats-window W: AttentionStats outputs for params (key mass and its square, row entropy;
+// per KV head when Hkv < Hq), in one buffer.
+int SetUpStats(const BenchOptions& o, BenchSetup& s, AlignedBytes* buffer,
+               AttentionParams* params) {
+  const int64_t heads = s.kv_heads < o.heads ? s.kv_heads : o.heads;
+  const int64_t key_elems = o.batch * heads * s.seq_k;
+  const int64_t row_elems = o.batch * o.heads * std::max<int64_t>(o.stats_window, 0);
+  *buffer = AllocateAligned(static_cast<size_t>(2 * key_elems + row_elems) * sizeof(float));
+  if (!*buffer) return Fail("bench", "cannot allocate the statistics outputs");
+  float* base = reinterpret_cast<float*>(buffer->get());
+  AttentionStats& st = params->stats;
+  st.window = o.stats_window;
+  st.sum_gqa_group = heads < o.heads;
+  st.key_mass = MakeView3(base, DType::kF32, o.batch, heads, s.seq_k);
+  st.key_mass_sq = MakeView3(base + key_elems, DType::kF32, o.batch, heads, s.seq_k);
+  st.row_entropy = MakeView3(base + 2 * key_elems, DType::kF32, o.batch, o.heads, o.stats_window);
+  s.result["stats_window"] = o.stats_window;
+  return kExitOk;
+}
+
 }  // namespace
+
+// Times the call with statistics and the plain call in alternating runs (`pairs` of each, at
+// least 3), so that a neighbour's load shifts both alike, and records the medians and
+// stats_overhead = with / plain - 1.
+Status TimeStatsOverhead(const std::function<Status()>& with_stats,
+                         const std::function<Status()>& plain, const BenchOptions& o, int pairs,
+                         Json* result) {
+  std::vector<double> with_ms, plain_ms;
+  for (int i = 0; i < std::max(3, pairs); ++i) {
+    Timing t;
+    Status st = TimeRuns(with_stats, 0, 1, &t);
+    if (!st.ok()) return st;
+    with_ms.push_back(t.median_ms);
+    st = TimeRuns(plain, i == 0 ? o.warmup : 0, 1, &t);
+    if (!st.ok()) return st;
+    plain_ms.push_back(t.median_ms);
+  }
+  const double w = Median(with_ms), p = Median(plain_ms);
+  (*result)["stats_ms"] = w;
+  (*result)["plain_ms"] = p;
+  (*result)["stats_overhead"] = w / p - 1.0;
+  return Status::Ok();
+}
 
 int BenchForward(const BenchOptions& o) {
   const char* cmd = "bench";
@@ -389,6 +433,11 @@ int BenchForward(const BenchOptions& o) {
     params.causal = o.causal;
     MaskSpec mask;
     if (const int rc = SetUpMask(o, 1.0, &mask, &params, &s); rc != kExitOk) return rc;
+    const AttentionParams plain = params;
+    AlignedBytes stats_buffer;
+    if (o.stats_window != 0) {
+      if (const int rc = SetUpStats(o, s, &stats_buffer, &params); rc != kExitOk) return rc;
+    }
     // select: chooses the blocks from q and k on every run, as a model would.
     std::vector<double> select_ms;
     auto forward = [&] {
@@ -409,6 +458,12 @@ int BenchForward(const BenchOptions& o) {
           std::vector<double>(select_ms.end() - timing.reps, select_ms.end()));  // timed runs
     }
 
+    if (o.stats_window != 0) {
+      st = TimeStatsOverhead([&] { return AttentionForward(params, s.ctx); },
+                             [&] { return AttentionForward(plain, s.ctx); }, o, timing.reps,
+                             &s.result);
+      if (!st.ok()) return Fail(cmd, st.ToString());
+    }
     if (s.run_dense) {
       // The unmasked kernel on the same inputs: no mask, no window (sink: sets one).
       AttentionParams dense = params;

@@ -13,6 +13,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdint>
+#include <functional>
 #include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
@@ -57,8 +58,10 @@ struct BenchOptions {
   std::string path = "auto";
   std::string target = "auto";
   uint64_t seed = 42;
-  std::string mask;       // forward / backward only
-  bool has_mask = false;  // --mask given (even empty, which is an error)
+  std::string mask;          // forward / backward only
+  int64_t stats_window = 0;  // forward only: AttentionStats of the last W query rows (0: off)
+  std::string decode_stats;  // decode only: probs, accumulated or both (empty: off)
+  bool has_mask = false;     // --mask given (even empty, which is an error)
   // decode only
   int64_t queries = 1;
   std::string kv_dtype = "f16";
@@ -203,7 +206,12 @@ double MillisecondsSince(std::chrono::steady_clock::time_point start);
 
 // The ops, one per file; each checks its options, runs and prints its report, and returns the
 // process exit code.
-int BenchForward(const BenchOptions& o);   // bench_attention.cc
+int BenchForward(const BenchOptions& o);  // bench_attention.cc
+// Times a call with statistics (--stats-window, --decode-stats) and the plain call in
+// alternating runs; records stats_ms, plain_ms and stats_overhead (bench_attention.cc).
+Status TimeStatsOverhead(const std::function<Status()>& with_stats,
+                         const std::function<Status()>& plain, const BenchOptions& o, int pairs,
+                         Json* result);
 int BenchBackward(const BenchOptions& o);  // bench_attention.cc
 int BenchDecode(const BenchOptions& o);    // bench_decode.cc
 int BenchLinear(const BenchOptions& o);    // bench_linear.cc

@@ -135,6 +135,15 @@ CommandMain AddBenchCommand(CLI::App& app) {
                       "forward/backward: a programmable mask (grammar below); GFLOP/s then counts "
                       "only the visible (query, key) pairs");
   other_only.push_back(mask_option);
+  other_only.push_back(sub->add_option(
+      "--stats-window", o->stats_window,
+      "forward: also compute the attention statistics of the last W query rows (key mass, its "
+      "square, row entropy; summed over the GQA group when Hkv < Hq) and time the plain forward "
+      "in alternating runs: stats_overhead = ms / plain_ms - 1"));
+  decode_option(sub->add_option(
+      "--decode-stats", o->decode_stats,
+      "decode: also write DecodeStats: probs, accumulated or both, and time plain decode in "
+      "alternating runs: stats_overhead = ms / plain_ms - 1"));
   other_only.push_back(sub->add_flag("--baseline-only", o->baseline_only,
                                      "time only the naive baseline (its memory measured alone)"));
   sub->add_flag("--json", o->json, "print one JSON object on stdout");

@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "attention/flash_fwd_amx.h"
+#include "attention/window_stats.h"
 #include "core/amx.h"
 #include "core/attention_problem.h"
 #include "core/check.h"
@@ -112,25 +113,11 @@ Status RunAsDecode(const AttentionProblem& p, const Context& ctx, bool fast) {
   return Status::Ok();
 }
 
-}  // namespace
-
-Status AttentionForward(const AttentionParams& params, const Context& ctx) try {
-  AttentionProblem problem;
-  Status status = ValidateAttention(params, &problem);
-  if (!status.ok()) return status;
-  if (params.stats.window != 0) {
-    return Status::Unimplemented("stats: window statistics are not implemented yet");
-  }
-  // No work: nothing to write, or (dense batch) no key, where every row gets (0, -inf).
-  if (params.out.numel() == 0) return Status::Ok();
-  if (!problem.varlen() && problem.seq_k == 0) {
-    FillView(params.out, 0.0f);
-    if (params.lse.data != nullptr) FillView(params.lse, -std::numeric_limits<float>::infinity());
-    return Status::Ok();
-  }
-  if (ctx.path == Path::kReference) return RunReference(params, problem);
+// The kernels of a validated problem with keys: decode for a few queries per sequence, bf16 on a
+// dot-product unit, else the Highway kernel.
+Status RunKernels(const AttentionProblem& problem, const Context& ctx) {
   bool fast = false;
-  status = ChooseKernel(ctx, problem.dim, &fast);
+  Status status = ChooseKernel(ctx, problem.dim, &fast);
   if (!status.ok()) return status;
   if (RoutesToDecode(problem)) return RunAsDecode(problem, ctx, fast);
   // bf16 on a dot-product unit (flash_fwd_amx.cc: AMX tiles, else AVX512-BF16) when the CPU has
@@ -146,6 +133,76 @@ Status AttentionForward(const AttentionParams& params, const Context& ctx) try {
   }
   if (!HWY_DYNAMIC_DISPATCH(FlashForward)(problem, ResolveThreads(ctx), fast)) {
     return Status::Internal("AttentionForward: could not allocate per-worker scratch");
+  }
+  return Status::Ok();
+}
+
+// Writes a contiguous fp64 result into an f32 view of rank 3.
+void StoreRank3(const TensorView& view, const std::vector<double>& values) {
+  if (view.data == nullptr) return;
+  float* out = static_cast<float*>(view.data);
+  size_t at = 0;
+  for (int64_t a = 0; a < view.shape[0]; ++a) {
+    for (int64_t b = 0; b < view.shape[1]; ++b) {
+      for (int64_t c = 0; c < view.shape[2]; ++c) {
+        out[a * view.strides[0] + b * view.strides[1] + c * view.strides[2]] =
+            static_cast<float>(values[at++]);
+      }
+    }
+  }
+}
+
+// Path::kReference for the window statistics.
+void ReferenceStats(const AttentionParams& params, const AttentionProblem& p) {
+  const AttentionStats& st = params.stats;
+  std::vector<double> mass(static_cast<size_t>(st.key_mass.numel()));
+  std::vector<double> mass_sq(static_cast<size_t>(st.key_mass.numel()));
+  std::vector<double> entropy(static_cast<size_t>(p.batch * p.heads_q * st.window));
+  ref::AttentionStatsF64(WithResolvedWindows(params, p), mass.data(), mass_sq.data(),
+                         entropy.data());
+  StoreRank3(st.key_mass, mass);
+  StoreRank3(st.key_mass_sq, mass_sq);
+  StoreRank3(st.row_entropy, entropy);
+}
+
+}  // namespace
+
+Status AttentionForward(const AttentionParams& params, const Context& ctx) try {
+  AttentionProblem problem;
+  Status status = ValidateAttention(params, &problem);
+  if (!status.ok()) return status;
+  const AttentionStats& stats = params.stats;
+  // No work: nothing to write, or (dense batch) no key, where every row gets (0, -inf) and every
+  // window row entropy 0.
+  if (params.out.numel() == 0) return Status::Ok();
+  if (!problem.varlen() && problem.seq_k == 0) {
+    FillView(params.out, 0.0f);
+    if (params.lse.data != nullptr) FillView(params.lse, -std::numeric_limits<float>::infinity());
+    if (stats.row_entropy.data != nullptr) FillView(stats.row_entropy, 0.0f);
+    return Status::Ok();
+  }
+  if (ctx.path == Path::kReference) {
+    status = RunReference(params, problem);
+    if (status.ok() && stats.window != 0) ReferenceStats(params, problem);
+    return status;
+  }
+  if (stats.window == 0) return RunKernels(problem, ctx);
+
+  // Window statistics read every window row's LSE: the caller's, or one of our own.
+  AttentionProblem with_lse = problem;
+  std::vector<float> lse;
+  if (with_lse.lse == nullptr) {
+    lse.resize(static_cast<size_t>(problem.batch * problem.heads_q * problem.seq_q));
+    with_lse.lse = lse.data();
+    with_lse.lse_stride[0] = problem.heads_q * problem.seq_q;
+    with_lse.lse_stride[1] = problem.seq_q;
+    with_lse.lse_stride[2] = 1;
+  }
+  status = RunKernels(with_lse, ctx);
+  if (!status.ok()) return status;
+  if (!ComputeWindowStats(with_lse, stats, with_lse.lse, with_lse.lse_stride,
+                          ResolveThreads(ctx))) {
+    return Status::Internal("AttentionForward: could not allocate the statistics scratch");
   }
   return Status::Ok();
 }
