@@ -15,7 +15,13 @@ import json
 import subprocess
 import sys
 
-POLICIES = ["streaming", "h2o", "tova", "snapkv", "pyramidkv", "cake"]
+# (row label, --policy, extra options): every policy with its defaults, and CAKE once more with
+# temperatures that flatten its layer allocation (tau2 = 8 damps the shift, which otherwise
+# decides the allocation alone).
+POLICIES = [("streaming", "streaming", []), ("h2o", "h2o", []), ("tova", "tova", []),
+            ("snapkv", "snapkv", []), ("pyramidkv", "pyramidkv", []), ("cake", "cake", []),
+            ("cake tau1=0.25 tau2=8", "cake", ["--tau1", "0.25", "--tau2", "8"])]
+LABELS = [p[0] for p in POLICIES]
 BUDGETS = [0.05, 0.10, 0.20, 0.30, 0.50]
 SYNTHETIC = ["--data", "synthetic", "--seq", "1024", "--layers", "8", "--heads", "8",
              "--kv-heads", "2", "--dim", "64", "--held-out", "32", "--causal"]
@@ -33,18 +39,18 @@ def tables(title, results, layer_budget):
              "out_error (mean over layers; lower is better), by budget:", "",
              "| policy | " + " | ".join("%d%%" % round(100 * b) for b in BUDGETS) + " |",
              "|---|" + "---:|" * len(BUDGETS)]
-    for policy in POLICIES:
+    for policy in LABELS:
         row = [results[(policy, b)]["out_error"] for b in BUDGETS]
-        best = [min(results[(p, b)]["out_error"] for p in POLICIES) for b in BUDGETS]
+        best = [min(results[(p, b)]["out_error"] for p in LABELS) for b in BUDGETS]
         cells = [("**%.3f**" if x == m else "%.3f") % x for x, m in zip(row, best)]
         lines.append("| %s | %s |" % (policy, " | ".join(cells)))
-    r0 = results[(POLICIES[0], layer_budget)]
+    r0 = results[(LABELS[0], layer_budget)]
     L = r0["layers"]
     lines += ["", "Per layer at %d%% (out_error; budget in tokens per head):" %
               round(100 * layer_budget), "",
               "| policy | " + " | ".join("layer %d" % l for l in range(L)) + " |",
               "|---|" + "---:|" * L]
-    for policy in POLICIES:
+    for policy in LABELS:
         r = results[(policy, layer_budget)]
         cells = ["%.3f (%d)" % (x["out_error"], x["budget"]) for x in r["per_layer"]]
         lines.append("| %s | %s |" % (policy, " | ".join(cells)))
@@ -53,7 +59,7 @@ def tables(title, results, layer_budget):
               "statistics from: %s; policy + compaction at 20%%: %s ms)" % (
                   r0["seq"], r0["held_out"], r0["heads"], r0["kv_heads"], r0["dim"],
                   r0["window"], ", ".join(src),
-                  ", ".join("%s %.2f" % (p, results[(p, 0.2)]["ms"]) for p in POLICIES)), ""]
+                  ", ".join("%s %.2f" % (p, results[(p, 0.2)]["ms"]) for p in LABELS)), ""]
     return "\n".join(lines)
 
 
@@ -73,11 +79,12 @@ def main():
                                                    str(args.held_out)]))
     for title, data_args in datasets:
         results = {}
-        for policy in POLICIES:
+        for label, policy, options in POLICIES:
             for budget in BUDGETS:
-                results[(policy, budget)] = run(args.binary, policy, budget, data_args, extra)
-                print("%s %s %.2f: %.4f" % (title, policy, budget,
-                                            results[(policy, budget)]["out_error"]),
+                results[(label, budget)] = run(args.binary, policy, budget, data_args,
+                                               options + extra)
+                print("%s %s %.2f: %.4f" % (title, label, budget,
+                                            results[(label, budget)]["out_error"]),
                       file=sys.stderr)
         print(tables(title, results, args.layer_budget))
         sys.stdout.flush()

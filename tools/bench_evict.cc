@@ -13,6 +13,11 @@
 // attend (Decode, every cache token visible) to the full cache and to the compacted one;
 // out_error is the relative Frobenius error of their outputs, per layer and the mean.
 //
+// Windows: SnapKV and CAKE keep the last min(W, budget) tokens (their observation window), H2O
+// the last min(W, budget / 2) (its paper's even split of heavy hitters and recent tokens),
+// StreamingLLM --sinks first tokens and the most recent rest; PyramidKV's beta is 20 and SnapKV's
+// pooling a max over 7 keys (both as in their papers), CAKE's an average over 5.
+//
 // ms: the policy and CompactKV, summed over the layers (CAKE's preferences and allocation
 // included; the statistics are stats_ms). One run: compaction is in place.
 //
@@ -521,7 +526,8 @@ int BenchEvict(const BenchOptions& o) {
     if (policy == "streaming") {
       s = StreamingLLMKeep({target, o.sinks}, &keep);
     } else if (policy == "h2o") {
-      s = H2OKeep({target, stats_view(km[size_t(l)]), W}, &keep);
+      // H2O's split: half heavy hitters, half recent tokens (at most the window).
+      s = H2OKeep({target, stats_view(km[size_t(l)]), std::min(W, target.budget / 2)}, &keep);
     } else if (policy == "tova") {
       s = TovaKeep({target, MakeView4(km[size_t(l)].data(), DType::kF32, 1, Hq, 1, N)}, &keep);
     } else if (policy == "snapkv" || policy == "pyramidkv") {
