@@ -73,8 +73,7 @@ uint64_t Le(const uint8_t* p, int bytes) {
   return x;
 }
 
-bool ReadNpz(const std::string& path, std::map<std::string, NpyArray>* arrays,
-             std::string* error) {
+bool ReadNpz(const std::string& path, std::map<std::string, NpyArray>* arrays, std::string* error) {
   std::ifstream f(path, std::ios::binary);
   if (!f) {
     *error = path + ": cannot open";
@@ -125,7 +124,8 @@ bool ReadNpz(const std::string& path, std::map<std::string, NpyArray>* arrays,
       }
       x += 4 + len;
     }
-    if (method != 0) return bad(name + " is compressed: write it with np.savez, not savez_compressed");
+    if (method != 0)
+      return bad(name + " is compressed: write it with np.savez, not savez_compressed");
     if (local + 30 > z.size() || Le(&z[local], 4) != 0x04034b50) return bad("bad local header");
     const uint64_t data = local + 30 + Le(&z[local + 26], 2) + Le(&z[local + 28], 2);
     if (data + usize > z.size() || csize != usize) return bad(name + " is truncated");
@@ -158,9 +158,10 @@ bool LoadEvictData(const std::string& path, EvictData* d, std::string* error) {
   const std::vector<int64_t>& ks = a["k"].shape;
   if (a["v"].shape != ks || ks[0] != qs[0] || ks[1] != qs[1] || ks[3] != qs[3] || ks[2] < 1 ||
       qs[2] % ks[2] != 0) {
-    *error = path + ": expected q [L, S, Hq, D] and k, v [L, S, Hkv, D] with Hq a multiple of Hkv, "
-                    "got q " + ShapeToString(qs) + ", k " + ShapeToString(ks) + ", v " +
-             ShapeToString(a["v"].shape);
+    *error = path +
+             ": expected q [L, S, Hq, D] and k, v [L, S, Hkv, D] with Hq a multiple of Hkv, "
+             "got q " +
+             ShapeToString(qs) + ", k " + ShapeToString(ks) + ", v " + ShapeToString(a["v"].shape);
     return false;
   }
   d->layers = qs[0];
@@ -168,7 +169,8 @@ bool LoadEvictData(const std::string& path, EvictData* d, std::string* error) {
   d->heads = qs[2];
   d->kv_heads = ks[2];
   d->dim = qs[3];
-  const size_t qn = size_t(d->tokens * d->heads * d->dim), kn = size_t(d->tokens * d->kv_heads * d->dim);
+  const size_t qn = size_t(d->tokens * d->heads * d->dim),
+               kn = size_t(d->tokens * d->kv_heads * d->dim);
   for (int64_t l = 0; l < d->layers; ++l) {
     LayerData ld;
     const float* q = reinterpret_cast<const float*>(a["q"].data.get()) + size_t(l) * qn;
@@ -193,8 +195,8 @@ bool LoadEvictData(const std::string& path, EvictData* d, std::string* error) {
 //   needle: one token at N / 5 carries a direction w_h (orthogonal to u_h) that only every
 //     other held-out query carries (+6 for those, noise for the prefill queries), with its
 //     value doubled.
-void SyntheticLayer(int64_t l, int64_t L, int64_t N, int64_t M, int64_t Hq, int64_t Hkv,
-                    int64_t D, uint64_t seed, LayerData* out) {
+void SyntheticLayer(int64_t l, int64_t L, int64_t N, int64_t M, int64_t Hq, int64_t Hkv, int64_t D,
+                    uint64_t seed, LayerData* out) {
   const int64_t T = N + M, g = Hq / Hkv;
   Random rng(seed * 1000003 + static_cast<uint64_t>(l) * 7919 + 1);
   out->q.resize(size_t(T * Hq * D));
@@ -254,7 +256,8 @@ void SyntheticLayer(int64_t l, int64_t L, int64_t N, int64_t M, int64_t Hq, int6
   }
   for (int64_t h = 0; h < Hkv; ++h) {
     for (int64_t t : hitters) {
-      for (int64_t c = 0; c < D; ++c) out->k[size_t((t * Hkv + h) * D + c)] += float(hh * u[size_t(h * D + c)]);
+      for (int64_t c = 0; c < D; ++c)
+        out->k[size_t((t * Hkv + h) * D + c)] += float(hh * u[size_t(h * D + c)]);
     }
     for (int64_t c = 0; c < D; ++c) {
       out->k[size_t((needle_pos * Hkv + h) * D + c)] += float(needle * w[size_t(h * D + c)]);
@@ -407,10 +410,12 @@ int BenchEvict(const BenchOptions& o) {
   }
   if (window < 1) return Fail(cmd, "--window: expected >= 1 observation rows, got 0");
   if (o.held_out < 1) {
-    return Fail(cmd, "--held-out: expected >= 1 held-out queries, got " + std::to_string(o.held_out));
+    return Fail(cmd,
+                "--held-out: expected >= 1 held-out queries, got " + std::to_string(o.held_out));
   }
   if (o.page_size < 0) {
-    return Fail(cmd, "--page-size: expected >= 0 (0 = contiguous), got " + std::to_string(o.page_size));
+    return Fail(cmd,
+                "--page-size: expected >= 0 (0 = contiguous), got " + std::to_string(o.page_size));
   }
   if (o.layers < 0) return Fail(cmd, "--layers: expected >= 1, got " + std::to_string(o.layers));
   if (o.sinks < 0) return Fail(cmd, "--sinks: expected >= 0, got " + std::to_string(o.sinks));
@@ -425,9 +430,11 @@ int BenchEvict(const BenchOptions& o) {
     data.kv_heads = o.kv_heads == 0 ? o.heads : o.kv_heads;
     data.dim = o.dim;
     if (data.heads < 1 || data.kv_heads < 1 || data.dim < 1 || data.heads % data.kv_heads != 0) {
-      return Fail(cmd, "expected --heads, --kv-heads, --dim >= 1 with --heads a multiple of "
-                       "--kv-heads, got " + std::to_string(data.heads) + ", " +
-                           std::to_string(data.kv_heads) + ", " + std::to_string(data.dim));
+      return Fail(cmd,
+                  "expected --heads, --kv-heads, --dim >= 1 with --heads a multiple of "
+                  "--kv-heads, got " +
+                      std::to_string(data.heads) + ", " + std::to_string(data.kv_heads) + ", " +
+                      std::to_string(data.dim));
     }
     if (o.seq < 2 || o.seq > (int64_t{1} << 20)) {
       return Fail(cmd, "--seq: expected 2..1048576 cache tokens, got " + std::to_string(o.seq));
@@ -493,7 +500,9 @@ int BenchEvict(const BenchOptions& o) {
   cake.tau1 = o.tau1;
   cake.tau2 = o.tau2;
   double ms = 0.0;
-  auto stats_view = [&](std::vector<float>& v) { return MakeView3(v.data(), DType::kF32, 1, Hq, N); };
+  auto stats_view = [&](std::vector<float>& v) {
+    return MakeView3(v.data(), DType::kF32, 1, Hq, N);
+  };
   if (policy == "pyramidkv" || policy == "cake") {
     const auto start = std::chrono::steady_clock::now();
     Status s;
@@ -533,8 +542,7 @@ int BenchEvict(const BenchOptions& o) {
     } else if (policy == "snapkv" || policy == "pyramidkv") {
       s = SnapKVKeep({target, stats_view(km[size_t(l)]), W, 7, PoolKind::kMax}, &keep);
     } else {
-      s = CakeKeep(cake, target, {stats_view(km[size_t(l)]), stats_view(km2[size_t(l)]), W},
-                   &keep);
+      s = CakeKeep(cake, target, {stats_view(km[size_t(l)]), stats_view(km2[size_t(l)]), W}, &keep);
     }
     CompactKVResult result;
     if (s.ok()) {
@@ -552,7 +560,9 @@ int BenchEvict(const BenchOptions& o) {
     s = HeldOut(caches[size_t(l)], data.layer[size_t(l)], N, M, Hq, D, ctx, &compact);
     if (!s.ok()) return Fail(cmd, s.ToString());
     errors.push_back(RelativeError(compact, full[size_t(l)]));
-    per_layer.push_back({{"layer", l}, {"budget", target.budget}, {"kept", keep.counts[0]},
+    per_layer.push_back({{"layer", l},
+                         {"budget", target.budget},
+                         {"kept", keep.counts[0]},
                          {"out_error", errors.back()}});
   }
   double mean_error = 0.0;
@@ -593,8 +603,8 @@ int BenchEvict(const BenchOptions& o) {
   }
   std::cout << "tessera bench: evict " << policy << " budget " << Fixed(100.0 * o.budget, 1)
             << "% (" << budget << " of " << N << " tokens per layer, L=" << L << ", Hq=" << Hq
-            << " Hkv=" << Hkv << " D=" << D << " kv=" << KVDTypeName(kv_dtype)
-            << "): out_error " << Fixed(mean_error, 4) << " (per layer";
+            << " Hkv=" << Hkv << " D=" << D << " kv=" << KVDTypeName(kv_dtype) << "): out_error "
+            << Fixed(mean_error, 4) << " (per layer";
   for (double e : errors) std::cout << " " << Fixed(e, 4);
   std::cout << "), kept " << Fixed(100.0 * kept_fraction, 1) << "%, policy + compaction "
             << Fixed(ms, 3) << " ms, statistics " << Fixed(stats_ms, 3) << " ms ("

@@ -89,8 +89,7 @@ struct BenchOptions {
   double tau1 = 1.0;
   double tau2 = 1.0;
   // Options that belong to one side only, refused by name on the other (set at parse time).
-  std::vector<std::string> given_linear_only, given_other_only, given_decode_only,
-      given_evict_only;
+  std::vector<std::string> given_linear_only, given_other_only, given_decode_only, given_evict_only;
 };
 
 struct Timing {

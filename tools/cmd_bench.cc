@@ -25,10 +25,8 @@ struct BenchOp {
   int (*main)(const BenchOptions&);
 };
 const BenchOp kOps[] = {
-    {"forward", bench::BenchForward},
-    {"backward", bench::BenchBackward},
-    {"decode", bench::BenchDecode},
-    {"linear", bench::BenchLinear},
+    {"forward", bench::BenchForward}, {"backward", bench::BenchBackward},
+    {"decode", bench::BenchDecode},   {"linear", bench::BenchLinear},
     {"evict", bench::BenchEvict},
 };
 
@@ -185,15 +183,15 @@ CommandMain AddBenchCommand(CLI::App& app) {
                     ->capture_default_str());
   linear_option(sub->add_flag("--non-causal", o->non_causal,
                               "every query sees every key (plain / based); the baseline too"));
-  const std::string evict_group = "KV cache eviction (--op evict; also --kv-dtype, --page-size, "
-                                  "--window)";
+  const std::string evict_group =
+      "KV cache eviction (--op evict; also --kv-dtype, --page-size, --window)";
   const auto evict_option = [&](CLI::Option* opt) {
     opt->group(evict_group);
     evict_only.push_back(opt);
     return opt;
   };
-  evict_option(sub->add_option("--policy", o->policy,
-                               "cake, h2o, tova, snapkv, pyramidkv or streaming"));
+  evict_option(
+      sub->add_option("--policy", o->policy, "cake, h2o, tova, snapkv, pyramidkv or streaming"));
   evict_option(sub->add_option("--budget", o->budget,
                                "fraction of the cache tokens kept per layer (CAKE, PyramidKV: "
                                "on average over the layers)")
@@ -214,8 +212,8 @@ CommandMain AddBenchCommand(CLI::App& app) {
                    ->capture_default_str());
   evict_option(sub->add_option("--tau1", o->tau1, "cake: temperature of the dispersion")
                    ->capture_default_str());
-  evict_option(sub->add_option("--tau2", o->tau2, "cake: temperature of the shift")
-                   ->capture_default_str());
+  evict_option(
+      sub->add_option("--tau2", o->tau2, "cake: temperature of the shift")->capture_default_str());
   sub->footer(
       std::string(R"(FLOPs: forward 4*B*Hq*Sq*Sk*D (causal with Sq == Sk: half of it); with --mask,
 4*D*P where P = density*B*Hq*Sq*Sk is the number of visible (query, key) pairs (density in

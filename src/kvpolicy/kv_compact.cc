@@ -119,8 +119,7 @@ void RotateRow(KVDType dtype, const RotaryParams& rotary, int64_t delta, uint8_t
     if (dtype == KVDType::kF32) {
       std::memcpy(row + 4 * c, &scratch[c], 4);
     } else {
-      const uint16_t h =
-          dtype == KVDType::kBF16 ? FloatToBF16(scratch[c]) : FloatToF16(scratch[c]);
+      const uint16_t h = dtype == KVDType::kBF16 ? FloatToBF16(scratch[c]) : FloatToF16(scratch[c]);
       std::memcpy(row + 2 * c, &h, 2);
     }
   }
@@ -237,7 +236,8 @@ Status CompactKV(const CompactKVParams& p, const Context& ctx, CompactKVResult* 
   for (int64_t b = 0; b < B; ++b) {
     const int64_t count = keep.counts[size_t(b)];
     if (paged) {
-      int32_t* row = static_cast<int32_t*>(batch.block_table.data) + b * kvquant::BlockStride(batch);
+      int32_t* row =
+          static_cast<int32_t*>(batch.block_table.data) + b * kvquant::BlockStride(batch);
       for (int64_t i = (count + ps - 1) / ps; i < (lens[b] + ps - 1) / ps; ++i) {
         freed.push_back(row[i]);
         row[i] = -1;

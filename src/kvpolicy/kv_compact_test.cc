@@ -135,8 +135,7 @@ KeepSet RandomKeep(std::vector<int32_t> lens, int64_t hkv, int64_t budget, uint6
   return keep;
 }
 
-std::vector<float> RunDecodeF32(TestCache& tc, const std::vector<float>& q, int64_t Q,
-                                int64_t hq) {
+std::vector<float> RunDecodeF32(TestCache& tc, const std::vector<float>& q, int64_t Q, int64_t hq) {
   std::vector<float> qq = q, out(q.size());
   DecodeParams p;
   const int64_t B = static_cast<int64_t>(tc.lens.size());

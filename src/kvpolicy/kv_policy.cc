@@ -4,6 +4,8 @@
 // the top of the others by score. Scores are combined in double, in a fixed order, so a keep-set
 // does not depend on anything but the inputs. The policies are O(B * H * S) plus a selection;
 // they run on the caller's thread (they cost far less than the statistics they read).
+#include "tessera/kv_policy.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -14,7 +16,6 @@
 #include "core/element.h"
 #include "core/i32_view.h"
 #include "kvpolicy/kv_policy_internal.h"
-#include "tessera/kv_policy.h"
 
 namespace tessera {
 namespace kvpolicy {
@@ -65,10 +66,9 @@ Status ValidateStats(const char* name, const TensorView& t, int32_t rank, int64_
     return Invalid(name, "batch " + Str(B) + " (the length of target.seq_lens)", ShapeString(t));
   }
   if (t.shape[1] < 1 || t.shape[1] % num_kv_heads != 0) {
-    return Invalid(name,
-                   "heads (dim 1) a positive multiple of target.num_kv_heads = " +
-                       Str(num_kv_heads),
-                   ShapeString(t));
+    return Invalid(
+        name, "heads (dim 1) a positive multiple of target.num_kv_heads = " + Str(num_kv_heads),
+        ShapeString(t));
   }
   const int64_t longest = lens.empty() ? 0 : *std::max_element(lens.begin(), lens.end());
   if (t.shape[rank - 1] < longest) {
@@ -80,7 +80,8 @@ Status ValidateStats(const char* name, const TensorView& t, int32_t rank, int64_
   for (int64_t b = 0; b < B; ++b) {
     for (int64_t h = 0; h < t.shape[1]; ++h) {
       for (int64_t q = 0; q < inner; ++q) {
-        const int64_t base = b * t.strides[0] + h * t.strides[1] + (rank == 4 ? q * t.strides[2] : 0);
+        const int64_t base =
+            b * t.strides[0] + h * t.strides[1] + (rank == 4 ? q * t.strides[2] : 0);
         for (int64_t j = 0; j < lens[size_t(b)]; ++j) {
           const float x = static_cast<const float*>(t.data)[base + j * t.strides[rank - 1]];
           if (!std::isfinite(x)) {
@@ -174,8 +175,7 @@ void RunPolicy(const std::vector<int32_t>& lens, const EvictionTarget& t, int64_
     const int64_t front = std::min(front_max, count);
     const int64_t back = std::min(back_max, count - front);
     for (int64_t h = 0; h < t.num_kv_heads; ++h) {
-      int32_t* dst =
-          out.tokens.data() + out.offsets[b] + h * static_cast<int64_t>(out.counts[b]);
+      int32_t* dst = out.tokens.data() + out.offsets[b] + h * static_cast<int64_t>(out.counts[b]);
       if (scored && count < len && count > front + back) {
         score.assign(static_cast<size_t>(len), 0.0);
         score_fn(static_cast<int64_t>(b), h, len - back, score.data());
@@ -207,8 +207,9 @@ Status StreamingLLMKeep(const StreamingLLMParams& p, KeepSet* keep) {
   Status s = kvpolicy::ValidateTarget(p.target, &lens);
   if (!s.ok()) return s;
   if (p.sinks < 0) return Invalid("sinks", "a non-negative token count", Str(p.sinks));
-  kvpolicy::RunPolicy(lens, p.target, p.sinks, p.target.budget, false,
-                      [](int64_t, int64_t, int64_t, double*) {}, keep);
+  kvpolicy::RunPolicy(
+      lens, p.target, p.sinks, p.target.budget, false, [](int64_t, int64_t, int64_t, double*) {},
+      keep);
   return Status::Ok();
 }
 
@@ -450,8 +451,7 @@ Status CakeAllocator::AddLayer(double preference) {
   budgets_.assign(n, 0);
   int64_t given = 0;
   for (size_t l = 0; l < n; ++l) {
-    budgets_[l] =
-        reserved_ + std::min<int64_t>(shared, static_cast<int64_t>(std::floor(share[l])));
+    budgets_[l] = reserved_ + std::min<int64_t>(shared, static_cast<int64_t>(std::floor(share[l])));
     given += budgets_[l];
   }
   // Largest remainder first; ties to the earlier layer.

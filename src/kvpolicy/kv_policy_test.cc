@@ -45,7 +45,8 @@ std::vector<int32_t> Direct(int64_t len, int64_t budget, int64_t front, int64_t 
   front = std::min(front, count);
   back = std::min(back, count - front);
   std::vector<int32_t> cand;
-  for (int64_t j = front; j < len - back && count > front + back; ++j) cand.push_back(static_cast<int32_t>(j));
+  for (int64_t j = front; j < len - back && count > front + back; ++j)
+    cand.push_back(static_cast<int32_t>(j));
   std::sort(cand.begin(), cand.end(), [&](int32_t a, int32_t b) {
     if (score[a] != score[b]) return score[a] > score[b];
     return a > b;
@@ -123,8 +124,8 @@ TEST(KVPolicy, H2OTovaSnapKVCakeMatchDirect) {
   const int64_t rows = 4;
   for (int64_t budget : {1, 2, 6, 11, 36, 50}) {
     for (int64_t window : {0, 3}) {
-      const std::string what = "budget " + std::to_string(budget) + " window " +
-                               std::to_string(window);
+      const std::string what =
+          "budget " + std::to_string(budget) + " window " + std::to_string(window);
       EvictionTarget target{I32(sh.lens), sh.hkv, budget};
       KeepSet h2o, tova, snap, cake;
       H2OParams hp{target, km_view, window};
@@ -141,8 +142,7 @@ TEST(KVPolicy, H2OTovaSnapKVCakeMatchDirect) {
       for (int64_t b = 0; b < B; ++b) {
         const int64_t len = sh.lens[b];
         for (int64_t h = 0; h < sh.hkv; ++h) {
-          std::vector<double> group(size_t(len), 0.0), tv(size_t(len), 0.0),
-              cs(size_t(len), 0.0);
+          std::vector<double> group(size_t(len), 0.0), tv(size_t(len), 0.0), cs(size_t(len), 0.0);
           for (int64_t r = h * sh.g; r < (h + 1) * sh.g; ++r) {
             for (int64_t j = 0; j < len; ++j) {
               group[j] += at(km, b, r, j);
@@ -155,9 +155,10 @@ TEST(KVPolicy, H2OTovaSnapKVCakeMatchDirect) {
           const int64_t back = std::min(window, std::min(budget, len));
           ExpectKeep(h2o, b, h, Direct(len, budget, 0, window, group), "h2o " + what);
           ExpectKeep(tova, b, h, Direct(len, budget, 0, 0, tv), "tova " + what);
-          ExpectKeep(snap, b, h,
-                     Direct(len, budget, 0, window, DirectPool(group, len - back, 3, PoolKind::kMax)),
-                     "snapkv " + what);
+          ExpectKeep(
+              snap, b, h,
+              Direct(len, budget, 0, window, DirectPool(group, len - back, 3, PoolKind::kMax)),
+              "snapkv " + what);
           ExpectKeep(cake, b, h,
                      Direct(len, budget, 0, window, DirectPool(cs, len - back, 5, PoolKind::kAvg)),
                      "cake " + what);
@@ -242,7 +243,8 @@ TEST(KVPolicy, CakeAllocatorSumsAndCascades) {
     }
     EXPECT_EQ(sum, 20 + 20 * (l + 1));
   }
-  EXPECT_EQ(reserved.budgets(), (std::vector<int64_t>{24, 23, 30, 23}));  // 20 + 20 * (1, 1, 3, 1) / 6
+  EXPECT_EQ(reserved.budgets(),
+            (std::vector<int64_t>{24, 23, 30, 23}));  // 20 + 20 * (1, 1, 3, 1) / 6
   EXPECT_NE(reserved.Init(4, 100, 26).message().find("reserved"), std::string::npos);
   CakeAllocator zero;
   ASSERT_TRUE(zero.Init(3, 10).ok());
@@ -310,10 +312,8 @@ TEST(KVPolicy, BadInputNamesTheArgument) {
   EXPECT_NE(msg(H2OKeep({{I32(lens), 0, 3}, view, 1}, &keep)).find("target.num_kv_heads"),
             std::string::npos);
   EXPECT_NE(msg(H2OKeep({{I32(lens), 2, 3}, view, -1}, &keep)).find("recent"), std::string::npos);
-  EXPECT_NE(msg(H2OKeep({{I32(lens), 4, 3}, view, 1}, &keep)).find("multiple"),
-            std::string::npos);
-  EXPECT_NE(msg(SnapKVKeep({{I32(lens), 2, 3}, view, 1, 4, PoolKind::kMax}, &keep))
-                .find("kernel"),
+  EXPECT_NE(msg(H2OKeep({{I32(lens), 4, 3}, view, 1}, &keep)).find("multiple"), std::string::npos);
+  EXPECT_NE(msg(SnapKVKeep({{I32(lens), 2, 3}, view, 1, 4, PoolKind::kMax}, &keep)).find("kernel"),
             std::string::npos);
   std::vector<int32_t> long_lens = {4, 7};
   EXPECT_NE(msg(H2OKeep({{I32(long_lens), 2, 3}, view, 1}, &keep)).find("longest"),
@@ -328,10 +328,10 @@ TEST(KVPolicy, BadInputNamesTheArgument) {
   CakeParams cp;
   cp.tau1 = 0.0;
   double pref = 0;
-  EXPECT_NE(msg(CakeLayerPreference(cp, {I32(lens), 2, 3}, {view, view, 4}, &pref, nullptr,
-                                    nullptr))
-                .find("tau1"),
-            std::string::npos);
+  EXPECT_NE(
+      msg(CakeLayerPreference(cp, {I32(lens), 2, 3}, {view, view, 4}, &pref, nullptr, nullptr))
+          .find("tau1"),
+      std::string::npos);
 }
 
 }  // namespace
