@@ -585,7 +585,6 @@ void DefNoneOk(nb::class_<C>& c, const char* name, R (C::*f)(Args...)) {
   c.def(name, f, NoneOk<Args>()...);
 }
 
-
 // ---- KV cache eviction (kv_policy.h) --------------------------------------------------------
 // Keep-sets go to Python as one flat i32 array the Python side sized (sum over b of Hkv *
 // min(budget, seq_lens[b])), head h of sequence b at [offsets[b] + h * count_b, ...); CompactPy
