@@ -294,6 +294,29 @@ int BenchDecode(const BenchOptions& o) {
     params.out = MakeView4(out.get(), dtype, o.batch, Q, H, D);
     params.causal = o.causal;
     params.split_tokens = o.split_tokens;
+    // --decode-stats: every timed run writes the statistics; plain decode is timed beside it.
+    const DecodeParams plain = params;
+    AlignedBytes stats_buffer;
+    if (!o.decode_stats.empty()) {
+      const bool probs = o.decode_stats == "probs" || o.decode_stats == "both";
+      const bool accumulated = o.decode_stats == "accumulated" || o.decode_stats == "both";
+      if (!probs && !accumulated) {
+        return Fail(cmd, "--decode-stats: expected probs, accumulated or both, got '" +
+                             o.decode_stats + "'");
+      }
+      const int64_t probs_elems = probs ? o.batch * H * Q * max_len : 0;
+      const int64_t acc_elems = accumulated ? o.batch * kv_heads * max_len : 0;
+      stats_buffer = AllocateAligned(static_cast<size_t>(probs_elems + acc_elems) * sizeof(float));
+      if (!stats_buffer) return Fail(cmd, "cannot allocate the statistics outputs");
+      float* base = reinterpret_cast<float*>(stats_buffer.get());
+      std::fill(base, base + probs_elems + acc_elems, 0.0f);
+      if (probs) params.stats.probs = MakeView4(base, DType::kF32, o.batch, H, Q, max_len);
+      if (accumulated) {
+        params.stats.accumulated =
+            MakeView3(base + probs_elems, DType::kF32, o.batch, kv_heads, max_len);
+      }
+      result["decode_stats"] = o.decode_stats;
+    }
     DecodePlan plan;
     Status st = PlanDecode(params, ctx, &plan);
     if (!st.ok()) return Fail(cmd, st.ToString());
@@ -301,6 +324,11 @@ int BenchDecode(const BenchOptions& o) {
     st = TimeRuns([&] { return RunDecode(plan, params, ctx); }, o.warmup, o.reps, &timing,
                   auto_reps);
     if (!st.ok()) return Fail(cmd, st.ToString());
+    if (!o.decode_stats.empty()) {
+      st = TimeStatsOverhead([&] { return RunDecode(plan, params, ctx); },
+                             [&] { return RunDecode(plan, plain, ctx); }, o, timing.reps, &result);
+      if (!st.ok()) return Fail(cmd, st.ToString());
+    }
     tessera_ms = timing.median_ms;
     result["ms"] = timing.median_ms;
     result["ms_min"] = timing.min_ms;

@@ -96,7 +96,7 @@ bool Run(const AttentionProblem& p, const AttentionStats& stats, const float* ls
     const int64_t nk = std::min(kChunkKeys, seq_k - k0);
 
     float* const base = scratch.get() + worker_floats * static_cast<size_t>(worker);
-    float* const kf = base;                                  // [kChunkKeys][D]
+    float* const kf = base;                                        // [kChunkKeys][D]
     float* const qt = kf + static_cast<size_t>(kChunkKeys) * dim;  // [D][Mp]
     float* const row_lse = qt + dim * mp;
     float* const row_pos = row_lse + mp;
@@ -157,8 +157,8 @@ bool Run(const AttentionProblem& p, const AttentionStats& stats, const float* ls
             const VF qv = hn::Load(df, qt + d * mp + r0);
             for (int64_t jj = 0; jj < 4; ++jj) {
               // Past the chunk's end the rows are stale scratch: their scores are never used.
-              acc[jj] = hn::MulAdd(qv, hn::Set(df, k_rows[static_cast<size_t>(jj) * dim + d]),
-                                   acc[jj]);
+              acc[jj] =
+                  hn::MulAdd(qv, hn::Set(df, k_rows[static_cast<size_t>(jj) * dim + d]), acc[jj]);
             }
           }
           const VF lse_v = hn::Load(df, row_lse + r0);
@@ -190,15 +190,14 @@ bool Run(const AttentionProblem& p, const AttentionStats& stats, const float* ls
           } else {
             mass_out[b * km.strides[0] + h_out * km.strides[1] + key * km.strides[2]] = mass[jj];
             if (want_sq) {
-              sq_out[b * ks.strides[0] + h_out * ks.strides[1] + key * ks.strides[2]] =
-                  mass_sq[jj];
+              sq_out[b * ks.strides[0] + h_out * ks.strides[1] + key * ks.strides[2]] = mass_sq[jj];
             }
           }
         }
       }
       if (want_entropy) {
-        float* part = entropy_parts.data() +
-                      static_cast<size_t>((b * p.heads_q + h) * chunks + chunk) * mp;
+        float* part =
+            entropy_parts.data() + static_cast<size_t>((b * p.heads_q + h) * chunks + chunk) * mp;
         std::copy(entropy, entropy + mp, part);
       }
     }

@@ -66,9 +66,8 @@ AttentionParams WithStats(AttentionParams p, const StatsCase& c, StatsOutputs* o
   const std::vector<double> g = got.ToVector();
   for (size_t i = 0; i < want.size(); ++i) {
     if (!(std::fabs(g[i] - want[i]) <= c.atol + c.rtol * std::fabs(want[i]))) {
-      return ::testing::AssertionFailure()
-             << what << "[" << i << "] = " << test::FormatDouble(g[i]) << ", reference "
-             << test::FormatDouble(want[i]);
+      return ::testing::AssertionFailure() << what << "[" << i << "] = " << test::FormatDouble(g[i])
+                                           << ", reference " << test::FormatDouble(want[i]);
     }
   }
   return ::testing::AssertionSuccess();
@@ -121,9 +120,8 @@ TEST_P(WindowStatsTest, MatchesReferenceOnEveryPath) {
   const StatsCase& c = GetParam();
   const Inputs in = test::MakeInputs(c.spec);
   const std::vector<Path> paths = {Path::kReference, Path::kAuto, Path::kGeneric};
-  std::vector<double> mass(static_cast<size_t>(c.spec.batch * c.spec.seq_k *
-                                               (c.sum_gqa_group ? c.spec.heads_kv
-                                                                : c.spec.heads_q)));
+  std::vector<double> mass(static_cast<size_t>(
+      c.spec.batch * c.spec.seq_k * (c.sum_gqa_group ? c.spec.heads_kv : c.spec.heads_q)));
   std::vector<double> mass_sq(mass.size());
   std::vector<double> entropy(static_cast<size_t>(c.spec.batch * c.spec.heads_q * c.window));
   {

@@ -271,11 +271,53 @@ HWY_INLINE void GatherTile(const decode::KVSource& kv, const UnitShape& sh, int6
   }
 }
 
+// DecodeStats: the logits of a scored tile (before softmax_step turns them into probabilities),
+// dequantized for quantized K as softmax_step does, into each row's record (StatsRecord).
+HWY_INLINE void RecordLogits(const decode::StatsRecord& rec, int64_t b, int64_t h, int64_t group,
+                             int64_t q_len, int64_t rows, size_t mp, bool quant, const QueryRows& q,
+                             const TileSlot& t) {
+  auto row_of = [&](int64_t r) {
+    const int64_t head = h * group + r / q_len, qi = r % q_len;
+    return rec.logits + b * rec.logit_stride[0] + head * rec.logit_stride[1] +
+           qi * rec.logit_stride[2] + t.a;
+  };
+  auto logit = [&](int64_t r, size_t j) {
+    const float x = t.st[j * mp + static_cast<size_t>(r)];
+    return quant ? q.qa[r] * t.kstep[j] * x + q.qb[r] * t.kmin[j] : x;
+  };
+  size_t vector_end = 0;
+#if HWY_TARGET != HWY_SCALAR
+  // A [key][4] tile (at most 4 rows): whole vectors of keys, de-interleaved once for all rows.
+  if (mp == 4 && kLanes >= 4) {
+    const DF df;
+    float* dst[4];
+    for (int64_t r = 0; r < rows; ++r) dst[r] = row_of(r);
+    for (; vector_end + kLanes <= t.nkeys; vector_end += kLanes) {
+      const size_t j = vector_end;
+      VF v[4];
+      hn::LoadInterleaved4(df, t.st + j * 4, v[0], v[1], v[2], v[3]);
+      for (int64_t r = 0; r < rows; ++r) {
+        VF x = v[r];
+        if (quant) {
+          x = hn::MulAdd(hn::Mul(hn::Set(df, q.qa[r]), hn::LoadU(df, t.kstep + j)), x,
+                         hn::Mul(hn::Set(df, q.qb[r]), hn::LoadU(df, t.kmin + j)));
+        }
+        hn::StoreU(x, df, dst[r] + j);
+      }
+    }
+  }
+#endif
+  for (int64_t r = 0; r < rows; ++r) {
+    float* dst = row_of(r);
+    for (size_t j = vector_end; j < t.nkeys; ++j) dst[j] = logit(r, j);
+  }
+}
+
 // T: the element type of the rows (float, hwy::float16_t, hwy::bfloat16_t, or uint8_t codes).
 template <size_t kDp, class T>
 void RunUnit(const AttentionProblem& p, const decode::KVSource& kv, const decode::DecodeUnit& u,
              const UnitShape& sh, const PreparedQueries& queries, Scratch& s, float* partial_out,
-             double* partial_lse) {
+             double* partial_lse, const decode::StatsRecord* rec) {
   const DF df;
   const size_t dim = sh.dim, dp = kDp != 0 ? kDp : sh.dp, dc = sh.dc, mp = sh.mp, rp = sh.rp;
   const int64_t b = u.seq;
@@ -474,6 +516,7 @@ void RunUnit(const AttentionProblem& p, const decode::KVSource& kv, const decode
         }
       };
       auto softmax = [&](TileSlot& t) {
+        if (rec != nullptr) RecordLogits(*rec, b, h, group, q_len, rows, mp, quant, q, t);
         softmax_step(t);
 #if HWY_TARGET == HWY_AVX3_DL
         if (vnni_pv && !sh.narrow) PackWeights(t, mp);
@@ -578,6 +621,131 @@ void RunUnit(const AttentionProblem& p, const decode::KVSource& kv, const decode
 
 }  // namespace decode_impl
 
+// Merge: one task per (multi-split sequence, query head), splits in ascending order (as
+// MergeStates).
+void MergeSplits(const AttentionProblem& p, const internal::DecodeSchedule& sched, size_t dim,
+                 size_t slot_rows, const float* partial_out, const double* partial_lse) {
+  const int32_t workers = sched.threads;
+  std::vector<int64_t> multi;
+  for (int64_t b = 0; b < p.batch; ++b) {
+    if (sched.first_slot[static_cast<size_t>(b)] >= 0) multi.push_back(b);
+  }
+  const int64_t merge_tasks = static_cast<int64_t>(multi.size()) * p.heads_q;
+  ParallelFor(workers, merge_tasks, [&](int64_t task, int32_t) {
+    const int64_t b = multi[static_cast<size_t>(task / p.heads_q)];
+    const int64_t head = task % p.heads_q;
+    const int64_t nsplit = sched.splits[static_cast<size_t>(b)];
+    const size_t first = static_cast<size_t>(sched.first_slot[static_cast<size_t>(b)]);
+    const int64_t q_len = p.q_len(b);
+    std::vector<float> acc(dim);
+    std::vector<double> lse_r(static_cast<size_t>(nsplit));
+    for (int64_t qi = 0; qi < q_len; ++qi) {
+      const size_t idx = static_cast<size_t>(head * q_len + qi);
+      for (int64_t r = 0; r < nsplit; ++r) {
+        lse_r[static_cast<size_t>(r)] =
+            partial_lse[(first + static_cast<size_t>(r)) * slot_rows + idx];
+      }
+      const float lse = MergeStateRow(
+          nsplit, lse_r.data(), dim,
+          [&](int64_t r, float*) {
+            return static_cast<const float*>(
+                partial_out + ((first + static_cast<size_t>(r)) * slot_rows + idx) * dim);
+          },
+          nullptr, acc.data());
+      const int64_t token = p.q_begin(b) + qi;
+      StoreStridedScaled(p.dtype, acc.data(), 1, dim, 1.0f, p.out, p.out_offset(b, token, head),
+                         p.out_stride[3]);
+      if (p.lse != nullptr) p.lse[p.lse_offset(b, head, token)] = lse;
+    }
+  });
+}
+
+// DecodeStats after the merge: p = exp(logit' - lse) with logit' the recorded logit after softcap
+// and ALiBi, 0 for a key the row does not see; probs written, and the sum over the group's rows
+// (heads, then queries, in order) added to accumulated. One task per (sequence, KV head), keys in
+// lanes, the same score modifiers as the kernel (simd/score_mod-inl.h).
+void FinishStats(const AttentionProblem& p, const decode::KVSource& kv,
+                 const decode::StatsRecord& rec, int32_t workers) {
+  const DF df;
+  using DI = hn::RebindToSigned<DF>;
+  const DI di;
+  const size_t lanes = hn::Lanes(df);
+  int64_t max_len = 0;
+  for (int64_t b = 0; b < p.batch; ++b) max_len = std::max(max_len, kv.len(b));
+  // Per worker: the key sums and a row of probabilities, allocated once per call (per task, the
+  // page faults of fresh buffers cost more than the pass).
+  const size_t per_worker = 2 * hwy::DivCeil(static_cast<size_t>(max_len), lanes) * lanes;
+  auto scratch = hwy::AllocateAligned<float>(per_worker * static_cast<size_t>(workers));
+  if (!scratch) throw std::bad_alloc();
+  ParallelFor(workers, p.batch * p.heads_kv, [&](int64_t task, int32_t worker) {
+    const int64_t b = task / p.heads_kv, hkv = task % p.heads_kv;
+    const int64_t len = kv.len(b), q_len = p.q_len(b);
+    if (len == 0) return;
+    const size_t padded = hwy::DivCeil(static_cast<size_t>(len), lanes) * lanes;
+    float* const sums = scratch.get() + per_worker * static_cast<size_t>(worker);
+    float* const row = sums + per_worker / 2;
+    std::fill(sums, sums + padded, 0.0f);
+    const VF cap = hn::Set(df, p.softcap);
+    const VF inv_cap = hn::Set(df, p.softcap > 0.0f ? 1.0f / p.softcap : 0.0f);
+    // exp(x - lse) = 2^(x log2(e) - lse log2(e)), through the kernels' exp2.
+    constexpr float kLog2e = 1.44269504088896341f;
+    const VF log2e = hn::Set(df, kLog2e);
+    const int64_t delta = p.top_left ? 0 : len - q_len;
+    for (int64_t g = 0; g < p.group; ++g) {
+      const int64_t head = hkv * p.group + g;
+      const VF slope = hn::Set(df, p.alibi != nullptr ? p.alibi_slope(b, head) : 0.0f);
+      for (int64_t qi = 0; qi < q_len; ++qi) {
+        const float* logits = rec.logits + b * rec.logit_stride[0] + head * rec.logit_stride[1] +
+                              qi * rec.logit_stride[2];
+        const float lse = p.lse[p.lse_offset(b, head, p.q_begin(b) + qi)];
+        const int64_t pos = qi + delta;
+        const AttentionProblem::KeyRange keys = p.visible_keys(pos, len);
+        const auto lo = hn::Set(di, static_cast<int32_t>(keys.lo));
+        const auto hi = hn::Set(di, static_cast<int32_t>(keys.hi));
+        const VF lse2 = hn::Set(df, lse * kLog2e), pos_v = hn::Set(df, static_cast<float>(pos));
+        // Probabilities go straight to probs when its keys are contiguous (over the logits
+        // recorded there), else through `row`.
+        float* const probs = rec.probs == nullptr
+                                 ? nullptr
+                                 : rec.probs + b * rec.probs_stride[0] +
+                                       head * rec.probs_stride[1] + qi * rec.probs_stride[2];
+        const bool direct = probs != nullptr && rec.probs_stride[3] == 1;
+        float* const dst = direct ? probs : row;
+        for (size_t j = 0; j < padded; j += lanes) {
+          const auto key_i = hn::Iota(di, static_cast<int32_t>(j));
+          // hi < len: keys past the sequence (the last vector's tail) are hidden too.
+          const auto hidden = KeyOutside(key_i, lo, hi);
+          const bool whole = j + lanes <= static_cast<size_t>(len);
+          HWY_ALIGN float tail[hn::MaxLanes(df)] = {};
+          if (!whole) std::copy(logits + j, logits + len, tail);
+          VF x = whole ? hn::LoadU(df, logits + j) : hn::Load(df, tail);
+          if (p.softcap > 0.0f) x = SoftcapScore(df, x, cap, inv_cap);
+          if (p.alibi != nullptr) x = AlibiScore(x, slope, pos_v, hn::ConvertTo(df, key_i));
+          const VF prob = hn::IfThenZeroElse(hn::RebindMask(df, hidden),
+                                             FastExp2(df, hn::MulSub(x, log2e, lse2)));
+          if (whole || !direct) {
+            hn::StoreU(prob, df, dst + j);
+          } else {
+            hn::Store(prob, df, tail);
+            std::copy(tail, tail + (static_cast<size_t>(len) - j), dst + j);
+          }
+          if (rec.accumulated != nullptr) {
+            hn::Store(hn::Add(hn::Load(df, sums + j), prob), df, sums + j);
+          }
+        }
+        if (probs != nullptr && !direct) {
+          const int64_t stride = rec.probs_stride[3];
+          for (int64_t j = 0; j < len; ++j) probs[j * stride] = row[j];
+        }
+      }
+    }
+    if (rec.accumulated != nullptr) {
+      float* acc = rec.accumulated + b * rec.acc_stride[0] + hkv * rec.acc_stride[1];
+      for (int64_t j = 0; j < len; ++j) acc[j * rec.acc_stride[2]] += sums[j];
+    }
+  });
+}
+
 // Scratch and partial-state buffers, kept per calling thread and reused by its next calls:
 // allocating and faulting in the partial states on every call cost ~0.3 ms of a 32K decode
 // (then 64 splits x 32 heads x 128 floats). Buffers over kMaxKeptBytes are freed after the call.
@@ -615,7 +783,8 @@ inline Workspace& CallerWorkspace() {
 // Runs every unit of the schedule, then merges the partial states of multi-split sequences in
 // split order. Returns false when scratch could not be allocated.
 bool DecodeKernel(const AttentionProblem& p, const decode::KVSource& kv,
-                  const internal::DecodeSchedule& sched, bool fast) {
+                  const internal::DecodeSchedule& sched, bool fast,
+                  const decode::StatsRecord* stats) {
   using namespace decode_impl;  // NOLINT
   if (sched.units.empty()) return true;
   const size_t dim = static_cast<size_t>(p.dim);
@@ -693,7 +862,7 @@ bool DecodeKernel(const AttentionProblem& p, const decode::KVSource& kv,
         po = partial_out + static_cast<size_t>(u.slot) * slot_rows * dim;
         pl = partial_lse + static_cast<size_t>(u.slot) * slot_rows;
       }
-      RunUnit<kDp, T>(p, kv, cur, shape, queries, s, po, pl);
+      RunUnit<kDp, T>(p, kv, cur, shape, queries, s, po, pl, stats);
     });
   };
   // Compile-time head dims x row element types.
@@ -727,42 +896,8 @@ bool DecodeKernel(const AttentionProblem& p, const decode::KVSource& kv,
       run_dim(uint8_t());
       break;
   }
-  if (sched.num_slots == 0) return true;
-
-  // Merge: one task per (multi-split sequence, query head), splits in ascending order (as
-  // MergeStates).
-  std::vector<int64_t> multi;
-  for (int64_t b = 0; b < p.batch; ++b) {
-    if (sched.first_slot[static_cast<size_t>(b)] >= 0) multi.push_back(b);
-  }
-  const int64_t merge_tasks = static_cast<int64_t>(multi.size()) * p.heads_q;
-  ParallelFor(workers, merge_tasks, [&](int64_t task, int32_t) {
-    const int64_t b = multi[static_cast<size_t>(task / p.heads_q)];
-    const int64_t head = task % p.heads_q;
-    const int64_t nsplit = sched.splits[static_cast<size_t>(b)];
-    const size_t first = static_cast<size_t>(sched.first_slot[static_cast<size_t>(b)]);
-    const int64_t q_len = p.q_len(b);
-    std::vector<float> acc(dim);
-    std::vector<double> lse_r(static_cast<size_t>(nsplit));
-    for (int64_t qi = 0; qi < q_len; ++qi) {
-      const size_t idx = static_cast<size_t>(head * q_len + qi);
-      for (int64_t r = 0; r < nsplit; ++r) {
-        lse_r[static_cast<size_t>(r)] =
-            partial_lse[(first + static_cast<size_t>(r)) * slot_rows + idx];
-      }
-      const float lse = MergeStateRow(
-          nsplit, lse_r.data(), dim,
-          [&](int64_t r, float*) {
-            return static_cast<const float*>(
-                partial_out + ((first + static_cast<size_t>(r)) * slot_rows + idx) * dim);
-          },
-          nullptr, acc.data());
-      const int64_t token = p.q_begin(b) + qi;
-      StoreStridedScaled(p.dtype, acc.data(), 1, dim, 1.0f, p.out, p.out_offset(b, token, head),
-                         p.out_stride[3]);
-      if (p.lse != nullptr) p.lse[p.lse_offset(b, head, token)] = lse;
-    }
-  });
+  if (sched.num_slots != 0) MergeSplits(p, sched, dim, slot_rows, partial_out, partial_lse);
+  if (stats != nullptr) FinishStats(p, kv, *stats, workers);
   return true;
 }
 

@@ -103,8 +103,9 @@ bool ScheduleFits(const internal::DecodeSchedule& s, const std::vector<int64_t>&
 }
 
 bool RunDecodeKernel(const AttentionProblem& p, const KVSource& kv,
-                     const internal::DecodeSchedule& schedule, bool fast) {
-  return HWY_DYNAMIC_DISPATCH(DecodeKernel)(p, kv, schedule, fast);
+                     const internal::DecodeSchedule& schedule, bool fast,
+                     const StatsRecord* stats) {
+  return HWY_DYNAMIC_DISPATCH(DecodeKernel)(p, kv, schedule, fast, stats);
 }
 
 }  // namespace decode
@@ -142,6 +143,48 @@ Status RunReference(const DecodeParams& params, const AttentionProblem& p) {
     }
   }
   return Status::Ok();
+}
+
+// Path::kReference for the statistics: the fp64 probabilities, rounded into probs and summed
+// (heads, then queries, in order) into accumulated.
+void ReferenceStats(const DecodeParams& params, const AttentionProblem& p,
+                    const std::vector<int64_t>& lens) {
+  const int64_t max_len = *std::max_element(lens.begin(), lens.end());
+  std::vector<double> out(static_cast<size_t>(p.batch * p.seq_q * p.heads_q * p.dim));
+  std::vector<double> probs(static_cast<size_t>(p.batch * p.heads_q * p.seq_q * max_len), 0.0);
+  ref::DecodeRefOptions options;
+  options.probs = probs.data();
+  options.probs_keys = max_len;
+  DecodeParams resolved = params;
+  if (p.window_left == kUnboundedWindow) resolved.window_left = -1;
+  ref::DecodeF64WithOptions(resolved, options, out.data(), nullptr);
+  const TensorView& pv = params.stats.probs;
+  const TensorView& av = params.stats.accumulated;
+  for (int64_t b = 0; b < p.batch; ++b) {
+    const int64_t len = lens[static_cast<size_t>(b)];
+    for (int64_t hkv = 0; hkv < p.heads_kv; ++hkv) {
+      std::vector<double> sums(static_cast<size_t>(len), 0.0);
+      for (int64_t h = hkv * p.group; h < (hkv + 1) * p.group; ++h) {
+        for (int64_t i = 0; i < p.seq_q; ++i) {
+          const double* row = probs.data() + ((b * p.heads_q + h) * p.seq_q + i) * max_len;
+          for (int64_t j = 0; j < len; ++j) {
+            sums[static_cast<size_t>(j)] += row[j];
+            if (pv.data != nullptr) {
+              static_cast<float*>(pv.data)[b * pv.strides[0] + h * pv.strides[1] +
+                                           i * pv.strides[2] + j * pv.strides[3]] =
+                  static_cast<float>(row[j]);
+            }
+          }
+        }
+      }
+      if (av.data == nullptr) continue;
+      for (int64_t j = 0; j < len; ++j) {
+        float& acc = static_cast<float*>(
+            av.data)[b * av.strides[0] + hkv * av.strides[1] + j * av.strides[2]];
+        acc = static_cast<float>(acc + sums[static_cast<size_t>(j)]);
+      }
+    }
+  }
 }
 
 }  // namespace
@@ -198,15 +241,55 @@ Status RunDecode(const DecodePlan& plan, const DecodeParams& params, const Conte
                      Num(prob.heads_kv) + ", D " + Num(prob.dim) + ", Q " + Num(prob.seq_q) +
                      ", split_tokens " + Num(split) + " with seq_lens whose split counts differ"));
   }
-  if (params.stats.probs.data != nullptr || params.stats.accumulated.data != nullptr) {
-    return Status::Unimplemented("stats: decode statistics are not implemented yet");
-  }
   if (prob.batch == 0) return Status::Ok();  // no output row: nothing to do
-  if (ctx.path == Path::kReference) return RunReference(params, prob);
+  const DecodeStats& stats = params.stats;
+  const bool want_stats = stats.probs.data != nullptr || stats.accumulated.data != nullptr;
+  if (ctx.path == Path::kReference) {
+    s = RunReference(params, prob);
+    if (s.ok() && want_stats) ReferenceStats(params, prob, lens);
+    return s;
+  }
   bool fast = false;
   s = ChooseKernel(ctx, prob.dim, &fast);
   if (!s.ok()) return s;
-  if (!decode::RunDecodeKernel(prob, kv, sched, fast)) {
+  if (!want_stats) {
+    if (!decode::RunDecodeKernel(prob, kv, sched, fast)) {
+      return Status::Internal("RunDecode: could not allocate scratch");
+    }
+    return Status::Ok();
+  }
+
+  // Statistics: the kernel records each row's logits (into probs when their keys are
+  // contiguous) and needs every row's LSE (the caller's or a scratch one).
+  decode::StatsRecord rec;
+  std::vector<float> logits, lse;
+  const int64_t max_len = *std::max_element(lens.begin(), lens.end());
+  if (stats.probs.data != nullptr) {
+    rec.probs = static_cast<float*>(stats.probs.data);
+    for (int i = 0; i < 4; ++i) rec.probs_stride[i] = stats.probs.strides[i];
+  }
+  if (stats.accumulated.data != nullptr) {
+    rec.accumulated = static_cast<float*>(stats.accumulated.data);
+    for (int i = 0; i < 3; ++i) rec.acc_stride[i] = stats.accumulated.strides[i];
+  }
+  if (rec.probs != nullptr && rec.probs_stride[3] == 1) {
+    rec.logits = rec.probs;
+    for (int i = 0; i < 3; ++i) rec.logit_stride[i] = rec.probs_stride[i];
+  } else {
+    logits.resize(static_cast<size_t>(prob.batch * prob.heads_q * prob.seq_q * max_len));
+    rec.logits = logits.data();
+    rec.logit_stride[2] = max_len;
+    rec.logit_stride[1] = prob.seq_q * max_len;
+    rec.logit_stride[0] = prob.heads_q * prob.seq_q * max_len;
+  }
+  if (prob.lse == nullptr) {
+    lse.resize(static_cast<size_t>(prob.batch * prob.heads_q * prob.seq_q));
+    prob.lse = lse.data();
+    prob.lse_stride[0] = prob.heads_q * prob.seq_q;
+    prob.lse_stride[1] = prob.seq_q;
+    prob.lse_stride[2] = 1;
+  }
+  if (!decode::RunDecodeKernel(prob, kv, sched, fast, &rec)) {
     return Status::Internal("RunDecode: could not allocate scratch");
   }
   return Status::Ok();

@@ -94,6 +94,21 @@ struct DecodeUnit {
   int64_t slot;
 };
 
+// DecodeStats for the kernel: where it records each row's logits (scaled, dequantized, before
+// softcap, ALiBi and the mask) while it scores a tile, and the outputs the statistics pass after
+// the merge writes from them. Row (b, query head h, query i) of the logits starts at
+// logits + b * logit_stride[0] + h * logit_stride[1] + i * logit_stride[2]; its keys are
+// contiguous (the caller's probs when their key stride is 1, which the pass then overwrites in
+// place, else a scratch buffer).
+struct StatsRecord {
+  float* logits = nullptr;
+  int64_t logit_stride[3] = {0, 0, 0};
+  float* probs = nullptr;  // [B, Hq, Q, S] with probs_stride, optional
+  int64_t probs_stride[4] = {0, 0, 0, 0};
+  float* accumulated = nullptr;  // [B, Hkv, S] with acc_stride, optional
+  int64_t acc_stride[3] = {0, 0, 0};
+};
+
 }  // namespace decode
 
 namespace internal {
@@ -121,9 +136,11 @@ void BuildSchedule(const std::vector<int64_t>& k_lens, int64_t heads_q, int64_t 
 bool ScheduleFits(const internal::DecodeSchedule& schedule, const std::vector<int64_t>& k_lens);
 
 // Runs the kernel: queries, outputs and options from `p` (k/v fields unused), keys and values
-// from `kv`. Returns false when scratch could not be allocated. Dispatches to the best target.
+// from `kv`. With `stats`, also the decode statistics, which need p.lse (the caller's or a
+// scratch one). Returns false when scratch could not be allocated. Dispatches to the best target.
 bool RunDecodeKernel(const AttentionProblem& p, const KVSource& kv,
-                     const internal::DecodeSchedule& schedule, bool fast);
+                     const internal::DecodeSchedule& schedule, bool fast,
+                     const StatsRecord* stats = nullptr);
 
 }  // namespace decode
 }  // namespace tessera

@@ -1761,5 +1761,177 @@ TEST(DecodeErrors, RejectedArgumentsWriteNothing) {
   }
 }
 
+// ---------------------------------------------------------------------------------------------
+// DecodeStats: the final probabilities of every key and the H2O accumulator.
+
+struct StatsRun {
+  Tensor probs, accumulated;
+};
+
+// Probs padded past the longest sequence (keys there stay untouched) and, with key_stride > 1,
+// read through a strided view; the accumulator starts at 1.
+void AddStats(const Case& c, int64_t key_stride, DecodeRun* r, StatsRun* st) {
+  const int64_t max_len = *std::max_element(c.lens.begin(), c.lens.end());
+  const std::vector<int64_t> shape = {c.batch(), c.heads_q(), c.num_q, max_len + 3};
+  std::vector<int64_t> strides = Tensor::ContiguousStrides(shape);
+  for (int i = 0; i < 3; ++i) strides[Sz(i)] *= key_stride;
+  strides[3] = key_stride;
+  st->probs = Tensor(DType::kF32, shape, strides);
+  st->probs.FillSlots(-7.0);
+  st->accumulated = Tensor(DType::kF32, {c.batch(), c.heads_kv, max_len + 1});
+  st->accumulated.FillSlots(1.0);
+  st->probs.Snapshot();
+  r->params.stats.probs = st->probs.view();
+  r->params.stats.accumulated = st->accumulated.view();
+}
+
+class DecodeStatsTest : public ::testing::TestWithParam<Case> {};
+
+TEST_P(DecodeStatsTest, MatchesReference) {
+  const Case& c = GetParam();
+  TestCache cache;
+  BuildCache(c.Cache(), &cache);
+  const int64_t max_len = *std::max_element(c.lens.begin(), c.lens.end());
+  // The integer kernels score with the quantized query: the reference does too, so that the
+  // comparison measures the statistics, not the documented query quantization.
+  DecodeRun ref_run;
+  MakeRun(c, &cache, &ref_run);
+  std::vector<double> out(Sz(c.batch() * c.num_q * c.heads_q() * c.dim));
+  std::vector<double> probs(Sz(c.batch() * c.heads_q() * c.num_q * max_len), 0.0);
+  ref::DecodeRefOptions options;
+  options.quantize_query = true;
+  options.probs = probs.data();
+  options.probs_keys = max_len;
+  ref::DecodeF64WithOptions(ref_run.params, options, out.data(), nullptr);
+  // Path::kReference computes with the query as given.
+  std::vector<double> ref_path_probs(probs.size(), 0.0);
+  options.quantize_query = false;
+  options.probs = ref_path_probs.data();
+  ref::DecodeF64WithOptions(ref_run.params, options, out.data(), nullptr);
+
+  Tensor first_probs, plain_out;
+  {
+    DecodeRun plain;
+    MakeRun(c, &cache, &plain);
+    ASSERT_TRUE(RunWith(plain.params).ok());
+    plain_out = plain.out.ContiguousCopy();
+  }
+  for (Path path : {Path::kAuto, Path::kReference}) {
+    for (int32_t threads : {1, 2}) {
+      for (int64_t key_stride : {1, 2}) {
+        SCOPED_TRACE("path " + std::to_string(static_cast<int>(path)) + ", threads " +
+                     std::to_string(threads) + ", key stride " + std::to_string(key_stride));
+        DecodeRun r;
+        MakeRun(c, &cache, &r);
+        StatsRun st;
+        AddStats(c, key_stride, &r, &st);
+        Context ctx;
+        ctx.path = path;
+        ctx.num_threads = threads;
+        ASSERT_TRUE(Decode(r.params, ctx).ok());
+        EXPECT_TRUE(st.probs.OutsideViewUntouched());
+        if (path == Path::kAuto) {
+          EXPECT_TRUE(r.out.BitwiseEqual(plain_out)) << "the statistics changed the output";
+        }
+        for (int64_t b = 0; b < c.batch(); ++b) {
+          const int64_t len = c.lens[Sz(b)];
+          for (int64_t hkv = 0; hkv < c.heads_kv; ++hkv) {
+            std::vector<double> sums(Sz(len), 0.0);
+            for (int64_t h = hkv * c.group; h < (hkv + 1) * c.group; ++h) {
+              for (int64_t i = 0; i < c.num_q; ++i) {
+                for (int64_t j = 0; j < max_len + 3; ++j) {
+                  const double got = st.probs.Get({b, h, i, j});
+                  if (j >= len) {
+                    ASSERT_EQ(got, -7.0) << "probs written past seq_len at " << b << "," << h << ","
+                                         << i << "," << j;
+                    continue;
+                  }
+                  const size_t at = Sz(((b * c.heads_q() + h) * c.num_q + i) * max_len + j);
+                  const double want = path == Path::kReference ? ref_path_probs[at] : probs[at];
+                  sums[Sz(j)] += want;
+                  ASSERT_NEAR(got, want, test::kStatsCeiling.atol + test::kStatsCeiling.rtol * want)
+                      << "probs[" << b << ", " << h << ", " << i << ", " << j << "]";
+                }
+              }
+            }
+            for (int64_t j = 0; j < max_len + 1; ++j) {
+              const double want = j < len ? 1.0 + sums[Sz(j)] : 1.0;
+              ASSERT_NEAR(st.accumulated.Get({b, hkv, j}), want,
+                          test::kStatsCeiling.atol + test::kStatsCeiling.rtol * want)
+                  << "accumulated[" << b << ", " << hkv << ", " << j << "]";
+            }
+          }
+        }
+        if (path == Path::kAuto) {
+          if (threads == 1 && key_stride == 1) {
+            first_probs = st.probs.ContiguousCopy();
+          } else {
+            EXPECT_TRUE(first_probs.BitwiseEqual(st.probs))
+                << "the thread count or the layout changed the bits";
+          }
+        }
+      }
+    }
+  }
+}
+
+std::vector<Case> StatsCases() {
+  std::vector<Case> cases;
+  const std::vector<int32_t> ragged = {LongLen(), 1, 0, 77};
+  for (KVDType kv : kAllKvDTypes) {
+    // GQA 4 with one query: the narrow softmax (4 rows); several splits of 256 keys.
+    Case c = MakeCase(kv, 0, 1, 64, 2, 4, ragged, "stats");
+    c.split_tokens = 256;
+    cases.push_back(c);
+  }
+  // One row per head (MHA decode): the [key][4] tile with three padding rows.
+  cases.push_back(MakeCase(KVDType::kF32, 0, 1, 128, 3, 1, {LongLen(), 33}, "stats"));
+  Case paged = MakeCase(KVDType::kF16, 16, 3, 128, 2, 2, {LongLen(), 40}, "stats");
+  paged.causal = true;
+  paged.window_left = 50;
+  paged.split_tokens = 100;
+  cases.push_back(paged);
+  Case mods = MakeCase(KVDType::kBF16, 0, 2, 72, 1, 3, {300, 5}, "stats");
+  mods.softcap = 5.0f;
+  mods.alibi = AlibiKind::kPerBatch;
+  mods.with_lse = false;
+  cases.push_back(mods);
+  Case int8_wide = MakeCase(KVDType::kInt8, 32, 4, 64, 1, 4, {LongLen()}, "stats");
+  int8_wide.causal = true;
+  cases.push_back(int8_wide);
+  return cases;
+}
+
+INSTANTIATE_TEST_SUITE_P(Stats, DecodeStatsTest, ::testing::ValuesIn(StatsCases()), CaseName);
+
+TEST(DecodeStats, BadInput) {
+  const Case c = MakeCase(KVDType::kF16, 0, 2, 64, 2, 2, {50, 30}, "stats_bad");
+  TestCache cache;
+  BuildCache(c.Cache(), &cache);
+  DecodeRun r;
+  MakeRun(c, &cache, &r);
+  Tensor short_probs(DType::kF32, {2, 4, 2, 49});
+  Tensor bf16_probs(DType::kBF16, {2, 4, 2, 50});
+  Tensor wrong_heads(DType::kF32, {2, 4, 50});  // accumulated per query head
+  r.out.Snapshot();
+  const struct {
+    const char* name;
+    std::function<void(DecodeParams&)> mutate;
+  } bad[] = {
+      {"stats.probs", [&](DecodeParams& p) { p.stats.probs = short_probs.view(); }},
+      {"stats.probs", [&](DecodeParams& p) { p.stats.probs = bf16_probs.view(); }},
+      {"stats.accumulated", [&](DecodeParams& p) { p.stats.accumulated = wrong_heads.view(); }},
+      {"stats.probs", [&](DecodeParams& p) { p.stats.probs = p.q; }},
+  };
+  for (const auto& b : bad) {
+    DecodeParams p = r.params;
+    b.mutate(p);
+    const Status st = Decode(p, Context());
+    EXPECT_EQ(st.code(), StatusCode::kInvalidArgument) << st.ToString();
+    EXPECT_TRUE(test::NamesArgument(st.message(), b.name)) << st.ToString();
+    EXPECT_TRUE(r.out.Unchanged());
+  }
+}
+
 }  // namespace
 }  // namespace tessera
