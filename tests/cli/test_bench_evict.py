@@ -8,7 +8,7 @@ from cli_util import CliTestBase, random_values, run_cli, write_npy
 
 POLICIES = ["cake", "h2o", "tova", "snapkv", "pyramidkv", "streaming"]
 EVICT_KEYS = ["op", "policy", "budget", "budget_tokens", "layers", "seq", "held_out", "heads",
-              "kv_heads", "dim", "kv_dtype", "window", "stats_source", "stats_ms", "ms",
+              "kv_heads", "dim", "kv_dtype", "window", "stats_source", "stats_ms", "ms", "ms_min", "reps",
               "out_error", "out_error_per_layer", "kept_fraction", "freed_pages",
               "layer_budgets", "per_layer"]
 
@@ -39,7 +39,9 @@ class BenchEvictTest(CliTestBase):
                 self.assertAlmostEqual(r["out_error"], sum(r["out_error_per_layer"]) / 3,
                                        places=9)
                 self.assertGreater(r["out_error"], 0.0)
-                self.assertGreaterEqual(r["ms"], 0.0)
+                self.assertGreaterEqual(r["ms"], r["ms_min"])
+                self.assertGreater(r["ms_min"], 0.0)
+                self.assertEqual(r["reps"], 5)
                 if policy in ("h2o", "snapkv"):
                     self.assertEqual(r["layer_budgets"], [24, 24, 24])
                 if policy == "cake":  # every layer keeps at least its window
