@@ -490,6 +490,10 @@ int BenchEvict(const BenchOptions& o) {
     }
   } else {
     if (!LoadEvictData(o.data, &data, &error)) return Fail(cmd, error);
+    if (o.layers > data.layers) {
+      return Fail(cmd, "--layers: expected at most the " + std::to_string(data.layers) +
+                           " layers of " + o.data + ", got " + std::to_string(o.layers));
+    }
     if (o.layers > 0 && o.layers < data.layers) {
       data.layers = o.layers;
       data.layer.resize(size_t(o.layers));

@@ -80,6 +80,9 @@ class BenchEvictTest(CliTestBase):
         self.assertEqual((r["layers"], r["seq"], r["heads"], r["kv_heads"], r["dim"]),
                          (2, 36, 4, 2, 8))
         self.assertEqual(sum(r["layer_budgets"]), 2 * 18)
+        rc, _, err = run_cli("bench", "--op", "evict", "--policy", "h2o", "--data", path,
+                             "--layers", 3)
+        self.assert_error(rc, err, "--layers")
 
     def test_bad_options(self):
         cases = [
