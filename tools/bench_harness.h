@@ -85,8 +85,18 @@ struct BenchOptions {
   int64_t chunk = 64;
   std::string form = "chunked";
   bool non_causal = false;
+  // evict only (also --kv-dtype, --page-size and --window)
+  std::string policy;
+  double budget = 0.2;  // fraction of the cache tokens kept per layer
+  int64_t layers = 0;   // 0: 4 synthetic layers, or every layer of --data
+  int64_t held_out = 16;
+  std::string data = "synthetic";
+  int64_t sinks = 4;
+  double gamma = 200.0;
+  double tau1 = 1.0;
+  double tau2 = 1.0;
   // Options that belong to one side only, refused by name on the other (set at parse time).
-  std::vector<std::string> given_linear_only, given_other_only, given_decode_only;
+  std::vector<std::string> given_linear_only, given_other_only, given_decode_only, given_evict_only;
 };
 
 struct Timing {
@@ -211,6 +221,7 @@ Status TimeStatsOverhead(const std::function<Status()>& with_stats,
 int BenchBackward(const BenchOptions& o);  // bench_attention.cc
 int BenchDecode(const BenchOptions& o);    // bench_decode.cc
 int BenchLinear(const BenchOptions& o);    // bench_linear.cc
+int BenchEvict(const BenchOptions& o);     // bench_evict.cc
 
 }  // namespace bench
 }  // namespace cli

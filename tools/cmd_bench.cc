@@ -25,21 +25,35 @@ struct BenchOp {
   int (*main)(const BenchOptions&);
 };
 const BenchOp kOps[] = {
-    {"forward", bench::BenchForward},
-    {"backward", bench::BenchBackward},
-    {"decode", bench::BenchDecode},
-    {"linear", bench::BenchLinear},
+    {"forward", bench::BenchForward}, {"backward", bench::BenchBackward},
+    {"decode", bench::BenchDecode},   {"linear", bench::BenchLinear},
+    {"evict", bench::BenchEvict},
 };
 
+// --op evict takes its own options, --kv-dtype and --page-size of decode's and --window.
+std::string EvictOptionError(const BenchOptions& o) {
+  if (o.op != "evict") {
+    return o.given_evict_only.empty() ? "" : o.given_evict_only[0] + ": only with --op evict";
+  }
+  for (const std::string& name : o.given_decode_only) {
+    if (name != "--kv-dtype" && name != "--page-size") return name + ": not with --op evict";
+  }
+  for (const std::string& name : o.given_linear_only) {
+    if (name != "--window") return name + ": only with --op linear";
+  }
+  return "";
+}
+
 int BenchMain(const BenchOptions& o) {
+  if (const std::string error = EvictOptionError(o); !error.empty()) return Fail("bench", error);
   // Options of one side given to the other would be silently ignored: refuse them by name.
   if (o.op == "linear" && !o.given_other_only.empty()) {
     return Fail("bench", o.given_other_only[0] + ": not with --op linear");
   }
-  if (o.op != "linear" && !o.given_linear_only.empty()) {
+  if (o.op != "linear" && o.op != "evict" && !o.given_linear_only.empty()) {
     return Fail("bench", o.given_linear_only[0] + ": only with --op linear");
   }
-  if (o.op != "decode" && o.op != "linear" && !o.given_decode_only.empty()) {
+  if (o.op != "decode" && o.op != "linear" && o.op != "evict" && !o.given_decode_only.empty()) {
     return Fail("bench", o.given_decode_only[0] + ": only with --op decode");
   }
   std::string supported;
@@ -69,8 +83,8 @@ CommandMain AddBenchCommand(CLI::App& app) {
       "bench", "Benchmark an op on random inputs against the measured peak and a baseline");
   // Options of the other ops (refused with --op linear), of linear only and of decode only
   // (refused without).
-  std::vector<CLI::Option*> other_only, linear_only, decode_only;
-  sub->add_option("--op", o->op, "operation: forward, backward, decode or linear")
+  std::vector<CLI::Option*> other_only, linear_only, decode_only, evict_only;
+  sub->add_option("--op", o->op, "operation: forward, backward, decode, linear or evict")
       ->capture_default_str();
   sub->add_option("--batch", o->batch, "batch size B")->capture_default_str();
   sub->add_option("--heads", o->heads, "query heads Hq")->capture_default_str();
@@ -193,6 +207,37 @@ CommandMain AddBenchCommand(CLI::App& app) {
                     ->capture_default_str());
   linear_option(sub->add_flag("--non-causal", o->non_causal,
                               "every query sees every key (plain / based); the baseline too"));
+  const std::string evict_group =
+      "KV cache eviction (--op evict; also --kv-dtype, --page-size, --window)";
+  const auto evict_option = [&](CLI::Option* opt) {
+    opt->group(evict_group);
+    evict_only.push_back(opt);
+    return opt;
+  };
+  evict_option(
+      sub->add_option("--policy", o->policy, "cake, h2o, tova, snapkv, pyramidkv or streaming"));
+  evict_option(sub->add_option("--budget", o->budget,
+                               "fraction of the cache tokens kept per layer (CAKE, PyramidKV: "
+                               "on average over the layers)")
+                   ->capture_default_str());
+  evict_option(sub->add_option("--layers", o->layers,
+                               "layers (default: 4 synthetic, or every layer of --data)"));
+  evict_option(sub->add_option("--held-out", o->held_out,
+                               "later queries whose outputs over the compacted cache are "
+                               "compared with the full cache's (out_error)")
+                   ->capture_default_str());
+  evict_option(sub->add_option("--data", o->data,
+                               "synthetic (--seq cache tokens), or an .npz with q [L, S, Hq, D], "
+                               "k, v [L, S, Hkv, D] (bench/record_minilm.py)")
+                   ->capture_default_str());
+  evict_option(sub->add_option("--sinks", o->sinks, "streaming: attention-sink tokens kept")
+                   ->capture_default_str());
+  evict_option(sub->add_option("--gamma", o->gamma, "cake: weight of the attention variance")
+                   ->capture_default_str());
+  evict_option(sub->add_option("--tau1", o->tau1, "cake: temperature of the dispersion")
+                   ->capture_default_str());
+  evict_option(
+      sub->add_option("--tau2", o->tau2, "cake: temperature of the shift")->capture_default_str());
   sub->footer(
       std::string(R"(FLOPs: forward 4*B*Hq*Sq*Sk*D (causal with Sq == Sk: half of it); with --mask,
 4*D*P where P = density*B*Hq*Sq*Sk is the number of visible (query, key) pairs (density in
@@ -203,7 +248,8 @@ per token and head with --normalize, + 2*(Dk+Dv) per pair of the exact window), 
 tokens_per_s = B*N / median time.
 
 )") + MaskSpecHelp());
-  return [o, mask_option, normalize_option, normalize_value, other_only, linear_only, decode_only] {
+  return [o, mask_option, normalize_option, normalize_value, other_only, linear_only, decode_only,
+          evict_only] {
     o->has_mask = mask_option->count() > 0;
     o->normalize = normalize_option->count() > 0 ? (*normalize_value ? 1 : 0) : -1;
     for (const CLI::Option* opt : other_only) {
@@ -214,6 +260,9 @@ tokens_per_s = B*N / median time.
     }
     for (const CLI::Option* opt : decode_only) {
       if (opt->count() > 0) o->given_decode_only.push_back(opt->get_name());
+    }
+    for (const CLI::Option* opt : evict_only) {
+      if (opt->count() > 0) o->given_evict_only.push_back(opt->get_name());
     }
     return BenchMain(*o);
   };

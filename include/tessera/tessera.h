@@ -7,6 +7,7 @@
 #include "tessera/decode.h"
 #include "tessera/kv_cache.h"
 #include "tessera/kv_file.h"
+#include "tessera/kv_policy.h"
 #include "tessera/linear.h"
 #include "tessera/mask.h"
 #include "tessera/merge.h"

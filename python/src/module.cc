@@ -13,6 +13,7 @@
 
 #include <cctype>
 #include <cstdint>
+#include <cstring>
 #include <optional>
 #include <string>
 #include <vector>
@@ -391,7 +392,7 @@ class KVPool {
     Check(cache_.Allocate(ParseKVDType(dtype), num_pages, page_size, num_kv_heads, head_dim));
   }
   int64_t bytes() const { return cache_.bytes(); }
-  KVCacheView view() { return cache_.view(); }
+  KVCacheView view() { return cache_.view(); }  // for save_kv_file and CompactPy
 
   void Append(nb::handle k_new, nb::handle v_new, nb::handle seq_lens, nb::handle block_table,
               int64_t rotary_dim, double rotary_base, bool interleaved, int32_t threads) {
@@ -605,6 +606,126 @@ void DefNoneOk(nb::class_<C>& c, const char* name, R (C::*f)(Args...)) {
   c.def(name, f, NoneOk<Args>()...);
 }
 
+// ---- KV cache eviction (kv_policy.h) --------------------------------------------------------
+// Keep-sets go to Python as one flat i32 array the Python side sized (sum over b of Hkv *
+// min(budget, seq_lens[b])), head h of sequence b at [offsets[b] + h * count_b, ...); CompactPy
+// takes them back the same way with their counts.
+
+void StoreKeep(const KeepSet& keep, nb::handle tokens) {
+  const TensorView t = ToView(tokens, "tokens");
+  const int64_t n = static_cast<int64_t>(keep.tokens.size());
+  if (t.dtype != DType::kI32 || t.rank != 1 || t.shape[0] != n || (n > 1 && t.strides[0] != 1)) {
+    ValueError("tokens: expected a contiguous int32 [" + std::to_string(n) + "] array");
+  }
+  if (n > 0) std::memcpy(t.data, keep.tokens.data(), static_cast<size_t>(n) * sizeof(int32_t));
+}
+
+PoolKind ParsePool(const std::string& pool) {
+  if (pool == "max") return PoolKind::kMax;
+  if (pool == "avg") return PoolKind::kAvg;
+  ValueError("pool: expected 'max' or 'avg', got '" + pool + "'");
+}
+
+void PolicyKeepPy(const std::string& policy, nb::handle stats, nb::handle stats_sq, int64_t rows,
+                  nb::handle seq_lens, int64_t num_kv_heads, int64_t budget, int64_t window,
+                  int64_t kernel, const std::string& pool, int64_t sinks, double gamma,
+                  nb::handle tokens) {
+  const EvictionTarget target{ToView(seq_lens, "seq_lens"), num_kv_heads, budget};
+  const TensorView s = ToView(stats, "stats"), sq = ToView(stats_sq, "stats_sq");
+  KeepSet keep;
+  if (policy == "streaming") {
+    RunWithoutGil([&] { return StreamingLLMKeep({target, sinks}, &keep); });
+  } else if (policy == "h2o") {
+    RunWithoutGil([&] { return H2OKeep({target, s, window}, &keep); });
+  } else if (policy == "tova") {
+    RunWithoutGil([&] { return TovaKeep({target, s}, &keep); });
+  } else if (policy == "snapkv") {
+    const PoolKind kind = ParsePool(pool);
+    RunWithoutGil([&] { return SnapKVKeep({target, s, window, kernel, kind}, &keep); });
+  } else if (policy == "cake") {
+    CakeParams params;
+    params.window = window;
+    params.kernel = kernel;
+    params.pool = ParsePool(pool);
+    params.gamma = gamma;
+    RunWithoutGil([&] { return CakeKeep(params, target, {s, sq, rows}, &keep); });
+  } else {
+    ValueError("policy: expected streaming, h2o, tova, snapkv or cake, got '" + policy + "'");
+  }
+  StoreKeep(keep, tokens);
+}
+
+// (preference, dispersion, shift).
+std::vector<double> CakePreferencePy(nb::handle key_mass, nb::handle key_mass_sq, int64_t rows,
+                                     nb::handle seq_lens, int64_t num_kv_heads, double tau1,
+                                     double tau2) {
+  CakeParams params;
+  params.tau1 = tau1;
+  params.tau2 = tau2;
+  const EvictionTarget target{ToView(seq_lens, "seq_lens"), num_kv_heads, 1};
+  const CakeLayerStats st{ToView(key_mass, "key_mass"), ToView(key_mass_sq, "key_mass_sq"), rows};
+  std::vector<double> r(3, 0.0);
+  RunWithoutGil([&] { return CakeLayerPreference(params, target, st, &r[0], &r[1], &r[2]); });
+  return r;
+}
+
+std::vector<int64_t> PyramidBudgetsPy(int64_t total, int64_t num_layers, double beta) {
+  std::vector<int64_t> budgets;
+  Check(PyramidKVBudgets(total, num_layers, beta, &budgets));
+  return budgets;
+}
+
+// The budgets after each of the preferences arrives (CakeAllocator).
+std::vector<std::vector<int64_t>> CakeBudgetsPy(const std::vector<double>& preferences,
+                                                int64_t num_layers, int64_t total,
+                                                int64_t reserved) {
+  CakeAllocator alloc;
+  Check(alloc.Init(num_layers, total, reserved));
+  std::vector<std::vector<int64_t>> out;
+  for (double p : preferences) {
+    Check(alloc.AddLayer(p));
+    out.push_back(alloc.budgets());
+  }
+  return out;
+}
+
+// CompactKV on a pool; seq_lens and block_table (the Python KVCache's arrays) are written.
+std::vector<int32_t> CompactPy(KVPool& pool, nb::handle seq_lens, nb::handle block_table,
+                               nb::handle counts, nb::handle tokens, nb::handle positions,
+                               bool reindex, int64_t rotary_dim, double rotary_base,
+                               bool interleaved, int32_t threads) {
+  const TensorView c = ToView(counts, "counts"), t = ToView(tokens, "tokens");
+  if (c.dtype != DType::kI32 || c.rank != 1 || (c.shape[0] > 1 && c.strides[0] != 1) ||
+      t.dtype != DType::kI32 || t.rank != 1 || (t.shape[0] > 1 && t.strides[0] != 1)) {
+    ValueError("keep: expected contiguous int32 counts and tokens");
+  }
+  KeepSet keep;
+  keep.num_kv_heads = pool.view().num_kv_heads;
+  const int32_t* cp = static_cast<const int32_t*>(c.data);
+  keep.counts.assign(cp, cp + c.shape[0]);
+  keep.offsets.assign(keep.counts.size() + 1, 0);
+  for (size_t b = 0; b < keep.counts.size(); ++b) {
+    keep.offsets[b + 1] = keep.offsets[b] + keep.num_kv_heads * int64_t{keep.counts[b]};
+  }
+  const int32_t* tp = static_cast<const int32_t*>(t.data);
+  keep.tokens.assign(tp, tp + t.shape[0]);
+  CompactKVParams p;
+  p.cache = pool.view();
+  p.batch.seq_lens = ToView(seq_lens, "seq_lens");
+  p.batch.block_table = ToView(block_table, "block_table");
+  p.batch.batch = p.batch.seq_lens.rank >= 1 ? p.batch.seq_lens.shape[0] : 0;
+  p.keep = &keep;
+  p.positions = ToView(positions, "positions");
+  p.reindex = reindex;
+  p.rotary.rotary_dim = rotary_dim;
+  p.rotary.base = static_cast<float>(rotary_base);
+  p.rotary.interleaved = interleaved;
+  CompactKVResult result;
+  const Context ctx = MakeContext(threads, 0);
+  RunWithoutGil([&] { return CompactKV(p, ctx, &result); });
+  return result.freed_pages;
+}
+
 }  // namespace
 }  // namespace tessera::python
 
@@ -764,4 +885,10 @@ NB_MODULE(_C, m) {
         nb::arg("pool"), nb::arg("seq_lens"), nb::arg("block_table").none(), nb::arg("b"),
         nb::arg("path"), nb::arg("page_size"));
   }
+  // KV cache eviction (kv_policy.h; python/tessera/kv_policy.py).
+  DefNoneOk(m, "policy_keep", &PolicyKeepPy);
+  DefNoneOk(m, "cake_preference", &CakePreferencePy);
+  m.def("pyramidkv_budgets", &PyramidBudgetsPy);
+  m.def("cake_budgets", &CakeBudgetsPy);
+  DefNoneOk(m, "compact_kv", &CompactPy);
 }

@@ -14,6 +14,8 @@ from . import mask
 from ._attention import AttentionStats, attention, attention_backward, attention_stats
 from .decode import KVCache, apply_rotary, decode, merge_states
 from .kv_file import KVFile, KVFileWriter, save_kv_file
+from .kv_policy import (CakeAllocator, KeepSet, cake_keep, cake_preference, compact_kv, h2o_keep,
+                        pyramidkv_budgets, snapkv_keep, streaming_keep, tova_keep)
 from .linear import (linear_attention, linear_attention_backward, linear_attention_recurrent,
                      linear_feature_dim)
 from .mask import Mask
@@ -40,4 +42,6 @@ __all__ = ["attention", "attention_backward", "attention_stats", "AttentionStats
            "decode", "merge_states", "KVFile", "KVFileWriter", "save_kv_file",
            "apply_rotary", "linear_attention", "linear_attention_recurrent",
            "linear_attention_backward", "linear_feature_dim", "Mask", "mask", "info",
-           "set_simd_target", "__version__"]
+           "set_simd_target", "__version__", "KeepSet", "streaming_keep", "h2o_keep",
+           "tova_keep", "snapkv_keep", "cake_keep", "cake_preference", "pyramidkv_budgets",
+           "CakeAllocator", "compact_kv"]
