@@ -663,12 +663,11 @@ void MergeSplits(const AttentionProblem& p, const internal::DecodeSchedule& sche
 // DecodeStats after the merge: p = exp(logit' - lse) with logit' the recorded logit after softcap
 // and ALiBi, 0 for a key the row does not see; probs written, and the sum over the group's rows
 // (heads, then queries, in order) added to accumulated. One task per (sequence, KV head), keys in
-// lanes, the same score modifiers as the kernel (simd/score_mod-inl.h).
+// lanes, the same score modifiers as the kernel (simd/score_mod-inl.h). A decode row's visible
+// keys are one interval (causal / window_left), so no lane needs a mask.
 void FinishStats(const AttentionProblem& p, const decode::KVSource& kv,
                  const decode::StatsRecord& rec, int32_t workers) {
   const DF df;
-  using DI = hn::RebindToSigned<DF>;
-  const DI di;
   const size_t lanes = hn::Lanes(df);
   int64_t max_len = 0;
   for (int64_t b = 0; b < p.batch; ++b) max_len = std::max(max_len, kv.len(b));
@@ -691,6 +690,9 @@ void FinishStats(const AttentionProblem& p, const decode::KVSource& kv,
     constexpr float kLog2e = 1.44269504088896341f;
     const VF log2e = hn::Set(df, kLog2e);
     const int64_t delta = p.top_left ? 0 : len - q_len;
+    // Copied out of p and rec: the loops store floats, which may alias p's float members.
+    const bool softcap = p.softcap > 0.0f, alibi = p.alibi != nullptr;
+    const bool accumulate = rec.accumulated != nullptr;
     for (int64_t g = 0; g < p.group; ++g) {
       const int64_t head = hkv * p.group + g;
       const VF slope = hn::Set(df, p.alibi != nullptr ? p.alibi_slope(b, head) : 0.0f);
@@ -700,8 +702,6 @@ void FinishStats(const AttentionProblem& p, const decode::KVSource& kv,
         const float lse = p.lse[p.lse_offset(b, head, p.q_begin(b) + qi)];
         const int64_t pos = qi + delta;
         const AttentionProblem::KeyRange keys = p.visible_keys(pos, len);
-        const auto lo = hn::Set(di, static_cast<int32_t>(keys.lo));
-        const auto hi = hn::Set(di, static_cast<int32_t>(keys.hi));
         const VF lse2 = hn::Set(df, lse * kLog2e), pos_v = hn::Set(df, static_cast<float>(pos));
         // Probabilities go straight to probs when its keys are contiguous (over the logits
         // recorded there), else through `row`.
@@ -711,31 +711,38 @@ void FinishStats(const AttentionProblem& p, const decode::KVSource& kv,
                                        head * rec.probs_stride[1] + qi * rec.probs_stride[2];
         const bool direct = probs != nullptr && rec.probs_stride[3] == 1;
         float* const dst = direct ? probs : row;
-        for (size_t j = 0; j < padded; j += lanes) {
-          const auto key_i = hn::Iota(di, static_cast<int32_t>(j));
-          // hi < len: keys past the sequence (the last vector's tail) are hidden too.
-          const auto hidden = KeyOutside(key_i, lo, hi);
-          const bool whole = j + lanes <= static_cast<size_t>(len);
-          HWY_ALIGN float tail[hn::MaxLanes(df)] = {};
-          if (!whole) std::copy(logits + j, logits + len, tail);
-          VF x = whole ? hn::LoadU(df, logits + j) : hn::Load(df, tail);
-          if (p.softcap > 0.0f) x = SoftcapScore(df, x, cap, inv_cap);
-          if (p.alibi != nullptr) x = AlibiScore(x, slope, pos_v, hn::ConvertTo(df, key_i));
-          const VF prob = hn::IfThenZeroElse(hn::RebindMask(df, hidden),
-                                             FastExp2(df, hn::MulSub(x, log2e, lse2)));
-          if (whole || !direct) {
-            hn::StoreU(prob, df, dst + j);
-          } else {
-            hn::Store(prob, df, tail);
-            std::copy(tail, tail + (static_cast<size_t>(len) - j), dst + j);
+        // The visible keys are one interval [begin, end): hidden keys get 0 without a logit read
+        // (their logits were never recorded), visible ones exp2 in whole vectors plus one tail.
+        const int64_t begin = std::min(keys.lo, len);
+        const int64_t end = keys.lo <= keys.hi ? keys.hi + 1 : begin;
+        std::fill(dst, dst + begin, 0.0f);
+        std::fill(dst + end, dst + len, 0.0f);
+        auto prob_of = [&](VF x, int64_t j) {
+          if (softcap) x = SoftcapScore(df, x, cap, inv_cap);
+          if (alibi) {
+            x = AlibiScore(x, slope, pos_v, hn::Iota(df, static_cast<float>(j)));
           }
+          return FastExp2(df, hn::MulSub(x, log2e, lse2));
+        };
+        int64_t j = begin;
+        for (; j + static_cast<int64_t>(lanes) <= end; j += static_cast<int64_t>(lanes)) {
+          const VF prob = prob_of(hn::LoadU(df, logits + j), j);
+          hn::StoreU(prob, df, dst + j);
+          if (accumulate) hn::StoreU(hn::Add(hn::LoadU(df, sums + j), prob), df, sums + j);
+        }
+        if (j < end) {
+          const size_t n = static_cast<size_t>(end - j);
+          HWY_ALIGN float tail[hn::MaxLanes(df)] = {};
+          std::copy(logits + j, logits + end, tail);
+          hn::Store(prob_of(hn::Load(df, tail), j), df, tail);
+          std::copy(tail, tail + n, dst + j);
           if (rec.accumulated != nullptr) {
-            hn::Store(hn::Add(hn::Load(df, sums + j), prob), df, sums + j);
+            for (size_t i = 0; i < n; ++i) sums[static_cast<size_t>(j) + i] += tail[i];
           }
         }
         if (probs != nullptr && !direct) {
           const int64_t stride = rec.probs_stride[3];
-          for (int64_t j = 0; j < len; ++j) probs[j * stride] = row[j];
+          for (int64_t k = 0; k < len; ++k) probs[k * stride] = row[k];
         }
       }
     }
