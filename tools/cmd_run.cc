@@ -7,6 +7,7 @@
 // nothing is written unless the whole call succeeds. --mask (mask_spec.h) is parsed against the
 // inputs' shapes; its select: forms run SelectBlocks on these q and k before the forward.
 #include <CLI/CLI.hpp>
+#include <algorithm>
 #include <chrono>
 #include <iomanip>
 #include <iostream>
@@ -31,6 +32,10 @@ struct RunOptions {
   std::string op = "exact";
   std::string q, k, v, out, lse, alibi;
   std::string dout, dq, dk, dv;  // backward: all four or none
+  // AttentionStats of the last stats_window query rows (0: off), written to these files.
+  int64_t stats_window = 0;
+  bool stats_sum_gqa = false;
+  std::string key_mass, key_mass_sq, row_entropy;
   bool causal = false;
   std::string window;
   std::string mask;
@@ -75,8 +80,25 @@ int RunMain(const RunOptions& o) {
   // Every destination is checked before any work (output_files.h) and again when publishing.
   const std::vector<FileArg> input_files = {
       {"--q", o.q}, {"--k", o.k}, {"--v", o.v}, {"--dout", o.dout}, {"--alibi", o.alibi}};
-  const std::vector<FileArg> output_files = {
-      {"--out", o.out}, {"--lse", o.lse}, {"--dq", o.dq}, {"--dk", o.dk}, {"--dv", o.dv}};
+  const std::vector<FileArg> output_files = {{"--out", o.out},
+                                             {"--lse", o.lse},
+                                             {"--dq", o.dq},
+                                             {"--dk", o.dk},
+                                             {"--dv", o.dv},
+                                             {"--key-mass", o.key_mass},
+                                             {"--key-mass-sq", o.key_mass_sq},
+                                             {"--row-entropy", o.row_entropy}};
+  const bool stats_files = !o.key_mass.empty() || !o.key_mass_sq.empty() || !o.row_entropy.empty();
+  if (o.stats_window != 0 && o.key_mass.empty()) {
+    return Fail(cmd,
+                "--stats-window: expected --key-mass FILE (and optionally --key-mass-sq, "
+                "--row-entropy) to write the statistics to");
+  }
+  if (o.stats_window == 0 && stats_files) {
+    return Fail(cmd,
+                "--key-mass, --key-mass-sq, --row-entropy: expected --stats-window W >= 1 "
+                "with them");
+  }
   if (!CheckOutputs(input_files, output_files, &error)) return Fail(cmd, error);
 
   NpyArray q, k, v, dout, alibi;
@@ -152,6 +174,35 @@ int RunMain(const RunOptions& o) {
     params.lse = lse.View();
   }
 
+  // Statistics: key mass (and its square) [B, H, Sk] with H = Hq, or Hkv with
+  // --stats-sum-gqa; row entropy [B, Hq, W]. Shapes and W are checked by AttentionForward.
+  NpyArray key_mass, key_mass_sq, row_entropy;
+  if (o.stats_window != 0) {
+    const int64_t heads = o.stats_sum_gqa ? k.shape[2] : q.shape[2];
+    const struct {
+      const std::string& file;
+      NpyArray* array;
+      std::vector<int64_t> shape;
+      TensorView* view;
+    } stats[] = {
+        {o.key_mass, &key_mass, {q.shape[0], heads, k.shape[1]}, &params.stats.key_mass},
+        {o.key_mass_sq, &key_mass_sq, {q.shape[0], heads, k.shape[1]}, &params.stats.key_mass_sq},
+        {o.row_entropy,
+         &row_entropy,
+         {q.shape[0], q.shape[2], std::max<int64_t>(o.stats_window, 0)},
+         &params.stats.row_entropy}};
+    for (const auto& st : stats) {
+      if (st.file.empty()) continue;
+      st.array->dtype = DType::kF32;
+      st.array->shape = st.shape;
+      st.array->data = AllocateAligned(std::max<size_t>(st.array->nbytes(), 1));
+      if (!st.array->data) return Fail(cmd, "cannot allocate the statistics outputs");
+      *st.view = st.array->View();
+    }
+    params.stats.window = o.stats_window;
+    params.stats.sum_gqa_group = o.stats_sum_gqa;
+  }
+
   using Clock = std::chrono::steady_clock;
   auto start = Clock::now();
   Status status;
@@ -169,6 +220,7 @@ int RunMain(const RunOptions& o) {
   if (backward) {
     AttentionBackwardParams bparams;
     bparams.forward = params;
+    bparams.forward.stats = AttentionStats();  // written by the forward above
     bparams.dout = dout.View();
     bparams.dq = dq.View();
     bparams.dk = dk.View();
@@ -182,6 +234,9 @@ int RunMain(const RunOptions& o) {
   // Written only once every output is complete, all of them or none (output_files.h).
   std::vector<NpyOutput> files = {{"--out", o.out, &out}};
   if (!o.lse.empty()) files.push_back({"--lse", o.lse, &lse});
+  if (!o.key_mass.empty()) files.push_back({"--key-mass", o.key_mass, &key_mass});
+  if (!o.key_mass_sq.empty()) files.push_back({"--key-mass-sq", o.key_mass_sq, &key_mass_sq});
+  if (!o.row_entropy.empty()) files.push_back({"--row-entropy", o.row_entropy, &row_entropy});
   if (backward) {
     files.push_back({"--dq", o.dq, &dq});
     files.push_back({"--dk", o.dk, &dk});
@@ -281,6 +336,17 @@ CommandMain AddRunCommand(CLI::App& app) {
       "softmax scale (default 1/sqrt(D)); linear: multiplies phi(q).phi(k) (default 1/sqrt(Dk), "
       "1 for taylor2)");
   o->exact_only.push_back(sub->add_option("--alibi", o->alibi, "ALiBi slopes, float32 [Hq]"));
+  o->exact_only.push_back(sub->add_option(
+      "--stats-window", o->stats_window,
+      "attention statistics of the last W query rows (for KV eviction): --key-mass FILE "
+      "(sum of p over the rows, float32 [B, Hq, Sk]), optional --key-mass-sq FILE (sum of p^2) and "
+      "--row-entropy FILE (float32 [B, Hq, W])"));
+  o->exact_only.push_back(sub->add_flag("--stats-sum-gqa", o->stats_sum_gqa,
+                                        "key statistics per KV head, summed over its query heads "
+                                        "([B, Hkv, Sk])"));
+  o->exact_only.push_back(sub->add_option("--key-mass", o->key_mass, "with --stats-window"));
+  o->exact_only.push_back(sub->add_option("--key-mass-sq", o->key_mass_sq, "with --stats-window"));
+  o->exact_only.push_back(sub->add_option("--row-entropy", o->row_entropy, "with --stats-window"));
   sub->add_option("--threads", o->threads, "worker threads (0 = all)");
   sub->add_option("--path", o->path, "force a kernel path: auto|reference|generic|fast")
       ->group("");  // hidden: for tests and benchmarks

@@ -32,6 +32,42 @@ class RunTest(CliTestBase):
         # The output is rounded to f16 (relative 2^-11); |out| <= 1 here.
         self.assert_close(out, want, 1e-3, "f16 out")
 
+    def test_attention_statistics(self):
+        # --stats-window: the last W rows' key mass (per KV head, summed over its query heads),
+        # its square and the rows' entropy, against probabilities computed here.
+        B, Sq, Sk, Hq, Hkv, D, W = 1, 6, 9, 4, 2, 8, 3
+        q, k, _ = self.make_inputs(B, Sq, Sk, Hq, Hkv, D)
+        self.assert_ok(*run_cli("run", *self.io_args(), "--causal", "--stats-window", W,
+                                "--stats-sum-gqa", "--key-mass", self.path("km.npy"),
+                                "--key-mass-sq", self.path("km2.npy"),
+                                "--row-entropy", self.path("ent.npy")))
+        _, _, kshape, mass, _ = read_npy(self.path("km.npy"))
+        _, _, _, mass_sq, _ = read_npy(self.path("km2.npy"))
+        _, _, eshape, entropy, _ = read_npy(self.path("ent.npy"))
+        self.assertEqual((kshape, eshape), ((B, Hkv, Sk), (B, Hq, W)))
+        scale = 1.0 / math.sqrt(D)
+        want = [0.0] * (Hkv * Sk)
+        want_sq = [0.0] * (Hkv * Sk)
+        for h in range(Hq):
+            g = h // (Hq // Hkv)
+            for w in range(W):
+                i = Sq - W + w
+                seen = range(i + Sk - Sq + 1)  # causal, bottom-right
+                s = [scale * sum(q[(i * Hq + h) * D + d] * k[(j * Hkv + g) * D + d]
+                                 for d in range(D)) for j in seen]
+                m = max(s)
+                z = sum(math.exp(x - m) for x in s)
+                p = [math.exp(x - m) / z for x in s]
+                for j, pj in enumerate(p):
+                    want[g * Sk + j] += pj
+                    want_sq[g * Sk + j] += pj * pj
+                self.assertAlmostEqual(entropy[h * W + w], -sum(x * math.log(x) for x in p),
+                                       delta=1e-4)
+        self.assert_close(mass, want, 1e-5, "key_mass")
+        self.assert_close(mass_sq, want_sq, 1e-5, "key_mass_sq")
+        rc, _, err = run_cli("run", *self.io_args("o2.npy"), "--stats-window", W)
+        self.assert_error(rc, err, "--key-mass")
+
     def test_causal_equals_window_bitwise(self):
         B, Sq, Sk, Hq, Hkv, D = 1, 9, 12, 2, 2, 8
         q, k, v = self.make_inputs(B, Sq, Sk, Hq, Hkv, D)
