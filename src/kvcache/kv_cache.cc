@@ -39,6 +39,7 @@
 #include "core/parallel.h"
 #include "kvcache/kv_quant.h"
 #include "kvcache/kv_validate.h"
+#include "kvcache/rotary.h"
 
 namespace tessera {
 namespace {
@@ -64,63 +65,6 @@ std::string DTypeGot(KVDType dtype) {
 
 // ---------------------------------------------------------------------------------------------
 // RoPE.
-
-Status ValidateRotary(const RotaryParams& rotary, int64_t head_dim) {
-  const int64_t r = rotary.rotary_dim;
-  if (r < 0 || r % 2 != 0 || r > head_dim) {
-    return Invalid("rotary.rotary_dim",
-                   "0 (disabled) or an even value in 2.." + Str(head_dim) + " (the head dim)",
-                   Str(r));
-  }
-  if (r > 0 && !(rotary.base > 0.0f && std::isfinite(rotary.base))) {
-    return Invalid("rotary.base", "a positive finite value", FloatStr(rotary.base));
-  }
-  return Status::Ok();
-}
-
-// The frequencies of one RotaryParams (computed once per call) and the rotation of a row.
-class Rotary {
- public:
-  explicit Rotary(const RotaryParams& rotary)
-      : half_(rotary.rotary_dim / 2), interleaved_(rotary.interleaved) {
-    theta_.resize(static_cast<size_t>(half_));
-    const double r = static_cast<double>(rotary.rotary_dim);
-    for (int64_t c = 0; c < half_; ++c) {
-      theta_[size_t(c)] =
-          std::pow(static_cast<double>(rotary.base), -2.0 * static_cast<double>(c) / r);
-    }
-  }
-
-  bool enabled() const { return half_ > 0; }
-
-  // cos / sin of position * theta_c into angles[2 * half] (cos_0, sin_0, cos_1, ...).
-  void Angles(int64_t position, double* angles) const {
-    for (int64_t c = 0; c < half_; ++c) {
-      const double a = static_cast<double>(position) * theta_[size_t(c)];
-      angles[2 * c] = std::cos(a);
-      angles[2 * c + 1] = std::sin(a);
-    }
-  }
-  int64_t angle_count() const { return 2 * half_; }
-
-  // Rotates the first rotary_dim channels of x in place; position 0 leaves x as it is.
-  void Apply(int64_t position, const double* angles, float* x) const {
-    if (position == 0) return;
-    for (int64_t c = 0; c < half_; ++c) {
-      const int64_t i1 = interleaved_ ? 2 * c : c;
-      const int64_t i2 = interleaved_ ? 2 * c + 1 : c + half_;
-      const double x1 = x[i1], x2 = x[i2];
-      const double cs = angles[2 * c], sn = angles[2 * c + 1];
-      x[i1] = static_cast<float>(x1 * cs - x2 * sn);
-      x[i2] = static_cast<float>(x1 * sn + x2 * cs);
-    }
-  }
-
- private:
-  int64_t half_;
-  bool interleaved_;
-  std::vector<double> theta_;
-};
 
 // Row [b, i, h, :] of a rank-4 view, as f32.
 void LoadRow(const TensorView& t, int64_t b, int64_t i, int64_t h, float* out) {
@@ -229,7 +173,7 @@ Status ValidateAppend(const AppendKVParams& p, std::vector<int32_t>* new_lens) {
     return Invalid("k_new", "head dim " + Str(cache.head_dim) + " (cache.head_dim)",
                    ShapeString(p.k_new));
   }
-  s = ValidateRotary(p.rotary, cache.head_dim);
+  s = rotary::Validate(p.rotary, cache.head_dim);
   if (!s.ok()) return s;
 
   const bool paged = batch.block_table.data != nullptr;
@@ -449,7 +393,7 @@ Status AppendKV(const AppendKVParams& p, const Context& ctx) try {
   // No tokens: nothing to store, and the normalizers stay uncalibrated.
   if (tokens == 0) return Status::Ok();
 
-  const Rotary rotary(p.rotary);
+  const rotary::Rotary rope(p.rotary);
   const int64_t work = tokens * H * D;
   const int32_t threads = work < (int64_t{1} << 15) ? 1 : ResolveThreads(ctx);
   const int64_t tokens_per_task = std::max<int64_t>(1, (int64_t{1} << 14) / (H * D));
@@ -466,7 +410,7 @@ Status AppendKV(const AppendKVParams& p, const Context& ctx) try {
     std::vector<BadValue> kbad(static_cast<size_t>(threads)), vbad(kbad.size());
     ParallelFor(threads, num_tasks, [&](int64_t task, int32_t worker) {
       std::vector<float> row(static_cast<size_t>(D)), in(static_cast<size_t>(D));
-      std::vector<double> angles(static_cast<size_t>(rotary.angle_count()));
+      std::vector<double> angles(static_cast<size_t>(rope.angle_count()));
       float* km = calibrate_k ? kmax.data() + size_t(worker) * hd : nullptr;
       float* vm = calibrate_v ? vmax.data() + size_t(worker) * hd : nullptr;
       BadValue* kb = &kbad[size_t(worker)];
@@ -474,12 +418,12 @@ Status AppendKV(const AppendKVParams& p, const Context& ctx) try {
       const int64_t end = std::min(tokens, (task + 1) * tokens_per_task);
       for (int64_t tok = task * tokens_per_task; tok < end; ++tok) {
         const int64_t b = tok / n, i = tok % n, pos = lens[b] + i;
-        if (rotary.enabled()) rotary.Angles(pos, angles.data());
+        if (rope.enabled()) rope.Angles(pos, angles.data());
         for (int64_t h = 0; h < H; ++h) {
           const int64_t flat = (tok * H + h) * D;
           LoadRow(kn, b, i, h, in.data());
           std::copy(in.begin(), in.end(), row.begin());
-          if (rotary.enabled()) rotary.Apply(pos, angles.data(), row.data());
+          if (rope.enabled()) rope.Apply(pos, angles.data(), row.data());
           for (int64_t c = 0; c < D; ++c) {
             const float x = row[size_t(c)];
             if (!std::isfinite(in[size_t(c)])) {
@@ -534,17 +478,17 @@ Status AppendKV(const AppendKVParams& p, const Context& ctx) try {
   uint8_t* vbase = static_cast<uint8_t*>(cache.v);
   ParallelFor(threads, num_tasks, [&](int64_t task, int32_t) {
     std::vector<float> row(static_cast<size_t>(D));
-    std::vector<double> angles(static_cast<size_t>(rotary.angle_count()));
+    std::vector<double> angles(static_cast<size_t>(rope.angle_count()));
     const int64_t end = std::min(tokens, (task + 1) * tokens_per_task);
     for (int64_t tok = task * tokens_per_task; tok < end; ++tok) {
       const int64_t b = tok / n, i = tok % n, pos = lens[b] + i;
       const int64_t page = kvquant::PageOfToken(p.batch, b, pos, cache.page_size);
       const int64_t slot = pos % cache.page_size;
-      if (rotary.enabled()) rotary.Angles(pos, angles.data());
+      if (rope.enabled()) rope.Angles(pos, angles.data());
       for (int64_t h = 0; h < H; ++h) {
         const int64_t r = kvquant::RowIndex(cache, page, slot, h);
         LoadRow(kn, b, i, h, row.data());
-        if (rotary.enabled()) rotary.Apply(pos, angles.data(), row.data());
+        if (rope.enabled()) rope.Apply(pos, angles.data(), row.data());
         StoreCacheRow(cache.dtype, row.data(), D,
                       quantized ? cache.k_channel_scales + h * D : nullptr, kbase + r * row_bytes,
                       quantized ? cache.k_scales + 2 * r : nullptr);
@@ -577,7 +521,7 @@ Status ApplyRotary(const ApplyRotaryParams& p, const Context& ctx) try {
     return Invalid("x", "dtype f32, bf16 or f16", std::string("dtype ") + DTypeName(x.dtype));
   }
   const int64_t B = x.shape[0], S = x.shape[1], H = x.shape[2], D = x.shape[3];
-  s = ValidateRotary(p.rotary, D);
+  s = rotary::Validate(p.rotary, D);
   if (!s.ok()) return s;
   const int32_t* positions = I32Data(p.positions);
   if (positions != nullptr) {
@@ -589,7 +533,7 @@ Status ApplyRotary(const ApplyRotaryParams& p, const Context& ctx) try {
   s = CheckDisjoint({ViewRegion("x", x)}, {ViewRegion("positions", p.positions)});
   if (!s.ok()) return s;
   if (p.rotary.rotary_dim == 0 || x.numel() == 0) return Status::Ok();
-  const Rotary rot(p.rotary);
+  const rotary::Rotary rot(p.rotary);
   const int64_t r = p.rotary.rotary_dim;
   const int64_t tokens = B * S;  // fits: x.numel() does
   const int64_t tokens_per_task = std::max<int64_t>(1, (int64_t{1} << 14) / (H * D));

@@ -20,6 +20,7 @@
 #include "core/parallel.h"
 #include "kvcache/kv_quant.h"
 #include "kvcache/kv_validate.h"
+#include "kvcache/rotary.h"
 #include "kvpolicy/kv_policy_internal.h"
 #include "tessera/kv_policy.h"
 
@@ -76,26 +77,12 @@ Status ValidateKeepSet(const KeepSet& keep, const KVCacheView& cache, const int3
   return Status::Ok();
 }
 
-Status ValidateRotary(const RotaryParams& rotary, int64_t head_dim) {
-  const int64_t r = rotary.rotary_dim;
-  if (r < 0 || r % 2 != 0 || r > head_dim) {
-    return Invalid("rotary.rotary_dim",
-                   "0 (disabled) or an even value in 2.." + Str(head_dim) + " (the head dim)",
-                   Str(r));
-  }
-  if (r > 0 && !(rotary.base > 0.0f && std::isfinite(rotary.base))) {
-    return Invalid("rotary.base", "a positive finite value", std::to_string(rotary.base));
-  }
-  return Status::Ok();
-}
-
-// Rotates the first rotary_dim channels of a stored f32 / bf16 / f16 row by `delta` positions.
-void RotateRow(KVDType dtype, const RotaryParams& rotary, int64_t delta, uint8_t* row,
-               float* scratch) {
-  const int64_t half = rotary.rotary_dim / 2;
-  const int64_t r = rotary.rotary_dim;
-  if (half == 0 || delta == 0) return;
-  for (int64_t c = 0; c < r; ++c) {
+// Rotates the first rotary_dim channels of a stored f32 / bf16 / f16 row by `delta` positions
+// (rotary.h: the arithmetic AppendKV rotates keys with). `angles` holds rope.angle_count().
+void RotateRow(KVDType dtype, const rotary::Rotary& rope, int64_t rotary_dim, int64_t delta,
+               uint8_t* row, float* scratch, double* angles) {
+  if (!rope.enabled() || delta == 0) return;
+  for (int64_t c = 0; c < rotary_dim; ++c) {
     if (dtype == KVDType::kF32) {
       std::memcpy(&scratch[c], row + 4 * c, 4);
     } else {
@@ -104,18 +91,9 @@ void RotateRow(KVDType dtype, const RotaryParams& rotary, int64_t delta, uint8_t
       scratch[c] = dtype == KVDType::kBF16 ? BF16ToFloat(h) : F16ToFloat(h);
     }
   }
-  for (int64_t c = 0; c < half; ++c) {
-    const double theta =
-        std::pow(static_cast<double>(rotary.base), -2.0 * static_cast<double>(c) / double(r));
-    const double a = static_cast<double>(delta) * theta;
-    const double cs = std::cos(a), sn = std::sin(a);
-    const int64_t i1 = rotary.interleaved ? 2 * c : c;
-    const int64_t i2 = rotary.interleaved ? 2 * c + 1 : c + half;
-    const double x1 = scratch[i1], x2 = scratch[i2];
-    scratch[i1] = static_cast<float>(x1 * cs - x2 * sn);
-    scratch[i2] = static_cast<float>(x1 * sn + x2 * cs);
-  }
-  for (int64_t c = 0; c < r; ++c) {
+  rope.Angles(delta, angles);
+  rope.Apply(delta, angles, scratch);
+  for (int64_t c = 0; c < rotary_dim; ++c) {
     if (dtype == KVDType::kF32) {
       std::memcpy(row + 4 * c, &scratch[c], 4);
     } else {
@@ -156,7 +134,7 @@ Status CompactKV(const CompactKVParams& p, const Context& ctx, CompactKVResult* 
           std::string("reindex: re-rotating stored keys needs an f32, bf16 or f16 cache, got ") +
           KVDTypeName(cache.dtype) + " (a quantized row would have to be re-quantized)");
     }
-    s = ValidateRotary(p.rotary, cache.head_dim);
+    s = rotary::Validate(p.rotary, cache.head_dim);
     if (!s.ok()) return s;
   }
   const bool paged = batch.block_table.data != nullptr;
@@ -192,6 +170,7 @@ Status CompactKV(const CompactKVParams& p, const Context& ctx, CompactKVResult* 
   const bool quantized = KVDTypeIsQuantized(cache.dtype);
   int32_t* positions = static_cast<int32_t*>(p.positions.data);
   const int32_t threads = ResolveThreads(ctx);
+  const rotary::Rotary rope(p.rotary);
   ParallelFor(threads, B * Hkv, [&](int64_t task, int32_t) {
     const int64_t b = task / Hkv, h = task % Hkv;
     const int32_t* tok = keep.Tokens(b, h);
@@ -200,6 +179,7 @@ Status CompactKV(const CompactKVParams& p, const Context& ctx, CompactKVResult* 
                        ? nullptr
                        : positions + b * p.positions.strides[0] + h * p.positions.strides[1];
     std::vector<float> scratch(static_cast<size_t>(cache.head_dim));
+    std::vector<double> angles(static_cast<size_t>(rope.angle_count()));
     for (int64_t i = 0; i < count; ++i) {
       const int64_t src = tok[i];
       const int64_t old_pos = pos != nullptr ? pos[src] : src;
@@ -222,9 +202,9 @@ Status CompactKV(const CompactKVParams& p, const Context& ctx, CompactKVResult* 
         }
       }
       if (p.reindex) {
-        RotateRow(cache.dtype, p.rotary, i - old_pos,
+        RotateRow(cache.dtype, rope, p.rotary.rotary_dim, i - old_pos,
                   static_cast<uint8_t*>(cache.k) + kvquant::RowOffset(cache, dp, dslot, h),
-                  scratch.data());
+                  scratch.data(), angles.data());
       }
       if (pos != nullptr) pos[i] = p.reindex ? static_cast<int32_t>(i) : pos[src];
     }
