@@ -163,6 +163,19 @@ std::vector<uint8_t> EncodeHeader(const KVFileInfo& info, const Layout& layout) 
   return h;
 }
 
+bool ReadAll(int fd, void* dst, int64_t n, int64_t off) {
+  uint8_t* p = static_cast<uint8_t*>(dst);
+  while (n > 0) {
+    const ssize_t r = ::pread(fd, p, static_cast<size_t>(n), static_cast<off_t>(off));
+    if (r < 0 && errno == EINTR) continue;
+    if (r <= 0) return false;
+    p += r;
+    n -= r;
+    off += r;
+  }
+  return true;
+}
+
 }  // namespace kvfile
 
 namespace {
@@ -182,19 +195,7 @@ Status BadFile(const std::string& path, const std::string& what, const std::stri
       Expected("path", what, Quoted(path) + (got.empty() ? "" : " " + got)));
 }
 
-// pread / pwrite of exactly n bytes (restarting after EINTR and short transfers).
-bool ReadAll(int fd, void* dst, int64_t n, int64_t off) {
-  uint8_t* p = static_cast<uint8_t*>(dst);
-  while (n > 0) {
-    const ssize_t r = ::pread(fd, p, static_cast<size_t>(n), static_cast<off_t>(off));
-    if (r < 0 && errno == EINTR) continue;
-    if (r <= 0) return false;
-    p += r;
-    n -= r;
-    off += r;
-  }
-  return true;
-}
+// pwrite of exactly n bytes (restarting after EINTR and short writes).
 bool WriteAll(int fd, const void* src, int64_t n, int64_t off) {
   const uint8_t* p = static_cast<const uint8_t*>(src);
   while (n > 0) {
@@ -352,7 +353,7 @@ Status KVFile::Open(const std::string& path, KVFile* file) try {
         "of " + Str(size) + " bytes (short or truncated file)");
   }
   std::vector<uint8_t> h(static_cast<size_t>(kHeaderBytes));
-  if (!ReadAll(fd, h.data(), kHeaderBytes, 0)) {
+  if (!kvfile::ReadAll(fd, h.data(), kHeaderBytes, 0)) {
     return BadFile(path, "a readable header", "(read failed: " + Errno() + ")");
   }
   if (std::memcmp(h.data(), kMagic, sizeof(kMagic)) != 0) {
@@ -441,8 +442,8 @@ Status KVFile::Open(const std::string& path, KVFile* file) try {
     const size_t n = static_cast<size_t>(info.num_kv_heads * info.head_dim);
     impl->k_norm.resize(n);
     impl->v_norm.resize(n);
-    if (!ReadAll(fd, impl->k_norm.data(), layout.norm_bytes, layout.k_norm_off) ||
-        !ReadAll(fd, impl->v_norm.data(), layout.norm_bytes, layout.v_norm_off)) {
+    if (!kvfile::ReadAll(fd, impl->k_norm.data(), layout.norm_bytes, layout.k_norm_off) ||
+        !kvfile::ReadAll(fd, impl->v_norm.data(), layout.norm_bytes, layout.v_norm_off)) {
       return BadFile(path, "readable channel normalizers", "(read failed: " + Errno() + ")");
     }
     Status s = CheckNorms(path, "K", impl->k_norm, info.tokens);

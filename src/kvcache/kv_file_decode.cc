@@ -109,18 +109,10 @@ Status SelectChunks(const KVFile& file, const KVFileDecodeParams& p, const std::
   {
     const int fd = ::open(file.path().c_str(), O_RDONLY | O_CLOEXEC);
     if (fd < 0) return Invalid("file", "a readable file at " + file.path(), std::strerror(errno));
-    int64_t done = 0;
-    const int64_t want = used_pages * layout.mean_page_bytes;
-    uint8_t* dst = reinterpret_cast<uint8_t*>(page_means.data());
-    while (done < want) {
-      const ssize_t r = ::pread(fd, dst + done, static_cast<size_t>(want - done),
-                                static_cast<off_t>(layout.k_means_off + done));
-      if (r < 0 && errno == EINTR) continue;
-      if (r <= 0) break;
-      done += r;
-    }
+    const bool read = kvfile::ReadAll(fd, page_means.data(), used_pages * layout.mean_page_bytes,
+                                      layout.k_means_off);
     ::close(fd);
-    if (done < want) {
+    if (!read) {
       return Status::Internal("DecodeFromFile: cannot read the key means of '" + file.path() + "'");
     }
   }

@@ -53,6 +53,10 @@ void PageKeyMeans(KVDType dtype, const uint8_t* k, const float* k_scales, const 
                   int64_t page_size, int64_t num_kv_heads, int64_t head_dim, int64_t tokens,
                   float* means);
 
+// pread of exactly n bytes at offset off (restarting after EINTR and short reads); false on an
+// error or end of file.
+bool ReadAll(int fd, void* dst, int64_t n, int64_t off);
+
 // FNV-1a 64 of n bytes.
 uint64_t Fnv1a64(const uint8_t* data, int64_t n);
 
