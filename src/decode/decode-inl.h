@@ -710,13 +710,16 @@ void FinishStats(const AttentionProblem& p, const decode::KVSource& kv,
                                  : rec.probs + b * rec.probs_stride[0] +
                                        head * rec.probs_stride[1] + qi * rec.probs_stride[2];
         const bool direct = probs != nullptr && rec.probs_stride[3] == 1;
-        float* const dst = direct ? probs : row;
+        // Without probs (accumulated only) nothing is stored per row.
+        float* const dst = direct ? probs : probs != nullptr ? row : nullptr;
         // The visible keys are one interval [begin, end): hidden keys get 0 without a logit read
         // (their logits were never recorded), visible ones exp2 in whole vectors plus one tail.
         const int64_t begin = std::min(keys.lo, len);
         const int64_t end = keys.lo <= keys.hi ? keys.hi + 1 : begin;
-        std::fill(dst, dst + begin, 0.0f);
-        std::fill(dst + end, dst + len, 0.0f);
+        if (dst != nullptr) {
+          std::fill(dst, dst + begin, 0.0f);
+          std::fill(dst + end, dst + len, 0.0f);
+        }
         auto prob_of = [&](VF x, int64_t j) {
           if (softcap) x = SoftcapScore(df, x, cap, inv_cap);
           if (alibi) {
@@ -727,7 +730,7 @@ void FinishStats(const AttentionProblem& p, const decode::KVSource& kv,
         int64_t j = begin;
         for (; j + static_cast<int64_t>(lanes) <= end; j += static_cast<int64_t>(lanes)) {
           const VF prob = prob_of(hn::LoadU(df, logits + j), j);
-          hn::StoreU(prob, df, dst + j);
+          if (dst != nullptr) hn::StoreU(prob, df, dst + j);
           if (accumulate) hn::StoreU(hn::Add(hn::LoadU(df, sums + j), prob), df, sums + j);
         }
         if (j < end) {
@@ -735,7 +738,7 @@ void FinishStats(const AttentionProblem& p, const decode::KVSource& kv,
           HWY_ALIGN float tail[hn::MaxLanes(df)] = {};
           std::copy(logits + j, logits + end, tail);
           hn::Store(prob_of(hn::Load(df, tail), j), df, tail);
-          std::copy(tail, tail + n, dst + j);
+          if (dst != nullptr) std::copy(tail, tail + n, dst + j);
           if (rec.accumulated != nullptr) {
             for (size_t i = 0; i < n; ++i) sums[static_cast<size_t>(j) + i] += tail[i];
           }
