@@ -2,6 +2,7 @@
 // tessera: umbrella header.
 #pragma once
 
+#include "tessera/approx.h"
 #include "tessera/attention.h"
 #include "tessera/context.h"
 #include "tessera/decode.h"

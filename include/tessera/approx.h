@@ -1,0 +1,139 @@
+// SPDX-License-Identifier: Apache-2.0
+// tessera: approximate and sub-quadratic attention. Each method trades a stated error against
+// exact softmax attention (tessera/attention.h) for less than quadratic time; each is built on
+// the engines the exact ops use (the tiled exact kernel, MergeStates, the chunked linear engine)
+// and documented, with its measured speed and error, in docs/approx.md.
+//
+//   WERSA      wavelet-gated random-feature linear attention (linear time)
+//   Hyper      HyperAttention: sortLSH blocks + sampled keys, merged by LSE (~N log N)
+//   Performer  FAVOR+ positive orthogonal random features through the linear engine
+//   Agent      Agent Attention: n agent tokens pooled from Q, two softmax stages (linear in N)
+//   Routing    Routing Transformer: online k-means clusters, exact attention inside each cluster
+//   HiLo       LITv2's HiLo: local windows on a 2-D grid (Hi-Fi heads) + pooled keys (Lo-Fi)
+//
+// One entry point, ApproxAttention, with the method's options in its own struct; the method
+// picks the fields it reads and rejects options that do not apply to it (InvalidArgument naming
+// the field). Shapes (layout [batch, seq, heads, head_dim]; any strides, in elements):
+//   q    [B, S, Hq, D]      f32
+//   k    [B, S, Hkv, D]     f32; Hq % Hkv == 0 (GQA)
+//   v    [B, S, Hkv, D]     f32
+//   out  [B, S, Hq, D]      f32, written
+//   lse  [B, Hq, S]         f32, optional, written by the methods whose output is a softmax over
+//                           a set of keys (Hyper, Routing, HiLo; others: InvalidArgument if set)
+// Random draws (projections, LSH directions, samples) come from `seed` unless the caller gives
+// the matrix; the same seed gives the same result, bitwise, for every thread count.
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <string>
+
+#include "tessera/context.h"
+#include "tessera/status.h"
+#include "tessera/types.h"
+
+namespace tessera {
+
+enum class ApproxMethod : int32_t {
+  kWersa = 0,
+  kHyper = 1,
+  kPerformer = 2,
+  kAgent = 3,
+  kRouting = 4,
+  kHiLo = 5,
+};
+
+// "wersa", "hyper", "performer", "agent", "routing", "hilo".
+const char* ApproxMethodName(ApproxMethod method);
+// The method of a name above; false for any other string.
+bool ParseApproxMethod(const std::string& name, ApproxMethod* method);
+
+// ---------------------------------------------------------------------------------------------
+// WERSA: Wavelet-Enhanced Random Spectral Attention.
+struct WersaOptions {
+  int64_t levels = 2;        // Haar decomposition levels, >= 1
+  TensorView gates;          // optional f32 [B, S, levels]: per-token gate of each level (unset: 1)
+  TensorView level_weights;  // optional f32 [levels]: per-level weight (unset: 1)
+  int64_t features = 256;    // r random features, >= 1
+  float bandwidth = 1.0f;    // > 0: x / bandwidth before the projection
+  TensorView projection;     // optional f32 [D, features] Gaussian W (unset: drawn from seed)
+};
+
+// ---------------------------------------------------------------------------------------------
+// Performer FAVOR+.
+struct PerformerOptions {
+  int64_t features = 256;  // m random features, >= 1
+  TensorView projection;   // optional f32 [features, D] (unset: orthogonal rows drawn from seed)
+};
+
+// ---------------------------------------------------------------------------------------------
+// HyperAttention.
+struct HyperOptions {
+  int64_t block = 256;        // rows of the diagonal blocks in sorted order: a multiple of 16
+  int64_t samples = 256;      // m uniformly sampled keys per query block, >= 0
+  int64_t lsh_bits = 7;       // r random projections of sortLSH, 1..16
+  int64_t min_seq_len = 4096;  // below it (and for causal halves below it) exact attention
+};
+
+// ---------------------------------------------------------------------------------------------
+// Agent Attention (non-causal).
+struct AgentOptions {
+  int64_t agents = 64;  // n agent tokens (average-pooled from Q over n segments), 1 <= n <= S
+  TensorView agent_bias;  // optional f32 [Hq, n, S]: added to the agents' logits on the keys
+  TensorView query_bias;  // optional f32 [Hq, S, n]: added to the queries' logits on the agents
+  TensorView dwc;         // optional f32 [B, S, Hq, D]: the depthwise-conv term, added to out
+};
+
+// ---------------------------------------------------------------------------------------------
+// Routing attention (Routing Transformer).
+struct RoutingOptions {
+  int64_t clusters = 16;   // C, 1 <= C <= S
+  int64_t window = 0;      // w tokens routed to each cluster (top-w by similarity); 0: S / C
+  TensorView centroids;    // f32 [Hq, C, D], read (required)
+  TensorView updated_centroids;  // optional f32 [Hq, C, D], written: the EMA k-means update
+  float ema = 0.999f;      // in [0, 1): centroid <- ema * centroid + (1 - ema) * mean
+};
+
+// ---------------------------------------------------------------------------------------------
+// HiLo (LITv2), non-causal, over tokens on a grid_h x grid_w grid (S = grid_h * grid_w, row-major).
+struct HiLoOptions {
+  int64_t grid_h = 0, grid_w = 0;  // the grid; both >= 1 and grid_h * grid_w == S
+  int64_t window = 2;              // s: Hi-Fi windows and Lo-Fi pooling are s x s
+  int64_t lofi_heads = 0;          // the last lofi_heads of the Hq heads are Lo-Fi, 0..Hq
+};
+
+struct ApproxParams {
+  ApproxMethod method = ApproxMethod::kPerformer;
+  TensorView q;    // [B, S, Hq, D]
+  TensorView k;    // [B, S, Hkv, D]
+  TensorView v;    // [B, S, Hkv, D]
+  TensorView out;  // [B, S, Hq, D], written
+  TensorView lse;  // [B, Hq, S], optional (see above)
+  // Softmax (or kernel) scale; default 1/sqrt(D). Must be finite.
+  std::optional<float> scale;
+  bool causal = false;
+  uint64_t seed = 0;
+
+  WersaOptions wersa;
+  PerformerOptions performer;
+  HyperOptions hyper;
+  AgentOptions agent;
+  RoutingOptions routing;
+  HiLoOptions hilo;
+};
+
+// Runs params.method. Validates every argument before any work; on error nothing is written.
+Status ApproxAttention(const ApproxParams& params, const Context& ctx);
+
+// Gradients of ApproxAttention with respect to q, k and v for the methods that have a backward
+// (WERSA and Performer; the others return Unimplemented), with the same random draws.
+struct ApproxBackwardParams {
+  ApproxParams forward;  // the forward call (its out and lse are not read)
+  TensorView dout;       // [B, S, Hq, D]
+  TensorView dq;         // [B, S, Hq, D], written
+  TensorView dk;         // [B, S, Hkv, D], written (summed over each GQA group)
+  TensorView dv;         // [B, S, Hkv, D], written (summed over each GQA group)
+};
+Status ApproxAttentionBackward(const ApproxBackwardParams& params, const Context& ctx);
+
+}  // namespace tessera

@@ -1,0 +1,13 @@
+// SPDX-License-Identifier: Apache-2.0
+// HiLo: not implemented yet (ApproxAttention returns Unimplemented for it).
+#include "approx/approx_internal.h"
+
+namespace tessera {
+namespace approx {
+
+Status HiLoForward(const ApproxParams&, const ApproxShape&, const Context&) {
+  return Status::Unimplemented("ApproxAttention: method hilo is not implemented yet");
+}
+
+}  // namespace approx
+}  // namespace tessera

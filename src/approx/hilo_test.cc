@@ -1,0 +1,3 @@
+// SPDX-License-Identifier: Apache-2.0
+// Tests of src/approx/hilo.cc (none yet).
+#include <gtest/gtest.h>
