@@ -69,16 +69,16 @@ struct PerformerOptions {
 // ---------------------------------------------------------------------------------------------
 // HyperAttention.
 struct HyperOptions {
-  int64_t block = 256;        // rows of the diagonal blocks in sorted order: a multiple of 16
-  int64_t samples = 256;      // m uniformly sampled keys per query block, >= 0
-  int64_t lsh_bits = 7;       // r random projections of sortLSH, 1..16
+  int64_t block = 256;         // rows of the diagonal blocks in sorted order: a multiple of 16
+  int64_t samples = 256;       // m uniformly sampled keys per query block, >= 0
+  int64_t lsh_bits = 7;        // r random projections of sortLSH, 1..16
   int64_t min_seq_len = 4096;  // below it (and for causal halves below it) exact attention
 };
 
 // ---------------------------------------------------------------------------------------------
 // Agent Attention (non-causal).
 struct AgentOptions {
-  int64_t agents = 64;  // n agent tokens (average-pooled from Q over n segments), 1 <= n <= S
+  int64_t agents = 64;    // n agent tokens (average-pooled from Q over n segments), 1 <= n <= S
   TensorView agent_bias;  // optional f32 [Hq, n, S]: added to the agents' logits on the keys
   TensorView query_bias;  // optional f32 [Hq, S, n]: added to the queries' logits on the agents
   TensorView dwc;         // optional f32 [B, S, Hq, D]: the depthwise-conv term, added to out
@@ -87,11 +87,11 @@ struct AgentOptions {
 // ---------------------------------------------------------------------------------------------
 // Routing attention (Routing Transformer).
 struct RoutingOptions {
-  int64_t clusters = 16;   // C, 1 <= C <= S
-  int64_t window = 0;      // w tokens routed to each cluster (top-w by similarity); 0: S / C
-  TensorView centroids;    // f32 [Hq, C, D], read (required)
+  int64_t clusters = 16;         // C, 1 <= C <= S
+  int64_t window = 0;            // w tokens routed to each cluster (top-w by similarity); 0: S / C
+  TensorView centroids;          // f32 [Hq, C, D], read (required)
   TensorView updated_centroids;  // optional f32 [Hq, C, D], written: the EMA k-means update
-  float ema = 0.999f;      // in [0, 1): centroid <- ema * centroid + (1 - ema) * mean
+  float ema = 0.999f;            // in [0, 1): centroid <- ema * centroid + (1 - ema) * mean
 };
 
 // ---------------------------------------------------------------------------------------------

@@ -1,5 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
 // ApproxAttention / ApproxAttentionBackward: the checks every method shares, then the method.
+#include "tessera/approx.h"
+
 #include <cmath>
 #include <string>
 #include <vector>
@@ -7,7 +9,6 @@
 #include "approx/approx_internal.h"
 #include "core/check.h"
 #include "core/guard.h"
-#include "tessera/approx.h"
 
 namespace tessera {
 
@@ -18,9 +19,9 @@ struct MethodName {
   const char* name;
 };
 constexpr MethodName kMethodNames[] = {
-    {ApproxMethod::kWersa, "wersa"},   {ApproxMethod::kHyper, "hyper"},
+    {ApproxMethod::kWersa, "wersa"},         {ApproxMethod::kHyper, "hyper"},
     {ApproxMethod::kPerformer, "performer"}, {ApproxMethod::kAgent, "agent"},
-    {ApproxMethod::kRouting, "routing"}, {ApproxMethod::kHiLo, "hilo"},
+    {ApproxMethod::kRouting, "routing"},     {ApproxMethod::kHiLo, "hilo"},
 };
 
 std::string Str(int64_t x) { return std::to_string(x); }
@@ -34,8 +35,7 @@ Status CheckTensor(const char* name, const TensorView& t, int64_t b, int64_t s, 
                    int64_t d, bool writable) {
   if (t.data == nullptr && t.numel() != 0) return Invalid(name, "a non-null pointer", "nullptr");
   if (t.dtype != DType::kF32) {
-    return Invalid(name, "dtype f32 (approximate methods compute in f32)",
-                   DTypeName(t.dtype));
+    return Invalid(name, "dtype f32 (approximate methods compute in f32)", DTypeName(t.dtype));
   }
   const int64_t shape[4] = {b, s, h, d};
   return CheckShape(name, t, 4, shape, "[B, S, H, D]", writable);
@@ -67,7 +67,8 @@ Status CheckInputs(const ApproxParams& p, const TensorView* out, approx::ApproxS
   }
   float scale = 1.0f / std::sqrt(static_cast<float>(D));
   if (p.scale.has_value()) {
-    if (!std::isfinite(*p.scale)) return Invalid("scale", "a finite value", std::to_string(*p.scale));
+    if (!std::isfinite(*p.scale))
+      return Invalid("scale", "a finite value", std::to_string(*p.scale));
     scale = *p.scale;
   }
   bool known = false;
@@ -105,8 +106,8 @@ Status ApproxAttention(const ApproxParams& params, const Context& ctx) try {
   if (!s.ok()) return s;
   std::vector<Region> outputs = {ViewRegion("out", params.out)};
   if (params.lse.data != nullptr) outputs.push_back(ViewRegion("lse", params.lse));
-  s = CheckDisjoint(outputs, {ViewRegion("q", params.q), ViewRegion("k", params.k),
-                              ViewRegion("v", params.v)});
+  s = CheckDisjoint(
+      outputs, {ViewRegion("q", params.q), ViewRegion("k", params.k), ViewRegion("v", params.v)});
   if (!s.ok()) return s;
   switch (params.method) {
     case ApproxMethod::kWersa:
@@ -141,10 +142,10 @@ Status ApproxAttentionBackward(const ApproxBackwardParams& params, const Context
   if (s.ok()) s = CheckTensor("dk", params.dk, B, S, Hkv, D, true);
   if (s.ok()) s = CheckTensor("dv", params.dv, B, S, Hkv, D, true);
   if (!s.ok()) return s;
-  s = CheckDisjoint({ViewRegion("dq", params.dq), ViewRegion("dk", params.dk),
-                     ViewRegion("dv", params.dv)},
-                    {ViewRegion("forward.q", f.q), ViewRegion("forward.k", f.k),
-                     ViewRegion("forward.v", f.v), ViewRegion("dout", params.dout)});
+  s = CheckDisjoint(
+      {ViewRegion("dq", params.dq), ViewRegion("dk", params.dk), ViewRegion("dv", params.dv)},
+      {ViewRegion("forward.q", f.q), ViewRegion("forward.k", f.k), ViewRegion("forward.v", f.v),
+       ViewRegion("dout", params.dout)});
   if (!s.ok()) return s;
   switch (f.method) {
     case ApproxMethod::kWersa:
