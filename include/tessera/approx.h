@@ -85,13 +85,21 @@ struct AgentOptions {
 };
 
 // ---------------------------------------------------------------------------------------------
-// Routing attention (Routing Transformer).
+// Routing attention (Routing Transformer). q and k rows are L2-normalized and scored against
+// their query head's centroids (score = x / |x| . centroid; keys from the KV head); cluster c
+// takes the w queries and the w keys of highest score (ties to the earlier token), and its
+// queries attend exactly to its keys, causal on the original positions when params.causal. A
+// query in several clusters gets the LSE merge of its states; a query in none (or, causal, whose
+// clusters hold no key at or before it) gets out = 0 and lse = -inf.
 struct RoutingOptions {
-  int64_t clusters = 16;         // C, 1 <= C <= S
-  int64_t window = 0;            // w tokens routed to each cluster (top-w by similarity); 0: S / C
-  TensorView centroids;          // f32 [Hq, C, D], read (required)
-  TensorView updated_centroids;  // optional f32 [Hq, C, D], written: the EMA k-means update
-  float ema = 0.999f;            // in [0, 1): centroid <- ema * centroid + (1 - ema) * mean
+  int64_t clusters = 16;  // C, 1 <= C <= S
+  int64_t window = 0;     // w tokens routed to each cluster (top-w by score), 0..S; 0: S / C
+  TensorView centroids;   // f32 [Hq, C, D], read (required)
+  // Optional f32 [Hq, C, D], written (may not overlap centroids): online k-means, each
+  // normalized q and k row to its nearest centroid (highest score), centroid <- ema * centroid
+  // + (1 - ema) * the mean of its rows over the batch; a centroid with no rows is copied.
+  TensorView updated_centroids;
+  float ema = 0.999f;  // in [0, 1)
 };
 
 // ---------------------------------------------------------------------------------------------
