@@ -3,8 +3,10 @@
 // kernel (one copy per Highway target) and the LSE merge of queries listed in several segments.
 #undef HWY_TARGET_INCLUDE
 #define HWY_TARGET_INCLUDE "approx/gathered_attention.cc"
-#include <hwy/foreach_target.h>  // IWYU pragma: keep
+#include "approx/gathered_attention.h"
+
 #include <hwy/aligned_allocator.h>
+#include <hwy/foreach_target.h>  // IWYU pragma: keep
 #include <hwy/highway.h>
 
 #include <algorithm>
@@ -14,7 +16,6 @@
 #include <new>
 #include <vector>
 
-#include "approx/gathered_attention.h"
 #include "core/attention_problem.h"
 #include "core/parallel.h"
 #include "simd/convert-inl.h"

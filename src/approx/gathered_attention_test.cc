@@ -91,8 +91,8 @@ TEST_P(GatheredAttentionTest, MatchesF64) {
   approx::GatheredAttentionParams pa = p;
   pa.v = vabs.view();
   ref::GatheredAttentionF64(pa, mag.data(), nullptr);
-  EXPECT_TRUE(test::CheckOutput(DType::kF32, out.ToVector(), ref_out, nullptr,
-                                test::Rule::kStandard, &mag))
+  EXPECT_TRUE(
+      test::CheckOutput(DType::kF32, out.ToVector(), ref_out, nullptr, test::Rule::kStandard, &mag))
       << test::Repro(name);
   EXPECT_TRUE(test::CheckLse(lse.ToVector(), ref_lse)) << test::Repro(name);
 

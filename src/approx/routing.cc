@@ -72,8 +72,8 @@ void ScoreRows(const float* x, int64_t row_stride, int64_t elem_stride, int64_t 
 }
 
 void RoutingScores(const float* x, int64_t row_stride, int64_t elem_stride, int64_t seq,
-                   int64_t dim, const float* centroids, int64_t clusters, float* xt,
-                   float* scores, size_t mp, bool fast) {
+                   int64_t dim, const float* centroids, int64_t clusters, float* xt, float* scores,
+                   size_t mp, bool fast) {
   if (fast && dim == 64) {
     return ScoreRows<64>(x, row_stride, elem_stride, seq, dim, centroids, clusters, xt, scores, mp);
   }
@@ -144,8 +144,8 @@ Status Validate(const ApproxParams& p, const ApproxShape& sh) {
   if (ro.centroids.data == nullptr) {
     return Invalid("routing.centroids", "f32 [Hq, C, D] centroids (required)", "unset");
   }
-  Status s = CheckCentroids("routing.centroids", ro.centroids, sh.heads_q, ro.clusters, sh.dim,
-                            false);
+  Status s =
+      CheckCentroids("routing.centroids", ro.centroids, sh.heads_q, ro.clusters, sh.dim, false);
   if (!s.ok()) return s;
   std::vector<Region> outputs = {ViewRegion("out", p.out)};
   if (p.lse.data != nullptr) outputs.push_back(ViewRegion("lse", p.lse));
@@ -201,9 +201,8 @@ Status RoutingForward(const ApproxParams& params, const ApproxShape& shape, cons
   // Segments: row r = b * Hq + h owns clusters [r * C, (r + 1) * C), each with w queries and w
   // keys.
   const int64_t rows = B * Hq;
-  std::vector<int64_t> row_begin(static_cast<size_t>(rows) + 1), seg_begin(
-                                                                     static_cast<size_t>(rows * C) +
-                                                                     1);
+  std::vector<int64_t> row_begin(static_cast<size_t>(rows) + 1),
+      seg_begin(static_cast<size_t>(rows * C) + 1);
   for (int64_t r = 0; r <= rows; ++r) row_begin[r] = r * C;
   for (int64_t sg = 0; sg <= rows * C; ++sg) seg_begin[sg] = sg * w;
   std::vector<int32_t> q_index(static_cast<size_t>(rows * C * w)),
@@ -241,9 +240,9 @@ Status RoutingForward(const ApproxParams& params, const ApproxShape& shape, cons
       const int64_t head = kind == 0 ? h : h / G;
       const float* base =
           static_cast<const float*>(x.data) + b * x.strides[0] + head * x.strides[2];
-      HWY_DYNAMIC_DISPATCH(RoutingScores)(base, x.strides[1], x.strides[3], S, D,
-                                          mu.data() + h * C * D, C, bf.xt.get(),
-                                          bf.scores.get(), mp, fast);
+      HWY_DYNAMIC_DISPATCH(RoutingScores)
+      (base, x.strides[1], x.strides[3], S, D, mu.data() + h * C * D, C, bf.xt.get(),
+       bf.scores.get(), mp, fast);
       int32_t* dest = (kind == 0 ? q_index : k_index).data() + r * C * w;
       for (int64_t c = 0; c < C; ++c) {
         SelectTopW(bf.scores.get() + c * mp, S, w, bf.tmp.data(), dest + c * w);

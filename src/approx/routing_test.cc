@@ -79,8 +79,8 @@ TEST_P(RoutingTest, MatchesF64) {
   ApproxParams pa = p;
   pa.v = vabs.view();
   ref::RoutingForwardF64(pa, mag.data(), nullptr, nullptr);
-  EXPECT_TRUE(test::CheckOutput(DType::kF32, out.ToVector(), ref_out, nullptr,
-                                test::Rule::kStandard, &mag))
+  EXPECT_TRUE(
+      test::CheckOutput(DType::kF32, out.ToVector(), ref_out, nullptr, test::Rule::kStandard, &mag))
       << test::Repro(name);
   EXPECT_TRUE(test::CheckLse(lse.ToVector(), ref_lse)) << test::Repro(name);
   EXPECT_TRUE(test::CheckClose(updated.ToVector(), ref_upd, test::kOutputCeilingF32, "centroids"))

@@ -17,8 +17,8 @@ double At(const TensorView& t, int64_t i0, int64_t i1, int64_t i2, int64_t i3) {
 }
 
 double At3(const TensorView& t, int64_t i0, int64_t i1, int64_t i2) {
-  return static_cast<const float*>(t.data)[i0 * t.strides[0] + i1 * t.strides[1] +
-                                           i2 * t.strides[2]];
+  return static_cast<const float*>(
+      t.data)[i0 * t.strides[0] + i1 * t.strides[1] + i2 * t.strides[2]];
 }
 
 }  // namespace
@@ -43,7 +43,8 @@ void GatheredAttentionF64(const approx::GatheredAttentionParams& p, double* out,
             const int64_t j = g.k_index[e];
             if (p.causal && j > i) continue;
             double dot = 0.0;
-            for (int64_t d = 0; d < D; ++d) dot += At(p.q, b, i, h, d) * At(p.k, b, j, h / group, d);
+            for (int64_t d = 0; d < D; ++d)
+              dot += At(p.q, b, i, h, d) * At(p.k, b, j, h / group, d);
             s.push_back(static_cast<double>(p.scale) * dot);
             keys.push_back(j);
           }
@@ -126,9 +127,8 @@ void RoutingForwardF64(const ApproxParams& params, double* out, double* lse,
           std::vector<int32_t> idx(static_cast<size_t>(S));
           for (int64_t i = 0; i < S; ++i) idx[i] = static_cast<int32_t>(i);
           const double* sc = score.data() + c * S;
-          std::sort(idx.begin(), idx.end(), [sc](int32_t a, int32_t e) {
-            return sc[a] != sc[e] ? sc[a] > sc[e] : a < e;
-          });
+          std::sort(idx.begin(), idx.end(),
+                    [sc](int32_t a, int32_t e) { return sc[a] != sc[e] ? sc[a] > sc[e] : a < e; });
           idx.resize(static_cast<size_t>(w));
           std::sort(idx.begin(), idx.end());
           chosen[kind][c] = idx;
@@ -155,11 +155,9 @@ void RoutingForwardF64(const ApproxParams& params, double* out, double* lse,
   gp.q = params.q;
   gp.k = params.k;
   gp.v = params.v;
-  gp.scale = params.scale.has_value() ? *params.scale
-                                      : 1.0f / std::sqrt(static_cast<float>(D));
+  gp.scale = params.scale.has_value() ? *params.scale : 1.0f / std::sqrt(static_cast<float>(D));
   gp.causal = params.causal;
-  gp.segments = {row_begin.data(), q_begin.data(), q_index.data(), k_begin.data(),
-                 k_index.data()};
+  gp.segments = {row_begin.data(), q_begin.data(), q_index.data(), k_begin.data(), k_index.data()};
   GatheredAttentionF64(gp, out, lse);
   if (updated_centroids == nullptr) return;
   const double ema = ro.ema;
