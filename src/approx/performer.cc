@@ -110,26 +110,27 @@ struct Rows {
 };
 
 // Gathers rows [t0, t0 + n) of head h of x (times c) into rows.x; |x'|^2 / 2 into rows.sub.
-void Gather(const TensorView& x, int64_t b, int64_t h, int64_t t0, int64_t n, float c,
-            Rows* rows) {
+void Gather(const TensorView& x, int64_t b, int64_t h, int64_t t0, int64_t n, float c, Rows* rows) {
   const int64_t D = x.shape[3];
   for (int64_t r = 0; r < n; ++r) {
     float* dst = rows->x.data() + r * D;
     const float* src = static_cast<const float*>(x.data) + b * x.strides[0] +
                        (t0 + r) * x.strides[1] + h * x.strides[2];
-    float sq = 0.0f;
-    for (int64_t d = 0; d < D; ++d) {
-      dst[d] = src[d * x.strides[3]] * c;
-      sq += dst[d] * dst[d];
+    if (x.strides[3] == 1) {
+      for (int64_t d = 0; d < D; ++d) dst[d] = src[d] * c;
+    } else {
+      for (int64_t d = 0; d < D; ++d) dst[d] = src[d * x.strides[3]] * c;
     }
+    float sq = 0.0f;
+    for (int64_t d = 0; d < D; ++d) sq += dst[d] * dst[d];
     rows->sub[static_cast<size_t>(r)] = 0.5f * sq;
   }
 }
 
 // phi of heads [h0, h0 + nh) of x into buf [B, S, nh, mp]. Queries: per-row stabilizer; keys:
 // one per (batch, head), the largest exponent over its rows (a max: exact in any order).
-void Features(const TensorView& x, int64_t h0, int64_t nh, bool keys, const Projection& pr,
-              float c, float* buf, int32_t threads) {
+void Features(const TensorView& x, int64_t h0, int64_t nh, bool keys, const Projection& pr, float c,
+              float* buf, int32_t threads) {
   const int64_t B = x.shape[0], S = x.shape[1], D = x.shape[3];
   const int64_t chunks = (S + kRowsPerTask - 1) / kRowsPerTask;
   const int64_t tasks = B * nh * chunks;
@@ -160,8 +161,7 @@ void Features(const TensorView& x, int64_t h0, int64_t nh, bool keys, const Proj
     }
   });
   if (!keys) return;
-  std::vector<float> head_max(static_cast<size_t>(B * nh),
-                              -std::numeric_limits<float>::infinity());
+  std::vector<float> head_max(static_cast<size_t>(B * nh), -std::numeric_limits<float>::infinity());
   for (int64_t t = 0; t < tasks; ++t) {
     float& hm = head_max[static_cast<size_t>(t / chunks)];
     hm = std::max(hm, task_max[static_cast<size_t>(t)]);
@@ -265,9 +265,8 @@ Status PerformerForward(const ApproxParams& params, const ApproxShape& shape, co
     Features(params.q, hk0 * G, nq, /*keys=*/false, pr, c, fq.get(), threads);
     Features(params.k, hk0, nk, /*keys=*/true, pr, c, fk.get(), threads);
     s = FeatureAttention(FeatureView(fq.get(), B, S, nq, pr.m, pr.mp),
-                         FeatureView(fk.get(), B, S, nk, pr.m, pr.mp),
-                         HeadSlice(params.v, hk0, nk), HeadSlice(params.out, hk0 * G, nq),
-                         params.causal, ctx);
+                         FeatureView(fk.get(), B, S, nk, pr.m, pr.mp), HeadSlice(params.v, hk0, nk),
+                         HeadSlice(params.out, hk0 * G, nq), params.causal, ctx);
     if (!s.ok()) return s;
   }
   return Status::Ok();
@@ -278,9 +277,9 @@ Status PerformerBackward(const ApproxBackwardParams& params, const ApproxShape& 
   const ApproxParams& f = params.forward;
   Status s = Validate(f, shape);
   if (!s.ok()) return s;
-  s = CheckDisjoint({ViewRegion("dq", params.dq), ViewRegion("dk", params.dk),
-                     ViewRegion("dv", params.dv)},
-                    {ViewRegion("performer.projection", f.performer.projection)});
+  s = CheckDisjoint(
+      {ViewRegion("dq", params.dq), ViewRegion("dk", params.dk), ViewRegion("dv", params.dv)},
+      {ViewRegion("performer.projection", f.performer.projection)});
   if (!s.ok()) return s;
   if (params.dq.numel() == 0 && params.dk.numel() == 0) return Status::Ok();
   const int64_t B = shape.batch, S = shape.seq, Hkv = shape.heads_kv, D = shape.dim;

@@ -81,9 +81,8 @@ void Build(const Case& c, uint64_t seed, Problem* p) {
   for (size_t i = 0; i < ref.size(); ++i) {
     const double tol = c.atol * scale + c.rtol * std::fabs(ref[i]);
     if (!(std::fabs(got[i] - ref[i]) <= tol)) {
-      return ::testing::AssertionFailure()
-             << what << "[" << i << "] = " << got[i] << ", reference " << ref[i] << " (tol "
-             << tol << ")";
+      return ::testing::AssertionFailure() << what << "[" << i << "] = " << got[i] << ", reference "
+                                           << ref[i] << " (tol " << tol << ")";
     }
   }
   return ::testing::AssertionSuccess();
@@ -130,8 +129,8 @@ TEST(Performer, ManyFeaturesInGroupsMatchReference) {
 TEST(Performer, BackwardMatchesReference) {
   for (bool causal : {false, true}) {
     for (int64_t features : {int64_t{24}, int64_t{520}}) {
-      const std::string name = std::string("performer bwd causal") + (causal ? "1" : "0") +
-                               " m" + std::to_string(features);
+      const std::string name = std::string("performer bwd causal") + (causal ? "1" : "0") + " m" +
+                               std::to_string(features);
       SCOPED_TRACE(test::Repro(name));
       Case c;
       c.causal = causal;
@@ -170,9 +169,8 @@ TEST(Performer, ReferenceBackwardMatchesFiniteDifferences) {
     Build(c, test::SeedFor(name), &p);
     // Inputs on the grid of multiples of 2^-9 keep the finite-difference steps exact.
     for (Tensor* t : {&p.q, &p.k, &p.v}) {
-      t->ForEach([&](const test::Index& i) {
-        t->Set(i, std::nearbyint(t->Get(i) * 512.0) / 512.0);
-      });
+      t->ForEach(
+          [&](const test::Index& i) { t->Set(i, std::nearbyint(t->Get(i) * 512.0) / 512.0); });
     }
     const std::vector<double> dout = p.dout.ToVector();
     auto loss = [&]() {
@@ -246,8 +244,8 @@ TEST(Performer, ErrorFallsLikeOneOverRootM) {
     std::vector<float> w(static_cast<size_t>(m * d));
     std::vector<double> pq(static_cast<size_t>(n * m)), pk(pq.size());
     for (int s = 0; s < seeds; ++s) {
-      approx::DrawOrthogonalGaussian(test::SeedFor("performer rate") + static_cast<uint64_t>(s),
-                                     m, d, w.data());
+      approx::DrawOrthogonalGaussian(test::SeedFor("performer rate") + static_cast<uint64_t>(s), m,
+                                     d, w.data());
       for (int64_t r = 0; r < n; ++r) {
         ref::PerformerFeatureF64(&q[static_cast<size_t>(r * d)], d, w.data(), m, scale,
                                  &pq[static_cast<size_t>(r * m)]);
@@ -258,8 +256,10 @@ TEST(Performer, ErrorFallsLikeOneOverRootM) {
       for (int64_t a = 0; a < n; ++a) {
         for (int64_t b = 0; b < n; ++b) {
           double dot = 0.0, est = 0.0;
-          for (int64_t j = 0; j < d; ++j) dot += q[static_cast<size_t>(a * d + j)] * k[static_cast<size_t>(b * d + j)];
-          for (int64_t j = 0; j < m; ++j) est += pq[static_cast<size_t>(a * m + j)] * pk[static_cast<size_t>(b * m + j)];
+          for (int64_t j = 0; j < d; ++j)
+            dot += q[static_cast<size_t>(a * d + j)] * k[static_cast<size_t>(b * d + j)];
+          for (int64_t j = 0; j < m; ++j)
+            est += pq[static_cast<size_t>(a * m + j)] * pk[static_cast<size_t>(b * m + j)];
           const double exact = std::exp(scale * dot);
           num += (est - exact) * (est - exact);
           den += exact * exact;

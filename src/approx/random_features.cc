@@ -55,8 +55,8 @@ HWY_INLINE void GemmBlock(size_t k, const float* HWY_RESTRICT a, size_t lda,
 }
 
 template <int R>
-HWY_INLINE void GemmRows(size_t p, size_t k, const float* a, size_t lda, const float* b,
-                         size_t ldb, float* c, size_t ldc) {
+HWY_INLINE void GemmRows(size_t p, size_t k, const float* a, size_t lda, const float* b, size_t ldb,
+                         float* c, size_t ldc) {
   const size_t L = hn::Lanes(DF());
   size_t j = 0;
   for (; j + 4 * L <= p; j += 4 * L) GemmBlock<R, 4>(k, a, lda, b + j, ldb, c + j, ldc);
@@ -75,8 +75,8 @@ HWY_INLINE void GemmRows(size_t p, size_t k, const float* a, size_t lda, const f
   }
 }
 
-void Gemm(int64_t n, int64_t p, int64_t k, const float* a, int64_t lda, const float* b,
-          int64_t ldb, float* c, int64_t ldc) {
+void Gemm(int64_t n, int64_t p, int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb,
+          float* c, int64_t ldc) {
   const size_t P = static_cast<size_t>(p), K = static_cast<size_t>(k);
   const size_t A = static_cast<size_t>(lda), B = static_cast<size_t>(ldb);
   const size_t C = static_cast<size_t>(ldc);
@@ -378,12 +378,12 @@ Status CheckFeatureCount(const char* name, int64_t m, int64_t dim) {
         name, "a count in [1, " + std::to_string(kMaxLinearFeatureDim) + "]", std::to_string(m)));
   }
   if (m > kMaxHeadDim && dim + 1 > kMaxHeadDim) {
-    return Status::InvalidArgument(Expected(
-        name,
-        "at most " + std::to_string(kMaxHeadDim) + " features with head dim " +
-            std::to_string(dim) + " (more are summed in groups, which needs D < " +
-            std::to_string(kMaxHeadDim) + ")",
-        std::to_string(m)));
+    return Status::InvalidArgument(Expected(name,
+                                            "at most " + std::to_string(kMaxHeadDim) +
+                                                " features with head dim " + std::to_string(dim) +
+                                                " (more are summed in groups, which needs D < " +
+                                                std::to_string(kMaxHeadDim) + ")",
+                                            std::to_string(m)));
   }
   return Status::Ok();
 }
@@ -400,8 +400,8 @@ Status FeatureAttention(const TensorView& phi_q, const TensorView& phi_k, const 
   }
   const int64_t B = out.shape[0], S = out.shape[1], Hq = out.shape[2], D = out.shape[3];
   std::vector<float> v1 = OnesExtended(v);
-  const TensorView v1v = MakeView4(v1.data(), DType::kF32, v.shape[0], v.shape[1], v.shape[2],
-                                   D + 1);
+  const TensorView v1v =
+      MakeView4(v1.data(), DType::kF32, v.shape[0], v.shape[1], v.shape[2], D + 1);
   std::vector<float> acc(static_cast<size_t>(B * S * Hq * (D + 1)));
   Status s = UnnormalizedSum(phi_q, phi_k, v1v, acc.data(), causal, ctx);
   if (!s.ok()) return s;

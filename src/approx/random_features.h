@@ -77,8 +77,8 @@ TensorView HeadSlice(const TensorView& t, int64_t h0, int64_t n);
 TensorView FeatureView(float* data, int64_t b, int64_t s, int64_t h, int64_t m, int64_t ld);
 // Element [i0, i1, i2, i3] of an f32 rank-4 view.
 inline float At(const TensorView& t, int64_t i0, int64_t i1, int64_t i2, int64_t i3) {
-  return static_cast<const float*>(t.data)[i0 * t.strides[0] + i1 * t.strides[1] +
-                                           i2 * t.strides[2] + i3 * t.strides[3]];
+  return static_cast<const float*>(
+      t.data)[i0 * t.strides[0] + i1 * t.strides[1] + i2 * t.strides[2] + i3 * t.strides[3]];
 }
 inline float* AtMut(const TensorView& t, int64_t i0, int64_t i1, int64_t i2, int64_t i3) {
   return static_cast<float*>(t.data) + i0 * t.strides[0] + i1 * t.strides[1] + i2 * t.strides[2] +

@@ -61,12 +61,12 @@ constexpr int64_t kMinChunk = 128;
 
 struct Setup {
   int64_t r = 0, rp = 0, d = 0, dp = 0, levels = 0;
-  bool identity = false;          // no gates, unit weights: x~ = x exactly
-  float mul = 1.0f;               // 1 / (bandwidth sqrt(r))
-  std::vector<float> w;           // [D, r]
-  std::vector<float> wt;          // [D, rp] zero padded (features = x~ wt)
-  std::vector<float> wb;          // [r, dp]: W^T zero padded (backward)
-  std::vector<float> lw;          // [levels]
+  bool identity = false;  // no gates, unit weights: x~ = x exactly
+  float mul = 1.0f;       // 1 / (bandwidth sqrt(r))
+  std::vector<float> w;   // [D, r]
+  std::vector<float> wt;  // [D, rp] zero padded (features = x~ wt)
+  std::vector<float> wb;  // [r, dp]: W^T zero padded (backward)
+  std::vector<float> lw;  // [levels]
   TensorView gates;
 };
 
@@ -88,12 +88,14 @@ Setup MakeSetup(const ApproxParams& p, int64_t d, bool backward) {
   }
   st.wt.assign(static_cast<size_t>(d * st.rp), 0.0f);
   for (int64_t c = 0; c < d; ++c) {
-    for (int64_t i = 0; i < st.r; ++i) st.wt[static_cast<size_t>(c * st.rp + i)] = st.w[c * st.r + i];
+    for (int64_t i = 0; i < st.r; ++i)
+      st.wt[static_cast<size_t>(c * st.rp + i)] = st.w[c * st.r + i];
   }
   if (backward) {
     st.wb.assign(static_cast<size_t>(st.r * st.dp), 0.0f);
     for (int64_t c = 0; c < d; ++c) {
-      for (int64_t i = 0; i < st.r; ++i) st.wb[static_cast<size_t>(i * st.dp + c)] = st.w[c * st.r + i];
+      for (int64_t i = 0; i < st.r; ++i)
+        st.wb[static_cast<size_t>(i * st.dp + c)] = st.w[c * st.r + i];
     }
   }
   st.lw.assign(static_cast<size_t>(st.levels), 1.0f);
@@ -111,9 +113,9 @@ Setup MakeSetup(const ApproxParams& p, int64_t d, bool backward) {
 Status Validate(const ApproxParams& p, const ApproxShape& shape) {
   const WersaOptions& o = p.wersa;
   if (o.levels < 1 || o.levels > kMaxLevels) {
-    return Status::InvalidArgument(Expected(
-        "wersa.levels", "a count in [1, " + std::to_string(kMaxLevels) + "]",
-        std::to_string(o.levels)));
+    return Status::InvalidArgument(Expected("wersa.levels",
+                                            "a count in [1, " + std::to_string(kMaxLevels) + "]",
+                                            std::to_string(o.levels)));
   }
   Status s = CheckFeatureCount("wersa.features", o.features, shape.dim);
   if (!s.ok()) return s;
@@ -126,7 +128,8 @@ Status Validate(const ApproxParams& p, const ApproxShape& shape) {
       return Status::InvalidArgument(Expected("wersa.gates", "a non-null pointer", "nullptr"));
     }
     if (o.gates.dtype != DType::kF32) {
-      return Status::InvalidArgument(Expected("wersa.gates", "dtype f32", DTypeName(o.gates.dtype)));
+      return Status::InvalidArgument(
+          Expected("wersa.gates", "dtype f32", DTypeName(o.gates.dtype)));
     }
     const int64_t gs[3] = {shape.batch, shape.seq, o.levels};
     s = CheckShape("wersa.gates", o.gates, 3, gs, "[B, S, levels]", false);
@@ -165,9 +168,9 @@ std::vector<Region> OptionRegions(const WersaOptions& o) {
 inline float Coef(const Setup& st, int64_t b, int64_t t, int64_t l) {
   float c = st.lw[static_cast<size_t>(l - 1)];
   if (st.gates.data != nullptr) {
-    c *= static_cast<const float*>(st.gates.data)[b * st.gates.strides[0] +
-                                                  t * st.gates.strides[1] +
-                                                  (l - 1) * st.gates.strides[2]];
+    c *=
+        static_cast<const float*>(st.gates.data)[b * st.gates.strides[0] + t * st.gates.strides[1] +
+                                                 (l - 1) * st.gates.strides[2]];
   }
   return c;
 }
@@ -193,9 +196,13 @@ void Transform(const TensorView& x, const Setup& st, bool causal, int64_t b, int
   float* cur = sc->cur.data();
   float* out = sc->out.data();
   auto load = [&](int64_t t, float* dst) {
-    const float* src = static_cast<const float*>(x.data) + b * x.strides[0] + t * x.strides[1] +
-                       h * x.strides[2];
-    for (int64_t d = 0; d < D; ++d) dst[d] = src[d * x.strides[3]];
+    const float* src =
+        static_cast<const float*>(x.data) + b * x.strides[0] + t * x.strides[1] + h * x.strides[2];
+    if (x.strides[3] == 1) {
+      std::copy(src, src + D, dst);
+    } else {
+      for (int64_t d = 0; d < D; ++d) dst[d] = src[d * x.strides[3]];
+    }
   };
   if (st.identity) {
     for (int64_t t = t0; t < t1; ++t) load(t, out + (t - t0) * D);
@@ -261,8 +268,8 @@ void Transform(const TensorView& x, const Setup& st, bool causal, int64_t b, int
 }
 
 // phi of heads [h0, h0 + nh) of x into buf [B, S, nh, rp].
-void Features(const TensorView& x, int64_t h0, int64_t nh, const Setup& st, bool causal,
-              float* buf, int32_t threads) {
+void Features(const TensorView& x, int64_t h0, int64_t nh, const Setup& st, bool causal, float* buf,
+              int32_t threads) {
   const int64_t B = x.shape[0], S = x.shape[1], D = st.d;
   const int64_t chunk = ChunkTokens(st, S);
   const int64_t chunks = (S + chunk - 1) / chunk;
@@ -443,9 +450,8 @@ Status WersaForward(const ApproxParams& params, const ApproxShape& shape, const 
     Features(params.q, hk0 * G, nq, st, params.causal, fq.get(), threads);
     Features(params.k, hk0, nk, st, params.causal, fk.get(), threads);
     s = FeatureAttention(FeatureView(fq.get(), B, S, nq, st.r, st.rp),
-                         FeatureView(fk.get(), B, S, nk, st.r, st.rp),
-                         HeadSlice(params.v, hk0, nk), HeadSlice(params.out, hk0 * G, nq),
-                         params.causal, ctx);
+                         FeatureView(fk.get(), B, S, nk, st.r, st.rp), HeadSlice(params.v, hk0, nk),
+                         HeadSlice(params.out, hk0 * G, nq), params.causal, ctx);
     if (!s.ok()) return s;
   }
   return Status::Ok();
@@ -456,9 +462,9 @@ Status WersaBackward(const ApproxBackwardParams& params, const ApproxShape& shap
   const ApproxParams& f = params.forward;
   Status s = Validate(f, shape);
   if (!s.ok()) return s;
-  s = CheckDisjoint({ViewRegion("dq", params.dq), ViewRegion("dk", params.dk),
-                     ViewRegion("dv", params.dv)},
-                    OptionRegions(f.wersa));
+  s = CheckDisjoint(
+      {ViewRegion("dq", params.dq), ViewRegion("dk", params.dk), ViewRegion("dv", params.dv)},
+      OptionRegions(f.wersa));
   if (!s.ok()) return s;
   if (params.dq.numel() == 0 && params.dk.numel() == 0) return Status::Ok();
   const int64_t B = shape.batch, S = shape.seq, Hkv = shape.heads_kv, D = shape.dim;

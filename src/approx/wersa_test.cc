@@ -59,9 +59,8 @@ void Build(const Case& c, uint64_t seed, Problem* p) {
   a.wersa.bandwidth = 2.0f;
   if (c.gates || c.unit_gates) {
     p->gates = Tensor(DType::kF32, {c.batch, c.seq, c.levels});
-    p->gates.ForEach([&](const test::Index& i) {
-      p->gates.Set(i, c.unit_gates ? 1.0 : rng.Uniform(0.0, 1.5));
-    });
+    p->gates.ForEach(
+        [&](const test::Index& i) { p->gates.Set(i, c.unit_gates ? 1.0 : rng.Uniform(0.0, 1.5)); });
     a.wersa.gates = p->gates.view();
   }
   if (c.weights) {
@@ -81,9 +80,8 @@ void Build(const Case& c, uint64_t seed, Problem* p) {
   for (size_t i = 0; i < ref.size(); ++i) {
     const double tol = c.atol * scale + c.rtol * std::fabs(ref[i]);
     if (!(std::fabs(got[i] - ref[i]) <= tol)) {
-      return ::testing::AssertionFailure()
-             << what << "[" << i << "] = " << got[i] << ", reference " << ref[i] << " (tol "
-             << tol << ")";
+      return ::testing::AssertionFailure() << what << "[" << i << "] = " << got[i] << ", reference "
+                                           << ref[i] << " (tol " << tol << ")";
     }
   }
   return ::testing::AssertionSuccess();
@@ -92,8 +90,8 @@ void Build(const Case& c, uint64_t seed, Problem* p) {
 TEST(Wersa, MatchesReference) {
   for (bool causal : {false, true}) {
     for (int64_t levels : {int64_t{1}, int64_t{3}, int64_t{7}}) {
-      const std::string name = std::string("wersa fwd causal") + (causal ? "1" : "0") + " L" +
-                               std::to_string(levels);
+      const std::string name =
+          std::string("wersa fwd causal") + (causal ? "1" : "0") + " L" + std::to_string(levels);
       SCOPED_TRACE(test::Repro(name));
       Case c;
       c.causal = causal;
@@ -158,8 +156,8 @@ TEST(Wersa, UnitGatesEqualPlainRandomFeatureAttention) {
   // linear attention on relu(x W / bw) / sqrt(r), computed here through the engine directly.
   for (int64_t levels : {int64_t{1}, int64_t{3}}) {
     for (bool causal : {false, true}) {
-      const std::string name = std::string("wersa unit L") + std::to_string(levels) +
-                               (causal ? " causal" : "");
+      const std::string name =
+          std::string("wersa unit L") + std::to_string(levels) + (causal ? " causal" : "");
       SCOPED_TRACE(test::Repro(name));
       Case c;
       c.levels = levels;
@@ -176,7 +174,8 @@ TEST(Wersa, UnitGatesEqualPlainRandomFeatureAttention) {
         f.ForEach([&](const test::Index& i) {
           double y = 0.0;
           for (int64_t d = 0; d < c.dim; ++d) {
-            y += x.Get({i[0], i[1], i[2], d}) / bw * p.w[static_cast<size_t>(d * c.features + i[3])];
+            y +=
+                x.Get({i[0], i[1], i[2], d}) / bw * p.w[static_cast<size_t>(d * c.features + i[3])];
           }
           f.Set(i, std::max(y, 0.0) / std::sqrt(static_cast<double>(c.features)));
         });
@@ -274,7 +273,8 @@ TEST(Wersa, BadKnobsAreErrorsAndWriteNothing) {
       {"wersa.bandwidth", [](ApproxParams* a) { a->wersa.bandwidth = 0.0f; }},
       {"wersa.bandwidth", [](ApproxParams* a) { a->wersa.bandwidth = INFINITY; }},
       {"wersa.gates", [&](ApproxParams* a) { a->wersa.gates = short_gates.view(); }},
-      {"wersa.level_weights", [&](ApproxParams* a) { a->wersa.level_weights = wrong_weights.view(); }},
+      {"wersa.level_weights",
+       [&](ApproxParams* a) { a->wersa.level_weights = wrong_weights.view(); }},
       {"wersa.projection", [&](ApproxParams* a) { a->wersa.projection = wrong_proj.view(); }},
       {"lse", [&](ApproxParams* a) { a->lse = lse.view(); }},
   };

@@ -61,7 +61,8 @@ Vec Attend(const Dims& n, int64_t m, const Vec& fq, const Vec& fk, const Vec& v,
           for (int64_t i = 0; i < m; ++i) a += pq[i] * pk[i];
           den += a;
           for (int64_t d = 0; d < n.D; ++d) {
-            num[static_cast<size_t>(d)] += a * v[static_cast<size_t>(((b * n.S + s) * n.Hkv + hk) * n.D + d)];
+            num[static_cast<size_t>(d)] +=
+                a * v[static_cast<size_t>(((b * n.S + s) * n.Hkv + hk) * n.D + d)];
           }
         }
         for (int64_t d = 0; d < n.D; ++d) {
@@ -150,7 +151,8 @@ Vec PerformerFeatures(const TensorView& x, const float* w, int64_t m, double c, 
     for (int64_t h = 0; h < H; ++h) {
       double mx = -std::numeric_limits<double>::infinity();
       for (int64_t s = 0; s < S; ++s) {
-        for (int64_t i = 0; i < m; ++i) mx = std::max(mx, y[static_cast<size_t>(((b * S + s) * H + h) * m + i)]);
+        for (int64_t i = 0; i < m; ++i)
+          mx = std::max(mx, y[static_cast<size_t>(((b * S + s) * H + h) * m + i)]);
       }
       for (int64_t s = 0; s < S; ++s) {
         for (int64_t i = 0; i < m; ++i) {
@@ -202,7 +204,8 @@ Vec WersaMatrix(const ApproxParams& p, int64_t b, int64_t S) {
   auto add_mean = [&](int64_t t, int64_t l, double coef) {
     int64_t lo, hi;
     window(t, l, &lo, &hi);
-    for (int64_t s = lo; s < hi; ++s) T[static_cast<size_t>(t * S + s)] += coef / static_cast<double>(hi - lo);
+    for (int64_t s = lo; s < hi; ++s)
+      T[static_cast<size_t>(t * S + s)] += coef / static_cast<double>(hi - lo);
   };
   for (int64_t t = 0; t < S; ++t) {
     add_mean(t, L, 1.0);
@@ -232,7 +235,8 @@ Vec ApplyWersa(const ApproxParams& p, const Vec& x, int64_t B, int64_t S, int64_
     const Vec T = WersaMatrix(p, b, S);
     for (int64_t t = 0; t < S; ++t) {
       for (int64_t s = 0; s < S; ++s) {
-        const double c = transpose ? T[static_cast<size_t>(s * S + t)] : T[static_cast<size_t>(t * S + s)];
+        const double c =
+            transpose ? T[static_cast<size_t>(s * S + t)] : T[static_cast<size_t>(t * S + s)];
         if (c == 0.0) continue;
         for (int64_t h = 0; h < H; ++h) {
           for (int64_t d = 0; d < D; ++d) {
@@ -333,10 +337,10 @@ void WersaForwardF64(const ApproxParams& p, const float* w, double* out) {
   const int64_t r = p.wersa.features;
   const double bw = static_cast<double>(p.wersa.bandwidth);
   Vec pq, pk;
-  const Vec fq = WersaFeatures(ApplyWersa(p, Load(p.q), n.B, n.S, n.Hq, n.D, false), n.D, w, r,
-                               bw, &pq);
-  const Vec fk = WersaFeatures(ApplyWersa(p, Load(p.k), n.B, n.S, n.Hkv, n.D, false), n.D, w, r,
-                               bw, &pk);
+  const Vec fq =
+      WersaFeatures(ApplyWersa(p, Load(p.q), n.B, n.S, n.Hq, n.D, false), n.D, w, r, bw, &pq);
+  const Vec fk =
+      WersaFeatures(ApplyWersa(p, Load(p.k), n.B, n.S, n.Hkv, n.D, false), n.D, w, r, bw, &pk);
   Store(Attend(n, r, fq, fk, Load(p.v), p.causal), out);
 }
 
@@ -347,10 +351,10 @@ void WersaBackwardF64(const ApproxBackwardParams& bp, const float* w, double* dq
   const int64_t r = p.wersa.features;
   const double bw = static_cast<double>(p.wersa.bandwidth);
   Vec pq, pk, dfq, dfk, dvv;
-  const Vec fq = WersaFeatures(ApplyWersa(p, Load(p.q), n.B, n.S, n.Hq, n.D, false), n.D, w, r,
-                               bw, &pq);
-  const Vec fk = WersaFeatures(ApplyWersa(p, Load(p.k), n.B, n.S, n.Hkv, n.D, false), n.D, w, r,
-                               bw, &pk);
+  const Vec fq =
+      WersaFeatures(ApplyWersa(p, Load(p.q), n.B, n.S, n.Hq, n.D, false), n.D, w, r, bw, &pq);
+  const Vec fk =
+      WersaFeatures(ApplyWersa(p, Load(p.k), n.B, n.S, n.Hkv, n.D, false), n.D, w, r, bw, &pk);
   AttendBackward(n, r, fq, fk, Load(p.v), Load(bp.dout), p.causal, &dfq, &dfk, &dvv);
   Store(ApplyWersa(p, WersaChain(pq, dfq, w, r, n.D, bw), n.B, n.S, n.Hq, n.D, true), dq);
   Store(ApplyWersa(p, WersaChain(pk, dfk, w, r, n.D, bw), n.B, n.S, n.Hkv, n.D, true), dk);
