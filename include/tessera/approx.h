@@ -49,21 +49,29 @@ const char* ApproxMethodName(ApproxMethod method);
 bool ParseApproxMethod(const std::string& name, ApproxMethod* method);
 
 // ---------------------------------------------------------------------------------------------
-// WERSA: Wavelet-Enhanced Random Spectral Attention.
+// WERSA: Wavelet-Enhanced Random Spectral Attention. q and k pass a gated multi-level Haar
+// transform along the sequence, x~ = A_L x + sum_l level_weight_l gate_{b,t,l} (A_{l-1} x - A_l x)
+// with A_l x the mean over token t's level-l window (non-causal: blocks of 2^l cut at S; causal:
+// the trailing 2^l tokens, past only), then random features relu((x~ / bandwidth) W) / sqrt(r)
+// and normalized linear attention (docs/approx.md). params.scale is not read: relu features are
+// positively homogeneous, so any positive scale (and the bandwidth) cancels in the normalization.
 struct WersaOptions {
-  int64_t levels = 2;        // Haar decomposition levels, >= 1
+  int64_t levels = 2;        // Haar decomposition levels, 1..30
   TensorView gates;          // optional f32 [B, S, levels]: per-token gate of each level (unset: 1)
   TensorView level_weights;  // optional f32 [levels]: per-level weight (unset: 1)
-  int64_t features = 256;    // r random features, >= 1
-  float bandwidth = 1.0f;    // > 0: x / bandwidth before the projection
+  int64_t features = 256;    // r random features, 1..8192 (over 512: needs D < 512)
+  float bandwidth = 1.0f;    // > 0, finite: x / bandwidth before the projection
   TensorView projection;     // optional f32 [D, features] Gaussian W (unset: drawn from seed)
 };
 
 // ---------------------------------------------------------------------------------------------
-// Performer FAVOR+.
+// Performer FAVOR+: positive orthogonal random features phi(x) = exp(w_i . x' - |x'|^2 / 2) /
+// sqrt(m), x' = sqrt(scale) x (scale > 0), with max stabilizers (per query row; per batch and KV
+// head for keys) that cancel in the normalization, then normalized linear attention.
 struct PerformerOptions {
-  int64_t features = 256;  // m random features, >= 1
-  TensorView projection;   // optional f32 [features, D] (unset: orthogonal rows drawn from seed)
+  int64_t features = 256;  // m random features, 1..8192 (over 512: needs D < 512)
+  TensorView projection;   // optional f32 [features, D] rows w_i (unset: blocks of D orthogonal
+                           // Gaussian rows with chi-distributed norms, drawn from seed)
 };
 
 // ---------------------------------------------------------------------------------------------
