@@ -12,6 +12,8 @@
 // 8 unit directions per KV head (key j near direction j mod 8, times sqrt(4 sqrt(D)), plus unit
 // noise) and queries near one of the same directions, so each query's attention concentrates
 // on one cluster of keys (+4 on its logits): what trained models' attention looks like.
+// --qk-scale F multiplies q and k (after either kind), so the logits by F^2: how peaked the
+// attention is, and for the random-feature methods how large |q|, |k| are.
 // Routing's centroids: CentroidsFromKeys, then 3 k-means steps through routing's own update
 // (ema 0); WERSA runs with unit gates.
 #include <algorithm>
@@ -133,7 +135,15 @@ int BenchApprox(const BenchOptions& o) {
   if (!q || !k || !v || !out || (has_lse && !lse)) {
     return Fail(cmd, "cannot allocate the inputs and output");
   }
+  if (!(o.qk_scale > 0.0) || !std::isfinite(o.qk_scale)) {
+    return Fail(cmd, "--qk-scale: expected a finite value > 0, got " + std::to_string(o.qk_scale));
+  }
   FillInputs(o.inputs, B, N, Hq, Hkv, D, o.seed, q, k, v);
+  if (o.qk_scale != 1.0) {
+    const auto f = static_cast<float>(o.qk_scale);
+    for (int64_t i = 0; i < q_elems; ++i) q[i] *= f;
+    for (int64_t i = 0; i < kv_elems; ++i) k[i] *= f;
+  }
   params.q = MakeView4(q, DType::kF32, B, N, Hq, D);
   params.k = MakeView4(k, DType::kF32, B, N, Hkv, D);
   params.v = MakeView4(v, DType::kF32, B, N, Hkv, D);
@@ -168,6 +178,7 @@ int BenchApprox(const BenchOptions& o) {
   result["op"] = "approx";
   result["method"] = ApproxMethodName(params.method);
   result["inputs"] = o.inputs;
+  result["qk_scale"] = o.qk_scale;
   result["batch"] = B;
   result["heads"] = Hq;
   result["kv_heads"] = Hkv;

@@ -100,6 +100,7 @@ struct BenchOptions {
   // --op approx (bench_approx.cc): the method and its knobs, and the inputs' kind.
   ApproxKnobs approx;
   std::string inputs = "random";
+  double qk_scale = 1.0;  // q and k multiplied by it (the logits' spread: FAVOR+'s variance)
   std::vector<std::string> given_linear_only, given_other_only, given_decode_only, given_evict_only,
       given_approx_only;
 };

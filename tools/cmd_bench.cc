@@ -260,6 +260,11 @@ CommandMain AddBenchCommand(CLI::App& app) {
                                         "directions, queries near one of them)")
                             ->capture_default_str()
                             ->group(approx_group));
+  approx_only.push_back(sub->add_option("--qk-scale", o->qk_scale,
+                                        "approx: multiply q and k by this (the logits scale by "
+                                        "its square)")
+                            ->capture_default_str()
+                            ->group(approx_group));
   sub->footer(
       std::string(R"(FLOPs: forward 4*B*Hq*Sq*Sk*D (causal with Sq == Sk: half of it); with --mask,
 4*D*P where P = density*B*Hq*Sq*Sk is the number of visible (query, key) pairs (density in
