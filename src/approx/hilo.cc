@@ -18,13 +18,16 @@
 // full attention on untrained inputs it is a large, knob-dependent distance (docs/approx.md).
 //
 // How and cost: both parts are exact attentions through the tiled exact kernel. Hi-Fi gathers
-// Q, K and V into window-major order (each window's tokens contiguous), runs the kernel with
-// document ids = window index (partial windows need no special case) and scatters the output
-// back; query tiles then meet only the key tiles of their own windows, O(S * max(s^2, tile))
-// per head. Lo-Fi pools K/V (O(S D)) and runs the kernel with S queries over
-// P = ceil(h / s) ceil(w / s) keys, O(S P D) per head: quadratic in S at a fixed s (1 / s^2 of
-// full attention), linear only if P is held fixed (s growing with the grid). GQA: a Lo-Fi query
-// head pools its KV head; query heads of one KV head may be split between Hi-Fi and Lo-Fi.
+// Q, K and V into window-major order (each window's tokens contiguous), runs the kernel on them
+// as a varlen batch with one sequence per window (partial windows are shorter sequences; no mask
+// and no tile shared by two windows), and scatters the output back: O(S s^2 D) per head plus
+// three gathers and a scatter of O(S D). (Measured: 1.4-1.5x faster than one masked call with
+// document ids = window index, and faster than calls per band of s rows, whose per-call cost
+// dominates.) Lo-Fi pools K/V (O(S D)) and runs the kernel with S queries over
+// P = ceil(h / s) ceil(w / s) keys, O(S P D) per head. At a fixed s the Lo-Fi part is
+// quadratic in S (1 / s^2 of full attention) and dominates at long S; no choice of s makes the
+// sum linear (Hi-Fi grows as S s^2, Lo-Fi as S^2 / s^2; s ~ S^(1/4) gives S^1.5). GQA: a Lo-Fi
+// query head pools its KV head; query heads of one KV head may be split between Hi-Fi and Lo-Fi.
 // lse (optional): each head's log-sum-exp over the keys it attended (window or pooled tokens).
 #include <algorithm>
 #include <cstdint>
@@ -126,8 +129,8 @@ Status HiLoForward(const ApproxParams& params, const ApproxShape& shape, const C
     return Invalid("hilo.grid_h * hilo.grid_w", "the sequence length " + Str(S),
                    Str(o.grid_h) + " x " + Str(o.grid_w));
   }
-  if (S > std::numeric_limits<int32_t>::max()) {
-    return Invalid("q", "a sequence length below 2^31 (window ids are i32)", Str(S));
+  if (B > std::numeric_limits<int32_t>::max() / S) {
+    return Invalid("q", "B * S below 2^31 (window offsets are i32)", Str(B) + " * " + Str(S));
   }
   if (o.window < 1) return Invalid("hilo.window", ">= 1", Str(o.window));
   if (o.lofi_heads < 0 || o.lofi_heads > Hq) {
@@ -142,48 +145,52 @@ Status HiLoForward(const ApproxParams& params, const ApproxShape& shape, const C
   base.scale = shape.scale;
 
   if (hi_heads > 0) {
-    // Window-major order: perm[t] is the grid token at position t; ids[t] its window.
+    // Window-major order: perm[t] is the grid token at position t. Each window is then one
+    // sequence of a varlen batch (cu: the window starts, over B copies of the grid), so the
+    // kernel sees no mask and no tile spans two windows.
     std::vector<int64_t> perm;
-    std::vector<int32_t> ids;
+    std::vector<int32_t> cu = {0};
     perm.reserve(static_cast<size_t>(S));
-    ids.reserve(static_cast<size_t>(S));
     for (int64_t wy = 0; wy < nwy; ++wy) {
       for (int64_t wx = 0; wx < nwx; ++wx) {
         for (int64_t y = wy * s; y < std::min(gh, (wy + 1) * s); ++y) {
-          for (int64_t x = wx * s; x < std::min(gw, (wx + 1) * s); ++x) {
-            perm.push_back(y * gw + x);
-            ids.push_back(static_cast<int32_t>(wy * nwx + wx));
-          }
+          for (int64_t x = wx * s; x < std::min(gw, (wx + 1) * s); ++x) perm.push_back(y * gw + x);
         }
+        cu.push_back(static_cast<int32_t>(perm.size()));
       }
     }
-    bool identity = true;
+    for (int64_t b = 1; b < B; ++b) {
+      for (int64_t w = 1; w <= windows; ++w) {
+        cu.push_back(static_cast<int32_t>(b * S + cu[static_cast<size_t>(w)]));
+      }
+    }
+    bool identity = B == 1;
     for (int64_t t = 0; t < S && identity; ++t) identity = perm[static_cast<size_t>(t)] == t;
     AttentionParams hi = base;
-    if (windows > 1) {
-      const int64_t ids_shape[2] = {1, S};
-      hi.mask.document_ids = MakeContiguousView(ids.data(), DType::kI32, 2, ids_shape);
-    }
+    hi.cu_seqlens_q = MakeView1(cu.data(), DType::kI32, static_cast<int64_t>(cu.size()));
+    hi.cu_seqlens_k = hi.cu_seqlens_q;
+    hi.num_seqs = static_cast<int32_t>(B * windows);
     const int64_t hi_kv = CeilDiv(hi_heads, group);
     if (identity) {
-      // Windows already contiguous (s >= grid_w, s = 1 or a single row): no copies.
+      // One sequence whose windows are already contiguous (s >= grid_w, s = 1, a single row).
       Status st = RunHeads(hi, params.q, params.k, params.v, params.out, params.lse, 0, hi_heads,
                            group, 0, ctx);
       if (!st.ok()) return st;
     } else {
-      std::vector<float> qw(static_cast<size_t>(B * S * hi_heads * D));
-      std::vector<float> kw(static_cast<size_t>(B * S * hi_kv * D)), vw(kw.size());
+      const int64_t T = B * S;
+      std::vector<float> qw(static_cast<size_t>(T * hi_heads * D));
+      std::vector<float> kw(static_cast<size_t>(T * hi_kv * D)), vw(kw.size());
       std::vector<float> ow(qw.size());
-      std::vector<float> lw(params.lse.data != nullptr ? static_cast<size_t>(B * hi_heads * S) : 0);
+      std::vector<float> lw(params.lse.data != nullptr ? static_cast<size_t>(hi_heads * T) : 0);
       Permute(params.q, qw.data(), hi_heads, perm, false, threads);
       Permute(params.k, kw.data(), hi_kv, perm, false, threads);
       Permute(params.v, vw.data(), hi_kv, perm, false, threads);
       const TensorView lse_w =
-          lw.empty() ? TensorView() : MakeView3(lw.data(), DType::kF32, B, hi_heads, S);
-      Status st = RunHeads(hi, MakeView4(qw.data(), DType::kF32, B, S, hi_heads, D),
-                           MakeView4(kw.data(), DType::kF32, B, S, hi_kv, D),
-                           MakeView4(vw.data(), DType::kF32, B, S, hi_kv, D),
-                           MakeView4(ow.data(), DType::kF32, B, S, hi_heads, D), lse_w, 0, hi_heads,
+          lw.empty() ? TensorView() : MakeView3(lw.data(), DType::kF32, 1, hi_heads, T);
+      Status st = RunHeads(hi, MakeView4(qw.data(), DType::kF32, 1, T, hi_heads, D),
+                           MakeView4(kw.data(), DType::kF32, 1, T, hi_kv, D),
+                           MakeView4(vw.data(), DType::kF32, 1, T, hi_kv, D),
+                           MakeView4(ow.data(), DType::kF32, 1, T, hi_heads, D), lse_w, 0, hi_heads,
                            group, 0, ctx);
       if (!st.ok()) return st;
       Permute(params.out, ow.data(), hi_heads, perm, true, threads);
@@ -192,7 +199,7 @@ Status HiLoForward(const ApproxParams& params, const ApproxShape& shape, const C
         float* ld = static_cast<float*>(l.data);
         ParallelFor(threads, B * hi_heads, [&](int64_t task, int32_t) {
           const int64_t b = task / hi_heads, h = task % hi_heads;
-          const float* src = lw.data() + task * S;
+          const float* src = lw.data() + h * T + b * S;
           float* dst = ld + b * l.strides[0] + h * l.strides[1];
           for (int64_t t = 0; t < S; ++t) dst[perm[static_cast<size_t>(t)] * l.strides[2]] = src[t];
         });
