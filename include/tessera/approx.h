@@ -84,11 +84,13 @@ struct HyperOptions {
 };
 
 // ---------------------------------------------------------------------------------------------
-// Agent Attention (non-causal).
+// Agent Attention (non-causal; no lse). Agent i is the mean of query rows
+// [floor(i S / n), floor((i + 1) S / n)) of its head; stage 1: the agents attend to K/V, stage 2:
+// the queries attend to the agents (their keys) and the stage-1 outputs (their values).
 struct AgentOptions {
   int64_t agents = 64;    // n agent tokens (average-pooled from Q over n segments), 1 <= n <= S
-  TensorView agent_bias;  // optional f32 [Hq, n, S]: added to the agents' logits on the keys
-  TensorView query_bias;  // optional f32 [Hq, S, n]: added to the queries' logits on the agents
+  TensorView agent_bias;  // optional f32 [1 or Hq, n, S]: added to the agents' logits on the keys
+  TensorView query_bias;  // optional f32 [1 or Hq, S, n]: added to the queries' logits on agents
   TensorView dwc;         // optional f32 [B, S, Hq, D]: the depthwise-conv term, added to out
 };
 
@@ -112,9 +114,13 @@ struct RoutingOptions {
 
 // ---------------------------------------------------------------------------------------------
 // HiLo (LITv2), non-causal, over tokens on a grid_h x grid_w grid (S = grid_h * grid_w, row-major).
+// Windows are the s x s cells of the grid from its top-left corner; where a side is not a
+// multiple of s the last cells along it are partial (cut at the edge, never shifted or padded).
+// Hi-Fi heads attend within their token's window; Lo-Fi heads attend to one pooled token per
+// window (the mean of its keys and values). lse: over the keys each head attended.
 struct HiLoOptions {
   int64_t grid_h = 0, grid_w = 0;  // the grid; both >= 1 and grid_h * grid_w == S
-  int64_t window = 2;              // s: Hi-Fi windows and Lo-Fi pooling are s x s
+  int64_t window = 2;              // s >= 1: Hi-Fi windows and Lo-Fi pooling are s x s
   int64_t lofi_heads = 0;          // the last lofi_heads of the Hq heads are Lo-Fi, 0..Hq
 };
 
