@@ -18,6 +18,7 @@
 #include <string>
 #include <vector>
 
+#include "approx_options.h"
 #include "cli_common.h"
 #include "npy.h"
 #include "tessera/status.h"
@@ -96,7 +97,11 @@ struct BenchOptions {
   double tau1 = 1.0;
   double tau2 = 1.0;
   // Options that belong to one side only, refused by name on the other (set at parse time).
-  std::vector<std::string> given_linear_only, given_other_only, given_decode_only, given_evict_only;
+  // --op approx (bench_approx.cc): the method and its knobs, and the inputs' kind.
+  ApproxKnobs approx;
+  std::string inputs = "random";
+  std::vector<std::string> given_linear_only, given_other_only, given_decode_only, given_evict_only,
+      given_approx_only;
 };
 
 struct Timing {
@@ -222,6 +227,7 @@ int BenchBackward(const BenchOptions& o);  // bench_attention.cc
 int BenchDecode(const BenchOptions& o);    // bench_decode.cc
 int BenchLinear(const BenchOptions& o);    // bench_linear.cc
 int BenchEvict(const BenchOptions& o);     // bench_evict.cc
+int BenchApprox(const BenchOptions& o);    // bench_approx.cc
 
 }  // namespace bench
 }  // namespace cli

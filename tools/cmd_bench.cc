@@ -27,7 +27,7 @@ struct BenchOp {
 const BenchOp kOps[] = {
     {"forward", bench::BenchForward}, {"backward", bench::BenchBackward},
     {"decode", bench::BenchDecode},   {"linear", bench::BenchLinear},
-    {"evict", bench::BenchEvict},
+    {"evict", bench::BenchEvict},     {"approx", bench::BenchApprox},
 };
 
 // --op evict takes its own options, --kv-dtype and --page-size of decode's and --window.
@@ -44,13 +44,27 @@ std::string EvictOptionError(const BenchOptions& o) {
   return "";
 }
 
+// --op approx takes its own knobs and --window (routing's tokens per cluster, HiLo's s); the
+// options of the other ops would be ignored, so they are refused.
+std::string ApproxOptionError(const BenchOptions& o) {
+  if (o.op != "approx") {
+    return o.given_approx_only.empty() ? "" : o.given_approx_only[0] + ": only with --op approx";
+  }
+  if (!o.given_other_only.empty()) return o.given_other_only[0] + ": not with --op approx";
+  for (const std::string& name : o.given_linear_only) {
+    if (name != "--window") return name + ": only with --op linear";
+  }
+  return "";
+}
+
 int BenchMain(const BenchOptions& o) {
   if (const std::string error = EvictOptionError(o); !error.empty()) return Fail("bench", error);
+  if (const std::string error = ApproxOptionError(o); !error.empty()) return Fail("bench", error);
   // Options of one side given to the other would be silently ignored: refuse them by name.
   if (o.op == "linear" && !o.given_other_only.empty()) {
     return Fail("bench", o.given_other_only[0] + ": not with --op linear");
   }
-  if (o.op != "linear" && o.op != "evict" && !o.given_linear_only.empty()) {
+  if (o.op != "linear" && o.op != "evict" && o.op != "approx" && !o.given_linear_only.empty()) {
     return Fail("bench", o.given_linear_only[0] + ": only with --op linear");
   }
   if (o.op != "decode" && o.op != "linear" && o.op != "evict" && !o.given_decode_only.empty()) {
@@ -83,8 +97,8 @@ CommandMain AddBenchCommand(CLI::App& app) {
       "bench", "Benchmark an op on random inputs against the measured peak and a baseline");
   // Options of the other ops (refused with --op linear), of linear only and of decode only
   // (refused without).
-  std::vector<CLI::Option*> other_only, linear_only, decode_only, evict_only;
-  sub->add_option("--op", o->op, "operation: forward, backward, decode, linear or evict")
+  std::vector<CLI::Option*> other_only, linear_only, decode_only, evict_only, approx_only;
+  sub->add_option("--op", o->op, "operation: forward, backward, decode, linear, evict or approx")
       ->capture_default_str();
   sub->add_option("--batch", o->batch, "batch size B")->capture_default_str();
   sub->add_option("--heads", o->heads, "query heads Hq")->capture_default_str();
@@ -238,6 +252,14 @@ CommandMain AddBenchCommand(CLI::App& app) {
                    ->capture_default_str());
   evict_option(
       sub->add_option("--tau2", o->tau2, "cake: temperature of the shift")->capture_default_str());
+  const std::string approx_group = "Approximate attention (--op approx; also --window, --causal)";
+  AddApproxKnobs(sub, &o->approx, approx_group);
+  approx_only = o->approx.options;
+  approx_only.push_back(sub->add_option("--inputs", o->inputs,
+                                        "approx: random, or peaked (keys clustered around 8 "
+                                        "directions, queries near one of them)")
+                            ->capture_default_str()
+                            ->group(approx_group));
   sub->footer(
       std::string(R"(FLOPs: forward 4*B*Hq*Sq*Sk*D (causal with Sq == Sk: half of it); with --mask,
 4*D*P where P = density*B*Hq*Sq*Sk is the number of visible (query, key) pairs (density in
@@ -249,7 +271,7 @@ tokens_per_s = B*N / median time.
 
 )") + MaskSpecHelp());
   return [o, mask_option, normalize_option, normalize_value, other_only, linear_only, decode_only,
-          evict_only] {
+          evict_only, approx_only] {
     o->has_mask = mask_option->count() > 0;
     o->normalize = normalize_option->count() > 0 ? (*normalize_value ? 1 : 0) : -1;
     for (const CLI::Option* opt : other_only) {
@@ -263,6 +285,9 @@ tokens_per_s = B*N / median time.
     }
     for (const CLI::Option* opt : evict_only) {
       if (opt->count() > 0) o->given_evict_only.push_back(opt->get_name());
+    }
+    for (const CLI::Option* opt : approx_only) {
+      if (opt->count() > 0) o->given_approx_only.push_back(opt->get_name());
     }
     return BenchMain(*o);
   };

@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
 // `tessera run`: exact attention forward on .npy inputs and, with --dout, its backward; with
-// --op linear, linear attention instead (cmd_run_linear.cc).
+// --op linear, linear attention instead (cmd_run_linear.cc); with --op approx, an approximate
+// method (cmd_run_approx.cc).
 //
 // Inputs are read straight into buffers of their own dtype and handed to AttentionForward (and
 // AttentionBackward) as views, so peak memory is inputs + outputs + the kernels' scratch;
@@ -16,6 +17,7 @@
 #include <vector>
 
 #include "cli_common.h"
+#include "cmd_run_approx.h"
 #include "cmd_run_linear.h"
 #include "mask_spec.h"
 #include "npy.h"
@@ -49,8 +51,11 @@ struct RunOptions {
   CLI::Option* mask_option = nullptr;  // --mask '' is an error, not "no mask"
   // --op linear: its own options, and the shared ones copied in before it runs.
   LinearRunOptions linear;
-  // The options of one op only, to refuse them (by name) under the other.
-  std::vector<CLI::Option*> exact_only, linear_only;
+  // --op approx: its knobs and files, and the shared ones copied in before it runs.
+  ApproxRunOptions approx;
+  uint64_t seed = 0;
+  // The options of one op only, to refuse them (by name) under the others.
+  std::vector<CLI::Option*> exact_only, linear_only, approx_only;
 };
 
 int RunMain(const RunOptions& o) {
@@ -263,21 +268,53 @@ int RunMain(const RunOptions& o) {
   return kExitOk;
 }
 
-// Picks the op, refuses the other op's options by name, and runs.
+// Picks the op, refuses the other ops' options by name, and runs.
 int RunDispatch(RunOptions& o) {
-  const bool linear = o.op == "linear";
-  if (!linear && o.op != "exact") {
-    return Fail("run", "--op: expected exact (the default) or linear, got '" + o.op + "'");
+  const bool linear = o.op == "linear", approx = o.op == "approx";
+  if (!linear && !approx && o.op != "exact") {
+    return Fail("run", "--op: expected exact (the default), linear or approx, got '" + o.op + "'");
   }
-  for (const CLI::Option* opt : linear ? o.exact_only : o.linear_only) {
-    if (opt->count() > 0) {
-      return Fail("run",
-                  opt->get_name() + ": only with " +
-                      (linear ? "--op exact (the default), not with --op linear" : "--op linear"));
+  const char* op_name = linear ? "--op linear" : approx ? "--op approx" : "--op exact";
+  auto refuse = [&](const std::vector<CLI::Option*>& options, const char* only_with) -> int {
+    for (const CLI::Option* opt : options) {
+      // --lse is also approx's (the methods with an LSE write it).
+      if (approx && opt->get_name() == "--lse") continue;
+      if (opt->count() > 0) {
+        return Fail("run", opt->get_name() + ": only with " + only_with + ", not with " + op_name);
+      }
     }
+    return kExitOk;
+  };
+  if (!linear) {
+    if (const int rc = refuse(o.linear_only, "--op linear"); rc != kExitOk) return rc;
+  }
+  if (linear || approx) {
+    if (const int rc = refuse(o.exact_only, "--op exact (the default)"); rc != kExitOk) return rc;
+  }
+  if (!approx) {
+    if (const int rc = refuse(o.approx_only, "--op approx"); rc != kExitOk) return rc;
   }
   std::string error;
   if (!ApplySimdTarget(o.target, &error)) return Fail("run", error);
+  if (approx) {
+    ApproxRunOptions& a = o.approx;
+    a.q = o.q;
+    a.k = o.k;
+    a.v = o.v;
+    a.out = o.out;
+    a.lse = o.lse;
+    a.dout = o.dout;
+    a.dq = o.dq;
+    a.dk = o.dk;
+    a.dv = o.dv;
+    a.causal = o.causal;
+    a.window = o.window;
+    if (o.scale_option->count() > 0) a.scale = static_cast<float>(o.scale);
+    a.seed = o.seed;
+    a.threads = o.threads;
+    a.verbose = o.verbose;
+    return RunApprox(a);
+  }
   if (!linear) return RunMain(o);
   LinearRunOptions& l = o.linear;
   l.q = o.q;
@@ -305,8 +342,9 @@ CommandMain AddRunCommand(CLI::App& app) {
   CLI::App* sub = app.add_subcommand(
       "run",
       "Exact attention forward (and backward) on .npy inputs (float32 or float16, C order); "
-      "linear attention with --op linear");
-  sub->add_option("--op", o->op, "exact (softmax attention) or linear")->capture_default_str();
+      "linear attention with --op linear; approximate attention with --op approx");
+  sub->add_option("--op", o->op, "exact (softmax attention), linear or approx")
+      ->capture_default_str();
   sub->add_option("--q", o->q, "queries [B, Sq, Hq, D]")->required();
   sub->add_option("--k", o->k, "keys [B, Sk, Hkv, D], Hq % Hkv == 0")->required();
   sub->add_option("--v", o->v, "values [B, Sk, Hkv, D] (linear: [B, S, Hkv, Dv])")->required();
@@ -400,6 +438,24 @@ CommandMain AddRunCommand(CLI::App& app) {
                                 "with --normalize: write the normalizer, float32 [B, Hq, F]"));
   linear_option(sub->add_option("--dgates", l.dgates,
                                 "gla backward: write dL/dgates, float32, the shape of --gates"));
+  // Approximate attention (tessera/approx.h), refused by name under the other ops.
+  const std::string approx_group = "Approximate attention (--op approx; also --window, --lse)";
+  ApproxRunOptions& a = o->approx;
+  AddApproxKnobs(sub, &a.knobs, approx_group);
+  o->approx_only = a.knobs.options;
+  const auto approx_option = [&](CLI::Option* opt) {
+    opt->group(approx_group);
+    o->approx_only.push_back(opt);
+  };
+  approx_option(
+      sub->add_option("--seed", o->seed, "random draws of the method")->capture_default_str());
+  approx_option(sub->add_option("--centroids", a.centroids,
+                                "routing: k-means centroids, float32 [Hq, C, D] (default: the "
+                                "normalized keys at C evenly spaced tokens)"));
+  approx_option(sub->add_option("--centroids-out", a.centroids_out,
+                                "routing: write the EMA-updated centroids, float32 [Hq, C, D]"));
+  approx_option(sub->add_option("--wersa-gates", a.gates,
+                                "wersa: per-token gates of each level, float32 [B, S, levels]"));
   sub->footer(MaskSpecHelp());
   return [o, normalize_option, normalize_value] {
     RunOptions& r = *o;

@@ -542,6 +542,142 @@ void LinearBackwardPy(nb::handle dout, nb::handle q, nb::handle k, nb::handle v,
   RunWithoutGil([&] { return LinearAttentionBackward(p, ctx); });
 }
 
+// ---- Approximate attention -------------------------------------------------------------------
+
+// The method's options from a dict {field name: value} (the field names of its options struct in
+// tessera/approx.h); a key the method does not have is a ValueError naming it.
+void ApplyApproxOptions(ApproxParams* p, nb::dict options) {
+  for (auto [key, value] : options) {
+    const std::string name = nb::cast<std::string>(key);
+    auto as_int = [&] { return nb::cast<int64_t>(value); };
+    auto as_float = [&] { return static_cast<float>(nb::cast<double>(value)); };
+    auto as_view = [&] { return ToView(value, name.c_str()); };
+    bool known = true;
+    switch (p->method) {
+      case ApproxMethod::kWersa:
+        if (name == "levels")
+          p->wersa.levels = as_int();
+        else if (name == "gates")
+          p->wersa.gates = as_view();
+        else if (name == "level_weights")
+          p->wersa.level_weights = as_view();
+        else if (name == "features")
+          p->wersa.features = as_int();
+        else if (name == "bandwidth")
+          p->wersa.bandwidth = as_float();
+        else if (name == "projection")
+          p->wersa.projection = as_view();
+        else
+          known = false;
+        break;
+      case ApproxMethod::kPerformer:
+        if (name == "features")
+          p->performer.features = as_int();
+        else if (name == "projection")
+          p->performer.projection = as_view();
+        else
+          known = false;
+        break;
+      case ApproxMethod::kHyper:
+        if (name == "block")
+          p->hyper.block = as_int();
+        else if (name == "samples")
+          p->hyper.samples = as_int();
+        else if (name == "lsh_bits")
+          p->hyper.lsh_bits = as_int();
+        else if (name == "min_seq_len")
+          p->hyper.min_seq_len = as_int();
+        else
+          known = false;
+        break;
+      case ApproxMethod::kAgent:
+        if (name == "agents")
+          p->agent.agents = as_int();
+        else if (name == "agent_bias")
+          p->agent.agent_bias = as_view();
+        else if (name == "query_bias")
+          p->agent.query_bias = as_view();
+        else if (name == "dwc")
+          p->agent.dwc = as_view();
+        else
+          known = false;
+        break;
+      case ApproxMethod::kRouting:
+        if (name == "clusters")
+          p->routing.clusters = as_int();
+        else if (name == "window")
+          p->routing.window = as_int();
+        else if (name == "centroids")
+          p->routing.centroids = as_view();
+        else if (name == "updated_centroids")
+          p->routing.updated_centroids = as_view();
+        else if (name == "ema")
+          p->routing.ema = as_float();
+        else
+          known = false;
+        break;
+      case ApproxMethod::kHiLo:
+        if (name == "grid_h")
+          p->hilo.grid_h = as_int();
+        else if (name == "grid_w")
+          p->hilo.grid_w = as_int();
+        else if (name == "window")
+          p->hilo.window = as_int();
+        else if (name == "lofi_heads")
+          p->hilo.lofi_heads = as_int();
+        else
+          known = false;
+        break;
+    }
+    if (!known) {
+      ValueError(name + ": not an option of method " + ApproxMethodName(p->method));
+    }
+  }
+}
+
+ApproxParams MakeApproxParams(const std::string& method, nb::handle q, nb::handle k, nb::handle v,
+                              nb::handle out, nb::handle lse, std::optional<double> scale,
+                              bool causal, uint64_t seed, nb::dict options) {
+  ApproxParams p;
+  if (!ParseApproxMethod(method, &p.method)) {
+    ValueError("method: expected one of wersa, hyper, performer, agent, routing, hilo, got '" +
+               method + "'");
+  }
+  p.q = ToView(q, "q");
+  p.k = ToView(k, "k");
+  p.v = ToView(v, "v");
+  p.out = ToView(out, "out");
+  p.lse = ToView(lse, "lse");
+  p.scale = OptionalScale(scale);
+  p.causal = causal;
+  p.seed = seed;
+  ApplyApproxOptions(&p, options);
+  return p;
+}
+
+void ApproxForwardPy(const std::string& method, nb::handle q, nb::handle k, nb::handle v,
+                     nb::handle out, nb::handle lse, std::optional<double> scale, bool causal,
+                     uint64_t seed, nb::dict options, int32_t threads) {
+  const ApproxParams p = MakeApproxParams(method, q, k, v, out, lse, scale, causal, seed, options);
+  const Context ctx = MakeContext(threads, 0);
+  RunWithoutGil([&] { return ApproxAttention(p, ctx); });
+}
+
+void ApproxBackwardPy(const std::string& method, nb::handle dout, nb::handle q, nb::handle k,
+                      nb::handle v, nb::handle dq, nb::handle dk, nb::handle dv,
+                      std::optional<double> scale, bool causal, uint64_t seed, nb::dict options,
+                      int32_t threads) {
+  ApproxBackwardParams p;
+  p.forward =
+      MakeApproxParams(method, q, k, v, nb::none(), nb::none(), scale, causal, seed, options);
+  p.dout = ToView(dout, "dout");
+  p.dq = ToView(dq, "dq");
+  p.dk = ToView(dk, "dk");
+  p.dv = ToView(dv, "dv");
+  const Context ctx = MakeContext(threads, 0);
+  RunWithoutGil([&] { return ApproxAttentionBackward(p, ctx); });
+}
+
 // ---- Block-mask builders ---------------------------------------------------------------------
 
 void BuildS2Py(nb::handle out, int64_t heads, int64_t num_q_blocks, int64_t num_k_blocks,
@@ -745,6 +881,8 @@ NB_MODULE(_C, m) {
   DefNoneOk(m, "linear_forward", &LinearForwardPy);
   DefNoneOk(m, "linear_backward", &LinearBackwardPy);
   m.def("linear_feature_dim", &LinearFeatureDimPy);
+  DefNoneOk(m, "approx_forward", &ApproxForwardPy);
+  DefNoneOk(m, "approx_backward", &ApproxBackwardPy);
   DefNoneOk(m, "build_s2", &BuildS2Py);
   DefNoneOk(m, "build_radial", &BuildRadialPy);
   DefNoneOk(m, "select_blocks", &SelectBlocksPy);

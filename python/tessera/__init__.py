@@ -11,6 +11,7 @@ tessera.compat.
 """
 from . import _C
 from . import mask
+from .approx import approx_attention, approx_attention_backward
 from ._attention import AttentionStats, attention, attention_backward, attention_stats
 from .decode import KVCache, apply_rotary, decode, merge_states
 from .kv_file import KVFile, KVFileWriter, save_kv_file
@@ -38,7 +39,7 @@ def set_simd_target(name):
     _C.set_simd_target(name)
 
 
-__all__ = ["attention", "attention_backward", "attention_stats", "AttentionStats", "KVCache",
+__all__ = ["approx_attention", "approx_attention_backward", "attention", "attention_backward", "attention_stats", "AttentionStats", "KVCache",
            "decode", "merge_states", "KVFile", "KVFileWriter", "save_kv_file",
            "apply_rotary", "linear_attention", "linear_attention_recurrent",
            "linear_attention_backward", "linear_feature_dim", "Mask", "mask", "info",
