@@ -46,7 +46,6 @@
 #include "core/check.h"
 #include "core/parallel.h"
 #include "tessera/attention.h"
-#include "tessera/merge.h"
 
 namespace tessera {
 namespace approx {
@@ -63,6 +62,7 @@ Status Invalid(const char* name, const std::string& what, const std::string& got
 // exact kernel enough blocks to share among the threads.
 constexpr int64_t kChunkRows = 65536;
 constexpr int64_t kMaxLshBits = 16;
+constexpr float kInf = std::numeric_limits<float>::infinity();
 
 size_t Sz(int64_t x) { return static_cast<size_t>(x); }
 
@@ -118,6 +118,10 @@ TensorView SliceLse(const TensorView& t, int64_t lo, int64_t n) {
   s.data = static_cast<float*>(t.data) + lo * t.strides[2];
   s.shape[2] = n;
   return s;
+}
+
+void Grow(std::vector<float>* v, int64_t n) {
+  if (v->size() < Sz(n)) v->resize(Sz(n));
 }
 
 class Hyper {
@@ -244,7 +248,6 @@ class Hyper {
     const int64_t m = exact ? 0 : p_.hyper.samples;
     const int64_t head_rows = std::max(nq + nk, nb * std::min(m, nk));
     const int64_t chunk = std::min(BH, std::max<int64_t>(1, kChunkRows / head_rows));
-    const int32_t nparts = has_state ? 3 : 2;
     for (int64_t bh0 = 0; bh0 < BH; bh0 += chunk) {
       const int64_t C = std::min(chunk, BH - bh0), T = C * nq, nseq = C * nb;
       std::vector<int32_t> perm_q(Sz(T)), perm_k(Sz(C * nk));
@@ -278,12 +281,19 @@ class Hyper {
       cu_q[Sz(nseq)] = static_cast<int32_t>(T);
       cu_k[Sz(nseq)] = static_cast<int32_t>(C * nk);
       const int64_t total_s = cu_s[Sz(nseq)];
-      const int32_t R = total_s > 0 ? nparts : nparts - 1;  // no sampled part without samples
-      const int32_t state_part = R - 1;
+      const int64_t R = total_s > 0 ? 2 : 1;  // the block part, the sampled part
 
-      std::vector<float> qs(Sz(T * D)), ks(Sz(C * nk * D)), vs(Sz(C * nk * D));
-      std::vector<float> ks2(Sz(total_s * D)), vs2(Sz(total_s * D));
-      std::vector<float> parts(Sz(R * T * D)), lse_parts(Sz(R * T));
+      // Scratch kept across rounds and pieces: grown, never shrunk or cleared (every element a
+      // round reads, it wrote first).
+      Grow(&qs_, T * D);
+      Grow(&ks_, C * nk * D);
+      Grow(&vs_, C * nk * D);
+      Grow(&ks2_, total_s * D);
+      Grow(&vs2_, total_s * D);
+      Grow(&parts_, R * T * D);
+      Grow(&lse_parts_, R * T);
+      float *qs = qs_.data(), *ks = ks_.data(), *vs = vs_.data(), *ks2 = ks2_.data(),
+            *vs2 = vs2_.data(), *parts = parts_.data(), *lse_parts = lse_parts_.data();
       std::vector<std::vector<uint64_t>> bitmaps(Sz(threads_));
       ParallelFor(threads_, nseq, [&](int64_t e, int32_t worker) {
         const int64_t c = e / nb, i = e % nb, bh = bh0 + c, b = bh / Hq, h = bh % Hq;
@@ -292,16 +302,12 @@ class Hyper {
         const int32_t* pk = perm_k.data() + c * nk;
         for (int64_t j = cu_q[Sz(e)]; j < cu_q[Sz(e + 1)]; ++j) {
           const int64_t t = q_lo + pq[j - c * nq];
-          LoadRow(p_.q, b, t, h, D, qs.data() + j * D);
-          if (has_state) {
-            LoadRow(p_.out, b, t, h, D, parts.data() + (state_part * T + j) * D);
-            lse_parts[Sz(state_part * T + j)] = LseAt(lse, b, h, t);
-          }
+          LoadRow(p_.q, b, t, h, D, qs + j * D);
         }
         const int64_t klo = cu_k[Sz(e)] - c * nk, khi = cu_k[Sz(e + 1)] - c * nk;
         for (int64_t j = klo; j < khi; ++j) {
-          LoadRow(p_.k, b, k_lo + pk[j], g, D, ks.data() + (c * nk + j) * D);
-          LoadRow(p_.v, b, k_lo + pk[j], g, D, vs.data() + (c * nk + j) * D);
+          LoadRow(p_.k, b, k_lo + pk[j], g, D, ks + (c * nk + j) * D);
+          LoadRow(p_.v, b, k_lo + pk[j], g, D, vs + (c * nk + j) * D);
         }
         // Floyd's algorithm: m distinct indices of [0, n_outside), in ascending order from the
         // bitmap; index x is sorted key x, or x + block length past the block.
@@ -323,50 +329,57 @@ class Hyper {
           for (uint64_t word = bits[w]; word != 0; word &= word - 1) {
             const int64_t x = static_cast<int64_t>(w) * 64 + __builtin_ctzll(word);
             const int64_t key = k_lo + pk[x < klo ? x : x + (khi - klo)];
-            LoadRow(p_.k, b, key, g, D, ks2.data() + dst * D);
-            LoadRow(p_.v, b, key, g, D, vs2.data() + dst * D);
+            LoadRow(p_.k, b, key, g, D, ks2 + dst * D);
+            LoadRow(p_.v, b, key, g, D, vs2 + dst * D);
             ++dst;
           }
         }
       });
 
-      Status s = Attend(qs, ks, vs, cu_q, cu_k, nseq, T, parts.data(), lse_parts.data());
+      Status s = Attend(qs, ks, vs, cu_q, cu_k, nseq, T, parts, lse_parts);
       if (!s.ok()) return s;
       if (total_s > 0) {
-        s = Attend(qs, ks2, vs2, cu_q, cu_s, nseq, T, parts.data() + T * D, lse_parts.data() + T);
+        s = Attend(qs, ks2, vs2, cu_q, cu_s, nseq, T, parts + T * D, lse_parts + T);
         if (!s.ok()) return s;
-        // The sampling weight n_outside / m on every sampled exponential.
-        ParallelFor(threads_, nseq, [&](int64_t e, int32_t) {
-          const int64_t ms = cu_s[Sz(e + 1)] - cu_s[Sz(e)];
-          if (ms == 0 || ms == outside[Sz(e)]) return;
-          const auto corr = static_cast<float>(
-              std::log(static_cast<double>(outside[Sz(e)]) / static_cast<double>(ms)));
-          for (int64_t j = cu_q[Sz(e)]; j < cu_q[Sz(e + 1)]; ++j) lse_parts[Sz(T + j)] += corr;
-        });
       }
-      // Merge into qs (no longer read) and a row LSE, then unpermute.
-      std::vector<float> lse_m(Sz(T));
-      const float* merged = parts.data();
-      const float* merged_lse = lse_parts.data();
-      if (R > 1) {
-        MergeStatesParams mp;
-        mp.out_parts = MakeView4(parts.data(), DType::kF32, R, T, 1, D);
-        mp.lse_parts = MakeView3(lse_parts.data(), DType::kF32, R, T, 1);
-        mp.out = MakeView3(qs.data(), DType::kF32, T, 1, D);
-        const int64_t lse_shape[2] = {T, 1};
-        mp.lse = MakeContiguousView(lse_m.data(), DType::kF32, 2, lse_shape);
-        s = MergeStates(mp, ctx_);
-        if (!s.ok()) return s;
-        merged = qs.data();
-        merged_lse = lse_m.data();
-      }
+      // Merge by LSE (MergeStates' arithmetic) fused with the unpermute: the block part, the
+      // sampled part with ln(n_outside / m) added to its LSE (the sampling weight on every
+      // sampled exponential), and the state the row already holds, in one pass over the rows.
       ParallelFor(threads_, nseq, [&](int64_t e, int32_t) {
         const int64_t c = e / nb, bh = bh0 + c, b = bh / Hq, h = bh % Hq;
         const int32_t* pq = perm_q.data() + c * nq;
+        const int64_t ms = cu_s[Sz(e + 1)] - cu_s[Sz(e)];
+        const float corr = ms == 0 || ms == outside[Sz(e)]
+                               ? 0.0f
+                               : static_cast<float>(std::log(static_cast<double>(outside[Sz(e)]) /
+                                                             static_cast<double>(ms)));
+        std::vector<float> row(Sz(D), 0.0f);
         for (int64_t j = cu_q[Sz(e)]; j < cu_q[Sz(e + 1)]; ++j) {
           const int64_t t = q_lo + pq[j - c * nq];
-          StoreRow(p_.out, b, t, h, D, merged + j * D);
-          if (lse.data != nullptr) LseAt(lse, b, h, t) = merged_lse[j];
+          const float* ob = parts + j * D;
+          const float* os = ms > 0 ? parts + (T + j) * D : ob;
+          const float lb = lse_parts[Sz(j)];
+          const float ls = ms > 0 ? lse_parts[Sz(T + j)] + corr : -kInf;
+          float lo = -kInf;
+          if (has_state) {
+            LoadRow(p_.out, b, t, h, D, row.data());
+            lo = LseAt(lse, b, h, t);
+          }
+          const float top = std::max(lb, std::max(ls, lo));
+          float merged_lse = -kInf;
+          if (top == -kInf) {  // no key at all: (0, -inf)
+            std::fill(row.begin(), row.end(), 0.0f);
+          } else {
+            const float wb = std::exp(lb - top), ws = std::exp(ls - top), wo = std::exp(lo - top);
+            const float sum = wb + ws + wo;
+            const float fb = wb / sum, fs = ws / sum, fo = wo / sum;
+            for (int64_t d = 0; d < D; ++d) {
+              row[Sz(d)] = fb * ob[d] + (ms > 0 ? fs * os[d] : 0.0f) + fo * row[Sz(d)];
+            }
+            merged_lse = top + std::log(sum);
+          }
+          StoreRow(p_.out, b, t, h, D, row.data());
+          if (lse.data != nullptr) LseAt(lse, b, h, t) = merged_lse;
         }
       });
     }
@@ -374,14 +387,13 @@ class Hyper {
   }
 
   // Varlen exact attention of the gathered rows: out [T, 1, D] and lse [1, T] (f32, contiguous).
-  Status Attend(std::vector<float>& q, std::vector<float>& k, std::vector<float>& v,
-                std::vector<int32_t>& cu_q, std::vector<int32_t>& cu_k, int64_t nseq, int64_t T,
-                float* out, float* lse) const {
+  Status Attend(float* q, float* k, float* v, std::vector<int32_t>& cu_q,
+                std::vector<int32_t>& cu_k, int64_t nseq, int64_t T, float* out, float* lse) const {
     const int64_t D = sh_.dim, tk = cu_k[Sz(nseq)];
     AttentionParams a;
-    a.q = MakeView3(q.data(), DType::kF32, T, 1, D);
-    a.k = MakeView3(k.data(), DType::kF32, tk, 1, D);
-    a.v = MakeView3(v.data(), DType::kF32, tk, 1, D);
+    a.q = MakeView3(q, DType::kF32, T, 1, D);
+    a.k = MakeView3(k, DType::kF32, tk, 1, D);
+    a.v = MakeView3(v, DType::kF32, tk, 1, D);
     a.out = MakeView3(out, DType::kF32, T, 1, D);
     const int64_t lse_shape[2] = {1, T};
     a.lse = MakeContiguousView(lse, DType::kF32, 2, lse_shape);
@@ -399,6 +411,7 @@ class Hyper {
   std::vector<double> proj_;
   std::vector<uint16_t> rank_q_, rank_k_;
   std::vector<float> lse_store_;
+  std::vector<float> qs_, ks_, vs_, ks2_, vs2_, parts_, lse_parts_;
 };
 
 }  // namespace
