@@ -120,6 +120,12 @@ inline constexpr Ceiling kLinearF32StateHandover = {1e-6, 1e-6};
 // orders of a state that is rescaled a million times, relative to 1 + |recurrent|.
 inline constexpr double kLinearLongRunRelTol = 1e-3;
 
+// Random-feature estimators (src/approx: Performer, WERSA). Unbiasedness: the mean over seeds of
+// an estimate lies within this many standard errors of the mean of its expectation. The error
+// rate: error(m_small) / error(m_large) >= sqrt(m_large / m_small) / kRootMRateSlack.
+inline constexpr double kMonteCarloSigmas = 4.0;
+inline constexpr double kRootMRateSlack = 2.0;
+
 // Identities between two runs of the library that are not promised bitwise (GQA vs repeated
 // K/V, window >= S vs causal, split + merge vs one pass): the output ceiling of the dtype,
 // measured against the other run instead of fp64.

@@ -50,7 +50,7 @@ bool ApplyApproxKnobs(const ApproxKnobs& knobs, bool window_given, int64_t seq, 
                       ApproxParams* params, std::string* error);
 
 // Routing's initial centroids [Hq, C, D] when none are given: the L2-normalized keys of batch 0
-// at C evenly spaced tokens (token c * S / C), of each query head's KV head.
+// at C spread tokens (token (c * S / C + c) mod S), of each query head's KV head.
 std::vector<float> CentroidsFromKeys(const float* k, int64_t seq, int64_t heads_q, int64_t heads_kv,
                                      int64_t dim, int64_t clusters);
 

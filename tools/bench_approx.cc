@@ -12,7 +12,8 @@
 // 8 unit directions per KV head (key j near direction j mod 8, times sqrt(4 sqrt(D)), plus unit
 // noise) and queries near one of the same directions, so each query's attention concentrates
 // on one cluster of keys (+4 on its logits): what trained models' attention looks like.
-// Routing's centroids come from the keys (CentroidsFromKeys); WERSA runs with unit gates.
+// Routing's centroids: CentroidsFromKeys, then 3 k-means steps through routing's own update
+// (ema 0); WERSA runs with unit gates.
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
@@ -33,6 +34,7 @@ namespace bench {
 namespace {
 
 constexpr int64_t kPeakDirections = 8;
+constexpr int kLloydSteps = 3;  // k-means steps of routing's centroids before the timed runs
 
 // q [B, N, Hq, D], k, v [B, N, Hkv, D] for --inputs.
 void FillInputs(const std::string& inputs, int64_t B, int64_t N, int64_t Hq, int64_t Hkv, int64_t D,
@@ -141,9 +143,25 @@ int BenchApprox(const BenchOptions& o) {
   params.seed = o.seed;
   std::vector<float> centroids;
   if (params.method == ApproxMethod::kRouting) {
-    centroids = CentroidsFromKeys(k, N, Hq, Hkv, D, params.routing.clusters);
-    params.routing.centroids =
-        MakeView3(centroids.data(), DType::kF32, Hq, params.routing.clusters, D);
+    // Centroids as training would leave them: kLloydSteps k-means steps (routing with ema 0
+    // writes each cluster's mean) from CentroidsFromKeys, before the timed runs.
+    const int64_t C = params.routing.clusters;
+    centroids = CentroidsFromKeys(k, N, Hq, Hkv, D, C);
+    if (C >= 1 && C <= N) {
+      std::vector<float> next(centroids.size());
+      ApproxParams step = params;
+      step.lse = TensorView();
+      step.routing.ema = 0.0f;
+      for (int i = 0; i < kLloydSteps; ++i) {
+        step.routing.centroids = MakeView3(centroids.data(), DType::kF32, Hq, C, D);
+        step.routing.updated_centroids = MakeView3(next.data(), DType::kF32, Hq, C, D);
+        const Status s = ApproxAttention(step, ctx);
+        if (!s.ok()) return Fail(cmd, s.ToString());
+        // The means are not unit vectors; routing scores against them as given.
+        centroids.swap(next);
+      }
+    }
+    params.routing.centroids = MakeView3(centroids.data(), DType::kF32, Hq, C, D);
   }
 
   Json result;
@@ -181,6 +199,7 @@ int BenchApprox(const BenchOptions& o) {
     case ApproxMethod::kRouting:
       result["clusters"] = params.routing.clusters;
       result["window"] = params.routing.window;
+      result["lloyd_steps"] = kLloydSteps;
       break;
     case ApproxMethod::kHiLo:
       result["grid"] =

@@ -49,21 +49,29 @@ const char* ApproxMethodName(ApproxMethod method);
 bool ParseApproxMethod(const std::string& name, ApproxMethod* method);
 
 // ---------------------------------------------------------------------------------------------
-// WERSA: Wavelet-Enhanced Random Spectral Attention.
+// WERSA: Wavelet-Enhanced Random Spectral Attention. q and k pass a gated multi-level Haar
+// transform along the sequence, x~ = A_L x + sum_l level_weight_l gate_{b,t,l} (A_{l-1} x - A_l x)
+// with A_l x the mean over token t's level-l window (non-causal: blocks of 2^l cut at S; causal:
+// the trailing 2^l tokens, past only), then random features relu((x~ / bandwidth) W) / sqrt(r)
+// and normalized linear attention (docs/approx.md). params.scale is not read: relu features are
+// positively homogeneous, so any positive scale (and the bandwidth) cancels in the normalization.
 struct WersaOptions {
-  int64_t levels = 2;        // Haar decomposition levels, >= 1
+  int64_t levels = 2;        // Haar decomposition levels, 1..30
   TensorView gates;          // optional f32 [B, S, levels]: per-token gate of each level (unset: 1)
   TensorView level_weights;  // optional f32 [levels]: per-level weight (unset: 1)
-  int64_t features = 256;    // r random features, >= 1
-  float bandwidth = 1.0f;    // > 0: x / bandwidth before the projection
+  int64_t features = 256;    // r random features, 1..8192 (over 512: needs D < 512)
+  float bandwidth = 1.0f;    // > 0, finite: x / bandwidth before the projection
   TensorView projection;     // optional f32 [D, features] Gaussian W (unset: drawn from seed)
 };
 
 // ---------------------------------------------------------------------------------------------
-// Performer FAVOR+.
+// Performer FAVOR+: positive orthogonal random features phi(x) = exp(w_i . x' - |x'|^2 / 2) /
+// sqrt(m), x' = sqrt(scale) x (scale > 0), with max stabilizers (per query row; per batch and KV
+// head for keys) that cancel in the normalization, then normalized linear attention.
 struct PerformerOptions {
-  int64_t features = 256;  // m random features, >= 1
-  TensorView projection;   // optional f32 [features, D] (unset: orthogonal rows drawn from seed)
+  int64_t features = 256;  // m random features, 1..8192 (over 512: needs D < 512)
+  TensorView projection;   // optional f32 [features, D] rows w_i (unset: blocks of D orthogonal
+                           // Gaussian rows with chi-distributed norms, drawn from seed)
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -89,13 +97,21 @@ struct AgentOptions {
 };
 
 // ---------------------------------------------------------------------------------------------
-// Routing attention (Routing Transformer).
+// Routing attention (Routing Transformer). q and k rows are L2-normalized and scored against
+// their query head's centroids (score = x / |x| . centroid; keys from the KV head); cluster c
+// takes the w queries and the w keys of highest score (ties to the earlier token), and its
+// queries attend exactly to its keys, causal on the original positions when params.causal. A
+// query in several clusters gets the LSE merge of its states; a query in none (or, causal, whose
+// clusters hold no key at or before it) gets out = 0 and lse = -inf.
 struct RoutingOptions {
-  int64_t clusters = 16;         // C, 1 <= C <= S
-  int64_t window = 0;            // w tokens routed to each cluster (top-w by similarity); 0: S / C
-  TensorView centroids;          // f32 [Hq, C, D], read (required)
-  TensorView updated_centroids;  // optional f32 [Hq, C, D], written: the EMA k-means update
-  float ema = 0.999f;            // in [0, 1): centroid <- ema * centroid + (1 - ema) * mean
+  int64_t clusters = 16;  // C, 1 <= C <= S
+  int64_t window = 0;     // w tokens routed to each cluster (top-w by score), 0..S; 0: S / C
+  TensorView centroids;   // f32 [Hq, C, D], read (required)
+  // Optional f32 [Hq, C, D], written (may not overlap centroids): online k-means, each
+  // normalized q and k row to its nearest centroid (highest score), centroid <- ema * centroid
+  // + (1 - ema) * the mean of its rows over the batch; a centroid with no rows is copied.
+  TensorView updated_centroids;
+  float ema = 0.999f;  // in [0, 1)
 };
 
 // ---------------------------------------------------------------------------------------------
