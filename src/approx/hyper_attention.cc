@@ -13,7 +13,8 @@
 // m = hyper.samples keys drawn uniformly without replacement (Floyd's algorithm) from the keys
 // outside that block: their exponentials, weighted by n_outside / m (ln(n_outside / m) added to
 // their LSE), form an unbiased estimate of the rest of Z_i and of the numerator. The two states
-// are merged by LSE (MergeStates) and the rows unpermuted; lse (optional) is the merged estimate.
+// are merged by LSE (MergeStates' arithmetic, fused with the unpermute and, causal, with the
+// state the rows already hold: one pass); lse (optional) is the merged estimate.
 // Causal: the paper's recursive halving. causal([lo, hi)) is causal([lo, mid)) for the first
 // half, and for the second half the merge of causal([mid, hi)) with the non-causal estimate of
 // the queries [mid, hi) over the keys [lo, mid). A causal piece of at most max(min_seq_len,
@@ -24,11 +25,12 @@
 // Error. The block part is exact; the error is the variance of the sampled estimate of the mass
 // outside the block, which falls like 1/sqrt(m) and vanishes when the block plus the samples
 // cover every key (m >= n_outside: all the outside keys, weight 1) or when one block covers the
-// whole sequence. It is small when sortLSH puts each query's large logits in its own block (keys
-// clustered around a few directions: "peaked" inputs) and largest for random q, k, whose mass
-// is spread over all keys and the sample estimate carries it all. More bits split the keys
-// finer (fewer collisions of unrelated rows, but more near neighbours split off); a larger
-// block catches more of them at a linear cost.
+// whole sequence. It is small when each query's mass sits on fewer keys than a block and sortLSH
+// puts them in its block; large when the mass is spread over many keys (random q, k: all of
+// them; the bench's peaked inputs: clusters of N / 8 keys), where the samples carry most of it
+// (measured in docs/approx.md). A small m with a large weight n_outside / m can be worse than no
+// samples. More bits split the keys finer (fewer collisions of unrelated rows, but more near
+// neighbours split off); a larger block catches more of them at a linear cost.
 //
 // Cost, per head and N rows: hashing N r D, two counting sorts O(N + 2^r), the gathers, and
 // N (block + m) D for the two attentions: linear in N for a non-causal call. Causal: the halving
@@ -439,6 +441,7 @@ Status HyperForward(const ApproxParams& params, const ApproxShape& shape, const 
                        " blocks of sampled keys per head address at most 2^31 - 1 rows)",
                    Str(o.samples));
   }
+  if (shape.batch == 0 || shape.heads_q == 0) return Status::Ok();  // no output element
   Hyper hyper(params, shape, ctx);
   return hyper.Run();
 }
