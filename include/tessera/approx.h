@@ -75,12 +75,16 @@ struct PerformerOptions {
 };
 
 // ---------------------------------------------------------------------------------------------
-// HyperAttention.
+// HyperAttention. Queries and keys sorted by their sortLSH bucket (Gray-code rank of the signs of
+// r Gaussian projections of each head); query block i attends exactly to key block i of the
+// sorted order, plus m keys sampled uniformly outside that block with weight n_outside / m.
+// Causal: recursive halving, exact on pieces of at most max(min_seq_len, block) rows. Has an LSE.
 struct HyperOptions {
   int64_t block = 256;         // rows of the diagonal blocks in sorted order: a multiple of 16
-  int64_t samples = 256;       // m uniformly sampled keys per query block, >= 0
+  int64_t samples = 256;       // m sampled keys per query block, >= 0 (0: blocks only)
   int64_t lsh_bits = 7;        // r random projections of sortLSH, 1..16
-  int64_t min_seq_len = 4096;  // below it (and for causal halves below it) exact attention
+  int64_t min_seq_len = 4096;  // >= 0; a non-causal call (or causal half) with fewer query rows
+                               // is exact, and so is a causal piece of at most this many rows
 };
 
 // ---------------------------------------------------------------------------------------------
