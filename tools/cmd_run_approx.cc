@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: Apache-2.0
 // `tessera run --op approx`: the inputs are float32 .npy files read into buffers and handed to
-// ApproxAttention (ApproxAttentionBackward with --dout) as views; every flag is checked before
+// ApproxAttention (then ApproxAttentionBackward with --dout) as views; every flag is checked before
 // any work (the ones only the CLI knows here, the ranges by the library) and outputs are written
 // only when the whole call succeeded, all of them or none (output_files.h). Routing reads its
 // centroids from --centroids (default: CentroidsFromKeys, approx_options.h) and writes the EMA
@@ -78,9 +78,10 @@ int RunApprox(const ApproxRunOptions& o) {
                           ": only with --method routing");
   }
   if (!wersa && !o.gates.empty()) return Fail(kCmd, "--wersa-gates: only with --method wersa");
-  if (backward && (!o.lse.empty() || !o.centroids_out.empty())) {
-    return Fail(kCmd, std::string(o.lse.empty() ? "--centroids-out" : "--lse") +
-                          ": not with the backward (--dout)");
+  if (backward && params.method != ApproxMethod::kWersa &&
+      params.method != ApproxMethod::kPerformer) {
+    return Fail(kCmd, std::string("--dout: method ") + ApproxMethodName(params.method) +
+                          " has no backward (wersa and performer have one)");
   }
   params.q = q.View();
   params.k = k.View();
@@ -114,50 +115,47 @@ int RunApprox(const ApproxRunOptions& o) {
                                  {"--centroids", o.centroids},
                                  {"--wersa-gates", o.gates},
                                  {"--dout", o.dout}};
-  std::vector<FileArg> outputs;
+  // The forward always runs (--out is written with the backward too, as the exact run does).
+  std::vector<FileArg> outputs = {
+      {"--out", o.out}, {"--lse", o.lse}, {"--centroids-out", o.centroids_out}};
+  if (backward) outputs.insert(outputs.end(), {{"--dq", o.dq}, {"--dk", o.dk}, {"--dv", o.dv}});
+  if (!CheckOutputs(inputs, outputs, &error)) return Fail(kCmd, error);
   std::vector<NpyOutput> publish;
-  const auto start = std::chrono::steady_clock::now();
-  Status st;
-  if (!backward) {
-    outputs = {{"--out", o.out}, {"--lse", o.lse}, {"--centroids-out", o.centroids_out}};
-    if (!CheckOutputs(inputs, outputs, &error)) return Fail(kCmd, error);
-    if (!Allocate("output", {B, S, Hq, D}, &out, &error)) return Fail(kCmd, error);
-    params.out = out.View();
-    publish.push_back({"--out", o.out, &out});
-    if (!o.lse.empty()) {
-      if (!Allocate("lse", {B, Hq, S}, &lse, &error)) return Fail(kCmd, error);
-      params.lse = lse.View();
-      publish.push_back({"--lse", o.lse, &lse});
+  if (!Allocate("output", {B, S, Hq, D}, &out, &error)) return Fail(kCmd, error);
+  params.out = out.View();
+  publish.push_back({"--out", o.out, &out});
+  if (!o.lse.empty()) {
+    if (!Allocate("lse", {B, Hq, S}, &lse, &error)) return Fail(kCmd, error);
+    params.lse = lse.View();
+    publish.push_back({"--lse", o.lse, &lse});
+  }
+  if (!o.centroids_out.empty()) {
+    const TensorView& c = params.routing.centroids;
+    if (!Allocate("centroids", {c.shape[0], c.shape[1], c.shape[2]}, &centroids_out, &error)) {
+      return Fail(kCmd, error);
     }
-    if (!o.centroids_out.empty()) {
-      const TensorView& c = params.routing.centroids;
-      if (!Allocate("centroids", {c.shape[0], c.shape[1], c.shape[2]}, &centroids_out, &error)) {
-        return Fail(kCmd, error);
-      }
-      params.routing.updated_centroids = centroids_out.View();
-      publish.push_back({"--centroids-out", o.centroids_out, &centroids_out});
-    }
-    st = ApproxAttention(params, ctx);
-  } else {
-    outputs = {{"--dq", o.dq}, {"--dk", o.dk}, {"--dv", o.dv}};
-    if (!o.out.empty()) {
-      return Fail(kCmd, "--out: not with the backward (--dout); it writes --dq, --dk, --dv");
-    }
-    if (!CheckOutputs(inputs, outputs, &error)) return Fail(kCmd, error);
+    params.routing.updated_centroids = centroids_out.View();
+    publish.push_back({"--centroids-out", o.centroids_out, &centroids_out});
+  }
+  ApproxBackwardParams bp;
+  if (backward) {
     if (!Load("--dout", o.dout, 4, "[B, S, Hq, D]", &dout, &error) ||
         !Allocate("dq", q.shape, &dq, &error) || !Allocate("dk", k.shape, &dk, &error) ||
         !Allocate("dv", v.shape, &dv, &error)) {
       return Fail(kCmd, error);
     }
-    ApproxBackwardParams bp;
     bp.forward = params;
+    bp.forward.out = TensorView();
+    bp.forward.lse = TensorView();
     bp.dout = dout.View();
     bp.dq = dq.View();
     bp.dk = dk.View();
     bp.dv = dv.View();
-    publish = {{"--dq", o.dq, &dq}, {"--dk", o.dk, &dk}, {"--dv", o.dv, &dv}};
-    st = ApproxAttentionBackward(bp, ctx);
+    publish.insert(publish.end(), {{"--dq", o.dq, &dq}, {"--dk", o.dk, &dk}, {"--dv", o.dv, &dv}});
   }
+  const auto start = std::chrono::steady_clock::now();
+  Status st = ApproxAttention(params, ctx);
+  if (st.ok() && backward) st = ApproxAttentionBackward(bp, ctx);
   if (!st.ok()) return Fail(kCmd, st.ToString());
   const double ms =
       std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
