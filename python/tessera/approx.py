@@ -52,6 +52,11 @@ def _options(kind, method, options):
             out[name] = float(value)
         else:
             out[name] = A.as_f32(kind, name, value)
+    # A given projection fixes the feature count: [features, D] (performer), [D, features]
+    # (wersa).
+    projection = out.get("projection")
+    if projection is not None and "features" not in out and len(projection.shape) == 2:
+        out["features"] = int(projection.shape[0 if method == "performer" else 1])
     return out
 
 
@@ -91,8 +96,8 @@ def approx_attention(q, k, v, *, method, causal=False, scale=None, seed=0, retur
     float32 [B, Hq, S]; with update_centroids (routing) also the EMA-updated centroids
     [Hq, C, D]. Options (keyword arguments, per method: OPTIONS):
       wersa:     levels, gates [B, S, levels], level_weights [levels], features, bandwidth,
-                 projection [D, features]
-      performer: features, projection [features, D]
+                 projection [D, features] (features then defaults to its columns)
+      performer: features, projection [features, D] (features then defaults to its rows)
       hyper:     block (a multiple of 16), samples, lsh_bits, min_seq_len
       agent:     agents, agent_bias [Hq, agents, S], query_bias [Hq, S, agents], dwc [B, S, Hq, D]
       routing:   clusters, window, centroids [Hq, C, D] (required), ema
