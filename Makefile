@@ -62,7 +62,9 @@ clean:
 # ThreadSanitizer: the threaded suites on small shapes, with std::thread workers (libgomp is not
 # instrumented). Any report fails the run (TSAN_OPTIONS halt_on_error).
 TSAN_SUITES := Concurrency *Determinism Tails/ Gqa/ Varlen/ DecodePlan LinearAttention MergeStates \
-  KVCache AppendKV Training Stats/DecodeStats Cases/WindowStats KVFileDecode
+  KVCache AppendKV Training Stats/DecodeStats Cases/WindowStats KVFileDecode \
+  AgentAttention.SameBits HiLo.SameBits HyperAttention.SameResult Performer.Deterministic \
+  Wersa.Deterministic *GatheredAttentionTest *RoutingTest
 TSAN_FILTER ?= $(subst $(eval) ,:,$(addsuffix *,$(TSAN_SUITES)))
 test-tsan: deps
 	cmake -S . -B $(TSAN_BUILD) -DCMAKE_BUILD_TYPE=RelWithDebInfo -DTESSERA_TSAN=ON \
