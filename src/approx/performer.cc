@@ -221,23 +221,6 @@ void ChainRule(const TensorView& x, int64_t h0, int64_t nh, const Projection& pr
   });
 }
 
-std::unique_ptr<float[]> Floats(int64_t n) {
-  return std::unique_ptr<float[]>(new float[static_cast<size_t>(std::max<int64_t>(n, 1))]);
-}
-
-void WriteF64(const std::vector<double>& src, const TensorView& dst) {
-  size_t i = 0;
-  for (int64_t a = 0; a < dst.shape[0]; ++a) {
-    for (int64_t b = 0; b < dst.shape[1]; ++b) {
-      for (int64_t c = 0; c < dst.shape[2]; ++c) {
-        for (int64_t d = 0; d < dst.shape[3]; ++d) {
-          *AtMut(dst, a, b, c, d) = static_cast<float>(src[i++]);
-        }
-      }
-    }
-  }
-}
-
 }  // namespace
 
 Status PerformerForward(const ApproxParams& params, const ApproxShape& shape, const Context& ctx) {

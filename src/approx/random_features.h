@@ -7,6 +7,7 @@
 
 #include <cstdint>
 #include <limits>
+#include <memory>
 #include <vector>
 
 #include "tessera/context.h"
@@ -94,6 +95,11 @@ int64_t KvHeadsPerSlab(int64_t heads_kv, int64_t group, int64_t batch, int64_t f
 Status CheckMatrixOption(const char* name, const TensorView& t, int64_t rows, int64_t cols);
 // Copies an f32 rank-2 view into row-major [rows, cols].
 void CopyMatrix(const TensorView& t, float* out);
+// An uninitialized float buffer of max(n, 1) elements.
+std::unique_ptr<float[]> Floats(int64_t n);
+// Writes row-major fp64 values (the fp64 reference's results under Path::kReference) into a
+// rank-4 f32 view.
+void WriteF64(const std::vector<double>& src, const TensorView& dst);
 
 }  // namespace approx
 }  // namespace tessera
