@@ -10,6 +10,7 @@
 #include "tessera/kv_file.h"
 #include "tessera/kv_policy.h"
 #include "tessera/linear.h"
+#include "tessera/longconv.h"
 #include "tessera/mask.h"
 #include "tessera/merge.h"
 #include "tessera/status.h"

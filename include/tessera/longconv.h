@@ -1,0 +1,83 @@
+// SPDX-License-Identifier: Apache-2.0
+// tessera: long causal convolutions (H3, Hyena, FlashConv): one filter per channel, as long as
+// the sequence.
+//
+//   y[b, t, c] = sum_{s = 0..min(t, L - 1)} h[s, c] * u[b, t - s, c]  (+ D[c] * u[b, t, c])
+//
+// Shapes (any strides, in elements):
+//   u     [B, N, C]  f32
+//   h     [L, C]     f32, 1 <= L <= N (a filter shorter than the sequence is zero past L)
+//   bias  [C]        f32, optional: the skip term D (H3 / Hyena's "D u")
+//   y     [B, N, C]  f32, written
+//
+// Two paths: the direct sum (O(N L) per channel, vectorized over channels), fastest for short
+// filters, and the FFT path (FFTW single precision, real transforms of a fast size M >= N + L - 1;
+// plans made once per size and shared by every thread). kAuto picks by the measured crossover
+// (docs/longconv.md). LongConvStream is FlashConv's block form: the sequence in blocks, each
+// block convolved by FFT and the contribution of earlier blocks carried in a state.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+
+#include "tessera/context.h"
+#include "tessera/status.h"
+#include "tessera/types.h"
+
+namespace tessera {
+
+enum class LongConvPath : int32_t {
+  kAuto = 0,  // direct below the crossover (docs/longconv.md), else FFT
+  kDirect,    // the O(N L) sum
+  kFft,       // FFT of size M >= N + L - 1
+};
+
+struct LongConvParams {
+  TensorView u;       // [B, N, C] f32
+  TensorView filter;  // [L, C] f32, 1 <= L <= N
+  TensorView bias;    // [C] f32; data == nullptr: no skip term
+  TensorView y;       // [B, N, C] f32, written
+  LongConvPath path = LongConvPath::kAuto;
+};
+
+// Validates every argument before any work; on error nothing is written. Results are
+// bitwise-identical across thread counts for a given path.
+Status LongConv1D(const LongConvParams& params, const Context& ctx);
+
+// FlashConv's block form: the sequence is pushed in blocks of `block` tokens, and each block's
+// output is its in-block convolution plus the contribution of every earlier block. The filter is
+// cut into K = ceil(L / block) segments of `block` taps; the stream keeps the spectra of the
+// last K input blocks (a frequency-domain delay line) and the second half of the previous
+// block's output (the overlap-add carry). State per (batch, channel): (K + 1) * (block + 1)
+// complex values plus `block` floats, i.e. about 2 (L + block) floats: bounded by the filter,
+// independent of the sequence length. With L <= block, K = 1: one block of carry.
+class LongConvStream {
+ public:
+  // filter [L, C] f32 and bias [C] f32 (optional) are copied: the views need not outlive the
+  // call. block: tokens per block, >= 1. batch: B of every pushed block.
+  static Status Create(const TensorView& filter, const TensorView& bias, int64_t block,
+                       int64_t batch, std::unique_ptr<LongConvStream>* out);
+  ~LongConvStream();
+  LongConvStream(const LongConvStream&) = delete;
+  LongConvStream& operator=(const LongConvStream&) = delete;
+
+  // Convolves the next T tokens: u [B, T, C] f32, y [B, T, C] f32 written, 1 <= T <= block. A
+  // block shorter than `block` ends the stream (later pushes are refused until Reset). The
+  // results match LongConv1D over the concatenated blocks to FFT rounding.
+  Status Push(const TensorView& u, const TensorView& y, const Context& ctx);
+  // Forgets every earlier block (a new sequence).
+  void Reset();
+
+  int64_t block() const;
+  int64_t channels() const;
+  int64_t tokens_seen() const;
+  // Bytes of state (delay line, carry and filter spectra) this stream holds.
+  int64_t state_bytes() const;
+
+ private:
+  struct Impl;
+  explicit LongConvStream(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace tessera
