@@ -25,9 +25,10 @@ struct BenchOp {
   int (*main)(const BenchOptions&);
 };
 const BenchOp kOps[] = {
-    {"forward", bench::BenchForward}, {"backward", bench::BenchBackward},
-    {"decode", bench::BenchDecode},   {"linear", bench::BenchLinear},
-    {"evict", bench::BenchEvict},     {"approx", bench::BenchApprox},
+    {"forward", bench::BenchForward},   {"backward", bench::BenchBackward},
+    {"decode", bench::BenchDecode},     {"linear", bench::BenchLinear},
+    {"evict", bench::BenchEvict},       {"approx", bench::BenchApprox},
+    {"longconv", bench::BenchLongConv},
 };
 
 // --op evict takes its own options, --kv-dtype and --page-size of decode's and --window.
@@ -57,7 +58,22 @@ std::string ApproxOptionError(const BenchOptions& o) {
   return "";
 }
 
+// --op longconv takes its own options (and --batch, --seq, --vs direct, the timing ones); the
+// attention ops' options would be ignored, so they are refused.
+std::string LongConvOptionError(const BenchOptions& o) {
+  if (o.op != "longconv") {
+    return o.given_longconv_only.empty() ? ""
+                                         : o.given_longconv_only[0] + ": only with --op longconv";
+  }
+  for (const auto* given : {&o.given_other_only, &o.given_linear_only, &o.given_decode_only,
+                            &o.given_evict_only, &o.given_approx_only}) {
+    if (!given->empty()) return (*given)[0] + ": not with --op longconv";
+  }
+  return "";
+}
+
 int BenchMain(const BenchOptions& o) {
+  if (const std::string error = LongConvOptionError(o); !error.empty()) return Fail("bench", error);
   if (const std::string error = EvictOptionError(o); !error.empty()) return Fail("bench", error);
   if (const std::string error = ApproxOptionError(o); !error.empty()) return Fail("bench", error);
   // Options of one side given to the other would be silently ignored: refuse them by name.
@@ -97,8 +113,10 @@ CommandMain AddBenchCommand(CLI::App& app) {
       "bench", "Benchmark an op on random inputs against the measured peak and a baseline");
   // Options of the other ops (refused with --op linear), of linear only and of decode only
   // (refused without).
-  std::vector<CLI::Option*> other_only, linear_only, decode_only, evict_only, approx_only;
-  sub->add_option("--op", o->op, "operation: forward, backward, decode, linear, evict or approx")
+  std::vector<CLI::Option*> other_only, linear_only, decode_only, evict_only, approx_only,
+      longconv_only;
+  sub->add_option("--op", o->op,
+                  "operation: forward, backward, decode, linear, evict, approx or longconv")
       ->capture_default_str();
   sub->add_option("--batch", o->batch, "batch size B")->capture_default_str();
   sub->add_option("--heads", o->heads, "query heads Hq")->capture_default_str();
@@ -265,6 +283,18 @@ CommandMain AddBenchCommand(CLI::App& app) {
                                         "its square)")
                             ->capture_default_str()
                             ->group(approx_group));
+  const std::string lc_group = "Long convolution (--op longconv; also --batch, --seq, --vs direct)";
+  for (CLI::Option* opt :
+       {sub->add_option("--channels", o->channels, "longconv: channels C")->capture_default_str(),
+        sub->add_option("--filter-len", o->filter_len, "longconv: filter length L (0: --seq)")
+            ->capture_default_str(),
+        sub->add_option("--conv-path", o->lc_path, "longconv: auto, direct, fft or stream")
+            ->capture_default_str(),
+        sub->add_option("--conv-block", o->block,
+                        "longconv: tokens per block of --conv-path stream")
+            ->capture_default_str()}) {
+    longconv_only.push_back(opt->group(lc_group));
+  }
   sub->footer(
       std::string(R"(FLOPs: forward 4*B*Hq*Sq*Sk*D (causal with Sq == Sk: half of it); with --mask,
 4*D*P where P = density*B*Hq*Sq*Sk is the number of visible (query, key) pairs (density in
@@ -276,7 +306,7 @@ tokens_per_s = B*N / median time.
 
 )") + MaskSpecHelp());
   return [o, mask_option, normalize_option, normalize_value, other_only, linear_only, decode_only,
-          evict_only, approx_only] {
+          evict_only, approx_only, longconv_only] {
     o->has_mask = mask_option->count() > 0;
     o->normalize = normalize_option->count() > 0 ? (*normalize_value ? 1 : 0) : -1;
     for (const CLI::Option* opt : other_only) {
@@ -293,6 +323,9 @@ tokens_per_s = B*N / median time.
     }
     for (const CLI::Option* opt : approx_only) {
       if (opt->count() > 0) o->given_approx_only.push_back(opt->get_name());
+    }
+    for (const CLI::Option* opt : longconv_only) {
+      if (opt->count() > 0) o->given_longconv_only.push_back(opt->get_name());
     }
     return BenchMain(*o);
   };
