@@ -19,6 +19,7 @@
 #include "cli_common.h"
 #include "cmd_run_approx.h"
 #include "cmd_run_linear.h"
+#include "cmd_run_longconv.h"
 #include "mask_spec.h"
 #include "npy.h"
 #include "output_files.h"
@@ -53,9 +54,11 @@ struct RunOptions {
   LinearRunOptions linear;
   // --op approx: its knobs and files, and the shared ones copied in before it runs.
   ApproxRunOptions approx;
+  // --op longconv: its files and path.
+  LongConvRunOptions longconv;
   uint64_t seed = 0;
   // The options of one op only, to refuse them (by name) under the others.
-  std::vector<CLI::Option*> exact_only, linear_only, approx_only;
+  std::vector<CLI::Option*> exact_only, linear_only, approx_only, longconv_only;
 };
 
 int RunMain(const RunOptions& o) {
@@ -270,11 +273,15 @@ int RunMain(const RunOptions& o) {
 
 // Picks the op, refuses the other ops' options by name, and runs.
 int RunDispatch(RunOptions& o) {
-  const bool linear = o.op == "linear", approx = o.op == "approx";
-  if (!linear && !approx && o.op != "exact") {
-    return Fail("run", "--op: expected exact (the default), linear or approx, got '" + o.op + "'");
+  const bool linear = o.op == "linear", approx = o.op == "approx", longconv = o.op == "longconv";
+  if (!linear && !approx && !longconv && o.op != "exact") {
+    return Fail("run", "--op: expected exact (the default), linear, approx or longconv, got '" +
+                           o.op + "'");
   }
-  const char* op_name = linear ? "--op linear" : approx ? "--op approx" : "--op exact";
+  const char* op_name = linear     ? "--op linear"
+                        : approx   ? "--op approx"
+                        : longconv ? "--op longconv"
+                                   : "--op exact";
   auto refuse = [&](const std::vector<CLI::Option*>& options, const char* only_with) -> int {
     for (const CLI::Option* opt : options) {
       // --lse is also approx's (the methods with an LSE write it).
@@ -292,6 +299,23 @@ int RunDispatch(RunOptions& o) {
     if (const int rc = refuse(o.exact_only, "--op exact (the default)"); rc != kExitOk) return rc;
   }
   if (!approx) {
+    if (const int rc = refuse(o.approx_only, "--op approx"); rc != kExitOk) return rc;
+  }
+  if (!longconv) {
+    if (const int rc = refuse(o.longconv_only, "--op longconv"); rc != kExitOk) return rc;
+    // --q, --k and --v are every attention op's (not required by the parser: longconv has none).
+    for (const auto& [flag, path] :
+         {std::pair<const char*, const std::string*>{"--q", &o.q}, {"--k", &o.k}, {"--v", &o.v}}) {
+      if (path->empty()) return Fail("run", std::string(flag) + " is required with " + op_name);
+    }
+  } else {
+    for (const auto& [flag, path] : {std::pair<const char*, const std::string*>{"--q", &o.q},
+                                     {"--k", &o.k},
+                                     {"--v", &o.v},
+                                     {"--dout", &o.dout}}) {
+      if (!path->empty()) return Fail("run", std::string(flag) + ": not with --op longconv");
+    }
+    if (const int rc = refuse(o.exact_only, "--op exact (the default)"); rc != kExitOk) return rc;
     if (const int rc = refuse(o.approx_only, "--op approx"); rc != kExitOk) return rc;
   }
   std::string error;
@@ -314,6 +338,13 @@ int RunDispatch(RunOptions& o) {
     a.threads = o.threads;
     a.verbose = o.verbose;
     return RunApprox(a);
+  }
+  if (longconv) {
+    LongConvRunOptions& c = o.longconv;
+    c.out = o.out;
+    c.threads = o.threads;
+    c.verbose = o.verbose;
+    return RunLongConv(c);
   }
   if (!linear) return RunMain(o);
   LinearRunOptions& l = o.linear;
@@ -343,11 +374,12 @@ CommandMain AddRunCommand(CLI::App& app) {
       "run",
       "Exact attention forward (and backward) on .npy inputs (float32 or float16, C order); "
       "linear attention with --op linear; approximate attention with --op approx");
-  sub->add_option("--op", o->op, "exact (softmax attention), linear or approx")
+  sub->add_option("--op", o->op, "exact (softmax attention), linear, approx or longconv")
       ->capture_default_str();
-  sub->add_option("--q", o->q, "queries [B, Sq, Hq, D]")->required();
-  sub->add_option("--k", o->k, "keys [B, Sk, Hkv, D], Hq % Hkv == 0")->required();
-  sub->add_option("--v", o->v, "values [B, Sk, Hkv, D] (linear: [B, S, Hkv, Dv])")->required();
+  sub->add_option("--q", o->q, "queries [B, Sq, Hq, D] (every op but longconv)");
+  sub->add_option("--k", o->k, "keys [B, Sk, Hkv, D], Hq % Hkv == 0 (every op but longconv)");
+  sub->add_option("--v", o->v,
+                  "values [B, Sk, Hkv, D] (linear: [B, S, Hkv, Dv]; every op but longconv)");
   sub->add_option("--out", o->out, "output [B, Sq, Hq, D], written in the input dtype")->required();
   o->exact_only.push_back(
       sub->add_option("--lse", o->lse, "also write the log-sum-exp, float32 [B, Hq, Sq]"));
@@ -456,6 +488,17 @@ CommandMain AddRunCommand(CLI::App& app) {
                                 "routing: write the EMA-updated centroids, float32 [Hq, C, D]"));
   approx_option(sub->add_option("--wersa-gates", a.gates,
                                 "wersa: per-token gates of each level, float32 [B, S, levels]"));
+  // Long convolution (tessera/longconv.h), refused by name under the other ops.
+  const std::string lc_group = "Long convolution (--op longconv; also --out, --threads)";
+  LongConvRunOptions& lc = o->longconv;
+  for (CLI::Option* opt :
+       {sub->add_option("--u", lc.u, "longconv: input u, float32 [B, N, C]"),
+        sub->add_option("--filter", lc.filter, "longconv: filter h, float32 [L, C], L <= N"),
+        sub->add_option("--bias", lc.bias, "longconv: skip term D, float32 [C] (y += D u)"),
+        sub->add_option("--conv-path", lc.conv_path, "longconv: auto, direct or fft")
+            ->capture_default_str()}) {
+    o->longconv_only.push_back(opt->group(lc_group));
+  }
   sub->footer(MaskSpecHelp());
   return [o, normalize_option, normalize_value] {
     RunOptions& r = *o;

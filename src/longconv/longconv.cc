@@ -102,7 +102,7 @@ namespace {
 
 // kAuto: the direct sum when its multiply-adds, N L - L (L - 1) / 2 per channel, are at most
 // kFftCostFactor * M log2(M) (M the FFT size). Measured on this project's Xeon: docs/longconv.md.
-constexpr double kFftCostFactor = 4.0;
+constexpr double kFftCostFactor = 20.0;
 // Rows per task of the direct path.
 constexpr int64_t kDirectTaskRows = 64;
 // Floats of input gathered per task of the FFT paths (channel groups of up to 16 columns: a
