@@ -678,6 +678,28 @@ void ApproxBackwardPy(const std::string& method, nb::handle dout, nb::handle q, 
   RunWithoutGil([&] { return ApproxAttentionBackward(p, ctx); });
 }
 
+// ---- Long convolutions ------------------------------------------------------------------------
+
+void LongConv1DPy(nb::handle u, nb::handle filter, nb::handle bias, nb::handle y,
+                  const std::string& path, int32_t threads) {
+  LongConvParams p;
+  p.u = ToView(u, "u");
+  p.filter = ToView(filter, "filter");
+  p.bias = ToView(bias, "bias");
+  p.y = ToView(y, "y");
+  if (path == "auto") {
+    p.path = LongConvPath::kAuto;
+  } else if (path == "direct") {
+    p.path = LongConvPath::kDirect;
+  } else if (path == "fft") {
+    p.path = LongConvPath::kFft;
+  } else {
+    ValueError("path: expected auto, direct or fft, got '" + path + "'");
+  }
+  const Context ctx = MakeContext(threads, 0);
+  RunWithoutGil([&] { return LongConv1D(p, ctx); });
+}
+
 // ---- Block-mask builders ---------------------------------------------------------------------
 
 void BuildS2Py(nb::handle out, int64_t heads, int64_t num_q_blocks, int64_t num_k_blocks,
@@ -883,6 +905,7 @@ NB_MODULE(_C, m) {
   m.def("linear_feature_dim", &LinearFeatureDimPy);
   DefNoneOk(m, "approx_forward", &ApproxForwardPy);
   DefNoneOk(m, "approx_backward", &ApproxBackwardPy);
+  DefNoneOk(m, "long_conv1d", &LongConv1DPy);
   DefNoneOk(m, "build_s2", &BuildS2Py);
   DefNoneOk(m, "build_radial", &BuildRadialPy);
   DefNoneOk(m, "select_blocks", &SelectBlocksPy);
