@@ -5,7 +5,7 @@
 set -euo pipefail
 
 packages=(build-essential cmake libhwy-dev libopenblas-dev libcli11-dev nlohmann-json3-dev
-          libgtest-dev libbenchmark-dev libfftw3-dev python3 python3-venv python3-dev clang-format
+          libgtest-dev libbenchmark-dev libfftw3-dev libopenmpi-dev openmpi-bin python3 python3-venv python3-dev clang-format
           clang-14 libclang-rt-14-dev  # clang and its runtimes: the libFuzzer harnesses (fuzz/)
           liburing-dev)  # optional: the io_uring reader of KV cache files
 missing=()

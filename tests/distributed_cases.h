@@ -1,0 +1,38 @@
+// SPDX-License-Identifier: Apache-2.0
+// Test cases of the sequence-parallel drivers, shared by the in-process tests
+// (src/distributed/distributed_test.cc, ranks as threads) and the MPI tests (tests/mpi, ranks as
+// processes under mpirun): every rank runs the forward and backward on its shard and compares
+// out, lse, dq, dk, dv with the same rows of the single-process kernels on the whole sequence.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "tessera/distributed.h"
+
+namespace tessera {
+namespace test {
+
+struct Shape {
+  int64_t b, n, hq, hkv, d;
+};
+
+enum class Algo { kRing, kUlysses };
+
+struct Case {
+  Algo algo;
+  int ranks;
+  ShardLayout layout;
+  bool causal;
+  Shape shape;
+  std::vector<int64_t> lengths;  // empty: the even cut (contiguous) or the zigzag cut
+};
+
+std::string Name(const Case& c);
+// Runs case `c` as rank `rank` of `comm` (comm.size() == c.ranks); "" when every output of this
+// rank matches, else what differed (or the error).
+std::string CheckRank(const Case& c, int rank, Communicator& comm);
+
+}  // namespace test
+}  // namespace tessera
