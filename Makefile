@@ -116,7 +116,7 @@ PYTHON ?= python3
 PY_VENV ?= $(BUILD)/venv
 PY_BARE_VENV ?= $(BUILD)/venv-numpy
 PY_WHEELS ?= $(BUILD)/wheels
-PY_TEST_PACKAGES := numpy pytest nanobind scikit-build-core safetensors tokenizers transformers
+PY_TEST_PACKAGES := numpy pytest nanobind scikit-build-core safetensors tokenizers transformers mpi4py
 python: deps
 	@test -x $(PY_VENV)/bin/python || $(PYTHON) -m venv $(PY_VENV)
 	$(PY_VENV)/bin/pip install -q $(PY_TEST_PACKAGES)

@@ -6,6 +6,7 @@
 #include "tessera/attention.h"
 #include "tessera/context.h"
 #include "tessera/decode.h"
+#include "tessera/distributed.h"
 #include "tessera/kv_cache.h"
 #include "tessera/kv_file.h"
 #include "tessera/kv_policy.h"
