@@ -21,7 +21,7 @@
 //   q     [B, S, Hq, Dk]     f32, bf16 or f16
 //   k     [B, S, Hkv, Dk]    dtype of q; Hq % Hkv == 0
 //   v     [B, S, Hkv, Dv]    dtype of q
-//   out   [B, S, Hq, Dv]     dtype of q, written
+//   out   [B, S, Hq, Dv]     dtype of q, written (LinearAttentionForward: optional, see below)
 // F = LinearFeatureDim(feature_map, Dk) is the feature dim of phi (Dk, or 1 + Dk + Dk^2 for the
 // Taylor map). States are f32: state [B, Hq, F, Dv] = sum_s decay * phi(k_s) v_s^T and, with
 // normalize, normalizer [B, Hq, F] = sum_s decay * phi(k_s), both as seen after the last token.
@@ -51,10 +51,13 @@ int64_t LinearFeatureDim(LinearFeatureMap map, int64_t dk);
 constexpr int64_t kMaxLinearFeatureDim = 8192;
 
 struct LinearAttentionParams {
-  TensorView q;    // [B, S, Hq, Dk]
-  TensorView k;    // [B, S, Hkv, Dk]
-  TensorView v;    // [B, S, Hkv, Dv]
-  TensorView out;  // [B, S, Hq, Dv], written
+  TensorView q;  // [B, S, Hq, Dk]
+  TensorView k;  // [B, S, Hkv, Dk]
+  TensorView v;  // [B, S, Hkv, Dv]
+  // [B, S, Hq, Dv], written. LinearAttentionForward only: data == nullptr with final_state set is
+  // a state-only call (final_state, and final_normalizer with normalize, and nothing else: no
+  // intra-chunk products, O(S F Dv) work); unset without final_state is an error.
+  TensorView out;
 
   LinearFeatureMap feature_map = LinearFeatureMap::kIdentity;
   // Multiplies phi(q) . phi(k); default 1/sqrt(Dk), or 1 for the Taylor map (which carries its
@@ -97,11 +100,15 @@ struct LinearAttentionParams {
 };
 
 // The chunked form (prefill, training). Validates every argument before any work; on error
-// nothing is written.
+// nothing is written. A state-only call (out unset, final_state set: the chunk states that
+// sequence parallelism such as LASP-2 all-gathers) computes the same final_state and
+// final_normalizer bit for bit as the call with out, at O(S F Dv) cost; the window part, which
+// never enters the state, is skipped.
 Status LinearAttentionForward(const LinearAttentionParams& params, const Context& ctx);
 
 // The recurrent form: token by token with an O(F x Dv) state per head (decode steps are calls with
-// S = 1 and the state handed over). Same parameters and results as LinearAttentionForward.
+// S = 1 and the state handed over). Same parameters and results as LinearAttentionForward, except
+// that out is required (a state-only call is LinearAttentionForward's).
 Status LinearAttentionRecurrent(const LinearAttentionParams& params, const Context& ctx);
 
 // Gradients of LinearAttentionForward (chunked): dq, dk, dv in the layouts of q, k, v, and for

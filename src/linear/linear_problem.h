@@ -59,8 +59,8 @@ struct LinearBackwardProblem {
 };
 
 // Validates `params` and fills `problem`; kInvalidArgument naming the argument, what was expected
-// and what was given. Writes nothing else. with_out = false: params.out is not checked (the
-// backward, which does not read it, may leave it unset).
+// and what was given. Writes nothing else. with_out = false: params.out is not checked and may be
+// unset (the backward, which does not read it; a state-only forward).
 Status ValidateLinearAttention(const LinearAttentionParams& params, LinearProblem* problem,
                                bool with_out = true);
 Status ValidateLinearAttentionBackward(const LinearAttentionBackwardParams& params,
