@@ -111,18 +111,48 @@ Status LinearAttentionForward(const LinearAttentionParams& params, const Context
 // that out is required (a state-only call is LinearAttentionForward's).
 Status LinearAttentionRecurrent(const LinearAttentionParams& params, const Context& ctx);
 
-// Gradients of LinearAttentionForward (chunked): dq, dk, dv in the layouts of q, k, v, and for
-// GLA dgates f32 (optional) in the form of the gates: [B, S, Hq, Dk], or [B, S, Hq] for scalar
-// gates (the sum over channels of the per-channel gradient). forward.out is not read (it may be
-// left unset). The window part (BASED) and the state inputs / outputs are not supported here
-// (kUnimplemented).
+// Gradients of LinearAttentionForward (chunked) for a loss L that reads out and, optionally,
+// the final state: dq, dk, dv in the layouts of q, k, v, for GLA dgates f32 in the form of the
+// gates ([B, S, Hq, Dk], or [B, S, Hq] for scalar gates: the sum over channels of the per-channel
+// gradient), and d_initial_state (d_initial_normalizer) for a forward that started from a state.
+//
+// forward: the forward call's parameters. forward.out is not read (it may be left unset);
+// forward.final_state and forward.final_normalizer may be set and are ignored.
+// forward.initial_state (and initial_normalizer) are read: they change dq, dgates (and with
+// normalize every gradient). The window part (BASED) is not supported here (kUnimplemented).
+//
+// Sequence parallelism (LASP-2): a sequence cut into pieces, each piece's forward started from the
+// previous piece's final_state, has the gradients of the whole sequence when the pieces' backwards
+// run from the last one, each handing its d_initial_state (d_initial_normalizer) to the previous
+// piece as d_final_state (d_final_normalizer).
+//
+// Every gradient output is optional: unset (data == nullptr) it is not computed and its work is
+// skipped (a call with only d_initial_state reads q, dout and the gates: O(S F Dv), no C x C
+// products; with normalize the forward is recomputed for the denominators, as in every normalized
+// backward). At least one must be set (kInvalidArgument otherwise); an empty dq, dk or dv (a
+// shaped view with no elements, whose data may be nullptr) counts as set.
 struct LinearAttentionBackwardParams {
   LinearAttentionParams forward;
-  TensorView dout;    // [B, S, Hq, Dv]
-  TensorView dq;      // [B, S, Hq, Dk], written
-  TensorView dk;      // [B, S, Hkv, Dk], written (summed over the query heads of a group)
-  TensorView dv;      // [B, S, Hkv, Dv], written (summed over the query heads of a group)
+  TensorView dout;    // [B, S, Hq, Dv], dL / d out
+  TensorView dq;      // [B, S, Hq, Dk], written when set
+  TensorView dk;      // [B, S, Hkv, Dk], written when set (summed over the query heads of a group)
+  TensorView dv;      // [B, S, Hkv, Dv], written when set (summed over the query heads of a group)
   TensorView dgates;  // [B, S, Hq, Dk] or [B, S, Hq] (scalar gates) f32, written when set (GLA)
+
+  // Optional input, f32 [B, Hq, F, Dv] (F as for the states): dL / d forward.final_state, as if
+  // the final state were an output that later computation used (the next piece of the sequence).
+  // data == nullptr: 0. Causal only. Taylor map: the forward writes the two ordered pairs (i, j),
+  // (j, i) of a pair feature as equal halves, so only their sum enters.
+  TensorView d_final_state;
+  // Optional output, f32 [B, Hq, F, Dv]: dL / d forward.initial_state (with or without an initial
+  // state in forward): the queries' part plus d_final_state carried back through the chunk's
+  // total decay. Causal only. Taylor map: the forward reads S[i, j] + S[j, i] only, so both
+  // ordered pairs get the same gradient.
+  TensorView d_initial_state;
+  // normalize only, f32 [B, Hq, F]: the same for final_normalizer (input) and initial_normalizer
+  // (output). data == nullptr: 0 / not written.
+  TensorView d_final_normalizer;
+  TensorView d_initial_normalizer;
 };
 Status LinearAttentionBackward(const LinearAttentionBackwardParams& params, const Context& ctx);
 

@@ -82,8 +82,9 @@ Status LinearAttentionBackward(const LinearAttentionBackwardParams& params,
   status = CheckPath(ctx);
   if (!status.ok()) return status;
   // No work: no gradient element to write.
-  if (params.dq.numel() == 0 && params.dk.numel() == 0 && params.dv.numel() == 0 &&
-      (params.dgates.data == nullptr || params.dgates.numel() == 0)) {
+  const auto empty = [](const TensorView& t) { return t.data == nullptr || t.numel() == 0; };
+  if (empty(params.dq) && empty(params.dk) && empty(params.dv) && empty(params.dgates) &&
+      empty(params.d_initial_state) && empty(params.d_initial_normalizer)) {
     return Status::Ok();
   }
   if (!HWY_DYNAMIC_DISPATCH(LinearBackward)(problem, ResolveThreads(ctx))) {
