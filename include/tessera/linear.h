@@ -21,7 +21,7 @@
 //   q     [B, S, Hq, Dk]     f32, bf16 or f16
 //   k     [B, S, Hkv, Dk]    dtype of q; Hq % Hkv == 0
 //   v     [B, S, Hkv, Dv]    dtype of q
-//   out   [B, S, Hq, Dv]     dtype of q, written
+//   out   [B, S, Hq, Dv]     dtype of q, written (LinearAttentionForward: optional, see below)
 // F = LinearFeatureDim(feature_map, Dk) is the feature dim of phi (Dk, or 1 + Dk + Dk^2 for the
 // Taylor map). States are f32: state [B, Hq, F, Dv] = sum_s decay * phi(k_s) v_s^T and, with
 // normalize, normalizer [B, Hq, F] = sum_s decay * phi(k_s), both as seen after the last token.
@@ -51,10 +51,13 @@ int64_t LinearFeatureDim(LinearFeatureMap map, int64_t dk);
 constexpr int64_t kMaxLinearFeatureDim = 8192;
 
 struct LinearAttentionParams {
-  TensorView q;    // [B, S, Hq, Dk]
-  TensorView k;    // [B, S, Hkv, Dk]
-  TensorView v;    // [B, S, Hkv, Dv]
-  TensorView out;  // [B, S, Hq, Dv], written
+  TensorView q;  // [B, S, Hq, Dk]
+  TensorView k;  // [B, S, Hkv, Dk]
+  TensorView v;  // [B, S, Hkv, Dv]
+  // [B, S, Hq, Dv], written. LinearAttentionForward only: data == nullptr with final_state set is
+  // a state-only call (final_state, and final_normalizer with normalize, and nothing else: no
+  // intra-chunk products, O(S F Dv) work); unset without final_state is an error.
+  TensorView out;
 
   LinearFeatureMap feature_map = LinearFeatureMap::kIdentity;
   // Multiplies phi(q) . phi(k); default 1/sqrt(Dk), or 1 for the Taylor map (which carries its
@@ -97,25 +100,59 @@ struct LinearAttentionParams {
 };
 
 // The chunked form (prefill, training). Validates every argument before any work; on error
-// nothing is written.
+// nothing is written. A state-only call (out unset, final_state set: the chunk states that
+// sequence parallelism such as LASP-2 all-gathers) computes the same final_state and
+// final_normalizer bit for bit as the call with out, at O(S F Dv) cost; the window part, which
+// never enters the state, is skipped.
 Status LinearAttentionForward(const LinearAttentionParams& params, const Context& ctx);
 
 // The recurrent form: token by token with an O(F x Dv) state per head (decode steps are calls with
-// S = 1 and the state handed over). Same parameters and results as LinearAttentionForward.
+// S = 1 and the state handed over). Same parameters and results as LinearAttentionForward, except
+// that out is required (a state-only call is LinearAttentionForward's).
 Status LinearAttentionRecurrent(const LinearAttentionParams& params, const Context& ctx);
 
-// Gradients of LinearAttentionForward (chunked): dq, dk, dv in the layouts of q, k, v, and for
-// GLA dgates f32 (optional) in the form of the gates: [B, S, Hq, Dk], or [B, S, Hq] for scalar
-// gates (the sum over channels of the per-channel gradient). forward.out is not read (it may be
-// left unset). The window part (BASED) and the state inputs / outputs are not supported here
-// (kUnimplemented).
+// Gradients of LinearAttentionForward (chunked) for a loss L that reads out and, optionally,
+// the final state: dq, dk, dv in the layouts of q, k, v, for GLA dgates f32 in the form of the
+// gates ([B, S, Hq, Dk], or [B, S, Hq] for scalar gates: the sum over channels of the per-channel
+// gradient), and d_initial_state (d_initial_normalizer) for a forward that started from a state.
+//
+// forward: the forward call's parameters. forward.out is not read (it may be left unset);
+// forward.final_state and forward.final_normalizer may be set and are ignored.
+// forward.initial_state (and initial_normalizer) are read: they change dq, dgates (and with
+// normalize every gradient). The window part (BASED) is not supported here (kUnimplemented).
+//
+// Sequence parallelism (LASP-2): a sequence cut into pieces, each piece's forward started from the
+// previous piece's final_state, has the gradients of the whole sequence when the pieces' backwards
+// run from the last one, each handing its d_initial_state (d_initial_normalizer) to the previous
+// piece as d_final_state (d_final_normalizer).
+//
+// Every gradient output is optional: unset (data == nullptr) it is not computed and its work is
+// skipped (a call with only d_initial_state reads q, dout and the gates: O(S F Dv), no C x C
+// products; with normalize the forward is recomputed for the denominators, as in every normalized
+// backward). At least one must be set (kInvalidArgument otherwise); an empty dq, dk or dv (a
+// shaped view with no elements, whose data may be nullptr) counts as set.
 struct LinearAttentionBackwardParams {
   LinearAttentionParams forward;
-  TensorView dout;    // [B, S, Hq, Dv]
-  TensorView dq;      // [B, S, Hq, Dk], written
-  TensorView dk;      // [B, S, Hkv, Dk], written (summed over the query heads of a group)
-  TensorView dv;      // [B, S, Hkv, Dv], written (summed over the query heads of a group)
+  TensorView dout;    // [B, S, Hq, Dv], dL / d out
+  TensorView dq;      // [B, S, Hq, Dk], written when set
+  TensorView dk;      // [B, S, Hkv, Dk], written when set (summed over the query heads of a group)
+  TensorView dv;      // [B, S, Hkv, Dv], written when set (summed over the query heads of a group)
   TensorView dgates;  // [B, S, Hq, Dk] or [B, S, Hq] (scalar gates) f32, written when set (GLA)
+
+  // Optional input, f32 [B, Hq, F, Dv] (F as for the states): dL / d forward.final_state, as if
+  // the final state were an output that later computation used (the next piece of the sequence).
+  // data == nullptr: 0. Causal only. Taylor map: the forward writes the two ordered pairs (i, j),
+  // (j, i) of a pair feature as equal halves, so only their sum enters.
+  TensorView d_final_state;
+  // Optional output, f32 [B, Hq, F, Dv]: dL / d forward.initial_state (with or without an initial
+  // state in forward): the queries' part plus d_final_state carried back through the chunk's
+  // total decay. Causal only. Taylor map: the forward reads S[i, j] + S[j, i] only, so both
+  // ordered pairs get the same gradient.
+  TensorView d_initial_state;
+  // normalize only, f32 [B, Hq, F]: the same for final_normalizer (input) and initial_normalizer
+  // (output). data == nullptr: 0 / not written.
+  TensorView d_final_normalizer;
+  TensorView d_initial_normalizer;
 };
 Status LinearAttentionBackward(const LinearAttentionBackwardParams& params, const Context& ctx);
 

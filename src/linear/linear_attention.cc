@@ -10,6 +10,7 @@
 #include "linear/linear_forward-inl.h"
 
 #if HWY_ONCE
+#include "core/check.h"
 #include "core/guard.h"
 #include "linear/linear_problem.h"
 #include "tessera/linear.h"
@@ -32,13 +33,25 @@ Status CheckPath(const Context& ctx) {
 }
 
 Status RunForward(const LinearAttentionParams& params, const Context& ctx, bool recurrent) {
+  // out unset: a state-only call (chunked form, final_state set), else an error. An empty out
+  // (a shaped view with no elements) may have data == nullptr.
+  const bool state_only =
+      !recurrent && params.out.data == nullptr && params.final_state.data != nullptr;
+  if (!state_only && params.out.data == nullptr && params.out.rank == 0) {
+    return Status::InvalidArgument(Expected(
+        "out",
+        recurrent ? "an output view [B, S, Hq, Dv] (the recurrent form has no state-only call)"
+                  : "an output view [B, S, Hq, Dv], or final_state for a state-only call",
+        "none"));
+  }
   LinearProblem problem;
-  Status status = ValidateLinearAttention(params, &problem);
+  Status status = ValidateLinearAttention(params, &problem, /*with_out=*/!state_only);
   if (!status.ok()) return status;
   status = CheckPath(ctx);
   if (!status.ok()) return status;
+  if (state_only) problem.out = nullptr;
   // No work: no output element and no final state to write.
-  if (params.out.numel() == 0 &&
+  if ((state_only || params.out.numel() == 0) &&
       (params.final_state.data == nullptr || params.final_state.numel() == 0) &&
       (params.final_normalizer.data == nullptr || params.final_normalizer.numel() == 0)) {
     return Status::Ok();
@@ -69,8 +82,9 @@ Status LinearAttentionBackward(const LinearAttentionBackwardParams& params,
   status = CheckPath(ctx);
   if (!status.ok()) return status;
   // No work: no gradient element to write.
-  if (params.dq.numel() == 0 && params.dk.numel() == 0 && params.dv.numel() == 0 &&
-      (params.dgates.data == nullptr || params.dgates.numel() == 0)) {
+  const auto empty = [](const TensorView& t) { return t.data == nullptr || t.numel() == 0; };
+  if (empty(params.dq) && empty(params.dk) && empty(params.dv) && empty(params.dgates) &&
+      empty(params.d_initial_state) && empty(params.d_initial_normalizer)) {
     return Status::Ok();
   }
   if (!HWY_DYNAMIC_DISPATCH(LinearBackward)(problem, ResolveThreads(ctx))) {

@@ -10,6 +10,10 @@
 // and for GLA, dB_t = qf_t o dqf_t - kf_t o dkf_t, dg_t = sum_{r >= t} dB_r. Normalization is
 // the same with v' = [v, 1] and do' = [do / (den + eps), -(do . o) / (den + eps)] (o the
 // normalized output, recomputed first). dq, dk follow through the feature map's Jacobian.
+// States (sequence parallelism): the forward sweep starts from the initial state, the reverse
+// sweep from dS = d_final_state and ends with dS = d_initial_state (the prefix queries' part
+// included); for GLA the final state's factor e^(B_last) adds sum_d dS_final S_final, per channel,
+// to the gradient of every gate. Each sweep runs only for the outputs that need it.
 
 #if defined(TESSERA_LINEAR_LINEAR_BACKWARD_INL_H_) == defined(HWY_TARGET_TOGGLE)
 #ifdef TESSERA_LINEAR_LINEAR_BACKWARD_INL_H_
@@ -119,97 +123,144 @@ inline void BackHead::LoadChunk(Work& w, BackWork& bw, int64_t t0, size_t n) con
   if (hd.p.gates != nullptr) hd.GateSums(w, t0, n);
 }
 
-// Reverse sweep over the causal chunk [t0, t0 + n): dkf, dv' from dS (the gradient of the state
-// after the chunk), then dS moves to before the chunk.
-inline void BackwardChunkReverse(const BackHead& bh, Work& w, BackWork& bw, int64_t t0, size_t n) {
-  const Head& hd = bh.hd;
+// dS <- e^B_last o dS + qin^T do': the gradient of the state before the chunk from the one after
+// it (qin = qf o e^B, the chunk's do' rows loaded).
+inline void StateGradBack(const Head& hd, Work& w, const BackWork& bw, const float* qin, size_t n) {
   const LinearProblem& p = hd.p;
-  const size_t F = w.fi, C = w.c, fp = w.fp, dvp = w.dvp;
+  const size_t F = w.fi, fp = w.fp, dvp = w.dvp;
   const bool gla = p.gates != nullptr, decay = hd.ln_lambda != 0.0f;
-  const bool channel_gates = gla && !p.scalar_gates;
-  const DF df;
-  const size_t L = hn::Lanes(df);
-  bh.LoadChunk(w, bw, t0, n);
-  // e^B_i and e^(B_last - B_j) factors: qin = qf o e^B (aux), kout = kf o e^(B_last - B) (tmp).
-  float* qin = w.aux;
-  float* kout = bw.tmp.data();
-  for (size_t i = 0; i < n; ++i) {
-    for (size_t f = 0; f < fp; f += L) {
-      VF eq = hn::Set(df, hd.pow_lambda[i + 1]), ek = hn::Set(df, hd.pow_lambda[n - 1 - i]);
-      if (gla) {
-        const VF bi = hn::LoadU(df, w.cum + i * w.dkp + f);
-        eq = hn::Exp(df, bi);
-        ek = hn::Exp(df, hn::Sub(hn::LoadU(df, w.cum + (n - 1) * w.dkp + f), bi));
-      }
-      hn::StoreU(hn::Mul(hn::LoadU(df, w.qf + i * fp + f), eq), df, qin + i * fp + f);
-      hn::StoreU(hn::Mul(hn::LoadU(df, w.kf + i * fp + f), ek), df, kout + i * fp + f);
-    }
-  }
-  // W (the forward's intra weights, for dv) and G o D (for dkf), lower triangles.
-  for (size_t d = 0; d < dvp; ++d) {
-    for (size_t j = 0; j < C; ++j) bw.vt[d * C + j] = j < n ? w.vv[j * dvp + d] : 0.0f;
-  }
-  Gemm<false>(n, C, dvp, bw.dos.data(), dvp, 1, bw.vt.data(), C, bw.g.data(), C);
-  for (size_t f = 0; f < F; ++f) {
-    for (size_t j = 0; j < C; ++j) w.kt[f * C + j] = j < n ? w.kf[j * fp + f] : 0.0f;
-  }
-  Gemm<false>(n, C, F, w.qf, fp, 1, w.kt, C, w.a, C);
-  for (size_t i = 0; i < n; ++i) {
-    for (size_t j = 0; j <= i; ++j) {
-      float dij = decay ? hd.pow_lambda[i - j] : gla ? ScalarGatePair(w, i, j) : 1.0f;
-      if (channel_gates) {
-        // Per channel: W_ij = sum_c qf kf e^(B_i - B_j); G o D is applied channel-wise below.
-        w.a[i * C + j] = GatedDot(w, i, j);
-        dij = 1.0f;
-      } else {
-        w.a[i * C + j] *= dij;
-      }
-      bw.g[i * C + j] *= dij;
-    }
-    for (size_t j = i + 1; j < C; ++j) w.a[i * C + j] = bw.g[i * C + j] = 0.0f;
-  }
-  // dv'_j = kout_j^T dS + sum_i W_ij do'_i.
-  float* dv = w.o;
-  Gemm<false>(n, dvp, F, kout, fp, 1, w.s, dvp, dv, dvp);
-  Gemm<true>(n, dvp, n, w.a, 1, C, bw.dos.data(), dvp, dv, dvp);
-  // dkf_j = e^(B_last - B_j) o (dS v'_j) + sum_i (G o D)_ij qf_i.
-  for (size_t d = 0; d < dvp; ++d) {
-    for (size_t f = 0; f < fp; ++f) bw.dst[d * fp + f] = w.s[f * dvp + d];
-  }
-  float* dkf = bw.p.data();
-  Gemm<false>(n, fp, dvp, w.vv, dvp, 1, bw.dst.data(), fp, dkf, fp);
-  for (size_t j = 0; j < n; ++j) {
-    for (size_t f = 0; f < fp; f += L) {
-      VF ek = hn::Set(df, hd.pow_lambda[n - 1 - j]);
-      if (gla)
-        ek = hn::Exp(df, hn::Sub(hn::LoadU(df, w.cum + (n - 1) * w.dkp + f),
-                                 hn::LoadU(df, w.cum + j * w.dkp + f)));
-      hn::StoreU(hn::Mul(hn::LoadU(df, dkf + j * fp + f), ek), df, dkf + j * fp + f);
-    }
-  }
-  if (channel_gates) {
-    AddGatedPairs(w, bw.g.data(), n, w.qf, dkf, /*to_keys=*/true);
-  } else {
-    Gemm<true>(n, fp, n, bw.g.data(), 1, C, w.qf, fp, dkf, fp);
-  }
-  // dS <- e^B_last o dS + qin^T do'.
   for (size_t f = 0; f < F && (gla || decay); ++f) {
     const float e = gla ? std::exp(w.cum[(n - 1) * w.dkp + f]) : hd.pow_lambda[n];
     for (size_t d = 0; d < dvp; ++d) w.s[f * dvp + d] *= e;
   }
   Gemm<true>(F, dvp, n, qin, 1, fp, bw.dos.data(), dvp, w.s, dvp);
+}
+
+// qin_i = qf_i o e^B_i into w.aux.
+inline void ScaledQueries(const Head& hd, Work& w, size_t n) {
+  const DF df;
+  const size_t L = hn::Lanes(df), fp = w.fp;
+  for (size_t i = 0; i < n; ++i) {
+    for (size_t f = 0; f < fp; f += L) {
+      const VF eq = hd.p.gates != nullptr ? hn::Exp(df, hn::LoadU(df, w.cum + i * w.dkp + f))
+                                          : hn::Set(df, hd.pow_lambda[i + 1]);
+      hn::StoreU(hn::Mul(hn::LoadU(df, w.qf + i * fp + f), eq), df, w.aux + i * fp + f);
+    }
+  }
+}
+
+// Reverse sweep over the causal chunk [t0, t0 + n): dkf, dv' from dS (the gradient of the state
+// after the chunk), then dS moves to before the chunk. Only what the requested outputs need: with
+// no dk, dv or dgates, the queries and do' alone carry dS back (d_initial_state).
+inline void BackwardChunkReverse(const BackHead& bh, Work& w, BackWork& bw, int64_t t0, size_t n) {
+  const Head& hd = bh.hd;
+  const LinearProblem& p = hd.p;
+  const LinearBackwardProblem& bp = bh.bp;
+  const size_t F = w.fi, C = w.c, fp = w.fp, dvp = w.dvp;
+  const bool gla = p.gates != nullptr, decay = hd.ln_lambda != 0.0f;
+  const bool channel_gates = gla && !p.scalar_gates;
+  const bool want_dv = bp.dv != nullptr, want_dkf = bp.dk != nullptr || bp.dgates != nullptr;
+  const DF df;
+  const size_t L = hn::Lanes(df);
+  if (!want_dv && !want_dkf) {
+    for (size_t i = 0; i < n; ++i) {
+      const int64_t t = t0 + static_cast<int64_t>(i);
+      hd.LoadQ(w, t, w.qf + i * fp);
+      bh.LoadDout(w, bw, t, bw.dos.data() + i * dvp);
+    }
+    if (gla) hd.GateSums(w, t0, n);
+    ScaledQueries(hd, w, n);
+    StateGradBack(hd, w, bw, w.aux, n);
+    return;
+  }
+  bh.LoadChunk(w, bw, t0, n);
+  // e^B_i and e^(B_last - B_j) factors: qin = qf o e^B (aux), kout = kf o e^(B_last - B) (tmp).
+  ScaledQueries(hd, w, n);
+  const float* qin = w.aux;
+  float* kout = bw.tmp.data();
+  for (size_t i = 0; i < n && want_dv; ++i) {
+    for (size_t f = 0; f < fp; f += L) {
+      const VF ek = gla ? hn::Exp(df, hn::Sub(hn::LoadU(df, w.cum + (n - 1) * w.dkp + f),
+                                              hn::LoadU(df, w.cum + i * w.dkp + f)))
+                        : hn::Set(df, hd.pow_lambda[n - 1 - i]);
+      hn::StoreU(hn::Mul(hn::LoadU(df, w.kf + i * fp + f), ek), df, kout + i * fp + f);
+    }
+  }
+  // W (the forward's intra weights, for dv) and G o D (for dkf), lower triangles.
+  if (want_dkf) {
+    for (size_t d = 0; d < dvp; ++d) {
+      for (size_t j = 0; j < C; ++j) bw.vt[d * C + j] = j < n ? w.vv[j * dvp + d] : 0.0f;
+    }
+    Gemm<false>(n, C, dvp, bw.dos.data(), dvp, 1, bw.vt.data(), C, bw.g.data(), C);
+  }
+  if (want_dv && !channel_gates) {
+    for (size_t f = 0; f < F; ++f) {
+      for (size_t j = 0; j < C; ++j) w.kt[f * C + j] = j < n ? w.kf[j * fp + f] : 0.0f;
+    }
+    Gemm<false>(n, C, F, w.qf, fp, 1, w.kt, C, w.a, C);
+  }
+  for (size_t i = 0; i < n; ++i) {
+    for (size_t j = 0; j <= i; ++j) {
+      float dij = decay ? hd.pow_lambda[i - j] : gla ? ScalarGatePair(w, i, j) : 1.0f;
+      if (channel_gates) {
+        // Per channel: W_ij = sum_c qf kf e^(B_i - B_j); G o D is applied channel-wise below.
+        if (want_dv) w.a[i * C + j] = GatedDot(w, i, j);
+        dij = 1.0f;
+      } else if (want_dv) {
+        w.a[i * C + j] *= dij;
+      }
+      if (want_dkf) bw.g[i * C + j] *= dij;
+    }
+    for (size_t j = i + 1; j < C; ++j) {
+      if (want_dv) w.a[i * C + j] = 0.0f;
+      if (want_dkf) bw.g[i * C + j] = 0.0f;
+    }
+  }
+  // dv'_j = kout_j^T dS + sum_i W_ij do'_i.
+  float* dv = w.o;
+  if (want_dv) {
+    Gemm<false>(n, dvp, F, kout, fp, 1, w.s, dvp, dv, dvp);
+    Gemm<true>(n, dvp, n, w.a, 1, C, bw.dos.data(), dvp, dv, dvp);
+  }
+  // dkf_j = e^(B_last - B_j) o (dS v'_j) + sum_i (G o D)_ij qf_i.
+  float* dkf = bw.p.data();
+  if (want_dkf) {
+    for (size_t d = 0; d < dvp; ++d) {
+      for (size_t f = 0; f < fp; ++f) bw.dst[d * fp + f] = w.s[f * dvp + d];
+    }
+    Gemm<false>(n, fp, dvp, w.vv, dvp, 1, bw.dst.data(), fp, dkf, fp);
+    for (size_t j = 0; j < n; ++j) {
+      for (size_t f = 0; f < fp; f += L) {
+        VF ek = hn::Set(df, hd.pow_lambda[n - 1 - j]);
+        if (gla)
+          ek = hn::Exp(df, hn::Sub(hn::LoadU(df, w.cum + (n - 1) * w.dkp + f),
+                                   hn::LoadU(df, w.cum + j * w.dkp + f)));
+        hn::StoreU(hn::Mul(hn::LoadU(df, dkf + j * fp + f), ek), df, dkf + j * fp + f);
+      }
+    }
+    if (channel_gates) {
+      AddGatedPairs(w, bw.g.data(), n, w.qf, dkf, /*to_keys=*/true);
+    } else {
+      Gemm<true>(n, fp, n, bw.g.data(), 1, C, w.qf, fp, dkf, fp);
+    }
+  }
+  StateGradBack(hd, w, bw, qin, n);
   // Accumulate dk, dv of the KV head; dgates of the query head.
   const size_t dk = static_cast<size_t>(p.dk);
   for (size_t j = 0; j < n; ++j) {
     const int64_t t = t0 + static_cast<int64_t>(j);
-    LoadRow(p.dtype, p.k, p.offset(p.k_stride, hd.b, t, hd.kvh), p.k_stride[3], dk, w.row);
-    FeatureGrad(p.map, w.row, dk, 1.0f, dkf + j * fp, bw.grad.data());
-    float* dk_row = bw.dk.data() + static_cast<size_t>(t) * dk;
-    for (size_t c = 0; c < dk; ++c) dk_row[c] += bw.grad[c];
-    float* dv_row = bw.dv.data() + static_cast<size_t>(t) * static_cast<size_t>(p.dv);
-    for (int64_t d = 0; d < p.dv; ++d) dv_row[d] += dv[j * dvp + static_cast<size_t>(d)];
+    if (bp.dk != nullptr) {
+      LoadRow(p.dtype, p.k, p.offset(p.k_stride, hd.b, t, hd.kvh), p.k_stride[3], dk, w.row);
+      FeatureGrad(p.map, w.row, dk, 1.0f, dkf + j * fp, bw.grad.data());
+      float* dk_row = bw.dk.data() + static_cast<size_t>(t) * dk;
+      for (size_t c = 0; c < dk; ++c) dk_row[c] += bw.grad[c];
+    }
+    if (want_dv) {
+      float* dv_row = bw.dv.data() + static_cast<size_t>(t) * static_cast<size_t>(p.dv);
+      for (int64_t d = 0; d < p.dv; ++d) dv_row[d] += dv[j * dvp + static_cast<size_t>(d)];
+    }
   }
-  if (gla && bh.bp.dgates != nullptr) {
+  if (gla && bp.dgates != nullptr) {
     for (size_t j = n; j-- > 0;) {
       const int64_t t = t0 + static_cast<int64_t>(j);
       float* out = bh.bp.dgates + p.offset(bh.bp.dgates_stride, hd.b, t, hd.h);
@@ -229,7 +280,8 @@ inline void BackwardChunkReverse(const BackHead& bh, Work& w, BackWork& bw, int6
 }
 
 // Forward sweep over the causal chunk [t0, t0 + n): dqf from the state before the chunk (kept
-// transposed, St = S^T, in bw.dst), then the state moves past the chunk.
+// transposed, St = S^T, in bw.dst), then the state moves past the chunk. Runs for dq and for
+// dgates (qf o dqf).
 inline void BackwardChunkForward(const BackHead& bh, Work& w, BackWork& bw, int64_t t0, size_t n) {
   const Head& hd = bh.hd;
   const LinearProblem& p = hd.p;
@@ -291,11 +343,13 @@ inline void BackwardChunkForward(const BackHead& bh, Work& w, BackWork& bw, int6
   const size_t dk = static_cast<size_t>(p.dk);
   for (size_t i = 0; i < n; ++i) {
     const int64_t t = t0 + static_cast<int64_t>(i);
-    LoadRow(p.dtype, p.q, p.offset(p.q_stride, hd.b, t, hd.h), p.q_stride[3], dk, w.row);
-    FeatureGrad(p.map, w.row, dk, p.scale, dqf + i * fp, bw.grad.data());
-    StoreStridedScaled(p.dtype, bw.grad.data(), 1, dk, 1.0f, bh.bp.dq,
-                       p.offset(bh.bp.dq_stride, hd.b, t, hd.h), bh.bp.dq_stride[3]);
-    if (gla) {
+    if (bh.bp.dq != nullptr) {
+      LoadRow(p.dtype, p.q, p.offset(p.q_stride, hd.b, t, hd.h), p.q_stride[3], dk, w.row);
+      FeatureGrad(p.map, w.row, dk, p.scale, dqf + i * fp, bw.grad.data());
+      StoreStridedScaled(p.dtype, bw.grad.data(), 1, dk, 1.0f, bh.bp.dq,
+                         p.offset(bh.bp.dq_stride, hd.b, t, hd.h), bh.bp.dq_stride[3]);
+    }
+    if (gla && bh.bp.dgates != nullptr) {
       for (size_t c = 0; c < dk; ++c) {
         bw.qdq[static_cast<size_t>(t) * w.dkp + c] = w.qf[i * fp + c] * dqf[i * fp + c];
       }
@@ -318,7 +372,7 @@ inline void BackwardPrefixForward(const BackHead& bh, Work& w, BackWork& bw) {
     }
     Gemm<true>(dvp, fp, n, w.vv, 1, dvp, w.kf, fp, bw.dst.data(), fp);
   }
-  for (int64_t t0 = 0; t0 < p.prefix; t0 += static_cast<int64_t>(w.c)) {
+  for (int64_t t0 = 0; t0 < p.prefix && bh.bp.dq != nullptr; t0 += static_cast<int64_t>(w.c)) {
     const size_t n =
         static_cast<size_t>(std::min<int64_t>(static_cast<int64_t>(w.c), p.prefix - t0));
     for (size_t i = 0; i < n; ++i)
@@ -352,23 +406,28 @@ inline void BackwardPrefixReverse(const BackHead& bh, Work& w, BackWork& bw) {
   for (size_t d = 0; d < dvp; ++d) {
     for (size_t f = 0; f < fp; ++f) bw.dst[d * fp + f] = w.s[f * dvp + d];
   }
-  for (int64_t t0 = 0; t0 < p.prefix; t0 += static_cast<int64_t>(w.c)) {
+  const bool want_dk = bh.bp.dk != nullptr, want_dv = bh.bp.dv != nullptr;
+  for (int64_t t0 = 0; t0 < p.prefix && (want_dk || want_dv); t0 += static_cast<int64_t>(w.c)) {
     const size_t n =
         static_cast<size_t>(std::min<int64_t>(static_cast<int64_t>(w.c), p.prefix - t0));
     for (size_t j = 0; j < n; ++j) {
       hd.LoadK(w, t0 + static_cast<int64_t>(j), w.kf + j * fp);
       bh.LoadValue(w, t0 + static_cast<int64_t>(j), w.vv + j * dvp);
     }
-    Gemm<false>(n, dvp, F, w.kf, fp, 1, w.s, dvp, w.o, dvp);
-    Gemm<false>(n, fp, dvp, w.vv, dvp, 1, bw.dst.data(), fp, bw.p.data(), fp);
+    if (want_dv) Gemm<false>(n, dvp, F, w.kf, fp, 1, w.s, dvp, w.o, dvp);
+    if (want_dk) Gemm<false>(n, fp, dvp, w.vv, dvp, 1, bw.dst.data(), fp, bw.p.data(), fp);
     for (size_t j = 0; j < n; ++j) {
       const int64_t t = t0 + static_cast<int64_t>(j);
-      LoadRow(p.dtype, p.k, p.offset(p.k_stride, hd.b, t, hd.kvh), p.k_stride[3], dk, w.row);
-      FeatureGrad(p.map, w.row, dk, 1.0f, bw.p.data() + j * fp, bw.grad.data());
-      float* dk_row = bw.dk.data() + static_cast<size_t>(t) * dk;
-      for (size_t c = 0; c < dk; ++c) dk_row[c] += bw.grad[c];
-      float* dv_row = bw.dv.data() + static_cast<size_t>(t) * static_cast<size_t>(p.dv);
-      for (int64_t d = 0; d < p.dv; ++d) dv_row[d] += w.o[j * dvp + static_cast<size_t>(d)];
+      if (want_dk) {
+        LoadRow(p.dtype, p.k, p.offset(p.k_stride, hd.b, t, hd.kvh), p.k_stride[3], dk, w.row);
+        FeatureGrad(p.map, w.row, dk, 1.0f, bw.p.data() + j * fp, bw.grad.data());
+        float* dk_row = bw.dk.data() + static_cast<size_t>(t) * dk;
+        for (size_t c = 0; c < dk; ++c) dk_row[c] += bw.grad[c];
+      }
+      if (want_dv) {
+        float* dv_row = bw.dv.data() + static_cast<size_t>(t) * static_cast<size_t>(p.dv);
+        for (int64_t d = 0; d < p.dv; ++d) dv_row[d] += w.o[j * dvp + static_cast<size_t>(d)];
+      }
     }
   }
 }
@@ -393,6 +452,11 @@ bool LinearBackward(const LinearBackwardProblem& bp, int32_t threads) {
   auto storage = hwy::AllocateAligned<float>(per_worker * static_cast<size_t>(workers));
   if (!storage) return false;
   const size_t seq = static_cast<size_t>(p.seq);
+  // The forward sweep gives dq and, with the reverse sweep, dgates; the reverse sweep dk, dv and
+  // the initial state's gradient.
+  const bool forward_sweep = bp.dq != nullptr || bp.dgates != nullptr;
+  const bool reverse_sweep = bp.dk != nullptr || bp.dv != nullptr || bp.dgates != nullptr ||
+                             bp.d_state_out != nullptr || bp.d_norm_out != nullptr;
   std::vector<BackWork> back(static_cast<size_t>(workers));
   try {
     for (BackWork& bw : back) {
@@ -404,10 +468,10 @@ bool LinearBackward(const LinearBackwardProblem& bp, int32_t threads) {
       bw.dst.resize(dvp * fp);
       bw.r.resize(p.normalize ? seq : 0);
       bw.u.resize(p.normalize ? seq : 0);
-      bw.qdq.resize(p.gates != nullptr ? seq * dkp : 0);
+      bw.qdq.resize(bp.dgates != nullptr ? seq * dkp : 0);
       bw.gsum.resize(dkp);
-      bw.dk.resize(seq * static_cast<size_t>(p.dk));
-      bw.dv.resize(seq * static_cast<size_t>(p.dv));
+      bw.dk.resize(bp.dk != nullptr ? seq * static_cast<size_t>(p.dk) : 0);
+      bw.dv.resize(bp.dv != nullptr ? seq * static_cast<size_t>(p.dv) : 0);
       bw.grad.resize(dkp);
     }
   } catch (const std::bad_alloc&) {
@@ -442,27 +506,54 @@ bool LinearBackward(const LinearBackwardProblem& bp, int32_t threads) {
           CausalChunk(hd, w, t0, static_cast<size_t>(std::min(p.chunk, p.seq - t0)), collect);
         }
       }
-      std::fill(bw.dst.begin(), bw.dst.end(), 0.0f);
-      BackwardPrefixForward(bh, w, bw);
-      for (int64_t t0 = p.prefix; t0 < p.seq; t0 += p.chunk) {
-        BackwardChunkForward(bh, w, bw, t0, static_cast<size_t>(std::min(p.chunk, p.seq - t0)));
+      // The states in the backward's layout: v' = [v, 1] makes the normalizer column Dv.
+      const size_t zcol = static_cast<size_t>(p.dv);
+      if (forward_sweep) {
+        // St = S0'^T: the initial state, transposed (feature f, column d at dst[d * fp + f]).
+        std::fill(bw.dst.begin(), bw.dst.end(), 0.0f);
+        hd.AddApiState(p.state_in, p.state_in_stride, p.norm_in, p.norm_in_stride, fi,
+                       bw.dst.data(), 1, fp, bw.dst.data() + zcol * fp, 1);
+        BackwardPrefixForward(bh, w, bw);
+        for (int64_t t0 = p.prefix; t0 < p.seq; t0 += p.chunk) {
+          BackwardChunkForward(bh, w, bw, t0, static_cast<size_t>(std::min(p.chunk, p.seq - t0)));
+        }
       }
+      if (!reverse_sweep) continue;
+      // dS after the last token: d_final_state' (0 when not given).
       std::memset(w.s, 0, w.fp * w.dvp * sizeof(float));
+      hd.AddApiState(bp.d_state_in, bp.d_state_in_stride, bp.d_norm_in, bp.d_norm_in_stride, fi,
+                     w.s, dvp, 1, w.s + zcol, dvp);
       std::fill(bw.gsum.begin(), bw.gsum.end(), 0.0f);
+      if (bp.dgates != nullptr && (bp.d_state_in != nullptr || bp.d_norm_in != nullptr)) {
+        // The final state is e^(B_last) o (...): every gate, all before the last token, gains
+        // sum_d dS_final[c, d] S_final[c, d] (S_final^T is in bw.dst after the forward sweep).
+        for (size_t ch = 0; ch < static_cast<size_t>(p.dk); ++ch) {
+          float sum = 0.0f;
+          for (size_t d = 0; d < dvp; ++d) sum += w.s[ch * dvp + d] * bw.dst[d * fp + ch];
+          bw.gsum[ch] = sum;
+        }
+      }
       const int64_t chunks = (p.seq - p.prefix + p.chunk - 1) / p.chunk;
       for (int64_t k = chunks - 1; k >= 0; --k) {
         const int64_t t0 = p.prefix + k * p.chunk;
         BackwardChunkReverse(bh, w, bw, t0, static_cast<size_t>(std::min(p.chunk, p.seq - t0)));
       }
       BackwardPrefixReverse(bh, w, bw);
+      // dS before the first token: the gradient of the initial state.
+      hd.StoreApiState(w.s, dvp, 1, w.s + zcol, dvp, fi, bp.d_state_out, bp.d_state_out_stride,
+                       bp.d_norm_out, bp.d_norm_out_stride);
     }
     for (int64_t t = 0; t < p.seq; ++t) {
-      StoreStridedScaled(p.dtype, bw.dk.data() + static_cast<size_t>(t * p.dk), 1,
-                         static_cast<size_t>(p.dk), 1.0f, bp.dk, p.offset(bp.dk_stride, b, t, kvh),
-                         bp.dk_stride[3]);
-      StoreStridedScaled(p.dtype, bw.dv.data() + static_cast<size_t>(t * p.dv), 1,
-                         static_cast<size_t>(p.dv), 1.0f, bp.dv, p.offset(bp.dv_stride, b, t, kvh),
-                         bp.dv_stride[3]);
+      if (bp.dk != nullptr) {
+        StoreStridedScaled(p.dtype, bw.dk.data() + static_cast<size_t>(t * p.dk), 1,
+                           static_cast<size_t>(p.dk), 1.0f, bp.dk,
+                           p.offset(bp.dk_stride, b, t, kvh), bp.dk_stride[3]);
+      }
+      if (bp.dv != nullptr) {
+        StoreStridedScaled(p.dtype, bw.dv.data() + static_cast<size_t>(t * p.dv), 1,
+                           static_cast<size_t>(p.dv), 1.0f, bp.dv,
+                           p.offset(bp.dv_stride, b, t, kvh), bp.dv_stride[3]);
+      }
     }
   });
   return true;

@@ -24,7 +24,8 @@
 //
 // Bytes and FLOPs: per token and head 2 F Dv (inter) + C F + C Dv (intra, half masked) + 2 F Dv
 // (state) multiply-adds; inputs are read once, so the cost per token does not depend on the
-// sequence length.
+// sequence length. A state-only call (LASP-2's chunk states) does the state part alone, reading
+// k, v (and the gates) but not q: no C x C product.
 
 #if defined(TESSERA_LINEAR_LINEAR_FORWARD_INL_H_) == defined(HWY_TARGET_TOGGLE)
 #ifdef TESSERA_LINEAR_LINEAR_FORWARD_INL_H_
@@ -257,15 +258,15 @@ struct Head {
     }
   }
 
-  // Prefetches the q, k, v (and gate) rows of token t into L2, when it exists.
-  void Prefetch(int64_t t) const {
+  // Prefetches the q (with_q), k, v (and gate) rows of token t into L2, when it exists.
+  void Prefetch(int64_t t, bool with_q = true) const {
     if (t >= p.seq) return;
     const int64_t elem = static_cast<int64_t>(DTypeSize(p.dtype));
     const auto rows = [&](const void* base, int64_t off, int64_t bytes) {
       const char* row = static_cast<const char*>(base) + off * elem;
       for (int64_t b2 = 0; b2 < bytes; b2 += 64) __builtin_prefetch(row + b2, 0, 2);
     };
-    rows(p.q, p.offset(p.q_stride, b, t, h), p.dk * p.q_stride[3] * elem);
+    if (with_q) rows(p.q, p.offset(p.q_stride, b, t, h), p.dk * p.q_stride[3] * elem);
     rows(p.k, p.offset(p.k_stride, b, t, kvh), p.dk * p.k_stride[3] * elem);
     rows(p.v, p.offset(p.v_stride, b, t, kvh), p.dv * p.v_stride[3] * elem);
     if (p.gates != nullptr) {
@@ -378,52 +379,61 @@ struct Head {
     }
   }
 
-  // S and z from the initial state (or zero). A Taylor pair feature holds
-  // (S[i, j] + S[j, i]) / sqrt(2): the part of S the symmetric features can see.
-  void InitState(Work& w) const {
-    std::memset(w.s, 0, w.fp * w.dvp * sizeof(float));
-    std::memset(w.z, 0, w.fp * sizeof(float));
-    for (size_t fk = 0; fk < w.fi; ++fk) {
+  // Adds an API-basis state of this task, [F, Dv] at `state` (strides st) and [F] at `norm`
+  // (strides nt; either may be nullptr), into the kernel basis: feature fk, column d at
+  // dst[fk * rs + d * cs], the normalizer at z[fk * zs]. A Taylor pair feature holds
+  // (S[i, j] + S[j, i]) / sqrt(2): the part of S the symmetric features can see (and, read as a
+  // gradient, the gradient of that feature from the two ordered pairs').
+  void AddApiState(const float* state, const int64_t* st, const float* norm, const int64_t* nt,
+                   size_t fi, float* dst, size_t rs, size_t cs, float* z, size_t zs) const {
+    for (size_t fk = 0; fk < fi; ++fk) {
       int64_t f1, f2;
       float weight;
       ApiRows(fk, &f1, &f2, &weight);
       for (int64_t f : {f1, f2}) {
         if (f < 0) continue;
-        if (p.state_in != nullptr) {
-          const float* src = p.state_in + b * p.state_in_stride[0] + h * p.state_in_stride[1] +
-                             f * p.state_in_stride[2];
+        if (state != nullptr) {
+          const float* src = state + b * st[0] + h * st[1] + f * st[2];
           for (int64_t d = 0; d < p.dv; ++d) {
-            w.s[fk * w.dvp + static_cast<size_t>(d)] += weight * src[d * p.state_in_stride[3]];
+            dst[fk * rs + static_cast<size_t>(d) * cs] += weight * src[d * st[3]];
           }
         }
-        if (p.norm_in != nullptr) {
-          w.z[fk] += weight * p.norm_in[b * p.norm_in_stride[0] + h * p.norm_in_stride[1] +
-                                        f * p.norm_in_stride[2]];
-        }
+        if (norm != nullptr) z[fk * zs] += weight * norm[b * nt[0] + h * nt[1] + f * nt[2]];
       }
     }
   }
-  // The final state in the API's basis: a Taylor pair feature splits evenly over (i, j), (j, i).
-  void StoreState(const Work& w) const {
-    for (size_t fk = 0; fk < w.fi; ++fk) {
+  // The inverse map, kernel basis to the API's: a Taylor pair feature splits evenly over (i, j)
+  // and (j, i) (read as a gradient: each ordered pair's gradient is the feature's / sqrt(2)).
+  void StoreApiState(const float* src, size_t rs, size_t cs, const float* z, size_t zs, size_t fi,
+                     float* state, const int64_t* st, float* norm, const int64_t* nt) const {
+    for (size_t fk = 0; fk < fi; ++fk) {
       int64_t f1, f2;
       float weight;
       ApiRows(fk, &f1, &f2, &weight);
       for (int64_t f : {f1, f2}) {
         if (f < 0) continue;
-        if (p.state_out != nullptr) {
-          float* dst = p.state_out + b * p.state_out_stride[0] + h * p.state_out_stride[1] +
-                       f * p.state_out_stride[2];
+        if (state != nullptr) {
+          float* dst = state + b * st[0] + h * st[1] + f * st[2];
           for (int64_t d = 0; d < p.dv; ++d) {
-            dst[d * p.state_out_stride[3]] = weight * w.s[fk * w.dvp + static_cast<size_t>(d)];
+            dst[d * st[3]] = weight * src[fk * rs + static_cast<size_t>(d) * cs];
           }
         }
-        if (p.norm_out != nullptr) {
-          p.norm_out[b * p.norm_out_stride[0] + h * p.norm_out_stride[1] +
-                     f * p.norm_out_stride[2]] = weight * w.z[fk];
-        }
+        if (norm != nullptr) norm[b * nt[0] + h * nt[1] + f * nt[2]] = weight * z[fk * zs];
       }
     }
+  }
+
+  // S and z from the initial state (or zero).
+  void InitState(Work& w) const {
+    std::memset(w.s, 0, w.fp * w.dvp * sizeof(float));
+    std::memset(w.z, 0, w.fp * sizeof(float));
+    AddApiState(p.state_in, p.state_in_stride, p.norm_in, p.norm_in_stride, w.fi, w.s, w.dvp, 1,
+                w.z, 1);
+  }
+  // The final state in the API's basis.
+  void StoreState(const Work& w) const {
+    StoreApiState(w.s, w.dvp, 1, w.z, 1, w.fi, p.state_out, p.state_out_stride, p.norm_out,
+                  p.norm_out_stride);
   }
 };
 
@@ -434,10 +444,8 @@ inline void AddRows(const float* rows, size_t n, size_t fp, float* z) {
   }
 }
 
-// The prefix part (JRT, non-causal): S += phi(K)^T V over keys [0, prefix), then every query
-// t < prefix reads that state. emit(t, o, den) receives each unnormalized output row.
-template <class Emit>
-void PrefixChunks(const Head& hd, Work& w, const Emit& emit) {
+// The prefix keys (JRT, non-causal): S += phi(K)^T V, z += phi(K) over keys [0, prefix).
+inline void PrefixState(const Head& hd, Work& w) {
   const LinearProblem& p = hd.p;
   const size_t F = w.fi;
   for (int64_t t0 = 0; t0 < p.prefix; t0 += static_cast<int64_t>(w.c)) {
@@ -450,6 +458,15 @@ void PrefixChunks(const Head& hd, Work& w, const Emit& emit) {
     Gemm<true>(F, w.dvp, n, w.kf, 1, w.fp, w.vv, w.dvp, w.s, w.dvp);
     AddRows(w.kf, n, w.fp, w.z);
   }
+}
+
+// The prefix part (JRT, non-causal): the state of keys [0, prefix), then every query t < prefix
+// reads it. emit(t, o, den) receives each unnormalized output row.
+template <class Emit>
+void PrefixChunks(const Head& hd, Work& w, const Emit& emit) {
+  const LinearProblem& p = hd.p;
+  const size_t F = w.fi;
+  PrefixState(hd, w);
   for (int64_t t0 = 0; t0 < p.prefix; t0 += static_cast<int64_t>(w.c)) {
     const size_t n =
         static_cast<size_t>(std::min<int64_t>(static_cast<int64_t>(w.c), p.prefix - t0));
@@ -502,6 +519,39 @@ inline void AddGatedPairs(const Work& w, const float* g, size_t n, const float* 
       }
     }
   }
+}
+
+// The state past a chunk of n tokens whose phi(k), v rows (and gate sums) are in w:
+// S = e^(B_last) o S + (phi(K) o e^(B_last - B_j))^T V, likewise z.
+inline void AdvanceState(const Head& hd, Work& w, size_t n) {
+  const LinearProblem& p = hd.p;
+  const size_t F = w.fi, fp = w.fp, dvp = w.dvp;
+  const bool gla = p.gates != nullptr, decay = hd.ln_lambda != 0.0f;
+  const DF df;
+  const size_t L = hn::Lanes(df);
+  const float* kout = w.kf;
+  if (gla || decay) {
+    for (size_t j = 0; j < n; ++j) {
+      const VF scalar = hn::Set(df, hd.pow_lambda[n - 1 - j]);
+      for (size_t f = 0; f < fp; f += L) {
+        const VF e = gla ? hn::Exp(df, hn::Sub(hn::LoadU(df, w.cum + (n - 1) * w.dkp + f),
+                                               hn::LoadU(df, w.cum + j * w.dkp + f)))
+                         : scalar;
+        hn::StoreU(hn::Mul(hn::LoadU(df, w.kf + j * fp + f), e), df, w.aux + j * fp + f);
+      }
+    }
+    kout = w.aux;
+    for (size_t f = 0; f < F; ++f) {
+      const float e = gla ? std::exp(w.cum[(n - 1) * w.dkp + f]) : hd.pow_lambda[n];
+      const VF ev = hn::Set(df, e);
+      for (size_t d = 0; d < dvp; d += L) {
+        hn::StoreU(hn::Mul(ev, hn::LoadU(df, w.s + f * dvp + d)), df, w.s + f * dvp + d);
+      }
+      w.z[f] *= e;
+    }
+  }
+  Gemm<true>(F, dvp, n, kout, 1, fp, w.vv, dvp, w.s, dvp);
+  AddRows(kout, n, fp, w.z);
 }
 
 // One causal chunk [t0, t0 + n) of the chunked form; emit(t, o, den) receives each
@@ -592,33 +642,22 @@ void CausalChunk(const Head& hd, Work& w, int64_t t0, size_t n, const Emit& emit
     for (size_t j = 0; j <= i; ++j) sum += w.a[i * C + j];
     w.den[i] += sum;
   }
-  // State: S = e^(B_last) o S + (phi(K) o e^(B_last - B_j))^T V, likewise z.
-  const float* kout = w.kf;
-  if (gla || decay) {
-    for (size_t j = 0; j < n; ++j) {
-      const VF scalar = hn::Set(df, hd.pow_lambda[n - 1 - j]);
-      for (size_t f = 0; f < fp; f += L) {
-        const VF e = gla ? hn::Exp(df, hn::Sub(hn::LoadU(df, w.cum + (n - 1) * w.dkp + f),
-                                               hn::LoadU(df, w.cum + j * w.dkp + f)))
-                         : scalar;
-        hn::StoreU(hn::Mul(hn::LoadU(df, w.kf + j * fp + f), e), df, w.aux + j * fp + f);
-      }
-    }
-    kout = w.aux;
-    for (size_t f = 0; f < F; ++f) {
-      const float e = gla ? std::exp(w.cum[(n - 1) * w.dkp + f]) : hd.pow_lambda[n];
-      const VF ev = hn::Set(df, e);
-      for (size_t d = 0; d < dvp; d += L) {
-        hn::StoreU(hn::Mul(ev, hn::LoadU(df, w.s + f * dvp + d)), df, w.s + f * dvp + d);
-      }
-      w.z[f] *= e;
-    }
-  }
-  Gemm<true>(F, dvp, n, kout, 1, fp, w.vv, dvp, w.s, dvp);
-  AddRows(kout, n, fp, w.z);
+  AdvanceState(hd, w, n);
   for (size_t i = 0; i < n; ++i) emit(t0 + static_cast<int64_t>(i), w.o + i * dvp, w.den[i]);
 }
 
+// One chunk of a state-only call: the chunk's phi(k), v rows (and gate sums) and AdvanceState,
+// the operations CausalChunk does for the state, so the final state is the same bit for bit.
+inline void StateOnlyChunk(const Head& hd, Work& w, int64_t t0, size_t n) {
+  for (size_t i = 0; i < n; ++i) {
+    const int64_t t = t0 + static_cast<int64_t>(i);
+    hd.LoadK(w, t, w.kf + i * w.fp);
+    hd.LoadV(w, t, w.vv + i * w.dvp);
+    hd.Prefetch(t + static_cast<int64_t>(w.c), /*with_q=*/false);
+  }
+  if (hd.p.gates != nullptr) hd.GateSums(w, t0, n);
+  AdvanceState(hd, w, n);
+}
 // One token of the recurrent form: S = a o S + phi(k) v^T, z = a o z + phi(k), o = phi(q)^T S.
 inline void RecurrentToken(const Head& hd, Work& w, int64_t t) {
   const LinearProblem& p = hd.p;
@@ -652,8 +691,9 @@ inline void RecurrentToken(const Head& hd, Work& w, int64_t t) {
 
 }  // namespace linear_impl
 
-// Runs the chunked (recurrent = false) or recurrent form over every (sequence, query head).
-// Returns false when scratch could not be allocated.
+// Runs the chunked (recurrent = false) or recurrent form over every (sequence, query head); with
+// p.out == nullptr (validated: a state-only call) only the final state. Returns false when
+// scratch could not be allocated.
 bool LinearForward(const LinearProblem& p, int32_t threads, bool recurrent) {
   using namespace linear_impl;  // NOLINT
   // With no tokens each task still hands its initial state over to the final one.
@@ -694,6 +734,13 @@ bool LinearForward(const LinearProblem& p, int32_t threads, bool recurrent) {
         hd.Finish(w, t, w.o, den);
       }
       for (int64_t t = p.prefix; t < p.seq; ++t) RecurrentToken(hd, w, t);
+    } else if (p.out == nullptr) {
+      // State only: the chunks' state updates, no queries and no outputs (the window part never
+      // enters the state).
+      PrefixState(hd, w);
+      for (int64_t t0 = p.prefix; t0 < p.seq; t0 += p.chunk) {
+        StateOnlyChunk(hd, w, t0, static_cast<size_t>(std::min(p.chunk, p.seq - t0)));
+      }
     } else {
       // Outputs leave chunk by chunk; the window part of a chunk is computed with its first row.
       int64_t window_chunk = -1;

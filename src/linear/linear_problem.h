@@ -48,19 +48,27 @@ struct LinearProblem {
 };
 
 struct LinearBackwardProblem {
-  LinearProblem fwd;
+  LinearProblem fwd;  // state_out / norm_out: none (the backward ignores forward.final_state)
   const void* dout = nullptr;
-  void* dq = nullptr;
+  void* dq = nullptr;  // each gradient output: nullptr = not computed
   void* dk = nullptr;
   void* dv = nullptr;
   float* dgates = nullptr;
   int64_t dout_stride[4] = {0, 0, 0, 0}, dq_stride[4] = {0, 0, 0, 0}, dk_stride[4] = {0, 0, 0, 0},
           dv_stride[4] = {0, 0, 0, 0}, dgates_stride[4] = {0, 0, 0, 0};  // scalar gates: rank 3
+  // Gradients of the final state (inputs) and of the initial state (outputs), [b, h, f, d] and
+  // [b, h, f], in the API's feature basis like the states.
+  const float* d_state_in = nullptr;
+  const float* d_norm_in = nullptr;
+  float* d_state_out = nullptr;
+  float* d_norm_out = nullptr;
+  int64_t d_state_in_stride[4] = {0, 0, 0, 0}, d_state_out_stride[4] = {0, 0, 0, 0};
+  int64_t d_norm_in_stride[3] = {0, 0, 0}, d_norm_out_stride[3] = {0, 0, 0};
 };
 
 // Validates `params` and fills `problem`; kInvalidArgument naming the argument, what was expected
-// and what was given. Writes nothing else. with_out = false: params.out is not checked (the
-// backward, which does not read it, may leave it unset).
+// and what was given. Writes nothing else. with_out = false: params.out is not checked and may be
+// unset (the backward, which does not read it; a state-only forward).
 Status ValidateLinearAttention(const LinearAttentionParams& params, LinearProblem* problem,
                                bool with_out = true);
 Status ValidateLinearAttentionBackward(const LinearAttentionBackwardParams& params,

@@ -294,9 +294,13 @@ Status ValidateLinearAttention(const LinearAttentionParams& p, LinearProblem* pr
 
 Status ValidateLinearAttentionBackward(const LinearAttentionBackwardParams& p,
                                        LinearBackwardProblem* prob) {
-  LinearProblem fwd;
+  // forward.final_state / final_normalizer are ignored (not checked: the forward wrote them), and
   // forward.out is not read: checked only when set.
-  Status status = ValidateLinearAttention(p.forward, &fwd, p.forward.out.data != nullptr);
+  LinearAttentionParams forward = p.forward;
+  forward.final_state = TensorView();
+  forward.final_normalizer = TensorView();
+  LinearProblem fwd;
+  Status status = ValidateLinearAttention(forward, &fwd, forward.out.data != nullptr);
   if (!status.ok()) return status;
   if (fwd.window > 0) {
     return Status::Unimplemented(
@@ -304,10 +308,16 @@ Status ValidateLinearAttentionBackward(const LinearAttentionBackwardParams& p,
         "implemented; use AttentionBackward for it), got " +
         std::to_string(fwd.window));
   }
-  if (fwd.state_in != nullptr || fwd.norm_in != nullptr || fwd.state_out != nullptr ||
-      fwd.norm_out != nullptr) {
-    return Status::Unimplemented(
-        "forward.initial_state / final_state: expected none in the backward, got a state");
+  // Every gradient output is optional (data == nullptr: not computed), but one must be set; an
+  // empty dq, dk or dv (a shaped view with no elements, whose data may be nullptr) counts.
+  const auto set = [](const TensorView& t) {
+    return t.data != nullptr || (t.rank != 0 && t.numel() == 0);
+  };
+  if (!set(p.dq) && !set(p.dk) && !set(p.dv) && p.dgates.data == nullptr &&
+      p.d_initial_state.data == nullptr && p.d_initial_normalizer.data == nullptr) {
+    return Status::InvalidArgument(
+        "dq / dk / dv / dgates / d_initial_state / d_initial_normalizer: expected at least one "
+        "gradient output, got none");
   }
   const int64_t out_shape[4] = {fwd.batch, fwd.seq, fwd.heads_q, fwd.dv};
   const struct {
@@ -321,6 +331,7 @@ Status ValidateLinearAttentionBackward(const LinearAttentionBackwardParams& p,
                {"dk", &p.dk, p.forward.k.shape, "k", true},
                {"dv", &p.dv, p.forward.v.shape, "v", true}};
   for (const auto& g : grads) {
+    if (g.writable && g.view->data == nullptr) continue;
     const int64_t* s = g.shape;
     Status st = CheckShape(g.name, *g.view, 4, s,
                            std::string("shape ") + Dims({s[0], s[1], s[2], s[3]}) +
@@ -342,12 +353,44 @@ Status ValidateLinearAttentionBackward(const LinearAttentionBackwardParams& p,
                     : CheckF32("dgates", p.dgates, {fwd.batch, fwd.seq, fwd.heads_q, fwd.dk}, true);
     if (!st.ok()) return st;
   }
-  Status alias =
-      CheckDisjoint({ViewRegion("dq", p.dq), ViewRegion("dk", p.dk), ViewRegion("dv", p.dv),
-                     ViewRegion("dgates", p.dgates)},
-                    {ViewRegion("q", p.forward.q), ViewRegion("k", p.forward.k),
-                     ViewRegion("v", p.forward.v), ViewRegion("dout", p.dout),
-                     ViewRegion("decay", p.forward.decay), ViewRegion("gates", p.forward.gates)});
+  const bool any_state_grad =
+      p.d_final_state.data != nullptr || p.d_initial_state.data != nullptr ||
+      p.d_final_normalizer.data != nullptr || p.d_initial_normalizer.data != nullptr;
+  if (any_state_grad && !fwd.causal) {
+    return Status::InvalidArgument(
+        "d_final_state / d_initial_state: expected causal attention (a state carries the causal "
+        "prefix), got causal = false");
+  }
+  const int64_t B = fwd.batch, Hq = fwd.heads_q, F = fwd.feat, Dv = fwd.dv;
+  const struct {
+    const char* name;
+    const TensorView* view;
+    bool writable;
+    bool normalizer;
+  } state_grads[] = {{"d_final_state", &p.d_final_state, false, false},
+                     {"d_initial_state", &p.d_initial_state, true, false},
+                     {"d_final_normalizer", &p.d_final_normalizer, false, true},
+                     {"d_initial_normalizer", &p.d_initial_normalizer, true, true}};
+  for (const auto& st : state_grads) {
+    if (st.view->data == nullptr) continue;
+    if (st.normalizer && !fwd.normalize) {
+      return Status::InvalidArgument(
+          std::string(st.name) + ": expected no normalizer gradient without normalize, got one");
+    }
+    Status s = st.normalizer ? CheckF32(st.name, *st.view, {B, Hq, F}, st.writable)
+                             : CheckF32(st.name, *st.view, {B, Hq, F, Dv}, st.writable);
+    if (!s.ok()) return s;
+  }
+  Status alias = CheckDisjoint(
+      {ViewRegion("dq", p.dq), ViewRegion("dk", p.dk), ViewRegion("dv", p.dv),
+       ViewRegion("dgates", p.dgates), ViewRegion("d_initial_state", p.d_initial_state),
+       ViewRegion("d_initial_normalizer", p.d_initial_normalizer)},
+      {ViewRegion("q", p.forward.q), ViewRegion("k", p.forward.k), ViewRegion("v", p.forward.v),
+       ViewRegion("dout", p.dout), ViewRegion("decay", p.forward.decay),
+       ViewRegion("gates", p.forward.gates), ViewRegion("initial_state", p.forward.initial_state),
+       ViewRegion("initial_normalizer", p.forward.initial_normalizer),
+       ViewRegion("d_final_state", p.d_final_state),
+       ViewRegion("d_final_normalizer", p.d_final_normalizer)});
   if (!alias.ok()) return alias;
 
   LinearBackwardProblem& r = *prob;
@@ -364,6 +407,22 @@ Status ValidateLinearAttentionBackward(const LinearAttentionBackwardParams& p,
   if (p.dgates.data != nullptr) {
     r.dgates = static_cast<float*>(p.dgates.data);
     CopyStrides(p.dgates, r.dgates_stride);
+  }
+  if (p.d_final_state.data != nullptr) {
+    r.d_state_in = static_cast<const float*>(p.d_final_state.data);
+    CopyStrides(p.d_final_state, r.d_state_in_stride);
+  }
+  if (p.d_final_normalizer.data != nullptr) {
+    r.d_norm_in = static_cast<const float*>(p.d_final_normalizer.data);
+    CopyStrides(p.d_final_normalizer, r.d_norm_in_stride);
+  }
+  if (p.d_initial_state.data != nullptr) {
+    r.d_state_out = static_cast<float*>(p.d_initial_state.data);
+    CopyStrides(p.d_initial_state, r.d_state_out_stride);
+  }
+  if (p.d_initial_normalizer.data != nullptr) {
+    r.d_norm_out = static_cast<float*>(p.d_initial_normalizer.data);
+    CopyStrides(p.d_initial_normalizer, r.d_norm_out_stride);
   }
   return Status::Ok();
 }

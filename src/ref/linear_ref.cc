@@ -310,9 +310,20 @@ void LinearForwardF64(const LinearAttentionParams& p, double* out, double* final
 //   dphi(q_t)_c += X_tsc phi(k_s)_c,   dphi(k_s)_c += X_tsc phi(q_t)_c,
 //   GLA: log D_tsc = sum_{r = s+1..t} g_rc, so every g_rc with s < r <= t gains
 //        X_tsc phi(q_t)_c phi(k_s)_c (accumulated with a difference array over r).
+// The initial state S0 (z0) enters as in the forward, num_t += scale sum_c phi(q_t)_c
+// from_start_c(t) S0[c, :], so with A_tc = scale phi(q_t)_c from_start_c(t):
+//   dS0[c, :] += A_tc dnum_t,  dz0[c] += A_tc dden_t,
+//   dphi(q_t)_c += scale from_start_c(t) (dnum_t . S0[c, :] + dden_t z0[c]),
+//   GLA: every g_rc with r <= t gains the same times phi(q_t)_c.
+// The final state's terms, with dF = d_final_state, dFz = d_final_normalizer and
+// decay_c(S - 1, s) as in the forward:
+//   dv_s += sum_c decay_c phi(k_s)_c dF[c, :],  dphi(k_s)_c += decay_c (dF[c, :] . v_s + dFz[c]),
+//   dS0 += from_start(S - 1) dF,  dz0 += from_start(S - 1) dFz,
+//   GLA: g_rc with s < r <= S - 1 gains decay_c phi(k_s)_c (dF[c, :] . v_s + dFz[c]), and every
+//   g_rc gains from_start_c(S - 1) (dF[c, :] . S0[c, :] + dFz[c] z0[c]).
 // Finally dq, dk = J_phi^T dphi; dk, dv of a KV head sum its query heads.
 void LinearBackwardF64(const LinearAttentionBackwardParams& bp, double* dq, double* dk, double* dv,
-                       double* dgates) {
+                       double* dgates, double* d_initial_state, double* d_initial_normalizer) {
   const LinearAttentionParams& p = bp.forward;
   const Options o = Resolve(p);
   Head hd;
@@ -322,6 +333,12 @@ void LinearBackwardF64(const LinearAttentionBackwardParams& bp, double* dq, doub
   std::vector<double> dphi_q(Idx(o.seq * o.feat)), dphi_k(Idx(o.seq * o.feat));
   std::vector<double> gate_diff, dx(Idx(o.dk));
   std::vector<double> grad_k, grad_v;  // one KV head: [S, Dk], [S, Dv]
+  // One query head's states: S0, z0, dF, dFz (zero when not given) and dS0, dz0.
+  std::vector<double> s0(Idx(o.feat * o.dv)), z0(Idx(o.feat)), dfs(Idx(o.feat * o.dv)),
+      dfz(Idx(o.feat)), ds0(Idx(o.feat * o.dv)), dz0(Idx(o.feat));
+  const auto state_or_zero = [](const TensorView& t, int64_t b, int64_t h, int64_t c, int64_t d) {
+    return t.data != nullptr ? At(t, b, h, c, d) : 0.0;
+  };
 
   for (int64_t b = 0; b < o.batch; ++b) {
     for (int64_t kv = 0; kv < o.heads_kv; ++kv) {
@@ -332,6 +349,16 @@ void LinearBackwardF64(const LinearAttentionBackwardParams& bp, double* dq, doub
         std::fill(dphi_q.begin(), dphi_q.end(), 0.0);
         std::fill(dphi_k.begin(), dphi_k.end(), 0.0);
         gate_diff.assign(o.gates ? Idx((o.seq + 1) * o.feat) : 0, 0.0);
+        for (int64_t c = 0; c < o.feat; ++c) {
+          for (int64_t d = 0; d < o.dv; ++d) {
+            s0[Idx(c * o.dv + d)] = state_or_zero(p.initial_state, b, h, c, d);
+            dfs[Idx(c * o.dv + d)] = state_or_zero(bp.d_final_state, b, h, c, d);
+          }
+          z0[Idx(c)] = state_or_zero(p.initial_normalizer, b, h, c, 0);
+          dfz[Idx(c)] = state_or_zero(bp.d_final_normalizer, b, h, c, 0);
+        }
+        std::fill(ds0.begin(), ds0.end(), 0.0);
+        std::fill(dz0.begin(), dz0.end(), 0.0);
 
         for (int64_t t = 0; t < o.seq; ++t) {
           FillDecayRow(o, hd, t, &row);
@@ -345,6 +372,11 @@ void LinearBackwardF64(const LinearAttentionBackwardParams& bp, double* dq, doub
             den += w[Idx(s)];
             for (int64_t d = 0; d < o.dv; ++d) num[Idx(d)] += w[Idx(s)] * hd.v[Idx(s * o.dv + d)];
           }
+          for (int64_t c = 0; c < o.feat; ++c) {
+            const double a = o.scale * hd.phi_q[Idx(t * o.feat + c)] * row.start[Idx(c)];
+            den += a * z0[Idx(c)];
+            for (int64_t d = 0; d < o.dv; ++d) num[Idx(d)] += a * s0[Idx(c * o.dv + d)];
+          }
           const double inv = o.normalize ? 1.0 / (den + o.eps) : 1.0;
           double dden = 0.0;
           for (int64_t d = 0; d < o.dv; ++d) {
@@ -352,6 +384,23 @@ void LinearBackwardF64(const LinearAttentionBackwardParams& bp, double* dq, doub
             dden -= dout[Idx(d)] * num[Idx(d)] * inv * inv;  // -(dout . out) / (den + eps)
           }
           if (!o.normalize) dden = 0.0;
+
+          // The initial state, read by every query.
+          for (int64_t c = 0; c < o.feat; ++c) {
+            const double fq = hd.phi_q[Idx(t * o.feat + c)];
+            const double a = o.scale * row.start[Idx(c)];
+            double dot = dden * z0[Idx(c)];
+            for (int64_t d = 0; d < o.dv; ++d) {
+              dot += dnum[Idx(d)] * s0[Idx(c * o.dv + d)];
+              ds0[Idx(c * o.dv + d)] += a * fq * dnum[Idx(d)];
+            }
+            dz0[Idx(c)] += a * fq * dden;
+            dphi_q[Idx(t * o.feat + c)] += a * dot;
+            if (o.gates) {  // from_start_c(t) holds the gates r in [0, t]
+              gate_diff[Idx(c)] += a * dot * fq;
+              gate_diff[Idx((t + 1) * o.feat + c)] -= a * dot * fq;
+            }
+          }
 
           for (int64_t s = 0; s < o.seq; ++s) {
             if (!Visible(o, t, s)) continue;
@@ -372,6 +421,49 @@ void LinearBackwardF64(const LinearAttentionBackwardParams& bp, double* dq, doub
                 gate_diff[Idx((t + 1) * o.feat + c)] -= x * fq * fk;
               }
             }
+          }
+        }
+
+        // The final state's terms (every key decayed to S - 1, and S0 by from_start(S - 1)).
+        if (o.seq > 0) {
+          FillDecayRow(o, hd, o.seq - 1, &row);
+        } else {
+          row.start.assign(Idx(o.feat), 1.0);
+        }
+        for (int64_t s = 0; s < o.seq; ++s) {
+          for (int64_t c = 0; c < o.feat; ++c) {
+            const double dec = row.at(s, c), fk = hd.phi_k[Idx(s * o.feat + c)];
+            double dot = dfz[Idx(c)];
+            for (int64_t d = 0; d < o.dv; ++d) {
+              dot += dfs[Idx(c * o.dv + d)] * hd.v[Idx(s * o.dv + d)];
+              grad_v[Idx(s * o.dv + d)] += dec * fk * dfs[Idx(c * o.dv + d)];
+            }
+            dphi_k[Idx(s * o.feat + c)] += dec * dot;
+            if (o.gates) {  // decay_c(S - 1, s) holds the gates r in (s, S - 1]
+              gate_diff[Idx((s + 1) * o.feat + c)] += dec * fk * dot;
+              gate_diff[Idx(o.seq * o.feat + c)] -= dec * fk * dot;
+            }
+          }
+        }
+        for (int64_t c = 0; c < o.feat; ++c) {
+          const double st = row.start[Idx(c)];
+          double dot = dfz[Idx(c)] * z0[Idx(c)];
+          for (int64_t d = 0; d < o.dv; ++d) {
+            dot += dfs[Idx(c * o.dv + d)] * s0[Idx(c * o.dv + d)];
+            ds0[Idx(c * o.dv + d)] += st * dfs[Idx(c * o.dv + d)];
+          }
+          dz0[Idx(c)] += st * dfz[Idx(c)];
+          if (o.gates) {  // from_start_c(S - 1) holds every gate
+            gate_diff[Idx(c)] += st * dot;
+            gate_diff[Idx(o.seq * o.feat + c)] -= st * dot;
+          }
+        }
+        for (int64_t c = 0; c < o.feat; ++c) {
+          for (int64_t d = 0; d < o.dv && d_initial_state != nullptr; ++d) {
+            d_initial_state[((b * o.heads_q + h) * o.feat + c) * o.dv + d] = ds0[Idx(c * o.dv + d)];
+          }
+          if (d_initial_normalizer != nullptr) {
+            d_initial_normalizer[(b * o.heads_q + h) * o.feat + c] = dz0[Idx(c)];
           }
         }
 

@@ -45,17 +45,22 @@ void LinearFeatureF64(LinearFeatureMap map, const double* x, int64_t dk, double*
 void LinearForwardF64(const LinearAttentionParams& params, double* out, double* final_state,
                       double* final_normalizer);
 
-// Exact gradients of the parallel form above (window, initial and final states excluded: the
-// backward rejects them) for the loss sum_{t, d} dout[t, d] out[t, d]. `params` must be valid
-// (LinearAttentionBackward's validation passed); its output views are not written. Results,
-// contiguous, in the layouts of q / k / v / gates:
+// Exact gradients of the parallel form above (window excluded: the backward rejects it) for the
+// loss
+//   L = sum_{t, d} dout[t, d] out[t, d] + sum d_final_state * final_state
+//                                       + sum d_final_normalizer * final_normalizer
+// (the state terms when those views are set). `params` must be valid (LinearAttentionBackward's
+// validation passed); forward.initial_state / initial_normalizer are read, forward.final_* and
+// the output views are not. Results, contiguous, in the layouts of q / k / v / gates / states:
 //   dq [B, S, Hq, Dk];  dk [B, S, Hkv, Dk];  dv [B, S, Hkv, Dv]  (dk, dv summed over the query
 //   heads of a GQA group);  dgates [B, S, Hq, Dk] (scalar gates: [B, S, Hq], the sum over
-//   channels), only with gates, may be nullptr.
+//   channels), only with gates, may be nullptr;  d_initial_state [B, Hq, F, Dv] and
+//   d_initial_normalizer [B, Hq, F] (normalize only), dL / d the initial state, may be nullptr.
 // Derivatives of the feature maps: elu(x) + 1 -> 1 for x > 0, else exp(x); relu -> 1 for x > 0,
 // else 0; Taylor: the product rule on x_i x_j.
 void LinearBackwardF64(const LinearAttentionBackwardParams& params, double* dq, double* dk,
-                       double* dv, double* dgates);
+                       double* dv, double* dgates, double* d_initial_state = nullptr,
+                       double* d_initial_normalizer = nullptr);
 
 }  // namespace ref
 }  // namespace tessera
