@@ -34,5 +34,18 @@ std::string Name(const Case& c);
 // rank matches, else what differed (or the error).
 std::string CheckRank(const Case& c, int rank, Communicator& comm);
 
+// LASP-2 (linear attention): contiguous shards of the given lengths (empty: the even cut).
+enum class LinearVariant { kPlain, kDecay, kGla, kScalarGla, kNormalizedElu, kTaylor };
+struct Lasp2Case {
+  LinearVariant variant;
+  int ranks;
+  Shape shape;  // d is Dk = Dv
+  std::vector<int64_t> lengths;
+};
+std::string Name(const Lasp2Case& c);
+// Forward out and dq, dk, dv (and dgates for GLA) of this rank against the single-process
+// LinearAttentionForward / LinearAttentionBackward on the whole sequence.
+std::string CheckLasp2Rank(const Lasp2Case& c, int rank, Communicator& comm);
+
 }  // namespace test
 }  // namespace tessera

@@ -66,6 +66,47 @@ TEST(UlyssesAttention, MatchesSingleProcess) {
   CheckCase({Algo::kUlysses, 3, ShardLayout::kContiguous, true, {1, 30, 6, 3, 16}, {11, 0, 19}});
 }
 
+void CheckLasp2(const test::Lasp2Case& c) {
+  SCOPED_TRACE(test::Name(c));
+  std::vector<std::string> errors(c.ranks);
+  RunGroup(c.ranks,
+           [&](int r, Communicator& comm) { errors[r] = test::CheckLasp2Rank(c, r, comm); });
+  for (int r = 0; r < c.ranks; ++r) EXPECT_EQ(errors[r], "") << "rank " << r;
+}
+
+TEST(Lasp2, MatchesSingleProcess) {
+  using V = test::LinearVariant;
+  for (int ranks : {1, 2, 3, 4})
+    for (V variant : {V::kPlain, V::kDecay, V::kGla, V::kScalarGla, V::kNormalizedElu}) {
+      CheckLasp2({variant, ranks, {2, 53, 4, 2, 16}, {}});
+    }
+  CheckLasp2({V::kTaylor, 3, {1, 40, 2, 1, 8}, {}});
+}
+
+TEST(Lasp2, UnevenAndEmptyShards) {
+  using V = test::LinearVariant;
+  for (V variant : {V::kDecay, V::kGla, V::kNormalizedElu}) {
+    CheckLasp2({variant, 4, {1, 50, 2, 2, 16}, {13, 0, 30, 7}});
+  }
+}
+
+TEST(Lasp2, NonCausalIsAnError) {
+  RunGroup(2, [&](int, Communicator& comm) {
+    const int64_t n = 4, h = 2, d = 8;
+    std::vector<float> x(n * h * d, 0.5f), out(x.size(), -7.0f);
+    Lasp2Params p;
+    p.local.q = MakeView4(x.data(), DType::kF32, 1, n, h, d);
+    p.local.k = p.local.q;
+    p.local.v = p.local.q;
+    p.local.out = MakeView4(out.data(), DType::kF32, 1, n, h, d);
+    p.local.causal = false;
+    Status st = Lasp2Forward(p, comm, Context());
+    EXPECT_FALSE(st.ok());
+    EXPECT_NE(st.message().find("causal"), std::string::npos) << st.message();
+    EXPECT_TRUE(std::all_of(out.begin(), out.end(), [](float v) { return v == -7.0f; }));
+  });
+}
+
 TEST(ShardPlan, ZigzagCut) {
   std::vector<std::vector<ShardSegment>> segs;
   ASSERT_TRUE(PlanShards(ShardLayout::kZigzag, {3, 3}, &segs).ok());  // chunks 2,2,1,1 of 6

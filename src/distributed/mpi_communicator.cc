@@ -3,8 +3,6 @@
 // 1 GiB, the int count limit) that one worker thread drives to completion, exchanges in start
 // order, so they progress while the caller's thread computes; AllGather runs on the same worker,
 // so only one thread ever calls MPI.
-#include "tessera/distributed_mpi.h"
-
 #include <algorithm>
 #include <chrono>
 #include <condition_variable>
@@ -15,6 +13,8 @@
 #include <string>
 #include <thread>
 #include <vector>
+
+#include "tessera/distributed_mpi.h"
 
 namespace tessera {
 namespace {
@@ -75,8 +75,8 @@ class MpiCommunicator final : public Communicator {
     MPI_Comm comm = comm_;
     auto run = [=](double* seconds) -> Status {
       const auto start = std::chrono::steady_clock::now();
-      const int64_t pieces = std::max((send_bytes + kPiece - 1) / kPiece,
-                                      (recv_bytes + kPiece - 1) / kPiece);
+      const int64_t pieces =
+          std::max((send_bytes + kPiece - 1) / kPiece, (recv_bytes + kPiece - 1) / kPiece);
       std::vector<MPI_Request> requests;
       std::vector<int> expected;
       for (int64_t p = 0; p < std::max<int64_t>(pieces, 1); ++p) {
@@ -99,8 +99,8 @@ class MpiCommunicator final : public Communicator {
       std::vector<MPI_Status> statuses(requests.size());
       for (int64_t sleep_us = 10;; sleep_us = std::min<int64_t>(2 * sleep_us, 500)) {
         int done = 0;
-        const int rc = MPI_Testall(static_cast<int>(requests.size()), requests.data(), &done,
-                                   statuses.data());
+        const int rc =
+            MPI_Testall(static_cast<int>(requests.size()), requests.data(), &done, statuses.data());
         if (rc != MPI_SUCCESS) return MpiError("exchange", rc);
         if (done) break;
         std::this_thread::sleep_for(std::chrono::microseconds(sleep_us));

@@ -54,6 +54,16 @@ TEST(MpiUlysses, MatchesSingleProcess) {
       Check({Algo::kUlysses, p, layout, causal, {2, 37, hq, hkv, 16}, {}});
 }
 
+TEST(MpiLasp2, MatchesSingleProcess) {
+  using V = test::LinearVariant;
+  const int p = g_comm->size();
+  for (V variant : {V::kPlain, V::kDecay, V::kGla, V::kScalarGla, V::kNormalizedElu}) {
+    SCOPED_TRACE(test::Name(test::Lasp2Case{variant, p, {2, 53, 4, 2, 16}, {}}));
+    EXPECT_EQ(test::CheckLasp2Rank({variant, p, {2, 53, 4, 2, 16}, {}}, g_comm->rank(), *g_comm),
+              "");
+  }
+}
+
 // One rank's bad argument is an error on every rank, and no rank hangs.
 TEST(MpiErrors, BadArgumentOnOneRank) {
   const int p = g_comm->size();
