@@ -3,7 +3,8 @@
 // (or, for decode, its read bandwidth) and, on request, a baseline measured in the same process.
 // This file holds the options and the table of ops (kOps); the timing harness is
 // bench_harness.h, and each op has a file of its own: bench_attention.cc (forward, backward),
-// bench_decode.cc and bench_linear.cc.
+// bench_decode.cc and bench_linear.cc; --dist (sequence-parallel attention under mpirun) is
+// bench_dist.cc.
 #include <CLI/CLI.hpp>
 #include <memory>
 #include <string>
@@ -11,6 +12,7 @@
 
 #include "bench_harness.h"
 #include "cli_common.h"
+#include "cmd_dist.h"
 #include "mask_spec.h"
 
 namespace tessera {
@@ -295,6 +297,20 @@ CommandMain AddBenchCommand(CLI::App& app) {
             ->capture_default_str()}) {
     longconv_only.push_back(opt->group(lc_group));
   }
+  const std::string dist_group = "Sequence parallel (--dist; under mpirun -np P)";
+  auto dist = std::make_shared<DistBenchOptions>();
+  CLI::Option* dist_option =
+      sub->add_option("--dist", dist->dist,
+                      "ring or ulysses: time sequence-parallel exact attention across the ranks "
+                      "of the MPI job on random shards (keys below)")
+          ->group(dist_group);
+  CLI::Option* layout_option =
+      sub->add_option("--layout", dist->layout, "with --dist: contiguous or zigzag")
+          ->capture_default_str()
+          ->group(dist_group);
+  CLI::Option* backward_option =
+      sub->add_flag("--backward", dist->backward, "with --dist: time the backward")
+          ->group(dist_group);
   sub->footer(
       std::string(R"(FLOPs: forward 4*B*Hq*Sq*Sk*D (causal with Sq == Sk: half of it); with --mask,
 4*D*P where P = density*B*Hq*Sq*Sk is the number of visible (query, key) pairs (density in
@@ -304,9 +320,23 @@ select: masks the median includes SelectBlocks (select_ms alone). Linear: 4*B*Hq
 per token and head with --normalize, + 2*(Dk+Dv) per pair of the exact window), and
 tokens_per_s = B*N / median time.
 
-)") + MaskSpecHelp());
-  return [o, mask_option, normalize_option, normalize_value, other_only, linear_only, decode_only,
-          evict_only, approx_only, longconv_only] {
+)") + DistBenchHelp() +
+      MaskSpecHelp());
+  return [o, sub, dist, dist_option, layout_option, backward_option, mask_option, normalize_option,
+          normalize_value, other_only, linear_only, decode_only, evict_only, approx_only,
+          longconv_only] {
+    if (dist_option->count() > 0) {
+      // Only the options the drivers take; the others would be ignored, so they are refused.
+      if (const std::string name = FirstOptionNotIn(*sub, DistBenchOptionNames()); !name.empty()) {
+        return Fail("bench", name + ": not with --dist");
+      }
+      std::string error;
+      if (!ApplySimdTarget(o->target, &error)) return Fail("bench", error);
+      return BenchDist(*o, *dist);
+    }
+    for (const CLI::Option* opt : {layout_option, backward_option}) {
+      if (opt->count() > 0) return Fail("bench", opt->get_name() + ": only with --dist");
+    }
     o->has_mask = mask_option->count() > 0;
     o->normalize = normalize_option->count() > 0 ? (*normalize_value ? 1 : 0) : -1;
     for (const CLI::Option* opt : other_only) {

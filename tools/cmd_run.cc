@@ -6,7 +6,8 @@
 // Inputs are read straight into buffers of their own dtype and handed to AttentionForward (and
 // AttentionBackward) as views, so peak memory is inputs + outputs + the kernels' scratch;
 // nothing is written unless the whole call succeeds. --mask (mask_spec.h) is parsed against the
-// inputs' shapes; its select: forms run SelectBlocks on these q and k before the forward.
+// inputs' shapes; its select: forms run SelectBlocks on these q and k before the forward. With
+// --dist, the exact op runs sequence-parallel under mpirun (cmd_dist.cc).
 #include <CLI/CLI.hpp>
 #include <algorithm>
 #include <chrono>
@@ -17,6 +18,7 @@
 #include <vector>
 
 #include "cli_common.h"
+#include "cmd_dist.h"
 #include "cmd_run_approx.h"
 #include "cmd_run_linear.h"
 #include "cmd_run_longconv.h"
@@ -57,6 +59,11 @@ struct RunOptions {
   // --op longconv: its files and path.
   LongConvRunOptions longconv;
   uint64_t seed = 0;
+  // --dist: sequence-parallel exact attention (cmd_dist.h); only the options it takes.
+  std::string dist, layout = "contiguous";
+  CLI::Option* dist_option = nullptr;
+  CLI::Option* layout_option = nullptr;
+  const CLI::App* command = nullptr;
   // The options of one op only, to refuse them (by name) under the others.
   std::vector<CLI::Option*> exact_only, linear_only, approx_only, longconv_only;
 };
@@ -271,8 +278,43 @@ int RunMain(const RunOptions& o) {
   return kExitOk;
 }
 
+// --dist: the exact op's files and flags only; everything else is refused by name.
+int RunDistDispatch(const RunOptions& o) {
+  if (o.op != "exact") {
+    return Fail("run", "--op " + o.op + ": not with --dist (ring and ulysses run exact attention)");
+  }
+  if (const std::string name = FirstOptionNotIn(*o.command, DistRunOptionNames()); !name.empty()) {
+    return Fail("run", name +
+                           ": not with --dist (sequence-parallel attention takes --causal, "
+                           "--scale and --softcap)");
+  }
+  std::string error;
+  if (!ApplySimdTarget(o.target, &error)) return Fail("run", error);
+  DistRunOptions d;
+  d.dist = o.dist;
+  d.layout = o.layout;
+  d.q = o.q;
+  d.k = o.k;
+  d.v = o.v;
+  d.out = o.out;
+  d.lse = o.lse;
+  d.dout = o.dout;
+  d.dq = o.dq;
+  d.dk = o.dk;
+  d.dv = o.dv;
+  d.causal = o.causal;
+  if (o.scale_option->count() > 0) d.scale = static_cast<float>(o.scale);
+  d.softcap = o.softcap;
+  d.threads = o.threads;
+  d.path = o.path;
+  d.verbose = o.verbose;
+  return RunDist(d);
+}
+
 // Picks the op, refuses the other ops' options by name, and runs.
 int RunDispatch(RunOptions& o) {
+  if (o.dist_option->count() > 0) return RunDistDispatch(o);
+  if (o.layout_option->count() > 0) return Fail("run", "--layout: only with --dist");
   const bool linear = o.op == "linear", approx = o.op == "approx", longconv = o.op == "longconv";
   if (!linear && !approx && !longconv && o.op != "exact") {
     return Fail("run", "--op: expected exact (the default), linear, approx or longconv, got '" +
@@ -499,6 +541,20 @@ CommandMain AddRunCommand(CLI::App& app) {
             ->capture_default_str()}) {
     o->longconv_only.push_back(opt->group(lc_group));
   }
+  // Sequence-parallel exact attention (tessera/distributed.h), under mpirun.
+  const std::string dist_group = "Sequence parallel (--dist; under mpirun -np P)";
+  o->dist_option =
+      sub->add_option("--dist", o->dist,
+                      "ring or ulysses: exact attention with the sequence split across the ranks "
+                      "of the MPI job (every rank reads the inputs, rank 0 writes the outputs); "
+                      "takes --causal, --scale, --softcap, --lse and the backward files")
+          ->group(dist_group);
+  o->layout_option = sub->add_option("--layout", o->layout,
+                                     "with --dist: contiguous (even runs of tokens) or zigzag "
+                                     "(chunks r and 2P-1-r of 2P: balanced causal work)")
+                         ->capture_default_str()
+                         ->group(dist_group);
+  o->command = sub;
   sub->footer(MaskSpecHelp());
   return [o, normalize_option, normalize_value] {
     RunOptions& r = *o;

@@ -1,0 +1,450 @@
+// SPDX-License-Identifier: Apache-2.0
+// `tessera run --dist` (cmd_dist.h): every rank loads the whole .npy inputs, keeps the rows of its
+// shard, runs the ring or Ulysses driver, and sends its shard of each output to rank 0 (one
+// pairwise exchange per rank through the same communicator), which puts the rows back in global
+// order and publishes the files. Also the pieces `bench --dist` shares: the MPI session, the
+// agreement on local checks, the shard cut.
+#include "cmd_dist.h"
+
+#include <CLI/CLI.hpp>
+#include <algorithm>
+#include <chrono>
+#include <cstring>
+#include <iomanip>
+#include <iostream>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "cli_common.h"
+#include "npy.h"
+#include "output_files.h"
+#include "tessera/attention.h"
+
+#if defined(TESSERA_HAVE_MPI)
+#include <mpi.h>
+
+#include "tessera/distributed_mpi.h"
+#endif
+
+namespace tessera {
+namespace cli {
+
+const char* DistAlgorithmName(DistAlgorithm algorithm) {
+  return algorithm == DistAlgorithm::kRing ? "ring" : "ulysses";
+}
+
+bool ParseDistAlgorithm(const std::string& text, DistAlgorithm* algorithm, std::string* error) {
+  if (text == "ring") {
+    *algorithm = DistAlgorithm::kRing;
+  } else if (text == "ulysses") {
+    *algorithm = DistAlgorithm::kUlysses;
+  } else {
+    *error =
+        "--dist: expected ring or ulysses (lasp2, for linear attention, is not implemented "
+        "yet), got '" +
+        text + "'";
+    return false;
+  }
+  return true;
+}
+
+bool ParseShardLayout(const std::string& text, ShardLayout* layout, std::string* error) {
+  if (text == "contiguous") {
+    *layout = ShardLayout::kContiguous;
+  } else if (text == "zigzag") {
+    *layout = ShardLayout::kZigzag;
+  } else {
+    *error = "--layout: expected contiguous or zigzag, got '" + text + "'";
+    return false;
+  }
+  return true;
+}
+
+std::string FirstOptionNotIn(const CLI::App& command, const std::vector<std::string>& allowed) {
+  for (const CLI::Option* opt : command.get_options()) {
+    if (opt->count() == 0) continue;
+    // get_name() is empty for a hidden option (--path): its long name instead.
+    const std::string name =
+        opt->get_lnames().empty() ? opt->get_name() : "--" + opt->get_lnames()[0];
+    if (std::find(allowed.begin(), allowed.end(), name) == allowed.end()) return name;
+  }
+  return "";
+}
+
+std::vector<int64_t> ShardLengths(ShardLayout layout, int64_t total, int size) {
+  std::vector<int64_t> lengths(size);
+  for (int r = 0; r < size; ++r) {
+    lengths[r] = layout == ShardLayout::kZigzag ? ZigzagShardLength(total, size, r)
+                                                : total / size + (r < total % size ? 1 : 0);
+  }
+  return lengths;
+}
+
+// --- The MPI session -------------------------------------------------------------------------
+
+#if defined(TESSERA_HAVE_MPI)
+std::unique_ptr<DistSession> DistSession::Start(std::string* error) {
+  int provided = MPI_THREAD_SINGLE;
+  if (MPI_Init_thread(nullptr, nullptr, kMpiThreadLevelForOverlap, &provided) != MPI_SUCCESS) {
+    *error = "--dist: MPI_Init_thread failed";
+    return nullptr;
+  }
+  std::unique_ptr<DistSession> session(new DistSession());
+  session->overlaps_ = provided >= kMpiThreadLevelForOverlap;
+  session->comm_ = MakeMpiCommunicator(MPI_COMM_WORLD);
+  return session;
+}
+
+DistSession::~DistSession() {
+  comm_.reset();  // its worker and its duplicate of MPI_COMM_WORLD go before MPI does
+  MPI_Finalize();
+}
+#else
+std::unique_ptr<DistSession> DistSession::Start(std::string* error) {
+  *error =
+      "--dist: this tessera was built without MPI; reconfigure with -DTESSERA_MPI=ON (needs an "
+      "MPI library, e.g. Debian's libopenmpi-dev) to run sequence-parallel attention";
+  return nullptr;
+}
+
+DistSession::~DistSession() = default;
+#endif
+
+int DistFail(const std::string& command, int rank, const std::string& message) {
+  return Fail(command, rank == 0 ? message : "rank " + std::to_string(rank) + ": " + message);
+}
+
+bool AgreeAllOk(Communicator& comm, const std::string& local_error, std::string* error, bool* own) {
+  // One fixed-size record per rank: a pass flag and the start of the message, so rank 0 can print
+  // what failed elsewhere.
+  constexpr size_t kRecord = 1024;
+  std::vector<char> mine(kRecord, 0), all(kRecord * comm.size(), 0);
+  mine[0] = local_error.empty() ? 1 : 0;
+  std::memcpy(mine.data() + 1, local_error.data(), std::min(local_error.size(), kRecord - 2));
+  const Status gathered = comm.AllGather(mine.data(), kRecord, all.data());
+  *own = true;
+  if (!gathered.ok()) {
+    *error = gathered.ToString();
+    return false;
+  }
+  if (!local_error.empty()) {
+    *error = local_error;
+    return false;
+  }
+  for (int r = 0; r < comm.size(); ++r) {
+    const char* record = all.data() + r * kRecord;
+    if (record[0] == 1) continue;
+    *own = false;
+    *error = "rank " + std::to_string(r) + ": " + std::string(record + 1);
+    return false;
+  }
+  return true;
+}
+
+namespace {
+
+const char* kRun = "run";
+
+// Copies a shard's rows between a tensor of the whole sequence and the shard's own tensor. Both
+// are C-order [outer, rows, row_bytes] (q-like [B, S, H, D]: outer B, a row H * D elements; an LSE
+// [B, H, S]: outer B * H, a row one float); `segments` place the shard's rows in the sequence.
+void CopyShardRows(const std::vector<ShardSegment>& segments, int64_t outer, int64_t row_bytes,
+                   uint8_t* whole, int64_t whole_rows, uint8_t* shard, int64_t shard_rows,
+                   bool to_shard) {
+  for (int64_t o = 0; o < outer; ++o) {
+    for (const ShardSegment& s : segments) {
+      if (s.length == 0) continue;
+      uint8_t* w = whole + (o * whole_rows + s.global_start) * row_bytes;
+      uint8_t* p = shard + (o * shard_rows + s.local_start) * row_bytes;
+      const size_t bytes = static_cast<size_t>(s.length * row_bytes);
+      if (to_shard) {
+        std::memcpy(p, w, bytes);
+      } else {
+        std::memcpy(w, p, bytes);
+      }
+    }
+  }
+}
+
+// Allocates *array of `dtype` and `shape`; "" or what could not be allocated.
+std::string Allocate(const char* what, DType dtype, std::vector<int64_t> shape, NpyArray* array) {
+  array->dtype = dtype;
+  array->shape = std::move(shape);
+  array->data = AllocateAligned(array->nbytes());
+  if (!array->data) {
+    return std::string("cannot allocate ") + what + " (" + std::to_string(array->nbytes()) +
+           " bytes)";
+  }
+  return "";
+}
+
+// An output of the run: this rank's shard and, on rank 0, the whole sequence; the rows are on
+// axis 1 of [outer, rows, row] (see CopyShardRows).
+struct ShardedOutput {
+  const char* flag;
+  const std::string* path;
+  NpyArray shard;
+  NpyArray whole;
+  int64_t outer = 0;
+  int64_t row_bytes = 0;
+};
+
+// Rank 0 receives every other rank's packed outputs (bytes[r] from rank r) through pairwise
+// exchanges, in rank order; the other ranks send theirs. All exchanges are waited for, even after
+// an error, so no buffer is left in use.
+Status GatherToRoot(Communicator& comm, const std::vector<uint8_t>& mine,
+                    const std::vector<int64_t>& bytes,
+                    std::vector<std::vector<uint8_t>>* gathered) {
+  const int rank = comm.rank(), size = comm.size();
+  Status result;
+  if (rank != 0) {
+    int64_t handle = -1;
+    result = comm.StartExchange(mine.data(), static_cast<int64_t>(mine.size()), 0, nullptr, 0, 0,
+                                &handle);
+    if (result.ok()) result = comm.WaitExchange(handle, nullptr);
+    return result;
+  }
+  gathered->assign(size, {});
+  (*gathered)[0] = mine;
+  std::vector<int64_t> handles;
+  for (int r = 1; r < size; ++r) {
+    (*gathered)[r].resize(bytes[r]);
+    int64_t handle = -1;
+    result = comm.StartExchange(nullptr, 0, r, (*gathered)[r].data(), bytes[r], r, &handle);
+    if (!result.ok()) break;
+    handles.push_back(handle);
+  }
+  for (int64_t handle : handles) {
+    const Status waited = comm.WaitExchange(handle, nullptr);
+    if (result.ok()) result = waited;
+  }
+  return result;
+}
+
+// Loads one input of the whole sequence, [B, N, H, D]; "" or the error.
+std::string LoadWhole(const char* flag, const std::string& path, NpyArray* array) {
+  std::string error;
+  if (!LoadNpy(path, array, &error)) return error;
+  if (array->shape.size() != 4) {
+    return std::string(flag) + " " + path + ": expected a rank-4 array [B, S, H, D], got shape " +
+           ShapeToString(array->shape);
+  }
+  return "";
+}
+
+std::string Milliseconds(double seconds) {
+  std::ostringstream s;
+  s << std::fixed << std::setprecision(3) << 1e3 * seconds << " ms";
+  return s.str();
+}
+
+}  // namespace
+
+const std::vector<std::string>& DistRunOptionNames() {
+  static const std::vector<std::string> names = {
+      "--dist",    "--layout",  "--op",   "--q",      "--k",      "--v",      "--out",
+      "--lse",     "--dout",    "--dq",   "--dk",     "--dv",     "--causal", "--scale",
+      "--softcap", "--threads", "--path", "--target", "--verbose"};
+  return names;
+}
+
+int RunDist(const DistRunOptions& o) {
+  std::string error;
+  DistAlgorithm algorithm = DistAlgorithm::kRing;
+  ShardLayout layout = ShardLayout::kContiguous;
+  if (!ParseDistAlgorithm(o.dist, &algorithm, &error)) return Fail(kRun, error);
+  if (!ParseShardLayout(o.layout, &layout, &error)) return Fail(kRun, error);
+  for (const auto& [flag, path] :
+       {std::pair<const char*, const std::string*>{"--q", &o.q}, {"--k", &o.k}, {"--v", &o.v}}) {
+    if (path->empty()) return Fail(kRun, std::string(flag) + " is required with --dist");
+  }
+  bool backward = false;
+  if (!GradientFiles(o.dout, o.dq, o.dk, o.dv, &backward, &error)) return Fail(kRun, error);
+  if (!CheckThreads(o.threads, &error)) return Fail(kRun, error);
+  Context ctx;
+  ctx.num_threads = o.threads;
+  if (!ParsePath(o.path, &ctx.path, &error)) return Fail(kRun, error);
+  const std::vector<FileArg> input_files = {
+      {"--q", o.q}, {"--k", o.k}, {"--v", o.v}, {"--dout", o.dout}};
+  const std::vector<FileArg> output_files = {
+      {"--out", o.out}, {"--lse", o.lse}, {"--dq", o.dq}, {"--dk", o.dk}, {"--dv", o.dv}};
+
+  // Every check above is the same on every rank; from here on, a failure on one rank is agreed.
+  std::unique_ptr<DistSession> session = DistSession::Start(&error);
+  if (!session) return Fail(kRun, error);
+  Communicator& comm = session->comm();
+  const int rank = session->rank(), size = session->size();
+
+  // Local work before the agreement: rank 0 checks the destinations; every rank loads the inputs,
+  // keeps its rows and allocates its outputs (rank 0 also the whole ones).
+  std::string local;
+  if (rank == 0) CheckOutputs(input_files, output_files, &local);
+  NpyArray q, k, v, dout;  // this rank's shards
+  std::vector<std::vector<ShardSegment>> segments;
+  std::vector<int64_t> lengths;
+  int64_t total = 0;
+  const struct {
+    const char* flag;
+    const std::string& path;
+    NpyArray* shard;
+  } inputs[] = {{"--q", o.q, &q}, {"--k", o.k, &k}, {"--v", o.v, &v}, {"--dout", o.dout, &dout}};
+  for (const auto& in : inputs) {
+    if (!local.empty()) break;
+    if (in.path.empty()) continue;  // no backward
+    NpyArray whole;
+    local = LoadWhole(in.flag, in.path, &whole);
+    if (!local.empty()) break;
+    if (in.shard == &q) {
+      total = whole.shape[1];
+      lengths = ShardLengths(layout, total, size);
+      const Status planned = PlanShards(layout, lengths, &segments);
+      if (!planned.ok()) local = planned.ToString();
+    } else if (whole.shape[1] != total) {
+      local = std::string(in.flag) + " " + in.path + ": expected the " + std::to_string(total) +
+              " tokens of --q (sequence-parallel attention needs Sq == Sk), got shape " +
+              ShapeToString(whole.shape);
+    }
+    if (!local.empty()) break;
+    const int64_t rows = lengths[rank];
+    local = Allocate("the input shard", whole.dtype,
+                     {whole.shape[0], rows, whole.shape[2], whole.shape[3]}, in.shard);
+    if (!local.empty()) break;
+    CopyShardRows(segments[rank], whole.shape[0],
+                  whole.shape[2] * whole.shape[3] * int64_t(DTypeSize(whole.dtype)),
+                  whole.data.get(), total, in.shard->data.get(), rows, true);
+  }
+
+  // The outputs: out and dq take q's shape and dtype, dk and dv those of k and v; the LSE is
+  // [B, Hq, S] f32, computed even without --lse when the backward needs it.
+  const bool want_lse = !o.lse.empty();
+  std::vector<ShardedOutput> outputs;
+  NpyArray lse_scratch;
+  if (local.empty()) {
+    const int64_t b = q.shape[0], hq = q.shape[2];
+    auto add = [&](const char* flag, const std::string& path, const NpyArray& like) {
+      const int64_t row = like.shape[2] * like.shape[3] * int64_t(DTypeSize(like.dtype));
+      outputs.push_back({flag, &path, {}, {}, like.shape[0], row});
+      ShardedOutput& out = outputs.back();
+      std::string e = Allocate("the output shard", like.dtype, like.shape, &out.shard);
+      if (e.empty() && rank == 0) {
+        e = Allocate("the output", like.dtype, {like.shape[0], total, like.shape[2], like.shape[3]},
+                     &out.whole);
+      }
+      if (local.empty()) local = e;
+    };
+    outputs.reserve(5);
+    add("--out", o.out, q);
+    if (want_lse) {
+      outputs.push_back({"--lse", &o.lse, {}, {}, b * hq, int64_t{sizeof(float)}});
+      ShardedOutput& out = outputs.back();
+      std::string e = Allocate("the LSE shard", DType::kF32, {b, hq, lengths[rank]}, &out.shard);
+      if (e.empty() && rank == 0) e = Allocate("the LSE", DType::kF32, {b, hq, total}, &out.whole);
+      if (local.empty()) local = e;
+    } else if (backward) {
+      local = Allocate("the LSE shard", DType::kF32, {b, hq, lengths[rank]}, &lse_scratch);
+    }
+    if (backward) {
+      add("--dq", o.dq, q);
+      add("--dk", o.dk, k);
+      add("--dv", o.dv, v);
+    }
+  }
+  bool own = false;
+  if (!AgreeAllOk(comm, local, &error, &own)) {
+    return own || rank == 0 ? DistFail(kRun, rank, error) : kExitError;
+  }
+
+  SequenceParallelParams params;
+  params.layout = layout;
+  AttentionParams& a = params.local;
+  a.q = q.View();
+  a.k = k.View();
+  a.v = v.View();
+  a.out = outputs[0].shard.View();
+  if (want_lse) {
+    a.lse = outputs[1].shard.View();
+  } else if (backward) {
+    a.lse = lse_scratch.View();
+  }
+  a.causal = o.causal;
+  a.scale = o.scale;
+  a.softcap = o.softcap;
+  const bool ring = algorithm == DistAlgorithm::kRing;
+  using Clock = std::chrono::steady_clock;
+  auto start = Clock::now();
+  DistributedTiming forward_timing, backward_timing;
+  Status st = ring ? RingAttentionForward(params, comm, ctx, &forward_timing)
+                   : UlyssesAttentionForward(params, comm, ctx, &forward_timing);
+  if (!st.ok()) return DistFail(kRun, rank, st.ToString());
+  const double forward_s = std::chrono::duration<double>(Clock::now() - start).count();
+  double backward_s = 0.0;
+  if (backward) {
+    SequenceParallelBackwardParams bparams;
+    bparams.layout = layout;
+    bparams.local.forward = a;
+    bparams.local.dout = dout.View();
+    const size_t first_grad = want_lse ? 2 : 1;
+    bparams.local.dq = outputs[first_grad].shard.View();
+    bparams.local.dk = outputs[first_grad + 1].shard.View();
+    bparams.local.dv = outputs[first_grad + 2].shard.View();
+    start = Clock::now();
+    st = ring ? RingAttentionBackward(bparams, comm, ctx, &backward_timing)
+              : UlyssesAttentionBackward(bparams, comm, ctx, &backward_timing);
+    if (!st.ok()) return DistFail(kRun, rank, st.ToString());
+    backward_s = std::chrono::duration<double>(Clock::now() - start).count();
+  }
+
+  // Gather: each rank's outputs packed one after the other, rows of its shard only.
+  std::vector<uint8_t> mine;
+  for (const ShardedOutput& out : outputs) {
+    const uint8_t* p = out.shard.data.get();
+    mine.insert(mine.end(), p, p + out.shard.nbytes());
+  }
+  std::vector<int64_t> bytes(size, 0);
+  for (int r = 0; r < size; ++r) {
+    for (const ShardedOutput& out : outputs) bytes[r] += out.outer * lengths[r] * out.row_bytes;
+  }
+  std::vector<std::vector<uint8_t>> gathered;
+  st = GatherToRoot(comm, mine, bytes, &gathered);
+  if (!st.ok()) return DistFail(kRun, rank, "gathering the outputs on rank 0: " + st.ToString());
+
+  // Rank 0 puts the rows in place and publishes the files; the verdict is agreed, so every rank
+  // exits with the same code.
+  local.clear();
+  if (rank == 0) {
+    for (int r = 0; r < size; ++r) {
+      uint8_t* packed = gathered[r].data();
+      for (ShardedOutput& out : outputs) {
+        CopyShardRows(segments[r], out.outer, out.row_bytes, out.whole.data.get(), total, packed,
+                      lengths[r], false);
+        packed += out.outer * lengths[r] * out.row_bytes;
+      }
+    }
+    std::vector<NpyOutput> files;
+    for (const ShardedOutput& out : outputs) files.push_back({out.flag, *out.path, &out.whole});
+    PublishNpy(input_files, files, &local);
+  }
+  if (!AgreeAllOk(comm, local, &error, &own)) {
+    return own || rank == 0 ? DistFail(kRun, rank, error) : kExitError;
+  }
+  if (o.verbose && rank == 0) {
+    std::cerr << "tessera run: --dist " << DistAlgorithmName(algorithm) << " --layout "
+              << ShardLayoutName(layout) << ", " << size << " rank(s), N " << total
+              << ", threads per rank " << ResolveThreads(ctx)
+              << (session->overlaps() ? "" : ", MPI without threads (no overlap)")
+              << "; rank 0: forward " << Milliseconds(forward_s) << " (compute "
+              << Milliseconds(forward_timing.compute_s) << ", waiting "
+              << Milliseconds(forward_timing.wait_s) << ")";
+    if (backward) {
+      std::cerr << ", backward " << Milliseconds(backward_s) << " (compute "
+                << Milliseconds(backward_timing.compute_s) << ", waiting "
+                << Milliseconds(backward_timing.wait_s) << ")";
+    }
+    std::cerr << "\n";
+  }
+  return kExitOk;
+}
+
+}  // namespace cli
+}  // namespace tessera
