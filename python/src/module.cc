@@ -9,6 +9,7 @@
 #include <nanobind/ndarray.h>
 #include <nanobind/stl/optional.h>
 #include <nanobind/stl/string.h>
+#include <nanobind/stl/tuple.h>
 #include <nanobind/stl/vector.h>
 
 #include <cctype>
@@ -16,6 +17,7 @@
 #include <cstring>
 #include <optional>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "tessera/tessera.h"
@@ -884,6 +886,135 @@ std::vector<int32_t> CompactPy(KVPool& pool, nb::handle seq_lens, nb::handle blo
   return result.freed_pages;
 }
 
+// ---- Ring attention steps (distributed.h), behind python/tessera/distributed.py --------------
+// The Python driver owns the communication (torch.distributed or mpi4py) and calls one step per
+// visiting K/V block. Segments travel as (global_start, local_start, length) tuples.
+
+using SegmentTuple = std::tuple<int64_t, int64_t, int64_t>;
+
+std::vector<ShardSegment> ToSegments(const std::vector<SegmentTuple>& tuples) {
+  std::vector<ShardSegment> segments;
+  segments.reserve(tuples.size());
+  for (const auto& [global_start, local_start, length] : tuples) {
+    segments.push_back({global_start, local_start, length});
+  }
+  return segments;
+}
+
+ShardLayout ParseShardLayout(const std::string& layout) {
+  if (layout == ShardLayoutName(ShardLayout::kContiguous)) return ShardLayout::kContiguous;
+  if (layout == ShardLayoutName(ShardLayout::kZigzag)) return ShardLayout::kZigzag;
+  ValueError("layout: expected 'contiguous' or 'zigzag', got '" + layout + "'");
+}
+
+void RingForwardStepPy(nb::handle q, nb::handle k_block, nb::handle v_block, nb::handle acc_out,
+                       nb::handle acc_lse, const std::vector<SegmentTuple>& q_segments,
+                       const std::vector<SegmentTuple>& kv_segments, bool causal,
+                       std::optional<double> scale, double softcap, int32_t threads) {
+  AttentionParams p;
+  p.q = ToView(q, "q");
+  p.k = ToView(k_block, "k_block");
+  p.v = ToView(v_block, "v_block");
+  p.causal = causal;
+  p.scale = OptionalScale(scale);
+  p.softcap = static_cast<float>(softcap);
+  const TensorView acc_out_view = ToView(acc_out, "acc_out");
+  const TensorView acc_lse_view = ToView(acc_lse, "acc_lse");
+  const std::vector<ShardSegment> q_segs = ToSegments(q_segments);
+  const std::vector<ShardSegment> kv_segs = ToSegments(kv_segments);
+  const Context ctx = MakeContext(threads, 0);
+  RunWithoutGil(
+      [&] { return RingForwardStep(p, q_segs, kv_segs, acc_out_view, acc_lse_view, ctx); });
+}
+
+std::string ShapeText(const TensorView& t) {
+  std::string s = "[";
+  for (int32_t i = 0; i < t.rank; ++i) s += (i ? ", " : "") + std::to_string(t.shape[i]);
+  return s + "]";
+}
+
+bool SameShape(const TensorView& a, const TensorView& b) {
+  if (a.rank != b.rank) return false;
+  for (int32_t i = 0; i < a.rank; ++i) {
+    if (a.shape[i] != b.shape[i]) return false;
+  }
+  return true;
+}
+
+// RingFinishForward trusts its views (the C++ drivers size them), so a call from Python is
+// checked here: the state in f32, out of the state's shape, lse of the LSE state's.
+void RingFinishForwardPy(nb::handle acc_out, nb::handle acc_lse, nb::handle out, nb::handle lse) {
+  const TensorView a = ToView(acc_out, "acc_out"), al = ToView(acc_lse, "acc_lse");
+  const TensorView o = ToView(out, "out"), l = ToView(lse, "lse");
+  if (a.rank != 4 || a.dtype != DType::kF32) {
+    ValueError("acc_out: expected f32 [B, S, Hq, D], got " + std::string(DTypeName(a.dtype)) + " " +
+               ShapeText(a));
+  }
+  if (!SameShape(o, a)) {
+    ValueError("out: expected shape " + ShapeText(a) + " (that of acc_out), got " + ShapeText(o));
+  }
+  if (o.dtype != DType::kF32 && o.dtype != DType::kBF16 && o.dtype != DType::kF16) {
+    ValueError("out: expected dtype f32, bf16 or f16, got " + std::string(DTypeName(o.dtype)));
+  }
+  if (!lse.is_none()) {
+    const TensorView want = MakeView3(nullptr, DType::kF32, a.shape[0], a.shape[2], a.shape[1]);
+    if (!SameShape(al, want) || al.dtype != DType::kF32) {
+      ValueError("acc_lse: expected f32 " + ShapeText(want) + " [B, Hq, S], got " +
+                 DTypeName(al.dtype) + " " + ShapeText(al));
+    }
+    if (!SameShape(l, want) || l.dtype != DType::kF32) {
+      ValueError("lse: expected f32 " + ShapeText(want) + " [B, Hq, S], got " + DTypeName(l.dtype) +
+                 " " + ShapeText(l));
+    }
+  }
+  RunWithoutGil([&] { return RingFinishForward(a, al, o, l); });
+}
+
+void RingBackwardStepPy(nb::handle q, nb::handle k_block, nb::handle v_block, nb::handle out,
+                        nb::handle lse, nb::handle dout, nb::handle dq_acc, nb::handle dk_acc,
+                        nb::handle dv_acc, const std::vector<SegmentTuple>& q_segments,
+                        const std::vector<SegmentTuple>& kv_segments, bool causal,
+                        std::optional<double> scale, double softcap, int32_t threads) {
+  AttentionBackwardParams p;
+  p.forward.q = ToView(q, "q");
+  p.forward.k = ToView(k_block, "k_block");
+  p.forward.v = ToView(v_block, "v_block");
+  p.forward.out = ToView(out, "out");
+  p.forward.lse = ToView(lse, "lse");
+  p.forward.causal = causal;
+  p.forward.scale = OptionalScale(scale);
+  p.forward.softcap = static_cast<float>(softcap);
+  p.dout = ToView(dout, "dout");
+  const TensorView dq = ToView(dq_acc, "dq_acc"), dk = ToView(dk_acc, "dk_acc");
+  const TensorView dv = ToView(dv_acc, "dv_acc");
+  const std::vector<ShardSegment> q_segs = ToSegments(q_segments);
+  const std::vector<ShardSegment> kv_segs = ToSegments(kv_segments);
+  const Context ctx = MakeContext(threads, 0);
+  RunWithoutGil([&] { return RingBackwardStep(p, q_segs, kv_segs, dq, dk, dv, ctx); });
+}
+
+std::vector<std::vector<SegmentTuple>> PlanShardsPy(const std::string& layout,
+                                                    const std::vector<int64_t>& lengths) {
+  std::vector<std::vector<ShardSegment>> segments;
+  Check(PlanShards(ParseShardLayout(layout), lengths, &segments));
+  std::vector<std::vector<SegmentTuple>> result(segments.size());
+  for (size_t r = 0; r < segments.size(); ++r) {
+    for (const ShardSegment& s : segments[r]) {
+      result[r].emplace_back(s.global_start, s.local_start, s.length);
+    }
+  }
+  return result;
+}
+
+int64_t ZigzagShardLengthPy(int64_t total, int32_t size, int32_t rank) {
+  if (total < 0) ValueError("total: expected >= 0 tokens, got " + std::to_string(total));
+  if (size < 1) ValueError("size: expected >= 1 ranks, got " + std::to_string(size));
+  if (rank < 0 || rank >= size) {
+    ValueError("rank: expected in [0, " + std::to_string(size) + "), got " + std::to_string(rank));
+  }
+  return ZigzagShardLength(total, size, rank);
+}
+
 }  // namespace
 }  // namespace tessera::python
 
@@ -1052,4 +1183,12 @@ NB_MODULE(_C, m) {
   m.def("pyramidkv_budgets", &PyramidBudgetsPy);
   m.def("cake_budgets", &CakeBudgetsPy);
   DefNoneOk(m, "compact_kv", &CompactPy);
+
+  // Ring attention steps (distributed.h; python/tessera/distributed.py drives them).
+  DefNoneOk(m, "ring_forward_step", &RingForwardStepPy);
+  DefNoneOk(m, "ring_finish_forward", &RingFinishForwardPy);
+  DefNoneOk(m, "ring_backward_step", &RingBackwardStepPy);
+  m.def("plan_shards", &PlanShardsPy, nb::arg("layout"), nb::arg("lengths"));
+  m.def("zigzag_shard_length", &ZigzagShardLengthPy, nb::arg("total"), nb::arg("size"),
+        nb::arg("rank"));
 }

@@ -7,9 +7,11 @@
 Arrays are read in place (any strides); results come back as the kind of the inputs. torch is
 never imported by tessera itself: its features turn on when the caller passes torch tensors.
 Drop-in replacements for flash_attn, torch's scaled_dot_product_attention and fla live in
-tessera.compat.
+tessera.compat; sequence-parallel ring attention over torch.distributed or mpi4py in
+tessera.distributed.
 """
 from . import _C
+from . import distributed
 from . import mask
 from .approx import approx_attention, approx_attention_backward
 from ._attention import AttentionStats, attention, attention_backward, attention_stats
@@ -44,6 +46,6 @@ __all__ = ["approx_attention", "approx_attention_backward", "attention", "attent
            "attention_stats", "AttentionStats", "KVCache", "decode", "merge_states", "KVFile",
            "KVFileWriter", "save_kv_file", "apply_rotary", "linear_attention",
            "linear_attention_recurrent", "linear_attention_backward", "linear_feature_dim",
-           "long_conv1d", "Mask", "mask", "info", "set_simd_target", "__version__", "KeepSet",
-           "streaming_keep", "h2o_keep", "tova_keep", "snapkv_keep", "cake_keep",
-           "cake_preference", "pyramidkv_budgets", "CakeAllocator", "compact_kv"]
+           "long_conv1d", "Mask", "mask", "distributed", "info", "set_simd_target",
+           "__version__", "KeepSet", "streaming_keep", "h2o_keep", "tova_keep", "snapkv_keep",
+           "cake_keep", "cake_preference", "pyramidkv_budgets", "CakeAllocator", "compact_kv"]
