@@ -130,6 +130,11 @@ Status UlyssesAttentionForward(const SequenceParallelParams& params, Communicato
 Status UlyssesAttentionBackward(const SequenceParallelBackwardParams& params, Communicator& comm,
                                 const Context& ctx, DistributedTiming* timing = nullptr);
 
+// Joins the first collective of a driver call (its agreement) with a local error that kept this
+// rank from calling the driver (a wrapper's own checks failed): the other ranks' driver call
+// then fails with an error naming this rank instead of waiting for it. Returns `error`.
+Status JoinWithError(Communicator& comm, const Status& error);
+
 // --- Steps of the ring, for drivers over other communication libraries -------------------------
 // One ring step: attention of the local queries (params.q, their segments q_segments) on a
 // visiting K/V block (params.k / params.v, segments kv_segments), merged into the running state

@@ -13,8 +13,10 @@
 #include <nanobind/stl/vector.h>
 
 #include <cctype>
+#include <chrono>
 #include <cstdint>
 #include <cstring>
+#include <map>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -544,6 +546,187 @@ void LinearBackwardPy(nb::handle dout, nb::handle q, nb::handle k, nb::handle v,
   RunWithoutGil([&] { return LinearAttentionBackward(p, ctx); });
 }
 
+// ---- Sequence parallelism through a Python communicator ------------------------------------
+// A Communicator whose operations call methods of a Python object (tessera/_dist_comm.py wraps
+// a torch.distributed group or an mpi4py communicator in one): rank(), size(),
+// start_exchange(send, dst, recv, src) -> handle, wait(handle), all_gather(send, recv), with the
+// buffers passed as uint8 numpy arrays over the library's memory (no copies). The C++ drivers
+// run with the GIL released; each callback takes it back for its call, on the caller's thread.
+class PyCommunicator final : public Communicator {
+ public:
+  explicit PyCommunicator(nb::handle comm) : comm_(nb::borrow(comm)) {
+    rank_ = nb::cast<int>(comm_.attr("rank")());
+    size_ = nb::cast<int>(comm_.attr("size")());
+  }
+  int rank() const override { return rank_; }
+  int size() const override { return size_; }
+
+  Status StartExchange(const void* send, int64_t send_bytes, int dst, void* recv,
+                       int64_t recv_bytes, int src, int64_t* handle) override {
+    nb::gil_scoped_acquire gil;
+    return Guarded("start_exchange", [&] {
+      nb::object h = comm_.attr("start_exchange")(Bytes(const_cast<void*>(send), send_bytes), dst,
+                                                  Bytes(recv, recv_bytes), src);
+      *handle = next_;
+      handles_.emplace(next_++, std::move(h));
+    });
+  }
+  Status WaitExchange(int64_t handle, double* transfer_seconds) override {
+    nb::gil_scoped_acquire gil;
+    auto it = handles_.find(handle);
+    if (it == handles_.end()) return Status::Internal("wait: unknown exchange handle");
+    nb::object h = std::move(it->second);
+    handles_.erase(it);
+    const auto start = std::chrono::steady_clock::now();
+    Status st = Guarded("wait", [&] { comm_.attr("wait")(h); });
+    // The transfer's own time is not visible from here: what the wait blocked is a lower bound.
+    if (transfer_seconds != nullptr) {
+      *transfer_seconds =
+          std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    }
+    return st;
+  }
+  Status AllGather(const void* send, int64_t bytes, void* recv) override {
+    nb::gil_scoped_acquire gil;
+    return Guarded("all_gather", [&] {
+      comm_.attr("all_gather")(Bytes(const_cast<void*>(send), bytes), Bytes(recv, bytes * size_));
+    });
+  }
+
+ private:
+  static nb::object Bytes(void* data, int64_t n) {
+    static uint8_t empty = 0;
+    const size_t shape[1] = {static_cast<size_t>(n)};
+    // rv_policy::reference: a view of the library's memory (nanobind copies an ownerless array
+    // under the default policy, and the callee's writes would be lost).
+    return nb::cast(
+        nb::ndarray<nb::numpy, uint8_t, nb::ndim<1>>(
+            data != nullptr ? static_cast<uint8_t*>(data) : &empty, 1, shape, nb::handle()),
+        nb::rv_policy::reference);
+  }
+  // A Python exception in the communicator becomes an error Status (the driver then returns it).
+  template <typename F>
+  static Status Guarded(const char* what, F&& f) {
+    try {
+      f();
+      return Status::Ok();
+    } catch (nb::python_error& e) {
+      return Status::Internal(std::string("communicator ") + what + ": " + e.what());
+    }
+  }
+  nb::object comm_;
+  int rank_ = 0, size_ = 1;
+  std::map<int64_t, nb::object> handles_;
+  int64_t next_ = 0;
+};
+
+// Runs a driver with the GIL released, over a PyCommunicator (built with the GIL held).
+template <typename Driver>
+void RunDistributed(nb::handle comm, Driver&& driver) {
+  PyCommunicator c(comm);
+  RunWithoutGil([&] { return driver(c); });
+}
+
+void Lasp2ForwardPy(nb::handle comm, nb::handle q, nb::handle k, nb::handle v, nb::handle out,
+                    const std::string& feature_map, std::optional<double> scale, bool normalize,
+                    double eps, nb::handle decay, nb::handle gates, int64_t chunk_size,
+                    int32_t threads) {
+  Lasp2Params p;
+  p.local = MakeLinearParams(q, k, v, out, feature_map, scale, true, 0, normalize, eps, decay,
+                             gates, 0, nb::none(), nb::none(), nb::none(), nb::none(), chunk_size);
+  const Context ctx = MakeContext(threads, 0);
+  RunDistributed(comm, [&](Communicator& c) { return Lasp2Forward(p, c, ctx); });
+}
+
+void Lasp2BackwardPy(nb::handle comm, nb::handle dout, nb::handle q, nb::handle k, nb::handle v,
+                     nb::handle dq, nb::handle dk, nb::handle dv, nb::handle dgates,
+                     const std::string& feature_map, std::optional<double> scale, bool normalize,
+                     double eps, nb::handle decay, nb::handle gates, int64_t chunk_size,
+                     int32_t threads) {
+  Lasp2BackwardParams p;
+  p.local.forward =
+      MakeLinearParams(q, k, v, nb::none(), feature_map, scale, true, 0, normalize, eps, decay,
+                       gates, 0, nb::none(), nb::none(), nb::none(), nb::none(), chunk_size);
+  p.local.dout = ToView(dout, "dout");
+  p.local.dq = ToView(dq, "dq");
+  p.local.dk = ToView(dk, "dk");
+  p.local.dv = ToView(dv, "dv");
+  p.local.dgates = ToView(dgates, "dgates");
+  const Context ctx = MakeContext(threads, 0);
+  RunDistributed(comm, [&](Communicator& c) { return Lasp2Backward(p, c, ctx); });
+}
+
+ShardLayout ParseLayout(const std::string& name) {
+  if (name == "contiguous") return ShardLayout::kContiguous;
+  if (name == "zigzag") return ShardLayout::kZigzag;
+  ValueError("layout: expected 'contiguous' or 'zigzag', got '" + name + "'");
+}
+
+// Ring attention or Ulysses (`algorithm` "ring" / "ulysses"), forward and backward.
+using ForwardDriver = Status (*)(const SequenceParallelParams&, Communicator&, const Context&,
+                                 DistributedTiming*);
+using BackwardDriver = Status (*)(const SequenceParallelBackwardParams&, Communicator&,
+                                  const Context&, DistributedTiming*);
+bool IsRing(const std::string& algorithm) {
+  if (algorithm == "ring") return true;
+  if (algorithm == "ulysses") return false;
+  ValueError("algorithm: expected 'ring' or 'ulysses', got '" + algorithm + "'");
+}
+
+void SequenceParallelForwardPy(nb::handle comm, const std::string& algorithm, nb::handle q,
+                               nb::handle k, nb::handle v, nb::handle out, nb::handle lse,
+                               bool causal, std::optional<double> scale, double softcap,
+                               const std::string& layout, int32_t threads) {
+  const ForwardDriver driver = IsRing(algorithm) ? &RingAttentionForward : &UlyssesAttentionForward;
+  SequenceParallelParams p;
+  p.layout = ParseLayout(layout);
+  p.local.q = ToView(q, "q");
+  p.local.k = ToView(k, "k");
+  p.local.v = ToView(v, "v");
+  p.local.out = ToView(out, "out");
+  p.local.lse = ToView(lse, "lse");
+  p.local.causal = causal;
+  p.local.scale = OptionalScale(scale);
+  p.local.softcap = static_cast<float>(softcap);
+  const Context ctx = MakeContext(threads, 0);
+  RunDistributed(comm, [&](Communicator& c) { return driver(p, c, ctx, nullptr); });
+}
+
+void SequenceParallelBackwardPy(nb::handle comm, const std::string& algorithm, nb::handle dout,
+                                nb::handle q, nb::handle k, nb::handle v, nb::handle out,
+                                nb::handle lse, nb::handle dq, nb::handle dk, nb::handle dv,
+                                bool causal, std::optional<double> scale, double softcap,
+                                const std::string& layout, int32_t threads) {
+  const BackwardDriver driver =
+      IsRing(algorithm) ? &RingAttentionBackward : &UlyssesAttentionBackward;
+  SequenceParallelBackwardParams p;
+  p.layout = ParseLayout(layout);
+  AttentionParams& f = p.local.forward;
+  f.q = ToView(q, "q");
+  f.k = ToView(k, "k");
+  f.v = ToView(v, "v");
+  f.out = ToView(out, "out");
+  f.lse = ToView(lse, "lse");
+  f.causal = causal;
+  f.scale = OptionalScale(scale);
+  f.softcap = static_cast<float>(softcap);
+  p.local.dout = ToView(dout, "dout");
+  p.local.dq = ToView(dq, "dq");
+  p.local.dk = ToView(dk, "dk");
+  p.local.dv = ToView(dv, "dv");
+  const Context ctx = MakeContext(threads, 0);
+  RunDistributed(comm, [&](Communicator& c) { return driver(p, c, ctx, nullptr); });
+}
+
+// A wrapper whose own checks failed before it could call a driver joins the driver's agreement
+// with the error, so that the other ranks' call fails instead of waiting.
+void JoinWithErrorPy(nb::handle comm, const std::string& message) {
+  PyCommunicator c(comm);
+  const Status error = Status::InvalidArgument(message);
+  nb::gil_scoped_release release;
+  (void)JoinWithError(c, error);
+}
+
 // ---- Approximate attention -------------------------------------------------------------------
 
 // The method's options from a dict {field name: value} (the field names of its options struct in
@@ -1034,6 +1217,11 @@ NB_MODULE(_C, m) {
   DefNoneOk(m, "linear_forward", &LinearForwardPy);
   DefNoneOk(m, "linear_backward", &LinearBackwardPy);
   m.def("linear_feature_dim", &LinearFeatureDimPy);
+  DefNoneOk(m, "lasp2_forward", &Lasp2ForwardPy);
+  DefNoneOk(m, "lasp2_backward", &Lasp2BackwardPy);
+  DefNoneOk(m, "sequence_parallel_forward", &SequenceParallelForwardPy);
+  DefNoneOk(m, "sequence_parallel_backward", &SequenceParallelBackwardPy);
+  m.def("join_with_error", &JoinWithErrorPy);
   DefNoneOk(m, "approx_forward", &ApproxForwardPy);
   DefNoneOk(m, "approx_backward", &ApproxBackwardPy);
   DefNoneOk(m, "long_conv1d", &LongConv1DPy);

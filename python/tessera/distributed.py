@@ -1,5 +1,6 @@
 # SPDX-License-Identifier: Apache-2.0
-"""tessera.distributed: ring attention across processes, over torch.distributed or mpi4py.
+"""tessera.distributed: sequence-parallel attention across processes (ring attention, Ulysses,
+LASP-2), over torch.distributed or mpi4py.
 
 A sequence of N tokens is split across the P ranks of a group; every rank passes its shard of
 q, k, v ([B, S_r, H, D], S_r its token count, 0 allowed) and gets its shard of the output.
@@ -31,23 +32,22 @@ or "zigzag" (the sequence cut into 2P near-equal chunks, rank r holds chunks r a
 with causal attention every rank has about the same work). shard() / unshard() cut and
 reassemble full-sequence arrays; shard_lengths() gives every rank's token count.
 
-Neither torch nor mpi4py is imported here: the kind of group (and of arrays) the caller passes
-decides which one is used.
-"""
-import math
-import struct
+ulysses_attention computes the same exact attention by Ulysses head parallelism (an all-to-all
+to head shards and back; Hq and Hkv divisible by the number of ranks), and lasp2 causal linear
+attention (every linear_attention variant with a state) with one all-gather of chunk states.
 
+All of them run tessera's C++ drivers (tessera/distributed.h) with a communicator that calls back
+into the group's library (tessera/_dist_comm.py). Neither torch nor mpi4py is imported here: the
+kind of group (and of arrays) the caller passes decides which one is used.
+"""
 import numpy as np
 
 from . import _C
 from . import _arrays as A
+from ._dist_comm import communicator
+from .linear import _check_rank4, _decay_arg, _gates_arg
 
 LAYOUTS = ("contiguous", "zigzag")
-
-# Tags of the two kinds of point-to-point traffic (K/V blocks and travelling dK/dV), so that an
-# exchange of one kind never matches a message of the other.
-_KV_TAG = 71
-_GRAD_TAG = 72
 
 # ---- Shard layouts -------------------------------------------------------------------------
 
@@ -133,411 +133,70 @@ def unshard(shards, *, dim=1, layout="contiguous"):
     return _concat([run for _, run in runs], dim, shards[0])
 
 
-# ---- Communicators -------------------------------------------------------------------------
-# Both expose rank, size, all_gather_ints (a blocking all-gather of a few int64) and exchange
-# (a non-blocking send to rank + 1 and receive from rank - 1; None skips either side) with wait.
+# ---- Collective calls ------------------------------------------------------------------------
 
 
-class _TorchGroup:
-    def __init__(self, group):
-        import torch.distributed as dist
-        self.dist, self.group = dist, group
-        self.rank = dist.get_rank(group)
-        self.size = dist.get_world_size(group)
-        if self.rank < 0:
-            raise ValueError("group: expected a process group this process belongs to")
-        self._next = self._global((self.rank + 1) % self.size)
-        self._prev = self._global((self.rank - 1) % self.size)
-
-    def _global(self, group_rank):
-        if self.group is None or self.group is self.dist.group.WORLD:
-            return group_rank
-        return self.dist.get_global_rank(self.group, group_rank)
-
-    @staticmethod
-    def _tensor(buffer):
-        return buffer if A.is_torch(buffer) else A.torch_module().from_numpy(buffer)
-
-    def all_gather_ints(self, values):
-        torch = A.torch_module()
-        mine = torch.tensor(values, dtype=torch.int64)
-        every = [torch.empty_like(mine) for _ in range(self.size)]
-        self.dist.all_gather(every, mine, group=self.group)
-        return [t.tolist() for t in every]
-
-    def exchange(self, send, recv, tag):
-        works = []
-        if recv is not None:
-            works.append(self.dist.irecv(self._tensor(recv), src=self._prev, group=self.group,
-                                         tag=tag))
-        if send is not None:
-            works.append(self.dist.isend(self._tensor(send), dst=self._next, group=self.group,
-                                         tag=tag))
-        return works
-
-    def wait(self, works):
-        for work in works:
-            work.wait()
+def _collective(group, prepare, run):
+    """Runs one driver call: prepare() (this rank's own checks and allocations) then
+    run(comm, *prepared). A local error is raised only after it joined the driver's agreement,
+    so the other ranks' call fails too instead of waiting for this one."""
+    with communicator(group) as comm:
+        try:
+            prepared = prepare()
+        except (TypeError, ValueError) as e:
+            _C.join_with_error(comm, f"{type(e).__name__}: {e}")
+            raise
+        return run(comm, *prepared)
 
 
-class _MpiGroup:
-    def __init__(self, comm):
-        from mpi4py import MPI
-        self.mpi, self.comm = MPI, comm
-        self.rank = comm.Get_rank()
-        self.size = comm.Get_size()
-        self._next = (self.rank + 1) % self.size
-        self._prev = (self.rank - 1) % self.size
-
-    def _bytes(self, buffer):
-        if A.is_torch(buffer):
-            buffer = buffer.view(A.torch_module().uint8).numpy()
-        return [buffer.view(np.uint8), self.mpi.BYTE]
-
-    def all_gather_ints(self, values):
-        mine = np.asarray(values, dtype=np.int64)
-        every = np.empty((self.size, mine.size), dtype=np.int64)
-        self.comm.Allgather(mine, every)
-        return every.tolist()
-
-    def exchange(self, send, recv, tag):
-        requests = []
-        if recv is not None:
-            requests.append(self.comm.Irecv(self._bytes(recv), source=self._prev, tag=tag))
-        if send is not None:
-            requests.append(self.comm.Isend(self._bytes(send), dest=self._next, tag=tag))
-        return requests
-
-    def wait(self, requests):
-        if requests:
-            self.mpi.Request.Waitall(requests)
-
-
-def _communicator(group):
-    """The group as a communicator: None (torch.distributed's default group), a
-    torch.distributed ProcessGroup or an mpi4py communicator (told apart by type, without
-    importing either library); one already made passes through."""
-    if isinstance(group, (_TorchGroup, _MpiGroup)):
-        return group
-    if type(group).__module__.split(".")[0] == "mpi4py":
-        return _MpiGroup(group)
-    torch = A.torch_module()
-    dist = getattr(torch, "distributed", None) if torch is not None else None
-    if group is None:
-        if dist is None or not dist.is_available() or not dist.is_initialized():
-            raise ValueError("group: expected a torch.distributed process group or an mpi4py "
-                             "communicator, got None while torch.distributed is not initialized")
-        return _TorchGroup(None)
-    if dist is not None and dist.is_available() and isinstance(group, dist.ProcessGroup):
-        return _TorchGroup(group)
-    raise TypeError(f"group: expected None, a torch.distributed ProcessGroup or an mpi4py "
-                    f"communicator, got {type(group).__name__}")
-
-
-# ---- Agreement -----------------------------------------------------------------------------
-
-_FORWARD, _BACKWARD = 1, 2
-_FLOAT32_MAX = float(np.finfo(np.float32).max)
-_DTYPES = ("f32", "bf16", "f16")
-# The options every rank must share, in fingerprint order, with how to print a value.
-_AGREED = (
-    ("operation", lambda v: {_FORWARD: "forward", _BACKWARD: "backward"}.get(v, v)),
-    ("layout", lambda v: LAYOUTS[v]),
-    ("batch", int),
-    ("heads_q", int),
-    ("heads_kv", int),
-    ("head_dim", int),
-    ("dtype", lambda v: _DTYPES[v]),
-    ("causal", bool),
-    ("scale", lambda v: struct.unpack("<f", struct.pack("<I", v))[0]),
-    ("softcap", lambda v: struct.unpack("<f", struct.pack("<I", v))[0]),
-)
-
-
-def _float_bits(x):
-    return struct.unpack("<I", struct.pack("<f", x))[0]
-
-
-class _Ring:
-    """One call's checked options, the communicator, and (after agree) every rank's token
-    count and segments."""
-
-    def __init__(self, comm, causal, scale, softcap, layout, threads):
-        self.comm = comm
-        self.causal, self.scale, self.softcap = causal, scale, softcap
-        self.layout, self.threads = layout, threads
-        self.lengths = self.segments = None
-
-    def agree(self, fingerprint, local_error):
-        """The collective before any compute: every rank sends its fingerprint ([ok, S_r,
-        options...], zeros after a local error); every rank then raises the same kind of error,
-        or learns every rank's length."""
-        every = self.comm.all_gather_ints(fingerprint)
-        if local_error is not None:
-            raise local_error
-        for r, theirs in enumerate(every):
-            if theirs[0] != 1:
-                raise ValueError(f"rank {r}: invalid arguments on that rank (its error names "
-                                 f"them); nothing was computed on any rank")
-        for r, theirs in enumerate(every[1:], start=1):
-            for i, (name, show) in enumerate(_AGREED):
-                if theirs[2 + i] != every[0][2 + i]:
-                    raise ValueError(f"{name}: expected the same value on every rank, got "
-                                     f"{show(every[0][2 + i])} on rank 0 and "
-                                     f"{show(theirs[2 + i])} on rank {r}")
-        self.lengths = [theirs[1] for theirs in every]
-        self.segments = _C.plan_shards(self.layout, self.lengths)
-
-    def step_options(self):
-        return self.causal, self.scale, self.softcap, self.threads
-
-    def block_numel(self, owner, B, Hkv, D):
-        return B * self.lengths[owner] * Hkv * D
-
-
-def _as_float32(name, x, what):
-    x = float(x)
-    if not (math.isfinite(x) and abs(x) <= _FLOAT32_MAX):
-        raise ValueError(f"{name}: expected {what}, got {x}")
-    return x
-
-
-def _check_ring_options(causal, scale, softcap, layout, threads):
+def _attention_options(causal, scale, softcap, layout, threads):
+    _check_layout(layout)
     if not isinstance(causal, (bool, np.bool_)):
         raise ValueError(f"causal: expected a bool, got {type(causal).__name__}")
-    if scale is not None:
-        scale = _as_float32("scale", scale, "a finite float32 value")
-    softcap = _as_float32("softcap", softcap, "a finite float32 value >= 0 (0 disables)")
-    if softcap < 0:
-        raise ValueError(f"softcap: expected a finite float32 value >= 0 (0 disables), got "
-                         f"{softcap}")
-    _check_layout(layout)
-    return bool(causal), scale, softcap, A.threads_arg(threads)
+    return (bool(causal), None if scale is None else float(scale), float(softcap), layout,
+            A.threads_arg(threads))
 
 
-def _fingerprint(operation, layout, options, shapes):
-    """This rank's agreement record: [ok, S_r] and the _AGREED options in their order."""
-    causal, scale, softcap, _ = options
-    B, S, Hq, Hkv, D, dtype = shapes
-    if scale is None:
-        scale = 1.0 / math.sqrt(D)
-    return [1, S, operation, LAYOUTS.index(layout), B, Hq, Hkv, D, _DTYPES.index(dtype),
-            int(causal), _float_bits(scale), _float_bits(softcap)]
+def _attention_forward_raw(algorithm, group, q, k, v, options):
+    def prepare():
+        kind = A.common_kind(q=q, k=k, v=v)
+        _check_rank4(q, k, v)
+        out = A.empty(kind, tuple(q.shape), like=q)
+        lse = A.empty(kind, (q.shape[0], q.shape[2], q.shape[1]), dtype="f32")
+        return out, lse
+
+    def run(comm, out, lse):
+        _C.sequence_parallel_forward(comm, algorithm, A.detach(q), A.detach(k), A.detach(v), out,
+                                     lse, *options)
+        return out, lse
+
+    return _collective(group, prepare, run)
 
 
-def _check_shards(kind, **arrays):
-    """Local checks of a shard's arrays: those the kernels would make, done before the
-    agreement so that no rank fails once the ring runs. Returns (B, S_r, Hq, Hkv, D, dtype)."""
-    for name, x in arrays.items():
-        if kind == A.TORCH and not x.is_cpu:
-            raise ValueError(f"{name}: expected a CPU tensor, got one on {x.device}")
-        want = (3, "[B, Hq, S_r]") if name == "lse" else (4, "[B, S_r, H, D] (this rank's shard)")
-        if len(x.shape) != want[0]:
-            raise ValueError(f"{name}: expected rank {want[0]} {want[1]}, got shape "
-                             f"{list(x.shape)}")
-    q, k, v = arrays["q"], arrays["k"], arrays["v"]
-    dtype = A.dtype_name(q)
-    if dtype not in _DTYPES:
-        raise ValueError(f"q: expected dtype f32, bf16 or f16, got {dtype}")
-    for name, x in arrays.items():
-        want = "f32" if name == "lse" else dtype
-        if A.dtype_name(x) != want:
-            raise ValueError(f"{name}: expected dtype {want}, got {A.dtype_name(x)}")
-    B, S, Hq, D = (int(n) for n in q.shape)
-    Hkv = int(k.shape[2])
-    if not 1 <= D <= 512:
-        raise ValueError(f"q: expected head dim D in [1, 512], got {D}")
-    if tuple(k.shape) != (B, S, Hkv, D) or Hkv < 1 or Hq % Hkv != 0:
-        raise ValueError(f"k: expected [{B}, {S}, Hkv, {D}] (the shard's tokens, Hkv >= 1 "
-                         f"dividing the {Hq} query heads), got {list(k.shape)}")
-    if tuple(v.shape) != tuple(k.shape):
-        raise ValueError(f"v: expected shape {list(k.shape)} (that of k), got {list(v.shape)}")
-    for name in ("out", "dout"):
-        if name in arrays and tuple(arrays[name].shape) != tuple(q.shape):
-            raise ValueError(f"{name}: expected shape {list(q.shape)} (that of q), got "
-                             f"{list(arrays[name].shape)}")
-    if "lse" in arrays and tuple(arrays["lse"].shape) != (B, Hq, S):
-        raise ValueError(f"lse: expected shape {[B, Hq, S]}, got {list(arrays['lse'].shape)}")
-    return B, S, Hq, Hkv, D, dtype
+def _attention_backward_raw(algorithm, group, dout, q, k, v, out, lse, options):
+    def prepare():
+        kind = A.common_kind(dout=dout, q=q, k=k, v=v, out=out, lse=lse)
+        _check_rank4(q, k, v)
+        return tuple(A.empty(kind, tuple(x.shape), like=x) for x in (q, k, v))
+
+    def run(comm, dq, dk, dv):
+        _C.sequence_parallel_backward(comm, algorithm, A.detach(dout), A.detach(q), A.detach(k),
+                                      A.detach(v), A.detach(out), A.detach(lse), dq, dk, dv,
+                                      *options)
+        return dq, dk, dv
+
+    return _collective(group, prepare, run)
 
 
-def _prepare(operation, comm, causal, scale, softcap, layout, threads, arrays):
-    """Local checks and agreement: returns (ring, kind, shapes). A local error is raised only
-    after this rank's fingerprint went out, so the other ranks never wait for it."""
-    error = shapes = kind = None
-    fingerprint = [0] * (2 + len(_AGREED))
-    options = (False, None, 0.0, 0)
-    try:
-        options = _check_ring_options(causal, scale, softcap, layout, threads)
-        kind = A.common_kind(**arrays)
-        shapes = _check_shards(kind, **arrays)
-        fingerprint = _fingerprint(operation, layout, options, shapes)
-    except Exception as e:  # noqa: BLE001 - any local failure must still reach the gather
-        error = e if isinstance(e, (ValueError, TypeError)) else ValueError(
-            f"local arguments: {type(e).__name__}: {e}")
-        fingerprint = [0] * (2 + len(_AGREED))
-    ring = _Ring(comm, options[0], options[1], options[2],
-                 layout if error is None else LAYOUTS[0], options[3])
-    ring.agree(fingerprint, error)
-    return ring, kind, shapes
-
-
-# ---- The ring ------------------------------------------------------------------------------
-
-
-def _zeros(kind, shape, dtype="f32", like=None, fill=0.0):
-    x = A.empty(kind, shape, like=like, dtype=dtype)
-    x[...] = fill
-    return x
-
-
-def _blocks(buffer, numel, shape):
-    """Views of K and V (or dK and dV) packed one after the other at the start of `buffer`."""
-    return buffer[:numel].reshape(shape), buffer[numel:2 * numel].reshape(shape)
-
-
-def _finish(kind, acc, like):
-    """acc (f32) rounded to the dtype of `like` (RingFinishForward's rounding)."""
-    result = A.empty(kind, acc.shape, like=like)
-    _C.ring_finish_forward(acc, None, result, None)
-    return result
-
-
-def _ring_forward(ring, kind, shapes, q, k, v):
-    B, S, Hq, Hkv, D, _ = shapes
-    comm, lengths, segments = ring.comm, ring.lengths, ring.segments
-    rank, size = comm.rank, comm.size
-    max_numel = B * max(lengths) * Hkv * D
-    # K then V of the visiting block; two buffers so the next block arrives during the compute.
-    blocks = [A.empty(kind, (2 * max_numel,), like=q) for _ in range(2)]
-    own_k, own_v = _blocks(blocks[0], B * S * Hkv * D, (B, S, Hkv, D))
-    own_k[...] = k
-    own_v[...] = v
-    acc_out = _zeros(kind, (B, S, Hq, D))
-    acc_lse = _zeros(kind, (B, Hq, S), fill=-np.inf)
-    cur = 0
-    for step in range(size):
-        owner = (rank - step) % size
-        numel = ring.block_numel(owner, B, Hkv, D)
-        pending = None
-        if step + 1 < size:
-            incoming = ring.block_numel((owner - 1) % size, B, Hkv, D)
-            pending = comm.exchange(blocks[cur][:2 * numel] if numel else None,
-                                    blocks[1 - cur][:2 * incoming] if incoming else None,
-                                    _KV_TAG)
-        k_block, v_block = _blocks(blocks[cur], numel, (B, lengths[owner], Hkv, D))
-        try:
-            _C.ring_forward_step(q, k_block, v_block, acc_out, acc_lse, segments[rank],
-                                 segments[owner], *ring.step_options())
-        finally:
-            if pending is not None:
-                comm.wait(pending)
-        if pending is not None:
-            cur = 1 - cur
-    out = A.empty(kind, q.shape, like=q)
-    lse = A.empty(kind, (B, Hq, S), dtype="f32")
-    _C.ring_finish_forward(acc_out, acc_lse, out, lse)
-    return out, lse
-
-
-def _ring_backward(ring, kind, shapes, dout, q, k, v, out, lse):
-    B, S, Hq, Hkv, D, _ = shapes
-    comm, lengths, segments = ring.comm, ring.lengths, ring.segments
-    rank, size = comm.rank, comm.size
-    max_numel = B * max(lengths) * Hkv * D
-    blocks = [A.empty(kind, (2 * max_numel,), like=q) for _ in range(2)]
-    own_k, own_v = _blocks(blocks[0], B * S * Hkv * D, (B, S, Hkv, D))
-    own_k[...] = k
-    own_v[...] = v
-    # dK then dV (f32) of the block this rank works on; two so one travels while the next fills.
-    grads = [_zeros(kind, (2 * max_numel,)) for _ in range(2)]
-    step_grads = _zeros(kind, (2 * max_numel,))
-    dq_acc = _zeros(kind, (B, S, Hq, D))
-    cur = gcur = 0
-    grad_pending = None
-    try:
-        for step in range(size):
-            owner = (rank - step) % size
-            next_owner = (owner - 1) % size
-            numel = ring.block_numel(owner, B, Hkv, D)
-            incoming = ring.block_numel(next_owner, B, Hkv, D)
-            kv_pending = None
-            if step + 1 < size:
-                kv_pending = comm.exchange(blocks[cur][:2 * numel] if numel else None,
-                                           blocks[1 - cur][:2 * incoming] if incoming else None,
-                                           _KV_TAG)
-            try:
-                shape = (B, lengths[owner], Hkv, D)
-                k_block, v_block = _blocks(blocks[cur], numel, shape)
-                step_grads[:2 * numel] = 0
-                dk_step, dv_step = _blocks(step_grads, numel, shape)
-                _C.ring_backward_step(q, k_block, v_block, out, lse, dout, dq_acc, dk_step,
-                                      dv_step, segments[rank], segments[owner],
-                                      *ring.step_options())
-                # The block's accumulators: its owner's start at zero; the others arrive from
-                # rank - 1, one step behind the K/V.
-                if grad_pending is not None:
-                    comm.wait(grad_pending)
-                    grad_pending = None
-                    gcur = 1 - gcur
-                    grads[gcur][:2 * numel] += step_grads[:2 * numel]
-                else:
-                    grads[gcur][:2 * numel] = step_grads[:2 * numel]
-                if size > 1:
-                    # Passed on; the last step's send brings every rank its own shard's sums.
-                    grad_pending = comm.exchange(
-                        grads[gcur][:2 * numel] if numel else None,
-                        grads[1 - gcur][:2 * incoming] if incoming else None, _GRAD_TAG)
-            finally:
-                if kv_pending is not None:
-                    comm.wait(kv_pending)
-            if kv_pending is not None:
-                cur = 1 - cur
-    finally:
-        if grad_pending is not None:
-            comm.wait(grad_pending)
-            gcur = 1 - gcur
-    dk_home, dv_home = _blocks(grads[gcur], B * S * Hkv * D, (B, S, Hkv, D))
-    return _finish(kind, dq_acc, q), _finish(kind, dk_home, k), _finish(kind, dv_home, v)
-
-
-# ---- torch autograd ------------------------------------------------------------------------
-
-_autograd_function = None
-
-
-def _torch_function():
-    """The autograd Function, defined once torch is in use (tessera never imports torch)."""
-    global _autograd_function
-    if _autograd_function is None:
-        torch = A.torch_module()
-
-        class RingAttention(torch.autograd.Function):
-            @staticmethod
-            def forward(ctx, q, k, v, ring, shapes):
-                out, lse = _ring_forward(ring, A.TORCH, shapes, q, k, v)
-                ctx.save_for_backward(q, k, v, out, lse)
-                ctx.ring = ring
-                ctx.mark_non_differentiable(lse)
-                return out, lse
-
-            @staticmethod
-            def backward(ctx, dout, _dlse):
-                q, k, v, out, lse = ctx.saved_tensors
-                ring = ctx.ring
-                if dout is None:
-                    dout = torch.zeros_like(out)
-                dq, dk, dv = ring_attention_backward(
-                    dout, q, k, v, out, lse, group=ring.comm, causal=ring.causal,
-                    scale=ring.scale, softcap=ring.softcap, layout=ring.layout,
-                    threads=ring.threads)
-                return dq, dk, dv, None, None
-
-        _autograd_function = RingAttention
-    return _autograd_function
-
-
-# ---- Public entry points ---------------------------------------------------------------------
+def _attention(algorithm, q, k, v, group, options, return_lse):
+    torch = A.torch_module()
+    if (torch is not None and A.is_torch(q) and torch.is_grad_enabled()
+            and any(A.is_torch(x) and x.requires_grad for x in (q, k, v))):
+        from ._torch_dist import SequenceParallelAttention
+        out, lse = SequenceParallelAttention.apply(q, k, v, algorithm, group, options)
+    else:
+        out, lse = _attention_forward_raw(algorithm, group, q, k, v, options)
+    return (out, lse) if return_lse else out
 
 
 def ring_attention(q, k, v, *, group=None, causal=False, scale=None, softcap=0.0,
@@ -556,16 +215,8 @@ def ring_attention(q, k, v, *, group=None, causal=False, scale=None, softcap=0.0
     rank, or options that differ, raise ValueError on every rank before any compute. With torch
     tensors that require grad the output is differentiable (the ring backward, run by every
     rank)."""
-    comm = _communicator(group)
-    arrays = {"q": A.detach(q), "k": A.detach(k), "v": A.detach(v)}
-    ring, kind, shapes = _prepare(_FORWARD, comm, causal, scale, softcap, layout, threads,
-                                  arrays)
-    if kind == A.TORCH and A.torch_module().is_grad_enabled() and any(
-            x.requires_grad for x in (q, k, v)):
-        out, lse = _torch_function().apply(q, k, v, ring, shapes)
-    else:
-        out, lse = _ring_forward(ring, kind, shapes, arrays["q"], arrays["k"], arrays["v"])
-    return (out, lse) if return_lse else out
+    options = _attention_options(causal, scale, softcap, layout, threads)
+    return _attention("ring", q, k, v, group, options, return_lse)
 
 
 def ring_attention_backward(dout, q, k, v, out, lse, *, group=None, causal=False, scale=None,
@@ -575,11 +226,107 @@ def ring_attention_backward(dout, q, k, v, out, lse, *, group=None, causal=False
     the ring backward (the K/V blocks travel again; each block's dK/dV sums travel one step
     behind them and come home after P steps). Arrays of the kind and dtype of q. Collective, as
     the forward (same checks, same errors on every rank)."""
-    comm = _communicator(group)
-    arrays = {"q": A.detach(q), "k": A.detach(k), "v": A.detach(v), "out": A.detach(out),
-              "lse": A.detach(lse), "dout": A.detach(dout)}
-    ring, kind, shapes = _prepare(_BACKWARD, comm, causal, scale, softcap, layout, threads,
-                                  arrays)
-    a = arrays
-    return _ring_backward(ring, kind, shapes, a["dout"], a["q"], a["k"], a["v"], a["out"],
-                          a["lse"])
+    options = _attention_options(causal, scale, softcap, layout, threads)
+    return _attention_backward_raw("ring", group, dout, q, k, v, out, lse, options)
+
+
+def ulysses_attention(q, k, v, *, group=None, causal=False, scale=None, softcap=0.0,
+                      layout="contiguous", return_lse=False, threads=0):
+    """ring_attention's result by Ulysses head parallelism: an all-to-all gives every rank all
+    N tokens of Hq / P query heads (and Hkv / P KV heads), attention runs locally, and a second
+    all-to-all brings the output back. Hq and Hkv must be divisible by the number of ranks.
+    Less traffic than the ring for moderate N, but nothing overlaps and every rank holds the
+    whole sequence of its heads. Same arguments, errors and autograd as ring_attention."""
+    options = _attention_options(causal, scale, softcap, layout, threads)
+    return _attention("ulysses", q, k, v, group, options, return_lse)
+
+
+def ulysses_attention_backward(dout, q, k, v, out, lse, *, group=None, causal=False,
+                               scale=None, softcap=0.0, layout="contiguous", threads=0):
+    """Gradients (dq, dk, dv) of ulysses_attention for this rank's shard."""
+    options = _attention_options(causal, scale, softcap, layout, threads)
+    return _attention_backward_raw("ulysses", group, dout, q, k, v, out, lse, options)
+
+
+# ---- LASP-2 ----------------------------------------------------------------------------------
+
+_FEATURE_MAPS = ("identity", "elu1", "relu", "taylor2")
+
+
+def _lasp2_options(feature_map, scale, normalize, eps, chunk_size, threads):
+    if feature_map not in _FEATURE_MAPS:
+        raise ValueError(f"feature_map: expected one of {', '.join(_FEATURE_MAPS)}, got "
+                         f"{feature_map!r}")
+    return (feature_map, None if scale is None else float(scale), bool(normalize), float(eps),
+            int(chunk_size), A.threads_arg(threads))
+
+
+def _lasp2_forward_raw(group, q, k, v, decay, gates, options):
+    feature_map, scale, normalize, eps, chunk_size, threads = options
+
+    def prepare():
+        kind = A.common_kind(q=q, k=k, v=v)
+        _check_rank4(q, k, v)
+        return (A.empty(kind, tuple(q.shape[:3]) + (v.shape[3],), like=q),
+                _decay_arg(kind, decay), _gates_arg(kind, gates))
+
+    def run(comm, out, decay_f32, gates_f32):
+        _C.lasp2_forward(comm, A.detach(q), A.detach(k), A.detach(v), out, feature_map, scale,
+                         normalize, eps, A.detach(decay_f32), A.detach(gates_f32), chunk_size,
+                         threads)
+        return out
+
+    return _collective(group, prepare, run)
+
+
+def _lasp2_backward_raw(group, dout, q, k, v, decay, gates, options, want_dgates=True):
+    feature_map, scale, normalize, eps, chunk_size, threads = options
+
+    def prepare():
+        kind = A.common_kind(dout=dout, q=q, k=k, v=v)
+        _check_rank4(q, k, v)
+        gates_f32 = _gates_arg(kind, gates)
+        dgates = (A.empty(kind, tuple(gates.shape), dtype="f32")
+                  if gates is not None and want_dgates else None)
+        return tuple(A.empty(kind, tuple(x.shape), like=x) for x in (q, k, v)) + (
+            dgates, _decay_arg(kind, decay), gates_f32)
+
+    def run(comm, dq, dk, dv, dgates, decay_f32, gates_f32):
+        _C.lasp2_backward(comm, A.detach(dout), A.detach(q), A.detach(k), A.detach(v), dq, dk,
+                          dv, dgates, feature_map, scale, normalize, eps, A.detach(decay_f32),
+                          A.detach(gates_f32), chunk_size, threads)
+        return dq, dk, dv, dgates
+
+    return _collective(group, prepare, run)
+
+
+def lasp2(q, k, v, *, group=None, feature_map="identity", scale=None, normalize=False, eps=1e-6,
+          decay=None, gates=None, chunk_size=64, threads=0):
+    """Causal linear attention over a sequence split across ranks (LASP-2).
+
+    q [B, S_r, Hq, Dk], k [B, S_r, Hkv, Dk], v [B, S_r, Hkv, Dv]: this rank's chunk; the chunks
+    follow the ranks' order (rank 0 first) and may differ in length (0 included). group as for
+    ring_attention. The options are linear_attention's (feature_map, scale, normalize, eps,
+    decay [Hq], gates [B, S_r, Hq, Dk] or [B, S_r, Hq]); every rank passes the same ones.
+    Returns this rank's output [B, S_r, Hq, Dv]: the same rows as linear_attention on the whole
+    sequence. Torch tensors that require grad get gradients for q, k, v and gates (the backward
+    is LASP-2's backward over the same group, run by every rank)."""
+    options = _lasp2_options(feature_map, scale, normalize, eps, chunk_size, threads)
+    torch = A.torch_module()
+    if (torch is not None and A.is_torch(q) and torch.is_grad_enabled()
+            and any(A.is_torch(x) and x.requires_grad for x in (q, k, v, gates)
+                    if x is not None)):
+        if decay is not None and A.is_torch(decay) and decay.requires_grad:
+            raise ValueError("decay: expected no gradient (LASP-2 has none for the decay rates)")
+        from ._torch_dist import Lasp2
+        return Lasp2.apply(q, k, v, gates, decay, group, options)
+    return _lasp2_forward_raw(group, q, k, v, decay, gates, options)
+
+
+def lasp2_backward(dout, q, k, v, *, group=None, feature_map="identity", scale=None,
+                   normalize=False, eps=1e-6, decay=None, gates=None, chunk_size=64, threads=0):
+    """Gradients of lasp2 for this rank's chunk: (dq, dk, dv), plus dgates (float32) when gates
+    are given."""
+    options = _lasp2_options(feature_map, scale, normalize, eps, chunk_size, threads)
+    dq, dk, dv, dgates = _lasp2_backward_raw(group, dout, q, k, v, decay, gates, options)
+    return (dq, dk, dv) if gates is None else (dq, dk, dv, dgates)

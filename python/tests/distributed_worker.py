@@ -96,6 +96,77 @@ def torch_case(group, rank, size, causal, layout, lengths=None, seed=0, dtype="f
         check(f"{label} {name}", mine.grad / scale, want / scale)
 
 
+def ulysses_case(group, rank, size, kind, causal, layout, seed=7):
+    """Ulysses against tessera.attention: heads 2P / P so that both divide by P."""
+    rng = np.random.default_rng(seed)
+    hq, hkv = 2 * size, size
+    arrays = [rng.standard_normal(s).astype(np.float32)
+              for s in ((1, N, hq, D), (1, N, hkv, D), (1, N, hkv, D), (1, N, hq, D))]
+    ref_out, ref_lse = tessera.attention(*arrays[:3], causal=causal, return_lse=True, threads=1)
+    ref_grads = tessera.attention_backward(arrays[3], *arrays[:3], ref_out, ref_lse,
+                                           causal=causal, threads=1)
+    label = f"ulysses P={size} rank {rank} causal={causal} {layout} {kind}"
+    mine = [cut(x, rank, size, layout) for x in arrays]
+    if kind == "torch":
+        import torch
+        mine = [torch.from_numpy(np.ascontiguousarray(x)) for x in mine]
+        for x in mine[:3]:
+            x.requires_grad_()
+    out, lse = td.ulysses_attention(*mine[:3], group=group, causal=causal, layout=layout,
+                                    return_lse=True, threads=1)
+    check(f"{label} out", out, cut(ref_out, rank, size, layout))
+    check(f"{label} lse", lse, _cut_lse(ref_lse, rank, size, layout, None))
+    if kind == "torch":
+        (out * mine[3]).sum().backward()
+        grads = [x.grad for x in mine[:3]]
+    else:
+        grads = td.ulysses_attention_backward(mine[3], *mine[:3], out, lse, group=group,
+                                              causal=causal, layout=layout, threads=1)
+    for name, got, ref in zip(("dq", "dk", "dv"), grads, ref_grads):
+        scale = float(np.max(np.abs(ref)))
+        check(f"{label} {name}", got / scale, cut(ref, rank, size, layout) / scale)
+
+
+def lasp2_case(group, rank, size, kind, variant, lengths=None, seed=8):
+    """LASP-2 against tessera.linear_attention (and its gradients) on the whole sequence."""
+    rng = np.random.default_rng(seed)
+    q, v, dout = (rng.standard_normal((B, N, h, D)).astype(np.float32) for h in (HQ, HKV, HQ))
+    k = (0.3 * rng.standard_normal((B, N, HKV, D))).astype(np.float32)
+    opts = {}
+    if variant == "gla":
+        opts["gates"] = (-0.05 - 0.2 * rng.random((B, N, HQ, D))).astype(np.float32)
+    elif variant == "decay":
+        opts["decay"] = np.array([0.9, 0.95, 0.8, 0.99], np.float32)
+    elif variant == "normalized":
+        opts.update(feature_map="elu1", normalize=True)
+    ref = tessera.linear_attention(q, k, v, threads=1, **opts)
+    ref_grads = tessera.linear_attention_backward(dout, q, k, v, threads=1, **opts)
+    mine = [cut(x, rank, size, "contiguous", lengths) for x in (q, k, v, dout)]
+    mine_opts = dict(opts)
+    if "gates" in opts:
+        mine_opts["gates"] = cut(opts["gates"], rank, size, "contiguous", lengths)
+    label = f"lasp2 {variant} P={size} rank {rank} {kind}"
+    if kind == "torch":
+        import torch
+        mine = [torch.from_numpy(np.ascontiguousarray(x)) for x in mine]
+        mine_opts = {key: torch.from_numpy(np.ascontiguousarray(x)) if isinstance(x, np.ndarray)
+                     else x for key, x in mine_opts.items()}
+        leaves = mine[:3] + ([mine_opts["gates"]] if "gates" in mine_opts else [])
+        for x in leaves:
+            x.requires_grad_()
+        out = td.lasp2(*mine[:3], group=group, threads=1, **mine_opts)
+        (out * mine[3]).sum().backward()
+        grads = [x.grad for x in leaves]
+    else:
+        out = td.lasp2(*mine[:3], group=group, threads=1, **mine_opts)
+        grads = td.lasp2_backward(mine[3], *mine[:3], group=group, threads=1, **mine_opts)
+    check(f"{label} out", out, cut(ref, rank, size, "contiguous", lengths))
+    for name, got, want in zip(("dq", "dk", "dv", "dgates"), grads, ref_grads):
+        scale = float(np.max(np.abs(want)))
+        check(f"{label} {name}", got / scale,
+              cut(want, rank, size, "contiguous", lengths) / scale)
+
+
 def _cut_lse(lse, rank, size, layout, lengths):
     # lse is [B, Hq, N]: the sequence is dim 2.
     if lengths is None:
@@ -153,6 +224,12 @@ def torch_worker(rank, size, port):
         torch_case(None, rank, size, True, "zigzag", softcap=3.0, scale=0.4, seed=3)
         torch_case(None, rank, size, True, "zigzag", dtype="bf16", seed=4)
         torch_errors(rank, size)
+        for causal in (False, True):
+            ulysses_case(None, rank, size, "torch", causal, "zigzag")
+        for variant in ("plain", "decay", "gla", "normalized"):
+            lasp2_case(None, rank, size, "torch", variant)
+        if size > 1:
+            lasp2_case(None, rank, size, "torch", "gla", lengths=contiguous_with_empty(size))
         if size == 3:
             # A subgroup: ranks 1 and 2 (group ranks 0 and 1) run a ring of two.
             sub = dist.new_group([1, 2])
@@ -206,6 +283,9 @@ def mpi_main():
         expect_error("causal", lambda: td.ring_attention(*mine, group=comm, causal=rank == 0,
                                                          threads=1))
     mpi_case(comm, True, "zigzag", seed=2)
+    ulysses_case(comm, rank, size, "numpy", True, "contiguous")
+    for variant in ("gla", "normalized"):
+        lasp2_case(comm, rank, size, "numpy", variant)
     if importlib.util.find_spec("torch") is not None:
         # torch tensors over an mpi4py communicator: autograd runs the ring backward over MPI.
         import torch

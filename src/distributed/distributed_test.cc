@@ -162,6 +162,30 @@ TEST(RingAttention, ErrorsOnEveryRank) {
   }
 }
 
+// A wrapper whose own checks failed joins the agreement with its error: the other ranks' call
+// fails naming it, and nobody waits.
+TEST(RingAttention, JoinWithErrorFailsTheOtherRanks) {
+  std::vector<std::string> msgs(3);
+  RunGroup(3, [&](int r, Communicator& comm) {
+    const int64_t n = 4, h = 2, d = 8;
+    std::vector<float> q(n * h * d, 0.5f), out(q.size(), -7.0f);
+    if (r == 2) {
+      msgs[r] = JoinWithError(comm, Status::InvalidArgument("q: a wrapper's own check")).message();
+      return;
+    }
+    SequenceParallelParams p;
+    p.local.q = MakeView4(q.data(), DType::kF32, 1, n, h, d);
+    p.local.k = p.local.q;
+    p.local.v = p.local.q;
+    p.local.out = MakeView4(out.data(), DType::kF32, 1, n, h, d);
+    msgs[r] = RingAttentionForward(p, comm, Context()).message();
+    EXPECT_TRUE(std::all_of(out.begin(), out.end(), [](float x) { return x == -7.0f; }));
+  });
+  EXPECT_NE(msgs[0].find("rank 2"), std::string::npos) << msgs[0];
+  EXPECT_NE(msgs[1].find("rank 2"), std::string::npos) << msgs[1];
+  EXPECT_NE(msgs[2].find("wrapper"), std::string::npos) << msgs[2];
+}
+
 TEST(UlyssesAttention, HeadsNotDivisibleIsAnError) {
   RunGroup(3, [&](int, Communicator& comm) {
     const int64_t n = 4, h = 4, d = 8;

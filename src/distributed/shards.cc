@@ -212,4 +212,12 @@ Status TimedWait(Communicator& comm, int64_t handle, DistributedTiming* timing) 
 }
 
 }  // namespace dist
+
+Status JoinWithError(Communicator& comm, const Status& error) {
+  const Status failed = error.ok() ? Status::InvalidArgument("a local error") : error;
+  std::vector<int64_t> lengths;
+  (void)dist::Agree(comm, failed, 0, {}, &lengths);
+  return failed;
+}
+
 }  // namespace tessera
