@@ -60,7 +60,8 @@ double MaxRelDiff(const std::vector<float>& got, const std::vector<float>& want)
 std::string Name(const Case& c) {
   return std::string(c.algo == Algo::kRing ? "ring" : "ulysses") + " P=" + std::to_string(c.ranks) +
          " " + ShardLayoutName(c.layout) + (c.causal ? " causal" : "") +
-         " N=" + std::to_string(c.shape.n) + " Hq=" + std::to_string(c.shape.hq) +
+         " N=" + std::to_string(c.shape.n) + " window " + std::to_string(c.window_left) + "," +
+         std::to_string(c.window_right) + " Hq=" + std::to_string(c.shape.hq) +
          " Hkv=" + std::to_string(c.shape.hkv);
 }
 
@@ -87,6 +88,8 @@ std::string CheckRank(const Case& c, int r, Communicator& comm) {
   full.out = MakeView4(out.data(), DType::kF32, s.b, s.n, s.hq, s.d);
   full.lse = MakeView3(lse.data(), DType::kF32, s.b, s.hq, s.n);
   full.causal = c.causal;
+  full.window_left = c.window_left;
+  full.window_right = c.window_right;
   Context ctx;
   ctx.num_threads = 1;
   if (!AttentionForward(full, ctx).ok()) return "single-process forward failed";
@@ -114,6 +117,8 @@ std::string CheckRank(const Case& c, int r, Communicator& comm) {
     p.local.out = MakeView4(lout.data(), DType::kF32, s.b, n, s.hq, s.d);
     p.local.lse = MakeView3(llse.data(), DType::kF32, s.b, s.hq, n);
     p.local.causal = c.causal;
+    p.local.window_left = c.window_left;
+    p.local.window_right = c.window_right;
     Context one;
     one.num_threads = 1;
     Status st = c.algo == Algo::kRing ? RingAttentionForward(p, comm, one)

@@ -27,6 +27,7 @@ struct Case {
   bool causal;
   Shape shape;
   std::vector<int64_t> lengths;  // empty: the even cut (contiguous) or the zigzag cut
+  int64_t window_left = -1, window_right = -1;  // sliding window (global positions)
 };
 
 std::string Name(const Case& c);

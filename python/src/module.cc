@@ -675,7 +675,8 @@ bool IsRing(const std::string& algorithm) {
 
 void SequenceParallelForwardPy(nb::handle comm, const std::string& algorithm, nb::handle q,
                                nb::handle k, nb::handle v, nb::handle out, nb::handle lse,
-                               bool causal, std::optional<double> scale, double softcap,
+                               bool causal, int64_t window_left, int64_t window_right,
+                               std::optional<double> scale, double softcap,
                                const std::string& layout, int32_t threads) {
   const ForwardDriver driver = IsRing(algorithm) ? &RingAttentionForward : &UlyssesAttentionForward;
   SequenceParallelParams p;
@@ -686,6 +687,8 @@ void SequenceParallelForwardPy(nb::handle comm, const std::string& algorithm, nb
   p.local.out = ToView(out, "out");
   p.local.lse = ToView(lse, "lse");
   p.local.causal = causal;
+  p.local.window_left = window_left;
+  p.local.window_right = window_right;
   p.local.scale = OptionalScale(scale);
   p.local.softcap = static_cast<float>(softcap);
   const Context ctx = MakeContext(threads, 0);
@@ -695,7 +698,8 @@ void SequenceParallelForwardPy(nb::handle comm, const std::string& algorithm, nb
 void SequenceParallelBackwardPy(nb::handle comm, const std::string& algorithm, nb::handle dout,
                                 nb::handle q, nb::handle k, nb::handle v, nb::handle out,
                                 nb::handle lse, nb::handle dq, nb::handle dk, nb::handle dv,
-                                bool causal, std::optional<double> scale, double softcap,
+                                bool causal, int64_t window_left, int64_t window_right,
+                                std::optional<double> scale, double softcap,
                                 const std::string& layout, int32_t threads) {
   const BackwardDriver driver =
       IsRing(algorithm) ? &RingAttentionBackward : &UlyssesAttentionBackward;
@@ -708,6 +712,8 @@ void SequenceParallelBackwardPy(nb::handle comm, const std::string& algorithm, n
   f.out = ToView(out, "out");
   f.lse = ToView(lse, "lse");
   f.causal = causal;
+  f.window_left = window_left;
+  f.window_right = window_right;
   f.scale = OptionalScale(scale);
   f.softcap = static_cast<float>(softcap);
   p.local.dout = ToView(dout, "dout");

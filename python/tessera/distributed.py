@@ -149,12 +149,16 @@ def _collective(group, prepare, run):
         return run(comm, *prepared)
 
 
-def _attention_options(causal, scale, softcap, layout, threads):
+def _attention_options(causal, window, scale, softcap, layout, threads):
     _check_layout(layout)
     if not isinstance(causal, (bool, np.bool_)):
         raise ValueError(f"causal: expected a bool, got {type(causal).__name__}")
-    return (bool(causal), None if scale is None else float(scale), float(softcap), layout,
-            A.threads_arg(threads))
+    try:
+        left, right = (int(w) for w in window)
+    except (TypeError, ValueError):
+        raise ValueError(f"window: expected (left, right) ints (-1: unbounded), got {window!r}")
+    return (bool(causal), left, right, None if scale is None else float(scale), float(softcap),
+            layout, A.threads_arg(threads))
 
 
 def _attention_forward_raw(algorithm, group, q, k, v, options):
@@ -199,8 +203,8 @@ def _attention(algorithm, q, k, v, group, options, return_lse):
     return (out, lse) if return_lse else out
 
 
-def ring_attention(q, k, v, *, group=None, causal=False, scale=None, softcap=0.0,
-                   layout="contiguous", return_lse=False, threads=0):
+def ring_attention(q, k, v, *, group=None, causal=False, window=(-1, -1), scale=None,
+                   softcap=0.0, layout="contiguous", return_lse=False, threads=0):
     """Exact attention over the whole sequence, sequence-parallel: q [B, S_r, Hq, D] and k, v
     [B, S_r, Hkv, D] are this rank's shard (Hq a multiple of Hkv; S_r may differ across ranks,
     0 included; zigzag shards must be those of shard()). Returns this rank's out [B, S_r, Hq, D]
@@ -208,43 +212,46 @@ def ring_attention(q, k, v, *, group=None, causal=False, scale=None, softcap=0.0
 
     group: None (torch.distributed's default group), a torch.distributed ProcessGroup (gloo),
     or an mpi4py communicator. Arrays: torch CPU tensors or numpy arrays (float32 / float16;
-    torch also bfloat16). causal masks by global position; scale defaults to 1/sqrt(D);
+    torch also bfloat16). causal and window=(left, right) (-1: unbounded) mask by global
+    position (blocks outside the window are skipped); scale defaults to 1/sqrt(D);
     softcap: s <- c * tanh(s / c). threads: tessera's worker threads per rank (0: all).
 
     Collective: every rank of the group calls it with the same options. Bad arguments on any
     rank, or options that differ, raise ValueError on every rank before any compute. With torch
     tensors that require grad the output is differentiable (the ring backward, run by every
     rank)."""
-    options = _attention_options(causal, scale, softcap, layout, threads)
+    options = _attention_options(causal, window, scale, softcap, layout, threads)
     return _attention("ring", q, k, v, group, options, return_lse)
 
 
-def ring_attention_backward(dout, q, k, v, out, lse, *, group=None, causal=False, scale=None,
-                            softcap=0.0, layout="contiguous", threads=0):
+def ring_attention_backward(dout, q, k, v, out, lse, *, group=None, causal=False,
+                            window=(-1, -1), scale=None, softcap=0.0, layout="contiguous",
+                            threads=0):
     """Gradients (dq, dk, dv) of this rank's shard for ring_attention with the same options,
     from its out and lse (ring_attention(..., return_lse=True)) and the output gradient dout:
     the ring backward (the K/V blocks travel again; each block's dK/dV sums travel one step
     behind them and come home after P steps). Arrays of the kind and dtype of q. Collective, as
     the forward (same checks, same errors on every rank)."""
-    options = _attention_options(causal, scale, softcap, layout, threads)
+    options = _attention_options(causal, window, scale, softcap, layout, threads)
     return _attention_backward_raw("ring", group, dout, q, k, v, out, lse, options)
 
 
-def ulysses_attention(q, k, v, *, group=None, causal=False, scale=None, softcap=0.0,
-                      layout="contiguous", return_lse=False, threads=0):
+def ulysses_attention(q, k, v, *, group=None, causal=False, window=(-1, -1), scale=None,
+                      softcap=0.0, layout="contiguous", return_lse=False, threads=0):
     """ring_attention's result by Ulysses head parallelism: an all-to-all gives every rank all
     N tokens of Hq / P query heads (and Hkv / P KV heads), attention runs locally, and a second
     all-to-all brings the output back. Hq and Hkv must be divisible by the number of ranks.
     Less traffic than the ring for moderate N, but nothing overlaps and every rank holds the
     whole sequence of its heads. Same arguments, errors and autograd as ring_attention."""
-    options = _attention_options(causal, scale, softcap, layout, threads)
+    options = _attention_options(causal, window, scale, softcap, layout, threads)
     return _attention("ulysses", q, k, v, group, options, return_lse)
 
 
 def ulysses_attention_backward(dout, q, k, v, out, lse, *, group=None, causal=False,
-                               scale=None, softcap=0.0, layout="contiguous", threads=0):
+                               window=(-1, -1), scale=None, softcap=0.0, layout="contiguous",
+                               threads=0):
     """Gradients (dq, dk, dv) of ulysses_attention for this rank's shard."""
-    options = _attention_options(causal, scale, softcap, layout, threads)
+    options = _attention_options(causal, window, scale, softcap, layout, threads)
     return _attention_backward_raw("ulysses", group, dout, q, k, v, out, lse, options)
 
 

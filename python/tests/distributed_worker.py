@@ -223,6 +223,8 @@ def torch_worker(rank, size, port):
                    if size > 1 else None)
         torch_case(None, rank, size, True, "zigzag", softcap=3.0, scale=0.4, seed=3)
         torch_case(None, rank, size, True, "zigzag", dtype="bf16", seed=4)
+        torch_case(None, rank, size, True, "zigzag", window=(6, -1), seed=9)
+        torch_case(None, rank, size, False, "contiguous", window=(4, 3), seed=10)
         torch_errors(rank, size)
         for causal in (False, True):
             ulysses_case(None, rank, size, "torch", causal, "zigzag")

@@ -53,6 +53,20 @@ TEST(RingAttention, UnevenAndEmptyShards) {
   CheckCase({Algo::kRing, 4, ShardLayout::kZigzag, true, {1, 5, 2, 2, 16}, {}});
 }
 
+// Sliding windows by global position: blocks outside the window are skipped, the others cut.
+TEST(RingAttention, SlidingWindows) {
+  for (int ranks : {2, 3, 4})
+    for (ShardLayout layout : {ShardLayout::kContiguous, ShardLayout::kZigzag}) {
+      CheckCase({Algo::kRing, ranks, layout, true, {1, 61, 2, 1, 16}, {}, 7, -1});
+      CheckCase({Algo::kRing, ranks, layout, false, {1, 61, 2, 1, 16}, {}, 5, 3});
+      CheckCase({Algo::kRing, ranks, layout, false, {1, 61, 2, 1, 16}, {}, -1, 0});
+      CheckCase({Algo::kRing, ranks, layout, true, {1, 61, 2, 1, 16}, {}, 0, -1});
+      CheckCase({Algo::kUlysses, 2, layout, true, {1, 61, 2, 2, 16}, {}, 9, -1});
+    }
+  CheckCase(
+      {Algo::kRing, 3, ShardLayout::kContiguous, false, {1, 40, 2, 1, 16}, {17, 0, 23}, 4, 12});
+}
+
 TEST(RingAttention, FastHeadDim) {
   CheckCase({Algo::kRing, 2, ShardLayout::kZigzag, true, {1, 150, 2, 1, 64}, {}});
 }
@@ -140,7 +154,7 @@ TEST(RingAttention, ErrorsOnEveryRank) {
       p.local.out = MakeView4(out.data(), DType::kF32, 1, n, h, d);
       if (r == 1 && bad_kind == 0) p.local.k.shape[3] = 8;   // wrong head dim on rank 1
       if (r == 2 && bad_kind == 1) p.local.causal = true;    // options differ
-      if (r == 1 && bad_kind == 2) p.local.window_left = 4;  // unsupported on one rank
+      if (r == 1 && bad_kind == 2) p.local.window_left = 4;  // differs on one rank
       Status st = RingAttentionForward(p, comm, Context());
       msgs[r] = st.message();
       untouched[r] =

@@ -2,7 +2,8 @@
 // Ring attention. Every rank keeps its queries; the K/V shards travel around the ring (rank r
 // sends to r + 1 and receives from r - 1), so at step s rank r holds the shard of rank r - s.
 // Each step computes attention of the local queries on the visiting block with the tiled kernel
-// (positions are global: a causal pair of segments becomes a top-left window on the block) and
+// (positions are global: a causal or sliding-window pair of segments becomes a top-left window on
+// the block, and blocks outside the window are skipped) and
 // merges the block's (O, LSE) into the running state with MergeStates' arithmetic. The exchange of
 // the next block runs while the current one computes (two buffers).
 //
@@ -33,29 +34,45 @@ using dist::Slice;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 // The part of a (query segment, key segment) pair that attention needs: local query rows
-// [row_begin, q.length) against the whole key segment, with a top-left window right bound
-// (-1: every key visible).
+// [row_begin, q.length) against keys [key_begin, k.length) of the segment, with a top-left
+// window (window_left, window_right) in those local coordinates (-1: unbounded).
 struct PairPlan {
   bool skip = true;
-  int64_t row_begin = 0;
-  int64_t window_right = -1;
+  int64_t row_begin = 0, key_begin = 0;
+  int64_t window_left = -1, window_right = -1;
 };
 
-PairPlan PlanPair(const ShardSegment& q, const ShardSegment& k, bool causal) {
+// The visible keys of global query position p are [p - left, p + right] (a side < 0:
+// unbounded; causal is right = 0). With delta = (first row's position) - (first key's position),
+// local row i sees local keys [i + delta - left, i + delta + right]: a top-left window with
+// (left - delta, right + delta) once both are >= 0. Rows before the block's reach are cut (they
+// see none of its keys), then keys before every row's reach; blocks wholly outside are skipped.
+PairPlan PlanPair(const ShardSegment& q, const ShardSegment& k, int64_t left, int64_t right) {
   PairPlan plan;
   if (q.length == 0 || k.length == 0) return plan;
-  plan.skip = false;
-  if (!causal) return plan;
-  const int64_t q_last = q.global_start + q.length - 1;
-  if (k.global_start > q_last) {
-    plan.skip = true;  // every key after every query
-    return plan;
+  int64_t delta = q.global_start - k.global_start;
+  if (right >= 0 && delta + right < 0) {
+    plan.row_begin = -(delta + right);
+    delta += plan.row_begin;
   }
-  if (k.global_start + k.length - 1 <= q.global_start) return plan;  // every key visible
-  // Rows before the block's first key see none of it; the rest see keys j <= i + (qpos - kpos).
-  plan.row_begin = std::max<int64_t>(0, k.global_start - q.global_start);
-  plan.window_right = q.global_start + plan.row_begin - k.global_start;
+  if (left >= 0 && left - delta < 0) {
+    plan.key_begin = delta - left;
+    delta -= plan.key_begin;
+  }
+  if (plan.row_begin >= q.length || plan.key_begin >= k.length) return plan;
+  // Later rows whose window has moved past the block's keys are left to the kernel: it skips
+  // the tiles the window rules out, and such rows get LSE -inf, which the merge ignores.
+  plan.skip = false;
+  plan.window_left = left >= 0 ? left - delta : -1;
+  plan.window_right = right >= 0 ? right + delta : -1;
   return plan;
+}
+
+// The global window of a call: (left, right), each -1 when unbounded; causal bounds the right.
+void GlobalWindow(const AttentionParams& p, int64_t* left, int64_t* right) {
+  *left = p.window_left;
+  *right = p.window_right;
+  if (p.causal) *right = *right < 0 ? 0 : std::min<int64_t>(*right, 0);
 }
 
 Status CheckSegments(const char* name, const std::vector<ShardSegment>& segs, int64_t rows) {
@@ -81,26 +98,28 @@ AttentionParams PairParams(const AttentionParams& options, const ShardSegment& q
   p.softcap = options.softcap;
   p.causal = false;
   p.align = MaskAlign::kTopLeft;
-  p.window_left = -1;
+  p.window_left = plan.window_left;
   p.window_right = plan.window_right;
   const int64_t row0 = qs.local_start + plan.row_begin;
   const int64_t rows = qs.length - plan.row_begin;
+  const int64_t key0 = ks.local_start + plan.key_begin;
+  const int64_t keys = ks.length - plan.key_begin;
   p.q = Slice(options.q, 1, row0, rows);
-  p.k = Slice(options.k, 1, ks.local_start, ks.length);
-  p.v = Slice(options.v, 1, ks.local_start, ks.length);
+  p.k = Slice(options.k, 1, key0, keys);
+  p.v = Slice(options.v, 1, key0, keys);
   return p;
 }
 
-// Rejects the forward options the ring does not carry (positions are global; these would need
-// the global positions inside the kernel).
+// Rejects the forward options the ring does not carry (ALiBi would need the global positions
+// inside the kernel; the others have no meaning across shards).
 Status CheckRingOptions(const AttentionParams& p, const char* prefix) {
   const std::string pre = prefix;
-  if (p.window_left != -1 || p.window_right != -1) {
-    return Status::Unimplemented(pre +
-                                 "window_left / window_right: expected -1 (no sliding "
-                                 "window) in sequence-parallel attention, got " +
-                                 std::to_string(p.window_left) + ", " +
-                                 std::to_string(p.window_right));
+  if (p.window_left < -1 || p.window_right < -1) {
+    return Status::InvalidArgument(pre +
+                                   "window_left / window_right: expected -1 (unbounded) "
+                                   "or >= 0, got " +
+                                   std::to_string(p.window_left) + ", " +
+                                   std::to_string(p.window_right));
   }
   if (p.alibi_slopes.data != nullptr) {
     return Status::Unimplemented(pre +
@@ -196,11 +215,13 @@ Status RingForwardStep(const AttentionParams& params, const std::vector<ShardSeg
   if (st.ok()) st = CheckSegments("kv_segments", kv_segments, params.k.shape[1]);
   if (!st.ok()) return st;
 
+  int64_t left, right;
+  GlobalWindow(params, &left, &right);
   std::vector<char> part_out;
   std::vector<float> part_lse;
   for (const ShardSegment& qs : q_segments) {
     for (const ShardSegment& ks : kv_segments) {
-      const PairPlan plan = PlanPair(qs, ks, params.causal);
+      const PairPlan plan = PlanPair(qs, ks, left, right);
       if (plan.skip) continue;
       AttentionParams p = PairParams(params, qs, ks, plan);
       const int64_t n = p.q.shape[1];
@@ -269,10 +290,12 @@ Status RingBackwardStep(const AttentionBackwardParams& params,
 
   const DType dt = f.q.dtype;
   const size_t es = DTypeSize(dt);
+  int64_t left, right;
+  GlobalWindow(f, &left, &right);
   std::vector<char> dq_part, dk_part, dv_part;
   for (const ShardSegment& qs : q_segments) {
     for (const ShardSegment& ks : kv_segments) {
-      const PairPlan plan = PlanPair(qs, ks, f.causal);
+      const PairPlan plan = PlanPair(qs, ks, left, right);
       if (plan.skip) continue;
       AttentionBackwardParams bp;
       bp.forward = PairParams(f, qs, ks, plan);
@@ -282,16 +305,18 @@ Status RingBackwardStep(const AttentionBackwardParams& params,
       bp.forward.lse = Slice(f.lse, 2, row0, n);
       bp.dout = Slice(params.dout, 1, row0, n);
       dq_part.resize(Numel4(b_n, n, hq, dim) * es);
-      dk_part.resize(Numel4(b_n, ks.length, hkv, dim) * es);
-      dv_part.resize(Numel4(b_n, ks.length, hkv, dim) * es);
+      const int64_t keys = bp.forward.k.shape[1];
+      const int64_t key0 = ks.local_start + plan.key_begin;
+      dk_part.resize(Numel4(b_n, keys, hkv, dim) * es);
+      dv_part.resize(Numel4(b_n, keys, hkv, dim) * es);
       bp.dq = MakeView4(dq_part.data(), dt, b_n, n, hq, dim);
-      bp.dk = MakeView4(dk_part.data(), dt, b_n, ks.length, hkv, dim);
-      bp.dv = MakeView4(dv_part.data(), dt, b_n, ks.length, hkv, dim);
+      bp.dk = MakeView4(dk_part.data(), dt, b_n, keys, hkv, dim);
+      bp.dv = MakeView4(dv_part.data(), dt, b_n, keys, hkv, dim);
       st = AttentionBackward(bp, ctx);
       if (!st.ok()) return st;
       AddInto(dq_part.data(), dt, b_n, n, hq, dim, dq_acc, row0);
-      AddInto(dk_part.data(), dt, b_n, ks.length, hkv, dim, dk_acc, ks.local_start);
-      AddInto(dv_part.data(), dt, b_n, ks.length, hkv, dim, dv_acc, ks.local_start);
+      AddInto(dk_part.data(), dt, b_n, keys, hkv, dim, dk_acc, key0);
+      AddInto(dv_part.data(), dt, b_n, keys, hkv, dim, dv_acc, key0);
     }
   }
   return Status::Ok();
@@ -310,6 +335,8 @@ std::vector<dist::AgreedOption> SharedOptions(dist::Operation op, ShardLayout la
           {"head_dim", p.dim},
           {"dtype", static_cast<int64_t>(p.dtype)},
           {"causal", a.causal ? 1 : 0},
+          {"window_left", a.window_left},
+          {"window_right", a.window_right},
           {"scale", dist::FloatBits(p.scale)},
           {"softcap", dist::FloatBits(a.softcap)}};
 }
