@@ -1,9 +1,10 @@
 // SPDX-License-Identifier: Apache-2.0
 // `tessera run --dist` (cmd_dist.h): every rank loads the whole .npy inputs, keeps the rows of its
-// shard, runs the ring or Ulysses driver, and sends its shard of each output to rank 0 (one
-// pairwise exchange per rank through the same communicator), which puts the rows back in global
-// order and publishes the files. Also the pieces `bench --dist` shares: the MPI session, the
-// agreement on local checks, the shard cut.
+// shard, runs the driver (ring or Ulysses for the exact op, LASP-2 for the linear op), and sends
+// its shard of each output to rank 0 (one pairwise exchange per rank through the same
+// communicator), which puts the rows back in global order and publishes the files. Also the pieces
+// `bench --dist` shares: the MPI session, the agreement on local checks, the shard cut, the
+// pairing of --op and --dist.
 #include "cmd_dist.h"
 
 #include <CLI/CLI.hpp>
@@ -33,22 +34,81 @@ namespace tessera {
 namespace cli {
 
 const char* DistAlgorithmName(DistAlgorithm algorithm) {
-  return algorithm == DistAlgorithm::kRing ? "ring" : "ulysses";
+  switch (algorithm) {
+    case DistAlgorithm::kRing:
+      return "ring";
+    case DistAlgorithm::kUlysses:
+      return "ulysses";
+    case DistAlgorithm::kLasp2:
+      return "lasp2";
+  }
+  return "?";
 }
 
 bool ParseDistAlgorithm(const std::string& text, DistAlgorithm* algorithm, std::string* error) {
-  if (text == "ring") {
-    *algorithm = DistAlgorithm::kRing;
-  } else if (text == "ulysses") {
-    *algorithm = DistAlgorithm::kUlysses;
-  } else {
-    *error =
-        "--dist: expected ring or ulysses (lasp2, for linear attention, is not implemented "
-        "yet), got '" +
-        text + "'";
-    return false;
+  for (DistAlgorithm a : {DistAlgorithm::kRing, DistAlgorithm::kUlysses, DistAlgorithm::kLasp2}) {
+    if (text == DistAlgorithmName(a)) {
+      *algorithm = a;
+      return true;
+    }
   }
-  return true;
+  *error =
+      "--dist: expected ring or ulysses (exact attention) or lasp2 (linear attention, with --op "
+      "linear), got '" +
+      text + "'";
+  return false;
+}
+
+std::string OpDistError(const std::string& op, const std::string& dist, bool exact_op) {
+  DistAlgorithm algorithm = DistAlgorithm::kRing;
+  std::string error;
+  if (!ParseDistAlgorithm(dist, &algorithm, &error)) return error;
+  const bool linear_op = op == "linear";
+  if (algorithm == DistAlgorithm::kLasp2 && !linear_op) {
+    return "--dist lasp2 and --op " + op +
+           ": LASP-2 runs linear attention; expected --op linear with it";
+  }
+  if (algorithm != DistAlgorithm::kLasp2 && linear_op) {
+    return "--op linear and --dist " + dist +
+           ": ring and ulysses run exact attention; linear attention runs sequence-parallel with "
+           "--dist lasp2";
+  }
+  if (algorithm != DistAlgorithm::kLasp2 && !exact_op) {
+    return "--op " + op + ": not with --dist (ring and ulysses run exact attention)";
+  }
+  return "";
+}
+
+std::string Lasp2OptionError(const std::string& name) {
+  std::string why =
+      "LASP-2 runs causal chunked linear attention: the linear op's variants and feature maps, "
+      "--normalize and --chunk";
+  if (name == "--non-causal") {
+    why = "LASP-2 is causal: each rank continues the state of the ranks before it";
+  } else if (name == "--prefix") {
+    why = "the prefix form needs the prefix's keys on every rank";
+  } else if (name == "--window") {
+    why = "the exact window reaches across shards";
+  } else if (name.rfind("--form", 0) == 0) {
+    why = "LASP-2 runs the chunked form";
+  } else if (name == "--state-in" || name == "--state-out" || name == "--normalizer-in" ||
+             name == "--normalizer-out") {
+    why = "the driver hands the states between the ranks";
+  }
+  return name + ": not with --dist lasp2 (" + why + ")";
+}
+
+bool CheckNoWindowForLasp2(const LinearOptionText& text, const LinearChoice& choice,
+                           std::string* error) {
+  if (choice.window == 0) return true;
+  if (!text.window.empty()) {
+    *error = Lasp2OptionError("--window") + "; expected --window 0 or none, got " + text.window;
+  } else {
+    *error = "--variant " + std::string(LinearVariantName(choice.variant)) +
+             ": its exact window (--window " + std::to_string(choice.window) +
+             " by default) reaches across shards; expected --window 0 with --dist lasp2";
+  }
+  return false;
 }
 
 bool ParseShardLayout(const std::string& text, ShardLayout* layout, std::string* error) {
@@ -364,6 +424,18 @@ std::string Timed(const char* what, double seconds, const DistributedTiming& tim
          Milliseconds(timing.compute_s) + ", waiting " + Milliseconds(timing.wait_s) + ")";
 }
 
+// The options `run --op linear --dist lasp2` takes; the linear ones LASP-2 cannot honour
+// (--non-causal, --prefix, the state files) are not among them. --window 0 and --form chunked
+// are (checked by value).
+const std::vector<std::string>& DistLinearRunOptionNames() {
+  static const std::vector<std::string> names = {
+      "--dist",  "--layout",    "--op",    "--q",           "--k",      "--v",     "--out",
+      "--dout",  "--dq",        "--dk",    "--dv",          "--dgates", "--gates", "--variant",
+      "--decay", "--normalize", "--chunk", "--feature-map", "--causal", "--scale", "--window",
+      "--form",  "--threads",   "--path",  "--target",      "--verbose"};
+  return names;
+}
+
 }  // namespace
 
 const std::vector<std::string>& DistRunOptionNames() {
@@ -374,11 +446,27 @@ const std::vector<std::string>& DistRunOptionNames() {
   return names;
 }
 
+std::string DistRunOptionError(const CLI::App& command, const std::string& op,
+                               const std::string& dist) {
+  if (std::string error = OpDistError(op, dist, op == "exact"); !error.empty()) return error;
+  if (op == "linear") {
+    const std::string name = FirstOptionNotIn(command, DistLinearRunOptionNames());
+    return name.empty() ? "" : Lasp2OptionError(name);
+  }
+  const std::string name = FirstOptionNotIn(command, DistRunOptionNames());
+  if (name.empty()) return "";
+  return name +
+         ": not with --dist (sequence-parallel attention takes --causal, --scale and --softcap)";
+}
+
 int RunDist(const DistRunOptions& o) {
   std::string error;
   DistAlgorithm algorithm = DistAlgorithm::kRing;
   ShardPlan plan;
   if (!ParseDistAlgorithm(o.dist, &algorithm, &error)) return Fail(kRun, error);
+  if (algorithm == DistAlgorithm::kLasp2) {
+    return Fail(kRun, OpDistError("exact", o.dist, true));
+  }
   if (!ParseShardLayout(o.layout, &plan.layout, &error)) return Fail(kRun, error);
   for (const auto& [flag, path] :
        {std::pair<const char*, const std::string*>{"--q", &o.q}, {"--k", &o.k}, {"--v", &o.v}}) {
@@ -497,6 +585,170 @@ int RunDist(const DistRunOptions& o) {
               << ", threads per rank " << ResolveThreads(ctx)
               << (session->overlaps() ? "" : ", MPI without threads (no overlap)")
               << "; rank 0: " << Timed("forward", forward_s, forward_timing);
+    if (backward) std::cerr << ", " << Timed("backward", backward_s, backward_timing);
+    std::cerr << "\n";
+  }
+  return kExitOk;
+}
+
+int RunDistLinear(const LinearRunOptions& o, const std::string& layout) {
+  // Checks that are the same on every rank, before MPI starts.
+  std::string error;
+  ShardPlan plan;
+  if (!ParseShardLayout(layout, &plan.layout, &error)) return Fail(kRun, error);
+  if (plan.layout != ShardLayout::kContiguous) {
+    return Fail(kRun, "--layout " + layout +
+                          ": --dist lasp2 takes contiguous shards only (each rank continues the "
+                          "state of the ranks before it)");
+  }
+  for (const auto& [flag, path] :
+       {std::pair<const char*, const std::string*>{"--q", &o.q}, {"--k", &o.k}, {"--v", &o.v}}) {
+    if (path->empty()) return Fail(kRun, std::string(flag) + " is required with --dist");
+  }
+  if (!CheckThreads(o.threads, &error)) return Fail(kRun, error);
+  Context ctx;
+  ctx.num_threads = o.threads;
+  if (!ParsePath(o.path, &ctx.path, &error)) return Fail(kRun, error);
+  LinearChoice choice;
+  if (!ResolveLinearOptions(o.text, &choice, &error)) return Fail(kRun, error);
+  if (!CheckNoWindowForLasp2(o.text, choice, &error)) return Fail(kRun, error);
+  bool recurrent = false;
+  if (!ParseLinearForm(o.form, &recurrent, &error)) return Fail(kRun, error);
+  if (recurrent) return Fail(kRun, Lasp2OptionError("--form recurrent"));
+  // What the command line already refuses by name, for callers that fill the options themselves.
+  const struct {
+    const char* flag;
+    bool given;
+  } refused[] = {{"--non-causal", o.non_causal},
+                 {"--prefix", !o.prefix.empty()},
+                 {"--state-in", !o.state_in.empty()},
+                 {"--state-out", !o.state_out.empty()},
+                 {"--normalizer-in", !o.normalizer_in.empty()},
+                 {"--normalizer-out", !o.normalizer_out.empty()}};
+  for (const auto& r : refused) {
+    if (r.given) return Fail(kRun, Lasp2OptionError(r.flag));
+  }
+  int64_t chunk = 64;
+  if (!o.chunk.empty() && !ParseNonNegative("--chunk", o.chunk, &chunk, &error)) {
+    return Fail(kRun, error);
+  }
+  bool backward = false;
+  if (!GradientFiles(o.dout, o.dq, o.dk, o.dv, &backward, &error)) return Fail(kRun, error);
+  std::vector<float> lambdas;
+  if (!CheckVariantInputs(o, choice.variant, backward, &lambdas, &error)) {
+    return Fail(kRun, error);
+  }
+  const std::vector<FileArg> input_files = {
+      {"--q", o.q}, {"--k", o.k}, {"--v", o.v}, {"--dout", o.dout}, {"--gates", o.gates}};
+  const std::vector<FileArg> output_files = {
+      {"--out", o.out}, {"--dq", o.dq}, {"--dk", o.dk}, {"--dv", o.dv}, {"--dgates", o.dgates}};
+
+  std::unique_ptr<DistSession> session = DistSession::Start(&error);
+  if (!session) return Fail(kRun, error);
+  Communicator& comm = session->comm();
+  plan.rank = session->rank();
+  plan.size = session->size();
+
+  // Local work before the agreement, as in RunDist; the gates are cut along their token axis.
+  std::string local;
+  if (plan.rank == 0) CheckOutputs(input_files, output_files, &local);
+  const std::vector<DType> floats = {DType::kF32, DType::kF16};
+  NpyArray q, k, v, dout, gates;  // this rank's shards
+  std::vector<int64_t> q_shape, k_shape, v_shape, gates_shape;
+  const struct {
+    const char* flag;
+    const std::string& path;
+    NpyArray* shard;
+    std::vector<int64_t>* whole_shape;
+  } inputs[] = {{"--q", o.q, &q, &q_shape},
+                {"--k", o.k, &k, &k_shape},
+                {"--v", o.v, &v, &v_shape},
+                {"--dout", o.dout, &dout, nullptr}};
+  for (const auto& in : inputs) {
+    if (!local.empty()) break;
+    if (in.path.empty()) continue;  // no backward
+    local =
+        LoadShard(in.flag, in.path, {4}, "[B, S, H, D]", floats, &plan, in.shard, in.whole_shape);
+  }
+  if (local.empty() && !lambdas.empty()) ExpandDecay(o.decay, q_shape[2], &lambdas, &local);
+  if (local.empty() && !o.gates.empty()) {
+    local = LoadShard("--gates", o.gates, {4, 3}, "[B, S, Hq, Dk] or [B, S, Hq]", {DType::kF32},
+                      &plan, &gates, &gates_shape);
+    const std::vector<int64_t> want = {q_shape[0], q_shape[1], q_shape[2], q_shape[3]};
+    if (local.empty() && gates_shape != want &&
+        gates_shape != std::vector<int64_t>(want.begin(), want.begin() + 3)) {
+      local = "--gates " + o.gates + ": expected shape " + ShapeToString(want) +
+              " [B, S, Hq, Dk] or " + ShapeToString({want[0], want[1], want[2]}) +
+              " [B, S, Hq] (from q), got " + ShapeToString(gates_shape);
+    }
+  }
+
+  // The outputs: out [B, N, Hq, Dv] and dq in q's dtype, dk and dv those of k and v, dgates f32
+  // in the shape of the gates.
+  std::vector<ShardedOutput> outputs;
+  if (local.empty()) {
+    auto add = [&](const char* flag, const std::string& path, DType dtype,
+                   const std::vector<int64_t>& shape) {
+      const std::string e = AddOutput(flag, path, dtype, shape, 1, plan, &outputs);
+      if (local.empty()) local = e;
+    };
+    outputs.reserve(5);
+    add("--out", o.out, q.dtype, {q_shape[0], q_shape[1], q_shape[2], v_shape[3]});
+    if (backward) {
+      add("--dq", o.dq, q.dtype, q_shape);
+      add("--dk", o.dk, k.dtype, k_shape);
+      add("--dv", o.dv, v.dtype, v_shape);
+      if (!o.dgates.empty()) add("--dgates", o.dgates, DType::kF32, gates_shape);
+    }
+  }
+  int exit_code = kExitOk;
+  if (!Agreed(kRun, comm, local, &exit_code)) return exit_code;
+
+  Lasp2Params params;
+  LinearAttentionParams& p = params.local;
+  p.q = q.View();
+  p.k = k.View();
+  p.v = v.View();
+  p.out = outputs[0].shard.View();
+  p.feature_map = choice.feature_map;
+  p.scale = o.scale;
+  p.causal = true;
+  p.normalize = choice.normalize;
+  p.chunk_size = chunk;
+  if (!lambdas.empty()) {
+    p.decay = MakeView1(lambdas.data(), DType::kF32, static_cast<int64_t>(lambdas.size()));
+  }
+  if (gates.data) p.gates = gates.View();
+  using Clock = std::chrono::steady_clock;
+  auto start = Clock::now();
+  DistributedTiming forward_timing, backward_timing;
+  Status st = Lasp2Forward(params, comm, ctx, &forward_timing);
+  if (!st.ok()) return DistFail(kRun, plan.rank, LinearStatusMessage(st));
+  const double forward_s = std::chrono::duration<double>(Clock::now() - start).count();
+  double backward_s = 0.0;
+  if (backward) {
+    Lasp2BackwardParams bparams;
+    bparams.local.forward = p;
+    bparams.local.dout = dout.View();
+    bparams.local.dq = outputs[1].shard.View();
+    bparams.local.dk = outputs[2].shard.View();
+    bparams.local.dv = outputs[3].shard.View();
+    if (!o.dgates.empty()) bparams.local.dgates = outputs[4].shard.View();
+    start = Clock::now();
+    st = Lasp2Backward(bparams, comm, ctx, &backward_timing);
+    if (!st.ok()) return DistFail(kRun, plan.rank, LinearStatusMessage(st));
+    backward_s = std::chrono::duration<double>(Clock::now() - start).count();
+  }
+
+  exit_code = GatherAndPublish(kRun, comm, plan, outputs, input_files);
+  if (exit_code != kExitOk) return exit_code;
+  if (o.verbose && plan.rank == 0) {
+    std::cerr << "tessera run: --op linear --dist lasp2, " << LinearVariantName(choice.variant)
+              << " (" << FeatureMapName(choice.feature_map) << " map"
+              << (choice.normalize ? ", normalized" : "") << "), chunk " << chunk << ", "
+              << plan.size << " rank(s), N " << plan.total << ", threads per rank "
+              << ResolveThreads(ctx) << "; rank 0: " << Timed("forward", forward_s, forward_timing)
+              << ", all-gathered " << forward_timing.bytes_sent << " bytes";
     if (backward) std::cerr << ", " << Timed("backward", backward_s, backward_timing);
     std::cerr << "\n";
   }

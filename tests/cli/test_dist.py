@@ -184,7 +184,7 @@ class DistErrorTest(CliTestBase):
     def test_bad_values(self):
         cases = [
             (["--dist", "bogus"], ["--dist", "'bogus'", "ring", "ulysses"]),
-            (["--dist", "lasp2"], ["--dist", "not implemented"]),
+            (["--dist", "lasp2"], ["--dist lasp2", "--op linear"]),
             (["--dist", "ring", "--layout", "bogus"], ["--layout", "'bogus'"]),
             (["--layout", "zigzag"], ["--layout", "only with --dist"]),
         ]
