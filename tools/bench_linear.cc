@@ -12,6 +12,8 @@
 // times tessera's exact AttentionForward on the same B / N / H / Hkv with head dim --dim in f32
 // (causal when the linear call is), as many runs, and reports speedup = baseline_ms / ms: where
 // linear attention starts to pay off.
+#include "bench_linear.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
@@ -28,11 +30,7 @@
 namespace tessera {
 namespace cli {
 namespace bench {
-namespace {
 
-constexpr int64_t kBasedFeatureDim = 16;  // BASED's q/k projection (Arora et al. 2024)
-
-// n normal-ish values (FillNormalish) rounded to `dtype`, in a buffer of that dtype.
 AlignedBytes NormalBuffer(DType dtype, int64_t n, uint64_t seed) {
   std::vector<float> values(static_cast<size_t>(n));
   Random rng(seed);
@@ -55,7 +53,6 @@ AlignedBytes NormalBuffer(DType dtype, int64_t n, uint64_t seed) {
   return buf;
 }
 
-// GLA's gates: log-sigmoid of normal-ish values over 16, so exp(g) sits just below 1.
 AlignedBytes GateBuffer(int64_t n, uint64_t seed) {
   AlignedBytes buf = NormalBuffer(DType::kF32, n, seed);
   if (!buf) return buf;
@@ -68,7 +65,21 @@ AlignedBytes GateBuffer(int64_t n, uint64_t seed) {
   return buf;
 }
 
-}  // namespace
+std::vector<float> RetNetDecayRates(int64_t heads) {
+  std::vector<float> lambdas;
+  for (int64_t h = 0; h < heads; ++h) {
+    const double t = heads > 1 ? static_cast<double>(h) / static_cast<double>(heads - 1) : 0.0;
+    lambdas.push_back(static_cast<float>(1.0 - std::exp2(-5.0 - 4.0 * t)));
+  }
+  return lambdas;
+}
+
+double LinearFlops(double batch_heads, double tokens, int64_t feature_dim, int64_t dim_v,
+                   bool normalize, double window_pairs, int64_t dim_k) {
+  const double f = static_cast<double>(feature_dim);
+  return batch_heads * tokens * (4.0 * f * dim_v + (normalize ? 4.0 * f : 0.0)) +
+         batch_heads * window_pairs * 2.0 * static_cast<double>(dim_k + dim_v);
+}
 
 int BenchLinear(const BenchOptions& o) {
   const char* cmd = "bench";
@@ -154,8 +165,7 @@ int BenchLinear(const BenchOptions& o) {
   }
   const double bh = static_cast<double>(B * H);
   const double flops =
-      bh * static_cast<double>(N) * (4.0 * F * Dv + (choice.normalize ? 4.0 * F : 0.0)) +
-      bh * window_pairs * 2.0 * static_cast<double>(Dk + Dv);
+      LinearFlops(bh, static_cast<double>(N), F, Dv, choice.normalize, window_pairs, Dk);
   const double tokens = static_cast<double>(B * N);
 
   Json result;
@@ -196,10 +206,7 @@ int BenchLinear(const BenchOptions& o) {
   }
   std::vector<float> lambdas;
   if (choice.variant == LinearVariant::kDecay) {
-    for (int64_t h = 0; h < H; ++h) {
-      const double t = H > 1 ? static_cast<double>(h) / static_cast<double>(H - 1) : 0.0;
-      lambdas.push_back(static_cast<float>(1.0 - std::exp2(-5.0 - 4.0 * t)));
-    }
+    lambdas = RetNetDecayRates(H);
     result["decay"] = lambdas;
   }
   LinearAttentionParams params;

@@ -302,10 +302,11 @@ CommandMain AddBenchCommand(CLI::App& app) {
   CLI::Option* dist_option =
       sub->add_option("--dist", dist->dist,
                       "ring or ulysses: time sequence-parallel exact attention across the ranks "
-                      "of the MPI job on random shards (keys below)")
+                      "of the MPI job on random shards (keys below); lasp2 (with --op linear): "
+                      "causal linear attention")
           ->group(dist_group);
   CLI::Option* layout_option =
-      sub->add_option("--layout", dist->layout, "with --dist: contiguous or zigzag")
+      sub->add_option("--layout", dist->layout, "with --dist: contiguous or zigzag (ring, ulysses)")
           ->capture_default_str()
           ->group(dist_group);
   CLI::Option* backward_option =
@@ -325,10 +326,11 @@ tokens_per_s = B*N / median time.
   return [o, sub, dist, dist_option, layout_option, backward_option, mask_option, normalize_option,
           normalize_value, other_only, linear_only, decode_only, evict_only, approx_only,
           longconv_only] {
+    o->normalize = normalize_option->count() > 0 ? (*normalize_value ? 1 : 0) : -1;
     if (dist_option->count() > 0) {
       // Only the options the drivers take; the others would be ignored, so they are refused.
-      if (const std::string name = FirstOptionNotIn(*sub, DistBenchOptionNames()); !name.empty()) {
-        return Fail("bench", name + ": not with --dist");
+      if (std::string error = DistBenchOptionError(*sub, *o, *dist); !error.empty()) {
+        return Fail("bench", error);
       }
       std::string error;
       if (!ApplySimdTarget(o->target, &error)) return Fail("bench", error);
@@ -338,7 +340,6 @@ tokens_per_s = B*N / median time.
       if (opt->count() > 0) return Fail("bench", opt->get_name() + ": only with --dist");
     }
     o->has_mask = mask_option->count() > 0;
-    o->normalize = normalize_option->count() > 0 ? (*normalize_value ? 1 : 0) : -1;
     for (const CLI::Option* opt : other_only) {
       if (opt->count() > 0) o->given_other_only.push_back(opt->get_name());
     }

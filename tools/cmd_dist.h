@@ -1,9 +1,12 @@
 // SPDX-License-Identifier: Apache-2.0
-// `tessera run --dist` and `tessera bench --dist`: sequence-parallel exact attention
-// (tessera/distributed.h: ring attention, Ulysses) across the ranks of an MPI job.
+// `tessera run --dist` and `tessera bench --dist`: sequence-parallel attention
+// (tessera/distributed.h) across the ranks of an MPI job: exact attention by ring attention or
+// Ulysses, linear attention by LASP-2.
 //
 //   mpirun -np P tessera run --dist ring|ulysses [--layout contiguous|zigzag] --q Q.npy ...
+//   mpirun -np P tessera run --op linear --dist lasp2 [--variant ...] --q Q.npy ...
 //   mpirun -np P tessera bench --dist ring|ulysses --seq N --heads H --dim D [--json]
+//   mpirun -np P tessera bench --op linear --dist lasp2 --seq N --heads H --dim D [--json]
 //
 // Every rank reads the whole inputs, keeps its shard (the layout's cut), runs the driver over
 // MakeMpiCommunicator(MPI_COMM_WORLD), and rank 0 gathers the shards of the outputs and writes the
@@ -24,6 +27,7 @@
 #include <vector>
 
 #include "bench_harness.h"
+#include "cmd_run_linear.h"
 #include "tessera/distributed.h"
 
 namespace CLI {
@@ -33,12 +37,14 @@ class App;
 namespace tessera {
 namespace cli {
 
-enum class DistAlgorithm : int32_t { kRing, kUlysses };
+// ring and ulysses run exact attention (--op exact of run, forward of bench), lasp2 linear
+// attention (--op linear).
+enum class DistAlgorithm : int32_t { kRing, kUlysses, kLasp2 };
 
-// "ring", "ulysses".
+// "ring", "ulysses", "lasp2".
 const char* DistAlgorithmName(DistAlgorithm algorithm);
 
-// Parses --dist: "ring" or "ulysses"; false with *error naming --dist otherwise.
+// Parses --dist: "ring", "ulysses" or "lasp2"; false with *error naming --dist otherwise.
 bool ParseDistAlgorithm(const std::string& text, DistAlgorithm* algorithm, std::string* error);
 // Parses --layout: "contiguous" or "zigzag"; false with *error naming --layout otherwise.
 bool ParseShardLayout(const std::string& text, ShardLayout* layout, std::string* error);
@@ -71,6 +77,19 @@ int RunDist(const DistRunOptions& o);
 // The options `run --dist` takes (with the exact op's files and flags).
 const std::vector<std::string>& DistRunOptionNames();
 
+// What is wrong with --op and the other options given to `run --dist` ("" when nothing): ring and
+// ulysses take the exact op, lasp2 the linear op (an error names both options), and each only the
+// options its driver takes (the first other one is named).
+std::string DistRunOptionError(const CLI::App& command, const std::string& op,
+                               const std::string& dist);
+
+// --- run --op linear --dist lasp2 ----------------------------------------------------------------
+// Every rank loads the whole inputs, keeps its contiguous shard (the even cut; the gates cut along
+// their token axis like q), runs Lasp2Forward (and Lasp2Backward with --dout), and rank 0 gathers
+// out (dq, dk, dv, dgates) and writes them. `o` holds the linear op's options (cmd_run_linear.h);
+// `layout` is --layout, which must be contiguous. Returns the process exit code.
+int RunDistLinear(const LinearRunOptions& o, const std::string& layout);
+
 // --- bench --dist ----------------------------------------------------------------------------
 struct DistBenchOptions {
   std::string dist;
@@ -78,12 +97,23 @@ struct DistBenchOptions {
   bool backward = false;
 };
 
-// Times the driver on random shards (bench_dist.cc); rank 0 prints the result.
+// Times the driver on random shards (bench_dist.cc); rank 0 prints the result. With lasp2, `o`
+// holds the linear op's options (o.normalize resolved from the flags).
 int BenchDist(const bench::BenchOptions& o, const DistBenchOptions& d);
 
-// The options `bench --dist` takes, and the help text of its report (the JSON keys).
-const std::vector<std::string>& DistBenchOptionNames();
+// What is wrong with --op and the other options given to `bench --dist` ("" when nothing): ring
+// and ulysses time exact attention (--op left at its default), lasp2 the linear op (--op linear),
+// each with only the options its driver takes.
+std::string DistBenchOptionError(const CLI::App& command, const bench::BenchOptions& o,
+                                 const DistBenchOptions& d);
+
+// The help text of the report of `bench --dist` (the JSON keys).
 std::string DistBenchHelp();
+
+// LASP-2 has no exact window: *error names --window (given, not 0) or --variant based (whose
+// default window is kBasedWindow) when `choice` has one.
+bool CheckNoWindowForLasp2(const LinearOptionText& text, const LinearChoice& choice,
+                           std::string* error);
 
 // --- shared by run and bench -----------------------------------------------------------------
 
@@ -109,6 +139,15 @@ class DistSession {
   std::unique_ptr<Communicator> comm_;
   bool overlaps_ = false;
 };
+
+// The pairing of --op and --dist ("" when they go together; also a bad --dist): ring and ulysses
+// run exact attention (`exact_op`: `op` is the command's exact op), lasp2 linear attention (--op
+// linear); the error names both options.
+std::string OpDistError(const std::string& op, const std::string& dist, bool exact_op);
+
+// The error of an option `run` or `bench` takes that --dist lasp2 does not: "NAME: not with
+// --dist lasp2 (why)".
+std::string Lasp2OptionError(const std::string& name);
 
 // Prints an error of this rank, "tessera COMMAND: MESSAGE" on rank 0 and "tessera COMMAND: rank R:
 // MESSAGE" on the others, and returns kExitError.

@@ -7,7 +7,8 @@
 // AttentionBackward) as views, so peak memory is inputs + outputs + the kernels' scratch;
 // nothing is written unless the whole call succeeds. --mask (mask_spec.h) is parsed against the
 // inputs' shapes; its select: forms run SelectBlocks on these q and k before the forward. With
-// --dist, the exact op runs sequence-parallel under mpirun (cmd_dist.cc).
+// --dist, the exact op (ring, ulysses) or the linear op (lasp2) runs sequence-parallel under
+// mpirun (cmd_dist.cc).
 #include <CLI/CLI.hpp>
 #include <algorithm>
 #include <chrono>
@@ -59,7 +60,7 @@ struct RunOptions {
   // --op longconv: its files and path.
   LongConvRunOptions longconv;
   uint64_t seed = 0;
-  // --dist: sequence-parallel exact attention (cmd_dist.h); only the options it takes.
+  // --dist: sequence-parallel attention (cmd_dist.h); only the options it takes.
   std::string dist, layout = "contiguous";
   CLI::Option* dist_option = nullptr;
   CLI::Option* layout_option = nullptr;
@@ -278,18 +279,35 @@ int RunMain(const RunOptions& o) {
   return kExitOk;
 }
 
-// --dist: the exact op's files and flags only; everything else is refused by name.
-int RunDistDispatch(const RunOptions& o) {
-  if (o.op != "exact") {
-    return Fail("run", "--op " + o.op + ": not with --dist (ring and ulysses run exact attention)");
-  }
-  if (const std::string name = FirstOptionNotIn(*o.command, DistRunOptionNames()); !name.empty()) {
-    return Fail("run", name +
-                           ": not with --dist (sequence-parallel attention takes --causal, "
-                           "--scale and --softcap)");
+// --op linear: the options every op shares, copied into the linear op's own.
+LinearRunOptions& LinearOptions(RunOptions& o) {
+  LinearRunOptions& l = o.linear;
+  l.q = o.q;
+  l.k = o.k;
+  l.v = o.v;
+  l.out = o.out;
+  l.dout = o.dout;
+  l.dq = o.dq;
+  l.dk = o.dk;
+  l.dv = o.dv;
+  l.causal = o.causal;
+  l.text.window = o.window;
+  if (o.scale_option->count() > 0) l.scale = static_cast<float>(o.scale);
+  l.threads = o.threads;
+  l.path = o.path;
+  l.verbose = o.verbose;
+  return l;
+}
+
+// --dist: the exact op with ring or ulysses, the linear op with lasp2, and only the options
+// their drivers take; everything else is refused by name.
+int RunDistDispatch(RunOptions& o) {
+  if (const std::string error = DistRunOptionError(*o.command, o.op, o.dist); !error.empty()) {
+    return Fail("run", error);
   }
   std::string error;
   if (!ApplySimdTarget(o.target, &error)) return Fail("run", error);
+  if (o.op == "linear") return RunDistLinear(LinearOptions(o), o.layout);
   DistRunOptions d;
   d.dist = o.dist;
   d.layout = o.layout;
@@ -389,22 +407,7 @@ int RunDispatch(RunOptions& o) {
     return RunLongConv(c);
   }
   if (!linear) return RunMain(o);
-  LinearRunOptions& l = o.linear;
-  l.q = o.q;
-  l.k = o.k;
-  l.v = o.v;
-  l.out = o.out;
-  l.dout = o.dout;
-  l.dq = o.dq;
-  l.dk = o.dk;
-  l.dv = o.dv;
-  l.causal = o.causal;
-  l.text.window = o.window;
-  if (o.scale_option->count() > 0) l.scale = static_cast<float>(o.scale);
-  l.threads = o.threads;
-  l.path = o.path;
-  l.verbose = o.verbose;
-  return RunLinear(l);
+  return RunLinear(LinearOptions(o));
 }
 
 }  // namespace
@@ -541,17 +544,20 @@ CommandMain AddRunCommand(CLI::App& app) {
             ->capture_default_str()}) {
     o->longconv_only.push_back(opt->group(lc_group));
   }
-  // Sequence-parallel exact attention (tessera/distributed.h), under mpirun.
+  // Sequence-parallel attention (tessera/distributed.h), under mpirun.
   const std::string dist_group = "Sequence parallel (--dist; under mpirun -np P)";
   o->dist_option =
       sub->add_option("--dist", o->dist,
                       "ring or ulysses: exact attention with the sequence split across the ranks "
                       "of the MPI job (every rank reads the inputs, rank 0 writes the outputs); "
-                      "takes --causal, --scale, --softcap, --lse and the backward files")
+                      "takes --causal, --scale, --softcap, --lse and the backward files. lasp2 "
+                      "(with --op linear): causal linear attention, chunked, any variant and "
+                      "feature map, no window, prefix or state files")
           ->group(dist_group);
   o->layout_option = sub->add_option("--layout", o->layout,
                                      "with --dist: contiguous (even runs of tokens) or zigzag "
-                                     "(chunks r and 2P-1-r of 2P: balanced causal work)")
+                                     "(chunks r and 2P-1-r of 2P: balanced causal work; not "
+                                     "with lasp2)")
                          ->capture_default_str()
                          ->group(dist_group);
   o->command = sub;

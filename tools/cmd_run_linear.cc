@@ -73,6 +73,52 @@ bool Allocate(const char* what, DType dtype, std::vector<int64_t> shape, NpyArra
 
 }  // namespace
 
+bool CheckVariantInputs(const LinearRunOptions& o, LinearVariant variant, bool backward,
+                        std::vector<float>* lambdas, std::string* error) {
+  const std::string variant_name = LinearVariantName(variant);
+  if (variant == LinearVariant::kDecay) {
+    if (o.decay.empty()) {
+      *error =
+          "--decay: --variant decay needs the decay rates 'L1,L2,...' (one per query head, or "
+          "one for all)";
+      return false;
+    }
+    if (!ParseDecay(o.decay, lambdas, error)) return false;
+  } else if (!o.decay.empty()) {
+    *error = "--decay: only with --variant decay, got --variant " + variant_name;
+    return false;
+  }
+  if (variant == LinearVariant::kGla) {
+    if (o.gates.empty()) {
+      *error = "--gates: --variant gla needs the log-space gates G.npy (float32 [B, S, Hq, Dk])";
+      return false;
+    }
+  } else if (!o.gates.empty()) {
+    *error = "--gates: only with --variant gla, got --variant " + variant_name;
+    return false;
+  }
+  if (!o.dgates.empty() && variant != LinearVariant::kGla) {
+    *error = "--dgates: only with --variant gla, got --variant " + variant_name;
+    return false;
+  }
+  if (!backward && !o.dgates.empty()) {
+    *error =
+        "--dgates: the gates' gradient comes from the backward; expected --dout, --dq, --dk and "
+        "--dv with it";
+    return false;
+  }
+  return true;
+}
+
+bool ExpandDecay(const std::string& text, int64_t heads_q, std::vector<float>* lambdas,
+                 std::string* error) {
+  if (lambdas->size() == 1) lambdas->assign(static_cast<size_t>(heads_q), (*lambdas)[0]);
+  if (static_cast<int64_t>(lambdas->size()) == heads_q) return true;
+  *error = "--decay: expected one decay rate per query head (Hq = " + std::to_string(heads_q) +
+           ") or one for all, got " + std::to_string(lambdas->size()) + " in '" + text + "'";
+  return false;
+}
+
 int RunLinear(const LinearRunOptions& o) {
   std::string error;
   Context ctx;
@@ -115,38 +161,10 @@ int RunLinear(const LinearRunOptions& o) {
     return Fail(kCmd, error);
   }
 
-  // Each variant's own input: required there, refused elsewhere (it would be silently ignored).
-  std::vector<float> lambdas;
-  if (variant == LinearVariant::kDecay) {
-    if (o.decay.empty()) {
-      return Fail(kCmd,
-                  "--decay: --variant decay needs the decay rates 'L1,L2,...' (one per "
-                  "query head, or one for all)");
-    }
-    if (!ParseDecay(o.decay, &lambdas, &error)) return Fail(kCmd, error);
-  } else if (!o.decay.empty()) {
-    return Fail(kCmd, "--decay: only with --variant decay, got --variant " + variant_name);
-  }
-  if (variant == LinearVariant::kGla) {
-    if (o.gates.empty()) {
-      return Fail(kCmd,
-                  "--gates: --variant gla needs the log-space gates G.npy (float32 "
-                  "[B, S, Hq, Dk])");
-    }
-  } else if (!o.gates.empty()) {
-    return Fail(kCmd, "--gates: only with --variant gla, got --variant " + variant_name);
-  }
-  if (!o.dgates.empty() && variant != LinearVariant::kGla) {
-    return Fail(kCmd, "--dgates: only with --variant gla, got --variant " + variant_name);
-  }
-
   bool backward = false;
   if (!GradientFiles(o.dout, o.dq, o.dk, o.dv, &backward, &error)) return Fail(kCmd, error);
-  if (!backward && !o.dgates.empty()) {
-    return Fail(kCmd,
-                "--dgates: the gates' gradient comes from the backward; expected --dout, "
-                "--dq, --dk and --dv with it");
-  }
+  std::vector<float> lambdas;
+  if (!CheckVariantInputs(o, variant, backward, &lambdas, &error)) return Fail(kCmd, error);
 
   // The recurrent state: f32 files; under --normalize the normalizer travels with it, since a
   // state without its normalizer cannot continue a normalized sequence.
@@ -250,14 +268,7 @@ int RunLinear(const LinearRunOptions& o) {
     return Fail(kCmd, "--prefix: expected 0 <= P <= S = " + std::to_string(S) + ", got " +
                           std::to_string(prefix));
   }
-  if (!lambdas.empty()) {
-    if (lambdas.size() == 1) lambdas.assign(static_cast<size_t>(Hq), lambdas[0]);
-    if (static_cast<int64_t>(lambdas.size()) != Hq) {
-      return Fail(kCmd, "--decay: expected one decay rate per query head (Hq = " +
-                            std::to_string(Hq) + ") or one for all, got " +
-                            std::to_string(lambdas.size()) + " in '" + o.decay + "'");
-    }
-  }
+  if (!lambdas.empty() && !ExpandDecay(o.decay, Hq, &lambdas, &error)) return Fail(kCmd, error);
   // Gates per channel [B, S, Hq, Dk], or scalar per token and head [B, S, Hq] (GLA's simple form).
   std::vector<int64_t> gates_shape = {B, S, Hq, Dk};
   if (!o.gates.empty()) {

@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <optional>
 #include <string>
+#include <vector>
 
 #include "cli_common.h"
 
@@ -32,6 +33,17 @@ struct LinearRunOptions {
 
 // Runs the command; returns the process exit code (errors printed as "tessera run: ...").
 int RunLinear(const LinearRunOptions& o);
+
+// The variant's own inputs, shared with `run --op linear --dist lasp2`: --decay with decay (its
+// rates parsed into *lambdas), --gates with gla, --dgates with gla and the backward; each refused
+// elsewhere, since it would be silently ignored. False with *error naming the flag.
+bool CheckVariantInputs(const LinearRunOptions& o, LinearVariant variant, bool backward,
+                        std::vector<float>* lambdas, std::string* error);
+
+// One decay rate is broadcast to every one of the heads_q query heads; otherwise there must be
+// one per head. False with *error naming --decay.
+bool ExpandDecay(const std::string& text, int64_t heads_q, std::vector<float>* lambdas,
+                 std::string* error);
 
 }  // namespace cli
 }  // namespace tessera

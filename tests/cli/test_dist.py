@@ -1,13 +1,15 @@
 # SPDX-License-Identifier: Apache-2.0
-"""`tessera run --dist` and `tessera bench --dist`: sequence-parallel attention (ring, Ulysses)
-under mpirun for P = 1, 2, 3 against the single-process `tessera run` on the same files, the
-bench report, and errors that end every rank (exit 2) without a hang.
+"""`tessera run --dist` and `tessera bench --dist`: sequence-parallel attention (ring, Ulysses for
+the exact op; LASP-2 for --op linear) under mpirun for P = 1, 2, 3 against the single-process
+`tessera run` on the same files, the bench report, and errors that end every rank (exit 2)
+without a hang.
 
 Skipped as a whole when the binary was built without MPI (its --dist error names TESSERA_MPI);
 the mpirun cases are skipped when mpirun is not on PATH.
 """
 import json
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -31,6 +33,8 @@ SHAPE = (2, 13, 12, 6, 8)
 BENCH_KEYS = ["dist", "ranks", "seq", "layout", "causal", "backward", "threads", "ms",
               "compute_ms", "wait_ms", "transfer_ms", "hidden_fraction", "comm_only_ms",
               "hidden_vs_comm_only", "bytes_sent", "steps", "gflops", "per_rank"]
+LASP2_BENCH_KEYS = ["variant", "feature_map", "feature_dim", "normalize", "chunk", "dim_qk",
+                    "dim_v", "allgathers", "allgather_bytes"]
 
 
 def setUpModule():
@@ -68,7 +72,19 @@ def allclose(got, want):
     return None
 
 
-class DistRunTest(CliTestBase):
+class OutputsMatch:
+    """assert_matches for the run tests: every output file of a prefix against the reference's."""
+
+    def assert_matches(self, prefix, want_prefix, what, names):
+        for name in names:
+            got = read_npy(self.path(prefix + name + ".npy"))
+            want = read_npy(self.path(want_prefix + name + ".npy"))
+            self.assertEqual(got[:3], want[:3], "%s %s: dtype, order, shape" % (what, name))
+            bad = allclose(got[3], want[3])
+            self.assertIsNone(bad, "%s %s: %s" % (what, name, bad))
+
+
+class DistRunTest(OutputsMatch, CliTestBase):
     OUTPUTS = ["out", "lse", "dq", "dk", "dv"]
 
     def write_inputs(self, B, N, Hq, Hkv, D, seed=3):
@@ -98,14 +114,6 @@ class DistRunTest(CliTestBase):
             self.assert_ok(*run_cli("run", *self.args(prefix, backward, lse), *options))
             self.references[key] = prefix
         return self.references[key]
-
-    def assert_matches(self, prefix, want_prefix, what, names):
-        for name in names:
-            got = read_npy(self.path(prefix + name + ".npy"))
-            want = read_npy(self.path(want_prefix + name + ".npy"))
-            self.assertEqual(got[:3], want[:3], "%s %s: dtype, order, shape" % (what, name))
-            bad = allclose(got[3], want[3])
-            self.assertIsNone(bad, "%s %s: %s" % (what, name, bad))
 
     def check(self, ranks, dist, options, backward=True, lse=True, singleton=False):
         what = "P=%d --dist %s %s" % (ranks, dist, " ".join(map(str, options)))
@@ -184,7 +192,7 @@ class DistErrorTest(CliTestBase):
     def test_bad_values(self):
         cases = [
             (["--dist", "bogus"], ["--dist", "'bogus'", "ring", "ulysses"]),
-            (["--dist", "lasp2"], ["--dist", "not implemented"]),
+            (["--dist", "lasp2"], ["--dist lasp2", "--op linear"]),
             (["--dist", "ring", "--layout", "bogus"], ["--layout", "'bogus'"]),
             (["--layout", "zigzag"], ["--layout", "only with --dist"]),
         ]
@@ -219,6 +227,143 @@ class DistErrorTest(CliTestBase):
         self.assertEqual(out, "")
 
 
+# LASP-2: B, N, Hq, Hkv, Dk, Dv. GQA, B > 1, Dv != Dk, and N = 37 divisible by neither P = 2 nor 3
+# and longer than --chunk 16 on every shard but the last of P = 3.
+LINEAR_SHAPE = (2, 37, 4, 2, 8, 6)
+LASP2_VARIANTS = {
+    "plain": [],
+    "decay": ["--variant", "decay", "--decay", "0.9,0.8,0.95,0.7"],
+    "gla": ["--variant", "gla", "--gates", "g.npy"],
+    "elu1-normalized": ["--feature-map", "elu1", "--normalize"],
+}
+
+
+class DistLasp2RunTest(OutputsMatch, CliTestBase):
+    OUTPUTS = ["out", "dq", "dk", "dv", "dgates"]
+
+    def write_linear(self, B, N, Hq, Hkv, Dk, Dv, seed=5):
+        self.references = {}
+        for name, shape, offset in (("q", (B, N, Hq, Dk), 0), ("k", (B, N, Hkv, Dk), 1),
+                                    ("v", (B, N, Hkv, Dv), 2), ("do", (B, N, Hq, Dv), 3)):
+            n = shape[0] * shape[1] * shape[2] * shape[3]
+            write_npy(self.path(name + ".npy"), shape, random_values(n, seed + offset, "<f4"))
+        # Log-space gates in [-0.5, -0.01], one per channel (g.npy) or per token and head (gs.npy).
+        rng = random.Random(seed + 4)
+        write_npy(self.path("g.npy"), (B, N, Hq, Dk),
+                  [-rng.uniform(0.01, 0.5) for _ in range(B * N * Hq * Dk)])
+        write_npy(self.path("gs.npy"), (B, N, Hq),
+                  [-rng.uniform(0.01, 0.5) for _ in range(B * N * Hq)])
+
+    def args(self, prefix, backward=True, lse=False, dgates=False):
+        a = ["--op", "linear", "--q", self.path("q.npy"), "--k", self.path("k.npy"),
+             "--v", self.path("v.npy"), "--out", self.path(prefix + "out.npy"), "--threads", 1,
+             "--chunk", 16]
+        if backward:
+            a += ["--dout", self.path("do.npy")]
+            a += sum((["--" + g, self.path(prefix + g + ".npy")] for g in ("dq", "dk", "dv")), [])
+        if dgates:
+            a += ["--dgates", self.path(prefix + "dgates.npy")]
+        return a
+
+    def single_process(self, options, backward=True, dgates=False):
+        """The reference: `tessera run --op linear` with the same options (once per set)."""
+        key = (tuple(options), backward, dgates)
+        if key not in self.references:
+            prefix = "ref%d_" % len(self.references)
+            self.assert_ok(*run_cli("run", *self.args(prefix, backward, dgates=dgates),
+                                    *options))
+            self.references[key] = prefix
+        return self.references[key]
+
+    def check_lasp2(self, ranks, options, backward=True, dgates=False):
+        options = [self.path(o) if o in ("g.npy", "gs.npy") else o for o in options]
+        what = "P=%d --dist lasp2 %s" % (ranks, " ".join(map(str, options)))
+        want = self.single_process(options, backward, dgates)
+        prefix = "dist_"
+        for name in self.OUTPUTS:
+            if os.path.exists(self.path(prefix + name + ".npy")):
+                os.remove(self.path(prefix + name + ".npy"))
+        rc, out, err = run_ranks(ranks, "run", "--dist", "lasp2",
+                                 *self.args(prefix, backward, dgates=dgates), *options)
+        self.assertEqual(rc, 0, "%s: exit %d, stderr: %s" % (what, rc, err))
+        self.assertEqual(out, "", what + ": stdout must stay clean")
+        names = ["out"] + (["dq", "dk", "dv"] if backward else []) + (["dgates"] if dgates else [])
+        self.assert_matches(prefix, want, what, names)
+        for name in set(self.OUTPUTS) - set(names):
+            self.assertFalse(os.path.exists(self.path(prefix + name + ".npy")), what + " " + name)
+
+    def test_variants_match_single_process(self):
+        # Forward and backward (dgates for gla) of every variant, P = 1, 2, 3.
+        self.write_linear(*LINEAR_SHAPE)
+        for ranks in (1, 2, 3):
+            for variant, options in LASP2_VARIANTS.items():
+                with self.subTest(ranks=ranks, variant=variant):
+                    self.check_lasp2(ranks, options, dgates=variant == "gla")
+
+    def test_forward_only_scalar_gates_and_empty_shards(self):
+        # No backward files (one decay rate for every head, a scale); scalar gates [B, N, Hq] and
+        # their dgates; then fewer tokens than ranks: a rank with no tokens still takes part in
+        # the all-gathers (gates too).
+        self.write_linear(*LINEAR_SHAPE)
+        self.check_lasp2(2, ["--variant", "decay", "--decay", "0.85", "--scale", 0.5],
+                         backward=False)
+        self.check_lasp2(2, ["--variant", "gla", "--gates", "gs.npy"], dgates=True)
+        self.write_linear(1, 2, 2, 1, 8, 8, seed=9)
+        self.check_lasp2(3, LASP2_VARIANTS["gla"], dgates=True)
+
+
+class DistLasp2ErrorTest(CliTestBase):
+    def setUp(self):
+        super().setUp()
+        self.make_inputs(1, 8, 8, 2, 1, 8)
+
+    def assert_refused(self, rc, out, err, *needles):
+        self.assert_error(rc, err, *needles)
+        self.assertEqual(out, "")
+        self.assertFalse(os.path.exists(self.path("o.npy")), "nothing may be written")
+
+    def lasp2(self, *extra):
+        return run_cli("run", "--op", "linear", "--dist", "lasp2", *self.io_args(), *extra,
+                       env=MPI_ENV)
+
+    def test_options_lasp2_does_not_take(self):
+        cases = [
+            (["--non-causal"], ["--non-causal", "--dist lasp2"]),
+            (["--prefix", 2], ["--prefix", "--dist lasp2"]),
+            (["--window", 4], ["--window", "--dist lasp2"]),
+            (["--variant", "based"], ["--variant based", "--window 0"]),
+            (["--form", "recurrent"], ["--form recurrent", "--dist lasp2"]),
+            (["--state-in", self.path("s.npy")], ["--state-in", "--dist lasp2"]),
+            (["--state-out", self.path("s.npy")], ["--state-out", "--dist lasp2"]),
+            (["--normalize", "--normalizer-in", self.path("n.npy")], ["--normalizer-in"]),
+            (["--normalize", "--normalizer-out", self.path("n.npy")], ["--normalizer-out"]),
+            (["--lse", self.path("l.npy")], ["--lse", "--dist lasp2"]),
+            (["--layout", "zigzag"], ["--layout zigzag", "contiguous"]),
+        ]
+        for extra, needles in cases:
+            with self.subTest(extra=extra):
+                self.assert_refused(*self.lasp2(*extra), *needles)
+
+    def test_op_and_dist_must_match(self):
+        cases = [
+            (["--dist", "lasp2"], ["--dist lasp2", "--op linear"]),
+            (["--dist", "lasp2", "--op", "approx"], ["--dist lasp2", "--op approx"]),
+            (["--dist", "ring", "--op", "linear"], ["--op linear", "--dist ring"]),
+            (["--dist", "ulysses", "--op", "linear"], ["--op linear", "--dist ulysses"]),
+        ]
+        for extra, needles in cases:
+            with self.subTest(extra=extra):
+                self.assert_refused(*run_cli("run", *self.io_args(), *extra, env=MPI_ENV),
+                                    *needles)
+
+    def test_bad_gates_on_every_rank(self):
+        # Gates of the wrong length: every rank fails after loading, rank 0 names the file.
+        write_npy(self.path("g.npy"), (1, 5, 2, 8), [-0.1] * 80)
+        self.assert_refused(*run_ranks(2, "run", "--op", "linear", "--dist", "lasp2",
+                                       *self.io_args(), "--variant", "gla", "--gates",
+                                       self.path("g.npy"), timeout=30), "--gates", "tokens")
+
+
 class DistBenchTest(unittest.TestCase):
     def bench(self, ranks, *args):
         rc, out, err = run_ranks(ranks, "bench", "--seq", 96, "--heads", 4, "--kv-heads", 2,
@@ -226,7 +371,7 @@ class DistBenchTest(unittest.TestCase):
                                  "--json", *args)
         self.assertEqual(rc, 0, err)
         r = json.loads(out)  # one object: only rank 0 prints
-        for key in BENCH_KEYS:
+        for key in BENCH_KEYS + (LASP2_BENCH_KEYS if r["dist"] == "lasp2" else []):
             self.assertIn(key, r)
         self.assertEqual((r["ranks"], r["seq"], r["threads"]), (ranks, 96, 1))
         self.assertGreater(r["ms"], 0)
@@ -266,8 +411,41 @@ class DistBenchTest(unittest.TestCase):
         r = self.bench(1, "--dist", "ring")
         self.assertEqual((r["bytes_sent"], r["wait_ms"], r["hidden_fraction"]), (0, 0, 1))
 
+    def test_lasp2_json(self):
+        # Forward: one all-gather of the chunk state and decay, B*Hq*F*(Dv+1) floats per rank.
+        r = self.bench(2, "--op", "linear", "--dist", "lasp2", "--dim-v", 8)
+        self.assertEqual((r["dist"], r["layout"], r["causal"], r["backward"], r["variant"]),
+                         ("lasp2", "contiguous", True, False, "plain"))
+        self.assertEqual((r["steps"], r["allgathers"], r["feature_dim"], r["dim_v"]),
+                         (1, 1, 16, 8))
+        self.assertEqual(r["allgather_bytes"], 1 * 4 * 16 * (8 + 1) * 4)
+        self.assertEqual(r["bytes_sent"], r["allgather_bytes"])
+        # GFLOP/s as bench --op linear counts it: 4*B*Hq*N*F*Dv.
+        self.assertAlmostEqual(r["gflops"] * r["ms"] * 1e6 / (4 * 4 * 96 * 16 * 8), 1, places=6)
+        self.assertGreater(r["comm_only_ms"], 0)
+
+    def test_lasp2_backward_json(self):
+        # With --normalize the backward all-gathers twice, B*Hq*F*(Dv+2) floats each (elu1:
+        # F = Dk); gla's backward once, B*Hq*F*(2*Dv+1).
+        r = self.bench(3, "--op", "linear", "--dist", "lasp2", "--feature-map", "elu1",
+                       "--normalize", "--backward")
+        self.assertEqual((r["backward"], r["normalize"], r["allgathers"]), (True, True, 2))
+        self.assertEqual(r["allgather_bytes"], 2 * 4 * 16 * (16 + 2) * 4)
+        self.assertEqual(r["bytes_sent"], r["allgather_bytes"])
+        self.assertAlmostEqual(r["gflops"] * r["ms"] * 1e6 / (2 * 4 * 96 * (4 * 16 * 16 + 4 * 16)),
+                               1, places=6)
+        r = self.bench(2, "--op", "linear", "--dist", "lasp2", "--variant", "gla", "--backward")
+        self.assertEqual((r["variant"], r["allgathers"]), ("gla", 1))
+        self.assertEqual(r["allgather_bytes"], 4 * 16 * (2 * 16 + 1) * 4)
+
     def test_refused(self):
         cases = [
+            (["--dist", "lasp2"], "--op linear"),
+            (["--dist", "ring", "--op", "linear"], "--dist lasp2"),
+            (["--op", "linear", "--dist", "lasp2", "--layout", "zigzag"], "contiguous"),
+            (["--op", "linear", "--dist", "lasp2", "--non-causal"], "--non-causal"),
+            (["--op", "linear", "--dist", "lasp2", "--form", "recurrent"], "--form recurrent"),
+            (["--op", "linear", "--dist", "lasp2", "--vs", "exact"], "--vs"),
             (["--dist", "ring", "--vs", "naive"], "--vs"),
             (["--dist", "ring", "--op", "backward"], "--op"),
             (["--dist", "ring", "--mask", "sink:1:4"], "--mask"),
