@@ -440,9 +440,9 @@ const std::vector<std::string>& DistLinearRunOptionNames() {
 
 const std::vector<std::string>& DistRunOptionNames() {
   static const std::vector<std::string> names = {
-      "--dist",    "--layout",  "--op",   "--q",      "--k",      "--v",      "--out",
-      "--lse",     "--dout",    "--dq",   "--dk",     "--dv",     "--causal", "--scale",
-      "--softcap", "--threads", "--path", "--target", "--verbose"};
+      "--dist",  "--layout",  "--op",      "--q",    "--k",      "--v",      "--out",
+      "--lse",   "--dout",    "--dq",      "--dk",   "--dv",     "--causal", "--window",
+      "--scale", "--softcap", "--threads", "--path", "--target", "--verbose"};
   return names;
 }
 
@@ -456,7 +456,8 @@ std::string DistRunOptionError(const CLI::App& command, const std::string& op,
   const std::string name = FirstOptionNotIn(command, DistRunOptionNames());
   if (name.empty()) return "";
   return name +
-         ": not with --dist (sequence-parallel attention takes --causal, --scale and --softcap)";
+         ": not with --dist (sequence-parallel attention takes --causal, --window, --scale and "
+         "--softcap)";
 }
 
 int RunDist(const DistRunOptions& o) {
@@ -468,6 +469,10 @@ int RunDist(const DistRunOptions& o) {
     return Fail(kRun, OpDistError("exact", o.dist, true));
   }
   if (!ParseShardLayout(o.layout, &plan.layout, &error)) return Fail(kRun, error);
+  int64_t window_left = -1, window_right = -1;
+  if (!o.window.empty() && !ParseWindow(o.window, &window_left, &window_right, &error)) {
+    return Fail(kRun, error);
+  }
   for (const auto& [flag, path] :
        {std::pair<const char*, const std::string*>{"--q", &o.q}, {"--k", &o.k}, {"--v", &o.v}}) {
     if (path->empty()) return Fail(kRun, std::string(flag) + " is required with --dist");
@@ -550,6 +555,8 @@ int RunDist(const DistRunOptions& o) {
     a.lse = lse_scratch.View();
   }
   a.causal = o.causal;
+  a.window_left = window_left;
+  a.window_right = window_right;
   a.scale = o.scale;
   a.softcap = o.softcap;
   const bool ring = algorithm == DistAlgorithm::kRing;

@@ -64,6 +64,7 @@ struct DistRunOptions {
   std::string q, k, v, out, lse;
   std::string dout, dq, dk, dv;  // backward: all four or none
   bool causal = false;
+  std::string window;  // "left,right" by global position (-1: unbounded), "" for none
   std::optional<float> scale;
   float softcap = 0.0f;
   int32_t threads = 0;

@@ -321,6 +321,7 @@ int RunDistDispatch(RunOptions& o) {
   d.dk = o.dk;
   d.dv = o.dv;
   d.causal = o.causal;
+  d.window = o.window;
   if (o.scale_option->count() > 0) d.scale = static_cast<float>(o.scale);
   d.softcap = o.softcap;
   d.threads = o.threads;

@@ -151,6 +151,15 @@ class DistRunTest(OutputsMatch, CliTestBase):
                 self.check(2, dist, ["--layout", "zigzag", "--causal", "--scale", 0.3,
                                      "--softcap", 5], backward=False, lse=False)
 
+    def test_sliding_windows(self):
+        # Windows by global position: blocks outside the window are skipped by the ring.
+        self.write_inputs(*SHAPE)
+        for dist in ("ring", "ulysses"):
+            for options in (["--causal", "--window", "3,0"], ["--window", "2,4"]):
+                with self.subTest(dist=dist, options=options):
+                    self.check(2, dist, ["--layout", "zigzag"] + options)
+        self.check(3, "ring", ["--window", "-1,1"])
+
     def test_empty_shards(self):
         # Fewer tokens than ranks (contiguous) and than the 2P zigzag chunks: shards of 0 tokens.
         self.write_inputs(1, 2, 2, 1, 16)
@@ -177,7 +186,6 @@ class DistErrorTest(CliTestBase):
     def test_options_the_drivers_do_not_take(self):
         write_npy(self.path("slopes.npy"), (2,), [0.5, 0.25])
         cases = [
-            (["--window", "4,0"], "--window"),
             (["--mask", "sink:1:4"], "--mask"),
             (["--alibi", self.path("slopes.npy")], "--alibi"),
             (["--stats-window", 2, "--key-mass", self.path("km.npy")], "--stats-window"),
