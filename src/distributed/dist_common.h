@@ -47,6 +47,13 @@ Status CheckLocalBackward(const AttentionBackwardParams& local, AttentionBackwar
 std::vector<AgreedOption> AttentionOptions(Operation op, ShardLayout layout,
                                            const AttentionProblem& p, const AttentionParams& a);
 
+// The agreement of a ring / Ulysses call (its local status, token count and AttentionOptions),
+// then the shard plan of every rank: on success `lengths` and `segments` hold every rank's.
+Status AgreeOnShards(Communicator& comm, const Status& local, const AttentionProblem& prob,
+                     const AttentionParams& a, Operation op, ShardLayout layout,
+                     std::vector<int64_t>* lengths,
+                     std::vector<std::vector<ShardSegment>>* segments);
+
 // The bits of a float as an agreed option value.
 int64_t FloatBits(float x);
 

@@ -394,6 +394,17 @@ Status CheckLocalBackward(const AttentionBackwardParams& params, AttentionBackwa
   return Status::Ok();
 }
 
+Status AgreeOnShards(Communicator& comm, const Status& local, const AttentionProblem& prob,
+                     const AttentionParams& a, Operation op, ShardLayout layout,
+                     std::vector<int64_t>* lengths,
+                     std::vector<std::vector<ShardSegment>>* segments) {
+  Status st = Agree(
+      comm, local, local.ok() ? prob.seq_q : 0,
+      local.ok() ? AttentionOptions(op, layout, prob, a) : std::vector<AgreedOption>{}, lengths);
+  if (!st.ok()) return st;
+  return PlanShards(layout, *lengths, segments);
+}
+
 std::vector<AgreedOption> AttentionOptions(Operation op, ShardLayout layout,
                                            const AttentionProblem& p, const AttentionParams& a) {
   return SharedOptions(op, layout, p, a);
@@ -408,14 +419,9 @@ Status RingAttentionForward(const SequenceParallelParams& params, Communicator& 
   AttentionProblem prob;
   Status local = dist::CheckLocalForward(a, &prob);
   std::vector<int64_t> lengths;
-  Status st = dist::Agree(
-      comm, local, local.ok() ? prob.seq_q : 0,
-      local.ok() ? dist::AttentionOptions(dist::Operation::kRingForward, params.layout, prob, a)
-                 : std::vector<dist::AgreedOption>{},
-      &lengths);
-  if (!st.ok()) return st;
   std::vector<std::vector<ShardSegment>> segs;
-  st = PlanShards(params.layout, lengths, &segs);
+  Status st = dist::AgreeOnShards(comm, local, prob, a, dist::Operation::kRingForward,
+                                  params.layout, &lengths, &segs);
   if (!st.ok()) return st;
 
   const int size = comm.size(), rank = comm.rank();
@@ -484,14 +490,9 @@ Status RingAttentionBackward(const SequenceParallelBackwardParams& params, Commu
   Status local = dist::CheckLocalBackward(g, &bprob);
   const AttentionProblem& prob = bprob.fwd;
   std::vector<int64_t> lengths;
-  Status st = dist::Agree(
-      comm, local, local.ok() ? prob.seq_q : 0,
-      local.ok() ? dist::AttentionOptions(dist::Operation::kRingBackward, params.layout, prob, a)
-                 : std::vector<dist::AgreedOption>{},
-      &lengths);
-  if (!st.ok()) return st;
   std::vector<std::vector<ShardSegment>> segs;
-  st = PlanShards(params.layout, lengths, &segs);
+  Status st = dist::AgreeOnShards(comm, local, prob, a, dist::Operation::kRingBackward,
+                                  params.layout, &lengths, &segs);
   if (!st.ok()) return st;
 
   const int size = comm.size(), rank = comm.rank();

@@ -28,6 +28,13 @@ struct Layout {
   std::vector<int64_t> lengths;
   std::vector<std::vector<ShardSegment>> segs;
   int64_t total = 0;
+  // Fills size, rank and total once lengths and segs are known.
+  void Set(const Communicator& comm) {
+    size = comm.size();
+    rank = comm.rank();
+    total = 0;
+    for (int64_t n : lengths) total += n;
+  }
 };
 
 // Bytes of `heads` heads of `rows` tokens.
@@ -134,16 +141,6 @@ Status HeadsDivisible(const AttentionProblem& p, int size) {
   return Status::Ok();
 }
 
-Status MakeLayout(Communicator& comm, ShardLayout layout, const std::vector<int64_t>& lengths,
-                  Layout* lay) {
-  lay->size = comm.size();
-  lay->rank = comm.rank();
-  lay->lengths = lengths;
-  lay->total = 0;
-  for (int64_t n : lengths) lay->total += n;
-  return PlanShards(layout, lengths, &lay->segs);
-}
-
 }  // namespace
 
 Status UlyssesAttentionForward(const SequenceParallelParams& params, Communicator& comm,
@@ -153,16 +150,11 @@ Status UlyssesAttentionForward(const SequenceParallelParams& params, Communicato
   AttentionProblem prob;
   Status local = dist::CheckLocalForward(a, &prob);
   if (local.ok()) local = HeadsDivisible(prob, comm.size());
-  std::vector<int64_t> lengths;
-  Status st = dist::Agree(
-      comm, local, local.ok() ? prob.seq_q : 0,
-      local.ok() ? dist::AttentionOptions(dist::Operation::kUlyssesForward, params.layout, prob, a)
-                 : std::vector<dist::AgreedOption>{},
-      &lengths);
-  if (!st.ok()) return st;
   Layout lay;
-  st = MakeLayout(comm, params.layout, lengths, &lay);
+  Status st = dist::AgreeOnShards(comm, local, prob, a, dist::Operation::kUlyssesForward,
+                                  params.layout, &lay.lengths, &lay.segs);
   if (!st.ok()) return st;
+  lay.Set(comm);
   const int size = lay.size;
   const int64_t b_n = prob.batch, n = lay.total, hq = prob.heads_q / size,
                 hkv = prob.heads_kv / size, dim = prob.dim;
@@ -207,16 +199,11 @@ Status UlyssesAttentionBackward(const SequenceParallelBackwardParams& params, Co
   Status local = dist::CheckLocalBackward(g, &bprob);
   const AttentionProblem& prob = bprob.fwd;
   if (local.ok()) local = HeadsDivisible(prob, comm.size());
-  std::vector<int64_t> lengths;
-  Status st = dist::Agree(
-      comm, local, local.ok() ? prob.seq_q : 0,
-      local.ok() ? dist::AttentionOptions(dist::Operation::kUlyssesBackward, params.layout, prob, a)
-                 : std::vector<dist::AgreedOption>{},
-      &lengths);
-  if (!st.ok()) return st;
   Layout lay;
-  st = MakeLayout(comm, params.layout, lengths, &lay);
+  Status st = dist::AgreeOnShards(comm, local, prob, a, dist::Operation::kUlyssesBackward,
+                                  params.layout, &lay.lengths, &lay.segs);
   if (!st.ok()) return st;
+  lay.Set(comm);
   const int size = lay.size;
   const int64_t b_n = prob.batch, n = lay.total, hq = prob.heads_q / size,
                 hkv = prob.heads_kv / size, dim = prob.dim;
