@@ -143,7 +143,8 @@ Status JoinWithError(Communicator& comm, const Status& error);
 Status RingForwardStep(const AttentionParams& params, const std::vector<ShardSegment>& q_segments,
                        const std::vector<ShardSegment>& kv_segments, const TensorView& acc_out,
                        const TensorView& acc_lse, const Context& ctx);
-// Writes the final output (dtype of q) and LSE from the running state.
+// Writes the final output (dtype of q) and LSE (optional; acc_lse is read only for it) from the
+// running state, after checking every view (InvalidArgument naming it; nothing written then).
 Status RingFinishForward(const TensorView& acc_out, const TensorView& acc_lse,
                          const TensorView& out, const TensorView& lse);
 // One backward step: gradients of the local queries' attention on the visiting block, given the

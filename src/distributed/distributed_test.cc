@@ -121,6 +121,29 @@ TEST(Lasp2, NonCausalIsAnError) {
   });
 }
 
+TEST(RingSteps, FinishForwardChecksItsViews) {
+  std::vector<float> acc(2 * 3 * 4, 1.0f), acc_lse(3 * 2, 0.0f), out(acc.size(), -7.0f),
+      lse(acc_lse.size(), -7.0f);
+  const TensorView acc_v = MakeView4(acc.data(), DType::kF32, 1, 3, 2, 4);
+  const TensorView acc_lse_v = MakeView3(acc_lse.data(), DType::kF32, 1, 2, 3);
+  Status st = RingFinishForward(acc_v, acc_lse_v, MakeView4(out.data(), DType::kF32, 1, 2, 3, 4),
+                                MakeView3(lse.data(), DType::kF32, 1, 2, 3));
+  EXPECT_NE(st.message().find("out: expected shape"), std::string::npos) << st.message();
+  st = RingFinishForward(acc_v, MakeView3(acc_lse.data(), DType::kF32, 1, 3, 2),
+                         MakeView4(out.data(), DType::kF32, 1, 3, 2, 4),
+                         MakeView3(lse.data(), DType::kF32, 1, 2, 3));
+  EXPECT_NE(st.message().find("acc_lse"), std::string::npos) << st.message();
+  st = RingFinishForward(acc_v, acc_lse_v, MakeView4(acc.data(), DType::kF32, 1, 3, 2, 4),
+                         TensorView());
+  EXPECT_NE(st.message().find("overlap"), std::string::npos) << st.message();
+  EXPECT_TRUE(std::all_of(out.begin(), out.end(), [](float x) { return x == -7.0f; }));
+  EXPECT_TRUE(std::all_of(lse.begin(), lse.end(), [](float x) { return x == -7.0f; }));
+  st = RingFinishForward(acc_v, acc_lse_v, MakeView4(out.data(), DType::kF32, 1, 3, 2, 4),
+                         MakeView3(lse.data(), DType::kF32, 1, 2, 3));
+  EXPECT_TRUE(st.ok()) << st.message();
+  EXPECT_EQ(out[5], 1.0f);
+}
+
 TEST(ShardPlan, ZigzagCut) {
   std::vector<std::vector<ShardSegment>> segs;
   ASSERT_TRUE(PlanShards(ShardLayout::kZigzag, {3, 3}, &segs).ok());  // chunks 2,2,1,1 of 6

@@ -17,6 +17,7 @@
 #include <cstring>
 #include <limits>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "core/attention_problem.h"
@@ -187,6 +188,11 @@ void AddInto(const void* part, DType dtype, int64_t b_n, int64_t rows, int64_t h
 
 int64_t Numel4(int64_t a, int64_t b, int64_t c, int64_t d) { return a * b * c * d; }
 
+std::string Dims(const int64_t* s) {
+  return "[" + std::to_string(s[0]) + ", " + std::to_string(s[1]) + ", " + std::to_string(s[2]) +
+         "]";
+}
+
 }  // namespace
 
 Status RingForwardStep(const AttentionParams& params, const std::vector<ShardSegment>& q_segments,
@@ -239,6 +245,37 @@ Status RingForwardStep(const AttentionParams& params, const std::vector<ShardSeg
 
 Status RingFinishForward(const TensorView& acc_out, const TensorView& acc_lse,
                          const TensorView& out, const TensorView& lse) {
+  if (acc_out.rank != 4 || acc_out.dtype != DType::kF32) {
+    return Status::InvalidArgument(
+        Expected("acc_out", "f32 [B, S, Hq, D]",
+                 std::string(DTypeName(acc_out.dtype)) + " rank " + std::to_string(acc_out.rank)));
+  }
+  Status st = CheckRankAndStrides("acc_out", acc_out, false);
+  if (st.ok()) {
+    st = CheckShape("out", out, 4, acc_out.shape,
+                    "shape " + ShapeString(acc_out) + " (that of acc_out)", true);
+  }
+  if (st.ok() && !IsSupportedDType(out.dtype)) {
+    st = Status::InvalidArgument(Expected("out", "dtype f32, bf16 or f16", DTypeName(out.dtype)));
+  }
+  const int64_t lse_shape[3] = {acc_out.shape[0], acc_out.shape[2], acc_out.shape[1]};
+  if (st.ok() && lse.data != nullptr) {
+    for (const auto& [name, view, writable] :
+         {std::tuple<const char*, const TensorView*, bool>{"acc_lse", &acc_lse, false},
+          {"lse", &lse, true}}) {
+      if (view->dtype != DType::kF32) {
+        return Status::InvalidArgument(
+            Expected(name, "f32 [B, Hq, S]", std::string(DTypeName(view->dtype))));
+      }
+      st = CheckShape(name, *view, 3, lse_shape, "f32 [B, Hq, S] " + Dims(lse_shape), writable);
+      if (!st.ok()) return st;
+    }
+  }
+  if (st.ok()) {
+    st = CheckDisjoint({ViewRegion("out", out), ViewRegion("lse", lse)},
+                       {ViewRegion("acc_out", acc_out), ViewRegion("acc_lse", acc_lse)});
+  }
+  if (!st.ok()) return st;
   const int64_t b_n = out.shape[0], rows = out.shape[1], heads = out.shape[2], dim = out.shape[3];
   for (int64_t b = 0; b < b_n; ++b)
     for (int64_t t = 0; t < rows; ++t)
