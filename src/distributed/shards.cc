@@ -160,7 +160,7 @@ void ForEachElement(const TensorView& t, F&& f) {
     for (int64_t b = 0; b < shape[1]; ++b)
       for (int64_t c = 0; c < shape[2]; ++c) {
         const int64_t base = a * strides[0] + b * strides[1] + c * strides[2];
-        f(base, strides[3], shape[3], linear);
+        if (shape[3] > 0) f(base, strides[3], shape[3], linear);
         linear += shape[3];
       }
 }

@@ -102,7 +102,7 @@ Status AllToAll(Communicator& comm, const Layout& lay, const std::vector<Moved>&
     const int64_t incoming = reverse ? bytes_from(rank) : bytes_from(src);
     recv.resize(incoming);
     if (t == 0) {
-      std::memcpy(recv.data(), send.data(), incoming);
+      if (incoming > 0) std::memcpy(recv.data(), send.data(), incoming);
     } else {
       int64_t handle = -1;
       Status st = comm.StartExchange(send.data(), static_cast<int64_t>(send.size()), dst,
