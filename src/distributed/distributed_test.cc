@@ -166,7 +166,8 @@ TEST(RingAttention, ErrorsOnEveryRank) {
   for (int bad_kind = 0; bad_kind < 3; ++bad_kind) {
     SCOPED_TRACE(bad_kind);
     std::vector<std::string> msgs(3);
-    std::vector<bool> untouched(3, false);
+    // One char per rank, not vector<bool>: its bits share words, and the ranks are threads.
+    std::vector<char> untouched(3, 0);
     RunGroup(3, [&](int r, Communicator& comm) {
       const int64_t n = 8, h = 2, d = 16;
       std::vector<float> q(n * h * d, 0.5f), k(q), v(q), out(q.size(), -7.0f);
