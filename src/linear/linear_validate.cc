@@ -37,8 +37,10 @@ Status CheckF32(const char* name, const TensorView& t, std::initializer_list<int
   return Status::Ok();
 }
 
+// Also called on optional views left unset (out of a state-only call, unrequested gradients),
+// which were never validated: their rank may be anything, so at most 4 strides are read.
 void CopyStrides(const TensorView& t, int64_t* strides) {
-  for (int i = 0; i < t.rank; ++i) strides[i] = t.strides[i];
+  for (int i = 0; i < t.rank && i < 4; ++i) strides[i] = t.strides[i];
 }
 
 }  // namespace
