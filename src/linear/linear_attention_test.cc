@@ -472,5 +472,40 @@ TEST(LinearAttention, ScalarGatesEqualRepeatedChannelGates) {
   }
 }
 
+// A normalized row whose normalizer is exactly -eps (identity features take both signs) has no
+// finite normalization: its output and its gradients are non-finite, the other rows are not, and
+// no float division by zero runs (fuzz finding 15).
+TEST(LinearAttention, ZeroNormalizerRowIsNonFiniteOnly) {
+  constexpr float kEps = 0.25f;
+  // B = 1, S = 2, one head, Dk = Dv = 1, scale 1: den_0 = q_0 k_0 = -eps, den_1 = q_1 (k_0 + k_1).
+  std::vector<float> q = {1.0f, 1.0f}, k = {-kEps, 2.0f}, v = {3.0f, 5.0f};
+  std::vector<float> out(2, 0.0f), dout = {1.0f, 1.0f}, dq(2), dk(2), dv(2);
+  LinearAttentionParams p;
+  p.q = MakeView4(q.data(), DType::kF32, 1, 2, 1, 1);
+  p.k = MakeView4(k.data(), DType::kF32, 1, 2, 1, 1);
+  p.v = MakeView4(v.data(), DType::kF32, 1, 2, 1, 1);
+  p.out = MakeView4(out.data(), DType::kF32, 1, 2, 1, 1);
+  p.scale = 1.0f;
+  p.normalize = true;
+  p.eps = kEps;
+  for (const bool recurrent : {false, true}) {
+    std::fill(out.begin(), out.end(), 0.0f);
+    ASSERT_TRUE(
+        (recurrent ? LinearAttentionRecurrent(p, Context()) : LinearAttentionForward(p, Context()))
+            .ok());
+    EXPECT_FALSE(std::isfinite(out[0])) << out[0];
+    EXPECT_FLOAT_EQ(out[1], (3.0f * -kEps + 5.0f * 2.0f) / (2.0f - kEps + kEps));
+  }
+  LinearAttentionBackwardParams bp;
+  bp.forward = p;
+  bp.dout = MakeView4(dout.data(), DType::kF32, 1, 2, 1, 1);
+  bp.dq = MakeView4(dq.data(), DType::kF32, 1, 2, 1, 1);
+  bp.dk = MakeView4(dk.data(), DType::kF32, 1, 2, 1, 1);
+  bp.dv = MakeView4(dv.data(), DType::kF32, 1, 2, 1, 1);
+  ASSERT_TRUE(LinearAttentionBackward(bp, Context()).ok());
+  EXPECT_FALSE(std::isfinite(dq[0])) << dq[0];
+  EXPECT_TRUE(std::isfinite(dq[1])) << dq[1];
+}
+
 }  // namespace
 }  // namespace tessera

@@ -493,7 +493,7 @@ bool LinearBackward(const LinearBackwardProblem& bp, int32_t threads) {
         // The forward once more, for 1 / (den + eps) and do . o per row.
         hd.InitState(w);
         const auto collect = [&](int64_t t, float* o, float den) {
-          const float r = 1.0f / (den + p.eps);
+          const float r = NormalizerReciprocal(den, p.eps);
           LoadRow(p.dtype, bp.dout, p.offset(bp.dout_stride, b, t, h), bp.dout_stride[3],
                   static_cast<size_t>(p.dv), w.row);
           float dot = 0.0f;

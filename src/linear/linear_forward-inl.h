@@ -347,7 +347,7 @@ struct Head {
   // `win`: the row's window part when computed for the whole chunk, else nullptr.
   void Finish(Work& w, int64_t t, float* o, float den, const float* win = nullptr) const {
     if (p.normalize) {
-      const float inv = 1.0f / (den + p.eps);
+      const float inv = NormalizerReciprocal(den, p.eps);
       for (size_t d = 0; d < static_cast<size_t>(p.dv); ++d) o[d] *= inv;
     }
     if (win != nullptr) {

@@ -3,7 +3,9 @@
 // resolved options, shared by the chunked, recurrent and backward kernels.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
+#include <limits>
 
 #include "tessera/linear.h"
 
@@ -65,6 +67,14 @@ struct LinearBackwardProblem {
   int64_t d_state_in_stride[4] = {0, 0, 0, 0}, d_state_out_stride[4] = {0, 0, 0, 0};
   int64_t d_norm_in_stride[3] = {0, 0, 0}, d_norm_out_stride[3] = {0, 0, 0};
 };
+
+// 1 / (den + eps) of a normalized row. With features of both signs (identity, Taylor) den can be
+// exactly -eps: that row has no finite normalization, so its output (and gradient) is non-finite
+// as in the math, through an infinite reciprocal rather than a division by zero.
+inline float NormalizerReciprocal(float den, float eps) {
+  const float sum = den + eps;
+  return sum != 0.0f ? 1.0f / sum : std::copysign(std::numeric_limits<float>::infinity(), sum);
+}
 
 // Validates `params` and fills `problem`; kInvalidArgument naming the argument, what was expected
 // and what was given. Writes nothing else. with_out = false: params.out is not checked and may be
