@@ -44,6 +44,64 @@ struct LongConvParams {
 // bitwise-identical across thread counts for a given path.
 Status LongConv1D(const LongConvParams& params, const Context& ctx);
 
+// The gradients of LongConv1D for the loss sum(dy * y): the transposed (anti-causal)
+// convolution and the correlation of dy with u, by the same path rule as the forward.
+//   du[b, t, c]   = sum_{s < L, t + s < N} h[s, c] dy[b, t + s, c]  (+ bias[c] dy[b, t, c])
+//   dfilter[s, c] = sum_b sum_{t >= s} dy[b, t, c] u[b, t - s, c]
+//   dbias[c]      = sum_b sum_t dy[b, t, c] u[b, t, c]
+struct LongConvBackwardParams {
+  LongConvParams forward;  // u, filter, bias and path of the forward; forward.y is not read
+  TensorView dy;           // [B, N, C] f32
+  TensorView du;           // [B, N, C] f32, written; data == nullptr: not computed
+  TensorView dfilter;      // [L, C] f32, written; data == nullptr: not computed
+  TensorView dbias;        // [C] f32, written (forward.bias set); data == nullptr: not computed
+};
+
+// Validates every argument before any work; on error nothing is written. Results are
+// bitwise-identical across thread counts for a given path.
+Status LongConv1DBackward(const LongConvBackwardParams& params, const Context& ctx);
+
+// H3 (Hungry Hungry Hippos, Fu et al. 2023), the layer between its projections: q, k, v are the
+// projected inputs, split into H heads of d channels (channel h * d + i of the model is head h,
+// channel i). With K = k shifted by the shift SSM (a short causal convolution per channel),
+//   K[b, t, h, i]     = sum_s shift_filter[s, h d + i] k[b, t - s, h, i] (+ shift_bias[h d + i] k)
+//   S[b, t, h, i, j]  = sum_s ssm_filter[s, h] (K_i v_j)[b, t - s, h] (+ ssm_bias[h] K_i v_j)
+//   out[b, t, h, j]   = sum_i q[b, t, h, i] S[b, t, h, i, j]
+// i.e. the diagonal SSM (its kernel materialized, as FlashConv takes it) runs on the d x d outer
+// products K_t v_t^T of each head and q reads the result out. d = 1 is the paper's default.
+// Shapes (any strides, in elements; f32):
+//   q, k, v, out   [B, N, H, d]
+//   shift_filter   [Ls, H d], 1 <= Ls <= N;  shift_bias [H d], optional
+//   ssm_filter     [L, H],    1 <= L <= N;   ssm_bias   [H],   optional
+struct H3Params {
+  TensorView q;
+  TensorView k;
+  TensorView v;
+  TensorView shift_filter;
+  TensorView shift_bias;  // data == nullptr: none
+  TensorView ssm_filter;
+  TensorView ssm_bias;  // data == nullptr: none
+  TensorView out;       // written
+};
+
+// Validates every argument before any work; on error nothing is written. Work O(B H d^2 M log M)
+// for the FFT size M >= N + L - 1 (direct sums for filters short enough, as LongConv1D's kAuto),
+// memory O(B N H d) (the shifted keys) plus O(d N) per thread; bitwise-identical across thread
+// counts.
+Status H3Layer(const H3Params& params, const Context& ctx);
+
+// The gradients of H3Layer for the loss sum(dout * out). Each output is optional (data ==
+// nullptr: not computed); the filter and bias gradients are summed over the batch.
+struct H3BackwardParams {
+  H3Params forward;                       // forward.out is not read
+  TensorView dout;                        // [B, N, H, d]
+  TensorView dq, dk, dv;                  // [B, N, H, d], written
+  TensorView dshift_filter, dshift_bias;  // like shift_filter, shift_bias
+  TensorView dssm_filter, dssm_bias;      // like ssm_filter, ssm_bias
+};
+
+Status H3LayerBackward(const H3BackwardParams& params, const Context& ctx);
+
 // FlashConv's block form: the sequence is pushed in blocks of `block` tokens, and each block's
 // output is its in-block convolution plus the contribution of every earlier block. The filter is
 // cut into K = ceil(L / block) segments of `block` taps; the stream keeps the spectra of the
