@@ -80,8 +80,9 @@ struct H3Params {
   TensorView shift_filter;
   TensorView shift_bias;  // data == nullptr: none
   TensorView ssm_filter;
-  TensorView ssm_bias;  // data == nullptr: none
-  TensorView out;       // written
+  TensorView ssm_bias;                      // data == nullptr: none
+  TensorView out;                           // written
+  LongConvPath path = LongConvPath::kAuto;  // for both convolutions
 };
 
 // Validates every argument before any work; on error nothing is written. Work O(B H d^2 M log M)
