@@ -746,12 +746,96 @@ void FuzzLinearBackward(Harness& h) {
   h.CheckAfter(LinearAttentionBackward(p, h.Ctx()), "LinearAttentionBackward");
 }
 
+LongConvParams PickLongConv(Harness& h, int64_t b, int64_t n, int64_t c) {
+  FuzzedDataProvider& f = h.fdp();
+  LongConvParams p;
+  p.u = h.Tensor({b, n, c}, DType::kF32, Role::kInput);
+  p.filter = h.Tensor({f.ConsumeIntegralInRange<int64_t>(0, n + 1), c}, DType::kF32, Role::kInput);
+  p.bias = h.Tensor({c}, DType::kF32, Role::kOptionalInput);
+  p.path = h.Enum<LongConvPath>(3);
+  return p;
+}
+
+void FuzzLongConv(Harness& h, bool backward) {
+  FuzzedDataProvider& f = h.fdp();
+  const int64_t b = f.ConsumeIntegralInRange<int64_t>(0, 2),
+                n = f.ConsumeIntegralInRange<int64_t>(0, 40),
+                c = f.ConsumeIntegralInRange<int64_t>(0, 20);
+  if (!backward) {
+    LongConvParams p = PickLongConv(h, b, n, c);
+    p.y = h.Tensor({b, n, c}, DType::kF32, Role::kOutput);
+    h.CheckAfter(LongConv1D(p, h.Ctx()), "LongConv1D");
+    return;
+  }
+  LongConvBackwardParams p;
+  p.forward = PickLongConv(h, b, n, c);
+  const int64_t l = p.forward.filter.rank == 2 ? p.forward.filter.shape[0] : 1;
+  p.dy = h.Tensor({b, n, c}, DType::kF32, Role::kInput);
+  p.du = h.Tensor({b, n, c}, DType::kF32, Role::kOptionalOutput);
+  p.dfilter = h.Tensor({l, c}, DType::kF32, Role::kOptionalOutput);
+  p.dbias = h.Tensor({c}, DType::kF32, Role::kOptionalOutput);
+  h.CheckAfter(LongConv1DBackward(p, h.Ctx()), "LongConv1DBackward");
+}
+
+void FuzzH3(Harness& h, bool backward) {
+  FuzzedDataProvider& f = h.fdp();
+  const int64_t b = f.ConsumeIntegralInRange<int64_t>(0, 2),
+                n = f.ConsumeIntegralInRange<int64_t>(0, 24),
+                heads = f.ConsumeIntegralInRange<int64_t>(0, 3),
+                d = f.ConsumeIntegralInRange<int64_t>(0, 3);
+  H3Params p;
+  p.q = h.Tensor({b, n, heads, d}, DType::kF32, Role::kInput);
+  p.k = h.Tensor({b, n, heads, d}, DType::kF32, Role::kInput);
+  p.v = h.Tensor({b, n, heads, d}, DType::kF32, Role::kInput);
+  const int64_t ls = f.ConsumeIntegralInRange<int64_t>(0, n + 1),
+                l = f.ConsumeIntegralInRange<int64_t>(0, n + 1);
+  p.shift_filter = h.Tensor({ls, heads * d}, DType::kF32, Role::kInput);
+  p.shift_bias = h.Tensor({heads * d}, DType::kF32, Role::kOptionalInput);
+  p.ssm_filter = h.Tensor({l, heads}, DType::kF32, Role::kInput);
+  p.ssm_bias = h.Tensor({heads}, DType::kF32, Role::kOptionalInput);
+  p.path = h.Enum<LongConvPath>(3);
+  if (!backward) {
+    p.out = h.Tensor({b, n, heads, d}, DType::kF32, Role::kOutput);
+    h.CheckAfter(H3Layer(p, h.Ctx()), "H3Layer");
+    return;
+  }
+  H3BackwardParams bp;
+  bp.forward = p;
+  bp.dout = h.Tensor({b, n, heads, d}, DType::kF32, Role::kInput);
+  bp.dq = h.Tensor({b, n, heads, d}, DType::kF32, Role::kOptionalOutput);
+  bp.dk = h.Tensor({b, n, heads, d}, DType::kF32, Role::kOptionalOutput);
+  bp.dv = h.Tensor({b, n, heads, d}, DType::kF32, Role::kOptionalOutput);
+  bp.dshift_filter = h.Tensor({ls, heads * d}, DType::kF32, Role::kOptionalOutput);
+  bp.dshift_bias = h.Tensor({heads * d}, DType::kF32, Role::kOptionalOutput);
+  bp.dssm_filter = h.Tensor({l, heads}, DType::kF32, Role::kOptionalOutput);
+  bp.dssm_bias = h.Tensor({heads}, DType::kF32, Role::kOptionalOutput);
+  h.CheckAfter(H3LayerBackward(bp, h.Ctx()), "H3LayerBackward");
+}
+
 }  // namespace
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   if (size == 0 || size > 4096) return 0;
   FuzzedDataProvider fdp(data + 1, size - 1);
   Harness h(&fdp);
+  // First bytes 208..255 (past 16 rounds of the 13 original entry points, so older corpus inputs
+  // keep their entry point) pick the long convolutions.
+  if (data[0] >= 208) {
+    switch (data[0] % 4) {
+      case 0:
+        FuzzLongConv(h, false);
+        break;
+      case 1:
+        FuzzLongConv(h, true);
+        break;
+      case 2:
+        FuzzH3(h, false);
+        break;
+      default:
+        FuzzH3(h, true);
+    }
+    return 0;
+  }
   switch (data[0] % 13) {
     case 0:
       FuzzForward(h);

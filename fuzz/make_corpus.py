@@ -91,7 +91,8 @@ def mask_corpus():
 
 
 def validate_corpus():
-    # fuzz_validate.cc: the first byte picks the entry point (mod 13); FuzzedDataProvider reads
+    # fuzz_validate.cc: the first byte picks the entry point (mod 13, or
+    # one of four past 207); FuzzedDataProvider reads
     # the rest (bytes from the front, integers from the back). Zeros: the smallest valid call;
     # low bytes: mostly valid calls of small sizes; random: anything.
     rng = random.Random(17)
@@ -101,6 +102,13 @@ def validate_corpus():
         write("fuzz_validate", "entry%02d_low" % entry, bytes([entry]) + low)
         anything = bytes(rng.randrange(0, 256) for _ in range(400))
         write("fuzz_validate", "entry%02d_random" % entry, bytes([entry]) + anything)
+    # First bytes 208..211: the long convolutions (LongConv1D, its backward, H3Layer, its
+    # backward), after the 13 entry points above so their seeds stay as they were.
+    for entry in range(208, 212):
+        for kind, body in (("zeros", bytes(160)),
+                           ("low", bytes(rng.randrange(0, 120) for _ in range(400))),
+                           ("random", bytes(rng.randrange(0, 256) for _ in range(400)))):
+            write("fuzz_validate", "longconv%d_%s" % (entry - 208, kind), bytes([entry]) + body)
 
 
 def main():

@@ -83,7 +83,9 @@ void CorrelateRows(const float* dy, int64_t sdy, const float* x, int64_t sx, int
     const int64_t sa = s0 + r0;  // first tap of the register block
     for (int64_t c = 0; c < cv; c += lanes) {
       hn::Vec<decltype(d)> acc[kRows];
-      for (int64_t i = 0; i < kRows; ++i) acc[i] = hn::LoadU(d, dh + (sa + i) * C + c);
+      for (int64_t i = 0; i < kRows; ++i) {
+        acc[i] = i < nr ? hn::LoadU(d, dh + (sa + i) * C + c) : hn::Zero(d);
+      }
       // Tap sa + i sees t >= sa + i: rows below the block's last tap first, one by one.
       for (int64_t t = sa; t < sa + nr - 1 && t < n; ++t) {
         const auto g = hn::LoadU(d, dy + t * sdy + c);
