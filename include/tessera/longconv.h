@@ -103,6 +103,43 @@ struct H3BackwardParams {
 
 Status H3LayerBackward(const H3BackwardParams& params, const Context& ctx);
 
+// A diagonal state-space model per channel (S4D; H3's diagonal SSM), discretized: n complex
+// modes for each channel c,
+//   x_t[c, m] = a[c, m] x_{t-1}[c, m] + b[c, m] u_t[c]
+//   y_t[c]    = Re(sum_m w[c, m] x_t[c, m]) + skip[c] u_t[c]
+// i.e. the long convolution with the kernel h[s, c] = Re(sum_m w[c, m] a[c, m]^s b[c, m]) and
+// bias `skip`, run as a recurrence whose only memory is the state x: the state-passing form of
+// FlashConv, for streams of any length and for decode. Complex values are f32 pairs (re, im) in a
+// last dim of 2. Shapes (any strides):
+//   a, b, w  [C, n, 2]  f32; |a| <= 1 (a stable model), every value finite
+//   skip     [C]        f32, optional
+struct DiagonalSsmParams {
+  TensorView a;
+  TensorView b;
+  TensorView w;
+  TensorView skip;  // data == nullptr: none
+};
+
+// Writes filter [L, C] f32 (any L >= 1): h[s, c] above, computed in fp64. For LongConv1D,
+// LongConvStream and H3Layer, which take the kernel materialized.
+Status DiagonalSsmKernel(const DiagonalSsmParams& ssm, const TensorView& filter,
+                         const Context& ctx);
+
+// The recurrence over u [B, T, C] f32 (T >= 1; T = 1 is a decode step), y [B, T, C] written.
+// state [B, C, n, 2] f32, optional: read as x before the first token and overwritten with x after
+// the last (data == nullptr: starts from zero, not written). Calls chained through the state
+// equal one call over the concatenated tokens, and equal LongConv1D with DiagonalSsmKernel's
+// filter (L = the whole length) and bias skip, to rounding. Work O(B T C n), memory the state
+// alone; results bitwise-identical across thread counts.
+struct DiagonalSsmScanParams {
+  DiagonalSsmParams ssm;
+  TensorView u;
+  TensorView y;
+  TensorView state;
+};
+
+Status DiagonalSsmScan(const DiagonalSsmScanParams& params, const Context& ctx);
+
 // FlashConv's block form: the sequence is pushed in blocks of `block` tokens, and each block's
 // output is its in-block convolution plus the contribution of every earlier block. The filter is
 // cut into K = ceil(L / block) segments of `block` taps; the stream keeps the spectra of the
