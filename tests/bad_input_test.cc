@@ -194,6 +194,42 @@ TEST(BadInput, StridesWhoseByteExtentOverflowsAreRejected) {
   EXPECT_TRUE(out.Unchanged());
 }
 
+// A token stride that fits the view (one query: its extent is 0) but not one more tile: the
+// backward computed the next query tile's offset before learning there was none (fuzz finding
+// 17, signed overflow under UBSan). The result equals the contiguous call.
+TEST(BadInput, HugeTokenStrideOfASingleQueryBackward) {
+  const int64_t H = 1, D = 16;
+  Tensor q = Input(DType::kF32, {1, 1, H, D}, 121), k = Input(DType::kF32, {1, 5, H, D}, 122);
+  Tensor dout = Input(DType::kF32, {1, 1, H, D}, 123);
+  Tensor out = Output(DType::kF32, {1, 1, H, D}), lse = Output(DType::kF32, {1, H, 1});
+  AttentionBackwardParams bp;
+  bp.forward.q = q.view();
+  bp.forward.k = k.view();
+  bp.forward.v = k.view();
+  bp.forward.out = out.view();
+  bp.forward.lse = lse.view();
+  ASSERT_TRUE(AttentionForward(bp.forward, Context()).ok());
+  bp.dout = dout.view();
+  std::vector<std::vector<double>> grads;
+  for (const int64_t stride : {D, kMax / 4}) {
+    Tensor dq = Output(DType::kF32, {1, 1, H, D}), dk = Output(DType::kF32, {1, 5, H, D}),
+           dv = Output(DType::kF32, {1, 5, H, D});
+    bp.forward.q.strides[1] = bp.dout.strides[1] = stride;
+    bp.dq = dq.view();
+    bp.dk = dk.view();
+    bp.dv = dv.view();
+    const Status s = AttentionBackward(bp, Context());
+    ASSERT_TRUE(s.ok()) << s.ToString();
+    std::vector<double> all;
+    for (const Tensor* t : {&dq, &dk, &dv}) {
+      const std::vector<double> values = t->ToVector();
+      all.insert(all.end(), values.begin(), values.end());
+    }
+    grads.push_back(all);
+  }
+  EXPECT_EQ(grads[0], grads[1]);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Windows far past the sequence mean "unbounded" on every route.
 

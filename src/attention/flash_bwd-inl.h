@@ -90,7 +90,7 @@ inline int64_t RowBytes(DType dtype, size_t dim, int64_t stride) {
 inline TileFeed PrefetchFeed(DType dtype, const void* base, int64_t offset, int64_t row_stride,
                              int64_t elem_stride, size_t dim, int64_t rows) {
   TileFeed feed;
-  if (rows <= 0) return feed;  // no next tile: `offset` may point past the tensor
+  if (rows <= 0) return feed;  // no next tile (callers pass offset 0 then)
   const int64_t elem = static_cast<int64_t>(DTypeSize(dtype));
   feed.prefetch = RowPrefetcher{static_cast<const char*>(base) + offset * elem, row_stride * elem,
                                 RowBytes(dtype, dim, elem_stride), rows};
@@ -312,11 +312,15 @@ void RunTask(const AttentionBackwardProblem& bp, const float* delta_rows, const 
         // during the second.
         const int64_t next = q0 + kQueryTile;
         const int64_t next_rows = std::min(next + kQueryTile, i_hi + 1) - next;
-        TileFeed next_q = PrefetchFeed(p.dtype, p.q, p.q_offset(t.seq, q_begin + next, head),
-                                       p.q_stride[1], p.q_stride[3], dim, next_rows);
-        TileFeed next_do =
-            PrefetchFeed(p.dtype, bp.dout, bp.dout_offset(t.seq, q_begin + next, head),
-                         bp.dout_stride[1], bp.dout_stride[3], dim, next_rows);
+        // Offsets of a next tile only when there is one: past the tensor's end, token x stride
+        // may overflow (a stride that fits the view's extent, not one more tile).
+        const bool has_next = next_rows > 0;
+        TileFeed next_q =
+            PrefetchFeed(p.dtype, p.q, has_next ? p.q_offset(t.seq, q_begin + next, head) : 0,
+                         p.q_stride[1], p.q_stride[3], dim, next_rows);
+        TileFeed next_do = PrefetchFeed(p.dtype, bp.dout,
+                                        has_next ? bp.dout_offset(t.seq, q_begin + next, head) : 0,
+                                        bp.dout_stride[1], bp.dout_stride[3], dim, next_rows);
         RowPanelProduct<kD>(qr, ldq, nrows, dim, s.kt, np, s.st, nullptr, next_q);
         RowPanelProduct<kD>(dor, ldo, nrows, dim, s.vt, np, s.dpt, nullptr, next_do);
         if (mr != nullptr) {
