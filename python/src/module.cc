@@ -871,24 +871,89 @@ void ApproxBackwardPy(const std::string& method, nb::handle dout, nb::handle q, 
 
 // ---- Long convolutions ------------------------------------------------------------------------
 
-void LongConv1DPy(nb::handle u, nb::handle filter, nb::handle bias, nb::handle y,
-                  const std::string& path, int32_t threads) {
+LongConvPath ParseLongConvPath(const std::string& path) {
+  if (path == "auto") return LongConvPath::kAuto;
+  if (path == "direct") return LongConvPath::kDirect;
+  if (path == "fft") return LongConvPath::kFft;
+  ValueError("path: expected auto, direct or fft, got '" + path + "'");
+}
+
+LongConvParams MakeLongConvParams(nb::handle u, nb::handle filter, nb::handle bias, nb::handle y,
+                                  const std::string& path) {
   LongConvParams p;
   p.u = ToView(u, "u");
   p.filter = ToView(filter, "filter");
   p.bias = ToView(bias, "bias");
   p.y = ToView(y, "y");
-  if (path == "auto") {
-    p.path = LongConvPath::kAuto;
-  } else if (path == "direct") {
-    p.path = LongConvPath::kDirect;
-  } else if (path == "fft") {
-    p.path = LongConvPath::kFft;
-  } else {
-    ValueError("path: expected auto, direct or fft, got '" + path + "'");
-  }
+  p.path = ParseLongConvPath(path);
+  return p;
+}
+
+void LongConv1DPy(nb::handle u, nb::handle filter, nb::handle bias, nb::handle y,
+                  const std::string& path, int32_t threads) {
+  const LongConvParams p = MakeLongConvParams(u, filter, bias, y, path);
   const Context ctx = MakeContext(threads, 0);
   RunWithoutGil([&] { return LongConv1D(p, ctx); });
+}
+
+// du, dfilter, dbias: None skips that gradient.
+void LongConv1DBackwardPy(nb::handle dy, nb::handle u, nb::handle filter, nb::handle bias,
+                          nb::handle du, nb::handle dfilter, nb::handle dbias,
+                          const std::string& path, int32_t threads) {
+  LongConvBackwardParams p;
+  p.forward = MakeLongConvParams(u, filter, bias, nb::none(), path);
+  p.dy = ToView(dy, "dy");
+  p.du = ToView(du, "du");
+  p.dfilter = ToView(dfilter, "dfilter");
+  p.dbias = ToView(dbias, "dbias");
+  const Context ctx = MakeContext(threads, 0);
+  RunWithoutGil([&] { return LongConv1DBackward(p, ctx); });
+}
+
+H3Params MakeH3Params(nb::handle q, nb::handle k, nb::handle v, nb::handle shift_filter,
+                      nb::handle shift_bias, nb::handle ssm_filter, nb::handle ssm_bias,
+                      nb::handle out, const std::string& path) {
+  H3Params p;
+  p.q = ToView(q, "q");
+  p.k = ToView(k, "k");
+  p.v = ToView(v, "v");
+  p.shift_filter = ToView(shift_filter, "shift_filter");
+  p.shift_bias = ToView(shift_bias, "shift_bias");
+  p.ssm_filter = ToView(ssm_filter, "ssm_filter");
+  p.ssm_bias = ToView(ssm_bias, "ssm_bias");
+  p.out = ToView(out, "out");
+  p.path = ParseLongConvPath(path);
+  return p;
+}
+
+void H3Py(nb::handle q, nb::handle k, nb::handle v, nb::handle shift_filter, nb::handle shift_bias,
+          nb::handle ssm_filter, nb::handle ssm_bias, nb::handle out, const std::string& path,
+          int32_t threads) {
+  const H3Params p =
+      MakeH3Params(q, k, v, shift_filter, shift_bias, ssm_filter, ssm_bias, out, path);
+  const Context ctx = MakeContext(threads, 0);
+  RunWithoutGil([&] { return H3Layer(p, ctx); });
+}
+
+// Every gradient output may be None (not computed).
+void H3BackwardPy(nb::handle dout, nb::handle q, nb::handle k, nb::handle v,
+                  nb::handle shift_filter, nb::handle shift_bias, nb::handle ssm_filter,
+                  nb::handle ssm_bias, nb::handle dq, nb::handle dk, nb::handle dv,
+                  nb::handle dshift_filter, nb::handle dshift_bias, nb::handle dssm_filter,
+                  nb::handle dssm_bias, const std::string& path, int32_t threads) {
+  H3BackwardParams p;
+  p.forward =
+      MakeH3Params(q, k, v, shift_filter, shift_bias, ssm_filter, ssm_bias, nb::none(), path);
+  p.dout = ToView(dout, "dout");
+  p.dq = ToView(dq, "dq");
+  p.dk = ToView(dk, "dk");
+  p.dv = ToView(dv, "dv");
+  p.dshift_filter = ToView(dshift_filter, "dshift_filter");
+  p.dshift_bias = ToView(dshift_bias, "dshift_bias");
+  p.dssm_filter = ToView(dssm_filter, "dssm_filter");
+  p.dssm_bias = ToView(dssm_bias, "dssm_bias");
+  const Context ctx = MakeContext(threads, 0);
+  RunWithoutGil([&] { return H3LayerBackward(p, ctx); });
 }
 
 // ---- Block-mask builders ---------------------------------------------------------------------
@@ -1194,6 +1259,9 @@ NB_MODULE(_C, m) {
   DefNoneOk(m, "approx_forward", &ApproxForwardPy);
   DefNoneOk(m, "approx_backward", &ApproxBackwardPy);
   DefNoneOk(m, "long_conv1d", &LongConv1DPy);
+  DefNoneOk(m, "long_conv1d_backward", &LongConv1DBackwardPy);
+  DefNoneOk(m, "h3", &H3Py);
+  DefNoneOk(m, "h3_backward", &H3BackwardPy);
   DefNoneOk(m, "build_s2", &BuildS2Py);
   DefNoneOk(m, "build_radial", &BuildRadialPy);
   DefNoneOk(m, "select_blocks", &SelectBlocksPy);

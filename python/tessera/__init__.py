@@ -19,7 +19,7 @@ from .decode import KVCache, apply_rotary, decode, merge_states
 from .kv_file import KVFile, KVFileWriter, save_kv_file
 from .kv_policy import (CakeAllocator, KeepSet, cake_keep, cake_preference, compact_kv, h2o_keep,
                         pyramidkv_budgets, snapkv_keep, streaming_keep, tova_keep)
-from .longconv import long_conv1d
+from .longconv import H3Grads, h3, h3_backward, long_conv1d, long_conv1d_backward
 from .linear import (linear_attention, linear_attention_backward, linear_attention_recurrent,
                      linear_feature_dim)
 from .mask import Mask
@@ -46,6 +46,7 @@ __all__ = ["approx_attention", "approx_attention_backward", "attention", "attent
            "attention_stats", "AttentionStats", "KVCache", "decode", "merge_states", "KVFile",
            "KVFileWriter", "save_kv_file", "apply_rotary", "linear_attention",
            "linear_attention_recurrent", "linear_attention_backward", "linear_feature_dim",
-           "long_conv1d", "Mask", "mask", "distributed", "info", "set_simd_target",
+           "long_conv1d", "long_conv1d_backward", "h3", "h3_backward", "H3Grads", "Mask", "mask",
+           "distributed", "info", "set_simd_target",
            "__version__", "KeepSet", "streaming_keep", "h2o_keep", "tova_keep", "snapkv_keep",
            "cake_keep", "cake_preference", "pyramidkv_budgets", "CakeAllocator", "compact_kv"]
