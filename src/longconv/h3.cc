@@ -144,29 +144,76 @@ std::vector<float> ShiftedKeys(const H3Params& p, const H3Shape& sh, int32_t thr
   return out;
 }
 
-// Columns of N floats of one (sequence b, head h): x[i] = t[b, :, h, i] for i < d.
-void GatherHead(const TensorView& t, int64_t b, int64_t h, int64_t n, int64_t d, float* cols) {
-  const float* p = static_cast<const float*>(t.data) + b * t.strides[0] + h * t.strides[2];
-  for (int64_t s = 0; s < n; ++s) {
-    for (int64_t i = 0; i < d; ++i) cols[i * n + s] = p[s * t.strides[1] + i * t.strides[3]];
+// Heads per task: enough that a group's channels fill a cache line (16 floats) of a row, so the
+// gathers read whole lines from rows far apart, within a budget for the `arrays` column sets (N
+// floats each per channel) a worker holds.
+constexpr int64_t kGroupFloats = 16;
+constexpr int64_t kScratchFloats = int64_t{4} << 20;
+int64_t HeadGroup(const H3Shape& sh, int64_t arrays) {
+  int64_t g = std::clamp<int64_t>(kGroupFloats / sh.d, 1, sh.H);
+  while (g > 1 && arrays * g * sh.d * sh.N > kScratchFloats) g /= 2;
+  return g;
+}
+
+// Rows per tile of the gathers and scatters: a tile of rows is read (or written) whole while
+// each column takes a run of kTileRows floats, so neither side strides through memory.
+constexpr int64_t kTileRows = 32;
+
+// Heads [h0, h0 + heads) of sequence b as columns of N floats:
+// cols[(g d + i) N + s] = t[b, s, h0 + g, i].
+void GatherHeads(const TensorView& t, int64_t b, int64_t h0, int64_t heads, int64_t n, int64_t d,
+                 float* cols) {
+  const float* p = static_cast<const float*>(t.data) + b * t.strides[0] + h0 * t.strides[2];
+  for (int64_t s0 = 0; s0 < n; s0 += kTileRows) {
+    const int64_t s1 = std::min(n, s0 + kTileRows);
+    for (int64_t g = 0; g < heads; ++g) {
+      for (int64_t i = 0; i < d; ++i) {
+        const float* src = p + g * t.strides[2] + i * t.strides[3];
+        float* col = cols + (g * d + i) * n;
+        for (int64_t s = s0; s < s1; ++s) col[s] = src[s * t.strides[1]];
+      }
+    }
   }
 }
 
-void ScatterHead(const float* cols, int64_t b, int64_t h, int64_t n, int64_t d,
-                 const TensorView& t) {
-  float* p = static_cast<float*>(t.data) + b * t.strides[0] + h * t.strides[2];
-  for (int64_t s = 0; s < n; ++s) {
-    for (int64_t i = 0; i < d; ++i) p[s * t.strides[1] + i * t.strides[3]] = cols[i * n + s];
+void ScatterHeads(const float* cols, int64_t b, int64_t h0, int64_t heads, int64_t n, int64_t d,
+                  const TensorView& t) {
+  float* p = static_cast<float*>(t.data) + b * t.strides[0] + h0 * t.strides[2];
+  for (int64_t s0 = 0; s0 < n; s0 += kTileRows) {
+    const int64_t s1 = std::min(n, s0 + kTileRows);
+    for (int64_t g = 0; g < heads; ++g) {
+      for (int64_t i = 0; i < d; ++i) {
+        float* dst = p + g * t.strides[2] + i * t.strides[3];
+        const float* col = cols + (g * d + i) * n;
+        for (int64_t s = s0; s < s1; ++s) dst[s * t.strides[1]] = col[s];
+      }
+    }
   }
 }
 
-// Head h of the shifted keys (contiguous [B, N, H d]) as d columns.
-void GatherShifted(const std::vector<float>& shifted, const H3Shape& sh, int64_t b, int64_t h,
-                   float* cols) {
-  const int64_t hd = sh.channels();
-  const float* p = shifted.data() + b * sh.N * hd + h * sh.d;
-  for (int64_t s = 0; s < sh.N; ++s) {
-    for (int64_t i = 0; i < sh.d; ++i) cols[i * sh.N + s] = p[s * hd + i];
+// Heads [h0, h0 + heads) of a contiguous [B, N, H d] tensor (the shifted keys and their
+// gradient) to and from the same column layout.
+TensorView ModelView(const std::vector<float>& x, const H3Shape& sh) {
+  return MakeView4(const_cast<float*>(x.data()), DType::kF32, sh.B, sh.N, sh.H, sh.d);
+}
+void GatherModel(const std::vector<float>& x, const H3Shape& sh, int64_t b, int64_t h0,
+                 int64_t heads, float* cols) {
+  GatherHeads(ModelView(x, sh), b, h0, heads, sh.N, sh.d, cols);
+}
+void ScatterModel(const float* cols, const H3Shape& sh, int64_t b, int64_t h0, int64_t heads,
+                  std::vector<float>* x) {
+  ScatterHeads(cols, b, h0, heads, sh.N, sh.d, ModelView(*x, sh));
+}
+
+// The SSM filters of heads [h0, h0 + heads) ([L, H], strided) as contiguous rows of L taps, one
+// pass over the filter's rows.
+void GatherFilters(const TensorView& filter, int64_t h0, int64_t heads, std::vector<float>* taps) {
+  const int64_t L = filter.shape[0];
+  taps->resize(static_cast<size_t>(heads * L));
+  const float* f = static_cast<const float*>(filter.data) + h0 * filter.strides[1];
+  for (int64_t s = 0; s < L; ++s) {
+    for (int64_t g = 0; g < heads; ++g)
+      (*taps)[g * L + s] = f[s * filter.strides[0] + g * filter.strides[1]];
   }
 }
 
@@ -188,12 +235,11 @@ class HeadConv {
     FloatBuf real, spec, spec2, hspec, dhspec;
     std::vector<float> taps, dtaps;
   };
-  void Prepare(Scratch& sc, const TensorView& filter, int64_t h) const {
+  // Makes the head's taps (contiguous, L floats) current: their spectrum (1 / m folded in) for
+  // the FFT path, a copy for the direct one.
+  void Prepare(Scratch& sc, const float* taps) const {
     if (direct_) {
-      sc.taps.resize(static_cast<size_t>(l_));
-      const float* f = static_cast<const float*>(filter.data);
-      for (int64_t s = 0; s < l_; ++s)
-        sc.taps[s] = f[s * filter.strides[0] + h * filter.strides[1]];
+      sc.taps.assign(taps, taps + l_);
       return;
     }
     if (sc.real.p == nullptr) {
@@ -203,7 +249,10 @@ class HeadConv {
       sc.hspec = FloatBuf(PaddedSpectrum(m_));
       sc.dhspec = FloatBuf(PaddedSpectrum(m_));
     }
-    FilterSpectrum(filter, h, 0, l_, m_, plans_, sc.real.p, sc.hspec.p);
+    const float inv = 1.0f / static_cast<float>(m_);
+    for (int64_t s = 0; s < l_; ++s) sc.real.p[s] = taps[s] * inv;
+    std::fill(sc.real.p + l_, sc.real.p + m_, 0.0f);
+    fftwf_execute_dft_r2c(plans_.r2c, sc.real.p, Complex(sc.hspec.p));
   }
   // y = filter * x (causal), N floats each; the FFT path keeps x's spectrum in sc.spec.
   void Forward(Scratch& sc, const float* x, float* y) const {
@@ -278,38 +327,46 @@ Status H3Layer(const H3Params& p, const Context& ctx) try {
   const std::vector<float> shifted = ShiftedKeys(p, sh, threads);
   const HeadConv conv(sh);
   const int64_t N = sh.N, d = sh.d;
-  // Per worker: q, v, K and out of one head (d columns each), the product and its convolution.
+  // Per worker: q, v, K and out of a group of heads (d columns each), the product and its
+  // convolution.
+  const int64_t group = HeadGroup(sh, 4), groups = (sh.H + group - 1) / group;
   struct Scratch {
     HeadConv::Scratch conv;
-    std::vector<float> q, v, k, out, x, y;
+    std::vector<float> q, v, k, out, x, y, filters;
   };
   std::vector<Scratch> scratch(static_cast<size_t>(threads));
-  ParallelFor(threads, sh.B * sh.H, [&](int64_t task, int32_t worker) {
+  ParallelFor(threads, sh.B * groups, [&](int64_t task, int32_t worker) {
     Scratch& sc = scratch[static_cast<size_t>(worker)];
     if (sc.q.empty()) {
-      for (auto* col : {&sc.q, &sc.v, &sc.k, &sc.out}) col->resize(static_cast<size_t>(d * N));
+      for (auto* col : {&sc.q, &sc.v, &sc.k, &sc.out})
+        col->resize(static_cast<size_t>(group * d * N));
       sc.x.resize(static_cast<size_t>(N));
       sc.y.resize(static_cast<size_t>(N));
     }
-    const int64_t b = task / sh.H, h = task % sh.H;
-    conv.Prepare(sc.conv, p.ssm_filter, h);
-    const float skip = BiasOf(p.ssm_bias, h);
-    GatherHead(p.q, b, h, N, d, sc.q.data());
-    GatherHead(p.v, b, h, N, d, sc.v.data());
-    GatherShifted(shifted, sh, b, h, sc.k.data());
+    const int64_t b = task / groups, h0 = task % groups * group;
+    const int64_t heads = std::min(group, sh.H - h0);
+    GatherHeads(p.q, b, h0, heads, N, d, sc.q.data());
+    GatherHeads(p.v, b, h0, heads, N, d, sc.v.data());
+    GatherModel(shifted, sh, b, h0, heads, sc.k.data());
+    GatherFilters(p.ssm_filter, h0, heads, &sc.filters);
     std::fill(sc.out.begin(), sc.out.end(), 0.0f);
-    for (int64_t j = 0; j < d; ++j) {
-      const float* vj = sc.v.data() + j * N;
-      float* oj = sc.out.data() + j * N;
-      for (int64_t i = 0; i < d; ++i) {
-        const float* ki = sc.k.data() + i * N;
-        const float* qi = sc.q.data() + i * N;
-        for (int64_t t = 0; t < N; ++t) sc.x[t] = ki[t] * vj[t];
-        conv.Forward(sc.conv, sc.x.data(), sc.y.data());
-        for (int64_t t = 0; t < N; ++t) oj[t] += qi[t] * (sc.y[t] + skip * sc.x[t]);
+    for (int64_t g = 0; g < heads; ++g) {
+      conv.Prepare(sc.conv, sc.filters.data() + g * sh.L);
+      const float skip = BiasOf(p.ssm_bias, h0 + g);
+      const int64_t head_cols = g * d * N;
+      for (int64_t j = 0; j < d; ++j) {
+        const float* vj = sc.v.data() + head_cols + j * N;
+        float* oj = sc.out.data() + head_cols + j * N;
+        for (int64_t i = 0; i < d; ++i) {
+          const float* ki = sc.k.data() + head_cols + i * N;
+          const float* qi = sc.q.data() + head_cols + i * N;
+          for (int64_t t = 0; t < N; ++t) sc.x[t] = ki[t] * vj[t];
+          conv.Forward(sc.conv, sc.x.data(), sc.y.data());
+          for (int64_t t = 0; t < N; ++t) oj[t] += qi[t] * (sc.y[t] + skip * sc.x[t]);
+        }
       }
     }
-    ScatterHead(sc.out.data(), b, h, N, d, p.out);
+    ScatterHeads(sc.out.data(), b, h0, heads, N, d, p.out);
   });
   return Status::Ok();
 }
@@ -390,67 +447,68 @@ Status H3LayerBackward(const H3BackwardParams& bp, const Context& ctx) try {
   // batch afterwards in a fixed order (results do not depend on the thread count).
   std::vector<float> task_dh(want_dh ? static_cast<size_t>(B * H * L) : 0);
   std::vector<double> task_dd(want_dd ? static_cast<size_t>(B * H) : 0);
+  const int64_t group = HeadGroup(sh, 7), groups = (H + group - 1) / group;
   struct Scratch {
     HeadConv::Scratch conv;
-    std::vector<float> q, v, k, g, dq, dv, dk, x, y, gx, dx;
+    std::vector<float> q, v, k, g, dq, dv, dk, x, y, gx, dx, filters;
   };
   std::vector<Scratch> scratch(static_cast<size_t>(threads));
-  ParallelFor(threads, B * H, [&](int64_t task, int32_t worker) {
+  ParallelFor(threads, B * groups, [&](int64_t task, int32_t worker) {
     Scratch& sc = scratch[static_cast<size_t>(worker)];
     if (sc.q.empty()) {
       for (auto* col : {&sc.q, &sc.v, &sc.k, &sc.g, &sc.dq, &sc.dv, &sc.dk})
-        col->resize(static_cast<size_t>(d * N));
+        col->resize(static_cast<size_t>(group * d * N));
       for (auto* col : {&sc.x, &sc.y, &sc.gx, &sc.dx}) col->resize(static_cast<size_t>(N));
     }
-    const int64_t b = task / H, h = task % H;
-    conv.Prepare(sc.conv, p.ssm_filter, h);
-    const float skip = BiasOf(p.ssm_bias, h);
-    GatherHead(p.q, b, h, N, d, sc.q.data());
-    GatherHead(p.v, b, h, N, d, sc.v.data());
-    GatherHead(bp.dout, b, h, N, d, sc.g.data());
-    GatherShifted(shifted, sh, b, h, sc.k.data());
+    const int64_t b = task / groups, h0 = task % groups * group;
+    const int64_t heads = std::min(group, H - h0);
+    GatherHeads(p.q, b, h0, heads, N, d, sc.q.data());
+    GatherHeads(p.v, b, h0, heads, N, d, sc.v.data());
+    GatherHeads(bp.dout, b, h0, heads, N, d, sc.g.data());
+    GatherModel(shifted, sh, b, h0, heads, sc.k.data());
+    GatherFilters(p.ssm_filter, h0, heads, &sc.filters);
     for (auto* col : {&sc.dq, &sc.dv, &sc.dk}) std::fill(col->begin(), col->end(), 0.0f);
-    double dd = 0.0;
-    bool first = true;
-    for (int64_t i = 0; i < d; ++i) {
-      const float* ki = sc.k.data() + i * N;
-      const float* qi = sc.q.data() + i * N;
-      for (int64_t j = 0; j < d; ++j) {
-        const float* vj = sc.v.data() + j * N;
-        const float* gj = sc.g.data() + j * N;
-        // x = K_i v_j; S = filter * x + skip x; out_j += q_i S.
-        for (int64_t t = 0; t < N; ++t) sc.x[t] = ki[t] * vj[t];
-        conv.Forward(sc.conv, sc.x.data(), sc.y.data());
-        if (want_dq) {
-          float* dqi = sc.dq.data() + i * N;
-          for (int64_t t = 0; t < N; ++t) dqi[t] += gj[t] * (sc.y[t] + skip * sc.x[t]);
-        }
-        // dS = dout_j q_i; dx = filter^T dS + skip dS.
-        for (int64_t t = 0; t < N; ++t) sc.gx[t] = gj[t] * qi[t];
-        conv.Backward(sc.conv, sc.x.data(), sc.gx.data(), sc.dx.data(), want_dh, first);
-        first = false;
-        if (want_dd) {
-          for (int64_t t = 0; t < N; ++t) dd += static_cast<double>(sc.gx[t]) * sc.x[t];
-        }
-        float* dki = sc.dk.data() + i * N;
-        float* dvj = sc.dv.data() + j * N;
-        for (int64_t t = 0; t < N; ++t) {
-          const float dx = sc.dx[t] + skip * sc.gx[t];
-          dki[t] += dx * vj[t];
-          dvj[t] += dx * ki[t];
+    for (int64_t hg = 0; hg < heads; ++hg) {
+      const int64_t h = h0 + hg, head_cols = hg * d * N;
+      conv.Prepare(sc.conv, sc.filters.data() + hg * L);
+      const float skip = BiasOf(p.ssm_bias, h);
+      double dd = 0.0;
+      bool first = true;
+      for (int64_t i = 0; i < d; ++i) {
+        const float* ki = sc.k.data() + head_cols + i * N;
+        const float* qi = sc.q.data() + head_cols + i * N;
+        for (int64_t j = 0; j < d; ++j) {
+          const float* vj = sc.v.data() + head_cols + j * N;
+          const float* gj = sc.g.data() + head_cols + j * N;
+          // x = K_i v_j; S = filter * x + skip x; out_j += q_i S.
+          for (int64_t t = 0; t < N; ++t) sc.x[t] = ki[t] * vj[t];
+          conv.Forward(sc.conv, sc.x.data(), sc.y.data());
+          if (want_dq) {
+            float* dqi = sc.dq.data() + head_cols + i * N;
+            for (int64_t t = 0; t < N; ++t) dqi[t] += gj[t] * (sc.y[t] + skip * sc.x[t]);
+          }
+          // dS = dout_j q_i; dx = filter^T dS + skip dS.
+          for (int64_t t = 0; t < N; ++t) sc.gx[t] = gj[t] * qi[t];
+          conv.Backward(sc.conv, sc.x.data(), sc.gx.data(), sc.dx.data(), want_dh, first);
+          first = false;
+          if (want_dd) {
+            for (int64_t t = 0; t < N; ++t) dd += static_cast<double>(sc.gx[t]) * sc.x[t];
+          }
+          float* dki = sc.dk.data() + head_cols + i * N;
+          float* dvj = sc.dv.data() + head_cols + j * N;
+          for (int64_t t = 0; t < N; ++t) {
+            const float dx = sc.dx[t] + skip * sc.gx[t];
+            dki[t] += dx * vj[t];
+            dvj[t] += dx * ki[t];
+          }
         }
       }
+      if (want_dh) conv.FilterGrad(sc.conv, task_dh.data() + (b * H + h) * L);
+      if (want_dd) task_dd[static_cast<size_t>(b * H + h)] = dd;
     }
-    if (want_dq) ScatterHead(sc.dq.data(), b, h, N, d, bp.dq);
-    if (want_dv) ScatterHead(sc.dv.data(), b, h, N, d, bp.dv);
-    if (want_dshift) {
-      float* dst = dshifted.data() + b * N * H * d + h * d;
-      for (int64_t t = 0; t < N; ++t) {
-        for (int64_t i = 0; i < d; ++i) dst[t * H * d + i] = sc.dk[i * N + t];
-      }
-    }
-    if (want_dh) conv.FilterGrad(sc.conv, task_dh.data() + task * L);
-    if (want_dd) task_dd[static_cast<size_t>(task)] = dd;
+    if (want_dq) ScatterHeads(sc.dq.data(), b, h0, heads, N, d, bp.dq);
+    if (want_dv) ScatterHeads(sc.dv.data(), b, h0, heads, N, d, bp.dv);
+    if (want_dshift) ScatterModel(sc.dk.data(), sh, b, h0, heads, &dshifted);
   });
   if (want_dh) {
     float* out = static_cast<float*>(bp.dssm_filter.data);
