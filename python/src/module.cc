@@ -956,6 +956,38 @@ void H3BackwardPy(nb::handle dout, nb::handle q, nb::handle k, nb::handle v,
   RunWithoutGil([&] { return H3LayerBackward(p, ctx); });
 }
 
+// ---- The diagonal SSM ------------------------------------------------------------------------
+
+DiagonalSsmParams MakeSsmParams(nb::handle a, nb::handle b, nb::handle w, nb::handle skip) {
+  DiagonalSsmParams p;
+  p.a = ToView(a, "a");
+  p.b = ToView(b, "b");
+  p.w = ToView(w, "w");
+  p.skip = ToView(skip, "skip");
+  return p;
+}
+
+// skip: None for no skip term (the kernel does not read it).
+void SsmKernelPy(nb::handle a, nb::handle b, nb::handle w, nb::handle skip, nb::handle filter,
+                 int32_t threads) {
+  const DiagonalSsmParams p = MakeSsmParams(a, b, w, skip);
+  const TensorView f = ToView(filter, "filter");
+  const Context ctx = MakeContext(threads, 0);
+  RunWithoutGil([&] { return DiagonalSsmKernel(p, f, ctx); });
+}
+
+// state: None starts from zero and keeps nothing; an array is read and overwritten in place.
+void SsmScanPy(nb::handle a, nb::handle b, nb::handle w, nb::handle skip, nb::handle u,
+               nb::handle y, nb::handle state, int32_t threads) {
+  DiagonalSsmScanParams p;
+  p.ssm = MakeSsmParams(a, b, w, skip);
+  p.u = ToView(u, "u");
+  p.y = ToView(y, "y");
+  p.state = ToView(state, "state");
+  const Context ctx = MakeContext(threads, 0);
+  RunWithoutGil([&] { return DiagonalSsmScan(p, ctx); });
+}
+
 // ---- Block-mask builders ---------------------------------------------------------------------
 
 void BuildS2Py(nb::handle out, int64_t heads, int64_t num_q_blocks, int64_t num_k_blocks,
@@ -1262,6 +1294,8 @@ NB_MODULE(_C, m) {
   DefNoneOk(m, "long_conv1d_backward", &LongConv1DBackwardPy);
   DefNoneOk(m, "h3", &H3Py);
   DefNoneOk(m, "h3_backward", &H3BackwardPy);
+  DefNoneOk(m, "ssm_kernel", &SsmKernelPy);
+  DefNoneOk(m, "ssm_scan", &SsmScanPy);
   DefNoneOk(m, "build_s2", &BuildS2Py);
   DefNoneOk(m, "build_radial", &BuildRadialPy);
   DefNoneOk(m, "select_blocks", &SelectBlocksPy);

@@ -19,7 +19,8 @@ from .decode import KVCache, apply_rotary, decode, merge_states
 from .kv_file import KVFile, KVFileWriter, save_kv_file
 from .kv_policy import (CakeAllocator, KeepSet, cake_keep, cake_preference, compact_kv, h2o_keep,
                         pyramidkv_budgets, snapkv_keep, streaming_keep, tova_keep)
-from .longconv import H3Grads, h3, h3_backward, long_conv1d, long_conv1d_backward
+from .longconv import (H3Grads, SsmStream, h3, h3_backward, long_conv1d, long_conv1d_backward,
+                       ssm_kernel, ssm_scan)
 from .linear import (linear_attention, linear_attention_backward, linear_attention_recurrent,
                      linear_feature_dim)
 from .mask import Mask
@@ -46,7 +47,8 @@ __all__ = ["approx_attention", "approx_attention_backward", "attention", "attent
            "attention_stats", "AttentionStats", "KVCache", "decode", "merge_states", "KVFile",
            "KVFileWriter", "save_kv_file", "apply_rotary", "linear_attention",
            "linear_attention_recurrent", "linear_attention_backward", "linear_feature_dim",
-           "long_conv1d", "long_conv1d_backward", "h3", "h3_backward", "H3Grads", "Mask", "mask",
+           "long_conv1d", "long_conv1d_backward", "h3", "h3_backward", "H3Grads", "ssm_kernel",
+           "ssm_scan", "SsmStream", "Mask", "mask",
            "distributed", "info", "set_simd_target",
            "__version__", "KeepSet", "streaming_keep", "h2o_keep", "tova_keep", "snapkv_keep",
            "cake_keep", "cake_preference", "pyramidkv_budgets", "CakeAllocator", "compact_kv"]
