@@ -128,6 +128,9 @@ using namespace longconv_detail;  // NOLINT(google-build-using-namespace): the e
 
 // Tokens per pass of the scan over a channel group (u and y of the pass stay in L1).
 constexpr int64_t kScanSteps = 256;
+// Mode-token updates (about 10 flops each) below which a second worker costs more than it saves:
+// a decode step of a few channels runs on the calling thread.
+constexpr int64_t kUpdatesPerWorker = int64_t{1} << 18;
 // |a| may exceed 1 by this much (rounding of a discretized stable model).
 constexpr double kStabilitySlack = 1e-6;
 
@@ -303,7 +306,9 @@ Status DiagonalSsmScan(const DiagonalSsmScanParams& p, const Context& ctx) try {
   const float* up = static_cast<const float*>(p.u.data);
   float* yp = static_cast<float*>(p.y.data);
   float* sp = static_cast<float*>(p.state.data);
-  const int32_t threads = ResolveThreads(ctx);
+  const int64_t workers =
+      std::clamp<int64_t>(B * T * C * n / kUpdatesPerWorker, 1, ResolveThreads(ctx));
+  const int32_t threads = static_cast<int32_t>(workers);
   struct Scratch {
     std::vector<float> state, u, y;
   };
