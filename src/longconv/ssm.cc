@@ -306,9 +306,10 @@ Status DiagonalSsmScan(const DiagonalSsmScanParams& p, const Context& ctx) try {
   const float* up = static_cast<const float*>(p.u.data);
   float* yp = static_cast<float*>(p.y.data);
   float* sp = static_cast<float*>(p.state.data);
-  const int64_t workers =
-      std::clamp<int64_t>(B * T * C * n / kUpdatesPerWorker, 1, ResolveThreads(ctx));
-  const int32_t threads = static_cast<int32_t>(workers);
+  const double updates = static_cast<double>(B) * static_cast<double>(T) * static_cast<double>(C) *
+                         static_cast<double>(n);
+  const int32_t threads = static_cast<int32_t>(std::clamp<double>(
+      std::floor(updates / kUpdatesPerWorker), 1.0, static_cast<double>(ResolveThreads(ctx))));
   struct Scratch {
     std::vector<float> state, u, y;
   };
