@@ -96,18 +96,21 @@ struct BenchOptions {
   double gamma = 200.0;
   double tau1 = 1.0;
   double tau2 = 1.0;
-  // longconv only
+  // longconv (h3: also filter_len and lc_path)
   int64_t channels = 256;
   int64_t filter_len = 0;  // 0: --seq
   int64_t block = 4096;    // --conv-path stream: tokens per pushed block
   std::string lc_path = "auto";
+  bool backward = false;  // longconv, h3: time the backward (--backward without --dist)
+  // h3 only (also --heads, --dim)
+  int64_t shift_len = 4;
   // Options that belong to one side only, refused by name on the other (set at parse time).
   // --op approx (bench_approx.cc): the method and its knobs, and the inputs' kind.
   ApproxKnobs approx;
   std::string inputs = "random";
   double qk_scale = 1.0;  // q and k multiplied by it (the logits' spread: FAVOR+'s variance)
   std::vector<std::string> given_linear_only, given_other_only, given_decode_only, given_evict_only,
-      given_approx_only, given_longconv_only;
+      given_approx_only, given_longconv_only, given_h3_only;
 };
 
 struct Timing {
@@ -235,6 +238,7 @@ int BenchLinear(const BenchOptions& o);    // bench_linear.cc
 int BenchEvict(const BenchOptions& o);     // bench_evict.cc
 int BenchApprox(const BenchOptions& o);    // bench_approx.cc
 int BenchLongConv(const BenchOptions& o);  // bench_longconv.cc
+int BenchH3(const BenchOptions& o);        // bench_longconv.cc
 
 }  // namespace bench
 }  // namespace cli

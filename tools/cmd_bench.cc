@@ -30,7 +30,7 @@ const BenchOp kOps[] = {
     {"forward", bench::BenchForward},   {"backward", bench::BenchBackward},
     {"decode", bench::BenchDecode},     {"linear", bench::BenchLinear},
     {"evict", bench::BenchEvict},       {"approx", bench::BenchApprox},
-    {"longconv", bench::BenchLongConv},
+    {"longconv", bench::BenchLongConv}, {"h3", bench::BenchH3},
 };
 
 // --op evict takes its own options, --kv-dtype and --page-size of decode's and --window.
@@ -60,16 +60,23 @@ std::string ApproxOptionError(const BenchOptions& o) {
   return "";
 }
 
-// --op longconv takes its own options (and --batch, --seq, --vs direct, the timing ones); the
-// attention ops' options would be ignored, so they are refused.
+// --op longconv takes its own options (and --batch, --seq, --vs direct, --backward, the timing
+// ones); --op h3 its own, --filter-len and --conv-path of longconv's (and --heads, --dim too).
+// The attention ops' options would be ignored, so they are refused.
 std::string LongConvOptionError(const BenchOptions& o) {
-  if (o.op != "longconv") {
-    return o.given_longconv_only.empty() ? ""
-                                         : o.given_longconv_only[0] + ": only with --op longconv";
+  const bool longconv = o.op == "longconv", h3 = o.op == "h3";
+  if (!h3 && !o.given_h3_only.empty()) return o.given_h3_only[0] + ": only with --op h3";
+  for (const std::string& name : o.given_longconv_only) {
+    const bool shared = name == "--filter-len" || name == "--conv-path";
+    if (!longconv && !h3) {
+      return name + (shared ? ": only with --op longconv or --op h3" : ": only with --op longconv");
+    }
+    if (h3 && !shared) return name + ": not with --op h3";
   }
+  if (!longconv && !h3) return "";
   for (const auto* given : {&o.given_other_only, &o.given_linear_only, &o.given_decode_only,
                             &o.given_evict_only, &o.given_approx_only}) {
-    if (!given->empty()) return (*given)[0] + ": not with --op longconv";
+    if (!given->empty()) return (*given)[0] + ": not with --op " + o.op;
   }
   return "";
 }
@@ -118,7 +125,7 @@ CommandMain AddBenchCommand(CLI::App& app) {
   std::vector<CLI::Option*> other_only, linear_only, decode_only, evict_only, approx_only,
       longconv_only;
   sub->add_option("--op", o->op,
-                  "operation: forward, backward, decode, linear, evict, approx or longconv")
+                  "operation: forward, backward, decode, linear, evict, approx, longconv or h3")
       ->capture_default_str();
   sub->add_option("--batch", o->batch, "batch size B")->capture_default_str();
   sub->add_option("--heads", o->heads, "query heads Hq")->capture_default_str();
@@ -297,6 +304,13 @@ CommandMain AddBenchCommand(CLI::App& app) {
             ->capture_default_str()}) {
     longconv_only.push_back(opt->group(lc_group));
   }
+  const std::string h3_group =
+      "H3 layer (--op h3; also --batch, --seq, --heads, --dim, --filter-len, --conv-path auto, "
+      "direct or fft, --backward, --vs direct)";
+  std::vector<CLI::Option*> h3_only = {
+      sub->add_option("--shift-len", o->shift_len, "h3: shift filter length Ls (<= --seq)")
+          ->capture_default_str()
+          ->group(h3_group)};
   const std::string dist_group = "Sequence parallel (--dist; under mpirun -np P)";
   auto dist = std::make_shared<DistBenchOptions>();
   CLI::Option* dist_option =
@@ -310,7 +324,8 @@ CommandMain AddBenchCommand(CLI::App& app) {
           ->capture_default_str()
           ->group(dist_group);
   CLI::Option* backward_option =
-      sub->add_flag("--backward", dist->backward, "with --dist: time the backward")
+      sub->add_flag("--backward", dist->backward,
+                    "with --dist, --op longconv or --op h3: time the backward")
           ->group(dist_group);
   sub->footer(
       std::string(R"(FLOPs: forward 4*B*Hq*Sq*Sk*D (causal with Sq == Sk: half of it); with --mask,
@@ -325,7 +340,7 @@ tokens_per_s = B*N / median time.
       MaskSpecHelp());
   return [o, sub, dist, dist_option, layout_option, backward_option, mask_option, normalize_option,
           normalize_value, other_only, linear_only, decode_only, evict_only, approx_only,
-          longconv_only] {
+          longconv_only, h3_only] {
     o->normalize = normalize_option->count() > 0 ? (*normalize_value ? 1 : 0) : -1;
     if (dist_option->count() > 0) {
       // Only the options the drivers take; the others would be ignored, so they are refused.
@@ -336,8 +351,14 @@ tokens_per_s = B*N / median time.
       if (!ApplySimdTarget(o->target, &error)) return Fail("bench", error);
       return BenchDist(*o, *dist);
     }
-    for (const CLI::Option* opt : {layout_option, backward_option}) {
-      if (opt->count() > 0) return Fail("bench", opt->get_name() + ": only with --dist");
+    if (layout_option->count() > 0) return Fail("bench", "--layout: only with --dist");
+    // Without --dist, --backward is the long convolutions' (the attention backward is --op
+    // backward).
+    o->backward = backward_option->count() > 0;
+    if (o->backward && o->op != "longconv" && o->op != "h3") {
+      return Fail("bench",
+                  "--backward: only with --dist, --op longconv or --op h3 (the attention "
+                  "backward is --op backward)");
     }
     o->has_mask = mask_option->count() > 0;
     for (const CLI::Option* opt : other_only) {
@@ -357,6 +378,9 @@ tokens_per_s = B*N / median time.
     }
     for (const CLI::Option* opt : longconv_only) {
       if (opt->count() > 0) o->given_longconv_only.push_back(opt->get_name());
+    }
+    for (const CLI::Option* opt : h3_only) {
+      if (opt->count() > 0) o->given_h3_only.push_back(opt->get_name());
     }
     return BenchMain(*o);
   };

@@ -1,7 +1,8 @@
 // SPDX-License-Identifier: Apache-2.0
 // `tessera run`: exact attention forward on .npy inputs and, with --dout, its backward; with
 // --op linear, linear attention instead (cmd_run_linear.cc); with --op approx, an approximate
-// method (cmd_run_approx.cc).
+// method (cmd_run_approx.cc); with --op longconv or --op h3, a long convolution or the H3 layer
+// (cmd_run_longconv.cc).
 //
 // Inputs are read straight into buffers of their own dtype and handed to AttentionForward (and
 // AttentionBackward) as views, so peak memory is inputs + outputs + the kernels' scratch;
@@ -57,16 +58,20 @@ struct RunOptions {
   LinearRunOptions linear;
   // --op approx: its knobs and files, and the shared ones copied in before it runs.
   ApproxRunOptions approx;
-  // --op longconv: its files and path.
+  // --op longconv and --op h3: their files and path (--conv-path is stored in longconv's and
+  // copied to h3's).
   LongConvRunOptions longconv;
+  H3RunOptions h3;
   uint64_t seed = 0;
   // --dist: sequence-parallel attention (cmd_dist.h); only the options it takes.
   std::string dist, layout = "contiguous";
   CLI::Option* dist_option = nullptr;
   CLI::Option* layout_option = nullptr;
   const CLI::App* command = nullptr;
-  // The options of one op only, to refuse them (by name) under the others.
-  std::vector<CLI::Option*> exact_only, linear_only, approx_only, longconv_only;
+  // The options of one op only, to refuse them (by name) under the others; conv_only: of longconv
+  // and h3; attention_only: of exact, linear and approx (beside --q, --k, --v and the backward).
+  std::vector<CLI::Option*> exact_only, linear_only, approx_only, longconv_only, h3_only, conv_only,
+      attention_only;
 };
 
 int RunMain(const RunOptions& o) {
@@ -334,14 +339,16 @@ int RunDistDispatch(RunOptions& o) {
 int RunDispatch(RunOptions& o) {
   if (o.dist_option->count() > 0) return RunDistDispatch(o);
   if (o.layout_option->count() > 0) return Fail("run", "--layout: only with --dist");
-  const bool linear = o.op == "linear", approx = o.op == "approx", longconv = o.op == "longconv";
-  if (!linear && !approx && !longconv && o.op != "exact") {
-    return Fail("run", "--op: expected exact (the default), linear, approx or longconv, got '" +
+  const bool linear = o.op == "linear", approx = o.op == "approx", longconv = o.op == "longconv",
+             h3 = o.op == "h3";
+  if (!linear && !approx && !longconv && !h3 && o.op != "exact") {
+    return Fail("run", "--op: expected exact (the default), linear, approx, longconv or h3, got '" +
                            o.op + "'");
   }
   const char* op_name = linear     ? "--op linear"
                         : approx   ? "--op approx"
                         : longconv ? "--op longconv"
+                        : h3       ? "--op h3"
                                    : "--op exact";
   auto refuse = [&](const std::vector<CLI::Option*>& options, const char* only_with) -> int {
     for (const CLI::Option* opt : options) {
@@ -353,31 +360,44 @@ int RunDispatch(RunOptions& o) {
     }
     return kExitOk;
   };
-  if (!linear) {
-    if (const int rc = refuse(o.linear_only, "--op linear"); rc != kExitOk) return rc;
+  const struct {
+    bool refused;
+    const std::vector<CLI::Option*>& options;
+    const char* only_with;
+  } refusals[] = {
+      {!linear, o.linear_only, "--op linear"},
+      {linear || approx || longconv || h3, o.exact_only, "--op exact (the default)"},
+      {!approx, o.approx_only, "--op approx"},
+      {!longconv, o.longconv_only, "--op longconv"},
+      {!h3, o.h3_only, "--op h3"},
+      {!longconv && !h3, o.conv_only, "--op longconv or --op h3"},
+      {longconv || h3, o.attention_only, "the attention ops (exact, linear, approx)"},
+  };
+  for (const auto& r : refusals) {
+    if (!r.refused) continue;
+    if (const int rc = refuse(r.options, r.only_with); rc != kExitOk) return rc;
   }
-  if (linear || approx) {
-    if (const int rc = refuse(o.exact_only, "--op exact (the default)"); rc != kExitOk) return rc;
-  }
-  if (!approx) {
-    if (const int rc = refuse(o.approx_only, "--op approx"); rc != kExitOk) return rc;
-  }
-  if (!longconv) {
-    if (const int rc = refuse(o.longconv_only, "--op longconv"); rc != kExitOk) return rc;
-    // --q, --k and --v are every attention op's (not required by the parser: longconv has none).
+  if (longconv) {
+    // The attention ops' files (the longconv backward has --dout and its own gradients).
+    for (const auto& [flag, path] : {std::pair<const char*, const std::string*>{"--q", &o.q},
+                                     {"--k", &o.k},
+                                     {"--v", &o.v},
+                                     {"--dq", &o.dq},
+                                     {"--dk", &o.dk},
+                                     {"--dv", &o.dv}}) {
+      if (!path->empty()) {
+        return Fail("run", std::string(flag) +
+                               ": not with --op longconv (its backward writes --du, --dfilter "
+                               "and --dbias)");
+      }
+    }
+  } else if (!h3) {
+    // --q, --k and --v are every attention op's (not required by the parser: longconv has none;
+    // h3 names what it misses itself).
     for (const auto& [flag, path] :
          {std::pair<const char*, const std::string*>{"--q", &o.q}, {"--k", &o.k}, {"--v", &o.v}}) {
       if (path->empty()) return Fail("run", std::string(flag) + " is required with " + op_name);
     }
-  } else {
-    for (const auto& [flag, path] : {std::pair<const char*, const std::string*>{"--q", &o.q},
-                                     {"--k", &o.k},
-                                     {"--v", &o.v},
-                                     {"--dout", &o.dout}}) {
-      if (!path->empty()) return Fail("run", std::string(flag) + ": not with --op longconv");
-    }
-    if (const int rc = refuse(o.exact_only, "--op exact (the default)"); rc != kExitOk) return rc;
-    if (const int rc = refuse(o.approx_only, "--op approx"); rc != kExitOk) return rc;
   }
   std::string error;
   if (!ApplySimdTarget(o.target, &error)) return Fail("run", error);
@@ -403,9 +423,25 @@ int RunDispatch(RunOptions& o) {
   if (longconv) {
     LongConvRunOptions& c = o.longconv;
     c.out = o.out;
+    c.dout = o.dout;
     c.threads = o.threads;
     c.verbose = o.verbose;
     return RunLongConv(c);
+  }
+  if (h3) {
+    H3RunOptions& h = o.h3;
+    h.q = o.q;
+    h.k = o.k;
+    h.v = o.v;
+    h.out = o.out;
+    h.dout = o.dout;
+    h.dq = o.dq;
+    h.dk = o.dk;
+    h.dv = o.dv;
+    h.conv_path = o.longconv.conv_path;
+    h.threads = o.threads;
+    h.verbose = o.verbose;
+    return RunH3(h);
   }
   if (!linear) return RunMain(o);
   return RunLinear(LinearOptions(o));
@@ -419,28 +455,34 @@ CommandMain AddRunCommand(CLI::App& app) {
   CLI::App* sub = app.add_subcommand(
       "run",
       "Exact attention forward (and backward) on .npy inputs (float32 or float16, C order); "
-      "linear attention with --op linear; approximate attention with --op approx");
-  sub->add_option("--op", o->op, "exact (softmax attention), linear, approx or longconv")
+      "linear attention with --op linear; approximate attention with --op approx; a long "
+      "convolution or the H3 layer with --op longconv or --op h3");
+  sub->add_option("--op", o->op, "exact (softmax attention), linear, approx, longconv or h3")
       ->capture_default_str();
-  sub->add_option("--q", o->q, "queries [B, Sq, Hq, D] (every op but longconv)");
-  sub->add_option("--k", o->k, "keys [B, Sk, Hkv, D], Hq % Hkv == 0 (every op but longconv)");
+  sub->add_option("--q", o->q,
+                  "queries [B, Sq, Hq, D] (h3: float32 [B, N, H, d]; every op but longconv)");
+  sub->add_option("--k", o->k,
+                  "keys [B, Sk, Hkv, D], Hq % Hkv == 0 (h3: like q; every op but longconv)");
   sub->add_option("--v", o->v,
-                  "values [B, Sk, Hkv, D] (linear: [B, S, Hkv, Dv]; every op but longconv)");
+                  "values [B, Sk, Hkv, D] (linear: [B, S, Hkv, Dv]; h3: like q; every op but "
+                  "longconv)");
   sub->add_option("--out", o->out, "output [B, Sq, Hq, D], written in the input dtype")->required();
   o->exact_only.push_back(
       sub->add_option("--lse", o->lse, "also write the log-sum-exp, float32 [B, Hq, Sq]"));
   sub->add_option("--dout", o->dout,
                   "backward: gradient w.r.t. the output [B, Sq, Hq, D], dtype of Q; needs --dq, "
-                  "--dk, --dv");
+                  "--dk, --dv (longconv: [B, N, C], with --du, --dfilter or --dbias)");
   sub->add_option("--dq", o->dq, "backward: write dL/dQ, shape and dtype of Q");
   sub->add_option("--dk", o->dk, "backward: write dL/dK, shape and dtype of K");
   sub->add_option("--dv", o->dv, "backward: write dL/dV, shape and dtype of V");
-  sub->add_flag("--causal", o->causal,
-                "causal mask (bottom-right aligned when Sq != Sk); linear: the default");
-  sub->add_option("--window", o->window,
-                  "sliding window LEFT,RIGHT (-1 = unbounded); -1,0 equals --causal. "
-                  "Linear: W, the exact softmax window added to the linear part (based: "
-                  "default 64, else 0 = off)");
+  o->attention_only.push_back(
+      sub->add_flag("--causal", o->causal,
+                    "causal mask (bottom-right aligned when Sq != Sk); linear: the default"));
+  o->attention_only.push_back(
+      sub->add_option("--window", o->window,
+                      "sliding window LEFT,RIGHT (-1 = unbounded); -1,0 equals --causal. "
+                      "Linear: W, the exact softmax window added to the linear part (based: "
+                      "default 64, else 0 = off)"));
   o->mask_option =
       sub->add_option("--mask", o->mask,
                       "programmable mask, e.g. nbhd2d:16x16:5x5, sink:4:256, block:M.npy:64x64, "
@@ -451,6 +493,7 @@ CommandMain AddRunCommand(CLI::App& app) {
       "--scale", o->scale,
       "softmax scale (default 1/sqrt(D)); linear: multiplies phi(q).phi(k) (default 1/sqrt(Dk), "
       "1 for taylor2)");
+  o->attention_only.push_back(o->scale_option);
   o->exact_only.push_back(sub->add_option("--alibi", o->alibi, "ALiBi slopes, float32 [Hq]"));
   o->exact_only.push_back(sub->add_option(
       "--stats-window", o->stats_window,
@@ -534,16 +577,44 @@ CommandMain AddRunCommand(CLI::App& app) {
                                 "routing: write the EMA-updated centroids, float32 [Hq, C, D]"));
   approx_option(sub->add_option("--wersa-gates", a.gates,
                                 "wersa: per-token gates of each level, float32 [B, S, levels]"));
-  // Long convolution (tessera/longconv.h), refused by name under the other ops.
-  const std::string lc_group = "Long convolution (--op longconv; also --out, --threads)";
+  // Long convolution and H3 (tessera/longconv.h), refused by name under the other ops.
+  const std::string lc_group = "Long convolution (--op longconv; also --out, --dout, --threads)";
   LongConvRunOptions& lc = o->longconv;
   for (CLI::Option* opt :
        {sub->add_option("--u", lc.u, "longconv: input u, float32 [B, N, C]"),
         sub->add_option("--filter", lc.filter, "longconv: filter h, float32 [L, C], L <= N"),
         sub->add_option("--bias", lc.bias, "longconv: skip term D, float32 [C] (y += D u)"),
-        sub->add_option("--conv-path", lc.conv_path, "longconv: auto, direct or fft")
-            ->capture_default_str()}) {
+        sub->add_option("--du", lc.du, "longconv backward (with --dout): write dL/du [B, N, C]"),
+        sub->add_option("--dfilter", lc.dfilter,
+                        "longconv backward (with --dout): write dL/dfilter [L, C]"),
+        sub->add_option("--dbias", lc.dbias,
+                        "longconv backward (with --dout and --bias): write dL/dbias [C]")}) {
     o->longconv_only.push_back(opt->group(lc_group));
+  }
+  o->conv_only.push_back(
+      sub->add_option("--conv-path", lc.conv_path, "longconv, h3: auto, direct or fft")
+          ->capture_default_str()
+          ->group(lc_group));
+  const std::string h3_group =
+      "H3 layer (--op h3; also --q, --k, --v, --out, --conv-path, the backward's --dout, --dq, "
+      "--dk, --dv, --threads)";
+  H3RunOptions& h3 = o->h3;
+  for (CLI::Option* opt :
+       {sub->add_option("--shift-filter", h3.shift_filter,
+                        "h3: shift SSM filter, float32 [Ls, H*d], Ls <= N"),
+        sub->add_option("--shift-bias", h3.shift_bias, "h3: shift SSM skip term, float32 [H*d]"),
+        sub->add_option("--ssm-filter", h3.ssm_filter,
+                        "h3: diagonal SSM filter, float32 [L, H], L <= N"),
+        sub->add_option("--ssm-bias", h3.ssm_bias, "h3: diagonal SSM skip term, float32 [H]"),
+        sub->add_option("--dshift-filter", h3.dshift_filter,
+                        "h3 backward: write dL/dshift_filter [Ls, H*d]"),
+        sub->add_option("--dshift-bias", h3.dshift_bias,
+                        "h3 backward (with --shift-bias): write dL/dshift_bias [H*d]"),
+        sub->add_option("--dssm-filter", h3.dssm_filter,
+                        "h3 backward: write dL/dssm_filter [L, H]"),
+        sub->add_option("--dssm-bias", h3.dssm_bias,
+                        "h3 backward (with --ssm-bias): write dL/dssm_bias [H]")}) {
+    o->h3_only.push_back(opt->group(h3_group));
   }
   // Sequence-parallel attention (tessera/distributed.h), under mpirun.
   const std::string dist_group = "Sequence parallel (--dist; under mpirun -np P)";
