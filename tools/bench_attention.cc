@@ -26,6 +26,7 @@
 
 #include "bench_harness.h"
 #include "blas_core.h"
+#include "io_model.h"
 #include "mask_spec.h"
 #include "naive_attention.h"
 #include "tessera/attention.h"
@@ -133,6 +134,58 @@ int SetUpBench(const BenchOptions& o, double flop_factor, BenchSetup* s) {
   result["version"] = Version();
   result["flops"] = s->flops;
   result["peak_gflops"] = s->peak;
+  return kExitOk;
+}
+
+// --io: the DRAM <-> L2 traffic model of the forward and the backward (io_model.h), the lower
+// bound for this machine's L2, the model's bytes over the timed run's median, and the
+// last-level-cache misses of one more run of `op` where the CPU counts them.
+int RecordIo(const BenchOptions& o, const std::function<Status()>& op, BenchSetup* s) {
+  if (!o.io) return kExitOk;
+  if (o.has_mask) {
+    return Fail("bench", "--io: the traffic model covers unmasked attention; expected no --mask");
+  }
+  IoProblem p;
+  p.batch = o.batch;
+  p.heads_q = o.heads;
+  p.heads_kv = s->kv_heads;
+  p.seq_q = o.seq;
+  p.seq_k = s->seq_k;
+  p.dim = o.dim;
+  p.elem_bytes = static_cast<int64_t>(DTypeSize(s->dtype));
+  p.causal = o.causal;
+  const int64_t l2 = DescribeCpu().l2_bytes;
+  const IoTraffic fwd = ForwardTraffic(p), bwd = BackwardTraffic(p);
+  const double bound = LowerBoundBytes(p, l2);
+  Json& r = s->result;
+  const auto traffic = [](const IoTraffic& t) {
+    Json j;
+    j["q_bytes"] = t.q;
+    j["kv_bytes"] = t.kv;
+    j["out_bytes"] = t.out;
+    j["other_bytes"] = t.other;
+    j["total_bytes"] = t.total();
+    return j;
+  };
+  r["io_l2_bytes"] = l2;
+  r["io_forward"] = traffic(fwd);
+  r["io_backward"] = traffic(bwd);
+  r["io_lower_bound_bytes"] = bound;
+  const IoTraffic& mine = o.op == "backward" ? bwd : fwd;
+  r["io_model_bytes"] = mine.total();
+  r["io_model_over_bound"] = bound > 0.0 ? mine.total() / bound : 0.0;
+  r["io_model_gbps"] = s->tessera_ms > 0.0 ? mine.total() / (s->tessera_ms * 1e-3) * 1e-9 : 0.0;
+  LlcMissCounter counter;
+  if (!counter.available()) {
+    r["io_measured_bytes"] = nullptr;
+    r["io_measured_unavailable"] = counter.reason();
+    return kExitOk;
+  }
+  counter.Start();
+  const Status st = op();
+  const int64_t misses = counter.Stop();
+  if (!st.ok()) return Fail("bench", st.ToString());
+  r["io_measured_bytes"] = static_cast<double>(misses) * 64.0;  // one cache line per miss
   return kExitOk;
 }
 
@@ -304,6 +357,24 @@ int Report(const BenchOptions& o, const BenchSetup& s) {
     row("naive-openblas", "baseline_", o.baseline_only ? "baseline_peak_rss_mb" : nullptr);
   }
   if (s.run_dense) row("tessera dense", "baseline_", nullptr);
+  if (result.contains("io_model_bytes")) {
+    const double mib = 1024.0 * 1024.0;
+    std::printf(
+        "\nI/O model (DRAM <-> L2 of %.1f MiB): forward %.1f MiB, backward %.1f MiB; lower bound "
+        "%.1f MiB; this op %.2fx the bound, %.1f GB/s at the median\n",
+        result["io_l2_bytes"].get<double>() / mib,
+        result["io_forward"]["total_bytes"].get<double>() / mib,
+        result["io_backward"]["total_bytes"].get<double>() / mib,
+        result["io_lower_bound_bytes"].get<double>() / mib,
+        result["io_model_over_bound"].get<double>(), result["io_model_gbps"].get<double>());
+    if (result["io_measured_bytes"].is_null()) {
+      std::printf("measured: unavailable (%s)\n",
+                  result["io_measured_unavailable"].get<std::string>().c_str());
+    } else {
+      std::printf("measured: %.1f MiB of last-level-cache misses in one run\n",
+                  result["io_measured_bytes"].get<double>() / mib);
+    }
+  }
   if (s.run_tessera && o.has_mask) {
     std::printf("\nmask '%s': density %.4f%s", o.mask.c_str(), result["density"].get<double>(),
                 result["density_exact"].get<bool>() ? "" : " (sampled rows)");
@@ -453,6 +524,7 @@ int BenchForward(const BenchOptions& o) {
     Status st = TimeRuns(forward, o.warmup, o.reps, &timing);
     if (!st.ok()) return Fail(cmd, st.ToString());
     RecordTessera(o, timing, &s);
+    if (const int rc = RecordIo(o, forward, &s); rc != kExitOk) return rc;
     if (mask.needs_selection()) {
       s.result["select_ms"] = Median(
           std::vector<double>(select_ms.end() - timing.reps, select_ms.end()));  // timed runs
@@ -566,6 +638,11 @@ int BenchBackward(const BenchOptions& o) {
     st = TimeRuns([&] { return AttentionBackward(params, s.ctx); }, o.warmup, o.reps, &timing);
     if (!st.ok()) return Fail(cmd, st.ToString());
     RecordTessera(o, timing, &s);
+    if (const int rc = RecordIo(
+            o, [&] { return AttentionBackward(params, s.ctx); }, &s);
+        rc != kExitOk) {
+      return rc;
+    }
 
     if (s.run_dense) {
       // The unmasked forward once for its own out and LSE, then its backward timed as often.

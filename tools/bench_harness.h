@@ -104,13 +104,18 @@ struct BenchOptions {
   bool backward = false;  // longconv, h3: time the backward (--backward without --dist)
   // h3 only (also --heads, --dim)
   int64_t shift_len = 4;
+  // ssm only (also --channels, --conv-block)
+  int64_t modes = 32;
+  // forward / backward: also report the DRAM <-> L2 traffic model, its lower bound and the
+  // measured last-level-cache misses where the CPU counts them (io_model.h)
+  bool io = false;
   // Options that belong to one side only, refused by name on the other (set at parse time).
   // --op approx (bench_approx.cc): the method and its knobs, and the inputs' kind.
   ApproxKnobs approx;
   std::string inputs = "random";
   double qk_scale = 1.0;  // q and k multiplied by it (the logits' spread: FAVOR+'s variance)
   std::vector<std::string> given_linear_only, given_other_only, given_decode_only, given_evict_only,
-      given_approx_only, given_longconv_only, given_h3_only;
+      given_approx_only, given_longconv_only, given_h3_only, given_ssm_only;
 };
 
 struct Timing {
@@ -238,6 +243,7 @@ int BenchLinear(const BenchOptions& o);    // bench_linear.cc
 int BenchEvict(const BenchOptions& o);     // bench_evict.cc
 int BenchApprox(const BenchOptions& o);    // bench_approx.cc
 int BenchLongConv(const BenchOptions& o);  // bench_longconv.cc
+int BenchSsm(const BenchOptions& o);       // bench_ssm.cc
 int BenchH3(const BenchOptions& o);        // bench_longconv.cc
 
 }  // namespace bench

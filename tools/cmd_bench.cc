@@ -31,6 +31,7 @@ const BenchOp kOps[] = {
     {"decode", bench::BenchDecode},     {"linear", bench::BenchLinear},
     {"evict", bench::BenchEvict},       {"approx", bench::BenchApprox},
     {"longconv", bench::BenchLongConv}, {"h3", bench::BenchH3},
+    {"ssm", bench::BenchSsm},
 };
 
 // --op evict takes its own options, --kv-dtype and --page-size of decode's and --window.
@@ -63,17 +64,21 @@ std::string ApproxOptionError(const BenchOptions& o) {
 // --op longconv takes its own options (and --batch, --seq, --vs direct, --backward, the timing
 // ones); --op h3 its own, --filter-len and --conv-path of longconv's (and --heads, --dim too).
 // The attention ops' options would be ignored, so they are refused.
+// --op ssm its own (--modes), --channels and --conv-block of longconv's.
 std::string LongConvOptionError(const BenchOptions& o) {
-  const bool longconv = o.op == "longconv", h3 = o.op == "h3";
+  const bool longconv = o.op == "longconv", h3 = o.op == "h3", ssm = o.op == "ssm";
   if (!h3 && !o.given_h3_only.empty()) return o.given_h3_only[0] + ": only with --op h3";
+  if (!ssm && !o.given_ssm_only.empty()) return o.given_ssm_only[0] + ": only with --op ssm";
   for (const std::string& name : o.given_longconv_only) {
     const bool shared = name == "--filter-len" || name == "--conv-path";
-    if (!longconv && !h3) {
+    const bool ssm_too = name == "--channels" || name == "--conv-block";
+    if (!longconv && !h3 && !ssm) {
       return name + (shared ? ": only with --op longconv or --op h3" : ": only with --op longconv");
     }
     if (h3 && !shared) return name + ": not with --op h3";
+    if (ssm && !ssm_too) return name + ": not with --op ssm";
   }
-  if (!longconv && !h3) return "";
+  if (!longconv && !h3 && !ssm) return "";
   for (const auto* given : {&o.given_other_only, &o.given_linear_only, &o.given_decode_only,
                             &o.given_evict_only, &o.given_approx_only}) {
     if (!given->empty()) return (*given)[0] + ": not with --op " + o.op;
@@ -82,6 +87,9 @@ std::string LongConvOptionError(const BenchOptions& o) {
 }
 
 int BenchMain(const BenchOptions& o) {
+  if (o.io && o.op != "forward" && o.op != "backward") {
+    return Fail("bench", "--io: only with --op forward or --op backward, not with --op " + o.op);
+  }
   if (const std::string error = LongConvOptionError(o); !error.empty()) return Fail("bench", error);
   if (const std::string error = EvictOptionError(o); !error.empty()) return Fail("bench", error);
   if (const std::string error = ApproxOptionError(o); !error.empty()) return Fail("bench", error);
@@ -124,8 +132,9 @@ CommandMain AddBenchCommand(CLI::App& app) {
   // (refused without).
   std::vector<CLI::Option*> other_only, linear_only, decode_only, evict_only, approx_only,
       longconv_only;
-  sub->add_option("--op", o->op,
-                  "operation: forward, backward, decode, linear, evict, approx, longconv or h3")
+  sub->add_option(
+         "--op", o->op,
+         "operation: forward, backward, decode, linear, evict, approx, longconv, h3 or ssm")
       ->capture_default_str();
   sub->add_option("--batch", o->batch, "batch size B")->capture_default_str();
   sub->add_option("--heads", o->heads, "query heads Hq")->capture_default_str();
@@ -198,6 +207,11 @@ CommandMain AddBenchCommand(CLI::App& app) {
                       "forward/backward: a programmable mask (grammar below); GFLOP/s then counts "
                       "only the visible (query, key) pairs");
   other_only.push_back(mask_option);
+  other_only.push_back(sub->add_flag(
+      "--io", o->io,
+      "forward / backward: also report the DRAM <-> L2 bytes of the kernels' tiling (a model), "
+      "FlashAttention's lower bound for this L2, and the measured last-level-cache misses where "
+      "the CPU counts them"));
   other_only.push_back(sub->add_option(
       "--stats-window", o->stats_window,
       "forward: also compute the attention statistics of the last W query rows (key mass, its "
@@ -311,6 +325,11 @@ CommandMain AddBenchCommand(CLI::App& app) {
       sub->add_option("--shift-len", o->shift_len, "h3: shift filter length Ls (<= --seq)")
           ->capture_default_str()
           ->group(h3_group)};
+  std::vector<CLI::Option*> ssm_only = {
+      sub->add_option("--modes", o->modes, "ssm: complex modes n per channel")
+          ->capture_default_str()
+          ->group("Diagonal SSM (--op ssm; also --batch, --seq, --channels, --conv-block: tokens "
+                  "per streamed call, --vs fft)")};
   const std::string dist_group = "Sequence parallel (--dist; under mpirun -np P)";
   auto dist = std::make_shared<DistBenchOptions>();
   CLI::Option* dist_option =
@@ -340,7 +359,7 @@ tokens_per_s = B*N / median time.
       MaskSpecHelp());
   return [o, sub, dist, dist_option, layout_option, backward_option, mask_option, normalize_option,
           normalize_value, other_only, linear_only, decode_only, evict_only, approx_only,
-          longconv_only, h3_only] {
+          longconv_only, h3_only, ssm_only] {
     o->normalize = normalize_option->count() > 0 ? (*normalize_value ? 1 : 0) : -1;
     if (dist_option->count() > 0) {
       // Only the options the drivers take; the others would be ignored, so they are refused.
@@ -378,6 +397,9 @@ tokens_per_s = B*N / median time.
     }
     for (const CLI::Option* opt : longconv_only) {
       if (opt->count() > 0) o->given_longconv_only.push_back(opt->get_name());
+    }
+    for (const CLI::Option* opt : ssm_only) {
+      if (opt->count() > 0) o->given_ssm_only.push_back(opt->get_name());
     }
     for (const CLI::Option* opt : h3_only) {
       if (opt->count() > 0) o->given_h3_only.push_back(opt->get_name());

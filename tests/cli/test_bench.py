@@ -121,3 +121,39 @@ class BenchTest(unittest.TestCase):
             self.assertEqual(rc, 2, "%s: %s" % (args, err))
             self.assertIn(needle, err)
             self.assertEqual(out, "")
+
+    def test_bench_io(self):
+        # The traffic model against a count by hand: B=1, H=1, N=Sq=Sk=192 (one query block of
+        # the forward), D=16, f32, non-causal: Q and O once, K and V once each (no packing: one
+        # block), the LSE.
+        rc, out, err = run_cli("bench", "--seq", "192", "--heads", "1", "--dim", "16", "--io",
+                               "--reps", "1", "--warmup", "0", "--json")
+        self.assertEqual(rc, 0, err)
+        r = json.loads(out)
+        fwd = r["io_forward"]
+        self.assertEqual(fwd["q_bytes"], 192 * 16 * 4)
+        self.assertEqual(fwd["out_bytes"], 192 * 16 * 4)
+        self.assertEqual(fwd["kv_bytes"], 2 * 192 * 16 * 4)
+        self.assertEqual(fwd["other_bytes"], 192 * 4)
+        self.assertEqual(r["io_model_bytes"], fwd["total_bytes"])
+        if r["io_l2_bytes"] > 0:
+            # N^2 d^2 / M elements of 4 bytes, M = L2 / 4.
+            self.assertAlmostEqual(r["io_lower_bound_bytes"],
+                                   192 * 192 * 16 * 16 / (r["io_l2_bytes"] / 4) * 4)
+        self.assertTrue(r["io_measured_bytes"] is None or r["io_measured_bytes"] >= 0)
+        if r["io_measured_bytes"] is None:
+            self.assertIn("perf_event_open", r["io_measured_unavailable"])
+        # The backward reads K and V once and streams Q and dO per key block of 96 keys.
+        rc, out, err = run_cli("bench", "--op", "backward", "--seq", "192", "--heads", "1",
+                               "--dim", "16", "--io", "--reps", "1", "--warmup", "0", "--json")
+        self.assertEqual(rc, 0, err)
+        bwd = json.loads(out)["io_backward"]
+        self.assertEqual(bwd["kv_bytes"], 2 * 192 * 16 * 4)
+        # Delta's pre-pass (O, dO) plus two key blocks each reading Q and dO of all 192 rows.
+        self.assertEqual(bwd["q_bytes"], 192 * 2 * 16 * 4 + 2 * 192 * 2 * 16 * 4)
+        for args, needle in ((["--op", "linear", "--io"], "--io"),
+                             (["--io", "--mask", "sink:4:8"], "--io")):
+            with self.subTest(args=args):
+                rc, out, err = run_cli("bench", "--seq", "16", "--reps", "1", *args)
+                self.assertEqual(rc, 2, "%s: %s" % (args, err))
+                self.assertIn(needle, err)

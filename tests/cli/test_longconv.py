@@ -348,3 +348,30 @@ class LongConvBenchTest(CliTestBase):
                 rc, out, err = run_cli("bench", "--seq", "16", "--reps", "1", *args)
                 self.assert_error(rc, err, needle)
                 self.assertEqual(out, "")
+
+    def test_bench_ssm(self):
+        # The streamed scan (calls of 7 tokens chained through the state) against the one-shot
+        # FFT convolution with the model's kernel.
+        rc, out, err = run_cli("bench", "--op", "ssm", "--seq", "100", "--channels", "19",
+                               "--modes", "3", "--batch", "2", "--conv-block", "7", "--vs", "fft",
+                               "--reps", "2", "--warmup", "0", "--json")
+        self.assertEqual(rc, 0, err)
+        r = json.loads(out)
+        self.assertEqual((r["op"], r["seq"], r["channels"], r["modes"], r["block"]),
+                         ("ssm", 100, 19, 3, 7))
+        for key in ("ms", "tokens_per_s", "baseline_ms", "ratio", "kernel_ms", "state_kb"):
+            self.assertIn(key, r)
+        self.assertLessEqual(r["max_abs_diff"], 1e-4)
+        self.assertAlmostEqual(r["state_kb"], 2 * 19 * 3 * 2 * 4 / 1024)
+        cases = [
+            (["--op", "ssm", "--filter-len", "4"], "--filter-len"),
+            (["--op", "ssm", "--vs", "direct"], "--vs"),
+            (["--op", "ssm", "--modes", "0"], "--modes"),
+            (["--op", "longconv", "--modes", "4"], "--modes"),
+            (["--op", "ssm", "--conv-block", "0"], "--conv-block"),
+        ]
+        for args, needle in cases:
+            with self.subTest(args=args):
+                rc, out, err = run_cli("bench", "--seq", "16", "--reps", "1", *args)
+                self.assert_error(rc, err, needle)
+                self.assertEqual(out, "")
