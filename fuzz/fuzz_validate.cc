@@ -812,6 +812,32 @@ void FuzzH3(Harness& h, bool backward) {
   h.CheckAfter(H3LayerBackward(bp, h.Ctx()), "H3LayerBackward");
 }
 
+// The diagonal SSM: its kernel, or its scan (u, y, the state).
+void FuzzSsm(Harness& h, bool scan) {
+  FuzzedDataProvider& f = h.fdp();
+  const int64_t c = f.ConsumeIntegralInRange<int64_t>(0, 20),
+                n = f.ConsumeIntegralInRange<int64_t>(0, 5);
+  DiagonalSsmParams ssm;
+  ssm.a = h.Tensor({c, n, 2}, DType::kF32, Role::kInput);
+  ssm.b = h.Tensor({c, n, 2}, DType::kF32, Role::kInput);
+  ssm.w = h.Tensor({c, n, 2}, DType::kF32, Role::kInput);
+  ssm.skip = h.Tensor({c}, DType::kF32, Role::kOptionalInput);
+  if (!scan) {
+    const TensorView filter =
+        h.Tensor({f.ConsumeIntegralInRange<int64_t>(0, 40), c}, DType::kF32, Role::kOutput);
+    h.CheckAfter(DiagonalSsmKernel(ssm, filter, h.Ctx()), "DiagonalSsmKernel");
+    return;
+  }
+  const int64_t b = f.ConsumeIntegralInRange<int64_t>(0, 2),
+                t = f.ConsumeIntegralInRange<int64_t>(0, 40);
+  DiagonalSsmScanParams p;
+  p.ssm = ssm;
+  p.u = h.Tensor({b, t, c}, DType::kF32, Role::kInput);
+  p.y = h.Tensor({b, t, c}, DType::kF32, Role::kOutput);
+  p.state = h.Tensor({b, c, n, 2}, DType::kF32, Role::kInOut);
+  h.CheckAfter(DiagonalSsmScan(p, h.Ctx()), "DiagonalSsmScan");
+}
+
 }  // namespace
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
@@ -819,9 +845,9 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   FuzzedDataProvider fdp(data + 1, size - 1);
   Harness h(&fdp);
   // First bytes 208..255 (past 16 rounds of the 13 original entry points, so older corpus inputs
-  // keep their entry point) pick the long convolutions.
+  // keep their entry point) pick the long convolutions and the diagonal SSM.
   if (data[0] >= 208) {
-    switch (data[0] % 4) {
+    switch ((data[0] - 208) % 6) {
       case 0:
         FuzzLongConv(h, false);
         break;
@@ -831,8 +857,14 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
       case 2:
         FuzzH3(h, false);
         break;
-      default:
+      case 3:
         FuzzH3(h, true);
+        break;
+      case 4:
+        FuzzSsm(h, false);
+        break;
+      default:
+        FuzzSsm(h, true);
     }
     return 0;
   }

@@ -102,9 +102,10 @@ def validate_corpus():
         write("fuzz_validate", "entry%02d_low" % entry, bytes([entry]) + low)
         anything = bytes(rng.randrange(0, 256) for _ in range(400))
         write("fuzz_validate", "entry%02d_random" % entry, bytes([entry]) + anything)
-    # First bytes 208..211: the long convolutions (LongConv1D, its backward, H3Layer, its
-    # backward), after the 13 entry points above so their seeds stay as they were.
-    for entry in range(208, 212):
+    # First bytes 208..213: the long convolutions (LongConv1D, its backward, H3Layer, its
+    # backward) and the diagonal SSM (its kernel, its scan), after the 13 entry points above so
+    # their seeds stay as they were.
+    for entry in range(208, 214):
         for kind, body in (("zeros", bytes(160)),
                            ("low", bytes(rng.randrange(0, 120) for _ in range(400))),
                            ("random", bytes(rng.randrange(0, 256) for _ in range(400)))):

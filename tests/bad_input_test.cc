@@ -230,6 +230,30 @@ TEST(BadInput, HugeTokenStrideOfASingleQueryBackward) {
   EXPECT_EQ(grads[0], grads[1]);
 }
 
+// Linear attention with Dk = 1: the element stride of q and k is free (the dim's extent is 0),
+// and the prefetch of the next rows multiplied it by Dk and the element size (fuzz finding 18:
+// signed overflow, and a loop over that many bytes). The result equals the contiguous call.
+TEST(BadInput, HugeElementStrideOfAOneWideLinearHead) {
+  const int64_t S = 70, Dv = 3;
+  Tensor q = Input(DType::kF32, {1, S, 1, 1}, 131), k = Input(DType::kF32, {1, S, 1, 1}, 132);
+  Tensor v = Input(DType::kF32, {1, S, 1, Dv}, 133);
+  std::vector<std::vector<double>> outs;
+  for (const int64_t stride : {int64_t{1}, kMax / 4}) {
+    Tensor out = Output(DType::kF32, {1, S, 1, Dv});
+    LinearAttentionParams p;
+    p.q = q.view();
+    p.k = k.view();
+    p.v = v.view();
+    p.out = out.view();
+    p.q.strides[3] = p.k.strides[3] = stride;
+    p.chunk_size = 16;
+    const Status s = LinearAttentionForward(p, Context());
+    ASSERT_TRUE(s.ok()) << s.ToString();
+    outs.push_back(out.ToVector());
+  }
+  EXPECT_EQ(outs[0], outs[1]);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Windows far past the sequence mean "unbounded" on every route.
 

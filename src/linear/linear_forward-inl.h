@@ -262,16 +262,19 @@ struct Head {
   void Prefetch(int64_t t, bool with_q = true) const {
     if (t >= p.seq) return;
     const int64_t elem = static_cast<int64_t>(DTypeSize(p.dtype));
-    const auto rows = [&](const void* base, int64_t off, int64_t bytes) {
+    // Rows with unit element stride only: a strided row's span (any stride fits a view whose
+    // dim is 1) is not worth prefetching, and its product could overflow.
+    const auto rows = [&](const void* base, int64_t off, int64_t dim, int64_t stride) {
+      if (stride != 1) return;
       const char* row = static_cast<const char*>(base) + off * elem;
-      for (int64_t b2 = 0; b2 < bytes; b2 += 64) __builtin_prefetch(row + b2, 0, 2);
+      for (int64_t b2 = 0; b2 < dim * elem; b2 += 64) __builtin_prefetch(row + b2, 0, 2);
     };
-    if (with_q) rows(p.q, p.offset(p.q_stride, b, t, h), p.dk * p.q_stride[3] * elem);
-    rows(p.k, p.offset(p.k_stride, b, t, kvh), p.dk * p.k_stride[3] * elem);
-    rows(p.v, p.offset(p.v_stride, b, t, kvh), p.dv * p.v_stride[3] * elem);
-    if (p.gates != nullptr) {
+    if (with_q) rows(p.q, p.offset(p.q_stride, b, t, h), p.dk, p.q_stride[3]);
+    rows(p.k, p.offset(p.k_stride, b, t, kvh), p.dk, p.k_stride[3]);
+    rows(p.v, p.offset(p.v_stride, b, t, kvh), p.dv, p.v_stride[3]);
+    if (p.gates != nullptr && (p.scalar_gates || p.gates_stride[3] == 1)) {
       const char* g = reinterpret_cast<const char*>(p.gates + p.offset(p.gates_stride, b, t, h));
-      const int64_t bytes = p.scalar_gates ? 4 : p.dk * p.gates_stride[3] * 4;
+      const int64_t bytes = p.scalar_gates ? 4 : p.dk * 4;
       for (int64_t b2 = 0; b2 < bytes; b2 += 64) __builtin_prefetch(g + b2, 0, 2);
     }
   }
