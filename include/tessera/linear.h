@@ -44,8 +44,9 @@ enum class LinearFeatureMap : int32_t {
                   // phi(q) . phi(k) = 1 + s + s^2 / 2 with s = q . k / sqrt(Dk)
 };
 
-// Feature dim F of phi for head dim dk (INT64_MAX when 1 + dk + dk^2 overflows).
-int64_t LinearFeatureDim(LinearFeatureMap map, int64_t dk);
+// Feature dim F of phi for head dim dk (INT64_MAX when 1 + dk + dk^2 overflows); twice that with
+// LRPE (lrpe_theta set).
+int64_t LinearFeatureDim(LinearFeatureMap map, int64_t dk, bool lrpe = false);
 // Largest feature dim the ops accept (the Taylor map up to Dk = 90): a caller that allocates
 // states of F x Dv floats checks F against it first.
 constexpr int64_t kMaxLinearFeatureDim = 8192;
@@ -97,6 +98,19 @@ struct LinearAttentionParams {
   // Tokens per chunk of the chunked form: 16..256, a multiple of 16. Results agree across chunk
   // sizes to rounding.
   int64_t chunk_size = 64;
+
+  // LRPE (TransNormer's linear relative positional encoding): every feature of phi(q_t) and
+  // phi(k_t) is doubled into [phi_f cos(p_t theta_f), phi_f sin(p_t theta_f)] (the cosines as
+  // features 0..Dk-1, the sines as Dk..2Dk-1), p_t = position_offset + t, so that
+  //   phi(q_t) . phi(k_s) = sum_f phi_f(q_t) phi_f(k_s) cos((t - s) theta_f)
+  // depends on the relative position; it combines with decay (TransNormerLLM) and the prefix
+  // form. F doubles (LinearFeatureDim(map, Dk, true) = 2 Dk), and so do the states. f32 [Dk]
+  // (every head) or [Hq, Dk], finite; the identity, elu + 1 and relu maps (not Taylor), no gates.
+  // data == nullptr: off.
+  TensorView lrpe_theta;
+  // The position of token 0 under LRPE, >= 0: a call that continues a state passes the number of
+  // tokens before it (a decode step: the tokens seen so far).
+  int64_t position_offset = 0;
 };
 
 // The chunked form (prefill, training). Validates every argument before any work; on error

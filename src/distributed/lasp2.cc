@@ -59,6 +59,11 @@ Status CheckLasp2Options(const LinearAttentionParams& p, const char* prefix) {
                                  "reaches across shards), got " +
                                  std::to_string(p.window));
   }
+  if (p.lrpe_theta.data != nullptr) {
+    return Status::Unimplemented(pre +
+                                 "lrpe_theta: expected none with LASP-2 (each shard's positions "
+                                 "would need its global offset), got LRPE");
+  }
   if (p.initial_state.data != nullptr || p.initial_normalizer.data != nullptr ||
       p.final_state.data != nullptr || p.final_normalizer.data != nullptr) {
     return Status::Unimplemented(pre +

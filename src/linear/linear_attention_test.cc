@@ -53,6 +53,14 @@ class LinearCase {
       scalar_gates_[i] = i % 5 == 2 ? -12.0f * std::fabs(x) : -std::log1p(std::exp(-x)) / 8.0f;
     }
     for (int64_t h = 0; h < s.heads_q; ++h) decay_.push_back(1.0f - std::exp2(-2.0f - h));
+    // LRPE angles: RoPE-like frequencies 10000^(-f / Dk), a little different per head.
+    for (int64_t h = 0; h < s.heads_q; ++h) {
+      for (int64_t f = 0; f < s.dk; ++f) {
+        theta_.push_back(static_cast<float>(
+            std::pow(10000.0, -static_cast<double>(f) / static_cast<double>(s.dk)) *
+            (1.0 + 0.1 * static_cast<double>(h))));
+      }
+    }
   }
 
   LinearAttentionParams Params(std::vector<float>* out) {
@@ -75,6 +83,12 @@ class LinearCase {
     return MakeView3(scalar_gates_.data(), DType::kF32, s_.batch, s_.seq, s_.heads_q);
   }
   TensorView Decay() { return MakeView1(decay_.data(), DType::kF32, s_.heads_q); }
+  // LRPE's theta: [Hq, Dk], or head 0's row as the [Dk] every head shares.
+  TensorView Theta(bool per_head) {
+    if (!per_head) return MakeView1(theta_.data(), DType::kF32, s_.dk);
+    const int64_t shape[2] = {s_.heads_q, s_.dk};
+    return MakeContiguousView(theta_.data(), DType::kF32, 2, shape);
+  }
   // q, k >= 0 from here on (idempotent): the identity map's normalizer then stays away from 0.
   void MakeQKPositive() {
     for (auto* x : {&q_, &k_}) {
@@ -104,7 +118,7 @@ class LinearCase {
 
  private:
   Shape s_;
-  std::vector<float> q_, k_, v_, gates_, mild_gates_, scalar_gates_, decay_;
+  std::vector<float> q_, k_, v_, gates_, mild_gates_, scalar_gates_, decay_, theta_;
 };
 
 // `scale`: the magnitude the absolute part is relative to; 0 = the largest |want|.
@@ -167,6 +181,27 @@ std::vector<Variant> Variants() {
        [](LinearCase& c, LinearAttentionParams& p) {
          p.gates = c.Gates();
          p.scale = 0.7f;
+       }},
+      {"lrpe", [](LinearCase& c, LinearAttentionParams& p) { p.lrpe_theta = c.Theta(false); }},
+      {"lrpe decay normalized elu1 per-head theta offset 1000",
+       [](LinearCase& c, LinearAttentionParams& p) {
+         p.lrpe_theta = c.Theta(true);
+         p.position_offset = 1000;
+         p.decay = c.Decay();
+         p.feature_map = LinearFeatureMap::kElu1;
+         p.normalize = true;
+       }},
+      {"lrpe relu prefix 9",
+       [](LinearCase& c, LinearAttentionParams& p) {
+         p.lrpe_theta = c.Theta(true);
+         p.feature_map = LinearFeatureMap::kRelu;
+         p.prefix_len = std::min<int64_t>(9, p.q.shape[1]);
+       }},
+      {"lrpe non-causal offset 70",
+       [](LinearCase& c, LinearAttentionParams& p) {
+         p.lrpe_theta = c.Theta(false);
+         p.causal = false;
+         p.position_offset = 70;
        }},
       {"based (taylor, normalized, window 5)",
        [](LinearCase&, LinearAttentionParams& p) {
@@ -273,8 +308,12 @@ TEST(LinearAttention, StateHandOffContinuesExactly) {
     LinearCase c(s);
     const auto base = [&](LinearAttentionParams& p) { var.set(c, p); };
     const std::vector<float> whole = c.Run(base, false);
+    std::vector<float> probe;
+    LinearAttentionParams probe_params = c.Params(&probe);
+    base(probe_params);
+    const bool lrpe = probe_params.lrpe_theta.data != nullptr;
     const int64_t F = LinearFeatureDim(
-        var.dk == 4 ? LinearFeatureMap::kTaylor2 : LinearFeatureMap::kIdentity, var.dk);
+        var.dk == 4 ? LinearFeatureMap::kTaylor2 : LinearFeatureMap::kIdentity, var.dk, lrpe);
     std::vector<float> state(static_cast<size_t>(s.batch * s.heads_q * F * s.dv));
     std::vector<float> norm(static_cast<size_t>(s.batch * s.heads_q * F));
     for (const int64_t split : {1, 37, 64}) {
@@ -301,6 +340,7 @@ TEST(LinearAttention, StateHandOffContinuesExactly) {
       b2.out = slice(p1.out, split, n2);
       if (b2.gates.data != nullptr) b2.gates = slice(p1.gates, split, n2);
       b2.prefix_len = 0;
+      b2.position_offset = p1.position_offset + split;  // LRPE: the tokens before this part
       b2.initial_state = a.final_state;
       b2.initial_normalizer = a.final_normalizer;
       // The second part continues token by token (decode) from the prefill's state.
@@ -387,6 +427,30 @@ TEST(LinearAttention, BadInputsAreRejected) {
          p.final_normalizer = MakeView3(pos_gates.data(), DType::kF32, 1, 2, 8);
        }},
       {"v", [](LinearAttentionParams& p) { p.v.shape[2] = 2; }},
+      {"lrpe_theta",  // with the Taylor map
+       [&](LinearAttentionParams& p) {
+         p.lrpe_theta = c.Theta(false);
+         p.feature_map = LinearFeatureMap::kTaylor2;
+       }},
+      {"lrpe_theta",  // with gates
+       [&](LinearAttentionParams& p) {
+         p.lrpe_theta = c.Theta(false);
+         p.gates = c.Gates();
+       }},
+      {"lrpe_theta",  // [Dk + 1]
+       [&](LinearAttentionParams& p) {
+         p.lrpe_theta = c.Theta(false);
+         p.lrpe_theta.shape[0] += 1;
+       }},
+      {"lrpe_theta",  // a NaN angle
+       [&](LinearAttentionParams& p) {
+         p.lrpe_theta = MakeView1(nan_gates.data(), DType::kF32, s.dk);
+       }},
+      {"position_offset",
+       [&](LinearAttentionParams& p) {
+         p.lrpe_theta = c.Theta(false);
+         p.position_offset = -1;
+       }},
   };
   for (const auto& [name, set] : cases) {
     std::vector<float> out;
@@ -470,6 +534,59 @@ TEST(LinearAttention, ScalarGatesEqualRepeatedChannelGates) {
     for (size_t i = 0; i < dg2.size(); ++i) summed[i / static_cast<size_t>(s.dk)] += dg2[i];
     ExpectClose(dg1, summed, "dgates", scale);
   }
+}
+
+// LRPE sees relative positions only: without an initial state, moving every token by the same
+// offset changes no output beyond rounding (the offsets cross many of the angles' anchors).
+TEST(LinearAttention, LrpeDependsOnRelativePositionsOnly) {
+  Shape s;
+  s.seq = 150;
+  s.heads_q = 2;
+  s.heads_kv = 1;
+  LinearCase c(s);
+  for (const bool recurrent : {false, true}) {
+    const auto with_offset = [&](int64_t offset) {
+      return [&c, offset](LinearAttentionParams& p) {
+        p.lrpe_theta = c.Theta(true);
+        p.position_offset = offset;
+        p.decay = c.Decay();
+      };
+    };
+    const std::vector<float> base = c.Run(with_offset(0), recurrent);
+    const std::vector<double> want(base.begin(), base.end());
+    for (const int64_t offset : {int64_t{1}, int64_t{4093}, int64_t{1} << 30}) {
+      ExpectClose(c.Run(with_offset(offset), recurrent), want,
+                  "offset " + std::to_string(offset) + (recurrent ? " recurrent" : " chunked"));
+    }
+  }
+}
+
+// With LRPE a state-only call (no outputs: it reads the keys alone, in another order than the
+// full call) gives the full call's final state bit for bit: the angles of a position do not
+// depend on the order positions are visited in.
+TEST(LinearAttention, LrpeStateOnlyEqualsFullCallBitwise) {
+  Shape s;
+  s.seq = 203;
+  LinearCase c(s);
+  const int64_t F = LinearFeatureDim(LinearFeatureMap::kElu1, s.dk, true);
+  std::vector<float> full(static_cast<size_t>(s.batch * s.heads_q * F * s.dv), 1.0f), only = full;
+  std::vector<float> zfull(static_cast<size_t>(s.batch * s.heads_q * F), 1.0f), zonly = zfull;
+  std::vector<float> out;
+  LinearAttentionParams p = c.Params(&out);
+  p.lrpe_theta = c.Theta(true);
+  p.position_offset = 77;
+  p.feature_map = LinearFeatureMap::kElu1;
+  p.normalize = true;
+  p.chunk_size = 32;
+  p.final_state = MakeView4(full.data(), DType::kF32, s.batch, s.heads_q, F, s.dv);
+  p.final_normalizer = MakeView3(zfull.data(), DType::kF32, s.batch, s.heads_q, F);
+  ASSERT_TRUE(LinearAttentionForward(p, Context()).ok());
+  p.out = TensorView();
+  p.final_state.data = only.data();
+  p.final_normalizer.data = zonly.data();
+  ASSERT_TRUE(LinearAttentionForward(p, Context()).ok());
+  EXPECT_EQ(full, only);
+  EXPECT_EQ(zfull, zonly);
 }
 
 // A normalized row whose normalizer is exactly -eps (identity features take both signs) has no

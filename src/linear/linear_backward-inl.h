@@ -251,7 +251,7 @@ inline void BackwardChunkReverse(const BackHead& bh, Work& w, BackWork& bw, int6
     const int64_t t = t0 + static_cast<int64_t>(j);
     if (bp.dk != nullptr) {
       LoadRow(p.dtype, p.k, p.offset(p.k_stride, hd.b, t, hd.kvh), p.k_stride[3], dk, w.row);
-      FeatureGrad(p.map, w.row, dk, 1.0f, dkf + j * fp, bw.grad.data());
+      FeatureGrad(p.map, w.row, dk, 1.0f, hd.FoldLrpe(w, t, dkf + j * fp), bw.grad.data());
       float* dk_row = bw.dk.data() + static_cast<size_t>(t) * dk;
       for (size_t c = 0; c < dk; ++c) dk_row[c] += bw.grad[c];
     }
@@ -345,7 +345,7 @@ inline void BackwardChunkForward(const BackHead& bh, Work& w, BackWork& bw, int6
     const int64_t t = t0 + static_cast<int64_t>(i);
     if (bh.bp.dq != nullptr) {
       LoadRow(p.dtype, p.q, p.offset(p.q_stride, hd.b, t, hd.h), p.q_stride[3], dk, w.row);
-      FeatureGrad(p.map, w.row, dk, p.scale, dqf + i * fp, bw.grad.data());
+      FeatureGrad(p.map, w.row, dk, p.scale, hd.FoldLrpe(w, t, dqf + i * fp), bw.grad.data());
       StoreStridedScaled(p.dtype, bw.grad.data(), 1, dk, 1.0f, bh.bp.dq,
                          p.offset(bh.bp.dq_stride, hd.b, t, hd.h), bh.bp.dq_stride[3]);
     }
@@ -381,7 +381,8 @@ inline void BackwardPrefixForward(const BackHead& bh, Work& w, BackWork& bw) {
     for (size_t i = 0; i < n; ++i) {
       const int64_t t = t0 + static_cast<int64_t>(i);
       LoadRow(p.dtype, p.q, p.offset(p.q_stride, hd.b, t, hd.h), p.q_stride[3], dk, w.row);
-      FeatureGrad(p.map, w.row, dk, p.scale, bw.p.data() + i * fp, bw.grad.data());
+      FeatureGrad(p.map, w.row, dk, p.scale, hd.FoldLrpe(w, t, bw.p.data() + i * fp),
+                  bw.grad.data());
       StoreStridedScaled(p.dtype, bw.grad.data(), 1, dk, 1.0f, bh.bp.dq,
                          p.offset(bh.bp.dq_stride, hd.b, t, hd.h), bh.bp.dq_stride[3]);
     }
@@ -420,7 +421,8 @@ inline void BackwardPrefixReverse(const BackHead& bh, Work& w, BackWork& bw) {
       const int64_t t = t0 + static_cast<int64_t>(j);
       if (want_dk) {
         LoadRow(p.dtype, p.k, p.offset(p.k_stride, hd.b, t, hd.kvh), p.k_stride[3], dk, w.row);
-        FeatureGrad(p.map, w.row, dk, 1.0f, bw.p.data() + j * fp, bw.grad.data());
+        FeatureGrad(p.map, w.row, dk, 1.0f, hd.FoldLrpe(w, t, bw.p.data() + j * fp),
+                    bw.grad.data());
         float* dk_row = bw.dk.data() + static_cast<size_t>(t) * dk;
         for (size_t c = 0; c < dk; ++c) dk_row[c] += bw.grad[c];
       }
@@ -441,8 +443,7 @@ bool LinearBackward(const LinearBackwardProblem& bp, int32_t threads) {
   const LinearProblem& p = bp.fwd;
   const int64_t tasks = p.batch * p.heads_kv;
   if (tasks == 0) return true;
-  const size_t c = static_cast<size_t>(p.chunk),
-               fi = KernelFeatureDim(p.map, static_cast<size_t>(p.dk)), fp = RoundUp(fi),
+  const size_t c = static_cast<size_t>(p.chunk), fi = KernelFeatureDim(p), fp = RoundUp(fi),
                dvp = RoundUp(static_cast<size_t>(p.dv + (p.normalize ? 1 : 0))),
                dkp = RoundUp(static_cast<size_t>(p.dk));
   const size_t wide = std::max({fp, dvp, dkp});
@@ -458,6 +459,7 @@ bool LinearBackward(const LinearBackwardProblem& bp, int32_t threads) {
   const bool reverse_sweep = bp.dk != nullptr || bp.dv != nullptr || bp.dgates != nullptr ||
                              bp.d_state_out != nullptr || bp.d_norm_out != nullptr;
   std::vector<BackWork> back(static_cast<size_t>(workers));
+  std::vector<Lrpe> lrpe(p.lrpe_theta != nullptr ? static_cast<size_t>(workers) : 0);
   try {
     for (BackWork& bw : back) {
       bw.dos.resize(c * dvp);
@@ -485,6 +487,10 @@ bool LinearBackward(const LinearBackwardProblem& bp, int32_t threads) {
     std::fill(bw.dk.begin(), bw.dk.end(), 0.0f);
     std::fill(bw.dv.begin(), bw.dv.end(), 0.0f);
     for (int64_t h = kvh * p.group; h < (kvh + 1) * p.group; ++h) {
+      if (p.lrpe_theta != nullptr) {
+        w.lrpe = &lrpe[static_cast<size_t>(worker)];
+        w.lrpe->SetHead(p, h);
+      }
       const float lambda = p.decay != nullptr ? p.decay[h * p.decay_stride] : 1.0f;
       for (size_t i = 0; i <= c; ++i) w.pow[i] = std::exp(static_cast<float>(i) * std::log(lambda));
       const Head hd{p, b, h, kvh, std::log(lambda), w.pow};

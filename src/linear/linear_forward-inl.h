@@ -121,9 +121,12 @@ void Gemm(size_t m, size_t n, size_t k, const float* a, size_t a_rs, size_t a_cs
   for (; i < m; ++i) GemmRows<1, kAcc>(n, k, a + i * a_rs, a_rs, a_cs, b, ldb, c + i * ldc, ldc);
 }
 
-// The features the kernels use: phi, with the Taylor map's pair terms folded to unordered pairs.
-inline size_t KernelFeatureDim(LinearFeatureMap map, size_t dk) {
-  return map == LinearFeatureMap::kTaylor2 ? 1 + dk + dk * (dk + 1) / 2 : dk;
+// The features the kernels use: phi, with the Taylor map's pair terms folded to unordered pairs,
+// doubled by LRPE.
+inline size_t KernelFeatureDim(const LinearProblem& p) {
+  const size_t dk = static_cast<size_t>(p.dk);
+  if (p.map == LinearFeatureMap::kTaylor2) return 1 + dk + dk * (dk + 1) / 2;
+  return p.lrpe_theta != nullptr ? 2 * dk : dk;
 }
 
 // dst[0..fp) = phi(x[0..dk)) * mul in the kernels' feature basis (zero padded to fp).
@@ -160,8 +163,60 @@ inline void Features(LinearFeatureMap map, const float* x, size_t dk, float mul,
   for (; f < fp; ++f) dst[f] = 0.0f;
 }
 
+// LRPE's angles (LinearAttentionParams::lrpe_theta): cos and sin of p theta_f for every feature,
+// a function of the position p alone, so every path that reads row p sees the same bits: exact
+// (double trig) at the anchor p - p mod kLrpeAnchor, then rotated by theta_f once per position, in
+// double. Reading positions in order costs one rotation (4 flops) per feature and position.
+constexpr int64_t kLrpeAnchor = 64;
+struct LrpeAngles {
+  int64_t pos = -1;
+  std::vector<double> c, s;
+};
+struct Lrpe {
+  int64_t head = -1;
+  std::vector<double> theta, step_c, step_s;
+  LrpeAngles q, k, grad;    // the rows LoadQ, LoadK and the gradients' folds read
+  std::vector<float> fold;  // [Dk] a folded feature gradient
+
+  void SetHead(const LinearProblem& p, int64_t h) {
+    if (head == h) return;
+    head = h;
+    const size_t dk = static_cast<size_t>(p.dk);
+    theta.resize(dk), step_c.resize(dk), step_s.resize(dk), fold.resize(dk);
+    for (size_t f = 0; f < dk; ++f) {
+      theta[f] = p.lrpe_theta[h * p.lrpe_theta_stride[0] +
+                              static_cast<int64_t>(f) * p.lrpe_theta_stride[1]];
+      step_c[f] = std::cos(theta[f]);
+      step_s[f] = std::sin(theta[f]);
+    }
+    q.pos = k.pos = grad.pos = -1;  // their angles belong to the previous head's theta
+  }
+  const LrpeAngles& At(LrpeAngles& a, int64_t pos) {
+    if (a.pos == pos) return a;
+    const size_t dk = theta.size();
+    a.c.resize(dk), a.s.resize(dk);
+    const int64_t anchor = pos - pos % kLrpeAnchor;
+    if (a.pos < anchor || a.pos >= pos) {
+      for (size_t f = 0; f < dk; ++f) {
+        a.c[f] = std::cos(static_cast<double>(anchor) * theta[f]);
+        a.s[f] = std::sin(static_cast<double>(anchor) * theta[f]);
+      }
+      a.pos = anchor;
+    }
+    for (; a.pos < pos; ++a.pos) {
+      for (size_t f = 0; f < dk; ++f) {
+        const double c = a.c[f] * step_c[f] - a.s[f] * step_s[f];
+        a.s[f] = a.s[f] * step_c[f] + a.c[f] * step_s[f];
+        a.c[f] = c;
+      }
+    }
+    return a;
+  }
+};
+
 // Per-worker buffers, carved from one aligned allocation per call.
 struct Work {
+  Lrpe* lrpe = nullptr;              // the worker's LRPE angles (set with lrpe_theta)
   size_t c, fi, fp, dvp, dkp, wide;  // fi: kernel features (KernelFeatureDim), fp: fi padded
   float* qf;    // [C][Fp] scaled phi(q) (GLA: times e^B after the inter product)
   float* kf;    // [C][Fp] phi(k)
@@ -236,11 +291,33 @@ struct Head {
     LoadRow(p.dtype, p.q, p.offset(p.q_stride, b, t, h), p.q_stride[3], static_cast<size_t>(p.dk),
             w.row);
     Features(p.map, w.row, static_cast<size_t>(p.dk), p.scale, dst, w.fp);
+    if (p.lrpe_theta != nullptr) Lrpe(w.lrpe->At(w.lrpe->q, p.position_offset + t), dst);
   }
   void LoadK(Work& w, int64_t t, float* dst) const {
     LoadRow(p.dtype, p.k, p.offset(p.k_stride, b, t, kvh), p.k_stride[3], static_cast<size_t>(p.dk),
             w.row);
     Features(p.map, w.row, static_cast<size_t>(p.dk), 1.0f, dst, w.fp);
+    if (p.lrpe_theta != nullptr) Lrpe(w.lrpe->At(w.lrpe->k, p.position_offset + t), dst);
+  }
+  // LRPE's doubling of a feature row (Features wrote phi to [0, Dk) and zeros past it).
+  void Lrpe(const LrpeAngles& a, float* dst) const {
+    const size_t dk = static_cast<size_t>(p.dk);
+    for (size_t f = 0; f < dk; ++f) {
+      const double x = dst[f];
+      dst[f] = static_cast<float>(x * a.c[f]);
+      dst[dk + f] = static_cast<float>(x * a.s[f]);
+    }
+  }
+  // The gradient of row t's 2 Dk LRPE features folded onto the Dk features of phi (LRPE), or
+  // dphi itself.
+  const float* FoldLrpe(Work& w, int64_t t, const float* dphi) const {
+    if (p.lrpe_theta == nullptr) return dphi;
+    const LrpeAngles& a = w.lrpe->At(w.lrpe->grad, p.position_offset + t);
+    const size_t dk = static_cast<size_t>(p.dk);
+    for (size_t f = 0; f < dk; ++f) {
+      w.lrpe->fold[f] = static_cast<float>(dphi[f] * a.c[f] + dphi[dk + f] * a.s[f]);
+    }
+    return w.lrpe->fold.data();
   }
   void LoadV(Work& w, int64_t t, float* dst) const {
     LoadRow(p.dtype, p.v, p.offset(p.v_stride, b, t, kvh), p.v_stride[3], static_cast<size_t>(p.dv),
@@ -702,8 +779,7 @@ bool LinearForward(const LinearProblem& p, int32_t threads, bool recurrent) {
   // With no tokens each task still hands its initial state over to the final one.
   const int64_t tasks = p.batch * p.heads_q;
   if (tasks == 0) return true;
-  const size_t c = static_cast<size_t>(p.chunk),
-               fi = KernelFeatureDim(p.map, static_cast<size_t>(p.dk)), fp = RoundUp(fi),
+  const size_t c = static_cast<size_t>(p.chunk), fi = KernelFeatureDim(p), fp = RoundUp(fi),
                dvp = RoundUp(static_cast<size_t>(p.dv)), dkp = RoundUp(static_cast<size_t>(p.dk));
   const size_t wide = std::max({fp, dvp, dkp});
   const size_t per_worker =
@@ -712,11 +788,16 @@ bool LinearForward(const LinearProblem& p, int32_t threads, bool recurrent) {
       static_cast<int32_t>(std::max<int64_t>(1, std::min<int64_t>(threads, tasks)));
   auto storage = hwy::AllocateAligned<float>(per_worker * static_cast<size_t>(workers));
   if (!storage) return false;
+  std::vector<Lrpe> lrpe(p.lrpe_theta != nullptr ? static_cast<size_t>(workers) : 0);
   ParallelFor(workers, tasks, [&](int64_t task, int32_t worker) {
     Work w;
     w.Carve(storage.get() + per_worker * static_cast<size_t>(worker), c, fi, dvp, dkp, wide,
             static_cast<size_t>(p.window));
     const int64_t b = task / p.heads_q, h = task % p.heads_q;
+    if (p.lrpe_theta != nullptr) {
+      w.lrpe = &lrpe[static_cast<size_t>(worker)];
+      w.lrpe->SetHead(p, h);
+    }
     const float lambda = p.decay != nullptr ? p.decay[h * p.decay_stride] : 1.0f;
     for (size_t i = 0; i <= c; ++i) w.pow[i] = std::exp(static_cast<float>(i) * std::log(lambda));
     const Head hd{p, b, h, h / p.group, std::log(lambda), w.pow};

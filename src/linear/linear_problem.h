@@ -34,6 +34,9 @@ struct LinearProblem {
   int64_t gates_stride[4] = {0, 0, 0, 0};  // scalar gates: channel stride 0
   bool scalar_gates = false;               // one gate per (b, t, h) shared by every channel
   int64_t window = 0;
+  const float* lrpe_theta = nullptr;  // [h, f] (stride 0 over heads for a shared [Dk]); or off
+  int64_t lrpe_theta_stride[2] = {0, 0};
+  int64_t position_offset = 0;
   const float* state_in = nullptr;  // [b, h, f, d]
   int64_t state_in_stride[4] = {0, 0, 0, 0};
   const float* norm_in = nullptr;  // [b, h, f]

@@ -45,8 +45,8 @@ void CopyStrides(const TensorView& t, int64_t* strides) {
 
 }  // namespace
 
-int64_t LinearFeatureDim(LinearFeatureMap map, int64_t dk) {
-  if (map != LinearFeatureMap::kTaylor2) return dk;
+int64_t LinearFeatureDim(LinearFeatureMap map, int64_t dk, bool lrpe) {
+  if (map != LinearFeatureMap::kTaylor2) return lrpe ? 2 * dk : dk;  // dk <= 512: no overflow
   int64_t f = 0;
   if (!CheckedMul(dk, dk, &f) || !CheckedAdd(f, dk, &f) || !CheckedAdd(f, 1, &f)) {
     return std::numeric_limits<int64_t>::max();
@@ -110,7 +110,42 @@ Status ValidateLinearAttention(const LinearAttentionParams& p, LinearProblem* pr
     return Status::InvalidArgument(Expected("feature_map", "kIdentity, kElu1, kRelu or kTaylor2",
                                             std::to_string(static_cast<int>(p.feature_map))));
   }
-  const int64_t F = LinearFeatureDim(p.feature_map, Dk);
+  const bool lrpe = p.lrpe_theta.data != nullptr;
+  if (lrpe && p.feature_map == LinearFeatureMap::kTaylor2) {
+    return Status::InvalidArgument(
+        "lrpe_theta: expected the identity, elu + 1 or relu feature map, got the Taylor map");
+  }
+  if (lrpe && p.gates.data != nullptr) {
+    return Status::InvalidArgument(
+        "lrpe_theta: expected no gates (gates act on the Dk key channels), got gates");
+  }
+  if (lrpe) {
+    if (p.lrpe_theta.rank == 2) {
+      Status s = CheckF32("lrpe_theta", p.lrpe_theta, {Hq, Dk}, false);
+      if (!s.ok()) return s;
+    } else {
+      Status s = CheckF32("lrpe_theta", p.lrpe_theta, {Dk}, false);
+      if (!s.ok()) return s;
+    }
+    const float* th = static_cast<const float*>(p.lrpe_theta.data);
+    const int64_t heads = p.lrpe_theta.rank == 2 ? Hq : 1;
+    const int64_t hs = p.lrpe_theta.rank == 2 ? p.lrpe_theta.strides[0] : 0;
+    const int64_t fs = p.lrpe_theta.strides[p.lrpe_theta.rank - 1];
+    for (int64_t h = 0; h < heads; ++h) {
+      for (int64_t f = 0; f < Dk; ++f) {
+        const float x = th[h * hs + f * fs];
+        if (!std::isfinite(x)) {
+          return Status::InvalidArgument(
+              Expected("lrpe_theta", "finite angles", std::to_string(x) + " at " + Dims({h, f})));
+        }
+      }
+    }
+  }
+  if (p.position_offset < 0 || p.position_offset > (int64_t{1} << 52)) {
+    return Status::InvalidArgument(
+        Expected("position_offset", "in [0, 2^52]", std::to_string(p.position_offset)));
+  }
+  const int64_t F = LinearFeatureDim(p.feature_map, Dk, lrpe);
   if (F > kMaxFeatureDim) {
     return Status::InvalidArgument(Expected(
         "q", "a feature dim 1 + Dk + Dk^2 <= " + std::to_string(kMaxFeatureDim) + " (Taylor map)",
@@ -274,6 +309,13 @@ Status ValidateLinearAttention(const LinearAttentionParams& p, LinearProblem* pr
   // A window past the sequence sees every key of the call: the same as window = S, and the
   // kernels' sizes (chunk + window) stay small.
   r.window = std::min(p.window, S);
+  if (lrpe) {
+    r.lrpe_theta = static_cast<const float*>(p.lrpe_theta.data);
+    const bool per_head = p.lrpe_theta.rank == 2;
+    r.lrpe_theta_stride[0] = per_head ? p.lrpe_theta.strides[0] : 0;
+    r.lrpe_theta_stride[1] = p.lrpe_theta.strides[per_head ? 1 : 0];
+  }
+  r.position_offset = p.position_offset;
   if (p.initial_state.data != nullptr) {
     r.state_in = static_cast<const float*>(p.initial_state.data);
     CopyStrides(p.initial_state, r.state_in_stride);

@@ -43,6 +43,9 @@ struct Options {
   bool decay = false;
   bool gates = false;
   bool scalar_gates = false;  // gates of rank 3 [B, S, Hq]: one per token and head
+  bool lrpe = false;          // feat = 2 * base: [phi cos(p theta), phi sin(p theta)]
+  int64_t base = 0;           // the feature dim of phi before LRPE's doubling
+  int64_t position_offset = 0;
 };
 
 Options Resolve(const LinearAttentionParams& p) {
@@ -55,7 +58,10 @@ Options Resolve(const LinearAttentionParams& p) {
   o.dk = p.q.shape[3];
   o.dv = p.v.shape[3];
   o.map = p.feature_map;
-  o.feat = LinearFeatureDimF64(o.map, o.dk);
+  o.lrpe = p.lrpe_theta.data != nullptr;
+  o.base = LinearFeatureDimF64(o.map, o.dk);
+  o.feat = o.lrpe ? 2 * o.base : o.base;
+  o.position_offset = p.position_offset;
   // The scale parameter is a float, so the default is the float nearest 1/sqrt(Dk): the kernels
   // can use no other, and the oracle should measure their error, not this rounding.
   const double default_scale =
@@ -84,6 +90,12 @@ struct Head {
   double lambda = 1.0;
 };
 
+// theta_f of query head h ([Dk] shared by the heads, or [Hq, Dk]).
+double LrpeTheta(const LinearAttentionParams& p, int64_t h, int64_t f) {
+  const TensorView& t = p.lrpe_theta;
+  return t.rank == 2 ? Load(t, h * t.strides[0] + f * t.strides[1]) : Load(t, f * t.strides[0]);
+}
+
 void LoadHead(const LinearAttentionParams& p, const Options& o, int64_t b, int64_t h, Head* hd) {
   const int64_t kv = h / o.group;
   hd->q.assign(Idx(o.seq * o.dk), 0.0);
@@ -101,6 +113,19 @@ void LoadHead(const LinearAttentionParams& p, const Options& o, int64_t b, int64
     for (int64_t d = 0; d < o.dv; ++d) hd->v[Idx(t * o.dv + d)] = At(p.v, b, t, kv, d);
     LinearFeatureF64(o.map, &hd->q[Idx(t * o.dk)], o.dk, &hd->phi_q[Idx(t * o.feat)]);
     LinearFeatureF64(o.map, &hd->k[Idx(t * o.dk)], o.dk, &hd->phi_k[Idx(t * o.feat)]);
+    if (o.lrpe) {
+      // LRPE: feature f becomes [phi_f cos(p theta_f), phi_f sin(p theta_f)], p the position.
+      const double pos = static_cast<double>(o.position_offset + t);
+      for (int64_t f = 0; f < o.base; ++f) {
+        const double theta = LrpeTheta(p, h, f), c = std::cos(pos * theta),
+                     sn = std::sin(pos * theta);
+        for (auto* phi : {&hd->phi_q, &hd->phi_k}) {
+          const double x = (*phi)[Idx(t * o.feat + f)];
+          (*phi)[Idx(t * o.feat + f)] = x * c;
+          (*phi)[Idx(t * o.feat + o.base + f)] = x * sn;
+        }
+      }
+    }
   }
   hd->lambda = o.decay ? Load(p.decay, h * p.decay.strides[0]) : 1.0;
 }
@@ -468,6 +493,18 @@ void LinearBackwardF64(const LinearAttentionBackwardParams& bp, double* dq, doub
         }
 
         for (int64_t t = 0; t < o.seq; ++t) {
+          if (o.lrpe) {
+            // Back through LRPE's doubling: dphi_f = dcos_f cos(p theta_f) + dsin_f sin(...).
+            const double pos = static_cast<double>(o.position_offset + t);
+            for (int64_t f = 0; f < o.base; ++f) {
+              const double theta = LrpeTheta(p, h, f);
+              const double c = std::cos(pos * theta), sn = std::sin(pos * theta);
+              for (auto* d : {&dphi_q, &dphi_k}) {
+                (*d)[Idx(t * o.feat + f)] =
+                    (*d)[Idx(t * o.feat + f)] * c + (*d)[Idx(t * o.feat + o.base + f)] * sn;
+              }
+            }
+          }
           FeatureBackward(o.map, &hd.q[Idx(t * o.dk)], o.dk, &dphi_q[Idx(t * o.feat)], dx.data());
           double* dq_row = dq + ((b * o.seq + t) * o.heads_q + h) * o.dk;
           for (int64_t c = 0; c < o.dk; ++c) dq_row[c] = dx[Idx(c)];
