@@ -100,10 +100,19 @@ class KVCache {
 // (x1 cos p*theta_c - x2 sin p*theta_c, x1 sin p*theta_c + x2 cos p*theta_c). Pairs are
 // (c, c + r/2) in the half-split (NeoX) form and (2c, 2c + 1) in the interleaved (GPT-J) form.
 // Channels >= r pass through.
+//
+// xPos (Sun et al. 2023, "A Length-Extrapolatable Transformer"; RetNet's rotation) scales pair c
+// as well: by zeta_c^(p / xpos_scale_base) on queries and zeta_c^(-p / xpos_scale_base) on keys,
+// zeta_c = (2c / r + xpos_gamma) / (1 + xpos_gamma), so q_m . k_n gains zeta^((m - n) / scale
+// base): a decay with the distance. AppendKV applies the key form (ApplyRotaryParams::keys picks).
+// The key scale grows with the position: positions p with p / xpos_scale_base * |ln zeta_0| > 80
+// (the scale past about e^80, near the f32 range) are refused.
 struct RotaryParams {
   int64_t rotary_dim = 0;  // 0 disables
   float base = 10000.0f;
   bool interleaved = false;
+  float xpos_scale_base = 0.0f;  // > 0 enables xPos (512 in the paper); 0: plain RoPE
+  float xpos_gamma = 0.4f;       // > 0
 };
 
 struct AppendKVParams {
@@ -128,6 +137,7 @@ struct ApplyRotaryParams {
   // data == nullptr: position s.
   TensorView positions;
   RotaryParams rotary;
+  bool keys = false;  // xPos only: the key form (zeta^-p) instead of the query form (zeta^p)
 };
 
 // Applies RoPE in place to params.x (only the first rotary_dim channels are written). Tokens are

@@ -205,6 +205,10 @@ Status ValidateAppend(const AppendKVParams& p, std::vector<int32_t>* new_lens) {
                      Str(capacity));
     }
     (*new_lens)[size_t(b)] = static_cast<int32_t>(total);
+    if (n > 0) {
+      s = rotary::CheckXposRange(p.rotary, total - 1);
+      if (!s.ok()) return s;
+    }
   }
   KVBatchView after = batch;
   after.seq_lens = MakeView1(new_lens->data(), DType::kI32, B);
@@ -533,7 +537,13 @@ Status ApplyRotary(const ApplyRotaryParams& p, const Context& ctx) try {
   s = CheckDisjoint({ViewRegion("x", x)}, {ViewRegion("positions", p.positions)});
   if (!s.ok()) return s;
   if (p.rotary.rotary_dim == 0 || x.numel() == 0) return Status::Ok();
-  const rotary::Rotary rot(p.rotary);
+  int64_t max_position = S - 1;
+  for (int64_t b = 0; b < B && positions != nullptr; ++b) {
+    max_position = std::max<int64_t>(max_position, int64_t{positions[b]} + S - 1);
+  }
+  s = rotary::CheckXposRange(p.rotary, max_position);
+  if (!s.ok()) return s;
+  const rotary::Rotary rot(p.rotary, p.keys);
   const int64_t r = p.rotary.rotary_dim;
   const int64_t tokens = B * S;  // fits: x.numel() does
   const int64_t tokens_per_task = std::max<int64_t>(1, (int64_t{1} << 14) / (H * D));

@@ -857,6 +857,83 @@ TEST(Rotary, MatchesTheFp64FormulaInBothForms) {
   }
 }
 
+// xPos: each pair is the RoPE rotation times zeta_c^(+-p / scale_base) (queries +, keys -), so a
+// query-key dot product depends on the distance only; AppendKV stores the key form (the same
+// bits as ApplyRotary with keys); positions past the f32 range of the key scale are refused.
+TEST(Rotary, XposScalesPairsAndKeepsDotProductsRelative) {
+  const int64_t H = 1, D = 8, r = 8;
+  const double gamma = 0.4, scale_base = 64.0;
+  for (bool interleaved : {false, true}) {
+    SCOPED_TRACE(interleaved ? "interleaved" : "half-split");
+    RotaryParams rot{r, 10000.0f, interleaved};
+    rot.xpos_scale_base = static_cast<float>(scale_base);
+    rot.xpos_gamma = static_cast<float>(gamma);
+    const auto x = Random(size_t(D), 5), y = Random(size_t(D), 6);
+    // Row t of a sequence starting at `start`, rotated in the query or the key form.
+    const auto rotate = [&](const std::vector<float>& v, int32_t start, bool keys) {
+      std::vector<float> out = v;
+      ApplyRotaryParams ap{MakeView4(out.data(), DType::kF32, 1, 1, H, D), I32(&start, 1), rot};
+      ap.keys = keys;
+      EXPECT_TRUE(ApplyRotary(ap, Context()).ok());
+      return out;
+    };
+    for (const int32_t pos : {1, 37, 300}) {
+      const auto q = rotate(x, pos, false), k = rotate(x, pos, true);
+      for (int64_t c = 0; c < r / 2; ++c) {
+        const size_t i1 = size_t(interleaved ? 2 * c : c);
+        const size_t i2 = size_t(interleaved ? 2 * c + 1 : c + r / 2);
+        double e1, e2;
+        RopeRef(x[i1], x[i2], c, r, 10000.0, pos, &e1, &e2);
+        const double zeta = (2.0 * static_cast<double>(c) / r + gamma) / (1.0 + gamma);
+        const double up = std::pow(zeta, pos / scale_base),
+                     down = std::pow(zeta, -pos / scale_base);
+        ASSERT_NEAR(q[i1], e1 * up, 1e-5 * up) << pos;
+        ASSERT_NEAR(q[i2], e2 * up, 1e-5 * up) << pos;
+        ASSERT_NEAR(k[i1], e1 * down, 1e-5 * down) << pos;
+        ASSERT_NEAR(k[i2], e2 * down, 1e-5 * down) << pos;
+      }
+    }
+    const auto dot = [&](int32_t m, int32_t n) {
+      const auto q = rotate(x, m, false), k = rotate(y, n, true);
+      double acc = 0.0;
+      for (int64_t i = 0; i < D; ++i) acc += static_cast<double>(q[size_t(i)]) * k[size_t(i)];
+      return acc;
+    };
+    EXPECT_NEAR(dot(9, 4), dot(209, 204), 1e-4 * std::fabs(dot(9, 4)) + 1e-6);
+    EXPECT_NEAR(dot(4, 9), dot(1004, 1009), 1e-4 * std::fabs(dot(4, 9)) + 1e-6);
+    // AppendKV stores the key form.
+    KVCache c;
+    ASSERT_TRUE(c.Allocate(KVDType::kF32, 1, 64, H, D).ok());
+    Batch batch{{40}, {}, 0};
+    Input k(y, DType::kF32, 1, 1, H, D), v(y, DType::kF32, 1, 1, H, D);
+    ASSERT_TRUE(Append(c.view(), batch.view(), k, v, rot).ok());
+    batch.lens = {41};
+    const auto stored = Read(c.view(), batch.view(), 0).k;
+    EXPECT_TRUE(
+        BitwiseEqual(std::vector<float>(stored.end() - D, stored.end()), rotate(y, 40, true)));
+    // Past the range: 1e6 / 64 * |ln(0.4 / 1.4)| is far beyond 80.
+    std::vector<float> z = x;
+    const int32_t far = 1000000;
+    const Status st = ApplyRotary(
+        ApplyRotaryParams{MakeView4(z.data(), DType::kF32, 1, 1, H, D), I32(&far, 1), rot},
+        Context());
+    EXPECT_TRUE(ErrorNames(st, "rotary.xpos_scale_base")) << st.ToString();
+    EXPECT_TRUE(BitwiseEqual(z, x));
+    RotaryParams bad = rot;
+    bad.xpos_gamma = -1.0f;
+    EXPECT_TRUE(ErrorNames(
+        ApplyRotary(ApplyRotaryParams{MakeView4(z.data(), DType::kF32, 1, 1, H, D), {}, bad},
+                    Context()),
+        "rotary.xpos_gamma"));
+    bad = rot;
+    bad.rotary_dim = 0;
+    EXPECT_TRUE(ErrorNames(
+        ApplyRotary(ApplyRotaryParams{MakeView4(z.data(), DType::kF32, 1, 1, H, D), {}, bad},
+                    Context()),
+        "rotary.xpos_scale_base"));
+  }
+}
+
 TEST(Rotary, PositionZeroIsTheIdentityEvenForSignedZeros) {
   const int64_t H = 1, D = 4;
   // Rotated exactly, (1.5, -0) would become (1.5 - 0 * 0, 1.5 * 0 + -0) = (1.5, +0).
