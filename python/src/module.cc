@@ -399,7 +399,8 @@ class KVPool {
   KVCacheView view() { return cache_.view(); }  // for save_kv_file and CompactPy
 
   void Append(nb::handle k_new, nb::handle v_new, nb::handle seq_lens, nb::handle block_table,
-              int64_t rotary_dim, double rotary_base, bool interleaved, int32_t threads) {
+              int64_t rotary_dim, double rotary_base, bool interleaved, double xpos_scale_base,
+              double xpos_gamma, int32_t threads) {
     AppendKVParams p;
     p.k_new = ToView(k_new, "k");
     p.v_new = ToView(v_new, "v");
@@ -408,6 +409,8 @@ class KVPool {
     p.rotary.rotary_dim = rotary_dim;
     p.rotary.base = static_cast<float>(rotary_base);
     p.rotary.interleaved = interleaved;
+    p.rotary.xpos_scale_base = static_cast<float>(xpos_scale_base);
+    p.rotary.xpos_gamma = static_cast<float>(xpos_gamma);
     const Context ctx = MakeContext(threads, 0);
     RunWithoutGil([&] { return AppendKV(p, ctx); });
   }
@@ -458,13 +461,17 @@ class KVPool {
 };
 
 void ApplyRotaryPy(nb::handle x, nb::handle positions, int64_t rotary_dim, double base,
-                   bool interleaved, int32_t threads) {
+                   bool interleaved, double xpos_scale_base, double xpos_gamma, bool keys,
+                   int32_t threads) {
   ApplyRotaryParams p;
   p.x = ToView(x, "x");
   p.positions = ToView(positions, "positions");
   p.rotary.rotary_dim = rotary_dim;
   p.rotary.base = static_cast<float>(base);
   p.rotary.interleaved = interleaved;
+  p.rotary.xpos_scale_base = static_cast<float>(xpos_scale_base);
+  p.rotary.xpos_gamma = static_cast<float>(xpos_gamma);
+  p.keys = keys;
   const Context ctx = MakeContext(threads, 0);
   RunWithoutGil([&] { return ApplyRotary(p, ctx); });
 }

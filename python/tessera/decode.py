@@ -101,10 +101,12 @@ class KVCache:
             self._free_pages.append(page)
 
     def append(self, k, v, *, rotary_dim=0, rotary_base=10000.0, rotary_interleaved=False,
-               threads=None):
+               xpos_scale_base=0.0, xpos_gamma=0.4, threads=None):
         """Appends k, v [B, n, Hkv, D] (f32 / bf16 / f16, any strides) to every sequence, with
-        RoPE applied to k at its absolute positions when rotary_dim > 0. All or nothing: on error
-        the cache is unchanged."""
+        RoPE applied to k at its absolute positions when rotary_dim > 0 (and xPos's key scale
+        zeta_c^(-p / xpos_scale_base) when xpos_scale_base > 0; rotate the queries with
+        apply_rotary(..., xpos_scale_base=..., keys=False)). All or nothing: on error the cache is
+        unchanged."""
         kind = A.common_kind(k=k, v=v)
         if len(k.shape) != 4:
             raise ValueError(f"k: expected [B, n, Hkv, D], got shape {list(k.shape)}")
@@ -116,7 +118,8 @@ class KVCache:
         try:
             self._pool.append(k, v, self._seq_lens, self._block_table,
                               _int("rotary_dim", rotary_dim, 0), float(rotary_base),
-                              bool(rotary_interleaved), A.threads_arg(threads))
+                              bool(rotary_interleaved), float(xpos_scale_base),
+                              float(xpos_gamma), A.threads_arg(threads))
         except BaseException:
             self._release(taken)
             raise
@@ -203,11 +206,14 @@ def _stack(parts, name):
 
 
 def apply_rotary(x, positions=None, *, rotary_dim=None, base=10000.0, interleaved=False,
-                 inplace=False, threads=None):
+                 xpos_scale_base=0.0, xpos_gamma=0.4, keys=False, inplace=False, threads=None):
     """RoPE on x [B, S, H, D] (f32 / bf16 / f16): token s of sequence b at position
     positions[b] + s (positions int32 [B]; None: s). rotary_dim defaults to D; half-split (NeoX)
-    pairs unless interleaved (GPT-J). Returns the rotated array (x itself with inplace=True); torch
-    results carry no autograd history (the rotation has no backward)."""
+    pairs unless interleaved (GPT-J). xpos_scale_base > 0: xPos, pair c also scaled by
+    zeta_c^(p / xpos_scale_base) (queries) or zeta_c^(-p / xpos_scale_base) (keys=True),
+    zeta_c = (2c / rotary_dim + xpos_gamma) / (1 + xpos_gamma). Returns the rotated array (x
+    itself with inplace=True); torch results carry no autograd history (the rotation has no
+    backward)."""
     kind = A.kind_of("x", x)
     if len(x.shape) != 4:
         raise ValueError(f"x: expected [B, S, H, D], got shape {list(x.shape)}")
@@ -220,5 +226,6 @@ def apply_rotary(x, positions=None, *, rotary_dim=None, base=10000.0, interleave
         raise ValueError("x: expected a tensor without requires_grad for inplace=True")
     rd = int(x.shape[3]) if rotary_dim is None else _int("rotary_dim", rotary_dim, 0)
     _C.apply_rotary(A.detach(y), A.as_i32(kind, "positions", positions), rd, float(base),
-                    bool(interleaved), A.threads_arg(threads))
+                    bool(interleaved), float(xpos_scale_base), float(xpos_gamma), bool(keys),
+                    A.threads_arg(threads))
     return y

@@ -325,3 +325,45 @@ def test_merge_torch_bf16(rng):
     w = np.exp(to64(lses) - np.logaddexp.reduce(to64(lses), axis=0))
     assert_close(out, np.sum(w[..., None] * to64(outs), axis=0), 1e-2, 1e-2)
     assert_close(lse, np.logaddexp.reduce(to64(lses), axis=0), 1e-5, 1e-6, name="lse")
+
+
+def test_xpos_rotation_scales_pairs_and_keeps_dot_products_relative():
+    # xPos: RoPE's rotation times zeta_c^(+-p / scale_base) (queries +, keys -); a query-key dot
+    # product then depends on the distance only, and KVCache.append stores the key form.
+    rng = np.random.default_rng(3)
+    D, gamma, scale_base = 8, 0.4, 64.0
+    x = rng.standard_normal((1, 1, 1, D)).astype(np.float32)
+    y = rng.standard_normal((1, 1, 1, D)).astype(np.float32)
+
+    def rotate(v, pos, keys):
+        return tessera.apply_rotary(v, np.array([pos], np.int32), xpos_scale_base=scale_base,
+                                    xpos_gamma=gamma, keys=keys)
+
+    pos = 37
+    q, k = rotate(x, pos, False)[0, 0, 0], rotate(x, pos, True)[0, 0, 0]
+    half = D // 2
+    for c in range(half):
+        theta = 10000.0 ** (-2.0 * c / D)
+        cs, sn = np.cos(pos * theta), np.sin(pos * theta)
+        x1, x2 = float(x[0, 0, 0, c]), float(x[0, 0, 0, c + half])
+        zeta = (2.0 * c / D + gamma) / (1.0 + gamma)
+        for got, scale in ((q, zeta ** (pos / scale_base)), (k, zeta ** (-pos / scale_base))):
+            np.testing.assert_allclose(got[c], (x1 * cs - x2 * sn) * scale, rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(got[c + half], (x1 * sn + x2 * cs) * scale, rtol=1e-5,
+                                       atol=1e-6)
+
+    def dot(m, n):
+        return float(np.dot(rotate(x, m, False).ravel().astype(np.float64),
+                            rotate(y, n, True).ravel().astype(np.float64)))
+
+    assert abs(dot(9, 4) - dot(209, 204)) <= 1e-4 * abs(dot(9, 4)) + 1e-6
+    cache = tessera.KVCache(batch=1, num_kv_heads=1, head_dim=D, max_tokens=64, dtype="f32")
+    cache.append(np.zeros((1, 40, 1, D), np.float32), np.zeros((1, 40, 1, D), np.float32),
+                 rotary_dim=D, xpos_scale_base=scale_base, xpos_gamma=gamma)
+    cache.append(y, y, rotary_dim=D, xpos_scale_base=scale_base, xpos_gamma=gamma)
+    stored_k, _ = cache.read(0)
+    np.testing.assert_array_equal(stored_k[40, 0], rotate(y, 40, True)[0, 0, 0])
+    with pytest.raises(ValueError, match="xpos_scale_base"):
+        rotate(x, 1000000, True)
+    with pytest.raises(ValueError, match="xpos_gamma"):
+        tessera.apply_rotary(x, xpos_scale_base=64.0, xpos_gamma=-1.0)
