@@ -86,6 +86,7 @@ struct BenchOptions {
   int64_t chunk = 64;
   std::string form = "chunked";
   bool non_causal = false;
+  bool lrpe = false;  // LRPE with theta_f = 10000^(-f / Dk), shared by the heads (F = 2 Dk)
   // evict only (also --kv-dtype, --page-size and --window)
   std::string policy;
   double budget = 0.2;  // fraction of the cache tokens kept per layer

@@ -8,7 +8,9 @@
 // 1)), and the gla variant's gates are log-sigmoid of normal-ish values over 16 (GLA's gate
 // normalizer), so the per-token decay looks like a trained model's. Its FLOPs count the recurrent
 // form's work: per token and query head 4 * F * Dv for phi(q) S and the state update (plus 4 * F
-// with --normalize), and 2 * (Dk + Dv) per (query, key) pair of BASED's exact window. `--vs exact`
+// with --normalize), and 2 * (Dk + Dv) per (query, key) pair of BASED's exact window; with --lrpe
+// (angles theta_f = 10000^(-f / Dk), RoPE's frequencies, shared by the heads) F = 2 Dk, so the
+// count doubles (the cos / sin features themselves are not counted). `--vs exact`
 // times tessera's exact AttentionForward on the same B / N / H / Hkv with head dim --dim in f32
 // (causal when the linear call is), as many runs, and reports speedup = baseline_ms / ms: where
 // linear attention starts to pay off.
@@ -117,6 +119,15 @@ int BenchLinear(const BenchOptions& o) {
     return Fail(cmd, std::string("--non-causal: --variant ") + LinearVariantName(choice.variant) +
                          " decays along the causal order; expected causal attention with it");
   }
+  // LRPE doubles phi's features: not the Taylor map's, not under gates (the library refuses both;
+  // the flags are named here, before the peak probe).
+  if (o.lrpe && choice.variant == LinearVariant::kGla) {
+    return Fail(cmd, "--lrpe: not with --variant gla (the gates act on the Dk key channels)");
+  }
+  if (o.lrpe && choice.feature_map == LinearFeatureMap::kTaylor2) {
+    return Fail(cmd, "--lrpe: expected the identity, elu1 or relu feature map, got taylor2" +
+                         std::string(based ? " (--variant based)" : ""));
+  }
   if (o.feature_dim != 0 && !based) {
     return Fail(cmd,
                 "--feature-dim: only with --variant based (its q/k head dim); the other "
@@ -148,7 +159,7 @@ int BenchLinear(const BenchOptions& o) {
                                           {B, N, H, o.dim}, &unused, &error))) {
     return Fail(cmd, error);
   }
-  const int64_t F = LinearFeatureDim(choice.feature_map, Dk);
+  const int64_t F = LinearFeatureDim(choice.feature_map, Dk, o.lrpe);
   if (!TensorElements("the state [B, Hq, F, Dv]", {B, H, F, Dv}, &unused, &error)) {
     return Fail(cmd, error);
   }
@@ -182,6 +193,7 @@ int BenchLinear(const BenchOptions& o) {
   result["dim_v"] = Dv;
   result["feature_map"] = FeatureMapName(choice.feature_map);
   result["feature_dim"] = F;
+  result["lrpe"] = o.lrpe;
   result["normalize"] = choice.normalize;
   result["causal"] = causal;
   result["window"] = choice.window;
@@ -209,6 +221,13 @@ int BenchLinear(const BenchOptions& o) {
     lambdas = RetNetDecayRates(H);
     result["decay"] = lambdas;
   }
+  std::vector<float> theta;
+  if (o.lrpe) {
+    for (int64_t f = 0; f < Dk; ++f) {
+      theta.push_back(
+          static_cast<float>(std::pow(10000.0, -static_cast<double>(f) / static_cast<double>(Dk))));
+    }
+  }
   LinearAttentionParams params;
   params.q = MakeView4(q.get(), dtype, B, N, H, Dk);
   params.k = MakeView4(k.get(), dtype, B, N, kv_heads, Dk);
@@ -221,6 +240,7 @@ int BenchLinear(const BenchOptions& o) {
   params.chunk_size = o.chunk;
   if (!lambdas.empty()) params.decay = MakeView1(lambdas.data(), DType::kF32, H);
   if (gates) params.gates = MakeView4(gates.get(), DType::kF32, B, N, H, Dk);
+  if (!theta.empty()) params.lrpe_theta = MakeView1(theta.data(), DType::kF32, Dk);
 
   Timing timing;
   Status st = TimeRuns(
@@ -284,7 +304,8 @@ int BenchLinear(const BenchOptions& o) {
   std::cout << "tessera bench: op=linear variant=" << result["variant"].get<std::string>()
             << " form=" << result["form"].get<std::string>() << " dtype=" << DTypeName(dtype)
             << " B=" << B << " H=" << H << " Hkv=" << kv_heads << " N=" << N << " Dk=" << Dk
-            << " Dv=" << Dv << " phi=" << FeatureMapName(choice.feature_map) << " F=" << F
+            << " Dv=" << Dv << " phi=" << FeatureMapName(choice.feature_map)
+            << " lrpe=" << (o.lrpe ? "yes" : "no") << " F=" << F
             << " causal=" << (causal ? "yes" : "no")
             << " normalize=" << (choice.normalize ? "yes" : "no") << " window=" << choice.window
             << " chunk=" << o.chunk << " threads=" << threads << "\n"

@@ -262,6 +262,9 @@ CommandMain AddBenchCommand(CLI::App& app) {
                     ->capture_default_str());
   linear_option(sub->add_flag("--non-causal", o->non_causal,
                               "every query sees every key (plain / based); the baseline too"));
+  linear_option(sub->add_flag("--lrpe", o->lrpe,
+                              "LRPE with angles theta_f = 10000^(-f/Dk) shared by the heads: F "
+                              "doubles (plain / decay; identity, elu1 or relu map)"));
   const std::string evict_group =
       "KV cache eviction (--op evict; also --kv-dtype, --page-size, --window)";
   const auto evict_option = [&](CLI::Option* opt) {
@@ -352,8 +355,8 @@ CommandMain AddBenchCommand(CLI::App& app) {
 --json; counted from the mask's structure, or on a sample of rows for large element-wise
 masks: density_exact false); backward 2.5x the forward. GFLOP/s = FLOPs / median time; for
 select: masks the median includes SelectBlocks (select_ms alone). Linear: 4*B*Hq*N*F*Dv (+4*F
-per token and head with --normalize, + 2*(Dk+Dv) per pair of the exact window), and
-tokens_per_s = B*N / median time.
+per token and head with --normalize, + 2*(Dk+Dv) per pair of the exact window; F = 2*Dk with
+--lrpe), and tokens_per_s = B*N / median time.
 
 )") + DistBenchHelp() +
       MaskSpecHelp());

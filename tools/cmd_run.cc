@@ -559,6 +559,14 @@ CommandMain AddRunCommand(CLI::App& app) {
                                 "with --normalize: write the normalizer, float32 [B, Hq, F]"));
   linear_option(sub->add_option("--dgates", l.dgates,
                                 "gla backward: write dL/dgates, float32, the shape of --gates"));
+  linear_option(sub->add_option("--lrpe-theta", l.lrpe_theta,
+                                "LRPE: angles float32 [Dk] or [Hq, Dk]; phi doubles into "
+                                "[phi cos(p theta), phi sin(p theta)] (F = 2 Dk; not with gla or "
+                                "taylor2)"));
+  linear_option(sub->add_option("--position-offset", l.position_offset,
+                                "with --lrpe-theta: the position p of token 0 (a continuation: "
+                                "the tokens before it; default 0)")
+                    ->type_name("INT"));
   // Approximate attention (tessera/approx.h), refused by name under the other ops.
   const std::string approx_group = "Approximate attention (--op approx; also --window, --lse)";
   ApproxRunOptions& a = o->approx;

@@ -5,7 +5,10 @@
 // decay fills an f32 [Hq] rate vector from --decay (one value is broadcast to every head); gla
 // reads the f32 log-space gates of --gates, [B, S, Hq, Dk] per channel or [B, S, Hq] one per token
 // and head (dgates takes the same shape); based selects the Taylor feature map
-// with normalize on and a window of 64 keys unless told otherwise. Like the exact run, inputs are
+// with normalize on and a window of 64 keys unless told otherwise. --lrpe-theta adds LRPE to
+// plain and decay (the identity, elu1 or relu map; not gla, not the Taylor map): the f32 angles
+// [Dk] or [Hq, Dk] of THETA.npy, positions from --position-offset, states 2 Dk features wide.
+// Like the exact run, inputs are
 // read in their own dtype and handed over as views, every flag is checked before any work (the
 // ones only the CLI knows about here, the rest by the library), and outputs are written only when
 // the whole call succeeded, all of them or none (output_files.h).
@@ -69,6 +72,18 @@ bool Allocate(const char* what, DType dtype, std::vector<int64_t> shape, NpyArra
     return false;
   }
   return true;
+}
+
+// The library names LRPE's fields; the user gave flags.
+std::string RunStatusMessage(const Status& status) {
+  for (const auto& [field, flag] :
+       {std::pair<std::string, const char*>{"lrpe_theta", "--lrpe-theta"},
+        {"position_offset", "--position-offset"}}) {
+    if (status.message().compare(0, field.size() + 1, field + ":") == 0) {
+      return std::string(flag) + ": " + status.ToString();
+    }
+  }
+  return LinearStatusMessage(status);
 }
 
 }  // namespace
@@ -160,6 +175,30 @@ int RunLinear(const LinearRunOptions& o) {
   if (!o.chunk.empty() && !ParseNonNegative("--chunk", o.chunk, &chunk, &error)) {
     return Fail(kCmd, error);
   }
+  // LRPE doubles phi's features: not the Taylor map's, and not under gates, which act on the Dk
+  // key channels (the library refuses both too; the flags are named here).
+  const bool lrpe = !o.lrpe_theta.empty();
+  int64_t position_offset = 0;
+  if (!o.position_offset.empty()) {
+    if (!lrpe) {
+      return Fail(kCmd,
+                  "--position-offset: only with --lrpe-theta (it is the position of LRPE's first "
+                  "token)");
+    }
+    if (!ParseNonNegative("--position-offset", o.position_offset, &position_offset, &error)) {
+      return Fail(kCmd, error);
+    }
+  }
+  if (lrpe && variant == LinearVariant::kGla) {
+    return Fail(kCmd,
+                "--lrpe-theta: not with --variant gla (the gates act on the Dk key channels, LRPE "
+                "doubles them)");
+  }
+  if (lrpe && choice.feature_map == LinearFeatureMap::kTaylor2) {
+    return Fail(kCmd,
+                "--lrpe-theta: expected the identity, elu1 or relu feature map, got taylor2" +
+                    std::string(variant == LinearVariant::kBased ? " (--variant based)" : ""));
+  }
 
   bool backward = false;
   if (!GradientFiles(o.dout, o.dq, o.dk, o.dv, &backward, &error)) return Fail(kCmd, error);
@@ -229,6 +268,7 @@ int RunLinear(const LinearRunOptions& o) {
                                             {"--v", o.v},
                                             {"--dout", o.dout},
                                             {"--gates", o.gates},
+                                            {"--lrpe-theta", o.lrpe_theta},
                                             {"--state-in", o.state_in},
                                             {"--normalizer-in", o.normalizer_in}};
   const std::vector<FileArg> output_files = {{"--out", o.out},
@@ -243,7 +283,7 @@ int RunLinear(const LinearRunOptions& o) {
   // Inputs, in their own dtype (f32 or f16; the library checks that they agree).
   const std::vector<DType> floats = {DType::kF32, DType::kF16};
   const std::vector<DType> f32_only = {DType::kF32};
-  NpyArray q, k, v, dout, gates, state_in, normalizer_in;
+  NpyArray q, k, v, dout, gates, theta, state_in, normalizer_in;
   const struct {
     const char* flag;
     const std::string& file;
@@ -257,7 +297,7 @@ int RunLinear(const LinearRunOptions& o) {
   }
   const int64_t B = q.shape[0], S = q.shape[1], Hq = q.shape[2], Dk = q.shape[3];
   const int64_t Dv = v.shape[3];
-  const int64_t F = LinearFeatureDim(choice.feature_map, Dk);
+  const int64_t F = LinearFeatureDim(choice.feature_map, Dk, lrpe);
   // Before any state buffer of F x Dv floats is allocated (the library checks it again).
   if (F > kMaxLinearFeatureDim) {
     return Fail(kCmd, "--q: expected a feature dim F <= " + std::to_string(kMaxLinearFeatureDim) +
@@ -281,11 +321,23 @@ int RunLinear(const LinearRunOptions& o) {
       return Fail(kCmd, error);
     }
   }
+  if (lrpe) {
+    if (!LoadInput("--lrpe-theta", o.lrpe_theta, f32_only, 0, "", &theta, &error)) {
+      return Fail(kCmd, error);
+    }
+    const std::vector<int64_t> shared = {Dk}, per_head = {Hq, Dk};
+    if (theta.shape != shared && theta.shape != per_head) {
+      return Fail(kCmd, "--lrpe-theta " + o.lrpe_theta + ": expected shape " +
+                            ShapeToString(shared) + " or " + ShapeToString(per_head) +
+                            " ([Dk] or [Hq, Dk] from q), got " + ShapeToString(theta.shape));
+    }
+  }
   const std::vector<int64_t> state_shape = {B, Hq, F, Dv};
   const std::vector<int64_t> normalizer_shape = {B, Hq, F};
   const std::string state_layout = "[B, Hq, F, Dv] (F = " + std::to_string(F) + " for the " +
                                    FeatureMapName(choice.feature_map) +
-                                   " map at Dk = " + std::to_string(Dk) + ")";
+                                   " map at Dk = " + std::to_string(Dk) +
+                                   (lrpe ? " with LRPE" : "") + ")";
   const std::string normalizer_layout = "[B, Hq, F] (F = " + std::to_string(F) + ")";
   if (!o.state_in.empty()) {
     if (!LoadInput("--state-in", o.state_in, f32_only, 0, "", &state_in, &error) ||
@@ -335,13 +387,15 @@ int RunLinear(const LinearRunOptions& o) {
   if (state_out.data) params.final_state = state_out.View();
   if (normalizer_out.data) params.final_normalizer = normalizer_out.View();
   params.chunk_size = chunk;
+  if (theta.data) params.lrpe_theta = theta.View();
+  params.position_offset = position_offset;
 
   using Clock = std::chrono::steady_clock;
   auto start = Clock::now();
   Status status =
       recurrent ? LinearAttentionRecurrent(params, ctx) : LinearAttentionForward(params, ctx);
   const double ms = std::chrono::duration<double, std::milli>(Clock::now() - start).count();
-  if (!status.ok()) return Fail(kCmd, LinearStatusMessage(status));
+  if (!status.ok()) return Fail(kCmd, RunStatusMessage(status));
   double backward_ms = 0.0;
   if (backward) {
     LinearAttentionBackwardParams bparams;
@@ -354,7 +408,7 @@ int RunLinear(const LinearRunOptions& o) {
     start = Clock::now();
     status = LinearAttentionBackward(bparams, ctx);
     backward_ms = std::chrono::duration<double, std::milli>(Clock::now() - start).count();
-    if (!status.ok()) return Fail(kCmd, LinearStatusMessage(status));
+    if (!status.ok()) return Fail(kCmd, RunStatusMessage(status));
   }
 
   std::vector<NpyOutput> outputs = {{"--out", o.out, &out}};
@@ -373,7 +427,8 @@ int RunLinear(const LinearRunOptions& o) {
     std::cerr << "tessera run: linear " << variant_name << " ("
               << FeatureMapName(choice.feature_map) << " map, F " << F
               << (choice.normalize ? ", normalized" : "") << (params.causal ? "" : ", non-causal")
-              << (choice.window > 0 ? ", window " + std::to_string(choice.window) : "") << ") q "
+              << (choice.window > 0 ? ", window " + std::to_string(choice.window) : "")
+              << (lrpe ? ", LRPE from position " + std::to_string(position_offset) : "") << ") q "
               << ShapeToString(q.shape) << " k " << ShapeToString(k.shape) << " v "
               << ShapeToString(v.shape) << " " << DTypeName(q.dtype) << ", "
               << (recurrent ? "recurrent" : "chunked C " + std::to_string(chunk)) << ", threads "

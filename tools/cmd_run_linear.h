@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: Apache-2.0
 // `tessera run --op linear`: linear attention (tessera/linear.h) on .npy inputs: the chunked or
-// the recurrent form, recurrent state handed in and out through files, and the backward.
+// the recurrent form, recurrent state handed in and out through files, LRPE, and the backward.
 #pragma once
 
 #include <cstdint>
@@ -26,6 +26,8 @@ struct LinearRunOptions {
   std::string chunk;
   std::string form = "chunked";
   std::string state_in, state_out, normalizer_in, normalizer_out;
+  std::string lrpe_theta;       // --lrpe-theta THETA.npy: LRPE's angles, f32 [Dk] or [Hq, Dk]
+  std::string position_offset;  // --position-offset N (with --lrpe-theta), as text like --prefix
   int32_t threads = 0;
   std::string path = "auto";
   bool verbose = false;

@@ -486,8 +486,8 @@ LinearFeatureMap ParseFeatureMap(const std::string& name) {
   ValueError("feature_map: expected one of identity, elu1, relu, taylor2, got '" + name + "'");
 }
 
-int64_t LinearFeatureDimPy(const std::string& feature_map, int64_t dk) {
-  return LinearFeatureDim(ParseFeatureMap(feature_map), dk);
+int64_t LinearFeatureDimPy(const std::string& feature_map, int64_t dk, bool lrpe) {
+  return LinearFeatureDim(ParseFeatureMap(feature_map), dk, lrpe);
 }
 
 LinearAttentionParams MakeLinearParams(nb::handle q, nb::handle k, nb::handle v, nb::handle out,
@@ -496,7 +496,8 @@ LinearAttentionParams MakeLinearParams(nb::handle q, nb::handle k, nb::handle v,
                                        nb::handle decay, nb::handle gates, int64_t window,
                                        nb::handle initial_state, nb::handle initial_normalizer,
                                        nb::handle final_state, nb::handle final_normalizer,
-                                       int64_t chunk_size) {
+                                       int64_t chunk_size, nb::handle lrpe_theta = nb::handle(),
+                                       int64_t position_offset = 0) {
   LinearAttentionParams p;
   p.q = ToView(q, "q");
   p.k = ToView(k, "k");
@@ -516,6 +517,9 @@ LinearAttentionParams MakeLinearParams(nb::handle q, nb::handle k, nb::handle v,
   p.final_state = ToView(final_state, "final_state");
   p.final_normalizer = ToView(final_normalizer, "final_normalizer");
   p.chunk_size = chunk_size;
+  // LRPE: off when lrpe_theta is None (LASP-2's callers leave both at their defaults).
+  if (lrpe_theta.is_valid()) p.lrpe_theta = ToView(lrpe_theta, "lrpe_theta");
+  p.position_offset = position_offset;
   return p;
 }
 
@@ -524,11 +528,12 @@ void LinearForwardPy(bool recurrent, nb::handle q, nb::handle k, nb::handle v, n
                      int64_t prefix_len, bool normalize, double eps, nb::handle decay,
                      nb::handle gates, int64_t window, nb::handle initial_state,
                      nb::handle initial_normalizer, nb::handle final_state,
-                     nb::handle final_normalizer, int64_t chunk_size, int32_t threads,
-                     int32_t path) {
-  const LinearAttentionParams p = MakeLinearParams(
-      q, k, v, out, feature_map, scale, causal, prefix_len, normalize, eps, decay, gates, window,
-      initial_state, initial_normalizer, final_state, final_normalizer, chunk_size);
+                     nb::handle final_normalizer, int64_t chunk_size, nb::handle lrpe_theta,
+                     int64_t position_offset, int32_t threads, int32_t path) {
+  const LinearAttentionParams p =
+      MakeLinearParams(q, k, v, out, feature_map, scale, causal, prefix_len, normalize, eps, decay,
+                       gates, window, initial_state, initial_normalizer, final_state,
+                       final_normalizer, chunk_size, lrpe_theta, position_offset);
   const Context ctx = MakeContext(threads, path);
   RunWithoutGil([&] {
     return recurrent ? LinearAttentionRecurrent(p, ctx) : LinearAttentionForward(p, ctx);
@@ -539,11 +544,12 @@ void LinearBackwardPy(nb::handle dout, nb::handle q, nb::handle k, nb::handle v,
                       nb::handle dk, nb::handle dv, nb::handle dgates,
                       const std::string& feature_map, std::optional<double> scale, bool causal,
                       int64_t prefix_len, bool normalize, double eps, nb::handle decay,
-                      nb::handle gates, int64_t chunk_size, int32_t threads, int32_t path) {
+                      nb::handle gates, int64_t chunk_size, nb::handle lrpe_theta,
+                      int64_t position_offset, int32_t threads, int32_t path) {
   LinearAttentionBackwardParams p;
-  p.forward =
-      MakeLinearParams(q, k, v, nb::none(), feature_map, scale, causal, prefix_len, normalize, eps,
-                       decay, gates, 0, nb::none(), nb::none(), nb::none(), nb::none(), chunk_size);
+  p.forward = MakeLinearParams(q, k, v, nb::none(), feature_map, scale, causal, prefix_len,
+                               normalize, eps, decay, gates, 0, nb::none(), nb::none(), nb::none(),
+                               nb::none(), chunk_size, lrpe_theta, position_offset);
   p.dout = ToView(dout, "dout");
   p.dq = ToView(dq, "dq");
   p.dk = ToView(dk, "dk");
@@ -1289,7 +1295,8 @@ NB_MODULE(_C, m) {
   DefNoneOk(m, "apply_rotary", &ApplyRotaryPy);
   DefNoneOk(m, "linear_forward", &LinearForwardPy);
   DefNoneOk(m, "linear_backward", &LinearBackwardPy);
-  m.def("linear_feature_dim", &LinearFeatureDimPy);
+  m.def("linear_feature_dim", &LinearFeatureDimPy, nb::arg("feature_map"), nb::arg("dk"),
+        nb::arg("lrpe") = false);
   DefNoneOk(m, "lasp2_forward", &Lasp2ForwardPy);
   DefNoneOk(m, "lasp2_backward", &Lasp2BackwardPy);
   DefNoneOk(m, "sequence_parallel_forward", &SequenceParallelForwardPy);

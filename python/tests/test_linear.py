@@ -3,7 +3,7 @@
 fp64 numpy reference of the recurrence written here (not tessera's own reference), on awkward
 shapes (S not a multiple of the chunk, GQA, Dk != Dv, B > 1), numpy and torch, f32 and bf16;
 the state hand-over; gradients against torch autograd through a float64 torch recurrence; the
-torch ops (opcheck, torch.compile); bad input."""
+torch ops (opcheck, torch.compile); LRPE (lrpe_theta, position_offset); bad input."""
 import math
 
 import numpy as np
@@ -29,9 +29,22 @@ def phi(x, feature_map):
     return np.concatenate([ones, x / d ** 0.25, outer.reshape(x.shape[:-1] + (d * d,))], -1)
 
 
+def lrpe_features(f, theta, position_offset):
+    """LRPE's doubling of the features f [S, F0] of one head with its angles theta [F0]:
+    [f cos(p theta), f sin(p theta)] at p = position_offset + t (float64)."""
+    pos = position_offset + np.arange(f.shape[0], dtype=np.float64)
+    angle = pos[:, None] * np.asarray(theta, dtype=np.float64)[None, :]
+    return np.concatenate([f * np.cos(angle), f * np.sin(angle)], -1)
+
+
+def theta_of_head(lrpe_theta, h):
+    theta = np.asarray(lrpe_theta)
+    return theta if theta.ndim == 1 else theta[h]
+
+
 def reference(q, k, v, *, feature_map="identity", scale=None, causal=True, prefix_len=0,
               normalize=False, eps=1e-6, decay=None, gates=None, window=0, initial_state=None,
-              initial_normalizer=None):
+              initial_normalizer=None, lrpe_theta=None, position_offset=0):
     """out [B, S, Hq, Dv], final state [B, Hq, F, Dv], normalizer [B, Hq, F] in float64."""
     q, k, v = (np.asarray(x, dtype=np.float64) for x in (q, k, v))
     B, S, Hq, Dk = q.shape
@@ -40,7 +53,7 @@ def reference(q, k, v, *, feature_map="identity", scale=None, causal=True, prefi
     if scale is None:
         scale = 1.0 if feature_map == "taylor2" else float(np.float32(1.0 / math.sqrt(Dk)))
     fq, fk = phi(q, feature_map), phi(k, feature_map)
-    F = fq.shape[-1]
+    F = fq.shape[-1] * (2 if lrpe_theta is not None else 1)
     out = np.zeros((B, S, Hq, Dv))
     states = np.zeros((B, Hq, F, Dv))
     norms = np.zeros((B, Hq, F))
@@ -49,6 +62,12 @@ def reference(q, k, v, *, feature_map="identity", scale=None, causal=True, prefi
     for b in range(B):
         for h in range(Hq):
             kv = h // group
+            # The features of this (sequence, query head): LRPE's angles are the query head's.
+            fq_h, fk_h = fq[b, :, h], fk[b, :, kv]
+            if lrpe_theta is not None:
+                theta = theta_of_head(lrpe_theta, h)
+                fq_h = lrpe_features(fq_h, theta, position_offset)
+                fk_h = lrpe_features(fk_h, theta, position_offset)
             st = np.zeros((F, Dv)) if initial_state is None else np.array(
                 initial_state[b, h], dtype=np.float64)
             z = np.zeros(F) if initial_normalizer is None else np.array(
@@ -62,17 +81,17 @@ def reference(q, k, v, *, feature_map="identity", scale=None, causal=True, prefi
                 if decayed and gates is not None:
                     g = np.asarray(gates, dtype=np.float64)
                     a = np.exp(g[b, t, h]) * np.ones(F)
-                st = a[:, None] * st + np.outer(fk[b, t, kv], v[b, t, kv])
-                z = a * z + fk[b, t, kv]
+                st = a[:, None] * st + np.outer(fk_h[t], v[b, t, kv])
+                z = a * z + fk_h[t]
 
             for t in range(first):
                 add(t, False)
             for t in range(S):
                 if t >= first:
                     add(t, True)
-                o = scale * fq[b, t, h] @ st
+                o = scale * fq_h[t] @ st
                 if normalize:
-                    o = o / (scale * fq[b, t, h] @ z + eps)
+                    o = o / (scale * fq_h[t] @ z + eps)
                 if window:
                     lo = max(0, t - window + 1)
                     s = q[b, t, h] @ k[b, lo:t + 1, kv].T / math.sqrt(Dk)
@@ -254,8 +273,9 @@ def torch_phi(x, feature_map):
 
 
 def torch_recurrence(q, k, v, *, feature_map="identity", scale=None, normalize=False, eps=1e-6,
-                     decay=None, gates=None):
-    """Causal linear attention, token by token, differentiable (float64 in, float64 out)."""
+                     decay=None, gates=None, lrpe_theta=None, position_offset=0):
+    """Causal linear attention, token by token, differentiable (float64 in, float64 out); with
+    lrpe_theta the features doubled as LRPE does (lrpe_features)."""
     torch = pytest.importorskip("torch")
     B, S, Hq, Dk = q.shape
     group = Hq // k.shape[2]
@@ -264,6 +284,13 @@ def torch_recurrence(q, k, v, *, feature_map="identity", scale=None, normalize=F
     if scale is None:
         scale = 1.0 if feature_map == "taylor2" else float(np.float32(1.0 / math.sqrt(Dk)))
     fq, fk = torch_phi(q, feature_map), torch_phi(k, feature_map)
+    if lrpe_theta is not None:
+        pos = position_offset + torch.arange(S, dtype=torch.float64)
+        # [S, Hq, F0] (a shared [Dk] theta broadcasts over the heads).
+        angle = pos[:, None, None] * torch.as_tensor(lrpe_theta, dtype=torch.float64)
+        angle = angle.expand(S, Hq, fq.shape[-1])
+        fq = torch.cat([fq * torch.cos(angle), fq * torch.sin(angle)], -1)
+        fk = torch.cat([fk * torch.cos(angle), fk * torch.sin(angle)], -1)
     F, Dv = fq.shape[-1], v.shape[-1]
     st = q.new_zeros((B, Hq, F, Dv))
     z = q.new_zeros((B, Hq, F))
@@ -367,18 +394,18 @@ def test_opcheck_linear_ops():
     q, k, v = (torch.from_numpy(x[n][:1, :20]).requires_grad_() for n in ("q", "k", "v"))
     g = torch.from_numpy(x["scalar_gates"][:1, :20]).requires_grad_()
     fm, ints, floats = LinearOptions(chunk_size=16, threads=1).pack()
-    torch.library.opcheck(TL.linear_fwd, (q, k, v, None, g, None, None, fm, ints, floats, False,
-                                          False))
+    torch.library.opcheck(TL.linear_fwd, (q, k, v, None, g, None, None, None, fm, ints, floats,
+                                          0, False, False))
     # With a state in and out (no gradient then), and the normalizer.
     fm, ints2, floats2 = LinearOptions(normalize=True, feature_map="elu1", threads=1).pack()
     s0 = torch.randn(1, 4, 6, 5)
     z0 = torch.rand(1, 4, 6)
-    torch.library.opcheck(TL.linear_fwd, (q.detach(), k.detach(), v.detach(), None, None, s0,
-                                          z0, fm, ints2, floats2, True, True),
+    torch.library.opcheck(TL.linear_fwd, (q.detach(), k.detach(), v.detach(), None, None, None,
+                                          s0, z0, fm, ints2, floats2, 0, True, True),
                           test_utils=("test_schema", "test_faketensor"))
     dout = torch.randn(1, 20, 4, 5)
     torch.library.opcheck(TL.linear_bwd, (dout, q.detach(), k.detach(), v.detach(), None,
-                                          g.detach(), "identity", ints, floats),
+                                          g.detach(), None, "identity", ints, floats, 0),
                           test_utils=("test_schema", "test_faketensor"))
 
 
@@ -399,6 +426,185 @@ def test_torch_compile_fullgraph_forward_and_backward():
     torch.testing.assert_close(loss, loss_e)
     for a, b in zip(grads, grads_e):
         torch.testing.assert_close(a, b)
+
+
+# ---- LRPE: lrpe_theta and position_offset ----------------------------------------------------
+
+def lrpe_theta_of(per_head, Hq=4, Dk=6):
+    """RoPE-like angles 10000^(-f / Dk), a little different per head ([Hq, Dk]), or head 0's row
+    as the [Dk] every head shares (float32)."""
+    base = 10000.0 ** (-np.arange(Dk) / Dk)
+    theta = np.stack([base * (1.0 + 0.1 * h) for h in range(Hq)]).astype(np.float32)
+    return theta if per_head else theta[0].copy()
+
+
+# name -> (options, per-head theta, position_offset); every case on SHAPE (GQA, B = 2, S = 37).
+LRPE_VARIANTS = {
+    "identity": (dict(), False, 0),
+    "identity per-head offset 1000": (dict(), True, 1000),
+    "elu1 normalized decay per-head offset 1000": (
+        dict(feature_map="elu1", normalize=True, decay=True), True, 1000),
+    "elu1 normalized decay offset 0": (dict(feature_map="elu1", normalize=True, decay=True),
+                                       False, 0),
+    "identity decay offset 1000": (dict(decay=True), False, 1000),
+}
+
+
+def lrpe_case(name, seed=0):
+    opts, per_head, offset = LRPE_VARIANTS[name]
+    x = make_inputs(seed, **SHAPE)
+    opts = dict(opts)
+    if opts.pop("decay", False):
+        opts["decay"] = x["decay"]
+    return x, dict(opts, lrpe_theta=lrpe_theta_of(per_head), position_offset=offset)
+
+
+def test_lrpe_feature_dim():
+    assert tessera.linear_feature_dim("identity", 6) == 6
+    assert tessera.linear_feature_dim("elu1", 6, lrpe=True) == 12
+    assert tessera.linear_feature_dim("relu", 128, lrpe=True) == 256
+    with pytest.raises(ValueError, match="taylor2"):
+        tessera.linear_feature_dim("taylor2", 4, lrpe=True)
+
+
+@pytest.mark.parametrize("name", list(LRPE_VARIANTS))
+@pytest.mark.parametrize("form", ["chunked", "recurrent"])
+def test_lrpe_forward_matches_reference(name, form):
+    x, opts = lrpe_case(name)
+    q, k, v = x["q"], x["k"], x["v"]
+    want, want_state, want_norm = reference(q, k, v, **opts)
+    # The reference itself: LRPE changes the result (the angles reach the output).
+    plain = dict(opts, lrpe_theta=None)
+    assert np.abs(reference(q, k, v, **plain)[0] - want).max() > 1e-2 * np.abs(want).max()
+    if form == "chunked":
+        res = tessera.linear_attention(q, k, v, chunk_size=16, return_state=True, **opts)
+    else:
+        res = tessera.linear_attention_recurrent(q, k, v, **opts)
+    assert len(res) == (3 if opts.get("normalize") else 2)
+    assert res[0].dtype == np.float32 and res[0].shape == want.shape
+    assert_close(res[0], want, 2e-5, f"{name} {form}")
+    # States of F = 2 Dk features: the cosine rows, then the sine rows.
+    assert res[1].shape == (2, 4, 12, 5) == want_state.shape
+    assert_close(res[1], want_state, 2e-5, f"{name} {form} state")
+    if opts.get("normalize"):
+        assert res[2].shape == (2, 4, 12)
+        assert_close(res[2], want_norm, 2e-5, f"{name} {form} normalizer")
+
+
+@pytest.mark.parametrize("name", ["identity per-head offset 1000",
+                                  "elu1 normalized decay offset 0"])
+def test_lrpe_prefill_then_decode_equals_one_call(name):
+    # The prefill's state continues at position_offset + 21 (chunked), then token by token.
+    x, opts = lrpe_case(name)
+    q, k, v = x["q"], x["k"], x["v"]
+    offset = opts["position_offset"]
+    whole = tessera.linear_attention(q, k, v, return_state=True, **opts)
+    split = 21
+    prefill = tessera.linear_attention(q[:, :split], k[:, :split], v[:, :split],
+                                       return_state=True, chunk_size=16, **opts)
+    outs = [prefill[0]]
+    state_norm = prefill[1:]
+    for t in range(split, q.shape[1]):
+        step = dict(opts, position_offset=offset + t)
+        res = tessera.linear_attention_recurrent(
+            q[:, t:t + 1], k[:, t:t + 1], v[:, t:t + 1], initial_state=state_norm[0],
+            initial_normalizer=state_norm[1] if opts.get("normalize") else None, **step)
+        outs.append(res[0])
+        state_norm = res[1:]
+    got = np.concatenate(outs, axis=1)
+    np.testing.assert_allclose(got, whole[0], rtol=2e-5, atol=2e-5 * np.abs(whole[0]).max())
+    for a, b in zip(state_norm, whole[1:]):
+        np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-5 * np.abs(b).max())
+    # One chunked continuation at position_offset + split does the same; one that forgets the
+    # split (the angles of positions 0..) does not.
+    rest = (q[:, split:], k[:, split:], v[:, split:])
+    hand_off = dict(initial_state=prefill[1],
+                    initial_normalizer=prefill[2] if opts.get("normalize") else None)
+    cont = tessera.linear_attention(*rest, chunk_size=16, **hand_off,
+                                    **dict(opts, position_offset=offset + split))
+    tail = whole[0][:, split:]
+    np.testing.assert_allclose(cont, tail, rtol=2e-5, atol=2e-5 * np.abs(tail).max())
+    wrong = tessera.linear_attention(*rest, chunk_size=16, **hand_off, **opts)
+    assert np.abs(wrong - tail).max() > 1e-2 * np.abs(tail).max()
+
+
+@pytest.mark.parametrize("name", ["identity per-head offset 1000",
+                                  "elu1 normalized decay per-head offset 1000",
+                                  "elu1 normalized decay offset 0"])
+def test_lrpe_autograd_matches_float64_recurrence(name):
+    torch = pytest.importorskip("torch")
+    x, opts = lrpe_case(name)
+    leaves = {n: torch.from_numpy(x[n]).requires_grad_() for n in ("q", "k", "v")}
+    rest = {kk: (torch.from_numpy(vv) if isinstance(vv, np.ndarray) else vv)
+            for kk, vv in opts.items()}
+    out = tessera.linear_attention(leaves["q"], leaves["k"], leaves["v"], chunk_size=16, **rest)
+    dout = torch.from_numpy(np.random.default_rng(3).standard_normal(out.shape)).float()
+    out.backward(dout)
+
+    ref = {n: t.detach().double().requires_grad_() for n, t in leaves.items()}
+    rest64 = {kk: (vv.double() if isinstance(vv, torch.Tensor) else vv)
+              for kk, vv in rest.items()}
+    want = torch_recurrence(ref["q"], ref["k"], ref["v"], **rest64)
+    want.backward(dout.double())
+    assert_close(out.detach().numpy(), want.detach().numpy(), 2e-5, "out")
+    for n in ("q", "k", "v"):
+        assert_close(leaves[n].grad.numpy(), ref[n].grad.numpy(), 4e-5, f"d{n}")
+    # The numpy backward function agrees with autograd.
+    grads = tessera.linear_attention_backward(dout.numpy(), x["q"], x["k"], x["v"],
+                                              chunk_size=16, **opts)
+    for got, n in zip(grads, ("q", "k", "v")):
+        assert_close(got, ref[n].grad.numpy(), 4e-5, f"d{n} (backward function)")
+
+
+def test_lrpe_torch_ops():
+    torch = pytest.importorskip("torch")
+    import tessera._torch_linear as TL
+    from tessera.linear import LinearOptions
+    x, opts = lrpe_case("identity per-head offset 1000")
+    q, k, v = (torch.from_numpy(x[n][:1, :20]) for n in ("q", "k", "v"))
+    theta = torch.from_numpy(opts["lrpe_theta"])
+    fm, ints, floats = LinearOptions(normalize=True, feature_map="elu1", threads=1).pack()
+    s0, z0 = torch.randn(1, 4, 12, 5), torch.rand(1, 4, 12)
+    # The fake implementation's states have F = 2 Dk, as the kernel's.
+    torch.library.opcheck(TL.linear_fwd, (q, k, v, None, None, theta, s0, z0, fm, ints, floats,
+                                          1000, True, True),
+                          test_utils=("test_schema", "test_faketensor"))
+    fm, ints, floats = LinearOptions(chunk_size=16, threads=1).pack()
+    torch.library.opcheck(TL.linear_bwd, (torch.randn(1, 20, 4, 5), q, k, v, None, None, theta,
+                                          fm, ints, floats, 7),
+                          test_utils=("test_schema", "test_faketensor"))
+    # Under no_grad the state comes back doubled, and angles that require grad are refused.
+    with torch.no_grad():
+        _, state = tessera.linear_attention(q, k, v, lrpe_theta=theta, return_state=True)
+    assert state.shape == (1, 4, 12, 5)
+    with pytest.raises(ValueError, match="lrpe_theta"):
+        tessera.linear_attention(q.clone().requires_grad_(), k, v,
+                                 lrpe_theta=theta.clone().requires_grad_())
+
+
+def test_lrpe_bad_input_names_the_argument():
+    x, opts = lrpe_case("identity")
+    q, k, v = x["q"], x["k"], x["v"]
+    theta = opts["lrpe_theta"]
+    for bad in (np.zeros(7, np.float32), np.zeros((3, 6), np.float32),
+                np.zeros((1, 4, 6), np.float32), np.zeros(0, np.float32),
+                np.full(6, np.nan, np.float32)):
+        with pytest.raises(ValueError, match="lrpe_theta"):
+            tessera.linear_attention(q, k, v, lrpe_theta=bad)
+    with pytest.raises(ValueError, match="lrpe_theta"):
+        tessera.linear_attention(q[..., :4], k[..., :4], v, feature_map="taylor2",
+                                 lrpe_theta=theta[:4])
+    with pytest.raises(ValueError, match="lrpe_theta"):
+        tessera.linear_attention(q, k, v, gates=x["gates"], lrpe_theta=theta)
+    with pytest.raises(ValueError, match="lrpe_theta"):
+        tessera.linear_attention_recurrent(q, k, v, lrpe_theta=theta[:5])
+    with pytest.raises(ValueError, match="lrpe_theta"):
+        tessera.linear_attention_backward(np.ones((2, 37, 4, 5), np.float32), q, k, v,
+                                          lrpe_theta=theta[:5])
+    with pytest.raises(ValueError, match="position_offset"):
+        tessera.linear_attention(q, k, v, lrpe_theta=theta, position_offset=-1)
+    with pytest.raises(TypeError, match="position_offset"):
+        tessera.linear_attention(q, k, v, lrpe_theta=theta, position_offset=1.5)
 
 
 # ---- Bad input -------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: Apache-2.0
-"""`tessera bench --op linear`: the variants, forms and --vs exact."""
+"""`tessera bench --op linear`: the variants, forms, --lrpe and --vs exact."""
 import json
 import unittest
 
@@ -7,7 +7,7 @@ from cli_util import run_cli
 
 
 LINEAR_BENCH_KEYS = ["op", "variant", "form", "dtype", "batch", "heads", "kv_heads", "seq",
-                     "dim_qk", "dim_v", "feature_map", "feature_dim", "normalize", "causal",
+                     "dim_qk", "dim_v", "feature_map", "feature_dim", "lrpe", "normalize", "causal",
                      "window", "chunk", "threads", "flops", "peak_gflops", "ms", "ms_min", "reps",
                      "tokens_per_s", "gflops", "frac_peak", "peak_rss_mb", "simd_target"]
 
@@ -49,6 +49,24 @@ class LinearBenchTest(unittest.TestCase):
                               "--no-normalize")
         self.assertEqual((r["dim_qk"], r["dim_v"], r["feature_dim"], r["normalize"],
                           r["window"]), (4, 8, 21, False, 0))
+
+    def test_lrpe(self):
+        # F = 2 Dk, so the FLOP count doubles (4 * N * F * Dv per head).
+        r = self.bench_linear("plain", "--lrpe")
+        self.assertEqual((r["lrpe"], r["feature_map"], r["dim_qk"], r["feature_dim"]),
+                         (True, "identity", 16, 32))
+        self.assertAlmostEqual(r["flops"], 2 * 64 * 4 * 32 * 16, places=3)
+        self.assertIs(self.bench_linear("plain")["lrpe"], False)
+        r = self.bench_linear("decay", "--lrpe", "--feature-map", "elu1", "--normalize",
+                              "--form", "recurrent", "--kv-heads", 1, heads=4)
+        self.assertEqual((r["lrpe"], r["feature_dim"], r["normalize"], r["form"]),
+                         (True, 32, True, "recurrent"))
+        self.assertAlmostEqual(r["flops"], 4 * 64 * (4 * 32 * 16 + 4 * 32), places=3)
+        rc, out, err = run_cli("bench", "--op", "linear", "--lrpe", "--seq", 64, "--heads", 1,
+                               "--dim", 16, "--reps", 1, "--threads", 1)
+        self.assertEqual(rc, 0, err)
+        self.assertIn("lrpe=yes", out)
+        self.assertIn("F=32", out)
 
     def test_recurrent_form(self):
         r = self.bench_linear("decay", "--form", "recurrent")
@@ -95,3 +113,20 @@ class LinearBenchTest(unittest.TestCase):
                                "gla")
         self.assertEqual(rc, 2, err)
         self.assertIn("--variant", err)
+
+    def test_lrpe_errors(self):
+        # Refused by name with the other ops, gates, the Taylor map and LASP-2.
+        for args, needles in (
+                (["--op", "forward"], ("--lrpe", "only with --op linear")),
+                (["--op", "decode"], ("--lrpe", "only with --op linear")),
+                (["--op", "linear", "--variant", "gla"], ("--lrpe", "gla")),
+                (["--op", "linear", "--variant", "based"], ("--lrpe", "taylor2")),
+                (["--op", "linear", "--feature-map", "taylor2"], ("--lrpe", "taylor2")),
+                (["--op", "linear", "--dist", "lasp2"], ("--lrpe",))):
+            with self.subTest(args=args):
+                rc, out, err = run_cli("bench", *args, "--lrpe", "--seq", 32, "--dim", 8,
+                                       "--reps", 1, "--threads", 1)
+                self.assertEqual(rc, 2, "%s: %s" % (args, err))
+                for needle in needles:
+                    self.assertIn(needle, err)
+                self.assertEqual(out, "")

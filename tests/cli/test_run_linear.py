@@ -1,13 +1,13 @@
 # SPDX-License-Identifier: Apache-2.0
 """`tessera run --op linear`: each variant against the fp64 recurrent reference, state
-files, the backward and bad inputs.
+files, the backward, LRPE (--lrpe-theta, --position-offset) and bad inputs.
 """
 import math
 import os
 import random
 
 from cli_util import CliTestBase, random_values, read_npy, round_to, run_cli, write_npy
-from reference import linear_feature_dim, linear_reference
+from reference import linear_feature_dim, linear_phi, linear_reference
 
 
 # The tiny shape of the linear tests: B, S, Hq, Hkv, Dk, Dv (BASED: Dk = 4, so F = 21).
@@ -19,6 +19,40 @@ def gate_values(n, seed):
     """Log-space gates in [-0.5, -0.01], rounded to f32."""
     rng = random.Random(seed)
     return round_to([-rng.uniform(0.01, 0.5) for _ in range(n)], "<f4")
+
+
+def lrpe_theta_values(Hq, Dk, per_head):
+    """RoPE-like angles 10000^(-f / Dk) ([Dk]), or a little different per head ([Hq, Dk]), f32."""
+    base = [10000.0 ** (-f / Dk) for f in range(Dk)]
+    if not per_head:
+        return round_to(base, "<f4")
+    return round_to([x * (1.0 + 0.1 * h) for h in range(Hq) for x in base], "<f4")
+
+
+def lrpe_reference(q, k, v, shape, theta, per_head, offset=0, fmap="identity", scale=None,
+                   **options):
+    """LRPE in fp64 through linear_reference: phi of every token doubled into
+    [phi cos(p theta), phi sin(p theta)] at p = offset + t with its query head's angles (k and v
+    repeated over the query heads of their group), then plain linear attention on those 2 Dk
+    features with the scale of Dk. Returns (out, state [B, Hq, 2 Dk, Dv], normalizer)."""
+    B, S, Hq, Hkv, Dk, Dv = shape
+    group = Hq // Hkv
+    fq, fk, vv = [], [], []
+    for b in range(B):
+        for t in range(S):
+            p = offset + t
+            for h in range(Hq):
+                th = theta[h * Dk:(h + 1) * Dk] if per_head else theta
+                hk = h // group
+                for x, dst in ((q[((b * S + t) * Hq + h) * Dk:][:Dk], fq),
+                               (k[((b * S + t) * Hkv + hk) * Dk:][:Dk], fk)):
+                    f = linear_phi(x, fmap)
+                    dst.extend([fi * math.cos(p * ti) for fi, ti in zip(f, th)])
+                    dst.extend([fi * math.sin(p * ti) for fi, ti in zip(f, th)])
+                vv.extend(v[((b * S + t) * Hkv + hk) * Dv:][:Dv])
+    if scale is None:
+        scale = 1.0 / math.sqrt(Dk)
+    return linear_reference(fq, fk, vv, B, S, Hq, Hq, 2 * Dk, Dv, scale=scale, **options)
 
 
 class LinearTestBase(CliTestBase):
@@ -69,6 +103,20 @@ class LinearTestBase(CliTestBase):
             self.assertEqual((descr, got_shape), ("<f4", (B, S, Hq, Dv)), extra)
             self.assert_close_rel(got, want, rtol, " ".join(map(str, list(args) + list(extra))))
         return want
+
+    SPLIT = 20  # split_inputs: tokens [0, SPLIT) as tag "1", the rest as tag "2"
+
+    def split_inputs(self, shape, q, k, v, g=None):
+        B, S, Hq, Hkv, Dk, Dv = shape
+        assert B == 1  # the layout's first token dim is then contiguous
+        P = self.SPLIT
+        for tag, lo, hi in (("1", 0, P), ("2", P, S)):
+            n = hi - lo
+            write_npy(self.path("q%s.npy" % tag), (B, n, Hq, Dk), q[lo * Hq * Dk:hi * Hq * Dk])
+            write_npy(self.path("k%s.npy" % tag), (B, n, Hkv, Dk), k[lo * Hkv * Dk:hi * Hkv * Dk])
+            write_npy(self.path("v%s.npy" % tag), (B, n, Hkv, Dv), v[lo * Hkv * Dv:hi * Hkv * Dv])
+            if g is not None:
+                write_npy(self.path("g%s.npy" % tag), (B, n, Hq, Dk), g[lo * Hq * Dk:hi * Hq * Dk])
 
 
 class LinearRunTest(LinearTestBase):
@@ -174,19 +222,6 @@ class LinearRunTest(LinearTestBase):
 
 class LinearStateTest(LinearTestBase):
     """--state-out of a run over tokens [0, P) then --state-in for [P, S) equals one run."""
-    SPLIT = 20
-
-    def split_inputs(self, shape, q, k, v, g=None):
-        B, S, Hq, Hkv, Dk, Dv = shape
-        assert B == 1  # the layout's first token dim is then contiguous
-        P = self.SPLIT
-        for tag, lo, hi in (("1", 0, P), ("2", P, S)):
-            n = hi - lo
-            write_npy(self.path("q%s.npy" % tag), (B, n, Hq, Dk), q[lo * Hq * Dk:hi * Hq * Dk])
-            write_npy(self.path("k%s.npy" % tag), (B, n, Hkv, Dk), k[lo * Hkv * Dk:hi * Hkv * Dk])
-            write_npy(self.path("v%s.npy" % tag), (B, n, Hkv, Dv), v[lo * Hkv * Dv:hi * Hkv * Dv])
-            if g is not None:
-                write_npy(self.path("g%s.npy" % tag), (B, n, Hq, Dk), g[lo * Hq * Dk:hi * Hq * Dk])
 
     def check_continuation(self, args, shape=LINEAR_SHAPE, gla=False, **options):
         B, S, Hq, Hkv, Dk, Dv = shape
@@ -316,6 +351,137 @@ class LinearBackwardTest(LinearTestBase):
                              fmap="taylor2", normalize=True, samples=3)
 
 
+class LinearLrpeTest(LinearTestBase):
+    """--lrpe-theta THETA.npy [--position-offset N] against lrpe_reference."""
+
+    def write_theta(self, shape, per_head, name="theta.npy"):
+        _, _, Hq, _, Dk, _ = shape
+        theta = lrpe_theta_values(Hq, Dk, per_head)
+        write_npy(self.path(name), (Hq, Dk) if per_head else (Dk,), theta)
+        return theta
+
+    def check_lrpe(self, args, shape=LINEAR_SHAPE, per_head=False, offset=0, **options):
+        B, S, Hq, Hkv, Dk, Dv = shape
+        q, k, v = self.make_linear(shape)
+        theta = self.write_theta(shape, per_head)
+        want, want_state, want_norm = lrpe_reference(q, k, v, shape, theta, per_head, offset,
+                                                     **options)
+        # LRPE reaches the output: the same run without it differs.
+        plain, _, _ = linear_reference(q, k, v, B, S, Hq, Hkv, Dk, Dv, **options)
+        self.assertGreater(max(abs(a - b) for a, b in zip(plain, want)),
+                           0.01 * max(abs(w) for w in want))
+        normalize = options.get("normalize", False)
+        lrpe = ["--lrpe-theta", self.path("theta.npy")] + (
+            ["--position-offset", offset] if offset else [])
+        state = ["--state-out", self.path("s.npy")] + (
+            ["--normalizer-out", self.path("z.npy")] if normalize else [])
+        for extra in (["--form", "chunked"], ["--form", "chunked", "--chunk", 16],
+                      ["--form", "recurrent"]):
+            with self.subTest(args=args, extra=extra):
+                descr, got_shape, got = self.run_linear(*args, *lrpe, *state, *extra)
+                self.assertEqual((descr, got_shape), ("<f4", (B, S, Hq, Dv)))
+                self.assert_close_rel(got, want, 1e-4, "out")
+                descr, _, sshape, svals, _ = read_npy(self.path("s.npy"))
+                self.assertEqual((descr, sshape), ("<f4", (B, Hq, 2 * Dk, Dv)))
+                self.assert_close_rel(svals, want_state, 1e-4, "final state")
+                if normalize:
+                    _, _, zshape, zvals, _ = read_npy(self.path("z.npy"))
+                    self.assertEqual(zshape, (B, Hq, 2 * Dk))
+                    self.assert_close_rel(zvals, want_norm, 1e-4, "final normalizer")
+
+    def test_shared_theta(self):
+        self.check_lrpe(["--variant", "plain"], shape=(2, 37, 2, 2, 8, 8))
+
+    def test_per_head_theta_decay_normalized_gqa_offset(self):
+        self.check_lrpe(["--variant", "decay", "--decay", "0.9,0.7", "--feature-map", "elu1",
+                         "--normalize"], shape=(1, 37, 2, 1, 8, 6), per_head=True, offset=1000,
+                        decay=[0.9, 0.7], fmap="elu1", normalize=True)
+
+    def test_relu_prefix(self):
+        self.check_lrpe(["--feature-map", "relu", "--prefix", 9], per_head=True, offset=70,
+                        fmap="relu", prefix=9)
+
+    def test_continuation_at_the_offset(self):
+        # [0, 20) with --state-out, then [20, 37) from that state at --position-offset 20 (both
+        # shifted by 500) equals one run; without the offset the second part differs.
+        B, S, Hq, Hkv, Dk, Dv = LINEAR_SHAPE
+        q, k, v = self.make_linear()
+        theta = self.write_theta(LINEAR_SHAPE, True)
+        self.split_inputs(LINEAR_SHAPE, q, k, v)
+        P = self.SPLIT
+        lrpe = ["--lrpe-theta", self.path("theta.npy"), "--variant", "decay", "--decay", "0.95"]
+        for form in ("chunked", "recurrent"):
+            with self.subTest(form=form):
+                common = lrpe + ["--form", form, "--chunk", 16]
+                _, _, full = self.run_linear(*common, "--position-offset", 500,
+                                             "--state-out", self.path("s_full.npy"),
+                                             out="full.npy")
+                _, _, first = self.run_linear(*common, "--position-offset", 500,
+                                              "--state-out", self.path("s1.npy"), out="o1.npy",
+                                              tag="1")
+                _, _, second = self.run_linear(*common, "--position-offset", 500 + P,
+                                               "--state-in", self.path("s1.npy"),
+                                               "--state-out", self.path("s2.npy"), out="o2.npy",
+                                               tag="2")
+                self.assert_close_rel(first + second, full, 1e-5, "continued vs one run")
+                want, want_state, _ = lrpe_reference(q, k, v, LINEAR_SHAPE, theta, True, 500,
+                                                     decay=[0.95, 0.95])
+                self.assert_close_rel(full, want, 1e-4, "one run vs reference")
+                _, _, _, s2, _ = read_npy(self.path("s2.npy"))
+                self.assert_close_rel(s2, want_state, 1e-4, "final state after the hand-off")
+                _, _, wrong = self.run_linear(*common, "--position-offset", 500,
+                                              "--state-in", self.path("s1.npy"), out="w.npy",
+                                              tag="2")
+                self.assertGreater(max(abs(a - b) for a, b in zip(wrong, second)),
+                                   0.01 * max(abs(x) for x in second))
+
+    def test_backward(self):
+        # The gradients against a central finite difference of the reference's loss.
+        shape = (1, 21, 2, 1, 4, 3)
+        B, S, Hq, Hkv, Dk, Dv = shape
+        q, k, v = self.make_linear(shape)
+        theta = self.write_theta(shape, True)
+        dout = random_values(B * S * Hq * Dv, 51, "<f4")
+        write_npy(self.path("do.npy"), (B, S, Hq, Dv), dout)
+        self.assert_ok(*run_cli(
+            "run", *self.linear_args(), "--lrpe-theta", self.path("theta.npy"),
+            "--position-offset", 300, "--feature-map", "elu1", "--normalize", "--chunk", 16,
+            "--dout", self.path("do.npy"), "--dq", self.path("dq.npy"), "--dk",
+            self.path("dk.npy"), "--dv", self.path("dv.npy")))
+        inputs = {"q": q, "k": k, "v": v}
+
+        def loss(values):
+            out, _, _ = lrpe_reference(values["q"], values["k"], values["v"], shape, theta, True,
+                                       300, fmap="elu1", normalize=True)
+            return sum(o * d for o, d in zip(out, dout))
+
+        rng = random.Random(9)
+        for name in inputs:
+            _, _, _, grad, _ = read_npy(self.path("d%s.npy" % name))
+            self.assertEqual(len(grad), len(inputs[name]))
+            scale = max(abs(x) for x in grad)
+            self.assertGreater(scale, 0.0)
+            for i in rng.sample(range(len(grad)), 4):
+                h = 1e-4
+                plus, minus = list(inputs[name]), list(inputs[name])
+                plus[i] += h
+                minus[i] -= h
+                fd = (loss(dict(inputs, **{name: plus})) -
+                      loss(dict(inputs, **{name: minus}))) / (2 * h)
+                self.assertLessEqual(abs(grad[i] - fd), 1e-3 * scale + 1e-6,
+                                     "d%s[%d]: tessera %r, finite difference %r" %
+                                     (name, i, grad[i], fd))
+
+    def test_verbose(self):
+        self.make_linear()
+        self.write_theta(LINEAR_SHAPE, False)
+        rc, _, err = run_cli("run", *self.linear_args(), "--lrpe-theta", self.path("theta.npy"),
+                             "--position-offset", 12, "--verbose")
+        self.assertEqual(rc, 0, err)
+        self.assertIn("LRPE from position 12", err)
+        self.assertIn("F 16", err)
+
+
 class LinearErrorTest(LinearTestBase):
     def setUp(self):
         super().setUp()
@@ -419,6 +585,48 @@ class LinearErrorTest(LinearTestBase):
                          extra_files=files)
         write_npy(self.path("do.npy"), (B, S, Hq, Dv + 1), [0.5] * (B * S * Hq * (Dv + 1)))
         self.check_error(grads, "dout", extra_files=files)
+
+    def test_lrpe(self):
+        B, S, Hq, Hkv, Dk, Dv = LINEAR_SHAPE
+        theta = self.path("t.npy")
+        files = ["t.npy"]
+        write_npy(theta, (Dk,), lrpe_theta_values(Hq, Dk, False))
+        lrpe = ["--lrpe-theta", theta]
+        self.check_error(["--position-offset", 5], "--position-offset", "--lrpe-theta",
+                         extra_files=files)
+        for args, needles in (
+                (["--position-offset", -1], ("--position-offset",)),
+                (["--position-offset", "x"], ("--position-offset",)),
+                (["--position-offset", str(2 ** 53)], ("--position-offset", "2^52")),
+                (["--variant", "gla", "--gates", self.path("q.npy")], ("--lrpe-theta", "gla")),
+                (["--variant", "based"], ("--lrpe-theta", "taylor2")),
+                (["--feature-map", "taylor2"], ("--lrpe-theta", "taylor2")),
+                (["--state-in", self.path("s.npy")], ("--state-in", "(1, 2, 16, 8)", "LRPE"))):
+            with self.subTest(args=args):
+                write_npy(self.path("s.npy"), (B, Hq, Dk, Dv), [0.0] * (B * Hq * Dk * Dv))
+                self.check_error(lrpe + args, *needles, extra_files=files + ["s.npy"])
+        os.remove(self.path("s.npy"))
+        for tshape, descr, fill, needles in (
+                ((Dk + 1,), "<f4", 0.5, ("--lrpe-theta", "(8,) or (2, 8)")),
+                ((Hq + 1, Dk), "<f4", 0.5, ("--lrpe-theta", "got (3, 8)")),
+                ((1, Hq, Dk), "<f4", 0.5, ("--lrpe-theta",)),
+                ((Dk,), "<f2", 0.5, ("--lrpe-theta", "dtype")),
+                ((Dk,), "<f4", float("nan"), ("--lrpe-theta", "finite"))):
+            n = 1
+            for extent in tshape:
+                n *= extent
+            write_npy(theta, tshape, [fill] * n, descr)
+            with self.subTest(shape=tshape, descr=descr, fill=fill):
+                self.check_error(lrpe, *needles, extra_files=files)
+        # The other ops, and LASP-2 (each shard would need its global offset), refuse it by name.
+        for op in ("exact", "approx"):
+            rc, _, err = run_cli("run", "--op", op, "--q", self.path("q.npy"), "--k",
+                                 self.path("k.npy"), "--v", self.path("v.npy"), "--out",
+                                 self.path("o.npy"), *lrpe)
+            self.assert_error(rc, err, "--lrpe-theta", "--op linear")
+        rc, _, err = run_cli("run", *self.linear_args(), "--dist", "lasp2", *lrpe)
+        self.assert_error(rc, err, "--lrpe-theta")
+        self.assertEqual(sorted(os.listdir(self.dir)), sorted(self.inputs + files))
 
     def test_options_of_the_other_op(self):
         for args in (["--lse", self.path("l.npy")], ["--mask", "sink:4:8"],
