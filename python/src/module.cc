@@ -956,6 +956,20 @@ void H3BackwardPy(nb::handle dout, nb::handle q, nb::handle k, nb::handle v,
   RunWithoutGil([&] { return H3LayerBackward(p, ctx); });
 }
 
+// ---- Vision ----------------------------------------------------------------------------------
+
+void ChannelAttentionPy(nb::handle q, nb::handle k, nb::handle v, nb::handle out,
+                        std::optional<double> scale, int32_t threads) {
+  ChannelAttentionParams p;
+  p.q = ToView(q, "q");
+  p.k = ToView(k, "k");
+  p.v = ToView(v, "v");
+  p.out = ToView(out, "out");
+  p.scale = OptionalScale(scale);
+  const Context ctx = MakeContext(threads, 0);
+  RunWithoutGil([&] { return ChannelAttention(p, ctx); });
+}
+
 // ---- Block-mask builders ---------------------------------------------------------------------
 
 void BuildS2Py(nb::handle out, int64_t heads, int64_t num_q_blocks, int64_t num_k_blocks,
@@ -1262,6 +1276,7 @@ NB_MODULE(_C, m) {
   DefNoneOk(m, "long_conv1d_backward", &LongConv1DBackwardPy);
   DefNoneOk(m, "h3", &H3Py);
   DefNoneOk(m, "h3_backward", &H3BackwardPy);
+  DefNoneOk(m, "channel_attention", &ChannelAttentionPy);
   DefNoneOk(m, "build_s2", &BuildS2Py);
   DefNoneOk(m, "build_radial", &BuildRadialPy);
   DefNoneOk(m, "select_blocks", &SelectBlocksPy);

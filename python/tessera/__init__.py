@@ -23,6 +23,7 @@ from .longconv import H3Grads, h3, h3_backward, long_conv1d, long_conv1d_backwar
 from .linear import (linear_attention, linear_attention_backward, linear_attention_recurrent,
                      linear_feature_dim)
 from .mask import Mask
+from .vision import channel_attention
 
 __version__ = _C.__version__
 
@@ -49,4 +50,5 @@ __all__ = ["approx_attention", "approx_attention_backward", "attention", "attent
            "long_conv1d", "long_conv1d_backward", "h3", "h3_backward", "H3Grads", "Mask", "mask",
            "distributed", "info", "set_simd_target",
            "__version__", "KeepSet", "streaming_keep", "h2o_keep", "tova_keep", "snapkv_keep",
-           "cake_keep", "cake_preference", "pyramidkv_budgets", "CakeAllocator", "compact_kv"]
+           "cake_keep", "cake_preference", "pyramidkv_budgets", "CakeAllocator", "compact_kv",
+           "channel_attention"]
