@@ -18,3 +18,4 @@
 #include "tessera/system.h"
 #include "tessera/types.h"
 #include "tessera/version.h"
+#include "tessera/vision.h"

@@ -1001,6 +1001,20 @@ void SsmScanPy(nb::handle a, nb::handle b, nb::handle w, nb::handle skip, nb::ha
   RunWithoutGil([&] { return DiagonalSsmScan(p, ctx); });
 }
 
+// ---- Vision ----------------------------------------------------------------------------------
+
+void ChannelAttentionPy(nb::handle q, nb::handle k, nb::handle v, nb::handle out,
+                        std::optional<double> scale, int32_t threads) {
+  ChannelAttentionParams p;
+  p.q = ToView(q, "q");
+  p.k = ToView(k, "k");
+  p.v = ToView(v, "v");
+  p.out = ToView(out, "out");
+  p.scale = OptionalScale(scale);
+  const Context ctx = MakeContext(threads, 0);
+  RunWithoutGil([&] { return ChannelAttention(p, ctx); });
+}
+
 // ---- Block-mask builders ---------------------------------------------------------------------
 
 void BuildS2Py(nb::handle out, int64_t heads, int64_t num_q_blocks, int64_t num_k_blocks,
@@ -1310,6 +1324,7 @@ NB_MODULE(_C, m) {
   DefNoneOk(m, "h3_backward", &H3BackwardPy);
   DefNoneOk(m, "ssm_kernel", &SsmKernelPy);
   DefNoneOk(m, "ssm_scan", &SsmScanPy);
+  DefNoneOk(m, "channel_attention", &ChannelAttentionPy);
   DefNoneOk(m, "build_s2", &BuildS2Py);
   DefNoneOk(m, "build_radial", &BuildRadialPy);
   DefNoneOk(m, "select_blocks", &SelectBlocksPy);

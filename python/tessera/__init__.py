@@ -24,6 +24,7 @@ from .longconv import (H3Grads, SsmStream, h3, h3_backward, long_conv1d, long_co
 from .linear import (linear_attention, linear_attention_backward, linear_attention_recurrent,
                      linear_feature_dim)
 from .mask import Mask
+from .vision import channel_attention
 
 __version__ = _C.__version__
 
@@ -51,4 +52,5 @@ __all__ = ["approx_attention", "approx_attention_backward", "attention", "attent
            "ssm_scan", "SsmStream", "Mask", "mask",
            "distributed", "info", "set_simd_target",
            "__version__", "KeepSet", "streaming_keep", "h2o_keep", "tova_keep", "snapkv_keep",
-           "cake_keep", "cake_preference", "pyramidkv_budgets", "CakeAllocator", "compact_kv"]
+           "cake_keep", "cake_preference", "pyramidkv_budgets", "CakeAllocator", "compact_kv",
+           "channel_attention"]
