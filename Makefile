@@ -65,7 +65,7 @@ TSAN_SUITES := Concurrency *Determinism Tails/ Gqa/ Varlen/ DecodePlan LinearAtt
   KVCache AppendKV Training Stats/DecodeStats Cases/WindowStats KVFileDecode \
   AgentAttention.SameBits HiLo.SameBits HyperAttention.SameResult Performer.Deterministic \
   Wersa.Deterministic *GatheredAttentionTest *RoutingTest RingAttention UlyssesAttention Lasp2 \
-  LongConv H3 DiagonalSsm
+  LongConv H3 DiagonalSsm ChannelAttention
 TSAN_FILTER ?= $(subst $(eval) ,:,$(addsuffix *,$(TSAN_SUITES)))
 test-tsan: deps
 	cmake -S . -B $(TSAN_BUILD) -DCMAKE_BUILD_TYPE=RelWithDebInfo -DTESSERA_TSAN=ON \
