@@ -316,10 +316,8 @@ Status H3Layer(const H3Params& p, const Context& ctx) try {
   H3Shape sh;
   Status s = ValidateH3(p, true, &sh);
   if (!s.ok()) return s;
-  if (ctx.num_threads < 0) {
-    return Status::InvalidArgument(
-        Expected("ctx.num_threads", "a value >= 0", std::to_string(ctx.num_threads)));
-  }
+  s = ValidateThreads(ctx);
+  if (!s.ok()) return s;
   s = CheckDisjoint({ViewRegion("out", p.out)}, InputRegions(p));
   if (!s.ok()) return s;
   if (p.out.numel() == 0) return Status::Ok();
@@ -413,10 +411,8 @@ Status H3LayerBackward(const H3BackwardParams& bp, const Context& ctx) try {
       if (!s.ok()) return s;
     }
   }
-  if (ctx.num_threads < 0) {
-    return Status::InvalidArgument(
-        Expected("ctx.num_threads", "a value >= 0", std::to_string(ctx.num_threads)));
-  }
+  s = ValidateThreads(ctx);
+  if (!s.ok()) return s;
   std::vector<Region> inputs = InputRegions(p);
   inputs.push_back(ViewRegion("dout", bp.dout));
   s = CheckDisjoint(

@@ -316,6 +316,14 @@ Status ValidateFilterAndBias(const char* filter_name, const TensorView& filter,
   return Status::Ok();
 }
 
+Status ValidateThreads(const Context& ctx) {
+  if (ctx.num_threads < 0) {
+    return Status::InvalidArgument(
+        Expected("ctx.num_threads", "a value >= 0", std::to_string(ctx.num_threads)));
+  }
+  return Status::Ok();
+}
+
 namespace {
 
 // ---- shared pieces of the paths -----------------------------------------------------------
@@ -616,14 +624,6 @@ Status ValidateForwardInputs(const LongConvParams& p) {
   return Status::Ok();
 }
 
-Status ValidateThreads(const Context& ctx) {
-  if (ctx.num_threads < 0) {
-    return Status::InvalidArgument(
-        Expected("ctx.num_threads", "a value >= 0", std::to_string(ctx.num_threads)));
-  }
-  return Status::Ok();
-}
-
 }  // namespace
 
 void ConvolveValidated(const LongConvParams& p, int32_t threads) {
@@ -826,10 +826,8 @@ Status LongConvStream::Push(const TensorView& u, const TensorView& y, const Cont
         Expected("u", "no block after a short one (Reset first)",
                  "a block after " + std::to_string(st.tokens) + " tokens"));
   }
-  if (ctx.num_threads < 0) {
-    return Status::InvalidArgument(
-        Expected("ctx.num_threads", "a value >= 0", std::to_string(ctx.num_threads)));
-  }
+  s = ValidateThreads(ctx);
+  if (!s.ok()) return s;
   s = CheckDisjoint({ViewRegion("y", y)}, {ViewRegion("u", u)});
   if (!s.ok()) return s;
   const int64_t C = st.channels, K = st.segments, m = st.m, bpad = st.bpad, Bt = st.block;

@@ -74,6 +74,9 @@ Status ValidateFilterAndBias(const char* filter_name, const TensorView& filter,
                              const char* bias_name, const TensorView& bias, int64_t C,
                              int64_t max_len);
 
+// ctx.num_threads >= 0 (0: the default), else InvalidArgument naming it.
+Status ValidateThreads(const Context& ctx);
+
 // LongConv1D and LongConv1DBackward after validation (non-empty), with `threads` workers.
 void ConvolveValidated(const LongConvParams& p, int32_t threads);
 void ConvolveBackwardValidated(const LongConvBackwardParams& p, int32_t threads);

@@ -198,14 +198,6 @@ std::vector<Region> SsmRegions(const DiagonalSsmParams& p) {
           ViewRegion("skip", p.skip)};
 }
 
-Status ValidateThreads(const Context& ctx) {
-  if (ctx.num_threads < 0) {
-    return Status::InvalidArgument(
-        Expected("ctx.num_threads", "a value >= 0", std::to_string(ctx.num_threads)));
-  }
-  return Status::Ok();
-}
-
 }  // namespace
 
 Status DiagonalSsmKernel(const DiagonalSsmParams& ssm, const TensorView& filter,
