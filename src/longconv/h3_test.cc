@@ -12,6 +12,7 @@
 #include <string>
 #include <vector>
 
+#include "longconv/longconv_test_util.h"
 #include "ref/longconv_ref.h"
 #include "tessera/longconv.h"
 #include "test_util.h"
@@ -32,18 +33,6 @@ void Fill(Tensor* t, Rng& rng, double mult, bool grid) {
     const double x = static_cast<double>(rng.Normal()) * mult;
     t->Set(i, grid ? OnGrid(x) : x);
   });
-}
-
-// max |got - ref| / max |ref|: the error relative to the output's scale; infinite when a value
-// is not finite (std::max would skip a NaN).
-double RelError(const std::vector<double>& got, const std::vector<double>& ref) {
-  double err = 0.0, scale = 0.0;
-  for (size_t i = 0; i < ref.size(); ++i) {
-    if (!std::isfinite(got[i])) return std::numeric_limits<double>::infinity();
-    err = std::max(err, std::abs(got[i] - ref[i]));
-    scale = std::max(scale, std::abs(ref[i]));
-  }
-  return scale > 0.0 ? err / scale : err;
 }
 
 // sum a * b over two equally long vectors.
@@ -243,7 +232,7 @@ TEST(H3Ref, OneChannelIsALongConvolutionOfKTimesV) {
       std::vector<double> expected = ref::LongConvF64(conv);
       const std::vector<double> q = t.q.ToVector();
       for (size_t i = 0; i < expected.size(); ++i) expected[i] *= q[i];
-      EXPECT_LE(RelError(ref::H3F64(H3View(t, s)), expected), 1e-13);
+      EXPECT_LE(test::RelErrorToScale(ref::H3F64(H3View(t, s)), expected), 1e-13);
     }
   }
 }
@@ -276,7 +265,7 @@ TEST(H3Ref, OneHotReadOutIsTheShiftConvolution) {
                 shifted[row * static_cast<size_t>(d) + static_cast<size_t>(i0)];
           }
         }
-        EXPECT_LE(RelError(ref::H3F64(H3View(t, s)), expected), 1e-13);
+        EXPECT_LE(test::RelErrorToScale(ref::H3F64(H3View(t, s)), expected), 1e-13);
       }
     }
   }
@@ -379,14 +368,14 @@ void ExpectConvBackwardMatches(const ConvShape& s, ConvWanted want = {}) {
   const ref::LongConvGradsF64 g = ref::LongConvBackwardF64(p);
   const double tol = ConvTolerance(s.path);
   if (want.du) {
-    EXPECT_LE(RelError(t.du.ToVector(), g.du), tol) << "du";
+    EXPECT_LE(test::RelErrorToScale(t.du.ToVector(), g.du), tol) << "du";
     EXPECT_TRUE(t.du.OutsideViewUntouched());  // the gaps of a strided du
   }
   if (want.dfilter) {
-    EXPECT_LE(RelError(t.dfilter.ToVector(), g.dfilter), tol) << "dfilter";
+    EXPECT_LE(test::RelErrorToScale(t.dfilter.ToVector(), g.dfilter), tol) << "dfilter";
   }
   if (want.dbias && s.bias) {
-    EXPECT_LE(RelError(t.dbias.ToVector(), g.dbias), tol) << "dbias";
+    EXPECT_LE(test::RelErrorToScale(t.dbias.ToVector(), g.dbias), tol) << "dbias";
   }
 }
 
@@ -544,7 +533,7 @@ H3BackwardParams WithOnly(H3BackwardParams p, const H3Wanted& want) {
 void ExpectGradientsMatch(const H3Tensors& t, const H3Shape& s, const ref::H3GradsF64& g,
                           const H3Wanted& want) {
   const auto check = [](const Tensor& got, const std::vector<double>& ref, const char* what) {
-    EXPECT_LE(RelError(got.ToVector(), ref), kH3Tolerance) << what;
+    EXPECT_LE(test::RelErrorToScale(got.ToVector(), ref), kH3Tolerance) << what;
     EXPECT_TRUE(got.OutsideViewUntouched()) << what;
   };
   if (want.dq) check(t.dq, g.dq, "dq");
@@ -576,7 +565,7 @@ void ExpectH3Matches(H3Shape s) {
     ctx.num_threads = 2;
     Status status = H3Layer(H3View(t, s), ctx);
     ASSERT_TRUE(status.ok()) << status.message();
-    EXPECT_LE(RelError(t.out.ToVector(), out_ref), kH3Tolerance) << "out";
+    EXPECT_LE(test::RelErrorToScale(t.out.ToVector(), out_ref), kH3Tolerance) << "out";
     EXPECT_TRUE(t.out.OutsideViewUntouched());
     status = H3LayerBackward(H3BackwardView(t, s), ctx);
     ASSERT_TRUE(status.ok()) << status.message();

@@ -14,6 +14,7 @@
 #include <random>
 #include <vector>
 
+#include "longconv/longconv_test_util.h"
 #include "ref/longconv_ref.h"
 
 namespace tessera {
@@ -28,18 +29,6 @@ std::vector<float> Random(int64_t n, uint32_t seed) {
 }
 
 bool SmallTests() { return std::getenv("TESSERA_SMALL_TESTS") != nullptr; }
-
-// max |y - ref| / max |ref|: the error relative to the output's scale.
-double RelError(const std::vector<float>& y, const std::vector<double>& ref) {
-  double err = 0.0, scale = 0.0;
-  for (size_t i = 0; i < ref.size(); ++i) {
-    // std::max skips a NaN: a non-finite output fails outright.
-    if (!std::isfinite(y[i])) return std::numeric_limits<double>::infinity();
-    err = std::max(err, std::abs(static_cast<double>(y[i]) - ref[i]));
-    scale = std::max(scale, std::abs(ref[i]));
-  }
-  return scale > 0.0 ? err / scale : err;
-}
 
 struct Problem {
   int64_t B, N, C, L;
@@ -79,8 +68,9 @@ void ExpectMatchesReference(int64_t B, int64_t N, int64_t C, int64_t L, bool bia
     const std::vector<double> ref = ref::LongConvF64(p->params);
     // The direct sum rounds each product once; the FFT path's error grows with log M.
     const double tol = path == LongConvPath::kDirect ? 1e-5 : 5e-5;
-    EXPECT_LE(RelError(p->y, ref), tol) << "B=" << B << " N=" << N << " C=" << C << " L=" << L
-                                        << " path=" << static_cast<int>(path);
+    EXPECT_LE(test::RelErrorToScale(p->y, ref), tol)
+        << "B=" << B << " N=" << N << " C=" << C << " L=" << L
+        << " path=" << static_cast<int>(path);
   }
 }
 
@@ -138,7 +128,7 @@ void ExpectStreamMatches(int64_t B, int64_t N, int64_t C, int64_t L, int64_t blo
     ASSERT_TRUE(stream->Push(u, y, ctx).ok());
   }
   EXPECT_EQ(stream->tokens_seen(), N);
-  EXPECT_LE(RelError(p->y, ref::LongConvF64(p->params)), 5e-5)
+  EXPECT_LE(test::RelErrorToScale(p->y, ref::LongConvF64(p->params)), 5e-5)
       << "N=" << N << " L=" << L << " block=" << block;
 }
 

@@ -14,6 +14,7 @@
 #include <string>
 #include <vector>
 
+#include "longconv/longconv_test_util.h"
 #include "tessera/longconv.h"
 
 namespace tessera {
@@ -83,17 +84,6 @@ std::vector<float> Normal(int64_t count, uint32_t seed) {
   return v;
 }
 
-// max |y - ref| / max |ref|; a non-finite output fails outright.
-double RelError(const std::vector<float>& y, const std::vector<double>& ref) {
-  double err = 0.0, scale = 0.0;
-  for (size_t i = 0; i < ref.size(); ++i) {
-    if (!std::isfinite(y[i])) return std::numeric_limits<double>::infinity();
-    err = std::max(err, std::abs(y[i] - ref[i]));
-    scale = std::max(scale, std::abs(ref[i]));
-  }
-  return scale > 0.0 ? err / scale : err;
-}
-
 TEST(DiagonalSsm, KernelMatchesFormula) {
   for (const int64_t L : {1, 50, 333}) {
     Ssm ssm(19, 3, false);
@@ -136,7 +126,7 @@ TEST(DiagonalSsm, ScanMatchesRecurrenceAndLongConv) {
     p.u = MakeView3(const_cast<float*>(u.data()), DType::kF32, k.B, k.T, k.C);
     p.y = MakeView3(y.data(), DType::kF32, k.B, k.T, k.C);
     ASSERT_TRUE(DiagonalSsmScan(p, Context()).ok());
-    EXPECT_LE(RelError(y, ssm.ScanF64(u, k.B, k.T, k.skip)), 2e-5)
+    EXPECT_LE(test::RelErrorToScale(y, ssm.ScanF64(u, k.B, k.T, k.skip)), 2e-5)
         << "B=" << k.B << " T=" << k.T << " C=" << k.C << " n=" << k.n;
     // The same model as a long convolution with its kernel (L = T) and bias skip.
     std::vector<float> h(static_cast<size_t>(k.T * k.C)), yc(u.size());
@@ -148,7 +138,7 @@ TEST(DiagonalSsm, ScanMatchesRecurrenceAndLongConv) {
     conv.y = MakeView3(yc.data(), DType::kF32, k.B, k.T, k.C);
     ASSERT_TRUE(DiagonalSsmKernel(ssm.params, conv.filter, Context()).ok());
     ASSERT_TRUE(LongConv1D(conv, Context()).ok());
-    EXPECT_LE(RelError(y, std::vector<double>(yc.begin(), yc.end())), 5e-5);
+    EXPECT_LE(test::RelErrorToScale(y, std::vector<double>(yc.begin(), yc.end())), 5e-5);
   }
 }
 
